@@ -1,0 +1,118 @@
+"""Model configuration: one frozen dataclass covers the GPT-2 and Llama (Qwen2, Mistral) families.
+
+Shape alphabet used across rlhf_jax: B batch, T time, S cache length, D model width, F MLP width,
+N query heads, K kv heads, H head dim, V vocab, L layers.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """Architecture of a decoder-only transformer."""
+
+    vocab_size: int = 259
+    """V: number of token ids (the byte tokenizer has 256 bytes + PAD, BOS, EOS)."""
+    d_model: int = 64
+    """D: residual stream width."""
+    num_layers: int = 2
+    """L: number of transformer blocks (stacked with `nn.scan`, so params carry a leading L axis)."""
+    num_heads: int = 4
+    """N: query heads."""
+    num_kv_heads: int | None = None
+    """K: key/value heads (grouped-query attention); None means K = N."""
+    head_dim: int | None = None
+    """H: per-head width; None means D // N."""
+    mlp_dim: int = 256
+    """F: MLP hidden width."""
+    max_seq_len: int = 256
+    """Longest sequence (learned position table size; RoPE has no table but caches are sized by it)."""
+    mlp: Literal["gelu", "swiglu"] = "gelu"
+    """GPT-2 uses a GELU MLP with biases; Llama a gated SiLU (SwiGLU) MLP without biases."""
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    norm_eps: float = 1e-5
+    positional: Literal["learned", "rope"] = "learned"
+    rope_theta: float = 10_000.0
+    use_bias: bool = True
+    """Biases on attention output and MLP projections (GPT-2 style)."""
+    qkv_bias: bool = True
+    """Biases on the q, k, v projections (GPT-2 and Qwen2 have them; Llama does not)."""
+    tie_embeddings: bool = True
+    """Share the token embedding with the LM head."""
+    dtype: str = "float32"
+    """Compute dtype ("bfloat16" on accelerators); logits are always returned in float32."""
+    param_dtype: str = "float32"
+    """Storage dtype of the parameters (keep float32 master weights for training)."""
+    remat: Literal["none", "full", "dots"] = "none"
+    """Rematerialisation policy per block: recompute everything, or keep only matmul outputs."""
+    attention_impl: Literal["xla", "cudnn"] | None = None
+    """`jax.nn.dot_product_attention` implementation; None lets JAX choose (cuDNN flash on GPU when it can)."""
+
+    def __post_init__(self):
+        kv = self.num_kv_heads or self.num_heads
+        if self.num_heads % kv:
+            raise ValueError(f"ModelConfig: num_heads={self.num_heads} must be a multiple of num_kv_heads={kv}")
+        if self.head_dim is None and self.d_model % self.num_heads:
+            raise ValueError(f"ModelConfig: d_model={self.d_model} must be divisible by num_heads={self.num_heads}")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
+
+    @property
+    def head_size(self) -> int:
+        return self.head_dim or self.d_model // self.num_heads
+
+    @property
+    def compute_dtype(self):
+        return jnp.dtype(self.dtype)
+
+    @property
+    def params_dtype(self):
+        return jnp.dtype(self.param_dtype)
+
+    def replace(self, **changes) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "ModelConfig":
+        """A named architecture; keyword overrides replace fields (e.g. `dtype="bfloat16"`)."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
+        return dataclasses.replace(PRESETS[name], **overrides)
+
+    def num_params(self, *, include_embeddings: bool = True) -> int:
+        """Parameter count (used for FLOP estimates: 6N per trained token, 2N per forward token)."""
+        D, F, H = self.d_model, self.mlp_dim, self.head_size
+        attn = D * H * (self.num_heads + 2 * self.kv_heads) + self.num_heads * H * D
+        mlp = (3 if self.mlp == "swiglu" else 2) * D * F
+        per_layer = attn + mlp
+        total = self.num_layers * per_layer
+        if include_embeddings:
+            total += self.vocab_size * D * (1 if self.tie_embeddings else 2)
+            if self.positional == "learned":
+                total += self.max_seq_len * D
+        return total
+
+
+_GPT2 = dict(vocab_size=50257, max_seq_len=1024, mlp="gelu", norm="layernorm", positional="learned",
+             use_bias=True, qkv_bias=True, tie_embeddings=True)
+_LLAMA = dict(mlp="swiglu", norm="rmsnorm", norm_eps=1e-5, positional="rope", use_bias=False, qkv_bias=False)
+
+PRESETS: dict[str, ModelConfig] = {
+    # CI-sized: a byte-level vocabulary, two layers.
+    "tiny": ModelConfig(vocab_size=259, d_model=64, num_layers=2, num_heads=4, mlp_dim=256, max_seq_len=256),
+    "tiny-llama": ModelConfig(vocab_size=259, d_model=64, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=128,
+                              max_seq_len=256, tie_embeddings=False, **_LLAMA),
+    "gpt2-124m": ModelConfig(d_model=768, num_layers=12, num_heads=12, mlp_dim=3072, **_GPT2),
+    "gpt2-355m": ModelConfig(d_model=1024, num_layers=24, num_heads=16, mlp_dim=4096, **_GPT2),
+    "gpt2-774m": ModelConfig(d_model=1280, num_layers=36, num_heads=20, mlp_dim=5120, **_GPT2),
+    # Llama-3.2-1B shape.
+    "llama-1b": ModelConfig(vocab_size=128256, d_model=2048, num_layers=16, num_heads=32, num_kv_heads=8,
+                            head_dim=64, mlp_dim=8192, max_seq_len=4096, rope_theta=500_000.0,
+                            tie_embeddings=True, **_LLAMA),
+}
