@@ -1,0 +1,22 @@
+"""The synthetic instruction world: task families with an exact gold reward, its data, labellers and metrics."""
+from rlhf_jax.tasks.annotators import (
+    ANNOTATORS, Annotator, Mixture, format_bias, get_annotator, label_pairs, length_bias, preference_prob,
+    synthetic_pairs, utility)
+from rlhf_jax.tasks.corpus import (
+    DEFAULT_MIX, KINDS, SKILL_MIX, messages_for, perturb, prompt_set, sft_demos, synthetic_candidates, web_corpus)
+from rlhf_jax.tasks.metrics import compute_metrics, gold_agreement, win_rate
+from rlhf_jax.tasks.world import (
+    FAMILIES, REFUSAL, SAFETY_FAMILIES, Task, WorldConfig, answer_credit, char_credit, extract_answer, gold_reward,
+    gold_rewards, is_refusal, eval_keys, family_keys, length_penalty, make_task, make_tasks, task_split, word_recall)
+
+__all__ = [
+    "ANNOTATORS", "Annotator", "Mixture", "format_bias", "get_annotator", "label_pairs", "length_bias",
+    "preference_prob", "synthetic_pairs", "utility",
+    "DEFAULT_MIX", "KINDS", "SKILL_MIX", "messages_for", "perturb", "prompt_set", "sft_demos",
+    "synthetic_candidates", "web_corpus",
+    "compute_metrics", "gold_agreement", "win_rate",
+    "FAMILIES", "REFUSAL", "SAFETY_FAMILIES", "Task", "WorldConfig", "answer_credit", "char_credit",
+    "extract_answer", "gold_reward", "gold_rewards", "is_refusal", "eval_keys", "family_keys", "length_penalty",
+    "make_task", "make_tasks",
+    "task_split", "word_recall",
+]
