@@ -1,0 +1,432 @@
+"""Hugging Face checkpoint import and export: GPT-2 and the Llama family (Llama, Qwen2, Mistral).
+
+A Hugging Face folder is `config.json` plus `model.safetensors`, or several shards listed by
+`model.safetensors.index.json`. `load_pretrained` reads one into a `ModelConfig` and our param tree (layers stacked
+on a leading L axis, attention kernels split per head); `save_pretrained` writes the inverse, which
+`transformers.AutoModelForCausalLM.from_pretrained` loads with the same logits. Nothing here touches the network.
+
+Layout conversions (shape alphabet: D model width, F MLP width, N heads, K kv heads, H head dim, V vocab, L layers):
+  * GPT-2 (Radford et al. 2019) stores `Conv1D` weights as [in, out] and a fused `c_attn` [D, 3D] = [q | k | v].
+  * Llama (Touvron et al. 2023), Qwen2, Mistral store `nn.Linear` weights as [out, in]: q_proj [N*H, D] becomes
+    our kernel [D, N, H]; o_proj [D, N*H] becomes [N, H, D]. Their q/k use the rotate-half RoPE convention
+    (Su et al. 2021, split halves rather than interleaved pairs), which our model implements, so no permutation.
+Biases the family has but our config lacks (or the reverse) are filled with zeros, which is exact.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import warnings
+from typing import Any, Callable
+
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from rlhf_jax.models.config import ModelConfig
+
+_SINGLE = "model.safetensors"
+_INDEX = "model.safetensors.index.json"
+_ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                  "mistral": "MistralForCausalLM"}
+_LLAMA_FAMILY = ("llama", "qwen2", "mistral")
+_GPT2_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")  # all the tanh approximation of GELU
+
+
+class CheckpointError(ValueError):
+    """A Hugging Face folder that cannot be read, or a config field we do not support."""
+
+
+# ----------------------------------------------------------------------------------------------- config.json
+
+
+def config_from_hf(hf: dict[str, Any], *, source: str = "config.json", **overrides) -> ModelConfig:
+    """Map a Hugging Face `config.json` dict to a `ModelConfig`; `overrides` replace fields (e.g. dtype)."""
+    model_type = hf.get("model_type")
+
+    def need(key):
+        if key not in hf:
+            raise CheckpointError(f"{source}: missing field {key!r} required for model_type={model_type!r}")
+        return hf[key]
+
+    def unsupported(field, value, why):
+        raise NotImplementedError(f"{source}: field {field!r} = {value!r} is not supported: {why}")
+
+    if model_type == "gpt2":
+        act = hf.get("activation_function", "gelu_new")
+        if act not in _GPT2_GELUS:
+            unsupported("activation_function", act, f"our GELU MLP is the tanh approximation {_GPT2_GELUS}")
+        if hf.get("scale_attn_by_inverse_layer_idx"):
+            unsupported("scale_attn_by_inverse_layer_idx", True, "attention logits are scaled by 1/sqrt(H) only")
+        if not hf.get("scale_attn_weights", True):
+            unsupported("scale_attn_weights", False, "attention logits are always scaled by 1/sqrt(H)")
+        d = need("n_embd")
+        fields = dict(vocab_size=need("vocab_size"), d_model=d, num_layers=need("n_layer"), num_heads=need("n_head"),
+                      mlp_dim=hf.get("n_inner") or 4 * d, max_seq_len=need("n_positions"), mlp="gelu",
+                      norm="layernorm", norm_eps=hf.get("layer_norm_epsilon", 1e-5), positional="learned",
+                      use_bias=True, qkv_bias=True, tie_embeddings=hf.get("tie_word_embeddings", True))
+    elif model_type in _LLAMA_FAMILY:
+        if hf.get("hidden_act", "silu") != "silu":
+            unsupported("hidden_act", hf["hidden_act"], "the Llama-family MLP is SwiGLU with SiLU")
+        rope = dict(hf.get("rope_parameters") or {})  # transformers >= 5; older files: rope_theta, rope_scaling
+        rope_type, field = rope.get("rope_type", "default"), "rope_parameters"
+        if hf.get("rope_scaling"):
+            scaling = hf["rope_scaling"]
+            rope_type, field = scaling.get("rope_type", scaling.get("type", "default")), "rope_scaling"
+        if rope_type != "default":
+            unsupported(field, rope_type, "only plain RoPE is implemented (no llama3/linear/dynamic/yarn scaling); "
+                        "ModelConfig has no rope-scaling field")
+        if rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)) != 1.0:
+            unsupported("partial_rotary_factor", rope.get("partial_rotary_factor"), "RoPE rotates the whole head")
+        layer_types = hf.get("layer_types") or []
+        sliding = model_type == "mistral" or hf.get("use_sliding_window") or "sliding_attention" in layer_types
+        if sliding and hf.get("sliding_window"):
+            warnings.warn(f"{source}: sliding_window={hf['sliding_window']} is ignored (full causal attention); "
+                          "logits differ from Hugging Face only for sequences longer than the window")
+        if model_type == "qwen2":
+            qkv_bias, use_bias = True, False
+        else:
+            attention_bias, mlp_bias = bool(hf.get("attention_bias")), bool(hf.get("mlp_bias"))
+            qkv_bias, use_bias = attention_bias, attention_bias or mlp_bias
+        d, n = need("hidden_size"), need("num_attention_heads")
+        fields = dict(vocab_size=need("vocab_size"), d_model=d, num_layers=need("num_hidden_layers"), num_heads=n,
+                      num_kv_heads=hf.get("num_key_value_heads") or n, head_dim=hf.get("head_dim") or d // n,
+                      mlp_dim=need("intermediate_size"), max_seq_len=hf.get("max_position_embeddings", 2048),
+                      mlp="swiglu", norm="rmsnorm", norm_eps=hf.get("rms_norm_eps", 1e-6), positional="rope",
+                      rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10_000.0))),
+                      use_bias=use_bias, qkv_bias=qkv_bias,
+                      tie_embeddings=bool(hf.get("tie_word_embeddings", False)))
+    else:
+        raise CheckpointError(f"{source}: field 'model_type' = {model_type!r} is not supported; "
+                              f"supported model types: {sorted(_ARCHITECTURES)}")
+    return ModelConfig(**{**fields, **overrides})
+
+
+def infer_model_type(config: ModelConfig) -> str:
+    """The Hugging Face family a config exports as: learned positions -> gpt2; RoPE with q/k/v-only biases ->
+    qwen2; other RoPE configs -> llama."""
+    if config.positional == "learned":
+        return "gpt2"
+    return "qwen2" if config.qkv_bias and not config.use_bias else "llama"
+
+
+def config_to_hf(config: ModelConfig, *, model_type: str | None = None, dtype: str = "float32") -> dict[str, Any]:
+    """The `config.json` dict of `config` as a Hugging Face `model_type` model (inferred when None)."""
+    model_type = model_type or infer_model_type(config)
+    c = config
+
+    def require(ok, what):
+        if not ok:
+            raise CheckpointError(f"save_pretrained: ModelConfig cannot be exported as model_type={model_type!r}: "
+                                  f"{what}")
+
+    common = dict(model_type=model_type, architectures=[_ARCHITECTURES.get(model_type, "?")], vocab_size=c.vocab_size,
+                  tie_word_embeddings=c.tie_embeddings, torch_dtype=dtype, dtype=dtype)
+    if model_type == "gpt2":
+        require(c.positional == "learned" and c.norm == "layernorm" and c.mlp == "gelu",
+                "GPT-2 needs positional='learned', norm='layernorm', mlp='gelu'")
+        require(c.kv_heads == c.num_heads and c.head_size * c.num_heads == c.d_model,
+                "GPT-2 needs num_kv_heads == num_heads and head_dim == d_model // num_heads")
+        return dict(common, n_embd=c.d_model, n_layer=c.num_layers, n_head=c.num_heads, n_inner=c.mlp_dim,
+                    n_positions=c.max_seq_len, layer_norm_epsilon=c.norm_eps, activation_function="gelu_new",
+                    bos_token_id=50256 if c.vocab_size > 50256 else None,  # GPT-2's <|endoftext|>
+                    eos_token_id=50256 if c.vocab_size > 50256 else None,
+                    scale_attn_weights=True, scale_attn_by_inverse_layer_idx=False, reorder_and_upcast_attn=False,
+                    attn_pdrop=0.0, embd_pdrop=0.0, resid_pdrop=0.0)
+    if model_type not in _LLAMA_FAMILY:
+        raise CheckpointError(f"save_pretrained: model_type={model_type!r} is not supported; "
+                              f"choose one of {sorted(_ARCHITECTURES)}")
+    require(c.positional == "rope" and c.norm == "rmsnorm" and c.mlp == "swiglu",
+            "the Llama family needs positional='rope', norm='rmsnorm', mlp='swiglu'")
+    out = dict(common, hidden_size=c.d_model, num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads,
+               num_key_value_heads=c.kv_heads, head_dim=c.head_size, intermediate_size=c.mlp_dim,
+               max_position_embeddings=c.max_seq_len, rms_norm_eps=c.norm_eps, hidden_act="silu",
+               rope_theta=c.rope_theta, rope_parameters=dict(rope_type="default", rope_theta=c.rope_theta),
+               attention_dropout=0.0)
+    if model_type == "qwen2":
+        require(c.qkv_bias and not c.use_bias, "Qwen2 has q/k/v biases only (qkv_bias=True, use_bias=False)")
+        out.update(use_sliding_window=False, sliding_window=None)
+    elif model_type == "mistral":
+        require(not c.qkv_bias and not c.use_bias, "Mistral has no biases (qkv_bias=False, use_bias=False)")
+        out.update(sliding_window=None)
+    else:  # Llama's attention_bias covers q, k, v and o; mlp_bias the three MLP projections
+        out.update(attention_bias=c.qkv_bias or c.use_bias, mlp_bias=c.use_bias)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- tensors
+
+
+def _open_tensors(path: str) -> tuple[dict[str, str], Callable[[str], np.ndarray]]:
+    """Map each tensor name to its shard file, and a getter reading one tensor (lazily, shard by shard)."""
+    single, index = os.path.join(path, _SINGLE), os.path.join(path, _INDEX)
+    if os.path.exists(index):
+        with open(index) as f:
+            weight_map = json.load(f).get("weight_map")
+        if not weight_map:
+            raise CheckpointError(f"{index}: no 'weight_map' field")
+        files = {name: os.path.join(path, shard) for name, shard in weight_map.items()}
+    elif os.path.exists(single):
+        with safe_open(single, framework="np") as f:
+            files = {name: single for name in f.keys()}
+    else:
+        present = sorted(os.listdir(path))
+        raise CheckpointError(f"{path}: neither {_SINGLE} nor {_INDEX} found (folder holds {present}); "
+                              "re-save the model with `save_pretrained(..., safe_serialization=True)`")
+    for shard in sorted(set(files.values())):
+        if not os.path.exists(shard):
+            raise CheckpointError(f"{index}: shard {os.path.basename(shard)} is listed in 'weight_map' but missing")
+    handles: dict[str, Any] = {}
+
+    def get(name: str) -> np.ndarray:
+        if name not in files:
+            raise CheckpointError(f"{path}: tensor {name!r} not found in the checkpoint")
+        if files[name] not in handles:  # safetensors numpy reads bfloat16 as an ml_dtypes array
+            handles[files[name]] = safe_open(files[name], framework="np")
+        return handles[files[name]].get_tensor(name)
+
+    return files, get
+
+
+def _gpt2_from_hf(get: Callable[[str], np.ndarray], names, c: ModelConfig) -> dict:
+    prefix = "transformer." if "transformer.wte.weight" in names else ""
+    D, N, H = c.d_model, c.num_heads, c.head_size
+
+    def layers(fn):
+        return np.stack([fn(f"{prefix}h.{i}.") for i in range(c.num_layers)])
+
+    def ln(name):
+        return {"scale": get(name + ".weight"), "bias": get(name + ".bias")}
+
+    def stacked_ln(name):
+        return {"scale": layers(lambda p: get(p + name + ".weight")), "bias": layers(lambda p: get(p + name + ".bias"))}
+
+    def qkv(j):
+        return {"kernel": layers(lambda p: get(p + "attn.c_attn.weight")[:, j * D:(j + 1) * D].reshape(D, N, H)),
+                "bias": layers(lambda p: get(p + "attn.c_attn.bias")[j * D:(j + 1) * D].reshape(N, H))}
+
+    def dense(name, shape):  # Conv1D weights are already [in, out]
+        return {"kernel": layers(lambda p: get(p + name + ".weight").reshape(shape)),
+                "bias": layers(lambda p: get(p + name + ".bias"))}
+
+    params = {"embed": {"embedding": get(prefix + "wte.weight")},
+              "pos_embed": {"embedding": get(prefix + "wpe.weight")},
+              "layers": {"attn_norm": stacked_ln("ln_1"), "mlp_norm": stacked_ln("ln_2"),
+                         "attn": {"q": qkv(0), "k": qkv(1), "v": qkv(2), "o": dense("attn.c_proj", (N, H, D))},
+                         "mlp": {"up": dense("mlp.c_fc", (D, c.mlp_dim)), "down": dense("mlp.c_proj", (c.mlp_dim, D))}},
+              "final_norm": ln(prefix + "ln_f")}
+    if not c.tie_embeddings:
+        params["lm_head"] = {"kernel": get("lm_head.weight").T}
+    return params
+
+
+def _llama_from_hf(get: Callable[[str], np.ndarray], names, c: ModelConfig) -> dict:
+    D, N, K, H, F = c.d_model, c.num_heads, c.kv_heads, c.head_size, c.mlp_dim
+
+    def layers(fn):
+        return np.stack([fn(f"model.layers.{i}.") for i in range(c.num_layers)])
+
+    def maybe(name, shape):  # a bias the checkpoint lacks (Llama attention_bias without mlp_bias): zeros are exact
+        return get(name).reshape(shape) if name in names else np.zeros(shape, np.float32)
+
+    def linear(name, kernel_shape, bias, bias_shape):
+        d = {"kernel": layers(lambda p: get(p + name + ".weight").T.reshape(kernel_shape))}  # [out,in] -> [in,out]
+        if bias:
+            d["bias"] = layers(lambda p: maybe(p + name + ".bias", bias_shape))
+        return d
+
+    attn = {"q": linear("self_attn.q_proj", (D, N, H), c.qkv_bias, (N, H)),
+            "k": linear("self_attn.k_proj", (D, K, H), c.qkv_bias, (K, H)),
+            "v": linear("self_attn.v_proj", (D, K, H), c.qkv_bias, (K, H)),
+            "o": linear("self_attn.o_proj", (N, H, D), c.use_bias, (D,))}
+    mlp = {"gate": linear("mlp.gate_proj", (D, F), c.use_bias, (F,)),
+           "up": linear("mlp.up_proj", (D, F), c.use_bias, (F,)),
+           "down": linear("mlp.down_proj", (F, D), c.use_bias, (D,))}
+    params = {"embed": {"embedding": get("model.embed_tokens.weight")},
+              "layers": {"attn_norm": {"scale": layers(lambda p: get(p + "input_layernorm.weight"))},
+                         "mlp_norm": {"scale": layers(lambda p: get(p + "post_attention_layernorm.weight"))},
+                         "attn": attn, "mlp": mlp},
+              "final_norm": {"scale": get("model.norm.weight")}}
+    if not c.tie_embeddings:
+        params["lm_head"] = {"kernel": get("lm_head.weight").T}
+    return params
+
+
+def _gpt2_to_hf(p: dict, c: ModelConfig) -> dict[str, np.ndarray]:
+    D, lay, at = c.d_model, p["layers"], p["layers"]["attn"]
+    out = {"transformer.wte.weight": p["embed"]["embedding"], "transformer.wpe.weight": p["pos_embed"]["embedding"],
+           "transformer.ln_f.weight": p["final_norm"]["scale"], "transformer.ln_f.bias": p["final_norm"]["bias"]}
+    for i in range(c.num_layers):
+        h = f"transformer.h.{i}."
+        out.update({
+            h + "ln_1.weight": lay["attn_norm"]["scale"][i], h + "ln_1.bias": lay["attn_norm"]["bias"][i],
+            h + "ln_2.weight": lay["mlp_norm"]["scale"][i], h + "ln_2.bias": lay["mlp_norm"]["bias"][i],
+            h + "attn.c_attn.weight": np.concatenate([at[x]["kernel"][i].reshape(D, D) for x in "qkv"], axis=1),
+            h + "attn.c_attn.bias": np.concatenate([at[x]["bias"][i].reshape(D) for x in "qkv"]),
+            h + "attn.c_proj.weight": at["o"]["kernel"][i].reshape(D, D), h + "attn.c_proj.bias": at["o"]["bias"][i],
+            h + "mlp.c_fc.weight": lay["mlp"]["up"]["kernel"][i], h + "mlp.c_fc.bias": lay["mlp"]["up"]["bias"][i],
+            h + "mlp.c_proj.weight": lay["mlp"]["down"]["kernel"][i],
+            h + "mlp.c_proj.bias": lay["mlp"]["down"]["bias"][i],
+        })
+    if not c.tie_embeddings:
+        out["lm_head.weight"] = p["lm_head"]["kernel"].T
+    return out
+
+
+def _llama_to_hf(p: dict, c: ModelConfig, hf: dict[str, Any]) -> dict[str, np.ndarray]:
+    D, lay = c.d_model, p["layers"]
+    qkv_bias = hf["model_type"] == "qwen2" or hf.get("attention_bias", False)
+    o_bias, mlp_bias = hf.get("attention_bias", False), hf.get("mlp_bias", False)
+    out = {"model.embed_tokens.weight": p["embed"]["embedding"], "model.norm.weight": p["final_norm"]["scale"]}
+
+    def put(name, module, i, in_dim, bias):
+        w = module["kernel"][i]
+        out[name + ".weight"] = w.reshape(in_dim, -1).T  # [in, out] -> [out, in]
+        if bias:  # zeros where our config has no such bias
+            b = module["bias"][i] if "bias" in module else np.zeros(w.size // in_dim, w.dtype)
+            out[name + ".bias"] = b.reshape(-1)
+
+    for i in range(c.num_layers):
+        h, at, mlp = f"model.layers.{i}.", lay["attn"], lay["mlp"]
+        out[h + "input_layernorm.weight"] = lay["attn_norm"]["scale"][i]
+        out[h + "post_attention_layernorm.weight"] = lay["mlp_norm"]["scale"][i]
+        for x in "qkv":
+            put(f"{h}self_attn.{x}_proj", at[x], i, D, qkv_bias)
+        put(h + "self_attn.o_proj", at["o"], i, c.num_heads * c.head_size, o_bias)
+        for x in ("gate", "up"):
+            put(f"{h}mlp.{x}_proj", mlp[x], i, D, mlp_bias)
+        put(h + "mlp.down_proj", mlp["down"], i, c.mlp_dim, mlp_bias)
+    if not c.tie_embeddings:
+        out["lm_head.weight"] = p["lm_head"]["kernel"].T
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- public API
+
+
+def load_pretrained(path: str | os.PathLike, *, param_dtype: str = "float32", **overrides) -> tuple[ModelConfig, dict]:
+    """Read a local Hugging Face folder into `(config, params)`; never touches the network.
+
+    Args:
+      path: folder with `config.json` and `model.safetensors` (or `model.safetensors.index.json` and its shards).
+      param_dtype: dtype the params are cast to and recorded in the config ("float32" master weights by default;
+        "bfloat16" halves memory). Checkpoints stored in bfloat16, float16 or float32 all load.
+      **overrides: other `ModelConfig` fields to set, e.g. `dtype="bfloat16"`, `remat="full"`, `max_seq_len=4096`.
+
+    Returns:
+      The `ModelConfig` and the param tree (host numpy arrays; `jax.device_put` them with your shardings), with
+      layers stacked on a leading L axis exactly as `init_params` lays them out.
+    """
+    path = os.fspath(path)
+    cfg_file = os.path.join(path, "config.json")
+    if not os.path.isdir(path):
+        raise CheckpointError(f"load_pretrained: {path} is not a folder (expected a Hugging Face checkpoint folder)")
+    if not os.path.exists(cfg_file):
+        raise CheckpointError(f"load_pretrained: {cfg_file} not found; a Hugging Face folder needs config.json")
+    with open(cfg_file) as f:
+        hf = json.load(f)
+    config = config_from_hf(hf, source=cfg_file, param_dtype=param_dtype, **overrides)
+    names, get = _open_tensors(path)
+    if hf["model_type"] == "gpt2":
+        params = _gpt2_from_hf(get, names, config)
+    else:
+        params = _llama_from_hf(get, names, config)
+    dtype = np.dtype(config.params_dtype)
+    params = _tree_map(lambda x: np.asarray(x).astype(dtype), params)
+    _check_layout(config, params, source=path)
+    return config, params
+
+
+def save_pretrained(config: ModelConfig, params: dict, path: str | os.PathLike, *, dtype: str | None = None,
+                    model_type: str | None = None, max_shard_size: int | str | None = None,
+                    extra_config: dict[str, Any] | None = None) -> None:
+    """Write `params` as a Hugging Face folder (config.json + safetensors) that `transformers` loads.
+
+    Args:
+      config: the `ModelConfig` the params were built for.
+      params: our param tree (jax or numpy arrays; a "score_head" is not exported).
+      path: output folder (created if missing).
+      dtype: storage dtype of the tensors ("float32", "bfloat16", "float16"); defaults to `config.param_dtype`.
+      model_type: "gpt2", "llama", "qwen2" or "mistral"; inferred from the config when None.
+      max_shard_size: bytes (int) or a string such as "5GB" / "20KB"; when the tensors exceed it they are split
+        into `model-0000i-of-0000n.safetensors` shards listed by `model.safetensors.index.json`.
+      extra_config: more config.json fields, e.g. {"bos_token_id": 1, "eos_token_id": 2} from your tokenizer.
+    """
+    path = os.fspath(path)
+    dtype = str(np.dtype(dtype or config.param_dtype))
+    hf = {**config_to_hf(config, model_type=model_type, dtype=dtype), **(extra_config or {})}
+    host = _tree_map(lambda x: np.asarray(x), params)
+    _check_layout(config, {k: v for k, v in host.items() if k != "score_head"}, source="save_pretrained params")
+    tensors = _gpt2_to_hf(host, config) if hf["model_type"] == "gpt2" else _llama_to_hf(host, config, hf)
+    tensors = {k: np.ascontiguousarray(v.astype(np.dtype(dtype))) for k, v in tensors.items()}
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(hf, f, indent=2, sort_keys=True)
+    shards = _split(tensors, _parse_size(max_shard_size) if max_shard_size is not None else None)
+    for stale in (_SINGLE, _INDEX):  # a previous export of another size must not shadow this one
+        if os.path.exists(os.path.join(path, stale)):
+            os.remove(os.path.join(path, stale))
+    if len(shards) == 1:
+        save_file(shards[0], os.path.join(path, _SINGLE), metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, os.path.join(path, name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in shard})
+    total = sum(v.nbytes for v in tensors.values())
+    with open(os.path.join(path, _INDEX), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2, sort_keys=True)
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+
+def _tree_map(fn, tree):
+    return {k: _tree_map(fn, v) for k, v in tree.items()} if isinstance(tree, dict) else fn(tree)
+
+
+def _parse_size(size: int | str) -> int:
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B)\s*", size.upper())
+    if not m:
+        raise ValueError(f"save_pretrained: max_shard_size={size!r}; use an int (bytes) or e.g. '500MB', '5GB'")
+    unit = m.group(2)
+    base = 1024 if "I" in unit else 1000
+    return int(float(m.group(1)) * base ** "BKMGT".index(unit[0]))
+
+
+def _split(tensors: dict[str, np.ndarray], max_bytes: int | None) -> list[dict[str, np.ndarray]]:
+    """Greedy split in name order; a tensor larger than `max_bytes` gets a shard of its own."""
+    if max_bytes is None:
+        return [tensors]
+    shards, size = [{}], 0
+    for name, value in tensors.items():
+        if shards[-1] and size + value.nbytes > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = value
+        size += value.nbytes
+    return shards
+
+
+def _check_layout(config: ModelConfig, params: dict, *, source: str) -> None:
+    """Compare the tree with `init_params`' layout (names and shapes), so a mismatch fails here, not in jit."""
+    import jax  # the model module pulls in flax; import late so config mapping works without it
+
+    from rlhf_jax.models import transformer
+
+    expected = jax.eval_shape(lambda: transformer.init_params(config, jax.random.key(0)))
+    want = {jax.tree_util.keystr(k): tuple(v.shape) for k, v in jax.tree_util.tree_leaves_with_path(expected)}
+    got = {jax.tree_util.keystr(k): tuple(np.shape(v)) for k, v in jax.tree_util.tree_leaves_with_path(params)}
+    problems = [f"{k}: expected {want.get(k)}, got {got.get(k)}" for k in sorted(set(want) | set(got))
+                if want.get(k) != got.get(k)]
+    if problems:
+        raise CheckpointError(f"{source}: params do not match the layout of init_params for this config:\n  "
+                              + "\n  ".join(problems[:20]))
+
+
+__all__ = ["CheckpointError", "config_from_hf", "config_to_hf", "infer_model_type", "load_pretrained",
+           "save_pretrained"]
