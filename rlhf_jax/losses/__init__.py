@@ -1,0 +1,48 @@
+"""Losses for LLM post-training, as pure functions over arrays: SFT, reward modelling, PPO, DPO."""
+
+from rlhf_jax.losses._common import masked_count, masked_mean, masked_sum, masked_var
+from rlhf_jax.losses._dpo import LOSS_TYPES as DPO_LOSS_TYPES
+from rlhf_jax.losses._dpo import dpo_loss
+from rlhf_jax.losses._kl import (
+    KL_ESTIMATORS,
+    AdaptiveKLController,
+    FixedKLController,
+    adaptive_kl_update,
+    kl_penalty,
+    shape_rewards,
+)
+from rlhf_jax.losses._logprobs import (
+    entropy_from_logits,
+    sequence_logprobs,
+    token_logprobs,
+    token_logprobs_from_hidden,
+)
+from rlhf_jax.losses._ppo import gae, ppo_policy_loss, ppo_value_loss, whiten
+from rlhf_jax.losses._reward import bradley_terry_loss
+from rlhf_jax.losses._sft import sft_loss, sft_loss_sums
+
+__all__ = [
+    "AdaptiveKLController",
+    "DPO_LOSS_TYPES",
+    "FixedKLController",
+    "KL_ESTIMATORS",
+    "adaptive_kl_update",
+    "bradley_terry_loss",
+    "dpo_loss",
+    "entropy_from_logits",
+    "gae",
+    "kl_penalty",
+    "masked_count",
+    "masked_mean",
+    "masked_sum",
+    "masked_var",
+    "ppo_policy_loss",
+    "ppo_value_loss",
+    "sequence_logprobs",
+    "sft_loss",
+    "sft_loss_sums",
+    "shape_rewards",
+    "token_logprobs",
+    "token_logprobs_from_hidden",
+    "whiten",
+]

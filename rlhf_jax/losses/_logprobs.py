@@ -1,0 +1,145 @@
+"""Token log-probabilities and entropies from logits, computed stably in float32.
+
+``log p(y_t | y_<t) = z_{t, y_t} - logsumexp_v z_{t, v}`` for logits ``z [B, T, V]``. The target logit is read with
+``take_along_axis`` (never a ``[B, T, V]`` one-hot). With ``chunk_size`` the vocabulary is streamed in chunks with
+an online (running max) logsumexp, as in memory-efficient cross-entropy kernels (Rabe & Staats 2021; Wijmans et
+al. 2024, "Cut Your Losses in Large-Vocabulary Language Models"): only a ``[B, T, chunk]`` slice is upcast to
+float32 at a time, and ``token_logprobs_from_hidden`` never builds the ``[B, T, V]`` logits at all.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from rlhf_jax.losses._common import masked_sum
+
+_F32 = jnp.float32
+
+
+def _check_chunk(chunk_size, vocab: int) -> int:
+    if not isinstance(chunk_size, int) or chunk_size <= 0:
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}.")
+    return min(chunk_size, vocab)
+
+
+def _online_update(carry, chunk, valid, local_targets, in_chunk):
+    """One step of the streaming logsumexp: carry = (stabiliser m, sum of exp(z - m), target logit)."""
+    m, s, tgt = carry
+    chunk = jnp.where(valid, chunk, -jnp.inf)
+    # The stabiliser carries no gradient: m + log(sum exp(z - m)) equals logsumexp(z) for any m.
+    m_new = jnp.maximum(m, lax.stop_gradient(jnp.max(chunk, axis=-1)))
+    m_new = jnp.where(jnp.isneginf(m_new), 0.0, m_new)  # a chunk of all -inf logits must not give nan
+    s = s * jnp.exp(m - m_new) + jnp.sum(jnp.exp(chunk - m_new[..., None]), axis=-1)
+    picked = jnp.take_along_axis(chunk, local_targets[..., None], axis=-1)[..., 0]
+    tgt = tgt + jnp.where(in_chunk, picked, 0.0)
+    return m_new, s, tgt
+
+
+def _init_carry(batch_shape):
+    return (jnp.full(batch_shape, -jnp.inf, _F32), jnp.zeros(batch_shape, _F32), jnp.zeros(batch_shape, _F32))
+
+
+def token_logprobs(logits, targets, *, chunk_size: int | None = None):
+    """Log-probability of each target token under the logits.
+
+    Args:
+      logits: ``[B, T, V]`` (any float dtype; the log-softmax is computed in float32).
+      targets: ``[B, T]`` integer token ids in ``[0, V)``.
+      chunk_size: if set, stream the vocabulary in chunks of this many columns (a ``lax.scan`` with a running
+        max/logsumexp) so that only ``[B, T, chunk_size]`` float32 values are live at a time; same result.
+
+    Returns:
+      ``[B, T]`` float32, ``logits[b, t, targets[b, t]] - logsumexp(logits[b, t])``.
+    """
+    logits = jnp.asarray(logits)
+    targets = jnp.asarray(targets).astype(jnp.int32)
+    if chunk_size is None:
+        logits = logits.astype(_F32)
+        picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+        return picked - jax.nn.logsumexp(logits, axis=-1)
+    vocab = logits.shape[-1]
+    c = _check_chunk(chunk_size, vocab)
+    n_chunks = -(-vocab // c)
+
+    @jax.checkpoint  # recompute each chunk in the backward pass instead of storing [n, B, T, c] residuals
+    def body(carry, i):
+        lo = i * c
+        start = jnp.minimum(lo, vocab - c)  # the last chunk is shifted left to stay in bounds ...
+        chunk = lax.dynamic_slice_in_dim(logits, start, c, axis=-1).astype(_F32)
+        valid = start + jnp.arange(c) >= lo  # ... and the columns already seen are dropped
+        in_chunk = (targets >= lo) & (targets < start + c)
+        local = jnp.clip(targets - start, 0, c - 1)
+        return _online_update(carry, chunk, valid, local, in_chunk), None
+
+    (m, s, tgt), _ = lax.scan(body, _init_carry(targets.shape), jnp.arange(n_chunks))
+    return tgt - (m + jnp.log(s))
+
+
+def token_logprobs_from_hidden(hidden, w, targets, *, chunk_size: int | None = None):
+    """Fused LM head + log-softmax: ``token_logprobs(hidden @ w, targets)`` without ``[B, T, V]`` logits.
+
+    The vocabulary is processed in chunks by a ``lax.scan`` whose body is rematerialised (``jax.checkpoint``), so
+    both the forward and the backward pass keep only ``[B, T, chunk_size]`` logits alive; gradients w.r.t.
+    ``hidden`` and ``w`` are exact.
+
+    Args:
+      hidden: ``[B, T, D]`` final hidden states (after the final norm).
+      w: ``[D, V]`` output projection (``lm_head`` kernel, or the transposed tied embedding).
+      targets: ``[B, T]`` integer token ids.
+      chunk_size: vocabulary columns per chunk; ``None`` computes the full logits (then calls ``token_logprobs``).
+
+    Returns:
+      ``[B, T]`` float32 log-probabilities of the targets.
+    """
+    hidden = jnp.asarray(hidden)
+    w = jnp.asarray(w)
+    targets = jnp.asarray(targets).astype(jnp.int32)
+    if chunk_size is None:
+        return token_logprobs(jnp.einsum("...d,dv->...v", hidden, w, preferred_element_type=_F32), targets)
+    d, vocab = w.shape
+    c = _check_chunk(chunk_size, vocab)
+    n_chunks = -(-vocab // c)
+    # [D, V] -> [n, D, c]: the scan slices w by its leading axis, so dw comes back stacked, not summed in a carry.
+    w_chunks = jnp.pad(w, ((0, 0), (0, n_chunks * c - vocab))).reshape(d, n_chunks, c).transpose(1, 0, 2)
+
+    @jax.checkpoint
+    def body(carry, xs):
+        w_c, i = xs
+        lo = i * c
+        chunk = jnp.einsum("...d,dc->...c", hidden, w_c, preferred_element_type=_F32)
+        valid = lo + jnp.arange(c) < vocab  # zero-padded columns of the last chunk
+        in_chunk = (targets >= lo) & (targets < lo + c)
+        local = jnp.clip(targets - lo, 0, c - 1)
+        return _online_update(carry, chunk, valid, local, in_chunk), None
+
+    (m, s, tgt), _ = lax.scan(body, _init_carry(targets.shape), (w_chunks, jnp.arange(n_chunks)))
+    return tgt - (m + jnp.log(s))
+
+
+def sequence_logprobs(logits, targets, mask):
+    """Sum of token log-probabilities over the masked (response) tokens of each row.
+
+    Args:
+      logits: ``[B, T, V]``.
+      targets: ``[B, T]`` integer ids.
+      mask: ``[B, T]``, 1 on tokens that count (e.g. the response), 0 on prompt/padding.
+
+    Returns:
+      ``[B]`` float32, ``sum_t mask[b, t] * log p(targets[b, t])`` (the ``log pi(y | x)`` used by DPO).
+    """
+    return masked_sum(token_logprobs(logits, targets), mask, axis=-1)
+
+
+def entropy_from_logits(logits):
+    """Entropy of the categorical distribution at each position, ``H = -sum_v p_v log p_v``.
+
+    Args:
+      logits: ``[B, T, V]``.
+
+    Returns:
+      ``[B, T]`` float32 entropies (nats).
+    """
+    logp = jax.nn.log_softmax(jnp.asarray(logits).astype(_F32), axis=-1)
+    return -jnp.sum(jnp.exp(logp) * logp, axis=-1)

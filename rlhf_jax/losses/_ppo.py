@@ -1,0 +1,164 @@
+"""PPO for language models: advantages (GAE), whitening, and the clipped policy and value losses.
+
+* GAE — Schulman et al. 2016, "High-Dimensional Continuous Control Using Generalized Advantage Estimation", eq. 16,
+  computed as a reverse ``lax.scan`` over time (one compiled loop, as purejaxrl).
+* Clipped surrogate — Schulman et al. 2017, "Proximal Policy Optimization Algorithms", eq. 7, with the optional
+  dual clip of Ye et al. 2020 ("Mastering Complex Control in MOBA Games with Deep RL") for negative advantages.
+* Clipped value loss — as in the OpenAI baselines / InstructGPT PPO code (Ziegler et al. 2019; Ouyang et al. 2022).
+
+Every reduction is a token-weighted ``masked_mean`` over the valid (response) tokens of the batch.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from jax import lax
+
+from rlhf_jax.losses._common import masked_mean, masked_var
+
+_WHITEN_EPS = 1e-8
+
+
+def gae(rewards, values, mask, *, gamma: float = 1.0, lam: float = 0.95):
+    """Generalised advantage estimation over right-padded token sequences.
+
+    ``delta_t = r_t + gamma * V_{t+1} * m_{t+1} - V_t``
+    ``A_t = m_t * (delta_t + gamma * lam * A_{t+1})``, with ``A_T = 0``
+    ``R_t = A_t + V_t`` (the lambda-return, the value-function target)
+
+    The value after the last valid token is 0 (the episode ends there); entries with ``m_t = 0`` are 0 in both
+    outputs, whatever ``rewards``/``values`` hold there. ``lam = 0`` gives one-step TD errors, ``lam = 1`` Monte-Carlo
+    returns minus the baseline.
+
+    Args:
+      rewards: ``[B, T]`` per-token rewards (e.g. from ``shape_rewards``).
+      values: ``[B, T]`` value estimates ``V(s_t)``.
+      mask: ``[B, T]``, 1 on valid (response) tokens, a contiguous run from t = 0 in each row.
+      gamma: discount factor (may be a traced scalar).
+      lam: GAE lambda (may be a traced scalar).
+
+    Returns:
+      ``(advantages [B, T], returns [B, T])`` float32.
+    """
+    m = jnp.asarray(mask) > 0
+    mf = m.astype(jnp.float32)
+    r = jnp.where(m, jnp.asarray(rewards, jnp.float32), 0.0)
+    v = jnp.where(m, jnp.asarray(values, jnp.float32), 0.0)
+    next_v = jnp.pad(v[:, 1:], ((0, 0), (0, 1)))  # already 0 where m_{t+1} = 0
+    deltas = r + gamma * next_v - v
+
+    def step(next_adv, xs):
+        delta_t, m_t = xs
+        adv = m_t * (delta_t + gamma * lam * next_adv)
+        return adv, adv
+
+    _, adv_t = lax.scan(step, jnp.zeros(r.shape[:1], jnp.float32), (deltas.T, mf.T), reverse=True)
+    advantages = adv_t.T
+    returns = jnp.where(m, advantages + v, 0.0)
+    return advantages, returns
+
+
+def whiten(x, mask, *, shift_mean: bool = True):
+    """Normalise ``x`` to zero mean and unit variance over its valid entries.
+
+    ``y = (x - mean) / sqrt(var + 1e-8)`` with ``mean``/``var`` the masked mean and *unbiased* (Bessel-corrected)
+    variance over all valid entries of the batch, as TRL's ``masked_whiten``. With ``shift_mean=False`` the mean is
+    added back (rescale only; TRL does this for rewards). Masked entries of the output are 0.
+
+    Args:
+      x: ``[B, T]`` values (advantages, rewards).
+      mask: ``[B, T]`` valid-entry mask.
+      shift_mean: subtract the mean (True) or only divide by the standard deviation (False).
+
+    Returns:
+      ``[B, T]`` float32.
+    """
+    x = jnp.asarray(x, jnp.float32)
+    mean = masked_mean(x, mask)
+    var = masked_var(x, mask, unbiased=True)
+    y = (x - mean) * lax.rsqrt(var + _WHITEN_EPS)
+    if not shift_mean:
+        y = y + mean
+    return jnp.where(jnp.asarray(mask) > 0, y, 0.0)
+
+
+def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, *, clip_eps: float = 0.2, dual_clip=None):
+    """PPO clipped surrogate policy loss (Schulman et al. 2017, eq. 7), optionally dual-clipped.
+
+    ``rho = exp(logp - logp_old)``; per token ``l = max(-A * rho, -A * clip(rho, 1 - eps, 1 + eps))``; with dual
+    clip ``c > 1`` (Ye et al. 2020), tokens with ``A < 0`` use ``min(l, -c * A)`` so a huge ratio cannot make the
+    loss unbounded. ``loss = masked_mean(l, mask)``.
+
+    Args:
+      logprobs: ``[B, T]`` log-probabilities of the sampled tokens under the current policy (differentiated).
+      old_logprobs: ``[B, T]`` log-probabilities under the rollout policy (treated as constants).
+      advantages: ``[B, T]`` advantage estimates (treated as constants).
+      mask: ``[B, T]`` valid response-token mask.
+      clip_eps: trust-region half width ``eps``.
+      dual_clip: ``c`` (> 1) for the dual clip, or ``None``.
+
+    Returns:
+      ``(loss, metrics)`` with ``"loss"``, ``"clipfrac"`` (fraction of valid tokens where the clip is active,
+      ``-A * clip(rho) > -A * rho``), ``"approx_kl"`` (masked mean of ``(rho - 1) - log rho``), ``"ratio_mean"``,
+      and ``"dual_clipfrac"`` when ``dual_clip`` is set.
+    """
+    if dual_clip is not None and isinstance(dual_clip, (int, float)) and dual_clip <= 1.0:
+        raise ValueError(f"ppo_policy_loss: dual_clip must be > 1 (Ye et al. 2020 use 3), got {dual_clip}.")
+    # The rollout policy and the advantages are fixed targets: only the current policy gets gradients.
+    old = lax.stop_gradient(jnp.asarray(old_logprobs, jnp.float32))
+    adv = lax.stop_gradient(jnp.asarray(advantages, jnp.float32))
+    log_ratio = jnp.asarray(logprobs, jnp.float32) - old
+    ratio = jnp.exp(log_ratio)
+    unclipped = -adv * ratio
+    clipped = -adv * jnp.clip(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
+    per_token = jnp.maximum(unclipped, clipped)
+    metrics = {}
+    if dual_clip is not None:
+        cap = -dual_clip * adv
+        dual_active = (adv < 0) & (per_token > cap)
+        per_token = jnp.where(adv < 0, jnp.minimum(per_token, cap), per_token)
+        metrics["dual_clipfrac"] = masked_mean(dual_active.astype(jnp.float32), mask)
+    loss = masked_mean(per_token, mask)
+    metrics = {
+        "loss": loss,
+        "clipfrac": masked_mean((clipped > unclipped).astype(jnp.float32), mask),
+        "approx_kl": masked_mean(lax.stop_gradient((ratio - 1.0) - log_ratio), mask),
+        "ratio_mean": masked_mean(lax.stop_gradient(ratio), mask),
+        **metrics,
+    }
+    return loss, metrics
+
+
+def ppo_value_loss(values, old_values, returns, mask, *, clip_eps: float | None = 0.2):
+    """Clipped value-function loss.
+
+    ``v_clip = v_old + clip(v - v_old, -eps, eps)``;
+    ``loss = 0.5 * masked_mean(max((v - R)^2, (v_clip - R)^2))`` (unclipped ``0.5 * (v - R)^2`` when ``eps`` is None).
+
+    Args:
+      values: ``[B, T]`` current value predictions (differentiated).
+      old_values: ``[B, T]`` value predictions at rollout time (constants).
+      returns: ``[B, T]`` targets ``R`` (e.g. from ``gae``; constants).
+      mask: ``[B, T]`` valid-token mask.
+      clip_eps: clip half width, or ``None`` for no clipping.
+
+    Returns:
+      ``(loss, metrics)`` with ``"loss"``, ``"clipfrac"`` (fraction of valid tokens where the clipped term is the
+      larger), ``"explained_variance"`` (``1 - Var[R - v] / Var[R]`` over valid tokens; 0 when ``Var[R] = 0``).
+    """
+    v = jnp.asarray(values, jnp.float32)
+    old = lax.stop_gradient(jnp.asarray(old_values, jnp.float32))
+    ret = lax.stop_gradient(jnp.asarray(returns, jnp.float32))
+    err = jnp.square(v - ret)
+    if clip_eps is None:
+        per_token = err
+        clipfrac = jnp.zeros((), jnp.float32)
+    else:
+        err_clipped = jnp.square(old + jnp.clip(v - old, -clip_eps, clip_eps) - ret)
+        per_token = jnp.maximum(err, err_clipped)
+        clipfrac = masked_mean((err_clipped > err).astype(jnp.float32), mask)
+    loss = 0.5 * masked_mean(per_token, mask)
+    var_ret = masked_var(ret, mask, unbiased=False)
+    var_err = masked_var(ret - lax.stop_gradient(v), mask, unbiased=False)
+    explained = jnp.where(var_ret > 0, 1.0 - var_err / jnp.where(var_ret > 0, var_ret, 1.0), 0.0)
+    return loss, {"loss": loss, "clipfrac": clipfrac, "explained_variance": explained}
