@@ -1,0 +1,40 @@
+"""Training: immutable states, optimizers, pure jitted steps, PPO rollout/update, and the four stages."""
+from rlhf_jax.train.optim import OptimConfig, decay_mask, make_optimizer, make_schedule, optimizer_updates
+from rlhf_jax.train.ppo import Rollout, ppo_step, ppo_update, rollout
+from rlhf_jax.train.stages import (
+    DPOConfig,
+    NonFiniteLossError,
+    PPOConfig,
+    RewardConfig,
+    SFTConfig,
+    StageHooks,
+    init_ppo_state,
+    run_dpo,
+    run_loop,
+    run_ppo,
+    run_reward,
+    run_sft,
+)
+from rlhf_jax.train.state import PPOState, TrainState, create_train_state, with_score_head
+from rlhf_jax.train.steps import (
+    compile_step,
+    dpo_step,
+    last_token_index,
+    make_dpo_step,
+    make_reward_step,
+    make_sft_step,
+    reference_logps,
+    reward_eval,
+    reward_scores,
+    reward_step,
+    sequence_logps,
+    sft_eval,
+    sft_step,
+)
+
+try:  # rlhf_jax/train/checkpoint.py and logging.py are written by the checkpoint/logging engineer
+    from rlhf_jax.train.checkpoint import (CheckpointHook, GracefulExit, make_checkpoint_manager, restore_latest,
+                                           stage_checkpoint_dir)
+    from rlhf_jax.train.logging import Hooks, JsonlHook, ProgressHook, TensorBoardHook, make_stage_hooks
+except ImportError:  # pragma: no cover
+    pass

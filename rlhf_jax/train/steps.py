@@ -1,0 +1,200 @@
+"""Pure training steps for SFT, reward modelling and DPO, and the one place they are jit-compiled.
+
+Each step is `(state, batch, [frozen params], *, model_config, loss options) -> (state, metrics)`: the model is
+applied here (losses only see arrays), gradients go through `TrainState.apply_gradients`, and the metrics are a
+flat dict of scalars named as in TRL ("loss", "rewards/chosen", ...). `compile_step` wraps any of them in
+`jax.jit` with static keyword options and the state donated; sharding (in/out shardings) is added there only.
+
+- SFT: token-weighted mean NLL over response tokens (`losses.sft_loss`).
+- Reward model (Ouyang et al. 2022, Stiennon et al. 2020): an LM trunk with a scalar head, reward read at the
+  last real token of each row; chosen and rejected rows share one forward; Bradley-Terry loss, optional
+  reward centering (Eisenstein et al. 2023) through `center_coef`.
+- DPO (Rafailov et al. 2023): sequence log-probabilities of the response tokens under the policy and a frozen
+  reference (computed here under `stop_gradient`, or precomputed into the batch as "ref_chosen_logps" /
+  "ref_rejected_logps").
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from rlhf_jax.losses import bradley_terry_loss, dpo_loss, sequence_logprobs, sft_loss
+from rlhf_jax.models import forward, scalar_forward
+from rlhf_jax.models.config import ModelConfig
+from rlhf_jax.train.state import TrainState
+
+_BT_NAMES = {"reward_chosen": "rewards/chosen", "reward_rejected": "rewards/rejected",
+             "reward_margin": "rewards/margins"}
+_DPO_NAMES = {"rewards_chosen": "rewards/chosen", "rewards_rejected": "rewards/rejected",
+              "rewards_margin": "rewards/margins", "rewards_accuracy": "rewards/accuracies",
+              "logps_chosen": "logps/chosen", "logps_rejected": "logps/rejected"}
+
+
+def compile_step(fn, *, donate: bool = True, **static):
+    """`jax.jit(fn)` with the keyword options in `static` bound as static arguments and the state donated.
+
+    Returns a callable `(state, batch, *frozen_params) -> (state, metrics)`. The single jit call site of the
+    training steps: a sharded run extends it with `in_shardings` / `out_shardings`.
+    """
+    jitted = jax.jit(fn, static_argnames=tuple(static), donate_argnums=(0,) if donate else ())
+    return functools.partial(jitted, **static)
+
+
+def _rename(metrics, names):
+    return {names.get(k, k): v for k, v in metrics.items()}
+
+
+def _model_inputs(batch):
+    """The model keyword inputs of an SFT-style batch (positions / segment_ids are optional)."""
+    return dict(positions=batch.get("positions"), segment_ids=batch.get("segment_ids"))
+
+
+def _concat_pair(chosen: dict, rejected: dict) -> dict:
+    """Two SFT-style batches [B,Tc], [B,Tr] -> one [2B, max(Tc,Tr)] batch (chosen rows first).
+
+    The shorter side is right-padded with segment_ids 0 and loss_mask 0, which no loss and no last-token read
+    can see.
+    """
+    T = max(chosen["inputs"].shape[1], rejected["inputs"].shape[1])
+    keys = [k for k in ("inputs", "targets", "loss_mask", "positions", "segment_ids") if k in chosen]
+
+    def pad(x):
+        return jnp.pad(jnp.asarray(x), ((0, 0), (0, T - x.shape[1])))
+
+    return {k: jnp.concatenate([pad(chosen[k]), pad(rejected[k])], axis=0) for k in keys}
+
+
+def _split(x):
+    half = x.shape[0] // 2
+    return x[:half], x[half:]
+
+
+def _grad_metrics(state: TrainState, grads) -> dict:
+    return {"grad_norm": optax.tree.norm(grads), "learning_rate": state.learning_rate()}
+
+
+# -------------------------------------------------------------------------------------------------------- SFT
+def sft_step(state: TrainState, batch: dict, *, model_config: ModelConfig):
+    """One SFT update on {"inputs", "targets", "loss_mask" [B,T], "positions"?, "segment_ids"?}.
+
+    Metrics: "loss", "accuracy", "num_tokens", "perplexity", "grad_norm", "learning_rate".
+    """
+    def loss_fn(params):
+        logits = forward(params, batch["inputs"], config=model_config, **_model_inputs(batch))   # [B,T,V]
+        return sft_loss(logits, batch["targets"], batch["loss_mask"])
+
+    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    return state.apply_gradients(grads), {**metrics, **_grad_metrics(state, grads)}
+
+
+def sft_eval(params, batch: dict, *, model_config: ModelConfig) -> dict:
+    """SFT loss metrics without an update."""
+    logits = forward(params, batch["inputs"], config=model_config, **_model_inputs(batch))
+    return sft_loss(logits, batch["targets"], batch["loss_mask"])[1]
+
+
+# ------------------------------------------------------------------------------------------------ reward model
+def last_token_index(segment_ids) -> jax.Array:
+    """segment_ids [B,T] -> [B] int32: the last index with segment_ids > 0 (0 for an empty row)."""
+    t = jnp.arange(segment_ids.shape[1], dtype=jnp.int32)
+    return jnp.max(jnp.where(segment_ids > 0, t, 0), axis=1)
+
+
+def reward_scores(params, batch: dict, *, model_config: ModelConfig) -> jax.Array:
+    """Rewards [B] of an SFT-style batch: the scalar head at the last real token of each row."""
+    values = scalar_forward(params, batch["inputs"], config=model_config, **_model_inputs(batch))     # [B,T]
+    segment_ids = batch.get("segment_ids")
+    if segment_ids is None:
+        segment_ids = jnp.ones_like(batch["inputs"])
+    idx = last_token_index(segment_ids)
+    return jnp.take_along_axis(values, idx[:, None], axis=1)[:, 0]
+
+
+def _reward_loss(params, batch, *, model_config, center_coef):
+    pair = _concat_pair(batch["chosen"], batch["rejected"])
+    chosen, rejected = _split(reward_scores(params, pair, model_config=model_config))
+    loss, metrics = bradley_terry_loss(chosen, rejected, margin=batch.get("margin"), center_coef=center_coef)
+    return loss, _rename(metrics, _BT_NAMES)
+
+
+def reward_step(state: TrainState, batch: dict, *, model_config: ModelConfig, center_coef: float = 0.0):
+    """One reward-model update on a preference batch {"chosen": SFT batch, "rejected": SFT batch, "margin"?}.
+
+    Metrics: "loss", "accuracy", "rewards/chosen", "rewards/rejected", "rewards/margins", "grad_norm",
+    "learning_rate".
+    """
+    grad_fn = jax.value_and_grad(_reward_loss, has_aux=True)
+    (_, metrics), grads = grad_fn(state.params, batch, model_config=model_config, center_coef=center_coef)
+    return state.apply_gradients(grads), {**metrics, **_grad_metrics(state, grads)}
+
+
+def reward_eval(params, batch: dict, *, model_config: ModelConfig, center_coef: float = 0.0) -> dict:
+    """Reward-model metrics on a preference batch without an update."""
+    return _reward_loss(params, batch, model_config=model_config, center_coef=center_coef)[1]
+
+
+# -------------------------------------------------------------------------------------------------------- DPO
+def sequence_logps(params, batch: dict, *, model_config: ModelConfig) -> jax.Array:
+    """Sum of log p(target) over loss_mask tokens of an SFT-style batch -> [B] float32."""
+    logits = forward(params, batch["inputs"], config=model_config, **_model_inputs(batch))
+    return sequence_logprobs(logits, batch["targets"], batch["loss_mask"])
+
+
+def reference_logps(ref_params, batch: dict, *, model_config: ModelConfig) -> dict:
+    """{"ref_chosen_logps" [B], "ref_rejected_logps" [B]} of a preference batch (for precomputation)."""
+    pair = _concat_pair(batch["chosen"], batch["rejected"])
+    chosen, rejected = _split(sequence_logps(ref_params, pair, model_config=model_config))
+    return {"ref_chosen_logps": chosen, "ref_rejected_logps": rejected}
+
+
+def _dpo_loss(params, batch, ref_params, *, model_config, beta, loss_type, label_smoothing, reference_free):
+    pair = _concat_pair(batch["chosen"], batch["rejected"])
+    if "ref_chosen_logps" in batch:
+        ref_c, ref_r = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
+    elif reference_free:
+        ref_c = ref_r = jnp.zeros((pair["inputs"].shape[0] // 2,), jnp.float32)
+    elif ref_params is None:
+        raise ValueError("dpo_step needs ref_params, precomputed 'ref_chosen_logps'/'ref_rejected_logps' in the "
+                         "batch, or reference_free=True")
+    else:
+        # The reference is frozen: no gradient flows into it.
+        ref = jax.lax.stop_gradient(sequence_logps(ref_params, pair, model_config=model_config))
+        ref_c, ref_r = _split(ref)
+    pol_c, pol_r = _split(sequence_logps(params, pair, model_config=model_config))
+    len_c, len_r = _split(jnp.sum(pair["loss_mask"], axis=1).astype(jnp.float32))
+    loss, metrics = dpo_loss(pol_c, pol_r, ref_c, ref_r, beta=beta, loss_type=loss_type,
+                             label_smoothing=label_smoothing, chosen_lengths=len_c, rejected_lengths=len_r,
+                             reference_free=reference_free)
+    return loss, _rename(metrics, _DPO_NAMES)
+
+
+def dpo_step(state: TrainState, batch: dict, ref_params=None, *, model_config: ModelConfig, beta: float = 0.1,
+             loss_type: str = "sigmoid", label_smoothing: float = 0.0, reference_free: bool = False):
+    """One DPO update on a preference batch; reference logps from `ref_params` or from the batch.
+
+    Metrics: "loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+    "logps/chosen", "logps/rejected", "grad_norm", "learning_rate".
+    """
+    grad_fn = jax.value_and_grad(_dpo_loss, has_aux=True)
+    (_, metrics), grads = grad_fn(state.params, batch, ref_params, model_config=model_config, beta=beta,
+                                  loss_type=loss_type, label_smoothing=label_smoothing,
+                                  reference_free=reference_free)
+    return state.apply_gradients(grads), {**metrics, **_grad_metrics(state, grads)}
+
+
+def make_sft_step(model_config: ModelConfig):
+    """Compiled `sft_step(state, batch)`."""
+    return compile_step(sft_step, model_config=model_config)
+
+
+def make_reward_step(model_config: ModelConfig, *, center_coef: float = 0.0):
+    """Compiled `reward_step(state, batch)`."""
+    return compile_step(reward_step, model_config=model_config, center_coef=center_coef)
+
+
+def make_dpo_step(model_config: ModelConfig, **dpo_options):
+    """Compiled `dpo_step(state, batch, ref_params)`; options: beta, loss_type, label_smoothing, reference_free."""
+    return compile_step(dpo_step, model_config=model_config, **dpo_options)

@@ -1,0 +1,116 @@
+"""PPO: rollout shapes, masks, scores at EOS, KL 0 at the start; ratio 1 / clipfrac 0; learning a toy reward."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rlhf_jax.generation import sample
+from rlhf_jax.losses import adaptive_kl_update
+from rlhf_jax.models import ModelConfig, init_params, scalar_forward
+from rlhf_jax.train import OptimConfig, PPOConfig, init_ppo_state, rollout, run_ppo, with_score_head
+
+CFG = ModelConfig.preset("tiny", d_model=32, num_layers=1, num_heads=2, mlp_dim=64, max_seq_len=64)
+EOS, PAD = 258, 256
+
+
+@pytest.fixture(scope="module")
+def params():
+    return init_params(CFG, jax.random.PRNGKey(0))
+
+
+def prompts(B=8, P=5, seed=0):
+    rs = np.random.RandomState(seed)
+    toks = np.full((B, P), PAD, np.int32)
+    mask = np.zeros((B, P), np.int32)
+    for b in range(B):
+        n = 1 + b % P                                   # left padded, lengths 1..P
+        toks[b, P - n:] = rs.randint(97, 123, n)
+        mask[b, P - n:] = 1
+    return toks, mask
+
+
+def eos_biased(params, logit_boost=3.0):
+    """Raise the EOS logit by about `logit_boost` everywhere (final LayerNorm bias along the EOS embedding)."""
+    e = params["embed"]["embedding"][EOS]
+    return {**params, "final_norm": {**params["final_norm"],
+                                     "bias": params["final_norm"]["bias"] + logit_boost * e / jnp.sum(e * e)}}
+
+
+def test_rollout(params):
+    policy = eos_biased(params)
+    reward = with_score_head(params, CFG, 3)
+    config = PPOConfig(batch_size=8, max_new_tokens=6, temperature=0.7, value_init="policy")
+    toks, mask = prompts()
+    rng = jax.random.PRNGKey(5)
+    run = jax.jit(rollout, static_argnames=("config", "model_config", "reward_fn"))
+    r = run(policy, policy, reward, with_score_head(policy, CFG, 4), toks, mask, rng, config=config,
+            model_config=CFG)
+    B, P, N = 8, 5, 6
+    assert r.tokens.shape == (B, P + N) and r.logprobs.shape == (B, N) and r.scores.shape == (B,)
+    np.testing.assert_array_equal(r.tokens[:, :P], toks)
+    resp, rmask = np.asarray(r.tokens[:, P:]), np.asarray(r.response_mask)
+    lengths = rmask.sum(1)
+    ends = np.asarray(r.ends_with_eos)
+    assert 0 < ends.sum() < B, "test needs rows with and without EOS"
+    for b in range(B):
+        n = lengths[b]
+        np.testing.assert_array_equal(rmask[b], np.arange(N) < n)          # contiguous from t = 0
+        assert (resp[b, n:] == PAD).all()
+        assert ends[b] == (resp[b, n - 1] == EOS) and (EOS not in resp[b, :n - 1])
+    np.testing.assert_array_equal(r.attention_mask, np.concatenate([mask, rmask], 1))
+    # Same rng -> same tokens as `sample`; the recomputed forward logprobs match the sampler's (temperature 0.7).
+    s = sample(policy, toks, mask, rng, config=CFG, max_new_tokens=N, temperature=0.7, eos_id=EOS, pad_id=PAD)
+    np.testing.assert_array_equal(s.tokens, r.tokens)
+    np.testing.assert_allclose(r.logprobs, s.logprobs, atol=2e-5)
+    # Reference == policy: identical logprobs, so the KL penalty starts at 0.
+    np.testing.assert_allclose(r.ref_logprobs, r.logprobs, atol=1e-6)
+    # Scores: the reward head at the last real token (EOS included), positions counted from the first real token.
+    full_mask = np.concatenate([mask, rmask], 1)
+    pos = np.maximum(np.cumsum(full_mask, 1) - 1, 0)
+    v = np.asarray(scalar_forward(reward, r.tokens, config=CFG, positions=pos, segment_ids=full_mask))
+    np.testing.assert_allclose(r.scores, v[np.arange(B), P + lengths - 1], rtol=1e-5, atol=1e-6)
+    assert np.all(np.asarray(r.values)[rmask == 0] == 0)
+
+
+def test_init_ppo_state_value_init(params):
+    reward = with_score_head(params, CFG, 3)
+    cfg = PPOConfig(batch_size=8, value_init="reward")
+    st = init_ppo_state(params, cfg, model_config=CFG, rng=0, reward_params=reward)
+    np.testing.assert_array_equal(st.value.params["score_head"]["kernel"], reward["score_head"]["kernel"])
+    assert st.value.params["score_head"]["kernel"] is not reward["score_head"]["kernel"]   # a copy: donation-safe
+    st = init_ppo_state(params, PPOConfig(batch_size=8, value_init="policy"), model_config=CFG, rng=0)
+    np.testing.assert_array_equal(st.value.params["embed"]["embedding"], params["embed"]["embedding"])
+    assert st.value.params["score_head"]["kernel"].shape == (CFG.d_model, 1)
+    assert float(st.kl_coef) == pytest.approx(cfg.kl_coef)
+    with pytest.raises(ValueError, match="reward_params"):
+        init_ppo_state(params, cfg, model_config=CFG, rng=0)
+
+
+def test_run_ppo_learns_toy_reward(params):
+    """One epoch, one minibatch: the update starts at the rollout params, so ratio == 1 and clipfrac == 0."""
+    config = PPOConfig(num_steps=25, batch_size=8, num_epochs=1, num_minibatches=1, max_new_tokens=6,
+                       temperature=1.0, kl_coef=0.01, kl_target=0.5, kl_horizon=100.0, value_init="policy",
+                       missing_eos_penalty=None, optim=OptimConfig(learning_rate=1e-2), log_every=1)
+    state = init_ppo_state(params, config, model_config=CFG, rng=1)
+
+    def low_bytes(prompts, responses, mask):            # toy reward: fraction of response tokens < 128
+        return jnp.sum((responses < 128) * mask, 1) / jnp.maximum(jnp.sum(mask, 1), 1)
+
+    toks, mask = prompts()
+    data = ({"prompts": toks, "prompt_mask": mask, "meta": ["host-only"] * 8} for _ in range(25))
+    state, hist = run_ppo(state, data, config, model_config=CFG, ref_params=params, reward_fn=low_bytes)
+    assert [h["step"] for h in hist] == list(range(1, 26)) and int(state.step) == 25
+    assert hist[0]["objective/kl"] == pytest.approx(0.0, abs=1e-5)
+    for h in hist:
+        assert h["policy/clipfrac"] == 0.0 and h["val/ratio"] == pytest.approx(1.0, abs=1e-5)
+        assert h["policy/approxkl"] == pytest.approx(0.0, abs=1e-6)
+    first = np.mean([h["objective/scores"] for h in hist[:5]])
+    last = np.mean([h["objective/scores"] for h in hist[-5:]])
+    assert last > first + 0.15, (first, last)
+    # The adaptive KL coefficient follows Ziegler et al.'s controller inside the jitted step.
+    for a, b in zip(hist, hist[1:]):
+        want = adaptive_kl_update(a["kl_coef"], a["objective/kl"], 8, target=0.5, horizon=100.0)
+        np.testing.assert_allclose(b["kl_coef"], float(want), rtol=1e-5)
+    assert hist[-1]["kl_coef"] != hist[0]["kl_coef"]
+    np.testing.assert_allclose(hist[3]["objective/rlhf_reward"],
+                               hist[3]["objective/scores"] + hist[3]["objective/non_score_reward"], rtol=1e-5)

@@ -1,0 +1,141 @@
+"""SFT, reward and DPO steps: independent recomputation, last-token reads, log 2 at the start, learning."""
+import jax
+import numpy as np
+import pytest
+
+from rlhf_jax.losses import sft_loss
+from rlhf_jax.models import ModelConfig, forward, init_params, scalar_forward
+from rlhf_jax.train import (OptimConfig, create_train_state, make_dpo_step, make_reward_step, make_sft_step,
+                            reference_logps, reward_scores, with_score_head)
+
+CFG = ModelConfig.preset("tiny", d_model=32, num_layers=1, num_heads=2, mlp_dim=64, max_seq_len=64)
+
+
+@pytest.fixture(scope="module")
+def params():
+    return init_params(CFG, jax.random.PRNGKey(0))
+
+
+def sft_batch(seed, B=4, T=10, lengths=None):
+    """Right-padded rows; loss on the second half of each row's real tokens."""
+    rs = np.random.RandomState(seed)
+    lengths = lengths or [T] * B
+    toks = rs.randint(0, 256, (B, T + 1)).astype(np.int32)
+    seg = np.zeros((B, T), np.int32)
+    mask = np.zeros((B, T), np.float32)
+    for b, n in enumerate(lengths):
+        seg[b, :n] = 1
+        mask[b, n // 2:n] = 1
+        toks[b, n + 1:] = 256
+    return {"inputs": toks[:, :-1], "targets": toks[:, 1:], "loss_mask": mask, "segment_ids": seg,
+            "positions": np.tile(np.arange(T, dtype=np.int32), (B, 1))}
+
+
+def pref_batch(seed=0):
+    return {"chosen": sft_batch(seed, lengths=[10, 7, 9, 6]), "rejected": sft_batch(seed + 1, lengths=[8, 10, 5, 9])}
+
+
+def floats(m):
+    return {k: float(v) for k, v in m.items()}
+
+
+def test_sft_step_matches_loss_and_learns(params):
+    batch = sft_batch(0, lengths=[10, 8, 6, 9])
+    step = make_sft_step(CFG)
+    state = create_train_state(params, OptimConfig(learning_rate=1e-2), 0)
+    _, ref = sft_loss(forward(params, batch["inputs"], config=CFG, positions=batch["positions"],
+                              segment_ids=batch["segment_ids"]), batch["targets"], batch["loss_mask"])
+    # Independent numpy NLL on the same logits.
+    logits = np.asarray(forward(params, batch["inputs"], config=CFG, segment_ids=batch["segment_ids"]))
+    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+        - logits.max(-1, keepdims=True)
+    nll = -np.take_along_axis(logp, batch["targets"][..., None], -1)[..., 0]
+    want = (nll * batch["loss_mask"]).sum() / batch["loss_mask"].sum()
+    losses = []
+    for i in range(20):
+        state, m = step(state, batch)
+        losses.append(float(m["loss"]))
+        if i == 0:
+            np.testing.assert_allclose(losses[0], float(ref["loss"]), rtol=1e-6)
+            np.testing.assert_allclose(losses[0], want, rtol=1e-5)
+            assert float(m["num_tokens"]) == batch["loss_mask"].sum()
+            assert {"accuracy", "grad_norm", "learning_rate"} <= set(m)
+    assert losses[-1] < 0.5 * losses[0]
+    assert int(state.step) == 20
+
+
+def test_grad_accumulation_equals_big_batch(params):
+    big = sft_batch(3, B=4)
+    halves = [{k: v[:2] for k, v in big.items()}, {k: v[2:] for k, v in big.items()}]
+    opt = OptimConfig(learning_rate=1e-2, max_grad_norm=0.5)
+    one = create_train_state(params, opt, 0)
+    one, _ = make_sft_step(CFG)(one, big)
+    acc = create_train_state(params, OptimConfig(learning_rate=1e-2, max_grad_norm=0.5, grad_accum=2), 0)
+    step = make_sft_step(CFG)
+    acc, _ = step(acc, halves[0])
+    leaf = lambda s: np.asarray(s.params["layers"]["mlp"]["up"]["kernel"])  # noqa: E731
+    np.testing.assert_array_equal(leaf(acc), np.asarray(params["layers"]["mlp"]["up"]["kernel"]))
+    acc, _ = step(acc, halves[1])
+    for a, b in zip(jax.tree.leaves(acc.params), jax.tree.leaves(one.params)):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    assert not np.allclose(leaf(one), params["layers"]["mlp"]["up"]["kernel"])
+
+
+def test_reward_reads_last_real_token(params):
+    rparams = with_score_head(params, CFG, 1)
+    batch = sft_batch(0, lengths=[10, 6, 8, 3])
+    r = np.asarray(reward_scores(rparams, batch, model_config=CFG))
+    values = np.asarray(scalar_forward(rparams, batch["inputs"], config=CFG, positions=batch["positions"],
+                                       segment_ids=batch["segment_ids"]))
+    np.testing.assert_allclose(r, values[np.arange(4), [9, 5, 7, 2]], rtol=1e-6)
+    pad_changed = {**batch, "inputs": batch["inputs"].copy()}
+    pad_changed["inputs"][1, 7] = 5                      # row 1 has 6 real tokens: index 7 is padding
+    np.testing.assert_allclose(reward_scores(rparams, pad_changed, model_config=CFG), r, rtol=1e-6)
+    last_changed = {**batch, "inputs": batch["inputs"].copy()}
+    last_changed["inputs"][1, 5] = (last_changed["inputs"][1, 5] + 1) % 256
+    r2 = np.asarray(reward_scores(rparams, last_changed, model_config=CFG))
+    assert abs(r2[1] - r[1]) > 1e-6
+    np.testing.assert_allclose(np.delete(r2, 1), np.delete(r, 1), rtol=1e-6)
+
+
+def test_reward_step_learns(params):
+    state = create_train_state(with_score_head(params, CFG, 1), OptimConfig(learning_rate=3e-3), 0)
+    step = make_reward_step(CFG, center_coef=0.01)
+    batch = pref_batch()
+    losses = []
+    for _ in range(20):
+        state, m = step(state, batch)
+        losses.append(float(m["loss"]))
+    m = floats(m)
+    assert losses[-1] < 0.5 * losses[0]
+    assert m["accuracy"] == 1.0
+    np.testing.assert_allclose(m["rewards/margins"], m["rewards/chosen"] - m["rewards/rejected"], rtol=1e-5)
+
+
+def _seq_logps(params, batch):
+    logits = np.asarray(forward(params, batch["inputs"], config=CFG, positions=batch["positions"],
+                                segment_ids=batch["segment_ids"]), np.float64)
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    tok = np.take_along_axis(logp, batch["targets"][..., None], -1)[..., 0]
+    return (tok * batch["loss_mask"]).sum(-1)
+
+
+def test_dpo_step_starts_at_log2_and_learns(params):
+    batch = pref_batch()
+    state = create_train_state(params, OptimConfig(learning_rate=3e-3), 0)
+    step = make_dpo_step(CFG, beta=0.1)
+    state, m = step(state, batch, params)
+    m = floats(m)
+    np.testing.assert_allclose(m["loss"], np.log(2), rtol=1e-6)
+    np.testing.assert_allclose(m["rewards/chosen"], 0.0, atol=1e-6)
+    np.testing.assert_allclose(m["logps/chosen"], _seq_logps(params, batch["chosen"]).mean(), rtol=1e-5)
+    np.testing.assert_allclose(m["logps/rejected"], _seq_logps(params, batch["rejected"]).mean(), rtol=1e-5)
+    # Precomputed reference logps (run_dpo's precompute path, exercised in test_train_stages) match numpy.
+    pre = reference_logps(params, batch, model_config=CFG)
+    np.testing.assert_allclose(pre["ref_chosen_logps"], _seq_logps(params, batch["chosen"]), rtol=1e-5)
+    np.testing.assert_allclose(pre["ref_rejected_logps"], _seq_logps(params, batch["rejected"]), rtol=1e-5)
+    for _ in range(19):
+        state, m = step(state, batch, params)
+    m = floats(m)
+    assert m["loss"] < 0.5 * np.log(2)
+    assert m["rewards/accuracies"] == 1.0 and m["rewards/margins"] > 0
