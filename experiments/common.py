@@ -1,0 +1,248 @@
+"""Shared pieces of the experiment scripts: model/data/checkpoint option groups, data loading, and the run wrapper
+that adds logging, checkpoints, SIGTERM handling, `--resume` and the report around a stage function.
+
+Run directory of one script (`--out DIR`):
+
+    DIR/config.json                    the resolved configuration (re-loadable with --config)
+    DIR/<stage>/metrics.jsonl          one JSON line per logged step ("step", "time", metrics)
+    DIR/<stage>/tb/                    TensorBoard events
+    DIR/<stage>/final/                 final params (params/ + model_config.json; load with load_params)
+    DIR/checkpoints/<stage>/<step>/    orbax checkpoints (state + data position), newest max_to_keep kept
+    DIR/report.json, report.md, <stage>_curves.png
+"""
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import logging
+import os
+import sys
+from typing import Annotated, Any, Callable
+
+import jax
+import numpy as np
+import tyro
+
+from rlhf_jax.config_cli import save_config
+from rlhf_jax.models.config import ModelConfig
+from rlhf_jax.train import checkpoint as ckpt
+from rlhf_jax.train.logging import make_stage_hooks, read_jsonl
+from rlhf_jax.train.report import plot_curves, write_report
+
+log = logging.getLogger("experiments")
+
+
+# ---------------------------------------------------------------------------------------------- option groups
+def _field_docs(cls) -> dict[str, str]:
+    """Docstrings written under dataclass fields (the convention of this project), read from the source."""
+    tree = ast.parse(inspect.getsource(cls)).body[0]
+    docs, prev = {}, None
+    for node in tree.body:
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            prev = node.target.id
+        elif prev and isinstance(node, ast.Expr) and isinstance(getattr(node, "value", None), ast.Constant):
+            docs[prev] = str(node.value.value).strip()
+            prev = None
+        else:
+            prev = None
+    return docs
+
+
+def _make_overrides_class():
+    docs = _field_docs(ModelConfig)
+    hints = {f.name: f.type for f in dataclasses.fields(ModelConfig)}
+    fields = []
+    for f in dataclasses.fields(ModelConfig):
+        tp = eval(hints[f.name], vars(sys.modules[ModelConfig.__module__])) if isinstance(hints[f.name], str) \
+            else hints[f.name]
+        help_ = docs.get(f.name, f.name) + " (None: the preset's value)"
+        fields.append((f.name, Annotated[tp | None, tyro.conf.arg(help=help_)], dataclasses.field(default=None)))
+    cls = dataclasses.make_dataclass("ModelOverrides", fields, frozen=True, kw_only=True)
+    cls.__doc__ = "ModelConfig fields replacing the preset's (unset fields keep the preset's values)."
+    cls.__module__ = __name__
+    return cls
+
+
+ModelOverrides = _make_overrides_class()
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DataSpec:
+    """Where the records come from and how they are batched."""
+
+    path: str | None = None
+    """Local JSON / JSONL / JSONL.gz file; None uses built-in demo data from rlhf_jax.tasks (no download)."""
+    kind: str | None = None
+    """Record kind for rlhf_jax.data.load_records (sft, oasst, preference, prompt); None: the stage's kind."""
+    num_demo: int = 256
+    """Records generated for the built-in demo data."""
+    limit: int | None = None
+    """Read at most this many records from `path`."""
+    skip_invalid: bool = False
+    """Skip (and count) bad records instead of stopping at the first one."""
+    batch_size: int = 8
+    """Rows per batch (PPO: overridden by ppo.batch_size)."""
+    seq_len: int = 128
+    """T: the single bucket length; longer examples are truncated (prompt end and response start kept)."""
+    pack: bool = False
+    """SFT only: pack several examples per row (segment_ids keep them apart)."""
+    tokenizer: str = "byte"
+    """"byte" (ByteTokenizer, vocab 259) or a tokenizer.json file / folder holding one."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CheckpointSpec:
+    """Checkpoint schedule."""
+
+    save_every: int = 50
+    """Save every this many steps (0: only on stop and at the end)."""
+    max_to_keep: int = 2
+    """Checkpoints kept per stage (the newest)."""
+    tensorboard: bool = True
+    """Write TensorBoard events under <out>/<stage>/tb."""
+    progress: bool | None = None
+    """tqdm progress bar; None: only when stderr is a terminal and CI is unset."""
+
+
+# -------------------------------------------------------------------------------------------------- the model
+def _changes(overrides) -> dict:
+    return {k: v for k, v in dataclasses.asdict(overrides).items() if v is not None}
+
+
+def model_config(preset: str, overrides=None, *, init: str | None = None) -> ModelConfig:
+    """The preset (or the `init` folder's config) with the non-None fields of `overrides` applied."""
+    changes = _changes(overrides) if overrides is not None else {}
+    if init is not None:
+        cfg, _ = ckpt.load_params(init)
+        return (cfg or ModelConfig.preset(preset)).replace(**changes)
+    return ModelConfig.preset(preset, **changes)
+
+
+def init_model(preset: str, overrides, rng, *, init: str | None = None) -> tuple[ModelConfig, Any]:
+    """(config, params) loaded from `init` (a Hugging Face or save_params folder) or randomly initialised."""
+    from rlhf_jax.models import init_params
+
+    changes = _changes(overrides) if overrides is not None else {}
+    if init is not None:
+        cfg, params = ckpt.load_params(init)
+        return (cfg or ModelConfig.preset(preset)).replace(**changes), jax.tree.map(np.asarray, params)
+    cfg = ModelConfig.preset(preset, **changes)
+    return cfg, init_params(cfg, rng)
+
+
+# --------------------------------------------------------------------------------------------------- the data
+def make_tokenizer(name: str):
+    """"byte" -> ByteTokenizer(); otherwise HFTokenizer.from_file(path) (a tokenizer.json or its folder)."""
+    from rlhf_jax.tokenizer import ByteTokenizer, HFTokenizer
+
+    if name == "byte":
+        return ByteTokenizer()
+    path = os.path.join(name, "tokenizer.json") if os.path.isdir(name) else name
+    return HFTokenizer.from_file(path)
+
+
+def demo_records(kind: str, n: int, seed: int) -> list:
+    """Built-in records from the synthetic task world (`rlhf_jax.tasks`): SFT demonstrations, labelled
+    preference pairs (careful annotator) or RL prompts."""
+    from rlhf_jax import tasks
+    from rlhf_jax.data import parse_record
+
+    rng = np.random.default_rng(seed)
+    if kind in ("sft", "oasst"):
+        raw = [{"messages": r["messages"]} for r in tasks.sft_demos(n, rng)]
+        kind = "sft"
+    elif kind == "preference":
+        pairs = tasks.synthetic_pairs(tasks.prompt_set(n, rng), "careful", rng)
+        raw = [{"prompt": p["prompt"], "chosen": p["chosen"], "rejected": p["rejected"]} for p in pairs]
+    elif kind == "prompt":
+        raw = [{"prompt": t.prompt} for t in tasks.prompt_set(n, rng)]
+    else:
+        raise ValueError(f"no demo data for record kind {kind!r}")
+    return [parse_record(r, kind) for r in raw]
+
+
+def load_data(spec: DataSpec, kind: str, *, seed: int, batch_size: int | None = None):
+    """A resumable `rlhf_jax.data.Batches` iterator (infinite, reshuffled every epoch by (seed, epoch)) and the
+    tokenizer."""
+    from rlhf_jax.data import Batches, ShuffledIterator, load_records
+
+    tok = make_tokenizer(spec.tokenizer)
+    if spec.path is None:
+        records = demo_records(kind, spec.num_demo, seed)
+    else:
+        records = load_records(spec.path, spec.kind or kind, skip_invalid=spec.skip_invalid, limit=spec.limit)
+    batch_kind = "sft" if kind in ("sft", "oasst") else kind
+    data = Batches(ShuffledIterator(records, seed=seed), tok, kind=batch_kind,
+                   batch_size=batch_size or spec.batch_size, buckets=(spec.seq_len,),
+                   pack=spec.pack and batch_kind == "sft")
+    return data, tok
+
+
+# ------------------------------------------------------------------------------------------------ the run
+def setup_error(e: Exception) -> int:
+    """Print a setup problem (bad data file, incompatible options) as one line and return exit status 2."""
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+
+
+def start_run(config: Any, out: str) -> str:
+    """Create the run directory and write config.json there."""
+    os.makedirs(out, exist_ok=True)
+    save_config(config, os.path.join(out, "config.json"))
+    return out
+
+
+def run_stage(stage: str, stage_fn: Callable, state: Any, data: Any, stage_config: Any, *, out: str,
+              resume: bool, checkpoint: CheckpointSpec, tokens_per_step: int | None = None,
+              samples_per_step: int | None = None, metadata: dict | None = None):
+    """Run `stage_fn(state, data, stage_config, hooks=...)` with JSONL/TensorBoard/progress hooks, checkpoints
+    every `checkpoint.save_every` steps and on SIGTERM/SIGINT, resuming from the last checkpoint if `resume`.
+
+    Returns `(state, history, finished)`; `finished` is False when a signal stopped the run early.
+    """
+    manager = ckpt.make_checkpoint_manager(ckpt.stage_checkpoint_dir(out, stage),
+                                           max_to_keep=checkpoint.max_to_keep)
+    start = 0
+    if resume:
+        state, extra = ckpt.restore_or_init(manager, state, data)
+        if extra is not None:
+            start = int(extra["step"])
+            log.warning("resuming %s from step %d (%s)", stage, start, ckpt.stage_checkpoint_dir(out, stage))
+    elif manager.latest_step() is not None:
+        raise SystemExit(f"error: {ckpt.stage_checkpoint_dir(out, stage)} already holds checkpoints; pass --resume "
+                         "to continue that run or choose another --out")
+    remaining = max(0, stage_config.num_steps - start)
+    with ckpt.GracefulExit() as exit_flag:
+        ck_hook = ckpt.CheckpointHook(manager, save_every=checkpoint.save_every, data=data, exit=exit_flag,
+                                      metadata={"stage": stage, **(metadata or {})})
+        hooks = make_stage_hooks(out, stage, total_steps=stage_config.num_steps, initial_step=start,
+                                 tokens_per_step=tokens_per_step, samples_per_step=samples_per_step,
+                                 tensorboard=checkpoint.tensorboard, progress=checkpoint.progress,
+                                 extra=[ck_hook])
+        try:
+            state, history = stage_fn(state, data, dataclasses.replace(stage_config, num_steps=remaining),
+                                      hooks=hooks)
+        finally:
+            hooks.close()
+    finished = not exit_flag.requested
+    if not finished:
+        print(f"stopped by signal after step {ck_hook.last_saved}; continue with --resume --out {out}",
+              file=sys.stderr)
+    return state, history, finished
+
+
+def finish_report(out: str, stage: str, history: list[dict], *, keys: tuple[str, ...] = ("loss",),
+                  summary: dict | None = None) -> None:
+    """report.json / report.md with the final metrics, and a PNG of the `keys` curves from metrics.jsonl."""
+    jsonl = os.path.join(out, stage, "metrics.jsonl")
+    records = read_jsonl(jsonl) if os.path.exists(jsonl) else []
+    images = []
+    present = [k for k in keys if any(r.get(k) is not None for r in records)]
+    if present:
+        images.append(plot_curves({stage: jsonl}, present, os.path.join(out, f"{stage}_curves.png")))
+    last = records[-1] if records else {}
+    table = [{k: v for k, v in r.items() if k != "time"} for r in records[-10:]]
+    write_report(out, {"stage": stage, "steps": last.get("step", 0), **(summary or {}),
+                       **{f"final/{k}": v for k, v in last.items() if k not in ("step", "time")}},
+                 {"last logged steps": table}, title=f"{stage} run", images=[os.path.basename(p) for p in images])

@@ -1,0 +1,227 @@
+"""Command-line and JSON configuration for frozen keyword-only config dataclasses.
+
+`parse_cli(Config, argv)` is what every `python -m experiments.<name>` calls:
+
+1. `--config FILE.json` (optional, anywhere in argv) is read first: a JSON object of nested field values, e.g.
+   `{"optim": {"learning_rate": 3e-4}, "sft": {"num_steps": 100}}`. It replaces the dataclass defaults; unknown
+   keys and wrong types are errors naming the file, the key path and the valid keys / expected type.
+2. The remaining flags are parsed by tyro (`--help` lists every option with its current default, including the
+   values from the JSON): nested fields are dotted, with dashes, e.g. `--optim.learning-rate 3e-4`,
+   `--sft.num-steps 100`, booleans as `--resume / --no-resume`.
+3. The result is range-checked (`validate`): negative learning rates, `beta <= 0`, `clip_eps <= 0`, probabilities
+   outside [0, 1], ... are errors naming the dotted field.
+
+Errors are `ConfigError` (a ValueError); `parse_cli` prints them and exits with status 2, like argparse.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Mapping, Sequence
+
+import tyro
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message says where (file, key path) and what is expected."""
+
+
+# Range rules by field name, applied wherever the name appears in the config tree (None values are skipped).
+_POSITIVE = {"learning_rate", "beta", "clip_eps", "cliprange", "cliprange_value", "vf_clip_eps", "temperature",
+             "num_steps", "batch_size", "seq_len", "max_seq_len", "max_len", "max_new_tokens", "max_prompt_len",
+             "grad_accum", "num_epochs", "ppo_epochs", "num_minibatches", "minibatch_size", "rollout_batch_size",
+             "horizon", "target_kl", "kl_target", "vocab_size", "d_model", "num_layers", "num_heads",
+             "num_kv_heads", "head_dim", "mlp_dim", "max_to_keep", "eps", "norm_eps", "max_grad_norm",
+             "rope_theta", "eval_batches", "num_samples", "kl_horizon", "vf_clip"}
+_NON_NEGATIVE = {"warmup_steps", "weight_decay", "center_coef", "kl_coef", "init_kl_coef", "vf_coef", "ent_coef",
+                 "ptx_coef", "save_every", "log_every", "eval_every", "top_k", "seed", "margin",
+                 "length_penalty", "rpo_alpha", "sft_coef", "entropy_coef", "missing_eos_penalty", "num_demo"}
+_UNIT = {"gamma", "lam", "top_p", "min_lr_ratio", "decay_fraction", "b1", "b2", "label_smoothing",
+         "eval_fraction", "dropout"}
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def validate(config: Any, *, prefix: str = "") -> None:
+    """Range-check every numeric field of `config` (and nested dataclasses) by name; raise ConfigError."""
+    problems = []
+    for f in dataclasses.fields(config):
+        v, key = getattr(config, f.name), f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(v):
+            validate(v, prefix=key + ".")
+            continue
+        if not _is_number(v):
+            continue
+        if isinstance(v, float) and not math.isfinite(v):
+            problems.append(f"{key} = {v} must be a finite number")
+        elif f.name in _POSITIVE and v <= 0:
+            problems.append(f"{key} = {v} must be > 0")
+        elif f.name in _NON_NEGATIVE and v < 0:
+            problems.append(f"{key} = {v} must be >= 0")
+        elif f.name in _UNIT and not 0 <= v <= 1:
+            problems.append(f"{key} = {v} must be in [0, 1]")
+    if problems:
+        raise ConfigError("invalid configuration: " + "; ".join(problems))
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
+    """`value` (from JSON) checked against annotation `tp`; ints are accepted for floats, lists for tuples."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    bad = ConfigError(f"{where}: key {key!r} = {value!r} has type {type(value).__name__}; "
+                      f"expected {_type_name(tp)}")
+    if tp is Any or tp is object:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for a in args:
+            try:
+                return _coerce(value, a, key, where)
+            except ConfigError:
+                pass
+        raise bad
+    if origin is Literal:
+        if value in args and not (isinstance(value, bool) and not any(isinstance(a, bool) for a in args)):
+            return value
+        raise ConfigError(f"{where}: key {key!r} = {value!r} is not one of {', '.join(map(repr, args))}")
+    if origin is typing.Annotated:
+        return _coerce(value, args[0], key, where)
+    if tp is type(None):
+        if value is None:
+            return None
+        raise bad
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise bad
+    if tp is float:
+        if _is_number(value):
+            return float(value)
+        raise bad
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise bad
+    if origin in (tuple, list, Sequence, typing.Sequence) or tp in (tuple, list):
+        if not isinstance(value, list):
+            raise bad
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(args) != len(value):
+                raise bad
+            items = [_coerce(v, a, f"{key}[{i}]", where) for i, (v, a) in enumerate(zip(value, args))]
+        else:
+            items = [_coerce(v, args[0], f"{key}[{i}]", where) if args else v for i, v in enumerate(value)]
+        return tuple(items) if (origin is tuple or tp is tuple) else items
+    if origin in (dict, Mapping) or tp is dict:
+        if isinstance(value, dict):
+            return value
+        raise bad
+    return value  # an annotation we do not check (callables, custom classes): passed through
+
+
+def config_from_dict(base: Any, data: Mapping[str, Any], *, source: str = "<dict>", prefix: str = "") -> Any:
+    """A copy of the dataclass instance `base` with the (nested) values of `data` replaced and type-checked."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{source}: {prefix.rstrip('.') or 'the top level'} must be a JSON object, "
+                          f"got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(base) if f.init}
+    hints = typing.get_type_hints(type(base), include_extras=True)
+    changes = {}
+    for k, v in data.items():
+        key = prefix + str(k)
+        name = str(k).replace("-", "_")
+        if name not in fields:
+            raise ConfigError(f"{source}: unknown key {key!r}; valid keys"
+                              f"{' under ' + repr(prefix.rstrip('.')) if prefix else ''}: {', '.join(sorted(fields))}")
+        current = getattr(base, name)
+        if dataclasses.is_dataclass(current) and isinstance(v, Mapping):
+            changes[name] = config_from_dict(current, v, source=source, prefix=key + ".")
+        elif dataclasses.is_dataclass(current):
+            valid = ", ".join(f.name for f in dataclasses.fields(current))
+            raise ConfigError(f"{source}: key {key!r} = {v!r}: expected {type(current).__name__}, a JSON object "
+                              f"with keys among: {valid}")
+        else:
+            changes[name] = _coerce(v, hints.get(name, Any), key, source)
+    try:
+        return dataclasses.replace(base, **changes)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{source}: {prefix.rstrip('.') or type(base).__name__}: {e}") from e
+
+
+def load_json_config(path: str | Path, base: Any) -> Any:
+    """`base` (a dataclass instance) updated with the nested values of the JSON file at `path`."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"--config: file not found: {path}") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}): {e.msg}") from None
+    return config_from_dict(base, data, source=str(path))
+
+
+def to_dict(config: Any) -> dict:
+    """Nested plain dict of a config (JSON-serialisable for the usual field types)."""
+    return dataclasses.asdict(config)
+
+
+def save_config(config: Any, path: str | Path) -> None:
+    """Write `config` as indented JSON (the file `--config` accepts back)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(to_dict(config), indent=2, default=str) + "\n")
+
+
+def _pop_config_flag(argv: list[str]) -> tuple[str | None, list[str]]:
+    rest, path, i = [], None, 0
+    while i < len(argv):
+        a = argv[i]
+        if a == "--config":
+            if i + 1 >= len(argv):
+                raise ConfigError("--config needs a file path: --config FILE.json")
+            path, i = argv[i + 1], i + 2
+            continue
+        if a.startswith("--config="):
+            path = a.split("=", 1)[1]
+        else:
+            rest.append(a)
+        i += 1
+    return path, rest
+
+
+CONFIG_HELP = ("Options: --config FILE.json loads a JSON object of nested field values as the defaults "
+               "(default: none; flags given after it still win).")
+
+
+def parse_cli(cls: type, argv: Sequence[str] | None = None, *, description: str | None = None,
+              default: Any = None) -> Any:
+    """Parse `argv` (default sys.argv[1:]) into a validated `cls` instance; exit(2) with a message on errors."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        json_path, rest = _pop_config_flag(argv)
+        base = default if default is not None else cls()
+        if json_path is not None:
+            base = load_json_config(json_path, base)
+        text = f"{description or (cls.__doc__ or '').strip()}\n\n{CONFIG_HELP}"
+        config = tyro.cli(cls, args=rest, default=base, description=text)
+        validate(config)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    return config
