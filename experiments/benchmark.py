@@ -1,0 +1,478 @@
+"""Step-time, throughput, MFU and memory benchmark of every stage step and of generation (issue 8).
+
+For SFT, reward, DPO, generation and one PPO iteration (rollout and update timed apart) on a named preset and
+batch/sequence shape, it reports: compile time (`jax.jit(f).lower(...).compile()`), the median of `--steps`
+timed calls (each call blocked with `jax.block_until_ready`; a donated state is fed back in), throughput,
+model FLOP/s and MFU, and device memory. Inputs are synthetic random tokens (no data files, no downloads).
+
+Model FLOPs (Kaplan et al. 2020; PaLM, Chowdhery et al. 2022, appendix B), per token of a length-T row:
+    N      = non-embedding matmul params + head matmul (V*D LM head, or D for a scalar reward/value head);
+             embedding lookups, norms, biases and the softmax are not counted
+    attn   = 4 * L * T * N_heads * H forward (QK^T and AV), halved for causal masks (`--attn-flops causal`,
+             the work a causal kernel must do; `full` gives PaLM's 12 L H Q T for training)
+    train  = 6N + 3*attn per trained token (forward + backward);  forward-only = 2N + attn
+    decode = 2N + 4 * L * (P+i) * N_heads * H for the i-th new token after a P-token prompt (plus the prefill)
+DPO counts policy train + reference forward on 2*pairs*T tokens; the reward model trains on 2*pairs*T tokens;
+a PPO rollout counts sampling + policy, reference, value and reward forwards over B*(P+N) tokens; the update
+counts epochs * (policy + value train) over B*(P+N) tokens; in both the LM head counts only at the B*N
+response positions (the only ones PPO needs). MFU = achieved model FLOP/s / peak, where the peak
+is a measured n^3 matmul in the compute dtype (8192 on GPU) and, when the device is known, the spec sheet's.
+
+    python -m experiments.benchmark                                  # CPU: tiny preset, quick shapes
+    python -m experiments.benchmark --preset gpt2-124m --json bench.json
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import functools
+import inspect
+import json
+import platform
+import statistics
+import sys
+import time
+import typing
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rlhf_jax.generation import sample
+from rlhf_jax.models import init_params
+from rlhf_jax.models.config import ModelConfig
+from rlhf_jax.train.optim import OptimConfig
+from rlhf_jax.train.ppo import ppo_update, rollout
+from rlhf_jax.train.stages import PPOConfig, init_ppo_state
+from rlhf_jax.train.state import create_train_state, with_score_head
+from rlhf_jax.train.steps import dpo_step, reward_step, sft_step
+
+BENCHMARKS = ("sft", "reward", "dpo", "generate", "ppo")
+ROW_KEYS = ("name", "shape", "compile_s", "median_ms", "min_ms", "steps", "throughput", "throughput_unit",
+            "tokens_per_step", "flops_per_step", "tflops_per_s", "mfu", "mfu_spec", "peak_bytes",
+            "compiled_bytes")
+"""Keys of every result row in the JSON report (None where a number is not available on the device)."""
+SPEC_BF16_PEAK = {"H100 PCIe": 756e12, "H100": 989.4e12, "H200": 989.4e12, "A100": 312e12}
+"""Dense bf16 tensor-core peaks from NVIDIA's spec sheets, matched as substrings of `device_kind`."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class BenchConfig:
+    """What to benchmark, on which model and shapes."""
+
+    preset: str = "tiny"
+    """ModelConfig preset (tiny, tiny-llama, gpt2-124m, gpt2-355m, gpt2-774m, llama-1b); random init."""
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """Compute dtype (params stay float32); auto = bfloat16 on GPU/TPU, float32 on CPU."""
+    benchmarks: str = "sft,reward,dpo,generate,ppo"
+    """Comma list of benchmarks to run."""
+    sft_batch: int = 8
+    """SFT rows per step."""
+    sft_seq: int = 1024
+    """SFT tokens per row."""
+    reward_pairs: int = 32
+    """Reward model preference pairs per step (chosen and rejected rows share one forward)."""
+    reward_seq: int = 512
+    """Reward model tokens per row."""
+    dpo_pairs: int = 32
+    """DPO preference pairs per step (2 * pairs rows through policy and reference)."""
+    dpo_seq: int = 512
+    """DPO tokens per row."""
+    gen_batches: str = "64,256"
+    """Comma list of generation batch sizes."""
+    gen_prompt: int = 128
+    """Prompt tokens per row for generation."""
+    gen_new: int = 256
+    """New tokens per row (no EOS: every row generates all of them)."""
+    ppo_prompts: int = 64
+    """PPO rollout batch (episodes per iteration)."""
+    ppo_prompt_len: int = 128
+    """PPO prompt tokens."""
+    ppo_new: int = 256
+    """PPO response tokens."""
+    ppo_epochs: int = 4
+    """PPO epochs over each rollout batch."""
+    ppo_minibatches: int = 4
+    """PPO minibatches per epoch."""
+    remat: Literal["none", "full", "dots"] = "none"
+    """Per-block rematerialisation (ModelConfig.remat)."""
+    attention_impl: Literal["xla", "cudnn"] | None = None
+    """jax.nn.dot_product_attention implementation (ModelConfig.attention_impl); cudnn needs bf16 on GPU."""
+    segment_ids: bool = True
+    """Give training batches segment_ids (as real batches have): an explicit [B,1,T,T] mask, not is_causal."""
+    attn_flops: Literal["causal", "full"] = "causal"
+    """Attention FLOP convention: causal (half of the T x T scores) or full (PaLM's 12 L H Q T)."""
+    steps: int = 10
+    """Timed calls per benchmark (the median is reported)."""
+    warmup: int = 2
+    """Untimed calls after compilation."""
+    peak_size: int = 0
+    """n of the n^3 matmul that measures the peak FLOP/s; 0 = 8192 on GPU/TPU, 1024 on CPU."""
+    seed: int = 0
+    """Seed of the random params and tokens."""
+    json: str | None = None
+    """Write the full report to this JSON file."""
+    quick_cpu: bool = False
+    """Shrink every shape left at its default to a seconds-long CPU size (always on for tiny* presets)."""
+
+
+QUICK = dict(sft_batch=2, sft_seq=64, reward_pairs=2, reward_seq=64, dpo_pairs=2, dpo_seq=64, gen_batches="2",
+             gen_prompt=16, gen_new=16, ppo_prompts=4, ppo_prompt_len=16, ppo_new=16, ppo_epochs=2,
+             ppo_minibatches=2)
+
+
+def resolve(cfg: BenchConfig) -> BenchConfig:
+    """Apply --quick-cpu (or a tiny* preset) to shape fields still at their defaults; resolve dtype=auto."""
+    changes = {}
+    if cfg.quick_cpu or cfg.preset.startswith("tiny"):
+        defaults = {f.name: f.default for f in dataclasses.fields(BenchConfig)}
+        changes = {k: v for k, v in QUICK.items() if getattr(cfg, k) == defaults[k]} | {"quick_cpu": True}
+    if cfg.dtype == "auto":
+        changes["dtype"] = "float32" if jax.default_backend() == "cpu" else "bfloat16"
+    unknown = set(cfg.benchmarks.split(",")) - set(BENCHMARKS)
+    if unknown:
+        raise ValueError(f"--benchmarks: unknown {sorted(unknown)}; choose from {','.join(BENCHMARKS)}")
+    return dataclasses.replace(cfg, **changes)
+
+
+# ---------------------------------------------------------------------------------------------------- FLOPs
+def matmul_params(config: ModelConfig, *, head: Literal["lm", "scalar", "none"] = "lm") -> int:
+    """N of the FLOP formulas: non-embedding matmul params plus the head (V*D LM head, D scalar head, or none)."""
+    head_size = {"lm": config.vocab_size, "scalar": 1, "none": 0}[head]
+    return config.num_params(include_embeddings=False) + config.d_model * head_size
+
+
+def attention_flops(config: ModelConfig, seq: int, *, causal: bool = True) -> float:
+    """Forward attention FLOPs per token of a length-`seq` row: 4 L T N H (QK^T and AV), halved if causal."""
+    full = 4 * config.num_layers * seq * config.num_heads * config.head_size
+    return full / 2 if causal else float(full)
+
+
+def train_flops(config, tokens, seq, *, head="lm", causal=True) -> float:
+    """Forward + backward model FLOPs: tokens * (6N + 3 attn)."""
+    return tokens * (6 * matmul_params(config, head=head) + 3 * attention_flops(config, seq, causal=causal))
+
+
+def forward_flops(config, tokens, seq, *, head="lm", causal=True) -> float:
+    """Forward-only model FLOPs: tokens * (2N + attn)."""
+    return tokens * (2 * matmul_params(config, head=head) + attention_flops(config, seq, causal=causal))
+
+
+def generate_flops(config, batch, prompt, new, *, causal=True) -> float:
+    """Prefill of B*P tokens plus N decode steps; new token i attends to P + i cached keys."""
+    per_key = 4 * config.num_layers * config.num_heads * config.head_size
+    decode = batch * (new * 2 * matmul_params(config) + per_key * (new * prompt + new * (new - 1) / 2))
+    return forward_flops(config, batch * prompt, prompt, causal=causal) + decode
+
+
+def ppo_flops(config, batch, prompt, new, epochs, *, causal=True) -> tuple[float, float]:
+    """(rollout FLOPs, update FLOPs) of one PPO iteration with four models of the same architecture.
+
+    The trunks run over all B*(P+N) tokens; the LM head is needed only at the B*N positions that predict the
+    response (the current code computes it at the prompt positions too: that work is not counted).
+    """
+    tokens, responses, T = batch * (prompt + new), batch * new, prompt + new
+    head = 2 * config.vocab_size * config.d_model               # forward FLOPs of the LM head per position
+    lm_fwd = forward_flops(config, tokens, T, head="none", causal=causal) + head * responses
+    scoring = 2 * lm_fwd + 2 * forward_flops(config, tokens, T, head="scalar", causal=causal)
+    lm_train = train_flops(config, tokens, T, head="none", causal=causal) + 3 * head * responses
+    update = epochs * (lm_train + train_flops(config, tokens, T, head="scalar", causal=causal))
+    return generate_flops(config, batch, prompt, new, causal=causal) + scoring, update
+
+
+# ---------------------------------------------------------------------------------------------- measurement
+def measure_peak_flops(dtype, n: int, *, reps: int = 5, calls: int = 10) -> float:
+    """FLOP/s of an n^3 matmul in `dtype`: median over `reps` of `calls` back-to-back calls (one block each)."""
+    ka, kb = jax.random.split(jax.random.PRNGKey(0))
+    a, b = jax.random.normal(ka, (n, n), dtype), jax.random.normal(kb, (n, n), dtype)
+    f = jax.jit(lambda a, b: a @ b)
+    jax.block_until_ready(f(a, b))
+    rates = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready([f(a, b) for _ in range(calls)])
+        rates.append(2 * n ** 3 * calls / (time.perf_counter() - t0))
+    return statistics.median(rates)
+
+
+def _compile(fn, args, *, donate: bool):
+    """(compiled, seconds) of `jax.jit(fn).lower(*args).compile()`, the first argument donated if `donate`."""
+    t0 = time.perf_counter()
+    compiled = jax.jit(fn, donate_argnums=(0,) if donate else ()).lower(*args).compile()
+    return compiled, time.perf_counter() - t0
+
+
+def _time(compiled, args, *, steps: int, warmup: int, carry: bool):
+    """Per-call seconds of `steps` timed calls after `warmup`; `carry` feeds output[0] back as args[0]."""
+    times, out = [], None
+    for i in range(warmup + steps):
+        t0 = time.perf_counter()
+        out = jax.block_until_ready(compiled(*args))
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+        if carry:
+            args = (out[0], *args[1:])
+    return times, out
+
+
+def _compiled_bytes(compiled) -> int | None:
+    """Arguments + outputs + temporaries - aliased (donated) bytes of one executable, if XLA reports them."""
+    try:
+        m = compiled.memory_analysis()
+        return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+                   - m.alias_size_in_bytes)
+    except Exception:  # not every backend implements memory_analysis
+        return None
+
+
+def _peak_bytes() -> int | None:
+    """Process-wide peak device memory so far (GPU/TPU allocator); None on CPU."""
+    stats = jax.devices()[0].memory_stats()
+    return int(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats else None
+
+
+class _Bench:
+    """Runs benchmarks and collects result rows; `peaks` = (measured, spec or None) FLOP/s."""
+
+    def __init__(self, cfg: BenchConfig, model: ModelConfig, peaks):
+        self.cfg, self.model, self.peaks, self.rows = cfg, model, peaks, []
+        self.rng = np.random.default_rng(cfg.seed)
+        self.key = jax.random.PRNGKey(cfg.seed)
+
+    def next_key(self):
+        self.key, sub = jax.random.split(self.key)
+        return sub
+
+    def measure(self, name, shape, fn, args, *, flops, tokens, unit, per_step, donate=False):
+        """Compile, time and record one row; `per_step` = units (tokens/episodes) per call. Returns the output."""
+        compiled, compile_s = _compile(fn, args, donate=donate)
+        times, out = _time(compiled, args, steps=self.cfg.steps, warmup=self.cfg.warmup, carry=donate)
+        return out, self.record(name, shape, compile_s, times, flops=flops, tokens=tokens, unit=unit,
+                                per_step=per_step, compiled_bytes=_compiled_bytes(compiled))
+
+    def record(self, name, shape, compile_s, times, *, flops, tokens, unit, per_step, compiled_bytes):
+        med = statistics.median(times)
+        measured, spec = self.peaks
+        row = dict(name=name, shape=shape, compile_s=compile_s, median_ms=1e3 * med, min_ms=1e3 * min(times),
+                   steps=len(times), throughput=per_step / med, throughput_unit=unit, tokens_per_step=tokens,
+                   flops_per_step=flops, tflops_per_s=flops / med / 1e12, mfu=flops / med / measured,
+                   mfu_spec=None if spec is None else flops / med / spec, peak_bytes=_peak_bytes(),
+                   compiled_bytes=compiled_bytes)
+        self.rows.append(row)
+        print(_format_row(row), flush=True)
+        return row
+
+    # -------------------------------------------------------------------------------------- inputs
+    def tokens(self, *shape):
+        return self.rng.integers(0, self.model.vocab_size, shape, dtype=np.int32)
+
+    def sft_batch(self, B, T):
+        ids = self.tokens(B, T + 1)
+        batch = {"inputs": ids[:, :-1], "targets": ids[:, 1:], "loss_mask": np.ones((B, T), np.float32),
+                 "positions": np.broadcast_to(np.arange(T, dtype=np.int32), (B, T)).copy()}
+        if self.cfg.segment_ids:
+            batch["segment_ids"] = np.ones((B, T), np.int32)
+        return jax.device_put(batch)
+
+    def state(self, *, scalar_head=False):
+        params = init_params(self.model, self.next_key())
+        if scalar_head:
+            params = with_score_head(params, self.model, self.next_key())
+        return create_train_state(params, OptimConfig(), self.next_key())
+
+    # ---------------------------------------------------------------------------------- benchmarks
+    def sft(self):
+        c, m, causal = self.cfg, self.model, self.cfg.attn_flops == "causal"
+        B, T = c.sft_batch, c.sft_seq
+        fn = functools.partial(sft_step, model_config=m)
+        self.measure("sft", f"{B}x{T}", fn, (self.state(), self.sft_batch(B, T)), donate=True,
+                     flops=train_flops(m, B * T, T, causal=causal), tokens=B * T, unit="tokens/s", per_step=B * T)
+
+    def reward(self):
+        c, m, causal = self.cfg, self.model, self.cfg.attn_flops == "causal"
+        B, T = c.reward_pairs, c.reward_seq
+        batch = {"chosen": self.sft_batch(B, T), "rejected": self.sft_batch(B, T)}
+        fn = functools.partial(reward_step, model_config=m)
+        self.measure("reward", f"{B}pairs x{T}", fn, (self.state(scalar_head=True), batch), donate=True,
+                     flops=train_flops(m, 2 * B * T, T, head="scalar", causal=causal), tokens=2 * B * T,
+                     unit="tokens/s", per_step=2 * B * T)
+
+    def dpo(self):
+        c, m, causal = self.cfg, self.model, self.cfg.attn_flops == "causal"
+        B, T = c.dpo_pairs, c.dpo_seq
+        batch = {"chosen": self.sft_batch(B, T), "rejected": self.sft_batch(B, T)}
+        ref = init_params(m, self.next_key())
+        flops = train_flops(m, 2 * B * T, T, causal=causal) + forward_flops(m, 2 * B * T, T, causal=causal)
+        fn = functools.partial(dpo_step, model_config=m)
+        self.measure("dpo", f"{B}pairs x{T}", fn, (self.state(), batch, ref), donate=True, flops=flops,
+                     tokens=2 * B * T, unit="tokens/s", per_step=2 * B * T)
+
+    def _sample_args(self, params, B, P):
+        return (params, jax.device_put(self.tokens(B, P)), jnp.ones((B, P), jnp.int32), self.next_key())
+
+    def generate(self, name="generate", batches=None, prompt=None, new=None, params=None, temperature=1.0):
+        c, m = self.cfg, self.model
+        P, N = prompt or c.gen_prompt, new or c.gen_new
+        params = init_params(m, self.next_key()) if params is None else params
+        # eos_id=None: every row generates all N tokens, so the work per call is fixed.
+        fn = functools.partial(sample, config=m, max_new_tokens=N, temperature=temperature, eos_id=None)
+        rows = []
+        for B in batches or [int(b) for b in c.gen_batches.split(",")]:
+            rows.append(self.measure(name, f"{B}x({P}+{N})", fn, self._sample_args(params, B, P),
+                                     flops=generate_flops(m, B, P, N, causal=c.attn_flops == "causal"),
+                                     tokens=B * N, unit="new tokens/s", per_step=B * N)[1])
+        return rows
+
+    def ppo(self):
+        """One PPO iteration: rollout and update timed separately, plus pure sampling at the same shape."""
+        c, m = self.cfg, self.model
+        B, P, N = c.ppo_prompts, c.ppo_prompt_len, c.ppo_new
+        V = m.vocab_size
+        # eos_id = V is never sampled: every response has exactly N tokens.
+        pcfg = PPOConfig(batch_size=B, max_new_tokens=N, num_epochs=c.ppo_epochs, num_minibatches=c.ppo_minibatches,
+                         eos_id=V, pad_id=0, num_steps=1)
+        policy = init_params(m, self.next_key())
+        reward = with_score_head(init_params(m, self.next_key()), m, self.next_key())
+        state = init_ppo_state(policy, pcfg, model_config=m, rng=self.next_key(), reward_params=reward)
+        roll_flops, update_flops = ppo_flops(m, B, P, N, c.ppo_epochs, causal=c.attn_flops == "causal")
+        shape = f"{B}x({P}+{N})"
+        (sample_row,) = self.generate("ppo/sample", [B], P, N, params=policy, temperature=pcfg.temperature)
+        prompts, mask, key = self._sample_args(policy, B, P)[1:]
+        fn = functools.partial(rollout, config=pcfg, model_config=m)
+        data, roll = self.measure("ppo/rollout", shape, fn, (state.policy.params, policy, reward, state.value.params,
+                                                             prompts, mask, key),
+                                  flops=roll_flops, tokens=B * (P + N), unit="episodes/s", per_step=B)
+        fn = functools.partial(ppo_update, config=pcfg, model_config=m)
+        _, upd = self.measure("ppo/update", f"{shape} {c.ppo_epochs}ep x{c.ppo_minibatches}mb", fn,
+                              (state, data, self.next_key()), donate=True, flops=update_flops,
+                              tokens=c.ppo_epochs * B * (P + N), unit="episodes/s", per_step=B)
+        # The iteration row: per-step times add (rollout then update, as in ppo_step).
+        it = self.record("ppo/iteration", shape, roll["compile_s"] + upd["compile_s"],
+                         [(roll["median_ms"] + upd["median_ms"]) / 1e3],
+                         flops=roll_flops + update_flops, tokens=B * (P + N), unit="episodes/s", per_step=B,
+                         compiled_bytes=None)
+        return {"rollout_ms": roll["median_ms"], "update_ms": upd["median_ms"], "episodes_per_s": it["throughput"],
+                "rollout_fraction": roll["median_ms"] / (roll["median_ms"] + upd["median_ms"]),
+                "rollout_over_sampling": roll["median_ms"] / sample_row["median_ms"], "update_mfu": upd["mfu"],
+                "update_mfu_spec": upd["mfu_spec"]}
+
+
+def run_benchmarks(cfg: BenchConfig) -> dict:
+    """Run the selected benchmarks; returns the report (also written to `cfg.json` if set)."""
+    cfg = resolve(cfg)
+    model = ModelConfig.preset(cfg.preset, dtype=cfg.dtype, remat=cfg.remat, attention_impl=cfg.attention_impl)
+    dev = jax.devices()[0]
+    n = cfg.peak_size or (1024 if dev.platform == "cpu" else 8192)
+    measured = measure_peak_flops(model.compute_dtype, n)
+    spec = None
+    if cfg.dtype == "bfloat16":
+        spec = next((v for k, v in SPEC_BF16_PEAK.items() if k in dev.device_kind), None)
+    print(f"{dev.device_kind} ({dev.platform}), {jax.device_count()} device(s); preset {cfg.preset} "
+          f"dtype {cfg.dtype}; measured {cfg.dtype} matmul peak {measured / 1e12:.2f} TFLOP/s (n={n})", flush=True)
+    print(_header(), flush=True)
+    bench = _Bench(cfg, model, (measured, spec))
+    ppo_summary = None
+    for name in cfg.benchmarks.split(","):
+        out = getattr(bench, name)()
+        if name == "ppo":
+            ppo_summary = out
+    report = {
+        "device": {"kind": dev.device_kind, "platform": dev.platform, "count": jax.device_count(),
+                   "jax": jax.__version__, "python": platform.python_version(), "host": platform.node()},
+        "config": dataclasses.asdict(cfg),
+        "model": {"preset": cfg.preset, "dtype": cfg.dtype, "param_dtype": model.param_dtype,
+                  "num_params": model.num_params(), "matmul_params_lm": matmul_params(model),
+                  "matmul_params_scalar": matmul_params(model, head="scalar")},
+        "peak": {"measured_flops": measured, "matmul_n": n, "dtype": cfg.dtype, "spec_flops": spec},
+        "flop_formula": ("train 6N + 3*attn, forward 2N + attn per token; N = non-embedding matmul params + head "
+                         f"(V*D or D); attn = 4*L*T*N_heads*H{' / 2 (causal)' if cfg.attn_flops == 'causal' else ''}"
+                         "; decode token i: 2N + 4*L*(P+i)*N_heads*H"),
+        "results": bench.rows,
+        "ppo": ppo_summary,
+    }
+    print(f"FLOPs: {report['flop_formula']}")
+    if ppo_summary:
+        p = ppo_summary
+        print(f"PPO: {p['episodes_per_s']:.4g} episodes/s; rollout {100 * p['rollout_fraction']:.0f}% of the "
+              f"iteration; rollout / pure sampling = {p['rollout_over_sampling']:.2f}x; update MFU "
+              f"{100 * p['update_mfu']:.1f}%")
+    if cfg.json:
+        with open(cfg.json, "w") as f:
+            json.dump(report, f, indent=2)
+    return report
+
+
+# --------------------------------------------------------------------------------------------------- output
+_COLS = (("benchmark", 14), ("shape", 22), ("compile s", 9), ("median ms", 10), ("throughput", 22),
+         ("TFLOP/s", 8), ("MFU %", 6), ("peak GiB", 8), ("exec GiB", 8))
+
+
+def _header() -> str:
+    head = " ".join(f"{n:>{w}}" if i > 1 else f"{n:<{w}}" for i, (n, w) in enumerate(_COLS))
+    return head + "\n" + "-" * len(head)
+
+
+def _format_row(r: dict) -> str:
+    gib = lambda b: "-" if b is None else f"{b / 2 ** 30:.2f}"  # noqa: E731
+    vals = (r["name"], r["shape"], f"{r['compile_s']:.2f}", f"{r['median_ms']:.2f}",
+            f"{r['throughput']:.4g} {r['throughput_unit']}", f"{r['tflops_per_s']:.3g}", f"{100 * r['mfu']:.1f}",
+            gib(r["peak_bytes"]), gib(r["compiled_bytes"]))
+    return " ".join(f"{v:>{w}}" if i > 1 else f"{v:<{w}}" for i, (v, (_, w)) in enumerate(zip(vals, _COLS)))
+
+
+# ------------------------------------------------------------------------------------------------------ CLI
+def _field_docs(cls) -> dict[str, str]:
+    """Docstrings written under dataclass fields, read from the source."""
+    docs, prev = {}, None
+    for node in ast.parse(inspect.getsource(cls)).body[0].body:
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            prev = node.target.id
+            continue
+        if prev and isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
+            docs[prev] = str(node.value.value)
+        prev = None
+    return docs
+
+
+def _argument(tp, default) -> dict:
+    """argparse keyword arguments for one field type (bool, int, float, str, Literal, and `X | None`)."""
+    optional = typing.get_origin(tp) is not Literal and type(None) in typing.get_args(tp)
+    if optional:
+        tp = next(a for a in typing.get_args(tp) if a is not type(None))
+    if tp is bool:
+        return dict(action=argparse.BooleanOptionalAction, default=default)
+    conv = str if typing.get_origin(tp) is Literal else tp
+    if optional:
+        conv = lambda s, base=conv: None if s == "None" else base(s)  # noqa: E731
+    if typing.get_origin(tp) is Literal:
+        return dict(type=conv, choices=[*typing.get_args(tp), *([None] if optional else [])], default=default)
+    return dict(type=conv, default=default)
+
+
+def argparse_cli(argv=None) -> BenchConfig:
+    """BenchConfig from the command line with argparse only (the fallback when tyro is not installed)."""
+    parser = argparse.ArgumentParser(prog="python -m experiments.benchmark", description=__doc__.split("\n")[0])
+    hints, docs = typing.get_type_hints(BenchConfig), _field_docs(BenchConfig)
+    for f in dataclasses.fields(BenchConfig):
+        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, **_argument(hints[f.name], f.default),
+                            help=f"{docs.get(f.name, '')} (default: {f.default})")
+    return BenchConfig(**vars(parser.parse_args(argv)))
+
+
+def parse_args(argv=None) -> BenchConfig:
+    """BenchConfig from the command line: tyro when installed, else `argparse_cli`."""
+    try:
+        import tyro
+    except ImportError:
+        return argparse_cli(argv)
+    return tyro.cli(BenchConfig, args=argv, description=__doc__.split("\n")[0])
+
+
+def main(argv=None) -> dict:
+    return run_benchmarks(parse_args(argv))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,122 @@
+"""experiments/benchmark.py: FLOP formulas against hand counts, the CLI with and without tyro, and one whole run.
+
+The run is a subprocess so that (a) tyro, tensorflow_datasets and tensorboardX can be made unimportable (the GPU
+machine lacks them: the benchmark must import and parse its flags without them), and (b) XLA's CPU backend can
+skip its expensive optimisation passes (compilation dominates a tiny-model run; the timings are not checked
+against anything but positivity).
+"""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from experiments import benchmark as bm
+from rlhf_jax.models import init_params
+from rlhf_jax.models.config import ModelConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _kernel_sizes(params) -> int:
+    """Scalars in the transformer blocks' matmul kernels, counted from an actual params tree."""
+    leaves = jax.tree_util.tree_leaves_with_path(params["layers"])
+    return sum(int(np.prod(x.shape)) for path, x in leaves if path[-1].key == "kernel")
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-llama"])
+def test_flop_formulas_match_hand_count(preset):
+    cfg = ModelConfig.preset(preset)
+    V, D, L, N, H = cfg.vocab_size, cfg.d_model, cfg.num_layers, cfg.num_heads, cfg.head_size
+    n_lm = _kernel_sizes(init_params(cfg, jax.random.PRNGKey(0))) + V * D
+    assert bm.matmul_params(cfg) == n_lm
+    assert bm.matmul_params(cfg, head="scalar") == n_lm - V * D + D
+    B, T = 3, 20
+    attn_full = 2 * 2 * T * N * H * L                   # QK^T and AV: 2 matmuls, 2 FLOPs per MAC, per token
+    assert bm.train_flops(cfg, B * T, T) == B * T * (6 * n_lm + 3 * attn_full / 2)
+    assert bm.train_flops(cfg, B * T, T, causal=False) == B * T * (6 * n_lm + 12 * L * N * H * T)   # PaLM
+    assert bm.forward_flops(cfg, B * T, T, head="scalar") == B * T * (2 * (n_lm - V * D + D) + attn_full / 2)
+
+
+def test_generate_and_ppo_flops_by_brute_force():
+    cfg = ModelConfig.preset("tiny")
+    B, P, Nn, E = 2, 5, 7, 3
+    n_lm = bm.matmul_params(cfg)
+    per_key = 4 * cfg.num_layers * cfg.num_heads * cfg.head_size
+    prefill = B * P * (2 * n_lm + per_key * P / 2)
+    decode = sum(B * (2 * n_lm + per_key * (P + i)) for i in range(Nn))
+    assert math.isclose(bm.generate_flops(cfg, B, P, Nn), prefill + decode)
+    rollout, update = bm.ppo_flops(cfg, B, P, Nn, E)
+    S, VD = P + Nn, cfg.vocab_size * cfg.d_model
+    # Trunks over all B*S tokens, the LM head (2VD forward, 6VD trained) only at the B*N response positions.
+    assert bm.matmul_params(cfg, head="none") == n_lm - VD
+    lm_fwd = B * S * (2 * (n_lm - VD) + per_key * S / 2) + B * Nn * 2 * VD
+    scoring = 2 * lm_fwd + 2 * bm.forward_flops(cfg, B * S, S, head="scalar")
+    assert math.isclose(rollout, prefill + decode + scoring)
+    lm_train = B * S * (6 * (n_lm - VD) + 3 * per_key * S / 2) + B * Nn * 6 * VD
+    assert math.isclose(update, E * (lm_train + bm.train_flops(cfg, B * S, S, head="scalar")))
+
+
+def test_cli_argparse_matches_tyro_and_quick_keeps_explicit_shapes():
+    argv = ["--preset", "gpt2-124m", "--sft-batch", "3", "--attention-impl", "cudnn", "--no-segment-ids",
+            "--json", "x.json", "--gen-batches", "4,8", "--remat", "dots"]
+    a = bm.argparse_cli(argv)
+    assert a == bm.parse_args(argv)                      # tyro is installed here
+    assert (a.sft_batch, a.attention_impl, a.segment_ids, a.json, a.remat) == (3, "cudnn", False, "x.json", "dots")
+    assert bm.argparse_cli([]) == bm.BenchConfig()
+    assert bm.argparse_cli(["--attention-impl", "None"]).attention_impl is None
+    with pytest.raises(SystemExit):
+        bm.argparse_cli(["--remat", "sometimes"])
+    r = bm.resolve(bm.BenchConfig(preset="tiny", sft_batch=5))
+    assert (r.sft_batch, r.sft_seq, r.dpo_pairs, r.dtype) == (5, bm.QUICK["sft_seq"], bm.QUICK["dpo_pairs"], "float32")
+    assert bm.resolve(bm.BenchConfig(preset="gpt2-124m")).sft_seq == 1024
+    with pytest.raises(ValueError, match="unknown"):
+        bm.resolve(bm.BenchConfig(benchmarks="sft,rl"))
+
+
+_RUN = """
+import sys
+for name in ("tyro", "tensorflow_datasets", "tensorboardX"):
+    sys.modules[name] = None                               # any import of them now raises ImportError
+from experiments import benchmark
+benchmark.main(sys.argv[1:])
+assert "tensorflow_datasets" not in [m for m, v in sys.modules.items() if v is not None]
+"""
+
+
+def test_whole_benchmark_runs_without_tyro_and_writes_json(tmp_path):
+    out = tmp_path / "bench.json"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"}
+    argv = ["--preset", "tiny", "--steps", "2", "--warmup", "0", "--peak-size", "256", "--json", str(out),
+            "--sft-seq", "32", "--dpo-seq", "32", "--reward-seq", "32", "--ppo-prompts", "4", "--ppo-epochs", "1"]
+    proc = subprocess.run([sys.executable, "-c", _RUN, *argv], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert set(report) >= {"device", "config", "model", "peak", "flop_formula", "results", "ppo"}
+    assert report["device"]["platform"] == "cpu" and report["model"]["dtype"] == "float32"
+    names = [r["name"] for r in report["results"]]
+    assert names == ["sft", "reward", "dpo", "generate", "ppo/sample", "ppo/rollout", "ppo/update", "ppo/iteration"]
+    cfg = ModelConfig.preset("tiny")
+    for r in report["results"]:
+        assert set(r) == set(bm.ROW_KEYS)
+        for k in ("compile_s", "median_ms", "min_ms", "throughput", "flops_per_step", "tflops_per_s", "mfu"):
+            assert math.isfinite(r[k]) and r[k] > 0, (r["name"], k, r[k])
+        assert r["min_ms"] <= r["median_ms"]
+        # MFU is the achieved FLOP rate over the measured peak, and the rate is FLOPs / median time.
+        assert math.isclose(r["tflops_per_s"], r["flops_per_step"] / (r["median_ms"] / 1e3) / 1e12, rel_tol=1e-9)
+        assert math.isclose(r["mfu"], r["tflops_per_s"] * 1e12 / report["peak"]["measured_flops"], rel_tol=1e-9)
+        assert r["peak_bytes"] is None                  # the CPU allocator reports no peak
+    sft = report["results"][0]
+    assert sft["tokens_per_step"] == 2 * 32 and sft["flops_per_step"] == bm.train_flops(cfg, 64, 32)
+    dpo = report["results"][2]
+    assert dpo["flops_per_step"] == bm.train_flops(cfg, 128, 32) + bm.forward_flops(cfg, 128, 32)
+    ppo = report["ppo"]
+    assert 0 < ppo["rollout_fraction"] < 1 and ppo["rollout_over_sampling"] > 0 and ppo["episodes_per_s"] > 0
+    assert math.isclose(ppo["episodes_per_s"], 4 / ((ppo["rollout_ms"] + ppo["update_ms"]) / 1e3), rel_tol=1e-9)
+    assert "sft" in proc.stdout and "MFU" in proc.stdout
