@@ -1,0 +1,142 @@
+"""Compiled autoregressive sampling with a KV cache: temperature, top-k and nucleus (top-p) sampling.
+
+Nucleus sampling: Holtzman et al. 2020, "The Curious Case of Neural Text Degeneration". The whole decode is
+one jitted program per (shape, sampling setting): the left-padded prompt is prefilled in one cached forward
+pass, then a `lax.while_loop` samples one token per step until every row has emitted `eos_id` or
+`max_new_tokens` tokens exist. Rows stop independently; after its EOS a row is filled with `pad_id`.
+
+Returned logprobs are log pi(token) under the distribution that was actually sampled from: log_softmax of
+logits / temperature, after top-k / top-p filtering and renormalisation. They are therefore exact
+`old_logprobs` for PPO. With temperature == 0 (greedy) that distribution is a point mass, so the logprobs of
+the unscaled distribution (temperature 1, no filtering) are returned instead.
+"""
+from __future__ import annotations
+
+import functools
+
+import flax
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from rlhf_jax.models.config import ModelConfig
+from rlhf_jax.models.transformer import KVCache, forward_cached, init_cache
+
+
+@flax.struct.dataclass
+class Samples:
+    tokens: jax.Array          # [B,P+N] int32: prompt (left-padded, as given) then the response
+    logprobs: jax.Array        # [B,N] float32: log pi(token) of the sampling distribution; 0 where masked
+    response_mask: jax.Array   # [B,N] int32: 1 up to and including EOS, 0 after
+
+
+@flax.struct.dataclass
+class DecodeState:
+    cache: KVCache
+    step: jax.Array            # [] int32: tokens generated so far
+    logits: jax.Array          # [B,V] float32: next-token logits
+    tokens: jax.Array          # [B,P+N] int32
+    done: jax.Array            # [B] bool: row has emitted EOS
+    rng: jax.Array
+    logprobs: jax.Array        # [B,N] float32
+    response_mask: jax.Array   # [B,N] int32
+
+
+# ------------------------------------------------------------------------------------- sampling strategies
+def apply_temperature(logits, temperature: float):
+    """logits [B,V] -> logits / temperature."""
+    return logits / temperature
+
+
+def top_k_filter(logits, k: int):
+    """Keep the k largest logits of each row (ties with the k-th are kept), set the rest to -inf."""
+    kth = lax.top_k(logits, k)[0][..., -1:]
+    return jnp.where(logits < kth, -jnp.inf, logits)
+
+
+def top_p_filter(logits, p: float):
+    """Keep the smallest set of most likely tokens whose total probability is >= p (always the top one)."""
+    sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    cutoff = jnp.min(jnp.where(mass_before < p, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+    return jnp.where(logits < cutoff, -jnp.inf, logits)
+
+
+def greedy(logits, rng):
+    """(logits [B,V], rng) -> argmax tokens [B]."""
+    del rng
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+
+def categorical(logits, rng):
+    """(logits [B,V], rng) -> tokens [B] drawn from softmax(logits)."""
+    return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+def sampling_logits(logits, *, temperature: float, top_k: int, top_p: float):
+    """The (unnormalised) log-probabilities that are sampled from: temperature, then top-k, then top-p."""
+    if temperature == 0:
+        return logits
+    logits = apply_temperature(logits, temperature)
+    if top_k:
+        logits = top_k_filter(logits, top_k)
+    if top_p < 1.0:
+        logits = top_p_filter(logits, top_p)
+    return logits
+
+
+# -------------------------------------------------------------------------------------------------- sample
+@functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "temperature", "top_k", "top_p",
+                                             "eos_id", "pad_id"))
+def sample(params, prompts, prompt_mask, rng, *, config: ModelConfig, max_new_tokens: int,
+           temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, eos_id: int | None = None,
+           pad_id: int = 0) -> Samples:
+    """Sample N = max_new_tokens tokens after left-padded prompts [B,P] (prompt_mask [B,P], 1 = real token).
+
+    temperature == 0 is greedy decoding; top_k = 0 and top_p = 1 disable those filters. All sampling settings
+    are static: each distinct setting compiles once. Returns `Samples` (see the module docstring).
+    """
+    B, P = prompts.shape
+    N, S = max_new_tokens, prompts.shape[1] + max_new_tokens
+    if config.positional == "learned" and S > config.max_seq_len:
+        raise ValueError(f"prompt length {P} + max_new_tokens {N} exceeds ModelConfig.max_seq_len="
+                         f"{config.max_seq_len}; shorten the prompts or generate fewer tokens")
+    prompt_mask = prompt_mask.astype(jnp.int32)
+    key_mask = jnp.concatenate([prompt_mask, jnp.ones((B, N), jnp.int32)], axis=1)        # [B,S]
+    positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=1) - 1, 0)                     # [B,P]
+    logits, cache = forward_cached(params, prompts.astype(jnp.int32), config=config,
+                                   cache=init_cache(config, B, S), positions=positions, key_mask=key_mask,
+                                   index=0)
+    next_position = prompt_mask.sum(axis=1)                                              # [B]
+    pick = greedy if temperature == 0 else categorical
+
+    def body(state: DecodeState) -> DecodeState:
+        rng, sub = jax.random.split(state.rng)
+        dist = sampling_logits(state.logits, temperature=temperature, top_k=top_k, top_p=top_p)
+        token = pick(dist, sub)
+        logprob = jnp.take_along_axis(jax.nn.log_softmax(dist, axis=-1), token[:, None], axis=-1)[:, 0]
+        alive = ~state.done
+        token = jnp.where(alive, token, pad_id)
+        done = state.done | (token == eos_id) if eos_id is not None else state.done
+        i = state.step
+        step_logits, cache = forward_cached(params, token[:, None], config=config, cache=state.cache,
+                                            positions=(next_position + i)[:, None], key_mask=key_mask,
+                                            index=P + i)
+        return DecodeState(
+            cache=cache, step=i + 1, logits=step_logits[:, 0], rng=rng, done=done,
+            tokens=lax.dynamic_update_slice(state.tokens, token[:, None], (0, P + i)),
+            logprobs=lax.dynamic_update_slice(state.logprobs, jnp.where(alive, logprob, 0.0)[:, None], (0, i)),
+            response_mask=lax.dynamic_update_slice(state.response_mask, alive.astype(jnp.int32)[:, None],
+                                                   (0, i)))
+
+    def cond(state: DecodeState):
+        return (state.step < N) & ~jnp.all(state.done)
+
+    state = DecodeState(
+        cache=cache, step=jnp.zeros((), jnp.int32), logits=logits[:, -1], rng=rng,
+        tokens=jnp.concatenate([prompts.astype(jnp.int32), jnp.full((B, N), pad_id, jnp.int32)], axis=1),
+        done=jnp.zeros((B,), bool), logprobs=jnp.zeros((B, N), jnp.float32),
+        response_mask=jnp.zeros((B, N), jnp.int32))
+    state = lax.while_loop(cond, body, state)
+    return Samples(tokens=state.tokens, logprobs=state.logprobs, response_mask=state.response_mask)

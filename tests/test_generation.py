@@ -1,0 +1,167 @@
+"""KV-cache decoding and sampling tests: cached == uncached, greedy == argmax, logprobs, EOS, filters."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rlhf_jax.generation import categorical, greedy, sample, sampling_logits, top_k_filter, top_p_filter
+from rlhf_jax.models import ModelConfig, forward, forward_cached, init_cache, init_params
+
+GPT = ModelConfig(vocab_size=61, d_model=32, num_layers=2, num_heads=4, mlp_dim=64, max_seq_len=32)
+LLAMA = ModelConfig(vocab_size=61, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=48,
+                    max_seq_len=32, mlp="swiglu", norm="rmsnorm", positional="rope", use_bias=False,
+                    qkv_bias=True, tie_embeddings=False)
+CONFIGS = {"gpt2": GPT, "llama": LLAMA}
+PAD = 0
+
+
+def _random_params(cfg, seed):
+    """Params of the contracted tree filled from numpy (no compile of the random initialisers). Weights are
+    larger than at init so that distributions are peaked and greedy choices unambiguous."""
+    rng = np.random.default_rng(seed)
+    shapes = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
+
+    def fill(path, x):
+        base = 1.0 if path[-1].key == "scale" else 0.0
+        return jnp.asarray(base + (0.06 if len(x.shape) > 1 else 0.02) * rng.standard_normal(x.shape), x.dtype)
+    return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
+@pytest.fixture(scope="module")
+def params():
+    return {name: _random_params(cfg, seed=7) for name, cfg in CONFIGS.items()}
+
+
+def _left_pad(rows, P):
+    """list of token lists -> prompts [B,P] (left-padded with PAD), prompt_mask [B,P]."""
+    prompts = np.full((len(rows), P), PAD, np.int32)
+    mask = np.zeros((len(rows), P), np.int32)
+    for i, r in enumerate(rows):
+        prompts[i, P - len(r):], mask[i, P - len(r):] = r, 1
+    return jnp.asarray(prompts), jnp.asarray(mask)
+
+
+def _recompute_logits(params, cfg, tokens, prompt_mask):
+    """Uncached forward over prompt + response with left padding masked out: logits predicting tokens[:, P:]."""
+    B, P = prompt_mask.shape
+    full_mask = jnp.concatenate([prompt_mask, jnp.ones((B, tokens.shape[1] - P), jnp.int32)], 1)
+    positions = jnp.maximum(jnp.cumsum(full_mask, 1) - 1, 0)
+    logits = forward(params, tokens, config=cfg, positions=positions, segment_ids=full_mask)
+    return logits[:, P - 1:-1]
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_cached_decode_equals_uncached_forward(params, name):
+    cfg, p = CONFIGS[name], params[name]
+    B, P, T = 2, 4, 9
+    tokens = jnp.asarray(np.random.default_rng(0).integers(1, 61, (B, T)), jnp.int32)
+    full = forward(p, tokens, config=cfg)
+    positions = jnp.broadcast_to(jnp.arange(T), (B, T))
+    key_mask = jnp.ones((B, T + 3), bool)  # cache longer than needed: unused slots must not matter
+    step = jax.jit(forward_cached, static_argnames="config")
+    logits, cache = step(p, tokens[:, :P], config=cfg, cache=init_cache(cfg, B, T + 3),
+                         positions=positions[:, :P], key_mask=key_mask, index=0)
+    np.testing.assert_allclose(logits, full[:, :P], atol=1e-5)
+    for t in range(P, T):
+        logits, cache = step(p, tokens[:, t:t + 1], config=cfg, cache=cache, positions=positions[:, t:t + 1],
+                             key_mask=key_mask, index=jnp.int32(t))
+        np.testing.assert_allclose(logits[:, 0], full[:, t], atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_greedy_is_argmax_and_independent_of_padding(params, name):
+    cfg, p, N = CONFIGS[name], params[name], 6
+    prompt, other = [5, 9, 2], [7, 1, 1, 3, 8]
+    kw = dict(config=cfg, max_new_tokens=N, temperature=0.0, pad_id=PAD)
+    alone = sample(p, *_left_pad([prompt], 3), jax.random.key(0), **kw)
+    # greedy == argmax of an uncached forward pass over its own output, step by step
+    logits = forward(p, alone.tokens[:, :-1], config=cfg)[:, 2:]
+    np.testing.assert_array_equal(alone.tokens[:, 3:], jnp.argmax(logits, -1))
+    np.testing.assert_array_equal(alone.response_mask, np.ones((1, N)))
+    # deterministic, and unaffected by left padding and by batch companions
+    again = sample(p, *_left_pad([prompt], 3), jax.random.key(1), **kw)
+    np.testing.assert_array_equal(again.tokens, alone.tokens)
+    batch = sample(p, *_left_pad([other, prompt, prompt], 7), jax.random.key(0), **kw)
+    np.testing.assert_array_equal(batch.tokens[1:, 7:], np.repeat(alone.tokens[:, 3:], 2, 0))
+    np.testing.assert_allclose(batch.logprobs[1:], np.repeat(alone.logprobs, 2, 0), atol=1e-5)
+    # greedy logprobs are those of the unscaled distribution
+    np.testing.assert_allclose(alone.logprobs[0], jax.nn.log_softmax(logits[0])[np.arange(N), alone.tokens[0, 3:]],
+                               atol=1e-5)
+
+
+@pytest.mark.parametrize("name,temperature,top_k", [("gpt2", 1.0, 0), ("llama", 0.7, 0), ("gpt2", 1.3, 5)])
+def test_logprobs_match_recomputed_forward(params, name, temperature, top_k):
+    cfg, p, N = CONFIGS[name], params[name], 5
+    prompts, mask = _left_pad([[3, 4], [10, 11, 12, 13], [6]], 4)
+    out = sample(p, prompts, mask, jax.random.key(3), config=cfg, max_new_tokens=N, temperature=temperature,
+                 top_k=top_k, pad_id=PAD)
+    assert out.tokens.shape == (3, 4 + N) and out.logprobs.shape == (3, N) and out.response_mask.shape == (3, N)
+    assert out.logprobs.dtype == jnp.float32 and out.response_mask.dtype == jnp.int32
+    np.testing.assert_array_equal(out.tokens[:, :4], prompts)
+    logits = np.asarray(_recompute_logits(p, cfg, out.tokens, mask), np.float64) / temperature
+    if top_k:  # numpy re-derivation of the filter: keep the k largest per row
+        kth = -np.sort(-logits, -1)[..., top_k - 1:top_k]
+        logits = np.where(logits >= kth, logits, -np.inf)
+    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+        - logits.max(-1, keepdims=True)
+    expected = np.take_along_axis(logp, np.asarray(out.tokens[:, 4:])[..., None], -1)[..., 0]
+    np.testing.assert_allclose(out.logprobs, expected, atol=1e-4)
+    assert np.isfinite(np.asarray(out.logprobs)).all()
+
+
+def test_eos_stops_and_pads(params):
+    p, N = params["gpt2"], 6
+    prompts, mask = _left_pad([[5, 9, 2], [7, 1]], 3)
+    free = sample(p, prompts, mask, jax.random.key(0), config=GPT, max_new_tokens=N, temperature=0.0, pad_id=PAD)
+    eos = int(free.tokens[0, 3 + 2])  # row 0 emits this at step 2 (maybe earlier too)
+    first = int(np.argmax(np.asarray(free.tokens[0, 3:]) == eos))
+    out = sample(p, prompts, mask, jax.random.key(0), config=GPT, max_new_tokens=N, temperature=0.0, eos_id=eos,
+                 pad_id=PAD)
+    for row in range(2):
+        gen = np.asarray(free.tokens[row, 3:])
+        stop = int(np.argmax(gen == eos)) + 1 if (gen == eos).any() else N  # tokens kept, EOS included
+        np.testing.assert_array_equal(out.tokens[row, 3:3 + stop], gen[:stop])
+        np.testing.assert_array_equal(out.tokens[row, 3 + stop:], PAD)
+        np.testing.assert_array_equal(out.response_mask[row], np.arange(N) < stop)
+        np.testing.assert_allclose(out.logprobs[row, :stop], free.logprobs[row, :stop], atol=1e-5)
+        np.testing.assert_array_equal(out.logprobs[row, stop:], 0.0)
+    assert out.response_mask[0].sum() == first + 1
+
+
+def test_top_k_one_is_greedy(params):
+    p = params["llama"]
+    prompts, mask = _left_pad([[5, 9, 2], [7, 1]], 3)
+    kw = dict(config=LLAMA, max_new_tokens=4, pad_id=PAD)
+    ref = sample(p, prompts, mask, jax.random.key(0), temperature=0.0, **kw)
+    out = sample(p, prompts, mask, jax.random.key(5), temperature=1.0, top_k=1, **kw)
+    np.testing.assert_array_equal(out.tokens, ref.tokens)
+    np.testing.assert_allclose(out.logprobs, 0.0, atol=1e-6)  # a point mass after filtering
+
+
+def test_filters_against_numpy():
+    logits = jnp.log(jnp.array([[0.1, 0.4, 0.2, 0.3], [0.25, 0.25, 0.4, 0.1]]))
+    # top-p 0.6: row 0 keeps 0.4 + 0.3 (0.7 >= 0.6); row 1 keeps 0.4 + both 0.25 ties at the cutoff
+    kept = np.isfinite(np.asarray(top_p_filter(logits, 0.6)))
+    np.testing.assert_array_equal(kept, [[False, True, False, True], [True, True, True, False]])
+    kept = np.isfinite(np.asarray(top_p_filter(logits, 0.35)))
+    np.testing.assert_array_equal(kept, [[False, True, False, False], [False, False, True, False]])
+    kept = np.isfinite(np.asarray(top_k_filter(logits, 2)))
+    np.testing.assert_array_equal(kept, [[False, True, False, True], [True, True, True, False]])
+    # a tiny top_p leaves only the argmax: sampling from it is greedy
+    random_logits = jax.random.normal(jax.random.key(0), (64, 50))
+    tiny = sampling_logits(random_logits, temperature=1.0, top_k=0, top_p=1e-6)
+    np.testing.assert_array_equal(categorical(tiny, jax.random.key(1)), greedy(random_logits, None))
+
+
+def test_sampling_frequencies():
+    """Empirical token frequencies follow softmax(filtered logits / temperature)."""
+    logits = jnp.tile(jnp.array([[2.0, 1.0, 0.5, -1.0, 0.0]]), (20000, 1))
+    for temperature, top_k, top_p in [(0.8, 0, 1.0), (1.5, 3, 1.0), (1.0, 0, 0.75)]:
+        dist = sampling_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p)
+        tokens = categorical(dist, jax.random.key(top_k))
+        x = np.array([2.0, 1.0, 0.5, -1.0, 0.0]) / temperature
+        keep = np.ones(5, bool) if top_k == 0 else x >= np.sort(x)[-top_k]
+        if top_p < 1.0:  # probs ~ [.56 .21 .13 .03 .08]: the top two reach 0.77 >= 0.75
+            keep = np.array([True, True, False, False, False])
+        probs = np.where(keep, np.exp(x), 0.0) / np.where(keep, np.exp(x), 0.0).sum()
+        np.testing.assert_allclose(np.bincount(np.asarray(tokens), minlength=5) / 20000, probs, atol=0.015)
