@@ -9,6 +9,10 @@ Run directory of one script (`--out DIR`):
     DIR/<stage>/final/                 final params (params/ + model_config.json; load with load_params)
     DIR/checkpoints/<stage>/<step>/    orbax checkpoints (state + data position), newest max_to_keep kept
     DIR/report.json, report.md, <stage>_curves.png
+
+`--mesh DATA FSDP TENSOR` runs the stage sharded over a device mesh (`rlhf_jax.sharding`); multi-host runs start
+the same command in every process (`jax.distributed` peers are auto-detected) and each process feeds its own
+rows of every global batch.
 """
 from __future__ import annotations
 
@@ -131,6 +135,58 @@ def init_model(preset: str, overrides, rng, *, init: str | None = None) -> tuple
     return cfg, init_params(cfg, rng)
 
 
+# --------------------------------------------------------------------------------------------------- the mesh
+def make_run_mesh(shape: tuple[int, int, int] | None):
+    """None -> None (single device); else `initialize_distributed()` (a no-op on one host) and `make_mesh(shape)`.
+
+    Call it before any other JAX work of the script. Prints the mesh to stderr.
+    """
+    if shape is None:
+        return None
+    from rlhf_jax import sharding as S
+
+    S.initialize_distributed()
+    mesh = S.make_mesh(shape)
+    axes = " ".join(f"{k}={v}" for k, v in mesh.shape.items())
+    print(f"mesh: {axes} ({mesh.devices.size} devices, {jax.process_count()} processes)", file=sys.stderr)
+    return mesh
+
+
+class ProcessRows:
+    """This process's rows of every global batch of `batches` (multi-host: each process feeds only its rows).
+
+    Every process reads the same global batch (same data and seed) and keeps rows
+    [process_index * B / P, (process_index + 1) * B / P); `state()` / `restore()` pass through for checkpoints.
+    """
+
+    def __init__(self, batches, *, process_index: int, process_count: int):
+        self.batches, self.index, self.count = batches, process_index, process_count
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return self._rows(next(self.batches))
+
+    def _rows(self, x):
+        if isinstance(x, dict):
+            return {k: self._rows(v) for k, v in x.items()}
+        if isinstance(x, list) or (isinstance(x, np.ndarray) and x.ndim > 0):
+            n = len(x)
+            if n % self.count:
+                raise ValueError(f"global batch of {n} rows does not divide over {self.count} processes; change "
+                                 "the batch size")
+            k = n // self.count
+            return x[self.index * k:(self.index + 1) * k]
+        return x
+
+    def state(self):
+        return self.batches.state()
+
+    def restore(self, state):
+        self.batches.restore(state)
+
+
 # --------------------------------------------------------------------------------------------------- the data
 def make_tokenizer(name: str):
     """"byte" -> ByteTokenizer(); otherwise HFTokenizer.from_file(path) (a tokenizer.json or its folder)."""
@@ -164,7 +220,7 @@ def demo_records(kind: str, n: int, seed: int) -> list:
 
 def load_data(spec: DataSpec, kind: str, *, seed: int, batch_size: int | None = None):
     """A resumable `rlhf_jax.data.Batches` iterator (infinite, reshuffled every epoch by (seed, epoch)) and the
-    tokenizer."""
+    tokenizer. Multi-host (after `make_run_mesh`): each process gets only its rows (`ProcessRows`)."""
     from rlhf_jax.data import Batches, ShuffledIterator, load_records
 
     tok = make_tokenizer(spec.tokenizer)
@@ -176,6 +232,8 @@ def load_data(spec: DataSpec, kind: str, *, seed: int, batch_size: int | None = 
     data = Batches(ShuffledIterator(records, seed=seed), tok, kind=batch_kind,
                    batch_size=batch_size or spec.batch_size, buckets=(spec.seq_len,),
                    pack=spec.pack and batch_kind == "sft")
+    if jax.process_count() > 1:
+        data = ProcessRows(data, process_index=jax.process_index(), process_count=jax.process_count())
     return data, tok
 
 

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from experiments.common import (CheckpointSpec, DataSpec, ModelOverrides, finish_report, init_model, load_data,
-                                run_stage, setup_error, start_run)
+                                make_run_mesh, run_stage, setup_error, start_run)
 from rlhf_jax.config_cli import parse_cli
 from rlhf_jax.train import checkpoint as ckpt
 from rlhf_jax.train.optim import OptimConfig
@@ -32,6 +32,9 @@ class DPOExperiment:
     """Continue the run in --out from its last checkpoint (state, rng and data position)."""
     seed: int = 0
     """Seed of the model init and of the data order."""
+    mesh: tuple[int, int, int] | None = None
+    """Device mesh (data, fsdp, tensor) to shard the run over, e.g. --mesh 2 2 2; one entry may be -1 (inferred:
+    --mesh -1 1 1 is data parallel over all devices). None: one device, no sharding."""
     preset: str = "tiny"
     """Model architecture: a ModelConfig.preset name (tiny, tiny-llama, gpt2-124m, llama-1b, ...)."""
     model: ModelOverrides = ModelOverrides()
@@ -51,6 +54,7 @@ class DPOExperiment:
 def main(argv=None) -> int:
     cfg = parse_cli(DPOExperiment, argv)
     try:
+        mesh = make_run_mesh(cfg.mesh)          # first: multi-host init precedes any other JAX call
         out = start_run(cfg, cfg.out)
         data, _ = load_data(cfg.data, "preference", seed=cfg.seed)
         mc, params = init_model(cfg.preset, cfg.model, jax.random.key(cfg.seed), init=cfg.init)
@@ -60,7 +64,8 @@ def main(argv=None) -> int:
         return setup_error(e)
     try:
         state, history, finished = run_stage(
-            "dpo", lambda s, d, c, hooks: run_dpo(s, d, c, model_config=mc, ref_params=ref_params, hooks=hooks),
+            "dpo", lambda s, d, c, hooks: run_dpo(s, d, c, model_config=mc, ref_params=ref_params, mesh=mesh,
+                                                  hooks=hooks),
             state, data, cfg.dpo, out=out, resume=cfg.resume, checkpoint=cfg.checkpoint,
             samples_per_step=cfg.data.batch_size)
     except NonFiniteLossError as e:

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from experiments.common import (CheckpointSpec, DataSpec, ModelOverrides, finish_report, init_model, load_data,
-                                run_stage, setup_error, start_run)
+                                make_run_mesh, run_stage, setup_error, start_run)
 from rlhf_jax.config_cli import parse_cli
 from rlhf_jax.models import init_params
 from rlhf_jax.train import checkpoint as ckpt
@@ -35,6 +35,9 @@ class PPOExperiment:
     """Continue the run in --out from its last checkpoint (state, rng and data position)."""
     seed: int = 0
     """Seed of the model inits, the data order and sampling."""
+    mesh: tuple[int, int, int] | None = None
+    """Device mesh (data, fsdp, tensor) to shard the run over, e.g. --mesh 2 2 2; one entry may be -1 (inferred:
+    --mesh -1 1 1 is data parallel over all devices). None: one device, no sharding."""
     preset: str = "tiny"
     """Architecture of fresh models (when an init folder is not given): a ModelConfig.preset name."""
     model: ModelOverrides = ModelOverrides()
@@ -57,6 +60,7 @@ class PPOExperiment:
 def main(argv=None) -> int:
     cfg = parse_cli(PPOExperiment, argv)
     try:
+        mesh = make_run_mesh(cfg.mesh)          # first: multi-host init precedes any other JAX call
         out = start_run(cfg, cfg.out)
         data, tok = load_data(cfg.data, "prompt", seed=cfg.seed, batch_size=cfg.ppo.batch_size)
         ppo_cfg = cfg.ppo
@@ -80,7 +84,7 @@ def main(argv=None) -> int:
     try:
         state, history, finished = run_stage(
             "ppo", lambda s, d, c, hooks: run_ppo(s, d, c, model_config=mc, ref_params=ref, reward_params=reward,
-                                                 hooks=hooks),
+                                                 mesh=mesh, hooks=hooks),
             state, data, ppo_cfg, out=out, resume=cfg.resume, checkpoint=cfg.checkpoint,
             samples_per_step=ppo_cfg.batch_size)
     except NonFiniteLossError as e:

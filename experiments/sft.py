@@ -13,7 +13,7 @@ import sys
 import jax
 
 from experiments.common import (CheckpointSpec, DataSpec, ModelOverrides, finish_report, init_model, load_data,
-                                run_stage, setup_error, start_run)
+                                make_run_mesh, run_stage, setup_error, start_run)
 from rlhf_jax.config_cli import parse_cli
 from rlhf_jax.train import checkpoint as ckpt
 from rlhf_jax.train.optim import OptimConfig
@@ -31,6 +31,9 @@ class SFTExperiment:
     """Continue the run in --out from its last checkpoint (state, rng and data position)."""
     seed: int = 0
     """Seed of the model init and of the data order."""
+    mesh: tuple[int, int, int] | None = None
+    """Device mesh (data, fsdp, tensor) to shard the run over, e.g. --mesh 2 2 2; one entry may be -1 (inferred:
+    --mesh -1 1 1 is data parallel over all devices). None: one device, no sharding."""
     preset: str = "tiny"
     """Model architecture: a ModelConfig.preset name (tiny, tiny-llama, gpt2-124m, llama-1b, ...)."""
     model: ModelOverrides = ModelOverrides()
@@ -50,6 +53,7 @@ class SFTExperiment:
 def main(argv=None) -> int:
     cfg = parse_cli(SFTExperiment, argv)
     try:
+        mesh = make_run_mesh(cfg.mesh)          # first: multi-host init precedes any other JAX call
         out = start_run(cfg, cfg.out)
         data, tok = load_data(cfg.data, "sft", seed=cfg.seed)
         mc, params = init_model(cfg.preset, cfg.model, jax.random.key(cfg.seed), init=cfg.init)
@@ -58,8 +62,8 @@ def main(argv=None) -> int:
         return setup_error(e)
     try:
         state, history, finished = run_stage(
-            "sft", lambda s, d, c, hooks: run_sft(s, d, c, model_config=mc, hooks=hooks), state, data, cfg.sft,
-            out=out, resume=cfg.resume, checkpoint=cfg.checkpoint,
+            "sft", lambda s, d, c, hooks: run_sft(s, d, c, model_config=mc, mesh=mesh, hooks=hooks), state, data,
+            cfg.sft, out=out, resume=cfg.resume, checkpoint=cfg.checkpoint,
             tokens_per_step=cfg.data.batch_size * cfg.data.seq_len)
     except NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -1,13 +1,19 @@
 """The four stages (SFT, reward model, PPO, DPO): one config each and a loop around a compiled step.
 
-`run_<stage>(state, data, config, *, model_config, ..., hooks=None) -> (state, history)`: `data` is an iterable of
-numpy batches (the `rlhf_jax.data` contract), the loop runs `config.num_steps` steps (fewer if `data` ends or a
-hook asks to stop). Metrics stay on device and are pulled to the host every `log_every` steps (one sync per
+`run_<stage>(state, data, config, *, model_config, ..., mesh=None, hooks=None) -> (state, history)`: `data` is an
+iterable of numpy batches (the `rlhf_jax.data` contract), the loop runs `config.num_steps` steps (fewer if `data`
+ends or a hook asks to stop). Metrics stay on device and are pulled to the host every `log_every` steps (one sync per
 window): every step's loss is checked for NaN/Inf (raising `NonFiniteLossError` naming the first bad step), the
 window's mean goes to `hooks.on_step(step, metrics)` and to `history`. Hooks (see `StageHooks`; JSONL,
 TensorBoard, progress and checkpoint hooks live in `rlhf_jax.train.logging` / `checkpoint`) may also define
 `on_state(step, state)` (called after every step; a checkpoint hook saves only finite states there) and
 `finalize(step, state)` (called once at the end).
+
+With a `mesh` (`sharding.make_mesh`), the state (params and optimizer state by the rule table, the rest
+replicated) and the frozen models are placed on it, every step is compiled with explicit shardings
+(`compile_step(..., mesh=...)`) and each batch is split over ("data", "fsdp") by `sharding.shard_batch`. In a
+multi-host run every process calls the stage with the same initial state and feeds only its own rows of each
+global batch (the global batch size must divide by data * fsdp). The returned state stays on the mesh.
 
 The pipeline threads states: SFT params become the PPO/DPO reference and initial policy, and the reward
 model params score PPO rollouts (and may initialise the value model).
@@ -21,7 +27,9 @@ from typing import Callable, Iterable, Literal, Protocol
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
+from rlhf_jax import sharding as S
 from rlhf_jax.models.config import ModelConfig
 from rlhf_jax.train.optim import OptimConfig
 from rlhf_jax.train.ppo import RewardFn, ppo_step
@@ -220,34 +228,71 @@ def run_loop(state, data: Iterable, step_fn: Callable, *, num_steps: int, log_ev
 
 
 # ---------------------------------------------------------------------------------------------------- stages
+def _on_mesh(state, mesh: Mesh | None, params_sh) -> tuple:
+    """(state placed on `mesh`, compile_step's sharding options); (state, {}) without a mesh."""
+    if mesh is None:
+        return state, {}
+    state_sh = S.state_sharding(state, params_sh, mesh)
+    return S.shard(state, state_sh), {"mesh": mesh, "state_sharding": state_sh}
+
+
+def _place_batch(batch, mesh: Mesh | None):
+    """Process-local numpy rows -> global arrays split over ("data", "fsdp"); unchanged without a mesh."""
+    return batch if mesh is None else S.shard_batch(batch, mesh)
+
+
+def _params_sh(model_config, mesh, *, scalar_head=False):
+    return None if mesh is None else S.params_sharding(model_config, mesh, scalar_head=scalar_head)
+
+
 def run_sft(state: TrainState, data: Iterable, config: SFTConfig, *, model_config: ModelConfig,
-            hooks: StageHooks | None = None):
-    """SFT over SFT batches; see `steps.sft_step`."""
-    step = compile_step(sft_step, model_config=model_config)
-    return run_loop(state, data, step, num_steps=config.num_steps, log_every=config.log_every, hooks=hooks)
+            mesh: Mesh | None = None, hooks: StageHooks | None = None):
+    """SFT over SFT batches; see `steps.sft_step`. `mesh`: run sharded (see the module docstring)."""
+    state, placed = _on_mesh(state, mesh, _params_sh(model_config, mesh))
+    step = compile_step(sft_step, model_config=model_config, **placed)
+    return run_loop(state, data, lambda s, b: step(s, _place_batch(b, mesh)), num_steps=config.num_steps,
+                    log_every=config.log_every, hooks=hooks)
 
 
 def run_reward(state: TrainState, data: Iterable, config: RewardConfig, *, model_config: ModelConfig,
-               hooks: StageHooks | None = None):
+               mesh: Mesh | None = None, hooks: StageHooks | None = None):
     """Reward-model training over preference batches; `state.params` need a "score_head" (`with_score_head`)."""
-    step = compile_step(reward_step, model_config=model_config, center_coef=config.center_coef)
-    return run_loop(state, data, step, num_steps=config.num_steps, log_every=config.log_every, hooks=hooks)
+    state, placed = _on_mesh(state, mesh, _params_sh(model_config, mesh, scalar_head=True))
+    step = compile_step(reward_step, model_config=model_config, center_coef=config.center_coef, **placed)
+    return run_loop(state, data, lambda s, b: step(s, _place_batch(b, mesh)), num_steps=config.num_steps,
+                    log_every=config.log_every, hooks=hooks)
 
 
 def run_dpo(state: TrainState, data: Iterable, config: DPOConfig, *, model_config: ModelConfig, ref_params=None,
-            hooks: StageHooks | None = None):
+            mesh: Mesh | None = None, hooks: StageHooks | None = None):
     """DPO over preference batches with a frozen reference (`ref_params`, e.g. the SFT params)."""
     if ref_params is None and not config.reference_free:
         raise ValueError("run_dpo needs ref_params (usually the SFT params) unless DPOConfig.reference_free")
-    step = compile_step(dpo_step, model_config=model_config, beta=config.beta, loss_type=config.loss_type,
-                        label_smoothing=config.label_smoothing, reference_free=config.reference_free)
-    ref_fn = jax.jit(reference_logps, static_argnames=("model_config",))
+    params_sh = _params_sh(model_config, mesh)
+    state, placed = _on_mesh(state, mesh, params_sh)
+    if mesh is not None and ref_params is not None:
+        ref_params = S.shard(ref_params, params_sh)
+    steps = {}
+
+    def step_for(needs_ref: bool):
+        """The compiled step taking the reference params, or None in their place (logps in the batch)."""
+        if needs_ref not in steps:
+            extra = {} if mesh is None else {"extra_in_shardings": (params_sh if needs_ref else None,)}
+            steps[needs_ref] = compile_step(dpo_step, model_config=model_config, beta=config.beta,
+                                            loss_type=config.loss_type, label_smoothing=config.label_smoothing,
+                                            reference_free=config.reference_free, **placed, **extra)
+        return steps[needs_ref]
+
+    # Precomputed reference logps [B] are batch entries: under a mesh they get the batch's sharding.
+    ref_fn = jax.jit(reference_logps, static_argnames=("model_config",),
+                     **({} if mesh is None else {"out_shardings": S.batch_sharding(mesh)}))
 
     def step_fn(state, batch):
+        batch = _place_batch(batch, mesh)
         if config.precompute_ref_logps and not config.reference_free and "ref_chosen_logps" not in batch:
             batch = {**batch, **ref_fn(ref_params, batch, model_config=model_config)}
         needs_ref = "ref_chosen_logps" not in batch and not config.reference_free
-        return step(state, batch, ref_params if needs_ref else None)
+        return step_for(needs_ref)(state, batch, ref_params if needs_ref else None)
 
     return run_loop(state, data, step_fn, num_steps=config.num_steps, log_every=config.log_every, hooks=hooks)
 
@@ -278,24 +323,37 @@ def init_ppo_state(policy_params, config: PPOConfig, *, model_config: ModelConfi
 
 def run_ppo(state: PPOState, data: Iterable, config: PPOConfig, *, model_config: ModelConfig, ref_params,
             reward_params=None, reward_fn: RewardFn | None = None, ptx_data: Iterable | None = None,
-            hooks: StageHooks | None = None):
+            mesh: Mesh | None = None, hooks: StageHooks | None = None):
     """PPO over prompt batches {"prompts", "prompt_mask"}; scores from `reward_params` or `reward_fn`.
 
-    `ptx_data` (SFT batches) feeds PPO-ptx when `config.ptx_coef > 0`.
+    `ptx_data` (SFT batches) feeds PPO-ptx when `config.ptx_coef > 0`. Under a multi-host `mesh` each prompt
+    batch holds this process's batch_size / process_count rows.
     """
     if reward_params is None and reward_fn is None:
         raise ValueError("run_ppo needs reward_params (a reward model with a score_head) or a reward_fn")
     if config.ptx_coef > 0 and ptx_data is None:
         raise ValueError("PPOConfig.ptx_coef > 0 needs ptx_data (an iterable of SFT batches)")
-    step = compile_step(ppo_step, config=config, model_config=model_config, reward_fn=reward_fn)
+    reward_params = reward_params if reward_fn is None else None
+    policy_sh = _params_sh(model_config, mesh)
+    value_sh = _params_sh(model_config, mesh, scalar_head=True)      # value and reward models: scalar heads
+    state, placed = _on_mesh(state, mesh, [policy_sh, value_sh])
+    if mesh is not None:
+        # ref, reward model, ptx batch; an argument passed as None gets None
+        placed["extra_in_shardings"] = (policy_sh, None if reward_params is None else value_sh,
+                                        None if ptx_data is None or config.ptx_coef <= 0 else S.batch_sharding(mesh))
+        ref_params = S.shard(ref_params, policy_sh)
+        reward_params = None if reward_params is None else S.shard(reward_params, value_sh)
+    step = compile_step(ppo_step, config=config, model_config=model_config, reward_fn=reward_fn, **placed)
     ptx_iter = iter(ptx_data) if ptx_data is not None and config.ptx_coef > 0 else None
+    processes = jax.process_count() if mesh is not None else 1
 
     def step_fn(state, batch):
-        if batch["prompts"].shape[0] != config.batch_size:
-            raise ValueError(f"prompt batch has {batch['prompts'].shape[0]} rows but PPOConfig.batch_size="
+        if batch["prompts"].shape[0] * processes != config.batch_size:
+            per = f" in each of {processes} processes" if processes > 1 else ""
+            raise ValueError(f"prompt batch has {batch['prompts'].shape[0]} rows{per} but PPOConfig.batch_size="
                              f"{config.batch_size}")
-        ptx = _device_batch(next(ptx_iter)) if ptx_iter is not None else None
-        return step(state, batch, ref_params, reward_params if reward_fn is None else None, ptx)
+        ptx = _place_batch(_device_batch(next(ptx_iter)), mesh) if ptx_iter is not None else None
+        return step(state, _place_batch(batch, mesh), ref_params, reward_params, ptx)
 
     return run_loop(state, data, step_fn, num_steps=config.num_steps, log_every=config.log_every, hooks=hooks,
                     loss_keys=("loss/policy", "loss/value"))

@@ -41,12 +41,13 @@ class TrainState:
     def create(cls, params, tx: optax.GradientTransformation, rng, *, lr_schedule=None) -> "TrainState":
         """A fresh state: `tx.init(params)`, step 0. `rng` is a PRNG key or an int seed.
 
-        `params` are copied: the state is donated to the jitted steps, and the caller's arrays (often the same
-        SFT params that serve as the frozen reference) must stay valid.
+        `params` and the rng key are copied: the state is donated to the jitted steps, and the caller's arrays
+        (often the same SFT params that serve as the frozen reference, or one key seeding several states) must
+        stay valid.
         """
         params = jax.tree.map(jnp.copy, params)
-        return cls(params=params, opt_state=tx.init(params), step=jnp.zeros((), jnp.int32), rng=as_key(rng),
-                   tx=tx, lr_schedule=lr_schedule)
+        return cls(params=params, opt_state=tx.init(params), step=jnp.zeros((), jnp.int32),
+                   rng=jnp.copy(as_key(rng)), tx=tx, lr_schedule=lr_schedule)
 
     def apply_gradients(self, grads) -> "TrainState":
         """One optimizer call (under `optax.MultiSteps` the params move only every k-th call)."""

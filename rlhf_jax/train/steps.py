@@ -3,7 +3,8 @@
 Each step is `(state, batch, [frozen params], *, model_config, loss options) -> (state, metrics)`: the model is
 applied here (losses only see arrays), gradients go through `TrainState.apply_gradients`, and the metrics are a
 flat dict of scalars named as in TRL ("loss", "rewards/chosen", ...). `compile_step` wraps any of them in
-`jax.jit` with static keyword options and the state donated; sharding (in/out shardings) is added there only.
+`jax.jit` with static keyword options and the state donated; given a mesh it adds in/out shardings there
+(through `sharding.jit_sharded`), the only place they are added.
 
 - SFT: token-weighted mean NLL over response tokens (`losses.sft_loss`).
 - Reward model (Ouyang et al. 2022, Stiennon et al. 2020): an LM trunk with a scalar head, reward read at the
@@ -20,7 +21,9 @@ import functools
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import Mesh
 
+from rlhf_jax import sharding as S
 from rlhf_jax.losses import bradley_terry_loss, dpo_loss, sequence_logprobs, sft_loss
 from rlhf_jax.models import forward, scalar_forward
 from rlhf_jax.models.config import ModelConfig
@@ -33,13 +36,24 @@ _DPO_NAMES = {"rewards_chosen": "rewards/chosen", "rewards_rejected": "rewards/r
               "logps_chosen": "logps/chosen", "logps_rejected": "logps/rejected"}
 
 
-def compile_step(fn, *, donate: bool = True, **static):
-    """`jax.jit(fn)` with the keyword options in `static` bound as static arguments and the state donated.
+def compile_step(fn, *, donate: bool = True, mesh: Mesh | None = None, state_sharding=None,
+                 extra_in_shardings: tuple = (), compiler_options: dict | None = None, **static):
+    """`jax.jit(fn)` with the keyword options in `static` bound as compile-time constants and the state donated.
 
-    Returns a callable `(state, batch, *frozen_params) -> (state, metrics)`. The single jit call site of the
-    training steps: a sharded run extends it with `in_shardings` / `out_shardings`.
+    Returns a callable `step(state, batch, *extra) -> (state, metrics)` (extra: frozen params etc., positional).
+    The single jit call site of the training steps. With a `mesh`, it delegates to `sharding.jit_sharded`:
+    the state keeps `state_sharding` in and out, the batch is split over ("data", "fsdp") and each extra
+    positional argument gets its entry of `extra_in_shardings` (pass exactly that many extras, None for an
+    absent one). `compiler_options` go to XLA unchanged.
     """
-    jitted = jax.jit(fn, static_argnames=tuple(static), donate_argnums=(0,) if donate else ())
+    if mesh is not None:
+        if state_sharding is None:
+            raise ValueError("compile_step: a mesh needs state_sharding (sharding.state_sharding(state, ...))")
+        return S.jit_sharded(fn, mesh, state_sharding, S.batch_sharding(mesh), donate=donate,
+                             extra_in_shardings=tuple(extra_in_shardings), compiler_options=compiler_options,
+                             **static)
+    jitted = jax.jit(fn, static_argnames=tuple(static), donate_argnums=(0,) if donate else (),
+                     compiler_options=compiler_options)
     return functools.partial(jitted, **static)
 
 
