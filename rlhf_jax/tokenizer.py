@@ -17,6 +17,7 @@ Each message is tokenised as its own piece, so `encode_prompt(messages[:-1])` is
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import json
 from pathlib import Path
 from typing import Any, Sequence
@@ -104,17 +105,23 @@ class HFTokenizer:
 
     @classmethod
     def from_file(cls, path: str | Path, *, config_path: str | Path | None = None) -> "HFTokenizer":
-        """Loads `path` (a tokenizer.json, or a folder holding tokenizer.json and maybe tokenizer_config.json)."""
+        """Loads `path` (a tokenizer.json or tokenizer.json.gz, or a folder holding tokenizer.json[.gz] and maybe
+        tokenizer_config.json)."""
         from tokenizers import Tokenizer
 
         path = Path(path)
         folder = path if path.is_dir() else path.parent
         file = path / "tokenizer.json" if path.is_dir() else path
+        if path.is_dir() and not file.is_file() and (path / "tokenizer.json.gz").is_file():
+            file = path / "tokenizer.json.gz"
         if not file.is_file():
             raise FileNotFoundError(f"HFTokenizer.from_file: no tokenizer.json at {file}")
         if config_path is None and (folder / "tokenizer_config.json").is_file():
             config_path = folder / "tokenizer_config.json"
         config = json.loads(Path(config_path).read_text(encoding="utf-8")) if config_path else {}
+        if file.suffix == ".gz":
+            with gzip.open(file, "rt", encoding="utf-8") as f:
+                return cls(Tokenizer.from_str(f.read()), config)
         return cls(Tokenizer.from_file(str(file)), config)
 
     @property

@@ -1,4 +1,5 @@
 """Tokenizers and chat formats: known GPT-2 ids, byte round trips, loss masks, Jinja templates vs transformers."""
+import gzip
 import json
 from pathlib import Path
 
@@ -7,7 +8,7 @@ import pytest
 from rlhf_jax.tokenizer import ByteTokenizer, ChatFormat, HFTokenizer, encode_chat, encode_prompt, render_template
 
 FIX = Path(__file__).parent / "fixtures"
-GPT2 = FIX / "gpt2-tokenizer" / "tokenizer.json"
+GPT2 = FIX / "gpt2-tokenizer" / "tokenizer.json.gz"
 CHATML = FIX / "chatml-config" / "tokenizer_config.json"
 CONV = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"},
         {"role": "assistant", "content": "Hello! How can I help?"}, {"role": "user", "content": "Tell me a joke."},
@@ -44,7 +45,7 @@ def test_gpt2_known_ids(gpt2):
 
 
 def test_folder_loading_reads_config(tmp_path):
-    (tmp_path / "tokenizer.json").write_bytes(GPT2.read_bytes())
+    (tmp_path / "tokenizer.json").write_bytes(gzip.decompress(GPT2.read_bytes()))
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>", "pad_token": "<pad>"}))
     tok = HFTokenizer.from_file(tmp_path)
     assert tok.eos_id == tok.bos_id == 50256 and tok.pad_id == 50257 and tok.vocab_size == 50258
