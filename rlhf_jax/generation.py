@@ -4,6 +4,8 @@ Nucleus sampling: Holtzman et al. 2020, "The Curious Case of Neural Text Degener
 one jitted program per (shape, sampling setting): the left-padded prompt is prefilled in one cached forward
 pass, then a `lax.while_loop` samples one token per step until every row has emitted `eos_id` or
 `max_new_tokens` tokens exist. Rows stop independently; after its EOS a row is filled with `pad_id`.
+The KV cache is carried by the loop and updated in place (see `models.forward_cached`); the weights are cast
+to the compute dtype once before the loop.
 
 Returned logprobs are log pi(token) under the distribution that was actually sampled from: log_softmax of
 logits / temperature, after top-k / top-p filtering and renormalisation. They are therefore exact
@@ -20,7 +22,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from rlhf_jax.models.config import ModelConfig
-from rlhf_jax.models.transformer import KVCache, forward_cached, init_cache
+from rlhf_jax.models.transformer import KVCache, decode_params, forward_cached, init_cache, prefill
 
 
 @flax.struct.dataclass
@@ -102,12 +104,13 @@ def sample(params, prompts, prompt_mask, rng, *, config: ModelConfig, max_new_to
     if config.positional == "learned" and S > config.max_seq_len:
         raise ValueError(f"prompt length {P} + max_new_tokens {N} exceeds ModelConfig.max_seq_len="
                          f"{config.max_seq_len}; shorten the prompts or generate fewer tokens")
+    # Cast the weights once, outside the loop (the decode step then reads 16-bit weights).
+    params = decode_params(params, config)
     prompt_mask = prompt_mask.astype(jnp.int32)
     key_mask = jnp.concatenate([prompt_mask, jnp.ones((B, N), jnp.int32)], axis=1)        # [B,S]
     positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=1) - 1, 0)                     # [B,P]
-    logits, cache = forward_cached(params, prompts.astype(jnp.int32), config=config,
-                                   cache=init_cache(config, B, S), positions=positions, key_mask=key_mask,
-                                   index=0)
+    logits, cache = prefill(params, prompts.astype(jnp.int32), config=config, cache=init_cache(config, B, S),
+                            positions=positions, key_mask=key_mask)
     next_position = prompt_mask.sum(axis=1)                                              # [B]
     pick = greedy if temperature == 0 else categorical
 

@@ -12,16 +12,21 @@ from rlhf_jax.losses._kl import (
     shape_rewards,
 )
 from rlhf_jax.losses._logprobs import (
+    FUSED_CHUNK,
     entropy_from_logits,
     sequence_logprobs,
     token_logprobs,
+    token_logprobs_and_argmax_from_hidden,
     token_logprobs_from_hidden,
 )
 from rlhf_jax.losses._ppo import gae, ppo_policy_loss, ppo_value_loss, whiten
 from rlhf_jax.losses._reward import bradley_terry_loss
-from rlhf_jax.losses._sft import sft_loss, sft_loss_sums
+from rlhf_jax.losses._sft import sft_loss, sft_loss_from_hidden, sft_loss_sums
 
 __all__ = [
+    "FUSED_CHUNK",
+    "sft_loss_from_hidden",
+    "token_logprobs_and_argmax_from_hidden",
     "AdaptiveKLController",
     "DPO_LOSS_TYPES",
     "FixedKLController",

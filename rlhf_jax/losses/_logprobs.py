@@ -4,7 +4,8 @@
 ``take_along_axis`` (never a ``[B, T, V]`` one-hot). With ``chunk_size`` the vocabulary is streamed in chunks with
 an online (running max) logsumexp, as in memory-efficient cross-entropy kernels (Rabe & Staats 2021; Wijmans et
 al. 2024, "Cut Your Losses in Large-Vocabulary Language Models"): only a ``[B, T, chunk]`` slice is upcast to
-float32 at a time, and ``token_logprobs_from_hidden`` never builds the ``[B, T, V]`` logits at all.
+float32 at a time, and ``token_logprobs_from_hidden`` never builds the ``[B, T, V]`` logits at all
+(``token_logprobs_and_argmax_from_hidden`` also returns the argmax, for the SFT accuracy metric).
 """
 
 from __future__ import annotations
@@ -77,6 +78,21 @@ def token_logprobs(logits, targets, *, chunk_size: int | None = None):
     return tgt - (m + jnp.log(s))
 
 
+FUSED_CHUNK = 8192
+"""Default vocabulary chunk of the fused LM-head paths used by the training steps (balanced over the chunks)."""
+
+
+def _balanced_chunk(chunk_size, vocab: int) -> tuple[int, int]:
+    """(number of chunks n, columns per chunk c) with n = ceil(V / chunk_size) and c >= V / n as small as
+    possible (rounded up to a multiple of 128 above 128), so that zero padding stays under n * 128 columns."""
+    c = _check_chunk(chunk_size, vocab)
+    n = -(-vocab // c)
+    c = -(-vocab // n)
+    if c > 128:
+        c = -(-c // 128) * 128
+    return n, c
+
+
 def token_logprobs_from_hidden(hidden, w, targets, *, chunk_size: int | None = None):
     """Fused LM head + log-softmax: ``token_logprobs(hidden @ w, targets)`` without ``[B, T, V]`` logits.
 
@@ -99,8 +115,7 @@ def token_logprobs_from_hidden(hidden, w, targets, *, chunk_size: int | None = N
     if chunk_size is None:
         return token_logprobs(jnp.einsum("...d,dv->...v", hidden, w, preferred_element_type=_F32), targets)
     d, vocab = w.shape
-    c = _check_chunk(chunk_size, vocab)
-    n_chunks = -(-vocab // c)
+    n_chunks, c = _balanced_chunk(chunk_size, vocab)
     # [D, V] -> [n, D, c]: the scan slices w by its leading axis, so dw comes back stacked, not summed in a carry.
     w_chunks = jnp.pad(w, ((0, 0), (0, n_chunks * c - vocab))).reshape(d, n_chunks, c).transpose(1, 0, 2)
 
@@ -116,6 +131,47 @@ def token_logprobs_from_hidden(hidden, w, targets, *, chunk_size: int | None = N
 
     (m, s, tgt), _ = lax.scan(body, _init_carry(targets.shape), (w_chunks, jnp.arange(n_chunks)))
     return tgt - (m + jnp.log(s))
+
+
+def token_logprobs_and_argmax_from_hidden(hidden, w, targets, *, chunk_size: int = FUSED_CHUNK):
+    """Fused LM head + log-softmax + argmax, streaming the vocabulary: no ``[B, T, V]`` logits are built.
+
+    Args:
+      hidden: ``[B, T, D]`` final hidden states (after the final norm), e.g. bfloat16.
+      w: ``[D, V]`` output projection, same dtype; the matmul accumulates in float32.
+      targets: ``[B, T]`` integer token ids.
+      chunk_size: at most this many vocabulary columns per chunk (balanced: ``ceil(V / chunk_size)`` chunks).
+
+    Returns:
+      ``(logp [B, T] float32, argmax [B, T] int32)``: ``token_logprobs(hidden @ w, targets)`` and the (first)
+      argmax of ``hidden @ w``, a running max over the chunks carrying no gradient.
+    """
+    hidden, w = jnp.asarray(hidden), jnp.asarray(w)
+    targets = jnp.asarray(targets).astype(jnp.int32)
+    d, vocab = w.shape
+    n_chunks, c = _balanced_chunk(chunk_size, vocab)
+    # [D, V] -> [n, D, c]: the scan slices w by its leading axis, so dw comes back stacked, not summed in a carry.
+    w_chunks = jnp.pad(w, ((0, 0), (0, n_chunks * c - vocab))).reshape(d, n_chunks, c).transpose(1, 0, 2)
+
+    @jax.checkpoint  # recompute each chunk's logits in the backward pass instead of storing them
+    def body(carry, xs):
+        lse_carry, best, arg = carry
+        w_c, i = xs
+        lo = i * c
+        chunk = jnp.einsum("...d,dc->...c", hidden, w_c, preferred_element_type=_F32)
+        valid = lo + jnp.arange(c) < vocab  # zero-padded columns of the last chunk
+        in_chunk = (targets >= lo) & (targets < lo + c)
+        local = jnp.clip(targets - lo, 0, c - 1)
+        lse_carry = _online_update(lse_carry, chunk, valid, local, in_chunk)
+        seen = jnp.where(valid, lax.stop_gradient(chunk), -jnp.inf)
+        chunk_best = jnp.max(seen, axis=-1)
+        better = chunk_best > best  # strict: ties keep the earlier chunk, as jnp.argmax keeps the first index
+        arg = jnp.where(better, lo + jnp.argmax(seen, axis=-1).astype(jnp.int32), arg)
+        return (lse_carry, jnp.where(better, chunk_best, best), arg), None
+
+    init = (_init_carry(targets.shape), jnp.full(targets.shape, -jnp.inf, _F32), jnp.zeros(targets.shape, jnp.int32))
+    ((m, s, tgt), _, arg), _ = lax.scan(body, init, (w_chunks, jnp.arange(n_chunks)))
+    return tgt - (m + jnp.log(s)), arg
 
 
 def sequence_logprobs(logits, targets, mask):

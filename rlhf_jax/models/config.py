@@ -50,7 +50,7 @@ class ModelConfig:
     remat: Literal["none", "full", "dots"] = "none"
     """Rematerialisation policy per block: recompute everything, or keep only matmul outputs."""
     attention_impl: Literal["xla", "cudnn"] | None = None
-    """`jax.nn.dot_product_attention` implementation; None lets JAX choose (cuDNN flash on GPU when it can)."""
+    """`jax.nn.dot_product_attention` implementation; None = cuDNN on GPU with a bf16/fp16 compute dtype, else XLA."""
 
     def __post_init__(self):
         kv = self.num_kv_heads or self.num_heads

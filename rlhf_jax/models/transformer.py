@@ -7,9 +7,13 @@ biases everywhere, LM head tied to the token embedding. Llama (Touvron et al. 20
 `ModelConfig` picks the variant; the parameter tree is the same for both apart from optional leaves.
 
 Layers are stacked with `nn.scan` (every layer parameter has a leading L axis) and optionally rematerialised
-with `nn.remat`. Attention is `jax.nn.dot_product_attention` (cuDNN flash attention on GPU when it can).
-The same `Block` serves training (whole sequences, causal or segment-packed) and cached decoding
-(`forward_cached`: new keys/values are written into a preallocated [L,B,S,K,H] cache at `index`).
+with `nn.remat`. Attention is `jax.nn.dot_product_attention`: cuDNN flash attention on GPU in bf16/fp16
+(`attention_impl=None`), given `is_causal` plus `seq_lengths` for right-padded rows, or a dense mask for packed
+or left-padded rows. The same `Block` serves training and cached decoding. `forward_cached` loops over the
+layers in Python and reads each layer's cache slice only: attention is one softmax over the cached keys
+(slots < index) and the T new keys, and the [L,B,T,K,H] new keys/values are written into the preallocated
+[L,B,S,K,H] cache with one `dynamic_update_slice`, which XLA performs in place inside a decode `while_loop`
+(a scan over layers would instead write a whole new cache every step).
 
 Shapes: B batch, T time, S cache length, D model width, F MLP width, N heads, K kv heads, H head dim,
 V vocab, L layers.
@@ -107,12 +111,64 @@ def apply_rope(x, positions, theta: float):
     return (xf * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x.dtype)
 
 
+def attention_impl(config: ModelConfig) -> str:
+    """The `jax.nn.dot_product_attention` implementation: `config.attention_impl`, or for None cuDNN on GPU
+    with a 16-bit compute dtype (what cuDNN flash attention supports) and XLA otherwise."""
+    if config.attention_impl is not None:
+        return config.attention_impl
+    sixteen_bit = config.compute_dtype in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    return "cudnn" if sixteen_bit and jax.default_backend() == "gpu" else "xla"
+
+
+def cached_attention(q, k, v, cache_k, cache_v, old_visible, new_visible):
+    """One softmax over cached keys and new keys, without writing the new keys into the cache first.
+
+    q [B,T,N,H]; k, v [B,T,K,H] (the T new tokens); cache_k, cache_v [B,S,K,H] (read only);
+    old_visible [B,S] bool (cached slot s is seen by every query); new_visible [B,T,T] bool (query t sees new
+    key t'). cache_k None: attend to the new keys only (a prefill). Returns [B,T,N,H]. For T == 1 the scores
+    are multiply-reduces, which XLA fuses into a single read of the cache (a batched matmul would first copy
+    the [B,S,K,H] cache into a [B,K,S,H] layout).
+    """
+    B, T, N, H = q.shape
+    K = k.shape[2]
+    f32 = jnp.float32
+    qg = q.reshape(B, T, K, N // K, H).astype(f32) * (1.0 / math.sqrt(H))               # [B,T,K,G,H]
+    neg = jnp.finfo(f32).min
+    new = jnp.einsum("btkgh,bukh->btkgu", qg.astype(q.dtype), k, preferred_element_type=f32)   # [B,T,K,G,T]
+    new = jnp.where(new_visible[:, :, None, None, :], new, neg)
+    if cache_k is None:
+        p_new = jax.nn.softmax(new, axis=-1).astype(q.dtype)
+        out = jnp.einsum("btkgu,bukh->btkgh", p_new, v, preferred_element_type=f32)
+        return out.reshape(B, T, N, H).astype(q.dtype)
+    if T == 1:
+        old = jnp.sum(qg[:, :, None] * cache_k[:, None, :, :, None, :].astype(f32), -1)   # [B,T,S,K,G]
+        old = jnp.moveaxis(old, 2, -1)                                                    # [B,T,K,G,S]
+    else:
+        old = jnp.einsum("btkgh,bskh->btkgs", qg.astype(q.dtype), cache_k, preferred_element_type=f32)
+    old = jnp.where(old_visible[:, None, None, None, :], old, neg)
+    m = jnp.maximum(old.max(-1, keepdims=True), new.max(-1, keepdims=True))
+    p_old, p_new = jnp.exp(old - m), jnp.exp(new - m)
+    denom = p_old.sum(-1, keepdims=True) + p_new.sum(-1, keepdims=True)
+    p_old, p_new = p_old / denom, p_new / denom
+    if T == 1:
+        out = jnp.sum(jnp.moveaxis(p_old, -1, 2)[..., None] * cache_v[:, None, :, :, None, :].astype(f32), 2)
+    else:
+        out = jnp.einsum("btkgs,bskh->btkgh", p_old.astype(q.dtype), cache_v, preferred_element_type=f32)
+    out = out + jnp.einsum("btkgu,bukh->btkgh", p_new.astype(q.dtype), v, preferred_element_type=f32)
+    return out.reshape(B, T, N, H).astype(q.dtype)
+
+
 class Attention(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x, positions, mask, cache, index):
-        """x [B,T,D]; mask [B,1,T,S] bool or None (plain causal); cache None or (k, v) [B,S,K,H]."""
+    def __call__(self, x, positions, mask, cache):
+        """x [B,T,D] -> (out [B,T,D], new (k, v) [B,T,K,H] if cache else None).
+
+        mask: None (plain causal), [B] int32 lengths (one right-padded example per row: causal + padding,
+        cuDNN's flash path), or a [B,1,T,T] bool mask. With a cache (k, v) [B,S,K,H] (read only), mask is the
+        pair (old_visible [B,S], new_visible [B,T,T]) of `cached_attention`; cache (None, None) is a prefill.
+        """
         cfg = self.config
         D, N, K, H = cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.head_size
         dense = functools.partial(_Dense, cfg)
@@ -122,12 +178,14 @@ class Attention(nn.Module):
         if cfg.positional == "rope":
             q, k = apply_rope(q, positions, cfg.rope_theta), apply_rope(k, positions, cfg.rope_theta)
         if cache is not None:
-            ck, cv = cache
-            k = lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, index, 0, 0))
-            v = lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, index, 0, 0))
+            out = cached_attention(q, k, v, *cache, *mask)
             cache = (k, v)
-        out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=mask is None,
-                                           implementation=cfg.attention_impl)      # [B,T,N,H]
+        elif mask is not None and mask.ndim == 1:
+            out = jax.nn.dot_product_attention(q, k, v, is_causal=True, query_seq_lengths=mask,
+                                               key_value_seq_lengths=mask, implementation=attention_impl(cfg))
+        else:
+            out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=mask is None,
+                                               implementation=attention_impl(cfg))      # [B,T,N,H]
         std = 0.02 / math.sqrt(2 * cfg.num_layers)                                 # GPT-2 residual scaling
         out = dense((N, H, D), ("heads", "head_dim", "embed"), n_in=2, use_bias=cfg.use_bias, std=std,
                     name="o")(out)
@@ -156,9 +214,9 @@ class Block(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x, cache, positions, mask, index):
+    def __call__(self, x, cache, positions, mask):
         cfg = self.config
-        h, cache = Attention(cfg, name="attn")(_Norm(cfg, name="attn_norm")(x), positions, mask, cache, index)
+        h, cache = Attention(cfg, name="attn")(_Norm(cfg, name="attn_norm")(x), positions, mask, cache)
         x = x + h
         x = x + Mlp(cfg, name="mlp")(_Norm(cfg, name="mlp_norm")(x))
         return x, cache
@@ -170,7 +228,7 @@ def _stacked_blocks(cfg: ModelConfig):
         policy = jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims if cfg.remat == "dots" else None
         block = nn.remat(Block, policy=policy, prevent_cse=False)
     return nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                   in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.num_layers,
+                   in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.num_layers,
                    metadata_params={nn.PARTITION_NAME: "layers"})
 
 
@@ -191,13 +249,21 @@ class Transformer(nn.Module):
         if self.scalar_head:
             self.score_head = _Dense(cfg, (D, 1), ("embed", None), use_bias=True, std=1 / math.sqrt(D + 1))
 
-    def hidden(self, tokens, positions, mask, cache=None, index=None):
-        """tokens [B,T] -> (hidden [B,T,D] after the final norm, updated (k, v) cache or None)."""
+    def embed_tokens(self, tokens, positions):
+        """tokens [B,T] -> input embeddings [B,T,D] (token + learned position embeddings)."""
         x = self.embed(tokens)
         if self.config.positional == "learned":
             x = x + self.pos_embed(positions)
-        x, cache = self.layers(x, cache, positions, mask, index)
-        return self.final_norm(x), cache
+        return x
+
+    def hidden(self, tokens, positions, mask):
+        """tokens [B,T] -> hidden [B,T,D] after the final norm (mask: see `Attention`)."""
+        x, _ = self.layers(self.embed_tokens(tokens, positions), None, positions, mask)
+        return self.final_norm(x)
+
+    def normed(self, x):
+        """x [B,T,D] -> final_norm(x)."""
+        return self.final_norm(x)
 
     def logits(self, hidden):
         """hidden [B,T,D] -> float32 logits [B,T,V], accumulated in float32 without a second f32 copy."""
@@ -212,7 +278,7 @@ class Transformer(nn.Module):
 
     def __call__(self, tokens):
         positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-        h, _ = self.hidden(tokens, positions, None)
+        h = self.hidden(tokens, positions, None)
         return (self.logits(h), self.score(h)) if self.scalar_head else self.logits(h)
 
 
@@ -264,18 +330,29 @@ def param_logical_axes(config: ModelConfig, *, scalar_head: bool = False):
     return jax.tree.map(lambda s: tuple(s), specs, is_leaf=lambda s: isinstance(s, jax.sharding.PartitionSpec))
 
 
+def _attention_mask(segment_ids, seq_lengths):
+    if seq_lengths is not None:
+        if segment_ids is not None:
+            raise ValueError("forward: pass segment_ids (packed or left-padded rows) or seq_lengths (one "
+                             "right-padded example per row), not both")
+        return jnp.asarray(seq_lengths).astype(jnp.int32)
+    return None if segment_ids is None else _segment_mask(segment_ids)
+
+
 @functools.partial(jax.jit, static_argnames=("config",))
-def forward_hidden(params, tokens, *, config: ModelConfig, positions=None, segment_ids=None):
+def forward_hidden(params, tokens, *, config: ModelConfig, positions=None, segment_ids=None, seq_lengths=None):
     """tokens [B,T] int -> hidden [B,T,D] (compute dtype, after the final norm).
 
     positions [B,T] default to arange(T). segment_ids [B,T]: 0 = padding, tokens attend causally within their own
-    nonzero segment only; None means one causal sequence per row (cuDNN's fast `is_causal` path).
+    nonzero segment only (a dense [B,1,T,T] mask). seq_lengths [B] int: one right-padded example per row, its
+    first seq_lengths[b] tokens real; the same attention as segment_ids = (t < seq_lengths) on those tokens,
+    but through `is_causal` + sequence lengths (cuDNN flash attention, no T x T mask); outputs at padding
+    positions are finite but unspecified. Neither: one causal sequence per row.
     """
     _check_len(config, tokens.shape[1])
-    mask = None if segment_ids is None else _segment_mask(segment_ids)
-    h, _ = _module(config, params).apply({"params": params}, tokens, _default_positions(tokens, positions), mask,
+    mask = _attention_mask(segment_ids, seq_lengths)
+    return _module(config, params).apply({"params": params}, tokens, _default_positions(tokens, positions), mask,
                                          method=Transformer.hidden)
-    return h
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
@@ -285,20 +362,35 @@ def lm_logits(params, hidden, *, config: ModelConfig):
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
-def forward(params, tokens, *, config: ModelConfig, positions=None, segment_ids=None):
-    """tokens [B,T] -> logits [B,T,V] float32. See `forward_hidden` for positions and segment_ids."""
-    h = forward_hidden(params, tokens, config=config, positions=positions, segment_ids=segment_ids)
+def lm_head_kernel(params, *, config: ModelConfig):
+    """The LM head as a [D,V] matrix in the compute dtype (the transposed tied embedding, or lm_head)."""
+    w = params["embed"]["embedding"].T if config.tie_embeddings else params["lm_head"]["kernel"]
+    return w.astype(config.compute_dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def forward(params, tokens, *, config: ModelConfig, positions=None, segment_ids=None, seq_lengths=None):
+    """tokens [B,T] -> logits [B,T,V] float32. See `forward_hidden` for positions, segment_ids, seq_lengths."""
+    h = forward_hidden(params, tokens, config=config, positions=positions, segment_ids=segment_ids,
+                       seq_lengths=seq_lengths)
     return lm_logits(params, h, config=config)
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
-def scalar_forward(params, tokens, *, config: ModelConfig, positions=None, segment_ids=None):
+def scalar_forward(params, tokens, *, config: ModelConfig, positions=None, segment_ids=None, seq_lengths=None):
     """tokens [B,T] -> scalar head output [B,T] float32 (needs `init_params(..., scalar_head=True)`)."""
     if "score_head" not in params:
         raise ValueError("scalar_forward needs params with a 'score_head'; create them with "
                          "init_params(config, rng, scalar_head=True) or add one to pretrained params")
-    h = forward_hidden(params, tokens, config=config, positions=positions, segment_ids=segment_ids)
-    return _module(config, params).apply({"params": params}, h, method=Transformer.score)
+    h = forward_hidden(params, tokens, config=config, positions=positions, segment_ids=segment_ids,
+                       seq_lengths=seq_lengths)
+    return scalar_head(params, h, config=config)
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def scalar_head(params, hidden, *, config: ModelConfig):
+    """hidden [B,T,D] -> scalar head output [B,T] float32 (e.g. values at chosen positions only)."""
+    return _module(config, params).apply({"params": params}, hidden, method=Transformer.score)
 
 
 def init_cache(config: ModelConfig, batch: int, max_len: int) -> KVCache:
@@ -313,17 +405,53 @@ def forward_cached(params, tokens, *, config: ModelConfig, cache: KVCache, posit
 
     Query t attends to slots s with key_mask[b, s] and s <= index + t (key_mask [B,S] must also mark the new
     slots as valid). positions [B,T] give the RoPE / learned positions (so left-padded prompts start at 0).
-    `index` may be a traced scalar.
+    `index` may be a traced scalar. Slots >= index of the incoming cache are never read.
     """
+    return _forward_cached(params, tokens, config, cache, positions, key_mask, index, read_cache=True)
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def prefill(params, tokens, *, config: ModelConfig, cache: KVCache, positions, key_mask):
+    """`forward_cached` at index 0 without reading the (empty) cache: tokens [B,T] fill slots [0, T)."""
+    return _forward_cached(params, tokens, config, cache, positions, key_mask, 0, read_cache=False)
+
+
+def _forward_cached(params, tokens, config, cache, positions, key_mask, index, *, read_cache: bool):
     T, S = tokens.shape[1], cache.k.shape[2]
-    slot, query_slot = jnp.arange(S), index + jnp.arange(T)
-    visible = key_mask.astype(bool)[:, None, :] & (slot[None, None, :] <= query_slot[None, :, None])
-    mask = (visible | (slot[None, None, :] == query_slot[None, :, None]))[:, None]   # [B,1,T,S]
+    index = jnp.asarray(index, jnp.int32)
+    key_mask = key_mask.astype(bool)
+    old_visible = key_mask & (jnp.arange(S) < index)[None, :]                            # [B,S]
+    new_keys = lax.dynamic_slice_in_dim(key_mask, index, T, axis=1)                       # [B,T]
+    t = jnp.arange(T)
+    new_visible = (new_keys[:, None, :] & (t[None, None, :] <= t[None, :, None])) | jnp.eye(T, dtype=bool)
     module = _module(config, params)
-    h, (k, v) = module.apply({"params": params}, tokens, positions, mask, (cache.k, cache.v),
-                             jnp.asarray(index, jnp.int32), method=Transformer.hidden)
+    x = module.apply({"params": params}, tokens, positions, method=Transformer.embed_tokens)
+    block = Block(config)
+    new_k, new_v = [], []
+    for layer in range(config.num_layers):   # unrolled: static cache slices, no per-layer cache copies
+        layer_params = jax.tree.map(lambda a: a[layer], params["layers"])
+        layer_cache = (cache.k[layer], cache.v[layer]) if read_cache else (None, None)
+        x, (k, v) = block.apply({"params": layer_params}, x, layer_cache, positions, (old_visible, new_visible))
+        new_k.append(k)
+        new_v.append(v)
+    h = module.apply({"params": params}, x, method=Transformer.normed)
     logits = module.apply({"params": params}, h, method=Transformer.logits)
-    return logits, KVCache(k=k, v=v)
+    start = (0, 0, index, 0, 0)
+    return logits, KVCache(k=lax.dynamic_update_slice(cache.k, jnp.stack(new_k).astype(cache.k.dtype), start),
+                           v=lax.dynamic_update_slice(cache.v, jnp.stack(new_v).astype(cache.v.dtype), start))
+
+
+def decode_params(params, config: ModelConfig):
+    """params with every matrix, embedding and bias cast once to the compute dtype (norm parameters, which
+    `_Norm` reads in float32, are kept): a decode loop then reads 16-bit weights instead of re-casting float32
+    ones every step. The forward pass computes the same values either way."""
+    dtype = config.compute_dtype
+
+    def cast(path, x):
+        keep = any("norm" in str(getattr(k, "key", "")) for k in path)
+        return x if keep or not jnp.issubdtype(x.dtype, jnp.floating) else x.astype(dtype)
+
+    return jax.tree_util.tree_map_with_path(cast, params)
 
 
 def count_params(params) -> int:

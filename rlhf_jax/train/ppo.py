@@ -27,9 +27,11 @@ from jax import lax
 
 from rlhf_jax.generation import sample
 from rlhf_jax.losses import (adaptive_kl_update, entropy_from_logits, gae, masked_mean, masked_sum, masked_var,
-                             ppo_policy_loss, ppo_value_loss, sft_loss, shape_rewards, token_logprobs, whiten)
-from rlhf_jax.models import forward, scalar_forward
+                             ppo_policy_loss, ppo_value_loss, shape_rewards, token_logprobs, whiten)
+from rlhf_jax.losses._sft import sft_loss_from_hidden
+from rlhf_jax.models import forward_hidden, lm_logits
 from rlhf_jax.models.config import ModelConfig
+from rlhf_jax.models.transformer import lm_head_kernel, scalar_head
 from rlhf_jax.train.state import PPOState
 from rlhf_jax.train.steps import reward_scores
 
@@ -58,18 +60,24 @@ def sequence_positions(mask) -> jax.Array:
     return jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)
 
 
+def _response_hidden(params, tokens, mask, *, model_config: ModelConfig, num_new: int):
+    """Hidden states [B,N,D] at the positions P-1 .. P+N-2, which predict the N response tokens."""
+    h = forward_hidden(params, tokens, config=model_config, positions=sequence_positions(mask), segment_ids=mask)
+    return h[:, -num_new - 1:-1]
+
+
 def response_logits(params, tokens, mask, *, model_config: ModelConfig, num_new: int, temperature: float):
     """Logits / temperature [B,N,V] that predict the N response tokens of `tokens` [B,P+N]."""
-    logits = forward(params, tokens, config=model_config, positions=sequence_positions(mask), segment_ids=mask)
-    # Position P-1+t predicts response token t; divide by the sampling temperature (Huang et al. detail).
-    return logits[:, -num_new - 1:-1] / temperature
+    # The LM head runs at the N response positions only (not over the prompt); divide by the sampling
+    # temperature (Huang et al. detail).
+    h = _response_hidden(params, tokens, mask, model_config=model_config, num_new=num_new)
+    return lm_logits(params, h, config=model_config) / temperature
 
 
 def response_values(params, tokens, mask, *, model_config: ModelConfig, num_new: int):
     """Value head outputs [B,N] at the positions that predict the N response tokens."""
-    values = scalar_forward(params, tokens, config=model_config, positions=sequence_positions(mask),
-                            segment_ids=mask)
-    return values[:, -num_new - 1:-1]
+    h = _response_hidden(params, tokens, mask, model_config=model_config, num_new=num_new)
+    return scalar_head(params, h, config=model_config)
 
 
 def rollout(policy_params, ref_params, reward_params, value_params, prompts, prompt_mask, rng, *, config,
@@ -145,13 +153,16 @@ def ppo_update(state: PPOState, data: Rollout, rng, *, config, model_config: Mod
                                  num_new=N, temperature=c.temperature)
         lp = token_logprobs(logits, mb["tokens"][:, -N:])
         loss, m = ppo_policy_loss(lp, mb["logprobs"], mb["advantages"], mb["mask"], clip_eps=c.clip_eps)
-        entropy = masked_mean(entropy_from_logits(logits), mb["mask"])
+        # Without an entropy bonus the entropy is only a metric: no backward pass through [B,N,V].
+        ent_logits = logits if c.entropy_coef else lax.stop_gradient(logits)
+        entropy = masked_mean(entropy_from_logits(ent_logits), mb["mask"])
         loss = loss - c.entropy_coef * entropy
         m = {**m, "entropy": entropy}
         if use_ptx:
-            ptx_logits = forward(params, ptx_mb["inputs"], config=model_config,
-                                 positions=ptx_mb.get("positions"), segment_ids=ptx_mb.get("segment_ids"))
-            ptx_loss = sft_loss(ptx_logits, ptx_mb["targets"], ptx_mb["loss_mask"])[0]
+            ptx_h = forward_hidden(params, ptx_mb["inputs"], config=model_config,
+                                   positions=ptx_mb.get("positions"), segment_ids=ptx_mb.get("segment_ids"))
+            ptx_loss = sft_loss_from_hidden(ptx_h, lm_head_kernel(params, config=model_config),
+                                            ptx_mb["targets"], ptx_mb["loss_mask"])[0]
             loss = loss + c.ptx_coef * ptx_loss
             m = {**m, "ptx_loss": ptx_loss}
         return loss, m

@@ -24,9 +24,12 @@ import optax
 from jax.sharding import Mesh
 
 from rlhf_jax import sharding as S
-from rlhf_jax.losses import bradley_terry_loss, dpo_loss, sequence_logprobs, sft_loss
+from rlhf_jax.losses import bradley_terry_loss, dpo_loss, masked_sum, sft_loss, token_logprobs_from_hidden
+from rlhf_jax.losses._logprobs import FUSED_CHUNK
+from rlhf_jax.losses._sft import sft_loss_from_hidden
 from rlhf_jax.models import forward, scalar_forward
 from rlhf_jax.models.config import ModelConfig
+from rlhf_jax.models.transformer import forward_hidden, lm_head_kernel
 from rlhf_jax.train.state import TrainState
 
 _BT_NAMES = {"reward_chosen": "rewards/chosen", "reward_rejected": "rewards/rejected",
@@ -97,8 +100,10 @@ def sft_step(state: TrainState, batch: dict, *, model_config: ModelConfig):
     Metrics: "loss", "accuracy", "num_tokens", "perplexity", "grad_norm", "learning_rate".
     """
     def loss_fn(params):
-        logits = forward(params, batch["inputs"], config=model_config, **_model_inputs(batch))   # [B,T,V]
-        return sft_loss(logits, batch["targets"], batch["loss_mask"])
+        # Fused LM head + loss over vocabulary chunks: no [B,T,V] float32 logits (same loss and accuracy).
+        h = forward_hidden(params, batch["inputs"], config=model_config, **_model_inputs(batch))   # [B,T,D]
+        return sft_loss_from_hidden(h, lm_head_kernel(params, config=model_config), batch["targets"],
+                                    batch["loss_mask"])
 
     (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     return state.apply_gradients(grads), {**metrics, **_grad_metrics(state, grads)}
@@ -129,7 +134,12 @@ def reward_scores(params, batch: dict, *, model_config: ModelConfig) -> jax.Arra
 
 def _reward_loss(params, batch, *, model_config, center_coef):
     pair = _concat_pair(batch["chosen"], batch["rejected"])
-    chosen, rejected = _split(reward_scores(params, pair, model_config=model_config))
+    # One right-padded example per row: causal attention with sequence lengths (cuDNN flash, no T x T mask).
+    segment_ids = pair.get("segment_ids", jnp.ones_like(pair["inputs"]))
+    values = scalar_forward(params, pair["inputs"], config=model_config, positions=pair.get("positions"),
+                            seq_lengths=jnp.sum(segment_ids > 0, axis=1))                          # [2B,T]
+    scores = jnp.take_along_axis(values, last_token_index(segment_ids)[:, None], axis=1)[:, 0]
+    chosen, rejected = _split(scores)
     loss, metrics = bradley_terry_loss(chosen, rejected, margin=batch.get("margin"), center_coef=center_coef)
     return loss, _rename(metrics, _BT_NAMES)
 
@@ -152,9 +162,16 @@ def reward_eval(params, batch: dict, *, model_config: ModelConfig, center_coef: 
 
 # -------------------------------------------------------------------------------------------------------- DPO
 def sequence_logps(params, batch: dict, *, model_config: ModelConfig) -> jax.Array:
-    """Sum of log p(target) over loss_mask tokens of an SFT-style batch -> [B] float32."""
-    logits = forward(params, batch["inputs"], config=model_config, **_model_inputs(batch))
-    return sequence_logprobs(logits, batch["targets"], batch["loss_mask"])
+    """Sum of log p(target) over loss_mask tokens of an SFT-style batch with one right-padded example per row
+    (a preference batch side) -> [B] float32. Attention uses sequence lengths (cuDNN flash, no T x T mask), and
+    the LM head is fused with the log-softmax over vocabulary chunks (no [B,T,V] logits)."""
+    segment_ids = batch.get("segment_ids")
+    lengths = None if segment_ids is None else jnp.sum(segment_ids > 0, axis=1)
+    h = forward_hidden(params, batch["inputs"], config=model_config, positions=batch.get("positions"),
+                       seq_lengths=lengths)
+    logp = token_logprobs_from_hidden(h, lm_head_kernel(params, config=model_config), batch["targets"],
+                                      chunk_size=FUSED_CHUNK)
+    return masked_sum(logp, batch["loss_mask"], axis=-1)
 
 
 def reference_logps(ref_params, batch: dict, *, model_config: ModelConfig) -> dict:

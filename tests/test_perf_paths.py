@@ -1,0 +1,156 @@
+"""The fast paths of issue 8 equal the plain ones: length-based attention, in-place cached decoding, bf16 decode
+params, response-only PPO heads, and the fused (chunked) LM head + SFT loss with its running argmax."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rlhf_jax.losses import sft_loss
+from rlhf_jax.losses._logprobs import token_logprobs_and_argmax_from_hidden
+from rlhf_jax.losses._sft import sft_loss_from_hidden
+from rlhf_jax.models import (ModelConfig, forward, forward_cached, forward_hidden, init_cache, init_params,
+                             scalar_forward)
+from rlhf_jax.models.transformer import KVCache, attention_impl, decode_params, lm_head_kernel, prefill
+from rlhf_jax.train.ppo import response_logits, response_values, sequence_positions
+
+GPT = ModelConfig(vocab_size=61, d_model=32, num_layers=2, num_heads=4, mlp_dim=64, max_seq_len=32)
+LLAMA = ModelConfig(vocab_size=61, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=48,
+                    max_seq_len=32, mlp="swiglu", norm="rmsnorm", positional="rope", use_bias=False,
+                    qkv_bias=True, tie_embeddings=False)
+CONFIGS = {"gpt2": GPT, "llama": LLAMA}
+
+
+@pytest.fixture(scope="module")
+def params():
+    return {name: init_params(cfg, jax.random.key(1), scalar_head=True) for name, cfg in CONFIGS.items()}
+
+
+def _tokens(B, T, seed=0, V=61):
+    return jnp.asarray(np.random.default_rng(seed).integers(0, V, (B, T)), jnp.int32)
+
+
+def test_attention_impl_default_is_xla_on_cpu():
+    assert attention_impl(GPT) == "xla"
+    assert attention_impl(GPT.replace(dtype="bfloat16")) == "xla"   # cuDNN only on GPU
+    assert attention_impl(GPT.replace(attention_impl="cudnn")) == "cudnn"
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_seq_lengths_equal_segment_mask(params, name):
+    cfg, p = CONFIGS[name], params[name]
+    B, T = 3, 9
+    tokens = _tokens(B, T, seed=2)
+    lengths = jnp.array([9, 5, 1], jnp.int32)
+    segment_ids = (jnp.arange(T)[None] < lengths[:, None]).astype(jnp.int32)
+    fast = forward_hidden(p, tokens, config=cfg, seq_lengths=lengths)
+    dense = forward_hidden(p, tokens, config=cfg, segment_ids=segment_ids)
+    assert np.isfinite(np.asarray(fast)).all()
+    real = np.asarray(segment_ids, bool)
+    np.testing.assert_allclose(np.asarray(fast)[real], np.asarray(dense)[real], atol=1e-5)
+    # and the real tokens do not see the padding at all
+    junk = tokens.at[1, 5:].set(7)
+    np.testing.assert_allclose(forward_hidden(p, junk, config=cfg, seq_lengths=lengths)[1, :5], fast[1, :5],
+                               atol=1e-6)
+    with pytest.raises(ValueError, match="not both"):
+        forward_hidden(p, tokens, config=cfg, seq_lengths=lengths, segment_ids=segment_ids)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_cached_chunks_ignore_unwritten_slots(params, name):
+    """Prefill 3, a 3-token chunk, then 1 token, into a cache whose unwritten slots hold garbage (never read),
+    with left padding in the key mask: equals the uncached masked forward."""
+    cfg, p = CONFIGS[name], params[name]
+    B, T, S = 2, 7, 10
+    tokens = _tokens(B, T, seed=4)
+    mask = jnp.array([[1] * T, [0, 0] + [1] * (T - 2)], jnp.int32)
+    positions = sequence_positions(mask)
+    full = forward(p, tokens, config=cfg, positions=positions, segment_ids=mask)
+    key_mask = jnp.concatenate([mask, jnp.ones((B, S - T), jnp.int32)], 1)
+    zeros = init_cache(cfg, B, S)
+    cache = KVCache(k=zeros.k + 100.0, v=zeros.v - 50.0)
+    step = jax.jit(forward_cached, static_argnames="config")
+    real = np.asarray(mask, bool)
+    for lo, hi in [(0, 3), (3, 6), (6, 7)]:
+        logits, cache = step(p, tokens[:, lo:hi], config=cfg, cache=cache, positions=positions[:, lo:hi],
+                             key_mask=key_mask, index=jnp.int32(lo))
+        np.testing.assert_allclose(np.asarray(logits)[real[:, lo:hi]], np.asarray(full[:, lo:hi])[real[:, lo:hi]],
+                                   atol=1e-5)
+    # slots past the written ones are untouched
+    np.testing.assert_array_equal(cache.k[:, :, T:], zeros.k[:, :, T:] + 100.0)
+    # the prefill (which never reads the cache) equals forward_cached at index 0
+    kw = dict(config=cfg, positions=positions[:, :4], key_mask=key_mask)
+    a_logits, a_cache = prefill(p, tokens[:, :4], cache=zeros, **kw)
+    b_logits, b_cache = step(p, tokens[:, :4], cache=zeros, index=0, **kw)
+    np.testing.assert_allclose(a_logits, b_logits, atol=1e-6)
+    np.testing.assert_allclose(a_cache.v, b_cache.v, atol=1e-6)
+
+
+def test_decode_params_cast_once_same_forward(params):
+    cfg = LLAMA.replace(dtype="bfloat16")
+    p = params["llama"]
+    cast = decode_params(p, cfg)
+    assert cast["layers"]["attn_norm"]["scale"].dtype == jnp.float32          # norms keep float32
+    assert cast["final_norm"]["scale"].dtype == jnp.float32
+    assert cast["layers"]["attn"]["q"]["kernel"].dtype == jnp.bfloat16
+    assert cast["embed"]["embedding"].dtype == jnp.bfloat16
+    tokens = _tokens(2, 6)
+    np.testing.assert_array_equal(forward(cast, tokens, config=cfg), forward(p, tokens, config=cfg))
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_response_only_heads_equal_sliced_full(params, name):
+    cfg, p = CONFIGS[name], params[name]
+    P, N = 4, 5
+    tokens = _tokens(2, P + N, seed=5)
+    mask = jnp.array([[0, 1, 1, 1] + [1] * N, [1, 1, 1, 1] + [1, 1, 1, 0, 0]], jnp.int32)
+    kw = dict(positions=sequence_positions(mask), segment_ids=mask)
+    full = forward(p, tokens, config=cfg, **kw)[:, P - 1:-1] / 0.7
+    got = response_logits(p, tokens, mask, model_config=cfg, num_new=N, temperature=0.7)
+    np.testing.assert_allclose(got, full, atol=1e-5)
+    values = scalar_forward(p, tokens, config=cfg, **kw)[:, P - 1:-1]
+    np.testing.assert_allclose(response_values(p, tokens, mask, model_config=cfg, num_new=N), values, atol=1e-5)
+
+
+def _np_logsoftmax(z):
+    z = z - z.max(-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
+@pytest.mark.parametrize("chunk", [7, 16, 61, 200])
+def test_fused_logprobs_and_argmax_against_numpy(chunk):
+    rng = np.random.default_rng(chunk)
+    D, V = 8, 61
+    h = rng.standard_normal((2, 5, D)).astype(np.float32)
+    w = rng.standard_normal((D, V)).astype(np.float32)
+    w[:, 3] = w[:, 50] = 3.0                 # a tie across chunks: argmax must keep the first index
+    h[0, 0] = 1.0                            # ... in a row where columns 3 and 50 are the clear maximum
+    y = rng.integers(0, V, (2, 5))
+    logp, arg = jax.jit(lambda h, w: token_logprobs_and_argmax_from_hidden(h, w, y, chunk_size=chunk))(h, w)
+    z = h.astype(np.float64) @ w
+    np.testing.assert_allclose(logp, np.take_along_axis(_np_logsoftmax(z), y[..., None], -1)[..., 0], atol=1e-5)
+    np.testing.assert_array_equal(arg, z.argmax(-1))
+    assert int(arg[0, 0]) == 3
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_fused_sft_loss_equals_unfused_with_grads(params, name):
+    cfg = CONFIGS[name]
+    p = {k: v for k, v in params[name].items() if k != "score_head"}
+    tokens = _tokens(2, 9, seed=6)
+    targets = _tokens(2, 9, seed=7)
+    loss_mask = jnp.array([[0, 0, 1, 1, 1, 1, 1, 1, 1], [0, 1, 1, 1, 1, 0, 0, 0, 0]], jnp.float32)
+
+    def plain(p):
+        return sft_loss(forward(p, tokens, config=cfg), targets, loss_mask)
+
+    def fused(p):
+        h = forward_hidden(p, tokens, config=cfg)
+        return sft_loss_from_hidden(h, lm_head_kernel(p, config=cfg), targets, loss_mask, chunk_size=16)
+
+    (l1, m1), g1 = jax.jit(jax.value_and_grad(plain, has_aux=True))(p)
+    (l2, m2), g2 = jax.jit(jax.value_and_grad(fused, has_aux=True))(p)
+    np.testing.assert_allclose(l2, l1, rtol=1e-6)
+    assert set(m1) == set(m2)
+    for k in m1:
+        np.testing.assert_allclose(m2[k], m1[k], rtol=1e-5, err_msg=k)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), g2, g1)
