@@ -100,6 +100,10 @@ class BenchConfig:
     """Per-block rematerialisation (ModelConfig.remat)."""
     attention_impl: Literal["xla", "cudnn"] | None = None
     """jax.nn.dot_product_attention implementation (ModelConfig.attention_impl); cudnn needs bf16 on GPU."""
+    scan_unroll: int | None = None
+    """Blocks per iteration of the scan over layers (ModelConfig.scan_unroll): None = all on GPU/TPU, 1 on CPU."""
+    logits_chunk: str = "auto"
+    """LM head + loss (ModelConfig.logits_chunk): auto, None (full float32 logits) or a vocabulary chunk size."""
     segment_ids: bool = True
     """Give training batches segment_ids (as real batches have): an explicit [B,1,T,T] mask, not is_causal."""
     attn_flops: Literal["causal", "full"] = "causal"
@@ -359,10 +363,20 @@ class _Bench:
                 "update_mfu_spec": upd["mfu_spec"]}
 
 
+def _logits_chunk(flag: str):
+    """--logits-chunk: "auto", "None" or an int."""
+    if flag in ("auto", "None"):
+        return None if flag == "None" else flag
+    if not flag.isdigit():
+        raise ValueError(f"--logits-chunk: expected auto, None or a positive int, got {flag!r}")
+    return int(flag)
+
+
 def run_benchmarks(cfg: BenchConfig) -> dict:
     """Run the selected benchmarks; returns the report (also written to `cfg.json` if set)."""
     cfg = resolve(cfg)
-    model = ModelConfig.preset(cfg.preset, dtype=cfg.dtype, remat=cfg.remat, attention_impl=cfg.attention_impl)
+    model = ModelConfig.preset(cfg.preset, dtype=cfg.dtype, remat=cfg.remat, attention_impl=cfg.attention_impl,
+                               scan_unroll=cfg.scan_unroll, logits_chunk=_logits_chunk(cfg.logits_chunk))
     dev = jax.devices()[0]
     n = cfg.peak_size or (1024 if dev.platform == "cpu" else 8192)
     measured = measure_peak_flops(model.compute_dtype, n)

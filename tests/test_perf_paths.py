@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 
 from rlhf_jax.losses import sft_loss
-from rlhf_jax.losses._logprobs import token_logprobs_and_argmax_from_hidden
+from rlhf_jax.losses._logprobs import (FULL_LOGITS_MAX_BYTES, FUSED_CHUNK, resolve_chunk,
+                                       token_logprobs_and_argmax_from_hidden, token_logprobs_from_hidden)
 from rlhf_jax.losses._sft import sft_loss_from_hidden
 from rlhf_jax.models import (ModelConfig, forward, forward_cached, forward_hidden, init_cache, init_params,
                              scalar_forward)
-from rlhf_jax.models.transformer import KVCache, attention_impl, decode_params, lm_head_kernel, prefill
+from rlhf_jax.models.transformer import KVCache, attention_impl, decode_params, lm_head_kernel, prefill, scan_unroll
 from rlhf_jax.train.ppo import response_logits, response_values, sequence_positions
 
 GPT = ModelConfig(vocab_size=61, d_model=32, num_layers=2, num_heads=4, mlp_dim=64, max_seq_len=32)
@@ -106,9 +107,14 @@ def test_response_only_heads_equal_sliced_full(params, name):
     kw = dict(positions=sequence_positions(mask), segment_ids=mask)
     full = forward(p, tokens, config=cfg, **kw)[:, P - 1:-1] / 0.7
     got = response_logits(p, tokens, mask, model_config=cfg, num_new=N, temperature=0.7)
-    np.testing.assert_allclose(got, full, atol=1e-5)
+    # Rows are rotated to one right-padded example (sequence-length attention): outputs that predict a padding
+    # token are unspecified, every other one must equal the dense segment-mask forward.
+    real = np.asarray(mask[:, P:], bool)
+    assert real.sum() == 8
+    np.testing.assert_allclose(np.asarray(got)[real], np.asarray(full)[real], atol=1e-5)
     values = scalar_forward(p, tokens, config=cfg, **kw)[:, P - 1:-1]
-    np.testing.assert_allclose(response_values(p, tokens, mask, model_config=cfg, num_new=N), values, atol=1e-5)
+    got_v = response_values(p, tokens, mask, model_config=cfg, num_new=N)
+    np.testing.assert_allclose(np.asarray(got_v)[real], np.asarray(values)[real], atol=1e-5)
 
 
 def _np_logsoftmax(z):
@@ -116,9 +122,9 @@ def _np_logsoftmax(z):
     return z - np.log(np.exp(z).sum(-1, keepdims=True))
 
 
-@pytest.mark.parametrize("chunk", [7, 16, 61, 200])
+@pytest.mark.parametrize("chunk", [7, 16, 61, 200, None, "auto"])
 def test_fused_logprobs_and_argmax_against_numpy(chunk):
-    rng = np.random.default_rng(chunk)
+    rng = np.random.default_rng(chunk if isinstance(chunk, int) else 0)
     D, V = 8, 61
     h = rng.standard_normal((2, 5, D)).astype(np.float32)
     w = rng.standard_normal((D, V)).astype(np.float32)
@@ -154,3 +160,50 @@ def test_fused_sft_loss_equals_unfused_with_grads(params, name):
     for k in m1:
         np.testing.assert_allclose(m2[k], m1[k], rtol=1e-5, err_msg=k)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), g2, g1)
+
+
+def test_resolve_chunk_auto_threshold():
+    rows = FULL_LOGITS_MAX_BYTES // (4 * 50257)
+    assert resolve_chunk("auto", rows, 50257) is None                 # GPT-2 SFT 8x1024 fits: full logits
+    assert resolve_chunk("auto", rows + 1, 50257) == FUSED_CHUNK
+    assert resolve_chunk(16, 10**9, 50257) == 16 and resolve_chunk(None, 10**9, 50257) is None
+    with pytest.raises(ValueError, match="logits_chunk"):
+        GPT.replace(logits_chunk=0)
+    with pytest.raises(ValueError, match="scan_unroll"):
+        GPT.replace(scan_unroll=0)
+    assert scan_unroll(GPT) == 1 and scan_unroll(GPT.replace(scan_unroll=5)) == GPT.num_layers   # CPU default
+
+
+def test_full_logits_pad_vocab_gradients_match_chunked():
+    rng = np.random.default_rng(3)
+    h = jnp.asarray(rng.standard_normal((2, 3, 8)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((8, 130)), jnp.float32)        # V = 130: padded to 256 columns
+    y = jnp.asarray(rng.integers(0, 130, (2, 3)))
+    f = lambda chunk: jax.grad(lambda h, w: token_logprobs_from_hidden(h, w, y, chunk_size=chunk).sum(),  # noqa
+                               argnums=(0, 1))(h, w)
+    for a, b in zip(f(None), f(32)):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_unrolled_layers_equal_scanned(name):
+    """scan_unroll changes the compiled loop, not the parameters, the logits or the gradients."""
+    cfg = CONFIGS[name].replace(num_layers=3)
+    p = init_params(cfg, jax.random.key(2))
+    p_unrolled = init_params(cfg.replace(scan_unroll=3), jax.random.key(2))
+    jax.tree.map(np.testing.assert_array_equal, p_unrolled, p)
+    tokens, targets = _tokens(2, 7, seed=8), _tokens(2, 7, seed=9)
+    segment_ids = jnp.array([[1, 1, 1, 2, 2, 2, 0], [1] * 7], jnp.int32)
+
+    def loss(p, c):
+        logits = forward(p, tokens, config=c, segment_ids=segment_ids)
+        return sft_loss(logits, targets, (segment_ids > 0).astype(jnp.float32))[0], logits
+
+    results = [jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)(p, cfg.replace(scan_unroll=u))
+               for u in (1, 2, 3)]
+    (l1, z1), g1 = results[0]
+    for (lu, zu), gu in results[1:]:
+        np.testing.assert_allclose(zu, z1, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(lu, l1, rtol=1e-6)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), gu, g1)

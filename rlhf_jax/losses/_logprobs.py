@@ -80,6 +80,16 @@ def token_logprobs(logits, targets, *, chunk_size: int | None = None):
 
 FUSED_CHUNK = 8192
 """Default vocabulary chunk of the fused LM-head paths used by the training steps (balanced over the chunks)."""
+FULL_LOGITS_MAX_BYTES = 4 * 2**30
+"""chunk_size="auto" builds the full float32 logits up to this size (one matmul, no recomputation), else chunks."""
+
+
+def resolve_chunk(chunk_size, num_rows: int, vocab: int) -> int | None:
+    """chunk_size "auto" -> None (full float32 logits) when num_rows * vocab * 4 bytes <= FULL_LOGITS_MAX_BYTES,
+    else FUSED_CHUNK; an int or None is returned unchanged."""
+    if chunk_size == "auto":
+        return None if num_rows * vocab * 4 <= FULL_LOGITS_MAX_BYTES else FUSED_CHUNK
+    return chunk_size
 
 
 def _balanced_chunk(chunk_size, vocab: int) -> tuple[int, int]:
@@ -93,6 +103,17 @@ def _balanced_chunk(chunk_size, vocab: int) -> tuple[int, int]:
     return n, c
 
 
+def _full_logits(hidden, w):
+    """hidden [..., D] @ w [D, V] -> float32 logits [..., V]. The matmul runs on w zero-padded to a multiple of
+    128 columns (tensor-core friendly, as nanoGPT's 50304-column GPT-2 head); the padding is sliced off, and
+    XLA fuses that slice into the consumers."""
+    vocab = w.shape[-1]
+    padded = -(-vocab // 128) * 128
+    if padded != vocab:
+        w = jnp.pad(w, ((0, 0), (0, padded - vocab)))
+    return jnp.einsum("...d,dv->...v", hidden, w, preferred_element_type=_F32)[..., :vocab]
+
+
 def token_logprobs_from_hidden(hidden, w, targets, *, chunk_size: int | None = None):
     """Fused LM head + log-softmax: ``token_logprobs(hidden @ w, targets)`` without ``[B, T, V]`` logits.
 
@@ -104,7 +125,8 @@ def token_logprobs_from_hidden(hidden, w, targets, *, chunk_size: int | None = N
       hidden: ``[B, T, D]`` final hidden states (after the final norm).
       w: ``[D, V]`` output projection (``lm_head`` kernel, or the transposed tied embedding).
       targets: ``[B, T]`` integer token ids.
-      chunk_size: vocabulary columns per chunk; ``None`` computes the full logits (then calls ``token_logprobs``).
+      chunk_size: vocabulary columns per chunk; ``None`` computes the full logits (then calls ``token_logprobs``);
+        ``"auto"``: see ``resolve_chunk``.
 
     Returns:
       ``[B, T]`` float32 log-probabilities of the targets.
@@ -112,8 +134,9 @@ def token_logprobs_from_hidden(hidden, w, targets, *, chunk_size: int | None = N
     hidden = jnp.asarray(hidden)
     w = jnp.asarray(w)
     targets = jnp.asarray(targets).astype(jnp.int32)
+    chunk_size = resolve_chunk(chunk_size, targets.size, w.shape[-1])
     if chunk_size is None:
-        return token_logprobs(jnp.einsum("...d,dv->...v", hidden, w, preferred_element_type=_F32), targets)
+        return token_logprobs(_full_logits(hidden, w), targets)
     d, vocab = w.shape
     n_chunks, c = _balanced_chunk(chunk_size, vocab)
     # [D, V] -> [n, D, c]: the scan slices w by its leading axis, so dw comes back stacked, not summed in a carry.
@@ -133,14 +156,16 @@ def token_logprobs_from_hidden(hidden, w, targets, *, chunk_size: int | None = N
     return tgt - (m + jnp.log(s))
 
 
-def token_logprobs_and_argmax_from_hidden(hidden, w, targets, *, chunk_size: int = FUSED_CHUNK):
+def token_logprobs_and_argmax_from_hidden(hidden, w, targets, *, chunk_size: int | None = FUSED_CHUNK):
     """Fused LM head + log-softmax + argmax, streaming the vocabulary: no ``[B, T, V]`` logits are built.
 
     Args:
       hidden: ``[B, T, D]`` final hidden states (after the final norm), e.g. bfloat16.
       w: ``[D, V]`` output projection, same dtype; the matmul accumulates in float32.
       targets: ``[B, T]`` integer token ids.
-      chunk_size: at most this many vocabulary columns per chunk (balanced: ``ceil(V / chunk_size)`` chunks).
+      chunk_size: at most this many vocabulary columns per chunk (balanced: ``ceil(V / chunk_size)`` chunks);
+        ``None`` builds the full ``[B, T, V]`` float32 logits once (no recomputation in the backward pass);
+        ``"auto"``: see ``resolve_chunk``.
 
     Returns:
       ``(logp [B, T] float32, argmax [B, T] int32)``: ``token_logprobs(hidden @ w, targets)`` and the (first)
@@ -148,6 +173,10 @@ def token_logprobs_and_argmax_from_hidden(hidden, w, targets, *, chunk_size: int
     """
     hidden, w = jnp.asarray(hidden), jnp.asarray(w)
     targets = jnp.asarray(targets).astype(jnp.int32)
+    chunk_size = resolve_chunk(chunk_size, targets.size, w.shape[-1])
+    if chunk_size is None:
+        logits = _full_logits(hidden, w)
+        return token_logprobs(logits, targets), jnp.argmax(lax.stop_gradient(logits), axis=-1).astype(jnp.int32)
     d, vocab = w.shape
     n_chunks, c = _balanced_chunk(chunk_size, vocab)
     # [D, V] -> [n, D, c]: the scan slices w by its leading axis, so dw comes back stacked, not summed in a carry.

@@ -53,13 +53,14 @@ def sft_loss(logits, targets, loss_mask, *, chunk_size: int | None = None):
     return _loss_and_metrics(sft_loss_sums(logits, targets, loss_mask, chunk_size=chunk_size))
 
 
-def sft_loss_from_hidden(hidden, w, targets, loss_mask, *, chunk_size: int = FUSED_CHUNK):
+def sft_loss_from_hidden(hidden, w, targets, loss_mask, *, chunk_size: int | str | None = FUSED_CHUNK):
     """``sft_loss(hidden @ w, targets, loss_mask)`` without building the ``[B, T, V]`` logits.
 
     Args:
       hidden: ``[B, T, D]`` final hidden states; w: ``[D, V]`` LM head (same dtype, float32 accumulation).
       targets, loss_mask: as in ``sft_loss``.
-      chunk_size: vocabulary columns per chunk (see ``token_logprobs_and_argmax_from_hidden``).
+      chunk_size: vocabulary columns per chunk (see ``token_logprobs_and_argmax_from_hidden``); ``None``: full
+        float32 logits; ``"auto"``: full logits up to 4 GiB, else chunks.
 
     Returns:
       ``(loss, metrics)`` exactly as ``sft_loss`` (accuracy from a running argmax over the chunks).

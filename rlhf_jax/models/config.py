@@ -51,8 +51,23 @@ class ModelConfig:
     """Rematerialisation policy per block: recompute everything, or keep only matmul outputs."""
     attention_impl: Literal["xla", "cudnn"] | None = None
     """`jax.nn.dot_product_attention` implementation; None = cuDNN on GPU with a bf16/fp16 compute dtype, else XLA."""
+    scan_unroll: int | None = None
+    """Blocks per iteration of the `nn.scan` over layers. 1 is a rolled loop (one compiled block, fastest
+    compile); num_layers is straight-line code that XLA fuses and schedules across layer boundaries (no
+    per-layer parameter slicing or residual stacking: GPT-2 124M SFT on an H100 went from 42 to 32 ms a step),
+    at about twice the compile time. None: num_layers on GPU/TPU, 1 on CPU. The parameter tree is the same."""
+    logits_chunk: int | Literal["auto"] | None = "auto"
+    """LM head + log-softmax of the training steps (SFT, DPO, PPO-ptx): an int streams the vocabulary in chunks
+    of that many columns (no [B,T,V] float32 logits; each chunk's logits are recomputed in the backward pass);
+    None builds the [B,T,V] float32 logits once (faster: 32 -> 28 ms for GPT-2 124M SFT 8x1024 on an H100);
+    "auto" builds them while they take at most `losses._logprobs.FULL_LOGITS_MAX_BYTES` (4 GiB), else chunks of 8192."""
 
     def __post_init__(self):
+        if self.scan_unroll is not None and (not isinstance(self.scan_unroll, int) or self.scan_unroll < 1):
+            raise ValueError(f"ModelConfig: scan_unroll={self.scan_unroll!r} must be None or an int >= 1")
+        chunk = self.logits_chunk
+        if chunk is not None and chunk != "auto" and (not isinstance(chunk, int) or chunk < 1):
+            raise ValueError(f"ModelConfig: logits_chunk={chunk!r} must be 'auto', None or an int >= 1")
         kv = self.num_kv_heads or self.num_heads
         if self.num_heads % kv:
             raise ValueError(f"ModelConfig: num_heads={self.num_heads} must be a multiple of num_kv_heads={kv}")

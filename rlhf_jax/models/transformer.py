@@ -6,8 +6,8 @@ biases everywhere, LM head tied to the token embedding. Llama (Touvron et al. 20
 (Shazeer 2020), grouped-query attention (Ainslie et al. 2023), optional q/k/v biases (Qwen2).
 `ModelConfig` picks the variant; the parameter tree is the same for both apart from optional leaves.
 
-Layers are stacked with `nn.scan` (every layer parameter has a leading L axis) and optionally rematerialised
-with `nn.remat`. Attention is `jax.nn.dot_product_attention`: cuDNN flash attention on GPU in bf16/fp16
+Layers are stacked with `nn.scan` (every layer parameter has a leading L axis), optionally unrolled
+(`ModelConfig.scan_unroll`: same parameters, straight-line code) and rematerialised with `nn.remat`. Attention is `jax.nn.dot_product_attention`: cuDNN flash attention on GPU in bf16/fp16
 (`attention_impl=None`), given `is_causal` plus `seq_lengths` for right-padded rows, or a dense mask for packed
 or left-padded rows. The same `Block` serves training and cached decoding. `forward_cached` loops over the
 layers in Python and reads each layer's cache slice only: attention is one softmax over the cached keys
@@ -222,6 +222,14 @@ class Block(nn.Module):
         return x, cache
 
 
+def scan_unroll(config: ModelConfig) -> int:
+    """Blocks per scan iteration: `config.scan_unroll`, or for None all layers on GPU/TPU and 1 on CPU."""
+    unroll = config.scan_unroll
+    if unroll is None:
+        unroll = 1 if jax.default_backend() == "cpu" else config.num_layers
+    return max(1, min(unroll, config.num_layers))
+
+
 def _stacked_blocks(cfg: ModelConfig):
     block = Block
     if cfg.remat != "none":
@@ -229,6 +237,7 @@ def _stacked_blocks(cfg: ModelConfig):
         block = nn.remat(Block, policy=policy, prevent_cse=False)
     return nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
                    in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.num_layers,
+                   unroll=scan_unroll(cfg),
                    metadata_params={nn.PARTITION_NAME: "layers"})
 
 
@@ -318,13 +327,15 @@ def _segment_mask(segment_ids):
 @functools.partial(jax.jit, static_argnames=("config", "scalar_head"))
 def init_params(config: ModelConfig, rng, *, scalar_head: bool = False):
     """Random parameters (GPT-2 initialisation), a plain nested dict of arrays (see the module docstring)."""
-    variables = Transformer(config, scalar_head=scalar_head).init(rng, jnp.zeros((1, 1), jnp.int32))
+    # A rolled scan gives the same parameters as an unrolled one and compiles faster.
+    variables = Transformer(config.replace(scan_unroll=1), scalar_head=scalar_head).init(
+        rng, jnp.zeros((1, 1), jnp.int32))
     return nn.meta.unbox(variables["params"])
 
 
 def param_logical_axes(config: ModelConfig, *, scalar_head: bool = False):
     """The params tree with each leaf replaced by its tuple of logical axis names (e.g. ("layers", "embed"))."""
-    boxed = jax.eval_shape(lambda: Transformer(config, scalar_head=scalar_head).init(
+    boxed = jax.eval_shape(lambda: Transformer(config.replace(scan_unroll=1), scalar_head=scalar_head).init(
         jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))["params"]
     specs = nn.get_partition_spec(boxed)
     return jax.tree.map(lambda s: tuple(s), specs, is_leaf=lambda s: isinstance(s, jax.sharding.PartitionSpec))

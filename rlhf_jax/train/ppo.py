@@ -61,9 +61,21 @@ def sequence_positions(mask) -> jax.Array:
 
 
 def _response_hidden(params, tokens, mask, *, model_config: ModelConfig, num_new: int):
-    """Hidden states [B,N,D] at the positions P-1 .. P+N-2, which predict the N response tokens."""
-    h = forward_hidden(params, tokens, config=model_config, positions=sequence_positions(mask), segment_ids=mask)
-    return h[:, -num_new - 1:-1]
+    """Hidden states [B,N,D] at the positions P-1 .. P+N-2, which predict the N response tokens.
+
+    The real tokens of a row are contiguous (left-padded prompt, response, PAD after EOS), so each row is
+    rotated to start at its first real token: one right-padded example per row, which attends with
+    `is_causal` + sequence lengths (cuDNN flash attention, no [B,1,S,S] mask) at the same positions
+    (`sequence_positions`). Outputs at positions that predict a padding token are finite but unspecified.
+    """
+    S = tokens.shape[1]
+    shift = jnp.argmax(mask > 0, axis=1)                                                  # [B] leading pads
+    rolled = jnp.take_along_axis(tokens, (jnp.arange(S)[None] + shift[:, None]) % S, axis=1)
+    positions = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), tokens.shape)
+    h = forward_hidden(params, rolled, config=model_config, positions=positions,
+                       seq_lengths=jnp.sum(mask > 0, axis=1))                           # [B,S,D]
+    idx = jnp.clip(jnp.arange(S - num_new - 1, S - 1)[None] - shift[:, None], 0, S - 1)   # [B,N]
+    return jnp.take_along_axis(h, idx[..., None], axis=1)
 
 
 def response_logits(params, tokens, mask, *, model_config: ModelConfig, num_new: int, temperature: float):
@@ -162,7 +174,8 @@ def ppo_update(state: PPOState, data: Rollout, rng, *, config, model_config: Mod
             ptx_h = forward_hidden(params, ptx_mb["inputs"], config=model_config,
                                    positions=ptx_mb.get("positions"), segment_ids=ptx_mb.get("segment_ids"))
             ptx_loss = sft_loss_from_hidden(ptx_h, lm_head_kernel(params, config=model_config),
-                                            ptx_mb["targets"], ptx_mb["loss_mask"])[0]
+                                            ptx_mb["targets"], ptx_mb["loss_mask"],
+                                            chunk_size=model_config.logits_chunk)[0]
             loss = loss + c.ptx_coef * ptx_loss
             m = {**m, "ptx_loss": ptx_loss}
         return loss, m

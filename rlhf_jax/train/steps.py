@@ -25,7 +25,6 @@ from jax.sharding import Mesh
 
 from rlhf_jax import sharding as S
 from rlhf_jax.losses import bradley_terry_loss, dpo_loss, masked_sum, sft_loss, token_logprobs_from_hidden
-from rlhf_jax.losses._logprobs import FUSED_CHUNK
 from rlhf_jax.losses._sft import sft_loss_from_hidden
 from rlhf_jax.models import forward, scalar_forward
 from rlhf_jax.models.config import ModelConfig
@@ -100,10 +99,10 @@ def sft_step(state: TrainState, batch: dict, *, model_config: ModelConfig):
     Metrics: "loss", "accuracy", "num_tokens", "perplexity", "grad_norm", "learning_rate".
     """
     def loss_fn(params):
-        # Fused LM head + loss over vocabulary chunks: no [B,T,V] float32 logits (same loss and accuracy).
+        # Fused LM head + loss over vocabulary chunks (model_config.logits_chunk; None: full [B,T,V] f32 logits).
         h = forward_hidden(params, batch["inputs"], config=model_config, **_model_inputs(batch))   # [B,T,D]
         return sft_loss_from_hidden(h, lm_head_kernel(params, config=model_config), batch["targets"],
-                                    batch["loss_mask"])
+                                    batch["loss_mask"], chunk_size=model_config.logits_chunk)
 
     (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     return state.apply_gradients(grads), {**metrics, **_grad_metrics(state, grads)}
@@ -164,13 +163,13 @@ def reward_eval(params, batch: dict, *, model_config: ModelConfig, center_coef: 
 def sequence_logps(params, batch: dict, *, model_config: ModelConfig) -> jax.Array:
     """Sum of log p(target) over loss_mask tokens of an SFT-style batch with one right-padded example per row
     (a preference batch side) -> [B] float32. Attention uses sequence lengths (cuDNN flash, no T x T mask), and
-    the LM head is fused with the log-softmax over vocabulary chunks (no [B,T,V] logits)."""
+    the LM head is fused with the log-softmax over vocabulary chunks (`model_config.logits_chunk`)."""
     segment_ids = batch.get("segment_ids")
     lengths = None if segment_ids is None else jnp.sum(segment_ids > 0, axis=1)
     h = forward_hidden(params, batch["inputs"], config=model_config, positions=batch.get("positions"),
                        seq_lengths=lengths)
     logp = token_logprobs_from_hidden(h, lm_head_kernel(params, config=model_config), batch["targets"],
-                                      chunk_size=FUSED_CHUNK)
+                                      chunk_size=model_config.logits_chunk)
     return masked_sum(logp, batch["loss_mask"], axis=-1)
 
 
