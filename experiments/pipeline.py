@@ -73,9 +73,11 @@ class PipelineConfig:
     """SFT steps."""
     pref_prompts: int = 1536
     """Prompts whose two SFT samples are labelled by the annotators (10% held out to score the reward model)."""
-    annotator: str = "mixture"
+    synthetic_pairs: int = 1536
+    """Off-policy pairs of edited reference answers added to the SFT-sample pairs."""
+    annotator: str = "careful"
     """Annotator population (see rlhf_jax.tasks.ANNOTATORS)."""
-    rm_steps: int = 150
+    rm_steps: int = 250
     """Reward-model steps."""
     ppo_iterations: int = 40
     """PPO iterations (rollout + 4 epochs x 4 minibatches)."""
@@ -98,7 +100,7 @@ class PipelineConfig:
         if not self.quick:
             return self
         return dataclasses.replace(self, d_model=64, num_layers=2, pretrain_docs=4000, pretrain_steps=60,
-                                   sft_demos=400, sft_safety=40, sft_benign=40, sft_steps=30, pref_prompts=256,
+                                   sft_demos=400, sft_safety=40, sft_benign=40, sft_steps=30, pref_prompts=256, synthetic_pairs=256,
                                    rm_steps=30, ppo_iterations=4, ppo_batch=32, dpo_steps=20, eval_prompts=64,
                                    eval_every=2, batch_size=16)
 
@@ -146,6 +148,21 @@ def _decode(tokens, response_mask) -> list[str]:
             for row, mask in zip(np.asarray(tokens), np.asarray(response_mask))]
 
 
+_SAMPLE = jax.jit(sample, static_argnames=("config", "max_new_tokens", "temperature", "eos_id", "pad_id"))
+
+
+def sample_texts(params, task_list, rng, *, model_config, max_new_tokens, temperature, chunk) -> list[str]:
+    """Responses to `task_list`, sampled `chunk` prompts at a time (one fixed shape: one compiled program)."""
+    texts = []
+    for i in range(0, len(task_list), chunk):
+        part = task_list[i:i + chunk]
+        batch = _prompt_batch(part + [part[-1]] * (chunk - len(part)))
+        s = _SAMPLE(params, batch["prompts"], batch["prompt_mask"], jax.random.fold_in(rng, i), config=model_config,
+                    max_new_tokens=max_new_tokens, temperature=temperature, eos_id=TOK.eos_id, pad_id=TOK.pad_id)
+        texts += _decode(s.tokens[:, -max_new_tokens:], s.response_mask)[:len(part)]
+    return texts
+
+
 # ----------------------------------------------------------------------------------------------- evaluation
 class Evaluator:
     """Greedy answers to held-out prompts -> gold metrics; temperature-1 samples -> KL to the SFT policy."""
@@ -153,8 +170,6 @@ class Evaluator:
     def __init__(self, tasks, model_config: ModelConfig, max_new_tokens: int):
         self.tasks, self.mc, self.n = tasks, model_config, max_new_tokens
         self.batch = _prompt_batch(tasks)
-        self._sample = jax.jit(sample, static_argnames=("config", "max_new_tokens", "temperature", "eos_id",
-                                                         "pad_id"))
         self._seq_logps = jax.jit(self._seq_logps_fn)
         self._score = jax.jit(lambda p, b: reward_scores(p, b, model_config=model_config))
 
@@ -164,8 +179,8 @@ class Evaluator:
         return jnp.sum(jnp.where(mask[:, -self.n:] > 0, lp, 0.0), axis=1)
 
     def generate(self, params, rng, temperature: float):
-        return self._sample(params, self.batch["prompts"], self.batch["prompt_mask"], rng, config=self.mc,
-                            max_new_tokens=self.n, temperature=temperature, eos_id=TOK.eos_id, pad_id=TOK.pad_id)
+        return _SAMPLE(params, self.batch["prompts"], self.batch["prompt_mask"], rng, config=self.mc,
+                       max_new_tokens=self.n, temperature=temperature, eos_id=TOK.eos_id, pad_id=TOK.pad_id)
 
     def __call__(self, params, *, sft_params, reward_params, rng, sft_gold=None) -> tuple[dict, np.ndarray]:
         greedy = self.generate(params, rng, 0.0)
@@ -254,12 +269,16 @@ def run(cfg: PipelineConfig) -> dict:
     # 3. Preference pairs: two temperature-1 SFT samples per prompt, labelled by simulated annotators.
     t = time.time()
     pref_tasks = world.prompt_set(cfg.pref_prompts, cfg.seed + 3, split="train")
-    sampler = Evaluator(pref_tasks, mc, cfg.max_new_tokens)
-    a = sampler.generate(sft_params, jax.random.fold_in(k_pref, 0), 1.0)
-    b = sampler.generate(sft_params, jax.random.fold_in(k_pref, 1), 1.0)
-    pairs = world.label_pairs(pref_tasks, _decode(a.tokens[:, -cfg.max_new_tokens:], a.response_mask),
-                              _decode(b.tokens[:, -cfg.max_new_tokens:], b.response_mask), cfg.annotator,
-                              np.random.default_rng(cfg.seed))
+    a, b = (sample_texts(sft_params, pref_tasks, jax.random.fold_in(k_pref, i), model_config=mc,
+                         max_new_tokens=cfg.max_new_tokens, temperature=1.0, chunk=cfg.eval_prompts)
+            for i in range(2))
+    label_rng = np.random.default_rng(cfg.seed)
+    pairs = world.label_pairs(pref_tasks, a, b, cfg.annotator, label_rng)
+    # Off-policy pairs (edited reference answers: typos, wrong, truncated, verbose, refusals), labelled by the
+    # same annotators, widen the comparisons beyond what the SFT policy samples (as HH-RLHF mixes sources).
+    off_tasks = world.prompt_set(cfg.synthetic_pairs, cfg.seed + 5, split="train")
+    pairs += world.synthetic_pairs(off_tasks, cfg.annotator, label_rng)
+    pairs = [pairs[i] for i in label_rng.permutation(len(pairs))]
     records = [PreferenceRecord(prompt=({"role": "user", "content": p["prompt"]},), chosen=p["chosen"],
                                 rejected=p["rejected"]) for p in pairs]
     n_test = max(cfg.batch_size, len(records) // 10)
@@ -313,7 +332,7 @@ def run(cfg: PipelineConfig) -> dict:
 
     # 6. DPO from the SFT policy on the same pairs (no reward model, no rollouts).
     t = time.time()
-    dpo_state = create_train_state(sft_params, _optim(1e-4, cfg.dpo_steps), k_dpo, total_steps=cfg.dpo_steps)
+    dpo_state = create_train_state(sft_params, _optim(2e-5, cfg.dpo_steps), k_dpo, total_steps=cfg.dpo_steps)
     dpo_state, _ = stages.run_dpo(dpo_state, pref_batches(train_pairs, cfg.seed + 1),
                                   stages.DPOConfig(num_steps=cfg.dpo_steps, beta=cfg.dpo_beta, log_every=10),
                                   model_config=mc, ref_params=sft_params, hooks=hooks("dpo", cfg.dpo_steps))
