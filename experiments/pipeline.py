@@ -83,12 +83,16 @@ class PipelineConfig:
     """PPO iterations (rollout + 4 epochs x 4 minibatches)."""
     ppo_batch: int = 64
     """Prompts per PPO rollout."""
-    ppo_kl_coef: float = 0.1
+    ppo_kl_coef: float = 0.2
     """Initial KL penalty coefficient beta."""
+    ppo_lr: float = 1.5e-5
+    """PPO policy learning rate (the value model uses 1e-4)."""
     dpo_steps: int = 150
     """DPO steps over the preference pairs."""
     dpo_beta: float = 0.1
     """DPO beta."""
+    dpo_lr: float = 5e-6
+    """DPO learning rate (peak of a warmup-cosine schedule)."""
     max_new_tokens: int = 28
     """Response budget in bytes; every reference answer fits with its EOS."""
     eval_prompts: int = 256
@@ -314,7 +318,7 @@ def run(cfg: PipelineConfig) -> dict:
     ppo_cfg = stages.PPOConfig(num_steps=cfg.ppo_iterations, batch_size=cfg.ppo_batch,
                                max_new_tokens=cfg.max_new_tokens, temperature=0.7, kl_coef=cfg.ppo_kl_coef,
                                eos_id=TOK.eos_id, pad_id=TOK.pad_id, missing_eos_penalty=1.0,
-                               optim=OptimConfig(learning_rate=3e-5, eps=1e-5, max_grad_norm=1.0),
+                               optim=OptimConfig(learning_rate=cfg.ppo_lr, eps=1e-5, max_grad_norm=1.0),
                                value_optim=OptimConfig(learning_rate=1e-4, eps=1e-5, max_grad_norm=1.0))
     ppo_state = stages.init_ppo_state(sft_params, ppo_cfg, model_config=mc, rng=k_ppo, reward_params=reward_params)
     rl_tasks = world.prompt_set(cfg.ppo_batch * 64, cfg.seed + 4, split="train")
@@ -332,7 +336,7 @@ def run(cfg: PipelineConfig) -> dict:
 
     # 6. DPO from the SFT policy on the same pairs (no reward model, no rollouts).
     t = time.time()
-    dpo_state = create_train_state(sft_params, _optim(2e-5, cfg.dpo_steps), k_dpo, total_steps=cfg.dpo_steps)
+    dpo_state = create_train_state(sft_params, _optim(cfg.dpo_lr, cfg.dpo_steps), k_dpo, total_steps=cfg.dpo_steps)
     dpo_state, _ = stages.run_dpo(dpo_state, pref_batches(train_pairs, cfg.seed + 1),
                                   stages.DPOConfig(num_steps=cfg.dpo_steps, beta=cfg.dpo_beta, log_every=10),
                                   model_config=mc, ref_params=sft_params, hooks=hooks("dpo", cfg.dpo_steps))
