@@ -72,6 +72,26 @@ ModelOverrides = _make_overrides_class()
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class RunOptions:
+    """Options every experiment script shares; each script adds its data, stage and checkpoint fields."""
+
+    out: str = "runs/run"
+    """Run directory (metrics, checkpoints, final params, report)."""
+    resume: bool = False
+    """Continue the run in --out from its last checkpoint (state, rng and data position)."""
+    seed: int = 0
+    """Seed of the model inits, the data order and (PPO) sampling."""
+    mesh: tuple[int, int, int] | None = None
+    """Device mesh (data, fsdp, tensor) to shard the run over, e.g. --mesh 2 2 2; one entry may be -1 (inferred:
+    --mesh -1 1 1 is data parallel over all devices). None: one device, no sharding."""
+    preset: str = "tiny"
+    """Architecture of fresh models (when no init folder is given): a ModelConfig.preset name (tiny, tiny-llama,
+    gpt2-124m, llama-1b, ...)."""
+    model: ModelOverrides = ModelOverrides()
+    """ModelConfig fields replacing the preset's, e.g. --model.num-layers 4 (unset: the preset's value)."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class DataSpec:
     """Where the records come from and how they are batched."""
 

@@ -30,7 +30,7 @@ from rlhf_jax.generation import sample
 from rlhf_jax.models import ModelConfig, init_params
 from rlhf_jax.tokenizer import ByteTokenizer, encode_chat, encode_prompt
 from rlhf_jax.train import stages
-from rlhf_jax.train.logging import make_stage_hooks, read_jsonl
+from rlhf_jax.train.logging import make_stage_hooks
 from rlhf_jax.train.optim import OptimConfig
 from rlhf_jax.train.ppo import response_logits, sequence_positions
 from rlhf_jax.train.report import plot_curves, plot_xy, write_report

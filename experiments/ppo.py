@@ -15,7 +15,7 @@ import sys
 import jax
 import jax.numpy as jnp
 
-from experiments.common import (CheckpointSpec, DataSpec, ModelOverrides, finish_report, init_model, load_data,
+from experiments.common import (CheckpointSpec, DataSpec, RunOptions, finish_report, init_model, load_data,
                                 make_run_mesh, run_stage, setup_error, start_run)
 from rlhf_jax.config_cli import parse_cli
 from rlhf_jax.models import init_params
@@ -26,22 +26,11 @@ from rlhf_jax.train.state import with_score_head
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class PPOExperiment:
+class PPOExperiment(RunOptions):
     """RLHF with PPO against a learned reward model and a KL penalty to the reference."""
 
     out: str = "runs/ppo"
     """Run directory (metrics, checkpoints, final params, report)."""
-    resume: bool = False
-    """Continue the run in --out from its last checkpoint (state, rng and data position)."""
-    seed: int = 0
-    """Seed of the model inits, the data order and sampling."""
-    mesh: tuple[int, int, int] | None = None
-    """Device mesh (data, fsdp, tensor) to shard the run over, e.g. --mesh 2 2 2; one entry may be -1 (inferred:
-    --mesh -1 1 1 is data parallel over all devices). None: one device, no sharding."""
-    preset: str = "tiny"
-    """Architecture of fresh models (when an init folder is not given): a ModelConfig.preset name."""
-    model: ModelOverrides = ModelOverrides()
-    """ModelConfig fields replacing the preset's, e.g. --model.num-layers 4 (unset: the preset's value)."""
     policy_init: str | None = None
     """Policy and reference weights (the SFT model): a Hugging Face or save_params folder. None: random init."""
     reward_init: str | None = None

@@ -12,7 +12,7 @@ import sys
 
 import jax
 
-from experiments.common import (CheckpointSpec, DataSpec, ModelOverrides, finish_report, init_model, load_data,
+from experiments.common import (CheckpointSpec, DataSpec, RunOptions, finish_report, init_model, load_data,
                                 make_run_mesh, run_stage, setup_error, start_run)
 from rlhf_jax.config_cli import parse_cli
 from rlhf_jax.train import checkpoint as ckpt
@@ -22,22 +22,11 @@ from rlhf_jax.train.state import create_train_state
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class SFTExperiment:
+class SFTExperiment(RunOptions):
     """Supervised fine-tuning of a causal LM on chat records."""
 
     out: str = "runs/sft"
     """Run directory (metrics, checkpoints, final params, report)."""
-    resume: bool = False
-    """Continue the run in --out from its last checkpoint (state, rng and data position)."""
-    seed: int = 0
-    """Seed of the model init and of the data order."""
-    mesh: tuple[int, int, int] | None = None
-    """Device mesh (data, fsdp, tensor) to shard the run over, e.g. --mesh 2 2 2; one entry may be -1 (inferred:
-    --mesh -1 1 1 is data parallel over all devices). None: one device, no sharding."""
-    preset: str = "tiny"
-    """Model architecture: a ModelConfig.preset name (tiny, tiny-llama, gpt2-124m, llama-1b, ...)."""
-    model: ModelOverrides = ModelOverrides()
-    """ModelConfig fields replacing the preset's, e.g. --model.num-layers 4 (unset: the preset's value)."""
     init: str | None = None
     """Initial weights: a Hugging Face folder or a save_params folder; its config replaces the preset.
     None: random init."""
