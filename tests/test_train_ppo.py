@@ -114,3 +114,35 @@ def test_run_ppo_learns_toy_reward(params):
     assert hist[-1]["kl_coef"] != hist[0]["kl_coef"]
     np.testing.assert_allclose(hist[3]["objective/rlhf_reward"],
                                hist[3]["objective/scores"] + hist[3]["objective/non_score_reward"], rtol=1e-5)
+
+
+def test_ppo_ptx_mixes_the_pretraining_nll(params):
+    """PPO-ptx (InstructGPT eq. 2): with one epoch and one minibatch the update starts at the rollout params, so
+    the reported loss/ptx is exactly the SFT NLL of those params on the ptx batch, and the ptx term moves the
+    policy differently from plain PPO."""
+    from rlhf_jax.losses import sft_loss
+    from rlhf_jax.models import forward
+
+    rs = np.random.RandomState(3)
+    inputs = rs.randint(97, 123, (8, 12)).astype(np.int32)
+    ptx = {"inputs": inputs, "targets": np.roll(inputs, -1, 1), "loss_mask": np.ones((8, 12), np.float32),
+           "positions": np.tile(np.arange(12, dtype=np.int32), (8, 1)), "segment_ids": np.ones((8, 12), np.int32)}
+    toks, mask = prompts()
+
+    def run(ptx_coef):
+        config = PPOConfig(num_steps=1, batch_size=8, num_epochs=1, num_minibatches=1, max_new_tokens=4,
+                           temperature=1.0, value_init="policy", ptx_coef=ptx_coef,
+                           optim=OptimConfig(learning_rate=1e-2), log_every=1)
+        state = init_ppo_state(params, config, model_config=CFG, rng=1)
+        data = iter([{"prompts": toks, "prompt_mask": mask}])
+        return run_ppo(state, data, config, model_config=CFG, ref_params=params,
+                       reward_fn=lambda p, r, m: jnp.sum(r < 110, 1) / 4.0,
+                       ptx_data=iter([ptx]) if ptx_coef else None)
+
+    with_ptx, hist = run(2.0)
+    want, _ = sft_loss(forward(params, ptx["inputs"], config=CFG), ptx["targets"], ptx["loss_mask"])
+    np.testing.assert_allclose(hist[0]["loss/ptx"], float(want), rtol=1e-4)
+    without, hist0 = run(0.0)
+    assert "loss/ptx" not in hist0[0]
+    moved = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), with_ptx.policy.params, without.policy.params)
+    assert max(jax.tree.leaves(moved)) > 1e-4
