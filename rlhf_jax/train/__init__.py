@@ -32,9 +32,7 @@ from rlhf_jax.train.steps import (
     sft_step,
 )
 
-try:  # rlhf_jax/train/checkpoint.py and logging.py are written by the checkpoint/logging engineer
-    from rlhf_jax.train.checkpoint import (CheckpointHook, GracefulExit, make_checkpoint_manager, restore_latest,
-                                           stage_checkpoint_dir)
-    from rlhf_jax.train.logging import Hooks, JsonlHook, ProgressHook, TensorBoardHook, make_stage_hooks
-except ImportError:  # pragma: no cover
-    pass
+from rlhf_jax.train.checkpoint import (CheckpointHook, GracefulExit, load_params, make_checkpoint_manager,
+                                       restore_latest, save_params, stage_checkpoint_dir)
+from rlhf_jax.train.logging import Hooks, JsonlHook, ProgressHook, TensorBoardHook, make_stage_hooks, read_jsonl
+from rlhf_jax.train.report import plot_curves, plot_xy, write_report
