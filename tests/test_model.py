@@ -4,23 +4,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlhf_jax.models import (ModelConfig, count_params, forward, forward_hidden, init_params, lm_logits,
+from rlhf_jax.models import (count_params, forward, forward_hidden, init_params, lm_logits,
                              param_logical_axes, scalar_forward)
 
-GPT = ModelConfig(vocab_size=61, d_model=32, num_layers=2, num_heads=4, mlp_dim=64, max_seq_len=32)
-LLAMA = ModelConfig(vocab_size=61, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=48,
-                    max_seq_len=32, mlp="swiglu", norm="rmsnorm", positional="rope", use_bias=False,
-                    qkv_bias=True, tie_embeddings=False)
-CONFIGS = {"gpt2": GPT, "llama": LLAMA}
-
-
-@pytest.fixture(scope="module")
-def params():
-    return {name: init_params(cfg, jax.random.key(1), scalar_head=True) for name, cfg in CONFIGS.items()}
-
-
-def _tokens(B, T, seed=0, V=61):
-    return jnp.asarray(np.random.default_rng(seed).integers(0, V, (B, T)), jnp.int32)
+from _tiny_models import CONFIGS, GPT, LLAMA, _tokens, params  # noqa: F401 (params is a fixture)
 
 
 def _perturbed(params, seed=3):

@@ -9,25 +9,12 @@ from rlhf_jax.losses import sft_loss
 from rlhf_jax.losses._logprobs import (FULL_LOGITS_MAX_BYTES, FUSED_CHUNK, resolve_chunk,
                                        token_logprobs_and_argmax_from_hidden, token_logprobs_from_hidden)
 from rlhf_jax.losses._sft import sft_loss_from_hidden
-from rlhf_jax.models import (ModelConfig, forward, forward_cached, forward_hidden, init_cache, init_params,
+from rlhf_jax.models import (forward, forward_cached, forward_hidden, init_cache, init_params,
                              scalar_forward)
 from rlhf_jax.models.transformer import KVCache, attention_impl, decode_params, lm_head_kernel, prefill, scan_unroll
 from rlhf_jax.train.ppo import response_logits, response_values, sequence_positions
 
-GPT = ModelConfig(vocab_size=61, d_model=32, num_layers=2, num_heads=4, mlp_dim=64, max_seq_len=32)
-LLAMA = ModelConfig(vocab_size=61, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=48,
-                    max_seq_len=32, mlp="swiglu", norm="rmsnorm", positional="rope", use_bias=False,
-                    qkv_bias=True, tie_embeddings=False)
-CONFIGS = {"gpt2": GPT, "llama": LLAMA}
-
-
-@pytest.fixture(scope="module")
-def params():
-    return {name: init_params(cfg, jax.random.key(1), scalar_head=True) for name, cfg in CONFIGS.items()}
-
-
-def _tokens(B, T, seed=0, V=61):
-    return jnp.asarray(np.random.default_rng(seed).integers(0, V, (B, T)), jnp.int32)
+from _tiny_models import CONFIGS, GPT, LLAMA, _tokens, params  # noqa: F401 (params is a fixture)
 
 
 def test_attention_impl_default_is_xla_on_cpu():
