@@ -72,7 +72,10 @@ class PipelineConfig:
     sft_steps: int = 200
     """SFT steps."""
     pref_prompts: int = 1536
-    """Prompts whose two SFT samples are labelled by the annotators (10% held out to score the reward model)."""
+    """Prompts whose SFT samples are labelled by the annotators (10% held out to score the reward model)."""
+    pref_samples: int = 2
+    """Temperature-1 SFT samples per preference prompt: 2 gives one Bradley-Terry choice per prompt; K > 2 has the
+    annotator rank all K (Plackett-Luce) and keeps every pair of the ranking, as InstructGPT's labellers did."""
     synthetic_pairs: int = 1536
     """Off-policy pairs of edited reference answers added to the SFT-sample pairs."""
     annotator: str = "careful"
@@ -97,6 +100,8 @@ class PipelineConfig:
     """Response budget in bytes; every reference answer fits with its EOS."""
     eval_prompts: int = 256
     """Held-out prompts (unseen keys) scored for the table."""
+    best_of_n: int = 4
+    """Samples per held-out prompt for the reward model's best-of-n check (its pick against random and gold picks)."""
     eval_every: int = 10
     """PPO iterations between gold/proxy/KL evaluations for the reward-vs-KL plot."""
 
@@ -203,7 +208,25 @@ class Evaluator:
                "mean_length": metrics["mean_length"], "refusal_rate": metrics["refusal_rate"],
                "over_refusal_rate": metrics["over_refusal_rate"],
                "win_rate_vs_sft": world.win_rate(gold, sft_gold) if sft_gold is not None else 0.5}
+        out.update({k: v for k, v in metrics.items() if k.startswith("gold/")})  # per-family diagnostics
         return out, gold
+
+
+    def best_of_n(self, params, reward_params, rng, *, n: int, temperature: float) -> dict:
+        """How well the reward model ranks the policy's own samples: gold reward of n samples per prompt, taken at
+        random (the mean), picked by the reward model, and picked by the gold reward itself (the ceiling). A reward
+        model worth optimising picks better than random; PPO can at best climb towards its best-of-n pick."""
+        golds, scores = [], []
+        for i in range(n):
+            s = self.generate(params, jax.random.fold_in(rng, i), temperature)
+            golds.append(world.gold_rewards(self.tasks, _decode(s.tokens[:, -self.n:], s.response_mask)))
+            mask = jnp.concatenate([self.batch["prompt_mask"], s.response_mask], axis=1)
+            scores.append(np.asarray(self._score(reward_params, {"inputs": s.tokens, "segment_ids": mask,
+                                                                 "positions": sequence_positions(mask)})))
+        golds, scores = np.stack(golds), np.stack(scores)
+        picked = golds[np.argmax(scores, axis=0), np.arange(golds.shape[1])]
+        return {"n": n, "temperature": temperature, "gold_random": float(golds.mean()),
+                "gold_rm_pick": float(picked.mean()), "gold_oracle_pick": float(golds.max(axis=0).mean())}
 
 
 class PPOEvalHook:
@@ -270,23 +293,22 @@ def run(cfg: PipelineConfig) -> dict:
     sft_params = state.params
     _done(timings, "sft", t)
 
-    # 3. Preference pairs: two temperature-1 SFT samples per prompt, labelled by simulated annotators.
+    # 3. Preference pairs: temperature-1 SFT samples, compared (K = 2) or ranked (K > 2) by simulated annotators.
     t = time.time()
     pref_tasks = world.prompt_set(cfg.pref_prompts, cfg.seed + 3, split="train")
-    a, b = (sample_texts(sft_params, pref_tasks, jax.random.fold_in(k_pref, i), model_config=mc,
-                         max_new_tokens=cfg.max_new_tokens, temperature=1.0, chunk=cfg.eval_prompts)
-            for i in range(2))
+    samples = [sample_texts(sft_params, pref_tasks, jax.random.fold_in(k_pref, i), model_config=mc,
+                            max_new_tokens=cfg.max_new_tokens, temperature=1.0, chunk=cfg.eval_prompts)
+               for i in range(cfg.pref_samples)]
     label_rng = np.random.default_rng(cfg.seed)
-    pairs = world.label_pairs(pref_tasks, a, b, cfg.annotator, label_rng)
+    if cfg.pref_samples == 2:
+        pairs = world.label_pairs(pref_tasks, samples[0], samples[1], cfg.annotator, label_rng)
+    else:
+        pairs = world.label_rankings(pref_tasks, [list(r) for r in zip(*samples)], cfg.annotator, label_rng)
     # Off-policy pairs (edited reference answers: typos, wrong, truncated, verbose, refusals), labelled by the
     # same annotators, widen the comparisons beyond what the SFT policy samples (as HH-RLHF mixes sources).
     off_tasks = world.prompt_set(cfg.synthetic_pairs, cfg.seed + 5, split="train")
-    pairs += world.synthetic_pairs(off_tasks, cfg.annotator, label_rng)
-    pairs = [pairs[i] for i in label_rng.permutation(len(pairs))]
-    records = [PreferenceRecord(prompt=({"role": "user", "content": p["prompt"]},), chosen=p["chosen"],
-                                rejected=p["rejected"]) for p in pairs]
-    n_test = max(cfg.batch_size, len(records) // 10)
-    train_pairs, test_pairs = records[n_test:], records[:n_test]
+    off_pairs = world.synthetic_pairs(off_tasks, cfg.annotator, label_rng)
+    pairs, train_pairs, test_pairs = split_pairs(pairs, off_pairs, len(pref_tasks), len(off_tasks), label_rng)
     pref_batches = lambda recs, seed, epochs=None: Batches(  # noqa: E731
         ShuffledIterator(recs, seed=seed, num_epochs=epochs), TOK, kind="preference",
         batch_size=cfg.batch_size, buckets=(cfg.seq_len,))
@@ -300,7 +322,11 @@ def run(cfg: PipelineConfig) -> dict:
                                     stages.RewardConfig(num_steps=cfg.rm_steps, log_every=10), model_config=mc,
                                     hooks=hooks("reward", cfg.rm_steps))
     reward_params = rm_state.params
-    rm_accuracy = _pairwise_accuracy(reward_params, pref_batches(test_pairs, 0, epochs=1), mc)
+    rm_report = {"accuracy": _pairwise_accuracy(reward_params, pref_batches(test_pairs, 0, epochs=1), mc),
+                 "train_pairs": len(train_pairs), "test_pairs": len(test_pairs),
+                 "label_gold_agreement": world.gold_agreement(pairs),
+                 "best_of_n": evaluate.best_of_n(sft_params, reward_params, jax.random.fold_in(k_eval, 7),
+                                                 n=cfg.best_of_n, temperature=0.7)}
     _done(timings, "reward", t)
 
     # Table rows for base and SFT.
@@ -343,12 +369,28 @@ def run(cfg: PipelineConfig) -> dict:
     table["dpo"], _ = evaluate(dpo_state.params, **eval_kwargs)
     _done(timings, "dpo", t)
 
-    return _report(cfg, table, rm_accuracy, pairs, curve.points, timings, time.time() - t0)
+    return _report(cfg, table, rm_report, curve.points, timings, time.time() - t0)
 
 
 def _done(timings: dict, stage: str, t: float) -> None:
     timings[stage] = time.time() - t
     print(f"[pipeline] {stage:<12} done in {timings[stage]:6.1f} s", flush=True)
+
+
+def split_pairs(on_policy: list[dict], off_policy: list[dict], n_prompts: int, n_off_prompts: int,
+                rng: np.random.Generator) -> tuple[list[dict], list[PreferenceRecord], list[PreferenceRecord]]:
+    """(all pairs shuffled, train records, test records): the pairs of the first 10% of each prompt set are held
+    out to score the reward model. Prompt sets are i.i.d., so that is a random 10%; holding out whole prompts
+    (by each pair's "group") keeps every pair of a held-out ranking out of training."""
+    is_test = ([p["group"] < n_prompts // 10 for p in on_policy]
+               + [p["group"] < n_off_prompts // 10 for p in off_policy])
+    pairs = on_policy + off_policy
+    order = rng.permutation(len(pairs))
+    pairs, is_test = [pairs[i] for i in order], [is_test[i] for i in order]
+    records = [PreferenceRecord(prompt=({"role": "user", "content": p["prompt"]},), chosen=p["chosen"],
+                                rejected=p["rejected"]) for p in pairs]
+    return (pairs, [r for r, test in zip(records, is_test) if not test],
+            [r for r, test in zip(records, is_test) if test])
 
 
 def _pairwise_accuracy(reward_params, batches, mc) -> float:
@@ -364,7 +406,7 @@ def _pairwise_accuracy(reward_params, batches, mc) -> float:
     return wins / max(total, 1)
 
 
-def _report(cfg, table, rm_accuracy, pairs, ppo_points, timings, seconds) -> dict:
+def _report(cfg, table, rm_report, ppo_points, timings, seconds) -> dict:
     plots = []
     kl = [p["kl_to_sft"] for p in ppo_points]
     plots.append(plot_xy(kl, {"gold reward": [p["gold_reward"] for p in ppo_points],
@@ -375,33 +417,39 @@ def _report(cfg, table, rm_accuracy, pairs, ppo_points, timings, seconds) -> dic
     if os.path.exists(dpo_log):
         plots.append(plot_curves({"dpo": dpo_log}, ["rewards/margins", "rewards/accuracies"],
                                  os.path.join(cfg.out, "dpo_margins.png"), title="DPO implicit rewards"))
-    report = {stage: {k: m[k] for k in ("gold_reward", "kl_to_sft", "mean_length", "refusal_rate",
-                                         "over_refusal_rate", "win_rate_vs_sft", "rm_score")}
+    report = {stage: {**{k: m[k] for k in ("gold_reward", "kl_to_sft", "mean_length", "refusal_rate",
+                                            "over_refusal_rate", "win_rate_vs_sft", "rm_score")},
+                      "gold_by_family": {k[len("gold/"):]: m[k] for k in m if k.startswith("gold/")}}
               for stage, m in table.items()}
-    report["reward_model"] = {"accuracy": rm_accuracy, "train_pairs": len(pairs) - max(cfg.batch_size,
-                                                                                          len(pairs) // 10),
-                              "label_gold_agreement": world.gold_agreement(pairs)}
+    report["reward_model"] = rm_report
     report["ppo_curve"] = ppo_points
     report["config"] = dataclasses.asdict(cfg)
     report["seconds"] = {"total": seconds, **timings}
     with open(os.path.join(cfg.out, "report.json"), "w") as f:
         json.dump(report, f, indent=2)
     rows = [{"stage": s, **{k: round(v, 3) for k, v in table[s].items()}} for s in table]
-    write_report(cfg.out, {"reward_model.accuracy": round(rm_accuracy, 3), "seconds": round(seconds, 1)},
+    bon = rm_report["best_of_n"]
+    write_report(cfg.out, {"reward_model.accuracy": round(rm_report["accuracy"], 3),
+                           f"best-of-{bon['n']} gold (random / reward-model pick / gold pick)":
+                           f"{bon['gold_random']:.3f} / {bon['gold_rm_pick']:.3f} / {bon['gold_oracle_pick']:.3f}",
+                           "seconds": round(seconds, 1)},
                  {"stages": rows}, title="rlhf_jax pipeline on the gold-reward world", images=plots)
     with open(os.path.join(cfg.out, "report.json"), "w") as f:  # write_report wrote its own; ours is the contract
         json.dump(report, f, indent=2)
-    _print_table(rows, rm_accuracy, seconds)
+    _print_table(rows, rm_report, seconds)
     return report
 
 
-def _print_table(rows, rm_accuracy, seconds):
+def _print_table(rows, rm_report, seconds):
     cols = ["stage", "gold_reward", "rm_score", "kl_to_sft", "mean_length", "refusal_rate", "over_refusal_rate",
             "win_rate_vs_sft"]
     print("\n" + "  ".join(f"{c:>17}" for c in cols))
     for r in rows:
         print("  ".join(f"{r[c]:>17}" if isinstance(r[c], str) else f"{r[c]:>17.3f}" for c in cols))
-    print(f"\nreward model held-out accuracy: {rm_accuracy:.3f}    total time: {seconds:.0f} s")
+    bon = rm_report["best_of_n"]
+    print(f"\nreward model held-out accuracy: {rm_report['accuracy']:.3f}    best of {bon['n']} SFT samples, gold "
+          f"reward: random {bon['gold_random']:.3f}, reward-model pick {bon['gold_rm_pick']:.3f}, gold pick "
+          f"{bon['gold_oracle_pick']:.3f}    total time: {seconds:.0f} s")
 
 
 def main():

@@ -2,7 +2,10 @@
 import json
 import math
 
-from experiments.pipeline import PipelineConfig, run
+import numpy as np
+
+from experiments.pipeline import PipelineConfig, run, split_pairs
+from rlhf_jax import tasks as world
 
 STAGE_KEYS = {"gold_reward", "kl_to_sft", "mean_length", "refusal_rate", "over_refusal_rate", "win_rate_vs_sft"}
 
@@ -19,6 +22,12 @@ def test_quick_pipeline_writes_report(tmp_path):
     assert on_disk["sft"]["kl_to_sft"] == 0.0 and on_disk["sft"]["win_rate_vs_sft"] == 0.5
     assert math.isfinite(on_disk["ppo"]["kl_to_sft"]) and math.isfinite(on_disk["dpo"]["kl_to_sft"])
     assert 0.0 <= on_disk["reward_model"]["accuracy"] <= 1.0
+    assert on_disk["reward_model"]["test_pairs"] > 0 and on_disk["reward_model"]["train_pairs"] > 0
+    bon = on_disk["reward_model"]["best_of_n"]  # the gold pick is the best any pick can do
+    assert bon["gold_oracle_pick"] >= max(bon["gold_rm_pick"], bon["gold_random"]) - 1e-12
+    for stage in ("base", "sft", "ppo", "dpo"):
+        fams = on_disk[stage]["gold_by_family"]
+        assert fams and set(fams) <= set(world.FAMILIES) and all(0.0 <= v <= 1.0 for v in fams.values())
     # The PPO curve starts at the SFT policy and has one point per evaluation.
     assert on_disk["ppo_curve"][0]["iteration"] == 0 and len(on_disk["ppo_curve"]) >= 2
     for name in ("report.md", "ppo_reward_vs_kl.png", "dpo_margins.png"):
@@ -26,3 +35,24 @@ def test_quick_pipeline_writes_report(tmp_path):
     for stage in ("pretrain", "sft", "reward", "ppo", "dpo"):
         lines = (tmp_path / stage / "metrics.jsonl").read_text().splitlines()
         assert lines and "step" in json.loads(lines[-1])
+
+
+def test_split_pairs_holds_out_whole_prompts():
+    # 40 distinct prompts with 4 distinct responses each: 6 pairs per ranking
+    tasks = list({t.prompt: t for t in world.make_tasks(200, 3, mix={"add": 1.0})}.values())[:40]
+    resp = [[t.answer, t.answer + "x", "no", "I can't help with that."] for t in tasks]
+    ranked = world.label_rankings(tasks, resp, "careful", np.random.default_rng(0))
+    off_tasks = list({t.prompt: t for t in world.make_tasks(200, 4, mix={"add": 1.0})
+                      if t.prompt not in {u.prompt for u in tasks}}.values())[:30]
+    off = world.synthetic_pairs(off_tasks, "careful", np.random.default_rng(1))
+    pairs, train, test = split_pairs(ranked, off, len(tasks), len(off_tasks), np.random.default_rng(2))
+    assert len(pairs) == len(ranked) + len(off) == len(train) + len(test)
+    key = lambda prompt, chosen, rejected: (prompt, chosen, rejected)  # noqa: E731
+    test_keys = {key(r.prompt[0]["content"], r.chosen, r.rejected) for r in test}
+    train_keys = {key(r.prompt[0]["content"], r.chosen, r.rejected) for r in train}
+    # the first 4 of 40 ranked prompts keep all 6 pairs of their ranking out of training (and no other ranked
+    # prompt is held out); likewise the first 3 of 30 synthetic prompts
+    for p, n_held in [(p, 4) for p in ranked] + [(p, 3) for p in off]:
+        k = key(p["prompt"], p["chosen"], p["rejected"])
+        assert (k in test_keys, k in train_keys) == ((True, False) if p["group"] < n_held else (False, True))
+    assert sum(p["group"] < 4 for p in ranked) == 4 * 6

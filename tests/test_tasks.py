@@ -264,6 +264,49 @@ def test_label_pairs_drops_identical_and_records_fields():
         W.label_pairs(tasks, ["a"] * 10, ["b"] * 10, "nobody", np.random.default_rng(0))
 
 
+@pytest.mark.parametrize("name", ["noisy", "ai-judge", "length-loving"])
+def test_ranking_pairwise_marginals_are_bradley_terry(name):
+    """Plackett-Luce rankings with Gumbel noise: P(i above j) is the Bradley-Terry choice, whatever else is ranked
+    (a third response must not change it), with lapses and the first-shown position bias included."""
+    ann = W.ANNOTATORS[name]
+    t = W.Task(family="add", prompt="add 12 7", answer="19")
+    cands = ["The answer is 19.", "18", "well, i think 19 ok"]
+    rng = np.random.default_rng(3)
+    n = 4000
+    orders = [W.rank_responses(t, cands, ann, rng) for _ in range(n)]
+    for i, j in [(0, 1), (0, 2), (1, 2)]:
+        freq = np.mean([o.index(i) < o.index(j) for o in orders])
+        z = (_utility_ref(ann, t, cands[i]) - _utility_ref(ann, t, cands[j]) + ann.position_bias * (i == 0)) \
+            / ann.temperature
+        ref = ann.flip_rate / 2 + (1 - ann.flip_rate) * _sigmoid(z)
+        assert abs(freq - ref) < 0.035, (i, j, freq, ref)
+
+
+def test_label_rankings_pairs_groups_and_fields():
+    tasks = W.make_tasks(20, 22, mix={"add": 1.0})
+    resp = [[t.answer, t.answer + "0", "well, " + t.answer, t.answer] for t in tasks]  # one duplicate each
+    pairs = W.label_rankings(tasks, resp, "careful", np.random.default_rng(0))
+    assert len(pairs) == 20 * 3  # 3 distinct responses -> 3 pairs per prompt
+    assert [p["group"] for p in pairs] == sorted(p["group"] for p in pairs)
+    for p in pairs:
+        assert p["rank_chosen"] < p["rank_rejected"] and p["chosen"] != p["rejected"]
+        assert p["prompt"] == tasks[p["group"]].prompt
+    # the careful annotator almost always ranks the exact answer above a wrong one
+    exact = [p for p in pairs if {p["chosen"], p["rejected"]} == {tasks[p["group"]].answer,
+                                                                  tasks[p["group"]].answer + "0"}]
+    assert len(exact) == 20 and np.mean([p["chosen"] == tasks[p["group"]].answer for p in exact]) > 0.9
+    best = W.label_rankings(tasks, resp, "careful", np.random.default_rng(0), pairs="best-worst")
+    assert len(best) == 20 and all(p["rank_chosen"] == 0 and p["rank_rejected"] == 2 for p in best)
+    ann = W.ANNOTATORS["careful"]
+    for p in best:
+        t = tasks[p["group"]]
+        pc = W.preference_prob(ann, t, p["chosen"], p["rejected"])  # careful has no position bias
+        assert p["p_chosen"] == pytest.approx(pc)
+    assert W.label_rankings(tasks[:1], [["7", "7"]], "careful", np.random.default_rng(0)) == []
+    with pytest.raises(ValueError, match="pairs must be"):
+        W.label_rankings(tasks, resp, "careful", np.random.default_rng(0), pairs="some")
+
+
 # ------------------------------------------------------------------------------------------------ metrics
 
 def test_compute_metrics_and_win_rate():

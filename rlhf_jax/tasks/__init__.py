@@ -1,7 +1,7 @@
 """The synthetic instruction world: task families with an exact gold reward, its data, labellers and metrics."""
 from rlhf_jax.tasks.annotators import (
     ANNOTATORS, Annotator, Mixture, format_bias, get_annotator, label_pairs, length_bias, preference_prob,
-    synthetic_pairs, utility)
+    label_rankings, rank_responses, synthetic_pairs, utility)
 from rlhf_jax.tasks.corpus import (
     DEFAULT_MIX, KINDS, SKILL_MIX, messages_for, perturb, prompt_set, sft_demos, synthetic_candidates, web_corpus)
 from rlhf_jax.tasks.metrics import compute_metrics, gold_agreement, win_rate
@@ -11,7 +11,7 @@ from rlhf_jax.tasks.world import (
 
 __all__ = [
     "ANNOTATORS", "Annotator", "Mixture", "format_bias", "get_annotator", "label_pairs", "length_bias",
-    "preference_prob", "synthetic_pairs", "utility",
+    "preference_prob", "label_rankings", "rank_responses", "synthetic_pairs", "utility",
     "DEFAULT_MIX", "KINDS", "SKILL_MIX", "messages_for", "perturb", "prompt_set", "sft_demos",
     "synthetic_candidates", "web_corpus",
     "compute_metrics", "gold_agreement", "win_rate",

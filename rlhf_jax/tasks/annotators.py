@@ -125,14 +125,15 @@ def label_pairs(tasks: list[Task], responses_a: list[str], responses_b: list[str
     """Labels each (task, a, b) triple; a is the response shown first (position bias applies to it).
 
     Returns dicts {"prompt", "chosen", "rejected", "annotator" (the member that labelled, for a Mixture),
-    "p_chosen" (the probability of the choice that was made), "family", "gold_chosen", "gold_rejected"}.
+    "p_chosen" (the probability of the choice that was made), "family", "gold_chosen", "gold_rejected",
+    "group" (the task's index)}.
     Pairs with identical responses carry no preference and are dropped unless `drop_identical=False`.
     """
     if not len(tasks) == len(responses_a) == len(responses_b):
         raise ValueError(f"lengths differ: {len(tasks)} tasks, {len(responses_a)} a, {len(responses_b)} b")
     ann = get_annotator(annotator)
     pairs = []
-    for task, a, b in zip(tasks, responses_a, responses_b):
+    for group, (task, a, b) in enumerate(zip(tasks, responses_a, responses_b)):
         if drop_identical and a == b:
             continue
         member = ann
@@ -145,7 +146,7 @@ def label_pairs(tasks: list[Task], responses_a: list[str], responses_b: list[str
         pairs.append({"prompt": task.prompt, "chosen": chosen, "rejected": rejected, "annotator": member.name,
                       "p_chosen": p if a_wins else 1.0 - p, "family": task.family,
                       "gold_chosen": gold_reward(task, chosen, config),
-                      "gold_rejected": gold_reward(task, rejected, config)})
+                      "gold_rejected": gold_reward(task, rejected, config), "group": group})
     return pairs
 
 
@@ -161,3 +162,68 @@ def synthetic_pairs(tasks: list[Task], annotator: AnnotatorLike, rng: np.random.
         a_list.append(cands[int(i)][1])
         b_list.append(cands[int(j)][1])
     return label_pairs(tasks, a_list, b_list, annotator, rng, config=config)
+
+
+def rank_responses(task: Task, responses: list[str], annotator: Annotator, rng: np.random.Generator, *,
+                   config: WorldConfig = WorldConfig()) -> list[int]:
+    """One annotator's ranking of K responses to one prompt, best first (indices into `responses`).
+
+    Plackett-Luce with Gumbel noise, the ranking model whose pairwise marginals are exactly the Bradley-Terry
+    choices of `preference_prob` (Luce 1959; InstructGPT's labellers rank K = 4..9 responses per prompt, Ouyang et
+    al. 2022, Sec. 3.5): sort by u_i + position_bias * [i == 0] + temperature * Gumbel_i. With probability
+    `flip_rate` the annotator lapses and the ranking is a uniformly random permutation.
+    """
+    if rng.random() < annotator.flip_rate:
+        return [int(i) for i in rng.permutation(len(responses))]
+    u = np.asarray([utility(annotator, task, r, config) for r in responses], dtype=np.float64)
+    u[0] += annotator.position_bias
+    noisy = u + annotator.temperature * rng.gumbel(size=len(responses))
+    return [int(i) for i in np.argsort(-noisy, kind="stable")]
+
+
+def label_rankings(tasks: list[Task], responses: list[list[str]], annotator: AnnotatorLike,
+                   rng: np.random.Generator, *, pairs: str = "all",
+                   config: WorldConfig = WorldConfig()) -> list[dict[str, Any]]:
+    """Ranks the K responses of each task (`rank_responses`) and turns each ranking into preference pairs.
+
+    pairs="all": every (better, worse) pair of distinct responses, up to K(K-1)/2 per prompt (InstructGPT's reward
+    model trains on all of them); pairs="best-worst": the top- against the bottom-ranked distinct response, one pair
+    per prompt (the choice for DPO-style training on the most decisive comparison). Duplicate responses are ranked
+    once. Each dict has the fields of `label_pairs` plus "rank_chosen"/"rank_rejected" (0 = best) and "group"
+    (the task's index, to keep a prompt's pairs on one side of a train/test split); "p_chosen" is the
+    Bradley-Terry probability of that pairwise choice.
+    """
+    if len(tasks) != len(responses):
+        raise ValueError(f"lengths differ: {len(tasks)} tasks, {len(responses)} response lists")
+    if pairs not in ("all", "best-worst"):
+        raise ValueError(f"pairs must be 'all' or 'best-worst', got {pairs!r}")
+    ann = get_annotator(annotator)
+    out = []
+    for group, (task, cands) in enumerate(zip(tasks, responses)):
+        cands = list(dict.fromkeys(cands))  # distinct, first-shown order kept
+        if len(cands) < 2:
+            continue
+        member = ann
+        if isinstance(ann, Mixture):
+            w = np.asarray([m[1] for m in ann.members], dtype=np.float64)
+            member = ann.members[int(rng.choice(len(w), p=w / w.sum()))][0]
+        order = rank_responses(task, cands, member, rng, config=config)
+        ranked = [(order[0], order[-1])] if pairs == "best-worst" else [
+            (order[i], order[j]) for i in range(len(order)) for j in range(i + 1, len(order))]
+        for i, j in ranked:
+            chosen, rejected = cands[i], cands[j]
+            out.append({"prompt": task.prompt, "chosen": chosen, "rejected": rejected, "annotator": member.name,
+                        "p_chosen": _pair_prob(member, task, cands, i, j, config),
+                        "family": task.family, "gold_chosen": gold_reward(task, chosen, config),
+                        "gold_rejected": gold_reward(task, rejected, config),
+                        "rank_chosen": order.index(i), "rank_rejected": order.index(j), "group": group})
+    return out
+
+
+def _pair_prob(annotator: Annotator, task: Task, cands: list[str], i: int, j: int, config: WorldConfig) -> float:
+    """P(cands[i] beats cands[j]) under Bradley-Terry; the position bias counts only for cands[0], shown first."""
+    if j == 0:
+        return 1.0 - preference_prob(annotator, task, cands[j], cands[i], config)
+    if i != 0:
+        annotator = dataclasses.replace(annotator, position_bias=0.0)
+    return preference_prob(annotator, task, cands[i], cands[j], config)
