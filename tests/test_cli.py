@@ -4,8 +4,10 @@ import dataclasses
 import json
 import os
 import signal
+import re
 import subprocess
 import sys
+import time
 from typing import Literal
 
 import flax
@@ -182,6 +184,45 @@ def test_sft_smoke_run_and_resume(tmp_path):
     r = subprocess.run(base + ["--sft.num-steps", "6"], cwd=ROOT, env=ENV, capture_output=True, text=True,
                        timeout=300)
     assert r.returncode != 0 and "already holds checkpoints" in r.stderr
+
+
+def test_sft_cli_sigterm_saves_exits_cleanly_and_resumes(tmp_path):
+    """A SIGTERM sent to a running `python -m experiments.sft` (as a cluster scheduler does): the step in flight
+    finishes, a checkpoint is written at that step, the process exits 0 without a final model, and --resume
+    continues from exactly that step."""
+    out = tmp_path / "run"
+    base = [sys.executable, "-m", "experiments.sft", "--out", str(out), "--model.num-layers", "1",
+            "--model.max-seq-len", "32", "--data.num-demo", "16", "--data.batch-size", "2", "--data.seq-len", "32",
+            "--sft.log-every", "1", "--checkpoint.save-every", "100000", "--sft.optim.warmup-steps", "1",
+            "--checkpoint.no-tensorboard"]
+    proc = subprocess.Popen(base + ["--sft.num-steps", "100000"], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    metrics = out / "sft" / "metrics.jsonl"
+    deadline = time.time() + 240
+    try:
+        while not (metrics.exists() and metrics.read_text().count("\n") >= 2):  # compiled and stepping
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            assert time.time() < deadline, "the SFT run did not start stepping within 240 s"
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, stderr[-3000:]
+    stopped = re.search(r"stopped by signal after step (\d+); continue with --resume", stderr)
+    assert stopped, stderr[-3000:]
+    n = int(stopped.group(1))
+    assert n >= 2 and sorted(os.listdir(out / "checkpoints" / "sft")) == [str(n)]
+    assert not (out / "sft" / "final").exists()
+    assert json.load(open(out / "report.json"))["summary"]["finished"] is False
+    r = subprocess.run(base + ["--sft.num-steps", str(n + 2), "--resume"], cwd=ROOT, env=ENV,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"resuming sft from step {n}" in r.stderr
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert steps == list(range(1, n + 3))  # every step once: none lost, none repeated
+    assert (out / "sft" / "final" / "model_config.json").exists()
 
 
 @flax.struct.dataclass
