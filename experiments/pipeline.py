@@ -333,7 +333,7 @@ def run(cfg: PipelineConfig) -> dict:
     t = time.time()
     table = {}
     sft_metrics, sft_gold = evaluate(sft_params, sft_params=sft_params, reward_params=reward_params, rng=k_eval)
-    base_metrics, _ = evaluate(base_params, sft_params=sft_params, reward_params=reward_params, rng=k_eval,
+    base_metrics, base_gold = evaluate(base_params, sft_params=sft_params, reward_params=reward_params, rng=k_eval,
                                sft_gold=sft_gold)
     table["base"], table["sft"] = base_metrics, sft_metrics
     _done(timings, "eval", t)
@@ -357,7 +357,7 @@ def run(cfg: PipelineConfig) -> dict:
     ppo_hooks.hooks.append(curve)
     ppo_state, _ = stages.run_ppo(ppo_state, prompt_batches, ppo_cfg, model_config=mc, ref_params=sft_params,
                                   reward_params=reward_params, hooks=ppo_hooks)
-    table["ppo"], _ = evaluate(ppo_state.policy.params, **eval_kwargs)
+    table["ppo"], ppo_gold = evaluate(ppo_state.policy.params, **eval_kwargs)
     _done(timings, "ppo", t)
 
     # 6. DPO from the SFT policy on the same pairs (no reward model, no rollouts).
@@ -366,10 +366,12 @@ def run(cfg: PipelineConfig) -> dict:
     dpo_state, _ = stages.run_dpo(dpo_state, pref_batches(train_pairs, cfg.seed + 1),
                                   stages.DPOConfig(num_steps=cfg.dpo_steps, beta=cfg.dpo_beta, log_every=10),
                                   model_config=mc, ref_params=sft_params, hooks=hooks("dpo", cfg.dpo_steps))
-    table["dpo"], _ = evaluate(dpo_state.params, **eval_kwargs)
+    table["dpo"], dpo_gold = evaluate(dpo_state.params, **eval_kwargs)
     _done(timings, "dpo", t)
 
-    return _report(cfg, table, rm_report, curve.points, timings, time.time() - t0)
+    vs_sft = {stage: world.paired_bootstrap(gold, sft_gold, seed=cfg.seed)
+              for stage, gold in (("base", base_gold), ("ppo", ppo_gold), ("dpo", dpo_gold))}
+    return _report(cfg, table, rm_report, vs_sft, curve.points, timings, time.time() - t0)
 
 
 def _done(timings: dict, stage: str, t: float) -> None:
@@ -406,7 +408,7 @@ def _pairwise_accuracy(reward_params, batches, mc) -> float:
     return wins / max(total, 1)
 
 
-def _report(cfg, table, rm_report, ppo_points, timings, seconds) -> dict:
+def _report(cfg, table, rm_report, vs_sft, ppo_points, timings, seconds) -> dict:
     plots = []
     kl = [p["kl_to_sft"] for p in ppo_points]
     plots.append(plot_xy(kl, {"gold reward": [p["gold_reward"] for p in ppo_points],
@@ -421,6 +423,8 @@ def _report(cfg, table, rm_report, ppo_points, timings, seconds) -> dict:
                                             "over_refusal_rate", "win_rate_vs_sft", "rm_score")},
                       "gold_by_family": {k[len("gold/"):]: m[k] for k in m if k.startswith("gold/")}}
               for stage, m in table.items()}
+    for stage, ci in vs_sft.items():  # paired over the same held-out prompts, 95% bootstrap interval
+        report[stage]["gold_vs_sft"] = ci
     report["reward_model"] = rm_report
     report["ppo_curve"] = ppo_points
     report["config"] = dataclasses.asdict(cfg)
@@ -436,18 +440,20 @@ def _report(cfg, table, rm_report, ppo_points, timings, seconds) -> dict:
                  {"stages": rows}, title="rlhf_jax pipeline on the gold-reward world", images=plots)
     with open(os.path.join(cfg.out, "report.json"), "w") as f:  # write_report wrote its own; ours is the contract
         json.dump(report, f, indent=2)
-    _print_table(rows, rm_report, seconds)
+    _print_table(rows, rm_report, vs_sft, seconds)
     return report
 
 
-def _print_table(rows, rm_report, seconds):
+def _print_table(rows, rm_report, vs_sft, seconds):
     cols = ["stage", "gold_reward", "rm_score", "kl_to_sft", "mean_length", "refusal_rate", "over_refusal_rate",
             "win_rate_vs_sft"]
     print("\n" + "  ".join(f"{c:>17}" for c in cols))
     for r in rows:
         print("  ".join(f"{r[c]:>17}" if isinstance(r[c], str) else f"{r[c]:>17.3f}" for c in cols))
+    print("\ngold reward minus SFT's on the same prompts (95% paired bootstrap interval): " + ", ".join(
+        f"{stage} {ci['delta']:+.3f} [{ci['low']:+.3f}, {ci['high']:+.3f}]" for stage, ci in vs_sft.items()))
     bon = rm_report["best_of_n"]
-    print(f"\nreward model held-out accuracy: {rm_report['accuracy']:.3f}    best of {bon['n']} SFT samples, gold "
+    print(f"reward model held-out accuracy: {rm_report['accuracy']:.3f}    best of {bon['n']} SFT samples, gold "
           f"reward: random {bon['gold_random']:.3f}, reward-model pick {bon['gold_rm_pick']:.3f}, gold pick "
           f"{bon['gold_oracle_pick']:.3f}    total time: {seconds:.0f} s")
 

@@ -25,6 +25,9 @@ def test_quick_pipeline_writes_report(tmp_path):
     assert on_disk["reward_model"]["test_pairs"] > 0 and on_disk["reward_model"]["train_pairs"] > 0
     bon = on_disk["reward_model"]["best_of_n"]  # the gold pick is the best any pick can do
     assert bon["gold_oracle_pick"] >= max(bon["gold_rm_pick"], bon["gold_random"]) - 1e-12
+    for stage in ("base", "ppo", "dpo"):
+        ci = on_disk[stage]["gold_vs_sft"]
+        assert ci["low"] <= ci["delta"] <= ci["high"] and ci["level"] == 0.95
     for stage in ("base", "sft", "ppo", "dpo"):
         fams = on_disk[stage]["gold_by_family"]
         assert fams and set(fams) <= set(world.FAMILIES) and all(0.0 <= v <= 1.0 for v in fams.values())

@@ -322,3 +322,33 @@ def test_compute_metrics_and_win_rate():
     assert math.isnan(W.compute_metrics(tasks[3:], responses[3:])["refusal_rate"])
     assert W.win_rate([1.0, 0.5, 0.0, 0.2], [0.0, 0.5, 1.0, 0.1]) == pytest.approx(2.5 / 4)
     assert W.win_rate([0.3] * 5, [0.3] * 5) == 0.5
+
+
+def test_paired_bootstrap_matches_normal_theory_and_edge_cases():
+    rng = np.random.default_rng(5)
+    a, b = rng.random(400), rng.random(400) * 0.9
+    ci = W.paired_bootstrap(a, b, num_samples=4000)
+    d = a - b
+    half = 1.959964 * d.std(ddof=1) / np.sqrt(d.size)  # the central limit theorem's 95% half-width
+    assert ci["delta"] == pytest.approx(d.mean())
+    assert ci["low"] == pytest.approx(d.mean() - half, abs=0.15 * half)
+    assert ci["high"] == pytest.approx(d.mean() + half, abs=0.15 * half)
+    same = W.paired_bootstrap(a, a)  # paired: identical policies differ by exactly 0 on every resample
+    assert same["delta"] == same["low"] == same["high"] == 0.0
+    shift = W.paired_bootstrap(a + 0.25, a)
+    assert shift["low"] == pytest.approx(0.25) and shift["high"] == pytest.approx(0.25)
+    with pytest.raises(ValueError, match="equal shape"):
+        W.paired_bootstrap(a, b[:10])
+    with pytest.raises(ValueError, match="level"):
+        W.paired_bootstrap(a, b, level=1.5)
+
+
+def test_paired_bootstrap_covers_the_true_difference():
+    rng = np.random.default_rng(6)
+    hits = 0
+    for trial in range(200):  # true mean difference 0.1; a 90% interval should cover it ~90% of the time
+        a = rng.binomial(1, 0.6, size=150).astype(float)
+        b = rng.binomial(1, 0.5, size=150).astype(float)
+        ci = W.paired_bootstrap(a, b, num_samples=500, level=0.9, seed=trial)
+        hits += ci["low"] <= 0.1 <= ci["high"]
+    assert 0.82 <= hits / 200 <= 0.96

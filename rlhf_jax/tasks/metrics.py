@@ -7,6 +7,8 @@
     gold/<family>      mean gold reward per task family
     win_rate(a, b)     P(gold_a > gold_b) + 0.5 P(gold_a == gold_b), prompt by prompt (as in AlpacaEval's win
                        rate, Dubois et al. 2023, but judged by the gold reward instead of a model)
+    paired_bootstrap   mean(gold_a - gold_b) over the same prompts with a percentile bootstrap interval (Efron &
+                       Tibshirani 1993), resampling prompts: is a stage's gain over SFT more than evaluation noise?
 """
 from __future__ import annotations
 
@@ -50,3 +52,24 @@ def gold_agreement(pairs: list[dict[str, Any]]) -> float:
     if not decisive:
         return float("nan")
     return float(np.mean([p["gold_chosen"] > p["gold_rejected"] for p in decisive]))
+
+
+def paired_bootstrap(gold_a: Any, gold_b: Any, *, num_samples: int = 2000, level: float = 0.95,
+                     seed: int = 0) -> dict[str, float]:
+    """Mean paired difference mean(a - b) and its percentile bootstrap interval over prompts.
+
+    Both arrays hold per-prompt rewards on the same prompts, [B] each; each bootstrap replicate resamples B prompts
+    with replacement. Returns {"delta", "low", "high", "level"}; an interval that excludes 0 means the difference
+    is larger than what resampling the evaluation prompts produces.
+    """
+    a, b = np.asarray(gold_a, dtype=np.float64), np.asarray(gold_b, dtype=np.float64)
+    if a.shape != b.shape or a.ndim != 1 or a.size == 0:
+        raise ValueError(f"paired_bootstrap needs two non-empty [B] arrays of equal shape, got {a.shape} and {b.shape}")
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    diff = a - b
+    idx = np.random.default_rng(seed).integers(0, diff.size, size=(num_samples, diff.size))
+    means = diff[idx].mean(axis=1)
+    alpha = (1.0 - level) / 2.0
+    return {"delta": float(diff.mean()), "low": float(np.quantile(means, alpha)),
+            "high": float(np.quantile(means, 1.0 - alpha)), "level": level}
