@@ -98,6 +98,8 @@ def main():
               "kernel_spec": [a if a is None or isinstance(a, str) else list(a) for a in kernel.sharding.spec],
               "kernel_local_shapes": [list(s.data.shape) for s in kernel.addressable_shards],
               "embed_shape": list(np.shape(state.params["embed"]["embedding"]))}
+    from rlhf_jax.train.checkpoint import save_params
+    save_params(os.path.join(os.path.dirname(args.out), "final"), state.params, model_config=cfg)  # no gather
     with open(args.out, "w") as f:
         json.dump(result, f)
     jax.distributed.shutdown()

@@ -80,3 +80,9 @@ def test_two_processes_run_sft_together(tmp_path):
         assert r["kernel_spec"] == [None, "fsdp", "tensor"]
         assert r["kernel_local_shapes"] == [[2, 32, 128], [2, 32, 128]]
     assert ref_losses[1] != ref_losses[0]                  # the second step saw updated params and new data
+    # save_params wrote the FSDP-sharded params from both processes without gathering; they load back whole.
+    from rlhf_jax.train.checkpoint import load_params  # noqa: PLC0415
+    config, params = load_params(tmp_path / "final")
+    assert config == ModelConfig.preset("tiny")
+    sq = float(sum(np.sum(np.square(np.asarray(x), dtype=np.float64)) for x in jax.tree.leaves(params)))
+    np.testing.assert_allclose(sq, ref_sq, rtol=1e-5)

@@ -120,7 +120,9 @@ def save_params(path: str | os.PathLike, params: Any, *, model_config: Any = Non
     """Write final params as `path/params/` (orbax, a plain nested dict) and `path/model_config.json`.
 
     The folder is what `load_params` (and the experiments' `--policy-init` / `--reward-init` / `--model.init`)
-    read back; `rlhf_jax.models.save_pretrained` is the Hugging Face alternative.
+    read back; `rlhf_jax.models.save_pretrained` is the Hugging Face alternative. Sharded `jax.Array` params are
+    written shard by shard without a gather to one host, so on several hosts every process calls this with the
+    same `path` (a shared file system) and its own shards; process 0 writes the config.
     """
     import dataclasses
     import json
@@ -128,24 +130,31 @@ def save_params(path: str | os.PathLike, params: Any, *, model_config: Any = Non
     path = os.path.abspath(os.fspath(path))
     os.makedirs(path, exist_ok=True)
     with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(os.path.join(path, "params"), jax.device_get(params), force=True)
-    if model_config is not None:
+        ckptr.save(os.path.join(path, "params"), params, force=True)
+    if model_config is not None and jax.process_index() == 0:
         with open(os.path.join(path, "model_config.json"), "w") as f:
             json.dump(dataclasses.asdict(model_config), f, indent=2)
     return path
 
 
-def load_params(path: str | os.PathLike) -> tuple[Any, Any]:
+def load_params(path: str | os.PathLike, *, sharding: jax.sharding.Sharding | None = None) -> tuple[Any, Any]:
     """`(model_config, params)` from a `save_params` folder or a Hugging Face folder (config.json + safetensors).
 
-    model_config is None for a `save_params` folder written without one.
+    model_config is None for a `save_params` folder written without one. A `save_params` folder loads on any
+    device topology, whatever the one that wrote it (e.g. FSDP-sharded over several hosts): every array is
+    restored onto `sharding` (default: the first local device); reshard afterwards with `rlhf_jax.sharding`.
     """
     import json
 
     path = os.path.abspath(os.fspath(path))
     if os.path.isdir(os.path.join(path, "params")):
+        sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         with ocp.StandardCheckpointer() as ckptr:
-            params = ckptr.restore(os.path.join(path, "params"))
+            meta = ckptr.metadata(os.path.join(path, "params"))
+            tree = getattr(getattr(meta, "item_metadata", meta), "tree", meta)
+            target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), tree,
+                                  is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"))
+            params = ckptr.restore(os.path.join(path, "params"), target)
         config = None
         cfg_path = os.path.join(path, "model_config.json")
         if os.path.exists(cfg_path):
