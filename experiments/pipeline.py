@@ -109,8 +109,8 @@ class PipelineConfig:
         if not self.quick:
             return self
         return dataclasses.replace(self, d_model=64, num_layers=2, pretrain_docs=4000, pretrain_steps=60,
-                                   sft_demos=400, sft_safety=40, sft_benign=40, sft_steps=30, pref_prompts=256, synthetic_pairs=256,
-                                   rm_steps=30, ppo_iterations=4, ppo_batch=32, dpo_steps=20, eval_prompts=64,
+                                   sft_demos=400, sft_safety=40, sft_benign=40, sft_steps=30, pref_prompts=256,
+                                   synthetic_pairs=256, rm_steps=30, ppo_iterations=4, ppo_batch=32, dpo_steps=20, eval_prompts=64,
                                    eval_every=2, batch_size=16)
 
 
@@ -191,14 +191,21 @@ class Evaluator:
         return _SAMPLE(params, self.batch["prompts"], self.batch["prompt_mask"], rng, config=self.mc,
                        max_new_tokens=self.n, temperature=temperature, eos_id=TOK.eos_id, pad_id=TOK.pad_id)
 
+    def _texts(self, s) -> list[str]:
+        return _decode(s.tokens[:, -self.n:], s.response_mask)
+
+    def _rm_scores(self, reward_params, s) -> jax.Array:
+        """Reward-model score of each sampled (left-padded prompt, response) row -> [B]."""
+        mask = jnp.concatenate([self.batch["prompt_mask"], s.response_mask], axis=1)
+        return self._score(reward_params, {"inputs": s.tokens, "positions": sequence_positions(mask),
+                                           "segment_ids": mask})
+
     def __call__(self, params, *, sft_params, reward_params, rng, sft_gold=None) -> tuple[dict, np.ndarray]:
         greedy = self.generate(params, rng, 0.0)
-        responses = _decode(greedy.tokens[:, -self.n:], greedy.response_mask)
+        responses = self._texts(greedy)
         metrics = world.compute_metrics(self.tasks, responses)
         gold = world.gold_rewards(self.tasks, responses)
-        mask = jnp.concatenate([self.batch["prompt_mask"], greedy.response_mask], axis=1)
-        scores = self._score(reward_params, {"inputs": greedy.tokens, "positions": sequence_positions(mask),
-                                             "segment_ids": mask}) if reward_params is not None else None
+        scores = self._rm_scores(reward_params, greedy) if reward_params is not None else None
         samples = self.generate(params, jax.random.fold_in(rng, 1), 1.0)
         mask = jnp.concatenate([self.batch["prompt_mask"], samples.response_mask], axis=1)
         kl = self._seq_logps(params, samples.tokens, mask) - self._seq_logps(sft_params, samples.tokens, mask)
@@ -211,7 +218,6 @@ class Evaluator:
         out.update({k: v for k, v in metrics.items() if k.startswith("gold/")})  # per-family diagnostics
         return out, gold
 
-
     def best_of_n(self, params, reward_params, rng, *, n: int, temperature: float) -> dict:
         """How well the reward model ranks the policy's own samples: gold reward of n samples per prompt, taken at
         random (the mean), picked by the reward model, and picked by the gold reward itself (the ceiling). A reward
@@ -219,10 +225,8 @@ class Evaluator:
         golds, scores = [], []
         for i in range(n):
             s = self.generate(params, jax.random.fold_in(rng, i), temperature)
-            golds.append(world.gold_rewards(self.tasks, _decode(s.tokens[:, -self.n:], s.response_mask)))
-            mask = jnp.concatenate([self.batch["prompt_mask"], s.response_mask], axis=1)
-            scores.append(np.asarray(self._score(reward_params, {"inputs": s.tokens, "segment_ids": mask,
-                                                                 "positions": sequence_positions(mask)})))
+            golds.append(world.gold_rewards(self.tasks, self._texts(s)))
+            scores.append(np.asarray(self._rm_scores(reward_params, s)))
         golds, scores = np.stack(golds), np.stack(scores)
         picked = golds[np.argmax(scores, axis=0), np.arange(golds.shape[1])]
         return {"n": n, "temperature": temperature, "gold_random": float(golds.mean()),
@@ -333,8 +337,8 @@ def run(cfg: PipelineConfig) -> dict:
     t = time.time()
     table = {}
     sft_metrics, sft_gold = evaluate(sft_params, sft_params=sft_params, reward_params=reward_params, rng=k_eval)
-    base_metrics, base_gold = evaluate(base_params, sft_params=sft_params, reward_params=reward_params, rng=k_eval,
-                               sft_gold=sft_gold)
+    base_metrics, base_gold = evaluate(base_params, sft_params=sft_params, reward_params=reward_params,
+                                       rng=k_eval, sft_gold=sft_gold)
     table["base"], table["sft"] = base_metrics, sft_metrics
     _done(timings, "eval", t)
     eval_kwargs = dict(sft_params=sft_params, reward_params=reward_params, rng=k_eval, sft_gold=sft_gold)

@@ -158,13 +158,18 @@ def test_sft_help_subprocess():
         assert opt in text, opt
 
 
+def _tiny_sft_argv(out: str, *, log_every: int, save_every: int) -> list[str]:
+    """`python -m experiments.sft` on a 1-layer model and 16 demo conversations (without --sft.num-steps)."""
+    return [sys.executable, "-m", "experiments.sft", "--out", out, "--model.num-layers", "1",
+            "--model.max-seq-len", "32", "--data.num-demo", "16", "--data.batch-size", "2", "--data.seq-len", "32",
+            "--sft.log-every", str(log_every), "--checkpoint.save-every", str(save_every),
+            "--sft.optim.warmup-steps", "1", "--checkpoint.no-tensorboard"]
+
+
 def test_sft_smoke_run_and_resume(tmp_path):
     pytest.importorskip("rlhf_jax.train.stages", reason="stage functions not written yet")
     out = str(tmp_path / "run")
-    base = [sys.executable, "-m", "experiments.sft", "--out", out, "--model.num-layers", "1",
-            "--model.max-seq-len", "32", "--data.num-demo", "16", "--data.batch-size", "2", "--data.seq-len", "32",
-            "--sft.log-every", "2", "--checkpoint.save-every", "2",
-            "--sft.optim.warmup-steps", "1", "--checkpoint.no-tensorboard"]
+    base = _tiny_sft_argv(out, log_every=2, save_every=2)
     r = subprocess.run(base + ["--sft.num-steps", "4"], cwd=ROOT, env=ENV, capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -191,10 +196,7 @@ def test_sft_cli_sigterm_saves_exits_cleanly_and_resumes(tmp_path):
     finishes, a checkpoint is written at that step, the process exits 0 without a final model, and --resume
     continues from exactly that step."""
     out = tmp_path / "run"
-    base = [sys.executable, "-m", "experiments.sft", "--out", str(out), "--model.num-layers", "1",
-            "--model.max-seq-len", "32", "--data.num-demo", "16", "--data.batch-size", "2", "--data.seq-len", "32",
-            "--sft.log-every", "1", "--checkpoint.save-every", "100000", "--sft.optim.warmup-steps", "1",
-            "--checkpoint.no-tensorboard"]
+    base = _tiny_sft_argv(str(out), log_every=1, save_every=100000)
     proc = subprocess.Popen(base + ["--sft.num-steps", "100000"], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     metrics = out / "sft" / "metrics.jsonl"

@@ -103,6 +103,25 @@ def _balanced_chunk(chunk_size, vocab: int) -> tuple[int, int]:
     return n, c
 
 
+def _vocab_chunks(w, chunk_size) -> tuple[jax.Array, int]:
+    """``[D, V] -> ([n, D, c], c)``: balanced vocabulary chunks, the last zero-padded. The scan slices w by its
+    leading axis, so dw comes back stacked, not summed in a carry."""
+    d, vocab = w.shape
+    n_chunks, c = _balanced_chunk(chunk_size, vocab)
+    return jnp.pad(w, ((0, 0), (0, n_chunks * c - vocab))).reshape(d, n_chunks, c).transpose(1, 0, 2), c
+
+
+def _chunk_logits(hidden, w_c, lo, vocab: int, targets):
+    """One chunk's float32 logits ``hidden @ w_c`` (columns lo..lo+c) with the masks `_online_update` needs:
+    (chunk, valid columns, targets local to the chunk, whether each target falls in it)."""
+    c = w_c.shape[-1]
+    chunk = jnp.einsum("...d,dc->...c", hidden, w_c, preferred_element_type=_F32)
+    valid = lo + jnp.arange(c) < vocab  # zero-padded columns of the last chunk
+    in_chunk = (targets >= lo) & (targets < lo + c)
+    local = jnp.clip(targets - lo, 0, c - 1)
+    return chunk, valid, local, in_chunk
+
+
 def _full_logits(hidden, w):
     """hidden [..., D] @ w [D, V] -> float32 logits [..., V]. The matmul runs on w zero-padded to a multiple of
     128 columns (tensor-core friendly, as nanoGPT's 50304-column GPT-2 head); the padding is sliced off, and
@@ -137,22 +156,17 @@ def token_logprobs_from_hidden(hidden, w, targets, *, chunk_size: int | None = N
     chunk_size = resolve_chunk(chunk_size, targets.size, w.shape[-1])
     if chunk_size is None:
         return token_logprobs(_full_logits(hidden, w), targets)
-    d, vocab = w.shape
-    n_chunks, c = _balanced_chunk(chunk_size, vocab)
-    # [D, V] -> [n, D, c]: the scan slices w by its leading axis, so dw comes back stacked, not summed in a carry.
-    w_chunks = jnp.pad(w, ((0, 0), (0, n_chunks * c - vocab))).reshape(d, n_chunks, c).transpose(1, 0, 2)
+    vocab = w.shape[-1]
+    w_chunks, c = _vocab_chunks(w, chunk_size)
 
     @jax.checkpoint
     def body(carry, xs):
         w_c, i = xs
         lo = i * c
-        chunk = jnp.einsum("...d,dc->...c", hidden, w_c, preferred_element_type=_F32)
-        valid = lo + jnp.arange(c) < vocab  # zero-padded columns of the last chunk
-        in_chunk = (targets >= lo) & (targets < lo + c)
-        local = jnp.clip(targets - lo, 0, c - 1)
+        chunk, valid, local, in_chunk = _chunk_logits(hidden, w_c, lo, vocab, targets)
         return _online_update(carry, chunk, valid, local, in_chunk), None
 
-    (m, s, tgt), _ = lax.scan(body, _init_carry(targets.shape), (w_chunks, jnp.arange(n_chunks)))
+    (m, s, tgt), _ = lax.scan(body, _init_carry(targets.shape), (w_chunks, jnp.arange(w_chunks.shape[0])))
     return tgt - (m + jnp.log(s))
 
 
@@ -177,20 +191,15 @@ def token_logprobs_and_argmax_from_hidden(hidden, w, targets, *, chunk_size: int
     if chunk_size is None:
         logits = _full_logits(hidden, w)
         return token_logprobs(logits, targets), jnp.argmax(lax.stop_gradient(logits), axis=-1).astype(jnp.int32)
-    d, vocab = w.shape
-    n_chunks, c = _balanced_chunk(chunk_size, vocab)
-    # [D, V] -> [n, D, c]: the scan slices w by its leading axis, so dw comes back stacked, not summed in a carry.
-    w_chunks = jnp.pad(w, ((0, 0), (0, n_chunks * c - vocab))).reshape(d, n_chunks, c).transpose(1, 0, 2)
+    vocab = w.shape[-1]
+    w_chunks, c = _vocab_chunks(w, chunk_size)
 
     @jax.checkpoint  # recompute each chunk's logits in the backward pass instead of storing them
     def body(carry, xs):
         lse_carry, best, arg = carry
         w_c, i = xs
         lo = i * c
-        chunk = jnp.einsum("...d,dc->...c", hidden, w_c, preferred_element_type=_F32)
-        valid = lo + jnp.arange(c) < vocab  # zero-padded columns of the last chunk
-        in_chunk = (targets >= lo) & (targets < lo + c)
-        local = jnp.clip(targets - lo, 0, c - 1)
+        chunk, valid, local, in_chunk = _chunk_logits(hidden, w_c, lo, vocab, targets)
         lse_carry = _online_update(lse_carry, chunk, valid, local, in_chunk)
         seen = jnp.where(valid, lax.stop_gradient(chunk), -jnp.inf)
         chunk_best = jnp.max(seen, axis=-1)
@@ -199,7 +208,7 @@ def token_logprobs_and_argmax_from_hidden(hidden, w, targets, *, chunk_size: int
         return (lse_carry, jnp.where(better, chunk_best, best), arg), None
 
     init = (_init_carry(targets.shape), jnp.full(targets.shape, -jnp.inf, _F32), jnp.zeros(targets.shape, jnp.int32))
-    ((m, s, tgt), _, arg), _ = lax.scan(body, init, (w_chunks, jnp.arange(n_chunks)))
+    ((m, s, tgt), _, arg), _ = lax.scan(body, init, (w_chunks, jnp.arange(w_chunks.shape[0])))
     return tgt - (m + jnp.log(s)), arg
 
 

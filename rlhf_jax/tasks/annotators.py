@@ -88,6 +88,14 @@ def get_annotator(annotator: AnnotatorLike) -> Annotator | Mixture:
     return annotator
 
 
+def _draw_member(annotator: Annotator | Mixture, rng: np.random.Generator) -> Annotator:
+    """The annotator itself, or for a Mixture one member drawn with probability proportional to its weight."""
+    if not isinstance(annotator, Mixture):
+        return annotator
+    w = np.asarray([m[1] for m in annotator.members], dtype=np.float64)
+    return annotator.members[int(rng.choice(len(w), p=w / w.sum()))][0]
+
+
 def length_bias(text: str, scale: float) -> float:
     """len / (len + scale) in bytes: grows with length, saturates at 1."""
     n = len(text.strip().encode())
@@ -136,10 +144,7 @@ def label_pairs(tasks: list[Task], responses_a: list[str], responses_b: list[str
     for group, (task, a, b) in enumerate(zip(tasks, responses_a, responses_b)):
         if drop_identical and a == b:
             continue
-        member = ann
-        if isinstance(ann, Mixture):
-            w = np.asarray([m[1] for m in ann.members], dtype=np.float64)
-            member = ann.members[int(rng.choice(len(w), p=w / w.sum()))][0]
+        member = _draw_member(ann, rng)
         p = preference_prob(member, task, a, b, config)
         a_wins = rng.random() < p
         chosen, rejected = (a, b) if a_wins else (b, a)
@@ -203,10 +208,7 @@ def label_rankings(tasks: list[Task], responses: list[list[str]], annotator: Ann
         cands = list(dict.fromkeys(cands))  # distinct, first-shown order kept
         if len(cands) < 2:
             continue
-        member = ann
-        if isinstance(ann, Mixture):
-            w = np.asarray([m[1] for m in ann.members], dtype=np.float64)
-            member = ann.members[int(rng.choice(len(w), p=w / w.sum()))][0]
+        member = _draw_member(ann, rng)
         order = rank_responses(task, cands, member, rng, config=config)
         ranked = [(order[0], order[-1])] if pairs == "best-worst" else [
             (order[i], order[j]) for i in range(len(order)) for j in range(i + 1, len(order))]
