@@ -404,9 +404,8 @@ def _pairwise_accuracy(reward_params, batches, mc) -> float:
     wins, total = 0.0, 0
     for batch in batches:
         real = batch["chosen"]["segment_ids"].max(axis=1) > 0
-        keys = ("inputs", "positions", "segment_ids")
-        rc = np.asarray(score(reward_params, {k: batch["chosen"][k] for k in keys}))
-        rr = np.asarray(score(reward_params, {k: batch["rejected"][k] for k in keys}))
+        rc = np.asarray(score(reward_params, batch["chosen"]))  # the whole sequences, final EOS included
+        rr = np.asarray(score(reward_params, batch["rejected"]))
         wins += float(np.sum((rc > rr)[real]))
         total += int(real.sum())
     return wins / max(total, 1)

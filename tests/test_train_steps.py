@@ -83,19 +83,51 @@ def test_grad_accumulation_equals_big_batch(params):
 
 def test_reward_reads_last_real_token(params):
     rparams = with_score_head(params, CFG, 1)
-    batch = sft_batch(0, lengths=[10, 6, 8, 3])
+    lengths = [10, 6, 8, 3]
+    batch = sft_batch(0, lengths=lengths)
     r = np.asarray(reward_scores(rparams, batch, model_config=CFG))
-    values = np.asarray(scalar_forward(rparams, batch["inputs"], config=CFG, positions=batch["positions"],
-                                       segment_ids=batch["segment_ids"]))
-    np.testing.assert_allclose(r, values[np.arange(4), [9, 5, 7, 2]], rtol=1e-6)
-    pad_changed = {**batch, "inputs": batch["inputs"].copy()}
+    # The whole sequence of row b is inputs[b, 0] + targets[b, :n]: n + 1 tokens, read at its last one (the EOS a
+    # reply ends with), independently recomputed on the reassembled [B, T+1] sequences.
+    whole = np.concatenate([batch["inputs"][:, :1], batch["targets"]], axis=1)
+    seg = (np.arange(11)[None] <= np.asarray(lengths)[:, None]).astype(np.int32)
+    values = np.asarray(scalar_forward(rparams, whole, config=CFG, positions=np.tile(np.arange(11), (4, 1)),
+                                       segment_ids=seg))
+    np.testing.assert_allclose(r, values[np.arange(4), lengths], rtol=1e-6)
+    pad_changed = {**batch, "inputs": batch["inputs"].copy(), "targets": batch["targets"].copy()}
     pad_changed["inputs"][1, 7] = 5                      # row 1 has 6 real tokens: index 7 is padding
+    pad_changed["targets"][1, 7] = 5
     np.testing.assert_allclose(reward_scores(rparams, pad_changed, model_config=CFG), r, rtol=1e-6)
-    last_changed = {**batch, "inputs": batch["inputs"].copy()}
-    last_changed["inputs"][1, 5] = (last_changed["inputs"][1, 5] + 1) % 256
+    last_changed = {**batch, "targets": batch["targets"].copy()}
+    last_changed["targets"][1, 5] = (last_changed["targets"][1, 5] + 1) % 256   # row 1's final token
     r2 = np.asarray(reward_scores(rparams, last_changed, model_config=CFG))
     assert abs(r2[1] - r[1]) > 1e-6
     np.testing.assert_allclose(np.delete(r2, 1), np.delete(r, 1), rtol=1e-6)
+
+
+def test_reward_training_and_rollout_scoring_read_the_same_tokens(params):
+    """A conversation scored as a side of a preference batch (what the reward model trains on) and as a rollout
+    (left-padded prompt + sampled reply ending with EOS, what PPO and best-of-n score) gets one score."""
+    from rlhf_jax.data import PreferenceRecord, collate_preference, collate_prompts
+    from rlhf_jax.data.batching import tokenize_preference
+    from rlhf_jax.tokenizer import ByteTokenizer, encode_prompt
+    from rlhf_jax.train.ppo import sequence_positions
+    tok, rparams = ByteTokenizer(), with_score_head(params, CFG, 1)
+    convs = [("add 2 3", "5", "6"), ("reverse frog", "gorf", "I can't help with that.")]
+    recs = [PreferenceRecord(prompt=({"role": "user", "content": p},), chosen=c, rejected=r) for p, c, r in convs]
+    batch = collate_preference([tokenize_preference(tok, r) for r in recs], buckets=(62,), pad_id=tok.pad_id)
+    trained = np.concatenate([reward_scores(rparams, batch[side], model_config=CFG) for side in ("chosen", "rejected")])
+    prompts = collate_prompts([encode_prompt(tok, r.prompt) for r in recs] * 2, buckets=(40,), pad_id=tok.pad_id)
+    replies = [c for _, c, _ in convs] + [r for _, _, r in convs]
+    N = 24
+    resp = np.full((4, N), tok.pad_id, np.int32)
+    resp_mask = np.zeros((4, N), np.int32)
+    for i, text in enumerate(replies):
+        ids = tok.encode(text) + [tok.eos_id]
+        resp[i, :len(ids)], resp_mask[i, :len(ids)] = ids, 1
+    mask = np.concatenate([prompts["prompt_mask"], resp_mask], axis=1)
+    rollout = {"inputs": np.concatenate([prompts["prompts"], resp], axis=1),
+               "positions": sequence_positions(mask), "segment_ids": mask}
+    np.testing.assert_allclose(reward_scores(rparams, rollout, model_config=CFG), trained, rtol=1e-5, atol=1e-6)
 
 
 def test_reward_step_learns(params):

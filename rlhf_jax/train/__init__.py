@@ -19,6 +19,7 @@ from rlhf_jax.train.state import PPOState, TrainState, create_train_state, with_
 from rlhf_jax.train.steps import (
     compile_step,
     dpo_step,
+    full_sequences,
     last_token_index,
     make_dpo_step,
     make_reward_step,

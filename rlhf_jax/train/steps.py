@@ -121,8 +121,31 @@ def last_token_index(segment_ids) -> jax.Array:
     return jnp.max(jnp.where(segment_ids > 0, t, 0), axis=1)
 
 
+def full_sequences(batch: dict) -> dict:
+    """The whole token sequences of an SFT-style batch with one right-padded example per row (a side of a
+    preference batch): inputs are ids[:-1] and targets ids[1:], so the sequence is inputs[:, :1] followed by the
+    targets, [B, T+1], ending with each row's final target (the reply's EOS). -> {"inputs", "positions",
+    "segment_ids"}. Packed rows (several examples per row) cannot be rebuilt this way and must not be passed."""
+    inputs = jnp.asarray(batch["inputs"])
+    segment_ids = jnp.asarray(batch.get("segment_ids", jnp.ones_like(inputs)))
+    positions = batch.get("positions")
+    positions = (jnp.broadcast_to(jnp.arange(inputs.shape[1], dtype=jnp.int32), inputs.shape)
+                 if positions is None else jnp.asarray(positions))
+    return {"inputs": jnp.concatenate([inputs[:, :1], jnp.asarray(batch["targets"])], axis=1),
+            "positions": jnp.concatenate([positions[:, :1], positions + 1], axis=1),
+            "segment_ids": jnp.concatenate([segment_ids[:, :1], segment_ids], axis=1)}
+
+
 def reward_scores(params, batch: dict, *, model_config: ModelConfig) -> jax.Array:
-    """Rewards [B] of an SFT-style batch: the scalar head at the last real token of each row."""
+    """Rewards [B]: the scalar head at the last real token of each row's whole sequence.
+
+    A batch with "targets" (an SFT-style batch, e.g. one side of a preference batch) is read on its whole sequence
+    (`full_sequences`: the final target, the reply's EOS, included); a batch without is the sequence itself, e.g.
+    a rollout's prompt + response. Both therefore score the same tokens: a reward model is trained and used on
+    conversations ending with EOS (as InstructGPT's and TRL's reward models are).
+    """
+    if "targets" in batch:
+        batch = full_sequences(batch)
     values = scalar_forward(params, batch["inputs"], config=model_config, **_model_inputs(batch))     # [B,T]
     segment_ids = batch.get("segment_ids")
     if segment_ids is None:
@@ -132,11 +155,12 @@ def reward_scores(params, batch: dict, *, model_config: ModelConfig) -> jax.Arra
 
 
 def _reward_loss(params, batch, *, model_config, center_coef):
-    pair = _concat_pair(batch["chosen"], batch["rejected"])
+    # The whole sequences, final EOS included: the tokens a rollout's score is read from (`reward_scores`).
+    pair = full_sequences(_concat_pair(batch["chosen"], batch["rejected"]))
     # One right-padded example per row: causal attention with sequence lengths (cuDNN flash, no T x T mask).
-    segment_ids = pair.get("segment_ids", jnp.ones_like(pair["inputs"]))
-    values = scalar_forward(params, pair["inputs"], config=model_config, positions=pair.get("positions"),
-                            seq_lengths=jnp.sum(segment_ids > 0, axis=1))                          # [2B,T]
+    segment_ids = pair["segment_ids"]
+    values = scalar_forward(params, pair["inputs"], config=model_config, positions=pair["positions"],
+                            seq_lengths=jnp.sum(segment_ids > 0, axis=1))                          # [2B,T+1]
     scores = jnp.take_along_axis(values, last_token_index(segment_ids)[:, None], axis=1)[:, 0]
     chosen, rejected = _split(scores)
     loss, metrics = bradley_terry_loss(chosen, rejected, margin=batch.get("margin"), center_coef=center_coef)
