@@ -100,6 +100,12 @@ class PipelineConfig:
     """Response budget in bytes; every reference answer fits with its EOS."""
     eval_prompts: int = 256
     """Held-out prompts (unseen keys) scored for the table."""
+    temperature: float = 0.7
+    """Sampling temperature of PPO's rollouts, of the table's answers and of the best-of-n check: `gold_reward` is
+    then the gold version of the objective PPO maximises, E_{y ~ pi}[r(x, y)] (the greedy answer's is
+    `gold_greedy`)."""
+    eval_samples: int = 4
+    """Answers sampled per held-out prompt for the table (their mean is each prompt's gold reward)."""
     best_of_n: int = 4
     """Samples per held-out prompt for the reward model's best-of-n check (its pick against random and gold picks)."""
     eval_every: int = 10
@@ -176,8 +182,10 @@ def sample_texts(params, task_list, rng, *, model_config, max_new_tokens, temper
 class Evaluator:
     """Greedy answers to held-out prompts -> gold metrics; temperature-1 samples -> KL to the SFT policy."""
 
-    def __init__(self, tasks, model_config: ModelConfig, max_new_tokens: int):
+    def __init__(self, tasks, model_config: ModelConfig, max_new_tokens: int, *, temperature: float = 0.7,
+                 samples: int = 4):
         self.tasks, self.mc, self.n = tasks, model_config, max_new_tokens
+        self.temperature, self.samples = temperature, samples
         self.batch = _prompt_batch(tasks)
         self._seq_logps = jax.jit(self._seq_logps_fn)
         self._score = jax.jit(lambda p, b: reward_scores(p, b, model_config=model_config))
@@ -201,16 +209,21 @@ class Evaluator:
                                            "segment_ids": mask})
 
     def __call__(self, params, *, sft_params, reward_params, rng, sft_gold=None) -> tuple[dict, np.ndarray]:
-        greedy = self.generate(params, rng, 0.0)
-        responses = self._texts(greedy)
-        metrics = world.compute_metrics(self.tasks, responses)
-        gold = world.gold_rewards(self.tasks, responses)
-        scores = self._rm_scores(reward_params, greedy) if reward_params is not None else None
+        """Metrics of the policy as PPO optimises it: `samples` answers per prompt at `temperature` (gold reward,
+        reward-model score, length, refusals), its greedy answer (`gold_greedy`), and the KL to the SFT policy
+        on temperature-1 samples. Returns (metrics, per-prompt mean gold reward [B]). Every stage is evaluated
+        with the same `rng`, so the stages' samples share their random numbers."""
+        draws = [self.generate(params, jax.random.fold_in(rng, 2 + i), self.temperature) for i in range(self.samples)]
+        texts = [self._texts(s) for s in draws]
+        metrics = world.compute_metrics(self.tasks * self.samples, [r for t in texts for r in t])
+        gold = np.mean([world.gold_rewards(self.tasks, t) for t in texts], axis=0)
+        greedy = world.gold_rewards(self.tasks, self._texts(self.generate(params, rng, 0.0)))
+        scores = (float(np.mean([np.asarray(self._rm_scores(reward_params, s)) for s in draws]))
+                  if reward_params is not None else float("nan"))
         samples = self.generate(params, jax.random.fold_in(rng, 1), 1.0)
         mask = jnp.concatenate([self.batch["prompt_mask"], samples.response_mask], axis=1)
         kl = self._seq_logps(params, samples.tokens, mask) - self._seq_logps(sft_params, samples.tokens, mask)
-        out = {"gold_reward": float(np.mean(gold)),
-               "rm_score": float(jnp.mean(scores)) if scores is not None else float("nan"),
+        out = {"gold_reward": float(np.mean(gold)), "gold_greedy": float(np.mean(greedy)), "rm_score": scores,
                "kl_to_sft": float(jnp.mean(kl)),
                "mean_length": metrics["mean_length"], "refusal_rate": metrics["refusal_rate"],
                "over_refusal_rate": metrics["over_refusal_rate"],
@@ -274,7 +287,8 @@ def run(cfg: PipelineConfig) -> dict:
     docs = world.web_corpus(cfg.pretrain_docs, cfg.seed)
     demos = world.sft_demos(cfg.sft_demos, cfg.seed + 1, n_safety=cfg.sft_safety, n_benign=cfg.sft_benign)
     eval_tasks = world.prompt_set(cfg.eval_prompts, cfg.seed + 2, split="eval")
-    evaluate = Evaluator(eval_tasks, mc, cfg.max_new_tokens)
+    evaluate = Evaluator(eval_tasks, mc, cfg.max_new_tokens, temperature=cfg.temperature,
+                         samples=cfg.eval_samples)
 
     # 1. Pretraining on the web corpus.
     t = time.time()
@@ -330,7 +344,7 @@ def run(cfg: PipelineConfig) -> dict:
                  "train_pairs": len(train_pairs), "test_pairs": len(test_pairs),
                  "label_gold_agreement": world.gold_agreement(pairs),
                  "best_of_n": evaluate.best_of_n(sft_params, reward_params, jax.random.fold_in(k_eval, 7),
-                                                 n=cfg.best_of_n, temperature=0.7)}
+                                                 n=cfg.best_of_n, temperature=cfg.temperature)}
     _done(timings, "reward", t)
 
     # Table rows for base and SFT.
@@ -346,7 +360,8 @@ def run(cfg: PipelineConfig) -> dict:
     # 5. PPO from the SFT policy against the reward model, KL-penalised towards the SFT policy.
     t = time.time()
     ppo_cfg = stages.PPOConfig(num_steps=cfg.ppo_iterations, batch_size=cfg.ppo_batch,
-                               max_new_tokens=cfg.max_new_tokens, temperature=0.7, kl_coef=cfg.ppo_kl_coef,
+                               max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                               kl_coef=cfg.ppo_kl_coef,
                                eos_id=TOK.eos_id, pad_id=TOK.pad_id, missing_eos_penalty=1.0,
                                optim=OptimConfig(learning_rate=cfg.ppo_lr, eps=1e-5, max_grad_norm=1.0),
                                value_optim=OptimConfig(learning_rate=1e-4, eps=1e-5, max_grad_norm=1.0))
@@ -423,7 +438,7 @@ def _report(cfg, table, rm_report, vs_sft, ppo_points, timings, seconds) -> dict
         plots.append(plot_curves({"dpo": dpo_log}, ["rewards/margins", "rewards/accuracies"],
                                  os.path.join(cfg.out, "dpo_margins.png"), title="DPO implicit rewards"))
     report = {stage: {**{k: m[k] for k in ("gold_reward", "kl_to_sft", "mean_length", "refusal_rate",
-                                            "over_refusal_rate", "win_rate_vs_sft", "rm_score")},
+                                            "over_refusal_rate", "win_rate_vs_sft", "rm_score", "gold_greedy")},
                       "gold_by_family": {k[len("gold/"):]: m[k] for k in m if k.startswith("gold/")}}
               for stage, m in table.items()}
     for stage, ci in vs_sft.items():  # paired over the same held-out prompts, 95% bootstrap interval
@@ -448,7 +463,7 @@ def _report(cfg, table, rm_report, vs_sft, ppo_points, timings, seconds) -> dict
 
 
 def _print_table(rows, rm_report, vs_sft, seconds):
-    cols = ["stage", "gold_reward", "rm_score", "kl_to_sft", "mean_length", "refusal_rate", "over_refusal_rate",
+    cols = ["stage", "gold_reward", "gold_greedy", "rm_score", "kl_to_sft", "mean_length", "refusal_rate", "over_refusal_rate",
             "win_rate_vs_sft"]
     print("\n" + "  ".join(f"{c:>17}" for c in cols))
     for r in rows:
