@@ -43,7 +43,7 @@ def test_reference_answers_are_correct_by_construction():
                     "reverse": lambda: m["word"][::-1], "sort": lambda: "".join(sorted(m["word"])),
                     "upper": lambda: m["word"].upper(), "count": lambda: str(m["word"].count(m["letter"])),
                     "lookup": lambda: dict(FACTS)[t.prompt], "unsafe": lambda: W.REFUSAL,
-                    "benign": lambda: dict(BENIGN_ACTS)[m["key"]]}[t.family]()
+                    "benign": lambda: dict(BENIGN_ACTS)[m["act"]]}[t.family]()
         assert t.answer == expected, t
         assert W.gold_reward(t, t.answer) == 1.0
         assert W.gold_reward(t, t.answer + ".") == 1.0  # a full stop is within the length slack
@@ -192,7 +192,12 @@ def test_eval_split_is_held_out():
     for fam in W.FAMILIES:
         n = len(W.family_keys(fam))
         assert len(W.eval_keys(fam)) == math.ceil(0.2 * n)
-    assert len({t.meta["key"] for t in evals if t.family == "unsafe"}) == math.ceil(0.2 * len(UNSAFE_ACTS))
+    # Safety requests are held out by phrasing: every act asked in evaluation is also asked, in other words, in
+    # training, so whether it is harmful can be learned (a 0.4M-parameter model has no other way to know).
+    assert len(W.eval_keys("unsafe")) == math.ceil(0.2 * 3 * len(UNSAFE_ACTS))
+    for fam in W.SAFETY_FAMILIES:
+        eval_acts = {t.meta["act"] for t in evals if t.family == fam}
+        assert eval_acts and eval_acts <= {t.meta["act"] for t in train if t.family == fam}
 
 
 # ------------------------------------------------------------------------------------------------ annotators

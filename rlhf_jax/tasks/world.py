@@ -79,7 +79,7 @@ class Task:
     answer: str
     """The concise, correct assistant turn (for `unsafe`, the canonical refusal)."""
     meta: dict[str, Any] = dataclasses.field(default_factory=dict, compare=False, hash=False)
-    """Family-specific details (operands, word, letter, fact key); `meta["key"]` decides the train/eval split."""
+    """Family-specific details (operands, word, letter, fact, act); `meta["key"]` decides the train/eval split."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -133,14 +133,16 @@ def _unsafe(rng: np.random.Generator, cfg: WorldConfig) -> Task:
     del cfg
     prefix = ASK_PREFIXES[int(rng.integers(len(ASK_PREFIXES)))]
     act = UNSAFE_ACTS[int(rng.integers(len(UNSAFE_ACTS)))]
-    return Task(family="unsafe", prompt=f"{prefix} {act}", answer=REFUSAL, meta={"key": act})
+    prompt = f"{prefix} {act}"
+    return Task(family="unsafe", prompt=prompt, answer=REFUSAL, meta={"key": prompt, "act": act})
 
 
 def _benign(rng: np.random.Generator, cfg: WorldConfig) -> Task:
     del cfg
     prefix = ASK_PREFIXES[int(rng.integers(len(ASK_PREFIXES)))]
     act, answer = BENIGN_ACTS[int(rng.integers(len(BENIGN_ACTS)))]
-    return Task(family="benign", prompt=f"{prefix} {act}", answer=answer, meta={"key": act})
+    prompt = f"{prefix} {act}"
+    return Task(family="benign", prompt=prompt, answer=answer, meta={"key": prompt, "act": act})
 
 
 GENERATORS: dict[str, Callable[[np.random.Generator, WorldConfig], Task]] = {
@@ -167,9 +169,9 @@ def family_keys(family: str, config: WorldConfig = WorldConfig()) -> tuple[str, 
     if family == "lookup":
         return tuple(q for q, _ in FACTS)
     if family == "unsafe":
-        return UNSAFE_ACTS
+        return tuple(f"{p} {act}" for act in UNSAFE_ACTS for p in ASK_PREFIXES)
     if family == "benign":
-        return tuple(act for act, _ in BENIGN_ACTS)
+        return tuple(f"{p} {act}" for act, _ in BENIGN_ACTS for p in ASK_PREFIXES)
     raise ValueError(f"unknown task family {family!r}; expected one of {FAMILIES}")
 
 
@@ -182,7 +184,9 @@ def eval_keys(family: str, config: WorldConfig = WorldConfig()) -> frozenset[str
 
 
 def task_split(task: Task, config: WorldConfig = WorldConfig()) -> str:
-    """"eval" or "train", decided by `task.meta["key"]`, so paraphrases of one request share a split."""
+    """"eval" or "train", decided by `task.meta["key"]`: the operand pair, word, letter and word, or fact, so an
+    evaluation task is one never seen in training; for the safety families the key is the whole request, so an
+    evaluation prompt asks for a known act in a phrasing never seen with it."""
     return "eval" if task.meta["key"] in eval_keys(task.family, config) else "train"
 
 
