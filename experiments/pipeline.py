@@ -6,7 +6,8 @@
 The world (`rlhf_jax.tasks`) knows the true reward of every answer, so each stage is judged by the gold reward
 rather than by its own proxy. Simplifications against InstructGPT, chosen to fit ~10 minutes on 2 CPU cores:
 a byte-level transformer of ~0.4M parameters, ~100-token conversations, one reward model for both the labels'
-noise and PPO, greedy decoding for the evaluation table (temperature-1 samples for the KL column).
+noise and PPO. The table scores 4 samples per held-out prompt at PPO's rollout temperature (the policy PPO
+optimises), the greedy answer on the side, and temperature-1 samples for the KL column.
 
     python -m experiments.pipeline --out runs/demo            # the default, ~10 minutes on 2 cores
     python -m experiments.pipeline --out runs/quick --quick   # the same code path in under 2 minutes
@@ -180,7 +181,7 @@ def sample_texts(params, task_list, rng, *, model_config, max_new_tokens, temper
 
 # ----------------------------------------------------------------------------------------------- evaluation
 class Evaluator:
-    """Greedy answers to held-out prompts -> gold metrics; temperature-1 samples -> KL to the SFT policy."""
+    """Sampled and greedy answers to held-out prompts -> gold metrics; temperature-1 samples -> KL to the SFT policy."""
 
     def __init__(self, tasks, model_config: ModelConfig, max_new_tokens: int, *, temperature: float = 0.7,
                  samples: int = 4):
