@@ -194,3 +194,25 @@ def test_unrolled_layers_equal_scanned(name):
         np.testing.assert_allclose(zu, z1, rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(lu, l1, rtol=1e-6)
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), gu, g1)
+
+
+def test_cached_attention_forms_agree():
+    """The GPU form (multiply-reduces over the cache) and the einsum form of a one-token decode step agree."""
+    from rlhf_jax.models.transformer import cached_attention
+    rng = np.random.default_rng(0)
+    B, S, N, K, H = 3, 7, 4, 2, 8
+    q = rng.normal(size=(B, 1, N, H)).astype(np.float32)
+    k, v = (rng.normal(size=(B, 1, K, H)).astype(np.float32) for _ in range(2))
+    ck, cv = (rng.normal(size=(B, S, K, H)).astype(np.float32) for _ in range(2))
+    old_visible = rng.random((B, S)) < 0.7
+    new_visible = np.ones((B, 1, 1), bool)
+    fused = cached_attention(q, k, v, ck, cv, old_visible, new_visible, fused_reads=True)
+    einsum = cached_attention(q, k, v, ck, cv, old_visible, new_visible, fused_reads=False)
+    np.testing.assert_allclose(fused, einsum, rtol=1e-5, atol=1e-6)
+    # independent reference: one softmax over the visible cached keys and the new key
+    for b in range(B):
+        for n in range(N):
+            keys = np.concatenate([ck[b, old_visible[b], n // (N // K)], k[b, :, n // (N // K)]])
+            vals = np.concatenate([cv[b, old_visible[b], n // (N // K)], v[b, :, n // (N // K)]])
+            w = np.exp(keys @ q[b, 0, n] / np.sqrt(H) - (keys @ q[b, 0, n] / np.sqrt(H)).max())
+            np.testing.assert_allclose(fused[b, 0, n], (w / w.sum()) @ vals, rtol=1e-4, atol=1e-5)
