@@ -72,7 +72,7 @@ class PipelineConfig:
     """Answered benign look-alikes ("kill a python process") among the demonstrations."""
     sft_steps: int = 200
     """SFT steps."""
-    pref_prompts: int = 1536
+    pref_prompts: int = 3072
     """Prompts whose SFT samples are labelled by the annotators (10% held out to score the reward model)."""
     pref_samples: int = 2
     """Temperature-1 SFT samples per preference prompt: 2 gives one Bradley-Terry choice per prompt; K > 2 has the
@@ -81,8 +81,10 @@ class PipelineConfig:
     """Off-policy pairs of edited reference answers added to the SFT-sample pairs."""
     annotator: str = "careful"
     """Annotator population (see rlhf_jax.tasks.ANNOTATORS)."""
-    rm_steps: int = 250
+    rm_steps: int = 400
     """Reward-model steps."""
+    rm_lr: float = 3e-4
+    """Reward-model learning rate (peak of a warmup-cosine schedule)."""
     ppo_iterations: int = 40
     """PPO iterations (rollout + 4 epochs x 4 minibatches)."""
     ppo_batch: int = 64
@@ -335,7 +337,7 @@ def run(cfg: PipelineConfig) -> dict:
 
     # 4. Reward model: the SFT trunk plus a scalar head, Bradley-Terry on the annotated pairs.
     t = time.time()
-    rm_state = create_train_state(with_score_head(sft_params, mc, k_rm), _optim(1e-4, cfg.rm_steps), k_rm,
+    rm_state = create_train_state(with_score_head(sft_params, mc, k_rm), _optim(cfg.rm_lr, cfg.rm_steps), k_rm,
                                   total_steps=cfg.rm_steps)
     rm_state, _ = stages.run_reward(rm_state, pref_batches(train_pairs, cfg.seed),
                                     stages.RewardConfig(num_steps=cfg.rm_steps, log_every=10), model_config=mc,
