@@ -7,7 +7,8 @@ import numpy as np
 from experiments.pipeline import PipelineConfig, run, split_pairs
 from rlhf_jax import tasks as world
 
-STAGE_KEYS = {"gold_reward", "kl_to_sft", "mean_length", "refusal_rate", "over_refusal_rate", "win_rate_vs_sft"}
+STAGE_KEYS = {"gold_reward", "gold_greedy", "kl_to_sft", "mean_length", "refusal_rate", "over_refusal_rate",
+              "win_rate_vs_sft"}
 
 
 def test_quick_pipeline_writes_report(tmp_path):
@@ -16,7 +17,7 @@ def test_quick_pipeline_writes_report(tmp_path):
     assert on_disk.keys() == report.keys()
     for stage in ("base", "sft", "ppo", "dpo"):
         assert STAGE_KEYS <= on_disk[stage].keys(), stage
-        assert 0.0 <= on_disk[stage]["gold_reward"] <= 1.0
+        assert 0.0 <= on_disk[stage]["gold_reward"] <= 1.0 and 0.0 <= on_disk[stage]["gold_greedy"] <= 1.0
         assert 0.0 <= on_disk[stage]["refusal_rate"] <= 1.0
         assert on_disk[stage]["mean_length"] >= 0.0
     assert on_disk["sft"]["kl_to_sft"] == 0.0 and on_disk["sft"]["win_rate_vs_sft"] == 0.5
@@ -59,3 +60,24 @@ def test_split_pairs_holds_out_whole_prompts():
         k = key(p["prompt"], p["chosen"], p["rejected"])
         assert (k in test_keys, k in train_keys) == ((True, False) if p["group"] < n_held else (False, True))
     assert sum(p["group"] < 4 for p in ranked) == 4 * 6
+
+
+def test_evaluator_sampled_gold_is_the_mean_over_samples():
+    """At temperature 0 every sample is the greedy answer: gold_reward must equal gold_greedy; at temperature 1
+    the per-prompt gold is the mean over the samples (recomputed here from the same draws)."""
+    import jax
+    from experiments.pipeline import TOK, Evaluator
+    from rlhf_jax.models import ModelConfig, init_params
+    mc = ModelConfig(vocab_size=TOK.vocab_size, d_model=32, num_layers=1, num_heads=2, mlp_dim=64, max_seq_len=128)
+    params = init_params(mc, jax.random.PRNGKey(0))
+    tasks = world.prompt_set(16, 0, split="eval")
+    rng = jax.random.PRNGKey(1)
+    m, gold = Evaluator(tasks, mc, 8, temperature=0.0, samples=2)(params, sft_params=params, reward_params=None,
+                                                                  rng=rng)
+    assert m["gold_reward"] == m["gold_greedy"] and gold.shape == (16,)
+    ev = Evaluator(tasks, mc, 8, temperature=1.0, samples=3)
+    m, gold = ev(params, sft_params=params, reward_params=None, rng=rng)
+    draws = [world.gold_rewards(tasks, ev._texts(ev.generate(params, jax.random.fold_in(rng, 2 + i), 1.0)))
+             for i in range(3)]
+    np.testing.assert_allclose(gold, np.mean(draws, axis=0))
+    assert m["gold_reward"] == np.mean(gold) and m["kl_to_sft"] == 0.0
