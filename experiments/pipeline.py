@@ -466,8 +466,8 @@ def _report(cfg, table, rm_report, vs_sft, ppo_points, timings, seconds) -> dict
 
 
 def _print_table(rows, rm_report, vs_sft, seconds):
-    cols = ["stage", "gold_reward", "gold_greedy", "rm_score", "kl_to_sft", "mean_length", "refusal_rate", "over_refusal_rate",
-            "win_rate_vs_sft"]
+    cols = ["stage", "gold_reward", "gold_greedy", "rm_score", "kl_to_sft", "mean_length", "refusal_rate",
+            "over_refusal_rate", "win_rate_vs_sft"]
     print("\n" + "  ".join(f"{c:>17}" for c in cols))
     for r in rows:
         print("  ".join(f"{r[c]:>17}" if isinstance(r[c], str) else f"{r[c]:>17.3f}" for c in cols))
