@@ -120,6 +120,8 @@ class BenchConfig:
     """Write the full report to this JSON file."""
     quick_cpu: bool = False
     """Shrink every shape left at its default to a seconds-long CPU size (always on for tiny* presets)."""
+    profile: int = 0
+    """If > 0: trace 3 more calls of each benchmark with jax.profiler and print its N costliest device ops."""
 
 
 QUICK = dict(sft_batch=2, sft_seq=64, reward_pairs=2, reward_seq=64, dpo_pairs=2, dpo_seq=64, gen_batches="2",
@@ -237,6 +239,74 @@ def _peak_bytes() -> int | None:
     return int(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats else None
 
 
+_OP_KINDS = (("matmul", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "dot")),
+             ("attention", ("cudnn", "fmha", "flash", "attention")))
+
+
+def _op_kind(kernel: str) -> str:
+    """A device kernel's category from its name: matmul, attention, or other (fusions, copies, reductions)."""
+    lower = kernel.lower()
+    return next((kind for kind, keys in _OP_KINDS if any(k in lower for k in keys)), "other")
+
+
+def profile_ops(run, *, calls: int) -> dict:
+    """Device time per call of every op while `run()` makes `calls` calls, from a jax.profiler trace.
+
+    Device planes (GPU/TPU) are used when the trace has any: on GPU the kernels of the "Stream" lines, summed by
+    (HLO op, kernel name); on TPU the "XLA Ops" line. Without a device plane (CPU), the host's events that carry
+    an `hlo_op` stat (nested ops are then counted inside their parents too). Returns {"ops": the 100 costliest
+    [{hlo_op, kernel, kind, ms, count}] per call, "kinds": {kind: ms per call}, "total_ms": summed op time per
+    call, "source": "device" or "host"}.
+    """
+    import glob
+    import tempfile
+
+    from jax.profiler import ProfileData
+
+    merged: dict = {}
+    source = "host"
+    with tempfile.TemporaryDirectory() as tmp:
+        with jax.profiler.trace(tmp):
+            run()
+        (path,) = glob.glob(f"{tmp}/**/*.xplane.pb", recursive=True)
+        planes = list(ProfileData.from_file(path).planes)
+        device = [p for p in planes if p.name.startswith("/device:")]
+        if device:
+            source = "device"
+        for plane in device or planes:
+            lines = list(plane.lines)
+            if device:
+                streams = [ln for ln in lines if ln.name.startswith("Stream")]
+                lines = streams or [ln for ln in lines if ln.name == "XLA Ops"]
+            for line in lines:
+                for ev in line.events:
+                    stats = dict(ev.stats)
+                    if not device and "hlo_op" not in stats:
+                        continue
+                    key = (str(stats.get("hlo_op", "")), ev.name)
+                    ns, n = merged.get(key, (0.0, 0))
+                    merged[key] = (ns + ev.duration_ns, n + 1)
+    rows = sorted(({"hlo_op": op, "kernel": kernel, "kind": _op_kind(kernel), "ms": ns / 1e6 / calls,
+                    "count": n // calls} for (op, kernel), (ns, n) in merged.items()), key=lambda r: -r["ms"])
+    kinds: dict[str, float] = {}
+    for r in rows:
+        kinds[r["kind"]] = kinds.get(r["kind"], 0.0) + r["ms"]
+    return {"ops": rows[:100], "kinds": kinds, "total_ms": sum(kinds.values()), "source": source}
+
+
+def format_profile(prof: dict, median_ms: float, top: int) -> str:
+    """The `top` costliest ops of a `profile_ops` result, and the time per kind, as text."""
+    total = prof["total_ms"] or float("nan")
+    kinds = ", ".join(f"{k} {v:.2f} ms ({100 * v / total:.0f}%)" for k, v in sorted(prof["kinds"].items(),
+                                                                                   key=lambda kv: -kv[1]))
+    lines = [f"  profile ({prof['source']} ops): {total:.2f} ms of ops per call (median call {median_ms:.2f} ms); "
+             f"{kinds}"]
+    for r in prof["ops"][:top]:
+        lines.append(f"  {r['ms']:8.3f} ms {100 * r['ms'] / total:5.1f}%  x{r['count']:<4} {r['kind']:<9} "
+                     f"{r['hlo_op'][:40]:<40} {r['kernel'][:70]}")
+    return "\n".join(lines)
+
+
 class _Bench:
     """Runs benchmarks and collects result rows; `peaks` = (measured, spec or None) FLOP/s."""
 
@@ -253,8 +323,13 @@ class _Bench:
         """Compile, time and record one row; `per_step` = units (tokens/episodes) per call. Returns the output."""
         compiled, compile_s = _compile(fn, args, donate=donate)
         times, out = _time(compiled, args, steps=self.cfg.steps, warmup=self.cfg.warmup, carry=donate)
-        return out, self.record(name, shape, compile_s, times, flops=flops, tokens=tokens, unit=unit,
-                                per_step=per_step, compiled_bytes=_compiled_bytes(compiled))
+        row = self.record(name, shape, compile_s, times, flops=flops, tokens=tokens, unit=unit, per_step=per_step,
+                          compiled_bytes=_compiled_bytes(compiled))
+        if self.cfg.profile:
+            args = (out[0], *args[1:]) if donate else args
+            row["profile"] = profile_ops(lambda: _time(compiled, args, steps=3, warmup=0, carry=donate), calls=3)
+            print(format_profile(row["profile"], row["median_ms"], self.cfg.profile), flush=True)
+        return out, row
 
     def record(self, name, shape, compile_s, times, *, flops, tokens, unit, per_step, compiled_bytes):
         med = statistics.median(times)

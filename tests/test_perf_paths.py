@@ -1,11 +1,12 @@
 """The fast paths of issue 8 equal the plain ones: length-based attention, in-place cached decoding, bf16 decode
 params, response-only PPO heads, and the fused (chunked) LM head + SFT loss with its running argmax."""
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlhf_jax.losses import sft_loss
+from rlhf_jax.losses import sft_loss, token_logprobs
 from rlhf_jax.losses._logprobs import (FULL_LOGITS_MAX_BYTES, FUSED_CHUNK, resolve_chunk,
                                        token_logprobs_and_argmax_from_hidden, token_logprobs_from_hidden)
 from rlhf_jax.losses._sft import sft_loss_from_hidden
@@ -216,3 +217,84 @@ def test_cached_attention_forms_agree():
             vals = np.concatenate([cv[b, old_visible[b], n // (N // K)], v[b, :, n // (N // K)]])
             w = np.exp(keys @ q[b, 0, n] / np.sqrt(H) - (keys @ q[b, 0, n] / np.sqrt(H)).max())
             np.testing.assert_allclose(fused[b, 0, n], (w / w.sum()) @ vals, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("mask_kind", ["causal", "lengths", "dense"])
+@pytest.mark.parametrize("multiple", [2, 8])
+def test_self_attention_time_padding_changes_nothing(mask_kind, multiple):
+    """cuDNN's training kernels need an even length, so `self_attention` pads T at the end; the real rows of the
+    output, and the gradients, equal those of the unpadded attention (checked on the XLA implementation)."""
+    from rlhf_jax.models.transformer import _segment_mask, self_attention
+    rng = np.random.default_rng(1)
+    B, T, N, K, H = 3, 7, 4, 2, 8
+    q = jnp.asarray(rng.normal(size=(B, T, N, H)), jnp.float32)
+    k, v = (jnp.asarray(rng.normal(size=(B, T, K, H)), jnp.float32) for _ in range(2))
+    lengths = jnp.array([7, 4, 1], jnp.int32)
+    segments = jnp.array([[1, 1, 1, 2, 2, 2, 2], [1, 1, 1, 1, 0, 0, 0], [1, 2, 3, 0, 0, 0, 0]], jnp.int32)
+    mask = {"causal": None, "lengths": lengths, "dense": _segment_mask(segments)}[mask_kind]
+    real = np.ones((B, T), bool) if mask_kind == "causal" else np.asarray(
+        (jnp.arange(T)[None] < lengths[:, None]) if mask_kind == "lengths" else segments > 0)
+
+    def attend(q, k, v, m):
+        out = self_attention(q, k, v, mask, implementation="xla", time_multiple=m)
+        return out, jnp.sum(jnp.where(real[..., None, None], out, 0.0) ** 2)
+
+    out_pad, loss_pad = attend(q, k, v, multiple)
+    out_ref, loss_ref = attend(q, k, v, 1)
+    assert out_pad.shape == out_ref.shape == (B, T, N, H)
+    np.testing.assert_allclose(np.asarray(out_pad)[real], np.asarray(out_ref)[real], rtol=1e-6, atol=1e-6)
+    g_pad = jax.grad(lambda *a: attend(*a, multiple)[1], argnums=(0, 1, 2))(q, k, v)
+    g_ref = jax.grad(lambda *a: attend(*a, 1)[1], argnums=(0, 1, 2))(q, k, v)
+    for a, b in zip(g_pad, g_ref):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def _dot_operand_dtypes(jaxpr):
+    """Operand dtypes of every dot_general in a (closed) jaxpr, sub-jaxprs (custom_vjp, pjit) included."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            found.append(tuple(str(v.aval.dtype) for v in eqn.invars))
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            found += _dot_operand_dtypes(sub)
+    return found
+
+
+def test_head_matmul_backward_runs_in_the_operand_dtype():
+    """The LM head's backward matmuls take 16-bit operands (a plain einsum with a float32 output would give them a
+    float32 cotangent: float32 products of the largest matrices); the values match a float32 reference."""
+    from rlhf_jax.precision import head_matmul
+    rng = np.random.default_rng(0)
+    x32 = jnp.asarray(rng.normal(size=(2, 5, 16)), jnp.float32)
+    w32 = jnp.asarray(rng.normal(size=(16, 24)) * 0.2, jnp.float32)
+    t = jnp.asarray(rng.integers(0, 24, (2, 5)))
+
+    def loss(x, w, mm):
+        return -jnp.sum(token_logprobs(mm(x, w), t))
+
+    def plain(x, w):
+        return jnp.einsum("...d,dv->...v", x, w, preferred_element_type=jnp.float32)
+
+    x16, w16 = x32.astype(jnp.bfloat16), w32.astype(jnp.bfloat16)
+    grad = jax.grad(loss, argnums=(0, 1))
+    dots = _dot_operand_dtypes(jax.make_jaxpr(lambda x, w: grad(x, w, head_matmul))(x16, w16).jaxpr)
+    assert len(dots) == 3 and all(d == ("bfloat16", "bfloat16") for d in dots), dots
+    plain_dots = _dot_operand_dtypes(jax.make_jaxpr(lambda x, w: grad(x, w, plain))(x16, w16).jaxpr)
+    assert any("float32" in d for d in plain_dots), plain_dots   # what head_matmul avoids
+    assert head_matmul(x16, w16).dtype == jnp.float32
+    # float32 operands: exactly the plain einsum's gradient; bfloat16: within bfloat16 rounding of it
+    for a, b in zip(grad(x32, w32, head_matmul), grad(x32, w32, plain)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+    for a, b in zip(grad(x16, w16, head_matmul), grad(x32, w32, plain)):
+        assert a.dtype == jnp.bfloat16
+        np.testing.assert_allclose(np.asarray(a, np.float32), b, rtol=0.05, atol=0.03)
+
+
+def test_max_and_argmax_one_pass_equals_jnp():
+    from rlhf_jax.losses._logprobs import _max_and_argmax
+    rng = np.random.default_rng(3)
+    x = rng.integers(-3, 3, (4, 6, 11)).astype(np.float32)    # many ties: the first index must win
+    x[0, 0] = -np.inf
+    m, a = _max_and_argmax(jnp.asarray(x))
+    np.testing.assert_array_equal(m, x.max(-1))
+    np.testing.assert_array_equal(a, x.argmax(-1))

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from rlhf_jax.losses._common import masked_sum
+from rlhf_jax.precision import head_matmul
 
 _F32 = jnp.float32
 
@@ -36,6 +37,19 @@ def _online_update(carry, chunk, valid, local_targets, in_chunk):
     picked = jnp.take_along_axis(chunk, local_targets[..., None], axis=-1)[..., 0]
     tgt = tgt + jnp.where(in_chunk, picked, 0.0)
     return m_new, s, tgt
+
+
+def _max_and_argmax(x):
+    """(max, first argmax) over the last axis in one variadic reduction (`jnp.max` plus `jnp.argmax` would read x
+    twice). Rows of -inf give (-inf, 0)."""
+    idx = lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
+
+    def pick(a, b):
+        (av, ai), (bv, bi) = a, b
+        take_b = (bv > av) | ((bv == av) & (bi < ai))
+        return jnp.where(take_b, bv, av), jnp.where(take_b, bi, ai)
+
+    return lax.reduce((x, idx), (jnp.array(-jnp.inf, x.dtype), jnp.array(0, jnp.int32)), pick, (x.ndim - 1,))
 
 
 def _init_carry(batch_shape):
@@ -115,7 +129,7 @@ def _chunk_logits(hidden, w_c, lo, vocab: int, targets):
     """One chunk's float32 logits ``hidden @ w_c`` (columns lo..lo+c) with the masks `_online_update` needs:
     (chunk, valid columns, targets local to the chunk, whether each target falls in it)."""
     c = w_c.shape[-1]
-    chunk = jnp.einsum("...d,dc->...c", hidden, w_c, preferred_element_type=_F32)
+    chunk = head_matmul(hidden, w_c)
     valid = lo + jnp.arange(c) < vocab  # zero-padded columns of the last chunk
     in_chunk = (targets >= lo) & (targets < lo + c)
     local = jnp.clip(targets - lo, 0, c - 1)
@@ -130,7 +144,7 @@ def _full_logits(hidden, w):
     padded = -(-vocab // 128) * 128
     if padded != vocab:
         w = jnp.pad(w, ((0, 0), (0, padded - vocab)))
-    return jnp.einsum("...d,dv->...v", hidden, w, preferred_element_type=_F32)[..., :vocab]
+    return head_matmul(hidden, w)[..., :vocab]
 
 
 def token_logprobs_from_hidden(hidden, w, targets, *, chunk_size: int | None = None):
@@ -190,7 +204,11 @@ def token_logprobs_and_argmax_from_hidden(hidden, w, targets, *, chunk_size: int
     chunk_size = resolve_chunk(chunk_size, targets.size, w.shape[-1])
     if chunk_size is None:
         logits = _full_logits(hidden, w)
-        return token_logprobs(logits, targets), jnp.argmax(lax.stop_gradient(logits), axis=-1).astype(jnp.int32)
+        # One pass over the [B, T, V] logits gives the stabiliser and the argmax, a second the sum of exps.
+        m, arg = _max_and_argmax(lax.stop_gradient(logits))
+        lse = m + jnp.log(jnp.sum(jnp.exp(logits - m[..., None]), axis=-1))
+        picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+        return picked - lse, arg
     vocab = w.shape[-1]
     w_chunks, c = _vocab_chunks(w, chunk_size)
 

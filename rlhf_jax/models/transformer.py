@@ -30,6 +30,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from rlhf_jax.models.config import ModelConfig
+from rlhf_jax.precision import head_matmul
 
 _normal = nn.initializers.normal
 
@@ -50,9 +51,12 @@ class _Dense(nn.Module):
         cfg, n_in = self.config, self.n_in
         w = self.param("kernel", nn.with_logical_partitioning(_normal(self.std), self.axes), self.shape,
                        cfg.params_dtype)
-        contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
-        y = lax.dot_general(x.astype(cfg.compute_dtype), w.astype(cfg.compute_dtype), (contract, ((), ())),
-                            preferred_element_type=jnp.float32 if self.f32_out else None)
+        if self.f32_out:   # float32 output, backward in the compute dtype (rlhf_jax.precision)
+            assert n_in == 1, "f32_out is for the LM head ([D, V] kernel)"
+            y = head_matmul(x.astype(cfg.compute_dtype), w.astype(cfg.compute_dtype))
+        else:
+            contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
+            y = lax.dot_general(x.astype(cfg.compute_dtype), w.astype(cfg.compute_dtype), (contract, ((), ())))
         if self.use_bias:
             b = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, self.axes[n_in:]),
                            self.shape[n_in:], cfg.params_dtype)
@@ -163,6 +167,31 @@ def cached_attention(q, k, v, cache_k, cache_v, old_visible, new_visible, *, fus
     return out.reshape(B, T, N, H).astype(q.dtype)
 
 
+def self_attention(q, k, v, mask, *, implementation: str, time_multiple: int | None = None):
+    """Causal self-attention through `jax.nn.dot_product_attention`: q [B,T,N,H], k, v [B,T,K,H] -> [B,T,N,H].
+
+    mask: None (plain causal), [B] int32 lengths (right-padded rows: `is_causal` + sequence lengths, cuDNN's flash
+    path), or a [B,1,T,T] bool mask. cuDNN's training kernels need an even T (seen on an H100 with cuDNN 9:
+    "Unsupported sequence length Q 513"), so T is padded at the end to a multiple of `time_multiple` (None: 2 for
+    cuDNN, 1 otherwise). A padded key comes after every real query, so causality hides it; a padded query sees
+    itself only; the padded rows are dropped from the output.
+    """
+    T = q.shape[1]
+    multiple = time_multiple or (2 if implementation == "cudnn" else 1)
+    pad = -T % multiple
+    if pad:
+        q, k, v = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (q, k, v))
+        if mask is not None and mask.ndim == 4:
+            eye = jnp.eye(T + pad, dtype=bool)[None, None]
+            mask = jnp.pad(mask, ((0, 0), (0, 0), (0, pad), (0, pad))) | (eye & (jnp.arange(T + pad) >= T))
+    if mask is not None and mask.ndim == 1:
+        out = jax.nn.dot_product_attention(q, k, v, is_causal=True, query_seq_lengths=mask,
+                                           key_value_seq_lengths=mask, implementation=implementation)
+    else:
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=mask is None, implementation=implementation)
+    return out[:, :T]
+
+
 class Attention(nn.Module):
     config: ModelConfig
 
@@ -185,12 +214,8 @@ class Attention(nn.Module):
         if cache is not None:
             out = cached_attention(q, k, v, *cache, *mask)
             cache = (k, v)
-        elif mask is not None and mask.ndim == 1:
-            out = jax.nn.dot_product_attention(q, k, v, is_causal=True, query_seq_lengths=mask,
-                                               key_value_seq_lengths=mask, implementation=attention_impl(cfg))
         else:
-            out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=mask is None,
-                                               implementation=attention_impl(cfg))      # [B,T,N,H]
+            out = self_attention(q, k, v, mask, implementation=attention_impl(cfg))      # [B,T,N,H]
         std = 0.02 / math.sqrt(2 * cfg.num_layers)                                 # GPT-2 residual scaling
         out = dense((N, H, D), ("heads", "head_dim", "embed"), n_in=2, use_bias=cfg.use_bias, std=std,
                     name="o")(out)
@@ -285,7 +310,7 @@ class Transformer(nn.Module):
         if not cfg.tie_embeddings:
             return self.lm_head(hidden)
         w = nn.meta.unbox(self.embed.variables["params"]["embedding"]).astype(cfg.compute_dtype)   # [V,D]
-        return jnp.einsum("btd,vd->btv", hidden.astype(cfg.compute_dtype), w, preferred_element_type=jnp.float32)
+        return head_matmul(hidden.astype(cfg.compute_dtype), w.T)
 
     def score(self, hidden):
         return self.score_head(hidden)[..., 0].astype(jnp.float32)                   # [B,T]

@@ -1,0 +1,40 @@
+"""Mixed-precision building blocks shared by the model and the losses.
+
+`head_matmul` is the LM head's matmul: 16-bit operands, float32 output (the logits feed a float32 log-softmax),
+and a backward pass whose two matmuls run in the operands' dtype. Differentiating a plain
+`einsum(..., preferred_element_type=float32)` instead gives a float32 cotangent to both backward matmuls, which
+XLA then runs as float32 (TF32 on Hopper) products of the largest matrices in the model: measured on an H100
+for GPT-2 124M at 8 x 1024 tokens, 4.0 ms of a 25 ms SFT step against about 1.9 ms in bf16. Casting the logits'
+cotangent to the compute dtype is what bf16 autocast training does (the logits' gradient is bf16 there too);
+with float32 operands nothing is cast and the gradient is exact.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+@jax.custom_vjp
+def head_matmul(x, w):
+    """x [..., D] @ w [D, V] -> [..., V] float32 (accumulated in float32, never rounded to x.dtype).
+
+    Backward: the cotangent g [..., V] is cast to x.dtype, then dx = g w^T and dw = sum x^T g are computed with
+    float32 accumulation and returned in x.dtype and w.dtype.
+    """
+    return jnp.einsum("...d,dv->...v", x, w, preferred_element_type=jnp.float32)
+
+
+def _head_matmul_fwd(x, w):
+    return head_matmul(x, w), (x, w)
+
+
+def _head_matmul_bwd(residuals, g):
+    x, w = residuals
+    g = g.astype(x.dtype)
+    dx = jnp.einsum("...v,dv->...d", g, w, preferred_element_type=jnp.float32).astype(x.dtype)
+    rows = x.reshape(-1, x.shape[-1])
+    dw = jnp.einsum("nd,nv->dv", rows, g.reshape(-1, g.shape[-1]), preferred_element_type=jnp.float32)
+    return dx, dw.astype(w.dtype)
+
+
+head_matmul.defvjp(_head_matmul_fwd, _head_matmul_bwd)
