@@ -86,6 +86,8 @@ class BenchConfig:
     """Prompt tokens per row for generation."""
     gen_new: int = 256
     """New tokens per row (no EOS: every row generates all of them)."""
+    gen_stages: int | None = None
+    """Decode loops per generation (rlhf_jax.generation.decode_stages): None = 4 on GPU, 1 elsewhere."""
     ppo_prompts: int = 64
     """PPO rollout batch (episodes per iteration)."""
     ppo_prompt_len: int = 128
@@ -396,7 +398,8 @@ class _Bench:
         P, N = prompt or c.gen_prompt, new or c.gen_new
         params = init_params(m, self.next_key()) if params is None else params
         # eos_id=None: every row generates all N tokens, so the work per call is fixed.
-        fn = functools.partial(sample, config=m, max_new_tokens=N, temperature=temperature, eos_id=None)
+        fn = functools.partial(sample, config=m, max_new_tokens=N, temperature=temperature, eos_id=None,
+                               stages=c.gen_stages)
         rows = []
         for B in batches or [int(b) for b in c.gen_batches.split(",")]:
             rows.append(self.measure(name, f"{B}x({P}+{N})", fn, self._sample_args(params, B, P),

@@ -120,3 +120,24 @@ def test_whole_benchmark_runs_without_tyro_and_writes_json(tmp_path):
     assert 0 < ppo["rollout_fraction"] < 1 and ppo["rollout_over_sampling"] > 0 and ppo["episodes_per_s"] > 0
     assert math.isclose(ppo["episodes_per_s"], 4 / ((ppo["rollout_ms"] + ppo["update_ms"]) / 1e3), rel_tol=1e-9)
     assert "sft" in proc.stdout and "MFU" in proc.stdout
+
+
+def test_profile_ops_sums_device_or_host_events():
+    """--profile: the trace of a known program has its ops, each with a positive time per call, sorted, with the
+    per-kind totals adding up; the formatted text names the costliest op."""
+    import jax
+    import jax.numpy as jnp
+    f = jax.jit(lambda a, b: jnp.tanh(a @ b).sum())
+    a = jnp.ones((128, 128))
+    jax.block_until_ready(f(a, a))
+    prof = bm.profile_ops(lambda: [jax.block_until_ready(f(a, a)) for _ in range(2)], calls=2)
+    assert prof["source"] == ("host" if jax.default_backend() == "cpu" else "device")
+    ms = [op["ms"] for op in prof["ops"]]
+    assert ms and all(m > 0 for m in ms) and ms == sorted(ms, reverse=True)
+    assert math.isclose(sum(prof["kinds"].values()), prof["total_ms"], rel_tol=1e-9)
+    assert set(prof["kinds"]) <= {"matmul", "attention", "other"}
+    text = bm.format_profile(prof, 1.0, 3)
+    assert prof["ops"][0]["hlo_op"][:40] in text and len(text.splitlines()) == 1 + min(3, len(ms))
+    assert bm._op_kind("nvjet_sm90_tst_128x128") == "matmul"
+    assert bm._op_kind("cudnn_generated_fort_native_sdpa_sm90_flash_bprop") == "attention"
+    assert bm._op_kind("loop_add_fusion") == "other"

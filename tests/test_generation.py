@@ -165,3 +165,24 @@ def test_sampling_frequencies():
             keep = np.array([True, True, False, False, False])
         probs = np.where(keep, np.exp(x), 0.0) / np.where(keep, np.exp(x), 0.0).sum()
         np.testing.assert_allclose(np.bincount(np.asarray(tokens), minlength=5) / 20000, probs, atol=0.015)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_decode_stages_change_nothing(params, name):
+    """Splitting the decode into loops that read only the cache prefix they can need gives the same samples and
+    logprobs (sampled, so the rng stream must line up too), with and without an EOS stopping rows early."""
+    from rlhf_jax.generation import decode_stages
+    assert decode_stages(10, 1) == [10] and decode_stages(10, 3) == [4, 7, 10] and decode_stages(2, 5) == [1, 2]
+    with pytest.raises(ValueError, match="decode_stages"):
+        decode_stages(10, 0)
+    cfg, p = CONFIGS[name], params[name]
+    prompts, mask = _left_pad([[5, 9, 2], [7, 1], [3]], 3)
+    for eos in (None, 4):
+        one = sample(p, prompts, mask, jax.random.key(1), config=cfg, max_new_tokens=9, temperature=1.0,
+                     eos_id=eos, stages=1)
+        for stages in (2, 4, 9):
+            many = sample(p, prompts, mask, jax.random.key(1), config=cfg, max_new_tokens=9, temperature=1.0,
+                          eos_id=eos, stages=stages)
+            np.testing.assert_array_equal(many.tokens, one.tokens)
+            np.testing.assert_array_equal(many.response_mask, one.response_mask)
+            np.testing.assert_allclose(many.logprobs, one.logprobs, rtol=1e-6, atol=1e-6)

@@ -10,6 +10,8 @@ float32 at a time, and ``token_logprobs_from_hidden`` never builds the ``[B, T, 
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -136,15 +138,61 @@ def _chunk_logits(hidden, w_c, lo, vocab: int, targets):
     return chunk, valid, local, in_chunk
 
 
-def _full_logits(hidden, w):
-    """hidden [..., D] @ w [D, V] -> float32 logits [..., V]. The matmul runs on w zero-padded to a multiple of
-    128 columns (tensor-core friendly, as nanoGPT's 50304-column GPT-2 head); the padding is sliced off, and
-    XLA fuses that slice into the consumers."""
+def _pad_vocab(w):
+    """w [D, V] zero-padded to a multiple of 128 columns (tensor-core friendly, as nanoGPT's 50304-column GPT-2
+    head)."""
     vocab = w.shape[-1]
     padded = -(-vocab // 128) * 128
-    if padded != vocab:
-        w = jnp.pad(w, ((0, 0), (0, padded - vocab)))
-    return head_matmul(hidden, w)[..., :vocab]
+    return w if padded == vocab else jnp.pad(w, ((0, 0), (0, padded - vocab)))
+
+
+def _head_forward(hidden, w_padded, targets, vocab):
+    """float32 logits [..., Vp] of the padded head, masked to -inf past `vocab`; their (max, argmax), logsumexp and
+    target logit. Two passes over the logits after the matmul: max and argmax together, then the sum of exps."""
+    z = head_matmul(hidden, w_padded)
+    if z.shape[-1] != vocab:
+        z = jnp.where(lax.broadcasted_iota(jnp.int32, z.shape, z.ndim - 1) < vocab, z, -jnp.inf)
+    m, arg = _max_and_argmax(z)
+    lse = m + jnp.log(jnp.sum(jnp.exp(z - m[..., None]), axis=-1))
+    picked = jnp.take_along_axis(z, targets[..., None], axis=-1)[..., 0]
+    return z, lse, picked, arg
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _fused_head_logprobs(hidden, w_padded, targets, vocab):
+    """(log p(targets) [...] float32, argmax [...] int32) of logits = hidden @ w_padded[:, :vocab].
+
+    The backward pass forms d logits = g * (onehot(target) - softmax) in one elementwise pass over the stored
+    float32 logits, written directly in the compute dtype, and feeds it to the two backward matmuls (automatic
+    differentiation would write a float32 softmax gradient, then a padded copy, then cast it).
+    """
+    _, lse, picked, arg = _head_forward(hidden, w_padded, targets, vocab)
+    return picked - lse, arg
+
+
+def _fused_head_fwd(hidden, w_padded, targets, vocab):
+    z, lse, picked, arg = _head_forward(hidden, w_padded, targets, vocab)
+    return (picked - lse, arg), (hidden, w_padded, targets, z, lse)
+
+
+def _fused_head_bwd(vocab, residuals, cotangents):
+    hidden, w_padded, targets, z, lse = residuals
+    g = cotangents[0]                                                          # [...]; the argmax has none
+    cols = lax.broadcasted_iota(jnp.int32, z.shape, z.ndim - 1)
+    dz = (g[..., None] * ((cols == targets[..., None]).astype(z.dtype) - jnp.exp(z - lse[..., None])))
+    dz = dz.astype(hidden.dtype)                                               # exp(-inf) = 0 past vocab
+    dh = jnp.einsum("...v,dv->...d", dz, w_padded, preferred_element_type=_F32).astype(hidden.dtype)
+    dw = jnp.einsum("nd,nv->dv", hidden.reshape(-1, hidden.shape[-1]), dz.reshape(-1, dz.shape[-1]),
+                    preferred_element_type=_F32).astype(w_padded.dtype)
+    return dh, dw, None
+
+
+_fused_head_logprobs.defvjp(_fused_head_fwd, _fused_head_bwd)
+
+
+def _full_logprobs_and_argmax(hidden, w, targets):
+    """Full-logits path of the fused LM head: (log p(targets), argmax), the gradient by `_fused_head_logprobs`."""
+    return _fused_head_logprobs(hidden, _pad_vocab(w), targets, w.shape[-1])
 
 
 def token_logprobs_from_hidden(hidden, w, targets, *, chunk_size: int | None = None):
@@ -169,7 +217,7 @@ def token_logprobs_from_hidden(hidden, w, targets, *, chunk_size: int | None = N
     targets = jnp.asarray(targets).astype(jnp.int32)
     chunk_size = resolve_chunk(chunk_size, targets.size, w.shape[-1])
     if chunk_size is None:
-        return token_logprobs(_full_logits(hidden, w), targets)
+        return _full_logprobs_and_argmax(hidden, w, targets)[0]
     vocab = w.shape[-1]
     w_chunks, c = _vocab_chunks(w, chunk_size)
 
@@ -203,12 +251,7 @@ def token_logprobs_and_argmax_from_hidden(hidden, w, targets, *, chunk_size: int
     targets = jnp.asarray(targets).astype(jnp.int32)
     chunk_size = resolve_chunk(chunk_size, targets.size, w.shape[-1])
     if chunk_size is None:
-        logits = _full_logits(hidden, w)
-        # One pass over the [B, T, V] logits gives the stabiliser and the argmax, a second the sum of exps.
-        m, arg = _max_and_argmax(lax.stop_gradient(logits))
-        lse = m + jnp.log(jnp.sum(jnp.exp(logits - m[..., None]), axis=-1))
-        picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-        return picked - lse, arg
+        return _full_logprobs_and_argmax(hidden, w, targets)
     vocab = w.shape[-1]
     w_chunks, c = _vocab_chunks(w, chunk_size)
 

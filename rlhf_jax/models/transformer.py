@@ -440,15 +440,26 @@ def init_cache(config: ModelConfig, batch: int, max_len: int) -> KVCache:
     return KVCache(k=jnp.zeros(shape, config.compute_dtype), v=jnp.zeros(shape, config.compute_dtype))
 
 
-@functools.partial(jax.jit, static_argnames=("config",))
-def forward_cached(params, tokens, *, config: ModelConfig, cache: KVCache, positions, key_mask, index):
+@functools.partial(jax.jit, static_argnames=("config", "read_len"))
+def forward_cached(params, tokens, *, config: ModelConfig, cache: KVCache, positions, key_mask, index,
+                   read_len: int | None = None):
     """Decode step: tokens [B,T] go to cache slots [index, index+T) -> (logits [B,T,V] float32, new cache).
 
     Query t attends to slots s with key_mask[b, s] and s <= index + t (key_mask [B,S] must also mark the new
     slots as valid). positions [B,T] give the RoPE / learned positions (so left-padded prompts start at 0).
-    `index` may be a traced scalar. Slots >= index of the incoming cache are never read.
+    `index` may be a traced scalar. Slots >= index of the incoming cache are never read. `read_len` (static):
+    read only cache slots [0, read_len), a bound the caller guarantees index <= read_len respects (a decode
+    loop whose steps all have index <= read_len then moves fewer bytes per step). params may be `split_layers`'s.
     """
-    return _forward_cached(params, tokens, config, cache, positions, key_mask, index, read_cache=True)
+    return _forward_cached(params, tokens, config, cache, positions, key_mask, index, read_cache=True,
+                           read_len=read_len)
+
+
+def split_layers(params):
+    """params with the stacked "layers" tree replaced by a tuple of per-layer trees. A decode loop given these
+    (made once, before the loop) slices no stacked weights inside its body."""
+    return {**params, "layers": tuple(jax.tree.map(lambda a, i=i: a[i], params["layers"])
+                                      for i in range(jax.tree.leaves(params["layers"])[0].shape[0]))}
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
@@ -457,26 +468,31 @@ def prefill(params, tokens, *, config: ModelConfig, cache: KVCache, positions, k
     return _forward_cached(params, tokens, config, cache, positions, key_mask, 0, read_cache=False)
 
 
-def _forward_cached(params, tokens, config, cache, positions, key_mask, index, *, read_cache: bool):
+def _forward_cached(params, tokens, config, cache, positions, key_mask, index, *, read_cache: bool,
+                    read_len: int | None = None):
     T, S = tokens.shape[1], cache.k.shape[2]
+    R = S if read_len is None else max(1, min(read_len, S))                              # slots read
     index = jnp.asarray(index, jnp.int32)
     key_mask = key_mask.astype(bool)
-    old_visible = key_mask & (jnp.arange(S) < index)[None, :]                            # [B,S]
+    old_visible = key_mask[:, :R] & (jnp.arange(R) < index)[None, :]                      # [B,R]
     new_keys = lax.dynamic_slice_in_dim(key_mask, index, T, axis=1)                       # [B,T]
     t = jnp.arange(T)
     new_visible = (new_keys[:, None, :] & (t[None, None, :] <= t[None, :, None])) | jnp.eye(T, dtype=bool)
-    module = _module(config, params)
-    x = module.apply({"params": params}, tokens, positions, method=Transformer.embed_tokens)
+    layers = params["layers"]
+    if not isinstance(layers, tuple):
+        layers = split_layers(params)["layers"]
+    top = {k: v for k, v in params.items() if k != "layers"}
+    module = _module(config, top)
+    x = module.apply({"params": top}, tokens, positions, method=Transformer.embed_tokens)
     block = Block(config)
     new_k, new_v = [], []
-    for layer in range(config.num_layers):   # unrolled: static cache slices, no per-layer cache copies
-        layer_params = jax.tree.map(lambda a: a[layer], params["layers"])
-        layer_cache = (cache.k[layer], cache.v[layer]) if read_cache else (None, None)
+    for layer, layer_params in enumerate(layers):   # unrolled: static cache slices, no per-layer cache copies
+        layer_cache = (cache.k[layer, :, :R], cache.v[layer, :, :R]) if read_cache else (None, None)
         x, (k, v) = block.apply({"params": layer_params}, x, layer_cache, positions, (old_visible, new_visible))
         new_k.append(k)
         new_v.append(v)
-    h = module.apply({"params": params}, x, method=Transformer.normed)
-    logits = module.apply({"params": params}, h, method=Transformer.logits)
+    h = module.apply({"params": top}, x, method=Transformer.normed)
+    logits = module.apply({"params": top}, h, method=Transformer.logits)
     start = (0, 0, index, 0, 0)
     return logits, KVCache(k=lax.dynamic_update_slice(cache.k, jnp.stack(new_k).astype(cache.k.dtype), start),
                            v=lax.dynamic_update_slice(cache.v, jnp.stack(new_v).astype(cache.v.dtype), start))
