@@ -115,3 +115,25 @@ def test_vmap_and_no_retrace():
     f(*(a[0] for a in arrays), lengths[0], lengths[1], 0.1)
     f(*(a[1] for a in arrays), lengths[1] + 1, lengths[0], 0.5)
     assert traces[0] == 1
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
+def test_rpo_alpha_adds_the_chosen_nll_per_token(loss_type):
+    """RPO = the DPO-family loss + alpha * sum(-log pi(y_c)) / sum(len_c) (numpy), with its gradient on the chosen
+    log-probs (-alpha / sum(len_c) each, on top of DPO's); alpha = 0 is plain DPO."""
+    rng = np.random.default_rng(5)
+    (pc, pr, rc, rr), (lc, lr) = make(rng, 6)
+    kw = dict(beta=0.2, loss_type=loss_type, chosen_lengths=lc, rejected_lengths=lr)
+    base = np_dpo(pc, pr, rc, rr, 0.2, loss_type, 0.0, lc, lr, False)
+    nll = -float(np.sum(pc)) / float(np.sum(lc))
+    loss, m = dpo_loss(pc, pr, rc, rr, rpo_alpha=0.5, **kw)
+    np.testing.assert_allclose(loss, base + 0.5 * nll, rtol=1e-5)
+    np.testing.assert_allclose(m["nll_chosen"], nll, rtol=1e-6)
+    plain, m0 = dpo_loss(pc, pr, rc, rr, **kw)
+    np.testing.assert_allclose(plain, base, rtol=1e-5)
+    assert "nll_chosen" not in m0
+    g_rpo = jax.grad(lambda x: dpo_loss(x, pr, rc, rr, rpo_alpha=0.5, **kw)[0])(pc)
+    g_dpo = jax.grad(lambda x: dpo_loss(x, pr, rc, rr, **kw)[0])(pc)
+    np.testing.assert_allclose(g_rpo - g_dpo, np.full(6, -0.5 / np.sum(lc)), rtol=1e-5)
+    with pytest.raises(ValueError, match="rpo_alpha"):
+        dpo_loss(pc, pr, rc, rr, rpo_alpha=1.0)

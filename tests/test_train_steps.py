@@ -171,3 +171,14 @@ def test_dpo_step_starts_at_log2_and_learns(params):
     m = floats(m)
     assert m["loss"] < 0.5 * np.log(2)
     assert m["rewards/accuracies"] == 1.0 and m["rewards/margins"] > 0
+
+
+def test_dpo_step_rpo_alpha_adds_the_chosen_nll(params):
+    """At the reference the DPO part is log 2, so the RPO loss is log 2 + alpha * the chosen responses' NLL per
+    response token (recomputed with numpy)."""
+    batch = pref_batch()
+    state = create_train_state(params, OptimConfig(learning_rate=3e-3), 0)
+    m = floats(make_dpo_step(CFG, beta=0.1, rpo_alpha=0.5)(state, batch, params)[1])
+    nll = -_seq_logps(params, batch["chosen"]).sum() / np.asarray(batch["chosen"]["loss_mask"]).sum()
+    np.testing.assert_allclose(m["nll_chosen"], nll, rtol=1e-5)
+    np.testing.assert_allclose(m["loss"], np.log(2) + 0.5 * nll, rtol=1e-5)

@@ -99,6 +99,8 @@ class DPOConfig:
     """Assumed label-flip probability (conservative DPO / robust DPO)."""
     reference_free: bool = False
     """Use a uniform reference (ref logps = 0)."""
+    rpo_alpha: float = 0.0
+    """Weight of the chosen responses' per-token NLL added to the loss (RPO, Pang et al. 2024; 0: plain DPO)."""
     precompute_ref_logps: bool = False
     """Compute reference logps in a separate forward before each step, so the train step never holds the
     reference params (batches may also carry precomputed "ref_chosen_logps"/"ref_rejected_logps")."""
@@ -280,7 +282,8 @@ def run_dpo(state: TrainState, data: Iterable, config: DPOConfig, *, model_confi
             extra = {} if mesh is None else {"extra_in_shardings": (params_sh if needs_ref else None,)}
             steps[needs_ref] = compile_step(dpo_step, model_config=model_config, beta=config.beta,
                                             loss_type=config.loss_type, label_smoothing=config.label_smoothing,
-                                            reference_free=config.reference_free, **placed, **extra)
+                                            reference_free=config.reference_free, rpo_alpha=config.rpo_alpha,
+                                            **placed, **extra)
         return steps[needs_ref]
 
     # Precomputed reference logps [B] are batch entries: under a mesh they get the batch's sharding.

@@ -204,7 +204,8 @@ def reference_logps(ref_params, batch: dict, *, model_config: ModelConfig) -> di
     return {"ref_chosen_logps": chosen, "ref_rejected_logps": rejected}
 
 
-def _dpo_loss(params, batch, ref_params, *, model_config, beta, loss_type, label_smoothing, reference_free):
+def _dpo_loss(params, batch, ref_params, *, model_config, beta, loss_type, label_smoothing, reference_free,
+              rpo_alpha=0.0):
     pair = _concat_pair(batch["chosen"], batch["rejected"])
     if "ref_chosen_logps" in batch:
         ref_c, ref_r = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
@@ -221,12 +222,13 @@ def _dpo_loss(params, batch, ref_params, *, model_config, beta, loss_type, label
     len_c, len_r = _split(jnp.sum(pair["loss_mask"], axis=1).astype(jnp.float32))
     loss, metrics = dpo_loss(pol_c, pol_r, ref_c, ref_r, beta=beta, loss_type=loss_type,
                              label_smoothing=label_smoothing, chosen_lengths=len_c, rejected_lengths=len_r,
-                             reference_free=reference_free)
+                             reference_free=reference_free, rpo_alpha=rpo_alpha)
     return loss, _rename(metrics, _DPO_NAMES)
 
 
 def dpo_step(state: TrainState, batch: dict, ref_params=None, *, model_config: ModelConfig, beta: float = 0.1,
-             loss_type: str = "sigmoid", label_smoothing: float = 0.0, reference_free: bool = False):
+             loss_type: str = "sigmoid", label_smoothing: float = 0.0, reference_free: bool = False,
+             rpo_alpha: float = 0.0):
     """One DPO update on a preference batch; reference logps from `ref_params` or from the batch.
 
     Metrics: "loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
@@ -235,7 +237,7 @@ def dpo_step(state: TrainState, batch: dict, ref_params=None, *, model_config: M
     grad_fn = jax.value_and_grad(_dpo_loss, has_aux=True)
     (_, metrics), grads = grad_fn(state.params, batch, ref_params, model_config=model_config, beta=beta,
                                   loss_type=loss_type, label_smoothing=label_smoothing,
-                                  reference_free=reference_free)
+                                  reference_free=reference_free, rpo_alpha=rpo_alpha)
     return state.apply_gradients(grads), {**metrics, **_grad_metrics(state, grads)}
 
 
@@ -250,5 +252,6 @@ def make_reward_step(model_config: ModelConfig, *, center_coef: float = 0.0):
 
 
 def make_dpo_step(model_config: ModelConfig, **dpo_options):
-    """Compiled `dpo_step(state, batch, ref_params)`; options: beta, loss_type, label_smoothing, reference_free."""
+    """Compiled `dpo_step(state, batch, ref_params)`; options: beta, loss_type, label_smoothing, reference_free,
+    rpo_alpha."""
     return compile_step(dpo_step, model_config=model_config, **dpo_options)
