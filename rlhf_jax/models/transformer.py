@@ -448,8 +448,8 @@ def forward_cached(params, tokens, *, config: ModelConfig, cache: KVCache, posit
     Query t attends to slots s with key_mask[b, s] and s <= index + t (key_mask [B,S] must also mark the new
     slots as valid). positions [B,T] give the RoPE / learned positions (so left-padded prompts start at 0).
     `index` may be a traced scalar. Slots >= index of the incoming cache are never read. `read_len` (static):
-    read only cache slots [0, read_len), a bound the caller guarantees index <= read_len respects (a decode
-    loop whose steps all have index <= read_len then moves fewer bytes per step). params may be `split_layers`'s.
+    read only cache slots [0, read_len); the caller guarantees index <= read_len (a decode loop whose steps all
+    satisfy it then moves fewer bytes per step). params may be `split_layers`'s.
     """
     return _forward_cached(params, tokens, config, cache, positions, key_mask, index, read_cache=True,
                            read_len=read_len)
