@@ -21,7 +21,17 @@ def head_matmul(x, w):
     Backward: the cotangent g [..., V] is cast to x.dtype, then dx = g w^T and dw = sum x^T g are computed with
     float32 accumulation and returned in x.dtype and w.dtype.
     """
-    return jnp.einsum("...d,dv->...v", x, w, preferred_element_type=jnp.float32)
+    return _product(x, w)
+
+
+def _product(x, w):
+    # The barriers keep XLA from fusing neighbouring elementwise work (the softmax gradient, a temperature
+    # scale) into the product as a Triton gemm fusion. Measured on an H100, PPO update of GPT-2 124M: one head
+    # product went from 1.12 to 0.67 ms and the update from 492.7 to 480.7 ms. XLA may still choose Triton for
+    # the product itself (two of PPO's three head products stay Triton fusions at about 1.4 ms; the update takes
+    # 450 ms with --xla_gpu_enable_triton_gemm=false, which slows decoding).
+    x, w = jax.lax.optimization_barrier((x, w))
+    return jax.lax.optimization_barrier(jnp.einsum("...d,dv->...v", x, w, preferred_element_type=jnp.float32))
 
 
 def _head_matmul_fwd(x, w):
@@ -30,7 +40,7 @@ def _head_matmul_fwd(x, w):
 
 def _head_matmul_bwd(residuals, g):
     x, w = residuals
-    g = g.astype(x.dtype)
+    g = jax.lax.optimization_barrier(g.astype(x.dtype))
     dx = jnp.einsum("...v,dv->...d", g, w, preferred_element_type=jnp.float32).astype(x.dtype)
     rows = x.reshape(-1, x.shape[-1])
     dw = jnp.einsum("nd,nv->dv", rows, g.reshape(-1, g.shape[-1]), preferred_element_type=jnp.float32)

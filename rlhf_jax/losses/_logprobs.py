@@ -180,7 +180,7 @@ def _fused_head_bwd(vocab, residuals, cotangents):
     g = cotangents[0]                                                          # [...]; the argmax has none
     cols = lax.broadcasted_iota(jnp.int32, z.shape, z.ndim - 1)
     dz = (g[..., None] * ((cols == targets[..., None]).astype(z.dtype) - jnp.exp(z - lse[..., None])))
-    dz = dz.astype(hidden.dtype)                                               # exp(-inf) = 0 past vocab
+    dz = lax.optimization_barrier(dz.astype(hidden.dtype))                    # exp(-inf) = 0 past vocab
     dh = jnp.einsum("...v,dv->...d", dz, w_padded, preferred_element_type=_F32).astype(hidden.dtype)
     dw = jnp.einsum("nd,nv->dv", hidden.reshape(-1, hidden.shape[-1]), dz.reshape(-1, dz.shape[-1]),
                     preferred_element_type=_F32).astype(w_padded.dtype)
