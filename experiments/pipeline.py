@@ -18,6 +18,7 @@ import dataclasses
 import json
 import os
 import time
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -74,9 +75,13 @@ class PipelineConfig:
     """SFT steps."""
     pref_prompts: int = 3072
     """Prompts whose SFT samples are labelled by the annotators (10% held out to score the reward model)."""
-    pref_samples: int = 2
+    pref_samples: int = 4
     """Temperature-1 SFT samples per preference prompt: 2 gives one Bradley-Terry choice per prompt; K > 2 has the
-    annotator rank all K (Plackett-Luce) and keeps every pair of the ranking, as InstructGPT's labellers did."""
+    annotator rank all K (Plackett-Luce), turned into pairs by `pref_pairs`."""
+    pref_pairs: Literal["best-worst", "all"] = "best-worst"
+    """Pairs from a K > 2 ranking: "best-worst" = its top against its bottom answer, one decisive pair per prompt;
+    "all" = every pair of the ranking, as InstructGPT's reward model trains on (close pairs included, so a lower
+    held-out accuracy)."""
     synthetic_pairs: int = 1536
     """Off-policy pairs of edited reference answers added to the SFT-sample pairs."""
     annotator: str = "careful"
@@ -97,8 +102,15 @@ class PipelineConfig:
     """DPO steps over the preference pairs."""
     dpo_beta: float = 0.1
     """DPO beta."""
-    dpo_lr: float = 5e-6
+    dpo_lr: float = 1.5e-5
     """DPO learning rate (peak of a warmup-cosine schedule)."""
+    dpo_pairs: Literal["on-policy", "all"] = "on-policy"
+    """DPO's pairs: "on-policy" = the annotated SFT-sample pairs of the training prompts (DPO's setting: pairs
+    from the policy it starts from); "all" = the reward model's training pairs, the off-policy ones included."""
+    dpo_rpo_alpha: float = 1.0
+    """Weight of the chosen answers' per-token NLL in the DPO loss (RPO; 0 = plain DPO). Plain DPO unlearns
+    refusals in this world (likelihood displacement: the chosen refusals lose probability with the rejected
+    answers), as Razin et al. 2024 report for real models."""
     max_new_tokens: int = 28
     """Response budget in bytes; every reference answer fits with its EOS."""
     eval_prompts: int = 256
@@ -324,11 +336,13 @@ def run(cfg: PipelineConfig) -> dict:
     if cfg.pref_samples == 2:
         pairs = world.label_pairs(pref_tasks, samples[0], samples[1], cfg.annotator, label_rng)
     else:
-        pairs = world.label_rankings(pref_tasks, [list(r) for r in zip(*samples)], cfg.annotator, label_rng)
+        pairs = world.label_rankings(pref_tasks, [list(r) for r in zip(*samples)], cfg.annotator, label_rng,
+                                     pairs=cfg.pref_pairs)
     # Off-policy pairs (edited reference answers: typos, wrong, truncated, verbose, refusals), labelled by the
     # same annotators, widen the comparisons beyond what the SFT policy samples (as HH-RLHF mixes sources).
     off_tasks = world.prompt_set(cfg.synthetic_pairs, cfg.seed + 5, split="train")
     off_pairs = world.synthetic_pairs(off_tasks, cfg.annotator, label_rng)
+    on_policy = pairs
     pairs, train_pairs, test_pairs = split_pairs(pairs, off_pairs, len(pref_tasks), len(off_tasks), label_rng)
     pref_batches = lambda recs, seed, epochs=None: Batches(  # noqa: E731
         ShuffledIterator(recs, seed=seed, num_epochs=epochs), TOK, kind="preference",
@@ -384,9 +398,11 @@ def run(cfg: PipelineConfig) -> dict:
 
     # 6. DPO from the SFT policy on the same pairs (no reward model, no rollouts).
     t = time.time()
+    dpo_train = train_pairs if cfg.dpo_pairs == "all" else on_policy_records(on_policy, len(pref_tasks))
     dpo_state = create_train_state(sft_params, _optim(cfg.dpo_lr, cfg.dpo_steps), k_dpo, total_steps=cfg.dpo_steps)
-    dpo_state, _ = stages.run_dpo(dpo_state, pref_batches(train_pairs, cfg.seed + 1),
-                                  stages.DPOConfig(num_steps=cfg.dpo_steps, beta=cfg.dpo_beta, log_every=10),
+    dpo_state, _ = stages.run_dpo(dpo_state, pref_batches(dpo_train, cfg.seed + 1),
+                                  stages.DPOConfig(num_steps=cfg.dpo_steps, beta=cfg.dpo_beta, log_every=10,
+                                                   rpo_alpha=cfg.dpo_rpo_alpha),
                                   model_config=mc, ref_params=sft_params, hooks=hooks("dpo", cfg.dpo_steps))
     table["dpo"], dpo_gold = evaluate(dpo_state.params, **eval_kwargs)
     _done(timings, "dpo", t)
@@ -415,6 +431,13 @@ def split_pairs(on_policy: list[dict], off_policy: list[dict], n_prompts: int, n
                                 rejected=p["rejected"]) for p in pairs]
     return (pairs, [r for r, test in zip(records, is_test) if not test],
             [r for r, test in zip(records, is_test) if test])
+
+
+def on_policy_records(on_policy: list[dict], n_prompts: int) -> list[PreferenceRecord]:
+    """The annotated SFT-sample pairs of the training prompts (not among the reward model's held-out 10%, see
+    `split_pairs`), in prompt order."""
+    return [PreferenceRecord(prompt=({"role": "user", "content": p["prompt"]},), chosen=p["chosen"],
+                             rejected=p["rejected"]) for p in on_policy if p["group"] >= n_prompts // 10]
 
 
 def _pairwise_accuracy(reward_params, batches, mc) -> float:

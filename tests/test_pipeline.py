@@ -81,3 +81,18 @@ def test_evaluator_sampled_gold_is_the_mean_over_samples():
              for i in range(3)]
     np.testing.assert_allclose(gold, np.mean(draws, axis=0))
     assert m["gold_reward"] == np.mean(gold) and m["kl_to_sft"] == 0.0
+
+
+def test_on_policy_records_are_the_training_prompts_pairs():
+    """DPO's pairs: the annotated on-policy pairs of the training prompts, in order; the reward model's held-out
+    10% of prompts are left out."""
+    import numpy as np
+    from rlhf_jax import tasks as world
+    from experiments.pipeline import on_policy_records
+    tasks = world.prompt_set(20, 0, split="train")
+    answers = [[t.answer, t.answer + " x", "no", "I can't help with that."] for t in tasks]
+    pairs = world.label_rankings(tasks, answers, "careful", np.random.default_rng(0), pairs="best-worst")
+    records = on_policy_records(pairs, len(tasks))
+    kept = [p for p in pairs if p["group"] >= 2]
+    assert len(kept) == 18 and [(r.chosen, r.rejected) for r in records] == [(p["chosen"], p["rejected"]) for p in kept]
+    assert [r.prompt[0]["content"] for r in records] == [p["prompt"] for p in kept]
