@@ -9,7 +9,7 @@ a byte-level transformer of ~0.4M parameters, ~100-token conversations, one rewa
 noise and PPO. The table scores 4 samples per held-out prompt at PPO's rollout temperature (the policy PPO
 optimises), the greedy answer on the side, and temperature-1 samples for the KL column.
 
-    python -m experiments.pipeline --out runs/demo            # the default, ~10 minutes on 2 cores
+    python -m experiments.pipeline --out runs/demo            # the default, ~11 minutes on 2 cores
     python -m experiments.pipeline --out runs/quick --quick   # the same code path in under 2 minutes
 """
 from __future__ import annotations
