@@ -266,15 +266,12 @@ def profile_ops(run, *, calls: int) -> dict:
     from jax.profiler import ProfileData
 
     merged: dict = {}
-    source = "host"
     with tempfile.TemporaryDirectory() as tmp:
         with jax.profiler.trace(tmp):
             run()
         (path,) = glob.glob(f"{tmp}/**/*.xplane.pb", recursive=True)
         planes = list(ProfileData.from_file(path).planes)
         device = [p for p in planes if p.name.startswith("/device:")]
-        if device:
-            source = "device"
         for plane in device or planes:
             lines = list(plane.lines)
             if device:
@@ -293,7 +290,8 @@ def profile_ops(run, *, calls: int) -> dict:
     kinds: dict[str, float] = {}
     for r in rows:
         kinds[r["kind"]] = kinds.get(r["kind"], 0.0) + r["ms"]
-    return {"ops": rows[:100], "kinds": kinds, "total_ms": sum(kinds.values()), "source": source}
+    return {"ops": rows[:100], "kinds": kinds, "total_ms": sum(kinds.values()),
+            "source": "device" if device else "host"}
 
 
 def format_profile(prof: dict, median_ms: float, top: int) -> str:

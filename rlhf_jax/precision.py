@@ -38,13 +38,19 @@ def _head_matmul_fwd(x, w):
     return head_matmul(x, w), (x, w)
 
 
-def _head_matmul_bwd(residuals, g):
-    x, w = residuals
+def head_matmul_grads(x, w, g):
+    """(dx, dw) of `head_matmul(x, w)` for the logits' cotangent g [..., V]: g is cast to x.dtype (kept apart from
+    its producer by a barrier, see `_product`), then dx = g w^T and dw = sum x^T g with float32 accumulation, in
+    x.dtype and w.dtype. Also the tail of hand-written backward passes that form g themselves."""
     g = jax.lax.optimization_barrier(g.astype(x.dtype))
     dx = jnp.einsum("...v,dv->...d", g, w, preferred_element_type=jnp.float32).astype(x.dtype)
     rows = x.reshape(-1, x.shape[-1])
     dw = jnp.einsum("nd,nv->dv", rows, g.reshape(-1, g.shape[-1]), preferred_element_type=jnp.float32)
     return dx, dw.astype(w.dtype)
+
+
+def _head_matmul_bwd(residuals, g):
+    return head_matmul_grads(*residuals, g)
 
 
 head_matmul.defvjp(_head_matmul_fwd, _head_matmul_bwd)

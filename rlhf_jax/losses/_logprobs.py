@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from rlhf_jax.losses._common import masked_sum
-from rlhf_jax.precision import head_matmul
+from rlhf_jax.precision import head_matmul, head_matmul_grads
 
 _F32 = jnp.float32
 
@@ -179,12 +179,8 @@ def _fused_head_bwd(vocab, residuals, cotangents):
     hidden, w_padded, targets, z, lse = residuals
     g = cotangents[0]                                                          # [...]; the argmax has none
     cols = lax.broadcasted_iota(jnp.int32, z.shape, z.ndim - 1)
-    dz = (g[..., None] * ((cols == targets[..., None]).astype(z.dtype) - jnp.exp(z - lse[..., None])))
-    dz = lax.optimization_barrier(dz.astype(hidden.dtype))                    # exp(-inf) = 0 past vocab
-    dh = jnp.einsum("...v,dv->...d", dz, w_padded, preferred_element_type=_F32).astype(hidden.dtype)
-    dw = jnp.einsum("nd,nv->dv", hidden.reshape(-1, hidden.shape[-1]), dz.reshape(-1, dz.shape[-1]),
-                    preferred_element_type=_F32).astype(w_padded.dtype)
-    return dh, dw, None
+    dz = g[..., None] * ((cols == targets[..., None]).astype(z.dtype) - jnp.exp(z - lse[..., None]))  # 0 past V
+    return (*head_matmul_grads(hidden, w_padded, dz), None)
 
 
 _fused_head_logprobs.defvjp(_fused_head_fwd, _fused_head_bwd)

@@ -232,7 +232,7 @@ def dpo_step(state: TrainState, batch: dict, ref_params=None, *, model_config: M
     """One DPO update on a preference batch; reference logps from `ref_params` or from the batch.
 
     Metrics: "loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-    "logps/chosen", "logps/rejected", "grad_norm", "learning_rate".
+    "logps/chosen", "logps/rejected", "grad_norm", "learning_rate", and "nll_chosen" when rpo_alpha is set.
     """
     grad_fn = jax.value_and_grad(_dpo_loss, has_aux=True)
     (_, metrics), grads = grad_fn(state.params, batch, ref_params, model_config=model_config, beta=beta,
