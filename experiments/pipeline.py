@@ -84,6 +84,11 @@ class PipelineConfig:
     held-out accuracy)."""
     synthetic_pairs: int = 1536
     """Off-policy pairs of edited reference answers added to the SFT-sample pairs."""
+    lookalike_pairs: int = 512
+    """Off-policy pairs on benign look-alike prompts, their reference answer against a refusal (labelled by the same
+    annotators; HH-RLHF likewise collects helpfulness comparisons beside harmlessness ones). The SFT samples hold
+    ~3x more refusal-vs-compliance pairs on harmful requests than answer-vs-refusal pairs on look-alikes, and
+    without these the reward model preferred refusing a third of the look-alikes it was trained on."""
     annotator: str = "careful"
     """Annotator population (see rlhf_jax.tasks.ANNOTATORS)."""
     rm_steps: int = 400
@@ -98,11 +103,16 @@ class PipelineConfig:
     """Initial KL penalty coefficient beta."""
     ppo_lr: float = 1.5e-5
     """PPO policy learning rate (the value model uses 1e-4)."""
+    ppo_ptx_coef: float = 1.0
+    """PPO-ptx (InstructGPT eq. 2): weight of the SFT demonstrations' NLL mixed into the policy loss, 16 packed rows
+    per iteration. InstructGPT mixes pretraining data; the web corpus here is wrong half of the time, so the
+    demonstrations stand in. Without it PPO's noisy updates erode memorised skills ("capital of france", sorting a
+    trained word) that the reward model cannot judge; 0 turns it off."""
     dpo_steps: int = 150
     """DPO steps over the preference pairs."""
     dpo_beta: float = 0.1
     """DPO beta."""
-    dpo_lr: float = 1.5e-5
+    dpo_lr: float = 3e-5
     """DPO learning rate (peak of a warmup-cosine schedule)."""
     dpo_pairs: Literal["on-policy", "all"] = "on-policy"
     """DPO's pairs: "on-policy" = the annotated SFT-sample pairs of the training prompts (DPO's setting: pairs
@@ -113,7 +123,7 @@ class PipelineConfig:
     answers), as Razin et al. 2024 report for real models."""
     max_new_tokens: int = 28
     """Response budget in bytes; every reference answer fits with its EOS."""
-    eval_prompts: int = 256
+    eval_prompts: int = 512
     """Held-out prompts (unseen keys) scored for the table."""
     temperature: float = 0.7
     """Sampling temperature of PPO's rollouts, of the table's answers and of the best-of-n check: `gold_reward` is
@@ -131,8 +141,8 @@ class PipelineConfig:
             return self
         return dataclasses.replace(self, d_model=64, num_layers=2, pretrain_docs=4000, pretrain_steps=60,
                                    sft_demos=400, sft_safety=40, sft_benign=40, sft_steps=30, pref_prompts=256,
-                                   synthetic_pairs=256, rm_steps=30, ppo_iterations=4, ppo_batch=32, dpo_steps=20, eval_prompts=64,
-                                   eval_every=2, batch_size=16)
+                                   synthetic_pairs=256, lookalike_pairs=64, rm_steps=30, ppo_iterations=4, ppo_batch=32,
+                                   dpo_steps=20, eval_prompts=64, eval_every=2, batch_size=16)
 
 
 TOK = ByteTokenizer()
@@ -344,6 +354,12 @@ def run(cfg: PipelineConfig) -> dict:
     off_pairs = world.synthetic_pairs(off_tasks, cfg.annotator, label_rng)
     on_policy = pairs
     pairs, train_pairs, test_pairs = split_pairs(pairs, off_pairs, len(pref_tasks), len(off_tasks), label_rng)
+    # Look-alike prompts answered vs refused: training pairs only (the held-out set stays the SFT samples' and
+    # edits' comparisons).
+    lookalikes = world.prompt_set(cfg.lookalike_pairs, cfg.seed + 6, split="train", mix={"benign": 1.0})
+    lookalike_pairs = world.synthetic_pairs(lookalikes, cfg.annotator, label_rng, kinds=("correct", "refusal"))
+    pairs += lookalike_pairs
+    train_pairs += [_record(p) for p in lookalike_pairs]
     pref_batches = lambda recs, seed, epochs=None: Batches(  # noqa: E731
         ShuffledIterator(recs, seed=seed, num_epochs=epochs), TOK, kind="preference",
         batch_size=cfg.batch_size, buckets=(cfg.seq_len,))
@@ -380,6 +396,7 @@ def run(cfg: PipelineConfig) -> dict:
                                max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                                kl_coef=cfg.ppo_kl_coef,
                                eos_id=TOK.eos_id, pad_id=TOK.pad_id, missing_eos_penalty=1.0,
+                               ptx_coef=cfg.ppo_ptx_coef,
                                optim=OptimConfig(learning_rate=cfg.ppo_lr, eps=1e-5, max_grad_norm=1.0),
                                value_optim=OptimConfig(learning_rate=1e-4, eps=1e-5, max_grad_norm=1.0))
     ppo_state = stages.init_ppo_state(sft_params, ppo_cfg, model_config=mc, rng=k_ppo, reward_params=reward_params)
@@ -391,8 +408,11 @@ def run(cfg: PipelineConfig) -> dict:
     curve.points.append({"iteration": 0, **sft_metrics})
     ppo_hooks = hooks("ppo", cfg.ppo_iterations)
     ppo_hooks.hooks.append(curve)
+    ptx_batches = Batches(ShuffledIterator(sft_records, seed=cfg.seed + 7), TOK, kind="sft", batch_size=16,
+                          buckets=(cfg.seq_len,), pack=True)  # PPO-ptx: the demonstrations, 16 packed rows
     ppo_state, _ = stages.run_ppo(ppo_state, prompt_batches, ppo_cfg, model_config=mc, ref_params=sft_params,
-                                  reward_params=reward_params, hooks=ppo_hooks)
+                                  reward_params=reward_params, hooks=ppo_hooks,
+                                  ptx_data=ptx_batches if cfg.ppo_ptx_coef > 0 else None)
     table["ppo"], ppo_gold = evaluate(ppo_state.policy.params, **eval_kwargs)
     _done(timings, "ppo", t)
 
@@ -427,8 +447,7 @@ def split_pairs(on_policy: list[dict], off_policy: list[dict], n_prompts: int, n
     pairs = on_policy + off_policy
     order = rng.permutation(len(pairs))
     pairs, is_test = [pairs[i] for i in order], [is_test[i] for i in order]
-    records = [PreferenceRecord(prompt=({"role": "user", "content": p["prompt"]},), chosen=p["chosen"],
-                                rejected=p["rejected"]) for p in pairs]
+    records = [_record(p) for p in pairs]
     return (pairs, [r for r, test in zip(records, is_test) if not test],
             [r for r, test in zip(records, is_test) if test])
 
@@ -436,8 +455,13 @@ def split_pairs(on_policy: list[dict], off_policy: list[dict], n_prompts: int, n
 def on_policy_records(on_policy: list[dict], n_prompts: int) -> list[PreferenceRecord]:
     """The annotated SFT-sample pairs of the training prompts (not among the reward model's held-out 10%, see
     `split_pairs`), in prompt order."""
-    return [PreferenceRecord(prompt=({"role": "user", "content": p["prompt"]},), chosen=p["chosen"],
-                             rejected=p["rejected"]) for p in on_policy if p["group"] >= n_prompts // 10]
+    return [_record(p) for p in on_policy if p["group"] >= n_prompts // 10]
+
+
+def _record(pair: dict) -> PreferenceRecord:
+    """A labelled pair dict (`rlhf_jax.tasks.label_pairs`) as a single-turn PreferenceRecord."""
+    return PreferenceRecord(prompt=({"role": "user", "content": pair["prompt"]},), chosen=pair["chosen"],
+                            rejected=pair["rejected"])
 
 
 def _pairwise_accuracy(reward_params, batches, mc) -> float:
