@@ -39,6 +39,8 @@ def test_quick_pipeline_writes_report(tmp_path):
     for stage in ("pretrain", "sft", "reward", "ppo", "dpo"):
         lines = (tmp_path / stage / "metrics.jsonl").read_text().splitlines()
         assert lines and "step" in json.loads(lines[-1])
+    ppo_last = json.loads((tmp_path / "ppo" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert ppo_last["loss/ptx"] > 0.0  # PPO-ptx on the demonstrations is on by default
 
 
 def test_split_pairs_holds_out_whole_prompts():
