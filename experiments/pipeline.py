@@ -480,13 +480,18 @@ def _pairwise_accuracy(reward_params, batches, mc) -> float:
     return wins / max(total, 1)
 
 
+def plot_ppo_curve(points: list[dict], out_png: str) -> str:
+    """Gold reward and reward-model score against KL to SFT during PPO (Gao et al. 2022's plot), each as its change
+    from the SFT policy's value (the first point): the two live on different scales."""
+    kl = [p["kl_to_sft"] for p in points]
+    gain = lambda key: [p[key] - points[0][key] for p in points]  # noqa: E731
+    return plot_xy(kl, {"gold reward": gain("gold_reward"), "reward-model score": gain("rm_score")},
+                   "KL(policy || SFT) per response (nats)", "change from SFT", out_png,
+                   title="PPO: gold and proxy reward vs KL")
+
+
 def _report(cfg, table, rm_report, vs_sft, ppo_points, timings, seconds) -> dict:
-    plots = []
-    kl = [p["kl_to_sft"] for p in ppo_points]
-    plots.append(plot_xy(kl, {"gold reward": [p["gold_reward"] for p in ppo_points],
-                              "reward-model score": [p["rm_score"] for p in ppo_points]},
-                         "KL(policy || SFT) per response (nats)", "reward",
-                         os.path.join(cfg.out, "ppo_reward_vs_kl.png"), title="PPO: gold and proxy reward vs KL"))
+    plots = [plot_ppo_curve(ppo_points, os.path.join(cfg.out, "ppo_reward_vs_kl.png"))]
     dpo_log = os.path.join(cfg.out, "dpo", "metrics.jsonl")
     if os.path.exists(dpo_log):
         plots.append(plot_curves({"dpo": dpo_log}, ["rewards/margins", "rewards/accuracies"],

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from rlhf_jax import tasks as W
-from rlhf_jax.tasks.world import BENIGN_ACTS, FACTS, FILLER, UNSAFE_ACTS
+from rlhf_jax.tasks.world import ASK_PREFIXES, BENIGN_ACTS, FACTS, FILLER, UNSAFE_ACTS
 
 SKILLS = [f for f in W.FAMILIES if f not in W.SAFETY_FAMILIES]
 
@@ -194,7 +194,7 @@ def test_eval_split_is_held_out():
         assert len(W.eval_keys(fam)) == math.ceil(0.2 * n)
     # Safety requests are held out by phrasing: every act asked in evaluation is also asked, in other words, in
     # training, so whether it is harmful can be learned (a 0.4M-parameter model has no other way to know).
-    assert len(W.eval_keys("unsafe")) == math.ceil(0.2 * len(W.ASK_PREFIXES) * len(UNSAFE_ACTS))
+    assert len(W.eval_keys("unsafe")) == math.ceil(0.2 * len(ASK_PREFIXES) * len(UNSAFE_ACTS))
     for fam in W.SAFETY_FAMILIES:
         eval_acts = {t.meta["act"] for t in evals if t.family == fam}
         assert eval_acts and eval_acts <= {t.meta["act"] for t in train if t.family == fam}
