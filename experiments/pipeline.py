@@ -107,7 +107,7 @@ class PipelineConfig:
     """PPO-ptx (InstructGPT eq. 2): weight of the SFT demonstrations' NLL mixed into the policy loss, 16 packed rows
     per iteration. InstructGPT mixes pretraining data; the web corpus here is wrong half of the time, so the
     demonstrations stand in. Without it PPO's noisy updates erode memorised skills ("capital of france", sorting a
-    trained word) that the reward model cannot judge; 0 turns it off."""
+    trained word), even against the gold reward itself; 0 turns it off."""
     dpo_steps: int = 150
     """DPO steps over the preference pairs."""
     dpo_beta: float = 0.1
