@@ -410,11 +410,12 @@ def run(cfg: PipelineConfig) -> dict:
     curve.points.append({"iteration": 0, **sft_metrics})
     ppo_hooks = hooks("ppo", cfg.ppo_iterations)
     ppo_hooks.hooks.append(curve)
-    ptx_batches = Batches(ShuffledIterator(sft_records, seed=cfg.seed + 7), TOK, kind="sft", batch_size=16,
-                          buckets=(cfg.seq_len,), pack=True)  # PPO-ptx: the demonstrations, 16 packed rows
+    ptx_batches = (Batches(ShuffledIterator(sft_records, seed=cfg.seed + 7), TOK, kind="sft", batch_size=16,
+                           buckets=(cfg.seq_len,), pack=True)  # PPO-ptx: the demonstrations, 16 packed rows
+                   if cfg.ppo_ptx_coef > 0 else None)
     ppo_state, _ = stages.run_ppo(ppo_state, prompt_batches, ppo_cfg, model_config=mc, ref_params=sft_params,
                                   reward_params=reward_params, hooks=ppo_hooks,
-                                  ptx_data=ptx_batches if cfg.ppo_ptx_coef > 0 else None)
+                                  ptx_data=ptx_batches)
     # The final policy's row; when the curve just evaluated it (same prompts, same rng), that evaluation is reused.
     done = curve.last is not None and curve.last[0] == cfg.ppo_iterations
     table["ppo"], ppo_gold = curve.last[1] if done else evaluate(ppo_state.policy.params, **eval_kwargs)
@@ -446,8 +447,7 @@ def split_pairs(on_policy: list[dict], off_policy: list[dict], n_prompts: int, n
     """(all pairs shuffled, train records, test records): the pairs of the first 10% of each prompt set are held
     out to score the reward model. Prompt sets are i.i.d., so that is a random 10%; holding out whole prompts
     (by each pair's "group") keeps every pair of a held-out ranking out of training."""
-    is_test = ([p["group"] < n_prompts // 10 for p in on_policy]
-               + [p["group"] < n_off_prompts // 10 for p in off_policy])
+    is_test = [_held_out(p, n_prompts) for p in on_policy] + [_held_out(p, n_off_prompts) for p in off_policy]
     pairs = on_policy + off_policy
     order = rng.permutation(len(pairs))
     pairs, is_test = [pairs[i] for i in order], [is_test[i] for i in order]
@@ -459,7 +459,12 @@ def split_pairs(on_policy: list[dict], off_policy: list[dict], n_prompts: int, n
 def on_policy_records(on_policy: list[dict], n_prompts: int) -> list[PreferenceRecord]:
     """The annotated SFT-sample pairs of the training prompts (not among the reward model's held-out 10%, see
     `split_pairs`), in prompt order."""
-    return [_record(p) for p in on_policy if p["group"] >= n_prompts // 10]
+    return [_record(p) for p in on_policy if not _held_out(p, n_prompts)]
+
+
+def _held_out(pair: dict, n_prompts: int) -> bool:
+    """Whether a pair's prompt (its "group", an index into a prompt set of n_prompts) is among the first 10%."""
+    return pair["group"] < n_prompts // 10
 
 
 def _record(pair: dict) -> PreferenceRecord:
