@@ -1,0 +1,110 @@
+"""The public API contract (shared/API.md, restated here because a user's clone lacks that file): every name it
+promises exists, takes its arguments in the promised order under the promised names, with the promised keyword
+defaults, and every loss returns (float32 scalar, flat dict of scalars) with the promised metric keys.
+
+Additions (docs/api_additions.md) may add keyword arguments with defaults; they may not rename, reorder or drop
+the contract's arguments, nor add required ones.
+"""
+import inspect
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rlhf_jax import generation, losses, models
+
+REQUIRED = inspect.Parameter.empty
+# (module, name, positional parameters in order, {keyword-only parameter: default})
+CONTRACT = [
+    (losses, "token_logprobs", ["logits", "targets"], {}),
+    (losses, "sequence_logprobs", ["logits", "targets", "mask"], {}),
+    (losses, "sft_loss", ["logits", "targets", "loss_mask"], {}),
+    (losses, "bradley_terry_loss", ["chosen_rewards", "rejected_rewards"], {"margin": None, "center_coef": 0.0}),
+    (losses, "dpo_loss", ["policy_chosen_logps", "policy_rejected_logps", "ref_chosen_logps", "ref_rejected_logps"],
+     {"beta": 0.1, "loss_type": "sigmoid", "label_smoothing": 0.0, "chosen_lengths": None, "rejected_lengths": None,
+      "reference_free": False}),
+    (losses, "kl_penalty", ["logprobs", "ref_logprobs"], {"estimator": "k1"}),
+    (losses, "gae", ["rewards", "values", "mask"], {"gamma": 1.0, "lam": 0.95}),
+    (losses, "whiten", ["x", "mask"], {"shift_mean": True}),
+    (losses, "ppo_policy_loss", ["logprobs", "old_logprobs", "advantages", "mask"], {"clip_eps": 0.2}),
+    (losses, "ppo_value_loss", ["values", "old_values", "returns", "mask"], {"clip_eps": 0.2}),
+    (losses, "adaptive_kl_update", ["coef", "observed_kl", "n_steps"], {"target": REQUIRED, "horizon": REQUIRED}),
+    (models, "init_params", ["config", "rng"], {}),
+    (models, "forward", ["params", "tokens"], {"config": REQUIRED, "positions": None, "segment_ids": None}),
+    (models, "load_pretrained", ["path"], {}),
+    (models, "save_pretrained", ["config", "params", "path"], {}),
+    (generation, "sample", ["params", "prompts", "prompt_mask", "rng"],
+     {"config": REQUIRED, "max_new_tokens": REQUIRED, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "eos_id": None}),
+]
+
+
+@pytest.mark.parametrize("module,name,positional,keywords", CONTRACT, ids=[c[1] for c in CONTRACT])
+def test_signature_keeps_the_contract(module, name, positional, keywords):
+    params = inspect.signature(getattr(module, name)).parameters
+    names = list(params)
+    assert names[:len(positional)] == positional, f"{name}: positional arguments {names} != contract {positional}"
+    for p in names[:len(positional)]:
+        assert params[p].default is REQUIRED and params[p].kind in (params[p].POSITIONAL_ONLY,
+                                                                     params[p].POSITIONAL_OR_KEYWORD), (name, p)
+    for key, default in keywords.items():
+        assert key in params, f"{name}: contract keyword {key!r} missing"
+        assert params[key].kind in (params[key].KEYWORD_ONLY, params[key].POSITIONAL_OR_KEYWORD), (name, key)
+        assert params[key].default == default, f"{name}({key}=...): default {params[key].default!r} != {default!r}"
+    extra_required = [p for p in names[len(positional):] if p not in keywords and params[p].default is REQUIRED
+                      and params[p].kind not in (params[p].VAR_POSITIONAL, params[p].VAR_KEYWORD)]
+    assert not extra_required, f"{name}: arguments beyond the contract must have defaults: {extra_required}"
+
+
+def test_model_names_and_presets():
+    assert inspect.isclass(models.ModelConfig) and inspect.isclass(losses.AdaptiveKLController)
+    for preset in ("tiny", "gpt2-124m", "gpt2-355m", "llama-1b"):
+        assert isinstance(models.ModelConfig.preset(preset), models.ModelConfig), preset
+    assert [f for f in generation.Samples.__dataclass_fields__] == ["tokens", "logprobs", "response_mask"]
+
+
+def _loss_calls():
+    rng = np.random.default_rng(0)
+    b, t, v = 3, 5, 7
+    logits = rng.normal(size=(b, t, v)).astype(np.float32)
+    targets = rng.integers(0, v, size=(b, t))
+    mask = np.ones((b, t), np.float32)
+    lp = lambda: (rng.normal(size=(b, t)) - 2).astype(np.float32)   # noqa: E731
+    seq = lambda: (-rng.uniform(1, 9, size=b)).astype(np.float32)   # noqa: E731
+    return {
+        "sft_loss": (losses.sft_loss(logits, targets, mask),
+                     {"loss", "num_tokens", "accuracy", "perplexity"}),
+        "bradley_terry_loss": (losses.bradley_terry_loss(seq(), seq()),
+                               {"loss", "accuracy", "reward_chosen", "reward_rejected", "reward_margin"}),
+        "dpo_loss": (losses.dpo_loss(seq(), seq(), seq(), seq()),
+                     {"loss", "rewards_chosen", "rewards_rejected", "rewards_margin", "rewards_accuracy",
+                      "logps_chosen", "logps_rejected"}),
+        "ppo_policy_loss": (losses.ppo_policy_loss(lp(), lp(), rng.normal(size=(b, t)).astype(np.float32), mask),
+                            {"loss", "clipfrac", "approx_kl", "ratio_mean"}),
+        "ppo_value_loss": (losses.ppo_value_loss(lp(), lp(), lp(), mask), {"loss", "clipfrac", "explained_variance"}),
+    }
+
+
+def test_losses_return_a_float32_scalar_and_flat_scalar_metrics():
+    for name, ((loss, metrics), keys) in _loss_calls().items():
+        assert jnp.shape(loss) == () and jnp.result_type(loss) == jnp.float32, name
+        assert keys <= set(metrics), f"{name}: missing metrics {keys - set(metrics)}"
+        for key, value in metrics.items():
+            assert isinstance(key, str) and jnp.shape(value) == (), (name, key)
+        np.testing.assert_allclose(metrics["loss"], loss, rtol=1e-6, err_msg=name)
+
+
+def test_array_functions_keep_their_shapes():
+    rng = np.random.default_rng(1)
+    b, t, v = 2, 4, 6
+    logits, targets = rng.normal(size=(b, t, v)).astype(np.float32), rng.integers(0, v, size=(b, t))
+    x, mask = rng.normal(size=(b, t)).astype(np.float32), np.ones((b, t), np.float32)
+    assert losses.token_logprobs(logits, targets).shape == (b, t)
+    assert losses.token_logprobs(logits, targets).dtype == jnp.float32
+    assert losses.sequence_logprobs(logits, targets, mask).shape == (b,)
+    assert losses.kl_penalty(x, x + 1).shape == (b, t)
+    assert losses.whiten(x, mask).shape == (b, t)
+    advantages, returns = losses.gae(x, x, mask)
+    assert advantages.shape == returns.shape == (b, t)
+    assert jnp.shape(jax.jit(losses.adaptive_kl_update, static_argnames=("target", "horizon"))(
+        jnp.float32(0.2), jnp.float32(3.0), 8, target=6.0, horizon=100.0)) == ()
