@@ -7,7 +7,8 @@ import pytest
 from rlhf_jax.generation import sample
 from rlhf_jax.losses import adaptive_kl_update
 from rlhf_jax.models import ModelConfig, init_params, scalar_forward
-from rlhf_jax.train import OptimConfig, PPOConfig, init_ppo_state, rollout, run_ppo, with_score_head
+from rlhf_jax.train import (OptimConfig, PPOConfig, init_ppo_state, normalize_score_head, rollout, run_ppo,
+                            with_score_head)
 
 CFG = ModelConfig.preset("tiny", d_model=32, num_layers=1, num_heads=2, mlp_dim=64, max_seq_len=64)
 EOS, PAD = 258, 256
@@ -146,3 +147,26 @@ def test_ppo_ptx_mixes_the_pretraining_nll(params):
     assert "loss/ptx" not in hist0[0]
     moved = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), with_ptx.policy.params, without.policy.params)
     assert max(jax.tree.leaves(moved)) > 1e-4
+
+
+def test_normalize_score_head_rescales_rollout_scores(params):
+    """Scores of the rollouts it was fitted on get mean 0 and std 1 (or the given targets); any other sequence's
+    score goes through the same affine map, computed here in numpy from the old scores."""
+    reward = with_score_head(params, CFG, 3)
+    reward = {**reward, "score_head": {**reward["score_head"], "bias": reward["score_head"]["bias"] + 2.5}}
+    config = PPOConfig(batch_size=8, max_new_tokens=6, temperature=1.0, value_init="policy")
+    run = jax.jit(rollout, static_argnames=("config", "model_config", "reward_fn"))
+    scores_of = lambda reward, seed: np.asarray(run(  # noqa: E731
+        params, params, reward, reward, *prompts(seed=seed), jax.random.PRNGKey(seed), config=config,
+        model_config=CFG).scores, np.float64)
+    fit, other = scores_of(reward, 0), scores_of(reward, 1)
+    assert abs(fit.mean()) > 1.0 and abs(fit.std() - 1.0) > 0.1, "test needs scores away from mean 0, std 1"
+    normalized = normalize_score_head(reward, fit)
+    new_fit, new_other = scores_of(normalized, 0), scores_of(normalized, 1)
+    np.testing.assert_allclose([new_fit.mean(), new_fit.std()], [0.0, 1.0], atol=1e-4)
+    np.testing.assert_allclose(new_other, (other - fit.mean()) / fit.std(), rtol=1e-4, atol=1e-4)
+    targeted = scores_of(normalize_score_head(reward, fit, mean=-1.0, std=0.5), 0)
+    np.testing.assert_allclose([targeted.mean(), targeted.std()], [-1.0, 0.5], atol=1e-4)
+    assert jax.tree.structure(normalized) == jax.tree.structure(reward)
+    with pytest.raises(ValueError, match="score_head"):
+        normalize_score_head(params, fit)

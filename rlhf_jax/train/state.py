@@ -90,3 +90,22 @@ def with_score_head(params, config: ModelConfig, rng):
     kernel = jax.random.normal(as_key(rng), (D, 1), jnp.float32) / math.sqrt(D + 1)
     head = {"kernel": kernel.astype(config.params_dtype), "bias": jnp.zeros((1,), config.params_dtype)}
     return {**params, "score_head": head}
+
+
+def normalize_score_head(params, scores, *, mean: float = 0.0, std: float = 1.0, eps: float = 1e-8):
+    """Rescale the scalar "score_head" so that `scores` (this model's scores of a reference sample) get the target
+    `mean` and `std`: every score s becomes mean + std * (s - mean(scores)) / std(scores).
+
+    The reward gain and bias of lm-human-preferences (Ziegler et al. 2019; Huang et al. 2024): fitted on the
+    initial policy's samples, the reward has mean 0 and std 1 at the start of PPO, so the KL coefficient, the EOS
+    penalty and the value clip mean the same whatever scale a reward model happened to learn. Scores are affine in
+    the head (s = h . kernel + bias), so the rescaled model is exact. Pure: returns new params.
+    """
+    if "score_head" not in params:
+        raise ValueError("normalize_score_head: params have no 'score_head' (see with_score_head)")
+    scores = jnp.asarray(scores, jnp.float32)
+    gain = std / jnp.maximum(jnp.std(scores), eps)
+    head = params["score_head"]
+    kernel = (head["kernel"].astype(jnp.float32) * gain).astype(head["kernel"].dtype)
+    bias = ((head["bias"].astype(jnp.float32) - jnp.mean(scores)) * gain + mean).astype(head["bias"].dtype)
+    return {**params, "score_head": {**head, "kernel": kernel, "bias": bias}}
