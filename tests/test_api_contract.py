@@ -60,7 +60,7 @@ def test_model_names_and_presets():
     assert inspect.isclass(models.ModelConfig) and inspect.isclass(losses.AdaptiveKLController)
     for preset in ("tiny", "gpt2-124m", "gpt2-355m", "llama-1b"):
         assert isinstance(models.ModelConfig.preset(preset), models.ModelConfig), preset
-    assert [f for f in generation.Samples.__dataclass_fields__] == ["tokens", "logprobs", "response_mask"]
+    assert list(generation.Samples.__dataclass_fields__) == ["tokens", "logprobs", "response_mask"]
 
 
 def _loss_calls():
@@ -99,8 +99,8 @@ def test_array_functions_keep_their_shapes():
     b, t, v = 2, 4, 6
     logits, targets = rng.normal(size=(b, t, v)).astype(np.float32), rng.integers(0, v, size=(b, t))
     x, mask = rng.normal(size=(b, t)).astype(np.float32), np.ones((b, t), np.float32)
-    assert losses.token_logprobs(logits, targets).shape == (b, t)
-    assert losses.token_logprobs(logits, targets).dtype == jnp.float32
+    logprobs = losses.token_logprobs(logits, targets)
+    assert logprobs.shape == (b, t) and logprobs.dtype == jnp.float32
     assert losses.sequence_logprobs(logits, targets, mask).shape == (b,)
     assert losses.kl_penalty(x, x + 1).shape == (b, t)
     assert losses.whiten(x, mask).shape == (b, t)
