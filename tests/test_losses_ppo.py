@@ -225,3 +225,19 @@ def test_vmap_grad_and_no_retrace():
     f(*(a[0] for a in arrays), mask[0], 1.0, 0.95)
     f(*(a[1] for a in arrays), ragged(rng, 3, 5), 0.9, 0.5)
     assert traces[0] == 1
+
+
+def test_value_clipfrac_counts_no_token_inside_the_clip_range():
+    """Every |v - old| < eps: no token is clipped, so clipfrac is exactly 0 and the gradient is the unclipped one,
+    whatever the rounding. (Computed as old + clip(v - old), v_clip differs from v by an ulp for about a third of
+    such tokens, and some then counted as clipped: how a sharded PPO run's val/clipfrac differed from one
+    device's.)"""
+    rng = np.random.default_rng(0)
+    old = rng.uniform(-0.09, 0.09, (8, 64)).astype(np.float32)
+    v = rng.uniform(-0.09, 0.09, old.shape).astype(np.float32)               # |v - old| < 0.18 < eps = 0.2
+    ret = rng.normal(size=old.shape).astype(np.float32)
+    mask = np.ones(old.shape, np.float32)
+    loss, m = _value_jit(v, old, ret, mask)
+    assert float(m["clipfrac"]) == 0.0
+    g = jax.jit(jax.grad(lambda v: ppo_value_loss(v, old, ret, mask, clip_eps=0.2)[0]))(v)
+    np.testing.assert_allclose(g, (v - ret) / v.size, rtol=1e-5, atol=1e-9)

@@ -61,21 +61,24 @@ def _close(got, want, tol=1e-5):
         np.testing.assert_allclose(_host(x), _host(y), rtol=tol, atol=tol, err_msg=str(path))
 
 
-def _same_history(got, want):
+def _same_history(got, want, *, one_flip=0.0):
+    """Continuous metrics to 1e-5; a clip fraction (a count of tokens on either side of a boundary) may differ by
+    `one_flip`, what one token flipping changes it by: float32 reduction order differs between layouts."""
     assert [h["step"] for h in got] == [h["step"] for h in want]
     for g, w in zip(got, want):
         assert g.keys() == w.keys()
         for k in w:
-            np.testing.assert_allclose(g[k], w[k], rtol=1e-5, atol=1e-6, err_msg=f"step {w['step']} {k}")
+            atol = one_flip + 1e-6 if k.endswith("clipfrac") else 1e-6
+            np.testing.assert_allclose(g[k], w[k], rtol=1e-5, atol=atol, err_msg=f"step {w['step']} {k}")
 
 
-def _both(run, shape):
+def _both(run, shape, one_flip=0.0):
     """run(mesh) -> (state, history) with mesh=None and on `shape`; the histories must agree."""
     ref_state, ref_hist = run(None)
     ref_state = jax.tree.map(_host, ref_state)
     mesh = S.make_mesh(shape)
     state, hist = run(mesh)
-    _same_history(hist, ref_hist)
+    _same_history(hist, ref_hist, one_flip=one_flip)
     _close(state, ref_state)
     return state, hist
 
@@ -155,7 +158,9 @@ def test_run_ppo_on_mesh_equals_one_device():
         return stages.run_ppo(state, data, config, model_config=CFG, ref_params=policy, reward_params=reward,
                               mesh=mesh)
 
-    state, hist = _both(run, (2, 2, 2))
+    # A clip fraction is a mean over num_epochs x num_minibatches minibatches of a fraction over each minibatch's
+    # valid tokens (>= 1 per row): one flipped token moves it by at most 1 / (B * num_epochs).
+    state, hist = _both(run, (2, 2, 2), one_flip=1.0 / (B * config.num_epochs))
     assert hist[0]["episode_length"] > 0 and hist[0]["kl_coef"] == pytest.approx(0.05)
     assert _spec(state.policy.params["layers"]["mlp"]["up"]["kernel"]) == (None, "fsdp", "tensor")
     assert _spec(state.value.opt_state[1][0].nu["score_head"]["kernel"]) == ("fsdp", None)

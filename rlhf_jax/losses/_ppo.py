@@ -132,7 +132,7 @@ def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, *, clip_eps: float
 def ppo_value_loss(values, old_values, returns, mask, *, clip_eps: float | None = 0.2):
     """Clipped value-function loss.
 
-    ``v_clip = v_old + clip(v - v_old, -eps, eps)``;
+    ``v_clip = clip(v, v_old - eps, v_old + eps)`` (= ``v_old + clip(v - v_old, -eps, eps)``);
     ``loss = 0.5 * masked_mean(max((v - R)^2, (v_clip - R)^2))`` (unclipped ``0.5 * (v - R)^2`` when ``eps`` is None).
 
     Args:
@@ -144,7 +144,9 @@ def ppo_value_loss(values, old_values, returns, mask, *, clip_eps: float | None 
 
     Returns:
       ``(loss, metrics)`` with ``"loss"``, ``"clipfrac"`` (fraction of valid tokens where the clipped term is the
-      larger), ``"explained_variance"`` (``1 - Var[R - v] / Var[R]`` over valid tokens; 0 when ``Var[R] = 0``).
+      larger; a token inside the clip range has ``v_clip == v`` bit for bit, so it never counts, however close
+      ``v`` is to ``v_old``: on-policy, where the two come from different forwards, the count is 0, not float
+      noise), ``"explained_variance"`` (``1 - Var[R - v] / Var[R]`` over valid tokens; 0 when ``Var[R] = 0``).
     """
     v = jnp.asarray(values, jnp.float32)
     old = lax.stop_gradient(jnp.asarray(old_values, jnp.float32))
@@ -154,9 +156,12 @@ def ppo_value_loss(values, old_values, returns, mask, *, clip_eps: float | None 
         per_token = err
         clipfrac = jnp.zeros((), jnp.float32)
     else:
-        err_clipped = jnp.square(old + jnp.clip(v - old, -clip_eps, clip_eps) - ret)
+        # Clip v itself (not old + clipped difference, which rounds): inside the range v_clip is v exactly, and
+        # only a token outside it can count as clipped (on-policy v == old up to float noise: no ties to flip).
+        err_clipped = jnp.square(jnp.clip(v, old - clip_eps, old + clip_eps) - ret)
         per_token = jnp.maximum(err, err_clipped)
-        clipfrac = masked_mean((err_clipped > err).astype(jnp.float32), mask)
+        outside = jnp.abs(v - old) > clip_eps
+        clipfrac = masked_mean((outside & (err_clipped > err)).astype(jnp.float32), mask)
     loss = 0.5 * masked_mean(per_token, mask)
     var_ret = masked_var(ret, mask, unbiased=False)
     var_err = masked_var(ret - lax.stop_gradient(v), mask, unbiased=False)
