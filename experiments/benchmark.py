@@ -44,8 +44,8 @@ from rlhf_jax.generation import sample
 from rlhf_jax.models import init_params
 from rlhf_jax.models.config import ModelConfig
 from rlhf_jax.train.optim import OptimConfig
-from rlhf_jax.train.ppo import ppo_update, rollout
-from rlhf_jax.train.stages import PPOConfig, init_ppo_state
+from rlhf_jax.generation import SamplingConfig
+from rlhf_jax.train.ppo import PPOConfig, init_ppo_state, ppo_update, rollout
 from rlhf_jax.train.state import create_train_state, with_score_head
 from rlhf_jax.train.steps import dpo_step, reward_step, sft_step
 
@@ -411,18 +411,17 @@ class _Bench:
         B, P, N = c.ppo_prompts, c.ppo_prompt_len, c.ppo_new
         V = m.vocab_size
         # eos_id = V is never sampled: every response has exactly N tokens.
-        pcfg = PPOConfig(batch_size=B, max_new_tokens=N, num_epochs=c.ppo_epochs, num_minibatches=c.ppo_minibatches,
-                         eos_id=V, pad_id=0, num_steps=1)
+        pcfg = PPOConfig(batch_size=B, sampling=SamplingConfig(max_new_tokens=N, eos_id=V, pad_id=0),
+                         num_epochs=c.ppo_epochs, num_minibatches=c.ppo_minibatches, num_steps=1)
         policy = init_params(m, self.next_key())
         reward = with_score_head(init_params(m, self.next_key()), m, self.next_key())
         state = init_ppo_state(policy, pcfg, model_config=m, rng=self.next_key(), reward_params=reward)
         roll_flops, update_flops = ppo_flops(m, B, P, N, c.ppo_epochs, causal=c.attn_flops == "causal")
         shape = f"{B}x({P}+{N})"
-        (sample_row,) = self.generate("ppo/sample", [B], P, N, params=policy, temperature=pcfg.temperature)
+        (sample_row,) = self.generate("ppo/sample", [B], P, N, params=policy, temperature=pcfg.sampling.temperature)
         prompts, mask, key = self._sample_args(policy, B, P)[1:]
         fn = functools.partial(rollout, config=pcfg, model_config=m)
-        data, roll = self.measure("ppo/rollout", shape, fn, (state.policy.params, policy, reward, state.value.params,
-                                                             prompts, mask, key),
+        data, roll = self.measure("ppo/rollout", shape, fn, (state, prompts, mask, key, policy, reward),
                                   flops=roll_flops, tokens=B * (P + N), unit="episodes/s", per_step=B)
         fn = functools.partial(ppo_update, config=pcfg, model_config=m)
         _, upd = self.measure("ppo/update", f"{shape} {c.ppo_epochs}ep x{c.ppo_minibatches}mb", fn,

@@ -11,34 +11,38 @@ optimises), the greedy answer on the side, and temperature-1 samples for the KL 
 
     python -m experiments.pipeline --out runs/demo            # the default, ~13 minutes on 2 cores
     python -m experiments.pipeline --out runs/quick --quick   # the same code path in under 2 minutes
+    python -m experiments.pipeline --out runs/demo --resume   # after a SIGTERM: finished stages are reloaded
+
+Every stage writes `DIR/<stage>/final` (params + model_config.json, for `load_params`, `--policy-init` and
+the export) and its metrics under `DIR/<stage>/`; `--config FILE.json` sets any option, `--help` lists them.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
+import sys
 import time
 from typing import Literal
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import tyro
 
 from rlhf_jax import tasks as world
-from rlhf_jax.data import Batches, PreferenceRecord, SFTRecord, ShuffledIterator, collate_prompts, pack_sft
+from rlhf_jax.config_cli import parse_cli, save_config
+from rlhf_jax.data import Batches, SFTRecord, ShuffledIterator, collate_prompts, pack_sft
 from rlhf_jax.data.batching import Example
-from rlhf_jax.generation import sample
+from rlhf_jax.eval import PolicyEvaluator, pairwise_accuracy, paired_bootstrap, sample_texts
+from rlhf_jax.generation import SamplingConfig
 from rlhf_jax.models import ModelConfig, init_params
 from rlhf_jax.tokenizer import ByteTokenizer, encode_chat, encode_prompt
+from rlhf_jax.train import checkpoint as ckpt
 from rlhf_jax.train import stages
-from rlhf_jax.train.logging import make_stage_hooks
+from rlhf_jax.train.logging import StageHooks, make_stage_hooks
 from rlhf_jax.train.optim import OptimConfig
-from rlhf_jax.train.ppo import response_logits, sequence_positions
+from rlhf_jax.train.ppo import PPOConfig, init_ppo_state
 from rlhf_jax.train.report import plot_curves, plot_xy, write_report
 from rlhf_jax.train.state import create_train_state, with_score_head
-from rlhf_jax.train.steps import reward_scores
-from rlhf_jax.losses import token_logprobs
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -47,6 +51,8 @@ class PipelineConfig:
 
     out: str = "runs/pipeline"
     """Run directory: report.json, report.md, plots, per-stage metrics (JSONL, TensorBoard)."""
+    resume: bool = False
+    """Continue a run in --out that a signal stopped: stages with a `final/` folder are loaded, not rerun."""
     seed: int = 0
     """One seed for the world, the initialisations, the sampling and the annotators."""
     quick: bool = False
@@ -149,140 +155,83 @@ TOK = ByteTokenizer()
 PROMPT_WIDTH = 64  # bytes: BOS + headers + the longest prompt (40) fit
 
 
+class Stopped(Exception):
+    """A signal stopped a stage; finished stages are saved, `--resume` continues."""
+
+
 # ---------------------------------------------------------------------------------------------------- data
 def _packed_batches(examples: list[Example], cfg: PipelineConfig, seed: int):
-    """Endless packed SFT-style batches [batch_size, seq_len] from a shuffled stream of examples."""
+    """Endless packed SFT-style batches [batch_size, seq_len] of a shuffled stream of whole documents (the loss on
+    every token: pretraining sees prompts and answers alike)."""
     rng = np.random.default_rng(seed)
     while True:
-        order = rng.permutation(len(examples))
         rows, row, col = [], [], 0
-        for i in order:
-            ex = examples[i]
-            n = len(ex.ids) - 1
+        for i in rng.permutation(len(examples)):
+            n = len(examples[i].ids) - 1
             if col + n > cfg.seq_len:
                 rows.append(row)
                 row, col = [], 0
                 if len(rows) == cfg.batch_size:
                     yield pack_sft(rows, seq_len=cfg.seq_len, pad_id=TOK.pad_id)
                     rows = []
-            row.append(ex)
+            row.append(examples[i])
             col += n
 
 
-def _pretrain_examples(docs) -> list[Example]:
-    """Web documents with the loss on every token: pretraining sees prompts and answers alike."""
-    out = []
-    for d in docs:
-        ids, _ = encode_chat(TOK, d["messages"])
-        out.append(Example(tuple(ids), (1,) * len(ids), 0))
-    return out
+def _document(doc) -> Example:
+    ids, _ = encode_chat(TOK, doc["messages"])
+    return Example(tuple(ids), (1,) * len(ids), 0)
 
 
 def _prompt_batch(task_list):
-    prompts = [encode_prompt(TOK, world.messages_for(t)) for t in task_list]
-    return collate_prompts(prompts, buckets=(PROMPT_WIDTH,), pad_id=TOK.pad_id)
+    return collate_prompts([encode_prompt(TOK, world.messages_for(t)) for t in task_list], buckets=(PROMPT_WIDTH,),
+                           pad_id=TOK.pad_id)
 
 
-def _decode(tokens, response_mask) -> list[str]:
-    return [TOK.decode([int(t) for t, m in zip(row, mask) if m and t != TOK.eos_id])
-            for row, mask in zip(np.asarray(tokens), np.asarray(response_mask))]
+def _optim(lr, steps, warmup_frac=0.05, **kw) -> OptimConfig:
+    return OptimConfig(learning_rate=lr, schedule="cosine", warmup_steps=max(1, int(warmup_frac * steps)), **kw)
 
 
-_SAMPLE = jax.jit(sample, static_argnames=("config", "max_new_tokens", "temperature", "eos_id", "pad_id"))
+# ---------------------------------------------------------------------------------------------------- stages
+class _Run:
+    """The run directory: one `stage(...)` call per stage, which loads the stage's `final/` on --resume, or runs
+    it under SIGTERM/SIGINT handling and saves `final/` (raising `Stopped` if a signal ended it early)."""
+
+    def __init__(self, cfg: PipelineConfig, mc: ModelConfig):
+        self.cfg, self.mc, self.timings = cfg, mc, {}
+
+    def final(self, name):
+        return os.path.join(self.cfg.out, name, "final")
+
+    def stage(self, name, run, state, steps, params_of=lambda s: s.params, extra_hooks=()):
+        t = time.time()
+        if self.cfg.resume and os.path.isdir(self.final(name)):
+            params = ckpt.load_params(self.final(name))[1]
+            print(f"[pipeline] {name:<12} loaded from {self.final(name)}", flush=True)
+            return params, False
+        with ckpt.GracefulExit() as exit_flag:
+            stop = type("Stop", (StageHooks,), {"should_stop": lambda self: exit_flag.requested})()
+            hooks = make_stage_hooks(self.cfg.out, name, total_steps=steps, log_every=1, extra=[stop, *extra_hooks],
+                                     tokens_per_step=self.cfg.batch_size * self.cfg.seq_len)
+            try:
+                state, _ = run(state, hooks)
+            finally:
+                hooks.close()
+        if exit_flag.requested:
+            raise Stopped(f"stopped by a signal during {name}; finished stages are saved: continue with "
+                          f"python -m experiments.pipeline --resume --out {self.cfg.out}")
+        params = params_of(state)
+        ckpt.save_params(self.final(name), params, model_config=self.mc)
+        self.timings[name] = time.time() - t
+        print(f"[pipeline] {name:<12} done in {self.timings[name]:6.1f} s", flush=True)
+        return params, True
 
 
-def sample_texts(params, task_list, rng, *, model_config, max_new_tokens, temperature, chunk) -> list[str]:
-    """Responses to `task_list`, sampled `chunk` prompts at a time (one fixed shape: one compiled program)."""
-    texts = []
-    for i in range(0, len(task_list), chunk):
-        part = task_list[i:i + chunk]
-        batch = _prompt_batch(part + [part[-1]] * (chunk - len(part)))
-        s = _SAMPLE(params, batch["prompts"], batch["prompt_mask"], jax.random.fold_in(rng, i), config=model_config,
-                    max_new_tokens=max_new_tokens, temperature=temperature, eos_id=TOK.eos_id, pad_id=TOK.pad_id)
-        texts += _decode(s.tokens[:, -max_new_tokens:], s.response_mask)[:len(part)]
-    return texts
+class PPOCurve(StageHooks):
+    """Every `every` PPO iterations: the evaluation of the current policy (gold, proxy, KL: the plot)."""
 
-
-# ----------------------------------------------------------------------------------------------- evaluation
-class Evaluator:
-    """Sampled and greedy answers to held-out prompts -> gold metrics; temperature-1 samples -> KL to the SFT policy."""
-
-    def __init__(self, tasks, model_config: ModelConfig, max_new_tokens: int, *, temperature: float = 0.7,
-                 samples: int = 4):
-        self.tasks, self.mc, self.n = tasks, model_config, max_new_tokens
-        self.temperature, self.samples = temperature, samples
-        self.batch = _prompt_batch(tasks)
-        self._seq_logps = jax.jit(self._seq_logps_fn)
-        self._score = jax.jit(lambda p, b: reward_scores(p, b, model_config=model_config))
-
-    def _seq_logps_fn(self, params, tokens, mask):
-        logits = response_logits(params, tokens, mask, model_config=self.mc, num_new=self.n, temperature=1.0)
-        lp = token_logprobs(logits, tokens[:, -self.n:])
-        return jnp.sum(jnp.where(mask[:, -self.n:] > 0, lp, 0.0), axis=1)
-
-    def generate(self, params, rng, temperature: float):
-        return _SAMPLE(params, self.batch["prompts"], self.batch["prompt_mask"], rng, config=self.mc,
-                       max_new_tokens=self.n, temperature=temperature, eos_id=TOK.eos_id, pad_id=TOK.pad_id)
-
-    def _texts(self, s) -> list[str]:
-        return _decode(s.tokens[:, -self.n:], s.response_mask)
-
-    def _rm_scores(self, reward_params, s) -> jax.Array:
-        """Reward-model score of each sampled (left-padded prompt, response) row -> [B]."""
-        mask = jnp.concatenate([self.batch["prompt_mask"], s.response_mask], axis=1)
-        return self._score(reward_params, {"inputs": s.tokens, "positions": sequence_positions(mask),
-                                           "segment_ids": mask})
-
-    def __call__(self, params, *, sft_params, reward_params, rng, sft_gold=None) -> tuple[dict, np.ndarray]:
-        """Metrics of the policy as PPO optimises it: `samples` answers per prompt at `temperature` (gold reward,
-        reward-model score, length, refusals), its greedy answer (`gold_greedy`), and the KL to the SFT policy
-        on temperature-1 samples. Returns (metrics, per-prompt mean gold reward [B]). Every stage is evaluated
-        with the same `rng`, so the stages' samples share their random numbers."""
-        draws = [self.generate(params, jax.random.fold_in(rng, 2 + i), self.temperature) for i in range(self.samples)]
-        texts = [self._texts(s) for s in draws]
-        metrics = world.compute_metrics(self.tasks * self.samples, [r for t in texts for r in t])
-        gold = np.mean([world.gold_rewards(self.tasks, t) for t in texts], axis=0)
-        greedy = world.gold_rewards(self.tasks, self._texts(self.generate(params, rng, 0.0)))
-        scores = (float(np.mean([np.asarray(self._rm_scores(reward_params, s)) for s in draws]))
-                  if reward_params is not None else float("nan"))
-        samples = self.generate(params, jax.random.fold_in(rng, 1), 1.0)
-        mask = jnp.concatenate([self.batch["prompt_mask"], samples.response_mask], axis=1)
-        kl = self._seq_logps(params, samples.tokens, mask) - self._seq_logps(sft_params, samples.tokens, mask)
-        out = {"gold_reward": float(np.mean(gold)), "gold_greedy": float(np.mean(greedy)), "rm_score": scores,
-               "kl_to_sft": float(jnp.mean(kl)),
-               "mean_length": metrics["mean_length"], "refusal_rate": metrics["refusal_rate"],
-               "over_refusal_rate": metrics["over_refusal_rate"],
-               "win_rate_vs_sft": world.win_rate(gold, sft_gold) if sft_gold is not None else 0.5}
-        out.update({k: v for k, v in metrics.items() if k.startswith("gold/")})  # per-family diagnostics
-        return out, gold
-
-    def best_of_n(self, params, reward_params, rng, *, n: int, temperature: float) -> dict:
-        """How well the reward model ranks the policy's own samples: gold reward of n samples per prompt, taken at
-        random (the mean), picked by the reward model, and picked by the gold reward itself (the ceiling). A reward
-        model worth optimising picks better than random; PPO can at best climb towards its best-of-n pick."""
-        golds, scores = [], []
-        for i in range(n):
-            s = self.generate(params, jax.random.fold_in(rng, i), temperature)
-            golds.append(world.gold_rewards(self.tasks, self._texts(s)))
-            scores.append(np.asarray(self._rm_scores(reward_params, s)))
-        golds, scores = np.stack(golds), np.stack(scores)
-        picked = golds[np.argmax(scores, axis=0), np.arange(golds.shape[1])]
-        return {"n": n, "temperature": temperature, "gold_random": float(golds.mean()),
-                "gold_rm_pick": float(picked.mean()), "gold_oracle_pick": float(golds.max(axis=0).mean())}
-
-
-class PPOEvalHook:
-    """Every `every` PPO iterations: gold reward, reward-model score and KL of the current policy (the plot)."""
-
-    def __init__(self, evaluate, every, **kwargs):
-        self.evaluate, self.every, self.kwargs, self.points = evaluate, every, kwargs, []
-        self.last = None  # (iteration, (metrics, per-prompt gold)) of the latest evaluation
-
-    def on_step(self, step, metrics):
-        pass
-
-    def should_stop(self):
-        return False
+    def __init__(self, evaluate, every, first, **kwargs):
+        self.evaluate, self.every, self.kwargs, self.points, self.last = evaluate, every, kwargs, [first], None
 
     def on_state(self, step, state):
         if step % self.every == 0:
@@ -291,198 +240,135 @@ class PPOEvalHook:
             self.last = (step, (m, gold))
 
 
-# ------------------------------------------------------------------------------------------------- pipeline
-def _optim(lr, steps, warmup_frac=0.05, **kw) -> OptimConfig:
-    return OptimConfig(learning_rate=lr, schedule="cosine", warmup_steps=max(1, int(warmup_frac * steps)), **kw)
-
-
 def run(cfg: PipelineConfig) -> dict:
     cfg = cfg.scaled()
     t0 = time.time()
     os.makedirs(cfg.out, exist_ok=True)
+    save_config(cfg, os.path.join(cfg.out, "config.json"))
     mc = ModelConfig(vocab_size=TOK.vocab_size, d_model=cfg.d_model, num_layers=cfg.num_layers,
                      num_heads=cfg.num_heads, mlp_dim=4 * cfg.d_model, max_seq_len=128)
-    rng = jax.random.PRNGKey(cfg.seed)
-    k_init, k_sft, k_rm, k_ppo, k_eval, k_pref, k_dpo = jax.random.split(rng, 7)
-    timings = {}
+    k_init, k_sft, k_rm, k_ppo, k_eval, k_pref, k_dpo = jax.random.split(jax.random.PRNGKey(cfg.seed), 7)
+    runs = _Run(cfg, mc)
+    sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, eos_id=TOK.eos_id,
+                              pad_id=TOK.pad_id)
 
-    def hooks(stage, steps, log_every=10):
-        return make_stage_hooks(cfg.out, stage, total_steps=steps, log_every=1,
-                                tokens_per_step=cfg.batch_size * cfg.seq_len)
-
-    # World data.
+    # World data: the web corpus, the demonstrations, the held-out evaluation prompts.
     docs = world.web_corpus(cfg.pretrain_docs, cfg.seed)
     demos = world.sft_demos(cfg.sft_demos, cfg.seed + 1, n_safety=cfg.sft_safety, n_benign=cfg.sft_benign)
     eval_tasks = world.prompt_set(cfg.eval_prompts, cfg.seed + 2, split="eval")
-    evaluate = Evaluator(eval_tasks, mc, cfg.max_new_tokens, temperature=cfg.temperature,
-                         samples=cfg.eval_samples)
+    eval_batch = _prompt_batch(eval_tasks)
+    evaluate = PolicyEvaluator(
+        eval_batch["prompts"], eval_batch["prompt_mask"], model_config=mc, tokenizer=TOK, sampling=sampling,
+        samples=cfg.eval_samples, gold_fn=lambda texts: world.gold_rewards(eval_tasks, texts),
+        metrics_fn=lambda idx, texts: world.compute_metrics([eval_tasks[i] for i in idx], texts))
 
     # 1. Pretraining on the web corpus.
-    t = time.time()
     state = create_train_state(init_params(mc, k_init), _optim(1e-3, cfg.pretrain_steps, weight_decay=0.01),
                                jax.random.fold_in(k_init, 1), total_steps=cfg.pretrain_steps)
-    state, _ = stages.run_sft(state, _packed_batches(_pretrain_examples(docs), cfg, cfg.seed),
-                              stages.SFTConfig(num_steps=cfg.pretrain_steps, log_every=10, optim=OptimConfig()),
-                              model_config=mc, hooks=hooks("pretrain", cfg.pretrain_steps))
-    base_params = state.params
-    _done(timings, "pretrain", t)
+    pretrain = stages.SFTConfig(num_steps=cfg.pretrain_steps, log_every=10, optim=OptimConfig())
+    base_params, _ = runs.stage("pretrain", lambda s, h: stages.run_sft(
+        s, _packed_batches([_document(d) for d in docs], cfg, cfg.seed), pretrain, model_config=mc, hooks=h),
+        state, cfg.pretrain_steps)
 
     # 2. SFT on concise, correct demonstrations (loss on the answers only).
-    t = time.time()
     sft_records = [SFTRecord(messages=tuple(d["messages"])) for d in demos]
     sft_batches = Batches(ShuffledIterator(sft_records, seed=cfg.seed), TOK, kind="sft",
                           batch_size=cfg.batch_size, buckets=(cfg.seq_len,), pack=True)
     state = create_train_state(base_params, _optim(3e-4, cfg.sft_steps), k_sft, total_steps=cfg.sft_steps)
-    state, _ = stages.run_sft(state, sft_batches, stages.SFTConfig(num_steps=cfg.sft_steps, log_every=10),
-                              model_config=mc, hooks=hooks("sft", cfg.sft_steps))
-    sft_params = state.params
-    _done(timings, "sft", t)
+    sft_params, _ = runs.stage("sft", lambda s, h: stages.run_sft(
+        s, sft_batches, stages.SFTConfig(num_steps=cfg.sft_steps, log_every=10), model_config=mc, hooks=h),
+        state, cfg.sft_steps)
 
-    # 3. Preference pairs: temperature-1 SFT samples, compared (K = 2) or ranked (K > 2) by simulated annotators.
+    # 3. Preference pairs: temperature-1 SFT samples, compared (K = 2) or ranked (K > 2) by simulated annotators;
+    # off-policy pairs of edited reference answers and look-alike answer-vs-refusal pairs widen the comparisons
+    # (as HH-RLHF mixes sources). The first 10% of each prompt set is held out to score the reward model.
     t = time.time()
     pref_tasks = world.prompt_set(cfg.pref_prompts, cfg.seed + 3, split="train")
-    samples = [sample_texts(sft_params, pref_tasks, jax.random.fold_in(k_pref, i), model_config=mc,
-                            max_new_tokens=cfg.max_new_tokens, temperature=1.0, chunk=cfg.eval_prompts)
-               for i in range(cfg.pref_samples)]
+    pref_batch = _prompt_batch(pref_tasks)
+    pref_sampling = dataclasses.replace(sampling, temperature=1.0)
+    samples = [sample_texts(sft_params, pref_batch["prompts"], pref_batch["prompt_mask"],
+                            jax.random.fold_in(k_pref, i), model_config=mc, sampling=pref_sampling, tokenizer=TOK,
+                            chunk=cfg.eval_prompts) for i in range(cfg.pref_samples)]
     label_rng = np.random.default_rng(cfg.seed)
     if cfg.pref_samples == 2:
-        pairs = world.label_pairs(pref_tasks, samples[0], samples[1], cfg.annotator, label_rng)
+        on_policy = world.label_pairs(pref_tasks, samples[0], samples[1], cfg.annotator, label_rng)
     else:
-        pairs = world.label_rankings(pref_tasks, [list(r) for r in zip(*samples)], cfg.annotator, label_rng,
-                                     pairs=cfg.pref_pairs)
-    # Off-policy pairs (edited reference answers: typos, wrong, truncated, verbose, refusals), labelled by the
-    # same annotators, widen the comparisons beyond what the SFT policy samples (as HH-RLHF mixes sources).
+        on_policy = world.label_rankings(pref_tasks, [list(r) for r in zip(*samples)], cfg.annotator, label_rng,
+                                         pairs=cfg.pref_pairs)
     off_tasks = world.prompt_set(cfg.synthetic_pairs, cfg.seed + 5, split="train")
     off_pairs = world.synthetic_pairs(off_tasks, cfg.annotator, label_rng)
-    on_policy = pairs
-    pairs, train_pairs, test_pairs = split_pairs(pairs, off_pairs, len(pref_tasks), len(off_tasks), label_rng)
-    # Look-alike prompts answered vs refused: training pairs only (the held-out set stays the SFT samples' and
-    # edits' comparisons).
+    pairs, train_pairs, test_pairs = world.split_pairs(on_policy, off_pairs, len(pref_tasks), len(off_tasks),
+                                                       label_rng)
     lookalikes = world.prompt_set(cfg.lookalike_pairs, cfg.seed + 6, split="train", mix={"benign": 1.0})
     lookalike_pairs = world.synthetic_pairs(lookalikes, cfg.annotator, label_rng, kinds=("correct", "refusal"))
     pairs += lookalike_pairs
-    train_pairs += [_record(p) for p in lookalike_pairs]
+    train_pairs += [world.pair_record(p) for p in lookalike_pairs]
     pref_batches = lambda recs, seed, epochs=None: Batches(  # noqa: E731
         ShuffledIterator(recs, seed=seed, num_epochs=epochs), TOK, kind="preference",
         batch_size=cfg.batch_size, buckets=(cfg.seq_len,))
-    _done(timings, "preferences", t)
+    runs.timings["preferences"] = time.time() - t
 
     # 4. Reward model: the SFT trunk plus a scalar head, Bradley-Terry on the annotated pairs.
+    state = create_train_state(with_score_head(sft_params, mc, k_rm), _optim(cfg.rm_lr, cfg.rm_steps), k_rm,
+                               total_steps=cfg.rm_steps)
+    reward_params, _ = runs.stage("reward", lambda s, h: stages.run_reward(
+        s, pref_batches(train_pairs, cfg.seed), stages.RewardConfig(num_steps=cfg.rm_steps, log_every=10),
+        model_config=mc, hooks=h), state, cfg.rm_steps)
     t = time.time()
-    rm_state = create_train_state(with_score_head(sft_params, mc, k_rm), _optim(cfg.rm_lr, cfg.rm_steps), k_rm,
-                                  total_steps=cfg.rm_steps)
-    rm_state, _ = stages.run_reward(rm_state, pref_batches(train_pairs, cfg.seed),
-                                    stages.RewardConfig(num_steps=cfg.rm_steps, log_every=10), model_config=mc,
-                                    hooks=hooks("reward", cfg.rm_steps))
-    reward_params = rm_state.params
-    rm_report = {"accuracy": _pairwise_accuracy(reward_params, pref_batches(test_pairs, 0, epochs=1), mc),
+    rm_report = {"accuracy": pairwise_accuracy(reward_params, pref_batches(test_pairs, 0, epochs=1), model_config=mc),
                  "train_pairs": len(train_pairs), "test_pairs": len(test_pairs),
                  "label_gold_agreement": world.gold_agreement(pairs),
                  "best_of_n": evaluate.best_of_n(sft_params, reward_params, jax.random.fold_in(k_eval, 7),
                                                  n=cfg.best_of_n, temperature=cfg.temperature)}
-    _done(timings, "reward", t)
-
-    # Table rows for base and SFT.
-    t = time.time()
     table = {}
-    sft_metrics, sft_gold = evaluate(sft_params, sft_params=sft_params, reward_params=reward_params, rng=k_eval)
-    base_metrics, base_gold = evaluate(base_params, sft_params=sft_params, reward_params=reward_params,
-                                       rng=k_eval, sft_gold=sft_gold)
-    table["base"], table["sft"] = base_metrics, sft_metrics
-    _done(timings, "eval", t)
-    eval_kwargs = dict(sft_params=sft_params, reward_params=reward_params, rng=k_eval, sft_gold=sft_gold)
+    table["sft"], sft_gold = evaluate(sft_params, ref_params=sft_params, reward_params=reward_params, rng=k_eval)
+    eval_kwargs = dict(ref_params=sft_params, reward_params=reward_params, rng=k_eval, baseline_gold=sft_gold)
+    table["base"], base_gold = evaluate(base_params, **eval_kwargs)
+    runs.timings["eval"] = time.time() - t
 
-    # 5. PPO from the SFT policy against the reward model, KL-penalised towards the SFT policy.
-    t = time.time()
-    ppo_cfg = stages.PPOConfig(num_steps=cfg.ppo_iterations, batch_size=cfg.ppo_batch,
-                               max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                               kl_coef=cfg.ppo_kl_coef,
-                               eos_id=TOK.eos_id, pad_id=TOK.pad_id, missing_eos_penalty=1.0,
-                               ptx_coef=cfg.ppo_ptx_coef,
-                               optim=OptimConfig(learning_rate=cfg.ppo_lr, eps=1e-5, max_grad_norm=1.0),
-                               value_optim=OptimConfig(learning_rate=1e-4, eps=1e-5, max_grad_norm=1.0))
-    ppo_state = stages.init_ppo_state(sft_params, ppo_cfg, model_config=mc, rng=k_ppo, reward_params=reward_params)
+    # 5. PPO from the SFT policy against the reward model, KL-penalised towards the SFT policy, with PPO-ptx.
+    ppo_cfg = PPOConfig(num_steps=cfg.ppo_iterations, batch_size=cfg.ppo_batch, sampling=sampling,
+                        kl_coef=cfg.ppo_kl_coef, missing_eos_penalty=1.0, ptx_coef=cfg.ppo_ptx_coef,
+                        optim=OptimConfig(learning_rate=cfg.ppo_lr, eps=1e-5, max_grad_norm=1.0),
+                        value_optim=OptimConfig(learning_rate=1e-4, eps=1e-5, max_grad_norm=1.0))
     rl_tasks = world.prompt_set(cfg.ppo_batch * 64, cfg.seed + 4, split="train")
     prompt_batches = (_prompt_batch([rl_tasks[j % len(rl_tasks)] for j in range(i * cfg.ppo_batch,
                                                                               (i + 1) * cfg.ppo_batch)])
                       for i in range(cfg.ppo_iterations))
-    curve = PPOEvalHook(evaluate, cfg.eval_every, **eval_kwargs)
-    curve.points.append({"iteration": 0, **sft_metrics})
-    ppo_hooks = hooks("ppo", cfg.ppo_iterations)
-    ppo_hooks.hooks.append(curve)
     ptx_batches = (Batches(ShuffledIterator(sft_records, seed=cfg.seed + 7), TOK, kind="sft", batch_size=16,
-                           buckets=(cfg.seq_len,), pack=True)  # PPO-ptx: the demonstrations, 16 packed rows
-                   if cfg.ppo_ptx_coef > 0 else None)
-    ppo_state, _ = stages.run_ppo(ppo_state, prompt_batches, ppo_cfg, model_config=mc, ref_params=sft_params,
-                                  reward_params=reward_params, hooks=ppo_hooks,
-                                  ptx_data=ptx_batches)
-    # The final policy's row; when the curve just evaluated it (same prompts, same rng), that evaluation is reused.
+                           buckets=(cfg.seq_len,), pack=True) if cfg.ppo_ptx_coef > 0 else None)
+    curve = PPOCurve(evaluate, cfg.eval_every, {"iteration": 0, **table["sft"]}, **eval_kwargs)
+    ppo_params, ran = runs.stage("ppo", lambda s, h: stages.run_ppo(
+        s, prompt_batches, ppo_cfg, model_config=mc, ref_params=sft_params, reward_params=reward_params,
+        ptx_data=ptx_batches, hooks=h), init_ppo_state(sft_params, ppo_cfg, model_config=mc, rng=k_ppo,
+                                                       reward_params=reward_params),
+        cfg.ppo_iterations, params_of=lambda s: s.policy.params, extra_hooks=[curve])
+    curve_file = os.path.join(cfg.out, "ppo", "curve.json")
+    if ran:
+        with open(curve_file, "w") as f:
+            json.dump(curve.points, f)
+    # The final policy's row: the curve's evaluation of it when it just ran one (same prompts, same rng).
     done = curve.last is not None and curve.last[0] == cfg.ppo_iterations
-    table["ppo"], ppo_gold = curve.last[1] if done else evaluate(ppo_state.policy.params, **eval_kwargs)
-    _done(timings, "ppo", t)
+    table["ppo"], ppo_gold = curve.last[1] if done else evaluate(ppo_params, **eval_kwargs)
+    with open(curve_file) as f:
+        curve_points = json.load(f)
 
-    # 6. DPO from the SFT policy on the same pairs (no reward model, no rollouts).
-    t = time.time()
-    dpo_train = train_pairs if cfg.dpo_pairs == "all" else on_policy_records(on_policy, len(pref_tasks))
-    dpo_state = create_train_state(sft_params, _optim(cfg.dpo_lr, cfg.dpo_steps), k_dpo, total_steps=cfg.dpo_steps)
-    dpo_state, _ = stages.run_dpo(dpo_state, pref_batches(dpo_train, cfg.seed + 1),
-                                  stages.DPOConfig(num_steps=cfg.dpo_steps, beta=cfg.dpo_beta, log_every=10,
-                                                   rpo_alpha=cfg.dpo_rpo_alpha),
-                                  model_config=mc, ref_params=sft_params, hooks=hooks("dpo", cfg.dpo_steps))
-    table["dpo"], dpo_gold = evaluate(dpo_state.params, **eval_kwargs)
-    _done(timings, "dpo", t)
+    # 6. DPO from the SFT policy on the on-policy pairs (no reward model, no rollouts).
+    dpo_train = train_pairs if cfg.dpo_pairs == "all" else world.on_policy_records(on_policy, len(pref_tasks))
+    dpo_cfg = stages.DPOConfig(num_steps=cfg.dpo_steps, beta=cfg.dpo_beta, log_every=10, rpo_alpha=cfg.dpo_rpo_alpha)
+    state = create_train_state(sft_params, _optim(cfg.dpo_lr, cfg.dpo_steps), k_dpo, total_steps=cfg.dpo_steps)
+    dpo_params, _ = runs.stage("dpo", lambda s, h: stages.run_dpo(
+        s, pref_batches(dpo_train, cfg.seed + 1), dpo_cfg, model_config=mc, ref_params=sft_params, hooks=h),
+        state, cfg.dpo_steps)
+    table["dpo"], dpo_gold = evaluate(dpo_params, **eval_kwargs)
 
-    vs_sft = {stage: world.paired_bootstrap(gold, sft_gold, seed=cfg.seed)
+    vs_sft = {stage: paired_bootstrap(gold, sft_gold, seed=cfg.seed)
               for stage, gold in (("base", base_gold), ("ppo", ppo_gold), ("dpo", dpo_gold))}
-    return _report(cfg, table, rm_report, vs_sft, curve.points, timings, time.time() - t0)
+    table = {s: table[s] for s in ("base", "sft", "ppo", "dpo")}
+    return _report(cfg, table, rm_report, vs_sft, curve_points, runs.timings, time.time() - t0)
 
 
-def _done(timings: dict, stage: str, t: float) -> None:
-    timings[stage] = time.time() - t
-    print(f"[pipeline] {stage:<12} done in {timings[stage]:6.1f} s", flush=True)
-
-
-def split_pairs(on_policy: list[dict], off_policy: list[dict], n_prompts: int, n_off_prompts: int,
-                rng: np.random.Generator) -> tuple[list[dict], list[PreferenceRecord], list[PreferenceRecord]]:
-    """(all pairs shuffled, train records, test records): the pairs of the first 10% of each prompt set are held
-    out to score the reward model. Prompt sets are i.i.d., so that is a random 10%; holding out whole prompts
-    (by each pair's "group") keeps every pair of a held-out ranking out of training."""
-    is_test = [_held_out(p, n_prompts) for p in on_policy] + [_held_out(p, n_off_prompts) for p in off_policy]
-    pairs = on_policy + off_policy
-    order = rng.permutation(len(pairs))
-    pairs, is_test = [pairs[i] for i in order], [is_test[i] for i in order]
-    records = [_record(p) for p in pairs]
-    return (pairs, [r for r, test in zip(records, is_test) if not test],
-            [r for r, test in zip(records, is_test) if test])
-
-
-def on_policy_records(on_policy: list[dict], n_prompts: int) -> list[PreferenceRecord]:
-    """The annotated SFT-sample pairs of the training prompts (not among the reward model's held-out 10%, see
-    `split_pairs`), in prompt order."""
-    return [_record(p) for p in on_policy if not _held_out(p, n_prompts)]
-
-
-def _held_out(pair: dict, n_prompts: int) -> bool:
-    """Whether a pair's prompt (its "group", an index into a prompt set of n_prompts) is among the first 10%."""
-    return pair["group"] < n_prompts // 10
-
-
-def _record(pair: dict) -> PreferenceRecord:
-    """A labelled pair dict (`rlhf_jax.tasks.label_pairs`) as a single-turn PreferenceRecord."""
-    return PreferenceRecord(prompt=({"role": "user", "content": pair["prompt"]},), chosen=pair["chosen"],
-                            rejected=pair["rejected"])
-
-
-def _pairwise_accuracy(reward_params, batches, mc) -> float:
-    score = jax.jit(lambda p, b: reward_scores(p, b, model_config=mc))
-    wins, total = 0.0, 0
-    for batch in batches:
-        real = batch["chosen"]["segment_ids"].max(axis=1) > 0
-        rc = np.asarray(score(reward_params, batch["chosen"]))  # the whole sequences, final EOS included
-        rr = np.asarray(score(reward_params, batch["rejected"]))
-        wins += float(np.sum((rc > rr)[real]))
-        total += int(real.sum())
-    return wins / max(total, 1)
+_SFT_NAMES = {"kl_to_ref": "kl_to_sft", "win_rate": "win_rate_vs_sft"}
 
 
 def plot_ppo_curve(points: list[dict], out_png: str) -> str:
@@ -496,6 +382,9 @@ def plot_ppo_curve(points: list[dict], out_png: str) -> str:
 
 
 def _report(cfg, table, rm_report, vs_sft, ppo_points, timings, seconds) -> dict:
+    # The evaluator's KL and win rate are against the SFT policy here: named so in the report.
+    table = {stage: {_SFT_NAMES.get(k, k): v for k, v in m.items()} for stage, m in table.items()}
+    ppo_points = [{_SFT_NAMES.get(k, k): v for k, v in p.items()} for p in ppo_points]
     plots = [plot_ppo_curve(ppo_points, os.path.join(cfg.out, "ppo_reward_vs_kl.png"))]
     dpo_log = os.path.join(cfg.out, "dpo", "metrics.jsonl")
     if os.path.exists(dpo_log):
@@ -540,9 +429,15 @@ def _print_table(rows, rm_report, vs_sft, seconds):
           f"{bon['gold_oracle_pick']:.3f}    total time: {seconds:.0f} s")
 
 
-def main():
-    run(tyro.cli(PipelineConfig))
+def main(argv=None) -> int:
+    cfg = parse_cli(PipelineConfig, argv)
+    try:
+        run(cfg)
+    except Stopped as e:
+        print(f"[pipeline] {e}", file=sys.stderr)
+        return 143
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -18,10 +18,12 @@ import jax.numpy as jnp
 from experiments.common import (CheckpointSpec, DataSpec, RunOptions, finish_report, init_model, load_data,
                                 make_run_mesh, run_stage, setup_error, start_run)
 from rlhf_jax.config_cli import parse_cli
+from rlhf_jax.generation import SamplingConfig
 from rlhf_jax.models import init_params
 from rlhf_jax.train import checkpoint as ckpt
 from rlhf_jax.train.optim import OptimConfig
-from rlhf_jax.train.stages import NonFiniteLossError, PPOConfig, init_ppo_state, run_ppo
+from rlhf_jax.train.ppo import PPOConfig, init_ppo_state
+from rlhf_jax.train.stages import NonFiniteLossError, run_ppo
 from rlhf_jax.train.state import with_score_head
 
 
@@ -39,8 +41,8 @@ class PPOExperiment(RunOptions):
     data: DataSpec = DataSpec(num_demo=256, seq_len=64)
     """Prompt records ({prompt | question | messages}) and the prompt length bucket; the batch size is
     ppo.batch_size."""
-    ppo: PPOConfig = PPOConfig(num_steps=10, batch_size=8, max_new_tokens=16, num_epochs=2, num_minibatches=2,
-                               optim=OptimConfig(learning_rate=1e-4, eps=1e-5))
+    ppo: PPOConfig = PPOConfig(num_steps=10, batch_size=8, sampling=SamplingConfig(max_new_tokens=16), num_epochs=2,
+                               num_minibatches=2, optim=OptimConfig(learning_rate=1e-4, eps=1e-5))
     """PPO stage (iterations, rollout size, KL, clipping, GAE, optimizer)."""
     checkpoint: CheckpointSpec = CheckpointSpec(save_every=5)
     """Checkpoint schedule and logging outputs."""
@@ -53,8 +55,9 @@ def main(argv=None) -> int:
         out = start_run(cfg, cfg.out)
         data, tok = load_data(cfg.data, "prompt", seed=cfg.seed, batch_size=cfg.ppo.batch_size)
         ppo_cfg = cfg.ppo
-        if (tok.eos_id, tok.pad_id) != (ppo_cfg.eos_id, ppo_cfg.pad_id):
-            ppo_cfg = dataclasses.replace(ppo_cfg, eos_id=tok.eos_id, pad_id=tok.pad_id)
+        if (tok.eos_id, tok.pad_id) != (ppo_cfg.sampling.eos_id, ppo_cfg.sampling.pad_id):
+            ppo_cfg = dataclasses.replace(ppo_cfg, sampling=dataclasses.replace(
+                ppo_cfg.sampling, eos_id=tok.eos_id, pad_id=tok.pad_id))
         k_policy, k_reward, k_head, k_state = jax.random.split(jax.random.key(cfg.seed), 4)
         mc, policy = init_model(cfg.preset, cfg.model, k_policy, init=cfg.policy_init)
         if cfg.reward_init is None:  # a fresh reward model of the policy's architecture

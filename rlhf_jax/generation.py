@@ -14,6 +14,7 @@ the unscaled distribution (temperature 1, no filtering) are returned instead.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import flax
@@ -23,6 +24,41 @@ from jax import lax
 
 from rlhf_jax.models.config import ModelConfig
 from rlhf_jax.models.transformer import KVCache, decode_params, forward_cached, init_cache, prefill, split_layers
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SamplingConfig:
+    """How responses are sampled: one config for RL rollouts, evaluation and the generate command."""
+
+    max_new_tokens: int = 53
+    """Response budget N in tokens (TRL's TL;DR PPO default 53)."""
+    temperature: float = 0.7
+    """Sampling temperature (0: greedy). RL losses divide the training logits by it too (Huang et al.)."""
+    top_k: int = 0
+    """Keep the k most likely tokens (0: off)."""
+    top_p: float = 1.0
+    """Nucleus sampling mass (1: off)."""
+    eos_id: int = 258
+    """End-of-sequence id (ByteTokenizer's); a response stops after it. Must differ from pad_id."""
+    pad_id: int = 256
+    """Padding id of prompts and of response tokens after EOS."""
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"SamplingConfig.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"SamplingConfig.temperature must be >= 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"SamplingConfig.top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"SamplingConfig.top_k must be >= 0, got {self.top_k}")
+        if self.eos_id == self.pad_id:
+            raise ValueError("SamplingConfig: eos_id and pad_id must differ (Huang et al.: a shared id hides EOS)")
+
+    def sample_kwargs(self) -> dict:
+        """The keyword arguments of `sample`."""
+        return dict(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_k=self.top_k,
+                    top_p=self.top_p, eos_id=self.eos_id, pad_id=self.pad_id)
 
 
 @flax.struct.dataclass

@@ -27,7 +27,7 @@ def _read_scalars(path):
     return out
 
 
-class _StopAfter:
+class _StopAfter(mlog.StageHooks):
     def __init__(self, n):
         self.n, self.seen = n, []
 

@@ -13,7 +13,8 @@ from rlhf_jax.losses._sft import sft_loss_from_hidden
 from rlhf_jax.models import (forward, forward_cached, forward_hidden, init_cache, init_params,
                              scalar_forward)
 from rlhf_jax.models.transformer import KVCache, attention_impl, decode_params, lm_head_kernel, prefill, scan_unroll
-from rlhf_jax.train.ppo import response_logits, response_values, sequence_positions
+from rlhf_jax.models.sequences import last_index, logits_at, response_index, sequence_positions, sequence_scores
+from rlhf_jax.models.sequences import values_at
 
 from _tiny_models import CONFIGS, GPT, LLAMA, _tokens, params  # noqa: F401 (params is a fixture)
 
@@ -94,15 +95,22 @@ def test_response_only_heads_equal_sliced_full(params, name):
     mask = jnp.array([[0, 1, 1, 1] + [1] * N, [1, 1, 1, 1] + [1, 1, 1, 0, 0]], jnp.int32)
     kw = dict(positions=sequence_positions(mask), segment_ids=mask)
     full = forward(p, tokens, config=cfg, **kw)[:, P - 1:-1] / 0.7
-    got = response_logits(p, tokens, mask, model_config=cfg, num_new=N, temperature=0.7)
+    got = logits_at(p, tokens, mask, response_index(P, N), model_config=cfg) / 0.7
     # Rows are rotated to one right-padded example (sequence-length attention): outputs that predict a padding
     # token are unspecified, every other one must equal the dense segment-mask forward.
     real = np.asarray(mask[:, P:], bool)
     assert real.sum() == 8
     np.testing.assert_allclose(np.asarray(got)[real], np.asarray(full)[real], atol=1e-5)
-    values = scalar_forward(p, tokens, config=cfg, **kw)[:, P - 1:-1]
-    got_v = response_values(p, tokens, mask, model_config=cfg, num_new=N)
-    np.testing.assert_allclose(np.asarray(got_v)[real], np.asarray(values)[real], atol=1e-5)
+    values = scalar_forward(p, tokens, config=cfg, **kw)
+    got_v = values_at(p, tokens, mask, response_index(P, N), model_config=cfg)
+    np.testing.assert_allclose(np.asarray(got_v)[real], np.asarray(values[:, P - 1:-1])[real], atol=1e-5)
+    # A score at each row's last real token (left- or right-padded rows alike) is the dense forward's there.
+    with_head = {**p, "score_head": {"kernel": jnp.ones((cfg.d_model, 1)) / cfg.d_model, "bias": jnp.zeros((1,))}}
+    dense = scalar_forward(with_head, tokens, config=cfg, **kw)
+    last = np.asarray(last_index(mask))
+    assert list(last) == [P + N - 1, P + 2]
+    np.testing.assert_allclose(sequence_scores(with_head, tokens, mask, model_config=cfg),
+                               np.asarray(dense)[np.arange(2), last], atol=1e-5)
 
 
 def _np_logsoftmax(z):

@@ -1,11 +1,13 @@
-"""The main job's --quick path end to end: every stage runs and the report has the contracted keys and shapes."""
+"""The main job's --quick path end to end (every stage runs, the report has the contracted keys and shapes, every
+stage's final params are saved, --resume reloads them), and the world's pair helpers it uses."""
 import json
 import math
 
 import numpy as np
 
-from experiments.pipeline import PipelineConfig, run, split_pairs
+from experiments.pipeline import PipelineConfig, run
 from rlhf_jax import tasks as world
+from rlhf_jax.tasks import on_policy_records, split_pairs
 
 STAGE_KEYS = {"gold_reward", "gold_greedy", "kl_to_sft", "mean_length", "refusal_rate", "over_refusal_rate",
               "win_rate_vs_sft"}
@@ -41,6 +43,13 @@ def test_quick_pipeline_writes_report(tmp_path):
         assert lines and "step" in json.loads(lines[-1])
     ppo_last = json.loads((tmp_path / "ppo" / "metrics.jsonl").read_text().splitlines()[-1])
     assert ppo_last["loss/ptx"] > 0.0  # PPO-ptx on the demonstrations is on by default
+    for stage in ("pretrain", "sft", "reward", "ppo", "dpo"):
+        assert (tmp_path / stage / "final" / "model_config.json").exists(), stage
+    # --resume on a finished run reloads every stage's final params and rebuilds the same report.
+    again = run(PipelineConfig(quick=True, out=str(tmp_path), resume=True))
+    for stage in ("base", "sft", "ppo", "dpo"):
+        assert again[stage] == report[stage], stage
+    assert again["reward_model"] == report["reward_model"] and again["ppo_curve"] == report["ppo_curve"]
 
 
 def test_split_pairs_holds_out_whole_prompts():
@@ -68,29 +77,37 @@ def test_evaluator_sampled_gold_is_the_mean_over_samples():
     """At temperature 0 every sample is the greedy answer: gold_reward must equal gold_greedy; at temperature 1
     the per-prompt gold is the mean over the samples (recomputed here from the same draws)."""
     import jax
-    from experiments.pipeline import TOK, Evaluator
+    from rlhf_jax.data import collate_prompts
+    from rlhf_jax.eval import PolicyEvaluator
+    from rlhf_jax.generation import SamplingConfig
     from rlhf_jax.models import ModelConfig, init_params
-    mc = ModelConfig(vocab_size=TOK.vocab_size, d_model=32, num_layers=1, num_heads=2, mlp_dim=64, max_seq_len=128)
+    from rlhf_jax.tokenizer import ByteTokenizer, encode_prompt
+    tok = ByteTokenizer()
+    mc = ModelConfig(vocab_size=tok.vocab_size, d_model=32, num_layers=1, num_heads=2, mlp_dim=64, max_seq_len=128)
     params = init_params(mc, jax.random.PRNGKey(0))
     tasks = world.prompt_set(16, 0, split="eval")
+    batch = collate_prompts([encode_prompt(tok, world.messages_for(t)) for t in tasks], buckets=(64,),
+                            pad_id=tok.pad_id)
     rng = jax.random.PRNGKey(1)
-    m, gold = Evaluator(tasks, mc, 8, temperature=0.0, samples=2)(params, sft_params=params, reward_params=None,
-                                                                  rng=rng)
+
+    def evaluator(temperature, samples):
+        return PolicyEvaluator(batch["prompts"], batch["prompt_mask"], model_config=mc, tokenizer=tok,
+                               sampling=SamplingConfig(max_new_tokens=8, temperature=temperature),
+                               gold_fn=lambda texts: world.gold_rewards(tasks, texts), samples=samples)
+
+    m, gold = evaluator(0.0, 2)(params, ref_params=params, rng=rng)
     assert m["gold_reward"] == m["gold_greedy"] and gold.shape == (16,)
-    ev = Evaluator(tasks, mc, 8, temperature=1.0, samples=3)
-    m, gold = ev(params, sft_params=params, reward_params=None, rng=rng)
-    draws = [world.gold_rewards(tasks, ev._texts(ev.generate(params, jax.random.fold_in(rng, 2 + i), 1.0)))
+    ev = evaluator(1.0, 3)
+    m, gold = ev(params, ref_params=params, rng=rng)
+    draws = [world.gold_rewards(tasks, ev.texts(ev.generate(params, jax.random.fold_in(rng, 2 + i), 1.0)))
              for i in range(3)]
     np.testing.assert_allclose(gold, np.mean(draws, axis=0))
-    assert m["gold_reward"] == np.mean(gold) and m["kl_to_sft"] == 0.0
+    assert m["gold_reward"] == np.mean(gold) and m["kl_to_ref"] == 0.0 and np.isnan(m["rm_score"])
 
 
 def test_on_policy_records_are_the_training_prompts_pairs():
     """DPO's pairs: the annotated on-policy pairs of the training prompts, in order; the reward model's held-out
     10% of prompts are left out."""
-    import numpy as np
-    from rlhf_jax import tasks as world
-    from experiments.pipeline import on_policy_records
     tasks = world.prompt_set(20, 0, split="train")
     answers = [[t.answer, t.answer + " x", "no", "I can't help with that."] for t in tasks]
     pairs = world.label_rankings(tasks, answers, "careful", np.random.default_rng(0), pairs="best-worst")

@@ -230,22 +230,25 @@ def test_dpo_step_sharded_equals_one_device():
 
 
 def test_ppo_update_sharded_equals_one_device():
-    from rlhf_jax.train.ppo import Rollout, ppo_update
-    from rlhf_jax.train.stages import PPOConfig
+    from rlhf_jax.generation import SamplingConfig
+    from rlhf_jax.train.ppo import PPOConfig, Rollout, ppo_update
+    from rlhf_jax.train.rl import Episodes
 
     cfg = ModelConfig.preset("tiny-llama")
-    pcfg = PPOConfig(batch_size=B, max_new_tokens=4, num_epochs=1, num_minibatches=2, kl_target=6.0)
+    pcfg = PPOConfig(batch_size=B, sampling=SamplingConfig(max_new_tokens=4), num_epochs=1, num_minibatches=2,
+                     kl_target=6.0)
     Pn, N = 4, 4
     rng = np.random.default_rng(3)
     prompt_mask = (np.arange(Pn)[None] >= rng.integers(0, 3, B)[:, None]).astype(np.int32)    # left padded
     response_mask = (np.arange(N)[None] < rng.integers(1, N + 1, B)[:, None]).astype(np.int32)
-    data = Rollout(tokens=rng.integers(0, 256, (B, Pn + N)).astype(np.int32),
-                   attention_mask=np.concatenate([prompt_mask, response_mask], 1),
-                   response_mask=response_mask,
+    tokens = rng.integers(0, 260, (B, Pn + N)).astype(np.int32)          # 258 = EOS ends some responses
+    episodes = Episodes(tokens=tokens, mask=np.concatenate([prompt_mask, response_mask], 1),
+                        response_mask=response_mask, sampler_logprobs=np.zeros((B, N), np.float32))
+    data = Rollout(episodes=episodes,
                    logprobs=(-rng.random((B, N)) * 3 * response_mask).astype(np.float32),
                    ref_logprobs=(-rng.random((B, N)) * 3 * response_mask).astype(np.float32),
                    values=(rng.normal(size=(B, N)) * response_mask).astype(np.float32),
-                   scores=rng.normal(size=B).astype(np.float32), ends_with_eos=rng.random(B) > 0.5)
+                   scores=rng.normal(size=B).astype(np.float32))
 
     def make_state():
         return PPOState(policy=_sft_state(cfg), value=_sft_state(cfg, seed=1, scalar_head=True),

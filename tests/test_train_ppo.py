@@ -4,11 +4,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlhf_jax.generation import sample
+from rlhf_jax.generation import SamplingConfig, sample
 from rlhf_jax.losses import adaptive_kl_update
 from rlhf_jax.models import ModelConfig, init_params, scalar_forward
-from rlhf_jax.train import (OptimConfig, PPOConfig, init_ppo_state, normalize_score_head, rollout, run_ppo,
-                            with_score_head)
+from rlhf_jax.train import (OptimConfig, PPOConfig, PPOState, create_train_state, init_ppo_state,
+                            normalize_score_head, rollout, run_ppo, with_score_head)
 
 CFG = ModelConfig.preset("tiny", d_model=32, num_layers=1, num_heads=2, mlp_dim=64, max_seq_len=64)
 EOS, PAD = 258, 256
@@ -30,6 +30,17 @@ def prompts(B=8, P=5, seed=0):
     return toks, mask
 
 
+def _sampling(N, temperature):
+    return SamplingConfig(max_new_tokens=N, temperature=temperature, eos_id=EOS, pad_id=PAD)
+
+
+def _state(policy, value):
+    """A PPOState holding `policy` and `value` (what `rollout` reads of a state)."""
+    opt = OptimConfig(learning_rate=1e-3)
+    return PPOState(policy=create_train_state(policy, opt, 0), value=create_train_state(value, opt, 1),
+                    kl_coef=jnp.float32(0.05), rng=jax.random.PRNGKey(0), step=jnp.zeros((), jnp.int32))
+
+
 def eos_biased(params, logit_boost=3.0):
     """Raise the EOS logit by about `logit_boost` everywhere (final LayerNorm bias along the EOS embedding)."""
     e = params["embed"]["embedding"][EOS]
@@ -40,35 +51,37 @@ def eos_biased(params, logit_boost=3.0):
 def test_rollout(params):
     policy = eos_biased(params)
     reward = with_score_head(params, CFG, 3)
-    config = PPOConfig(batch_size=8, max_new_tokens=6, temperature=0.7, value_init="policy")
+    config = PPOConfig(batch_size=8, sampling=_sampling(6, 0.7), value_init="policy")
     toks, mask = prompts()
     rng = jax.random.PRNGKey(5)
     run = jax.jit(rollout, static_argnames=("config", "model_config", "reward_fn"))
-    r = run(policy, policy, reward, with_score_head(policy, CFG, 4), toks, mask, rng, config=config,
+    r = run(_state(policy, with_score_head(policy, CFG, 4)), toks, mask, rng, policy, reward, config=config,
             model_config=CFG)
+    ep = r.episodes
     B, P, N = 8, 5, 6
-    assert r.tokens.shape == (B, P + N) and r.logprobs.shape == (B, N) and r.scores.shape == (B,)
-    np.testing.assert_array_equal(r.tokens[:, :P], toks)
-    resp, rmask = np.asarray(r.tokens[:, P:]), np.asarray(r.response_mask)
+    assert ep.tokens.shape == (B, P + N) and r.logprobs.shape == (B, N) and r.scores.shape == (B,)
+    np.testing.assert_array_equal(ep.tokens[:, :P], toks)
+    resp, rmask = np.asarray(ep.tokens[:, P:]), np.asarray(ep.response_mask)
     lengths = rmask.sum(1)
-    ends = np.asarray(r.ends_with_eos)
+    ends = np.asarray(ep.ends_with_eos(EOS))
     assert 0 < ends.sum() < B, "test needs rows with and without EOS"
     for b in range(B):
         n = lengths[b]
         np.testing.assert_array_equal(rmask[b], np.arange(N) < n)          # contiguous from t = 0
         assert (resp[b, n:] == PAD).all()
         assert ends[b] == (resp[b, n - 1] == EOS) and (EOS not in resp[b, :n - 1])
-    np.testing.assert_array_equal(r.attention_mask, np.concatenate([mask, rmask], 1))
+    np.testing.assert_array_equal(ep.mask, np.concatenate([mask, rmask], 1))
     # Same rng -> same tokens as `sample`; the recomputed forward logprobs match the sampler's (temperature 0.7).
     s = sample(policy, toks, mask, rng, config=CFG, max_new_tokens=N, temperature=0.7, eos_id=EOS, pad_id=PAD)
-    np.testing.assert_array_equal(s.tokens, r.tokens)
+    np.testing.assert_array_equal(s.tokens, ep.tokens)
     np.testing.assert_allclose(r.logprobs, s.logprobs, atol=2e-5)
+    np.testing.assert_array_equal(ep.sampler_logprobs, s.logprobs)
     # Reference == policy: identical logprobs, so the KL penalty starts at 0.
     np.testing.assert_allclose(r.ref_logprobs, r.logprobs, atol=1e-6)
     # Scores: the reward head at the last real token (EOS included), positions counted from the first real token.
     full_mask = np.concatenate([mask, rmask], 1)
     pos = np.maximum(np.cumsum(full_mask, 1) - 1, 0)
-    v = np.asarray(scalar_forward(reward, r.tokens, config=CFG, positions=pos, segment_ids=full_mask))
+    v = np.asarray(scalar_forward(reward, ep.tokens, config=CFG, positions=pos, segment_ids=full_mask))
     np.testing.assert_allclose(r.scores, v[np.arange(B), P + lengths - 1], rtol=1e-5, atol=1e-6)
     assert np.all(np.asarray(r.values)[rmask == 0] == 0)
 
@@ -89,8 +102,8 @@ def test_init_ppo_state_value_init(params):
 
 def test_run_ppo_learns_toy_reward(params):
     """One epoch, one minibatch: the update starts at the rollout params, so ratio == 1 and clipfrac == 0."""
-    config = PPOConfig(num_steps=25, batch_size=8, num_epochs=1, num_minibatches=1, max_new_tokens=6,
-                       temperature=1.0, kl_coef=0.01, kl_target=0.5, kl_horizon=100.0, value_init="policy",
+    config = PPOConfig(num_steps=25, batch_size=8, num_epochs=1, num_minibatches=1, sampling=_sampling(6, 1.0),
+                       kl_coef=0.01, kl_target=0.5, kl_horizon=100.0, value_init="policy",
                        missing_eos_penalty=None, optim=OptimConfig(learning_rate=1e-2), log_every=1)
     state = init_ppo_state(params, config, model_config=CFG, rng=1)
 
@@ -131,8 +144,8 @@ def test_ppo_ptx_mixes_the_pretraining_nll(params):
     toks, mask = prompts()
 
     def run(ptx_coef):
-        config = PPOConfig(num_steps=1, batch_size=8, num_epochs=1, num_minibatches=1, max_new_tokens=4,
-                           temperature=1.0, value_init="policy", ptx_coef=ptx_coef,
+        config = PPOConfig(num_steps=1, batch_size=8, num_epochs=1, num_minibatches=1, sampling=_sampling(4, 1.0),
+                           value_init="policy", ptx_coef=ptx_coef,
                            optim=OptimConfig(learning_rate=1e-2), log_every=1)
         state = init_ppo_state(params, config, model_config=CFG, rng=1)
         data = iter([{"prompts": toks, "prompt_mask": mask}])
@@ -154,10 +167,10 @@ def test_normalize_score_head_rescales_rollout_scores(params):
     score goes through the same affine map, computed here in numpy from the old scores."""
     reward = with_score_head(params, CFG, 3)
     reward = {**reward, "score_head": {**reward["score_head"], "bias": reward["score_head"]["bias"] + 2.5}}
-    config = PPOConfig(batch_size=8, max_new_tokens=6, temperature=1.0, value_init="policy")
+    config = PPOConfig(batch_size=8, sampling=_sampling(6, 1.0), value_init="policy")
     run = jax.jit(rollout, static_argnames=("config", "model_config", "reward_fn"))
     scores_of = lambda reward, seed: np.asarray(run(  # noqa: E731
-        params, params, reward, reward, *prompts(seed=seed), jax.random.PRNGKey(seed), config=config,
+        _state(params, reward), *prompts(seed=seed), jax.random.PRNGKey(seed), params, reward, config=config,
         model_config=CFG).scores, np.float64)
     fit, other = scores_of(reward, 0), scores_of(reward, 1)
     assert abs(fit.mean()) > 1.0 and abs(fit.std() - 1.0) > 0.1, "test needs scores away from mean 0, std 1"

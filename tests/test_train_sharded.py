@@ -21,6 +21,7 @@ import pytest
 
 from _multihost_worker import make_sft_batches
 from rlhf_jax import sharding as S
+from rlhf_jax.generation import SamplingConfig
 from rlhf_jax.models import ModelConfig, init_params
 from rlhf_jax.train import stages
 from rlhf_jax.train.optim import OptimConfig
@@ -148,7 +149,8 @@ def test_run_ppo_on_mesh_equals_one_device():
     mask = (np.arange(P)[None] >= rng.integers(0, 3, B)[:, None]).astype(np.int32)               # left padded
     prompts = np.where(mask > 0, rng.integers(0, 256, (B, P)), 256).astype(np.int32)
     data = [{"prompts": prompts, "prompt_mask": mask, "meta": [{}] * B}]
-    config = stages.PPOConfig(batch_size=B, max_new_tokens=N, num_epochs=1, num_minibatches=2, num_steps=1,
+    config = stages.PPOConfig(batch_size=B, sampling=SamplingConfig(max_new_tokens=N), num_epochs=1,
+                              num_minibatches=2, num_steps=1,
                               kl_target=6.0, optim=OPTIM)
     policy, reward = _params(0), _params(1, True)
 

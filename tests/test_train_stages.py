@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from rlhf_jax.models import ModelConfig, init_params
-from rlhf_jax.train import (DPOConfig, NonFiniteLossError, OptimConfig, RewardConfig, SFTConfig, create_train_state,
+from rlhf_jax.train import (DPOConfig, NonFiniteLossError, OptimConfig, RewardConfig, SFTConfig, StageHooks,
+                            create_train_state,
                             run_dpo, run_loop, run_reward, run_sft, with_score_head)
 
 CFG = ModelConfig.preset("tiny", d_model=32, num_layers=1, num_heads=2, mlp_dim=64, max_seq_len=64)
@@ -22,7 +23,7 @@ def count_step(state, batch):
     return Counter(step=state.step + 1), {"loss": jnp.asarray(batch["x"], jnp.float32), "s": state.step + 1.0}
 
 
-class Recorder:
+class Recorder(StageHooks):
     def __init__(self, stop_after=None):
         self.steps, self.metrics, self.states, self.final = [], [], [], None
         self.stop_after = stop_after

@@ -5,8 +5,14 @@ import pytest
 
 from rlhf_jax.losses import sft_loss
 from rlhf_jax.models import ModelConfig, forward, init_params, scalar_forward
+from rlhf_jax.models.sequences import sequence_scores
 from rlhf_jax.train import (OptimConfig, create_train_state, make_dpo_step, make_reward_step, make_sft_step,
-                            reference_logps, reward_scores, with_score_head)
+                            pair_scores, reference_logps, with_score_head)
+
+
+def reward_scores(params, side, *, model_config):
+    """Scores of one side of a preference batch: the chosen half of `pair_scores` (what training computes)."""
+    return pair_scores(params, {"chosen": side, "rejected": side}, model_config=model_config)[0]
 
 CFG = ModelConfig.preset("tiny", d_model=32, num_layers=1, num_heads=2, mlp_dim=64, max_seq_len=64)
 
@@ -110,12 +116,11 @@ def test_reward_training_and_rollout_scoring_read_the_same_tokens(params):
     from rlhf_jax.data import PreferenceRecord, collate_preference, collate_prompts
     from rlhf_jax.data.batching import tokenize_preference
     from rlhf_jax.tokenizer import ByteTokenizer, encode_prompt
-    from rlhf_jax.train.ppo import sequence_positions
     tok, rparams = ByteTokenizer(), with_score_head(params, CFG, 1)
     convs = [("add 2 3", "5", "6"), ("reverse frog", "gorf", "I can't help with that.")]
     recs = [PreferenceRecord(prompt=({"role": "user", "content": p},), chosen=c, rejected=r) for p, c, r in convs]
     batch = collate_preference([tokenize_preference(tok, r) for r in recs], buckets=(62,), pad_id=tok.pad_id)
-    trained = np.concatenate([reward_scores(rparams, batch[side], model_config=CFG) for side in ("chosen", "rejected")])
+    trained = np.concatenate(pair_scores(rparams, batch, model_config=CFG))
     prompts = collate_prompts([encode_prompt(tok, r.prompt) for r in recs] * 2, buckets=(40,), pad_id=tok.pad_id)
     replies = [c for _, c, _ in convs] + [r for _, _, r in convs]
     N = 24
@@ -125,9 +130,9 @@ def test_reward_training_and_rollout_scoring_read_the_same_tokens(params):
         ids = tok.encode(text) + [tok.eos_id]
         resp[i, :len(ids)], resp_mask[i, :len(ids)] = ids, 1
     mask = np.concatenate([prompts["prompt_mask"], resp_mask], axis=1)
-    rollout = {"inputs": np.concatenate([prompts["prompts"], resp], axis=1),
-               "positions": sequence_positions(mask), "segment_ids": mask}
-    np.testing.assert_allclose(reward_scores(rparams, rollout, model_config=CFG), trained, rtol=1e-5, atol=1e-6)
+    tokens = np.concatenate([prompts["prompts"], resp], axis=1)
+    np.testing.assert_allclose(sequence_scores(rparams, tokens, mask, model_config=CFG), trained, rtol=1e-5,
+                               atol=1e-6)
 
 
 def test_reward_step_learns(params):

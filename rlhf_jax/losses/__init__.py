@@ -6,7 +6,6 @@ from rlhf_jax.losses._dpo import dpo_loss
 from rlhf_jax.losses._kl import (
     KL_ESTIMATORS,
     AdaptiveKLController,
-    FixedKLController,
     adaptive_kl_update,
     kl_penalty,
     shape_rewards,
@@ -29,7 +28,6 @@ __all__ = [
     "token_logprobs_and_argmax_from_hidden",
     "AdaptiveKLController",
     "DPO_LOSS_TYPES",
-    "FixedKLController",
     "KL_ESTIMATORS",
     "adaptive_kl_update",
     "bradley_terry_loss",

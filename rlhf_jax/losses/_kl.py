@@ -82,23 +82,6 @@ class AdaptiveKLController:
         return adaptive_kl_update(coef, observed_kl, n_steps, target=self.target, horizon=self.horizon)
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class FixedKLController:
-    """A constant KL coefficient with the same interface as ``AdaptiveKLController``."""
-
-    init_coef: float = 0.05
-    """The coefficient ``beta`` (TRL's default ``kl_coef`` for PPO)."""
-
-    def initial_coef(self):
-        """The coefficient as a float32 scalar array."""
-        return jnp.asarray(self.init_coef, jnp.float32)
-
-    def update(self, coef, observed_kl, n_steps):
-        """Returns ``coef`` unchanged (as float32)."""
-        del observed_kl, n_steps
-        return jnp.asarray(coef, jnp.float32)
-
-
 def shape_rewards(scores, logprobs, ref_logprobs, response_mask, *, kl_coef, kl_estimator: str = "k1",
                   missing_eos_penalty=None, ends_with_eos=None):
     """Per-token PPO rewards: KL penalty on every response token plus the score at the last one.

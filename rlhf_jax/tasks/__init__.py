@@ -5,6 +5,7 @@ from rlhf_jax.tasks.annotators import (
 from rlhf_jax.tasks.corpus import (
     DEFAULT_MIX, KINDS, SKILL_MIX, messages_for, perturb, prompt_set, sft_demos, synthetic_candidates, web_corpus)
 from rlhf_jax.tasks.metrics import compute_metrics, gold_agreement, paired_bootstrap, win_rate
+from rlhf_jax.tasks.pairs import held_out, on_policy_records, pair_record, split_pairs
 from rlhf_jax.tasks.world import (
     FAMILIES, REFUSAL, SAFETY_FAMILIES, Task, WorldConfig, answer_credit, char_credit, extract_answer, gold_reward,
     gold_rewards, is_refusal, eval_keys, family_keys, length_penalty, make_task, make_tasks, task_split, word_recall)
@@ -15,6 +16,7 @@ __all__ = [
     "DEFAULT_MIX", "KINDS", "SKILL_MIX", "messages_for", "perturb", "prompt_set", "sft_demos",
     "synthetic_candidates", "web_corpus",
     "compute_metrics", "gold_agreement", "paired_bootstrap", "win_rate",
+    "held_out", "on_policy_records", "pair_record", "split_pairs",
     "FAMILIES", "REFUSAL", "SAFETY_FAMILIES", "Task", "WorldConfig", "answer_credit", "char_credit",
     "extract_answer", "gold_reward", "gold_rewards", "is_refusal", "eval_keys", "family_keys", "length_penalty",
     "make_task", "make_tasks",

@@ -9,6 +9,8 @@
                        rate, Dubois et al. 2023, but judged by the gold reward instead of a model)
     paired_bootstrap   mean(gold_a - gold_b) over the same prompts with a percentile bootstrap interval (Efron &
                        Tibshirani 1993), resampling prompts: is a stage's gain over SFT more than evaluation noise?
+
+The last two are generic and live in `rlhf_jax.eval`; they are re-exported here.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from rlhf_jax.eval import paired_bootstrap, win_rate  # noqa: F401  (re-exported)
 from rlhf_jax.tasks.world import Task, WorldConfig, gold_rewards, is_refusal
 
 
@@ -37,14 +40,6 @@ def compute_metrics(tasks: list[Task], responses: list[str], config: WorldConfig
     return out
 
 
-def win_rate(gold_a: Any, gold_b: Any) -> float:
-    """Fraction of prompts where a beats b on gold reward, ties counting one half. Inputs: [B] each."""
-    a, b = np.asarray(gold_a, dtype=np.float64), np.asarray(gold_b, dtype=np.float64)
-    if a.shape != b.shape or a.ndim != 1 or a.size == 0:
-        raise ValueError(f"win_rate needs two non-empty [B] arrays of equal shape, got {a.shape} and {b.shape}")
-    return float(np.mean((a > b) + 0.5 * (a == b)))
-
-
 def gold_agreement(pairs: list[dict[str, Any]]) -> float:
     """Fraction of labelled pairs (from `label_pairs`) whose chosen response has the higher gold reward, among
     pairs whose gold rewards differ: how well a labeller, or a reward model's labels, track the gold reward."""
@@ -52,24 +47,3 @@ def gold_agreement(pairs: list[dict[str, Any]]) -> float:
     if not decisive:
         return float("nan")
     return float(np.mean([p["gold_chosen"] > p["gold_rejected"] for p in decisive]))
-
-
-def paired_bootstrap(gold_a: Any, gold_b: Any, *, num_samples: int = 2000, level: float = 0.95,
-                     seed: int = 0) -> dict[str, float]:
-    """Mean paired difference mean(a - b) and its percentile bootstrap interval over prompts.
-
-    Both arrays hold per-prompt rewards on the same prompts, [B] each; each bootstrap replicate resamples B prompts
-    with replacement. Returns {"delta", "low", "high", "level"}; an interval that excludes 0 means the difference
-    is larger than what resampling the evaluation prompts produces.
-    """
-    a, b = np.asarray(gold_a, dtype=np.float64), np.asarray(gold_b, dtype=np.float64)
-    if a.shape != b.shape or a.ndim != 1 or a.size == 0:
-        raise ValueError(f"paired_bootstrap needs two non-empty [B] arrays of equal shape, got {a.shape} and {b.shape}")
-    if not 0.0 < level < 1.0:
-        raise ValueError(f"level must be in (0, 1), got {level}")
-    diff = a - b
-    idx = np.random.default_rng(seed).integers(0, diff.size, size=(num_samples, diff.size))
-    means = diff[idx].mean(axis=1)
-    alpha = (1.0 - level) / 2.0
-    return {"delta": float(diff.mean()), "low": float(np.quantile(means, alpha)),
-            "high": float(np.quantile(means, 1.0 - alpha)), "level": level}

@@ -1,14 +1,14 @@
-"""Training: immutable states, optimizers, pure jitted steps, PPO rollout/update, and the four stages."""
+"""Training: immutable states, optimizers, pure jitted steps, the RL core and PPO, and the stages."""
 from rlhf_jax.train.optim import OptimConfig, decay_mask, make_optimizer, make_schedule, optimizer_updates
-from rlhf_jax.train.ppo import Rollout, ppo_step, ppo_update, rollout
+from rlhf_jax.train.rl import (Episodes, HostRewardFn, RewardFn, decode_responses, episode_logprobs, episode_values,
+                               epochs_minibatches, host_scores, reward_model_scores, sample_episodes)
+from rlhf_jax.train.ppo import (PPOConfig, Rollout, init_ppo_state, ppo_sample, ppo_step, ppo_update,
+                                ppo_update_scored, rollout, score_rollout)
 from rlhf_jax.train.stages import (
     DPOConfig,
     NonFiniteLossError,
-    PPOConfig,
     RewardConfig,
     SFTConfig,
-    StageHooks,
-    init_ppo_state,
     run_dpo,
     run_loop,
     run_ppo,
@@ -19,21 +19,21 @@ from rlhf_jax.train.state import PPOState, TrainState, create_train_state, norma
 from rlhf_jax.train.steps import (
     compile_step,
     dpo_step,
-    full_sequences,
-    last_token_index,
     make_dpo_step,
     make_reward_step,
     make_sft_step,
+    pair_scores,
     reference_logps,
     reward_eval,
-    reward_scores,
     reward_step,
     sequence_logps,
     sft_eval,
+    sft_nll,
     sft_step,
 )
 
 from rlhf_jax.train.checkpoint import (CheckpointHook, GracefulExit, load_params, make_checkpoint_manager,
                                        restore_latest, save_params, stage_checkpoint_dir)
-from rlhf_jax.train.logging import Hooks, JsonlHook, ProgressHook, TensorBoardHook, make_stage_hooks, read_jsonl
+from rlhf_jax.train.logging import (Hooks, JsonlHook, ProgressHook, StageHooks, TensorBoardHook, make_stage_hooks,
+                                    read_jsonl)
 from rlhf_jax.train.report import plot_curves, plot_xy, write_report

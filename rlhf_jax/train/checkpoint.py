@@ -26,6 +26,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from rlhf_jax.train.logging import StageHooks
+
 log = logging.getLogger(__name__)
 
 _STATE, _EXTRA = "state", "extra"
@@ -208,7 +210,7 @@ class GracefulExit:
         self._previous.clear()
 
 
-class CheckpointHook:
+class CheckpointHook(StageHooks):
     """Hook saving every `save_every` steps, on a stop request, and at the end.
 
     Implements the stage hooks protocol (`on_step(step, metrics)`, `should_stop()`) plus `on_state(step, state)`,

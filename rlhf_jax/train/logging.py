@@ -31,7 +31,31 @@ def _floats(metrics: dict) -> dict[str, float | None]:
     return out
 
 
-class JsonlHook:
+class StageHooks:
+    """What a stage loop calls, each a no-op here: subclass and override what a hook needs.
+
+    `on_step(step, metrics)` every log period with the window's mean metrics; `should_stop()` before each step;
+    `on_state(step, state)` after every step (the only moment the state is visible: a checkpoint hook saves
+    there); `finalize(step, state)` once at the end; `close()` when the run is over.
+    """
+
+    def on_step(self, step: int, metrics: dict) -> None:
+        pass
+
+    def should_stop(self) -> bool:
+        return False
+
+    def on_state(self, step: int, state: Any) -> None:
+        pass
+
+    def finalize(self, step: int, state: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class JsonlHook(StageHooks):
     """Append `{"step", "time", **metrics}` to `path` every `every` steps (line-buffered, flushed each write)."""
 
     def __init__(self, path: str | os.PathLike, *, every: int = 1, append: bool = True):
@@ -49,9 +73,6 @@ class JsonlHook:
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
 
-    def should_stop(self) -> bool:
-        return False
-
     def close(self) -> None:
         if not self._file.closed:
             self._file.close()
@@ -63,7 +84,7 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-class TensorBoardHook:
+class TensorBoardHook(StageHooks):
     """Write each metric as a TensorBoard scalar (tag = metric name) under `logdir`."""
 
     def __init__(self, logdir: str | os.PathLike, *, every: int = 1):
@@ -79,9 +100,6 @@ class TensorBoardHook:
             if v is not None:
                 self._writer.add_scalar(k, v, global_step=int(step))
 
-    def should_stop(self) -> bool:
-        return False
-
     def close(self) -> None:
         self._writer.flush()
         self._writer.close()
@@ -92,7 +110,7 @@ def _quiet_default() -> bool:
     return bool(os.environ.get("CI")) or not sys.stderr.isatty()
 
 
-class ProgressHook:
+class ProgressHook(StageHooks):
     """tqdm bar showing the loss (or `key`) and throughput.
 
     Throughput is `tokens_per_step` tokens/s when given, else `samples_per_step` samples/s, else steps/s.
@@ -125,16 +143,13 @@ class ProgressHook:
             post[unit] = f"{self.rate:.3g}"
         self.bar.set_postfix(post, refresh=False)
 
-    def should_stop(self) -> bool:
-        return False
-
     def close(self) -> None:
         self.bar.close()
 
 
-class Hooks:
-    """Composite hook: `on_step` (and `on_state` / `finalize`, to the children that have them) go to every child;
-    `should_stop` is True when any child asks to stop; `close` closes all."""
+class Hooks(StageHooks):
+    """Composite hook: every call goes to every child (each a `StageHooks`); `should_stop` is True when any
+    child asks to stop."""
 
     def __init__(self, hooks: Iterable[Any] = ()):
         self.hooks = [h for h in hooks if h is not None]
@@ -145,21 +160,18 @@ class Hooks:
 
     def on_state(self, step: int, state: Any) -> None:
         for h in self.hooks:
-            if hasattr(h, "on_state"):
-                h.on_state(step, state)
+            h.on_state(step, state)
 
     def finalize(self, step: int, state: Any) -> None:
         for h in self.hooks:
-            if hasattr(h, "finalize"):
-                h.finalize(step, state)
+            h.finalize(step, state)
 
     def should_stop(self) -> bool:
         return any(h.should_stop() for h in self.hooks)
 
     def close(self) -> None:
         for h in self.hooks:
-            if hasattr(h, "close"):
-                h.close()
+            h.close()
 
     def __enter__(self) -> "Hooks":
         return self

@@ -1,193 +1,208 @@
-"""PPO for RLHF: rollout (sample, score, reference logprobs, values) and the clipped PPO update.
+"""PPO for RLHF (InstructGPT; Ziegler et al. 2019; Huang et al. 2024, "The N+ Implementation Details of RLHF with
+PPO", numbered in docs/training.md), composed from the RL core (`rlhf_jax.train.rl`). One iteration:
 
-Follows InstructGPT (Ouyang et al. 2022), Ziegler et al. 2019, and the checklist of Huang et al. 2024, "The N+
-Implementation Details of RLHF with PPO" (numbered list in docs/training.md). One PPO iteration:
+  rollout:  sample N tokens after left-padded prompts at the sampling temperature (distinct PAD and EOS); the
+            policy's and the reference's log-probs of them (logits / temperature, as sampled), the value model's
+            V(s_t), and a score per episode (reward model, jittable function, or host function of text).
+  update:   per-token rewards r_t = -beta * KL_t (+ the score at the last token), optional EOS penalty and reward
+            whitening; GAE; advantages whitened over valid tokens; `num_epochs` x `num_minibatches` clipped
+            policy updates (optional dual clip, entropy bonus and PPO-ptx NLL) and clipped value updates, each
+            model with its own optimizer; then the adaptive KL coefficient.
 
-  rollout:  sample N tokens after left-padded prompts at `temperature` (distinct PAD and EOS); recompute the
-            policy logprobs with one full forward (logits / temperature, as sampled), reference logprobs the
-            same way, values at the response positions, and the reward model's score at the last real
-            response token (EOS included).
-  update:   per-token rewards r_t = -beta * KL_t (+ score at the last token), optional EOS penalty and reward
-            whitening; GAE (gamma, lambda); advantages whitened over valid tokens; `num_epochs` passes over
-            `num_minibatches` shuffled minibatches (nested `lax.scan`) with the clipped policy loss (plus an
-            optional entropy bonus and PPO-ptx pretraining NLL) and the clipped value loss, each model with its
-            own optimizer; then the adaptive KL coefficient update.
-
-Our transformer has no dropout, so the recomputed logprobs equal the rollout ones and the first minibatch has
-ratio 1 exactly (TRL must disable dropout for this).
+Our transformer has no dropout, so the update's first minibatch has ratio 1 exactly (TRL must disable dropout).
 """
 from __future__ import annotations
 
-from typing import Callable
+import dataclasses
+from typing import Literal
 
 import flax
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from rlhf_jax.generation import sample
-from rlhf_jax.losses import (adaptive_kl_update, entropy_from_logits, gae, masked_mean, masked_sum, masked_var,
+from rlhf_jax.generation import SamplingConfig
+from rlhf_jax.losses import (AdaptiveKLController, entropy_from_logits, gae, masked_mean, masked_sum, masked_var,
                              ppo_policy_loss, ppo_value_loss, shape_rewards, token_logprobs, whiten)
-from rlhf_jax.losses._sft import sft_loss_from_hidden
-from rlhf_jax.models import forward_hidden, lm_logits
 from rlhf_jax.models.config import ModelConfig
-from rlhf_jax.models.transformer import lm_head_kernel, scalar_head
-from rlhf_jax.train.state import PPOState
-from rlhf_jax.train.steps import reward_scores
+from rlhf_jax.train.optim import OptimConfig
+from rlhf_jax.train.rl import (Episodes, RewardFn, episode_logits, episode_logprobs, episode_values,
+                               epochs_minibatches, reward_model_scores, sample_episodes)
+from rlhf_jax.train.state import PPOState, as_key, create_train_state, with_score_head
+from rlhf_jax.train.steps import sft_nll
 
-_PTX_KEYS = ("inputs", "targets", "loss_mask", "positions", "segment_ids")
 
-RewardFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
-"""(prompts [B,P], responses [B,N], response_mask [B,N]) -> scores [B]; jittable. Replaces the reward model."""
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PPOConfig:
+    """PPO with a learned reward and a KL penalty to the reference (Ouyang et al. 2022; Huang et al. 2024)."""
+
+    num_steps: int = 1000
+    """PPO iterations (each: one rollout batch, then num_epochs x num_minibatches updates)."""
+    log_every: int = 1
+    """Host metric pull / hook period."""
+    batch_size: int = 64
+    """Prompts per rollout batch; the prompt data must yield batches of this size."""
+    sampling: SamplingConfig = SamplingConfig()
+    """Rollout sampling (max new tokens, temperature, top-k/p, eos/pad ids)."""
+    kl_coef: float = 0.05
+    """Initial KL penalty coefficient beta (TRL default 0.05)."""
+    kl_estimator: Literal["k1", "k2", "k3"] = "k1"
+    """Per-token KL estimator in the reward (k1 = log pi - log ref, as InstructGPT)."""
+    kl_target: float | None = None
+    """Adaptive KL (Ziegler et al. 2019): target per-sequence KL in nats (they use 6); None keeps beta fixed."""
+    kl_horizon: float = 10000.0
+    """Adaptive KL horizon in samples."""
+    gamma: float = 1.0
+    """Discount."""
+    lam: float = 0.95
+    """GAE lambda."""
+    clip_eps: float = 0.2
+    """Policy ratio clip."""
+    dual_clip: float | None = None
+    """Dual clip c > 1 for negative advantages (Ye et al. 2020 use 3); None disables."""
+    vf_clip: float | None = 0.2
+    """Value clip around the rollout values; None disables."""
+    vf_coef: float = 0.1
+    """Value loss coefficient."""
+    num_epochs: int = 4
+    """Passes over each rollout batch."""
+    num_minibatches: int = 4
+    """Minibatches per epoch (batch_size must be divisible by it)."""
+    whiten_rewards: bool = False
+    """Rescale per-token rewards to unit variance before GAE."""
+    missing_eos_penalty: float | None = None
+    """Subtract this from the score of responses without EOS (TRL's missing_eos_penalty; Huang et al. use 1)."""
+    entropy_coef: float = 0.0
+    """Entropy bonus coefficient (0 in InstructGPT and TRL)."""
+    ptx_coef: float = 0.0
+    """PPO-ptx: weight of the pretraining NLL mixed into the policy loss (InstructGPT gamma = 27.8); needs
+    ptx_data."""
+    value_init: Literal["reward", "policy"] = "reward"
+    """Initialise the value model from the reward model, or from the policy with a fresh scalar head."""
+    optim: OptimConfig = OptimConfig(learning_rate=3e-6, eps=1e-5)
+    """Policy optimizer (TRL's PPO learning rate 3e-6; Adam eps 1e-5 as lm-human-preferences)."""
+    value_optim: OptimConfig | None = None
+    """Value optimizer; None uses `optim`."""
+
+    def __post_init__(self):
+        problems = []
+        if self.sampling.temperature <= 0:
+            problems.append(f"sampling.temperature = {self.sampling.temperature} must be > 0 for PPO")
+        if self.batch_size < 1 or self.num_minibatches < 1 or self.batch_size % self.num_minibatches:
+            problems.append(f"batch_size = {self.batch_size} must be divisible by num_minibatches = "
+                            f"{self.num_minibatches}")
+        for name in ("num_steps", "log_every", "num_epochs"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} = {getattr(self, name)} must be >= 1")
+        for name in ("kl_coef", "vf_coef", "entropy_coef", "ptx_coef", "kl_horizon"):
+            if not getattr(self, name) >= 0:
+                problems.append(f"{name} = {getattr(self, name)} must be >= 0")
+        for name in ("gamma", "lam"):
+            if not 0 <= getattr(self, name) <= 1:
+                problems.append(f"{name} = {getattr(self, name)} must be in [0, 1]")
+        if not self.clip_eps > 0 or (self.vf_clip is not None and not self.vf_clip > 0):
+            problems.append(f"clip_eps = {self.clip_eps} and vf_clip = {self.vf_clip} must be > 0")
+        if self.kl_target is not None and not self.kl_target > 0:
+            problems.append(f"kl_target = {self.kl_target} must be > 0 (or None)")
+        if self.dual_clip is not None and not self.dual_clip > 1:
+            problems.append(f"dual_clip = {self.dual_clip} must be > 1 (or None)")
+        if problems:
+            raise ValueError("PPOConfig: " + "; ".join(problems))
 
 
 @flax.struct.dataclass
 class Rollout:
-    """One batch of sampled episodes; P prompt length, N max_new_tokens."""
+    """A batch of scored episodes with what the update needs; rows B, response length N."""
 
-    tokens: jax.Array           # [B,P+N] int32: left-padded prompt, response, PAD after EOS
-    attention_mask: jax.Array   # [B,P+N] int32: prompt_mask ++ response_mask (used as segment_ids)
-    response_mask: jax.Array    # [B,N] int32: 1 up to and including EOS
-    logprobs: jax.Array         # [B,N] float32: policy log pi(y_t) at the sampling temperature
+    episodes: Episodes
+    logprobs: jax.Array         # [B,N] float32: policy log pi(y_t) at the sampling temperature (recomputed)
     ref_logprobs: jax.Array     # [B,N] float32: reference model, same temperature
     values: jax.Array           # [B,N] float32: V(s_t) before emitting y_t
-    scores: jax.Array           # [B] float32: reward at the last real response token
-    ends_with_eos: jax.Array    # [B] bool
+    scores: jax.Array           # [B] float32: reward of the whole episode
 
 
-def sequence_positions(mask) -> jax.Array:
-    """mask [B,S] (left-padded prompt ++ response) -> positions [B,S]: 0 at the first real token, as `sample`."""
-    return jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)
+def init_ppo_state(policy_params, config: PPOConfig, *, model_config: ModelConfig, rng, reward_params=None
+                   ) -> PPOState:
+    """Policy and value TrainStates (value from the reward model or the policy per `config.value_init`).
 
-
-def _response_hidden(params, tokens, mask, *, model_config: ModelConfig, num_new: int):
-    """Hidden states [B,N,D] at the positions P-1 .. P+N-2, which predict the N response tokens.
-
-    The real tokens of a row are contiguous (left-padded prompt, response, PAD after EOS), so each row is
-    rotated to start at its first real token: one right-padded example per row, which attends with
-    `is_causal` + sequence lengths (cuDNN flash attention, no [B,1,S,S] mask) at the same positions
-    (`sequence_positions`). Outputs at positions that predict a padding token are finite but unspecified.
+    Params are copied, so the caller's SFT / reward params stay valid as the frozen reference and reward model
+    while the state is donated to the step.
     """
-    S = tokens.shape[1]
-    shift = jnp.argmax(mask > 0, axis=1)                                                  # [B] leading pads
-    rolled = jnp.take_along_axis(tokens, (jnp.arange(S)[None] + shift[:, None]) % S, axis=1)
-    positions = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), tokens.shape)
-    h = forward_hidden(params, rolled, config=model_config, positions=positions,
-                       seq_lengths=jnp.sum(mask > 0, axis=1))                           # [B,S,D]
-    idx = jnp.clip(jnp.arange(S - num_new - 1, S - 1)[None] - shift[:, None], 0, S - 1)   # [B,N]
-    return jnp.take_along_axis(h, idx[..., None], axis=1)
-
-
-def response_logits(params, tokens, mask, *, model_config: ModelConfig, num_new: int, temperature: float):
-    """Logits / temperature [B,N,V] that predict the N response tokens of `tokens` [B,P+N]."""
-    # The LM head runs at the N response positions only (not over the prompt); divide by the sampling
-    # temperature (Huang et al. detail).
-    h = _response_hidden(params, tokens, mask, model_config=model_config, num_new=num_new)
-    return lm_logits(params, h, config=model_config) / temperature
-
-
-def response_values(params, tokens, mask, *, model_config: ModelConfig, num_new: int):
-    """Value head outputs [B,N] at the positions that predict the N response tokens."""
-    h = _response_hidden(params, tokens, mask, model_config=model_config, num_new=num_new)
-    return scalar_head(params, h, config=model_config)
-
-
-def rollout(policy_params, ref_params, reward_params, value_params, prompts, prompt_mask, rng, *, config,
-            model_config: ModelConfig, reward_fn: RewardFn | None = None) -> Rollout:
-    """Sample responses to prompts [B,P] and score them. `config` is a `PPOConfig`.
-
-    `reward_fn` (a jittable function, see `RewardFn`) replaces the reward model (then `reward_params` may be
-    None). All four params pytrees are read, none is modified.
-    """
-    N, temp = config.max_new_tokens, config.temperature
-    samples = sample(policy_params, prompts, prompt_mask, rng, config=model_config, max_new_tokens=N,
-                     temperature=temp, eos_id=config.eos_id, pad_id=config.pad_id)
-    tokens, response_mask = samples.tokens, samples.response_mask
-    mask = jnp.concatenate([prompt_mask.astype(jnp.int32), response_mask], axis=1)               # [B,P+N]
-    responses = tokens[:, -N:]
-
-    def logprobs_of(params):
-        logits = response_logits(params, tokens, mask, model_config=model_config, num_new=N, temperature=temp)
-        return jnp.where(response_mask > 0, token_logprobs(logits, responses), 0.0)
-
-    logprobs = logprobs_of(policy_params)
-    ref_logprobs = logprobs_of(ref_params)
-    values = response_values(value_params, tokens, mask, model_config=model_config, num_new=N)
-    if reward_fn is not None:
-        scores = reward_fn(prompts, responses, response_mask)
+    k_policy, k_value, k_head, k_state = jax.random.split(as_key(rng), 4)
+    if config.value_init == "reward":
+        if reward_params is None:
+            raise ValueError("PPOConfig.value_init='reward' needs reward_params (or use value_init='policy')")
+        value_params = reward_params
     else:
-        # The reward model reads the last real token (segment_ids > 0): EOS, or the last token if truncated.
-        scores = reward_scores(reward_params, {"inputs": tokens, "positions": sequence_positions(mask),
-                                               "segment_ids": mask}, model_config=model_config)
-    ends = jnp.any((responses == config.eos_id) & (response_mask > 0), axis=1)
-    # Rollout quantities are data for the update: no gradient may flow into them.
+        value_params = with_score_head(policy_params, model_config, k_head)
+    updates = config.num_steps * config.num_epochs * config.num_minibatches
+    return PPOState(
+        policy=create_train_state(policy_params, config.optim, k_policy, total_steps=updates),
+        value=create_train_state(value_params, config.value_optim or config.optim, k_value, total_steps=updates),
+        kl_coef=jnp.asarray(config.kl_coef, jnp.float32), rng=k_state, step=jnp.zeros((), jnp.int32))
+
+
+def score_rollout(state: PPOState, episodes: Episodes, scores, ref_params, *, config: PPOConfig,
+                  model_config: ModelConfig) -> Rollout:
+    """Episodes and their scores [B] -> a Rollout (policy and reference log-probs, values); no gradient."""
+    temp = config.sampling.temperature
     return lax.stop_gradient(Rollout(
-        tokens=tokens, attention_mask=mask, response_mask=response_mask, logprobs=logprobs,
-        ref_logprobs=ref_logprobs, values=jnp.where(response_mask > 0, values, 0.0),
-        scores=scores.astype(jnp.float32), ends_with_eos=ends))
+        episodes=episodes,
+        logprobs=episode_logprobs(state.policy.params, episodes, model_config=model_config, temperature=temp),
+        ref_logprobs=episode_logprobs(ref_params, episodes, model_config=model_config, temperature=temp),
+        values=episode_values(state.value.params, episodes, model_config=model_config),
+        scores=jnp.asarray(scores, jnp.float32)))
 
 
-def _minibatches(tree, perm, num_minibatches: int):
-    """Shuffle the leading axis by `perm` and split it into [M, B/M, ...]."""
-    return jax.tree.map(lambda x: x[perm].reshape(num_minibatches, -1, *x.shape[1:]), tree)
+def rollout(state: PPOState, prompts, prompt_mask, rng, ref_params, reward_params=None, *, config: PPOConfig,
+            model_config: ModelConfig, reward_fn: RewardFn | None = None) -> Rollout:
+    """Sample responses to prompts [B,P] and score them by `reward_params` (a reward model) or `reward_fn`."""
+    ep = sample_episodes(state.policy.params, prompts, prompt_mask, rng, sampling=config.sampling,
+                         model_config=model_config)
+    scores = (reward_fn(prompts, ep.responses, ep.response_mask) if reward_fn is not None
+              else reward_model_scores(reward_params, ep, model_config=model_config))
+    return score_rollout(state, ep, scores, ref_params, config=config, model_config=model_config)
 
 
-def ppo_update(state: PPOState, data: Rollout, rng, *, config, model_config: ModelConfig, ptx_batch=None):
+def ppo_update(state: PPOState, data: Rollout, rng, *, config: PPOConfig, model_config: ModelConfig,
+               ptx_batch=None):
     """Rewards, GAE and `num_epochs` x `num_minibatches` PPO updates of policy and value; the KL coefficient.
 
     `ptx_batch` (SFT-style batch, rows divisible by num_minibatches) adds `ptx_coef` * its NLL to the policy
     loss (PPO-ptx, InstructGPT eq. 2). Returns (new state, metrics with TRL names).
     """
-    c = config
-    N = data.response_mask.shape[1]
-    B = data.tokens.shape[0]
-    M = c.num_minibatches
-    if B % M:
-        raise ValueError(f"rollout batch {B} is not divisible by PPOConfig.num_minibatches={M}")
-    mask = data.response_mask
+    c, ep, mask = config, data.episodes, data.episodes.response_mask
+    B = mask.shape[0]
     rewards, objective = shape_rewards(
         data.scores, data.logprobs, data.ref_logprobs, mask, kl_coef=state.kl_coef, kl_estimator=c.kl_estimator,
-        missing_eos_penalty=c.missing_eos_penalty, ends_with_eos=data.ends_with_eos)
+        missing_eos_penalty=c.missing_eos_penalty, ends_with_eos=ep.ends_with_eos(c.sampling.eos_id))
     if c.whiten_rewards:
         rewards = whiten(rewards, mask, shift_mean=False)
     advantages, returns = gae(rewards, data.values, mask, gamma=c.gamma, lam=c.lam)
     advantages = whiten(advantages, mask)
-
-    fields = dict(tokens=data.tokens, attention_mask=data.attention_mask, mask=mask, logprobs=data.logprobs,
-                  values=data.values, advantages=advantages, returns=returns)
     use_ptx = ptx_batch is not None and c.ptx_coef > 0
-    ptx = jnp.zeros((M,))
-    if use_ptx:
-        ptx = {k: jnp.reshape(jnp.asarray(v), (M, -1, *v.shape[1:])) for k, v in ptx_batch.items() if k in _PTX_KEYS}
 
     def policy_loss(params, mb, ptx_mb):
-        logits = response_logits(params, mb["tokens"], mb["attention_mask"], model_config=model_config,
-                                 num_new=N, temperature=c.temperature)
-        lp = token_logprobs(logits, mb["tokens"][:, -N:])
-        loss, m = ppo_policy_loss(lp, mb["logprobs"], mb["advantages"], mb["mask"], clip_eps=c.clip_eps)
+        logits = episode_logits(params, mb["episodes"], model_config=model_config, temperature=c.sampling.temperature)
+        lp = token_logprobs(logits, mb["episodes"].responses)
+        loss, m = ppo_policy_loss(lp, mb["logprobs"], mb["advantages"], mb["episodes"].response_mask,
+                                  clip_eps=c.clip_eps, dual_clip=c.dual_clip)
         # Without an entropy bonus the entropy is only a metric: no backward pass through [B,N,V].
         ent_logits = logits if c.entropy_coef else lax.stop_gradient(logits)
-        entropy = masked_mean(entropy_from_logits(ent_logits), mb["mask"])
-        loss = loss - c.entropy_coef * entropy
-        m = {**m, "entropy": entropy}
+        entropy = masked_mean(entropy_from_logits(ent_logits), mb["episodes"].response_mask)
+        loss, m = loss - c.entropy_coef * entropy, {**m, "entropy": entropy}
         if use_ptx:
-            ptx_h = forward_hidden(params, ptx_mb["inputs"], config=model_config,
-                                   positions=ptx_mb.get("positions"), segment_ids=ptx_mb.get("segment_ids"))
-            ptx_loss = sft_loss_from_hidden(ptx_h, lm_head_kernel(params, config=model_config),
-                                            ptx_mb["targets"], ptx_mb["loss_mask"],
-                                            chunk_size=model_config.logits_chunk)[0]
-            loss = loss + c.ptx_coef * ptx_loss
-            m = {**m, "ptx_loss": ptx_loss}
+            ptx_loss = sft_nll(params, ptx_mb, model_config=model_config)[0]
+            loss, m = loss + c.ptx_coef * ptx_loss, {**m, "ptx_loss": ptx_loss}
         return loss, m
 
     def value_loss(params, mb):
-        v = response_values(params, mb["tokens"], mb["attention_mask"], model_config=model_config, num_new=N)
-        loss, m = ppo_value_loss(v, mb["values"], mb["returns"], mb["mask"], clip_eps=c.vf_clip)
+        v = episode_values(params, mb["episodes"], model_config=model_config)
+        loss, m = ppo_value_loss(v, mb["values"], mb["returns"], mb["episodes"].response_mask, clip_eps=c.vf_clip)
         return c.vf_coef * loss, m
 
-    def minibatch_step(carry, xs):
+    def minibatch_step(carry, mb, ptx_mb):
         policy, value = carry
-        mb, ptx_mb = xs
         (_, pm), pg = jax.value_and_grad(policy_loss, has_aux=True)(policy.params, mb, ptx_mb)
         (_, vm), vg = jax.value_and_grad(value_loss, has_aux=True)(value.params, mb)
         metrics = {"policy/clipfrac": pm["clipfrac"], "policy/approxkl": pm["approx_kl"],
@@ -197,38 +212,59 @@ def ppo_update(state: PPOState, data: Rollout, rng, *, config, model_config: Mod
             metrics["loss/ptx"] = pm["ptx_loss"]
         return (policy.apply_gradients(pg), value.apply_gradients(vg)), metrics
 
-    def epoch(carry, key):
-        perm = jax.random.permutation(key, B)
-        return lax.scan(minibatch_step, carry, (_minibatches(fields, perm, M), ptx))
-
-    (policy, value), metrics = lax.scan(epoch, (state.policy, state.value), jax.random.split(rng, c.num_epochs))
-    metrics = jax.tree.map(jnp.mean, metrics)
-
-    var_ret = masked_var(returns, mask, unbiased=False)
-    var_err = masked_var(returns - data.values, mask, unbiased=False)
+    fields = dict(episodes=ep, logprobs=data.logprobs, values=data.values, advantages=advantages, returns=returns)
+    ptx = {k: v for k, v in ptx_batch.items() if k in _SFT_KEYS} if use_ptx else None
+    (policy, value), metrics = epochs_minibatches(minibatch_step, (state.policy, state.value), fields, rng,
+                                                  num_epochs=c.num_epochs, num_minibatches=c.num_minibatches,
+                                                  extra=ptx)
     kl_coef = state.kl_coef
     if c.kl_target is not None:
-        kl_coef = adaptive_kl_update(kl_coef, objective["objective/kl"], B, target=c.kl_target,
-                                     horizon=c.kl_horizon)
+        kl_coef = AdaptiveKLController(target=c.kl_target, horizon=c.kl_horizon).update(
+            kl_coef, objective["objective/kl"], B)
     metrics = {
         **objective, **metrics,
         # Sum over the response of -log pi(y_t): a one-sample estimate of the sequence entropy (as TRL).
         "objective/entropy": jnp.mean(masked_sum(-data.logprobs, mask, axis=1)),
-        "val/explained_variance": jnp.where(var_ret > 0, 1.0 - var_err / jnp.where(var_ret > 0, var_ret, 1.0), 0.0),
+        "val/explained_variance": explained_variance(data.values, returns, mask),
         "kl_coef": state.kl_coef,
         "episode_length": jnp.mean(jnp.sum(mask, axis=1).astype(jnp.float32)),
-        "eos_fraction": jnp.mean(data.ends_with_eos.astype(jnp.float32)),
+        "eos_fraction": jnp.mean(ep.ends_with_eos(c.sampling.eos_id).astype(jnp.float32)),
         "learning_rate": state.policy.learning_rate(),
     }
-    new_state = state.replace(policy=policy, value=value, kl_coef=kl_coef, step=state.step + 1)
-    return new_state, metrics
+    return state.replace(policy=policy, value=value, kl_coef=kl_coef, step=state.step + 1), metrics
 
 
-def ppo_step(state: PPOState, batch: dict, ref_params, reward_params, ptx_batch=None, *, config,
+_SFT_KEYS = ("inputs", "targets", "loss_mask", "positions", "segment_ids")
+
+
+def explained_variance(values, returns, mask):
+    """1 - Var[R - V] / Var[R] over valid tokens (0 when Var[R] = 0): how much of the return V explains."""
+    var_ret = masked_var(returns, mask, unbiased=False)
+    var_err = masked_var(returns - values, mask, unbiased=False)
+    return jnp.where(var_ret > 0, 1.0 - var_err / jnp.where(var_ret > 0, var_ret, 1.0), 0.0)
+
+
+def ppo_step(state: PPOState, batch: dict, ref_params, reward_params, ptx_batch=None, *, config: PPOConfig,
              model_config: ModelConfig, reward_fn: RewardFn | None = None):
     """One PPO iteration on a prompt batch {"prompts" [B,P], "prompt_mask" [B,P]}: rollout, then update."""
     rng, k_rollout, k_update = jax.random.split(state.rng, 3)
-    data = rollout(state.policy.params, ref_params, reward_params, state.value.params, batch["prompts"],
-                   batch["prompt_mask"], k_rollout, config=config, model_config=model_config, reward_fn=reward_fn)
+    data = rollout(state, batch["prompts"], batch["prompt_mask"], k_rollout, ref_params, reward_params,
+                   config=config, model_config=model_config, reward_fn=reward_fn)
     return ppo_update(state.replace(rng=rng), data, k_update, config=config, model_config=model_config,
                       ptx_batch=ptx_batch)
+
+
+def ppo_sample(state: PPOState, batch: dict, *, config: PPOConfig, model_config: ModelConfig):
+    """The first half of an iteration scored on the host: (state with its rng advanced, episodes, update key).
+    Uses the same random numbers as `ppo_step`."""
+    rng, k_rollout, k_update = jax.random.split(state.rng, 3)
+    ep = sample_episodes(state.policy.params, batch["prompts"], batch["prompt_mask"], k_rollout,
+                         sampling=config.sampling, model_config=model_config)
+    return state.replace(rng=rng), ep, k_update
+
+
+def ppo_update_scored(state: PPOState, episodes: Episodes, scores, rng, ref_params, ptx_batch=None, *,
+                      config: PPOConfig, model_config: ModelConfig):
+    """The second half: log-probs and values of `episodes` with host-computed `scores` [B], then the update."""
+    data = score_rollout(state, episodes, scores, ref_params, config=config, model_config=model_config)
+    return ppo_update(state, data, rng, config=config, model_config=model_config, ptx_batch=ptx_batch)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable, Iterable, Literal, Protocol
+from typing import Callable, Iterable, Literal
 
 import jax
 import jax.numpy as jnp
@@ -32,17 +32,11 @@ from jax.sharding import Mesh
 from rlhf_jax import sharding as S
 from rlhf_jax.models.config import ModelConfig
 from rlhf_jax.train.optim import OptimConfig
-from rlhf_jax.train.ppo import RewardFn, ppo_step
-from rlhf_jax.train.state import PPOState, TrainState, as_key, create_train_state, with_score_head
+from rlhf_jax.train.logging import StageHooks
+from rlhf_jax.train.ppo import PPOConfig, init_ppo_state, ppo_sample, ppo_step, ppo_update_scored
+from rlhf_jax.train.rl import HostRewardFn, RewardFn, host_scores
+from rlhf_jax.train.state import PPOState, TrainState
 from rlhf_jax.train.steps import compile_step, dpo_step, reference_logps, reward_step, sft_step
-
-
-class StageHooks(Protocol):
-    """What a stage calls; `on_state(step, state)` and `finalize(step, state)` are optional."""
-
-    def on_step(self, step: int, metrics: dict[str, float]) -> None: ...
-
-    def should_stop(self) -> bool: ...
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -108,72 +102,6 @@ class DPOConfig:
     """Optimizer (Rafailov et al. use 1e-6)."""
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class PPOConfig:
-    """PPO with a learned reward and a KL penalty to the reference (Ouyang et al. 2022; Huang et al. 2024)."""
-
-    num_steps: int = 1000
-    """PPO iterations (each: one rollout batch, then num_epochs x num_minibatches updates)."""
-    log_every: int = 1
-    """Host metric pull / hook period."""
-    batch_size: int = 64
-    """Prompts per rollout batch; the prompt data must yield batches of this size."""
-    max_new_tokens: int = 53
-    """Response length N (TRL's TL;DR default 53)."""
-    temperature: float = 0.7
-    """Sampling temperature; the training forward divides logits by it too (Huang et al. detail)."""
-    eos_id: int = 258
-    """End-of-sequence id (ByteTokenizer's); responses stop there. Must differ from pad_id."""
-    pad_id: int = 256
-    """Padding id of prompts and of response tokens after EOS."""
-    kl_coef: float = 0.05
-    """Initial KL penalty coefficient beta (TRL default 0.05)."""
-    kl_estimator: Literal["k1", "k2", "k3"] = "k1"
-    """Per-token KL estimator in the reward (k1 = log pi - log ref, as InstructGPT)."""
-    kl_target: float | None = None
-    """Adaptive KL (Ziegler et al. 2019): target per-sequence KL in nats (they use 6); None keeps beta fixed."""
-    kl_horizon: float = 10000.0
-    """Adaptive KL horizon in samples."""
-    gamma: float = 1.0
-    """Discount."""
-    lam: float = 0.95
-    """GAE lambda."""
-    clip_eps: float = 0.2
-    """Policy ratio clip."""
-    vf_clip: float | None = 0.2
-    """Value clip around the rollout values; None disables."""
-    vf_coef: float = 0.1
-    """Value loss coefficient."""
-    num_epochs: int = 4
-    """Passes over each rollout batch."""
-    num_minibatches: int = 4
-    """Minibatches per epoch (batch_size must be divisible by it)."""
-    whiten_rewards: bool = False
-    """Rescale per-token rewards to unit variance before GAE."""
-    missing_eos_penalty: float | None = None
-    """Subtract this from the score of responses without EOS (TRL's missing_eos_penalty; Huang et al. use 1)."""
-    entropy_coef: float = 0.0
-    """Entropy bonus coefficient (0 in InstructGPT and TRL)."""
-    ptx_coef: float = 0.0
-    """PPO-ptx: weight of the pretraining NLL mixed into the policy loss (InstructGPT gamma = 27.8); needs
-    ptx_data."""
-    value_init: Literal["reward", "policy"] = "reward"
-    """Initialise the value model from the reward model, or from the policy with a fresh scalar head."""
-    optim: OptimConfig = OptimConfig(learning_rate=3e-6, eps=1e-5)
-    """Policy optimizer (TRL's PPO learning rate 3e-6; Adam eps 1e-5 as lm-human-preferences)."""
-    value_optim: OptimConfig | None = None
-    """Value optimizer; None uses `optim`."""
-
-    def __post_init__(self):
-        if self.eos_id == self.pad_id:
-            raise ValueError("PPOConfig: eos_id and pad_id must differ (Huang et al.: a shared id hides EOS)")
-        if self.temperature <= 0:
-            raise ValueError(f"PPOConfig.temperature must be > 0 for PPO, got {self.temperature}")
-        if self.batch_size % self.num_minibatches:
-            raise ValueError(f"PPOConfig.batch_size={self.batch_size} is not divisible by "
-                             f"num_minibatches={self.num_minibatches}")
-
-
 # ------------------------------------------------------------------------------------------------- the loop
 def _device_batch(batch):
     """Drop host-side entries (e.g. "meta" lists) from a possibly nested batch dict."""
@@ -195,8 +123,7 @@ def _flush(pending, history, hooks, loss_keys):
     step = pending[-1][0]
     mean = {k: float(np.mean([m[k] for m in host])) for k in host[-1]}
     history.append({"step": step, **mean})
-    if hooks is not None:
-        hooks.on_step(step, mean)
+    hooks.on_step(step, mean)
 
 
 def run_loop(state, data: Iterable, step_fn: Callable, *, num_steps: int, log_every: int = 1,
@@ -204,11 +131,12 @@ def run_loop(state, data: Iterable, step_fn: Callable, *, num_steps: int, log_ev
     """Run `state, metrics = step_fn(state, batch)` over `data` for `num_steps` steps -> (state, history)."""
     if log_every < 1:
         raise ValueError(f"log_every must be >= 1, got {log_every}")
+    hooks = StageHooks() if hooks is None else hooks
     start = int(jax.device_get(state.step))
     history, pending, step = [], [], start
     batches = iter(data)
     for i in range(num_steps):
-        if hooks is not None and hooks.should_stop():
+        if hooks.should_stop():
             break
         try:
             batch = next(batches)
@@ -220,37 +148,45 @@ def run_loop(state, data: Iterable, step_fn: Callable, *, num_steps: int, log_ev
         if step % log_every == 0 or i == num_steps - 1:
             _flush(pending, history, hooks, loss_keys)
             pending = []
-        if hooks is not None and hasattr(hooks, "on_state"):
-            hooks.on_state(step, state)
+        hooks.on_state(step, state)
     if pending:
         _flush(pending, history, hooks, loss_keys)
-    if hooks is not None and hasattr(hooks, "finalize"):
-        hooks.finalize(step, state)
+    hooks.finalize(step, state)
     return state, history
 
 
 # ---------------------------------------------------------------------------------------------------- stages
-def _on_mesh(state, mesh: Mesh | None, params_sh) -> tuple:
-    """(state placed on `mesh`, compile_step's sharding options); (state, {}) without a mesh."""
-    if mesh is None:
-        return state, {}
-    state_sh = S.state_sharding(state, params_sh, mesh)
-    return S.shard(state, state_sh), {"mesh": mesh, "state_sharding": state_sh}
-
-
 def _place_batch(batch, mesh: Mesh | None):
     """Process-local numpy rows -> global arrays split over ("data", "fsdp"); unchanged without a mesh."""
     return batch if mesh is None else S.shard_batch(batch, mesh)
 
 
-def _params_sh(model_config, mesh, *, scalar_head=False):
-    return None if mesh is None else S.params_sharding(model_config, mesh, scalar_head=scalar_head)
+def _place_models(state, mesh: Mesh | None, model_config, state_heads, frozen=(), frozen_heads=(), *,
+                  batch_args=()):
+    """The sharding prologue of every stage: (state, compile_step's options, frozen params) placed on `mesh`.
+
+    `state_heads`: for the state's params (one bool, or one per model of a multi-model state), whether they carry
+    a scalar head. `frozen`: params passed to the step as extra positional arguments (reference, reward model;
+    None for an absent one), with `frozen_heads` likewise; `batch_args`: one bool per extra argument after them,
+    batch-sharded when True, absent (None) when False.
+    Without a mesh everything is returned as is, with no options.
+    """
+    if mesh is None:
+        return state, {}, list(frozen)
+    sh = lambda head: S.params_sharding(model_config, mesh, scalar_head=head)  # noqa: E731
+    params_sh = [sh(h) for h in state_heads] if isinstance(state_heads, (list, tuple)) else sh(state_heads)
+    state_sh = S.state_sharding(state, params_sh, mesh)
+    frozen_sh = [None if p is None else sh(h) for p, h in zip(frozen, frozen_heads)]
+    extra = tuple(frozen_sh) + tuple(S.batch_sharding(mesh) if b else None for b in batch_args)
+    placed = {"mesh": mesh, "state_sharding": state_sh, "extra_in_shardings": extra}
+    return (S.shard(state, state_sh), placed,
+            [None if p is None else S.shard(p, s) for p, s in zip(frozen, frozen_sh)])
 
 
 def run_sft(state: TrainState, data: Iterable, config: SFTConfig, *, model_config: ModelConfig,
             mesh: Mesh | None = None, hooks: StageHooks | None = None):
     """SFT over SFT batches; see `steps.sft_step`. `mesh`: run sharded (see the module docstring)."""
-    state, placed = _on_mesh(state, mesh, _params_sh(model_config, mesh))
+    state, placed, _ = _place_models(state, mesh, model_config, False)
     step = compile_step(sft_step, model_config=model_config, **placed)
     return run_loop(state, data, lambda s, b: step(s, _place_batch(b, mesh)), num_steps=config.num_steps,
                     log_every=config.log_every, hooks=hooks)
@@ -259,7 +195,7 @@ def run_sft(state: TrainState, data: Iterable, config: SFTConfig, *, model_confi
 def run_reward(state: TrainState, data: Iterable, config: RewardConfig, *, model_config: ModelConfig,
                mesh: Mesh | None = None, hooks: StageHooks | None = None):
     """Reward-model training over preference batches; `state.params` need a "score_head" (`with_score_head`)."""
-    state, placed = _on_mesh(state, mesh, _params_sh(model_config, mesh, scalar_head=True))
+    state, placed, _ = _place_models(state, mesh, model_config, True)
     step = compile_step(reward_step, model_config=model_config, center_coef=config.center_coef, **placed)
     return run_loop(state, data, lambda s, b: step(s, _place_batch(b, mesh)), num_steps=config.num_steps,
                     log_every=config.log_every, hooks=hooks)
@@ -270,20 +206,17 @@ def run_dpo(state: TrainState, data: Iterable, config: DPOConfig, *, model_confi
     """DPO over preference batches with a frozen reference (`ref_params`, e.g. the SFT params)."""
     if ref_params is None and not config.reference_free:
         raise ValueError("run_dpo needs ref_params (usually the SFT params) unless DPOConfig.reference_free")
-    params_sh = _params_sh(model_config, mesh)
-    state, placed = _on_mesh(state, mesh, params_sh)
-    if mesh is not None and ref_params is not None:
-        ref_params = S.shard(ref_params, params_sh)
+    state, placed, (ref_params,) = _place_models(state, mesh, model_config, False, [ref_params], [False])
     steps = {}
 
     def step_for(needs_ref: bool):
         """The compiled step taking the reference params, or None in their place (logps in the batch)."""
         if needs_ref not in steps:
-            extra = {} if mesh is None else {"extra_in_shardings": (params_sh if needs_ref else None,)}
+            opts = placed if needs_ref or mesh is None else {**placed, "extra_in_shardings": (None,)}
             steps[needs_ref] = compile_step(dpo_step, model_config=model_config, beta=config.beta,
                                             loss_type=config.loss_type, label_smoothing=config.label_smoothing,
                                             reference_free=config.reference_free, rpo_alpha=config.rpo_alpha,
-                                            **placed, **extra)
+                                            **opts)
         return steps[needs_ref]
 
     # Precomputed reference logps [B] are batch entries: under a mesh they get the batch's sharding.
@@ -300,55 +233,44 @@ def run_dpo(state: TrainState, data: Iterable, config: DPOConfig, *, model_confi
     return run_loop(state, data, step_fn, num_steps=config.num_steps, log_every=config.log_every, hooks=hooks)
 
 
-def init_ppo_state(policy_params, config: PPOConfig, *, model_config: ModelConfig, rng, reward_params=None
-                   ) -> PPOState:
-    """Policy and value TrainStates (value from the reward model or the policy per `config.value_init`).
-
-    Params are copied, so the caller's SFT / reward params stay valid as the frozen reference and reward model
-    while the state is donated to the step.
-    """
-    k_policy, k_value, k_head, k_state = jax.random.split(as_key(rng), 4)
-    if config.value_init == "reward":
-        if reward_params is None:
-            raise ValueError("PPOConfig.value_init='reward' needs reward_params (or use value_init='policy')")
-        value_params = reward_params
-    elif config.value_init == "policy":
-        value_params = with_score_head(policy_params, model_config, k_head)
-    else:
-        raise ValueError(f"unknown PPOConfig.value_init={config.value_init!r}; choose 'reward' or 'policy'")
-    updates = config.num_steps * config.num_epochs * config.num_minibatches
-    return PPOState(
-        policy=create_train_state(policy_params, config.optim, k_policy, total_steps=updates),
-        value=create_train_state(value_params, config.value_optim or config.optim, k_value, total_steps=updates),
-        kl_coef=jnp.asarray(config.kl_coef, jnp.float32), rng=k_state,
-        step=jnp.zeros((), jnp.int32))
-
-
 def run_ppo(state: PPOState, data: Iterable, config: PPOConfig, *, model_config: ModelConfig, ref_params,
-            reward_params=None, reward_fn: RewardFn | None = None, ptx_data: Iterable | None = None,
-            mesh: Mesh | None = None, hooks: StageHooks | None = None):
-    """PPO over prompt batches {"prompts", "prompt_mask"}; scores from `reward_params` or `reward_fn`.
+            reward_params=None, reward_fn: RewardFn | None = None, host_reward_fn: HostRewardFn | None = None,
+            tokenizer=None, ptx_data: Iterable | None = None, mesh: Mesh | None = None,
+            hooks: StageHooks | None = None):
+    """PPO over prompt batches {"prompts", "prompt_mask"}; scores from exactly one of `reward_params` (a reward
+    model), `reward_fn` (jittable) or `host_reward_fn` (a function of decoded prompt and response texts, with
+    `tokenizer`: each iteration is then a compiled sample, the host call, and a compiled update).
 
     `ptx_data` (SFT batches) feeds PPO-ptx when `config.ptx_coef > 0`. Under a multi-host `mesh` each prompt
     batch holds this process's batch_size / process_count rows.
     """
-    if reward_params is None and reward_fn is None:
-        raise ValueError("run_ppo needs reward_params (a reward model with a score_head) or a reward_fn")
+    sources = [x is not None for x in (reward_params if reward_fn is None and host_reward_fn is None else None,
+                                       reward_fn, host_reward_fn)]
+    if sum(sources) != 1:
+        raise ValueError("run_ppo needs exactly one reward source: reward_params (a reward model with a "
+                         "score_head), reward_fn (jittable) or host_reward_fn (with tokenizer)")
+    if host_reward_fn is not None and (tokenizer is None or mesh is not None):
+        raise ValueError("run_ppo: host_reward_fn needs a tokenizer (to decode the texts) and runs without a mesh")
     if config.ptx_coef > 0 and ptx_data is None:
         raise ValueError("PPOConfig.ptx_coef > 0 needs ptx_data (an iterable of SFT batches)")
-    reward_params = reward_params if reward_fn is None else None
-    policy_sh = _params_sh(model_config, mesh)
-    value_sh = _params_sh(model_config, mesh, scalar_head=True)      # value and reward models: scalar heads
-    state, placed = _on_mesh(state, mesh, [policy_sh, value_sh])
-    if mesh is not None:
-        # ref, reward model, ptx batch; an argument passed as None gets None
-        placed["extra_in_shardings"] = (policy_sh, None if reward_params is None else value_sh,
-                                        None if ptx_data is None or config.ptx_coef <= 0 else S.batch_sharding(mesh))
-        ref_params = S.shard(ref_params, policy_sh)
-        reward_params = None if reward_params is None else S.shard(reward_params, value_sh)
-    step = compile_step(ppo_step, config=config, model_config=model_config, reward_fn=reward_fn, **placed)
-    ptx_iter = iter(ptx_data) if ptx_data is not None and config.ptx_coef > 0 else None
+    reward_params = reward_params if sources[0] else None
+    use_ptx = config.ptx_coef > 0
+    state, placed, (ref_params, reward_params) = _place_models(
+        state, mesh, model_config, [False, True], [ref_params, reward_params], [False, True],
+        batch_args=(use_ptx,))
+    ptx_iter = iter(ptx_data) if use_ptx else None
     processes = jax.process_count() if mesh is not None else 1
+    opts = dict(config=config, model_config=model_config)
+    if host_reward_fn is None:
+        step = compile_step(ppo_step, reward_fn=reward_fn, **opts, **placed)
+    else:
+        sample_step = jax.jit(ppo_sample, static_argnames=tuple(opts))
+        update_step = compile_step(ppo_update_scored, **opts)
+
+        def step(state, batch, ref_params, _reward_params, ptx):
+            state, episodes, key = sample_step(state, batch, **opts)
+            scores = host_scores(host_reward_fn, tokenizer, batch, episodes)
+            return update_step(state, episodes, scores, key, ref_params, ptx)
 
     def step_fn(state, batch):
         if batch["prompts"].shape[0] * processes != config.batch_size:

@@ -8,8 +8,9 @@ flat dict of scalars named as in TRL ("loss", "rewards/chosen", ...). `compile_s
 
 - SFT: token-weighted mean NLL over response tokens (`losses.sft_loss`).
 - Reward model (Ouyang et al. 2022, Stiennon et al. 2020): an LM trunk with a scalar head, reward read at the
-  last real token of each row; chosen and rejected rows share one forward; Bradley-Terry loss, optional
-  reward centering (Eisenstein et al. 2023) through `center_coef`.
+  last real token of each whole sequence (`models.sequences`, the call that scores rollouts); chosen and
+  rejected rows share one forward; Bradley-Terry loss, optional reward centering (Eisenstein et al. 2023)
+  through `center_coef`.
 - DPO (Rafailov et al. 2023): sequence log-probabilities of the response tokens under the policy and a frozen
   reference (computed here under `stop_gradient`, or precomputed into the batch as "ref_chosen_logps" /
   "ref_rejected_logps").
@@ -26,8 +27,9 @@ from jax.sharding import Mesh
 from rlhf_jax import sharding as S
 from rlhf_jax.losses import bradley_terry_loss, dpo_loss, masked_sum, sft_loss, token_logprobs_from_hidden
 from rlhf_jax.losses._sft import sft_loss_from_hidden
-from rlhf_jax.models import forward, scalar_forward
+from rlhf_jax.models import forward
 from rlhf_jax.models.config import ModelConfig
+from rlhf_jax.models.sequences import pair_sequences, sequence_scores
 from rlhf_jax.models.transformer import forward_hidden, lm_head_kernel
 from rlhf_jax.train.state import TrainState
 
@@ -93,18 +95,24 @@ def _grad_metrics(state: TrainState, grads) -> dict:
 
 
 # -------------------------------------------------------------------------------------------------------- SFT
+def sft_nll(params, batch: dict, *, model_config: ModelConfig):
+    """(mean NLL over loss_mask tokens, SFT metrics) of an SFT-style batch: SFT's loss, and PPO-ptx's term.
+
+    The LM head is fused with the loss over vocabulary chunks (model_config.logits_chunk; None: full [B,T,V]
+    float32 logits).
+    """
+    h = forward_hidden(params, batch["inputs"], config=model_config, **_model_inputs(batch))       # [B,T,D]
+    return sft_loss_from_hidden(h, lm_head_kernel(params, config=model_config), batch["targets"],
+                                batch["loss_mask"], chunk_size=model_config.logits_chunk)
+
+
 def sft_step(state: TrainState, batch: dict, *, model_config: ModelConfig):
     """One SFT update on {"inputs", "targets", "loss_mask" [B,T], "positions"?, "segment_ids"?}.
 
     Metrics: "loss", "accuracy", "num_tokens", "perplexity", "grad_norm", "learning_rate".
     """
-    def loss_fn(params):
-        # Fused LM head + loss over vocabulary chunks (model_config.logits_chunk; None: full [B,T,V] f32 logits).
-        h = forward_hidden(params, batch["inputs"], config=model_config, **_model_inputs(batch))   # [B,T,D]
-        return sft_loss_from_hidden(h, lm_head_kernel(params, config=model_config), batch["targets"],
-                                    batch["loss_mask"], chunk_size=model_config.logits_chunk)
-
-    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    grad_fn = jax.value_and_grad(sft_nll, has_aux=True)
+    (_, metrics), grads = grad_fn(state.params, batch, model_config=model_config)
     return state.apply_gradients(grads), {**metrics, **_grad_metrics(state, grads)}
 
 
@@ -115,54 +123,15 @@ def sft_eval(params, batch: dict, *, model_config: ModelConfig) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ reward model
-def last_token_index(segment_ids) -> jax.Array:
-    """segment_ids [B,T] -> [B] int32: the last index with segment_ids > 0 (0 for an empty row)."""
-    t = jnp.arange(segment_ids.shape[1], dtype=jnp.int32)
-    return jnp.max(jnp.where(segment_ids > 0, t, 0), axis=1)
-
-
-def full_sequences(batch: dict) -> dict:
-    """The whole token sequences of an SFT-style batch with one right-padded example per row (a side of a
-    preference batch): inputs are ids[:-1] and targets ids[1:], so the sequence is inputs[:, :1] followed by the
-    targets, [B, T+1], ending with each row's final target (the reply's EOS). -> {"inputs", "positions",
-    "segment_ids"}. Packed rows (several examples per row) cannot be rebuilt this way and must not be passed."""
-    inputs = jnp.asarray(batch["inputs"])
-    segment_ids = jnp.asarray(batch.get("segment_ids", jnp.ones_like(inputs)))
-    positions = batch.get("positions")
-    positions = (jnp.broadcast_to(jnp.arange(inputs.shape[1], dtype=jnp.int32), inputs.shape)
-                 if positions is None else jnp.asarray(positions))
-    return {"inputs": jnp.concatenate([inputs[:, :1], jnp.asarray(batch["targets"])], axis=1),
-            "positions": jnp.concatenate([positions[:, :1], positions + 1], axis=1),
-            "segment_ids": jnp.concatenate([segment_ids[:, :1], segment_ids], axis=1)}
-
-
-def reward_scores(params, batch: dict, *, model_config: ModelConfig) -> jax.Array:
-    """Rewards [B]: the scalar head at the last real token of each row's whole sequence.
-
-    A batch with "targets" (an SFT-style batch, e.g. one side of a preference batch) is read on its whole sequence
-    (`full_sequences`: the final target, the reply's EOS, included); a batch without is the sequence itself, e.g.
-    a rollout's prompt + response. Both therefore score the same tokens: a reward model is trained and used on
-    conversations ending with EOS (as InstructGPT's and TRL's reward models are).
-    """
-    if "targets" in batch:
-        batch = full_sequences(batch)
-    values = scalar_forward(params, batch["inputs"], config=model_config, **_model_inputs(batch))     # [B,T]
-    segment_ids = batch.get("segment_ids")
-    if segment_ids is None:
-        segment_ids = jnp.ones_like(batch["inputs"])
-    idx = last_token_index(segment_ids)
-    return jnp.take_along_axis(values, idx[:, None], axis=1)[:, 0]
+def pair_scores(params, batch: dict, *, model_config: ModelConfig) -> tuple[jax.Array, jax.Array]:
+    """Reward-model scores (chosen [B], rejected [B]) of a preference batch: both sides' whole sequences (final
+    EOS included) in one forward through `models.sequences.sequence_scores`, the call that scores rollouts."""
+    tokens, mask = pair_sequences(batch)
+    return _split(sequence_scores(params, tokens, mask, model_config=model_config))
 
 
 def _reward_loss(params, batch, *, model_config, center_coef):
-    # The whole sequences, final EOS included: the tokens a rollout's score is read from (`reward_scores`).
-    pair = full_sequences(_concat_pair(batch["chosen"], batch["rejected"]))
-    # One right-padded example per row: causal attention with sequence lengths (cuDNN flash, no T x T mask).
-    segment_ids = pair["segment_ids"]
-    values = scalar_forward(params, pair["inputs"], config=model_config, positions=pair["positions"],
-                            seq_lengths=jnp.sum(segment_ids > 0, axis=1))                          # [2B,T+1]
-    scores = jnp.take_along_axis(values, last_token_index(segment_ids)[:, None], axis=1)[:, 0]
-    chosen, rejected = _split(scores)
+    chosen, rejected = pair_scores(params, batch, model_config=model_config)
     loss, metrics = bradley_terry_loss(chosen, rejected, margin=batch.get("margin"), center_coef=center_coef)
     return loss, _rename(metrics, _BT_NAMES)
 
