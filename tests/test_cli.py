@@ -293,8 +293,10 @@ def _no_signal(state, data, cfg, hooks):
 
 @pytest.mark.parametrize("module, argv, message", [
     ("dpo", ["--dpo.beta", "0"], "dpo.beta = 0.0 must be > 0"),
-    ("ppo", ["--ppo.clip-eps", "-0.1"], "ppo.clip_eps = -0.1 must be > 0"),
-    ("ppo", ["--ppo.gamma", "1.5"], "ppo.gamma = 1.5 must be in [0, 1]"),
+    # PPOConfig and SamplingConfig check themselves (__post_init__); tyro names the option group
+    ("ppo", ["--ppo.clip-eps", "-0.1"], "Error parsing ppo: PPOConfig: clip_eps = -0.1 and vf_clip = 0.2 must"),
+    ("ppo", ["--ppo.gamma", "1.5"], "Error parsing ppo: PPOConfig: gamma = 1.5 must be in [0, 1]"),
+    ("ppo", ["--ppo.sampling.eos-id", "256"], "SamplingConfig: eos_id and pad_id must differ"),
     ("sft", ["--sft.optim.learning-rate", "-1e-4"], "sft.optim.learning_rate = -0.0001 must be > 0"),
 ])
 def test_scripts_reject_out_of_range_values(module, argv, message, capsys, tmp_path):
