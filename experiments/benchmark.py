@@ -24,10 +24,8 @@ is a measured n^3 matmul in the compute dtype (8192 on GPU) and, when the device
 from __future__ import annotations
 
 import argparse
-import ast
 import dataclasses
 import functools
-import inspect
 import json
 import platform
 import statistics
@@ -40,11 +38,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax.generation import sample
+from rlhf_jax.config_cli import field_docs
+from rlhf_jax.generation import SamplingConfig, sample
 from rlhf_jax.models import init_params
 from rlhf_jax.models.config import ModelConfig
 from rlhf_jax.train.optim import OptimConfig
-from rlhf_jax.generation import SamplingConfig
 from rlhf_jax.train.ppo import PPOConfig, init_ppo_state, ppo_update, rollout
 from rlhf_jax.train.state import create_train_state, with_score_head
 from rlhf_jax.train.steps import dpo_step, reward_step, sft_step
@@ -512,19 +510,6 @@ def _format_row(r: dict) -> str:
 
 
 # ------------------------------------------------------------------------------------------------------ CLI
-def _field_docs(cls) -> dict[str, str]:
-    """Docstrings written under dataclass fields, read from the source."""
-    docs, prev = {}, None
-    for node in ast.parse(inspect.getsource(cls)).body[0].body:
-        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-            prev = node.target.id
-            continue
-        if prev and isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
-            docs[prev] = str(node.value.value)
-        prev = None
-    return docs
-
-
 def _argument(tp, default) -> dict:
     """argparse keyword arguments for one field type (bool, int, float, str, Literal, and `X | None`)."""
     optional = typing.get_origin(tp) is not Literal and type(None) in typing.get_args(tp)
@@ -543,7 +528,7 @@ def _argument(tp, default) -> dict:
 def argparse_cli(argv=None) -> BenchConfig:
     """BenchConfig from the command line with argparse only (the fallback when tyro is not installed)."""
     parser = argparse.ArgumentParser(prog="python -m experiments.benchmark", description=__doc__.split("\n")[0])
-    hints, docs = typing.get_type_hints(BenchConfig), _field_docs(BenchConfig)
+    hints, docs = typing.get_type_hints(BenchConfig), field_docs(BenchConfig)
     for f in dataclasses.fields(BenchConfig):
         parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, **_argument(hints[f.name], f.default),
                             help=f"{docs.get(f.name, '')} (default: {f.default})")

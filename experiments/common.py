@@ -16,9 +16,7 @@ rows of every global batch.
 """
 from __future__ import annotations
 
-import ast
 import dataclasses
-import inspect
 import logging
 import os
 import sys
@@ -28,7 +26,7 @@ import jax
 import numpy as np
 import tyro
 
-from rlhf_jax.config_cli import save_config
+from rlhf_jax.config_cli import field_docs, save_config
 from rlhf_jax.models.config import ModelConfig
 from rlhf_jax.train import checkpoint as ckpt
 from rlhf_jax.train.logging import make_stage_hooks, read_jsonl
@@ -38,23 +36,8 @@ log = logging.getLogger("experiments")
 
 
 # ---------------------------------------------------------------------------------------------- option groups
-def _field_docs(cls) -> dict[str, str]:
-    """Docstrings written under dataclass fields (the convention of this project), read from the source."""
-    tree = ast.parse(inspect.getsource(cls)).body[0]
-    docs, prev = {}, None
-    for node in tree.body:
-        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-            prev = node.target.id
-        elif prev and isinstance(node, ast.Expr) and isinstance(getattr(node, "value", None), ast.Constant):
-            docs[prev] = str(node.value.value).strip()
-            prev = None
-        else:
-            prev = None
-    return docs
-
-
 def _make_overrides_class():
-    docs = _field_docs(ModelConfig)
+    docs = field_docs(ModelConfig)
     hints = {f.name: f.type for f in dataclasses.fields(ModelConfig)}
     fields = []
     for f in dataclasses.fields(ModelConfig):
@@ -257,6 +240,52 @@ def load_data(spec: DataSpec, kind: str, *, seed: int, batch_size: int | None = 
     return data, tok
 
 
+class Replayable:
+    """A deterministic batch stream made resumable by replay: `state()` is the number of batches taken, and
+    `restore` rebuilds the stream with `make()` and takes that many again (cheap for generated data)."""
+
+    def __init__(self, make: Callable[[], Any]):
+        self.make, self.taken, self.it = make, 0, iter(make())
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        batch = next(self.it)
+        self.taken += 1
+        return batch
+
+    def state(self) -> dict:
+        return {"taken": self.taken}
+
+    def restore(self, state: dict) -> None:
+        self.it, self.taken = iter(self.make()), 0
+        for _ in range(int(state["taken"])):
+            next(self)
+
+
+class Together:
+    """Iterates `main`; `state()` / `restore()` cover `main` and the `others` (streams a stage reads in step with
+    it, e.g. PPO-ptx's SFT batches), so one checkpoint resumes them all."""
+
+    def __init__(self, main, **others):
+        self.main, self.others = main, others
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return next(self.main)
+
+    def state(self) -> dict:
+        return {"main": self.main.state(), **{k: v.state() for k, v in self.others.items()}}
+
+    def restore(self, state: dict) -> None:
+        self.main.restore(state["main"])
+        for k, v in self.others.items():
+            v.restore(state[k])
+
+
 # ------------------------------------------------------------------------------------------------ the run
 def setup_error(e: Exception) -> int:
     """Print a setup problem (bad data file, incompatible options) as one line and return exit status 2."""
@@ -273,9 +302,10 @@ def start_run(config: Any, out: str) -> str:
 
 def run_stage(stage: str, stage_fn: Callable, state: Any, data: Any, stage_config: Any, *, out: str,
               resume: bool, checkpoint: CheckpointSpec, tokens_per_step: int | None = None,
-              samples_per_step: int | None = None, metadata: dict | None = None):
-    """Run `stage_fn(state, data, stage_config, hooks=...)` with JSONL/TensorBoard/progress hooks, checkpoints
-    every `checkpoint.save_every` steps and on SIGTERM/SIGINT, resuming from the last checkpoint if `resume`.
+              samples_per_step: int | None = None, metadata: dict | None = None, extra_hooks=()):
+    """Run `stage_fn(state, data, stage_config, hooks=...)` with JSONL/TensorBoard/progress hooks (and
+    `extra_hooks`), checkpoints every `checkpoint.save_every` steps and on SIGTERM/SIGINT, resuming from the last
+    checkpoint (state and data position) if `resume`.
 
     Returns `(state, history, finished)`; `finished` is False when a signal stopped the run early.
     """
@@ -297,7 +327,7 @@ def run_stage(stage: str, stage_fn: Callable, state: Any, data: Any, stage_confi
         hooks = make_stage_hooks(out, stage, total_steps=stage_config.num_steps, initial_step=start,
                                  tokens_per_step=tokens_per_step, samples_per_step=samples_per_step,
                                  tensorboard=checkpoint.tensorboard, progress=checkpoint.progress,
-                                 extra=[ck_hook])
+                                 extra=[*extra_hooks, ck_hook])
         try:
             state, history = stage_fn(state, data, dataclasses.replace(stage_config, num_steps=remaining),
                                       hooks=hooks)

@@ -19,6 +19,7 @@ the export) and its metrics under `DIR/<stage>/`; `--config FILE.json` sets any 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -28,6 +29,7 @@ from typing import Literal
 import jax
 import numpy as np
 
+from experiments.common import CheckpointSpec, Replayable, Together, run_stage
 from rlhf_jax import tasks as world
 from rlhf_jax.config_cli import parse_cli, save_config
 from rlhf_jax.data import Batches, SFTRecord, ShuffledIterator, collate_prompts, pack_sft
@@ -38,7 +40,7 @@ from rlhf_jax.models import ModelConfig, init_params
 from rlhf_jax.tokenizer import ByteTokenizer, encode_chat, encode_prompt
 from rlhf_jax.train import checkpoint as ckpt
 from rlhf_jax.train import stages
-from rlhf_jax.train.logging import StageHooks, make_stage_hooks
+from rlhf_jax.train.logging import StageHooks
 from rlhf_jax.train.optim import OptimConfig
 from rlhf_jax.train.ppo import PPOConfig, init_ppo_state
 from rlhf_jax.train.report import plot_curves, plot_xy, write_report
@@ -156,7 +158,7 @@ PROMPT_WIDTH = 64  # bytes: BOS + headers + the longest prompt (40) fit
 
 
 class Stopped(Exception):
-    """A signal stopped a stage; finished stages are saved, `--resume` continues."""
+    """A signal stopped the named stage (its checkpoint is saved; `--resume` continues)."""
 
 
 # ---------------------------------------------------------------------------------------------------- data
@@ -194,50 +196,52 @@ def _optim(lr, steps, warmup_frac=0.05, **kw) -> OptimConfig:
 
 # ---------------------------------------------------------------------------------------------------- stages
 class _Run:
-    """The run directory: one `stage(...)` call per stage, which loads the stage's `final/` on --resume, or runs
-    it under SIGTERM/SIGINT handling and saves `final/` (raising `Stopped` if a signal ended it early)."""
+    """The stages of one run directory, each through the scripts' runner (`experiments.common.run_stage`):
+    JSONL/TensorBoard metrics, a checkpoint every 100 steps and on SIGTERM/SIGINT, and `final/` params at the
+    end. With --resume a stage whose `final/` exists is loaded, and a stopped one continues from its checkpoint."""
 
     def __init__(self, cfg: PipelineConfig, mc: ModelConfig):
         self.cfg, self.mc, self.timings = cfg, mc, {}
 
-    def final(self, name):
-        return os.path.join(self.cfg.out, name, "final")
-
-    def stage(self, name, run, state, steps, params_of=lambda s: s.params, extra_hooks=()):
+    def stage(self, name, run, state, data, stage_config, params_of=lambda s: s.params, extra_hooks=()):
+        """-> (final params, whether the stage ran in this process)."""
+        final = os.path.join(self.cfg.out, name, "final")
+        if self.cfg.resume and os.path.isdir(os.path.join(final, "params")):
+            print(f"[pipeline] {name:<12} loaded from {final}", flush=True)
+            return ckpt.load_params(final)[1], False
         t = time.time()
-        if self.cfg.resume and os.path.isdir(self.final(name)):
-            params = ckpt.load_params(self.final(name))[1]
-            print(f"[pipeline] {name:<12} loaded from {self.final(name)}", flush=True)
-            return params, False
-        with ckpt.GracefulExit() as exit_flag:
-            stop = type("Stop", (StageHooks,), {"should_stop": lambda self: exit_flag.requested})()
-            hooks = make_stage_hooks(self.cfg.out, name, total_steps=steps, log_every=1, extra=[stop, *extra_hooks],
-                                     tokens_per_step=self.cfg.batch_size * self.cfg.seq_len)
-            try:
-                state, _ = run(state, hooks)
-            finally:
-                hooks.close()
-        if exit_flag.requested:
-            raise Stopped(f"stopped by a signal during {name}; finished stages are saved: continue with "
-                          f"python -m experiments.pipeline --resume --out {self.cfg.out}")
+        state, _, finished = run_stage(name, run, state, data, stage_config, out=self.cfg.out,
+                                       resume=self.cfg.resume, checkpoint=CheckpointSpec(save_every=100),
+                                       tokens_per_step=self.cfg.batch_size * self.cfg.seq_len,
+                                       extra_hooks=extra_hooks)
+        if not finished:
+            raise Stopped(name)
         params = params_of(state)
-        ckpt.save_params(self.final(name), params, model_config=self.mc)
+        ckpt.save_params(final, params, model_config=self.mc)
         self.timings[name] = time.time() - t
         print(f"[pipeline] {name:<12} done in {self.timings[name]:6.1f} s", flush=True)
         return params, True
 
 
 class PPOCurve(StageHooks):
-    """Every `every` PPO iterations: the evaluation of the current policy (gold, proxy, KL: the plot)."""
+    """Every `every` PPO iterations: the evaluation of the current policy (gold, proxy, KL: the plot), appended to
+    `path` (JSONL) so that a resumed run keeps the points evaluated before the stop."""
 
-    def __init__(self, evaluate, every, first, **kwargs):
-        self.evaluate, self.every, self.kwargs, self.points, self.last = evaluate, every, kwargs, [first], None
+    def __init__(self, evaluate, every, path, **kwargs):
+        self.evaluate, self.every, self.path, self.kwargs, self.last = evaluate, every, path, kwargs, None
 
     def on_state(self, step, state):
         if step % self.every == 0:
             m, gold = self.evaluate(state.policy.params, **self.kwargs)
-            self.points.append({"iteration": step, **m})
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"iteration": step, **m}) + "\n")
             self.last = (step, (m, gold))
+
+    def points(self) -> list[dict]:
+        """The evaluations by iteration (a later line wins: a resumed run may redo one)."""
+        with open(self.path) as f:
+            by_step = {p["iteration"]: p for p in map(json.loads, f)}
+        return [by_step[k] for k in sorted(by_step)]
 
 
 def run(cfg: PipelineConfig) -> dict:
@@ -265,19 +269,18 @@ def run(cfg: PipelineConfig) -> dict:
     # 1. Pretraining on the web corpus.
     state = create_train_state(init_params(mc, k_init), _optim(1e-3, cfg.pretrain_steps, weight_decay=0.01),
                                jax.random.fold_in(k_init, 1), total_steps=cfg.pretrain_steps)
-    pretrain = stages.SFTConfig(num_steps=cfg.pretrain_steps, log_every=10, optim=OptimConfig())
-    base_params, _ = runs.stage("pretrain", lambda s, h: stages.run_sft(
-        s, _packed_batches([_document(d) for d in docs], cfg, cfg.seed), pretrain, model_config=mc, hooks=h),
-        state, cfg.pretrain_steps)
+    documents = [_document(d) for d in docs]
+    base_params, _ = runs.stage("pretrain", functools.partial(stages.run_sft, model_config=mc), state,
+                                Replayable(lambda: _packed_batches(documents, cfg, cfg.seed)),
+                                stages.SFTConfig(num_steps=cfg.pretrain_steps, log_every=10, optim=OptimConfig()))
 
     # 2. SFT on concise, correct demonstrations (loss on the answers only).
     sft_records = [SFTRecord(messages=tuple(d["messages"])) for d in demos]
     sft_batches = Batches(ShuffledIterator(sft_records, seed=cfg.seed), TOK, kind="sft",
                           batch_size=cfg.batch_size, buckets=(cfg.seq_len,), pack=True)
     state = create_train_state(base_params, _optim(3e-4, cfg.sft_steps), k_sft, total_steps=cfg.sft_steps)
-    sft_params, _ = runs.stage("sft", lambda s, h: stages.run_sft(
-        s, sft_batches, stages.SFTConfig(num_steps=cfg.sft_steps, log_every=10), model_config=mc, hooks=h),
-        state, cfg.sft_steps)
+    sft_params, _ = runs.stage("sft", functools.partial(stages.run_sft, model_config=mc), state, sft_batches,
+                               stages.SFTConfig(num_steps=cfg.sft_steps, log_every=10))
 
     # 3. Preference pairs: temperature-1 SFT samples, compared (K = 2) or ranked (K > 2) by simulated annotators;
     # off-policy pairs of edited reference answers and look-alike answer-vs-refusal pairs widen the comparisons
@@ -311,9 +314,9 @@ def run(cfg: PipelineConfig) -> dict:
     # 4. Reward model: the SFT trunk plus a scalar head, Bradley-Terry on the annotated pairs.
     state = create_train_state(with_score_head(sft_params, mc, k_rm), _optim(cfg.rm_lr, cfg.rm_steps), k_rm,
                                total_steps=cfg.rm_steps)
-    reward_params, _ = runs.stage("reward", lambda s, h: stages.run_reward(
-        s, pref_batches(train_pairs, cfg.seed), stages.RewardConfig(num_steps=cfg.rm_steps, log_every=10),
-        model_config=mc, hooks=h), state, cfg.rm_steps)
+    reward_params, _ = runs.stage("reward", functools.partial(stages.run_reward, model_config=mc), state,
+                                  pref_batches(train_pairs, cfg.seed),
+                                  stages.RewardConfig(num_steps=cfg.rm_steps, log_every=10))
     t = time.time()
     rm_report = {"accuracy": pairwise_accuracy(reward_params, pref_batches(test_pairs, 0, epochs=1), model_config=mc),
                  "train_pairs": len(train_pairs), "test_pairs": len(test_pairs),
@@ -332,40 +335,39 @@ def run(cfg: PipelineConfig) -> dict:
                         optim=OptimConfig(learning_rate=cfg.ppo_lr, eps=1e-5, max_grad_norm=1.0),
                         value_optim=OptimConfig(learning_rate=1e-4, eps=1e-5, max_grad_norm=1.0))
     rl_tasks = world.prompt_set(cfg.ppo_batch * 64, cfg.seed + 4, split="train")
-    prompt_batches = (_prompt_batch([rl_tasks[j % len(rl_tasks)] for j in range(i * cfg.ppo_batch,
-                                                                              (i + 1) * cfg.ppo_batch)])
-                      for i in range(cfg.ppo_iterations))
+    prompt_batches = Replayable(lambda: (_prompt_batch([rl_tasks[j % len(rl_tasks)] for j in range(
+        i * cfg.ppo_batch, (i + 1) * cfg.ppo_batch)]) for i in range(cfg.ppo_iterations)))
     ptx_batches = (Batches(ShuffledIterator(sft_records, seed=cfg.seed + 7), TOK, kind="sft", batch_size=16,
                            buckets=(cfg.seq_len,), pack=True) if cfg.ppo_ptx_coef > 0 else None)
-    curve = PPOCurve(evaluate, cfg.eval_every, {"iteration": 0, **table["sft"]}, **eval_kwargs)
-    ppo_params, ran = runs.stage("ppo", lambda s, h: stages.run_ppo(
-        s, prompt_batches, ppo_cfg, model_config=mc, ref_params=sft_params, reward_params=reward_params,
-        ptx_data=ptx_batches, hooks=h), init_ppo_state(sft_params, ppo_cfg, model_config=mc, rng=k_ppo,
-                                                       reward_params=reward_params),
-        cfg.ppo_iterations, params_of=lambda s: s.policy.params, extra_hooks=[curve])
-    curve_file = os.path.join(cfg.out, "ppo", "curve.json")
-    if ran:
-        with open(curve_file, "w") as f:
-            json.dump(curve.points, f)
+    curve_file = os.path.join(cfg.out, "ppo", "curve.jsonl")
+    if not cfg.resume and os.path.exists(curve_file):
+        os.remove(curve_file)
+    os.makedirs(os.path.dirname(curve_file), exist_ok=True)
+    with open(curve_file, "a") as f:
+        f.write(json.dumps({"iteration": 0, **table["sft"]}) + "\n")
+    curve = PPOCurve(evaluate, cfg.eval_every, curve_file, **eval_kwargs)
+    ppo_params, _ = runs.stage(
+        "ppo", functools.partial(stages.run_ppo, model_config=mc, ref_params=sft_params, reward_params=reward_params,
+                                 ptx_data=ptx_batches),
+        init_ppo_state(sft_params, ppo_cfg, model_config=mc, rng=k_ppo, reward_params=reward_params),
+        Together(prompt_batches, **({"ptx": ptx_batches} if ptx_batches is not None else {})), ppo_cfg,
+        params_of=lambda s: s.policy.params, extra_hooks=[curve])
     # The final policy's row: the curve's evaluation of it when it just ran one (same prompts, same rng).
     done = curve.last is not None and curve.last[0] == cfg.ppo_iterations
     table["ppo"], ppo_gold = curve.last[1] if done else evaluate(ppo_params, **eval_kwargs)
-    with open(curve_file) as f:
-        curve_points = json.load(f)
 
     # 6. DPO from the SFT policy on the on-policy pairs (no reward model, no rollouts).
     dpo_train = train_pairs if cfg.dpo_pairs == "all" else world.on_policy_records(on_policy, len(pref_tasks))
     dpo_cfg = stages.DPOConfig(num_steps=cfg.dpo_steps, beta=cfg.dpo_beta, log_every=10, rpo_alpha=cfg.dpo_rpo_alpha)
     state = create_train_state(sft_params, _optim(cfg.dpo_lr, cfg.dpo_steps), k_dpo, total_steps=cfg.dpo_steps)
-    dpo_params, _ = runs.stage("dpo", lambda s, h: stages.run_dpo(
-        s, pref_batches(dpo_train, cfg.seed + 1), dpo_cfg, model_config=mc, ref_params=sft_params, hooks=h),
-        state, cfg.dpo_steps)
+    dpo_params, _ = runs.stage("dpo", functools.partial(stages.run_dpo, model_config=mc, ref_params=sft_params),
+                               state, pref_batches(dpo_train, cfg.seed + 1), dpo_cfg)
     table["dpo"], dpo_gold = evaluate(dpo_params, **eval_kwargs)
 
     vs_sft = {stage: paired_bootstrap(gold, sft_gold, seed=cfg.seed)
               for stage, gold in (("base", base_gold), ("ppo", ppo_gold), ("dpo", dpo_gold))}
     table = {s: table[s] for s in ("base", "sft", "ppo", "dpo")}
-    return _report(cfg, table, rm_report, vs_sft, curve_points, runs.timings, time.time() - t0)
+    return _report(cfg, table, rm_report, vs_sft, curve.points(), runs.timings, time.time() - t0)
 
 
 _SFT_NAMES = {"kl_to_ref": "kl_to_sft", "win_rate": "win_rate_vs_sft"}
@@ -434,7 +436,8 @@ def main(argv=None) -> int:
     try:
         run(cfg)
     except Stopped as e:
-        print(f"[pipeline] {e}", file=sys.stderr)
+        print(f"[pipeline] stopped during {e}; continue with: python -m experiments.pipeline --resume --out "
+              f"{cfg.out}", file=sys.stderr)
         return 143
     return 0
 

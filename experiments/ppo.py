@@ -13,7 +13,6 @@ import os
 import sys
 
 import jax
-import jax.numpy as jnp
 
 from experiments.common import (CheckpointSpec, DataSpec, RunOptions, finish_report, init_model, load_data,
                                 make_run_mesh, run_stage, setup_error, start_run)
@@ -69,7 +68,8 @@ def main(argv=None) -> int:
                                  f"initialised from the reward model): {reward_mc} vs {mc}")
         if "score_head" not in reward:
             reward = with_score_head(reward, mc, k_head)
-        ref = jax.tree.map(lambda x: jnp.array(x, copy=True), policy)
+        # On the device once (a no-op for device arrays); the train states make their own copies to donate.
+        ref, reward = jax.device_put((policy, reward))
         state = init_ppo_state(policy, ppo_cfg, model_config=mc, rng=k_state, reward_params=reward)
     except (ValueError, OSError) as e:  # DataError is a ValueError
         return setup_error(e)

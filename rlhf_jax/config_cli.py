@@ -24,7 +24,6 @@ import typing
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
 
-import tyro
 
 
 class ConfigError(ValueError):
@@ -43,6 +42,23 @@ _NON_NEGATIVE = {"warmup_steps", "weight_decay", "center_coef", "kl_coef", "init
                  "length_penalty", "rpo_alpha", "sft_coef", "entropy_coef", "missing_eos_penalty", "num_demo"}
 _UNIT = {"gamma", "lam", "top_p", "min_lr_ratio", "decay_fraction", "b1", "b2", "label_smoothing",
          "eval_fraction", "dropout"}
+
+
+def field_docs(cls) -> dict[str, str]:
+    """The docstrings written under a dataclass's fields (this project's convention), read from its source: help
+    text where tyro cannot read it (generated dataclasses, the benchmark's argparse fallback)."""
+    import ast
+    import inspect
+
+    docs, prev = {}, None
+    for node in ast.parse(inspect.getsource(cls)).body[0].body:
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            prev = node.target.id
+            continue
+        if prev and isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
+            docs[prev] = str(node.value.value).strip()
+        prev = None
+    return docs
 
 
 def _is_number(v: Any) -> bool:
@@ -219,6 +235,8 @@ def parse_cli(cls: type, argv: Sequence[str] | None = None, *, description: str 
         if json_path is not None:
             base = load_json_config(json_path, base)
         text = f"{description or (cls.__doc__ or '').strip()}\n\n{CONFIG_HELP}"
+        import tyro  # imported here: the rest of this module (field_docs) serves scripts without tyro
+
         config = tyro.cli(cls, args=rest, default=base, description=text)
         validate(config)
     except ConfigError as e:

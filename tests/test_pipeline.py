@@ -2,6 +2,11 @@
 stage's final params are saved, --resume reloads them), and the world's pair helpers it uses."""
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 
@@ -45,11 +50,33 @@ def test_quick_pipeline_writes_report(tmp_path):
     assert ppo_last["loss/ptx"] > 0.0  # PPO-ptx on the demonstrations is on by default
     for stage in ("pretrain", "sft", "reward", "ppo", "dpo"):
         assert (tmp_path / stage / "final" / "model_config.json").exists(), stage
-    # --resume on a finished run reloads every stage's final params and rebuilds the same report.
-    again = run(PipelineConfig(quick=True, out=str(tmp_path), resume=True))
-    for stage in ("base", "sft", "ppo", "dpo"):
-        assert again[stage] == report[stage], stage
-    assert again["reward_model"] == report["reward_model"] and again["ppo_curve"] == report["ppo_curve"]
+    _stopped_and_resumed_gives_the_same_report(tmp_path / "resumed", on_disk)
+
+
+def _stopped_and_resumed_gives_the_same_report(out, report):
+    """The script stopped by SIGTERM inside the reward-model stage, then run again with --resume (finished stages
+    reloaded from final/, the reward stage from its checkpoint): the report equals the uninterrupted run's."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", ""), "JAX_PLATFORMS": "cpu",
+           "CI": "1"}
+    cmd = [sys.executable, "-m", "experiments.pipeline", "--quick", "--out", str(out)]
+    proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log, deadline = out / "reward" / "metrics.jsonl", time.time() + 600
+    while not (log.exists() and log.read_text().strip()):        # the reward stage has logged its first steps
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 143, err[-3000:]
+    assert "stopped during reward; continue with: python -m experiments.pipeline --resume" in err
+    assert (out / "sft" / "final").is_dir() and not (out / "reward" / "final").exists()
+    assert os.listdir(out / "checkpoints" / "reward")                 # the stopped stage's checkpoint
+    done = subprocess.run(cmd + ["--resume"], cwd=root, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "sft          loaded from" in done.stdout and "resuming reward from step" in done.stderr
+    again = json.loads((out / "report.json").read_text())
+    for key in ("base", "sft", "ppo", "dpo", "reward_model", "ppo_curve"):     # as JSON: NaN equals NaN
+        assert json.dumps(again[key], sort_keys=True) == json.dumps(report[key], sort_keys=True), key
 
 
 def test_split_pairs_holds_out_whole_prompts():

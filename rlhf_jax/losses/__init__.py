@@ -18,7 +18,7 @@ from rlhf_jax.losses._logprobs import (
     token_logprobs_and_argmax_from_hidden,
     token_logprobs_from_hidden,
 )
-from rlhf_jax.losses._ppo import gae, ppo_policy_loss, ppo_value_loss, whiten
+from rlhf_jax.losses._ppo import explained_variance, gae, ppo_policy_loss, ppo_value_loss, whiten
 from rlhf_jax.losses._reward import bradley_terry_loss
 from rlhf_jax.losses._sft import sft_loss, sft_loss_from_hidden, sft_loss_sums
 
@@ -33,6 +33,7 @@ __all__ = [
     "bradley_terry_loss",
     "dpo_loss",
     "entropy_from_logits",
+    "explained_variance",
     "gae",
     "kl_penalty",
     "masked_count",

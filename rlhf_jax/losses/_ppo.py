@@ -163,7 +163,14 @@ def ppo_value_loss(values, old_values, returns, mask, *, clip_eps: float | None 
         outside = jnp.abs(v - old) > clip_eps
         clipfrac = masked_mean((outside & (err_clipped > err)).astype(jnp.float32), mask)
     loss = 0.5 * masked_mean(per_token, mask)
-    var_ret = masked_var(ret, mask, unbiased=False)
-    var_err = masked_var(ret - lax.stop_gradient(v), mask, unbiased=False)
-    explained = jnp.where(var_ret > 0, 1.0 - var_err / jnp.where(var_ret > 0, var_ret, 1.0), 0.0)
+    explained = explained_variance(lax.stop_gradient(v), ret, mask)
     return loss, {"loss": loss, "clipfrac": clipfrac, "explained_variance": explained}
+
+
+def explained_variance(values, returns, mask):
+    """``1 - Var[R - v] / Var[R]`` over valid tokens (population variances; 0 when ``Var[R] = 0``): the share of
+    the returns' variance the value predictions explain (1 perfect, 0 no better than a constant, < 0 worse)."""
+    ret = jnp.asarray(returns, jnp.float32)
+    var_ret = masked_var(ret, mask, unbiased=False)
+    var_err = masked_var(ret - jnp.asarray(values, jnp.float32), mask, unbiased=False)
+    return jnp.where(var_ret > 0, 1.0 - var_err / jnp.where(var_ret > 0, var_ret, 1.0), 0.0)

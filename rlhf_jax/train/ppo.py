@@ -22,8 +22,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from rlhf_jax.generation import SamplingConfig
-from rlhf_jax.losses import (AdaptiveKLController, entropy_from_logits, gae, masked_mean, masked_sum, masked_var,
-                             ppo_policy_loss, ppo_value_loss, shape_rewards, token_logprobs, whiten)
+from rlhf_jax.losses import (AdaptiveKLController, entropy_from_logits, explained_variance, gae, masked_mean,
+                             masked_sum, ppo_policy_loss, ppo_value_loss, shape_rewards, token_logprobs, whiten)
 from rlhf_jax.models.config import ModelConfig
 from rlhf_jax.train.optim import OptimConfig
 from rlhf_jax.train.rl import (Episodes, RewardFn, episode_logits, episode_logprobs, episode_values,
@@ -235,13 +235,6 @@ def ppo_update(state: PPOState, data: Rollout, rng, *, config: PPOConfig, model_
 
 
 _SFT_KEYS = ("inputs", "targets", "loss_mask", "positions", "segment_ids")
-
-
-def explained_variance(values, returns, mask):
-    """1 - Var[R - V] / Var[R] over valid tokens (0 when Var[R] = 0): how much of the return V explains."""
-    var_ret = masked_var(returns, mask, unbiased=False)
-    var_err = masked_var(returns - values, mask, unbiased=False)
-    return jnp.where(var_ret > 0, 1.0 - var_err / jnp.where(var_ret > 0, var_ret, 1.0), 0.0)
 
 
 def ppo_step(state: PPOState, batch: dict, ref_params, reward_params, ptx_batch=None, *, config: PPOConfig,
