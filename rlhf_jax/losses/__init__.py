@@ -1,4 +1,4 @@
-"""Losses for LLM post-training, as pure functions over arrays: SFT, reward modelling, PPO, DPO."""
+"""Losses and advantage estimators for LLM post-training, as pure functions over arrays."""
 
 from rlhf_jax.losses._common import masked_count, masked_mean, masked_sum, masked_var
 from rlhf_jax.losses._dpo import LOSS_TYPES as DPO_LOSS_TYPES
@@ -18,7 +18,9 @@ from rlhf_jax.losses._logprobs import (
     token_logprobs_and_argmax_from_hidden,
     token_logprobs_from_hidden,
 )
-from rlhf_jax.losses._ppo import explained_variance, gae, ppo_policy_loss, ppo_value_loss, whiten
+from rlhf_jax.losses._advantages import (GROUP_SCALES, discounted_returns, gae, group_advantages, rloo_advantages,
+                                        whiten)
+from rlhf_jax.losses._ppo import explained_variance, ppo_policy_loss, ppo_value_loss
 from rlhf_jax.losses._reward import bradley_terry_loss
 from rlhf_jax.losses._sft import sft_loss, sft_loss_from_hidden, sft_loss_sums
 
@@ -34,7 +36,11 @@ __all__ = [
     "dpo_loss",
     "entropy_from_logits",
     "explained_variance",
+    "GROUP_SCALES",
+    "discounted_returns",
     "gae",
+    "group_advantages",
+    "rloo_advantages",
     "kl_penalty",
     "masked_count",
     "masked_mean",

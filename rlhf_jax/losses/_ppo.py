@@ -1,7 +1,5 @@
-"""PPO for language models: advantages (GAE), whitening, and the clipped policy and value losses.
+"""PPO for language models: the clipped policy and value losses (advantages: ``_advantages.py``).
 
-* GAE — Schulman et al. 2016, "High-Dimensional Continuous Control Using Generalized Advantage Estimation", eq. 16,
-  computed as a reverse ``lax.scan`` over time (one compiled loop, as purejaxrl).
 * Clipped surrogate — Schulman et al. 2017, "Proximal Policy Optimization Algorithms", eq. 7, with the optional
   dual clip of Ye et al. 2020 ("Mastering Complex Control in MOBA Games with Deep RL") for negative advantages.
 * Clipped value loss — as in the OpenAI baselines / InstructGPT PPO code (Ziegler et al. 2019; Ouyang et al. 2022).
@@ -15,72 +13,6 @@ import jax.numpy as jnp
 from jax import lax
 
 from rlhf_jax.losses._common import masked_mean, masked_var
-
-_WHITEN_EPS = 1e-8
-
-
-def gae(rewards, values, mask, *, gamma: float = 1.0, lam: float = 0.95):
-    """Generalised advantage estimation over right-padded token sequences.
-
-    ``delta_t = r_t + gamma * V_{t+1} * m_{t+1} - V_t``
-    ``A_t = m_t * (delta_t + gamma * lam * A_{t+1})``, with ``A_T = 0``
-    ``R_t = A_t + V_t`` (the lambda-return, the value-function target)
-
-    The value after the last valid token is 0 (the episode ends there); entries with ``m_t = 0`` are 0 in both
-    outputs, whatever ``rewards``/``values`` hold there. ``lam = 0`` gives one-step TD errors, ``lam = 1`` Monte-Carlo
-    returns minus the baseline.
-
-    Args:
-      rewards: ``[B, T]`` per-token rewards (e.g. from ``shape_rewards``).
-      values: ``[B, T]`` value estimates ``V(s_t)``.
-      mask: ``[B, T]``, 1 on valid (response) tokens, a contiguous run from t = 0 in each row.
-      gamma: discount factor (may be a traced scalar).
-      lam: GAE lambda (may be a traced scalar).
-
-    Returns:
-      ``(advantages [B, T], returns [B, T])`` float32.
-    """
-    m = jnp.asarray(mask) > 0
-    mf = m.astype(jnp.float32)
-    r = jnp.where(m, jnp.asarray(rewards, jnp.float32), 0.0)
-    v = jnp.where(m, jnp.asarray(values, jnp.float32), 0.0)
-    next_v = jnp.pad(v[:, 1:], ((0, 0), (0, 1)))  # already 0 where m_{t+1} = 0
-    deltas = r + gamma * next_v - v
-
-    def step(next_adv, xs):
-        delta_t, m_t = xs
-        adv = m_t * (delta_t + gamma * lam * next_adv)
-        return adv, adv
-
-    _, adv_t = lax.scan(step, jnp.zeros(r.shape[:1], jnp.float32), (deltas.T, mf.T), reverse=True)
-    advantages = adv_t.T
-    returns = jnp.where(m, advantages + v, 0.0)
-    return advantages, returns
-
-
-def whiten(x, mask, *, shift_mean: bool = True):
-    """Normalise ``x`` to zero mean and unit variance over its valid entries.
-
-    ``y = (x - mean) / sqrt(var + 1e-8)`` with ``mean``/``var`` the masked mean and *unbiased* (Bessel-corrected)
-    variance over all valid entries of the batch, as TRL's ``masked_whiten``. With ``shift_mean=False`` the mean is
-    added back (rescale only; TRL does this for rewards). Masked entries of the output are 0.
-
-    Args:
-      x: ``[B, T]`` values (advantages, rewards).
-      mask: ``[B, T]`` valid-entry mask.
-      shift_mean: subtract the mean (True) or only divide by the standard deviation (False).
-
-    Returns:
-      ``[B, T]`` float32.
-    """
-    x = jnp.asarray(x, jnp.float32)
-    mean = masked_mean(x, mask)
-    var = masked_var(x, mask, unbiased=True)
-    y = (x - mean) * lax.rsqrt(var + _WHITEN_EPS)
-    if not shift_mean:
-        y = y + mean
-    return jnp.where(jnp.asarray(mask) > 0, y, 0.0)
-
 
 def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, *, clip_eps: float = 0.2, dual_clip=None):
     """PPO clipped surrogate policy loss (Schulman et al. 2017, eq. 7), optionally dual-clipped.
