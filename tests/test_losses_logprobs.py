@@ -4,7 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlhf_jax.losses import entropy_from_logits, sequence_logprobs, token_logprobs, token_logprobs_from_hidden
+from rlhf_jax.losses import entropy_from_logits, sequence_logprobs, token_logprobs
+from rlhf_jax.models.head import token_logprobs_from_hidden
 
 
 def ragged(rng, b, t, min_len=0):

@@ -7,9 +7,8 @@ import numpy as np
 import pytest
 
 from rlhf_jax.losses import sft_loss, token_logprobs
-from rlhf_jax.losses._logprobs import (FULL_LOGITS_MAX_BYTES, FUSED_CHUNK, resolve_chunk,
-                                       token_logprobs_and_argmax_from_hidden, token_logprobs_from_hidden)
-from rlhf_jax.losses._sft import sft_loss_from_hidden
+from rlhf_jax.models.head import (FULL_LOGITS_MAX_BYTES, FUSED_CHUNK, resolve_chunk, sft_loss_from_hidden,
+                                  token_logprobs_and_argmax_from_hidden, token_logprobs_from_hidden)
 from rlhf_jax.models import (forward, forward_cached, forward_hidden, init_cache, init_params,
                              scalar_forward)
 from rlhf_jax.models.transformer import KVCache, attention_impl, decode_params, lm_head_kernel, prefill, scan_unroll
@@ -271,7 +270,7 @@ def _dot_operand_dtypes(jaxpr):
 def test_head_matmul_backward_runs_in_the_operand_dtype():
     """The LM head's backward matmuls take 16-bit operands (a plain einsum with a float32 output would give them a
     float32 cotangent: float32 products of the largest matrices); the values match a float32 reference."""
-    from rlhf_jax.precision import head_matmul
+    from rlhf_jax.models.head import head_matmul
     rng = np.random.default_rng(0)
     x32 = jnp.asarray(rng.normal(size=(2, 5, 16)), jnp.float32)
     w32 = jnp.asarray(rng.normal(size=(16, 24)) * 0.2, jnp.float32)
@@ -299,7 +298,7 @@ def test_head_matmul_backward_runs_in_the_operand_dtype():
 
 
 def test_max_and_argmax_one_pass_equals_jnp():
-    from rlhf_jax.losses._logprobs import _max_and_argmax
+    from rlhf_jax.models.head import _max_and_argmax
     rng = np.random.default_rng(3)
     x = rng.integers(-3, 3, (4, 6, 11)).astype(np.float32)    # many ties: the first index must win
     x[0, 0] = -np.inf

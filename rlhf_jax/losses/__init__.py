@@ -10,24 +10,14 @@ from rlhf_jax.losses._kl import (
     kl_penalty,
     shape_rewards,
 )
-from rlhf_jax.losses._logprobs import (
-    FUSED_CHUNK,
-    entropy_from_logits,
-    sequence_logprobs,
-    token_logprobs,
-    token_logprobs_and_argmax_from_hidden,
-    token_logprobs_from_hidden,
-)
+from rlhf_jax.losses._logprobs import entropy_from_logits, sequence_logprobs, token_logprobs
 from rlhf_jax.losses._advantages import (GROUP_SCALES, discounted_returns, gae, group_advantages, rloo_advantages,
                                         whiten)
 from rlhf_jax.losses._ppo import explained_variance, ppo_policy_loss, ppo_value_loss
 from rlhf_jax.losses._reward import bradley_terry_loss
-from rlhf_jax.losses._sft import sft_loss, sft_loss_from_hidden, sft_loss_sums
+from rlhf_jax.losses._sft import sft_loss, sft_loss_sums
 
 __all__ = [
-    "FUSED_CHUNK",
-    "sft_loss_from_hidden",
-    "token_logprobs_and_argmax_from_hidden",
     "AdaptiveKLController",
     "DPO_LOSS_TYPES",
     "KL_ESTIMATORS",
@@ -53,6 +43,5 @@ __all__ = [
     "sft_loss_sums",
     "shape_rewards",
     "token_logprobs",
-    "token_logprobs_from_hidden",
     "whiten",
 ]

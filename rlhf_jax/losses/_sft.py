@@ -11,7 +11,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from rlhf_jax.losses._common import masked_count, masked_sum
-from rlhf_jax.losses._logprobs import FUSED_CHUNK, token_logprobs, token_logprobs_and_argmax_from_hidden
+from rlhf_jax.losses._logprobs import token_logprobs
 
 
 def sft_loss_sums(logits, targets, loss_mask, *, chunk_size: int | None = None):
@@ -51,24 +51,6 @@ def sft_loss(logits, targets, loss_mask, *, chunk_size: int | None = None):
       plus the raw sums ``"nll_sum"`` and ``"num_correct"`` for exact aggregation across shards.
     """
     return _loss_and_metrics(sft_loss_sums(logits, targets, loss_mask, chunk_size=chunk_size))
-
-
-def sft_loss_from_hidden(hidden, w, targets, loss_mask, *, chunk_size: int | str | None = FUSED_CHUNK):
-    """``sft_loss(hidden @ w, targets, loss_mask)`` without building the ``[B, T, V]`` logits.
-
-    Args:
-      hidden: ``[B, T, D]`` final hidden states; w: ``[D, V]`` LM head (same dtype, float32 accumulation).
-      targets, loss_mask: as in ``sft_loss``.
-      chunk_size: vocabulary columns per chunk (see ``token_logprobs_and_argmax_from_hidden``); ``None``: full
-        float32 logits; ``"auto"``: full logits up to 4 GiB, else chunks.
-
-    Returns:
-      ``(loss, metrics)`` exactly as ``sft_loss`` (accuracy from a running argmax over the chunks).
-    """
-    logp, argmax = token_logprobs_and_argmax_from_hidden(hidden, w, targets, chunk_size=chunk_size)
-    correct = (argmax == jnp.asarray(targets)).astype(jnp.float32)
-    return _loss_and_metrics({"nll_sum": masked_sum(-logp, loss_mask), "num_tokens": masked_count(loss_mask),
-                              "num_correct": masked_sum(correct, loss_mask)})
 
 
 def _loss_and_metrics(sums):

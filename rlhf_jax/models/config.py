@@ -60,7 +60,7 @@ class ModelConfig:
     """LM head + log-softmax of the training steps (SFT, DPO, PPO-ptx): an int streams the vocabulary in chunks
     of that many columns (no [B,T,V] float32 logits; each chunk's logits are recomputed in the backward pass);
     None builds the [B,T,V] float32 logits once (faster: 32 -> 28 ms for GPT-2 124M SFT 8x1024 on an H100);
-    "auto" builds them while they take at most `losses._logprobs.FULL_LOGITS_MAX_BYTES` (4 GiB), else chunks of 8192."""
+    "auto" builds them while they take at most `models.head.FULL_LOGITS_MAX_BYTES` (4 GiB), else chunks of 8192."""
 
     def __post_init__(self):
         if self.scan_unroll is not None and (not isinstance(self.scan_unroll, int) or self.scan_unroll < 1):

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from rlhf_jax.models.config import ModelConfig
-from rlhf_jax.precision import head_matmul
+from rlhf_jax.models.head import head_matmul
 
 _normal = nn.initializers.normal
 
@@ -51,7 +51,7 @@ class _Dense(nn.Module):
         cfg, n_in = self.config, self.n_in
         w = self.param("kernel", nn.with_logical_partitioning(_normal(self.std), self.axes), self.shape,
                        cfg.params_dtype)
-        if self.f32_out:   # float32 output, backward in the compute dtype (rlhf_jax.precision)
+        if self.f32_out:   # float32 output, backward in the compute dtype (rlhf_jax.models.head)
             assert n_in == 1, "f32_out is for the LM head ([D, V] kernel)"
             y = head_matmul(x.astype(cfg.compute_dtype), w.astype(cfg.compute_dtype))
         else:

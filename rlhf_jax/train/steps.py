@@ -25,8 +25,8 @@ import optax
 from jax.sharding import Mesh
 
 from rlhf_jax import sharding as S
-from rlhf_jax.losses import bradley_terry_loss, dpo_loss, masked_sum, sft_loss, token_logprobs_from_hidden
-from rlhf_jax.losses._sft import sft_loss_from_hidden
+from rlhf_jax.losses import bradley_terry_loss, dpo_loss, masked_sum, sft_loss
+from rlhf_jax.models.head import sft_loss_from_hidden, token_logprobs_from_hidden
 from rlhf_jax.models import forward
 from rlhf_jax.models.config import ModelConfig
 from rlhf_jax.models.sequences import pair_sequences, sequence_scores
