@@ -26,7 +26,7 @@ import jax
 import numpy as np
 import tyro
 
-from rlhf_jax.config_cli import field_docs, save_config
+from rlhf_jax.config_cli import check_ranges, field_docs, save_config
 from rlhf_jax.models.config import ModelConfig
 from rlhf_jax.train import checkpoint as ckpt
 from rlhf_jax.train.logging import make_stage_hooks, read_jsonl
@@ -73,6 +73,9 @@ class RunOptions:
     model: ModelOverrides = ModelOverrides()
     """ModelConfig fields replacing the preset's, e.g. --model.num-layers 4 (unset: the preset's value)."""
 
+    def __post_init__(self):
+        check_ranges(self, non_negative=("seed",))
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DataSpec:
@@ -97,6 +100,9 @@ class DataSpec:
     tokenizer: str = "byte"
     """"byte" (ByteTokenizer, vocab 259) or a tokenizer.json file / folder holding one."""
 
+    def __post_init__(self):
+        check_ranges(self, positive=("num_demo", "limit", "batch_size", "seq_len"))
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class CheckpointSpec:
@@ -110,6 +116,9 @@ class CheckpointSpec:
     """Write TensorBoard events under <out>/<stage>/tb."""
     progress: bool | None = None
     """tqdm progress bar; None: only when stderr is a terminal and CI is unset."""
+
+    def __post_init__(self):
+        check_ranges(self, positive=("max_to_keep",), non_negative=("save_every",))
 
 
 # -------------------------------------------------------------------------------------------------- the model

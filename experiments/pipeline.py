@@ -31,7 +31,7 @@ import numpy as np
 
 from experiments.common import CheckpointSpec, Replayable, Together, run_stage
 from rlhf_jax import tasks as world
-from rlhf_jax.config_cli import parse_cli, save_config
+from rlhf_jax.config_cli import check_ranges, parse_cli, save_config
 from rlhf_jax.data import Batches, SFTRecord, ShuffledIterator, collate_prompts, pack_sft
 from rlhf_jax.data.batching import Example
 from rlhf_jax.eval import PolicyEvaluator, pairwise_accuracy, paired_bootstrap, sample_texts
@@ -143,6 +143,16 @@ class PipelineConfig:
     """Samples per held-out prompt for the reward model's best-of-n check (its pick against random and gold picks)."""
     eval_every: int = 10
     """PPO iterations between gold/proxy/KL evaluations for the reward-vs-KL plot."""
+
+    def __post_init__(self):
+        check_ranges(self, positive=(
+            "d_model", "num_layers", "num_heads", "seq_len", "batch_size", "pretrain_docs", "pretrain_steps",
+            "sft_demos", "sft_steps", "pref_prompts", "rm_steps", "rm_lr", "ppo_iterations", "ppo_batch", "ppo_lr",
+            "dpo_steps", "dpo_beta", "dpo_lr", "max_new_tokens", "eval_prompts", "temperature", "eval_samples",
+            "best_of_n", "eval_every"), non_negative=("seed", "sft_safety", "sft_benign", "synthetic_pairs",
+                                                      "lookalike_pairs", "ppo_kl_coef", "ppo_ptx_coef", "dpo_rpo_alpha"))
+        if self.pref_samples < 2:
+            raise ValueError(f"PipelineConfig: pref_samples = {self.pref_samples} must be >= 2 (answers to compare)")
 
     def scaled(self) -> "PipelineConfig":
         if not self.quick:

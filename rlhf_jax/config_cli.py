@@ -8,8 +8,8 @@
 2. The remaining flags are parsed by tyro (`--help` lists every option with its current default, including the
    values from the JSON): nested fields are dotted, with dashes, e.g. `--optim.learning-rate 3e-4`,
    `--sft.num-steps 100`, booleans as `--resume / --no-resume`.
-3. The result is range-checked (`validate`): negative learning rates, `beta <= 0`, `clip_eps <= 0`, probabilities
-   outside [0, 1], ... are errors naming the dotted field.
+3. Every config checks its own ranges in `__post_init__` (`check_ranges`): negative learning rates, `beta <= 0`,
+   probabilities outside [0, 1], ... are errors naming the class and the field; tyro names the option group.
 
 Errors are `ConfigError` (a ValueError); `parse_cli` prints them and exits with status 2, like argparse.
 """
@@ -28,20 +28,6 @@ from typing import Any, Literal, Mapping, Sequence
 
 class ConfigError(ValueError):
     """A configuration problem; the message says where (file, key path) and what is expected."""
-
-
-# Range rules by field name, applied wherever the name appears in the config tree (None values are skipped).
-_POSITIVE = {"learning_rate", "beta", "clip_eps", "cliprange", "cliprange_value", "vf_clip_eps", "temperature",
-             "num_steps", "batch_size", "seq_len", "max_seq_len", "max_len", "max_new_tokens", "max_prompt_len",
-             "grad_accum", "num_epochs", "ppo_epochs", "num_minibatches", "minibatch_size", "rollout_batch_size",
-             "horizon", "target_kl", "kl_target", "vocab_size", "d_model", "num_layers", "num_heads",
-             "num_kv_heads", "head_dim", "mlp_dim", "max_to_keep", "eps", "norm_eps", "max_grad_norm",
-             "rope_theta", "eval_batches", "num_samples", "kl_horizon", "vf_clip"}
-_NON_NEGATIVE = {"warmup_steps", "weight_decay", "center_coef", "kl_coef", "init_kl_coef", "vf_coef", "ent_coef",
-                 "ptx_coef", "save_every", "log_every", "eval_every", "top_k", "seed", "margin",
-                 "length_penalty", "rpo_alpha", "sft_coef", "entropy_coef", "missing_eos_penalty", "num_demo"}
-_UNIT = {"gamma", "lam", "top_p", "min_lr_ratio", "decay_fraction", "b1", "b2", "label_smoothing",
-         "eval_fraction", "dropout"}
 
 
 def field_docs(cls) -> dict[str, str]:
@@ -65,26 +51,22 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-def validate(config: Any, *, prefix: str = "") -> None:
-    """Range-check every numeric field of `config` (and nested dataclasses) by name; raise ConfigError."""
+def check_ranges(config: Any, *, positive=(), non_negative=(), unit=()) -> None:
+    """Range checks a config's `__post_init__` asks for, by its own field names (None values are skipped): raise
+    one ValueError naming the class and every bad field, e.g. "OptimConfig: learning_rate = -1 must be > 0"."""
     problems = []
-    for f in dataclasses.fields(config):
-        v, key = getattr(config, f.name), f"{prefix}{f.name}"
-        if dataclasses.is_dataclass(v):
-            validate(v, prefix=key + ".")
-            continue
-        if not _is_number(v):
-            continue
-        if isinstance(v, float) and not math.isfinite(v):
-            problems.append(f"{key} = {v} must be a finite number")
-        elif f.name in _POSITIVE and v <= 0:
-            problems.append(f"{key} = {v} must be > 0")
-        elif f.name in _NON_NEGATIVE and v < 0:
-            problems.append(f"{key} = {v} must be >= 0")
-        elif f.name in _UNIT and not 0 <= v <= 1:
-            problems.append(f"{key} = {v} must be in [0, 1]")
+    for names, ok, rule in ((positive, lambda v: v > 0, "> 0"), (non_negative, lambda v: v >= 0, ">= 0"),
+                            (unit, lambda v: 0 <= v <= 1, "in [0, 1]")):
+        for name in names:
+            v = getattr(config, name)
+            if v is None:
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                problems.append(f"{name} = {v!r} must be a finite number")
+            elif not ok(v):
+                problems.append(f"{name} = {v} must be {rule}")
     if problems:
-        raise ConfigError("invalid configuration: " + "; ".join(problems))
+        raise ValueError(f"{type(config).__name__}: " + "; ".join(problems))
 
 
 def _type_name(tp: Any) -> str:
@@ -227,7 +209,8 @@ CONFIG_HELP = ("Options: --config FILE.json loads a JSON object of nested field 
 
 def parse_cli(cls: type, argv: Sequence[str] | None = None, *, description: str | None = None,
               default: Any = None) -> Any:
-    """Parse `argv` (default sys.argv[1:]) into a validated `cls` instance; exit(2) with a message on errors."""
+    """Parse `argv` (default sys.argv[1:]) into a `cls` instance (its `__post_init__` checks run as it is built);
+    exit(2) with a message on errors."""
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         json_path, rest = _pop_config_flag(argv)
@@ -238,7 +221,6 @@ def parse_cli(cls: type, argv: Sequence[str] | None = None, *, description: str 
         import tyro  # imported here: the rest of this module (field_docs) serves scripts without tyro
 
         config = tyro.cli(cls, args=rest, default=base, description=text)
-        validate(config)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlhf_jax.config_cli import ConfigError, config_from_dict, load_json_config, parse_cli, validate
+from rlhf_jax.config_cli import ConfigError, check_ranges, config_from_dict, load_json_config, parse_cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), "JAX_PLATFORMS": "cpu",
@@ -28,6 +28,9 @@ class _Optim:
     """Peak learning rate."""
     max_grad_norm: float | None = 1.0
 
+    def __post_init__(self):
+        check_ranges(self, positive=("learning_rate", "max_grad_norm"))
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class _Stage:
@@ -35,6 +38,9 @@ class _Stage:
     """DPO beta."""
     loss_type: Literal["sigmoid", "ipo"] = "sigmoid"
     optim: _Optim = _Optim()
+
+    def __post_init__(self):
+        check_ranges(self, positive=("beta",))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -47,6 +53,9 @@ class _Exp:
     seed: int = 0
     buckets: tuple[int, ...] = (64, 128)
     stage: _Stage = _Stage()
+
+    def __post_init__(self):
+        check_ranges(self, non_negative=("seed",))
 
 
 def _write(tmp_path, obj, name="cfg.json"):
@@ -88,13 +97,17 @@ def test_bad_json_and_missing_file(tmp_path):
         load_json_config(tmp_path / "nope.json", _Exp())
 
 
-def test_validate_ranges_name_the_field():
-    validate(_Exp())
-    for exp, field in [(_Exp(stage=_Stage(optim=_Optim(learning_rate=-1e-3))), "stage.optim.learning_rate"),
-                       (_Exp(stage=_Stage(beta=0.0)), "stage.beta = 0.0 must be > 0"),
-                       (_Exp(seed=-1), "seed = -1 must be >= 0")]:
-        with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
-            validate(exp)
+def test_configs_check_their_own_ranges_naming_the_field():
+    _Exp()
+    for make, message in [(lambda: _Optim(learning_rate=-1e-3), "_Optim: learning_rate = -0.001 must be > 0"),
+                          (lambda: _Stage(beta=0.0), "_Stage: beta = 0.0 must be > 0"),
+                          (lambda: _Exp(seed=-1), "_Exp: seed = -1 must be >= 0"),
+                          (lambda: _Optim(learning_rate=float("nan")), "learning_rate = nan must be a finite number")]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            make()
+    _Optim(max_grad_norm=None)                                                # None skips the check
+    with pytest.raises(ConfigError, match=r"cfg.json: stage: _Stage: beta = -1.0 must be > 0"):
+        config_from_dict(_Exp(), {"stage": {"beta": -1}}, source="cfg.json")
 
 
 def test_parse_cli_json_then_flags_then_validation(tmp_path, capsys):
@@ -105,7 +118,7 @@ def test_parse_cli_json_then_flags_then_validation(tmp_path, capsys):
     assert parse_cli(_Exp, ["--seed", "7", f"--config={path}"]).seed == 7
     with pytest.raises(SystemExit) as e:
         parse_cli(_Exp, ["--stage.beta", "-0.2"])
-    assert e.value.code == 2 and "stage.beta = -0.2 must be > 0" in capsys.readouterr().err
+    assert e.value.code == 2 and "_Stage: beta = -0.2 must be > 0" in capsys.readouterr().err
     bad = _write(tmp_path, {"stage": {"bta": 1}}, "bad.json")
     with pytest.raises(SystemExit):
         parse_cli(_Exp, ["--config", bad])
@@ -292,12 +305,12 @@ def _no_signal(state, data, cfg, hooks):
 
 
 @pytest.mark.parametrize("module, argv, message", [
-    ("dpo", ["--dpo.beta", "0"], "dpo.beta = 0.0 must be > 0"),
+    ("dpo", ["--dpo.beta", "0"], "Error parsing dpo: DPOConfig: beta = 0.0 must be > 0"),
     # PPOConfig and SamplingConfig check themselves (__post_init__); tyro names the option group
-    ("ppo", ["--ppo.clip-eps", "-0.1"], "Error parsing ppo: PPOConfig: clip_eps = -0.1 and vf_clip = 0.2 must"),
+    ("ppo", ["--ppo.clip-eps", "-0.1"], "Error parsing ppo: PPOConfig: clip_eps = -0.1 must be > 0"),
     ("ppo", ["--ppo.gamma", "1.5"], "Error parsing ppo: PPOConfig: gamma = 1.5 must be in [0, 1]"),
     ("ppo", ["--ppo.sampling.eos-id", "256"], "SamplingConfig: eos_id and pad_id must differ"),
-    ("sft", ["--sft.optim.learning-rate", "-1e-4"], "sft.optim.learning_rate = -0.0001 must be > 0"),
+    ("sft", ["--sft.optim.learning-rate", "-1e-4"], "OptimConfig: learning_rate = -0.0001 must be > 0"),
 ])
 def test_scripts_reject_out_of_range_values(module, argv, message, capsys, tmp_path):
     mod = __import__(f"experiments.{module}", fromlist=["main"])

@@ -10,6 +10,8 @@ from typing import Literal
 
 import jax.numpy as jnp
 
+from rlhf_jax.config_cli import check_ranges
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ModelConfig:
@@ -63,6 +65,8 @@ class ModelConfig:
     "auto" builds them while they take at most `models.head.FULL_LOGITS_MAX_BYTES` (4 GiB), else chunks of 8192."""
 
     def __post_init__(self):
+        check_ranges(self, positive=("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+                                     "mlp_dim", "max_seq_len", "norm_eps", "rope_theta"))
         if self.scan_unroll is not None and (not isinstance(self.scan_unroll, int) or self.scan_unroll < 1):
             raise ValueError(f"ModelConfig: scan_unroll={self.scan_unroll!r} must be None or an int >= 1")
         chunk = self.logits_chunk

@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from rlhf_jax.config_cli import check_ranges
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class OptimConfig:
@@ -51,6 +53,10 @@ class OptimConfig:
     """Clip the global gradient norm to this value; None disables clipping."""
     grad_accum: int = 1
     """Micro-batches averaged per optimizer update (`optax.MultiSteps`)."""
+
+    def __post_init__(self):
+        check_ranges(self, positive=("learning_rate", "eps", "max_grad_norm", "grad_accum"),
+                     non_negative=("warmup_steps", "weight_decay"), unit=("min_lr_ratio", "decay_fraction", "b1", "b2"))
 
 
 def make_schedule(config: OptimConfig, *, total_steps: int | None = None) -> optax.Schedule:

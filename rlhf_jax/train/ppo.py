@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from rlhf_jax.config_cli import check_ranges
 from rlhf_jax.generation import SamplingConfig
 from rlhf_jax.losses import (AdaptiveKLController, entropy_from_logits, explained_variance, gae, masked_mean,
                              masked_sum, ppo_policy_loss, ppo_value_loss, shape_rewards, token_logprobs, whiten)
@@ -85,29 +86,17 @@ class PPOConfig:
     """Value optimizer; None uses `optim`."""
 
     def __post_init__(self):
-        problems = []
+        check_ranges(self, positive=("num_steps", "log_every", "batch_size", "num_epochs", "num_minibatches",
+                                     "clip_eps", "vf_clip", "kl_target", "kl_horizon"),
+                     non_negative=("kl_coef", "vf_coef", "entropy_coef", "ptx_coef", "missing_eos_penalty"),
+                     unit=("gamma", "lam"))
         if self.sampling.temperature <= 0:
-            problems.append(f"sampling.temperature = {self.sampling.temperature} must be > 0 for PPO")
-        if self.batch_size < 1 or self.num_minibatches < 1 or self.batch_size % self.num_minibatches:
-            problems.append(f"batch_size = {self.batch_size} must be divisible by num_minibatches = "
-                            f"{self.num_minibatches}")
-        for name in ("num_steps", "log_every", "num_epochs"):
-            if getattr(self, name) < 1:
-                problems.append(f"{name} = {getattr(self, name)} must be >= 1")
-        for name in ("kl_coef", "vf_coef", "entropy_coef", "ptx_coef", "kl_horizon"):
-            if not getattr(self, name) >= 0:
-                problems.append(f"{name} = {getattr(self, name)} must be >= 0")
-        for name in ("gamma", "lam"):
-            if not 0 <= getattr(self, name) <= 1:
-                problems.append(f"{name} = {getattr(self, name)} must be in [0, 1]")
-        if not self.clip_eps > 0 or (self.vf_clip is not None and not self.vf_clip > 0):
-            problems.append(f"clip_eps = {self.clip_eps} and vf_clip = {self.vf_clip} must be > 0")
-        if self.kl_target is not None and not self.kl_target > 0:
-            problems.append(f"kl_target = {self.kl_target} must be > 0 (or None)")
+            raise ValueError(f"PPOConfig: sampling.temperature = {self.sampling.temperature} must be > 0 for PPO")
+        if self.batch_size % self.num_minibatches:
+            raise ValueError(f"PPOConfig: batch_size = {self.batch_size} must be divisible by num_minibatches = "
+                             f"{self.num_minibatches}")
         if self.dual_clip is not None and not self.dual_clip > 1:
-            problems.append(f"dual_clip = {self.dual_clip} must be > 1 (or None)")
-        if problems:
-            raise ValueError("PPOConfig: " + "; ".join(problems))
+            raise ValueError(f"PPOConfig: dual_clip = {self.dual_clip} must be > 1 (Ye et al. 2020 use 3) or None")
 
 
 @flax.struct.dataclass

@@ -1,4 +1,4 @@
-"""The four stages (SFT, reward model, PPO, DPO): one config each and a loop around a compiled step.
+"""The four stages (SFT, reward model, PPO, DPO): a loop around a compiled step (configs live beside the steps).
 
 `run_<stage>(state, data, config, *, model_config, ..., mesh=None, hooks=None) -> (state, history)`: `data` is an
 iterable of numpy batches (the `rlhf_jax.data` contract), the loop runs `config.num_steps` steps (fewer if `data`
@@ -20,23 +20,21 @@ model params score PPO rollouts (and may initialise the value model).
 """
 from __future__ import annotations
 
-import dataclasses
 import math
-from typing import Callable, Iterable, Literal
+from typing import Callable, Iterable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
 from rlhf_jax import sharding as S
 from rlhf_jax.models.config import ModelConfig
-from rlhf_jax.train.optim import OptimConfig
 from rlhf_jax.train.logging import StageHooks
 from rlhf_jax.train.ppo import PPOConfig, init_ppo_state, ppo_sample, ppo_step, ppo_update_scored
 from rlhf_jax.train.rl import HostRewardFn, RewardFn, host_scores
 from rlhf_jax.train.state import PPOState, TrainState
-from rlhf_jax.train.steps import compile_step, dpo_step, reference_logps, reward_step, sft_step
+from rlhf_jax.train.steps import (DPOConfig, RewardConfig, SFTConfig, compile_step, dpo_step, reference_logps,
+                                  reward_step, sft_step)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -48,58 +46,6 @@ class NonFiniteLossError(FloatingPointError):
         super().__init__(f"non-finite loss at step {step}: {bad}. Training stopped; the last checkpoint (if any) "
                          "holds the last finite state. Lower the learning rate, enable gradient clipping "
                          "(OptimConfig.max_grad_norm) or check the data of this step.")
-
-
-# ---------------------------------------------------------------------------------------------------- configs
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class SFTConfig:
-    """Supervised fine-tuning on chat transcripts (loss on assistant tokens)."""
-
-    num_steps: int = 1000
-    """Training steps (micro-batches; optimizer updates = num_steps // optim.grad_accum)."""
-    log_every: int = 10
-    """Pull metrics to the host, check the loss and call hooks every this many steps."""
-    optim: OptimConfig = OptimConfig(learning_rate=2e-5, schedule="cosine")
-    """Optimizer (TRL's SFT default learning rate 2e-5)."""
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class RewardConfig:
-    """Reward model: Bradley-Terry on preference pairs (Ouyang et al. 2022)."""
-
-    num_steps: int = 1000
-    """Training steps."""
-    log_every: int = 10
-    """Host metric pull / hook period."""
-    center_coef: float = 0.0
-    """Reward centering coefficient: + c * mean((r_c + r_r)^2) (Eisenstein et al. 2023 use 0.01)."""
-    optim: OptimConfig = OptimConfig(learning_rate=1e-5)
-    """Optimizer."""
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class DPOConfig:
-    """Direct preference optimisation (Rafailov et al. 2023) and its variants."""
-
-    num_steps: int = 1000
-    """Training steps."""
-    log_every: int = 10
-    """Host metric pull / hook period."""
-    beta: float = 0.1
-    """Inverse temperature of the implicit reward beta * log(pi / ref) (paper and TRL default 0.1)."""
-    loss_type: Literal["sigmoid", "robust", "hinge", "ipo"] = "sigmoid"
-    """DPO (sigmoid), robust DPO, SLiC hinge or IPO (Azar et al. 2023); see losses.dpo_loss."""
-    label_smoothing: float = 0.0
-    """Assumed label-flip probability (conservative DPO / robust DPO)."""
-    reference_free: bool = False
-    """Use a uniform reference (ref logps = 0)."""
-    rpo_alpha: float = 0.0
-    """Weight of the chosen responses' per-token NLL added to the loss (RPO, Pang et al. 2024; 0: plain DPO)."""
-    precompute_ref_logps: bool = False
-    """Compute reference logps in a separate forward before each step, so the train step never holds the
-    reference params (batches may also carry precomputed "ref_chosen_logps"/"ref_rejected_logps")."""
-    optim: OptimConfig = OptimConfig(learning_rate=1e-6)
-    """Optimizer (Rafailov et al. use 1e-6)."""
 
 
 # ------------------------------------------------------------------------------------------------- the loop

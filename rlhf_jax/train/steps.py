@@ -1,4 +1,4 @@
-"""Pure training steps for SFT, reward modelling and DPO, and the one place they are jit-compiled.
+"""Pure training steps for SFT, reward modelling and DPO with their configs, and the one place they are jit-compiled.
 
 Each step is `(state, batch, [frozen params], *, model_config, loss options) -> (state, metrics)`: the model is
 applied here (losses only see arrays), gradients go through `TrainState.apply_gradients`, and the metrics are a
@@ -17,7 +17,9 @@ flat dict of scalars named as in TRL ("loss", "rewards/chosen", ...). `compile_s
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -25,12 +27,14 @@ import optax
 from jax.sharding import Mesh
 
 from rlhf_jax import sharding as S
+from rlhf_jax.config_cli import check_ranges
 from rlhf_jax.losses import bradley_terry_loss, dpo_loss, masked_sum, sft_loss
 from rlhf_jax.models.head import sft_loss_from_hidden, token_logprobs_from_hidden
 from rlhf_jax.models import forward
 from rlhf_jax.models.config import ModelConfig
 from rlhf_jax.models.sequences import pair_sequences, sequence_scores
 from rlhf_jax.models.transformer import forward_hidden, lm_head_kernel
+from rlhf_jax.train.optim import OptimConfig
 from rlhf_jax.train.state import TrainState
 
 _BT_NAMES = {"reward_chosen": "rewards/chosen", "reward_rejected": "rewards/rejected",
@@ -95,6 +99,21 @@ def _grad_metrics(state: TrainState, grads) -> dict:
 
 
 # -------------------------------------------------------------------------------------------------------- SFT
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SFTConfig:
+    """Supervised fine-tuning on chat transcripts (loss on assistant tokens)."""
+
+    num_steps: int = 1000
+    """Training steps (micro-batches; optimizer updates = num_steps // optim.grad_accum)."""
+    log_every: int = 10
+    """Pull metrics to the host, check the loss and call hooks every this many steps."""
+    optim: OptimConfig = OptimConfig(learning_rate=2e-5, schedule="cosine")
+    """Optimizer (TRL's SFT default learning rate 2e-5)."""
+
+    def __post_init__(self):
+        check_ranges(self, positive=("num_steps", "log_every"))
+
+
 def sft_nll(params, batch: dict, *, model_config: ModelConfig):
     """(mean NLL over loss_mask tokens, SFT metrics) of an SFT-style batch: SFT's loss, and PPO-ptx's term.
 
@@ -123,6 +142,23 @@ def sft_eval(params, batch: dict, *, model_config: ModelConfig) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ reward model
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RewardConfig:
+    """Reward model: Bradley-Terry on preference pairs (Ouyang et al. 2022)."""
+
+    num_steps: int = 1000
+    """Training steps."""
+    log_every: int = 10
+    """Host metric pull / hook period."""
+    center_coef: float = 0.0
+    """Reward centering coefficient: + c * mean((r_c + r_r)^2) (Eisenstein et al. 2023 use 0.01)."""
+    optim: OptimConfig = OptimConfig(learning_rate=1e-5)
+    """Optimizer."""
+
+    def __post_init__(self):
+        check_ranges(self, positive=("num_steps", "log_every"), non_negative=("center_coef",))
+
+
 def pair_scores(params, batch: dict, *, model_config: ModelConfig) -> tuple[jax.Array, jax.Array]:
     """Reward-model scores (chosen [B], rejected [B]) of a preference batch: both sides' whole sequences (final
     EOS included) in one forward through `models.sequences.sequence_scores`, the call that scores rollouts."""
@@ -153,6 +189,36 @@ def reward_eval(params, batch: dict, *, model_config: ModelConfig, center_coef: 
 
 
 # -------------------------------------------------------------------------------------------------------- DPO
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DPOConfig:
+    """Direct preference optimisation (Rafailov et al. 2023) and its variants."""
+
+    num_steps: int = 1000
+    """Training steps."""
+    log_every: int = 10
+    """Host metric pull / hook period."""
+    beta: float = 0.1
+    """Inverse temperature of the implicit reward beta * log(pi / ref) (paper and TRL default 0.1)."""
+    loss_type: Literal["sigmoid", "robust", "hinge", "ipo"] = "sigmoid"
+    """DPO (sigmoid), robust DPO, SLiC hinge or IPO (Azar et al. 2023); see losses.dpo_loss."""
+    label_smoothing: float = 0.0
+    """Assumed label-flip probability (conservative DPO / robust DPO)."""
+    reference_free: bool = False
+    """Use a uniform reference (ref logps = 0)."""
+    rpo_alpha: float = 0.0
+    """Weight of the chosen responses' per-token NLL added to the loss (RPO, Pang et al. 2024; 0: plain DPO)."""
+    precompute_ref_logps: bool = False
+    """Compute reference logps in a separate forward before each step, so the train step never holds the
+    reference params (batches may also carry precomputed "ref_chosen_logps"/"ref_rejected_logps")."""
+    optim: OptimConfig = OptimConfig(learning_rate=1e-6)
+    """Optimizer (Rafailov et al. use 1e-6)."""
+
+    def __post_init__(self):
+        check_ranges(self, positive=("num_steps", "log_every", "beta"), non_negative=("rpo_alpha",))
+        if not 0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"DPOConfig: label_smoothing = {self.label_smoothing} must be in [0, 0.5)")
+
+
 def sequence_logps(params, batch: dict, *, model_config: ModelConfig) -> jax.Array:
     """Sum of log p(target) over loss_mask tokens of an SFT-style batch with one right-padded example per row
     (a preference batch side) -> [B] float32. Attention uses sequence lengths (cuDNN flash, no T x T mask), and
