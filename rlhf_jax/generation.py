@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from rlhf_jax.models.config import ModelConfig
+from rlhf_jax.models.sequences import sequence_positions
 from rlhf_jax.models.transformer import KVCache, decode_params, forward_cached, init_cache, prefill, split_layers
 
 
@@ -159,7 +160,7 @@ def sample(params, prompts, prompt_mask, rng, *, config: ModelConfig, max_new_to
     params = split_layers(decode_params(params, config))
     prompt_mask = prompt_mask.astype(jnp.int32)
     key_mask = jnp.concatenate([prompt_mask, jnp.ones((B, N), jnp.int32)], axis=1)        # [B,S]
-    positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=1) - 1, 0)                     # [B,P]
+    positions = sequence_positions(prompt_mask)                                          # [B,P]
     logits, cache = prefill(params, prompts.astype(jnp.int32), config=config, cache=init_cache(config, B, S),
                             positions=positions, key_mask=key_mask)
     next_position = prompt_mask.sum(axis=1)                                              # [B]
