@@ -31,7 +31,7 @@ import numpy as np
 
 from experiments.common import CheckpointSpec, Replayable, Together, run_stage
 from rlhf_jax import tasks as world
-from rlhf_jax.config_cli import check_ranges, parse_cli, save_config
+from rlhf_jax.config_cli import check_ranges, config_check, parse_cli, save_config
 from rlhf_jax.data import Batches, SFTRecord, ShuffledIterator, collate_prompts, pack_sft
 from rlhf_jax.data.batching import Example
 from rlhf_jax.eval import PolicyEvaluator, pairwise_accuracy, paired_bootstrap, sample_texts
@@ -151,8 +151,7 @@ class PipelineConfig:
             "dpo_steps", "dpo_beta", "dpo_lr", "max_new_tokens", "eval_prompts", "temperature", "eval_samples",
             "best_of_n", "eval_every"), non_negative=("seed", "sft_safety", "sft_benign", "synthetic_pairs",
                                                       "lookalike_pairs", "ppo_kl_coef", "ppo_ptx_coef", "dpo_rpo_alpha"))
-        if self.pref_samples < 2:
-            raise ValueError(f"PipelineConfig: pref_samples = {self.pref_samples} must be >= 2 (answers to compare)")
+        config_check(self, self.pref_samples >= 2, f"pref_samples = {self.pref_samples} must be >= 2 (answers to compare)")
 
     def scaled(self) -> "PipelineConfig":
         if not self.quick:

@@ -15,6 +15,7 @@ Errors are `ConfigError` (a ValueError); `parse_cli` prints them and exits with 
 """
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import json
 import math
@@ -51,6 +52,17 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+# While `parse_cli` builds a config, the checks below do not raise (tyro would draw a multi-line box around the
+# error); `parse_cli` runs every check again afterwards and prints the first failure as one line.
+_DEFER_CHECKS: contextvars.ContextVar[bool] = contextvars.ContextVar("rlhf_jax_defer_config_checks", default=False)
+
+
+def config_check(config: Any, ok: bool, message: str) -> None:
+    """In a config's `__post_init__`: raise ValueError("<Class>: <message>") unless `ok`."""
+    if not ok and not _DEFER_CHECKS.get():
+        raise ValueError(f"{type(config).__name__}: {message}")
+
+
 def check_ranges(config: Any, *, positive=(), non_negative=(), unit=()) -> None:
     """Range checks a config's `__post_init__` asks for, by its own field names (None values are skipped): raise
     one ValueError naming the class and every bad field, e.g. "OptimConfig: learning_rate = -1 must be > 0"."""
@@ -65,8 +77,22 @@ def check_ranges(config: Any, *, positive=(), non_negative=(), unit=()) -> None:
                 problems.append(f"{name} = {v!r} must be a finite number")
             elif not ok(v):
                 problems.append(f"{name} = {v} must be {rule}")
-    if problems:
-        raise ValueError(f"{type(config).__name__}: " + "; ".join(problems))
+    config_check(config, not problems, "; ".join(problems))
+
+
+def _check_tree(config: Any, prefix: str = "") -> None:
+    """Run the `__post_init__` checks of `config` and of every nested config (innermost first); a failure becomes
+    a ConfigError naming the flags of its option group."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            _check_tree(value, f"{prefix}{f.name}.")
+    if hasattr(config, "__post_init__"):
+        try:
+            config.__post_init__()
+        except ValueError as e:
+            where = f"--{prefix.replace('_', '-')}*" if prefix else "options"
+            raise ConfigError(f"{where}: {e}") from None
 
 
 def _type_name(tp: Any) -> str:
@@ -220,7 +246,12 @@ def parse_cli(cls: type, argv: Sequence[str] | None = None, *, description: str 
         text = f"{description or (cls.__doc__ or '').strip()}\n\n{CONFIG_HELP}"
         import tyro  # imported here: the rest of this module (field_docs) serves scripts without tyro
 
-        config = tyro.cli(cls, args=rest, default=base, description=text)
+        deferred = _DEFER_CHECKS.set(True)
+        try:
+            config = tyro.cli(cls, args=rest, default=base, description=text)
+        finally:
+            _DEFER_CHECKS.reset(deferred)
+        _check_tree(config)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

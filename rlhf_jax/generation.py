@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from rlhf_jax.config_cli import check_ranges, config_check
 from rlhf_jax.models.config import ModelConfig
 from rlhf_jax.models.sequences import sequence_positions
 from rlhf_jax.models.transformer import KVCache, decode_params, forward_cached, init_cache, prefill, split_layers
@@ -45,16 +46,10 @@ class SamplingConfig:
     """Padding id of prompts and of response tokens after EOS."""
 
     def __post_init__(self):
-        if self.max_new_tokens < 1:
-            raise ValueError(f"SamplingConfig.max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"SamplingConfig.temperature must be >= 0, got {self.temperature}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"SamplingConfig.top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"SamplingConfig.top_k must be >= 0, got {self.top_k}")
-        if self.eos_id == self.pad_id:
-            raise ValueError("SamplingConfig: eos_id and pad_id must differ (Huang et al.: a shared id hides EOS)")
+        check_ranges(self, positive=("max_new_tokens",), non_negative=("temperature", "top_k"))
+        config_check(self, 0.0 < self.top_p <= 1.0, f"top_p = {self.top_p} must be in (0, 1]")
+        config_check(self, self.eos_id != self.pad_id,
+                     f"eos_id = pad_id = {self.pad_id}: they must differ (Huang et al.: a shared id hides EOS)")
 
     def sample_kwargs(self) -> dict:
         """The keyword arguments of `sample`."""

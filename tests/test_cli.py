@@ -118,7 +118,7 @@ def test_parse_cli_json_then_flags_then_validation(tmp_path, capsys):
     assert parse_cli(_Exp, ["--seed", "7", f"--config={path}"]).seed == 7
     with pytest.raises(SystemExit) as e:
         parse_cli(_Exp, ["--stage.beta", "-0.2"])
-    assert e.value.code == 2 and "_Stage: beta = -0.2 must be > 0" in capsys.readouterr().err
+    assert e.value.code == 2 and "error: --stage.*: _Stage: beta = -0.2 must be > 0" in capsys.readouterr().err
     bad = _write(tmp_path, {"stage": {"bta": 1}}, "bad.json")
     with pytest.raises(SystemExit):
         parse_cli(_Exp, ["--config", bad])
@@ -305,16 +305,18 @@ def _no_signal(state, data, cfg, hooks):
 
 
 @pytest.mark.parametrize("module, argv, message", [
-    ("dpo", ["--dpo.beta", "0"], "Error parsing dpo: DPOConfig: beta = 0.0 must be > 0"),
-    # PPOConfig and SamplingConfig check themselves (__post_init__); tyro names the option group
-    ("ppo", ["--ppo.clip-eps", "-0.1"], "Error parsing ppo: PPOConfig: clip_eps = -0.1 must be > 0"),
-    ("ppo", ["--ppo.gamma", "1.5"], "Error parsing ppo: PPOConfig: gamma = 1.5 must be in [0, 1]"),
-    ("ppo", ["--ppo.sampling.eos-id", "256"], "SamplingConfig: eos_id and pad_id must differ"),
-    ("sft", ["--sft.optim.learning-rate", "-1e-4"], "OptimConfig: learning_rate = -0.0001 must be > 0"),
+    # every config checks itself (__post_init__); the one-line error names the flags of its group
+    ("dpo", ["--dpo.beta", "0"], "error: --dpo.*: DPOConfig: beta = 0.0 must be > 0"),
+    ("ppo", ["--ppo.clip-eps", "-0.1"], "error: --ppo.*: PPOConfig: clip_eps = -0.1 must be > 0"),
+    ("ppo", ["--ppo.gamma", "1.5"], "error: --ppo.*: PPOConfig: gamma = 1.5 must be in [0, 1]"),
+    ("ppo", ["--ppo.sampling.eos-id", "256"], "error: --ppo.sampling.*: SamplingConfig: eos_id = pad_id = 256"),
+    ("sft", ["--sft.optim.learning-rate", "-1e-4"], "error: --sft.optim.*: OptimConfig: learning_rate = -0.0001"),
+    ("sft", ["--seed", "-1"], "error: options: SFTExperiment: seed = -1 must be >= 0"),
 ])
 def test_scripts_reject_out_of_range_values(module, argv, message, capsys, tmp_path):
     mod = __import__(f"experiments.{module}", fromlist=["main"])
     with pytest.raises(SystemExit) as e:
         mod.main(argv + ["--out", str(tmp_path / "never")])
-    assert e.value.code == 2 and message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "never").exists()  # rejected before anything is written

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from rlhf_jax.config_cli import check_ranges
+from rlhf_jax.config_cli import check_ranges, config_check
 from rlhf_jax.generation import SamplingConfig
 from rlhf_jax.losses import (AdaptiveKLController, entropy_from_logits, explained_variance, gae, masked_mean,
                              masked_sum, ppo_policy_loss, ppo_value_loss, shape_rewards, token_logprobs, whiten)
@@ -90,13 +90,12 @@ class PPOConfig:
                                      "clip_eps", "vf_clip", "kl_target", "kl_horizon"),
                      non_negative=("kl_coef", "vf_coef", "entropy_coef", "ptx_coef", "missing_eos_penalty"),
                      unit=("gamma", "lam"))
-        if self.sampling.temperature <= 0:
-            raise ValueError(f"PPOConfig: sampling.temperature = {self.sampling.temperature} must be > 0 for PPO")
-        if self.batch_size % self.num_minibatches:
-            raise ValueError(f"PPOConfig: batch_size = {self.batch_size} must be divisible by num_minibatches = "
-                             f"{self.num_minibatches}")
-        if self.dual_clip is not None and not self.dual_clip > 1:
-            raise ValueError(f"PPOConfig: dual_clip = {self.dual_clip} must be > 1 (Ye et al. 2020 use 3) or None")
+        config_check(self, self.sampling.temperature > 0,
+                     f"sampling.temperature = {self.sampling.temperature} must be > 0 for PPO")
+        config_check(self, self.num_minibatches > 0 and self.batch_size % self.num_minibatches == 0,
+                     f"batch_size = {self.batch_size} must be divisible by num_minibatches = {self.num_minibatches}")
+        config_check(self, self.dual_clip is None or self.dual_clip > 1,
+                     f"dual_clip = {self.dual_clip} must be > 1 (Ye et al. 2020 use 3) or None")
 
 
 @flax.struct.dataclass

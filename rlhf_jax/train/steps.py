@@ -27,7 +27,7 @@ import optax
 from jax.sharding import Mesh
 
 from rlhf_jax import sharding as S
-from rlhf_jax.config_cli import check_ranges
+from rlhf_jax.config_cli import check_ranges, config_check
 from rlhf_jax.losses import bradley_terry_loss, dpo_loss, masked_sum, sft_loss
 from rlhf_jax.models.head import sft_loss_from_hidden, token_logprobs_from_hidden
 from rlhf_jax.models import forward
@@ -215,8 +215,8 @@ class DPOConfig:
 
     def __post_init__(self):
         check_ranges(self, positive=("num_steps", "log_every", "beta"), non_negative=("rpo_alpha",))
-        if not 0 <= self.label_smoothing < 0.5:
-            raise ValueError(f"DPOConfig: label_smoothing = {self.label_smoothing} must be in [0, 0.5)")
+        config_check(self, 0 <= self.label_smoothing < 0.5,
+                     f"label_smoothing = {self.label_smoothing} must be in [0, 0.5)")
 
 
 def sequence_logps(params, batch: dict, *, model_config: ModelConfig) -> jax.Array:
