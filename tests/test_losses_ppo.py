@@ -241,3 +241,40 @@ def test_value_clipfrac_counts_no_token_inside_the_clip_range():
     assert float(m["clipfrac"]) == 0.0
     g = jax.jit(jax.grad(lambda v: ppo_value_loss(v, old, ret, mask, clip_eps=0.2)[0]))(v)
     np.testing.assert_allclose(g, (v - ret) / v.size, rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("poison", [np.nan, 1e30, -1e30])
+def test_no_nan_or_inf_in_a_padded_slot_reaches_a_gradient(poison):
+    """Every input's padded slots hold NaN or +-1e30: the loss, the metrics and the gradient equal those with clean
+    padding (and are finite), for the policy, value and SFT losses."""
+    from rlhf_jax.losses import sft_loss
+    rng = np.random.default_rng(0)
+    shape = (3, 5)
+    mask = ragged(rng, *shape, min_len=1)
+    pad = mask == 0
+    arrays = [rng.normal(size=shape).astype(np.float32) for _ in range(3)]
+    poisoned = [np.where(pad, np.float32(poison), a) for a in arrays]
+    cases = {
+        "policy": lambda x, o, a: ppo_policy_loss(x, o, a, mask, clip_eps=0.2, dual_clip=3.0),
+        "value": lambda x, o, a: ppo_value_loss(x, o, a, mask, clip_eps=0.2),
+    }
+    for name, fn in cases.items():
+        clean_loss, clean_m = fn(*arrays)
+        loss, m = fn(*poisoned)
+        np.testing.assert_allclose(loss, clean_loss, rtol=1e-6, err_msg=name)
+        for k in clean_m:
+            np.testing.assert_allclose(m[k], clean_m[k], rtol=1e-6, atol=1e-7, err_msg=f"{name} {k}")
+        g = jax.grad(lambda x: fn(x, *poisoned[1:])[0])(poisoned[0])
+        g_clean = jax.grad(lambda x: fn(x, *arrays[1:])[0])(arrays[0])
+        assert np.all(np.isfinite(g)), name
+        np.testing.assert_allclose(g, g_clean, rtol=1e-6, atol=1e-8, err_msg=name)
+    logits = rng.normal(size=(*shape, 7)).astype(np.float32)
+    targets = rng.integers(0, 7, shape)
+    bad_logits = np.where(pad[..., None], np.float32(poison), logits)
+    bad_targets = np.where(pad, 10**6, targets)                                  # out of range in padding too
+    g = jax.grad(lambda z: sft_loss(z, bad_targets, mask)[0])(bad_logits)
+    g_clean = jax.grad(lambda z: sft_loss(z, targets, mask)[0])(logits)
+    assert np.all(np.isfinite(g)) and np.all(np.asarray(g)[pad] == 0)
+    np.testing.assert_allclose(g, g_clean, rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(sft_loss(bad_logits, bad_targets, mask)[0], sft_loss(logits, targets, mask)[0],
+                               rtol=1e-6)

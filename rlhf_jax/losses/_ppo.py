@@ -14,6 +14,11 @@ from jax import lax
 
 from rlhf_jax.losses._common import masked_mean, masked_var
 
+def _valid_only(x, valid):
+    """x as float32 with its padded entries replaced by 0 (the first `where` of the double-where pattern)."""
+    return jnp.where(valid, jnp.asarray(x, jnp.float32), 0.0)
+
+
 def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, *, clip_eps: float = 0.2, dual_clip=None):
     """PPO clipped surrogate policy loss (Schulman et al. 2017, eq. 7), optionally dual-clipped.
 
@@ -36,10 +41,12 @@ def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, *, clip_eps: float
     """
     if dual_clip is not None and isinstance(dual_clip, (int, float)) and dual_clip <= 1.0:
         raise ValueError(f"ppo_policy_loss: dual_clip must be > 1 (Ye et al. 2020 use 3), got {dual_clip}.")
-    # The rollout policy and the advantages are fixed targets: only the current policy gets gradients.
-    old = lax.stop_gradient(jnp.asarray(old_logprobs, jnp.float32))
-    adv = lax.stop_gradient(jnp.asarray(advantages, jnp.float32))
-    log_ratio = jnp.asarray(logprobs, jnp.float32) - old
+    # The rollout policy and the advantages are fixed targets: only the current policy gets gradients. Padded
+    # slots are zeroed before any arithmetic, so NaN/Inf there reach neither the value nor the gradient.
+    valid = jnp.asarray(mask) > 0
+    old = lax.stop_gradient(_valid_only(old_logprobs, valid))
+    adv = lax.stop_gradient(_valid_only(advantages, valid))
+    log_ratio = _valid_only(logprobs, valid) - old
     ratio = jnp.exp(log_ratio)
     unclipped = -adv * ratio
     clipped = -adv * jnp.clip(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
@@ -80,9 +87,10 @@ def ppo_value_loss(values, old_values, returns, mask, *, clip_eps: float | None 
       ``v`` is to ``v_old``: on-policy, where the two come from different forwards, the count is 0, not float
       noise), ``"explained_variance"`` (``1 - Var[R - v] / Var[R]`` over valid tokens; 0 when ``Var[R] = 0``).
     """
-    v = jnp.asarray(values, jnp.float32)
-    old = lax.stop_gradient(jnp.asarray(old_values, jnp.float32))
-    ret = lax.stop_gradient(jnp.asarray(returns, jnp.float32))
+    valid = jnp.asarray(mask) > 0                  # padded slots zeroed first: no NaN/Inf reaches the gradient
+    v = _valid_only(values, valid)
+    old = lax.stop_gradient(_valid_only(old_values, valid))
+    ret = lax.stop_gradient(_valid_only(returns, valid))
     err = jnp.square(v - ret)
     if clip_eps is None:
         per_token = err

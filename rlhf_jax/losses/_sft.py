@@ -27,8 +27,13 @@ def sft_loss_sums(logits, targets, loss_mask, *, chunk_size: int | None = None):
       dict of float32 scalars: ``"nll_sum"`` (sum of -log p over masked tokens), ``"num_tokens"`` (sum of the mask),
       ``"num_correct"`` (masked count of argmax == target).
     """
+    # Padded positions' logits and targets are replaced before the log-softmax: NaN/Inf logits or out-of-range
+    # targets there reach neither the value nor the gradient.
+    valid = jnp.asarray(loss_mask) > 0
+    logits = jnp.where(valid[..., None], logits, jnp.zeros((), jnp.asarray(logits).dtype))
+    targets = jnp.where(valid, jnp.asarray(targets), 0)
     logp = token_logprobs(logits, targets, chunk_size=chunk_size)
-    correct = (jnp.argmax(logits, axis=-1) == jnp.asarray(targets)).astype(jnp.float32)
+    correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
     return {
         "nll_sum": masked_sum(-logp, loss_mask),
         "num_tokens": masked_count(loss_mask),
