@@ -30,6 +30,13 @@ CONTRACT = [
     (losses, "ppo_policy_loss", ["logprobs", "old_logprobs", "advantages", "mask"], {"clip_eps": 0.2}),
     (losses, "ppo_value_loss", ["values", "old_values", "returns", "mask"], {"clip_eps": 0.2}),
     (losses, "adaptive_kl_update", ["coef", "observed_kl", "n_steps"], {"target": REQUIRED, "horizon": REQUIRED}),
+    # wave 2
+    (losses, "group_advantages", ["rewards"], {"group_size": REQUIRED, "scale": "group", "eps": 1e-4}),
+    (losses, "rloo_advantages", ["rewards"], {"group_size": REQUIRED}),
+    (losses, "discounted_returns", ["rewards", "mask"], {"gamma": 1.0}),
+    (losses, "policy_gradient_loss", ["logprobs", "old_logprobs", "advantages", "mask"],
+     {"loss_type": "grpo", "clip_eps": 0.2, "clip_eps_high": None, "max_tokens": None, "ref_logprobs": None,
+      "kl_coef": 0.0, "kl_estimator": "k3", "importance_weights": None}),
     (models, "init_params", ["config", "rng"], {}),
     (models, "forward", ["params", "tokens"], {"config": REQUIRED, "positions": None, "segment_ids": None}),
     (models, "load_pretrained", ["path"], {}),
@@ -82,6 +89,8 @@ def _loss_calls():
         "ppo_policy_loss": (losses.ppo_policy_loss(lp(), lp(), rng.normal(size=(b, t)).astype(np.float32), mask),
                             {"loss", "clipfrac", "approx_kl", "ratio_mean"}),
         "ppo_value_loss": (losses.ppo_value_loss(lp(), lp(), lp(), mask), {"loss", "clipfrac", "explained_variance"}),
+        "policy_gradient_loss": (losses.policy_gradient_loss(lp(), lp(), seq(), mask, ref_logprobs=lp(), kl_coef=0.1),
+                                 {"loss", "clipfrac", "approx_kl", "ratio_mean", "kl"}),
     }
 
 

@@ -13,6 +13,7 @@ from rlhf_jax.losses._kl import (
 from rlhf_jax.losses._logprobs import entropy_from_logits, sequence_logprobs, token_logprobs
 from rlhf_jax.losses._advantages import (GROUP_SCALES, discounted_returns, gae, group_advantages, rloo_advantages,
                                         whiten)
+from rlhf_jax.losses._pg import PG_LOSS_TYPES, policy_gradient_loss
 from rlhf_jax.losses._ppo import explained_variance, ppo_policy_loss, ppo_value_loss
 from rlhf_jax.losses._reward import bradley_terry_loss
 from rlhf_jax.losses._sft import sft_loss, sft_loss_sums
@@ -36,6 +37,8 @@ __all__ = [
     "masked_mean",
     "masked_sum",
     "masked_var",
+    "PG_LOSS_TYPES",
+    "policy_gradient_loss",
     "ppo_policy_loss",
     "ppo_value_loss",
     "sequence_logprobs",
