@@ -27,6 +27,7 @@ import numpy as np
 import tyro
 
 from rlhf_jax.config_cli import check_ranges, field_docs, save_config
+from rlhf_jax.data.iterators import ProcessRows
 from rlhf_jax.models.config import ModelConfig
 from rlhf_jax.train import checkpoint as ckpt
 from rlhf_jax.train.logging import make_stage_hooks, read_jsonl
@@ -164,41 +165,6 @@ def make_run_mesh(shape: tuple[int, int, int] | None):
     return mesh
 
 
-class ProcessRows:
-    """This process's rows of every global batch of `batches` (multi-host: each process feeds only its rows).
-
-    Every process reads the same global batch (same data and seed) and keeps rows
-    [process_index * B / P, (process_index + 1) * B / P); `state()` / `restore()` pass through for checkpoints.
-    """
-
-    def __init__(self, batches, *, process_index: int, process_count: int):
-        self.batches, self.index, self.count = batches, process_index, process_count
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        return self._rows(next(self.batches))
-
-    def _rows(self, x):
-        if isinstance(x, dict):
-            return {k: self._rows(v) for k, v in x.items()}
-        if isinstance(x, list) or (isinstance(x, np.ndarray) and x.ndim > 0):
-            n = len(x)
-            if n % self.count:
-                raise ValueError(f"global batch of {n} rows does not divide over {self.count} processes; change "
-                                 "the batch size")
-            k = n // self.count
-            return x[self.index * k:(self.index + 1) * k]
-        return x
-
-    def state(self):
-        return self.batches.state()
-
-    def restore(self, state):
-        self.batches.restore(state)
-
-
 # --------------------------------------------------------------------------------------------------- the data
 def make_tokenizer(name: str):
     """"byte" -> ByteTokenizer(); otherwise HFTokenizer.from_file(path) (a tokenizer.json or its folder)."""
@@ -247,52 +213,6 @@ def load_data(spec: DataSpec, kind: str, *, seed: int, batch_size: int | None = 
     if jax.process_count() > 1:
         data = ProcessRows(data, process_index=jax.process_index(), process_count=jax.process_count())
     return data, tok
-
-
-class Replayable:
-    """A deterministic batch stream made resumable by replay: `state()` is the number of batches taken, and
-    `restore` rebuilds the stream with `make()` and takes that many again (cheap for generated data)."""
-
-    def __init__(self, make: Callable[[], Any]):
-        self.make, self.taken, self.it = make, 0, iter(make())
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        batch = next(self.it)
-        self.taken += 1
-        return batch
-
-    def state(self) -> dict:
-        return {"taken": self.taken}
-
-    def restore(self, state: dict) -> None:
-        self.it, self.taken = iter(self.make()), 0
-        for _ in range(int(state["taken"])):
-            next(self)
-
-
-class Together:
-    """Iterates `main`; `state()` / `restore()` cover `main` and the `others` (streams a stage reads in step with
-    it, e.g. PPO-ptx's SFT batches), so one checkpoint resumes them all."""
-
-    def __init__(self, main, **others):
-        self.main, self.others = main, others
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        return next(self.main)
-
-    def state(self) -> dict:
-        return {"main": self.main.state(), **{k: v.state() for k, v in self.others.items()}}
-
-    def restore(self, state: dict) -> None:
-        self.main.restore(state["main"])
-        for k, v in self.others.items():
-            v.restore(state[k])
 
 
 # ------------------------------------------------------------------------------------------------ the run

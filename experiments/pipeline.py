@@ -29,11 +29,12 @@ from typing import Literal
 import jax
 import numpy as np
 
-from experiments.common import CheckpointSpec, Replayable, Together, run_stage
+from experiments.common import CheckpointSpec, run_stage
 from rlhf_jax import tasks as world
 from rlhf_jax.config_cli import check_ranges, config_check, parse_cli, save_config
 from rlhf_jax.data import Batches, SFTRecord, ShuffledIterator, collate_prompts, pack_sft
 from rlhf_jax.data.batching import Example
+from rlhf_jax.data.iterators import Replayable, Together
 from rlhf_jax.eval import PolicyEvaluator, pairwise_accuracy, paired_bootstrap, sample_texts
 from rlhf_jax.generation import SamplingConfig
 from rlhf_jax.models import ModelConfig, init_params

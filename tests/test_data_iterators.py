@@ -100,3 +100,22 @@ def test_mixture_schedule_deterministic_and_resumable():
         return Batches(make_mix(), TOK, batch_size=2, buckets=(64, 128), pack=True)
 
     _resume_check(make_batches, k=30, m=5)
+
+
+def test_replayable_and_together_resume_where_they_stopped():
+    from rlhf_jax.data.iterators import Replayable, Together
+
+    def make():
+        return iter(range(100))
+
+    a, b = Replayable(make), Replayable(lambda: iter(range(1000, 1100)))
+    both = Together(a, side=b)
+    taken = [(next(both), next(b)) for _ in range(3)]
+    assert taken == [(0, 1000), (1, 1001), (2, 1002)]
+    saved = both.state()
+    assert saved == {"main": {"taken": 3}, "side": {"taken": 3}}
+    later = [(next(both), next(b)) for _ in range(2)]
+    again_a, again_b = Replayable(make), Replayable(lambda: iter(range(1000, 1100)))
+    again = Together(again_a, side=again_b)
+    again.restore(saved)
+    assert [(next(again), next(again_b)) for _ in range(2)] == later == [(3, 1003), (4, 1004)]

@@ -204,7 +204,7 @@ def test_sft_script_runs_on_a_mesh(tmp_path):
 
 
 def test_process_rows_gives_each_process_its_share():
-    from experiments.common import ProcessRows
+    from rlhf_jax.data.iterators import ProcessRows
 
     class Source:
         def __init__(self):

@@ -6,6 +6,9 @@
   using `np.random.default_rng([seed, k])`, so the same draws come back after a restore. A schedule mixes, e.g.,
   pre-training text with SFT data in the decay phase of a warmup-stable-decay run (MiniCPM, Hu et al. 2024).
 - `Batches(records, tokenizer, kind=..., batch_size=...)`: tokenises, truncates and collates (see `batching.py`).
+- `Replayable(make)`: any deterministic stream, resumed by replaying it; `Together(main, **others)`: one position
+  for streams a stage reads in step (PPO's prompts and its PPO-ptx batches); `ProcessRows`: a process's rows of
+  every global batch (multi-host).
 
 Each has `state() -> dict` (small, JSON-able) and `restore(state)`: take k batches, save, take m more; a new
 iterator restored from the saved state gives the same m batches.
@@ -14,7 +17,7 @@ from __future__ import annotations
 
 import bisect
 import copy
-from typing import Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -226,3 +229,84 @@ class Batches:
     def restore(self, state: Mapping) -> None:
         self.records.restore(state["records"])
         self.stats, self._pending = dict(state["stats"]), None
+
+
+class ProcessRows:
+    """This process's rows of every global batch of `batches` (multi-host: each process feeds only its rows).
+
+    Every process reads the same global batch (same data and seed) and keeps rows
+    [process_index * B / P, (process_index + 1) * B / P); `state()` / `restore()` pass through for checkpoints.
+    """
+
+    def __init__(self, batches, *, process_index: int, process_count: int):
+        self.batches, self.index, self.count = batches, process_index, process_count
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return self._rows(next(self.batches))
+
+    def _rows(self, x):
+        if isinstance(x, dict):
+            return {k: self._rows(v) for k, v in x.items()}
+        if isinstance(x, list) or (isinstance(x, np.ndarray) and x.ndim > 0):
+            n = len(x)
+            if n % self.count:
+                raise ValueError(f"global batch of {n} rows does not divide over {self.count} processes; change "
+                                 "the batch size")
+            k = n // self.count
+            return x[self.index * k:(self.index + 1) * k]
+        return x
+
+    def state(self):
+        return self.batches.state()
+
+    def restore(self, state):
+        self.batches.restore(state)
+
+
+class Replayable:
+    """A deterministic batch stream made resumable by replay: `state()` is the number of batches taken, and
+    `restore` rebuilds the stream with `make()` and takes that many again (cheap for generated data)."""
+
+    def __init__(self, make: Callable[[], Any]):
+        self.make, self.taken, self.it = make, 0, iter(make())
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        batch = next(self.it)
+        self.taken += 1
+        return batch
+
+    def state(self) -> dict:
+        return {"taken": self.taken}
+
+    def restore(self, state: dict) -> None:
+        self.it, self.taken = iter(self.make()), 0
+        for _ in range(int(state["taken"])):
+            next(self)
+
+
+class Together:
+    """Iterates `main`; `state()` / `restore()` cover `main` and the `others` (streams a stage reads in step with
+    it, e.g. PPO-ptx's SFT batches), so one checkpoint resumes them all."""
+
+    def __init__(self, main, **others):
+        self.main, self.others = main, others
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return next(self.main)
+
+    def state(self) -> dict:
+        return {"main": self.main.state(), **{k: v.state() for k, v in self.others.items()}}
+
+    def restore(self, state: dict) -> None:
+        self.main.restore(state["main"])
+        for k, v in self.others.items():
+            v.restore(state[k])
