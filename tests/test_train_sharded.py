@@ -65,11 +65,12 @@ def _close(got, want, tol=1e-5):
 def _same_history(got, want, *, one_flip=0.0):
     """Continuous metrics to 1e-5; a clip fraction (a count of tokens on either side of a boundary) may differ by
     `one_flip`, what one token flipping changes it by: float32 reduction order differs between layouts."""
+    discrete = ("clipfrac", "clip_ratio")
     assert [h["step"] for h in got] == [h["step"] for h in want]
     for g, w in zip(got, want):
         assert g.keys() == w.keys()
         for k in w:
-            atol = one_flip + 1e-6 if k.endswith("clipfrac") else 1e-6
+            atol = one_flip + 1e-6 if k.endswith(discrete) else 1e-6
             np.testing.assert_allclose(g[k], w[k], rtol=1e-5, atol=atol, err_msg=f"step {w['step']} {k}")
 
 
@@ -167,6 +168,23 @@ def test_run_ppo_on_mesh_equals_one_device():
     assert _spec(state.policy.params["layers"]["mlp"]["up"]["kernel"]) == (None, "fsdp", "tensor")
     assert _spec(state.value.opt_state[1][0].nu["score_head"]["kernel"]) == ("fsdp", None)
     assert state.kl_coef.sharding.is_fully_replicated
+
+
+def test_run_grpo_on_mesh_equals_one_device():
+    P, N = 4, 4
+    rng = np.random.default_rng(6)
+    mask = (np.arange(P)[None] >= rng.integers(0, 3, 4)[:, None]).astype(np.int32)                # left padded
+    prompts = np.where(mask > 0, rng.integers(0, 256, (4, P)), 256).astype(np.int32)
+    data = [{"prompts": prompts, "prompt_mask": mask, "meta": [{}] * 4}]
+    config = stages.GRPOConfig(batch_size=4, num_generations=2, sampling=SamplingConfig(max_new_tokens=N),
+                               num_iterations=2, num_minibatches=2, num_steps=1, kl_coef=0.05, clip_eps_high=0.28,
+                               optim=OPTIM)
+    policy, reward = _params(0), _params(1, True)
+    run = lambda mesh: stages.run_grpo(_make_state(policy), data, config, model_config=CFG,  # noqa: E731
+                                       ref_params=_params(2), reward_params=reward, mesh=mesh)
+    state, hist = _both(run, (2, 2, 2), one_flip=1.0 / (8 * config.num_iterations))
+    assert hist[0]["kl"] > 0 and hist[0]["policy/approxkl"] > 0
+    assert _spec(state.params["layers"]["mlp"]["up"]["kernel"]) == (None, "fsdp", "tensor")
 
 
 # --------------------------------------------------------------------------------------------------- scripts

@@ -1,4 +1,4 @@
-"""The four stages (SFT, reward model, PPO, DPO): a loop around a compiled step (configs live beside the steps).
+"""The stages (SFT, reward model, DPO, PPO, GRPO): a loop around a compiled step (configs live beside the steps).
 
 `run_<stage>(state, data, config, *, model_config, ..., mesh=None, hooks=None) -> (state, history)`: `data` is an
 iterable of numpy batches (the `rlhf_jax.data` contract), the loop runs `config.num_steps` steps (fewer if `data`
@@ -30,6 +30,7 @@ from jax.sharding import Mesh
 from rlhf_jax import sharding as S
 from rlhf_jax.models.config import ModelConfig
 from rlhf_jax.train.logging import StageHooks
+from rlhf_jax.train.grpo import GRPOConfig, grpo_sample, grpo_step, grpo_update
 from rlhf_jax.train.ppo import PPOConfig, init_ppo_state, ppo_sample, ppo_step, ppo_update_scored
 from rlhf_jax.train.rl import HostRewardFn, RewardFn, host_scores
 from rlhf_jax.train.state import PPOState, TrainState
@@ -179,6 +180,38 @@ def run_dpo(state: TrainState, data: Iterable, config: DPOConfig, *, model_confi
     return run_loop(state, data, step_fn, num_steps=config.num_steps, log_every=config.log_every, hooks=hooks)
 
 
+def _reward_source(reward_params, reward_fn, host_reward_fn, tokenizer, mesh, stage: str):
+    """Check that exactly one reward source is given; -> the reward-model params (None unless they score)."""
+    given = [reward_params is not None and reward_fn is None and host_reward_fn is None, reward_fn is not None,
+             host_reward_fn is not None]
+    if sum(given) != 1:
+        raise ValueError(f"{stage} needs exactly one reward source: reward_params (a reward model with a "
+                         "score_head), reward_fn (jittable) or host_reward_fn (with tokenizer)")
+    if host_reward_fn is not None and (tokenizer is None or mesh is not None):
+        raise ValueError(f"{stage}: host_reward_fn needs a tokenizer (to decode the texts) and runs without a mesh")
+    return reward_params if given[0] else None
+
+
+def _host_scored(sample_fn, update_fn, host_reward_fn, tokenizer, opts):
+    """An iteration scored on the host: a compiled sample, the reward function on the decoded texts, a compiled
+    update; called like the one-program step, (state, batch, *frozen, ...) with the reward model's slot unused."""
+    sample_step = jax.jit(sample_fn, static_argnames=tuple(opts))
+    update_step = compile_step(update_fn, **opts)
+
+    def step(state, batch, ref_params, _reward_params, *extra):
+        state, episodes, key = sample_step(state, batch, **opts)
+        return update_step(state, episodes, host_scores(host_reward_fn, tokenizer, batch, episodes), key,
+                           ref_params, *extra)
+
+    return step
+
+
+def _check_rows(batch, expected: int, processes: int, name: str):
+    if batch["prompts"].shape[0] * processes != expected:
+        per = f" in each of {processes} processes" if processes > 1 else ""
+        raise ValueError(f"prompt batch has {batch['prompts'].shape[0]} rows{per} but {name}.batch_size={expected}")
+
+
 def run_ppo(state: PPOState, data: Iterable, config: PPOConfig, *, model_config: ModelConfig, ref_params,
             reward_params=None, reward_fn: RewardFn | None = None, host_reward_fn: HostRewardFn | None = None,
             tokenizer=None, ptx_data: Iterable | None = None, mesh: Mesh | None = None,
@@ -190,16 +223,9 @@ def run_ppo(state: PPOState, data: Iterable, config: PPOConfig, *, model_config:
     `ptx_data` (SFT batches) feeds PPO-ptx when `config.ptx_coef > 0`. Under a multi-host `mesh` each prompt
     batch holds this process's batch_size / process_count rows.
     """
-    sources = [x is not None for x in (reward_params if reward_fn is None and host_reward_fn is None else None,
-                                       reward_fn, host_reward_fn)]
-    if sum(sources) != 1:
-        raise ValueError("run_ppo needs exactly one reward source: reward_params (a reward model with a "
-                         "score_head), reward_fn (jittable) or host_reward_fn (with tokenizer)")
-    if host_reward_fn is not None and (tokenizer is None or mesh is not None):
-        raise ValueError("run_ppo: host_reward_fn needs a tokenizer (to decode the texts) and runs without a mesh")
+    reward_params = _reward_source(reward_params, reward_fn, host_reward_fn, tokenizer, mesh, "run_ppo")
     if config.ptx_coef > 0 and ptx_data is None:
         raise ValueError("PPOConfig.ptx_coef > 0 needs ptx_data (an iterable of SFT batches)")
-    reward_params = reward_params if sources[0] else None
     use_ptx = config.ptx_coef > 0
     state, placed, (ref_params, reward_params) = _place_models(
         state, mesh, model_config, [False, True], [ref_params, reward_params], [False, True],
@@ -207,24 +233,39 @@ def run_ppo(state: PPOState, data: Iterable, config: PPOConfig, *, model_config:
     ptx_iter = iter(ptx_data) if use_ptx else None
     processes = jax.process_count() if mesh is not None else 1
     opts = dict(config=config, model_config=model_config)
-    if host_reward_fn is None:
-        step = compile_step(ppo_step, reward_fn=reward_fn, **opts, **placed)
-    else:
-        sample_step = jax.jit(ppo_sample, static_argnames=tuple(opts))
-        update_step = compile_step(ppo_update_scored, **opts)
-
-        def step(state, batch, ref_params, _reward_params, ptx):
-            state, episodes, key = sample_step(state, batch, **opts)
-            scores = host_scores(host_reward_fn, tokenizer, batch, episodes)
-            return update_step(state, episodes, scores, key, ref_params, ptx)
+    step = (compile_step(ppo_step, reward_fn=reward_fn, **opts, **placed) if host_reward_fn is None
+            else _host_scored(ppo_sample, ppo_update_scored, host_reward_fn, tokenizer, opts))
 
     def step_fn(state, batch):
-        if batch["prompts"].shape[0] * processes != config.batch_size:
-            per = f" in each of {processes} processes" if processes > 1 else ""
-            raise ValueError(f"prompt batch has {batch['prompts'].shape[0]} rows{per} but PPOConfig.batch_size="
-                             f"{config.batch_size}")
+        _check_rows(batch, config.batch_size, processes, "PPOConfig")
         ptx = _place_batch(_device_batch(next(ptx_iter)), mesh) if ptx_iter is not None else None
         return step(state, _place_batch(batch, mesh), ref_params, reward_params, ptx)
 
     return run_loop(state, data, step_fn, num_steps=config.num_steps, log_every=config.log_every, hooks=hooks,
                     loss_keys=("loss/policy", "loss/value"))
+
+
+def run_grpo(state: TrainState, data: Iterable, config: GRPOConfig, *, model_config: ModelConfig, ref_params=None,
+             reward_params=None, reward_fn: RewardFn | None = None, host_reward_fn: HostRewardFn | None = None,
+             tokenizer=None, mesh: Mesh | None = None, hooks: StageHooks | None = None):
+    """The GRPO family over prompt batches {"prompts", "prompt_mask"} (`train/grpo.py`); rewards as `run_ppo`.
+
+    `ref_params` (the frozen reference, usually the SFT params) are needed only when `config.kl_coef > 0`; with
+    0 they are not read, not placed and not passed.
+    """
+    reward_params = _reward_source(reward_params, reward_fn, host_reward_fn, tokenizer, mesh, "run_grpo")
+    if config.uses_reference and ref_params is None:
+        raise ValueError("run_grpo: GRPOConfig.kl_coef > 0 needs ref_params (usually the SFT params)")
+    ref_params = ref_params if config.uses_reference else None
+    state, placed, (ref_params, reward_params) = _place_models(
+        state, mesh, model_config, False, [ref_params, reward_params], [False, True])
+    processes = jax.process_count() if mesh is not None else 1
+    opts = dict(config=config, model_config=model_config)
+    step = (compile_step(grpo_step, reward_fn=reward_fn, **opts, **placed) if host_reward_fn is None
+            else _host_scored(grpo_sample, grpo_update, host_reward_fn, tokenizer, opts))
+
+    def step_fn(state, batch):
+        _check_rows(batch, config.batch_size, processes, "GRPOConfig")
+        return step(state, _place_batch(batch, mesh), ref_params, reward_params)
+
+    return run_loop(state, data, step_fn, num_steps=config.num_steps, log_every=config.log_every, hooks=hooks)

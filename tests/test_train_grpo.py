@@ -1,0 +1,101 @@
+"""The GRPO stage: it learns a verifiable toy reward, every estimator and loss type runs, the reference is read only
+with a KL term, and host rewards equal the same reward as a jittable function."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rlhf_jax.generation import SamplingConfig
+from rlhf_jax.models import ModelConfig, init_params
+from rlhf_jax.tokenizer import ByteTokenizer
+from rlhf_jax.train import GRPOConfig, OptimConfig, create_train_state, run_grpo
+
+CFG = ModelConfig.preset("tiny", d_model=32, num_layers=1, num_heads=2, mlp_dim=64, max_seq_len=64)
+TOK = ByteTokenizer()
+
+
+@pytest.fixture(scope="module")
+def params():
+    return init_params(CFG, jax.random.PRNGKey(0))
+
+
+def _prompts(B=4, P=5):
+    rs = np.random.RandomState(0)
+    mask = (np.arange(P)[None] >= np.arange(B)[:, None] % P).astype(np.int32)
+    return {"prompts": np.where(mask > 0, rs.randint(97, 123, (B, P)), TOK.pad_id).astype(np.int32),
+            "prompt_mask": mask}
+
+
+def low_bytes(prompts, responses, mask):            # a verifiable toy reward: fraction of response bytes < 128
+    return jnp.sum((responses < 128) * mask, 1) / jnp.maximum(jnp.sum(mask, 1), 1)
+
+
+def _config(**kw):
+    base = dict(num_steps=2, batch_size=4, num_generations=4, sampling=SamplingConfig(max_new_tokens=6, temperature=1.0),
+                optim=OptimConfig(learning_rate=1e-2), log_every=1)
+    return GRPOConfig(**{**base, **kw})
+
+
+def test_grpo_learns_a_verifiable_reward_on_policy(params):
+    config = _config(num_steps=30, log_every=5)
+    state, hist = run_grpo(create_train_state(params, config.optim, 0), iter([_prompts()] * 30), config,
+                           model_config=CFG, reward_fn=low_bytes)
+    assert [h["step"] for h in hist] == [5, 10, 15, 20, 25, 30]
+    assert hist[-1]["reward"] > hist[0]["reward"] + 0.15, [h["reward"] for h in hist]
+    for h in hist:                                       # one pass over each batch: on-policy, ratio 1
+        assert h["clip_ratio"] == 0.0 and h["policy/ratio_mean"] == pytest.approx(1.0, abs=1e-5)
+        assert h["sampler/logprob_mismatch"] < 1e-4      # f32 on one CPU device: sampler == trainer
+        assert 0.0 <= h["frac_reward_zero_std"] <= 1.0 and h["completions/mean_length"] > 0
+    assert "kl" not in hist[0]                           # kl_coef 0: no reference at all
+
+
+@pytest.mark.parametrize("advantage, loss_type, extra", [
+    ("grpo", "dapo", dict(clip_eps_high=0.28, num_iterations=2, num_minibatches=2, tis_cap=2.0)),
+    ("grpo", "dr_grpo", dict(scale="none", kl_coef=0.05)),
+    ("rloo", "gspo", dict(kl_coef=0.05, kl_in="reward")),
+    ("grpo", "cispo", dict(clip_eps_high=0.28, num_iterations=2)),
+    ("reinforce++", "grpo", dict(kl_coef=0.05, kl_in="reward", scale="batch")),
+    ("reinforce++-baseline", "dapo", dict(kl_coef=0.05, kl_estimator="k1")),
+])
+def test_every_estimator_and_loss_type_runs(params, advantage, loss_type, extra):
+    config = _config(advantage=advantage, loss_type=loss_type, **extra)
+    state, hist = run_grpo(create_train_state(params, config.optim, 0), iter([_prompts()] * 2), config,
+                           model_config=CFG, ref_params=params, reward_fn=low_bytes)
+    assert len(hist) == 2 and all(np.isfinite(h["loss"]) for h in hist)
+    assert ("kl" in hist[0]) == (config.kl_coef > 0)
+    if config.num_iterations > 1:                        # a second pass moves the ratio off 1
+        assert hist[1]["policy/approxkl"] > 0
+
+
+def test_reference_only_with_a_kl_term_and_config_checks(params):
+    with pytest.raises(ValueError, match="needs ref_params"):
+        run_grpo(create_train_state(params, OptimConfig(), 0), iter([_prompts()]), _config(kl_coef=0.1),
+                 model_config=CFG, reward_fn=low_bytes)
+    with pytest.raises(ValueError, match="rloo needs num_generations >= 2"):
+        _config(advantage="rloo", num_generations=1)
+    with pytest.raises(ValueError, match="must divide by num_minibatches"):
+        _config(num_minibatches=3)
+    with pytest.raises(ValueError, match="gspo needs a sequence advantage"):
+        _config(advantage="reinforce++", loss_type="gspo")
+
+
+def test_host_reward_equals_the_jittable_one(params):
+    config = _config(num_generations=2)
+
+    def low_bytes_text(prompt_texts, completions):
+        assert len(prompt_texts) == len(completions) == 8 and prompt_texts[0] == prompt_texts[1]
+        return np.array([sum(b < 128 for b in t.encode("utf-8", "surrogateescape")) for t in completions],
+                        np.float32)
+
+    def count_jit(prompts, responses, mask):           # the same count on token ids (U+FFFD is 3 bytes >= 128)
+        return jnp.sum((responses < 128) * mask, 1).astype(jnp.float32)
+
+    def run(**reward):
+        return run_grpo(create_train_state(params, config.optim, 0), iter([_prompts()] * 2), config,
+                        model_config=CFG, **reward)[1]
+
+    ids, host = run(reward_fn=count_jit), run(host_reward_fn=low_bytes_text, tokenizer=TOK)
+    assert max(h["reward"] for h in ids) > 0
+    for a, b in zip(ids, host):
+        for k in a:
+            np.testing.assert_allclose(b[k], a[k], rtol=1e-5, atol=1e-6, err_msg=k)
