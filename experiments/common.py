@@ -176,6 +176,13 @@ def make_tokenizer(name: str):
     return HFTokenizer.from_file(path)
 
 
+def demo_tasks(n: int, seed: int) -> list:
+    """The world's tasks behind the built-in prompt records (`demo_records("prompt", n, seed)`)."""
+    from rlhf_jax import tasks
+
+    return tasks.prompt_set(n, np.random.default_rng(seed))
+
+
 def demo_records(kind: str, n: int, seed: int) -> list:
     """Built-in records from the synthetic task world (`rlhf_jax.tasks`): SFT demonstrations, labelled
     preference pairs (careful annotator) or RL prompts."""
@@ -190,7 +197,7 @@ def demo_records(kind: str, n: int, seed: int) -> list:
         pairs = tasks.synthetic_pairs(tasks.prompt_set(n, rng), "careful", rng)
         raw = [{"prompt": p["prompt"], "chosen": p["chosen"], "rejected": p["rejected"]} for p in pairs]
     elif kind == "prompt":
-        raw = [{"prompt": t.prompt} for t in tasks.prompt_set(n, rng)]
+        raw = [{"prompt": t.prompt} for t in demo_tasks(n, seed)]
     else:
         raise ValueError(f"no demo data for record kind {kind!r}")
     return [parse_record(r, kind) for r in raw]

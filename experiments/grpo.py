@@ -1,0 +1,123 @@
+"""GRPO and its family (DAPO, Dr. GRPO, GSPO, CISPO), RLOO and REINFORCE++ with verifiable rewards:
+`python -m experiments.grpo [--init SFT_FOLDER] [--reward world|gsm8k|model] [--out DIR]`.
+
+Samples G answers per prompt, scores them, and takes clipped policy-gradient steps on group advantages (see
+`rlhf_jax/train/grpo.py` and docs/algorithms.md). Rewards: `world` (default) is the exact gold reward of the
+built-in prompts of the synthetic world, a verifier run on the host; `gsm8k` checks the final number against the
+"answer" field of GSM8K-style records in --data.path; `model` scores with a reward model (--reward-init). Without
+--init it starts from a fresh tiny model, just so it runs. `--help` lists every option and its default.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from typing import Literal
+
+import jax
+
+from experiments.common import (CheckpointSpec, DataSpec, RunOptions, demo_tasks, finish_report, init_model,
+                                load_data, make_run_mesh, run_stage, setup_error, start_run)
+from rlhf_jax.config_cli import parse_cli
+from rlhf_jax.data import load_records
+from rlhf_jax.generation import SamplingConfig
+from rlhf_jax.rewards import gsm8k_answer, gsm8k_reward, world_reward
+from rlhf_jax.tasks import messages_for
+from rlhf_jax.tokenizer import encode_prompt
+from rlhf_jax.train import checkpoint as ckpt
+from rlhf_jax.train.grpo import GRPOConfig
+from rlhf_jax.train.optim import OptimConfig
+from rlhf_jax.train.stages import NonFiniteLossError, run_grpo
+from rlhf_jax.train.state import create_train_state, with_score_head
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GRPOExperiment(RunOptions):
+    """Reinforcement learning with verifiable rewards: GRPO and its family."""
+
+    out: str = "runs/grpo"
+    """Run directory (metrics, checkpoints, final params, report)."""
+    init: str | None = None
+    """Policy (and reference) weights, usually the SFT model: a Hugging Face or save_params folder. None: random."""
+    reward: Literal["world", "gsm8k", "model"] = "world"
+    """world: the synthetic world's gold reward (built-in prompts); gsm8k: final-number match against the records'
+    "answer" (--data.path); model: a reward model (--reward-init)."""
+    reward_init: str | None = None
+    """The reward model for --reward model: a save_params folder from experiments.reward or a Hugging Face folder."""
+    data: DataSpec = DataSpec(num_demo=256, seq_len=64)
+    """Prompt records ({prompt | question | messages}) and the prompt length bucket; the batch size is
+    grpo.batch_size."""
+    grpo: GRPOConfig = GRPOConfig(num_steps=10, batch_size=4, num_generations=4, loss_type="dapo",
+                                  sampling=SamplingConfig(max_new_tokens=16, temperature=1.0),
+                                  optim=OptimConfig(learning_rate=1e-4))
+    """GRPO stage (group size, estimator, loss type, clipping, KL, sampling, optimizer)."""
+    checkpoint: CheckpointSpec = CheckpointSpec(save_every=5)
+    """Checkpoint schedule and logging outputs."""
+
+
+def _host_reward(cfg: GRPOExperiment, tok):
+    """The host reward function of --reward world / gsm8k, looking each decoded prompt up by its text."""
+    text = lambda messages: tok.decode(encode_prompt(tok, messages))  # noqa: E731  (what the stage decodes)
+    if cfg.reward == "world":
+        if cfg.data.path is not None:
+            raise ValueError("--reward world scores the built-in prompts: leave --data.path unset (or use gsm8k)")
+        return world_reward(demo_tasks(cfg.data.num_demo, cfg.seed), lambda t: text(messages_for(t)))
+    if cfg.data.path is None:
+        raise ValueError("--reward gsm8k needs --data.path: records with a question and an 'answer' field")
+    answers = {}
+    for r in load_records(cfg.data.path, "prompt", skip_invalid=cfg.data.skip_invalid, limit=cfg.data.limit):
+        if "answer" not in r.meta:
+            raise ValueError(f"{cfg.data.path}: a record has no 'answer' field (needed by --reward gsm8k)")
+        answer = str(r.meta["answer"])
+        answers[text(list(r.messages))] = gsm8k_answer(answer) if "####" in answer else answer
+    return lambda prompts, completions: gsm8k_reward(prompts, completions, answers=[answers[p] for p in prompts])
+
+
+def main(argv=None) -> int:
+    cfg = parse_cli(GRPOExperiment, argv)
+    try:
+        mesh = make_run_mesh(cfg.mesh)          # first: multi-host init precedes any other JAX call
+        out = start_run(cfg, cfg.out)
+        data, tok = load_data(cfg.data, "prompt", seed=cfg.seed, batch_size=cfg.grpo.batch_size)
+        grpo_cfg = cfg.grpo
+        if (tok.eos_id, tok.pad_id) != (grpo_cfg.sampling.eos_id, grpo_cfg.sampling.pad_id):
+            grpo_cfg = dataclasses.replace(grpo_cfg, sampling=dataclasses.replace(
+                grpo_cfg.sampling, eos_id=tok.eos_id, pad_id=tok.pad_id))
+        k_policy, k_reward, k_head = jax.random.split(jax.random.key(cfg.seed), 3)
+        mc, policy = init_model(cfg.preset, cfg.model, k_policy, init=cfg.init)
+        rewards = {}
+        if cfg.reward == "model":
+            if cfg.reward_init is None:
+                raise ValueError("--reward model needs --reward-init (a reward model folder)")
+            reward_mc, reward = init_model(cfg.preset, cfg.model, k_reward, init=cfg.reward_init)
+            if "score_head" not in reward:
+                raise ValueError(f"{cfg.reward_init}: no score head (train one with experiments.reward)")
+            rewards["reward_params"] = jax.device_put(reward)
+        else:
+            if mesh is not None:
+                raise ValueError("--reward world/gsm8k score on the host and run without --mesh; use --reward model")
+            rewards.update(host_reward_fn=_host_reward(cfg, tok), tokenizer=tok)
+        # On the device once; the train state makes its own copy to donate.
+        ref = jax.device_put(policy) if grpo_cfg.kl_coef > 0 else None
+        state = create_train_state(policy, grpo_cfg.optim, cfg.seed, total_steps=grpo_cfg.num_steps)
+    except (ValueError, OSError) as e:  # DataError is a ValueError
+        return setup_error(e)
+    try:
+        state, history, finished = run_stage(
+            "grpo", lambda s, d, c, hooks: run_grpo(s, d, c, model_config=mc, ref_params=ref, mesh=mesh,
+                                                   hooks=hooks, **rewards),
+            state, data, grpo_cfg, out=out, resume=cfg.resume, checkpoint=cfg.checkpoint,
+            samples_per_step=grpo_cfg.batch_size * grpo_cfg.num_generations)
+    except NonFiniteLossError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if finished:
+        ckpt.save_params(os.path.join(out, "grpo", "final"), state.params, model_config=mc)
+    finish_report(out, "grpo", history, keys=("reward", "reward_std", "completions/mean_length", "kl"),
+                  summary={"finished": finished, "policy": cfg.init or cfg.preset, "reward": cfg.reward,
+                           "data": cfg.data.path or "demo"})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
