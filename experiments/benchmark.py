@@ -43,11 +43,12 @@ from rlhf_jax.generation import SamplingConfig, sample
 from rlhf_jax.models import init_params
 from rlhf_jax.models.config import ModelConfig
 from rlhf_jax.train.optim import OptimConfig
+from rlhf_jax.train.grpo import GRPOConfig, grpo_sample, grpo_update
 from rlhf_jax.train.ppo import PPOConfig, init_ppo_state, ppo_update, rollout
 from rlhf_jax.train.state import create_train_state, with_score_head
 from rlhf_jax.train.steps import dpo_step, reward_step, sft_step
 
-BENCHMARKS = ("sft", "reward", "dpo", "generate", "ppo")
+BENCHMARKS = ("sft", "reward", "dpo", "generate", "ppo", "grpo")
 ROW_KEYS = ("name", "shape", "compile_s", "median_ms", "min_ms", "steps", "throughput", "throughput_unit",
             "tokens_per_step", "flops_per_step", "tflops_per_s", "mfu", "mfu_spec", "peak_bytes",
             "compiled_bytes")
@@ -64,7 +65,7 @@ class BenchConfig:
     """ModelConfig preset (tiny, tiny-llama, gpt2-124m, gpt2-355m, gpt2-774m, llama-1b); random init."""
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """Compute dtype (params stay float32); auto = bfloat16 on GPU/TPU, float32 on CPU."""
-    benchmarks: str = "sft,reward,dpo,generate,ppo"
+    benchmarks: str = "sft,reward,dpo,generate,ppo,grpo"
     """Comma list of benchmarks to run."""
     sft_batch: int = 8
     """SFT rows per step."""
@@ -96,6 +97,10 @@ class BenchConfig:
     """PPO epochs over each rollout batch."""
     ppo_minibatches: int = 4
     """PPO minibatches per epoch."""
+    grpo_prompts: int = 64
+    """GRPO prompts per iteration (each answered num_generations times)."""
+    grpo_generations: int = 8
+    """GRPO group size G."""
     remat: Literal["none", "full", "dots"] = "none"
     """Per-block rematerialisation (ModelConfig.remat)."""
     attention_impl: Literal["xla", "cudnn"] | None = None
@@ -126,7 +131,7 @@ class BenchConfig:
 
 QUICK = dict(sft_batch=2, sft_seq=64, reward_pairs=2, reward_seq=64, dpo_pairs=2, dpo_seq=64, gen_batches="2",
              gen_prompt=16, gen_new=16, ppo_prompts=4, ppo_prompt_len=16, ppo_new=16, ppo_epochs=2,
-             ppo_minibatches=2)
+             ppo_minibatches=2, grpo_prompts=2, grpo_generations=2)
 
 
 def resolve(cfg: BenchConfig) -> BenchConfig:
@@ -186,6 +191,15 @@ def ppo_flops(config, batch, prompt, new, epochs, *, causal=True) -> tuple[float
     lm_train = train_flops(config, tokens, T, head="none", causal=causal) + 3 * head * responses
     update = epochs * (lm_train + train_flops(config, tokens, T, head="scalar", causal=causal))
     return generate_flops(config, batch, prompt, new, causal=causal) + scoring, update
+
+
+def grpo_flops(config, rows, prompt, new, *, causal=True) -> float:
+    """Update FLOPs of one GRPO iteration (one pass, no reference): the trainer's log-probs of the samples (a
+    forward) and one training step, over B*G*(P+N) tokens with the LM head at the response positions only."""
+    tokens, responses, T = rows * (prompt + new), rows * new, prompt + new
+    head = 2 * config.vocab_size * config.d_model
+    forward = forward_flops(config, tokens, T, head="none", causal=causal) + head * responses
+    return forward + train_flops(config, tokens, T, head="none", causal=causal) + 3 * head * responses
 
 
 # ---------------------------------------------------------------------------------------------- measurement
@@ -435,6 +449,29 @@ class _Bench:
                 "rollout_over_sampling": roll["median_ms"] / sample_row["median_ms"], "update_mfu": upd["mfu"],
                 "update_mfu_spec": upd["mfu_spec"]}
 
+    def grpo(self):
+        """One GRPO iteration (G samples per prompt, one pass, no reference): the sampling half against pure sampling
+        of the same B*G rows, and the update (the trainer's log-probs + one step) with its MFU."""
+        c, m = self.cfg, self.model
+        B, G, P, N = c.grpo_prompts, c.grpo_generations, c.ppo_prompt_len, c.ppo_new
+        gcfg = GRPOConfig(batch_size=B, num_generations=G, num_steps=1, loss_type="dapo",
+                          sampling=SamplingConfig(max_new_tokens=N, temperature=1.0, eos_id=m.vocab_size, pad_id=0))
+        policy = init_params(m, self.next_key())
+        shape = f"{B}x{G}x({P}+{N})"
+        (sample_row,) = self.generate("grpo/sample", [B * G], P, N, params=policy, temperature=1.0)
+        state = create_train_state(policy, gcfg.optim, 0, total_steps=1)
+        batch = {"prompts": jax.device_put(self.tokens(B, P)), "prompt_mask": jnp.ones((B, P), jnp.int32)}
+        fn = functools.partial(grpo_sample, config=gcfg, model_config=m)
+        (state, episodes, key), roll = self.measure("grpo/rollout", shape, fn, (state, batch), flops=generate_flops(
+            m, B * G, P, N, causal=c.attn_flops == "causal"), tokens=B * G * N, unit="new tokens/s", per_step=B * G * N)
+        scores = jax.random.normal(self.next_key(), (B * G,))
+        fn = functools.partial(grpo_update, config=gcfg, model_config=m)
+        _, upd = self.measure("grpo/update", shape, fn, (state, episodes, scores, key), donate=True,
+                              flops=grpo_flops(m, B * G, P, N, causal=c.attn_flops == "causal"),
+                              tokens=B * G * (P + N), unit="episodes/s", per_step=B * G)
+        return {"rollout_over_sampling": roll["median_ms"] / sample_row["median_ms"], "update_mfu": upd["mfu"],
+                "update_ms": upd["median_ms"], "rollout_ms": roll["median_ms"]}
+
 
 def _logits_chunk(flag: str):
     """--logits-chunk: "auto", "None" or an int."""
@@ -460,11 +497,13 @@ def run_benchmarks(cfg: BenchConfig) -> dict:
           f"dtype {cfg.dtype}; measured {cfg.dtype} matmul peak {measured / 1e12:.2f} TFLOP/s (n={n})", flush=True)
     print(_header(), flush=True)
     bench = _Bench(cfg, model, (measured, spec))
-    ppo_summary = None
+    ppo_summary = grpo_summary = None
     for name in cfg.benchmarks.split(","):
         out = getattr(bench, name)()
         if name == "ppo":
             ppo_summary = out
+        if name == "grpo":
+            grpo_summary = out
     report = {
         "device": {"kind": dev.device_kind, "platform": dev.platform, "count": jax.device_count(),
                    "jax": jax.__version__, "python": platform.python_version(), "host": platform.node()},
@@ -478,6 +517,7 @@ def run_benchmarks(cfg: BenchConfig) -> dict:
                          "; decode token i: 2N + 4*L*(P+i)*N_heads*H"),
         "results": bench.rows,
         "ppo": ppo_summary,
+        "grpo": grpo_summary,
     }
     print(f"FLOPs: {report['flop_formula']}")
     if ppo_summary:
@@ -485,6 +525,10 @@ def run_benchmarks(cfg: BenchConfig) -> dict:
         print(f"PPO: {p['episodes_per_s']:.4g} episodes/s; rollout {100 * p['rollout_fraction']:.0f}% of the "
               f"iteration; rollout / pure sampling = {p['rollout_over_sampling']:.2f}x; update MFU "
               f"{100 * p['update_mfu']:.1f}%")
+    if grpo_summary:
+        g = grpo_summary
+        print(f"GRPO: rollout / pure sampling of the same rows = {g['rollout_over_sampling']:.2f}x; update MFU "
+              f"{100 * g['update_mfu']:.1f}%")
     if cfg.json:
         with open(cfg.json, "w") as f:
             json.dump(report, f, indent=2)

@@ -59,6 +59,8 @@ def test_generate_and_ppo_flops_by_brute_force():
     assert math.isclose(rollout, prefill + decode + scoring)
     lm_train = B * S * (6 * (n_lm - VD) + 3 * per_key * S / 2) + B * Nn * 6 * VD
     assert math.isclose(update, E * (lm_train + bm.train_flops(cfg, B * S, S, head="scalar")))
+    # GRPO's update: the trainer's log-probs (one LM forward) and one LM training step, no value model
+    assert math.isclose(bm.grpo_flops(cfg, B, P, Nn), lm_fwd + lm_train)
 
 
 def test_cli_argparse_matches_tyro_and_quick_keeps_explicit_shapes():
@@ -101,7 +103,8 @@ def test_whole_benchmark_runs_without_tyro_and_writes_json(tmp_path):
     assert set(report) >= {"device", "config", "model", "peak", "flop_formula", "results", "ppo"}
     assert report["device"]["platform"] == "cpu" and report["model"]["dtype"] == "float32"
     names = [r["name"] for r in report["results"]]
-    assert names == ["sft", "reward", "dpo", "generate", "ppo/sample", "ppo/rollout", "ppo/update", "ppo/iteration"]
+    assert names == ["sft", "reward", "dpo", "generate", "ppo/sample", "ppo/rollout", "ppo/update", "ppo/iteration",
+                     "grpo/sample", "grpo/rollout", "grpo/update"]
     cfg = ModelConfig.preset("tiny")
     for r in report["results"]:
         assert set(r) == set(bm.ROW_KEYS)
@@ -119,7 +122,10 @@ def test_whole_benchmark_runs_without_tyro_and_writes_json(tmp_path):
     ppo = report["ppo"]
     assert 0 < ppo["rollout_fraction"] < 1 and ppo["rollout_over_sampling"] > 0 and ppo["episodes_per_s"] > 0
     assert math.isclose(ppo["episodes_per_s"], 4 / ((ppo["rollout_ms"] + ppo["update_ms"]) / 1e3), rel_tol=1e-9)
-    assert "sft" in proc.stdout and "MFU" in proc.stdout
+    grpo_update = report["results"][-1]                  # quick shapes: 2 prompts x 2 answers x (16 + 16)
+    assert grpo_update["flops_per_step"] == bm.grpo_flops(cfg, 4, 16, 16) and report["grpo"]["update_mfu"] > 0
+    assert report["grpo"]["rollout_over_sampling"] > 0
+    assert "sft" in proc.stdout and "MFU" in proc.stdout and "GRPO:" in proc.stdout
 
 
 def test_profile_ops_sums_device_or_host_events():
