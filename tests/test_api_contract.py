@@ -34,6 +34,7 @@ CONTRACT = [
     (losses, "group_advantages", ["rewards"], {"group_size": REQUIRED, "scale": "group", "eps": 1e-4}),
     (losses, "rloo_advantages", ["rewards"], {"group_size": REQUIRED}),
     (losses, "discounted_returns", ["rewards", "mask"], {"gamma": 1.0}),
+    (losses, "overlong_penalty", ["lengths"], {"max_len": REQUIRED, "cache_len": REQUIRED}),
     (losses, "policy_gradient_loss", ["logprobs", "old_logprobs", "advantages", "mask"],
      {"loss_type": "grpo", "clip_eps": 0.2, "clip_eps_high": None, "max_tokens": None, "ref_logprobs": None,
       "kl_coef": 0.0, "kl_estimator": "k3", "importance_weights": None}),

@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rlhf_jax.losses import discounted_returns, group_advantages, rloo_advantages
+from rlhf_jax.losses import discounted_returns, group_advantages, overlong_penalty, rloo_advantages
 
 
 def np_group(r, G, scale, eps):
@@ -82,3 +82,13 @@ def test_discounted_returns_vs_numpy_on_ragged_rows(gamma):
     holed[0, 2] = 0                                                             # a masked token inside a row
     got = discounted_returns(np.where(holed > 0, r, np.float32(1e30)), holed, gamma=gamma)
     np.testing.assert_allclose(got, np_returns(r.astype(np.float64), holed, gamma), rtol=1e-5, atol=1e-5)
+
+
+def test_overlong_penalty_vs_the_dapo_formula():
+    lengths = np.arange(0, 25)
+    got = np.asarray(overlong_penalty(lengths, max_len=20, cache_len=4))
+    want = [0.0 if L <= 16 else (16 - L) / 4 if L <= 20 else -1.0 for L in lengths]
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    assert got[16] == 0.0 and got[20] == -1.0 and got[18] == -0.5
+    with pytest.raises(ValueError, match="0 < cache_len <= max_len"):
+        overlong_penalty(lengths, max_len=4, cache_len=5)

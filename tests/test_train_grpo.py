@@ -53,7 +53,7 @@ def test_grpo_learns_a_verifiable_reward_on_policy(params):
     ("grpo", "dapo", dict(clip_eps_high=0.28, num_iterations=2, num_minibatches=2, tis_cap=2.0)),
     ("grpo", "dr_grpo", dict(scale="none", kl_coef=0.05)),
     ("rloo", "gspo", dict(kl_coef=0.05, kl_in="reward")),
-    ("grpo", "cispo", dict(clip_eps_high=0.28, num_iterations=2)),
+    ("grpo", "cispo", dict(clip_eps_high=0.28, num_iterations=2, overlong_buffer=3)),
     ("reinforce++", "grpo", dict(kl_coef=0.05, kl_in="reward", scale="batch")),
     ("reinforce++-baseline", "dapo", dict(kl_coef=0.05, kl_estimator="k1")),
 ])

@@ -11,8 +11,8 @@ from rlhf_jax.losses._kl import (
     shape_rewards,
 )
 from rlhf_jax.losses._logprobs import entropy_from_logits, sequence_logprobs, token_logprobs
-from rlhf_jax.losses._advantages import (GROUP_SCALES, discounted_returns, gae, group_advantages, rloo_advantages,
-                                        whiten)
+from rlhf_jax.losses._advantages import (GROUP_SCALES, discounted_returns, gae, group_advantages, overlong_penalty,
+                                        rloo_advantages, whiten)
 from rlhf_jax.losses._pg import PG_LOSS_TYPES, policy_gradient_loss
 from rlhf_jax.losses._ppo import explained_variance, ppo_policy_loss, ppo_value_loss
 from rlhf_jax.losses._reward import bradley_terry_loss
@@ -37,6 +37,7 @@ __all__ = [
     "masked_mean",
     "masked_sum",
     "masked_var",
+    "overlong_penalty",
     "PG_LOSS_TYPES",
     "policy_gradient_loss",
     "ppo_policy_loss",

@@ -8,6 +8,7 @@
   R1-Zero-Like Training", Dr. GRPO) and RLOO's leave-one-out baseline (Ahmadian et al. 2024, "Back to Basics",
   eq. 4; Kool et al. 2019).
 * ``discounted_returns``: reward-to-go over a row's valid tokens (REINFORCE++, Hu 2025, uses gamma 1).
+* ``overlong_penalty``: DAPO's length shaping of the reward near the response budget (Yu et al. 2025).
 """
 
 from __future__ import annotations
@@ -134,3 +135,15 @@ def discounted_returns(rewards, mask, *, gamma: float = 1.0):
 
     _, ret = lax.scan(step, jnp.zeros(r.shape[:1], jnp.float32), r.T, reverse=True)
     return jnp.where(m, ret.T, 0.0)
+
+
+def overlong_penalty(lengths, *, max_len: int, cache_len: int):
+    """DAPO's soft overlong punishment ``[B]`` (Yu et al. 2025, eq. 13), added to the reward: 0 for
+    ``L <= max_len - cache_len``, ``((max_len - cache_len) - L) / cache_len`` (falling linearly to -1) up to
+    ``max_len``, and -1 beyond."""
+    if not 0 < cache_len <= max_len:
+        raise ValueError(f"overlong_penalty needs 0 < cache_len <= max_len, got cache_len={cache_len}, "
+                         f"max_len={max_len}")
+    L = jnp.asarray(lengths, jnp.float32)
+    soft = (max_len - cache_len - L) / cache_len
+    return jnp.where(L <= max_len - cache_len, 0.0, jnp.where(L <= max_len, soft, -1.0))

@@ -28,7 +28,7 @@ from jax import lax
 from rlhf_jax.config_cli import check_ranges, config_check
 from rlhf_jax.generation import SamplingConfig
 from rlhf_jax.losses import (discounted_returns, group_advantages, kl_penalty, masked_mean, masked_sum,
-                             policy_gradient_loss, rloo_advantages, token_logprobs, whiten)
+                             overlong_penalty, policy_gradient_loss, rloo_advantages, token_logprobs, whiten)
 from rlhf_jax.models.config import ModelConfig
 from rlhf_jax.train.optim import OptimConfig
 from rlhf_jax.train.rl import (Episodes, RewardFn, episode_logits, episode_logprobs, epochs_minibatches,
@@ -72,6 +72,9 @@ class GRPOConfig:
     """mu: passes over each batch (1: on-policy, ratio 1)."""
     num_minibatches: int = 1
     """Minibatches per pass (batch_size * num_generations must divide by it)."""
+    overlong_buffer: int | None = None
+    """DAPO's soft overlong punishment: the last this many tokens of the budget cost up to 1 reward, linearly
+    (losses.overlong_penalty with max_len = sampling.max_new_tokens); None: off."""
     tis_cap: float | None = None
     """Truncated importance sampling between the sampler's and the trainer's log-probs: weight
     min(exp(trainer - sampler), cap) on the surrogate (None: off; 2 is common)."""
@@ -80,9 +83,12 @@ class GRPOConfig:
 
     def __post_init__(self):
         check_ranges(self, positive=("num_steps", "log_every", "batch_size", "num_generations", "clip_eps",
-                                     "clip_eps_high", "num_iterations", "num_minibatches", "tis_cap"),
+                                     "clip_eps_high", "num_iterations", "num_minibatches", "tis_cap",
+                                     "overlong_buffer"),
                      non_negative=("kl_coef",))
         config_check(self, self.sampling.temperature > 0, "sampling.temperature must be > 0")
+        config_check(self, self.overlong_buffer is None or self.overlong_buffer <= self.sampling.max_new_tokens,
+                     "overlong_buffer must be <= sampling.max_new_tokens")
         config_check(self, self.advantage != "rloo" or self.num_generations >= 2, "rloo needs num_generations >= 2")
         config_check(self, self.loss_type != "gspo" or not self.advantage.startswith("reinforce++"),
                      "gspo needs a sequence advantage (grpo or rloo)")
@@ -119,6 +125,9 @@ def grpo_update(state: TrainState, episodes: Episodes, scores, rng, ref_params=N
     c, ep, mask = config, episodes, episodes.response_mask
     temp = c.sampling.temperature
     scores = jnp.asarray(scores, jnp.float32)
+    if c.overlong_buffer is not None:
+        scores = scores + overlong_penalty(jnp.sum(mask, axis=1), max_len=c.sampling.max_new_tokens,
+                                           cache_len=c.overlong_buffer)
     old = lax.stop_gradient(episode_logprobs(state.params, ep, model_config=model_config, temperature=temp))
     ref = (lax.stop_gradient(episode_logprobs(ref_params, ep, model_config=model_config, temperature=temp))
            if c.uses_reference else None)
