@@ -222,6 +222,14 @@ def load_data(spec: DataSpec, kind: str, *, seed: int, batch_size: int | None = 
     return data, tok
 
 
+def with_tokenizer_ids(stage_config, tok):
+    """`stage_config` with its `sampling` eos/pad ids set to the tokenizer's (the RL stages sample with them)."""
+    s = stage_config.sampling
+    if (tok.eos_id, tok.pad_id) == (s.eos_id, s.pad_id):
+        return stage_config
+    return dataclasses.replace(stage_config, sampling=dataclasses.replace(s, eos_id=tok.eos_id, pad_id=tok.pad_id))
+
+
 # ------------------------------------------------------------------------------------------------ the run
 def setup_error(e: Exception) -> int:
     """Print a setup problem (bad data file, incompatible options) as one line and return exit status 2."""

@@ -17,7 +17,7 @@ from typing import Literal
 import jax
 
 from experiments.common import (CheckpointSpec, DataSpec, RunOptions, demo_tasks, finish_report, init_model,
-                                load_data, make_run_mesh, run_stage, setup_error, start_run)
+                                load_data, make_run_mesh, run_stage, setup_error, start_run, with_tokenizer_ids)
 from rlhf_jax.config_cli import parse_cli
 from rlhf_jax.data import load_records
 from rlhf_jax.generation import SamplingConfig
@@ -79,10 +79,7 @@ def main(argv=None) -> int:
         mesh = make_run_mesh(cfg.mesh)          # first: multi-host init precedes any other JAX call
         out = start_run(cfg, cfg.out)
         data, tok = load_data(cfg.data, "prompt", seed=cfg.seed, batch_size=cfg.grpo.batch_size)
-        grpo_cfg = cfg.grpo
-        if (tok.eos_id, tok.pad_id) != (grpo_cfg.sampling.eos_id, grpo_cfg.sampling.pad_id):
-            grpo_cfg = dataclasses.replace(grpo_cfg, sampling=dataclasses.replace(
-                grpo_cfg.sampling, eos_id=tok.eos_id, pad_id=tok.pad_id))
+        grpo_cfg = with_tokenizer_ids(cfg.grpo, tok)
         k_policy, k_reward, k_head = jax.random.split(jax.random.key(cfg.seed), 3)
         mc, policy = init_model(cfg.preset, cfg.model, k_policy, init=cfg.init)
         rewards = {}

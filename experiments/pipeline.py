@@ -150,9 +150,11 @@ class PipelineConfig:
             "d_model", "num_layers", "num_heads", "seq_len", "batch_size", "pretrain_docs", "pretrain_steps",
             "sft_demos", "sft_steps", "pref_prompts", "rm_steps", "rm_lr", "ppo_iterations", "ppo_batch", "ppo_lr",
             "dpo_steps", "dpo_beta", "dpo_lr", "max_new_tokens", "eval_prompts", "temperature", "eval_samples",
-            "best_of_n", "eval_every"), non_negative=("seed", "sft_safety", "sft_benign", "synthetic_pairs",
-                                                      "lookalike_pairs", "ppo_kl_coef", "ppo_ptx_coef", "dpo_rpo_alpha"))
-        config_check(self, self.pref_samples >= 2, f"pref_samples = {self.pref_samples} must be >= 2 (answers to compare)")
+            "best_of_n", "eval_every"),
+            non_negative=("seed", "sft_safety", "sft_benign", "synthetic_pairs", "lookalike_pairs", "ppo_kl_coef",
+                          "ppo_ptx_coef", "dpo_rpo_alpha"))
+        config_check(self, self.pref_samples >= 2,
+                     f"pref_samples = {self.pref_samples} must be >= 2 (answers to compare)")
 
     def scaled(self) -> "PipelineConfig":
         if not self.quick:

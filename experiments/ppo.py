@@ -15,7 +15,7 @@ import sys
 import jax
 
 from experiments.common import (CheckpointSpec, DataSpec, RunOptions, finish_report, init_model, load_data,
-                                make_run_mesh, run_stage, setup_error, start_run)
+                                make_run_mesh, run_stage, setup_error, start_run, with_tokenizer_ids)
 from rlhf_jax.config_cli import parse_cli
 from rlhf_jax.generation import SamplingConfig
 from rlhf_jax.models import init_params
@@ -53,10 +53,7 @@ def main(argv=None) -> int:
         mesh = make_run_mesh(cfg.mesh)          # first: multi-host init precedes any other JAX call
         out = start_run(cfg, cfg.out)
         data, tok = load_data(cfg.data, "prompt", seed=cfg.seed, batch_size=cfg.ppo.batch_size)
-        ppo_cfg = cfg.ppo
-        if (tok.eos_id, tok.pad_id) != (ppo_cfg.sampling.eos_id, ppo_cfg.sampling.pad_id):
-            ppo_cfg = dataclasses.replace(ppo_cfg, sampling=dataclasses.replace(
-                ppo_cfg.sampling, eos_id=tok.eos_id, pad_id=tok.pad_id))
+        ppo_cfg = with_tokenizer_ids(cfg.ppo, tok)
         k_policy, k_reward, k_head, k_state = jax.random.split(jax.random.key(cfg.seed), 4)
         mc, policy = init_model(cfg.preset, cfg.model, k_policy, init=cfg.policy_init)
         if cfg.reward_init is None:  # a fresh reward model of the policy's architecture

@@ -74,7 +74,8 @@ def world_reward(tasks, prompt_text: Callable) -> RewardFunction:
     def reward(prompts, completions):
         missing = [p for p in prompts if p not in by_text]
         if missing:
-            raise KeyError(f"world_reward: prompt {missing[0]!r} is not among the {len(by_text)} distinct task prompts given")
+            raise KeyError(f"world_reward: prompt {missing[0]!r} is not among the {len(by_text)} distinct task "
+                           "prompts given")
         return np.asarray([gold_reward(by_text[p], c) for p, c in zip(prompts, completions)], np.float32)
 
     return reward

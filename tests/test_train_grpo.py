@@ -31,8 +31,8 @@ def low_bytes(prompts, responses, mask):            # a verifiable toy reward: f
 
 
 def _config(**kw):
-    base = dict(num_steps=2, batch_size=4, num_generations=4, sampling=SamplingConfig(max_new_tokens=6, temperature=1.0),
-                optim=OptimConfig(learning_rate=1e-2), log_every=1)
+    base = dict(num_steps=2, batch_size=4, num_generations=4, optim=OptimConfig(learning_rate=1e-2), log_every=1,
+                sampling=SamplingConfig(max_new_tokens=6, temperature=1.0))
     return GRPOConfig(**{**base, **kw})
 
 
