@@ -13,6 +13,7 @@ code paths as training.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, Iterable
 
 import jax
@@ -30,11 +31,7 @@ MetricsFn = Callable[[list, list], dict]
 """(prompt indices, completions) -> named metrics of those answers (e.g. `rlhf_jax.tasks.compute_metrics`)."""
 
 
-def _sample_jit():
-    return jax.jit(sample_episodes, static_argnames=("sampling", "model_config", "num_samples_per_prompt"))
-
-
-_SAMPLE = _sample_jit()
+_SAMPLE = jax.jit(sample_episodes, static_argnames=("sampling", "model_config", "num_samples_per_prompt"))
 _SEQ_LOGPS = jax.jit(lambda params, ep, model_config: jnp.sum(episode_logprobs(params, ep, model_config=model_config),
                                                               axis=1), static_argnames=("model_config",))
 _RM_SCORES = jax.jit(reward_model_scores, static_argnames=("model_config",))
@@ -66,7 +63,6 @@ class PolicyEvaluator:
 
     def generate(self, params, rng, temperature: float):
         """Episodes of one answer per prompt at `temperature` (0: greedy)."""
-        import dataclasses
         sampling = dataclasses.replace(self.sampling, temperature=temperature)
         return _SAMPLE(params, self.prompts, self.prompt_mask, rng, sampling=sampling, model_config=self.mc)
 
