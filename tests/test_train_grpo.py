@@ -99,3 +99,31 @@ def test_host_reward_equals_the_jittable_one(params):
     for a, b in zip(ids, host):
         for k in a:
             np.testing.assert_allclose(b[k], a[k], rtol=1e-5, atol=1e-6, err_msg=k)
+
+
+def test_dynamic_sampling_updates_on_informative_groups_first(params):
+    from rlhf_jax.train.grpo import _informative_first
+    from rlhf_jax.train.rl import Episodes
+    G = 2
+    ep = Episodes(tokens=np.arange(8)[:, None] * np.ones((1, 3), int), mask=np.ones((8, 3), int),
+                  response_mask=np.ones((8, 2), int), sampler_logprobs=np.zeros((8, 2), np.float32))
+    scores = np.array([1, 1, 0, 2, 3, 3, 5, 4], np.float32)               # groups 1 and 3 are informative
+    informative = np.array([False, True, False, True])
+    kept, kept_scores = _informative_first(ep, scores, informative, G, 3)
+    np.testing.assert_array_equal(kept.tokens[:, 0], [2, 3, 6, 7, 0, 1])    # groups 1, 3, then 0 to fill
+    np.testing.assert_array_equal(kept_scores, [0, 2, 5, 4, 1, 1])
+
+    def half_constant(prompts, responses, mask):        # prompts ending in an even byte: every answer scores 0.5
+        varied = jnp.sum((responses < 128) * mask, 1) / jnp.maximum(jnp.sum(mask, 1), 1)
+        return jnp.where(prompts[:, -1] % 2 == 0, 0.5, varied)
+
+    batch = _prompts()
+    config = _config(dynamic_sampling_groups=2, num_minibatches=2)
+    _, hist = run_grpo(create_train_state(params, config.optim, 0), iter([batch] * 2), config, model_config=CFG,
+                       reward_fn=half_constant)
+    odd = float(np.mean(batch["prompts"][:, -1] % 2 == 1))
+    assert 0 < odd < 1
+    for h in hist:       # the odd-ended prompts' groups are informative (unless all 4 answers tie, not here)
+        assert h["dynamic_sampling/informative_fraction"] == pytest.approx(odd)
+    with pytest.raises(ValueError, match="dynamic_sampling_groups must be <= batch_size"):
+        _config(dynamic_sampling_groups=5)

@@ -72,6 +72,10 @@ class GRPOConfig:
     """mu: passes over each batch (1: on-policy, ratio 1)."""
     num_minibatches: int = 1
     """Minibatches per pass (batch_size * num_generations must divide by it)."""
+    dynamic_sampling_groups: int | None = None
+    """DAPO's dynamic sampling with fixed shapes: of the batch_size groups sampled, update on this many, groups
+    whose rewards are not all equal first (groups of equal rewards carry no advantage); batch_size /
+    dynamic_sampling_groups is the oversampling factor. The fraction of informative groups is logged. None: all."""
     overlong_buffer: int | None = None
     """DAPO's soft overlong punishment: the last this many tokens of the budget cost up to 1 reward, linearly
     (losses.overlong_penalty with max_len = sampling.max_new_tokens); None: off."""
@@ -92,9 +96,13 @@ class GRPOConfig:
         config_check(self, self.advantage != "rloo" or self.num_generations >= 2, "rloo needs num_generations >= 2")
         config_check(self, self.loss_type != "gspo" or not self.advantage.startswith("reinforce++"),
                      "gspo needs a sequence advantage (grpo or rloo)")
-        rows = self.batch_size * self.num_generations
+        groups = self.batch_size if self.dynamic_sampling_groups is None else self.dynamic_sampling_groups
+        check_ranges(self, positive=("dynamic_sampling_groups",))
+        config_check(self, groups <= self.batch_size, "dynamic_sampling_groups must be <= batch_size")
+        rows = groups * self.num_generations
         config_check(self, self.num_minibatches > 0 and rows % self.num_minibatches == 0,
-                     f"batch_size * num_generations = {rows} must divide by num_minibatches = {self.num_minibatches}")
+                     f"the {rows} rows of an update (groups x num_generations) must divide by num_minibatches = "
+                     f"{self.num_minibatches}")
 
     @property
     def uses_reference(self) -> bool:
@@ -119,6 +127,13 @@ def _advantages(config: GRPOConfig, scores, ep: Episodes, kl):
     return whiten(discounted_returns(rewards, mask, gamma=1.0), mask)
 
 
+def _informative_first(ep: Episodes, scores, informative, G: int, keep: int):
+    """The rows of `keep` groups, groups with unequal rewards first (in their order), then the others."""
+    order = jnp.argsort(jnp.logical_not(informative), stable=True)[:keep]                    # [keep] group ids
+    rows = (order[:, None] * G + jnp.arange(G)[None]).reshape(-1)
+    return jax.tree.map(lambda x: x[rows], ep), scores[rows]
+
+
 def grpo_update(state: TrainState, episodes: Episodes, scores, rng, ref_params=None, *, config: GRPOConfig,
                 model_config: ModelConfig):
     """Advantages of scored episodes ([B*G] scores) and `num_iterations` x `num_minibatches` updates."""
@@ -128,6 +143,13 @@ def grpo_update(state: TrainState, episodes: Episodes, scores, rng, ref_params=N
     if c.overlong_buffer is not None:
         scores = scores + overlong_penalty(jnp.sum(mask, axis=1), max_len=c.sampling.max_new_tokens,
                                            cache_len=c.overlong_buffer)
+    all_scores, all_ends = scores, ep.ends_with_eos(c.sampling.eos_id)
+    all_lengths = jnp.sum(mask, axis=1).astype(jnp.float32)
+    groups = scores.reshape(-1, c.num_generations)
+    informative = jnp.max(groups, axis=1) > jnp.min(groups, axis=1)
+    if c.dynamic_sampling_groups is not None:
+        ep, scores = _informative_first(ep, scores, informative, c.num_generations, c.dynamic_sampling_groups)
+        mask = ep.response_mask
     old = lax.stop_gradient(episode_logprobs(state.params, ep, model_config=model_config, temperature=temp))
     ref = (lax.stop_gradient(episode_logprobs(ref_params, ep, model_config=model_config, temperature=temp))
            if c.uses_reference else None)
@@ -160,20 +182,20 @@ def grpo_update(state: TrainState, episodes: Episodes, scores, rng, ref_params=N
         data["weights"] = weights
     state, m = epochs_minibatches(update, state, data, rng, num_epochs=c.num_iterations,
                                   num_minibatches=c.num_minibatches)
-    groups = scores.reshape(-1, c.num_generations)
     group_std = jnp.std(groups, axis=1, ddof=1) if c.num_generations > 1 else jnp.zeros(groups.shape[0])
-    lengths = jnp.sum(mask, axis=1).astype(jnp.float32)
-    metrics = {
-        "loss": m["loss"], "reward": jnp.mean(scores), "reward_std": jnp.mean(group_std),
+    metrics = {                      # rewards and completions: every sample; the rest: the updated rows
+        "loss": m["loss"], "reward": jnp.mean(all_scores), "reward_std": jnp.mean(group_std),
         "frac_reward_zero_std": jnp.mean((group_std == 0).astype(jnp.float32)),
-        "completions/mean_length": jnp.mean(lengths),
-        "completions/clipped_ratio": 1.0 - jnp.mean(ep.ends_with_eos(c.sampling.eos_id).astype(jnp.float32)),
+        "completions/mean_length": jnp.mean(all_lengths),
+        "completions/clipped_ratio": 1.0 - jnp.mean(all_ends.astype(jnp.float32)),
         "clip_ratio": m["clipfrac"], "policy/approxkl": m["approx_kl"], "policy/ratio_mean": m["ratio_mean"],
         # Sum over the response of -log pi(y_t), the sequence entropy's one-sample estimate (as PPO's).
         "entropy": jnp.mean(masked_sum(-old, mask, axis=1)),
         "sampler/logprob_mismatch": masked_mean(jnp.abs(log_gap), mask),
         "learning_rate": state.learning_rate(),
     }
+    if c.dynamic_sampling_groups is not None:
+        metrics["dynamic_sampling/informative_fraction"] = jnp.mean(informative.astype(jnp.float32))
     if c.uses_reference:
         metrics["kl"] = jnp.mean(masked_sum(kl_penalty(old, ref, estimator=c.kl_estimator), mask, axis=1))
     return state, metrics
