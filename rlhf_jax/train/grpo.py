@@ -35,9 +35,6 @@ from rlhf_jax.train.rl import (Episodes, RewardFn, episode_logits, episode_logpr
                                reward_model_scores, sample_episodes)
 from rlhf_jax.train.state import TrainState
 
-ADVANTAGES = ("grpo", "rloo", "reinforce++", "reinforce++-baseline")
-
-
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class GRPOConfig:
     """GRPO and its variants (DAPO, Dr. GRPO, GSPO, CISPO), RLOO and REINFORCE++: see the module docstring."""
