@@ -101,6 +101,8 @@ class BenchConfig:
     """GRPO prompts per iteration (each answered num_generations times)."""
     grpo_generations: int = 8
     """GRPO group size G."""
+    grpo_minibatches: int = 8
+    """GRPO minibatches per update (prompts * G rows split into this many optimizer steps)."""
     remat: Literal["none", "full", "dots"] = "none"
     """Per-block rematerialisation (ModelConfig.remat)."""
     attention_impl: Literal["xla", "cudnn"] | None = None
@@ -111,6 +113,8 @@ class BenchConfig:
     """LM head + loss (ModelConfig.logits_chunk): auto, None (full float32 logits) or a vocabulary chunk size."""
     segment_ids: bool = True
     """Give training batches segment_ids (as real batches have): an explicit [B,1,T,T] mask, not is_causal."""
+    packed_segments: int = 16
+    """ModelConfig.packed_segments: cuDNN's packed-sequence attention for segment_ids rows (0: the dense mask)."""
     attn_flops: Literal["causal", "full"] = "causal"
     """Attention FLOP convention: causal (half of the T x T scores) or full (PaLM's 12 L H Q T)."""
     steps: int = 10
@@ -131,7 +135,7 @@ class BenchConfig:
 
 QUICK = dict(sft_batch=2, sft_seq=64, reward_pairs=2, reward_seq=64, dpo_pairs=2, dpo_seq=64, gen_batches="2",
              gen_prompt=16, gen_new=16, ppo_prompts=4, ppo_prompt_len=16, ppo_new=16, ppo_epochs=2,
-             ppo_minibatches=2, grpo_prompts=2, grpo_generations=2)
+             ppo_minibatches=2, grpo_prompts=2, grpo_generations=2, grpo_minibatches=2)
 
 
 def resolve(cfg: BenchConfig) -> BenchConfig:
@@ -455,6 +459,7 @@ class _Bench:
         c, m = self.cfg, self.model
         B, G, P, N = c.grpo_prompts, c.grpo_generations, c.ppo_prompt_len, c.ppo_new
         gcfg = GRPOConfig(batch_size=B, num_generations=G, num_steps=1, loss_type="dapo",
+                          num_minibatches=c.grpo_minibatches,
                           sampling=SamplingConfig(max_new_tokens=N, temperature=1.0, eos_id=m.vocab_size, pad_id=0))
         policy = init_params(m, self.next_key())
         shape = f"{B}x{G}x({P}+{N})"
@@ -466,7 +471,7 @@ class _Bench:
             m, B * G, P, N, causal=c.attn_flops == "causal"), tokens=B * G * N, unit="new tokens/s", per_step=B * G * N)
         scores = jax.random.normal(self.next_key(), (B * G,))
         fn = functools.partial(grpo_update, config=gcfg, model_config=m)
-        _, upd = self.measure("grpo/update", shape, fn, (state, episodes, scores, key), donate=True,
+        _, upd = self.measure("grpo/update", f"{shape} {c.grpo_minibatches}mb", fn, (state, episodes, scores, key), donate=True,
                               flops=grpo_flops(m, B * G, P, N, causal=c.attn_flops == "causal"),
                               tokens=B * G * (P + N), unit="episodes/s", per_step=B * G)
         return {"rollout_over_sampling": roll["median_ms"] / sample_row["median_ms"], "update_mfu": upd["mfu"],
@@ -486,7 +491,8 @@ def run_benchmarks(cfg: BenchConfig) -> dict:
     """Run the selected benchmarks; returns the report (also written to `cfg.json` if set)."""
     cfg = resolve(cfg)
     model = ModelConfig.preset(cfg.preset, dtype=cfg.dtype, remat=cfg.remat, attention_impl=cfg.attention_impl,
-                               scan_unroll=cfg.scan_unroll, logits_chunk=_logits_chunk(cfg.logits_chunk))
+                               scan_unroll=cfg.scan_unroll, logits_chunk=_logits_chunk(cfg.logits_chunk),
+                               packed_segments=cfg.packed_segments)
     dev = jax.devices()[0]
     n = cfg.peak_size or (1024 if dev.platform == "cpu" else 8192)
     measured = measure_peak_flops(model.compute_dtype, n)

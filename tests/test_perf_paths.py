@@ -330,3 +330,47 @@ def test_fused_head_gradient_equals_autodiff_of_plain_logprobs():
     for a, b in zip(jax.grad(fused, (0, 1))(h16, w16), jax.grad(plain, (0, 1))(h16, w16)):
         assert a.dtype == jnp.bfloat16
         np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=0.05, atol=0.02)
+
+
+def _numpy_runs(seg):
+    """Each row's maximal runs of one nonzero id, as (start, length) in order: an independent loop."""
+    rows = []
+    for row in seg:
+        runs, t = [], 0
+        while t < len(row):
+            if row[t] == 0:
+                t += 1
+                continue
+            start = t
+            while t < len(row) and row[t] == row[start]:
+                t += 1
+            runs.append((start, t - start))
+        rows.append(runs)
+    return rows
+
+
+@pytest.mark.parametrize("max_segments", [2, 3, 6])
+def test_packed_segments_against_numpy(max_segments):
+    from rlhf_jax.models.transformer import packed_segments
+    seg = np.array([[1, 1, 1, 2, 2, 3, 0, 0],      # packed, padded at the end
+                    [0, 0, 0, 1, 1, 1, 1, 1],      # left-padded
+                    [2, 2, 1, 1, 1, 5, 5, 5],      # ids out of order: runs still count
+                    [0, 0, 0, 0, 0, 0, 0, 0]])     # nothing real
+    out = packed_segments(jnp.asarray(seg), max_segments)
+    runs = _numpy_runs(seg)
+    assert out.lengths.shape == (4, max_segments) and out.offsets.shape == (4, max_segments + 1)
+    for b, row in enumerate(runs):
+        kept = row[:max_segments]
+        want_off = [s for s, _ in kept] + [-1] * (max_segments + 1 - len(kept))
+        want_len = [n for _, n in kept] + [-1] * (max_segments - len(kept))
+        np.testing.assert_array_equal(np.asarray(out.offsets[b]), want_off)
+        np.testing.assert_array_equal(np.asarray(out.lengths[b]), want_len)
+    assert bool(out.fits) == (max(len(r) for r in runs) <= max_segments)
+
+
+def test_packed_attention_only_on_hopper_cudnn():
+    """On this CPU (and for XLA attention, or packed_segments=0) segment_ids keep the dense mask."""
+    from rlhf_jax.models.transformer import _attention_mask
+    seg = jnp.array([[1, 1, 2, 0]])
+    for cfg in (GPT, GPT.replace(packed_segments=0)):
+        assert _attention_mask(seg, None, cfg).shape == (1, 1, 4, 4)
