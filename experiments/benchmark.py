@@ -113,8 +113,6 @@ class BenchConfig:
     """LM head + loss (ModelConfig.logits_chunk): auto, None (full float32 logits) or a vocabulary chunk size."""
     segment_ids: bool = True
     """Give training batches segment_ids (as real batches have): an explicit [B,1,T,T] mask, not is_causal."""
-    packed_segments: int = 16
-    """ModelConfig.packed_segments: cuDNN's packed-sequence attention for segment_ids rows (0: the dense mask)."""
     attn_flops: Literal["causal", "full"] = "causal"
     """Attention FLOP convention: causal (half of the T x T scores) or full (PaLM's 12 L H Q T)."""
     steps: int = 10
@@ -491,8 +489,7 @@ def run_benchmarks(cfg: BenchConfig) -> dict:
     """Run the selected benchmarks; returns the report (also written to `cfg.json` if set)."""
     cfg = resolve(cfg)
     model = ModelConfig.preset(cfg.preset, dtype=cfg.dtype, remat=cfg.remat, attention_impl=cfg.attention_impl,
-                               scan_unroll=cfg.scan_unroll, logits_chunk=_logits_chunk(cfg.logits_chunk),
-                               packed_segments=cfg.packed_segments)
+                               scan_unroll=cfg.scan_unroll, logits_chunk=_logits_chunk(cfg.logits_chunk))
     dev = jax.devices()[0]
     n = cfg.peak_size or (1024 if dev.platform == "cpu" else 8192)
     measured = measure_peak_flops(model.compute_dtype, n)

@@ -58,10 +58,6 @@ class ModelConfig:
     compile); num_layers is straight-line code that XLA fuses and schedules across layer boundaries (no
     per-layer parameter slicing or residual stacking: GPT-2 124M SFT on an H100 went from 42 to 32 ms a step),
     at about twice the compile time. None: num_layers on GPU/TPU, 1 on CPU. The parameter tree is the same."""
-    packed_segments: int = 16
-    """Segments per row given to cuDNN's packed-sequence attention for `segment_ids` batches (Hopper GPUs, cuDNN
-    attention): causal flash attention inside each segment instead of a dense [B,1,T,T] mask; a batch with a
-    row of more segments takes the dense-mask path at run time (`lax.cond`). 0: always the dense mask."""
     logits_chunk: int | Literal["auto"] | None = "auto"
     """LM head + log-softmax of the training steps (SFT, DPO, PPO-ptx): an int streams the vocabulary in chunks
     of that many columns (no [B,T,V] float32 logits; each chunk's logits are recomputed in the backward pass);
@@ -70,8 +66,7 @@ class ModelConfig:
 
     def __post_init__(self):
         check_ranges(self, positive=("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim",
-                                     "mlp_dim", "max_seq_len", "norm_eps", "rope_theta"),
-                     non_negative=("packed_segments",))
+                                     "mlp_dim", "max_seq_len", "norm_eps", "rope_theta"))
         if self.scan_unroll is not None and (not isinstance(self.scan_unroll, int) or self.scan_unroll < 1):
             raise ValueError(f"ModelConfig: scan_unroll={self.scan_unroll!r} must be None or an int >= 1")
         chunk = self.logits_chunk

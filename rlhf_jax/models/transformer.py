@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import NamedTuple
 
 import flax
 import flax.linen as nn
@@ -168,73 +167,15 @@ def cached_attention(q, k, v, cache_k, cache_v, old_visible, new_visible, *, fus
     return out.reshape(B, T, N, H).astype(q.dtype)
 
 
-class PackedSegments(NamedTuple):
-    """`segment_ids` in the form of cuDNN's packed-sequence attention (`packed_segments`)."""
-
-    segment_ids: jax.Array
-    """[B,T] int: 0 = padding; each nonzero id one contiguous run of tokens."""
-    lengths: jax.Array
-    """[B,M] int32: tokens of each row's m-th segment, -1 past its last."""
-    offsets: jax.Array
-    """[B,M+1] int32: the first token of each row's m-th segment, -1 past its last."""
-    fits: jax.Array
-    """[] bool: no row has more than M segments (else attention takes the dense mask)."""
-
-
-def packed_segments(segment_ids, max_segments: int) -> PackedSegments:
-    """[B,T] segment ids -> their runs as cuDNN's packed-sequence lengths and offsets, M = max_segments.
-
-    A segment is a maximal run of one nonzero id (so [1,1,2,2,0,0] is two segments and [0,0,1,1] one, at offset
-    2); the runs are counted in order of position.
-    """
-    seg = jnp.asarray(segment_ids)
-    B, T = seg.shape
-    previous = jnp.pad(seg[:, :-1], ((0, 0), (1, 0)))
-    starts = (seg > 0) & (seg != previous)                                                    # [B,T]
-    run = jnp.cumsum(starts, axis=1) - 1                                                      # [B,T]
-    member = (run[..., None] == jnp.arange(max_segments)) & (seg > 0)[..., None]              # [B,T,M]
-    lengths = jnp.sum(member, axis=1, dtype=jnp.int32)                                        # [B,M]
-    first = jnp.min(jnp.where(member, jnp.arange(T)[None, :, None], T), axis=1)               # [B,M]
-    present = lengths > 0
-    lengths = jnp.where(present, lengths, -1)
-    offsets = jnp.pad(jnp.where(present, first, -1).astype(jnp.int32), ((0, 0), (0, 1)), constant_values=-1)
-    return PackedSegments(seg, lengths, offsets, jnp.all(jnp.sum(starts, axis=1) <= max_segments))
-
-
-def packed_attention(q, k, v, packed: PackedSegments):
-    """Causal attention inside each segment through cuDNN's packed-sequence flash kernels (Hopper, 16-bit), or
-    through the dense mask when some row has more segments than the packed form holds. Outputs at padding tokens
-    are 0."""
-    from jax._src.cudnn.fused_attention_stablehlo import MaskType, dot_product_attention as cudnn_attention
-
-    T, H = q.shape[1], q.shape[-1]
-    real = (packed.segment_ids > 0)[:, :, None, None]
-
-    def packed_path(q, k, v):
-        pad = -T % 2                      # cuDNN's kernels take an even length; padded tokens are in no segment
-        q, k, v = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (q, k, v))
-        out = cudnn_attention(q, k, v, None, None, packed.lengths, packed.lengths, packed.offsets, packed.offsets,
-                              scale=1.0 / math.sqrt(H), mask_type=MaskType.PADDING_CAUSAL)
-        return jnp.where(real, out[:, :T], 0).astype(q.dtype)
-
-    def dense_path(q, k, v):
-        out = self_attention(q, k, v, _segment_mask(packed.segment_ids), implementation="cudnn")
-        return jnp.where(real, out, 0).astype(q.dtype)
-
-    return lax.cond(packed.fits, packed_path, dense_path, q, k, v)
-
-
 def self_attention(q, k, v, mask, *, implementation: str, time_multiple: int | None = None):
     """Causal self-attention through `jax.nn.dot_product_attention`: q [B,T,N,H], k, v [B,T,K,H] -> [B,T,N,H].
 
     mask: None (plain causal), [B] int32 lengths (right-padded rows: `is_causal` + sequence lengths, cuDNN's flash
-    path), a [B,1,T,T] bool mask, or `PackedSegments` (`packed_attention`). cuDNN's training kernels need an even T (seen on an H100 with cuDNN 9:
+    path), or a [B,1,T,T] bool mask. cuDNN's training kernels need an even T (seen on an H100 with cuDNN 9:
     "Unsupported sequence length Q 513"), so T is padded at the end to a multiple of `time_multiple` (None: 2 for
     cuDNN, 1 otherwise). A padded key comes after every real query, so causality hides it; a padded query sees
     itself only; the padded rows are dropped from the output.
     """
-    if isinstance(mask, PackedSegments):
-        return packed_attention(q, k, v, mask)
     T = q.shape[1]
     multiple = time_multiple or (2 if implementation == "cudnn" else 1)
     pad = -T % multiple
@@ -430,25 +371,13 @@ def param_logical_axes(config: ModelConfig, *, scalar_head: bool = False):
     return jax.tree.map(lambda s: tuple(s), specs, is_leaf=lambda s: isinstance(s, jax.sharding.PartitionSpec))
 
 
-def _packed_attention_available(config: ModelConfig) -> bool:
-    """cuDNN's packed-sequence attention: cuDNN attention on a Hopper (compute capability >= 9.0) GPU."""
-    if not config.packed_segments or attention_impl(config) != "cudnn":
-        return False
-    capability = getattr(jax.devices()[0], "compute_capability", "0")
-    return float(capability) >= 9.0
-
-
-def _attention_mask(segment_ids, seq_lengths, config: ModelConfig):
+def _attention_mask(segment_ids, seq_lengths):
     if seq_lengths is not None:
         if segment_ids is not None:
             raise ValueError("forward: pass segment_ids (packed or left-padded rows) or seq_lengths (one "
                              "right-padded example per row), not both")
         return jnp.asarray(seq_lengths).astype(jnp.int32)
-    if segment_ids is None:
-        return None
-    if _packed_attention_available(config):
-        return packed_segments(segment_ids, config.packed_segments)
-    return _segment_mask(segment_ids)
+    return None if segment_ids is None else _segment_mask(segment_ids)
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
@@ -456,14 +385,13 @@ def forward_hidden(params, tokens, *, config: ModelConfig, positions=None, segme
     """tokens [B,T] int -> hidden [B,T,D] (compute dtype, after the final norm).
 
     positions [B,T] default to arange(T). segment_ids [B,T]: 0 = padding, tokens attend causally within their own
-    nonzero segment only (cuDNN's packed-sequence kernels on Hopper GPUs, `ModelConfig.packed_segments`; else a
-    dense [B,1,T,T] mask). seq_lengths [B] int: one right-padded example per row, its
+    nonzero segment only (a dense [B,1,T,T] mask). seq_lengths [B] int: one right-padded example per row, its
     first seq_lengths[b] tokens real; the same attention as segment_ids = (t < seq_lengths) on those tokens,
     but through `is_causal` + sequence lengths (cuDNN flash attention, no T x T mask); outputs at padding
     positions are finite but unspecified. Neither: one causal sequence per row.
     """
     _check_len(config, tokens.shape[1])
-    mask = _attention_mask(segment_ids, seq_lengths, config)
+    mask = _attention_mask(segment_ids, seq_lengths)
     return _module(config, params).apply({"params": params}, tokens, _default_positions(tokens, positions), mask,
                                          method=Transformer.hidden)
 
