@@ -5,7 +5,9 @@ Samples G answers per prompt, scores them, and takes clipped policy-gradient ste
 `rlhf_jax/train/grpo.py` and docs/algorithms.md). Rewards: `world` (default) is the exact gold reward of the
 built-in prompts of the synthetic world, a verifier run on the host; `gsm8k` checks the final number against the
 "answer" field of GSM8K-style records in --data.path; `model` scores with a reward model (--reward-init). Without
---init it starts from a fresh tiny model, just so it runs. `--help` lists every option and its default.
+--init it starts from a fresh tiny model, just so it runs. Every `--grpo.completions-every` iterations a table of
+sampled completions with their rewards goes to DIR/grpo/completions.jsonl and TensorBoard (text).
+`--help` lists every option and its default.
 """
 from __future__ import annotations
 
@@ -49,7 +51,7 @@ class GRPOExperiment(RunOptions):
     grpo.batch_size."""
     grpo: GRPOConfig = GRPOConfig(num_steps=10, batch_size=4, num_generations=4, loss_type="dapo",
                                   sampling=SamplingConfig(max_new_tokens=16, temperature=1.0),
-                                  optim=OptimConfig(learning_rate=1e-4))
+                                  optim=OptimConfig(learning_rate=1e-4), completions_every=5)
     """GRPO stage (group size, estimator, loss type, clipping, KL, sampling, optimizer)."""
     checkpoint: CheckpointSpec = CheckpointSpec(save_every=5)
     """Checkpoint schedule and logging outputs."""
@@ -96,7 +98,8 @@ def main(argv=None) -> int:
             rewards.update(host_reward_fn=_host_reward(cfg, tok), tokenizer=tok)
         # On the device once; the train state makes its own copy to donate.
         ref = jax.device_put(policy) if grpo_cfg.kl_coef > 0 else None
-        state = create_train_state(policy, grpo_cfg.optim, cfg.seed, total_steps=grpo_cfg.num_steps)
+        state = create_train_state(policy, grpo_cfg.optim, cfg.seed,
+                                   total_steps=grpo_cfg.num_steps * grpo_cfg.updates_per_iteration)
     except (ValueError, OSError) as e:  # DataError is a ValueError
         return setup_error(e)
     try:

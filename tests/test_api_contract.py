@@ -91,7 +91,8 @@ def _loss_calls():
                             {"loss", "clipfrac", "approx_kl", "ratio_mean"}),
         "ppo_value_loss": (losses.ppo_value_loss(lp(), lp(), lp(), mask), {"loss", "clipfrac", "explained_variance"}),
         "policy_gradient_loss": (losses.policy_gradient_loss(lp(), lp(), seq(), mask, ref_logprobs=lp(), kl_coef=0.1),
-                                 {"loss", "clipfrac", "approx_kl", "ratio_mean", "kl"}),
+                                 {"loss", "clipfrac", "clipfrac_low", "clipfrac_high", "approx_kl", "ratio_mean",
+                                  "kl"}),
     }
 
 

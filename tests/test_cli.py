@@ -330,7 +330,7 @@ def test_grpo_script_runs_on_the_worlds_verifiable_reward_and_on_gsm8k(tmp_path)
     sample: both run, log the GRPO metrics and save final params; a setup mistake is one line and exit 2."""
     fixtures = os.path.join(ROOT, "tests", "fixtures")
     common = ["--model.num-layers", "1", "--grpo.num-steps", "2", "--grpo.batch-size", "2", "--grpo.num-generations",
-              "2", "--checkpoint.no-tensorboard"]
+              "2", "--checkpoint.no-tensorboard", "--grpo.completions-every", "2"]
     runs = {"world": [], "gsm8k": ["--reward", "gsm8k", "--data.path", os.path.join(fixtures, "gsm8k-test-10.jsonl"),
                                    "--data.seq-len", "512", "--model.max-seq-len", "640"]}
     for name, extra in runs.items():
@@ -341,8 +341,10 @@ def test_grpo_script_runs_on_the_worlds_verifiable_reward_and_on_gsm8k(tmp_path)
         lines = [json.loads(line) for line in open(os.path.join(out, "grpo", "metrics.jsonl"))]
         assert [x["step"] for x in lines] == [1, 2]
         for key in ("reward", "reward_std", "frac_reward_zero_std", "completions/mean_length", "clip_ratio",
-                    "sampler/logprob_mismatch"):
+                    "clip_ratio/low_mean", "clip_ratio/high_mean", "sampler/logprob_mismatch"):
             assert key in lines[0], key
+        table = [json.loads(line) for line in open(os.path.join(out, "grpo", "completions.jsonl"))]
+        assert [t["step"] for t in table] == [2] * 4 and all(isinstance(t["completion"], str) for t in table)
         assert os.path.exists(os.path.join(out, "grpo", "final", "model_config.json"))
     r = subprocess.run([sys.executable, "-m", "experiments.grpo", "--out", str(tmp_path / "bad"), "--reward",
                         "model"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)

@@ -117,3 +117,29 @@ def test_report_files_and_plots(tmp_path):
 def test_markdown_table_union_of_columns():
     md = report.markdown_table([{"a": 1}, {"b": 2.0, "a": math.nan}])
     assert md.splitlines() == ["| a | b |", "|---|---|", "| 1 |  |", "| nan | 2 |"]
+
+
+def test_sampled_completions_go_to_jsonl_and_tensorboard_text(tmp_path):
+    class Old:                                       # a hook written before on_samples existed
+        on_step = on_state = finalize = lambda self, *a: None
+        should_stop = lambda self: False              # noqa: E731
+        close = lambda self: None                     # noqa: E731
+
+    hooks = mlog.make_stage_hooks(tmp_path, "grpo", progress=False, extra=[Old()])
+    rows = [{"prompt": "2+2?", "completion": "4 | four\nok", "reward": 1.0, "advantage": 0.5},
+            {"prompt": "2+3?", "completion": "6", "reward": 0.0, "advantage": -0.5}]
+    hooks.on_samples(10, rows)
+    hooks.close()
+    recs = mlog.read_jsonl(tmp_path / "grpo" / "completions.jsonl")
+    assert recs == [{"step": 10, **r} for r in rows]
+    from tensorboardX.proto import event_pb2  # noqa: PLC0415
+    (path,) = glob.glob(str(tmp_path / "grpo" / "tb" / "events.out.tfevents.*"))
+    buf, i, texts = open(path, "rb").read(), 0, []
+    while i < len(buf):                               # TFRecord frames, as _read_scalars
+        (n,) = struct.unpack("<Q", buf[i:i + 8])
+        event = event_pb2.Event.FromString(buf[i + 12:i + 12 + n])
+        i += 12 + n + 4
+        texts += [(event.step, v.tag, v.tensor.string_val[0].decode()) for v in event.summary.value]
+    ((step, tag, text),) = texts
+    assert step == 10 and tag.startswith("completions") and "| prompt | completion | reward | advantage |" in text
+    assert "4 \\| four<br>ok" in text

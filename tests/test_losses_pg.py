@@ -75,6 +75,28 @@ def test_policy_gradient_loss_vs_numpy(loss_type, kl_coef, hi, tis):
     assert ("kl" in m) == (kl_coef > 0) and {"loss", "clipfrac", "approx_kl", "ratio_mean"} <= m.keys()
     if loss_type != "gspo":                                                  # the clip is active somewhere
         assert 0.0 < float(m["clipfrac"]) < 1.0
+    low, high = np_clip_sides(lp, old, adv, mask, loss_type, 0.2, hi)
+    np.testing.assert_allclose([m["clipfrac_low"], m["clipfrac_high"]], [low, high], atol=1e-6)
+    if loss_type not in ("gspo", "cispo"):           # for ppo-style clipping the sides partition the clipped set
+        np.testing.assert_allclose(float(m["clipfrac_low"]) + float(m["clipfrac_high"]), m["clipfrac"], atol=1e-6)
+
+
+def np_clip_sides(lp, old, adv, mask, loss_type, eps, hi):
+    """Fractions of tokens (sequences for gspo) clipped below (rho < 1 - eps, A < 0) and above (rho > 1 + hi, A > 0)."""
+    hi = eps if hi is None else hi
+    low = high = count = 0
+    for b in range(B):
+        idx = [t for t in range(T) if mask[b, t]]
+        if loss_type == "gspo":
+            rhos, count = [np.exp(np.mean([lp[b, t] - old[b, t] for t in idx]))], count + 1
+            advs = [adv[b]]
+        else:
+            rhos, count = [np.exp(lp[b, t] - old[b, t]) for t in idx], count + len(idx)
+            advs = [adv[b]] * len(idx)
+        for rho, a in zip(rhos, advs):
+            low += loss_type != "cispo" and rho < 1 - eps and a < 0
+            high += rho > 1 + hi and (a > 0 or loss_type == "cispo")
+    return low / count, high / count
 
 
 @pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo", "gspo", "cispo"])

@@ -126,3 +126,37 @@ def test_dynamic_sampling_updates_on_informative_groups_first(params):
         assert h["dynamic_sampling/informative_fraction"] == pytest.approx(odd)
     with pytest.raises(ValueError, match="dynamic_sampling_groups must be <= batch_size"):
         _config(dynamic_sampling_groups=5)
+
+
+def test_completions_table_and_step_numbers_with_several_updates_per_iteration(params):
+    """Every completions_every iterations the hooks get completions_rows rows whose rewards are the verifier's on
+    those very tokens; steps count iterations (not optimizer updates), also when a run continues a state."""
+    from rlhf_jax.train.logging import StageHooks
+
+    class Record(StageHooks):
+        def __init__(self):
+            self.samples = []
+
+        def on_samples(self, step, rows):
+            self.samples.append((step, rows))
+
+    config = _config(num_iterations=2, num_minibatches=2, completions_every=2, completions_rows=3)
+    assert config.updates_per_iteration == 4
+    hook = Record()
+    state, hist = run_grpo(create_train_state(params, config.optim, 0), iter([_prompts()] * 2), config,
+                           model_config=CFG, reward_fn=low_bytes, hooks=hook)
+    assert int(state.step) == 8 and [h["step"] for h in hist] == [1, 2]
+    assert {"clip_ratio/low_mean", "clip_ratio/high_mean"} <= hist[0].keys()
+    assert "completions/table" not in hist[0]
+    _, more = run_grpo(state, iter([_prompts()] * 2), config, model_config=CFG, reward_fn=low_bytes, hooks=hook)
+    assert [h["step"] for h in more] == [3, 4]
+    assert [step for step, _ in hook.samples] == [2, 4]
+    for _, rows in hook.samples:
+        assert len(rows) == 3 and set(rows[0]) == {"prompt", "completion", "reward", "advantage"}
+        for r in rows:
+            ids = np.array(r["completion"])
+            assert r["reward"] == pytest.approx(float(np.mean(ids < 128)) if len(ids) else 0.0, abs=1e-6)
+    texts = Record()
+    run_grpo(create_train_state(params, config.optim, 0), iter([_prompts()] * 2), config, model_config=CFG,
+             reward_fn=low_bytes, tokenizer=TOK, hooks=texts)
+    assert all(isinstance(r["prompt"], str) and isinstance(r["completion"], str) for r in texts.samples[0][1])

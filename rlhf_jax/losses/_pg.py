@@ -59,7 +59,9 @@ def policy_gradient_loss(logprobs, old_logprobs, advantages, mask, *, loss_type:
 
     Returns:
       ``(loss, metrics)``: ``"loss"``, ``"clipfrac"`` (fraction of valid tokens, or sequences for gspo, where the
-      clip is active: the clipped term is the smaller one, for cispo the weight was truncated), ``"approx_kl"``
+      clip is active: the clipped term is the smaller one, for cispo the weight was truncated), ``"clipfrac_low"``
+      and ``"clipfrac_high"`` (the same fraction split by side, as TRL's ``clip_ratio/low_mean`` and ``high_mean``:
+      ``rho < 1 - clip_eps`` with ``A < 0``, and ``rho > 1 + hi`` with ``A > 0``), ``"approx_kl"``
       (masked mean of ``(rho - 1) - log rho``), ``"ratio_mean"`` (masked mean of ``rho``; gspo: mean ``s_i``), and
       ``"kl"`` (masked mean of ``KL_t``) when ``kl_coef > 0``.
     """
@@ -89,6 +91,8 @@ def policy_gradient_loss(logprobs, old_logprobs, advantages, mask, *, loss_type:
         surrogate = -seq_w * jnp.minimum(seq_ratio * seq_adv, clipped_ratio * seq_adv)          # [B]
         loss = jnp.mean(surrogate)
         metrics["clipfrac"] = jnp.mean((clipped_ratio * seq_adv < seq_ratio * seq_adv).astype(jnp.float32))
+        metrics["clipfrac_low"] = jnp.mean(((seq_ratio < 1.0 - clip_eps) & (seq_adv < 0)).astype(jnp.float32))
+        metrics["clipfrac_high"] = jnp.mean(((seq_ratio > 1.0 + hi) & (seq_adv > 0)).astype(jnp.float32))
         metrics["ratio_mean"] = jnp.mean(lax.stop_gradient(seq_ratio))
     else:
         if loss_type == "cispo":
@@ -101,6 +105,10 @@ def policy_gradient_loss(logprobs, old_logprobs, advantages, mask, *, loss_type:
             active = clipped < ratio * adv
         loss = _aggregate(per_token, valid, loss_type, max_tokens)
         metrics["clipfrac"] = masked_mean(active.astype(jnp.float32), valid)
+        low = jnp.zeros_like(active) if loss_type == "cispo" else (ratio < 1.0 - clip_eps) & (adv < 0)
+        high = active if loss_type == "cispo" else (ratio > 1.0 + hi) & (adv > 0)
+        metrics["clipfrac_low"] = masked_mean(low.astype(jnp.float32), valid)
+        metrics["clipfrac_high"] = masked_mean(high.astype(jnp.float32), valid)
         metrics["ratio_mean"] = masked_mean(lax.stop_gradient(ratio), valid)
     if kl_coef:
         kl = kl_penalty(lp, lax.stop_gradient(zero(ref_logprobs)), estimator=kl_estimator)

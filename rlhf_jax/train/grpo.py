@@ -31,7 +31,7 @@ from rlhf_jax.losses import (discounted_returns, group_advantages, kl_penalty, m
                              overlong_penalty, policy_gradient_loss, rloo_advantages, token_logprobs, whiten)
 from rlhf_jax.models.config import ModelConfig
 from rlhf_jax.train.optim import OptimConfig
-from rlhf_jax.train.rl import (Episodes, RewardFn, episode_logits, episode_logprobs, epochs_minibatches,
+from rlhf_jax.train.rl import (Episodes, RewardFn, decode_masked, episode_logits, episode_logprobs, epochs_minibatches,
                                reward_model_scores, sample_episodes)
 from rlhf_jax.train.state import TrainState
 
@@ -79,14 +79,28 @@ class GRPOConfig:
     tis_cap: float | None = None
     """Truncated importance sampling between the sampler's and the trainer's log-probs: weight
     min(exp(trainer - sampler), cap) on the surrogate (None: off; 2 is common)."""
+    completions_every: int = 0
+    """Every this many iterations, log a table of `completions_rows` sampled completions with their rewards and
+    advantages (hooks' `on_samples`: DIR/<stage>/completions.jsonl and TensorBoard text); 0: never."""
+    completions_rows: int = 4
+    """Rows of that table (the first rows of the updated batch)."""
     optim: OptimConfig = OptimConfig(learning_rate=1e-6)
     """Optimizer (TRL's GRPO learning rate 1e-6)."""
+
+    @property
+    def updates_per_iteration(self) -> int:
+        """Optimizer updates (TrainState.step increments) per iteration: num_iterations * num_minibatches. A
+        learning-rate schedule over the run needs total_steps = num_steps * updates_per_iteration."""
+        return self.num_iterations * self.num_minibatches
 
     def __post_init__(self):
         check_ranges(self, positive=("num_steps", "log_every", "batch_size", "num_generations", "clip_eps",
                                      "clip_eps_high", "num_iterations", "num_minibatches", "tis_cap",
                                      "overlong_buffer"),
-                     non_negative=("kl_coef",))
+                     non_negative=("kl_coef", "completions_every"))
+        check_ranges(self, positive=("completions_rows",))
+        config_check(self, self.completions_rows <= self.batch_size * self.num_generations,
+                     "completions_rows must be <= batch_size * num_generations")
         config_check(self, self.sampling.temperature > 0, "sampling.temperature must be > 0")
         config_check(self, self.overlong_buffer is None or self.overlong_buffer <= self.sampling.max_new_tokens,
                      "overlong_buffer must be <= sampling.max_new_tokens")
@@ -185,7 +199,8 @@ def grpo_update(state: TrainState, episodes: Episodes, scores, rng, ref_params=N
         "frac_reward_zero_std": jnp.mean((group_std == 0).astype(jnp.float32)),
         "completions/mean_length": jnp.mean(all_lengths),
         "completions/clipped_ratio": 1.0 - jnp.mean(all_ends.astype(jnp.float32)),
-        "clip_ratio": m["clipfrac"], "policy/approxkl": m["approx_kl"], "policy/ratio_mean": m["ratio_mean"],
+        "clip_ratio": m["clipfrac"], "clip_ratio/low_mean": m["clipfrac_low"],
+        "clip_ratio/high_mean": m["clipfrac_high"], "policy/approxkl": m["approx_kl"], "policy/ratio_mean": m["ratio_mean"],
         # Sum over the response of -log pi(y_t), the sequence entropy's one-sample estimate (as PPO's).
         "entropy": jnp.mean(masked_sum(-old, mask, axis=1)),
         "sampler/logprob_mismatch": masked_mean(jnp.abs(log_gap), mask),
@@ -195,7 +210,33 @@ def grpo_update(state: TrainState, episodes: Episodes, scores, rng, ref_params=N
         metrics["dynamic_sampling/informative_fraction"] = jnp.mean(informative.astype(jnp.float32))
     if c.uses_reference:
         metrics["kl"] = jnp.mean(masked_sum(kl_penalty(old, ref, estimator=c.kl_estimator), mask, axis=1))
+    if c.completions_every:
+        k, P = c.completions_rows, ep.prompt_len
+        seq_adv = advantages if advantages.ndim == 1 else masked_mean(advantages, mask, axis=1)
+        metrics[COMPLETIONS_TABLE] = {"prompt": ep.tokens[:k, :P], "prompt_mask": ep.mask[:k, :P],
+                                      "completion": ep.responses[:k], "completion_mask": mask[:k],
+                                      "reward": scores[:k], "advantage": seq_adv[:k]}
     return state, metrics
+
+
+COMPLETIONS_TABLE = "completions/table"
+"""The metrics entry (arrays, not a scalar) holding the sampled-completions table; `run_grpo` takes it out."""
+
+
+def completion_rows(table: dict, tokenizer=None) -> list[dict]:
+    """The sampled-completions table (host side): one {"prompt", "completion", "reward", "advantage"} per row,
+    texts decoded with `tokenizer` (None: the token ids)."""
+    table = jax.device_get(table)
+
+    def texts(tokens, mask):
+        if tokenizer is not None:
+            return decode_masked(tokenizer, tokens, mask)
+        return [[int(t) for t, m in zip(row, row_mask) if m] for row, row_mask in zip(tokens, mask)]
+
+    prompts = texts(table["prompt"], table["prompt_mask"])
+    completions = texts(table["completion"], table["completion_mask"])
+    return [{"prompt": p, "completion": c, "reward": float(r), "advantage": float(a)}
+            for p, c, r, a in zip(prompts, completions, table["reward"], table["advantage"])]
 
 
 def grpo_sample(state: TrainState, batch: dict, *, config: GRPOConfig, model_config: ModelConfig):

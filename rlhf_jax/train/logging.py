@@ -36,10 +36,14 @@ class StageHooks:
 
     `on_step(step, metrics)` every log period with the window's mean metrics; `should_stop()` before each step;
     `on_state(step, state)` after every step (the only moment the state is visible: a checkpoint hook saves
-    there); `finalize(step, state)` once at the end; `close()` when the run is over.
+    there); `on_samples(step, rows)` with a table of sampled completions (dicts of prompt, completion, reward,
+    ...) where a stage logs one; `finalize(step, state)` once at the end; `close()` when the run is over.
     """
 
     def on_step(self, step: int, metrics: dict) -> None:
+        pass
+
+    def on_samples(self, step: int, rows: list[dict]) -> None:
         pass
 
     def should_stop(self) -> bool:
@@ -73,6 +77,13 @@ class JsonlHook(StageHooks):
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
 
+    def on_samples(self, step: int, rows: list[dict]) -> None:
+        """Append `{"step", **row}` per row to completions.jsonl beside the metrics file."""
+        path = os.path.join(os.path.dirname(self.path), "completions.jsonl")
+        with open(path, "a", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps({"step": int(step), **row}) + "\n")
+
     def close(self) -> None:
         if not self._file.closed:
             self._file.close()
@@ -99,6 +110,16 @@ class TensorBoardHook(StageHooks):
         for k, v in _floats(metrics).items():
             if v is not None:
                 self._writer.add_scalar(k, v, global_step=int(step))
+
+    def on_samples(self, step: int, rows: list[dict]) -> None:
+        """The table as TensorBoard text (a markdown table under the tag "completions")."""
+        if not rows:
+            return
+        cell = lambda v: str(v).replace("|", "\\|").replace("\n", "<br>")  # noqa: E731
+        keys = list(rows[0])
+        lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+        lines += ["| " + " | ".join(cell(r.get(k, "")) for k in keys) + " |" for r in rows]
+        self._writer.add_text("completions", "\n".join(lines), global_step=int(step))
 
     def close(self) -> None:
         self._writer.flush()
@@ -157,6 +178,11 @@ class Hooks(StageHooks):
     def on_step(self, step: int, metrics: dict) -> None:
         for h in self.hooks:
             h.on_step(step, metrics)
+
+    def on_samples(self, step: int, rows: list[dict]) -> None:
+        for h in self.hooks:
+            if hasattr(h, "on_samples"):          # hooks written before on_samples existed need not have it
+                h.on_samples(step, rows)
 
     def on_state(self, step: int, state: Any) -> None:
         for h in self.hooks:

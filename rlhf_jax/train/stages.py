@@ -30,7 +30,8 @@ from jax.sharding import Mesh
 from rlhf_jax import sharding as S
 from rlhf_jax.models.config import ModelConfig
 from rlhf_jax.train.logging import StageHooks
-from rlhf_jax.train.grpo import GRPOConfig, grpo_sample, grpo_step, grpo_update
+from rlhf_jax.train.grpo import (COMPLETIONS_TABLE, GRPOConfig, completion_rows, grpo_sample, grpo_step,
+                                 grpo_update)
 from rlhf_jax.train.ppo import PPOConfig, init_ppo_state, ppo_sample, ppo_step, ppo_update_scored
 from rlhf_jax.train.rl import HostRewardFn, RewardFn, host_scores
 from rlhf_jax.train.state import PPOState, TrainState
@@ -74,12 +75,14 @@ def _flush(pending, history, hooks, loss_keys):
 
 
 def run_loop(state, data: Iterable, step_fn: Callable, *, num_steps: int, log_every: int = 1,
-             hooks: StageHooks | None = None, loss_keys=("loss",)):
-    """Run `state, metrics = step_fn(state, batch)` over `data` for `num_steps` steps -> (state, history)."""
+             hooks: StageHooks | None = None, loss_keys=("loss",), updates_per_step: int = 1):
+    """Run `state, metrics = step_fn(state, batch)` over `data` for `num_steps` steps -> (state, history).
+
+    Steps are numbered on from `state.step // updates_per_step` (a GRPO iteration makes several updates)."""
     if log_every < 1:
         raise ValueError(f"log_every must be >= 1, got {log_every}")
     hooks = StageHooks() if hooks is None else hooks
-    start = int(jax.device_get(state.step))
+    start = int(jax.device_get(state.step)) // updates_per_step
     history, pending, step = [], [], start
     batches = iter(data)
     for i in range(num_steps):
@@ -264,8 +267,17 @@ def run_grpo(state: TrainState, data: Iterable, config: GRPOConfig, *, model_con
     step = (compile_step(grpo_step, reward_fn=reward_fn, **opts, **placed) if host_reward_fn is None
             else _host_scored(grpo_sample, grpo_update, host_reward_fn, tokenizer, opts))
 
+    updates = config.updates_per_iteration
+    iteration = [int(jax.device_get(state.step)) // updates]
+
     def step_fn(state, batch):
         _check_rows(batch, config.batch_size, processes, "GRPOConfig")
-        return step(state, _place_batch(batch, mesh), ref_params, reward_params)
+        state, metrics = step(state, _place_batch(batch, mesh), ref_params, reward_params)
+        table = metrics.pop(COMPLETIONS_TABLE, None)
+        iteration[0] += 1
+        if table is not None and hooks is not None and iteration[0] % config.completions_every == 0:
+            hooks.on_samples(iteration[0], completion_rows(table, tokenizer))
+        return state, metrics
 
-    return run_loop(state, data, step_fn, num_steps=config.num_steps, log_every=config.log_every, hooks=hooks)
+    return run_loop(state, data, step_fn, num_steps=config.num_steps, log_every=config.log_every, hooks=hooks,
+                    updates_per_step=updates)
