@@ -38,11 +38,13 @@ from rlhf_jax.data.iterators import Replayable, Together
 from rlhf_jax.eval import PolicyEvaluator, pairwise_accuracy, paired_bootstrap, sample_texts
 from rlhf_jax.generation import SamplingConfig
 from rlhf_jax.models import ModelConfig, init_params
+from rlhf_jax.rewards import world_reward
 from rlhf_jax.tokenizer import ByteTokenizer, encode_chat, encode_prompt
 from rlhf_jax.train import checkpoint as ckpt
 from rlhf_jax.train import stages
 from rlhf_jax.train.logging import StageHooks
 from rlhf_jax.train.optim import OptimConfig
+from rlhf_jax.train.grpo import GRPOConfig
 from rlhf_jax.train.ppo import PPOConfig, init_ppo_state
 from rlhf_jax.train.report import plot_curves, plot_xy, write_report
 from rlhf_jax.train.state import create_train_state, with_score_head
@@ -130,6 +132,25 @@ class PipelineConfig:
     """Weight of the chosen answers' per-token NLL in the DPO loss (RPO; 0 = plain DPO). Plain DPO unlearns
     refusals in this world (likelihood displacement: the chosen refusals lose probability with the rejected
     answers), as Razin et al. 2024 report for real models."""
+    grpo_iterations: int = 40
+    """GRPO iterations from the SFT policy against the gold reward itself (the world's verifier: reinforcement
+    learning with a verifiable reward, no reward model)."""
+    grpo_prompts: int = 16
+    """Prompts per GRPO iteration, each answered grpo_generations times (16 x 4 = PPO's 64 rollouts)."""
+    grpo_generations: int = 4
+    """GRPO group size G."""
+    grpo_loss_type: Literal["grpo", "dapo", "dr_grpo", "gspo", "cispo"] = "grpo"
+    """GRPO's loss aggregation (GRPOConfig.loss_type)."""
+    grpo_advantage: Literal["grpo", "rloo", "reinforce++", "reinforce++-baseline"] = "grpo"
+    """GRPO's advantage estimator (GRPOConfig.advantage)."""
+    grpo_scale: Literal["group", "batch", "none"] = "group"
+    """Advantage scaling (GRPOConfig.scale; "none" with loss dr_grpo is Dr. GRPO)."""
+    grpo_kl_coef: float = 0.04
+    """KL coefficient towards the SFT policy, k3 in the loss (DeepSeekMath's 0.04); 0 = no reference (DAPO)."""
+    grpo_clip_eps_high: float | None = None
+    """Upper clip width (DAPO's clip-higher: 0.28); None: symmetric 0.2."""
+    grpo_lr: float = 3e-5
+    """GRPO learning rate (constant after a short warmup), 2 passes x 4 minibatches per iteration."""
     max_new_tokens: int = 28
     """Response budget in bytes; every reference answer fits with its EOS."""
     eval_prompts: int = 512
@@ -149,9 +170,11 @@ class PipelineConfig:
         check_ranges(self, positive=(
             "d_model", "num_layers", "num_heads", "seq_len", "batch_size", "pretrain_docs", "pretrain_steps",
             "sft_demos", "sft_steps", "pref_prompts", "rm_steps", "rm_lr", "ppo_iterations", "ppo_batch", "ppo_lr",
+            "grpo_iterations", "grpo_prompts", "grpo_generations", "grpo_lr",
             "dpo_steps", "dpo_beta", "dpo_lr", "max_new_tokens", "eval_prompts", "temperature", "eval_samples",
             "best_of_n", "eval_every"),
             non_negative=("seed", "sft_safety", "sft_benign", "synthetic_pairs", "lookalike_pairs", "ppo_kl_coef",
+                          "grpo_kl_coef",
                           "ppo_ptx_coef", "dpo_rpo_alpha"))
         config_check(self, self.pref_samples >= 2,
                      f"pref_samples = {self.pref_samples} must be >= 2 (answers to compare)")
@@ -162,6 +185,7 @@ class PipelineConfig:
         return dataclasses.replace(self, d_model=64, num_layers=2, pretrain_docs=4000, pretrain_steps=60,
                                    sft_demos=400, sft_safety=40, sft_benign=40, sft_steps=30, pref_prompts=256,
                                    synthetic_pairs=256, lookalike_pairs=64, rm_steps=30, ppo_iterations=4, ppo_batch=32,
+                                   grpo_iterations=4, grpo_prompts=8,
                                    dpo_steps=20, eval_prompts=64, eval_every=2, batch_size=16)
 
 
@@ -264,6 +288,7 @@ def run(cfg: PipelineConfig) -> dict:
     mc = ModelConfig(vocab_size=TOK.vocab_size, d_model=cfg.d_model, num_layers=cfg.num_layers,
                      num_heads=cfg.num_heads, mlp_dim=4 * cfg.d_model, max_seq_len=128)
     k_init, k_sft, k_rm, k_ppo, k_eval, k_pref, k_dpo = jax.random.split(jax.random.PRNGKey(cfg.seed), 7)
+    k_grpo = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), 8)   # a key of its own: the other stages' keys stay
     runs = _Run(cfg, mc)
     sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, eos_id=TOK.eos_id,
                               pad_id=TOK.pad_id)
@@ -376,9 +401,26 @@ def run(cfg: PipelineConfig) -> dict:
                                state, pref_batches(dpo_train, cfg.seed + 1), dpo_cfg)
     table["dpo"], dpo_gold = evaluate(dpo_params, **eval_kwargs)
 
+    # 7. GRPO from the SFT policy against the gold reward (a verifier on the host: no reward model, no value model).
+    grpo_cfg = GRPOConfig(num_steps=cfg.grpo_iterations, batch_size=cfg.grpo_prompts,
+                          num_generations=cfg.grpo_generations, sampling=sampling, advantage=cfg.grpo_advantage,
+                          scale=cfg.grpo_scale, loss_type=cfg.grpo_loss_type, kl_coef=cfg.grpo_kl_coef,
+                          clip_eps_high=cfg.grpo_clip_eps_high, num_iterations=2, num_minibatches=4, log_every=5,
+                          optim=OptimConfig(learning_rate=cfg.grpo_lr, warmup_steps=10, max_grad_norm=1.0))
+    grpo_prompts = Replayable(lambda: (_prompt_batch([rl_tasks[j % len(rl_tasks)] for j in range(
+        i * cfg.grpo_prompts, (i + 1) * cfg.grpo_prompts)]) for i in range(cfg.grpo_iterations)))
+    gold_fn = world_reward(rl_tasks, lambda t: TOK.decode(encode_prompt(TOK, world.messages_for(t))))
+    state = create_train_state(sft_params, grpo_cfg.optim, k_grpo,
+                               total_steps=cfg.grpo_iterations * grpo_cfg.updates_per_iteration)
+    grpo_params, _ = runs.stage(
+        "grpo", functools.partial(stages.run_grpo, model_config=mc, host_reward_fn=gold_fn, tokenizer=TOK,
+                                  ref_params=sft_params if grpo_cfg.uses_reference else None),
+        state, grpo_prompts, grpo_cfg)
+    table["grpo"], grpo_gold = evaluate(grpo_params, **eval_kwargs)
+
     vs_sft = {stage: paired_bootstrap(gold, sft_gold, seed=cfg.seed)
-              for stage, gold in (("base", base_gold), ("ppo", ppo_gold), ("dpo", dpo_gold))}
-    table = {s: table[s] for s in ("base", "sft", "ppo", "dpo")}
+              for stage, gold in (("base", base_gold), ("ppo", ppo_gold), ("dpo", dpo_gold), ("grpo", grpo_gold))}
+    table = {s: table[s] for s in ("base", "sft", "ppo", "dpo", "grpo")}
     return _report(cfg, table, rm_report, vs_sft, curve.points(), runs.timings, time.time() - t0)
 
 

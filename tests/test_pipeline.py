@@ -19,7 +19,7 @@ def test_quick_pipeline_writes_report(tmp_path, monkeypatch, capsys):
     report = run(PipelineConfig(quick=True, out=str(tmp_path)))
     on_disk = json.loads((tmp_path / "report.json").read_text())
     assert on_disk.keys() == report.keys()
-    for stage in ("base", "sft", "ppo", "dpo"):
+    for stage in ("base", "sft", "ppo", "dpo", "grpo"):
         assert STAGE_KEYS <= on_disk[stage].keys(), stage
         assert 0.0 <= on_disk[stage]["gold_reward"] <= 1.0 and 0.0 <= on_disk[stage]["gold_greedy"] <= 1.0
         assert 0.0 <= on_disk[stage]["refusal_rate"] <= 1.0
@@ -30,7 +30,7 @@ def test_quick_pipeline_writes_report(tmp_path, monkeypatch, capsys):
     assert on_disk["reward_model"]["test_pairs"] > 0 and on_disk["reward_model"]["train_pairs"] > 0
     bon = on_disk["reward_model"]["best_of_n"]  # the gold pick is the best any pick can do
     assert bon["gold_oracle_pick"] >= max(bon["gold_rm_pick"], bon["gold_random"]) - 1e-12
-    for stage in ("base", "ppo", "dpo"):
+    for stage in ("base", "ppo", "dpo", "grpo"):
         ci = on_disk[stage]["gold_vs_sft"]
         assert ci["low"] <= ci["delta"] <= ci["high"] and ci["level"] == 0.95
     for stage in ("base", "sft", "ppo", "dpo"):
@@ -40,13 +40,15 @@ def test_quick_pipeline_writes_report(tmp_path, monkeypatch, capsys):
     assert on_disk["ppo_curve"][0]["iteration"] == 0 and len(on_disk["ppo_curve"]) >= 2
     for name in ("report.md", "ppo_reward_vs_kl.png", "dpo_margins.png"):
         assert (tmp_path / name).stat().st_size > 0, name
-    for stage in ("pretrain", "sft", "reward", "ppo", "dpo"):
+    for stage in ("pretrain", "sft", "reward", "ppo", "dpo", "grpo"):
         lines = (tmp_path / stage / "metrics.jsonl").read_text().splitlines()
         assert lines and "step" in json.loads(lines[-1])
     ppo_last = json.loads((tmp_path / "ppo" / "metrics.jsonl").read_text().splitlines()[-1])
     assert ppo_last["loss/ptx"] > 0.0  # PPO-ptx on the demonstrations is on by default
-    for stage in ("pretrain", "sft", "reward", "ppo", "dpo"):
+    for stage in ("pretrain", "sft", "reward", "ppo", "dpo", "grpo"):
         assert (tmp_path / stage / "final" / "model_config.json").exists(), stage
+    grpo_last = json.loads((tmp_path / "grpo" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert 0.0 <= grpo_last["reward"] <= 1.0 and "kl" in grpo_last     # the gold reward; KL to SFT in the loss
     _stopped_and_resumed_gives_the_same_report(tmp_path / "resumed", on_disk, monkeypatch, capsys)
 
 
