@@ -1,0 +1,232 @@
+"""Low-rank adapters (LoRA, Hu et al. 2021) over the params pytree of `rlhf_jax.models`, as pure functions.
+
+For each target kernel W (stacked over layers, [L, in..., out...]) an adapter holds a [L, in, r] and b [L, r, out]
+(in and out the flattened input and output axes), and the adapted model uses
+
+    W' = W + (alpha / r) * a @ b                                    (Hu et al. 2021, eq. 3; peft's "scaling")
+
+`init_lora` draws a as peft does (Kaiming-uniform with a = sqrt(5): U(-1/sqrt(in), 1/sqrt(in))) and sets b = 0,
+so the merged model equals the base at step 0. `merge_lora` returns the base params with every target kernel
+replaced by W'. Targets name the projections of every layer: "q", "k", "v", "o" (attention) and "gate", "up",
+"down" (MLP; "gate" only in SwiGLU models).
+
+`save_peft` / `load_peft` read and write peft's format (adapter_config.json + adapter_model.safetensors) with the
+module names of the Hugging Face architecture `models.hf.save_pretrained` writes, so that
+`peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), adapter_dir)` gives our merged
+model's logits. GPT-2 fuses q, k and v into one `c_attn` [D, 3D]: the targeted ones among q, k, v are written as
+one adapter of rank n*r (a concatenated, b block-diagonal; peft's `rank_pattern`/`alpha_pattern` keep the scale),
+which is exact; reading a fused adapter back gives q, k and v that share its a (rank of the fused adapter; a
+projection it did not adapt gets b = 0).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rlhf_jax.config_cli import check_ranges, config_check
+from rlhf_jax.models.config import ModelConfig
+
+TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+_GROUP = {"q": "attn", "k": "attn", "v": "attn", "o": "attn", "gate": "mlp", "up": "mlp", "down": "mlp"}
+_IN_AXES = {"o": 2}
+"""How many leading axes (after L) of each kernel are its input: o is [N, H, D]; the others have one."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LoraConfig:
+    """Rank, scale and target projections of the adapters."""
+
+    rank: int = 8
+    """r: the adapters' inner dimension."""
+    alpha: float = 16.0
+    """The update is scaled by alpha / rank (peft's lora_alpha)."""
+    targets: tuple[str, ...] = TARGETS
+    """Projections of every layer that get an adapter: q, k, v, o, gate, up, down."""
+
+    def __post_init__(self):
+        check_ranges(self, positive=("rank", "alpha"))
+        targets = tuple(self.targets)
+        config_check(self, len(targets) > 0 and set(targets) <= set(TARGETS),
+                     f"targets = {targets!r} must be a non-empty subset of {TARGETS}")
+        object.__setattr__(self, "targets", targets)
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+def _kernel(params, name):
+    return params["layers"][_GROUP[name]][name]["kernel"]
+
+
+def _targets(params, lora_config: LoraConfig) -> list[str]:
+    names = [t for t in lora_config.targets if t in params["layers"][_GROUP[t]]]
+    missing = set(lora_config.targets) - set(names)
+    if missing - {"gate"} or not names:   # "gate" is in the default targets but only SwiGLU models have it
+        raise ValueError(f"LoraConfig.targets: the model has no {sorted(missing)} projection(s)")
+    return names
+
+
+def _in_out(kernel, name) -> tuple[int, int]:
+    k = _IN_AXES.get(name, 1)
+    return math.prod(kernel.shape[1:1 + k]), math.prod(kernel.shape[1 + k:])
+
+
+def init_lora(params, model_config: ModelConfig, lora_config: LoraConfig, rng) -> dict:
+    """Adapters {"attn"|"mlp": {name: {"a" [L,in,r], "b" [L,r,out]}}} in float32: a ~ U(-1/sqrt(in), 1/sqrt(in))
+    (peft's default), b = 0."""
+    del model_config  # the shapes come from the params; kept for the contract's signature
+    adapters = {}
+    names = _targets(params, lora_config)
+    for name, key in zip(names, jax.random.split(rng, len(names))):
+        w = _kernel(params, name)
+        n_in, n_out = _in_out(w, name)
+        bound = 1.0 / math.sqrt(n_in)
+        a = jax.random.uniform(key, (w.shape[0], n_in, lora_config.rank), jnp.float32, -bound, bound)
+        b = jnp.zeros((w.shape[0], lora_config.rank, n_out), jnp.float32)
+        adapters.setdefault(_GROUP[name], {})[name] = {"a": a, "b": b}
+    return adapters
+
+
+def lora_delta(adapter: dict, kernel_shape, scale: float):
+    """(alpha / r) * a @ b for one target, reshaped to its kernel's [L, in..., out...] shape (float32)."""
+    return (scale * jnp.einsum("lir,lro->lio", adapter["a"], adapter["b"])).reshape(kernel_shape)
+
+
+def merge_lora(params, adapters: dict, lora_config: LoraConfig) -> dict:
+    """The params with every adapted kernel W replaced by W + (alpha / rank) * a @ b (in W's dtype); the other
+    leaves are the same arrays. Differentiable in both arguments."""
+    layers = dict(params["layers"])
+    for group, modules in adapters.items():
+        layers[group] = dict(layers[group])
+        for name, adapter in modules.items():
+            w = layers[group][name]["kernel"]
+            merged = w + lora_delta(adapter, w.shape, lora_config.scale).astype(w.dtype)
+            layers[group][name] = {**layers[group][name], "kernel": merged}
+    return {**params, "layers": layers}
+
+
+# ----------------------------------------------------------------------------------------------- peft format
+_LLAMA_NAMES = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
+                "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
+_GPT2_NAMES = {"o": "attn.c_proj", "up": "mlp.c_fc", "down": "mlp.c_proj"}
+_PREFIX = "base_model.model."
+
+
+def _arch(model_config: ModelConfig) -> str:
+    from rlhf_jax.models.hf import infer_model_type
+    return "gpt2" if infer_model_type(model_config) == "gpt2" else "llama"
+
+
+def _layer_prefix(arch: str, i: int) -> str:
+    return f"{_PREFIX}transformer.h.{i}." if arch == "gpt2" else f"{_PREFIX}model.layers.{i}."
+
+
+def save_peft(adapters: dict, lora_config: LoraConfig, model_config: ModelConfig, path: str | os.PathLike) -> None:
+    """Write adapter_config.json and adapter_model.safetensors (float32) that peft loads over the Hugging Face
+    model `models.hf.save_pretrained(model_config, ...)` writes."""
+    from safetensors.numpy import save_file
+
+    arch, r, scale = _arch(model_config), lora_config.rank, lora_config.scale
+    flat = {name: jax.tree.map(np.asarray, a) for mods in adapters.values() for name, a in mods.items()}
+    tensors, modules, rank_pattern, alpha_pattern = {}, set(), {}, {}
+    L = next(iter(flat.values()))["a"].shape[0]
+    for i in range(L):
+        p = _layer_prefix(arch, i)
+        for name, ad in flat.items():
+            if arch == "gpt2" and name in "qkv":
+                continue
+            module = (_GPT2_NAMES if arch == "gpt2" else _LLAMA_NAMES)[name]
+            modules.add(module.split(".")[-1])
+            tensors[f"{p}{module}.lora_A.weight"] = ad["a"][i].T.copy()                 # [r, in]
+            tensors[f"{p}{module}.lora_B.weight"] = ad["b"][i].T.copy()                 # [out, r]
+            if ad["a"].shape[-1] != r:
+                rank_pattern[module.split(".")[-1]] = ad["a"].shape[-1]
+                alpha_pattern[module.split(".")[-1]] = scale * ad["a"].shape[-1]
+        fused = [x for x in "qkv" if x in flat] if arch == "gpt2" else []
+        if fused:            # c_attn [D, 3D] = [q | k | v]: a concatenated, b block-diagonal over q, k, v's columns
+            D = model_config.d_model
+            a = np.concatenate([flat[x]["a"][i] for x in fused], axis=1)                # [D, n*r']
+            b = np.zeros((a.shape[1], 3 * D), np.float32)
+            col = 0
+            for x in fused:
+                rx = flat[x]["a"].shape[-1]
+                j = "qkv".index(x)
+                b[col:col + rx, j * D:(j + 1) * D] = flat[x]["b"][i]
+                col += rx
+            tensors[f"{p}attn.c_attn.lora_A.weight"] = a.T.copy()
+            tensors[f"{p}attn.c_attn.lora_B.weight"] = b.T.copy()
+            modules.add("c_attn")
+            if a.shape[1] != r:
+                rank_pattern["c_attn"], alpha_pattern["c_attn"] = a.shape[1], scale * a.shape[1]
+    os.makedirs(path, exist_ok=True)
+    save_file({k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()},
+              os.path.join(path, "adapter_model.safetensors"), metadata={"format": "pt"})
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": lora_config.alpha,
+              "target_modules": sorted(modules), "lora_dropout": 0.0, "bias": "none",
+              "fan_in_fan_out": arch == "gpt2", "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
+              "init_lora_weights": True, "use_rslora": False, "use_dora": False, "modules_to_save": None,
+              "inference_mode": True, "base_model_name_or_path": None}
+    with open(os.path.join(path, "adapter_config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+
+
+def load_peft(path: str | os.PathLike, model_config: ModelConfig) -> tuple[dict, LoraConfig]:
+    """(adapters, LoraConfig) of a peft LoRA adapter folder for a model of `model_config` (plain LoRA only: no
+    DoRA, rsLoRA or trained biases). A module whose rank or alpha differs from the config's (rank_pattern /
+    alpha_pattern) is folded into b, so that merge_lora with the returned config's one scale is exact."""
+    from safetensors.numpy import load_file
+
+    with open(os.path.join(path, "adapter_config.json")) as f:
+        cfg = json.load(f)
+    source = os.path.join(path, "adapter_config.json")
+    for key, ok in (("peft_type", cfg.get("peft_type") == "LORA"), ("use_dora", not cfg.get("use_dora")),
+                    ("use_rslora", not cfg.get("use_rslora")), ("bias", cfg.get("bias", "none") == "none")):
+        if not ok:
+            raise ValueError(f"{source}: {key} = {cfg.get(key)!r} is not supported (plain LoRA only)")
+    tensors = load_file(os.path.join(path, "adapter_model.safetensors"))
+    tensors = {k.replace(".default", ""): v for k, v in tensors.items()}
+    r, alpha = int(cfg["r"]), float(cfg["lora_alpha"])
+    scale = alpha / r
+    arch, L = _arch(model_config), model_config.num_layers
+
+    def module_scale(module):
+        short = module.split(".")[-1]
+        rank = cfg.get("rank_pattern", {}).get(short, r)
+        return cfg.get("alpha_pattern", {}).get(short, alpha) / rank
+
+    def read(module, i):
+        p = _layer_prefix(arch, i)
+        a, b = tensors.get(f"{p}{module}.lora_A.weight"), tensors.get(f"{p}{module}.lora_B.weight")
+        if a is None or b is None:
+            return None
+        return a.T.astype(np.float32), b.T.astype(np.float32) * (module_scale(module) / scale)
+
+    adapters, names = {}, (_GPT2_NAMES if arch == "gpt2" else _LLAMA_NAMES)
+    for name, module in names.items():
+        per_layer = [read(module, i) for i in range(L)]
+        if all(x is None for x in per_layer):
+            continue
+        if any(x is None for x in per_layer):
+            raise ValueError(f"{path}: the adapter of {module} is missing in some layers")
+        adapters.setdefault(_GROUP[name], {})[name] = {"a": jnp.asarray(np.stack([x[0] for x in per_layer])),
+                                                       "b": jnp.asarray(np.stack([x[1] for x in per_layer]))}
+    if arch == "gpt2":
+        fused = [read("attn.c_attn", i) for i in range(L)]
+        if all(x is not None for x in fused):
+            D = model_config.d_model
+            a = jnp.asarray(np.stack([f[0] for f in fused]))
+            for j, x in enumerate("qkv"):   # each of q, k, v: the shared a and its columns of b (exact)
+                adapters.setdefault("attn", {})[x] = {"a": a, "b": jnp.asarray(np.stack([f[1][:, j * D:(j + 1) * D]
+                                                                                         for f in fused]))}
+    if not adapters:
+        raise ValueError(f"{path}: no LoRA weights for this model's modules (target_modules "
+                         f"{cfg.get('target_modules')})")
+    targets = tuple(t for t in TARGETS if t in adapters.get(_GROUP[t], {}))
+    return adapters, LoraConfig(rank=r, alpha=alpha, targets=targets)
