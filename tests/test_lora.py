@@ -139,3 +139,38 @@ def test_load_peft_reads_an_adapter_made_by_peft(tmp_path, name, modules):
     ours = np.asarray(forward(merge_lora(params, adapters, lora), tokens, config=cfg))
     assert np.max(np.abs(theirs - np.asarray(forward(params, tokens, config=cfg)))) > 1e-2
     np.testing.assert_allclose(ours, theirs, atol=1e-4)
+
+
+def test_lora_sft_and_dpo_train_only_the_adapters():
+    """run_sft / run_dpo with lora: the state (and so the optimizer and the checkpoint) holds the adapters only,
+    the loss falls, the base is left as it was (not donated); DPO's reference is the base itself, so its first
+    loss is log 2 (b = 0: policy == reference)."""
+    from _multihost_worker import make_sft_batches
+    from rlhf_jax.train import stages
+    from rlhf_jax.train.optim import OptimConfig
+    from rlhf_jax.train.state import create_train_state
+    cfg = CFGS["llama"]
+    base = init_params(cfg, jax.random.key(0))
+    before = jax.tree.map(np.asarray, base)
+    lora = LoraConfig(rank=4, alpha=8.0, targets=("q", "v", "up"))
+    optim = OptimConfig(learning_rate=2e-2)
+    state = create_train_state(init_lora(base, cfg, lora, jax.random.key(1)), optim, 0)
+    assert {leaf.shape for leaf in jax.tree.leaves(state.opt_state) if leaf.ndim == 3} <= {
+        leaf.shape for leaf in jax.tree.leaves(state.params)}                       # Adam moments of adapters only
+    batch = make_sft_batches(cfg.vocab_size, num_steps=1)[0]
+    state, hist = stages.run_sft(state, [batch] * 8, stages.SFTConfig(num_steps=8, log_every=1, optim=optim),
+                                 model_config=cfg, lora=lora, base_params=base)
+    assert hist[-1]["loss"] < hist[0]["loss"] - 0.1
+    for a, b in zip(jax.tree.leaves(base), jax.tree.leaves(before)):
+        np.testing.assert_array_equal(a, b)                                         # the base: unchanged, alive
+    with pytest.raises(ValueError, match="lora and base_params go together"):
+        stages.run_sft(state, [batch], stages.SFTConfig(num_steps=1), model_config=cfg, lora=lora)
+
+    chosen = make_sft_batches(cfg.vocab_size, num_steps=1, seed=1)[0]
+    rejected = make_sft_batches(cfg.vocab_size, num_steps=1, seq_len=6, seed=2)[0]
+    state = create_train_state(init_lora(base, cfg, lora, jax.random.key(2)), optim, 0)
+    _, hist = stages.run_dpo(state, [{"chosen": chosen, "rejected": rejected}] * 6,
+                             stages.DPOConfig(num_steps=6, log_every=1, optim=optim), model_config=cfg,
+                             ref_params=base, lora=lora)
+    assert hist[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert hist[-1]["loss"] < hist[0]["loss"]

@@ -249,3 +249,16 @@ def test_process_rows_gives_each_process_its_share():
     np.testing.assert_array_equal(next(rows)["x"], [62, 63])
     with pytest.raises(ValueError, match="does not divide over 3 processes"):
         next(ProcessRows(Source(), process_index=0, process_count=3))
+
+
+def test_run_sft_with_lora_on_mesh_equals_one_device():
+    """LoRA SFT: adapters (replicated) train, the base (sharded by the rule table) is read and never changed."""
+    from rlhf_jax.lora import LoraConfig, init_lora
+    lora = LoraConfig(rank=4, alpha=8.0)
+    base = _params(0)
+    adapters = jax.device_get(init_lora(base, CFG, lora, jax.random.key(5)))
+    batches = make_sft_batches(CFG.vocab_size, num_steps=2)
+    config = stages.SFTConfig(num_steps=2, log_every=1, optim=OPTIM)
+    state, hist = _both(lambda mesh: stages.run_sft(_make_state(adapters), batches, config, model_config=CFG,
+                                                    mesh=mesh, lora=lora, base_params=base), (2, 2, 2))
+    assert set(state.params) == {"attn", "mlp"} and float(np.abs(np.asarray(state.params["mlp"]["up"]["b"])).max()) > 0

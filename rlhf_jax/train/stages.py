@@ -133,9 +133,31 @@ def _place_models(state, mesh: Mesh | None, model_config, state_heads, frozen=()
             [None if p is None else S.shard(p, s) for p, s in zip(frozen, frozen_sh)])
 
 
+def _lora_state(state, lora, base_params, mesh, model_config, stage):
+    """LoRA's prologue: check the pairing of `lora` and `base_params`; under a mesh the adapters (small) are
+    replicated and the frozen base is sharded like any params. -> (state, compile options, base)."""
+    if (lora is None) != (base_params is None):
+        raise ValueError(f"{stage}: lora and base_params go together (the state holds the adapters of base_params)")
+    if mesh is None:
+        return state, {}, base_params
+    adapters_sh = jax.tree.map(lambda _: S.replicated(mesh), state.params)
+    state_sh = S.state_sharding(state, adapters_sh, mesh)
+    base_sh = S.params_sharding(model_config, mesh)
+    placed = {"mesh": mesh, "state_sharding": state_sh, "extra_in_shardings": (base_sh,)}
+    return S.shard(state, state_sh), placed, S.shard(base_params, base_sh)
+
+
 def run_sft(state: TrainState, data: Iterable, config: SFTConfig, *, model_config: ModelConfig,
-            mesh: Mesh | None = None, hooks: StageHooks | None = None):
-    """SFT over SFT batches; see `steps.sft_step`. `mesh`: run sharded (see the module docstring)."""
+            mesh: Mesh | None = None, hooks: StageHooks | None = None, lora=None, base_params=None):
+    """SFT over SFT batches; see `steps.sft_step`. `mesh`: run sharded (see the module docstring).
+
+    LoRA: `lora` (a `rlhf_jax.lora.LoraConfig`) with `state` made from the adapters (`init_lora`) and the frozen
+    `base_params`: the optimizer state holds the adapters only, the base is neither donated nor copied."""
+    if lora is not None or base_params is not None:
+        state, placed, base = _lora_state(state, lora, base_params, mesh, model_config, "run_sft")
+        step = compile_step(sft_step, model_config=model_config, lora=lora, **placed)
+        return run_loop(state, data, lambda s, b: step(s, _place_batch(b, mesh), base),
+                        num_steps=config.num_steps, log_every=config.log_every, hooks=hooks)
     state, placed, _ = _place_models(state, mesh, model_config, False)
     step = compile_step(sft_step, model_config=model_config, **placed)
     return run_loop(state, data, lambda s, b: step(s, _place_batch(b, mesh)), num_steps=config.num_steps,
@@ -152,11 +174,18 @@ def run_reward(state: TrainState, data: Iterable, config: RewardConfig, *, model
 
 
 def run_dpo(state: TrainState, data: Iterable, config: DPOConfig, *, model_config: ModelConfig, ref_params=None,
-            mesh: Mesh | None = None, hooks: StageHooks | None = None):
-    """DPO over preference batches with a frozen reference (`ref_params`, e.g. the SFT params)."""
-    if ref_params is None and not config.reference_free:
-        raise ValueError("run_dpo needs ref_params (usually the SFT params) unless DPOConfig.reference_free")
-    state, placed, (ref_params,) = _place_models(state, mesh, model_config, False, [ref_params], [False])
+            mesh: Mesh | None = None, hooks: StageHooks | None = None, lora=None):
+    """DPO over preference batches with a frozen reference (`ref_params`, e.g. the SFT params).
+
+    LoRA: with `lora`, `state` holds the adapters of `ref_params`, which serve as the policy's frozen base and as
+    the reference (the base with the adapters off): no second copy of the weights."""
+    if ref_params is None and (not config.reference_free or lora is not None):
+        raise ValueError("run_dpo needs ref_params (usually the SFT params) unless DPOConfig.reference_free "
+                         "(with lora: always, they are the adapters' base)")
+    if lora is not None:
+        state, placed, ref_params = _lora_state(state, lora, ref_params, mesh, model_config, "run_dpo")
+    else:
+        state, placed, (ref_params,) = _place_models(state, mesh, model_config, False, [ref_params], [False])
     steps = {}
 
     def step_for(needs_ref: bool):
@@ -166,7 +195,7 @@ def run_dpo(state: TrainState, data: Iterable, config: DPOConfig, *, model_confi
             steps[needs_ref] = compile_step(dpo_step, model_config=model_config, beta=config.beta,
                                             loss_type=config.loss_type, label_smoothing=config.label_smoothing,
                                             reference_free=config.reference_free, rpo_alpha=config.rpo_alpha,
-                                            **opts)
+                                            lora=lora, **opts)
         return steps[needs_ref]
 
     # Precomputed reference logps [B] are batch entries: under a mesh they get the batch's sharding.
@@ -177,7 +206,7 @@ def run_dpo(state: TrainState, data: Iterable, config: DPOConfig, *, model_confi
         batch = _place_batch(batch, mesh)
         if config.precompute_ref_logps and not config.reference_free and "ref_chosen_logps" not in batch:
             batch = {**batch, **ref_fn(ref_params, batch, model_config=model_config)}
-        needs_ref = "ref_chosen_logps" not in batch and not config.reference_free
+        needs_ref = lora is not None or ("ref_chosen_logps" not in batch and not config.reference_free)
         return step_for(needs_ref)(state, batch, ref_params if needs_ref else None)
 
     return run_loop(state, data, step_fn, num_steps=config.num_steps, log_every=config.log_every, hooks=hooks)

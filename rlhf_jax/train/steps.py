@@ -28,6 +28,7 @@ from jax.sharding import Mesh
 
 from rlhf_jax import sharding as S
 from rlhf_jax.config_cli import check_ranges, config_check
+from rlhf_jax.lora import LoraConfig, merge_lora
 from rlhf_jax.losses import bradley_terry_loss, dpo_loss, masked_sum, sft_loss
 from rlhf_jax.models.head import sft_loss_from_hidden, token_logprobs_from_hidden
 from rlhf_jax.models import forward
@@ -125,12 +126,28 @@ def sft_nll(params, batch: dict, *, model_config: ModelConfig):
                                 batch["loss_mask"], chunk_size=model_config.logits_chunk)
 
 
-def sft_step(state: TrainState, batch: dict, *, model_config: ModelConfig):
+def on_adapters(loss_fn, base_params, lora: LoraConfig | None):
+    """`loss_fn(params, ...)` as a function of the LoRA adapters of the frozen `base_params` (merge_lora); the
+    loss itself when `lora` is None. Only the adapters get gradients; the base is read, never copied."""
+    if lora is None:
+        return loss_fn
+    if base_params is None:
+        raise ValueError("a LoRA step needs the frozen base params (the step's base_params argument)")
+
+    def adapted(adapters, *args, **kwargs):
+        return loss_fn(merge_lora(jax.lax.stop_gradient(base_params), adapters, lora), *args, **kwargs)
+
+    return adapted
+
+
+def sft_step(state: TrainState, batch: dict, base_params=None, *, model_config: ModelConfig,
+             lora: LoraConfig | None = None):
     """One SFT update on {"inputs", "targets", "loss_mask" [B,T], "positions"?, "segment_ids"?}.
 
+    With `lora`, `state.params` are the adapters (`rlhf_jax.lora`) of the frozen `base_params`.
     Metrics: "loss", "accuracy", "num_tokens", "perplexity", "grad_norm", "learning_rate".
     """
-    grad_fn = jax.value_and_grad(sft_nll, has_aux=True)
+    grad_fn = jax.value_and_grad(on_adapters(sft_nll, base_params, lora), has_aux=True)
     (_, metrics), grads = grad_fn(state.params, batch, model_config=model_config)
     return state.apply_gradients(grads), {**metrics, **_grad_metrics(state, grads)}
 
@@ -263,13 +280,15 @@ def _dpo_loss(params, batch, ref_params, *, model_config, beta, loss_type, label
 
 def dpo_step(state: TrainState, batch: dict, ref_params=None, *, model_config: ModelConfig, beta: float = 0.1,
              loss_type: str = "sigmoid", label_smoothing: float = 0.0, reference_free: bool = False,
-             rpo_alpha: float = 0.0):
+             rpo_alpha: float = 0.0, lora: LoraConfig | None = None):
     """One DPO update on a preference batch; reference logps from `ref_params` or from the batch.
 
+    With `lora`, `state.params` are the adapters of `ref_params`, which are both the frozen base of the policy and
+    the reference (the base with the adapters off): one copy of the weights.
     Metrics: "loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
     "logps/chosen", "logps/rejected", "grad_norm", "learning_rate", and "nll_chosen" when rpo_alpha is set.
     """
-    grad_fn = jax.value_and_grad(_dpo_loss, has_aux=True)
+    grad_fn = jax.value_and_grad(on_adapters(_dpo_loss, ref_params, lora), has_aux=True)
     (_, metrics), grads = grad_fn(state.params, batch, ref_params, model_config=model_config, beta=beta,
                                   loss_type=loss_type, label_smoothing=label_smoothing,
                                   reference_free=reference_free, rpo_alpha=rpo_alpha)
