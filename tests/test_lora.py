@@ -174,3 +174,25 @@ def test_lora_sft_and_dpo_train_only_the_adapters():
                              ref_params=base, lora=lora)
     assert hist[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert hist[-1]["loss"] < hist[0]["loss"]
+
+
+def test_lora_reward_model_trains_adapters_and_its_head():
+    from _multihost_worker import make_sft_batches
+    from rlhf_jax.train import stages
+    from rlhf_jax.train.optim import OptimConfig
+    from rlhf_jax.train.state import create_train_state, with_score_head
+    cfg = CFGS["gpt2"]
+    base = init_params(cfg, jax.random.key(0))
+    lora = LoraConfig(rank=2, alpha=4.0, targets=("q", "o"))
+    head = with_score_head(base, cfg, 7)["score_head"]
+    optim = OptimConfig(learning_rate=1e-2)
+    state = create_train_state({**init_lora(base, cfg, lora, jax.random.key(1)), "score_head": head}, optim, 0)
+    chosen = make_sft_batches(cfg.vocab_size, num_steps=1, seq_len=10, seed=1)[0]
+    rejected = make_sft_batches(cfg.vocab_size, num_steps=1, seq_len=6, seed=2)[0]
+    state, hist = stages.run_reward(state, [{"chosen": chosen, "rejected": rejected}] * 6,
+                                    stages.RewardConfig(num_steps=6, log_every=1, optim=optim), model_config=cfg,
+                                    lora=lora, base_params=base)
+    assert hist[-1]["loss"] < hist[0]["loss"]
+    assert set(state.params) == {"attn", "score_head"}
+    assert float(jnp.abs(state.params["score_head"]["kernel"] - head["kernel"]).max()) > 0
+    assert float(jnp.abs(state.params["attn"]["o"]["b"]).max()) > 0

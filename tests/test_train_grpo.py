@@ -160,3 +160,32 @@ def test_completions_table_and_step_numbers_with_several_updates_per_iteration(p
     run_grpo(create_train_state(params, config.optim, 0), iter([_prompts()] * 2), config, model_config=CFG,
              reward_fn=low_bytes, tokenizer=TOK, hooks=texts)
     assert all(isinstance(r["prompt"], str) and isinstance(r["completion"], str) for r in texts.samples[0][1])
+
+
+def test_lora_grpo_trains_adapters_with_the_base_as_reference(params):
+    """LoRA GRPO: the state holds adapters; the base is the reference, so the first iteration's KL is 0 (b = 0);
+    the host-scored path equals the one-program path."""
+    from rlhf_jax.lora import LoraConfig, init_lora
+    lora = LoraConfig(rank=4, alpha=8.0, targets=("q", "v", "up"))
+    config = _config(kl_coef=0.05, num_minibatches=2)
+
+    def count_text(prompt_texts, completions):
+        return np.array([sum(b < 128 for b in t.encode("utf-8", "surrogateescape")) for t in completions], np.float32)
+
+    def count_ids(prompts, responses, mask):
+        return jnp.sum((responses < 128) * mask, 1).astype(jnp.float32)
+
+    def run(**reward):
+        state = create_train_state(init_lora(params, CFG, lora, jax.random.key(3)), config.optim, 0)
+        return run_grpo(state, iter([_prompts()] * 2), config, model_config=CFG, ref_params=params, lora=lora,
+                        **reward)
+
+    state, ids = run(reward_fn=count_ids)
+    _, host = run(host_reward_fn=count_text, tokenizer=TOK)
+    assert set(state.params) == {"attn", "mlp"} and float(jnp.abs(state.params["mlp"]["up"]["b"]).max()) > 0
+    assert ids[0]["kl"] == pytest.approx(0.0, abs=1e-6) and ids[1]["kl"] > 0
+    for a, b in zip(ids, host):
+        for k in a:
+            np.testing.assert_allclose(b[k], a[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    with pytest.raises(ValueError, match="needs ref_params"):
+        run_grpo(state, iter([_prompts()]), _config(), model_config=CFG, reward_fn=count_ids, lora=lora)

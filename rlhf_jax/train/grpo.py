@@ -27,6 +27,7 @@ from jax import lax
 
 from rlhf_jax.config_cli import check_ranges, config_check
 from rlhf_jax.generation import SamplingConfig
+from rlhf_jax.lora import LoraConfig
 from rlhf_jax.losses import (discounted_returns, group_advantages, kl_penalty, masked_mean, masked_sum,
                              overlong_penalty, policy_gradient_loss, rloo_advantages, token_logprobs, whiten)
 from rlhf_jax.models.config import ModelConfig
@@ -34,6 +35,7 @@ from rlhf_jax.train.optim import OptimConfig
 from rlhf_jax.train.rl import (Episodes, RewardFn, decode_masked, episode_logits, episode_logprobs, epochs_minibatches,
                                reward_model_scores, sample_episodes)
 from rlhf_jax.train.state import TrainState
+from rlhf_jax.train.steps import lora_params, on_adapters
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class GRPOConfig:
@@ -146,8 +148,10 @@ def _informative_first(ep: Episodes, scores, informative, G: int, keep: int):
 
 
 def grpo_update(state: TrainState, episodes: Episodes, scores, rng, ref_params=None, *, config: GRPOConfig,
-                model_config: ModelConfig):
-    """Advantages of scored episodes ([B*G] scores) and `num_iterations` x `num_minibatches` updates."""
+                model_config: ModelConfig, lora: LoraConfig | None = None):
+    """Advantages of scored episodes ([B*G] scores) and `num_iterations` x `num_minibatches` updates.
+
+    With `lora`, `state.params` are the adapters of `ref_params`, the frozen base that is also the reference."""
     c, ep, mask = config, episodes, episodes.response_mask
     temp = c.sampling.temperature
     scores = jnp.asarray(scores, jnp.float32)
@@ -161,7 +165,8 @@ def grpo_update(state: TrainState, episodes: Episodes, scores, rng, ref_params=N
     if c.dynamic_sampling_groups is not None:
         ep, scores = _informative_first(ep, scores, informative, c.num_generations, c.dynamic_sampling_groups)
         mask = ep.response_mask
-    old = lax.stop_gradient(episode_logprobs(state.params, ep, model_config=model_config, temperature=temp))
+    policy = state.params if lora is None else lora_params(ref_params, state.params, lora)
+    old = lax.stop_gradient(episode_logprobs(policy, ep, model_config=model_config, temperature=temp))
     ref = (lax.stop_gradient(episode_logprobs(ref_params, ep, model_config=model_config, temperature=temp))
            if c.uses_reference else None)
     kl_reward = kl_penalty(old, ref, estimator="k1") * mask if c.uses_reference and c.kl_in == "reward" else None
@@ -183,7 +188,7 @@ def grpo_update(state: TrainState, episodes: Episodes, scores, rng, ref_params=N
         return loss, m
 
     def update(state, mb, _):
-        (_, m), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, mb)
+        (_, m), grads = jax.value_and_grad(on_adapters(loss_fn, ref_params, lora), has_aux=True)(state.params, mb)
         return state.apply_gradients(grads), m
 
     data = {"episodes": ep, "old": old, "advantages": advantages}
@@ -239,21 +244,24 @@ def completion_rows(table: dict, tokenizer=None) -> list[dict]:
             for p, c, r, a in zip(prompts, completions, table["reward"], table["advantage"])]
 
 
-def grpo_sample(state: TrainState, batch: dict, *, config: GRPOConfig, model_config: ModelConfig):
+def grpo_sample(state: TrainState, batch: dict, base_params=None, *, config: GRPOConfig, model_config: ModelConfig,
+                lora: LoraConfig | None = None):
     """(state with its rng advanced, episodes of B*G rows, update key): the sampling half of an iteration."""
     rng, k_sample, k_update = jax.random.split(state.rng, 3)
-    ep = sample_episodes(state.params, batch["prompts"], batch["prompt_mask"], k_sample, sampling=config.sampling,
+    params = state.params if lora is None else lora_params(base_params, state.params, lora)
+    ep = sample_episodes(params, batch["prompts"], batch["prompt_mask"], k_sample, sampling=config.sampling,
                          model_config=model_config, num_samples_per_prompt=config.num_generations)
     return state.replace(rng=rng), ep, k_update
 
 
 def grpo_step(state: TrainState, batch: dict, ref_params=None, reward_params=None, *, config: GRPOConfig,
-              model_config: ModelConfig, reward_fn: RewardFn | None = None):
-    """One iteration on {"prompts" [B,P], "prompt_mask" [B,P]}, scored by `reward_fn` or a reward model."""
-    state, ep, key = grpo_sample(state, batch, config=config, model_config=model_config)
+              model_config: ModelConfig, reward_fn: RewardFn | None = None, lora: LoraConfig | None = None):
+    """One iteration on {"prompts" [B,P], "prompt_mask" [B,P]}, scored by `reward_fn` or a reward model. With
+    `lora`, `state.params` are adapters of `ref_params` (the frozen base and the reference)."""
+    state, ep, key = grpo_sample(state, batch, ref_params, config=config, model_config=model_config, lora=lora)
     if reward_fn is not None:
         scores = reward_fn(jnp.repeat(batch["prompts"], config.num_generations, axis=0), ep.responses,
                            ep.response_mask)
     else:
         scores = reward_model_scores(reward_params, ep, model_config=model_config)
-    return grpo_update(state, ep, scores, key, ref_params, config=config, model_config=model_config)
+    return grpo_update(state, ep, scores, key, ref_params, config=config, model_config=model_config, lora=lora)

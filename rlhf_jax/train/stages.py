@@ -165,8 +165,16 @@ def run_sft(state: TrainState, data: Iterable, config: SFTConfig, *, model_confi
 
 
 def run_reward(state: TrainState, data: Iterable, config: RewardConfig, *, model_config: ModelConfig,
-               mesh: Mesh | None = None, hooks: StageHooks | None = None):
-    """Reward-model training over preference batches; `state.params` need a "score_head" (`with_score_head`)."""
+               mesh: Mesh | None = None, hooks: StageHooks | None = None, lora=None, base_params=None):
+    """Reward-model training over preference batches; `state.params` need a "score_head" (`with_score_head`).
+
+    LoRA: `state` made from {**init_lora(...), "score_head": ...} with `lora` and the frozen `base_params`."""
+    if lora is not None or base_params is not None:
+        state, placed, base = _lora_state(state, lora, base_params, mesh, model_config, "run_reward")
+        step = compile_step(reward_step, model_config=model_config, center_coef=config.center_coef, lora=lora,
+                            **placed)
+        return run_loop(state, data, lambda s, b: step(s, _place_batch(b, mesh), base),
+                        num_steps=config.num_steps, log_every=config.log_every, hooks=hooks)
     state, placed, _ = _place_models(state, mesh, model_config, True)
     step = compile_step(reward_step, model_config=model_config, center_coef=config.center_coef, **placed)
     return run_loop(state, data, lambda s, b: step(s, _place_batch(b, mesh)), num_steps=config.num_steps,
@@ -224,14 +232,16 @@ def _reward_source(reward_params, reward_fn, host_reward_fn, tokenizer, mesh, st
     return reward_params if given[0] else None
 
 
-def _host_scored(sample_fn, update_fn, host_reward_fn, tokenizer, opts):
+def _host_scored(sample_fn, update_fn, host_reward_fn, tokenizer, opts, *, sample_with_ref: bool = False):
     """An iteration scored on the host: a compiled sample, the reward function on the decoded texts, a compiled
-    update; called like the one-program step, (state, batch, *frozen, ...) with the reward model's slot unused."""
+    update; called like the one-program step, (state, batch, *frozen, ...) with the reward model's slot unused.
+    `sample_with_ref`: the sample also takes the reference params (LoRA: they are the adapters' base)."""
     sample_step = jax.jit(sample_fn, static_argnames=tuple(opts))
     update_step = compile_step(update_fn, **opts)
 
     def step(state, batch, ref_params, _reward_params, *extra):
-        state, episodes, key = sample_step(state, batch, **opts)
+        frozen = (ref_params,) if sample_with_ref else ()
+        state, episodes, key = sample_step(state, batch, *frozen, **opts)
         return update_step(state, episodes, host_scores(host_reward_fn, tokenizer, batch, episodes), key,
                            ref_params, *extra)
 
@@ -279,22 +289,26 @@ def run_ppo(state: PPOState, data: Iterable, config: PPOConfig, *, model_config:
 
 def run_grpo(state: TrainState, data: Iterable, config: GRPOConfig, *, model_config: ModelConfig, ref_params=None,
              reward_params=None, reward_fn: RewardFn | None = None, host_reward_fn: HostRewardFn | None = None,
-             tokenizer=None, mesh: Mesh | None = None, hooks: StageHooks | None = None):
+             tokenizer=None, mesh: Mesh | None = None, hooks: StageHooks | None = None, lora=None):
     """The GRPO family over prompt batches {"prompts", "prompt_mask"} (`train/grpo.py`); rewards as `run_ppo`.
 
     `ref_params` (the frozen reference, usually the SFT params) are needed only when `config.kl_coef > 0`; with
-    0 they are not read, not placed and not passed.
+    0 they are not read, not placed and not passed. With `lora`, `state` holds adapters of `ref_params`, which
+    are then always needed: the policy's frozen base and, with the adapters off, the reference (one copy).
     """
     reward_params = _reward_source(reward_params, reward_fn, host_reward_fn, tokenizer, mesh, "run_grpo")
-    if config.uses_reference and ref_params is None:
-        raise ValueError("run_grpo: GRPOConfig.kl_coef > 0 needs ref_params (usually the SFT params)")
-    ref_params = ref_params if config.uses_reference else None
+    if (config.uses_reference or lora is not None) and ref_params is None:
+        raise ValueError("run_grpo: GRPOConfig.kl_coef > 0 (or lora) needs ref_params (usually the SFT params)")
+    if lora is not None and mesh is not None:
+        raise ValueError("run_grpo: lora with a mesh is not supported yet; run LoRA GRPO without --mesh")
+    ref_params = ref_params if config.uses_reference or lora is not None else None
     state, placed, (ref_params, reward_params) = _place_models(
         state, mesh, model_config, False, [ref_params, reward_params], [False, True])
     processes = jax.process_count() if mesh is not None else 1
-    opts = dict(config=config, model_config=model_config)
+    opts = dict(config=config, model_config=model_config, lora=lora)
     step = (compile_step(grpo_step, reward_fn=reward_fn, **opts, **placed) if host_reward_fn is None
-            else _host_scored(grpo_sample, grpo_update, host_reward_fn, tokenizer, opts))
+            else _host_scored(grpo_sample, grpo_update, host_reward_fn, tokenizer, opts,
+                              sample_with_ref=lora is not None))
 
     updates = config.updates_per_iteration
     iteration = [int(jax.device_get(state.step)) // updates]

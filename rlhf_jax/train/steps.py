@@ -134,10 +134,18 @@ def on_adapters(loss_fn, base_params, lora: LoraConfig | None):
     if base_params is None:
         raise ValueError("a LoRA step needs the frozen base params (the step's base_params argument)")
 
-    def adapted(adapters, *args, **kwargs):
-        return loss_fn(merge_lora(jax.lax.stop_gradient(base_params), adapters, lora), *args, **kwargs)
+    def adapted(trainable, *args, **kwargs):
+        return loss_fn(lora_params(base_params, trainable, lora), *args, **kwargs)
 
     return adapted
+
+
+def lora_params(base_params, trainable: dict, lora: LoraConfig):
+    """The model params of a LoRA state's trainable tree: the adapters ("attn", "mlp") merged into the frozen base
+    (no gradient into it), and any other entry (a reward model's "score_head") taken as is."""
+    adapters = {k: v for k, v in trainable.items() if k in ("attn", "mlp")}
+    rest = {k: v for k, v in trainable.items() if k not in ("attn", "mlp")}
+    return {**merge_lora(jax.lax.stop_gradient(base_params), adapters, lora), **rest}
 
 
 def sft_step(state: TrainState, batch: dict, base_params=None, *, model_config: ModelConfig,
@@ -189,13 +197,16 @@ def _reward_loss(params, batch, *, model_config, center_coef):
     return loss, _rename(metrics, _BT_NAMES)
 
 
-def reward_step(state: TrainState, batch: dict, *, model_config: ModelConfig, center_coef: float = 0.0):
+def reward_step(state: TrainState, batch: dict, base_params=None, *, model_config: ModelConfig,
+                center_coef: float = 0.0, lora: LoraConfig | None = None):
     """One reward-model update on a preference batch {"chosen": SFT batch, "rejected": SFT batch, "margin"?}.
 
+    With `lora`, `state.params` are {**adapters, "score_head": ...}: the adapters of the frozen `base_params` and
+    the trained scalar head.
     Metrics: "loss", "accuracy", "rewards/chosen", "rewards/rejected", "rewards/margins", "grad_norm",
     "learning_rate".
     """
-    grad_fn = jax.value_and_grad(_reward_loss, has_aux=True)
+    grad_fn = jax.value_and_grad(on_adapters(_reward_loss, base_params, lora), has_aux=True)
     (_, metrics), grads = grad_fn(state.params, batch, model_config=model_config, center_coef=center_coef)
     return state.apply_gradients(grads), {**metrics, **_grad_metrics(state, grads)}
 
