@@ -28,10 +28,13 @@ import tyro
 
 from rlhf_jax.config_cli import check_ranges, field_docs, save_config
 from rlhf_jax.data.iterators import ProcessRows
+from rlhf_jax.lora import TARGETS, LoraConfig, init_lora, save_peft
 from rlhf_jax.models.config import ModelConfig
 from rlhf_jax.train import checkpoint as ckpt
 from rlhf_jax.train.logging import make_stage_hooks, read_jsonl
 from rlhf_jax.train.report import plot_curves, write_report
+from rlhf_jax.train.state import create_train_state
+from rlhf_jax.train.steps import lora_params
 
 log = logging.getLogger("experiments")
 
@@ -56,6 +59,47 @@ ModelOverrides = _make_overrides_class()
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class LoraSpec:
+    """LoRA adapters instead of full fine-tuning (rlhf_jax.lora; docs/lora.md)."""
+
+    rank: int = 0
+    """Adapter rank r; 0: full fine-tuning (no adapters)."""
+    alpha: float = 16.0
+    """The update is scaled by alpha / rank."""
+    targets: tuple[str, ...] = TARGETS
+    """Projections that get adapters: q, k, v, o, gate, up, down (gate: SwiGLU models only)."""
+
+    def __post_init__(self):
+        check_ranges(self, non_negative=("rank",), positive=("alpha",))
+
+    def config(self) -> LoraConfig | None:
+        return None if self.rank == 0 else LoraConfig(rank=self.rank, alpha=self.alpha, targets=self.targets)
+
+
+def trainable_state(cfg, params, model_config, optim, total_steps: int, *, head=None):
+    """(train state, stage LoRA keyword arguments): the params themselves, or with --lora.rank R the adapters of
+    `params` (plus a reward model's `head`), the stage then getting `lora` (and the frozen params as its base)."""
+    lora = cfg.lora.config()
+    if lora is None:
+        return create_train_state(params, optim, cfg.seed, total_steps=total_steps), {}
+    adapters = init_lora(params, model_config, lora, jax.random.fold_in(jax.random.key(cfg.seed), 17))
+    if head is not None:
+        adapters = {**adapters, "score_head": head}
+    return create_train_state(adapters, optim, cfg.seed, total_steps=total_steps), {"lora": lora}
+
+
+def save_final(out: str, stage: str, state_params, model_config, lora: LoraConfig | None = None, base=None):
+    """DIR/<stage>/final: the trained params (with LoRA: merged into the base, so that later stages and the
+    export read a whole model), and with LoRA also DIR/<stage>/adapter in peft's format."""
+    params = state_params
+    if lora is not None:
+        params = lora_params(base, state_params, lora)
+        adapters = {k: v for k, v in state_params.items() if k in ("attn", "mlp")}
+        save_peft(jax.device_get(adapters), lora, model_config, os.path.join(out, stage, "adapter"))
+    ckpt.save_params(os.path.join(out, stage, "final"), params, model_config=model_config)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class RunOptions:
     """Options every experiment script shares; each script adds its data, stage and checkpoint fields."""
 
@@ -73,6 +117,8 @@ class RunOptions:
     gpt2-124m, llama-1b, ...)."""
     model: ModelOverrides = ModelOverrides()
     """ModelConfig fields replacing the preset's, e.g. --model.num-layers 4 (unset: the preset's value)."""
+    lora: LoraSpec = LoraSpec()
+    """LoRA instead of full fine-tuning: --lora.rank R (--lora.alpha, --lora.targets); 0: off."""
 
     def __post_init__(self):
         check_ranges(self, non_negative=("seed",))

@@ -7,18 +7,15 @@ pairs from the synthetic task world. `--help` lists every option and its default
 from __future__ import annotations
 
 import dataclasses
-import os
 import sys
 
 import jax
 
 from experiments.common import (CheckpointSpec, DataSpec, RunOptions, finish_report, init_model, load_data,
-                                make_run_mesh, run_stage, setup_error, start_run)
+                                make_run_mesh, run_stage, save_final, setup_error, start_run, trainable_state)
 from rlhf_jax.config_cli import parse_cli
-from rlhf_jax.train import checkpoint as ckpt
 from rlhf_jax.train.optim import OptimConfig
 from rlhf_jax.train.stages import DPOConfig, NonFiniteLossError, run_dpo
-from rlhf_jax.train.state import create_train_state
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -48,20 +45,20 @@ def main(argv=None) -> int:
         mc, params = init_model(cfg.preset, cfg.model, jax.random.key(cfg.seed), init=cfg.init)
         # On the device once (a no-op for device arrays); the train state makes its own copy to donate.
         ref_params = jax.device_put(params)
-        state = create_train_state(params, cfg.dpo.optim, cfg.seed, total_steps=cfg.dpo.num_steps)
+        state, lora = trainable_state(cfg, params, mc, cfg.dpo.optim, cfg.dpo.num_steps)
     except (ValueError, OSError) as e:  # DataError is a ValueError
         return setup_error(e)
     try:
         state, history, finished = run_stage(
             "dpo", lambda s, d, c, hooks: run_dpo(s, d, c, model_config=mc, ref_params=ref_params, mesh=mesh,
-                                                  hooks=hooks),
+                                                  hooks=hooks, **lora),
             state, data, cfg.dpo, out=out, resume=cfg.resume, checkpoint=cfg.checkpoint,
             samples_per_step=cfg.data.batch_size)
     except NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     if finished:
-        ckpt.save_params(os.path.join(out, "dpo", "final"), state.params, model_config=mc)
+        save_final(out, "dpo", state.params, mc, lora.get("lora"), ref_params)
     finish_report(out, "dpo", history, keys=("loss", "rewards/accuracies", "rewards/margins"),
                   summary={"finished": finished, "model": cfg.init or cfg.preset, "beta": cfg.dpo.beta,
                            "loss_type": cfg.dpo.loss_type, "data": cfg.data.path or "demo"})

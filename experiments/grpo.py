@@ -12,25 +12,23 @@ sampled completions with their rewards goes to DIR/grpo/completions.jsonl and Te
 from __future__ import annotations
 
 import dataclasses
-import os
 import sys
 from typing import Literal
 
 import jax
 
 from experiments.common import (CheckpointSpec, DataSpec, RunOptions, demo_tasks, finish_report, init_model,
-                                load_data, make_run_mesh, run_stage, setup_error, start_run, with_tokenizer_ids)
+                                load_data, make_run_mesh, run_stage, save_final, setup_error, start_run,
+                                trainable_state, with_tokenizer_ids)
 from rlhf_jax.config_cli import parse_cli
 from rlhf_jax.data import load_records
 from rlhf_jax.generation import SamplingConfig
 from rlhf_jax.rewards import gsm8k_answer, gsm8k_reward, world_reward
 from rlhf_jax.tasks import messages_for
 from rlhf_jax.tokenizer import encode_prompt
-from rlhf_jax.train import checkpoint as ckpt
 from rlhf_jax.train.grpo import GRPOConfig
 from rlhf_jax.train.optim import OptimConfig
 from rlhf_jax.train.stages import NonFiniteLossError, run_grpo
-from rlhf_jax.train.state import create_train_state, with_score_head
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -97,22 +95,22 @@ def main(argv=None) -> int:
                 raise ValueError("--reward world/gsm8k score on the host and run without --mesh; use --reward model")
             rewards.update(host_reward_fn=_host_reward(cfg, tok), tokenizer=tok)
         # On the device once; the train state makes its own copy to donate.
-        ref = jax.device_put(policy) if grpo_cfg.kl_coef > 0 else None
-        state = create_train_state(policy, grpo_cfg.optim, cfg.seed,
-                                   total_steps=grpo_cfg.num_steps * grpo_cfg.updates_per_iteration)
+        ref = jax.device_put(policy) if grpo_cfg.kl_coef > 0 or cfg.lora.rank else None
+        state, lora = trainable_state(cfg, policy, mc, grpo_cfg.optim,
+                                      grpo_cfg.num_steps * grpo_cfg.updates_per_iteration)
     except (ValueError, OSError) as e:  # DataError is a ValueError
         return setup_error(e)
     try:
         state, history, finished = run_stage(
             "grpo", lambda s, d, c, hooks: run_grpo(s, d, c, model_config=mc, ref_params=ref, mesh=mesh,
-                                                   hooks=hooks, **rewards),
+                                                   hooks=hooks, **rewards, **lora),
             state, data, grpo_cfg, out=out, resume=cfg.resume, checkpoint=cfg.checkpoint,
             samples_per_step=grpo_cfg.batch_size * grpo_cfg.num_generations)
     except NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     if finished:
-        ckpt.save_params(os.path.join(out, "grpo", "final"), state.params, model_config=mc)
+        save_final(out, "grpo", state.params, mc, lora.get("lora"), ref)
     finish_report(out, "grpo", history, keys=("reward", "reward_std", "completions/mean_length", "kl"),
                   summary={"finished": finished, "policy": cfg.init or cfg.preset, "reward": cfg.reward,
                            "data": cfg.data.path or "demo"})

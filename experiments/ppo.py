@@ -51,6 +51,9 @@ def main(argv=None) -> int:
     cfg = parse_cli(PPOExperiment, argv)
     try:
         mesh = make_run_mesh(cfg.mesh)          # first: multi-host init precedes any other JAX call
+        if cfg.lora.rank:
+            raise ValueError("--lora.rank: PPO does not take LoRA adapters yet (SFT, reward, DPO and GRPO do); "
+                             "leave it at 0")
         out = start_run(cfg, cfg.out)
         data, tok = load_data(cfg.data, "prompt", seed=cfg.seed, batch_size=cfg.ppo.batch_size)
         ppo_cfg = with_tokenizer_ids(cfg.ppo, tok)

@@ -7,18 +7,16 @@ from the synthetic task world labelled by the "careful" annotator. `--help` list
 from __future__ import annotations
 
 import dataclasses
-import os
 import sys
 
 import jax
 
 from experiments.common import (CheckpointSpec, DataSpec, RunOptions, finish_report, init_model, load_data,
-                                make_run_mesh, run_stage, setup_error, start_run)
+                                make_run_mesh, run_stage, save_final, setup_error, start_run, trainable_state)
 from rlhf_jax.config_cli import parse_cli
-from rlhf_jax.train import checkpoint as ckpt
 from rlhf_jax.train.optim import OptimConfig
 from rlhf_jax.train.stages import NonFiniteLossError, RewardConfig, run_reward
-from rlhf_jax.train.state import create_train_state, with_score_head
+from rlhf_jax.train.state import with_score_head
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -49,18 +47,23 @@ def main(argv=None) -> int:
         mc, params = init_model(cfg.preset, cfg.model, k_init, init=cfg.init)
         if "score_head" not in params:
             params = with_score_head(params, mc, k_head)
-        state = create_train_state(params, cfg.reward.optim, cfg.seed, total_steps=cfg.reward.num_steps)
+        if cfg.lora.rank:                  # LoRA: the trunk is the frozen base, the head trains with the adapters
+            head, params = params["score_head"], {k: v for k, v in params.items() if k != "score_head"}
+        state, lora = trainable_state(cfg, params, mc, cfg.reward.optim, cfg.reward.num_steps,
+                                      head=head if cfg.lora.rank else None)
+        base = {"base_params": params} if lora else {}
     except (ValueError, OSError) as e:  # DataError is a ValueError
         return setup_error(e)
     try:
         state, history, finished = run_stage(
-            "reward", lambda s, d, c, hooks: run_reward(s, d, c, model_config=mc, mesh=mesh, hooks=hooks), state, data,
+            "reward", lambda s, d, c, hooks: run_reward(s, d, c, model_config=mc, mesh=mesh, hooks=hooks, **lora,
+                                                        **base), state, data,
             cfg.reward, out=out, resume=cfg.resume, checkpoint=cfg.checkpoint, samples_per_step=cfg.data.batch_size)
     except NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     if finished:
-        ckpt.save_params(os.path.join(out, "reward", "final"), state.params, model_config=mc)
+        save_final(out, "reward", state.params, mc, lora.get("lora"), params)
     finish_report(out, "reward", history, keys=("loss", "accuracy", "rewards/margins"),
                   summary={"finished": finished, "model": cfg.init or cfg.preset, "data": cfg.data.path or "demo"})
     return 0

@@ -7,18 +7,15 @@ tiny preset, and finishes in about a minute on a CPU. `--help` lists every optio
 from __future__ import annotations
 
 import dataclasses
-import os
 import sys
 
 import jax
 
 from experiments.common import (CheckpointSpec, DataSpec, RunOptions, finish_report, init_model, load_data,
-                                make_run_mesh, run_stage, setup_error, start_run)
+                                make_run_mesh, run_stage, save_final, setup_error, start_run, trainable_state)
 from rlhf_jax.config_cli import parse_cli
-from rlhf_jax.train import checkpoint as ckpt
 from rlhf_jax.train.optim import OptimConfig
 from rlhf_jax.train.stages import NonFiniteLossError, SFTConfig, run_sft
-from rlhf_jax.train.state import create_train_state
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -46,19 +43,21 @@ def main(argv=None) -> int:
         out = start_run(cfg, cfg.out)
         data, tok = load_data(cfg.data, "sft", seed=cfg.seed)
         mc, params = init_model(cfg.preset, cfg.model, jax.random.key(cfg.seed), init=cfg.init)
-        state = create_train_state(params, cfg.sft.optim, cfg.seed, total_steps=cfg.sft.num_steps)
+        state, lora = trainable_state(cfg, params, mc, cfg.sft.optim, cfg.sft.num_steps)
+        base = {"base_params": params} if lora else {}
     except (ValueError, OSError) as e:  # DataError is a ValueError
         return setup_error(e)
     try:
         state, history, finished = run_stage(
-            "sft", lambda s, d, c, hooks: run_sft(s, d, c, model_config=mc, mesh=mesh, hooks=hooks), state, data,
+            "sft", lambda s, d, c, hooks: run_sft(s, d, c, model_config=mc, mesh=mesh, hooks=hooks, **lora, **base),
+            state, data,
             cfg.sft, out=out, resume=cfg.resume, checkpoint=cfg.checkpoint,
             tokens_per_step=cfg.data.batch_size * cfg.data.seq_len)
     except NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     if finished:
-        ckpt.save_params(os.path.join(out, "sft", "final"), state.params, model_config=mc)
+        save_final(out, "sft", state.params, mc, lora.get("lora"), params)
     finish_report(out, "sft", history, keys=("loss", "accuracy"),
                   summary={"finished": finished, "model": cfg.init or cfg.preset, "data": cfg.data.path or "demo"})
     return 0

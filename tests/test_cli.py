@@ -349,3 +349,27 @@ def test_grpo_script_runs_on_the_worlds_verifiable_reward_and_on_gsm8k(tmp_path)
     r = subprocess.run([sys.executable, "-m", "experiments.grpo", "--out", str(tmp_path / "bad"), "--reward",
                         "model"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stderr.strip() == "error: --reward model needs --reward-init (a reward model folder)"
+
+
+def test_lora_flags_train_adapters_resume_and_write_a_peft_adapter(tmp_path):
+    """--lora.rank: the SFT script trains adapters (checkpoints hold them; --resume continues), writes the merged
+    model to final/ and the adapters in peft's format to adapter/; PPO, which has no LoRA yet, refuses in one line."""
+    out = str(tmp_path / "run")
+    base = _tiny_sft_argv(out, log_every=1, save_every=1) + ["--lora.rank", "2", "--lora.targets", "q", "v"]
+    r = subprocess.run(base + ["--sft.num-steps", "2"], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = subprocess.run(base + ["--sft.num-steps", "3", "--resume"], cwd=ROOT, env=ENV, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0 and "resuming sft from step 2" in r.stderr, r.stderr[-3000:]
+    assert [json.loads(line)["step"] for line in open(os.path.join(out, "sft", "metrics.jsonl"))] == [1, 2, 3]
+    adapter = json.load(open(os.path.join(out, "sft", "adapter", "adapter_config.json")))
+    assert adapter["r"] == 2 and adapter["target_modules"] == ["c_attn"]          # the tiny preset is GPT-2 style
+    from rlhf_jax.lora import load_peft
+    from rlhf_jax.train import checkpoint as ckpt
+    mc, merged = ckpt.load_params(os.path.join(out, "sft", "final"))
+    adapters, lora = load_peft(os.path.join(out, "sft", "adapter"), mc)
+    assert set(adapters["attn"]) == {"q", "k", "v"} and float(np.abs(np.asarray(adapters["attn"]["q"]["b"])).max()) > 0
+    r = subprocess.run([sys.executable, "-m", "experiments.ppo", "--out", str(tmp_path / "ppo"), "--lora.rank", "2"],
+                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip().startswith("error: --lora.rank: PPO does not take LoRA"), r.stderr
