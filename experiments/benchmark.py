@@ -40,6 +40,7 @@ import numpy as np
 
 from rlhf_jax.config_cli import field_docs
 from rlhf_jax.generation import SamplingConfig, sample
+from rlhf_jax.lora import LoraConfig, init_lora
 from rlhf_jax.models import init_params
 from rlhf_jax.models.config import ModelConfig
 from rlhf_jax.train.optim import OptimConfig
@@ -48,7 +49,7 @@ from rlhf_jax.train.ppo import PPOConfig, init_ppo_state, ppo_update, rollout
 from rlhf_jax.train.state import create_train_state, with_score_head
 from rlhf_jax.train.steps import dpo_step, reward_step, sft_step
 
-BENCHMARKS = ("sft", "reward", "dpo", "generate", "ppo", "grpo")
+BENCHMARKS = ("sft", "reward", "dpo", "generate", "ppo", "grpo", "lora_sft", "lora_dpo")
 ROW_KEYS = ("name", "shape", "compile_s", "median_ms", "min_ms", "steps", "throughput", "throughput_unit",
             "tokens_per_step", "flops_per_step", "tflops_per_s", "mfu", "mfu_spec", "peak_bytes",
             "compiled_bytes")
@@ -65,7 +66,7 @@ class BenchConfig:
     """ModelConfig preset (tiny, tiny-llama, gpt2-124m, gpt2-355m, gpt2-774m, llama-1b); random init."""
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """Compute dtype (params stay float32); auto = bfloat16 on GPU/TPU, float32 on CPU."""
-    benchmarks: str = "sft,reward,dpo,generate,ppo,grpo"
+    benchmarks: str = "sft,reward,dpo,generate,ppo,grpo,lora_sft,lora_dpo"
     """Comma list of benchmarks to run."""
     sft_batch: int = 8
     """SFT rows per step."""
@@ -103,6 +104,8 @@ class BenchConfig:
     """GRPO group size G."""
     grpo_minibatches: int = 8
     """GRPO minibatches per update (prompts * G rows split into this many optimizer steps)."""
+    lora_rank: int = 16
+    """Adapter rank of the lora_sft / lora_dpo rows (every projection targeted, alpha = 2 * rank)."""
     remat: Literal["none", "full", "dots"] = "none"
     """Per-block rematerialisation (ModelConfig.remat)."""
     attention_impl: Literal["xla", "cudnn"] | None = None
@@ -166,6 +169,23 @@ def attention_flops(config: ModelConfig, seq: int, *, causal: bool = True) -> fl
 def train_flops(config, tokens, seq, *, head="lm", causal=True) -> float:
     """Forward + backward model FLOPs: tokens * (6N + 3 attn)."""
     return tokens * (6 * matmul_params(config, head=head) + 3 * attention_flops(config, seq, causal=causal))
+
+
+def lora_train_flops(config, tokens, seq, *, causal=True) -> float:
+    """LoRA training FLOPs: the frozen matrices need no weight gradients, so tokens * (4N + 3 attn); the
+    adapters' own products (2 * r * (in + out) per target, a fraction of a percent) are not counted."""
+    return train_flops(config, tokens, seq, causal=causal) - 2 * tokens * matmul_params(config)
+
+
+def lora_sizes(config: ModelConfig, rank: int) -> dict:
+    """Trainable parameters and AdamW state (two f32 moments) of full fine-tuning against LoRA on every projection,
+    from the shapes alone (no allocation)."""
+    lora = LoraConfig(rank=rank, alpha=2.0 * rank)
+    params = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
+    adapters = jax.eval_shape(lambda p: init_lora(p, config, lora, jax.random.key(0)), params)
+    full, low = (sum(x.size for x in jax.tree.leaves(t)) for t in (params, adapters))
+    return {"rank": rank, "base_params": full, "adapter_params": low, "trainable_fraction": low / full,
+            "adam_bytes_full": 8 * full, "adam_bytes_lora": 8 * low, "adam_ratio": low / full}
 
 
 def forward_flops(config, tokens, seq, *, head="lm", causal=True) -> float:
@@ -402,6 +422,32 @@ class _Bench:
         self.measure("dpo", f"{B}pairs x{T}", fn, (self.state(), batch, ref), donate=True, flops=flops,
                      tokens=2 * B * T, unit="tokens/s", per_step=2 * B * T)
 
+    def _lora(self):
+        return LoraConfig(rank=self.cfg.lora_rank, alpha=2.0 * self.cfg.lora_rank)
+
+    def lora_sft(self):
+        """SFT with LoRA adapters on every projection over a frozen base (same shapes as `sft`)."""
+        c, m, causal = self.cfg, self.model, self.cfg.attn_flops == "causal"
+        B, T, lora = c.sft_batch, c.sft_seq, self._lora()
+        base = init_params(m, self.next_key())
+        state = create_train_state(init_lora(base, m, lora, self.next_key()), OptimConfig(), self.next_key())
+        fn = functools.partial(sft_step, model_config=m, lora=lora)
+        self.measure("lora_sft", f"{B}x{T} r{lora.rank}", fn, (state, self.sft_batch(B, T), base), donate=True,
+                     flops=lora_train_flops(m, B * T, T, causal=causal), tokens=B * T, unit="tokens/s",
+                     per_step=B * T)
+
+    def lora_dpo(self):
+        """DPO with LoRA adapters: the base is the reference too (one copy of the weights)."""
+        c, m, causal = self.cfg, self.model, self.cfg.attn_flops == "causal"
+        B, T, lora = c.dpo_pairs, c.dpo_seq, self._lora()
+        batch = {"chosen": self.sft_batch(B, T), "rejected": self.sft_batch(B, T)}
+        base = init_params(m, self.next_key())
+        state = create_train_state(init_lora(base, m, lora, self.next_key()), OptimConfig(), self.next_key())
+        flops = lora_train_flops(m, 2 * B * T, T, causal=causal) + forward_flops(m, 2 * B * T, T, causal=causal)
+        fn = functools.partial(dpo_step, model_config=m, lora=lora)
+        self.measure("lora_dpo", f"{B}pairs x{T} r{lora.rank}", fn, (state, batch, base), donate=True,
+                     flops=flops, tokens=2 * B * T, unit="tokens/s", per_step=2 * B * T)
+
     def _sample_args(self, params, B, P):
         return (params, jax.device_put(self.tokens(B, P)), jnp.ones((B, P), jnp.int32), self.next_key())
 
@@ -521,6 +567,8 @@ def run_benchmarks(cfg: BenchConfig) -> dict:
         "results": bench.rows,
         "ppo": ppo_summary,
         "grpo": grpo_summary,
+        "lora_sizes": {name: lora_sizes(ModelConfig.preset(name), cfg.lora_rank) for name in
+                       dict.fromkeys([cfg.preset, "tiny", "llama-1b"])},
     }
     print(f"FLOPs: {report['flop_formula']}")
     if ppo_summary:
@@ -532,6 +580,10 @@ def run_benchmarks(cfg: BenchConfig) -> dict:
         g = grpo_summary
         print(f"GRPO: rollout / pure sampling of the same rows = {g['rollout_over_sampling']:.2f}x; update MFU "
               f"{100 * g['update_mfu']:.1f}%")
+    for name, z in report["lora_sizes"].items():
+        print(f"LoRA r{z['rank']} on {name}: {z['adapter_params']:,} of {z['base_params']:,} params trainable "
+              f"({100 * z['trainable_fraction']:.2f}%); AdamW state {z['adam_bytes_lora'] / 2**20:.1f} MiB against "
+              f"{z['adam_bytes_full'] / 2**20:.1f} MiB for full fine-tuning")
     if cfg.json:
         with open(cfg.json, "w") as f:
             json.dump(report, f, indent=2)

@@ -104,7 +104,10 @@ def test_whole_benchmark_runs_without_tyro_and_writes_json(tmp_path):
     assert report["device"]["platform"] == "cpu" and report["model"]["dtype"] == "float32"
     names = [r["name"] for r in report["results"]]
     assert names == ["sft", "reward", "dpo", "generate", "ppo/sample", "ppo/rollout", "ppo/update", "ppo/iteration",
-                     "grpo/sample", "grpo/rollout", "grpo/update"]
+                     "grpo/sample", "grpo/rollout", "grpo/update", "lora_sft", "lora_dpo"]
+    z = report["lora_sizes"]["llama-1b"]                        # from shapes: rank 16 on every projection
+    assert z["base_params"] == ModelConfig.preset("llama-1b").num_params() and 0 < z["adam_ratio"] < 0.02
+    assert z["adam_bytes_lora"] == 8 * z["adapter_params"]
     cfg = ModelConfig.preset("tiny")
     for r in report["results"]:
         assert set(r) == set(bm.ROW_KEYS)
