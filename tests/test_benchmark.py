@@ -126,7 +126,7 @@ def test_whole_benchmark_runs_without_tyro_and_writes_json(tmp_path):
     ppo = report["ppo"]
     assert 0 < ppo["rollout_fraction"] < 1 and ppo["rollout_over_sampling"] > 0 and ppo["episodes_per_s"] > 0
     assert math.isclose(ppo["episodes_per_s"], 4 / ((ppo["rollout_ms"] + ppo["update_ms"]) / 1e3), rel_tol=1e-9)
-    grpo_update = report["results"][-1]                  # quick shapes: 2 prompts x 2 answers x (16 + 16)
+    grpo_update = next(r for r in report["results"] if r["name"] == "grpo/update")   # 2 prompts x 2 x (16 + 16)
     assert grpo_update["flops_per_step"] == bm.grpo_flops(cfg, 4, 16, 16) and report["grpo"]["update_mfu"] > 0
     assert report["grpo"]["rollout_over_sampling"] > 0
     assert "sft" in proc.stdout and "MFU" in proc.stdout and "GRPO:" in proc.stdout
