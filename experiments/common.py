@@ -131,7 +131,8 @@ class DataSpec:
     path: str | None = None
     """Local JSON / JSONL / JSONL.gz file; None uses built-in demo data from rlhf_jax.tasks (no download)."""
     kind: str | None = None
-    """Record kind for rlhf_jax.data.load_records (sft, oasst, preference, prompt); None: the stage's kind."""
+    """Record kind for rlhf_jax.data.load_records (sft, oasst, preference, unpaired, prompt); None: the stage's
+    kind. KTO also reads preference files (each pair gives a desirable and an undesirable record)."""
     num_demo: int = 256
     """Records generated for the built-in demo data."""
     limit: int | None = None
@@ -252,13 +253,18 @@ def demo_records(kind: str, n: int, seed: int) -> list:
 def load_data(spec: DataSpec, kind: str, *, seed: int, batch_size: int | None = None):
     """A resumable `rlhf_jax.data.Batches` iterator (infinite, reshuffled every epoch by (seed, epoch)) and the
     tokenizer. Multi-host (after `make_run_mesh`): each process gets only its rows (`ProcessRows`)."""
-    from rlhf_jax.data import Batches, ShuffledIterator, load_records
+    from rlhf_jax.data import Batches, ShuffledIterator, load_records, unpair
 
     tok = make_tokenizer(spec.tokenizer)
+    # Unpaired feedback (KTO) may come from preference pairs, split as TRL's unpair_preference_dataset does.
+    source_kind = spec.kind or kind
     if spec.path is None:
-        records = demo_records(kind, spec.num_demo, seed)
+        records = demo_records("preference" if kind == "unpaired" else kind, spec.num_demo, seed)
+        source_kind = "preference" if kind == "unpaired" else kind
     else:
-        records = load_records(spec.path, spec.kind or kind, skip_invalid=spec.skip_invalid, limit=spec.limit)
+        records = load_records(spec.path, source_kind, skip_invalid=spec.skip_invalid, limit=spec.limit)
+    if kind == "unpaired" and source_kind == "preference":
+        records = unpair(records)
     batch_kind = "sft" if kind in ("sft", "oasst") else kind
     data = Batches(ShuffledIterator(records, seed=seed), tok, kind=batch_kind,
                    batch_size=batch_size or spec.batch_size, buckets=(spec.seq_len,),

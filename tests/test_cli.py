@@ -150,7 +150,10 @@ def _help_text(module, capsys):
 
 @pytest.mark.parametrize("module, options", [
     ("reward", ["--reward.center-coef FLOAT", "--init {None}|STR", "(default: runs/reward)"]),
-    ("dpo", ["--dpo.beta FLOAT", "--dpo.loss-type {sigmoid,robust,hinge,ipo}", "(default: sigmoid)"]),
+    ("dpo", ["--dpo.beta FLOAT", "--dpo.loss-type {sigmoid,robust,hinge,ipo,simpo,orpo}", "(default: sigmoid)",
+             "--dpo.simpo-gamma FLOAT", "--dpo.orpo-lambda FLOAT"]),
+    ("kto", ["--kto.beta FLOAT", "--kto.desirable-weight FLOAT", "--kto.undesirable-weight FLOAT",
+             "--data.kind {None}|STR", "(default: runs/kto)"]),
     ("ppo", ["--policy-init", "--reward-init", "--ppo.clip-eps FLOAT", "--ppo.kl-coef FLOAT", "(default: 0.2)"]),
     ("grpo", ["--reward {world,gsm8k,model}", "--grpo.num-generations INT", "--grpo.clip-eps-high {None}|FLOAT",
               "--grpo.loss-type {grpo,dapo,dr_grpo,gspo,cispo}", "--grpo.advantage", "--grpo.kl-in {loss,reward}",
@@ -373,3 +376,27 @@ def test_lora_flags_train_adapters_resume_and_write_a_peft_adapter(tmp_path):
     r = subprocess.run([sys.executable, "-m", "experiments.ppo", "--out", str(tmp_path / "ppo"), "--lora.rank", "2"],
                        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stderr.strip().startswith("error: --lora.rank: PPO does not take LoRA"), r.stderr
+
+
+def test_kto_and_reference_free_preference_scripts_run_and_reject_bad_feedback(tmp_path, capsys):
+    """KTO on the world's labelled pairs split into unpaired feedback, and on a feedback file; SimPO through the
+    DPO script; a record with a non-boolean label is one line naming file, line and field, exit 2."""
+    from experiments import dpo, kto
+    tiny = ["--model.num-layers", "1", "--model.max-seq-len", "64", "--data.num-demo", "16", "--data.batch-size",
+            "4", "--checkpoint.no-tensorboard"]
+    assert kto.main(["--out", str(tmp_path / "kto"), "--kto.num-steps", "2", "--kto.log-every", "1",
+                     "--kto.optim.warmup-steps", "1", *tiny]) == 0
+    lines = [json.loads(x) for x in open(tmp_path / "kto" / "kto" / "metrics.jsonl")]
+    assert [x["step"] for x in lines] == [1, 2] and {"kl", "rewards/chosen", "rewards/rejected"} <= set(lines[0])
+    assert (tmp_path / "kto" / "kto" / "final" / "model_config.json").exists()
+    feedback = tmp_path / "fb.jsonl"
+    rows = [{"prompt": "hi", "completion": "hello", "label": True}, {"prompt": "hi", "completion": "go", "label": 0}]
+    feedback.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    capsys.readouterr()
+    assert kto.main(["--out", str(tmp_path / "bad"), "--data.path", str(feedback), *tiny]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: {feedback}:2: field 'label': expected true or false, got 0", err
+    assert dpo.main(["--out", str(tmp_path / "simpo"), "--dpo.loss-type", "simpo", "--dpo.beta", "2.0",
+                     "--dpo.num-steps", "2", "--dpo.log-every", "1", "--dpo.optim.warmup-steps", "1", *tiny]) == 0
+    lines = [json.loads(x) for x in open(tmp_path / "simpo" / "dpo" / "metrics.jsonl")]
+    assert len(lines) == 2 and "rewards/margins" in lines[0]

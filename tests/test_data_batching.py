@@ -7,8 +7,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rlhf_jax.data import (Example, collate_preference, collate_prompts, collate_sft, load_records, new_stats,
-                           pack_sft, tokenize_preference, tokenize_prompt, tokenize_sft, truncate, truncate_pair)
+from rlhf_jax.data import (Batches, Example, ShuffledIterator, collate_preference, collate_prompts, collate_sft,
+                           load_records, new_stats, pack_sft, tokenize_preference, tokenize_prompt, tokenize_sft,
+                           truncate, truncate_pair, unpair)
 from rlhf_jax.tokenizer import ByteTokenizer
 
 FIX = Path(__file__).parent / "fixtures"
@@ -149,6 +150,30 @@ def test_preference_batch():
         # same prompt in both rows
         lp = pairs[i][0].prompt_len
         assert (c["inputs"][i, : lp - 1] == j["inputs"][i, : lp - 1]).all()
+
+
+def test_unpaired_batch_pairs_each_prompt_with_the_previous_reply():
+    pairs = load_records(FIX / "hh-rlhf-helpful-base-20.jsonl.gz", "preference")[:3]
+    recs = unpair(pairs)                                                  # 6 rows: chosen True, rejected False
+    it = Batches(ShuffledIterator(recs, shuffle=False, num_epochs=1), TOK, kind="unpaired", batch_size=8, buckets=(128, 256))
+    b = next(it)
+    comp, kl = b["completion"], b["kl"]
+    assert comp["inputs"].shape == kl["inputs"].shape == (8, 256)
+    assert b["desirable"].tolist() == [True, False] * 3 + [False, False]
+    assert b["valid"].tolist() == [True] * 6 + [False, False]
+    assert comp["loss_mask"][6:].sum() == kl["loss_mask"][6:].sum() == 0
+
+    def text(batch, i, masked):
+        keep = (batch["loss_mask"][i] > 0) if masked else (batch["segment_ids"][i] > 0) & (batch["loss_mask"][i] == 0)
+        return TOK.decode(batch["targets"][i][keep])
+
+    for i in range(6):
+        j = (i - 1) % 6
+        own, mine = text(kl, i, masked=False), text(comp, i, masked=False)
+        assert own.endswith(mine) or mine.endswith(own)                   # row i's own prompt (its end) ...
+        reply = text(kl, i, masked=True)                                  # ... with the previous row's reply
+        assert reply and text(comp, j, masked=True).startswith(reply)     # (its start, where the prompt is longer)
+        assert text(comp, i, masked=True).startswith((recs[i].completion[:20]))
 
 
 def test_prompt_batch_left_padded():

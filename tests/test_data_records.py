@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rlhf_jax.data import (KINDS, DataError, PreferenceRecord, PromptRecord, SFTRecord, TextRecord, load_records,
-                           parse_record)
+from rlhf_jax.data import (KINDS, DataError, PreferenceRecord, PromptRecord, SFTRecord, TextRecord, UnpairedRecord,
+                           load_records, parse_record, unpair)
 
 FIX = Path(__file__).parent / "fixtures"
 
@@ -116,6 +116,26 @@ def test_json_list_items_and_file_errors(tmp_path):
         load_records(p, "nope")
 
 
+def test_unpaired_records_plain_and_conversational_and_their_errors(tmp_path):
+    q = ({"role": "user", "content": "q"},)
+    assert parse_record({"prompt": "q", "completion": "a", "label": True}, "unpaired") == \
+        UnpairedRecord(prompt=q, completion="a", label=True)
+    conv = {"prompt": [{"role": "user", "content": "q"}], "completion": [{"role": "assistant", "content": "b"}],
+            "label": False}                                               # TRL's conversational form
+    assert parse_record(conv, "unpaired") == UnpairedRecord(prompt=q, completion="b", label=False)
+    p = _write(tmp_path, "kto.jsonl", [json.dumps(conv), json.dumps({**conv, "label": "yes"}),
+                                       json.dumps({"prompt": "q", "label": True})])
+    with pytest.raises(DataError, match=r"kto.jsonl:2: field 'label': expected true or false, got \"yes\""):
+        load_records(p, "unpaired")
+    recs = load_records(p, "unpaired", skip_invalid=True)
+    assert len(recs) == 1 and recs.summary["skipped"] == 2
+    with pytest.raises(DataError, match="field 'completion': expected an assistant message"):
+        parse_record({**conv, "completion": [{"role": "user", "content": "b"}]}, "unpaired")
+    pairs = [PreferenceRecord(prompt=q, chosen="a", rejected="b")]
+    assert unpair(pairs) == [UnpairedRecord(prompt=q, completion="a", label=True),
+                             UnpairedRecord(prompt=q, completion="b", label=False)]
+
+
 def test_oasst_and_sft_specific_errors():
     with pytest.raises(DataError, match="no assistant reply"):
         parse_record({"prompt": {"role": "prompter", "text": "q", "replies": []}}, "oasst")
@@ -143,7 +163,7 @@ def test_fuzz_parse_record(value, kind):
         rec = parse_record(value, kind)
     except DataError:
         return
-    assert isinstance(rec, (SFTRecord, PreferenceRecord, PromptRecord, TextRecord))
+    assert isinstance(rec, (SFTRecord, PreferenceRecord, UnpairedRecord, PromptRecord, TextRecord))
     msgs = getattr(rec, "messages", None) or getattr(rec, "prompt", ())
     assert all(m["role"] in ("system", "user", "assistant") and isinstance(m["content"], str) for m in msgs)
 

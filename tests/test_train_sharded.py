@@ -144,6 +144,29 @@ def test_run_dpo_on_mesh_equals_one_device_with_and_without_precomputed_referenc
     np.testing.assert_array_equal(ref["embed"]["embedding"], _params(7)["embed"]["embedding"])   # ref untouched
 
 
+@pytest.mark.parametrize("loss_type", ["simpo", "orpo"])
+def test_run_reference_free_preference_on_mesh_equals_one_device(loss_type):
+    config = stages.DPOConfig(num_steps=2, log_every=1, beta=2.0, loss_type=loss_type, optim=OPTIM)
+    state, hist = _both(lambda mesh: stages.run_dpo(_make_state(_params(0)), _preference_batches(2), config,
+                                                    model_config=CFG, mesh=mesh), (2, 2, 2))
+    assert _spec(state.params["layers"]["mlp"]["up"]["kernel"]) == (None, "fsdp", "tensor")
+    assert len({round(h["loss"], 6) for h in hist}) == 2
+
+
+def test_run_kto_on_mesh_equals_one_device():
+    ref = _params(7)
+    comp = make_sft_batches(CFG.vocab_size, num_steps=2, seed=1)
+    kl = make_sft_batches(CFG.vocab_size, num_steps=2, seed=3)
+    flags = np.arange(B) % 3 == 0
+    batches = [{"completion": c, "kl": k, "desirable": flags, "valid": np.arange(B) < B - 1}
+               for c, k in zip(comp, kl)]
+    config = stages.KTOConfig(num_steps=2, log_every=1, beta=0.5, optim=OPTIM)
+    state, hist = _both(lambda mesh: stages.run_kto(_make_state(_params(0)), batches, config, model_config=CFG,
+                                                    ref_params=ref, mesh=mesh), (2, 2, 2))
+    assert _spec(state.params["layers"]["mlp"]["up"]["kernel"]) == (None, "fsdp", "tensor")
+    assert len({round(h["loss"], 6) for h in hist}) == 2
+
+
 def test_run_ppo_on_mesh_equals_one_device():
     P, N = 4, 4
     rng = np.random.default_rng(5)

@@ -187,3 +187,57 @@ def test_dpo_step_rpo_alpha_adds_the_chosen_nll(params):
     nll = -_seq_logps(params, batch["chosen"]).sum() / np.asarray(batch["chosen"]["loss_mask"]).sum()
     np.testing.assert_allclose(m["nll_chosen"], nll, rtol=1e-5)
     np.testing.assert_allclose(m["loss"], np.log(2) + 0.5 * nll, rtol=1e-5)
+
+
+@pytest.mark.parametrize("loss_type", ["simpo", "orpo"])
+def test_reference_free_preference_steps_match_numpy_and_learn(params, loss_type):
+    """SimPO and ORPO through the DPO step: no reference params at all, the loss recomputed from numpy
+    log-probs (float64 forward), and a few steps raise the chosen responses over the rejected ones."""
+    batch = pref_batch()
+    state = create_train_state(params, OptimConfig(learning_rate=3e-3), 0)
+    step = make_dpo_step(CFG, beta=2.0, loss_type=loss_type, simpo_gamma=0.3, orpo_lambda=0.5)
+    state, m = step(state, batch, None)
+    m = floats(m)
+    pc, pr = _seq_logps(params, batch["chosen"]), _seq_logps(params, batch["rejected"])
+    lc = np.asarray(batch["chosen"]["loss_mask"]).sum(-1)
+    lr = np.asarray(batch["rejected"]["loss_mask"]).sum(-1)
+    ac, ar = pc / lc, pr / lr
+    if loss_type == "simpo":
+        want = np.mean(np.log1p(np.exp(-(2.0 * (ac - ar) - 0.3))))
+    else:
+        log_odds = lambda a: a - np.log1p(-np.exp(a))  # noqa: E731
+        nll = -pc.sum() / lc.sum()
+        want = nll + 0.5 * np.mean(np.log1p(np.exp(-(log_odds(ac) - log_odds(ar)))))
+        np.testing.assert_allclose(m["nll_chosen"], nll, rtol=1e-5)
+    np.testing.assert_allclose(m["loss"], want, rtol=1e-5)
+    np.testing.assert_allclose(m["logps/chosen"], pc.mean(), rtol=1e-5)
+    first = m["loss"]
+    for _ in range(15):
+        state, m = step(state, batch, None)
+    assert float(m["loss"]) < first and float(m["rewards/accuracies"]) == 1.0
+
+
+def test_kto_step_matches_numpy_and_learns(params):
+    """KTO against a reference that differs from the policy: the loss recomputed from float64 numpy log-probs of
+    the completion rows and of the mismatched rows (z0), a padding row ignored, and training separates the kinds."""
+    from rlhf_jax.train import make_kto_step
+    ref = init_params(CFG, jax.random.PRNGKey(1))
+    comp, kl = sft_batch(3, lengths=[10, 7, 9, 6]), sft_batch(4, lengths=[8, 10, 5, 9])
+    batch = {"completion": comp, "kl": kl, "desirable": np.array([True, False, True, False]),
+             "valid": np.array([True, True, True, False])}
+    state = create_train_state(params, OptimConfig(learning_rate=3e-3), 0)
+    step = make_kto_step(CFG, beta=0.5, desirable_weight=1.0, undesirable_weight=1.5)
+    state, m = step(state, batch, ref)
+    m = floats(m)
+    r = (_seq_logps(params, comp) - _seq_logps(ref, comp))[:3]
+    z0 = max(0.0, float(np.mean((_seq_logps(params, kl) - _seq_logps(ref, kl))[:3])))
+    sig = lambda x: 1 / (1 + np.exp(-x))  # noqa: E731
+    losses = [1 - sig(0.5 * (r[0] - z0)), 1.5 * (1 - sig(0.5 * (z0 - r[1]))), 1 - sig(0.5 * (r[2] - z0))]
+    np.testing.assert_allclose(m["kl"], z0, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(m["loss"], np.mean(losses), rtol=1e-5)
+    np.testing.assert_allclose(m["rewards/chosen"], 0.5 * np.mean(r[[0, 2]]), rtol=1e-4)
+    np.testing.assert_allclose(m["rewards/rejected"], 0.5 * r[1], rtol=1e-4)
+    for _ in range(15):
+        state, m = step(state, batch, ref)
+    m = floats(m)
+    assert m["rewards/chosen"] > 0.5 * np.mean(r[[0, 2]]) and m["rewards/rejected"] < 0.5 * r[1]

@@ -15,6 +15,10 @@ Every SFT-style batch is already shifted for next-token prediction (`inputs = id
   segment and the model attends only within a segment (`segment_ids`). The (input, target, position, loss) tuples of
   a packed batch are exactly those of the unpacked one.
 - Preference batches: {"chosen": SFT batch, "rejected": SFT batch}, one example per row, right padded, same T.
+- Unpaired (KTO) batches: {"completion": SFT batch, "kl": SFT batch, "desirable": bool [B], "valid": bool [B]}.
+  Row i of "kl" is row i's prompt followed by row (i - 1) mod n's completion (n real rows), the mismatched pair
+  from which KTO estimates its reference point (TRL shifts completions the same way); padding rows have
+  valid False.
 - Prompt batches: {"prompts": int32 [B,P] left padded with pad_id, "prompt_mask": int32 [B,P]} (+ "meta").
 """
 from __future__ import annotations
@@ -24,11 +28,12 @@ from typing import Sequence
 
 import numpy as np
 
-from rlhf_jax.data.records import PreferenceRecord, PromptRecord, SFTRecord, TextRecord
+from rlhf_jax.data.records import PreferenceRecord, PromptRecord, SFTRecord, TextRecord, UnpairedRecord
 from rlhf_jax.tokenizer import ChatFormat, encode_chat, encode_prompt
 
-__all__ = ["Example", "tokenize_sft", "tokenize_preference", "tokenize_prompt", "truncate", "truncate_pair", "bucket_length",
-           "collate_sft", "pack_sft", "collate_preference", "collate_prompts", "new_stats"]
+__all__ = ["Example", "tokenize_sft", "tokenize_preference", "tokenize_unpaired", "tokenize_prompt", "truncate",
+           "truncate_pair", "bucket_length", "collate_sft", "pack_sft", "collate_preference", "collate_unpaired",
+           "mismatched", "collate_prompts", "new_stats"]
 
 DEFAULT_BUCKETS = (64, 128, 256, 512, 1024)
 
@@ -76,6 +81,12 @@ def tokenize_preference(tokenizer, record: PreferenceRecord, chat_format: ChatFo
         ex = _split(tokenizer, list(record.prompt) + [{"role": "assistant", "content": reply}], chat_format)
         out.append(dataclasses.replace(ex, mask=(0,) * ex.prompt_len + ex.mask[ex.prompt_len:]))
     return tuple(out)
+
+
+def tokenize_unpaired(tokenizer, record: UnpairedRecord, chat_format: ChatFormat | None = None) -> Example:
+    """The prompt and the judged reply as one Example, loss on the reply and its EOS only (as a preference side)."""
+    ex = _split(tokenizer, list(record.prompt) + [{"role": "assistant", "content": record.completion}], chat_format)
+    return dataclasses.replace(ex, mask=(0,) * ex.prompt_len + ex.mask[ex.prompt_len:])
 
 
 def tokenize_prompt(tokenizer, record: PromptRecord, chat_format: ChatFormat | None = None) -> list[int]:
@@ -204,6 +215,35 @@ def collate_preference(pairs: Sequence[tuple[Example, Example]], *, buckets: Seq
                                   stats=stats),
             "rejected": collate_sft([r for _, r in pairs], buckets=buckets, pad_id=pad_id, rows=rows, width=width,
                                     stats=stats)}
+
+
+def mismatched(examples: Sequence[Example], max_len: int) -> list[Example]:
+    """KTO's mismatched pairs: example i's prompt with example (i - 1) mod n's reply, truncated to `max_len`
+    (the reply's start is kept). One example is paired with itself."""
+    n = len(examples)
+    out = []
+    for i, ex in enumerate(examples):
+        other = examples[(i - 1) % n]
+        p = ex.prompt_len
+        ids = ex.ids[:p] + other.ids[other.prompt_len:]
+        mask = (0,) * p + other.mask[other.prompt_len:]
+        out.append(truncate(Example(ids, mask, p), max_len))
+    return out
+
+
+def collate_unpaired(examples: Sequence[Example], labels: Sequence[bool], *, buckets: Sequence[int], pad_id: int,
+                     rows: int | None = None, stats: dict | None = None) -> dict:
+    """{"completion", "kl": SFT batches of one width, "desirable", "valid": bool [rows]} (see the module doc)."""
+    rows = len(examples) if rows is None else rows
+    kl = mismatched(examples, max(buckets) + 1)
+    longest = max((len(e.ids) - 1 for e in (*examples, *kl)), default=1)
+    width = bucket_length(longest, buckets)
+    flags = np.zeros((2, rows), bool)
+    flags[0, :len(labels)] = np.asarray(labels, bool)
+    flags[1, :len(examples)] = True
+    return {"completion": collate_sft(examples, buckets=buckets, pad_id=pad_id, rows=rows, width=width, stats=stats),
+            "kl": collate_sft(kl, buckets=buckets, pad_id=pad_id, rows=rows, width=width),
+            "desirable": flags[0], "valid": flags[1]}
 
 
 def collate_prompts(prompts: Sequence[Sequence[int]], *, buckets: Sequence[int], pad_id: int,

@@ -21,7 +21,7 @@ import numpy as np
 from etils import epath
 import tensorflow_datasets as tfds
 
-from rlhf_jax.data.records import (KINDS, PreferenceRecord, PromptRecord, SFTRecord, load_records,
+from rlhf_jax.data.records import (KINDS, PreferenceRecord, PromptRecord, SFTRecord, UnpairedRecord, load_records,
                                    parse_record)
 
 __all__ = ["RlhfRecords", "prepare_records", "load_prepared", "RecordSource", "from_example"]
@@ -36,6 +36,9 @@ def _features(kind: str):
         spec = {"messages": _messages_feature()}
     elif kind == "preference":
         spec = {"prompt": _messages_feature(), "chosen": tfds.features.Text(), "rejected": tfds.features.Text()}
+    elif kind == "unpaired":
+        spec = {"prompt": _messages_feature(), "completion": tfds.features.Text(),
+                "label": tfds.features.Scalar(dtype=np.bool_)}
     elif kind == "prompt":
         spec = {"messages": _messages_feature(), "meta": tfds.features.Text()}
     else:
@@ -48,6 +51,8 @@ def _to_features(record) -> dict:
         return {"messages": list(record.messages)}
     if isinstance(record, PreferenceRecord):
         return {"prompt": list(record.prompt), "chosen": record.chosen, "rejected": record.rejected}
+    if isinstance(record, UnpairedRecord):
+        return {"prompt": list(record.prompt), "completion": record.completion, "label": record.label}
     if isinstance(record, PromptRecord):
         return {"messages": list(record.messages), "meta": json.dumps(record.meta, ensure_ascii=False)}
     return {"text": record.text}

@@ -139,7 +139,7 @@ class Mixture:
 
 
 class Batches:
-    """Batches of `kind` ("sft", "preference" or "prompt") from a resumable record iterator.
+    """Batches of `kind` ("sft", "preference", "unpaired" or "prompt") from a resumable record iterator.
 
     Args:
       records: an iterator with state()/restore() (`ShuffledIterator`, `Mixture`).
@@ -154,8 +154,8 @@ class Batches:
     def __init__(self, records, tokenizer, *, kind: str = "sft", batch_size: int,
                  buckets: Sequence[int] = B.DEFAULT_BUCKETS, pack: bool = False, chat_format=None,
                  max_prompt_len: int | None = None):
-        if kind not in ("sft", "preference", "prompt"):
-            raise ValueError(f"Batches kind must be 'sft', 'preference' or 'prompt', got {kind!r}")
+        if kind not in ("sft", "preference", "unpaired", "prompt"):
+            raise ValueError(f"Batches kind must be 'sft', 'preference', 'unpaired' or 'prompt', got {kind!r}")
         if pack and kind != "sft":
             raise ValueError("pack=True is for SFT batches only (preference and prompt rows hold one example)")
         self.records, self.tok, self.kind, self.batch_size = records, tokenizer, kind, int(batch_size)
@@ -176,6 +176,9 @@ class Batches:
         elif self.kind == "preference":
             ex = B.truncate_pair(*B.tokenize_preference(self.tok, record, self.chat_format), max_len,
                                  max_prompt_len=self.max_prompt_len, stats=self.stats)
+        elif self.kind == "unpaired":
+            ex = (B.truncate(B.tokenize_unpaired(self.tok, record, self.chat_format), max_len,
+                             max_prompt_len=self.max_prompt_len, stats=self.stats), record.label)
         else:
             ex = (B.tokenize_prompt(self.tok, record, self.chat_format), getattr(record, "meta", None))
         return ex, before, {k: self.stats[k] - stats_before[k] for k in self.stats}
@@ -217,6 +220,8 @@ class Batches:
             return B.collate_sft(items, **kw)
         if self.kind == "preference":
             return B.collate_preference(items, **kw)
+        if self.kind == "unpaired":
+            return B.collate_unpaired([e for e, _ in items], [y for _, y in items], **kw)
         return B.collate_prompts([p for p, _ in items], meta=[m for _, m in items], **kw)
 
     def state(self) -> dict:

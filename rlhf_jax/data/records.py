@@ -11,6 +11,10 @@ Record kinds (`load_records(path, kind)`):
                   {conversations, chosen, rejected}, or Anthropic HH-RLHF transcripts {chosen, rejected}
                   ("\\n\\nHuman: ...\\n\\nAssistant: ...", Bai et al. 2022) whose prompt is the longest common prefix
                   ending with "\\n\\nAssistant:".
+- "unpaired"   -> `UnpairedRecord(prompt, completion, label)`: binary feedback on one reply (KTO, Ethayarajh et al.
+                  2024): {prompt, completion, label: true|false}, the prompt a string or a message list and the
+                  completion a string or a one-message assistant list (TRL's conversational form). `unpair`
+                  turns preference pairs into such records (chosen -> true, rejected -> false).
 - "prompt"     -> `PromptRecord(messages, meta)`: a JSON string, or {prompt | question | instruction(+input) |
                   messages} with the other fields kept in `meta` (e.g. a GSM8K reference answer).
 - "text"       -> `TextRecord(text)`: {text} or a JSON string (pre-training text for mixtures).
@@ -28,10 +32,10 @@ import re
 from pathlib import Path
 from typing import Any, Iterator
 
-__all__ = ["DataError", "SFTRecord", "PreferenceRecord", "PromptRecord", "TextRecord", "Records", "KINDS",
-           "parse_record", "load_records", "parse_hh_transcript"]
+__all__ = ["DataError", "SFTRecord", "PreferenceRecord", "UnpairedRecord", "PromptRecord", "TextRecord", "Records",
+           "KINDS", "parse_record", "load_records", "parse_hh_transcript", "unpair"]
 
-KINDS = ("sft", "oasst", "preference", "prompt", "text")
+KINDS = ("sft", "oasst", "preference", "unpaired", "prompt", "text")
 _log = logging.getLogger(__name__)
 
 
@@ -66,6 +70,28 @@ class PreferenceRecord:
     """The preferred assistant reply."""
     rejected: str
     """The other reply."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class UnpairedRecord:
+    """Binary feedback on one assistant reply (KTO's data): was it desirable?"""
+
+    prompt: tuple[dict, ...]
+    """The conversation, ending with a user turn."""
+    completion: str
+    """The assistant reply that was judged."""
+    label: bool
+    """True: desirable; False: undesirable."""
+
+
+def unpair(pairs) -> list[UnpairedRecord]:
+    """Preference pairs -> unpaired feedback: each pair gives its chosen reply labelled True and its rejected reply
+    labelled False, in that order (TRL's `unpair_preference_dataset`)."""
+    out = []
+    for p in pairs:
+        out.append(UnpairedRecord(prompt=p.prompt, completion=p.chosen, label=True))
+        out.append(UnpairedRecord(prompt=p.prompt, completion=p.rejected, label=False))
+    return out
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -252,6 +278,20 @@ def _parse_preference(obj: Any) -> PreferenceRecord:
                             rejected=_response(obj["rejected"], "rejected"))
 
 
+def _parse_unpaired(obj: Any) -> UnpairedRecord:
+    _need_dict(obj)
+    for key in ("prompt", "completion", "label"):
+        if key not in obj:
+            raise DataError("missing", field=key)
+    prompt = _messages(obj["prompt"], "prompt") if isinstance(obj["prompt"], list) else _user_prompt(obj)
+    if prompt[-1]["role"] != "user":
+        raise DataError("the prompt must end with a user message", field="prompt")
+    label = obj["label"]
+    if not isinstance(label, bool):
+        raise DataError(f"expected true or false, got {json.dumps(label)}", field="label")
+    return UnpairedRecord(prompt=prompt, completion=_response(obj["completion"], "completion"), label=label)
+
+
 def _parse_prompt(obj: Any) -> PromptRecord:
     if isinstance(obj, str):
         if not obj.strip():
@@ -289,8 +329,8 @@ def _need_dict(obj: Any) -> None:
         raise DataError(f"expected a JSON object, got {type(obj).__name__}")
 
 
-_PARSERS = {"sft": _parse_sft, "oasst": _parse_oasst, "preference": _parse_preference, "prompt": _parse_prompt,
-            "text": _parse_text}
+_PARSERS = {"sft": _parse_sft, "oasst": _parse_oasst, "preference": _parse_preference,
+            "unpaired": _parse_unpaired, "prompt": _parse_prompt, "text": _parse_text}
 
 
 def parse_record(obj: Any, kind: str):

@@ -14,6 +14,7 @@ from rlhf_jax.losses._logprobs import entropy_from_logits, sequence_logprobs, to
 from rlhf_jax.losses._advantages import (GROUP_SCALES, discounted_returns, gae, group_advantages, overlong_penalty,
                                         rloo_advantages, whiten)
 from rlhf_jax.losses._pg import PG_LOSS_TYPES, policy_gradient_loss
+from rlhf_jax.losses._preference import kto_loss, orpo_loss, simpo_loss
 from rlhf_jax.losses._ppo import explained_variance, ppo_policy_loss, ppo_value_loss
 from rlhf_jax.losses._reward import bradley_terry_loss
 from rlhf_jax.losses._sft import sft_loss, sft_loss_sums
@@ -33,10 +34,12 @@ __all__ = [
     "group_advantages",
     "rloo_advantages",
     "kl_penalty",
+    "kto_loss",
     "masked_count",
     "masked_mean",
     "masked_sum",
     "masked_var",
+    "orpo_loss",
     "overlong_penalty",
     "PG_LOSS_TYPES",
     "policy_gradient_loss",
@@ -46,6 +49,7 @@ __all__ = [
     "sft_loss",
     "sft_loss_sums",
     "shape_rewards",
+    "simpo_loss",
     "token_logprobs",
     "whiten",
 ]

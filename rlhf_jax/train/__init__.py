@@ -7,11 +7,13 @@ from rlhf_jax.train.ppo import (PPOConfig, Rollout, init_ppo_state, ppo_sample, 
                                 ppo_update_scored, rollout, score_rollout)
 from rlhf_jax.train.stages import (
     DPOConfig,
+    KTOConfig,
     NonFiniteLossError,
     RewardConfig,
     SFTConfig,
     run_dpo,
     run_grpo,
+    run_kto,
     run_loop,
     run_ppo,
     run_reward,
@@ -21,7 +23,9 @@ from rlhf_jax.train.state import PPOState, TrainState, create_train_state, norma
 from rlhf_jax.train.steps import (
     compile_step,
     dpo_step,
+    kto_step,
     make_dpo_step,
+    make_kto_step,
     make_reward_step,
     make_sft_step,
     pair_scores,

@@ -1,4 +1,4 @@
-"""The stages (SFT, reward model, DPO, PPO, GRPO): a loop around a compiled step (configs live beside the steps).
+"""The stages (SFT, reward model, DPO and the preference family, KTO, PPO, GRPO): a loop around a compiled step (configs live beside the steps).
 
 `run_<stage>(state, data, config, *, model_config, ..., mesh=None, hooks=None) -> (state, history)`: `data` is an
 iterable of numpy batches (the `rlhf_jax.data` contract), the loop runs `config.num_steps` steps (fewer if `data`
@@ -35,8 +35,8 @@ from rlhf_jax.train.grpo import (COMPLETIONS_TABLE, GRPOConfig, completion_rows,
 from rlhf_jax.train.ppo import PPOConfig, init_ppo_state, ppo_sample, ppo_step, ppo_update_scored
 from rlhf_jax.train.rl import HostRewardFn, RewardFn, host_scores
 from rlhf_jax.train.state import PPOState, TrainState
-from rlhf_jax.train.steps import (DPOConfig, RewardConfig, SFTConfig, compile_step, dpo_step, reference_logps,
-                                  reward_step, sft_step)
+from rlhf_jax.train.steps import (DPOConfig, KTOConfig, RewardConfig, SFTConfig, compile_step, dpo_step, kto_step,
+                                  reference_logps, reward_step, sft_step)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -183,16 +183,19 @@ def run_reward(state: TrainState, data: Iterable, config: RewardConfig, *, model
 
 def run_dpo(state: TrainState, data: Iterable, config: DPOConfig, *, model_config: ModelConfig, ref_params=None,
             mesh: Mesh | None = None, hooks: StageHooks | None = None, lora=None):
-    """DPO over preference batches with a frozen reference (`ref_params`, e.g. the SFT params).
+    """DPO-family preference optimisation with a frozen reference (`ref_params`, e.g. the SFT params).
 
-    LoRA: with `lora`, `state` holds the adapters of `ref_params`, which serve as the policy's frozen base and as
-    the reference (the base with the adapters off): no second copy of the weights."""
-    if ref_params is None and (not config.reference_free or lora is not None):
-        raise ValueError("run_dpo needs ref_params (usually the SFT params) unless DPOConfig.reference_free "
-                         "(with lora: always, they are the adapters' base)")
+    SimPO and ORPO (`config.loss_type`) and `reference_free` need no reference: `ref_params` may be None and no
+    reference forward runs. LoRA: with `lora`, `state` holds the adapters of `ref_params`, which serve as the
+    policy's frozen base and as the reference (the base with the adapters off): no second copy of the weights."""
+    if ref_params is None and (config.needs_reference or lora is not None):
+        raise ValueError("run_dpo needs ref_params (usually the SFT params) unless the loss is reference-free "
+                         "(DPOConfig.reference_free, or loss_type 'simpo'/'orpo'); with lora always: they are the "
+                         "adapters' base")
     if lora is not None:
         state, placed, ref_params = _lora_state(state, lora, ref_params, mesh, model_config, "run_dpo")
     else:
+        ref_params = ref_params if config.needs_reference else None
         state, placed, (ref_params,) = _place_models(state, mesh, model_config, False, [ref_params], [False])
     steps = {}
 
@@ -203,6 +206,7 @@ def run_dpo(state: TrainState, data: Iterable, config: DPOConfig, *, model_confi
             steps[needs_ref] = compile_step(dpo_step, model_config=model_config, beta=config.beta,
                                             loss_type=config.loss_type, label_smoothing=config.label_smoothing,
                                             reference_free=config.reference_free, rpo_alpha=config.rpo_alpha,
+                                            simpo_gamma=config.simpo_gamma, orpo_lambda=config.orpo_lambda,
                                             lora=lora, **opts)
         return steps[needs_ref]
 
@@ -212,12 +216,30 @@ def run_dpo(state: TrainState, data: Iterable, config: DPOConfig, *, model_confi
 
     def step_fn(state, batch):
         batch = _place_batch(batch, mesh)
-        if config.precompute_ref_logps and not config.reference_free and "ref_chosen_logps" not in batch:
+        if config.precompute_ref_logps and config.needs_reference and "ref_chosen_logps" not in batch:
             batch = {**batch, **ref_fn(ref_params, batch, model_config=model_config)}
-        needs_ref = lora is not None or ("ref_chosen_logps" not in batch and not config.reference_free)
+        needs_ref = lora is not None or ("ref_chosen_logps" not in batch and config.needs_reference)
         return step_for(needs_ref)(state, batch, ref_params if needs_ref else None)
 
     return run_loop(state, data, step_fn, num_steps=config.num_steps, log_every=config.log_every, hooks=hooks)
+
+
+def run_kto(state: TrainState, data: Iterable, config: KTOConfig, *, model_config: ModelConfig, ref_params,
+            mesh: Mesh | None = None, hooks: StageHooks | None = None, lora=None):
+    """KTO over unpaired batches (`rlhf_jax.data.Batches(kind="unpaired")`) with a frozen reference (`ref_params`,
+    usually the SFT params; with `lora`, also the adapters' base)."""
+    if ref_params is None:
+        raise ValueError("run_kto needs ref_params (usually the SFT params): KTO's implicit reward is "
+                         "log pi - log ref")
+    if lora is not None:
+        state, placed, ref_params = _lora_state(state, lora, ref_params, mesh, model_config, "run_kto")
+    else:
+        state, placed, (ref_params,) = _place_models(state, mesh, model_config, False, [ref_params], [False])
+    step = compile_step(kto_step, model_config=model_config, beta=config.beta,
+                        desirable_weight=config.desirable_weight, undesirable_weight=config.undesirable_weight,
+                        lora=lora, **placed)
+    return run_loop(state, data, lambda s, b: step(s, _place_batch(b, mesh), ref_params),
+                    num_steps=config.num_steps, log_every=config.log_every, hooks=hooks)
 
 
 def _reward_source(reward_params, reward_fn, host_reward_fn, tokenizer, mesh, stage: str):

@@ -13,7 +13,10 @@ flat dict of scalars named as in TRL ("loss", "rewards/chosen", ...). `compile_s
   through `center_coef`.
 - DPO (Rafailov et al. 2023): sequence log-probabilities of the response tokens under the policy and a frozen
   reference (computed here under `stop_gradient`, or precomputed into the batch as "ref_chosen_logps" /
-  "ref_rejected_logps").
+  "ref_rejected_logps"). SimPO and ORPO go through the same step with `loss_type="simpo" | "orpo"`: reference-free
+  by construction, they run no reference forward at all.
+- KTO (Ethayarajh et al. 2024): unpaired batches ("completion", "kl" mismatched rows, "desirable", "valid"); the
+  policy and the reference each run one forward over the completion and mismatched rows together.
 """
 from __future__ import annotations
 
@@ -29,7 +32,7 @@ from jax.sharding import Mesh
 from rlhf_jax import sharding as S
 from rlhf_jax.config_cli import check_ranges, config_check
 from rlhf_jax.lora import LoraConfig, merge_lora
-from rlhf_jax.losses import bradley_terry_loss, dpo_loss, masked_sum, sft_loss
+from rlhf_jax.losses import bradley_terry_loss, dpo_loss, kto_loss, masked_sum, orpo_loss, sft_loss, simpo_loss
 from rlhf_jax.models.head import sft_loss_from_hidden, token_logprobs_from_hidden
 from rlhf_jax.models import forward
 from rlhf_jax.models.config import ModelConfig
@@ -42,7 +45,9 @@ _BT_NAMES = {"reward_chosen": "rewards/chosen", "reward_rejected": "rewards/reje
              "reward_margin": "rewards/margins"}
 _DPO_NAMES = {"rewards_chosen": "rewards/chosen", "rewards_rejected": "rewards/rejected",
               "rewards_margin": "rewards/margins", "rewards_accuracy": "rewards/accuracies",
-              "logps_chosen": "logps/chosen", "logps_rejected": "logps/rejected"}
+              "logps_chosen": "logps/chosen", "logps_rejected": "logps/rejected", "nll": "nll_chosen"}
+# Preference losses with no reference model: the step runs only the policy's forward.
+REFERENCE_FREE_LOSSES = ("simpo", "orpo")
 
 
 def compile_step(fn, *, donate: bool = True, mesh: Mesh | None = None, state_sharding=None,
@@ -227,14 +232,19 @@ class DPOConfig:
     """Host metric pull / hook period."""
     beta: float = 0.1
     """Inverse temperature of the implicit reward beta * log(pi / ref) (paper and TRL default 0.1)."""
-    loss_type: Literal["sigmoid", "robust", "hinge", "ipo"] = "sigmoid"
-    """DPO (sigmoid), robust DPO, SLiC hinge or IPO (Azar et al. 2023); see losses.dpo_loss."""
+    loss_type: Literal["sigmoid", "robust", "hinge", "ipo", "simpo", "orpo"] = "sigmoid"
+    """DPO (sigmoid), robust DPO, SLiC hinge or IPO (Azar et al. 2023), see losses.dpo_loss; or the
+    reference-free SimPO (losses.simpo_loss, beta ~2) and ORPO (losses.orpo_loss), which run no reference forward."""
     label_smoothing: float = 0.0
     """Assumed label-flip probability (conservative DPO / robust DPO)."""
     reference_free: bool = False
     """Use a uniform reference (ref logps = 0)."""
     rpo_alpha: float = 0.0
     """Weight of the chosen responses' per-token NLL added to the loss (RPO, Pang et al. 2024; 0: plain DPO)."""
+    simpo_gamma: float = 0.5
+    """SimPO's target reward margin gamma (Meng et al. 2024; TRL default 0.5)."""
+    orpo_lambda: float = 0.1
+    """ORPO's weight of the odds-ratio term next to the chosen NLL (Hong et al. 2024 use 0.1)."""
     precompute_ref_logps: bool = False
     """Compute reference logps in a separate forward before each step, so the train step never holds the
     reference params (batches may also carry precomputed "ref_chosen_logps"/"ref_rejected_logps")."""
@@ -242,9 +252,18 @@ class DPOConfig:
     """Optimizer (Rafailov et al. use 1e-6)."""
 
     def __post_init__(self):
-        check_ranges(self, positive=("num_steps", "log_every", "beta"), non_negative=("rpo_alpha",))
+        check_ranges(self, positive=("num_steps", "log_every", "beta"),
+                     non_negative=("rpo_alpha", "simpo_gamma", "orpo_lambda"))
         config_check(self, 0 <= self.label_smoothing < 0.5,
                      f"label_smoothing = {self.label_smoothing} must be in [0, 0.5)")
+        config_check(self, not (self.rpo_alpha and self.loss_type in REFERENCE_FREE_LOSSES),
+                     f"rpo_alpha adds an NLL term to DPO losses; loss_type={self.loss_type!r} does not take it "
+                     "(ORPO has its own NLL term)")
+
+    @property
+    def needs_reference(self) -> bool:
+        """Whether the loss uses a reference model's log-probabilities."""
+        return not self.reference_free and self.loss_type not in REFERENCE_FREE_LOSSES
 
 
 def sequence_logps(params, batch: dict, *, model_config: ModelConfig) -> jax.Array:
@@ -267,9 +286,27 @@ def reference_logps(ref_params, batch: dict, *, model_config: ModelConfig) -> di
     return {"ref_chosen_logps": chosen, "ref_rejected_logps": rejected}
 
 
+def _reference_free_loss(params, pair, *, model_config, beta, loss_type, label_smoothing, simpo_gamma,
+                         orpo_lambda):
+    pol_c, pol_r = _split(sequence_logps(params, pair, model_config=model_config))
+    len_c, len_r = _split(jnp.sum(pair["loss_mask"], axis=1).astype(jnp.float32))
+    if loss_type == "simpo":
+        loss, metrics = simpo_loss(pol_c, pol_r, len_c, len_r, beta=beta, gamma=simpo_gamma,
+                                   label_smoothing=label_smoothing)
+    else:
+        nll = -jnp.sum(pol_c) / jnp.maximum(jnp.sum(len_c), 1.0)
+        loss, metrics = orpo_loss(pol_c, pol_r, len_c, len_r, nll, lam=orpo_lambda)
+    metrics = {**metrics, "logps_chosen": jnp.mean(pol_c), "logps_rejected": jnp.mean(pol_r)}
+    return loss, _rename(metrics, _DPO_NAMES)
+
+
 def _dpo_loss(params, batch, ref_params, *, model_config, beta, loss_type, label_smoothing, reference_free,
-              rpo_alpha=0.0):
+              rpo_alpha=0.0, simpo_gamma=0.5, orpo_lambda=0.1):
     pair = _concat_pair(batch["chosen"], batch["rejected"])
+    if loss_type in REFERENCE_FREE_LOSSES:
+        return _reference_free_loss(params, pair, model_config=model_config, beta=beta, loss_type=loss_type,
+                                    label_smoothing=label_smoothing, simpo_gamma=simpo_gamma,
+                                    orpo_lambda=orpo_lambda)
     if "ref_chosen_logps" in batch:
         ref_c, ref_r = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
     elif reference_free:
@@ -291,18 +328,71 @@ def _dpo_loss(params, batch, ref_params, *, model_config, beta, loss_type, label
 
 def dpo_step(state: TrainState, batch: dict, ref_params=None, *, model_config: ModelConfig, beta: float = 0.1,
              loss_type: str = "sigmoid", label_smoothing: float = 0.0, reference_free: bool = False,
-             rpo_alpha: float = 0.0, lora: LoraConfig | None = None):
-    """One DPO update on a preference batch; reference logps from `ref_params` or from the batch.
+             rpo_alpha: float = 0.0, simpo_gamma: float = 0.5, orpo_lambda: float = 0.1,
+             lora: LoraConfig | None = None):
+    """One DPO-family update on a preference batch; reference logps from `ref_params` or from the batch.
+
+    `loss_type` "simpo" or "orpo" uses no reference (pass `ref_params=None`; with `lora` they are the base only).
 
     With `lora`, `state.params` are the adapters of `ref_params`, which are both the frozen base of the policy and
     the reference (the base with the adapters off): one copy of the weights.
     Metrics: "loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-    "logps/chosen", "logps/rejected", "grad_norm", "learning_rate", and "nll_chosen" when rpo_alpha is set.
+    "logps/chosen", "logps/rejected", "grad_norm", "learning_rate", and "nll_chosen" when rpo_alpha is set;
+    ORPO: "loss", "nll_chosen", "or_loss", "log_odds_ratio", "rewards/accuracies", "logps/*", "grad_norm",
+    "learning_rate".
     """
     grad_fn = jax.value_and_grad(on_adapters(_dpo_loss, ref_params, lora), has_aux=True)
     (_, metrics), grads = grad_fn(state.params, batch, ref_params, model_config=model_config, beta=beta,
                                   loss_type=loss_type, label_smoothing=label_smoothing,
-                                  reference_free=reference_free, rpo_alpha=rpo_alpha)
+                                  reference_free=reference_free, rpo_alpha=rpo_alpha, simpo_gamma=simpo_gamma,
+                                  orpo_lambda=orpo_lambda)
+    return state.apply_gradients(grads), {**metrics, **_grad_metrics(state, grads)}
+
+
+# -------------------------------------------------------------------------------------------------------- KTO
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class KTOConfig:
+    """KTO on unpaired desirable / undesirable feedback (Ethayarajh et al. 2024), TRL's z0 estimator."""
+
+    num_steps: int = 1000
+    """Training steps."""
+    log_every: int = 10
+    """Host metric pull / hook period."""
+    beta: float = 0.1
+    """Inverse temperature of the implicit reward beta * log(pi / ref) (paper and TRL default 0.1)."""
+    desirable_weight: float = 1.0
+    """w_D. With n_D desirable and n_U undesirable examples the paper keeps w_D n_D / (w_U n_U) in [1, 4/3]."""
+    undesirable_weight: float = 1.0
+    """w_U."""
+    optim: OptimConfig = OptimConfig(learning_rate=5e-7)
+    """Optimizer (TRL's KTO default learning rate 5e-7 for 7B models)."""
+
+    def __post_init__(self):
+        check_ranges(self, positive=("num_steps", "log_every", "beta", "desirable_weight", "undesirable_weight"))
+
+
+def _kto_loss(params, batch, ref_params, *, model_config, beta, desirable_weight, undesirable_weight):
+    rows = _concat_pair(batch["completion"], batch["kl"])
+    # Under the policy the mismatched rows only estimate z0, a constant of the loss: no gradient through them.
+    pol, pol_kl = _split(sequence_logps(params, rows, model_config=model_config))
+    ref, ref_kl = _split(jax.lax.stop_gradient(sequence_logps(ref_params, rows, model_config=model_config)))
+    loss, metrics = kto_loss(pol, ref, batch["desirable"], jax.lax.stop_gradient(pol_kl), ref_kl, beta=beta,
+                             desirable_weight=desirable_weight, undesirable_weight=undesirable_weight,
+                             valid=batch.get("valid"))
+    return loss, _rename(metrics, {"rewards_desirable": "rewards/chosen", "rewards_undesirable": "rewards/rejected"})
+
+
+def kto_step(state: TrainState, batch: dict, ref_params, *, model_config: ModelConfig, beta: float = 0.1,
+             desirable_weight: float = 1.0, undesirable_weight: float = 1.0, lora: LoraConfig | None = None):
+    """One KTO update on an unpaired batch (`rlhf_jax.data.collate_unpaired`) against the frozen `ref_params`.
+
+    With `lora`, `state.params` are the adapters of `ref_params` (policy base and reference at once).
+    Metrics (TRL's names): "loss", "kl" (z0), "rewards/chosen" and "rewards/rejected" (mean beta * log-ratio of
+    the desirable and of the undesirable rows), "grad_norm", "learning_rate".
+    """
+    grad_fn = jax.value_and_grad(on_adapters(_kto_loss, ref_params, lora), has_aux=True)
+    (_, metrics), grads = grad_fn(state.params, batch, ref_params, model_config=model_config, beta=beta,
+                                  desirable_weight=desirable_weight, undesirable_weight=undesirable_weight)
     return state.apply_gradients(grads), {**metrics, **_grad_metrics(state, grads)}
 
 
@@ -320,3 +410,8 @@ def make_dpo_step(model_config: ModelConfig, **dpo_options):
     """Compiled `dpo_step(state, batch, ref_params)`; options: beta, loss_type, label_smoothing, reference_free,
     rpo_alpha."""
     return compile_step(dpo_step, model_config=model_config, **dpo_options)
+
+
+def make_kto_step(model_config: ModelConfig, **kto_options):
+    """Compiled `kto_step(state, batch, ref_params)`."""
+    return compile_step(kto_step, model_config=model_config, **kto_options)
