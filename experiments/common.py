@@ -230,6 +230,21 @@ def demo_tasks(n: int, seed: int) -> list:
     return tasks.prompt_set(n, np.random.default_rng(seed))
 
 
+def world_judge(spec: DataSpec, seed: int, tok):
+    """The world's gold reward of the built-in prompts as a host reward function of (prompt, completion) texts;
+    a setup error when a prompt would be cut by --data.seq-len (a cut prompt is no longer the task's)."""
+    from rlhf_jax.rewards import world_reward
+    from rlhf_jax.tasks import messages_for
+    from rlhf_jax.tokenizer import encode_prompt
+
+    tasks = demo_tasks(spec.num_demo, seed)
+    longest = max(len(encode_prompt(tok, messages_for(t))) for t in tasks)
+    if longest > spec.seq_len:
+        raise ValueError(f"--data.seq-len {spec.seq_len} would cut built-in prompts of up to {longest} tokens, which "
+                         "the world's reward then cannot look up; raise --data.seq-len")
+    return world_reward(tasks, lambda t: tok.decode(encode_prompt(tok, messages_for(t))))
+
+
 def demo_records(kind: str, n: int, seed: int) -> list:
     """Built-in records from the synthetic task world (`rlhf_jax.tasks`): SFT demonstrations, labelled
     preference pairs (careful annotator) or RL prompts."""
@@ -272,6 +287,14 @@ def load_data(spec: DataSpec, kind: str, *, seed: int, batch_size: int | None = 
     if jax.process_count() > 1:
         data = ProcessRows(data, process_index=jax.process_index(), process_count=jax.process_count())
     return data, tok
+
+
+def check_rollout_length(prompt_len: int, sampling, model_config, stage: str) -> None:
+    """A setup error (before any compile) when prompts of `prompt_len` plus the sampled tokens overrun the model."""
+    if prompt_len + sampling.max_new_tokens > model_config.max_seq_len:
+        raise ValueError(f"--data.seq-len {prompt_len} + --{stage}.sampling.max-new-tokens {sampling.max_new_tokens} "
+                         f"exceeds the model's max_seq_len {model_config.max_seq_len}; lower one of them (or raise "
+                         "--model.max-seq-len for a fresh model)")
 
 
 def with_tokenizer_ids(stage_config, tok):

@@ -17,14 +17,13 @@ from typing import Literal
 
 import jax
 
-from experiments.common import (CheckpointSpec, DataSpec, RunOptions, demo_tasks, finish_report, init_model,
-                                load_data, make_run_mesh, run_stage, save_final, setup_error, start_run,
-                                trainable_state, with_tokenizer_ids)
+from experiments.common import (CheckpointSpec, DataSpec, RunOptions, check_rollout_length, finish_report,
+                                init_model, load_data, make_run_mesh, run_stage, save_final, setup_error, start_run,
+                                trainable_state, with_tokenizer_ids, world_judge)
 from rlhf_jax.config_cli import parse_cli
 from rlhf_jax.data import load_records
 from rlhf_jax.generation import SamplingConfig
-from rlhf_jax.rewards import gsm8k_answer, gsm8k_reward, world_reward
-from rlhf_jax.tasks import messages_for
+from rlhf_jax.rewards import gsm8k_answer, gsm8k_reward
 from rlhf_jax.tokenizer import encode_prompt
 from rlhf_jax.train.grpo import GRPOConfig
 from rlhf_jax.train.optim import OptimConfig
@@ -61,7 +60,7 @@ def _host_reward(cfg: GRPOExperiment, tok):
     if cfg.reward == "world":
         if cfg.data.path is not None:
             raise ValueError("--reward world scores the built-in prompts: leave --data.path unset (or use gsm8k)")
-        return world_reward(demo_tasks(cfg.data.num_demo, cfg.seed), lambda t: text(messages_for(t)))
+        return world_judge(cfg.data, cfg.seed, tok)
     if cfg.data.path is None:
         raise ValueError("--reward gsm8k needs --data.path: records with a question and an 'answer' field")
     answers = {}
@@ -82,6 +81,7 @@ def main(argv=None) -> int:
         grpo_cfg = with_tokenizer_ids(cfg.grpo, tok)
         k_policy, k_reward, k_head = jax.random.split(jax.random.key(cfg.seed), 3)
         mc, policy = init_model(cfg.preset, cfg.model, k_policy, init=cfg.init)
+        check_rollout_length(cfg.data.seq_len, grpo_cfg.sampling, mc, "grpo")
         rewards = {}
         if cfg.reward == "model":
             if cfg.reward_init is None:

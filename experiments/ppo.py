@@ -14,8 +14,9 @@ import sys
 
 import jax
 
-from experiments.common import (CheckpointSpec, DataSpec, RunOptions, finish_report, init_model, load_data,
-                                make_run_mesh, run_stage, setup_error, start_run, with_tokenizer_ids)
+from experiments.common import (CheckpointSpec, DataSpec, RunOptions, check_rollout_length, finish_report,
+                                init_model, load_data, make_run_mesh, run_stage, setup_error, start_run,
+                                with_tokenizer_ids)
 from rlhf_jax.config_cli import parse_cli
 from rlhf_jax.generation import SamplingConfig
 from rlhf_jax.models import init_params
@@ -59,6 +60,7 @@ def main(argv=None) -> int:
         ppo_cfg = with_tokenizer_ids(cfg.ppo, tok)
         k_policy, k_reward, k_head, k_state = jax.random.split(jax.random.key(cfg.seed), 4)
         mc, policy = init_model(cfg.preset, cfg.model, k_policy, init=cfg.policy_init)
+        check_rollout_length(cfg.data.seq_len, cfg.ppo.sampling, mc, "ppo")
         if cfg.reward_init is None:  # a fresh reward model of the policy's architecture
             reward = init_params(mc, k_reward)
         else:

@@ -152,6 +152,8 @@ def _help_text(module, capsys):
     ("reward", ["--reward.center-coef FLOAT", "--init {None}|STR", "(default: runs/reward)"]),
     ("dpo", ["--dpo.beta FLOAT", "--dpo.loss-type {sigmoid,robust,hinge,ipo,simpo,orpo}", "(default: sigmoid)",
              "--dpo.simpo-gamma FLOAT", "--dpo.orpo-lambda FLOAT"]),
+    ("online_dpo", ["--judge {world,model}", "--online-dpo.num-generations INT", "--online-dpo.ref-refresh-every INT",
+                    "--online-dpo.loss-type {sigmoid,robust,hinge,ipo}", "--online-dpo.pairs-every INT"]),
     ("kto", ["--kto.beta FLOAT", "--kto.desirable-weight FLOAT", "--kto.undesirable-weight FLOAT",
              "--data.kind {None}|STR", "(default: runs/kto)"]),
     ("ppo", ["--policy-init", "--reward-init", "--ppo.clip-eps FLOAT", "--ppo.kl-coef FLOAT", "(default: 0.2)"]),
@@ -378,9 +380,10 @@ def test_lora_flags_train_adapters_resume_and_write_a_peft_adapter(tmp_path):
     assert r.returncode == 2 and r.stderr.strip().startswith("error: --lora.rank: PPO does not take LoRA"), r.stderr
 
 
-def test_kto_and_reference_free_preference_scripts_run_and_reject_bad_feedback(tmp_path, capsys):
+def test_kto_online_dpo_and_reference_free_preference_scripts_run_and_reject_bad_input(tmp_path, capsys):
     """KTO on the world's labelled pairs split into unpaired feedback, and on a feedback file; SimPO through the
-    DPO script; a record with a non-boolean label is one line naming file, line and field, exit 2."""
+    DPO script; online DPO judged by the world (gold agreement and pairs logged); a record with a non-boolean
+    label, or a missing reward model, is one line (naming file, line and field), exit 2."""
     from experiments import dpo, kto
     tiny = ["--model.num-layers", "1", "--model.max-seq-len", "64", "--data.num-demo", "16", "--data.batch-size",
             "4", "--checkpoint.no-tensorboard"]
@@ -400,3 +403,18 @@ def test_kto_and_reference_free_preference_scripts_run_and_reject_bad_feedback(t
                      "--dpo.num-steps", "2", "--dpo.log-every", "1", "--dpo.optim.warmup-steps", "1", *tiny]) == 0
     lines = [json.loads(x) for x in open(tmp_path / "simpo" / "dpo" / "metrics.jsonl")]
     assert len(lines) == 2 and "rewards/margins" in lines[0]
+    from experiments import online_dpo
+    assert online_dpo.main(["--out", str(tmp_path / "od"), "--online-dpo.num-steps", "2", "--online-dpo.batch-size",
+                            "2", "--online-dpo.pairs-every", "2", "--online-dpo.sampling.max-new-tokens", "4",
+                            "--data.seq-len", "56", "--model.max-seq-len", "64", *tiny]) == 0
+    lines = [json.loads(x) for x in open(tmp_path / "od" / "online_dpo" / "metrics.jsonl")]
+    assert [x["step"] for x in lines] == [1, 2] and {"judge/gold_agree", "judge/gold_decided"} <= set(lines[0])
+    assert len((tmp_path / "od" / "online_dpo" / "completions.jsonl").read_text().splitlines()) == 2
+    capsys.readouterr()
+    assert online_dpo.main(["--out", str(tmp_path / "od2"), "--judge", "model", "--data.seq-len", "56",
+                            "--online-dpo.sampling.max-new-tokens", "4", *tiny]) == 2
+    assert capsys.readouterr().err.strip() == "error: --judge model needs --reward-init (a reward model folder)"
+    assert online_dpo.main(["--out", str(tmp_path / "od3"), *tiny]) == 2      # 64 prompt + 16 new > 64 positions
+    assert capsys.readouterr().err.strip() == ("error: --data.seq-len 64 + --online-dpo.sampling.max-new-tokens 16 "
+                                               "exceeds the model's max_seq_len 64; lower one of them (or raise "
+                                               "--model.max-seq-len for a fresh model)")

@@ -2,6 +2,8 @@
 from rlhf_jax.train.optim import OptimConfig, decay_mask, make_optimizer, make_schedule, optimizer_updates
 from rlhf_jax.train.rl import (Episodes, HostRewardFn, RewardFn, decode_responses, episode_logprobs, episode_values,
                                epochs_minibatches, host_scores, reward_model_scores, sample_episodes)
+from rlhf_jax.train.online_dpo import (OnlineDPOConfig, best_and_worst, judge_agreement, online_dpo_sample,
+                                      online_dpo_update)
 from rlhf_jax.train.grpo import GRPOConfig, grpo_sample, grpo_step, grpo_update
 from rlhf_jax.train.ppo import (PPOConfig, Rollout, init_ppo_state, ppo_sample, ppo_step, ppo_update,
                                 ppo_update_scored, rollout, score_rollout)
@@ -15,6 +17,7 @@ from rlhf_jax.train.stages import (
     run_grpo,
     run_kto,
     run_loop,
+    run_online_dpo,
     run_ppo,
     run_reward,
     run_sft,

@@ -1,4 +1,4 @@
-"""The stages (SFT, reward model, DPO and the preference family, KTO, PPO, GRPO): a loop around a compiled step (configs live beside the steps).
+"""The stages (SFT, reward model, DPO and the preference family, KTO, online DPO, PPO, GRPO): a loop around a compiled step (configs live beside the steps).
 
 `run_<stage>(state, data, config, *, model_config, ..., mesh=None, hooks=None) -> (state, history)`: `data` is an
 iterable of numpy batches (the `rlhf_jax.data` contract), the loop runs `config.num_steps` steps (fewer if `data`
@@ -32,8 +32,10 @@ from rlhf_jax.models.config import ModelConfig
 from rlhf_jax.train.logging import StageHooks
 from rlhf_jax.train.grpo import (COMPLETIONS_TABLE, GRPOConfig, completion_rows, grpo_sample, grpo_step,
                                  grpo_update)
+from rlhf_jax.train.online_dpo import (OnlineDPOConfig, judge_agreement, online_dpo_sample, online_dpo_update,
+                                      pair_rows)
 from rlhf_jax.train.ppo import PPOConfig, init_ppo_state, ppo_sample, ppo_step, ppo_update_scored
-from rlhf_jax.train.rl import HostRewardFn, RewardFn, host_scores
+from rlhf_jax.train.rl import HostRewardFn, RewardFn, host_scores, reward_model_scores
 from rlhf_jax.train.state import PPOState, TrainState
 from rlhf_jax.train.steps import (DPOConfig, KTOConfig, RewardConfig, SFTConfig, compile_step, dpo_step, kto_step,
                                   reference_logps, reward_step, sft_step)
@@ -346,3 +348,60 @@ def run_grpo(state: TrainState, data: Iterable, config: GRPOConfig, *, model_con
 
     return run_loop(state, data, step_fn, num_steps=config.num_steps, log_every=config.log_every, hooks=hooks,
                     updates_per_step=updates)
+
+
+def run_online_dpo(state: TrainState, data: Iterable, config: OnlineDPOConfig, *, model_config: ModelConfig,
+                   ref_params, reward_params=None, reward_fn: RewardFn | None = None,
+                   host_reward_fn: HostRewardFn | None = None, tokenizer=None,
+                   gold_reward_fn: HostRewardFn | None = None, mesh: Mesh | None = None,
+                   hooks: StageHooks | None = None, lora=None):
+    """Online DPO over prompt batches {"prompts", "prompt_mask"} (`train/online_dpo.py`): each iteration samples
+    k completions per prompt, the judge (exactly one of `reward_params`, `reward_fn`, `host_reward_fn` with
+    `tokenizer`) picks best and worst, and DPO steps follow against `ref_params` (the SFT model; refreshed to the
+    policy every `config.ref_refresh_every` iterations when set).
+
+    `gold_reward_fn` (host, with `tokenizer`): the true reward where the world has one; each iteration then logs
+    the judge's agreement with it ("judge/gold_agree" / "judge/gold_decided"), and logged pairs carry its scores.
+    Runs on one device (no `mesh` yet); with `lora` the state holds adapters of `ref_params`.
+    """
+    reward_params = _reward_source(reward_params, reward_fn, host_reward_fn, tokenizer, mesh, "run_online_dpo")
+    if mesh is not None:
+        raise ValueError("run_online_dpo runs on one device for now; drop the mesh (--mesh)")
+    if ref_params is None:
+        raise ValueError("run_online_dpo needs ref_params (usually the SFT params)")
+    if gold_reward_fn is not None and tokenizer is None:
+        raise ValueError("run_online_dpo: gold_reward_fn needs a tokenizer (to decode the texts)")
+    if lora is not None and config.ref_refresh_every:
+        raise ValueError("run_online_dpo: ref_refresh_every with lora would need a second copy of the weights; "
+                         "use one of them")
+    opts = dict(config=config, model_config=model_config, lora=lora)
+    sample_step = jax.jit(online_dpo_sample, static_argnames=tuple(opts))
+    update_step = compile_step(online_dpo_update, **opts)
+    score_model = jax.jit(reward_model_scores, static_argnames=("model_config",))
+    score_fn = None if reward_fn is None else jax.jit(reward_fn)
+    G = config.num_generations
+    iteration = [int(jax.device_get(state.step)) // config.num_updates]
+    ref = [ref_params]
+
+    def step_fn(state, batch):
+        _check_rows(batch, config.batch_size, 1, "OnlineDPOConfig")
+        state, ep = sample_step(state, batch, ref_params if lora is not None else None, **opts)
+        if host_reward_fn is not None:
+            scores = host_scores(host_reward_fn, tokenizer, batch, ep)
+        elif score_fn is not None:
+            scores = score_fn(jax.numpy.repeat(batch["prompts"], G, axis=0), ep.responses, ep.response_mask)
+        else:
+            scores = score_model(reward_params, ep, model_config=model_config)
+        gold = None if gold_reward_fn is None else host_scores(gold_reward_fn, tokenizer, batch, ep)
+        iteration[0] += 1
+        if hooks is not None and config.pairs_every and iteration[0] % config.pairs_every == 0:
+            hooks.on_samples(iteration[0], pair_rows(ep, jax.device_get(scores), config, tokenizer, gold))
+        state, metrics = update_step(state, ep, scores, ref[0])
+        if gold is not None:
+            metrics = {**metrics, **judge_agreement(scores, gold, G)}
+        if config.ref_refresh_every and iteration[0] % config.ref_refresh_every == 0:
+            ref[0] = jax.tree.map(jax.numpy.copy, state.params)     # the next update donates the state
+        return state, metrics
+
+    return run_loop(state, data, step_fn, num_steps=config.num_steps, log_every=config.log_every, hooks=hooks,
+                    updates_per_step=config.num_updates)

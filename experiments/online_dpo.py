@@ -1,0 +1,104 @@
+"""Online DPO: `python -m experiments.online_dpo [--init SFT_FOLDER] [--judge world|model] [--out DIR]`.
+
+Each iteration samples k completions per prompt from the current policy, a judge scores them, and DPO steps
+follow on the best-vs-worst pairs against the frozen initial model (see `rlhf_jax/train/online_dpo.py` and
+docs/algorithms.md). Judges: `world` (default) is the synthetic world's gold reward of the built-in prompts, a
+verifier run on the host; `model` a reward model (--reward-init). On the built-in prompts the gold reward is also
+logged next to any judge: "judge/gold_agree" / "judge/gold_decided" is the judge's agreement with it. Every
+`--online-dpo.pairs-every` iterations a few pairs with their scores go to DIR/online_dpo/completions.jsonl.
+`--help` lists every option and its default.
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+from typing import Literal
+
+import jax
+
+from experiments.common import (CheckpointSpec, DataSpec, RunOptions, check_rollout_length, finish_report,
+                                init_model, load_data, make_run_mesh, run_stage, save_final, setup_error, start_run,
+                                trainable_state, with_tokenizer_ids, world_judge)
+from rlhf_jax.config_cli import parse_cli
+from rlhf_jax.generation import SamplingConfig
+from rlhf_jax.train.online_dpo import OnlineDPOConfig
+from rlhf_jax.train.optim import OptimConfig
+from rlhf_jax.train.stages import NonFiniteLossError, run_online_dpo
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class OnlineDPOExperiment(RunOptions):
+    """Online DPO: DPO on the policy's own samples, labelled by a judge each iteration."""
+
+    out: str = "runs/online_dpo"
+    """Run directory (metrics, checkpoints, final params, report)."""
+    init: str | None = None
+    """Policy and reference weights, usually the SFT model: a Hugging Face or save_params folder. None: random."""
+    judge: Literal["world", "model"] = "world"
+    """world: the synthetic world's gold reward (built-in prompts); model: a reward model (--reward-init)."""
+    reward_init: str | None = None
+    """The reward model for --judge model: a save_params folder from experiments.reward or a Hugging Face folder."""
+    data: DataSpec = DataSpec(num_demo=256, seq_len=64)
+    """Prompt records ({prompt | question | messages}) and the prompt length bucket; the batch size is
+    online_dpo.batch_size."""
+    online_dpo: OnlineDPOConfig = OnlineDPOConfig(num_steps=10, batch_size=8, num_generations=2,
+                                                  sampling=SamplingConfig(max_new_tokens=16, temperature=1.0),
+                                                  optim=OptimConfig(learning_rate=1e-4), pairs_every=5)
+    """Online DPO stage (k, beta, loss type, reference refresh, sampling, optimizer)."""
+    checkpoint: CheckpointSpec = CheckpointSpec(save_every=5)
+    """Checkpoint schedule and logging outputs."""
+
+
+def main(argv=None) -> int:
+    cfg = parse_cli(OnlineDPOExperiment, argv)
+    try:
+        if cfg.mesh is not None:
+            raise ValueError("--mesh: online DPO runs on one device for now; leave --mesh unset")
+        make_run_mesh(cfg.mesh)
+        out = start_run(cfg, cfg.out)
+        data, tok = load_data(cfg.data, "prompt", seed=cfg.seed, batch_size=cfg.online_dpo.batch_size)
+        stage_cfg = with_tokenizer_ids(cfg.online_dpo, tok)
+        k_policy, k_reward = jax.random.split(jax.random.key(cfg.seed))
+        mc, policy = init_model(cfg.preset, cfg.model, k_policy, init=cfg.init)
+        check_rollout_length(cfg.data.seq_len, stage_cfg.sampling, mc, "online-dpo")
+        gold = None
+        if cfg.data.path is None:     # the built-in prompts: the world's gold reward is known
+            gold = world_judge(cfg.data, cfg.seed, tok)
+        judge = {}
+        if cfg.judge == "model":
+            if cfg.reward_init is None:
+                raise ValueError("--judge model needs --reward-init (a reward model folder)")
+            _, reward = init_model(cfg.preset, cfg.model, k_reward, init=cfg.reward_init)
+            if "score_head" not in reward:
+                raise ValueError(f"{cfg.reward_init}: no score head (train one with experiments.reward)")
+            judge["reward_params"] = jax.device_put(reward)
+        else:
+            if gold is None:
+                raise ValueError("--judge world scores the built-in prompts: leave --data.path unset (or use "
+                                 "--judge model)")
+            judge["host_reward_fn"] = gold
+        ref = jax.device_put(policy)
+        state, lora = trainable_state(cfg, policy, mc, stage_cfg.optim, stage_cfg.num_steps * stage_cfg.num_updates)
+    except (ValueError, OSError) as e:  # DataError is a ValueError
+        return setup_error(e)
+    try:
+        state, history, finished = run_stage(
+            "online_dpo", lambda s, d, c, hooks: run_online_dpo(s, d, c, model_config=mc, ref_params=ref,
+                                                                tokenizer=tok, gold_reward_fn=gold, hooks=hooks,
+                                                                **judge, **lora),
+            state, data, stage_cfg, out=out, resume=cfg.resume, checkpoint=cfg.checkpoint,
+            samples_per_step=stage_cfg.batch_size * stage_cfg.num_generations)
+    except NonFiniteLossError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if finished:
+        save_final(out, "online_dpo", state.params, mc, lora.get("lora"), ref)
+    finish_report(out, "online_dpo", history, keys=("loss", "judge/score", "rewards/accuracies",
+                                                    "completions/mean_length"),
+                  summary={"finished": finished, "policy": cfg.init or cfg.preset, "judge": cfg.judge,
+                           "data": cfg.data.path or "demo"})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
