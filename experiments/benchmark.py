@@ -47,9 +47,9 @@ from rlhf_jax.train.optim import OptimConfig
 from rlhf_jax.train.grpo import GRPOConfig, grpo_sample, grpo_update
 from rlhf_jax.train.ppo import PPOConfig, init_ppo_state, ppo_update, rollout
 from rlhf_jax.train.state import create_train_state, with_score_head
-from rlhf_jax.train.steps import dpo_step, reward_step, sft_step
+from rlhf_jax.train.steps import dpo_step, kto_step, reward_step, sft_step
 
-BENCHMARKS = ("sft", "reward", "dpo", "generate", "ppo", "grpo", "lora_sft", "lora_dpo")
+BENCHMARKS = ("sft", "reward", "dpo", "simpo", "orpo", "kto", "generate", "ppo", "grpo", "lora_sft", "lora_dpo")
 ROW_KEYS = ("name", "shape", "compile_s", "median_ms", "min_ms", "steps", "throughput", "throughput_unit",
             "tokens_per_step", "flops_per_step", "tflops_per_s", "mfu", "mfu_spec", "peak_bytes",
             "compiled_bytes")
@@ -66,7 +66,7 @@ class BenchConfig:
     """ModelConfig preset (tiny, tiny-llama, gpt2-124m, gpt2-355m, gpt2-774m, llama-1b); random init."""
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """Compute dtype (params stay float32); auto = bfloat16 on GPU/TPU, float32 on CPU."""
-    benchmarks: str = "sft,reward,dpo,generate,ppo,grpo,lora_sft,lora_dpo"
+    benchmarks: str = "sft,reward,dpo,simpo,orpo,kto,generate,ppo,grpo,lora_sft,lora_dpo"
     """Comma list of benchmarks to run."""
     sft_batch: int = 8
     """SFT rows per step."""
@@ -420,6 +420,35 @@ class _Bench:
         flops = train_flops(m, 2 * B * T, T, causal=causal) + forward_flops(m, 2 * B * T, T, causal=causal)
         fn = functools.partial(dpo_step, model_config=m)
         self.measure("dpo", f"{B}pairs x{T}", fn, (self.state(), batch, ref), donate=True, flops=flops,
+                     tokens=2 * B * T, unit="tokens/s", per_step=2 * B * T)
+
+    def _reference_free(self, loss_type):
+        """SimPO / ORPO through the DPO step: the shapes of `dpo`, no reference forward (not in the FLOPs)."""
+        c, m, causal = self.cfg, self.model, self.cfg.attn_flops == "causal"
+        B, T = c.dpo_pairs, c.dpo_seq
+        batch = {"chosen": self.sft_batch(B, T), "rejected": self.sft_batch(B, T)}
+        fn = functools.partial(dpo_step, model_config=m, loss_type=loss_type, beta=2.0)
+        self.measure(loss_type, f"{B}pairs x{T}", fn, (self.state(), batch, None), donate=True,
+                     flops=train_flops(m, 2 * B * T, T, causal=causal), tokens=2 * B * T, unit="tokens/s",
+                     per_step=2 * B * T)
+
+    def simpo(self):
+        self._reference_free("simpo")
+
+    def orpo(self):
+        self._reference_free("orpo")
+
+    def kto(self):
+        """KTO on 2 * dpo_pairs unpaired rows of dpo_seq, each with its mismatched row (z0): the policy trains on
+        the rows and runs forward only over the mismatched ones; the reference runs forward over both."""
+        c, m, causal = self.cfg, self.model, self.cfg.attn_flops == "causal"
+        B, T = 2 * c.dpo_pairs, c.dpo_seq
+        batch = {"completion": self.sft_batch(B, T), "kl": self.sft_batch(B, T),
+                 "desirable": jnp.arange(B) % 2 == 0, "valid": jnp.ones((B,), bool)}
+        ref = init_params(m, self.next_key())
+        flops = train_flops(m, B * T, T, causal=causal) + forward_flops(m, 3 * B * T, T, causal=causal)
+        fn = functools.partial(kto_step, model_config=m)
+        self.measure("kto", f"{B}rows x{T}", fn, (self.state(), batch, ref), donate=True, flops=flops,
                      tokens=2 * B * T, unit="tokens/s", per_step=2 * B * T)
 
     def _lora(self):

@@ -33,19 +33,20 @@ import numpy as np
 from experiments.common import CheckpointSpec, run_stage
 from rlhf_jax import tasks as world
 from rlhf_jax.config_cli import check_ranges, config_check, parse_cli, save_config
-from rlhf_jax.data import Batches, SFTRecord, ShuffledIterator, collate_prompts, pack_sft
+from rlhf_jax.data import Batches, SFTRecord, ShuffledIterator, collate_prompts, pack_sft, unpair
 from rlhf_jax.data.batching import Example
 from rlhf_jax.data.iterators import Replayable, Together
 from rlhf_jax.eval import PolicyEvaluator, pairwise_accuracy, paired_bootstrap, sample_texts
 from rlhf_jax.generation import SamplingConfig
 from rlhf_jax.models import ModelConfig, init_params
-from rlhf_jax.rewards import world_reward
+from rlhf_jax.rewards import annotator_judge, world_reward
 from rlhf_jax.tokenizer import ByteTokenizer, encode_chat, encode_prompt
 from rlhf_jax.train import checkpoint as ckpt
 from rlhf_jax.train import stages
 from rlhf_jax.train.logging import StageHooks
 from rlhf_jax.train.optim import OptimConfig
 from rlhf_jax.train.grpo import GRPOConfig
+from rlhf_jax.train.online_dpo import OnlineDPOConfig
 from rlhf_jax.train.ppo import PPOConfig, init_ppo_state
 from rlhf_jax.train.report import plot_curves, plot_xy, write_report
 from rlhf_jax.train.state import create_train_state, with_score_head
@@ -152,6 +153,23 @@ class PipelineConfig:
     """Upper clip width (DAPO's clip-higher: 0.28); None: symmetric 0.2."""
     grpo_lr: float = 3e-5
     """GRPO learning rate (constant after a short warmup), 2 passes x 4 minibatches per iteration."""
+    preference_family: bool = False
+    """Also run KTO, SimPO, ORPO and online DPO from the SFT policy after GRPO, each on the labels offline DPO
+    gets (KTO: its pairs split into desirable / undesirable; online DPO: as many fresh annotator labels of its own
+    samples), and report them beside DPO. Off by default: it adds several minutes to the main job."""
+    kto_beta: float = 0.1
+    """KTO's beta (paper and TRL default)."""
+    simpo_beta: float = 2.0
+    """SimPO's beta (Meng et al. 2024 use 2.0-2.5)."""
+    simpo_gamma: float = 1.0
+    """SimPO's target margin (gamma / beta = 0.5, the paper's default ratio)."""
+    orpo_lambda: float = 0.1
+    """ORPO's odds-ratio weight (Hong et al. 2024)."""
+    online_dpo_prompts: int = 32
+    """Prompts per online-DPO iteration (one labelled pair each)."""
+    online_dpo_generations: int = 4
+    """Samples per prompt that the annotator ranks; online DPO trains on the best against the worst (offline DPO's
+    pairs are likewise the best and worst of pref_samples = 4)."""
     max_new_tokens: int = 28
     """Response budget in bytes; every reference answer fits with its EOS."""
     eval_prompts: int = 512
@@ -171,12 +189,15 @@ class PipelineConfig:
         check_ranges(self, positive=(
             "d_model", "num_layers", "num_heads", "seq_len", "batch_size", "pretrain_docs", "pretrain_steps",
             "sft_demos", "sft_steps", "pref_prompts", "rm_steps", "rm_lr", "ppo_iterations", "ppo_batch", "ppo_lr",
-            "grpo_iterations", "grpo_prompts", "grpo_generations", "grpo_lr",
+            "grpo_iterations", "grpo_prompts", "grpo_generations", "grpo_lr", "kto_beta", "simpo_beta", "orpo_lambda",
+            "online_dpo_prompts",
             "dpo_steps", "dpo_beta", "dpo_lr", "max_new_tokens", "eval_prompts", "temperature", "eval_samples",
             "best_of_n", "eval_every"),
             non_negative=("seed", "sft_safety", "sft_benign", "synthetic_pairs", "lookalike_pairs", "ppo_kl_coef",
                           "grpo_kl_coef",
-                          "ppo_ptx_coef", "dpo_rpo_alpha"))
+                          "ppo_ptx_coef", "dpo_rpo_alpha", "simpo_gamma"))
+        config_check(self, self.online_dpo_generations >= 2,
+                     f"online_dpo_generations = {self.online_dpo_generations} must be >= 2 (a pair)")
         config_check(self, self.pref_samples >= 2,
                      f"pref_samples = {self.pref_samples} must be >= 2 (answers to compare)")
 
@@ -419,10 +440,62 @@ def run(cfg: PipelineConfig) -> dict:
         state, grpo_prompts, grpo_cfg)
     table["grpo"], grpo_gold = evaluate(grpo_params, **eval_kwargs)
 
-    vs_sft = {stage: paired_bootstrap(gold, sft_gold, seed=cfg.seed)
-              for stage, gold in (("base", base_gold), ("ppo", ppo_gold), ("dpo", dpo_gold), ("grpo", grpo_gold))}
-    table = {s: table[s] for s in ("base", "sft", "ppo", "dpo", "grpo")}
+    golds = {"base": base_gold, "ppo": ppo_gold, "dpo": dpo_gold, "grpo": grpo_gold}
+    if cfg.preference_family:
+        golds.update(_preference_family(cfg, runs, mc, sft_params, dpo_train, pref_tasks, pref_batches, sampling,
+                                        evaluate, eval_kwargs, table))
+    vs_sft = {stage: paired_bootstrap(gold, sft_gold, seed=cfg.seed) for stage, gold in golds.items()}
+    table = {s: table[s] for s in ("base", "sft", "ppo", "dpo", "grpo", *FAMILY) if s in table}
     return _report(cfg, table, rm_report, vs_sft, curve.points(), runs.timings, time.time() - t0)
+
+
+FAMILY = ("kto", "simpo", "orpo", "online_dpo")
+"""The preference family's stages (`--preference-family`), in the order they run after GRPO."""
+
+
+def _preference_family(cfg, runs, mc, sft_params, dpo_train, pref_tasks, pref_batches, sampling, evaluate,
+                       eval_kwargs, table) -> dict:
+    """8-11. KTO, SimPO, ORPO and online DPO from the SFT policy, each with offline DPO's step count, batch and
+    learning rate and no tuning of its own (their papers' or TRL's defaults): KTO on DPO's pairs split into
+    desirable and undesirable answers (the same labels), SimPO and ORPO on DPO's pairs with no reference model,
+    online DPO on as many fresh labels (best vs worst of its own samples, ranked by the same annotators).
+    -> {stage: per-prompt gold}; the table rows are added to `table`."""
+    keys = {name: jax.random.fold_in(jax.random.PRNGKey(cfg.seed), 9 + i) for i, name in enumerate(FAMILY)}
+    golds = {}
+
+    def train(name, run, state, data, stage_cfg):
+        params, _ = runs.stage(name, run, state, data, stage_cfg)
+        table[name], golds[name] = evaluate(params, **eval_kwargs)
+
+    steps, optim = cfg.dpo_steps, _optim(cfg.dpo_lr, cfg.dpo_steps)
+    unpaired = Batches(ShuffledIterator(unpair(dpo_train), seed=cfg.seed + 11), TOK, kind="unpaired",
+                       batch_size=2 * cfg.batch_size, buckets=(cfg.seq_len,))
+    train("kto", functools.partial(stages.run_kto, model_config=mc, ref_params=sft_params),
+          create_train_state(sft_params, optim, keys["kto"], total_steps=steps), unpaired,
+          stages.KTOConfig(num_steps=steps, beta=cfg.kto_beta, log_every=10, optim=optim))
+    for name, extra in (("simpo", dict(beta=cfg.simpo_beta, simpo_gamma=cfg.simpo_gamma)),
+                        ("orpo", dict(orpo_lambda=cfg.orpo_lambda))):
+        train(name, functools.partial(stages.run_dpo, model_config=mc),
+              create_train_state(sft_params, optim, keys[name], total_steps=steps),
+              pref_batches(dpo_train, cfg.seed + 1),
+              stages.DPOConfig(num_steps=steps, loss_type=name, log_every=10, optim=optim, **extra))
+    # Online DPO: as many labels as offline DPO had pairs, on the preference prompts, fresh samples each iteration.
+    P = cfg.online_dpo_prompts
+    iterations = -(-len(dpo_train) // P)
+    online_cfg = OnlineDPOConfig(num_steps=iterations, batch_size=P, num_generations=cfg.online_dpo_generations,
+                                 sampling=dataclasses.replace(sampling, temperature=1.0), beta=cfg.dpo_beta,
+                                 rpo_alpha=cfg.dpo_rpo_alpha, log_every=5, pairs_every=max(1, iterations // 4),
+                                 optim=_optim(cfg.dpo_lr, iterations))
+    prompts = Replayable(lambda: (_prompt_batch([pref_tasks[j % len(pref_tasks)] for j in range(i * P, (i + 1) * P)])
+                                  for i in range(iterations)))
+    text = lambda t: TOK.decode(encode_prompt(TOK, world.messages_for(t)))  # noqa: E731
+    judge = annotator_judge(pref_tasks, text, cfg.annotator, np.random.default_rng(cfg.seed + 12))
+    train("online_dpo", functools.partial(stages.run_online_dpo, model_config=mc, ref_params=sft_params,
+                                          host_reward_fn=judge, tokenizer=TOK,
+                                          gold_reward_fn=world_reward(pref_tasks, text)),
+          create_train_state(sft_params, online_cfg.optim, keys["online_dpo"], total_steps=iterations),
+          prompts, online_cfg)
+    return golds
 
 
 _SFT_NAMES = {"kl_to_ref": "kl_to_sft", "win_rate": "win_rate_vs_sft"}

@@ -79,3 +79,36 @@ def world_reward(tasks, prompt_text: Callable) -> RewardFunction:
         return np.asarray([gold_reward(by_text[p], c) for p, c in zip(prompts, completions)], np.float32)
 
     return reward
+
+
+def annotator_judge(tasks, prompt_text: Callable, annotator, rng) -> RewardFunction:
+    """The world's simulated annotators as a judge of sampled answers (online DPO's labels): each run of
+    consecutive rows with the same prompt is one group, ranked by one annotator drawn from `annotator`
+    (`rlhf_jax.tasks.rank_responses`: Plackett-Luce with the annotator's biases and lapses); a completion scores
+    minus its rank (0 for the best). Identical completions share a score; a group with one distinct completion
+    scores all 0 (no preference). `rng` (a numpy Generator) is consumed in call order."""
+    from rlhf_jax.tasks import get_annotator, rank_responses
+    from rlhf_jax.tasks.annotators import _draw_member
+
+    by_text = {prompt_text(t): t for t in tasks}
+    population = get_annotator(annotator)
+
+    def judge(prompts, completions):
+        missing = [p for p in prompts if p not in by_text]
+        if missing:
+            raise KeyError(f"annotator_judge: prompt {missing[0]!r} is not among the {len(by_text)} task prompts")
+        scores = np.zeros(len(completions), np.float32)
+        start = 0
+        while start < len(prompts):
+            end = start
+            while end < len(prompts) and prompts[end] == prompts[start]:
+                end += 1
+            cands = list(dict.fromkeys(completions[start:end]))
+            if len(cands) > 1:
+                order = rank_responses(by_text[prompts[start]], cands, _draw_member(population, rng), rng)
+                rank = {cands[i]: r for r, i in enumerate(order)}
+                scores[start:end] = [-rank[c] for c in completions[start:end]]
+            start = end
+        return scores
+
+    return judge

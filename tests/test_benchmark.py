@@ -103,7 +103,7 @@ def test_whole_benchmark_runs_without_tyro_and_writes_json(tmp_path):
     assert set(report) >= {"device", "config", "model", "peak", "flop_formula", "results", "ppo"}
     assert report["device"]["platform"] == "cpu" and report["model"]["dtype"] == "float32"
     names = [r["name"] for r in report["results"]]
-    assert names == ["sft", "reward", "dpo", "generate", "ppo/sample", "ppo/rollout", "ppo/update", "ppo/iteration",
+    assert names == ["sft", "reward", "dpo", "simpo", "orpo", "kto", "generate", "ppo/sample", "ppo/rollout", "ppo/update", "ppo/iteration",
                      "grpo/sample", "grpo/rollout", "grpo/update", "lora_sft", "lora_dpo"]
     z = report["lora_sizes"]["llama-1b"]                        # from shapes: rank 16 on every projection
     n = ModelConfig.preset("llama-1b").num_params()            # which leaves out the norms' 67,584 scales

@@ -3,6 +3,7 @@ stage's final params are saved, --resume reloads them), and the world's pair hel
 import json
 import math
 import os
+import shutil
 import signal
 
 import numpy as np
@@ -56,7 +57,8 @@ def _stopped_and_resumed_gives_the_same_report(out, report, monkeypatch, capsys)
     """SIGTERM (sent to this process at the last stage's, GRPO's, iteration 2), then a run with --resume (finished
     stages reloaded from final/, GRPO from its checkpoint): the report equals the uninterrupted run's. In-process,
     so the compiled programs are reused (a subprocess pair took two minutes more); the last stage, so that the
-    stages after the stopped one are not run twice."""
+    stages after the stopped one are not run twice. The stopped run starts from a copy of the uninterrupted run's
+    finished stages before GRPO (with --resume, so that they are reloaded, not trained a second time)."""
     import experiments.pipeline as pipeline
     from rlhf_jax.train.logging import StageHooks
     real_run_stage = pipeline.run_stage
@@ -71,7 +73,11 @@ def _stopped_and_resumed_gives_the_same_report(out, report, monkeypatch, capsys)
         return real_run_stage(stage, *args, extra_hooks=extra, **kwargs)
 
     monkeypatch.setattr(pipeline, "run_stage", run_stage)
-    assert pipeline.main(["--quick", "--out", str(out)]) == 143
+    done = out.parent
+    shutil.copytree(done, out, ignore=lambda d, names: [n for n in names if n == out.name or
+                                                        (n == "grpo" and d in (str(done), str(done / "checkpoints")))
+                                                        or n.startswith("report")])
+    assert pipeline.main(["--quick", "--out", str(out), "--resume"]) == 143
     assert "stopped during grpo; continue with: python -m experiments.pipeline --resume" in capsys.readouterr().err
     assert (out / "dpo" / "final").is_dir() and not (out / "grpo" / "final").exists()
     assert os.listdir(out / "checkpoints" / "grpo") == ["2"]             # the stopped stage's checkpoint

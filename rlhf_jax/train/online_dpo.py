@@ -52,6 +52,8 @@ class OnlineDPOConfig:
     """DPO loss on the fresh pairs (losses.dpo_loss)."""
     label_smoothing: float = 0.0
     """Assumed label-flip probability of the judge (conservative / robust DPO)."""
+    rpo_alpha: float = 0.0
+    """Weight of the chosen completion's per-token NLL added to each pair's loss (RPO, as DPOConfig.rpo_alpha)."""
     num_updates: int = 1
     """DPO steps on each iteration's pairs (the same pairs each time)."""
     ref_refresh_every: int = 0
@@ -66,7 +68,7 @@ class OnlineDPOConfig:
 
     def __post_init__(self):
         check_ranges(self, positive=("num_steps", "log_every", "batch_size", "beta", "num_updates", "pairs_rows"),
-                     non_negative=("ref_refresh_every", "pairs_every"))
+                     non_negative=("ref_refresh_every", "pairs_every", "rpo_alpha"))
         config_check(self, self.num_generations >= 2, f"num_generations = {self.num_generations} must be >= 2 "
                      "(a pair needs two completions)")
         config_check(self, 0 <= self.label_smoothing < 0.5,
@@ -113,7 +115,7 @@ def _pair_loss(params, pairs, ref_c, ref_r, informative, *, config, model_config
     def one(*xs):  # dpo_loss on a single pair, so that tied prompts can be left out of the mean
         loss, m = dpo_loss(*(x[None] for x in xs[:4]), beta=config.beta, loss_type=config.loss_type,
                            label_smoothing=config.label_smoothing, chosen_lengths=xs[4][None],
-                           rejected_lengths=xs[5][None])
+                           rejected_lengths=xs[5][None], rpo_alpha=config.rpo_alpha)
         return loss, m
 
     losses, m = jax.vmap(one)(lp_c, lp_r, ref_c, ref_r, len_c, len_r)

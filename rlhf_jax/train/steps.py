@@ -16,7 +16,8 @@ flat dict of scalars named as in TRL ("loss", "rewards/chosen", ...). `compile_s
   "ref_rejected_logps"). SimPO and ORPO go through the same step with `loss_type="simpo" | "orpo"`: reference-free
   by construction, they run no reference forward at all.
 - KTO (Ethayarajh et al. 2024): unpaired batches ("completion", "kl" mismatched rows, "desirable", "valid"); the
-  policy and the reference each run one forward over the completion and mismatched rows together.
+  reference runs one forward over the completion and mismatched rows together, the policy a differentiated one
+  over the completions and a forward-only one over the mismatched rows.
 """
 from __future__ import annotations
 
@@ -373,8 +374,10 @@ class KTOConfig:
 
 def _kto_loss(params, batch, ref_params, *, model_config, beta, desirable_weight, undesirable_weight):
     rows = _concat_pair(batch["completion"], batch["kl"])
-    # Under the policy the mismatched rows only estimate z0, a constant of the loss: no gradient through them.
-    pol, pol_kl = _split(sequence_logps(params, rows, model_config=model_config))
+    pol = sequence_logps(params, batch["completion"], model_config=model_config)
+    # The mismatched rows only estimate z0, a constant of the loss: their policy forward is separate, so that
+    # no backward pass runs over them.
+    pol_kl = sequence_logps(jax.lax.stop_gradient(params), batch["kl"], model_config=model_config)
     ref, ref_kl = _split(jax.lax.stop_gradient(sequence_logps(ref_params, rows, model_config=model_config)))
     loss, metrics = kto_loss(pol, ref, batch["desirable"], jax.lax.stop_gradient(pol_kl), ref_kl, beta=beta,
                              desirable_weight=desirable_weight, undesirable_weight=undesirable_weight,
