@@ -38,6 +38,12 @@ CONTRACT = [
     (losses, "policy_gradient_loss", ["logprobs", "old_logprobs", "advantages", "mask"],
      {"loss_type": "grpo", "clip_eps": 0.2, "clip_eps_high": None, "max_tokens": None, "ref_logprobs": None,
       "kl_coef": 0.0, "kl_estimator": "k3", "importance_weights": None}),
+    (losses, "kto_loss", ["policy_logps", "ref_logps", "desirable", "kl_policy_logps", "kl_ref_logps"],
+     {"beta": 0.1, "desirable_weight": 1.0, "undesirable_weight": 1.0}),
+    (losses, "simpo_loss", ["policy_chosen_logps", "policy_rejected_logps", "chosen_lengths", "rejected_lengths"],
+     {"beta": 2.0, "gamma": 0.5, "label_smoothing": 0.0}),
+    (losses, "orpo_loss", ["policy_chosen_logps", "policy_rejected_logps", "chosen_lengths", "rejected_lengths",
+                           "nll_chosen"], {"lam": 0.1}),
     (models, "init_params", ["config", "rng"], {}),
     (models, "forward", ["params", "tokens"], {"config": REQUIRED, "positions": None, "segment_ids": None}),
     (models, "load_pretrained", ["path"], {}),
@@ -93,6 +99,12 @@ def _loss_calls():
         "policy_gradient_loss": (losses.policy_gradient_loss(lp(), lp(), seq(), mask, ref_logprobs=lp(), kl_coef=0.1),
                                  {"loss", "clipfrac", "clipfrac_low", "clipfrac_high", "approx_kl", "ratio_mean",
                                   "kl"}),
+        "kto_loss": (losses.kto_loss(seq(), seq(), np.array([True, False, True]), seq(), seq()),
+                     {"loss", "kl", "rewards_desirable", "rewards_undesirable"}),
+        "simpo_loss": (losses.simpo_loss(seq(), seq(), np.full(b, 4.0), np.full(b, 5.0)),
+                       {"loss", "rewards_chosen", "rewards_rejected", "rewards_margin", "rewards_accuracy"}),
+        "orpo_loss": (losses.orpo_loss(seq(), seq(), np.full(b, 4.0), np.full(b, 5.0), 1.5),
+                      {"loss", "nll", "or_loss", "log_odds_ratio", "rewards_accuracy"}),
     }
 
 
