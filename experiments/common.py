@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import shutil
 import sys
 from typing import Annotated, Any, Callable
 
@@ -88,15 +89,31 @@ def trainable_state(cfg, params, model_config, optim, total_steps: int, *, head=
     return create_train_state(adapters, optim, cfg.seed, total_steps=total_steps), {"lora": lora}
 
 
-def save_final(out: str, stage: str, state_params, model_config, lora: LoraConfig | None = None, base=None):
+def save_tokenizer(tok, folder: str) -> None:
+    """Copy the tokenizer's files (TOKENIZER_FILES that exist) into `folder`; nothing for the byte tokenizer."""
+    source = getattr(tok, "source_dir", None)
+    if source is None or jax.process_index() != 0:
+        return
+    os.makedirs(folder, exist_ok=True)
+    for name in TOKENIZER_FILES:
+        if os.path.isfile(os.path.join(source, name)) and os.path.abspath(source) != os.path.abspath(folder):
+            shutil.copyfile(os.path.join(source, name), os.path.join(folder, name))
+
+
+def save_final(out: str, stage: str, state_params, model_config, lora: LoraConfig | None = None, base=None,
+               tokenizer=None):
     """DIR/<stage>/final: the trained params (with LoRA: merged into the base, so that later stages and the
-    export read a whole model), and with LoRA also DIR/<stage>/adapter in peft's format."""
+    export read a whole model) and the run's tokenizer files, so that a later stage's --init needs no
+    --data.tokenizer; with LoRA also DIR/<stage>/adapter in peft's format."""
     params = state_params
     if lora is not None:
         params = lora_params(base, state_params, lora)
         adapters = {k: v for k, v in state_params.items() if k in ("attn", "mlp")}
         save_peft(jax.device_get(adapters), lora, model_config, os.path.join(out, stage, "adapter"))
-    ckpt.save_params(os.path.join(out, stage, "final"), params, model_config=model_config)
+    final = os.path.join(out, stage, "final")
+    ckpt.save_params(final, params, model_config=model_config)
+    if tokenizer is not None:
+        save_tokenizer(tokenizer, final)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -145,8 +162,9 @@ class DataSpec:
     """T: the single bucket length; longer examples are truncated (prompt end and response start kept)."""
     pack: bool = False
     """SFT only: pack several examples per row (segment_ids keep them apart)."""
-    tokenizer: str = "byte"
-    """"byte" (ByteTokenizer, vocab 259) or a tokenizer.json file / folder holding one."""
+    tokenizer: str | None = None
+    """"byte" (ByteTokenizer, vocab 259) or a tokenizer.json file / folder holding one. None: the --init folder's
+    tokenizer when it holds a tokenizer.json (every run saves its tokenizer beside its final params), else "byte"."""
 
     def __post_init__(self):
         check_ranges(self, positive=("num_demo", "limit", "batch_size", "seq_len"))
@@ -183,16 +201,22 @@ def model_config(preset: str, overrides=None, *, init: str | None = None) -> Mod
     return ModelConfig.preset(preset, **changes)
 
 
-def init_model(preset: str, overrides, rng, *, init: str | None = None) -> tuple[ModelConfig, Any]:
-    """(config, params) loaded from `init` (a Hugging Face or save_params folder) or randomly initialised."""
+def init_model(preset: str, overrides, rng, *, init: str | None = None, tokenizer=None) -> tuple[ModelConfig, Any]:
+    """(config, params) loaded from `init` (a Hugging Face or save_params folder) or randomly initialised; with
+    `tokenizer`, a setup error when its ids do not fit the model's vocabulary (`check_vocab`)."""
     from rlhf_jax.models import init_params
 
     changes = _changes(overrides) if overrides is not None else {}
     if init is not None:
         cfg, params = ckpt.load_params(init)
-        return (cfg or ModelConfig.preset(preset)).replace(**changes), jax.tree.map(np.asarray, params)
-    cfg = ModelConfig.preset(preset, **changes)
-    return cfg, init_params(cfg, rng)
+        cfg = (cfg or ModelConfig.preset(preset)).replace(**changes)
+        params = jax.tree.map(np.asarray, params)
+    else:
+        cfg = ModelConfig.preset(preset, **changes)
+        params = None
+    if tokenizer is not None:
+        check_vocab(tokenizer, cfg, init)
+    return cfg, (init_params(cfg, rng) if params is None else params)
 
 
 # --------------------------------------------------------------------------------------------------- the mesh
@@ -213,14 +237,45 @@ def make_run_mesh(shape: tuple[int, int, int] | None):
 
 
 # --------------------------------------------------------------------------------------------------- the data
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+"""The files of a tokenizer that a run copies beside its final params (those that exist)."""
+
+
+def tokenizer_source(name: str | None, init: str | None) -> str:
+    """--data.tokenizer, or with None the --init folder when it holds a tokenizer.json, else "byte"."""
+    if name is not None:
+        return name
+    if init is not None and os.path.isfile(os.path.join(init, "tokenizer.json")):
+        return init
+    return "byte"
+
+
 def make_tokenizer(name: str):
-    """"byte" -> ByteTokenizer(); otherwise HFTokenizer.from_file(path) (a tokenizer.json or its folder)."""
+    """"byte" -> ByteTokenizer(); otherwise HFTokenizer.from_file(path) (a tokenizer.json or its folder). The
+    tokenizer's folder is kept as `tok.source_dir` (None for "byte"), so that a run can save it with its params."""
     from rlhf_jax.tokenizer import ByteTokenizer, HFTokenizer
 
     if name == "byte":
-        return ByteTokenizer()
+        tok = ByteTokenizer()
+        tok.source_dir = None
+        return tok
     path = os.path.join(name, "tokenizer.json") if os.path.isdir(name) else name
-    return HFTokenizer.from_file(path)
+    if not os.path.isfile(path):
+        raise ValueError(f"--data.tokenizer {name}: no tokenizer.json there")
+    tok = HFTokenizer.from_file(path)
+    tok.source_dir = os.path.dirname(os.path.abspath(path))
+    return tok
+
+
+def check_vocab(tok, model_config, init: str | None) -> None:
+    """A setup error when the tokenizer's ids do not fit the model's embedding table (a larger tokenizer would
+    index past it; with a byte tokenizer on a large model every id is valid but the model was not trained on
+    them: that is allowed, as for a fresh model)."""
+    if tok.vocab_size > model_config.vocab_size:
+        where = f"the model in {init}" if init else "the model"
+        raise ValueError(f"the tokenizer has {tok.vocab_size} ids but {where} has a vocabulary of "
+                         f"{model_config.vocab_size}: pass the model's own tokenizer (--data.tokenizer FOLDER), or "
+                         "leave --data.tokenizer unset to use the one in --init")
 
 
 def demo_tasks(n: int, seed: int) -> list:
@@ -265,12 +320,13 @@ def demo_records(kind: str, n: int, seed: int) -> list:
     return [parse_record(r, kind) for r in raw]
 
 
-def load_data(spec: DataSpec, kind: str, *, seed: int, batch_size: int | None = None):
+def load_data(spec: DataSpec, kind: str, *, seed: int, batch_size: int | None = None, init: str | None = None):
     """A resumable `rlhf_jax.data.Batches` iterator (infinite, reshuffled every epoch by (seed, epoch)) and the
-    tokenizer. Multi-host (after `make_run_mesh`): each process gets only its rows (`ProcessRows`)."""
+    tokenizer (`tokenizer_source(spec.tokenizer, init)`). Multi-host (after `make_run_mesh`): each process gets only
+    its rows (`ProcessRows`)."""
     from rlhf_jax.data import Batches, ShuffledIterator, load_records, unpair
 
-    tok = make_tokenizer(spec.tokenizer)
+    tok = make_tokenizer(tokenizer_source(spec.tokenizer, init))
     # Unpaired feedback (KTO) may come from preference pairs, split as TRL's unpair_preference_dataset does.
     source_kind = spec.kind or kind
     if spec.path is None:

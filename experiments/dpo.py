@@ -41,8 +41,9 @@ def main(argv=None) -> int:
     try:
         mesh = make_run_mesh(cfg.mesh)          # first: multi-host init precedes any other JAX call
         out = start_run(cfg, cfg.out)
-        data, _ = load_data(cfg.data, "preference", seed=cfg.seed)
-        mc, params = init_model(cfg.preset, cfg.model, jax.random.key(cfg.seed), init=cfg.init)
+        data, tok = load_data(cfg.data, "preference", seed=cfg.seed, init=cfg.init)
+        mc, params = init_model(cfg.preset, cfg.model, jax.random.key(cfg.seed), init=cfg.init,
+                                tokenizer=tok)
         # On the device once (a no-op for device arrays); the train state makes its own copy to donate.
         ref_params = jax.device_put(params)
         state, lora = trainable_state(cfg, params, mc, cfg.dpo.optim, cfg.dpo.num_steps)
@@ -58,7 +59,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     if finished:
-        save_final(out, "dpo", state.params, mc, lora.get("lora"), ref_params)
+        save_final(out, "dpo", state.params, mc, lora.get("lora"), ref_params, tokenizer=tok)
     finish_report(out, "dpo", history, keys=("loss", "rewards/accuracies", "rewards/margins"),
                   summary={"finished": finished, "model": cfg.init or cfg.preset, "beta": cfg.dpo.beta,
                            "loss_type": cfg.dpo.loss_type, "data": cfg.data.path or "demo"})

@@ -77,10 +77,10 @@ def main(argv=None) -> int:
     try:
         mesh = make_run_mesh(cfg.mesh)          # first: multi-host init precedes any other JAX call
         out = start_run(cfg, cfg.out)
-        data, tok = load_data(cfg.data, "prompt", seed=cfg.seed, batch_size=cfg.grpo.batch_size)
+        data, tok = load_data(cfg.data, "prompt", seed=cfg.seed, batch_size=cfg.grpo.batch_size, init=cfg.init)
         grpo_cfg = with_tokenizer_ids(cfg.grpo, tok)
         k_policy, k_reward, k_head = jax.random.split(jax.random.key(cfg.seed), 3)
-        mc, policy = init_model(cfg.preset, cfg.model, k_policy, init=cfg.init)
+        mc, policy = init_model(cfg.preset, cfg.model, k_policy, init=cfg.init, tokenizer=tok)
         check_rollout_length(cfg.data.seq_len, grpo_cfg.sampling, mc, "grpo")
         rewards = {}
         if cfg.reward == "model":
@@ -110,7 +110,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     if finished:
-        save_final(out, "grpo", state.params, mc, lora.get("lora"), ref)
+        save_final(out, "grpo", state.params, mc, lora.get("lora"), ref, tokenizer=tok)
     finish_report(out, "grpo", history, keys=("reward", "reward_std", "completions/mean_length", "kl"),
                   summary={"finished": finished, "policy": cfg.init or cfg.preset, "reward": cfg.reward,
                            "data": cfg.data.path or "demo"})

@@ -43,8 +43,9 @@ def main(argv=None) -> int:
     try:
         mesh = make_run_mesh(cfg.mesh)          # first: multi-host init precedes any other JAX call
         out = start_run(cfg, cfg.out)
-        data, _ = load_data(cfg.data, "unpaired", seed=cfg.seed)
-        mc, params = init_model(cfg.preset, cfg.model, jax.random.key(cfg.seed), init=cfg.init)
+        data, tok = load_data(cfg.data, "unpaired", seed=cfg.seed, init=cfg.init)
+        mc, params = init_model(cfg.preset, cfg.model, jax.random.key(cfg.seed), init=cfg.init,
+                                tokenizer=tok)
         ref_params = jax.device_put(params)
         state, lora = trainable_state(cfg, params, mc, cfg.kto.optim, cfg.kto.num_steps)
     except (ValueError, OSError) as e:  # DataError is a ValueError
@@ -59,7 +60,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     if finished:
-        save_final(out, "kto", state.params, mc, lora.get("lora"), ref_params)
+        save_final(out, "kto", state.params, mc, lora.get("lora"), ref_params, tokenizer=tok)
     finish_report(out, "kto", history, keys=("loss", "kl", "rewards/chosen", "rewards/rejected"),
                   summary={"finished": finished, "model": cfg.init or cfg.preset, "beta": cfg.kto.beta,
                            "data": cfg.data.path or "demo"})

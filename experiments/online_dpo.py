@@ -56,10 +56,11 @@ def main(argv=None) -> int:
             raise ValueError("--mesh: online DPO runs on one device for now; leave --mesh unset")
         make_run_mesh(cfg.mesh)
         out = start_run(cfg, cfg.out)
-        data, tok = load_data(cfg.data, "prompt", seed=cfg.seed, batch_size=cfg.online_dpo.batch_size)
+        data, tok = load_data(cfg.data, "prompt", seed=cfg.seed, batch_size=cfg.online_dpo.batch_size,
+                              init=cfg.init)
         stage_cfg = with_tokenizer_ids(cfg.online_dpo, tok)
         k_policy, k_reward = jax.random.split(jax.random.key(cfg.seed))
-        mc, policy = init_model(cfg.preset, cfg.model, k_policy, init=cfg.init)
+        mc, policy = init_model(cfg.preset, cfg.model, k_policy, init=cfg.init, tokenizer=tok)
         check_rollout_length(cfg.data.seq_len, stage_cfg.sampling, mc, "online-dpo")
         gold = None
         if cfg.data.path is None:     # the built-in prompts: the world's gold reward is known
@@ -92,7 +93,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     if finished:
-        save_final(out, "online_dpo", state.params, mc, lora.get("lora"), ref)
+        save_final(out, "online_dpo", state.params, mc, lora.get("lora"), ref, tokenizer=tok)
     finish_report(out, "online_dpo", history, keys=("loss", "judge/score", "rewards/accuracies",
                                                     "completions/mean_length"),
                   summary={"finished": finished, "policy": cfg.init or cfg.preset, "judge": cfg.judge,

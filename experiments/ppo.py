@@ -15,8 +15,8 @@ import sys
 import jax
 
 from experiments.common import (CheckpointSpec, DataSpec, RunOptions, check_rollout_length, finish_report,
-                                init_model, load_data, make_run_mesh, run_stage, setup_error, start_run,
-                                with_tokenizer_ids)
+                                init_model, load_data, make_run_mesh, run_stage, save_tokenizer, setup_error,
+                                start_run, with_tokenizer_ids)
 from rlhf_jax.config_cli import parse_cli
 from rlhf_jax.generation import SamplingConfig
 from rlhf_jax.models import init_params
@@ -56,10 +56,11 @@ def main(argv=None) -> int:
             raise ValueError("--lora.rank: PPO does not take LoRA adapters yet (SFT, reward, DPO and GRPO do); "
                              "leave it at 0")
         out = start_run(cfg, cfg.out)
-        data, tok = load_data(cfg.data, "prompt", seed=cfg.seed, batch_size=cfg.ppo.batch_size)
+        data, tok = load_data(cfg.data, "prompt", seed=cfg.seed, batch_size=cfg.ppo.batch_size,
+                              init=cfg.policy_init)
         ppo_cfg = with_tokenizer_ids(cfg.ppo, tok)
         k_policy, k_reward, k_head, k_state = jax.random.split(jax.random.key(cfg.seed), 4)
-        mc, policy = init_model(cfg.preset, cfg.model, k_policy, init=cfg.policy_init)
+        mc, policy = init_model(cfg.preset, cfg.model, k_policy, init=cfg.policy_init, tokenizer=tok)
         check_rollout_length(cfg.data.seq_len, cfg.ppo.sampling, mc, "ppo")
         if cfg.reward_init is None:  # a fresh reward model of the policy's architecture
             reward = init_params(mc, k_reward)
@@ -86,6 +87,7 @@ def main(argv=None) -> int:
         return 1
     if finished:
         ckpt.save_params(os.path.join(out, "ppo", "final"), state.policy.params, model_config=mc)
+        save_tokenizer(tok, os.path.join(out, "ppo", "final"))
     finish_report(out, "ppo", history, keys=("objective/scores", "objective/kl", "loss/policy", "loss/value"),
                   summary={"finished": finished, "policy": cfg.policy_init or cfg.preset,
                            "reward_model": cfg.reward_init or "random", "data": cfg.data.path or "demo"})

@@ -42,9 +42,9 @@ def main(argv=None) -> int:
     try:
         mesh = make_run_mesh(cfg.mesh)          # first: multi-host init precedes any other JAX call
         out = start_run(cfg, cfg.out)
-        data, _ = load_data(cfg.data, "preference", seed=cfg.seed)
+        data, tok = load_data(cfg.data, "preference", seed=cfg.seed, init=cfg.init)
         k_init, k_head = jax.random.split(jax.random.key(cfg.seed))
-        mc, params = init_model(cfg.preset, cfg.model, k_init, init=cfg.init)
+        mc, params = init_model(cfg.preset, cfg.model, k_init, init=cfg.init, tokenizer=tok)
         if "score_head" not in params:
             params = with_score_head(params, mc, k_head)
         if cfg.lora.rank:                  # LoRA: the trunk is the frozen base, the head trains with the adapters
@@ -63,7 +63,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     if finished:
-        save_final(out, "reward", state.params, mc, lora.get("lora"), params)
+        save_final(out, "reward", state.params, mc, lora.get("lora"), params, tokenizer=tok)
     finish_report(out, "reward", history, keys=("loss", "accuracy", "rewards/margins"),
                   summary={"finished": finished, "model": cfg.init or cfg.preset, "data": cfg.data.path or "demo"})
     return 0

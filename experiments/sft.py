@@ -41,8 +41,9 @@ def main(argv=None) -> int:
     try:
         mesh = make_run_mesh(cfg.mesh)          # first: multi-host init precedes any other JAX call
         out = start_run(cfg, cfg.out)
-        data, tok = load_data(cfg.data, "sft", seed=cfg.seed)
-        mc, params = init_model(cfg.preset, cfg.model, jax.random.key(cfg.seed), init=cfg.init)
+        data, tok = load_data(cfg.data, "sft", seed=cfg.seed, init=cfg.init)
+        mc, params = init_model(cfg.preset, cfg.model, jax.random.key(cfg.seed), init=cfg.init,
+                                tokenizer=tok)
         state, lora = trainable_state(cfg, params, mc, cfg.sft.optim, cfg.sft.num_steps)
         base = {"base_params": params} if lora else {}
     except (ValueError, OSError) as e:  # DataError is a ValueError
@@ -57,7 +58,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     if finished:
-        save_final(out, "sft", state.params, mc, lora.get("lora"), params)
+        save_final(out, "sft", state.params, mc, lora.get("lora"), params, tokenizer=tok)
     finish_report(out, "sft", history, keys=("loss", "accuracy"),
                   summary={"finished": finished, "model": cfg.init or cfg.preset, "data": cfg.data.path or "demo"})
     return 0

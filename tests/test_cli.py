@@ -418,3 +418,50 @@ def test_kto_online_dpo_and_reference_free_preference_scripts_run_and_reject_bad
     assert capsys.readouterr().err.strip() == ("error: --data.seq-len 64 + --online-dpo.sampling.max-new-tokens 16 "
                                                "exceeds the model's max_seq_len 64; lower one of them (or raise "
                                                "--model.max-seq-len for a fresh model)")
+
+
+def test_tokenizer_comes_from_the_init_folder_and_travels_with_the_params(tmp_path, capsys):
+    """A model folder holding a tokenizer.json: SFT from it needs no --data.tokenizer, saves the tokenizer beside
+    its final params, and DPO from those needs none either; a tokenizer larger than the model's vocabulary is one
+    setup line naming both sizes, exit 2, before anything is trained."""
+    import gzip
+    import shutil
+
+    import jax
+
+    from experiments import dpo, sft
+    from rlhf_jax.models import ModelConfig, init_params
+    from rlhf_jax.train.checkpoint import save_params
+    from rlhf_jax.tokenizer import HFTokenizer
+
+    gpt2 = tmp_path / "gpt2-tok"
+    gpt2.mkdir()
+    with gzip.open(os.path.join(ROOT, "tests", "fixtures", "gpt2-tokenizer", "tokenizer.json.gz"), "rb") as f:
+        (gpt2 / "tokenizer.json").write_bytes(f.read())
+    vocab = HFTokenizer.from_file(gpt2 / "tokenizer.json").vocab_size
+    mc = ModelConfig(vocab_size=vocab, d_model=16, num_layers=1, num_heads=2, mlp_dim=32, max_seq_len=64)
+    base = tmp_path / "base"
+    save_params(base, init_params(mc, jax.random.PRNGKey(0)), model_config=mc)
+    shutil.copy(gpt2 / "tokenizer.json", base / "tokenizer.json")
+    common = ["--data.num-demo", "8", "--data.batch-size", "2", "--data.seq-len", "48", "--checkpoint.no-tensorboard"]
+    assert sft.main(["--out", str(tmp_path / "sft"), "--init", str(base), "--sft.num-steps", "2",
+                     "--sft.optim.warmup-steps", "1", *common]) == 0
+    final = tmp_path / "sft" / "sft" / "final"
+    assert (final / "tokenizer.json").read_bytes() == (gpt2 / "tokenizer.json").read_bytes()
+    assert dpo.main(["--out", str(tmp_path / "dpo"), "--init", str(final), "--dpo.num-steps", "1",
+                     "--dpo.optim.warmup-steps", "0", "--dpo.optim.schedule", "constant", *common]) == 0
+    assert (tmp_path / "dpo" / "dpo" / "final" / "tokenizer.json").exists()
+    byte_model = tmp_path / "bytes"
+    save_params(byte_model, init_params(CFG_BYTES, jax.random.PRNGKey(1)), model_config=CFG_BYTES)
+    capsys.readouterr()
+    assert sft.main(["--out", str(tmp_path / "bad"), "--init", str(byte_model), "--data.tokenizer", str(gpt2),
+                     *common]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"error: the tokenizer has {vocab} ids but the model in {byte_model} has a vocabulary of 259: "
+                   "pass the model's own tokenizer (--data.tokenizer FOLDER), or leave --data.tokenizer unset to use "
+                   "the one in --init"), err
+    assert not (tmp_path / "bad" / "sft").exists()
+
+
+CFG_BYTES = __import__("rlhf_jax.models", fromlist=["ModelConfig"]).ModelConfig(
+    vocab_size=259, d_model=16, num_layers=1, num_heads=2, mlp_dim=32, max_seq_len=64)
