@@ -209,7 +209,10 @@ def init_model(preset: str, overrides, rng, *, init: str | None = None, tokenize
     changes = _changes(overrides) if overrides is not None else {}
     if init is not None:
         cfg, params = ckpt.load_params(init)
-        cfg = (cfg or ModelConfig.preset(preset)).replace(**changes)
+        if cfg is None:
+            raise ValueError(f"--init {init}: no model_config.json beside params/ (save_params writes one; without "
+                             "it the architecture is unknown)")
+        cfg = cfg.replace(**changes)
         params = jax.tree.map(np.asarray, params)
     else:
         cfg = ModelConfig.preset(preset, **changes)

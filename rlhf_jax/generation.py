@@ -41,15 +41,15 @@ class SamplingConfig:
     top_p: float = 1.0
     """Nucleus sampling mass (1: off)."""
     eos_id: int = 258
-    """End-of-sequence id (ByteTokenizer's); a response stops after it. Must differ from pad_id."""
+    """End-of-sequence id (ByteTokenizer's); a response stops after it."""
     pad_id: int = 256
-    """Padding id of prompts and of response tokens after EOS."""
+    """Padding id of prompts and of response tokens after EOS. It may equal eos_id (GPT-2 has no pad token): the
+    sampler returns `response_mask` (1 up to and including EOS) and every consumer tells padding from a real EOS
+    by the masks, never by the id (Huang et al. 2024's shared-id pitfall is reading EOS back from the ids)."""
 
     def __post_init__(self):
         check_ranges(self, positive=("max_new_tokens",), non_negative=("temperature", "top_k"))
         config_check(self, 0.0 < self.top_p <= 1.0, f"top_p = {self.top_p} must be in (0, 1]")
-        config_check(self, self.eos_id != self.pad_id,
-                     f"eos_id = pad_id = {self.pad_id}: they must differ (Huang et al.: a shared id hides EOS)")
 
     def sample_kwargs(self) -> dict:
         """The keyword arguments of `sample`."""

@@ -317,7 +317,7 @@ def _no_signal(state, data, cfg, hooks):
     ("dpo", ["--dpo.beta", "0"], "error: --dpo.*: DPOConfig: beta = 0.0 must be > 0"),
     ("ppo", ["--ppo.clip-eps", "-0.1"], "error: --ppo.*: PPOConfig: clip_eps = -0.1 must be > 0"),
     ("ppo", ["--ppo.gamma", "1.5"], "error: --ppo.*: PPOConfig: gamma = 1.5 must be in [0, 1]"),
-    ("ppo", ["--ppo.sampling.eos-id", "256"], "error: --ppo.sampling.*: SamplingConfig: eos_id = pad_id = 256"),
+    ("ppo", ["--ppo.sampling.top-p", "0"], "error: --ppo.sampling.*: SamplingConfig: top_p = 0.0 must be in (0, 1]"),
     ("sft", ["--sft.optim.learning-rate", "-1e-4"], "error: --sft.optim.*: OptimConfig: learning_rate = -0.0001"),
     ("sft", ["--seed", "-1"], "error: options: SFTExperiment: seed = -1 must be >= 0"),
 ])
@@ -420,19 +420,17 @@ def test_kto_online_dpo_and_reference_free_preference_scripts_run_and_reject_bad
                                                "--model.max-seq-len for a fresh model)")
 
 
-def test_tokenizer_comes_from_the_init_folder_and_travels_with_the_params(tmp_path, capsys):
-    """A model folder holding a tokenizer.json: SFT from it needs no --data.tokenizer, saves the tokenizer beside
-    its final params, and DPO from those needs none either; a tokenizer larger than the model's vocabulary is one
-    setup line naming both sizes, exit 2, before anything is trained."""
+def _gpt2_tokenizer_model(tmp_path):
+    """(tokenizer folder, model folder holding the same tokenizer.json, vocabulary size): a tiny GPT-2 shaped
+    save_params model over the real GPT-2 tokenizer (tests/fixtures)."""
     import gzip
     import shutil
 
     import jax
 
-    from experiments import dpo, sft
     from rlhf_jax.models import ModelConfig, init_params
-    from rlhf_jax.train.checkpoint import save_params
     from rlhf_jax.tokenizer import HFTokenizer
+    from rlhf_jax.train.checkpoint import save_params
 
     gpt2 = tmp_path / "gpt2-tok"
     gpt2.mkdir()
@@ -443,6 +441,23 @@ def test_tokenizer_comes_from_the_init_folder_and_travels_with_the_params(tmp_pa
     base = tmp_path / "base"
     save_params(base, init_params(mc, jax.random.PRNGKey(0)), model_config=mc)
     shutil.copy(gpt2 / "tokenizer.json", base / "tokenizer.json")
+    return gpt2, base, vocab
+
+
+def test_tokenizer_comes_from_the_init_folder_and_travels_with_the_params(tmp_path, capsys):
+    """A model folder holding a tokenizer.json: SFT from it needs no --data.tokenizer, saves the tokenizer beside
+    its final params, and DPO from those needs none either; a tokenizer larger than the model's vocabulary is one
+    setup line naming both sizes, exit 2, before anything is trained. Then the commands a user runs next: export
+    (transformers loads the folder: same logits, its tokenizer, eos / pad ids) and generate."""
+    import jax
+    import torch
+    import transformers
+
+    from experiments import dpo, export, generate, sft
+    from rlhf_jax.models import forward, init_params
+    from rlhf_jax.train.checkpoint import load_params, save_params
+
+    gpt2, base, vocab = _gpt2_tokenizer_model(tmp_path)
     common = ["--data.num-demo", "8", "--data.batch-size", "2", "--data.seq-len", "48", "--checkpoint.no-tensorboard"]
     assert sft.main(["--out", str(tmp_path / "sft"), "--init", str(base), "--sft.num-steps", "2",
                      "--sft.optim.warmup-steps", "1", *common]) == 0
@@ -461,6 +476,37 @@ def test_tokenizer_comes_from_the_init_folder_and_travels_with_the_params(tmp_pa
                    "pass the model's own tokenizer (--data.tokenizer FOLDER), or leave --data.tokenizer unset to use "
                    "the one in --init"), err
     assert not (tmp_path / "bad" / "sft").exists()
+
+    hf = tmp_path / "hf"
+    assert export.main([str(final), "--out", str(hf)]) == 0
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf).eval()
+    hf_tok = transformers.AutoTokenizer.from_pretrained(hf)
+    ids = hf_tok("Hello world, how are you?")["input_ids"]
+    mc, params = load_params(final)
+    with torch.no_grad():
+        theirs = model(torch.tensor([ids])).logits.numpy()
+    np.testing.assert_allclose(np.asarray(forward(params, jnp.asarray([ids]), config=mc)), theirs, atol=1e-4)
+    config = json.loads((hf / "config.json").read_text())
+    assert config["eos_token_id"] == config["pad_token_id"] == 50256      # GPT-2: <|endoftext|> for both
+    assert json.loads((hf / "generation_config.json").read_text())["eos_token_id"] == 50256
+    capsys.readouterr()
+    assert export.main([str(tmp_path / "nowhere"), "--out", str(hf)]) == 2
+    assert capsys.readouterr().err.strip() == f"error: --src {tmp_path / 'nowhere'}: no such folder (expected RUN/STAGE/final)"
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('"Hi there"\n{"prompt": "Name a colour."}\n')
+    out = tmp_path / "gen.jsonl"
+    assert generate.main(["--init", str(final), "--prompts", str(prompts), "--out", str(out), "--num-samples", "2",
+                          "--sampling.max-new-tokens", "5"]) == 0
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [(r["prompt"], r["sample"]) for r in rows] == [("Hi there", 0), ("Hi there", 1), ("Name a colour.", 0),
+                                                          ("Name a colour.", 1)]
+    assert all(isinstance(r["completion"], str) for r in rows)
+    capsys.readouterr()
+    assert generate.main(["--init", str(final), "--prompt", "Hello", "--sampling.max-new-tokens", "3"]) == 0
+    assert json.loads(capsys.readouterr().out.strip())["prompt"] == "Hello"
+    assert generate.main(["--init", str(final)]) == 2
+    assert capsys.readouterr().err.strip() == "error: give exactly one of --prompt TEXT and --prompts FILE"
 
 
 CFG_BYTES = __import__("rlhf_jax.models", fromlist=["ModelConfig"]).ModelConfig(

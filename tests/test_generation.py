@@ -128,6 +128,24 @@ def test_eos_stops_and_pads(params):
     assert out.response_mask[0].sum() == first + 1
 
 
+def test_pad_id_equal_to_eos_id_changes_only_the_padding(params):
+    """GPT-2 pads with its EOS: the same samples, masks and log-probs as with a distinct pad id; only the ids after
+    EOS differ, and the masks (not the ids) say where a response ends."""
+    p, N = params["gpt2"], 6
+    prompts, mask = _left_pad([[5, 9, 2], [7, 1]], 3)
+    free = sample(p, prompts, mask, jax.random.key(0), config=GPT, max_new_tokens=N, temperature=0.0, pad_id=PAD)
+    eos = int(free.tokens[0, 3 + 1])
+    apart = sample(p, prompts, mask, jax.random.key(0), config=GPT, max_new_tokens=N, temperature=0.0, eos_id=eos,
+                   pad_id=PAD)
+    shared = sample(p, prompts, mask, jax.random.key(0), config=GPT, max_new_tokens=N, temperature=0.0, eos_id=eos,
+                    pad_id=eos)
+    np.testing.assert_array_equal(shared.response_mask, apart.response_mask)
+    np.testing.assert_array_equal(shared.logprobs, apart.logprobs)
+    keep = np.asarray(apart.response_mask) > 0
+    np.testing.assert_array_equal(np.asarray(shared.tokens[:, 3:])[keep], np.asarray(apart.tokens[:, 3:])[keep])
+    assert (np.asarray(shared.tokens[:, 3:])[~keep] == eos).all() and (~keep).any()
+
+
 def test_top_k_one_is_greedy(params):
     p = params["llama"]
     prompts, mask = _left_pad([[5, 9, 2], [7, 1]], 3)

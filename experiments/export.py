@@ -1,0 +1,95 @@
+"""Export: `python -m experiments.export RUN/STAGE/final --out HF_DIR [--what merged|adapter] [--dtype bfloat16]`.
+
+Writes a run's final params as a Hugging Face folder that `transformers.AutoModelForCausalLM.from_pretrained`
+loads: config.json (with the tokenizer's bos / eos / pad ids), the safetensors weights, generation_config.json and
+the tokenizer's files when the run had a Hugging Face tokenizer (a byte-level model exports its weights only).
+With `--what adapter` it writes the LoRA adapters of a `--lora.rank` run instead (RUN/STAGE/adapter, in peft's
+format: `peft.PeftModel.from_pretrained(base, HF_DIR)`), with the same tokenizer files. A score head (reward
+model) is not exported. `--help` lists every option.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import sys
+from typing import Literal
+
+from experiments.common import TOKENIZER_FILES, make_tokenizer, setup_error, tokenizer_source
+from rlhf_jax.config_cli import parse_cli
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ExportOptions:
+    """Export a run's final params (or its LoRA adapters) as a Hugging Face folder."""
+
+    src: str | None = None
+    """A save_params folder: RUN/STAGE/final (required; the first argument may give it without --src)."""
+    out: str | None = None
+    """The Hugging Face folder to write (required; created; files of an earlier export there are replaced)."""
+    what: Literal["merged", "adapter"] = "merged"
+    """merged: the whole model (LoRA runs save their adapters merged into final/); adapter: the LoRA adapters in
+    peft's format, from the stage's adapter/ folder beside final/."""
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    """Storage dtype of the weights; None: the params' own (float32)."""
+    model_type: Literal["gpt2", "llama", "qwen2", "mistral"] | None = None
+    """The Hugging Face architecture; None: inferred from the model config (as the folder was loaded)."""
+    max_shard_size: str | None = None
+    """Split the weights into shards of at most this size, e.g. 5GB (None: one file)."""
+
+
+def _special_ids(tok) -> dict:
+    return {"bos_token_id": int(tok.bos_id), "eos_token_id": int(tok.eos_id), "pad_token_id": int(tok.pad_id)}
+
+
+def export(cfg: ExportOptions) -> str:
+    """Write the export; returns the output folder. Raises ValueError / OSError on a bad source."""
+    from rlhf_jax.models import save_pretrained
+    from rlhf_jax.train.checkpoint import load_params
+
+    if cfg.src is None or cfg.out is None:
+        raise ValueError("give the run's final folder and --out: python -m experiments.export RUN/STAGE/final "
+                         "--out HF_DIR")
+    if not os.path.isdir(cfg.src):
+        raise ValueError(f"--src {cfg.src}: no such folder (expected RUN/STAGE/final)")
+    tok = make_tokenizer(tokenizer_source(None, cfg.src))
+    os.makedirs(cfg.out, exist_ok=True)
+    if cfg.what == "adapter":
+        adapter = os.path.join(os.path.dirname(os.path.abspath(cfg.src)), "adapter")
+        if not os.path.isfile(os.path.join(adapter, "adapter_config.json")):
+            raise ValueError(f"--what adapter: {adapter} holds no adapter_config.json (train with --lora.rank R)")
+        for name in os.listdir(adapter):
+            shutil.copyfile(os.path.join(adapter, name), os.path.join(cfg.out, name))
+    else:
+        model_config, params = load_params(cfg.src)
+        if model_config is None:
+            raise ValueError(f"{cfg.src}: no model_config.json (a save_params folder has one)")
+        ids = _special_ids(tok)
+        save_pretrained(model_config, {k: v for k, v in params.items() if k != "score_head"}, cfg.out,
+                        dtype=cfg.dtype, model_type=cfg.model_type, max_shard_size=cfg.max_shard_size,
+                        extra_config=ids)
+        with open(os.path.join(cfg.out, "generation_config.json"), "w") as f:
+            json.dump({**ids, "do_sample": True}, f, indent=2)
+    if tok.source_dir is not None:
+        for name in TOKENIZER_FILES:
+            if os.path.isfile(os.path.join(tok.source_dir, name)):
+                shutil.copyfile(os.path.join(tok.source_dir, name), os.path.join(cfg.out, name))
+    return cfg.out
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and not argv[0].startswith("-"):
+        argv = ["--src", *argv]
+    cfg = parse_cli(ExportOptions, argv)
+    try:
+        out = export(cfg)
+    except (ValueError, OSError) as e:
+        return setup_error(e)
+    print(f"exported {cfg.src} ({cfg.what}) to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
