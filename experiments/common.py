@@ -79,7 +79,14 @@ class LoraSpec:
 
 def trainable_state(cfg, params, model_config, optim, total_steps: int, *, head=None):
     """(train state, stage LoRA keyword arguments): the params themselves, or with --lora.rank R the adapters of
-    `params` (plus a reward model's `head`), the stage then getting `lora` (and the frozen params as its base)."""
+    `params` (plus a reward model's `head`), the stage then getting `lora` (and the frozen params as its base).
+    A warmup that does not fit in the run's updates is a setup error naming the stage's flags."""
+    if optim.schedule != "constant" and optim.warmup_steps >= total_steps:
+        group = next((f.name.replace("_", "-") for f in dataclasses.fields(cfg)
+                      if getattr(getattr(cfg, f.name), "optim", None) == optim), "stage")
+        raise ValueError(f"--{group}.optim.warmup-steps {optim.warmup_steps} must be below the run's {total_steps} "
+                         f"updates for the {optim.schedule} schedule: lower it, raise --{group}.num-steps, or pass "
+                         f"--{group}.optim.schedule constant")
     lora = cfg.lora.config()
     if lora is None:
         return create_train_state(params, optim, cfg.seed, total_steps=total_steps), {}
@@ -432,3 +439,7 @@ def finish_report(out: str, stage: str, history: list[dict], *, keys: tuple[str,
     write_report(out, {"stage": stage, "steps": last.get("step", 0), **(summary or {}),
                        **{f"final/{k}": v for k, v in last.items() if k not in ("step", "time")}},
                  {"last logged steps": table}, title=f"{stage} run", images=[os.path.basename(p) for p in images])
+    finals = ", ".join(f"{k} {last[k]:.4g}" for k in keys if isinstance(last.get(k), (int, float)))
+    print(f"[{stage}] {last.get('step', 0)} steps{'; ' + finals if finals else ''}; run directory {out} "
+          f"(report.md, {stage}/metrics.jsonl{', ' + stage + '/final' if (summary or {}).get('finished') else ''})",
+          file=sys.stderr)

@@ -19,6 +19,7 @@ import contextvars
 import dataclasses
 import json
 import math
+import os
 import sys
 import types
 import typing
@@ -233,6 +234,15 @@ CONFIG_HELP = ("Options: --config FILE.json loads a JSON object of nested field 
                "(default: none; flags given after it still win).")
 
 
+def _prog() -> str | None:
+    """`python -m package.module` for a script run as a module (argv[0] is then its file path), else None."""
+    path = os.path.abspath(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    parent, name = os.path.split(path)
+    if not name.endswith(".py") or not os.path.isfile(os.path.join(parent, "__init__.py")):
+        return None
+    return f"python -m {os.path.basename(parent)}.{name[:-3]}"
+
+
 def parse_cli(cls: type, argv: Sequence[str] | None = None, *, description: str | None = None,
               default: Any = None) -> Any:
     """Parse `argv` (default sys.argv[1:]) into a `cls` instance (its `__post_init__` checks run as it is built);
@@ -248,7 +258,7 @@ def parse_cli(cls: type, argv: Sequence[str] | None = None, *, description: str 
 
         deferred = _DEFER_CHECKS.set(True)
         try:
-            config = tyro.cli(cls, args=rest, default=base, description=text)
+            config = tyro.cli(cls, args=rest, default=base, description=text, prog=_prog())
         finally:
             _DEFER_CHECKS.reset(deferred)
         _check_tree(config)

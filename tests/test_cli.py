@@ -173,6 +173,7 @@ def test_sft_help_subprocess():
     r = subprocess.run([sys.executable, "-m", "experiments.sft", "--help"], cwd=ROOT, env=ENV,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("usage: python -m experiments.sft ")
     text = _flat(r.stdout)
     for opt in ["--out STR", "(default: runs/sft)", "--sft.num-steps INT", "(default: 150)",
                 "--sft.optim.learning-rate FLOAT", "(default: 0.003)", "--data.batch-size INT"]:
@@ -511,3 +512,21 @@ def test_tokenizer_comes_from_the_init_folder_and_travels_with_the_params(tmp_pa
 
 CFG_BYTES = __import__("rlhf_jax.models", fromlist=["ModelConfig"]).ModelConfig(
     vocab_size=259, d_model=16, num_layers=1, num_heads=2, mlp_dim=32, max_seq_len=64)
+
+
+def test_a_run_reports_progress_and_its_summary_and_a_warmup_too_long_names_the_flags(tmp_path, capsys):
+    """Not on a terminal (as under pytest): one progress line per logged window and a closing summary naming the
+    run directory; a warmup longer than the run is one setup line naming the stage's flags."""
+    from experiments import sft
+    argv = ["--model.num-layers", "1", "--model.max-seq-len", "32", "--data.num-demo", "8", "--data.batch-size", "2",
+            "--data.seq-len", "32", "--checkpoint.no-tensorboard"]
+    assert sft.main(["--out", str(tmp_path / "a"), "--sft.num-steps", "4", "--sft.log-every", "2",
+                     "--sft.optim.warmup-steps", "1", *argv]) == 0
+    err = capsys.readouterr().err.splitlines()
+    steps = [line for line in err if line.startswith("[sft] step ")]
+    assert [line.split()[2] for line in steps] == ["2/4", "4/4"] and all(" loss " in line for line in steps)
+    assert err[-1].startswith("[sft] 4 steps; loss ") and f"run directory {tmp_path / 'a'}" in err[-1]
+    assert sft.main(["--out", str(tmp_path / "b"), "--sft.num-steps", "5", *argv]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: --sft.optim.warmup-steps 10 must be below the run's 5 updates for the cosine schedule: lower it, "
+        "raise --sft.num-steps, or pass --sft.optim.schedule constant")

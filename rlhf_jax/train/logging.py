@@ -135,14 +135,17 @@ class ProgressHook(StageHooks):
     """tqdm bar showing the loss (or `key`) and throughput.
 
     Throughput is `tokens_per_step` tokens/s when given, else `samples_per_step` samples/s, else steps/s.
-    `disable=None` disables the bar when stderr is not a TTY or `CI` is set (no log spam in CI).
+    `disable=None` disables the bar when stderr is not a TTY or `CI` is set (no log spam in CI); a disabled bar
+    prints one plain line per logged window to stderr instead (`lines=True`, the default), so that a run in a
+    log file or a pipe still shows where it is.
     """
 
     def __init__(self, total: int | None, *, desc: str = "", initial: int = 0, key: str = "loss",
                  tokens_per_step: int | None = None, samples_per_step: int | None = None,
-                 disable: bool | None = None, mininterval: float = 0.5):
+                 disable: bool | None = None, mininterval: float = 0.5, lines: bool = True):
         self.key, self.tokens_per_step, self.samples_per_step = key, tokens_per_step, samples_per_step
         disable = _quiet_default() if disable is None else disable
+        self.lines, self.desc, self.total = lines and disable, desc, total
         self.bar = tqdm(total=total, initial=initial, desc=desc, disable=disable, mininterval=mininterval,
                         dynamic_ncols=True, unit="step")
         self._last_step, self._last_time = initial, time.perf_counter()
@@ -163,6 +166,10 @@ class ProgressHook(StageHooks):
         if self.rate is not None:
             post[unit] = f"{self.rate:.3g}"
         self.bar.set_postfix(post, refresh=False)
+        if self.lines:
+            of = f"/{self.total}" if self.total else ""
+            print(f"[{self.desc}] step {int(step)}{of} " + " ".join(f"{k} {v}" for k, v in post.items()),
+                  file=sys.stderr, flush=True)
 
     def close(self) -> None:
         self.bar.close()
@@ -218,5 +225,5 @@ def make_stage_hooks(run_dir: str | os.PathLike, stage: str, *, total_steps: int
         hooks.append(TensorBoardHook(os.path.join(stage_dir, "tb"), every=log_every))
     hooks.append(ProgressHook(total_steps, desc=stage, initial=initial_step, tokens_per_step=tokens_per_step,
                               samples_per_step=samples_per_step,
-                              disable=None if progress is None else not progress))
+                              disable=None if progress is None else not progress, lines=progress is None))
     return Hooks([*hooks, *extra])
