@@ -399,7 +399,8 @@ def test_kto_online_dpo_and_reference_free_preference_scripts_run_and_reject_bad
     capsys.readouterr()
     assert kto.main(["--out", str(tmp_path / "bad"), "--data.path", str(feedback), *tiny]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == f"error: {feedback}:2: field 'label': expected true or false, got 0", err
+    assert err == (f"error: {feedback}:2: field 'label': expected true or false, got 0 (skip such records with "
+                   "skip_invalid=True, --data.skip-invalid in the scripts)"), err
     assert dpo.main(["--out", str(tmp_path / "simpo"), "--dpo.loss-type", "simpo", "--dpo.beta", "2.0",
                      "--dpo.num-steps", "2", "--dpo.log-every", "1", "--dpo.optim.warmup-steps", "1", *tiny]) == 0
     lines = [json.loads(x) for x in open(tmp_path / "simpo" / "dpo" / "metrics.jsonl")]

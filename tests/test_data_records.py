@@ -111,7 +111,7 @@ def test_json_list_items_and_file_errors(tmp_path):
     with pytest.raises(DataError, match="cannot read"):
         load_records(tmp_path / "x.jsonl.gz", "text")
     with pytest.raises(DataError, match="unsupported"):
-        load_records(tmp_path / "x.csv", "text")
+        load_records(tmp_path / "x.tsv", "text")
     with pytest.raises(ValueError, match="unknown record kind"):
         load_records(p, "nope")
 

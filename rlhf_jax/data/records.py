@@ -25,6 +25,7 @@ counted in `records.summary` (also logged); nothing is ever dropped silently.
 from __future__ import annotations
 
 import dataclasses
+import csv
 import gzip
 import json
 import logging
@@ -247,6 +248,26 @@ def _response(value: Any, field: str) -> str:
     return value
 
 
+def _conversation_pair(obj: dict) -> PreferenceRecord | None:
+    """Chosen and rejected given as whole conversations (UltraFeedback-binarized, TRL's implicit-prompt layout):
+    message lists that share every message but the last, an assistant reply. None when they are not such lists."""
+    chosen, rejected = obj.get("chosen"), obj.get("rejected")
+    if not (isinstance(chosen, list) and isinstance(rejected, list) and (len(chosen) > 1 or len(rejected) > 1)):
+        return None
+    c, r = _messages(chosen, "chosen"), _messages(rejected, "rejected")
+    for key, conv in (("chosen", c), ("rejected", r)):
+        if conv[-1]["role"] != "assistant":
+            raise DataError("the conversation must end with the assistant's reply", field=key)
+    if c[:-1] != r[:-1]:
+        raise DataError("chosen and rejected conversations differ before their last message", field="rejected")
+    prompt = c[:-1]
+    if not prompt:          # TRL's explicit-prompt form with one-message replies: the prompt field holds it
+        prompt = _messages(obj["prompt"], "prompt") if isinstance(obj.get("prompt"), list) else _user_prompt(obj)
+    if prompt[-1]["role"] != "user":
+        raise DataError("the prompt must end with a user message", field="chosen")
+    return PreferenceRecord(prompt=prompt, chosen=c[-1]["content"], rejected=r[-1]["content"])
+
+
 def _parse_preference(obj: Any) -> PreferenceRecord:
     _need_dict(obj)
     for key in ("chosen", "rejected"):
@@ -265,6 +286,9 @@ def _parse_preference(obj: Any) -> PreferenceRecord:
         end = cut + len("\n\nAssistant:")
         return PreferenceRecord(prompt=prompt, chosen=_response(chosen[end:].strip(), "chosen"),
                                 rejected=_response(rejected[end:].strip(), "rejected"))
+    conversations = _conversation_pair(obj)
+    if conversations is not None:
+        return conversations
     if "prompt" in obj and isinstance(obj["prompt"], list):
         prompt = _messages(obj["prompt"], "prompt")
     elif "conversations" in obj or "messages" in obj:
@@ -361,8 +385,25 @@ def _read_values(path: Path) -> Iterator[tuple[int, Any]]:
                 raise DataError("malformed JSON: nested too deeply", path=name) from None
             yield from enumerate(data if isinstance(data, list) else [data], start=1)
             return
+        if name.endswith(".csv"):
+            with open(path, newline="", encoding="utf-8") as f:
+                reader = csv.DictReader(f)
+                for row in reader:   # the row's first line in the file (header = line 1)
+                    yield reader.line_num, {k: v for k, v in row.items() if k is not None}
+            return
+        if name.endswith(".parquet"):
+            try:
+                import pyarrow.parquet as pq
+            except ImportError:
+                raise DataError("reading .parquet needs pyarrow (pip install pyarrow)", path=name) from None
+            try:
+                rows = pq.read_table(path).to_pylist()
+            except Exception as e:  # pyarrow raises its own error types for a broken file
+                raise DataError(f"cannot read parquet ({type(e).__name__}: {e})", path=name) from None
+            yield from enumerate(rows, start=1)   # row numbers, as items of a .json list
+            return
         if not (name.endswith(".jsonl") or name.endswith(".jsonl.gz")):
-            raise DataError("unsupported file type (expected .json, .jsonl or .jsonl.gz)", path=name)
+            raise DataError("unsupported file type (expected .json, .jsonl, .jsonl.gz, .parquet or .csv)", path=name)
         opener = gzip.open if name.endswith(".gz") else open
         with opener(path, "rb") as f:
             for lineno, raw in enumerate(f, start=1):
@@ -372,7 +413,7 @@ def _read_values(path: Path) -> Iterator[tuple[int, Any]]:
                     yield lineno, json.loads(raw.decode("utf-8"))
                 except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
                     yield lineno, DataError(f"malformed JSON line ({type(e).__name__}: {e})", path=name, line=lineno)
-    except (OSError, EOFError, gzip.BadGzipFile) as e:
+    except (OSError, EOFError, gzip.BadGzipFile, UnicodeDecodeError, csv.Error) as e:
         raise DataError(f"cannot read file ({type(e).__name__}: {e})", path=name) from None
 
 
@@ -383,7 +424,8 @@ class Records(list):
 
 
 def load_records(path: str | Path, kind: str, *, skip_invalid: bool = False, limit: int | None = None) -> Records:
-    """Reads every record of a local .json (a list), .jsonl or .jsonl.gz file as `kind` (see the module docstring).
+    """Reads every record of a local .json (a list), .jsonl, .jsonl.gz, .parquet or .csv file as `kind` (see the
+    module docstring). Lines of .csv files are counted with the header as line 1; .parquet rows from 1.
 
     Raises `DataError` (file, line, field) on the first bad record, unless `skip_invalid=True`: then bad records
     are skipped, counted by reason in `.summary` and logged as a warning. A file that cannot be read or decoded
@@ -402,13 +444,16 @@ def load_records(path: str | Path, kind: str, *, skip_invalid: bool = False, lim
         except DataError as e:
             err = e.at(str(path), lineno)
             if not skip_invalid:
-                raise err from None
+                raise DataError(err.reason + " (skip such records with skip_invalid=True, --data.skip-invalid in the "
+                                "scripts)", path=err.path, line=err.line, field=err.field) from None
             key = f"{err.field}: {err.reason}" if err.field else err.reason.split(" (")[0]
             reasons[key] = reasons.get(key, 0) + 1
             if len(examples) < 5:
                 examples.append(str(err))
         if limit is not None and len(out) >= limit:
             break
+    if read == 0:
+        raise DataError("no records: the file is empty", path=str(path))
     out.summary = {"path": str(path), "kind": kind, "read": read, "kept": len(out), "skipped": read - len(out),
                    "reasons": reasons, "examples": examples}
     if read - len(out):
