@@ -18,6 +18,7 @@ from experiments.common import (CheckpointSpec, DataSpec, RunOptions, check_roll
                                 init_model, load_data, make_run_mesh, run_stage, save_tokenizer, setup_error,
                                 start_run, with_tokenizer_ids)
 from rlhf_jax.config_cli import parse_cli
+from rlhf_jax.data.iterators import Together
 from rlhf_jax.generation import SamplingConfig
 from rlhf_jax.models import init_params
 from rlhf_jax.train import checkpoint as ckpt
@@ -41,6 +42,9 @@ class PPOExperiment(RunOptions):
     data: DataSpec = DataSpec(num_demo=256, seq_len=64)
     """Prompt records ({prompt | question | messages}) and the prompt length bucket; the batch size is
     ppo.batch_size."""
+    ptx_data: DataSpec = DataSpec(num_demo=256, batch_size=8, seq_len=64, pack=True)
+    """SFT records mixed into the policy loss when --ppo.ptx-coef > 0 (PPO-ptx, InstructGPT eq. 2): path, batch
+    size (packed rows per iteration), row length; None path: the built-in demonstrations. Unused otherwise."""
     ppo: PPOConfig = PPOConfig(num_steps=10, batch_size=8, sampling=SamplingConfig(max_new_tokens=16), num_epochs=2,
                                num_minibatches=2, optim=OptimConfig(learning_rate=1e-4, eps=1e-5))
     """PPO stage (iterations, rollout size, KL, clipping, GAE, optimizer)."""
@@ -59,6 +63,10 @@ def main(argv=None) -> int:
         data, tok = load_data(cfg.data, "prompt", seed=cfg.seed, batch_size=cfg.ppo.batch_size,
                               init=cfg.policy_init)
         ppo_cfg = with_tokenizer_ids(cfg.ppo, tok)
+        ptx = None
+        if ppo_cfg.ptx_coef > 0:   # resumable with the prompts: Together checkpoints both positions
+            ptx, _ = load_data(cfg.ptx_data, "sft", seed=cfg.seed + 1, init=cfg.policy_init)
+            data = Together(data, ptx=ptx)
         k_policy, k_reward, k_head, k_state = jax.random.split(jax.random.key(cfg.seed), 4)
         mc, policy = init_model(cfg.preset, cfg.model, k_policy, init=cfg.policy_init, tokenizer=tok)
         check_rollout_length(cfg.data.seq_len, cfg.ppo.sampling, mc, "ppo")
@@ -79,7 +87,7 @@ def main(argv=None) -> int:
     try:
         state, history, finished = run_stage(
             "ppo", lambda s, d, c, hooks: run_ppo(s, d, c, model_config=mc, ref_params=ref, reward_params=reward,
-                                                 mesh=mesh, hooks=hooks),
+                                                 ptx_data=ptx, mesh=mesh, hooks=hooks),
             state, data, ppo_cfg, out=out, resume=cfg.resume, checkpoint=cfg.checkpoint,
             samples_per_step=ppo_cfg.batch_size)
     except NonFiniteLossError as e:

@@ -531,3 +531,15 @@ def test_a_run_reports_progress_and_its_summary_and_a_warmup_too_long_names_the_
     assert capsys.readouterr().err.strip() == (
         "error: --sft.optim.warmup-steps 10 must be below the run's 5 updates for the cosine schedule: lower it, "
         "raise --sft.num-steps, or pass --sft.optim.schedule constant")
+
+
+def test_ppo_ptx_coef_reads_its_demonstrations_from_ptx_data(tmp_path):
+    """--ppo.ptx-coef > 0 takes its SFT rows from --ptx-data (the built-in demonstrations by default): the PPO-ptx
+    term is logged; it used to raise a traceback, no flag supplying the data."""
+    from experiments import ppo
+    assert ppo.main(["--out", str(tmp_path / "p"), "--ppo.ptx-coef", "1.0", "--ppo.num-steps", "1",
+                     "--ppo.batch-size", "2", "--ppo.num-minibatches", "1", "--ppo.sampling.max-new-tokens", "4",
+                     "--model.num-layers", "1", "--data.seq-len", "48", "--ptx-data.num-demo", "8",
+                     "--ptx-data.seq-len", "32", "--checkpoint.no-tensorboard"]) == 0
+    last = json.loads((tmp_path / "p" / "ppo" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["loss/ptx"] > 0
