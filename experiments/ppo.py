@@ -9,19 +9,17 @@ starts from fresh tiny models, just so it runs. `--help` lists every option and 
 from __future__ import annotations
 
 import dataclasses
-import os
 import sys
 
 import jax
 
 from experiments.common import (CheckpointSpec, DataSpec, RunOptions, check_rollout_length, finish_report,
-                                init_model, load_data, make_run_mesh, run_stage, save_tokenizer, setup_error,
+                                init_model, load_data, make_run_mesh, run_stage, save_final, setup_error,
                                 start_run, with_tokenizer_ids)
 from rlhf_jax.config_cli import parse_cli
 from rlhf_jax.data.iterators import Together
 from rlhf_jax.generation import SamplingConfig
 from rlhf_jax.models import init_params
-from rlhf_jax.train import checkpoint as ckpt
 from rlhf_jax.train.optim import OptimConfig
 from rlhf_jax.train.ppo import PPOConfig, init_ppo_state
 from rlhf_jax.train.stages import NonFiniteLossError, run_ppo
@@ -56,9 +54,9 @@ def main(argv=None) -> int:
     cfg = parse_cli(PPOExperiment, argv)
     try:
         mesh = make_run_mesh(cfg.mesh)          # first: multi-host init precedes any other JAX call
-        if cfg.lora.rank:
-            raise ValueError("--lora.rank: PPO does not take LoRA adapters yet (SFT, reward, DPO and GRPO do); "
-                             "leave it at 0")
+        lora = cfg.lora.config()
+        if lora is not None and mesh is not None:
+            raise ValueError("--lora.rank with --mesh: LoRA PPO runs on one device for now; drop one of them")
         out = start_run(cfg, cfg.out)
         data, tok = load_data(cfg.data, "prompt", seed=cfg.seed, batch_size=cfg.ppo.batch_size,
                               init=cfg.policy_init)
@@ -81,21 +79,20 @@ def main(argv=None) -> int:
             reward = with_score_head(reward, mc, k_head)
         # On the device once (a no-op for device arrays); the train states make their own copies to donate.
         ref, reward = jax.device_put((policy, reward))
-        state = init_ppo_state(policy, ppo_cfg, model_config=mc, rng=k_state, reward_params=reward)
+        state = init_ppo_state(policy, ppo_cfg, model_config=mc, rng=k_state, reward_params=reward, lora=lora)
     except (ValueError, OSError) as e:  # DataError is a ValueError
         return setup_error(e)
     try:
         state, history, finished = run_stage(
             "ppo", lambda s, d, c, hooks: run_ppo(s, d, c, model_config=mc, ref_params=ref, reward_params=reward,
-                                                 ptx_data=ptx, mesh=mesh, hooks=hooks),
+                                                 ptx_data=ptx, mesh=mesh, hooks=hooks, lora=lora),
             state, data, ppo_cfg, out=out, resume=cfg.resume, checkpoint=cfg.checkpoint,
             samples_per_step=ppo_cfg.batch_size)
     except NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     if finished:
-        ckpt.save_params(os.path.join(out, "ppo", "final"), state.policy.params, model_config=mc)
-        save_tokenizer(tok, os.path.join(out, "ppo", "final"))
+        save_final(out, "ppo", state.policy.params, mc, lora, ref, tokenizer=tok)
     finish_report(out, "ppo", history, keys=("objective/scores", "objective/kl", "loss/policy", "loss/value"),
                   summary={"finished": finished, "policy": cfg.policy_init or cfg.preset,
                            "reward_model": cfg.reward_init or "random", "data": cfg.data.path or "demo"})

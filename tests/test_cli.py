@@ -359,7 +359,8 @@ def test_grpo_script_runs_on_the_worlds_verifiable_reward_and_on_gsm8k(tmp_path)
 
 def test_lora_flags_train_adapters_resume_and_write_a_peft_adapter(tmp_path):
     """--lora.rank: the SFT script trains adapters (checkpoints hold them; --resume continues), writes the merged
-    model to final/ and the adapters in peft's format to adapter/; PPO, which has no LoRA yet, refuses in one line."""
+    model to final/ and the adapters in peft's format to adapter/, which the export command copies out; PPO takes
+    the flag too (policy and value adapters; the policy's are saved)."""
     out = str(tmp_path / "run")
     base = _tiny_sft_argv(out, log_every=1, save_every=1) + ["--lora.rank", "2", "--lora.targets", "q", "v"]
     r = subprocess.run(base + ["--sft.num-steps", "2"], cwd=ROOT, env=ENV, capture_output=True, text=True,
@@ -376,9 +377,15 @@ def test_lora_flags_train_adapters_resume_and_write_a_peft_adapter(tmp_path):
     mc, merged = ckpt.load_params(os.path.join(out, "sft", "final"))
     adapters, lora = load_peft(os.path.join(out, "sft", "adapter"), mc)
     assert set(adapters["attn"]) == {"q", "k", "v"} and float(np.abs(np.asarray(adapters["attn"]["q"]["b"])).max()) > 0
-    r = subprocess.run([sys.executable, "-m", "experiments.ppo", "--out", str(tmp_path / "ppo"), "--lora.rank", "2"],
-                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and r.stderr.strip().startswith("error: --lora.rank: PPO does not take LoRA"), r.stderr
+    from experiments import export, ppo
+    hf = tmp_path / "adapter_export"
+    assert export.main([os.path.join(out, "sft", "final"), "--out", str(hf), "--what", "adapter"]) == 0
+    assert json.loads((hf / "adapter_config.json").read_text()) == adapter and (hf / "adapter_model.safetensors").exists()
+    assert ppo.main(["--out", str(tmp_path / "ppo"), "--lora.rank", "2", "--ppo.num-steps", "1", "--ppo.batch-size",
+                     "2", "--ppo.num-minibatches", "1", "--ppo.sampling.max-new-tokens", "4", "--model.num-layers", "1",
+                     "--data.seq-len", "48", "--checkpoint.no-tensorboard"]) == 0
+    assert (tmp_path / "ppo" / "ppo" / "adapter" / "adapter_config.json").exists()
+    assert (tmp_path / "ppo" / "ppo" / "final" / "model_config.json").exists()
 
 
 def test_kto_online_dpo_and_reference_free_preference_scripts_run_and_reject_bad_input(tmp_path, capsys):

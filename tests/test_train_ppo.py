@@ -183,3 +183,41 @@ def test_normalize_score_head_rescales_rollout_scores(params):
     assert jax.tree.structure(normalized) == jax.tree.structure(reward)
     with pytest.raises(ValueError, match="score_head"):
         normalize_score_head(params, fit)
+
+
+@pytest.mark.parametrize("scoring", ["reward_model", "host"])
+def test_lora_ppo_starts_as_full_ppo_and_trains_only_adapters(params, scoring):
+    """LoRA PPO: the states hold adapters only (and the value head). With B = 0 the merged models are their bases,
+    so the first iteration (same keys, same samples) logs exactly what full-parameter PPO logs; later iterations
+    move only the adapters, never the bases. Reward-model scoring (value from the reward model's base) and host
+    scoring (value from the reference's base) both. (Learning is not asserted: with the embeddings and norms of a
+    random tiny model frozen, the adapters cannot sharpen its near-uniform output; full PPO's test learns.)"""
+    from rlhf_jax.lora import LoraConfig
+    from rlhf_jax.tokenizer import ByteTokenizer
+    lora = LoraConfig(rank=4, alpha=8.0, targets=("q", "v", "up", "down"))
+    reward = with_score_head(init_params(CFG, jax.random.PRNGKey(7)), CFG, jax.random.PRNGKey(8))
+    config = PPOConfig(num_steps=4, batch_size=8, num_epochs=1, num_minibatches=1, sampling=_sampling(6, 1.0),
+                       kl_coef=0.01, missing_eos_penalty=None, optim=OptimConfig(learning_rate=3e-2), log_every=1,
+                       value_init="reward" if scoring == "reward_model" else "policy")
+    toks, mask = prompts()
+    if scoring == "reward_model":
+        kwargs = dict(reward_params=reward)
+    else:
+        kwargs = dict(host_reward_fn=lambda p, c: np.array([sum(ch < "\x80" for ch in t) / max(len(t), 1)
+                                                            for t in c], np.float32), tokenizer=ByteTokenizer())
+    full = init_ppo_state(params, config, model_config=CFG, rng=1, reward_params=reward)
+    _, want = run_ppo(full, [{"prompts": toks, "prompt_mask": mask}], config, model_config=CFG, ref_params=params,
+                      **kwargs)
+    state = init_ppo_state(params, config, model_config=CFG, rng=1, reward_params=reward, lora=lora)
+    assert set(state.policy.params) == {"attn", "mlp"} and set(state.value.params) == {"attn", "mlp", "score_head"}
+    before = jax.tree.map(np.asarray, state.policy.params)
+    state, hist = run_ppo(state, [{"prompts": toks, "prompt_mask": mask}] * 4, config, model_config=CFG,
+                          ref_params=params, lora=lora, **kwargs)
+    for k in want[0]:
+        if k != "time":
+            np.testing.assert_allclose(hist[0][k], want[0][k], rtol=1e-5, atol=1e-6, err_msg=k)
+    moved = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - b).max()), state.policy.params, before)
+    assert min(v for k, v in jax.tree_util.tree_flatten_with_path(moved)[0] if "b" in str(k[-1])) > 0
+    assert hist[-1]["objective/kl"] != 0.0
+    np.testing.assert_array_equal(np.asarray(params["layers"]["mlp"]["up"]["kernel"]),
+                                  np.asarray(init_params(CFG, jax.random.PRNGKey(0))["layers"]["mlp"]["up"]["kernel"]))

@@ -10,6 +10,10 @@ PPO", numbered in docs/training.md), composed from the RL core (`rlhf_jax.train.
             model with its own optimizer; then the adaptive KL coefficient.
 
 Our transformer has no dropout, so the update's first minibatch has ratio 1 exactly (TRL must disable dropout).
+
+LoRA (`lora=LoraConfig`): the policy state holds adapters of the reference params (the frozen base, which is also
+the reference: no second copy), the value state adapters of its base (the reward model for value_init="reward",
+else the reference) plus its scalar head. Every forward merges the adapters into the base (`lora_params`).
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ from jax import lax
 
 from rlhf_jax.config_cli import check_ranges, config_check
 from rlhf_jax.generation import SamplingConfig
+from rlhf_jax.lora import LoraConfig, init_lora
 from rlhf_jax.losses import (AdaptiveKLController, entropy_from_logits, explained_variance, gae, masked_mean,
                              masked_sum, ppo_policy_loss, ppo_value_loss, shape_rewards, token_logprobs, whiten)
 from rlhf_jax.models.config import ModelConfig
@@ -30,7 +35,7 @@ from rlhf_jax.train.optim import OptimConfig
 from rlhf_jax.train.rl import (Episodes, RewardFn, episode_logits, episode_logprobs, episode_values,
                                epochs_minibatches, reward_model_scores, sample_episodes)
 from rlhf_jax.train.state import PPOState, as_key, create_train_state, with_score_head
-from rlhf_jax.train.steps import sft_nll
+from rlhf_jax.train.steps import lora_params, on_adapters, sft_nll
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -109,12 +114,13 @@ class Rollout:
     scores: jax.Array           # [B] float32: reward of the whole episode
 
 
-def init_ppo_state(policy_params, config: PPOConfig, *, model_config: ModelConfig, rng, reward_params=None
-                   ) -> PPOState:
+def init_ppo_state(policy_params, config: PPOConfig, *, model_config: ModelConfig, rng, reward_params=None,
+                   lora: LoraConfig | None = None) -> PPOState:
     """Policy and value TrainStates (value from the reward model or the policy per `config.value_init`).
 
     Params are copied, so the caller's SFT / reward params stay valid as the frozen reference and reward model
-    while the state is donated to the step.
+    while the state is donated to the step. With `lora`, the states hold adapters instead (B = 0: the models
+    start as their bases), the value state also its scalar head (the reward model's, or a fresh one).
     """
     k_policy, k_value, k_head, k_state = jax.random.split(as_key(rng), 4)
     if config.value_init == "reward":
@@ -123,6 +129,11 @@ def init_ppo_state(policy_params, config: PPOConfig, *, model_config: ModelConfi
         value_params = reward_params
     else:
         value_params = with_score_head(policy_params, model_config, k_head)
+    if lora is not None:
+        k_a, k_b = jax.random.split(jax.random.fold_in(k_state, 17))
+        head = value_params["score_head"]
+        policy_params = init_lora(policy_params, model_config, lora, k_a)
+        value_params = {**init_lora(value_params, model_config, lora, k_b), "score_head": head}
     updates = config.num_steps * config.num_epochs * config.num_minibatches
     return PPOState(
         policy=create_train_state(policy_params, config.optim, k_policy, total_steps=updates),
@@ -130,34 +141,51 @@ def init_ppo_state(policy_params, config: PPOConfig, *, model_config: ModelConfi
         kl_coef=jnp.asarray(config.kl_coef, jnp.float32), rng=k_state, step=jnp.zeros((), jnp.int32))
 
 
+def value_base(config: PPOConfig, ref_params, reward_params):
+    """The frozen base under a LoRA value model: the reward model for value_init="reward", else the reference."""
+    return reward_params if config.value_init == "reward" else ref_params
+
+
+def _models(state: PPOState, ref_params, value_params_base, lora):
+    """(policy params, value params) to run forwards with: the states' own, or adapters merged into their bases."""
+    if lora is None:
+        return state.policy.params, state.value.params
+    return (lora_params(ref_params, state.policy.params, lora),
+            lora_params(value_params_base, state.value.params, lora))
+
+
 def score_rollout(state: PPOState, episodes: Episodes, scores, ref_params, *, config: PPOConfig,
-                  model_config: ModelConfig) -> Rollout:
+                  model_config: ModelConfig, lora: LoraConfig | None = None, value_params_base=None) -> Rollout:
     """Episodes and their scores [B] -> a Rollout (policy and reference log-probs, values); no gradient."""
     temp = config.sampling.temperature
+    policy, value = _models(state, ref_params, value_params_base, lora)
     return lax.stop_gradient(Rollout(
         episodes=episodes,
-        logprobs=episode_logprobs(state.policy.params, episodes, model_config=model_config, temperature=temp),
+        logprobs=episode_logprobs(policy, episodes, model_config=model_config, temperature=temp),
         ref_logprobs=episode_logprobs(ref_params, episodes, model_config=model_config, temperature=temp),
-        values=episode_values(state.value.params, episodes, model_config=model_config),
+        values=episode_values(value, episodes, model_config=model_config),
         scores=jnp.asarray(scores, jnp.float32)))
 
 
 def rollout(state: PPOState, prompts, prompt_mask, rng, ref_params, reward_params=None, *, config: PPOConfig,
-            model_config: ModelConfig, reward_fn: RewardFn | None = None) -> Rollout:
+            model_config: ModelConfig, reward_fn: RewardFn | None = None, lora: LoraConfig | None = None) -> Rollout:
     """Sample responses to prompts [B,P] and score them by `reward_params` (a reward model) or `reward_fn`."""
-    ep = sample_episodes(state.policy.params, prompts, prompt_mask, rng, sampling=config.sampling,
-                         model_config=model_config)
+    v_base = value_base(config, ref_params, reward_params)
+    ep = sample_episodes(_models(state, ref_params, v_base, lora)[0], prompts, prompt_mask, rng,
+                         sampling=config.sampling, model_config=model_config)
     scores = (reward_fn(prompts, ep.responses, ep.response_mask) if reward_fn is not None
               else reward_model_scores(reward_params, ep, model_config=model_config))
-    return score_rollout(state, ep, scores, ref_params, config=config, model_config=model_config)
+    return score_rollout(state, ep, scores, ref_params, config=config, model_config=model_config, lora=lora,
+                         value_params_base=v_base)
 
 
 def ppo_update(state: PPOState, data: Rollout, rng, *, config: PPOConfig, model_config: ModelConfig,
-               ptx_batch=None):
+               ptx_batch=None, lora: LoraConfig | None = None, ref_params=None, value_params_base=None):
     """Rewards, GAE and `num_epochs` x `num_minibatches` PPO updates of policy and value; the KL coefficient.
 
     `ptx_batch` (SFT-style batch, rows divisible by num_minibatches) adds `ptx_coef` * its NLL to the policy
-    loss (PPO-ptx, InstructGPT eq. 2). Returns (new state, metrics with TRL names).
+    loss (PPO-ptx, InstructGPT eq. 2). With `lora` the states hold adapters of `ref_params` (policy) and of
+    `value_params_base` (value). Returns (new state, metrics with TRL names).
     """
     c, ep, mask = config, data.episodes, data.episodes.response_mask
     B = mask.shape[0]
@@ -189,10 +217,13 @@ def ppo_update(state: PPOState, data: Rollout, rng, *, config: PPOConfig, model_
         loss, m = ppo_value_loss(v, mb["values"], mb["returns"], mb["episodes"].response_mask, clip_eps=c.vf_clip)
         return c.vf_coef * loss, m
 
+    policy_fn = on_adapters(policy_loss, ref_params, lora)
+    value_fn = on_adapters(value_loss, value_params_base, lora)
+
     def minibatch_step(carry, mb, ptx_mb):
         policy, value = carry
-        (_, pm), pg = jax.value_and_grad(policy_loss, has_aux=True)(policy.params, mb, ptx_mb)
-        (_, vm), vg = jax.value_and_grad(value_loss, has_aux=True)(value.params, mb)
+        (_, pm), pg = jax.value_and_grad(policy_fn, has_aux=True)(policy.params, mb, ptx_mb)
+        (_, vm), vg = jax.value_and_grad(value_fn, has_aux=True)(value.params, mb)
         metrics = {"policy/clipfrac": pm["clipfrac"], "policy/approxkl": pm["approx_kl"],
                    "policy/entropy": pm["entropy"], "loss/policy": pm["loss"], "loss/value": vm["loss"],
                    "val/clipfrac": vm["clipfrac"], "val/ratio": pm["ratio_mean"]}
@@ -226,26 +257,32 @@ _SFT_KEYS = ("inputs", "targets", "loss_mask", "positions", "segment_ids")
 
 
 def ppo_step(state: PPOState, batch: dict, ref_params, reward_params, ptx_batch=None, *, config: PPOConfig,
-             model_config: ModelConfig, reward_fn: RewardFn | None = None):
+             model_config: ModelConfig, reward_fn: RewardFn | None = None, lora: LoraConfig | None = None):
     """One PPO iteration on a prompt batch {"prompts" [B,P], "prompt_mask" [B,P]}: rollout, then update."""
     rng, k_rollout, k_update = jax.random.split(state.rng, 3)
     data = rollout(state, batch["prompts"], batch["prompt_mask"], k_rollout, ref_params, reward_params,
-                   config=config, model_config=model_config, reward_fn=reward_fn)
+                   config=config, model_config=model_config, reward_fn=reward_fn, lora=lora)
     return ppo_update(state.replace(rng=rng), data, k_update, config=config, model_config=model_config,
-                      ptx_batch=ptx_batch)
+                      ptx_batch=ptx_batch, lora=lora, ref_params=ref_params,
+                      value_params_base=value_base(config, ref_params, reward_params))
 
 
-def ppo_sample(state: PPOState, batch: dict, *, config: PPOConfig, model_config: ModelConfig):
+def ppo_sample(state: PPOState, batch: dict, ref_params=None, *, config: PPOConfig, model_config: ModelConfig,
+               lora: LoraConfig | None = None):
     """The first half of an iteration scored on the host: (state with its rng advanced, episodes, update key).
-    Uses the same random numbers as `ppo_step`."""
+    Uses the same random numbers as `ppo_step`. `ref_params` only with `lora` (the policy's base)."""
     rng, k_rollout, k_update = jax.random.split(state.rng, 3)
-    ep = sample_episodes(state.policy.params, batch["prompts"], batch["prompt_mask"], k_rollout,
-                         sampling=config.sampling, model_config=model_config)
+    policy = state.policy.params if lora is None else lora_params(ref_params, state.policy.params, lora)
+    ep = sample_episodes(policy, batch["prompts"], batch["prompt_mask"], k_rollout, sampling=config.sampling,
+                         model_config=model_config)
     return state.replace(rng=rng), ep, k_update
 
 
 def ppo_update_scored(state: PPOState, episodes: Episodes, scores, rng, ref_params, ptx_batch=None, *,
-                      config: PPOConfig, model_config: ModelConfig):
-    """The second half: log-probs and values of `episodes` with host-computed `scores` [B], then the update."""
-    data = score_rollout(state, episodes, scores, ref_params, config=config, model_config=model_config)
-    return ppo_update(state, data, rng, config=config, model_config=model_config, ptx_batch=ptx_batch)
+                      config: PPOConfig, model_config: ModelConfig, lora: LoraConfig | None = None):
+    """The second half: log-probs and values of `episodes` with host-computed `scores` [B], then the update.
+    (Host-scored runs have no reward model: a LoRA value model's base is the reference.)"""
+    data = score_rollout(state, episodes, scores, ref_params, config=config, model_config=model_config, lora=lora,
+                         value_params_base=ref_params)
+    return ppo_update(state, data, rng, config=config, model_config=model_config, ptx_batch=ptx_batch, lora=lora,
+                      ref_params=ref_params, value_params_base=ref_params)

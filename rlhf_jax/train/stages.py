@@ -281,15 +281,21 @@ def _check_rows(batch, expected: int, processes: int, name: str):
 def run_ppo(state: PPOState, data: Iterable, config: PPOConfig, *, model_config: ModelConfig, ref_params,
             reward_params=None, reward_fn: RewardFn | None = None, host_reward_fn: HostRewardFn | None = None,
             tokenizer=None, ptx_data: Iterable | None = None, mesh: Mesh | None = None,
-            hooks: StageHooks | None = None):
+            hooks: StageHooks | None = None, lora=None):
     """PPO over prompt batches {"prompts", "prompt_mask"}; scores from exactly one of `reward_params` (a reward
     model), `reward_fn` (jittable) or `host_reward_fn` (a function of decoded prompt and response texts, with
     `tokenizer`: each iteration is then a compiled sample, the host call, and a compiled update).
 
     `ptx_data` (SFT batches) feeds PPO-ptx when `config.ptx_coef > 0`. Under a multi-host `mesh` each prompt
-    batch holds this process's batch_size / process_count rows.
+    batch holds this process's batch_size / process_count rows. With `lora` (`init_ppo_state(..., lora=)`), the
+    states hold adapters of `ref_params` (and of the reward model for the value); one device only for now.
     """
     reward_params = _reward_source(reward_params, reward_fn, host_reward_fn, tokenizer, mesh, "run_ppo")
+    if lora is not None and mesh is not None:
+        raise ValueError("run_ppo: lora with a mesh is not supported yet; run LoRA PPO without --mesh")
+    if lora is not None and host_reward_fn is not None and config.value_init == "reward":
+        raise ValueError("run_ppo: a host reward has no reward model to initialise the value from; use "
+                         "PPOConfig(value_init='policy')")
     if config.ptx_coef > 0 and ptx_data is None:
         raise ValueError("PPOConfig.ptx_coef > 0 needs ptx_data (an iterable of SFT batches)")
     use_ptx = config.ptx_coef > 0
@@ -298,9 +304,10 @@ def run_ppo(state: PPOState, data: Iterable, config: PPOConfig, *, model_config:
         batch_args=(use_ptx,))
     ptx_iter = iter(ptx_data) if use_ptx else None
     processes = jax.process_count() if mesh is not None else 1
-    opts = dict(config=config, model_config=model_config)
+    opts = dict(config=config, model_config=model_config, lora=lora)
     step = (compile_step(ppo_step, reward_fn=reward_fn, **opts, **placed) if host_reward_fn is None
-            else _host_scored(ppo_sample, ppo_update_scored, host_reward_fn, tokenizer, opts))
+            else _host_scored(ppo_sample, ppo_update_scored, host_reward_fn, tokenizer, opts,
+                              sample_with_ref=lora is not None))
 
     def step_fn(state, batch):
         _check_rows(batch, config.batch_size, processes, "PPOConfig")
