@@ -230,3 +230,41 @@ def load_peft(path: str | os.PathLike, model_config: ModelConfig) -> tuple[dict,
                          f"{cfg.get('target_modules')})")
     targets = tuple(t for t in TARGETS if t in adapters.get(_GROUP[t], {}))
     return adapters, LoraConfig(rank=r, alpha=alpha, targets=targets)
+
+
+def _flat_axis(spec) -> str | tuple | None:
+    """The mesh axis of a flattened group of dims: the leading dim's, when the others are unsharded (sharding the
+    leading dim of a row-major flattening is sharding the flattened dim in contiguous blocks)."""
+    spec = tuple(spec)
+    if not spec or any(a is not None for a in spec[1:]):
+        return None
+    return spec[0]
+
+
+def lora_sharding(adapters, model_config: ModelConfig, mesh):
+    """NamedShardings for an adapter tree (and a reward model's "score_head" beside it) under the rule table:
+    each adapter's A [L, in, r] is split like its kernel's input axis, B [L, r, out] like its output axis, the rank
+    never; so that `merge_lora`'s A @ B lands on the kernel's own layout."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from rlhf_jax import sharding as S
+
+    kernels = S.params_sharding(model_config, mesh, scalar_head="score_head" in adapters)
+
+    def spec_of(name):
+        kernel = tuple(kernels["layers"][_GROUP[name]][name]["kernel"].spec)
+        kernel = kernel + (None,) * (4 - len(kernel))
+        k = _IN_AXES.get(name, 1)
+        return _flat_axis(kernel[1:1 + k]), _flat_axis(kernel[1 + k:])
+
+    out = {}
+    for group, names in adapters.items():
+        if group not in ("attn", "mlp"):
+            out[group] = kernels[group] if group in kernels else jax.tree.map(lambda _: NamedSharding(mesh, P()),
+                                                                              names)
+            continue
+        out[group] = {}
+        for name, ab in names.items():
+            i, o = spec_of(name)
+            out[group][name] = {"a": NamedSharding(mesh, P(None, i, None)), "b": NamedSharding(mesh, P(None, None, o))}
+    return out

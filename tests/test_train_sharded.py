@@ -275,7 +275,8 @@ def test_process_rows_gives_each_process_its_share():
 
 
 def test_run_sft_with_lora_on_mesh_equals_one_device():
-    """LoRA SFT: adapters (replicated) train, the base (sharded by the rule table) is read and never changed."""
+    """LoRA SFT: adapters (split like their kernels' input and output axes) train, the base (sharded by the rule
+    table) is read and never changed."""
     from rlhf_jax.lora import LoraConfig, init_lora
     lora = LoraConfig(rank=4, alpha=8.0)
     base = _params(0)
@@ -285,3 +286,23 @@ def test_run_sft_with_lora_on_mesh_equals_one_device():
     state, hist = _both(lambda mesh: stages.run_sft(_make_state(adapters), batches, config, model_config=CFG,
                                                     mesh=mesh, lora=lora, base_params=base), (2, 2, 2))
     assert set(state.params) == {"attn", "mlp"} and float(np.abs(np.asarray(state.params["mlp"]["up"]["b"])).max()) > 0
+    up, o = state.params["mlp"]["up"], state.params["attn"]["o"]         # kernels (L,D,F): fsdp, tensor; o: (L,N,H,D)
+    assert _spec(up["a"]) == (None, "fsdp", None) and _spec(up["b"]) == (None, None, "tensor")
+    assert _spec(o["a"]) == (None, "tensor", None) and _spec(o["b"]) == (None, None, "fsdp")
+    mu = state.opt_state[1][0].mu["mlp"]["up"]["a"]                       # Adam's moments follow their adapter
+    assert _spec(mu) == (None, "fsdp", None)
+
+
+def test_run_reward_with_lora_on_mesh_equals_one_device():
+    """LoRA reward model: adapters and the trainable score head over a base that carries a head too (it was
+    placed without one before, and a mesh run failed)."""
+    from rlhf_jax.lora import LoraConfig, init_lora
+    lora = LoraConfig(rank=4, alpha=8.0)
+    base = _params(0, True)
+    adapters = {**jax.device_get(init_lora(base, CFG, lora, jax.random.key(5))), "score_head": base["score_head"]}
+    config = stages.RewardConfig(num_steps=2, log_every=1, optim=OPTIM)
+    state, _ = _both(lambda mesh: stages.run_reward(_make_state(adapters), _preference_batches(2), config,
+                                                    model_config=CFG, mesh=mesh, lora=lora, base_params=base),
+                     (2, 2, 2))
+    assert _spec(state.params["score_head"]["kernel"]) == ("fsdp", None)
+    assert _spec(state.params["attn"]["q"]["a"]) == (None, "fsdp", None)

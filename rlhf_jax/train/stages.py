@@ -28,6 +28,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from rlhf_jax import sharding as S
+from rlhf_jax.lora import lora_sharding
 from rlhf_jax.models.config import ModelConfig
 from rlhf_jax.train.logging import StageHooks
 from rlhf_jax.train.grpo import (COMPLETIONS_TABLE, GRPOConfig, completion_rows, grpo_sample, grpo_step,
@@ -136,15 +137,16 @@ def _place_models(state, mesh: Mesh | None, model_config, state_heads, frozen=()
 
 
 def _lora_state(state, lora, base_params, mesh, model_config, stage):
-    """LoRA's prologue: check the pairing of `lora` and `base_params`; under a mesh the adapters (small) are
-    replicated and the frozen base is sharded like any params. -> (state, compile options, base)."""
+    """LoRA's prologue: check the pairing of `lora` and `base_params`; under a mesh the adapters are split like
+    their kernels' input and output axes (`lora.lora_sharding`) and the frozen base like any params.
+    -> (state, compile options, base)."""
     if (lora is None) != (base_params is None):
         raise ValueError(f"{stage}: lora and base_params go together (the state holds the adapters of base_params)")
     if mesh is None:
         return state, {}, base_params
-    adapters_sh = jax.tree.map(lambda _: S.replicated(mesh), state.params)
+    adapters_sh = lora_sharding(state.params, model_config, mesh)
     state_sh = S.state_sharding(state, adapters_sh, mesh)
-    base_sh = S.params_sharding(model_config, mesh)
+    base_sh = S.params_sharding(model_config, mesh, scalar_head="score_head" in base_params)
     placed = {"mesh": mesh, "state_sharding": state_sh, "extra_in_shardings": (base_sh,)}
     return S.shard(state, state_sh), placed, S.shard(base_params, base_sh)
 
