@@ -20,6 +20,7 @@ from typing import Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from rlhf_jax.config_cli import check_ranges, config_check
 from rlhf_jax.generation import SamplingConfig
@@ -29,7 +30,7 @@ from rlhf_jax.models.config import ModelConfig
 from rlhf_jax.train.optim import OptimConfig
 from rlhf_jax.train.rl import Episodes, decode_masked, episode_logprobs, sample_episodes
 from rlhf_jax.train.state import TrainState
-from rlhf_jax.train.steps import lora_params, on_adapters
+from rlhf_jax.train.steps import _grad_metrics, lora_params, on_adapters
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -150,7 +151,7 @@ def online_dpo_update(state: TrainState, episodes: Episodes, scores, ref_params,
     def update(state, _):
         (_, m), grads = grad_fn(state.params, pairs, ref_c, ref_r, informative, config=config,
                                 model_config=model_config)
-        return state.apply_gradients(grads), {**m, "grad_norm": _global_norm(grads)}
+        return state.apply_gradients(grads), {**m, **_grad_metrics(state, grads)}
 
     state, ms = jax.lax.scan(update, state, None, length=config.num_updates)
     m = jax.tree.map(lambda x: x[-1], ms)
@@ -162,10 +163,6 @@ def online_dpo_update(state: TrainState, episodes: Episodes, scores, ref_params,
                "completions/mean_length": jnp.mean(jnp.sum(episodes.response_mask, axis=1).astype(jnp.float32)),
                "learning_rate": state.learning_rate()}
     return state, metrics
-
-
-def _global_norm(tree):
-    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
 
 
 def pair_rows(episodes: Episodes, scores, config: OnlineDPOConfig, tokenizer, gold=None) -> list[dict]:
@@ -192,8 +189,6 @@ def judge_agreement(scores, gold, group_size: int) -> dict:
     "judge/gold_decided" (the gold scores of chosen and rejected differ) and "judge/gold_agree" (they differ and
     the gold prefers the judge's chosen). Their ratio is the judge's agreement with the gold reward; over a
     logging window the ratio of the windows' means is the pooled agreement (no NaN when no pair is decided)."""
-    import numpy as np
-
     chosen, rejected, informative = jax.device_get(best_and_worst(scores, group_size))
     gold = np.asarray(gold, np.float64)
     decided = informative & (gold[chosen] != gold[rejected])
