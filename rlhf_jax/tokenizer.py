@@ -8,21 +8,31 @@ Two tokenizers share one small interface (`encode(text) -> list[int]`, `decode(i
 - `HFTokenizer`: any Hugging Face `tokenizer.json` through the `tokenizers` library (GPT-2 BPE, Llama, Qwen ...).
 
 Conversations (`[{"role": "system"|"user"|"assistant", "content": str}]`) are turned into ids with either the
-default plain-text `ChatFormat` or a Jinja chat template (the `chat_template` of a `tokenizer_config.json`,
-rendered in a sandbox as Hugging Face does). Loss is put on assistant turns only, their end-of-turn EOS included
-(InstructGPT / Ouyang et al. 2022 SFT: the model is trained on demonstrations, not on the prompts).
-Each message is tokenised as its own piece, so `encode_prompt(messages[:-1])` is always a prefix of
-`encode_chat(messages)`: what the policy sees at rollout time is exactly what it was trained on.
+default plain-text `ChatFormat` or a Jinja chat template (the `chat_template` of a `tokenizer_config.json` or a
+`chat_template.jinja` file, rendered in a sandbox with the globals `transformers` provides). Loss is put on
+assistant turns only, their end-of-turn token included (InstructGPT / Ouyang et al. 2022 SFT: the model is trained
+on demonstrations, not on the prompts).
+
+- Plain format: each message is tokenised as its own piece, so `encode_prompt(messages[:-1])` is always a prefix of
+  `encode_chat(messages)`.
+- Jinja template: exactly `transformers.apply_chat_template`: the whole conversation is rendered once and
+  tokenised once; the loss mask comes from character offsets, of the template's `{% generation %}` blocks when it
+  has them (as `return_assistant_tokens_mask`), else of the text each assistant message adds. Tokens that merge
+  across a turn boundary (Qwen2.5: a reply starting with a newline) are therefore the tokens transformers gives,
+  and the rollout prompt `encode_prompt(messages[:-1])` may differ from them in its last token, as it does there.
 """
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import gzip
 import json
+import re
 from pathlib import Path
 from typing import Any, Sequence
 
-__all__ = ["ByteTokenizer", "HFTokenizer", "ChatFormat", "encode_chat", "encode_prompt", "render_template"]
+__all__ = ["ByteTokenizer", "HFTokenizer", "ChatFormat", "encode_chat", "encode_chat_split", "encode_prompt",
+           "render_template"]
 
 _ROLES = ("system", "user", "assistant")
 
@@ -38,6 +48,15 @@ class ByteTokenizer:
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
+
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """Ids and, for each, the (start, end) character span of `text` it came from."""
+        ids, offsets = [], []
+        for i, ch in enumerate(text):
+            b = ch.encode("utf-8")
+            ids += list(b)
+            offsets += [(i, i + 1)] * len(b)
+        return ids, offsets
 
     def decode(self, ids: Sequence[int]) -> str:
         """Bytes back to text; PAD/BOS/EOS are skipped, invalid UTF-8 is replaced (U+FFFD)."""
@@ -59,6 +78,26 @@ def _token_str(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
+_LLAMA_CLASSES = ("LlamaTokenizer", "LlamaTokenizerFast")
+
+
+def _as_transformers_llama(tokenizer: Any, config: dict) -> None:
+    """transformers >= 5 does not run a Llama-class tokenizer.json's own normalizer: `LlamaTokenizer` rebuilds it
+    from the vocabulary and merges with no normalizer and a Metaspace pre-tokenizer that prepends "▁" to the first
+    piece only (to every piece between special tokens with `"legacy": true`; never with `add_prefix_space: false`).
+    Llama-2, TinyLlama, Mistral and Zephyr folders name this class; we rebuild the same way, so that their ids are
+    transformers' ids (the file's own `Prepend("▁")` normalizer would put "▁" after every special token)."""
+    from tokenizers import decoders, pre_tokenizers
+
+    add_prefix_space = config.get("add_prefix_space")
+    add_prefix_space = True if add_prefix_space is None else bool(add_prefix_space)
+    scheme = ("always" if config.get("legacy", False) else "first") if add_prefix_space else "never"
+    tokenizer.normalizer = None
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=scheme, split=False)
+    steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    tokenizer.decoder = decoders.Sequence(steps + ([decoders.Strip(" ", 1, 0)] if add_prefix_space else []))
+
+
 class HFTokenizer:
     """A Hugging Face `tokenizer.json` (BPE / Unigram / WordPiece) read with the `tokenizers` library.
 
@@ -69,11 +108,14 @@ class HFTokenizer:
     - pad: a distinct pad token (<pad>, [PAD], <|pad|>, ...) when one exists, else eos. With pad == eos, padding
       is told apart from a real EOS by the masks (`segment_ids`, `prompt_mask`), never by the id.
     Tokens named in the config (special tokens, `additional_special_tokens`) that the vocabulary lacks are added
-    as special tokens, as `transformers` does. `chat_format` holds the config's Jinja `chat_template`, if any.
+    as special tokens, as `transformers` does; a config naming `LlamaTokenizer` gets transformers' Llama
+    pre-tokenizer (see `_as_transformers_llama`). `chat_format` holds the config's Jinja `chat_template`, if any.
     """
 
     def __init__(self, tokenizer: Any, config: dict | None = None):
         config = dict(config or {})
+        if config.get("tokenizer_class") in _LLAMA_CLASSES:
+            _as_transformers_llama(tokenizer, config)
         self._tok = tokenizer
         names = [_token_str(config.get(k)) for k in ("bos_token", "eos_token", "pad_token", "unk_token")]
         names += [_token_str(t) for t in config.get("additional_special_tokens") or []]
@@ -98,6 +140,8 @@ class HFTokenizer:
         self.pad_id = self.eos_id if pad is None else pad
         self.bos_token = tokenizer.id_to_token(self.bos_id) if bos is not None or "bos_token" not in config else None
         self.eos_token = tokenizer.id_to_token(self.eos_id)
+        self.pad_token = _token_str(config.get("pad_token"))
+        self.unk_token = _token_str(config.get("unk_token"))
         template = config.get("chat_template")
         if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
             template = next((t["template"] for t in template if t.get("name") == "default"), None)
@@ -106,7 +150,7 @@ class HFTokenizer:
     @classmethod
     def from_file(cls, path: str | Path, *, config_path: str | Path | None = None) -> "HFTokenizer":
         """Loads `path` (a tokenizer.json or tokenizer.json.gz, or a folder holding tokenizer.json[.gz] and maybe
-        tokenizer_config.json)."""
+        tokenizer_config.json and chat_template.jinja)."""
         from tokenizers import Tokenizer
 
         path = Path(path)
@@ -119,6 +163,9 @@ class HFTokenizer:
         if config_path is None and (folder / "tokenizer_config.json").is_file():
             config_path = folder / "tokenizer_config.json"
         config = json.loads(Path(config_path).read_text(encoding="utf-8")) if config_path else {}
+        jinja = Path(config_path).parent / "chat_template.jinja" if config_path else folder / "chat_template.jinja"
+        if jinja.is_file():  # where transformers >= 4.47 writes the template (it wins over the config's)
+            config["chat_template"] = jinja.read_text(encoding="utf-8")
         if file.suffix == ".gz":
             with gzip.open(file, "rt", encoding="utf-8") as f:
                 return cls(Tokenizer.from_str(f.read()), config)
@@ -131,6 +178,11 @@ class HFTokenizer:
     def encode(self, text: str) -> list[int]:
         """Ids of `text`; special tokens written in the text (e.g. <|im_start|>) become their ids. No BOS/EOS added."""
         return list(self._tok.encode(text, add_special_tokens=False).ids)
+
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """Ids of `text` (as `encode`) and, for each, its (start, end) character span in `text`."""
+        enc = self._tok.encode(text, add_special_tokens=False)
+        return list(enc.ids), list(enc.offsets)
 
     def decode(self, ids: Sequence[int]) -> str:
         """Text of `ids`, skipping PAD/BOS/EOS (other special tokens are kept)."""
@@ -175,61 +227,144 @@ def _check_messages(messages: Sequence[dict]) -> None:
 
 
 def render_template(template: str, messages: Sequence[dict], *, add_generation_prompt: bool = False,
-                    bos_token: str = "", eos_token: str = "") -> str:
-    """Renders a Jinja chat template as `transformers` does (sandboxed, trim_blocks, lstrip_blocks)."""
-    return _compile(template).render(messages=list(messages), add_generation_prompt=add_generation_prompt,
-                                     bos_token=bos_token or "", eos_token=eos_token or "")
+                    bos_token: str = "", eos_token: str = "", **extra: Any) -> str:
+    """Renders a Jinja chat template as `transformers` does (sandboxed, trim_blocks, lstrip_blocks, with its
+    globals `raise_exception` and `strftime_now` and its `tojson`). `{% generation %}` markers render as nothing."""
+    text, _ = _render(template, messages, add_generation_prompt=add_generation_prompt, bos_token=bos_token,
+                      eos_token=eos_token, **extra)
+    return text
 
 
+# Private-use code points that bracket {% generation %} output while rendering; removed before tokenising.
+_GEN_OPEN, _GEN_CLOSE = "\U000F0001", "\U000F0002"
+_GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
 _COMPILED: dict[str, Any] = {}
 
 
 def _compile(template: str):
     if template not in _COMPILED:
-        from jinja2.ext import loopcontrols
+        import jinja2
+        from jinja2.ext import Extension, loopcontrols
         from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        class GenerationBlocks(Extension):
+            """`{% generation %}...{% endgeneration %}`: the body, bracketed by two sentinel characters."""
+
+            tags = {"generation"}
+
+            def parse(self, parser):
+                lineno = next(parser.stream).lineno
+                body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+                return jinja2.nodes.CallBlock(self.call_method("_bracket"), [], [], body).set_lineno(lineno)
+
+            def _bracket(self, caller):
+                return _GEN_OPEN + caller() + _GEN_CLOSE
 
         def raise_exception(message):
             raise ValueError(f"chat template: {message}")
 
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
-        env.filters["tojson"] = lambda x, indent=None, **_: json.dumps(x, ensure_ascii=False, indent=indent)
+        def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+            return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                            extensions=[GenerationBlocks, loopcontrols])
+        env.filters["tojson"] = tojson
         env.globals["raise_exception"] = raise_exception
+        env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
         _COMPILED[template] = env.from_string(template)
     return _COMPILED[template]
 
 
-def _pieces(tokenizer, messages: Sequence[dict], fmt: ChatFormat, add_generation_prompt: bool):
-    """Splits a conversation into (text | token id, is_loss) pieces, in order."""
-    _check_messages(messages)
-    if fmt.template is None:
-        out: list[tuple[str | int, bool]] = [(tokenizer.bos_id, False)] if fmt.add_bos else []
-        for m in messages:
-            if m["role"] == "assistant":
-                out += [(fmt.assistant_header, False), (m["content"], True), (tokenizer.eos_id, True)]
-            else:
-                header = fmt.system_header if m["role"] == "system" else fmt.user_header
-                out += [(header + m["content"] + fmt.turn_end, False)]
-        if add_generation_prompt:
-            out.append((fmt.assistant_header, False))
-        return out
-    # Jinja: render growing prefixes; each message contributes the text its rendering adds.
-    kw = dict(bos_token=getattr(tokenizer, "bos_token", "") or "", eos_token=getattr(tokenizer, "eos_token", "") or "")
-    out, prev = [], ""
-    steps = []
+def _render(template: str, messages: Sequence[dict], **kwargs) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered text and the character spans of its `{% generation %}` blocks."""
     for i, m in enumerate(messages):
+        if _GEN_OPEN in m["content"] or _GEN_CLOSE in m["content"]:
+            raise ValueError(f"message {i} contains a reserved private-use character (U+F0001 or U+F0002)")
+    marked = _compile(template).render(messages=[dict(m) for m in messages], **kwargs)
+    text, spans, pos = [], [], 0
+    for part in re.split(f"([{_GEN_OPEN}{_GEN_CLOSE}])", marked):
+        if part == _GEN_OPEN:
+            spans.append([pos, None])
+        elif part == _GEN_CLOSE:
+            spans[-1][1] = pos
+        else:
+            text.append(part)
+            pos += len(part)
+    return "".join(text), [(a, b) for a, b in spans if b is not None and b > a]
+
+
+def _template_kwargs(tokenizer) -> dict:
+    """What transformers passes a template besides the messages: its special tokens' text."""
+    names = ("bos_token", "eos_token", "pad_token", "unk_token")
+    return {k: getattr(tokenizer, k, None) or "" for k in names}
+
+
+def _common_prefix(a: str, b: str) -> int:
+    n = min(len(a), len(b))
+    i = next((i for i in range(n) if a[i] != b[i]), n)
+    return i
+
+
+def _assistant_spans(template: str, messages: Sequence[dict], text: str, kw: dict) -> list[tuple[int, int]]:
+    """Character spans of each assistant message in `text` (the whole conversation rendered), for a template
+    without generation markers: from the end of the prompt rendered with the generation prompt to where the
+    conversation rendered up to this reply stops agreeing with the whole."""
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        head, _ = _render(template, messages[:i], add_generation_prompt=True, **kw)
+        upto, _ = _render(template, messages[: i + 1], add_generation_prompt=False, **kw)
+        end = _common_prefix(upto, text)
+        if not text.startswith(head) or end <= len(head):
+            raise ValueError(
+                f"chat template: cannot find assistant message {i} in the rendered conversation (the template renders "
+                "earlier turns differently once later ones follow); use a template with {% generation %} markers "
+                "around assistant replies")
+        spans.append((len(head), end))
+    return spans
+
+
+def _encode_offsets(tokenizer, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+    if not hasattr(tokenizer, "encode_with_offsets"):
+        raise TypeError(f"{type(tokenizer).__name__} has no encode_with_offsets(text), which a Jinja chat template "
+                        "needs (to find the assistant tokens)")
+    ids, offsets = tokenizer.encode_with_offsets(text)
+    return list(ids), [tuple(o) for o in offsets]
+
+
+def _encode_template(tokenizer, messages: Sequence[dict], template: str) -> tuple[list[int], list[int], int]:
+    """(ids, loss mask, index of the last assistant turn's first token) of a whole conversation rendered once."""
+    kw = _template_kwargs(tokenizer)
+    text, spans = _render(template, messages, add_generation_prompt=False, **kw)
+    marked = bool(_GENERATION_TAG.search(template))
+    if not marked:
+        spans = _assistant_spans(template, messages, text, kw)
+    ids, offsets = _encode_offsets(tokenizer, text)
+    mask = [0] * len(ids)
+    first = len(ids)
+    for k, (a, b) in enumerate(spans):
+        inside = [t for t, (s, e) in enumerate(offsets) if s < b and e > a]
+        if not marked and tokenizer.eos_id in [ids[t] for t in inside]:  # stop after the reply's first EOS
+            inside = inside[: [ids[t] for t in inside].index(tokenizer.eos_id) + 1]
+        for t in inside:
+            mask[t] = 1
+        if inside and k == len(spans) - 1:
+            first = inside[0]
+    return ids, mask, first
+
+
+def _pieces(tokenizer, messages: Sequence[dict], fmt: ChatFormat, add_generation_prompt: bool):
+    """The plain format's (text | token id, is_loss) pieces, in order."""
+    out: list[tuple[str | int, bool]] = [(tokenizer.bos_id, False)] if fmt.add_bos else []
+    for m in messages:
         if m["role"] == "assistant":
-            steps.append((messages[:i], True, False))
-        steps.append((messages[: i + 1], False, m["role"] == "assistant"))
+            out += [(fmt.assistant_header, False), (m["content"], True), (tokenizer.eos_id, True)]
+        else:
+            header = fmt.system_header if m["role"] == "system" else fmt.user_header
+            out += [(header + m["content"] + fmt.turn_end, False)]
     if add_generation_prompt:
-        steps.append((messages, True, False))
-    for prefix, gen, is_loss in steps:
-        text = render_template(fmt.template, prefix, add_generation_prompt=gen, **kw)
-        if not text.startswith(prev):
-            raise ValueError("chat template is not prefix-stable: rendering a longer conversation changed the "
-                             f"text of a shorter one ({prev[-40:]!r} vs {text[:len(prev)][-40:]!r})")
-        out.append((text[len(prev):], is_loss))
-        prev = text
+        out.append((fmt.assistant_header, False))
     return out
 
 
@@ -241,28 +376,49 @@ def _resolve(tokenizer, chat_format: ChatFormat | None) -> ChatFormat:
 
 def encode_chat(tokenizer, messages: Sequence[dict], chat_format: ChatFormat | None = None
                 ) -> tuple[list[int], list[int]]:
-    """Token ids of a whole conversation and its loss mask (1 on assistant tokens and their EOS).
+    """Token ids of a whole conversation and its loss mask (1 on assistant tokens and their end of turn).
 
     `chat_format=None` uses the tokenizer's own chat template if it has one, else the default `ChatFormat()`.
-    With a Jinja template, an assistant turn's loss covers the text its rendering adds, up to and including the
-    first EOS id in it (e.g. ChatML's "<|im_end|>", not the newline after it).
+    With a Jinja template the ids are `apply_chat_template(messages)`'s; the loss covers the template's
+    `{% generation %}` blocks when it has them (transformers' `assistant_masks`), else every token overlapping the
+    text an assistant message adds, up to and including its first EOS id (e.g. ChatML's "<|im_end|>", not the
+    newline after it).
     """
-    ids: list[int] = []
-    mask: list[int] = []
-    for piece, is_loss in _pieces(tokenizer, messages, _resolve(tokenizer, chat_format), False):
-        new = [piece] if isinstance(piece, int) else tokenizer.encode(piece)
-        piece_mask = [int(is_loss)] * len(new)
-        if is_loss and not isinstance(piece, int) and tokenizer.eos_id in new:
-            cut = new.index(tokenizer.eos_id) + 1
-            piece_mask = [1] * cut + [0] * (len(new) - cut)
-        ids += new
-        mask += piece_mask
+    ids, mask, _ = encode_chat_split(tokenizer, messages, chat_format)
     return ids, mask
 
 
-def encode_prompt(tokenizer, messages: Sequence[dict], chat_format: ChatFormat | None = None) -> list[int]:
-    """Token ids of a conversation followed by the assistant header: the prompt of a rollout."""
+def encode_chat_split(tokenizer, messages: Sequence[dict], chat_format: ChatFormat | None = None
+                      ) -> tuple[list[int], list[int], int]:
+    """`encode_chat` plus the index of the first token of the last assistant turn (len(ids) if none): where the
+    final reply starts, for preference pairs and truncation."""
+    _check_messages(messages)
+    fmt = _resolve(tokenizer, chat_format)
+    if fmt.template is not None:
+        return _encode_template(tokenizer, messages, fmt.template)
     ids: list[int] = []
-    for piece, _ in _pieces(tokenizer, messages, _resolve(tokenizer, chat_format), True):
+    mask: list[int] = []
+    first, prev = len(ids), False
+    for piece, is_loss in _pieces(tokenizer, messages, fmt, False):
+        if is_loss and not prev:
+            first = len(ids)
+        prev = is_loss
+        new = [piece] if isinstance(piece, int) else tokenizer.encode(piece)
+        ids += new
+        mask += [int(is_loss)] * len(new)
+    last_is_reply = bool(messages) and messages[-1]["role"] == "assistant"
+    return ids, mask, first if last_is_reply else len(ids)
+
+
+def encode_prompt(tokenizer, messages: Sequence[dict], chat_format: ChatFormat | None = None) -> list[int]:
+    """Token ids of a conversation followed by the assistant header: the prompt of a rollout (with a Jinja
+    template, `apply_chat_template(messages, add_generation_prompt=True)`)."""
+    _check_messages(messages)
+    fmt = _resolve(tokenizer, chat_format)
+    if fmt.template is not None:
+        text, _ = _render(fmt.template, messages, add_generation_prompt=True, **_template_kwargs(tokenizer))
+        return _encode_offsets(tokenizer, text)[0]
+    ids: list[int] = []
+    for piece, _ in _pieces(tokenizer, messages, fmt, True):
         ids += [piece] if isinstance(piece, int) else tokenizer.encode(piece)
     return ids

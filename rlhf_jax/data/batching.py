@@ -29,7 +29,7 @@ from typing import Sequence
 import numpy as np
 
 from rlhf_jax.data.records import PreferenceRecord, PromptRecord, SFTRecord, TextRecord, UnpairedRecord
-from rlhf_jax.tokenizer import ChatFormat, encode_chat, encode_prompt
+from rlhf_jax.tokenizer import ChatFormat, encode_chat_split, encode_prompt
 
 __all__ = ["Example", "tokenize_sft", "tokenize_preference", "tokenize_unpaired", "tokenize_prompt", "truncate",
            "truncate_pair", "bucket_length", "collate_sft", "pack_sft", "collate_preference", "collate_unpaired",
@@ -55,11 +55,9 @@ def new_stats() -> dict:
 
 
 def _split(tokenizer, messages, chat_format) -> Example:
-    ids, mask = encode_chat(tokenizer, messages, chat_format)
-    prompt = encode_prompt(tokenizer, messages[:-1], chat_format)
-    if tuple(ids[: len(prompt)]) != tuple(prompt):  # guaranteed by per-message tokenisation; checked anyway
-        raise ValueError("chat format: the prompt encoding is not a prefix of the conversation encoding")
-    return Example(tuple(ids), tuple(mask), len(prompt))
+    """The conversation tokenised once; the prompt is everything before the final reply's first token."""
+    ids, mask, prompt_len = encode_chat_split(tokenizer, messages, chat_format)
+    return Example(tuple(ids), tuple(mask), prompt_len)
 
 
 def tokenize_sft(tokenizer, record, chat_format: ChatFormat | None = None) -> Example:
