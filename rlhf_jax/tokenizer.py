@@ -37,6 +37,16 @@ __all__ = ["ByteTokenizer", "HFTokenizer", "ChatFormat", "encode_chat", "encode_
 _ROLES = ("system", "user", "assistant")
 
 
+def _read_config(path: Path) -> dict:
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(config).__name__}")
+    return config
+
+
 class ByteTokenizer:
     """UTF-8 byte tokenizer: ids 0..255 are bytes, PAD=256, BOS=257, EOS=258 (vocab 259). No files."""
 
@@ -162,14 +172,20 @@ class HFTokenizer:
             raise FileNotFoundError(f"HFTokenizer.from_file: no tokenizer.json at {file}")
         if config_path is None and (folder / "tokenizer_config.json").is_file():
             config_path = folder / "tokenizer_config.json"
-        config = json.loads(Path(config_path).read_text(encoding="utf-8")) if config_path else {}
+        config = _read_config(Path(config_path)) if config_path else {}
         jinja = Path(config_path).parent / "chat_template.jinja" if config_path else folder / "chat_template.jinja"
         if jinja.is_file():  # where transformers >= 4.47 writes the template (it wins over the config's)
             config["chat_template"] = jinja.read_text(encoding="utf-8")
-        if file.suffix == ".gz":
-            with gzip.open(file, "rt", encoding="utf-8") as f:
-                return cls(Tokenizer.from_str(f.read()), config)
-        return cls(Tokenizer.from_file(str(file)), config)
+        try:
+            if file.suffix == ".gz":
+                with gzip.open(file, "rt", encoding="utf-8") as f:
+                    tok = Tokenizer.from_str(f.read())
+            else:
+                tok = Tokenizer.from_file(str(file))
+        except Exception as e:  # noqa: BLE001  (the tokenizers library raises a bare Exception)
+            raise ValueError(f"{file}: not a tokenizer.json that the `tokenizers` library can read ({e}); pass a "
+                             "Hugging Face tokenizer.json or the folder holding one") from None
+        return cls(tok, config)
 
     @property
     def vocab_size(self) -> int:

@@ -3,6 +3,7 @@ with --resume, and SIGTERM handling of the run wrapper."""
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import re
 import subprocess
@@ -550,3 +551,41 @@ def test_ppo_ptx_coef_reads_its_demonstrations_from_ptx_data(tmp_path):
                      "--ptx-data.seq-len", "32", "--checkpoint.no-tensorboard"]) == 0
     last = json.loads((tmp_path / "p" / "ppo" / "metrics.jsonl").read_text().splitlines()[-1])
     assert last["loss/ptx"] > 0
+
+
+def test_damaged_files_are_one_line_setup_errors(tmp_path, capsys):
+    """A truncated safetensors file, a broken config.json or model_config.json, a save_params folder missing a
+    file and a tokenizer path that is not a tokenizer: each is `error: <file>: <what>` on one line and exit 2."""
+    import jax
+
+    from experiments import sft
+    from rlhf_jax.models import ModelConfig, init_params, save_pretrained
+    from rlhf_jax.train.checkpoint import save_params
+
+    cfg = ModelConfig.preset("tiny")
+    params = init_params(cfg, jax.random.key(0))
+    save_pretrained(cfg, params, tmp_path / "hf")
+    save_params(tmp_path / "sp", params, model_config=cfg)
+    for name in ("trunc", "badcfg"):
+        shutil.copytree(tmp_path / "hf", tmp_path / name)
+    blob = (tmp_path / "hf" / "model.safetensors").read_bytes()
+    (tmp_path / "trunc" / "model.safetensors").write_bytes(blob[: len(blob) // 2])
+    (tmp_path / "badcfg" / "config.json").write_text('{"model_type": "gpt2", ')
+    for name in ("spmiss", "spbadcfg"):
+        shutil.copytree(tmp_path / "sp", tmp_path / name)
+    shards = [p for p in (tmp_path / "spmiss" / "params").rglob("*") if p.is_file()]
+    max(shards, key=lambda p: p.stat().st_size).unlink()
+    (tmp_path / "spbadcfg" / "model_config.json").write_text("{oops")
+    (tmp_path / "tok.json").write_text("not json at all")
+    cases = {
+        "trunc": (["--init", str(tmp_path / "trunc")], "trunc/model.safetensors: not a readable safetensors file"),
+        "badcfg": (["--init", str(tmp_path / "badcfg")], "badcfg/config.json: not valid JSON (line 1, column 24"),
+        "spmiss": (["--init", str(tmp_path / "spmiss")], "spmiss/params: cannot be restored"),
+        "spbadcfg": (["--init", str(tmp_path / "spbadcfg")], "spbadcfg/model_config.json: not valid JSON (line 1"),
+        "tok": (["--data.tokenizer", str(tmp_path / "tok.json")], "tok.json: not a tokenizer.json"),
+    }
+    capsys.readouterr()
+    for name, (argv, message) in cases.items():
+        assert sft.main(["--out", str(tmp_path / f"run_{name}"), "--sft.num-steps", "1", *argv]) == 2, name
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], (name, err)

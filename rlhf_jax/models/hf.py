@@ -162,13 +162,12 @@ def _open_tensors(path: str) -> tuple[dict[str, str], Callable[[str], np.ndarray
     """Map each tensor name to its shard file, and a getter reading one tensor (lazily, shard by shard)."""
     single, index = os.path.join(path, _SINGLE), os.path.join(path, _INDEX)
     if os.path.exists(index):
-        with open(index) as f:
-            weight_map = json.load(f).get("weight_map")
+        weight_map = _read_json(index).get("weight_map")
         if not weight_map:
             raise CheckpointError(f"{index}: no 'weight_map' field")
         files = {name: os.path.join(path, shard) for name, shard in weight_map.items()}
     elif os.path.exists(single):
-        with safe_open(single, framework="np") as f:
+        with _safe_open(single) as f:
             files = {name: single for name in f.keys()}
     else:
         present = sorted(os.listdir(path))
@@ -183,10 +182,34 @@ def _open_tensors(path: str) -> tuple[dict[str, str], Callable[[str], np.ndarray
         if name not in files:
             raise CheckpointError(f"{path}: tensor {name!r} not found in the checkpoint")
         if files[name] not in handles:  # safetensors numpy reads bfloat16 as an ml_dtypes array
-            handles[files[name]] = safe_open(files[name], framework="np")
-        return handles[files[name]].get_tensor(name)
+            handles[files[name]] = _safe_open(files[name])
+        try:
+            return handles[files[name]].get_tensor(name)
+        except Exception as e:  # noqa: BLE001  (safetensors raises its own SafetensorError)
+            raise CheckpointError(f"{files[name]}: tensor {name!r} cannot be read ({e}); the file may be "
+                                  "incomplete: download it again") from None
 
     return files, get
+
+
+def _safe_open(file: str):
+    try:
+        return safe_open(file, framework="np")
+    except Exception as e:  # noqa: BLE001  (a truncated or foreign file: SafetensorError, not an OSError)
+        raise CheckpointError(f"{file}: not a readable safetensors file ({e}); it may be incomplete: download "
+                              "it again") from None
+
+
+def _read_json(file: str) -> dict:
+    """A JSON object from `file`; a CheckpointError naming the file, line and column when it is not one."""
+    try:
+        with open(file, encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{file}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{file}: expected a JSON object, got {type(data).__name__}")
+    return data
 
 
 def _gpt2_from_hf(get: Callable[[str], np.ndarray], names, c: ModelConfig) -> dict:
@@ -324,8 +347,7 @@ def load_pretrained(path: str | os.PathLike, *, param_dtype: str = "float32", **
         raise CheckpointError(f"load_pretrained: {path} is not a folder (expected a Hugging Face checkpoint folder)")
     if not os.path.exists(cfg_file):
         raise CheckpointError(f"load_pretrained: {cfg_file} not found; a Hugging Face folder needs config.json")
-    with open(cfg_file) as f:
-        hf = json.load(f)
+    hf = _read_json(cfg_file)
     config = config_from_hf(hf, source=cfg_file, param_dtype=param_dtype, **overrides)
     names, get = _open_tensors(path)
     if hf["model_type"] == "gpt2":

@@ -150,20 +150,29 @@ def load_params(path: str | os.PathLike, *, sharding: jax.sharding.Sharding | No
 
     path = os.path.abspath(os.fspath(path))
     if os.path.isdir(os.path.join(path, "params")):
-        sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        with ocp.StandardCheckpointer() as ckptr:
-            meta = ckptr.metadata(os.path.join(path, "params"))
-            tree = getattr(getattr(meta, "item_metadata", meta), "tree", meta)
-            target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), tree,
-                                  is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"))
-            params = ckptr.restore(os.path.join(path, "params"), target)
+        from rlhf_jax.models.hf import CheckpointError, _read_json
+
         config = None
         cfg_path = os.path.join(path, "model_config.json")
         if os.path.exists(cfg_path):
             from rlhf_jax.models.config import ModelConfig
 
-            with open(cfg_path) as f:
-                config = ModelConfig(**json.load(f))
+            try:
+                config = ModelConfig(**_read_json(cfg_path))
+            except TypeError as e:
+                raise CheckpointError(f"{cfg_path}: not a ModelConfig ({e})") from None
+        sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        try:
+            with ocp.StandardCheckpointer() as ckptr:
+                meta = ckptr.metadata(os.path.join(path, "params"))
+                tree = getattr(getattr(meta, "item_metadata", meta), "tree", meta)
+                target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), tree,
+                                      is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"))
+                params = ckptr.restore(os.path.join(path, "params"), target)
+        except Exception as e:  # noqa: BLE001  (orbax/tensorstore raise many types for a damaged folder)
+            first = (str(e).strip().splitlines() or [""])[0].split(" See full")[0][:200]
+            raise CheckpointError(f"{path}/params: cannot be restored ({type(e).__name__}: {first}); the folder "
+                                  "is incomplete or damaged: copy it again or re-run the stage that wrote it") from None
         return config, params
     if os.path.exists(os.path.join(path, "config.json")):
         from rlhf_jax.models import load_pretrained
