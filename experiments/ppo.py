@@ -44,7 +44,8 @@ class PPOExperiment(RunOptions):
     """SFT records mixed into the policy loss when --ppo.ptx-coef > 0 (PPO-ptx, InstructGPT eq. 2): path, batch
     size (packed rows per iteration), row length; None path: the built-in demonstrations. Unused otherwise."""
     ppo: PPOConfig = PPOConfig(num_steps=10, batch_size=8, sampling=SamplingConfig(max_new_tokens=16), num_epochs=2,
-                               num_minibatches=2, optim=OptimConfig(learning_rate=1e-4, eps=1e-5))
+                               num_minibatches=2, optim=OptimConfig(learning_rate=1e-4, eps=1e-5),
+                               completions_every=5)
     """PPO stage (iterations, rollout size, KL, clipping, GAE, optimizer)."""
     checkpoint: CheckpointSpec = CheckpointSpec(save_every=5)
     """Checkpoint schedule and logging outputs."""
@@ -85,7 +86,7 @@ def main(argv=None) -> int:
     try:
         state, history, finished = run_stage(
             "ppo", lambda s, d, c, hooks: run_ppo(s, d, c, model_config=mc, ref_params=ref, reward_params=reward,
-                                                 ptx_data=ptx, mesh=mesh, hooks=hooks, lora=lora),
+                                                 ptx_data=ptx, mesh=mesh, hooks=hooks, lora=lora, tokenizer=tok),
             state, data, ppo_cfg, out=out, resume=cfg.resume, checkpoint=cfg.checkpoint,
             samples_per_step=ppo_cfg.batch_size)
     except NonFiniteLossError as e:

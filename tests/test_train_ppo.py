@@ -221,3 +221,40 @@ def test_lora_ppo_starts_as_full_ppo_and_trains_only_adapters(params, scoring):
     assert hist[-1]["objective/kl"] != 0.0
     np.testing.assert_array_equal(np.asarray(params["layers"]["mlp"]["up"]["kernel"]),
                                   np.asarray(init_params(CFG, jax.random.PRNGKey(0))["layers"]["mlp"]["up"]["kernel"]))
+
+
+def test_ppo_completions_table_every_n_iterations(params):
+    """PPO logs, every completions_every iterations, completions_rows rows whose reward is the score of exactly
+    those tokens (a jittable reward here) and whose advantage is the mean whitened GAE advantage over them."""
+    from rlhf_jax.tokenizer import ByteTokenizer
+    from rlhf_jax.train.logging import StageHooks
+
+    class Record(StageHooks):
+        def __init__(self):
+            self.samples = []
+
+        def on_samples(self, step, rows):
+            self.samples.append((step, rows))
+
+    def low_bytes(prompts, responses, mask):
+        return jnp.sum((responses < 128) * mask, 1) / jnp.maximum(jnp.sum(mask, 1), 1)
+
+    config = PPOConfig(num_steps=4, batch_size=8, num_epochs=1, num_minibatches=2, sampling=_sampling(6, 1.0),
+                       value_init="policy", completions_every=2, completions_rows=3)
+    toks, mask = prompts()
+    hook = Record()
+    state, hist = run_ppo(init_ppo_state(params, config, model_config=CFG, rng=1),
+                          ({"prompts": toks, "prompt_mask": mask} for _ in range(4)), config, model_config=CFG,
+                          ref_params=params, reward_fn=low_bytes, hooks=hook)
+    assert [step for step, _ in hook.samples] == [2, 4] and "completions/table" not in hist[0]
+    for _, rows in hook.samples:
+        assert len(rows) == 3 and set(rows[0]) == {"prompt", "completion", "reward", "advantage"}
+        for r, p, m in zip(rows, toks, mask):
+            assert r["prompt"] == [int(t) for t, k in zip(p, m) if k]
+            ids = np.array(r["completion"])
+            assert r["reward"] == pytest.approx(float(np.mean(ids < 128)) if len(ids) else 0.0, abs=1e-6)
+    texts = Record()
+    run_ppo(state, ({"prompts": toks, "prompt_mask": mask} for _ in range(2)), config, model_config=CFG,
+            ref_params=params, reward_fn=low_bytes, tokenizer=ByteTokenizer(), hooks=texts)
+    assert [s for s, _ in texts.samples] == [6]  # steps continue from the state's
+    assert all(isinstance(r["prompt"], str) for r in texts.samples[0][1])

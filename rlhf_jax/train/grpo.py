@@ -32,8 +32,8 @@ from rlhf_jax.losses import (discounted_returns, group_advantages, kl_penalty, m
                              overlong_penalty, policy_gradient_loss, rloo_advantages, token_logprobs, whiten)
 from rlhf_jax.models.config import ModelConfig
 from rlhf_jax.train.optim import OptimConfig
-from rlhf_jax.train.rl import (Episodes, RewardFn, decode_masked, episode_logits, episode_logprobs, epochs_minibatches,
-                               reward_model_scores, sample_episodes)
+from rlhf_jax.train.rl import (COMPLETIONS_TABLE, Episodes, RewardFn, completion_rows, episode_logits,  # noqa: F401
+                               episode_logprobs, epochs_minibatches, reward_model_scores, sample_episodes)
 from rlhf_jax.train.state import TrainState
 from rlhf_jax.train.steps import lora_params, on_adapters
 
@@ -101,8 +101,6 @@ class GRPOConfig:
                                      "overlong_buffer"),
                      non_negative=("kl_coef", "completions_every"))
         check_ranges(self, positive=("completions_rows",))
-        config_check(self, self.completions_rows <= self.batch_size * self.num_generations,
-                     "completions_rows must be <= batch_size * num_generations")
         config_check(self, self.sampling.temperature > 0, "sampling.temperature must be > 0")
         config_check(self, self.overlong_buffer is None or self.overlong_buffer <= self.sampling.max_new_tokens,
                      "overlong_buffer must be <= sampling.max_new_tokens")
@@ -216,32 +214,12 @@ def grpo_update(state: TrainState, episodes: Episodes, scores, rng, ref_params=N
     if c.uses_reference:
         metrics["kl"] = jnp.mean(masked_sum(kl_penalty(old, ref, estimator=c.kl_estimator), mask, axis=1))
     if c.completions_every:
-        k, P = c.completions_rows, ep.prompt_len
+        k, P = min(c.completions_rows, ep.responses.shape[0]), ep.prompt_len
         seq_adv = advantages if advantages.ndim == 1 else masked_mean(advantages, mask, axis=1)
         metrics[COMPLETIONS_TABLE] = {"prompt": ep.tokens[:k, :P], "prompt_mask": ep.mask[:k, :P],
                                       "completion": ep.responses[:k], "completion_mask": mask[:k],
                                       "reward": scores[:k], "advantage": seq_adv[:k]}
     return state, metrics
-
-
-COMPLETIONS_TABLE = "completions/table"
-"""The metrics entry (arrays, not a scalar) holding the sampled-completions table; `run_grpo` takes it out."""
-
-
-def completion_rows(table: dict, tokenizer=None) -> list[dict]:
-    """The sampled-completions table (host side): one {"prompt", "completion", "reward", "advantage"} per row,
-    texts decoded with `tokenizer` (None: the token ids)."""
-    table = jax.device_get(table)
-
-    def texts(tokens, mask):
-        if tokenizer is not None:
-            return decode_masked(tokenizer, tokens, mask)
-        return [[int(t) for t, m in zip(row, row_mask) if m] for row, row_mask in zip(tokens, mask)]
-
-    prompts = texts(table["prompt"], table["prompt_mask"])
-    completions = texts(table["completion"], table["completion_mask"])
-    return [{"prompt": p, "completion": c, "reward": float(r), "advantage": float(a)}
-            for p, c, r, a in zip(prompts, completions, table["reward"], table["advantage"])]
 
 
 def grpo_sample(state: TrainState, batch: dict, base_params=None, *, config: GRPOConfig, model_config: ModelConfig,

@@ -32,7 +32,7 @@ from rlhf_jax.losses import (AdaptiveKLController, entropy_from_logits, explaine
                              masked_sum, ppo_policy_loss, ppo_value_loss, shape_rewards, token_logprobs, whiten)
 from rlhf_jax.models.config import ModelConfig
 from rlhf_jax.train.optim import OptimConfig
-from rlhf_jax.train.rl import (Episodes, RewardFn, episode_logits, episode_logprobs, episode_values,
+from rlhf_jax.train.rl import (COMPLETIONS_TABLE, Episodes, RewardFn, episode_logits, episode_logprobs, episode_values,
                                epochs_minibatches, reward_model_scores, sample_episodes)
 from rlhf_jax.train.state import PPOState, as_key, create_train_state, with_score_head
 from rlhf_jax.train.steps import lora_params, on_adapters, sft_nll
@@ -89,11 +89,17 @@ class PPOConfig:
     """Policy optimizer (TRL's PPO learning rate 3e-6; Adam eps 1e-5 as lm-human-preferences)."""
     value_optim: OptimConfig | None = None
     """Value optimizer; None uses `optim`."""
+    completions_every: int = 0
+    """Every this many iterations, log a table of `completions_rows` sampled completions with their scores and
+    mean advantages (hooks' `on_samples`: DIR/<stage>/completions.jsonl and TensorBoard text); 0: never."""
+    completions_rows: int = 4
+    """Rows of that table (the first rows of the rollout batch; all of them when the batch is smaller)."""
 
     def __post_init__(self):
         check_ranges(self, positive=("num_steps", "log_every", "batch_size", "num_epochs", "num_minibatches",
-                                     "clip_eps", "vf_clip", "kl_target", "kl_horizon"),
-                     non_negative=("kl_coef", "vf_coef", "entropy_coef", "ptx_coef", "missing_eos_penalty"),
+                                     "clip_eps", "vf_clip", "kl_target", "kl_horizon", "completions_rows"),
+                     non_negative=("kl_coef", "vf_coef", "entropy_coef", "ptx_coef", "missing_eos_penalty",
+                                   "completions_every"),
                      unit=("gamma", "lam"))
         config_check(self, self.sampling.temperature > 0,
                      f"sampling.temperature = {self.sampling.temperature} must be > 0 for PPO")
@@ -250,6 +256,11 @@ def ppo_update(state: PPOState, data: Rollout, rng, *, config: PPOConfig, model_
         "eos_fraction": jnp.mean(ep.ends_with_eos(c.sampling.eos_id).astype(jnp.float32)),
         "learning_rate": state.policy.learning_rate(),
     }
+    if c.completions_every:
+        k, P = min(c.completions_rows, B), ep.prompt_len
+        metrics[COMPLETIONS_TABLE] = {"prompt": ep.tokens[:k, :P], "prompt_mask": ep.mask[:k, :P],
+                                      "completion": ep.responses[:k], "completion_mask": mask[:k],
+                                      "reward": data.scores[:k], "advantage": masked_mean(advantages, mask, axis=1)[:k]}
     return state.replace(policy=policy, value=value, kl_coef=kl_coef, step=state.step + 1), metrics
 
 

@@ -147,3 +147,24 @@ def epochs_minibatches(update: Callable, carry, data, rng, *, num_epochs: int, n
 
     carry, metrics = lax.scan(epoch, carry, jax.random.split(rng, num_epochs))
     return carry, jax.tree.map(jnp.mean, metrics)
+
+
+COMPLETIONS_TABLE = "completions/table"
+"""The metrics entry (arrays, not a scalar) holding the sampled-completions table; `run_ppo` / `run_grpo` take it
+out."""
+
+
+def completion_rows(table: dict, tokenizer=None) -> list[dict]:
+    """The sampled-completions table (host side): one {"prompt", "completion", "reward", "advantage"} per row,
+    texts decoded with `tokenizer` (None: the token ids)."""
+    table = jax.device_get(table)
+
+    def texts(tokens, mask):
+        if tokenizer is not None:
+            return decode_masked(tokenizer, tokens, mask)
+        return [[int(t) for t, m in zip(row, row_mask) if m] for row, row_mask in zip(tokens, mask)]
+
+    prompts = texts(table["prompt"], table["prompt_mask"])
+    completions = texts(table["completion"], table["completion_mask"])
+    return [{"prompt": p, "completion": c, "reward": float(r), "advantage": float(a)}
+            for p, c, r, a in zip(prompts, completions, table["reward"], table["advantage"])]

@@ -311,10 +311,17 @@ def run_ppo(state: PPOState, data: Iterable, config: PPOConfig, *, model_config:
             else _host_scored(ppo_sample, ppo_update_scored, host_reward_fn, tokenizer, opts,
                               sample_with_ref=lora is not None))
 
+    iteration = [int(jax.device_get(state.step))]
+
     def step_fn(state, batch):
         _check_rows(batch, config.batch_size, processes, "PPOConfig")
         ptx = _place_batch(_device_batch(next(ptx_iter)), mesh) if ptx_iter is not None else None
-        return step(state, _place_batch(batch, mesh), ref_params, reward_params, ptx)
+        state, metrics = step(state, _place_batch(batch, mesh), ref_params, reward_params, ptx)
+        table = metrics.pop(COMPLETIONS_TABLE, None)
+        iteration[0] += 1
+        if table is not None and hooks is not None and iteration[0] % config.completions_every == 0:
+            hooks.on_samples(iteration[0], completion_rows(table, tokenizer))
+        return state, metrics
 
     return run_loop(state, data, step_fn, num_steps=config.num_steps, log_every=config.log_every, hooks=hooks,
                     loss_keys=("loss/policy", "loss/value"))
