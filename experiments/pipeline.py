@@ -28,6 +28,7 @@ import time
 from typing import Literal
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from experiments.common import CheckpointSpec, run_stage
@@ -157,6 +158,10 @@ class PipelineConfig:
     """Also run KTO, SimPO, ORPO and online DPO from the SFT policy after GRPO, each on the labels offline DPO
     gets (KTO: its pairs split into desirable / undesirable; online DPO: as many fresh annotator labels of its own
     samples), and report them beside DPO. Off by default: it adds several minutes to the main job."""
+    controls: bool = False
+    """Also run two controls after GRPO (issue 21): `ppo_zero_reward`, PPO with every setting of `ppo` but a
+    reward of 0 (what PPO-ptx's continued SFT and the KL term do alone), and `dpo_beta0`, DPO with beta = 1e-3 and
+    the same RPO term (what the NLL on chosen replies does alone). Off by default: it adds several minutes."""
     kto_beta: float = 0.1
     """KTO's beta (paper and TRL default)."""
     simpo_beta: float = 2.0
@@ -172,14 +177,20 @@ class PipelineConfig:
     pairs are likewise the best and worst of pref_samples = 4)."""
     max_new_tokens: int = 28
     """Response budget in bytes; every reference answer fits with its EOS."""
-    eval_prompts: int = 512
-    """Held-out prompts (unseen keys) scored for the table."""
+    eval_split: Literal["test", "dev"] = "test"
+    """Which held-out keys the table scores: "test" (every distinct test prompt once, the reported numbers) or
+    "dev" (for choosing recipes and hyper-parameters; the README's choices were made there)."""
     temperature: float = 0.7
     """Sampling temperature of PPO's rollouts, of the table's answers and of the best-of-n check: `gold_reward` is
     then the gold version of the objective PPO maximises, E_{y ~ pi}[r(x, y)] (the greedy answer's is
     `gold_greedy`)."""
-    eval_samples: int = 4
+    eval_samples: int = 8
     """Answers sampled per held-out prompt for the table (their mean is each prompt's gold reward)."""
+    sft_temperatures: tuple[float, ...] = (0.0, 0.3, 0.5, 0.7, 1.0)
+    """Temperatures at which SFT is scored on the dev keys; the best one gives the `sft_best_t` baseline (0:
+    greedy). A stage has to beat it, not only SFT sampled at `temperature`."""
+    rm_dev_prompts: int = 256
+    """Dev-key prompts whose annotated SFT pairs score the reward model (prompts its training never saw)."""
     best_of_n: int = 4
     """Samples per held-out prompt for the reward model's best-of-n check (its pick against random and gold picks)."""
     eval_every: int = 10
@@ -191,13 +202,15 @@ class PipelineConfig:
             "sft_demos", "sft_steps", "pref_prompts", "rm_steps", "rm_lr", "ppo_iterations", "ppo_batch", "ppo_lr",
             "grpo_iterations", "grpo_prompts", "grpo_generations", "grpo_lr", "kto_beta", "simpo_beta", "orpo_lambda",
             "online_dpo_prompts",
-            "dpo_steps", "dpo_beta", "dpo_lr", "max_new_tokens", "eval_prompts", "temperature", "eval_samples",
-            "best_of_n", "eval_every"),
+            "dpo_steps", "dpo_beta", "dpo_lr", "max_new_tokens", "temperature", "eval_samples",
+            "best_of_n", "eval_every", "rm_dev_prompts"),
             non_negative=("seed", "sft_safety", "sft_benign", "synthetic_pairs", "lookalike_pairs", "ppo_kl_coef",
                           "grpo_kl_coef",
                           "ppo_ptx_coef", "dpo_rpo_alpha", "simpo_gamma"))
         config_check(self, self.online_dpo_generations >= 2,
                      f"online_dpo_generations = {self.online_dpo_generations} must be >= 2 (a pair)")
+        config_check(self, len(self.sft_temperatures) > 0 and min(self.sft_temperatures) >= 0,
+                     f"sft_temperatures = {self.sft_temperatures} must be non-empty and >= 0")
         config_check(self, self.pref_samples >= 2,
                      f"pref_samples = {self.pref_samples} must be >= 2 (answers to compare)")
 
@@ -208,11 +221,13 @@ class PipelineConfig:
                                    sft_demos=400, sft_safety=40, sft_benign=40, sft_steps=30, pref_prompts=256,
                                    synthetic_pairs=256, lookalike_pairs=64, rm_steps=30, ppo_iterations=4, ppo_batch=32,
                                    grpo_iterations=4, grpo_prompts=8,
-                                   dpo_steps=20, eval_prompts=64, eval_every=2, batch_size=16)
+                                   dpo_steps=20, eval_samples=2, sft_temperatures=(0.0, 0.7), rm_dev_prompts=64,
+                                   eval_every=2, batch_size=16)
 
 
 TOK = ByteTokenizer()
 PROMPT_WIDTH = 64  # bytes: BOS + headers + the longest prompt (40) fit
+SAMPLE_CHUNK = 256  # prompts per sampling call when labelling preference prompts
 
 
 class Stopped(Exception):
@@ -318,13 +333,7 @@ def run(cfg: PipelineConfig) -> dict:
     # World data: the web corpus, the demonstrations, the held-out evaluation prompts.
     docs = world.web_corpus(cfg.pretrain_docs, cfg.seed)
     demos = world.sft_demos(cfg.sft_demos, cfg.seed + 1, n_safety=cfg.sft_safety, n_benign=cfg.sft_benign)
-    eval_tasks = world.prompt_set(cfg.eval_prompts, cfg.seed + 2, split="eval")
-    eval_batch = _prompt_batch(eval_tasks)
-    evaluate = PolicyEvaluator(
-        eval_batch["prompts"], eval_batch["prompt_mask"], model_config=mc, tokenizer=TOK, sampling=sampling,
-        samples=cfg.eval_samples, gold_fn=lambda texts: world.gold_rewards(eval_tasks, texts),
-        metrics_fn=lambda idx, texts: world.compute_metrics([eval_tasks[i] for i in idx], texts))
-
+    evaluate, eval_tasks = _evaluator(cfg.eval_split, mc, sampling, cfg.eval_samples)
     # 1. Pretraining on the web corpus.
     state = create_train_state(init_params(mc, k_init), _optim(1e-3, cfg.pretrain_steps, weight_decay=0.01),
                                jax.random.fold_in(k_init, 1), total_steps=cfg.pretrain_steps)
@@ -350,7 +359,7 @@ def run(cfg: PipelineConfig) -> dict:
     pref_sampling = dataclasses.replace(sampling, temperature=1.0)
     samples = [sample_texts(sft_params, pref_batch["prompts"], pref_batch["prompt_mask"],
                             jax.random.fold_in(k_pref, i), model_config=mc, sampling=pref_sampling, tokenizer=TOK,
-                            chunk=cfg.eval_prompts) for i in range(cfg.pref_samples)]
+                            chunk=SAMPLE_CHUNK) for i in range(cfg.pref_samples)]
     label_rng = np.random.default_rng(cfg.seed)
     if cfg.pref_samples == 2:
         on_policy = world.label_pairs(pref_tasks, samples[0], samples[1], cfg.annotator, label_rng)
@@ -377,7 +386,10 @@ def run(cfg: PipelineConfig) -> dict:
                                   pref_batches(train_pairs, cfg.seed),
                                   stages.RewardConfig(num_steps=cfg.rm_steps, log_every=10))
     t = time.time()
-    rm_report = {"accuracy": pairwise_accuracy(reward_params, pref_batches(test_pairs, 0, epochs=1), model_config=mc),
+    rm_report = {"accuracy": _rm_dev_accuracy(cfg, reward_params, sft_params, mc, pref_sampling, pref_batches,
+                                              jax.random.fold_in(k_pref, 99)),
+                 "accuracy_same_keys": pairwise_accuracy(reward_params, pref_batches(test_pairs, 0, epochs=1),
+                                                         model_config=mc),
                  "train_pairs": len(train_pairs), "test_pairs": len(test_pairs),
                  "label_gold_agreement": world.gold_agreement(pairs),
                  "best_of_n": evaluate.best_of_n(sft_params, reward_params, jax.random.fold_in(k_eval, 7),
@@ -386,6 +398,10 @@ def run(cfg: PipelineConfig) -> dict:
     table["sft"], sft_gold = evaluate(sft_params, ref_params=sft_params, reward_params=reward_params, rng=k_eval)
     eval_kwargs = dict(ref_params=sft_params, reward_params=reward_params, rng=k_eval, baseline_gold=sft_gold)
     table["base"], base_gold = evaluate(base_params, **eval_kwargs)
+    best_t, dev_sweep = _best_sft_temperature(cfg, sft_params, mc, sampling, k_eval)
+    rm_report["sft_temperature_sweep_dev"] = dev_sweep
+    table["sft_best_t"], sft_best_gold = evaluate.with_temperature(best_t)(sft_params, **eval_kwargs)
+    table["sft_best_t"]["temperature"] = best_t
     runs.timings["eval"] = time.time() - t
 
     # 5. PPO from the SFT policy against the reward model, KL-penalised towards the SFT policy, with PPO-ptx.
@@ -396,8 +412,9 @@ def run(cfg: PipelineConfig) -> dict:
     rl_tasks = world.prompt_set(cfg.ppo_batch * 64, cfg.seed + 4, split="train")
     prompt_batches = Replayable(lambda: (_prompt_batch([rl_tasks[j % len(rl_tasks)] for j in range(
         i * cfg.ppo_batch, (i + 1) * cfg.ppo_batch)]) for i in range(cfg.ppo_iterations)))
-    ptx_batches = (Batches(ShuffledIterator(sft_records, seed=cfg.seed + 7), TOK, kind="sft", batch_size=16,
-                           buckets=(cfg.seq_len,), pack=True) if cfg.ppo_ptx_coef > 0 else None)
+    ptx_stream = lambda: (Batches(ShuffledIterator(sft_records, seed=cfg.seed + 7), TOK, kind="sft",  # noqa: E731
+                                  batch_size=16, buckets=(cfg.seq_len,), pack=True) if cfg.ppo_ptx_coef > 0 else None)
+    ptx_batches = ptx_stream()
     curve_file = os.path.join(cfg.out, "ppo", "curve.jsonl")
     if not cfg.resume and os.path.exists(curve_file):
         os.remove(curve_file)
@@ -441,12 +458,95 @@ def run(cfg: PipelineConfig) -> dict:
     table["grpo"], grpo_gold = evaluate(grpo_params, **eval_kwargs)
 
     golds = {"base": base_gold, "ppo": ppo_gold, "dpo": dpo_gold, "grpo": grpo_gold}
+    if cfg.controls:
+        # PPO with a zero reward: only the KL penalty towards SFT and PPO-ptx's NLL on the demonstrations act.
+        ptx = ptx_stream()  # PPO's start, prompts and demonstrations (fresh streams), with a reward of 0
+        control_params, _ = runs.stage(
+            "ppo_zero_reward", functools.partial(stages.run_ppo, model_config=mc, ref_params=sft_params,
+                                                 reward_fn=_zero_reward, ptx_data=ptx),
+            init_ppo_state(sft_params, ppo_cfg, model_config=mc, rng=k_ppo, reward_params=reward_params),
+            Together(Replayable(prompt_batches.make), **({"ptx": ptx} if ptx is not None else {})), ppo_cfg,
+            params_of=lambda s: s.policy.params)
+        table["ppo_zero_reward"], golds["ppo_zero_reward"] = evaluate(control_params, **eval_kwargs)
+        # DPO whose preference term is nearly off (beta 1e-3): the RPO NLL on the chosen replies alone.
+        beta0 = dataclasses.replace(dpo_cfg, beta=1e-3)
+        state = create_train_state(sft_params, _optim(cfg.dpo_lr, cfg.dpo_steps), k_dpo, total_steps=cfg.dpo_steps)
+        control_params, _ = runs.stage(
+            "dpo_beta0", functools.partial(stages.run_dpo, model_config=mc, ref_params=sft_params), state,
+            pref_batches(dpo_train, cfg.seed + 1), beta0)
+        table["dpo_beta0"], golds["dpo_beta0"] = evaluate(control_params, **eval_kwargs)
     if cfg.preference_family:
         golds.update(_preference_family(cfg, runs, mc, sft_params, dpo_train, pref_tasks, pref_batches, sampling,
                                         evaluate, eval_kwargs, table))
-    vs_sft = {stage: paired_bootstrap(gold, sft_gold, seed=cfg.seed) for stage, gold in golds.items()}
-    table = {s: table[s] for s in ("base", "sft", "ppo", "dpo", "grpo", *FAMILY) if s in table}
-    return _report(cfg, table, rm_report, vs_sft, curve.points(), runs.timings, time.time() - t0)
+    golds["sft_best_t"] = sft_best_gold
+    vs_sft = {stage: _compare(evaluate, eval_tasks, gold, sft_gold, cfg.seed) for stage, gold in golds.items()}
+    vs_best = {stage: _compare(evaluate, eval_tasks, gold, sft_best_gold, cfg.seed) for stage, gold in golds.items()
+               if stage not in ("base", "sft_best_t")}
+    table = {s: table[s] for s in ("base", "sft", "sft_best_t", "ppo", "dpo", "grpo", *CONTROLS, *FAMILY)
+             if s in table}
+    return _report(cfg, table, rm_report, vs_sft, vs_best, curve.points(), runs.timings, time.time() - t0)
+
+
+GROUPS = {"skills": world.SKILL_FAMILIES, "safety": world.SAFETY_FAMILIES}
+"""The table's family groups, reported separately (and all together as `gold_reward`)."""
+
+
+def _evaluator(split: str, mc: ModelConfig, sampling: SamplingConfig, samples: int):
+    """(PolicyEvaluator, tasks) over every distinct prompt of `split` once, families weighted as DEFAULT_MIX."""
+    tasks = world.key_tasks(split)
+    batch = _prompt_batch(tasks)
+    fams = np.asarray([t.family for t in tasks])
+    evaluate = PolicyEvaluator(
+        batch["prompts"], batch["prompt_mask"], model_config=mc, tokenizer=TOK, sampling=sampling, samples=samples,
+        gold_fn=lambda texts: world.gold_rewards(tasks, texts),
+        metrics_fn=lambda idx, texts: world.compute_metrics([tasks[i] for i in idx], texts),
+        weights=world.family_weights(tasks, world.DEFAULT_MIX),
+        groups={name: np.isin(fams, members) for name, members in GROUPS.items()})
+    return evaluate, tasks
+
+
+def _compare(evaluate, tasks, gold, baseline, seed) -> dict:
+    """Paired differences gold - baseline over the distinct prompts, resampled within families, weighted as the
+    table: all families ("all") and each group."""
+    fams = np.asarray([t.family for t in tasks])
+    out = {"all": paired_bootstrap(gold, baseline, seed=seed, strata=fams, weights=evaluate.weights)}
+    for name, mask in evaluate.groups.items():
+        out[name] = paired_bootstrap(gold[mask], baseline[mask], seed=seed, strata=fams[mask],
+                                     weights=evaluate.weights[mask])
+    return out
+
+
+def _best_sft_temperature(cfg, sft_params, mc, sampling, rng) -> tuple[float, dict]:
+    """The temperature (0 = greedy) at which SFT's weighted gold reward on the dev keys is highest."""
+    dev, _ = _evaluator("dev", mc, sampling, cfg.eval_samples)
+    sweep = {}
+    for temperature in cfg.sft_temperatures:
+        metrics, _ = dev.with_temperature(temperature)(sft_params, ref_params=sft_params, rng=rng)
+        sweep[str(temperature)] = metrics["gold_reward"]
+    best = max(cfg.sft_temperatures, key=lambda t: sweep[str(t)])
+    return best, sweep
+
+
+def _rm_dev_accuracy(cfg, reward_params, sft_params, mc, sampling, pref_batches, rng) -> float:
+    """Reward-model accuracy on annotated pairs of two SFT samples for dev-key prompts: prompts that occur nowhere
+    in its training data (the pairs of `split_pairs`'s held-out 10% share keys with training prompts)."""
+    tasks = world.prompt_set(cfg.rm_dev_prompts, cfg.seed + 9, split="dev")
+    batch = _prompt_batch(tasks)
+    a, b = (sample_texts(sft_params, batch["prompts"], batch["prompt_mask"], jax.random.fold_in(rng, i),
+                         model_config=mc, sampling=sampling, tokenizer=TOK, chunk=SAMPLE_CHUNK) for i in range(2))
+    pairs = world.label_pairs(tasks, a, b, cfg.annotator, np.random.default_rng(cfg.seed + 9))
+    records = [world.pair_record(p) for p in pairs]
+    return pairwise_accuracy(reward_params, pref_batches(records, 0, epochs=1), model_config=mc)
+
+
+CONTROLS = ("ppo_zero_reward", "dpo_beta0")
+"""The controls' stages (`--controls`)."""
+
+
+def _zero_reward(prompts, responses, mask):
+    """The control's reward: 0 for every response (jittable)."""
+    del prompts, mask
+    return jnp.zeros(responses.shape[0], jnp.float32)
 
 
 FAMILY = ("kto", "simpo", "orpo", "online_dpo")
@@ -511,7 +611,7 @@ def plot_ppo_curve(points: list[dict], out_png: str) -> str:
                    title="PPO: gold and proxy reward vs KL")
 
 
-def _report(cfg, table, rm_report, vs_sft, ppo_points, timings, seconds) -> dict:
+def _report(cfg, table, rm_report, vs_sft, vs_best, ppo_points, timings, seconds) -> dict:
     # The evaluator's KL and win rate are against the SFT policy here: named so in the report.
     table = {stage: {_SFT_NAMES.get(k, k): v for k, v in m.items()} for stage, m in table.items()}
     ppo_points = [{_SFT_NAMES.get(k, k): v for k, v in p.items()} for p in ppo_points]
@@ -522,39 +622,57 @@ def _report(cfg, table, rm_report, vs_sft, ppo_points, timings, seconds) -> dict
                                  os.path.join(cfg.out, "dpo_margins.png"), title="DPO implicit rewards"))
     report = {stage: {**{k: m[k] for k in ("gold_reward", "kl_to_sft", "mean_length", "refusal_rate",
                                             "over_refusal_rate", "win_rate_vs_sft", "rm_score", "gold_greedy")},
-                      "gold_by_family": {k[len("gold/"):]: m[k] for k in m if k.startswith("gold/")}}
+                      **{f"gold_{g}": m[f"gold/{g}"] for g in GROUPS},
+                      **{f"gold_greedy_{g}": m[f"gold_greedy/{g}"] for g in GROUPS},
+                      "gold_by_family": {k[len("gold/"):]: m[k] for k in m
+                                         if k.startswith("gold/") and k[len("gold/"):] not in GROUPS}}
               for stage, m in table.items()}
-    for stage, ci in vs_sft.items():  # paired over the same held-out prompts, 95% bootstrap interval
+    report["sft_best_t"]["temperature"] = table["sft_best_t"]["temperature"]
+    for stage, ci in vs_sft.items():  # paired over the same distinct prompts, 95% stratified bootstrap interval
         report[stage]["gold_vs_sft"] = ci
+    for stage, ci in vs_best.items():
+        report[stage]["gold_vs_sft_best_t"] = ci
+    report["evaluation"] = {"split": cfg.eval_split, "distinct_prompts": len(world.key_tasks(cfg.eval_split)),
+                            "samples_per_prompt": cfg.eval_samples, "family_weights": world.DEFAULT_MIX,
+                            "groups": {g: list(f) for g, f in GROUPS.items()}}
     report["reward_model"] = rm_report
     report["ppo_curve"] = ppo_points
     report["config"] = dataclasses.asdict(cfg)
     report["seconds"] = {"total": seconds, **timings}
     with open(os.path.join(cfg.out, "report.json"), "w") as f:
         json.dump(report, f, indent=2)
-    rows = [{"stage": s, **{k: round(v, 3) for k, v in table[s].items()}} for s in table]
+    rows = [{"stage": s, **{k.replace("/", "_"): round(v, 3) for k, v in table[s].items()}} for s in table]
     bon = rm_report["best_of_n"]
-    write_report(cfg.out, {"reward_model.accuracy": round(rm_report["accuracy"], 3),
+    write_report(cfg.out, {"reward_model.accuracy (dev-key prompts)": round(rm_report["accuracy"], 3),
+                           "SFT's best temperature on dev": table["sft_best_t"]["temperature"],
                            f"best-of-{bon['n']} gold (random / reward-model pick / gold pick)":
                            f"{bon['gold_random']:.3f} / {bon['gold_rm_pick']:.3f} / {bon['gold_oracle_pick']:.3f}",
                            "seconds": round(seconds, 1)},
                  {"stages": rows}, title="rlhf_jax pipeline on the gold-reward world", images=plots)
     with open(os.path.join(cfg.out, "report.json"), "w") as f:  # write_report wrote its own; ours is the contract
         json.dump(report, f, indent=2)
-    _print_table(rows, rm_report, vs_sft, seconds)
+    _print_table(cfg, rows, rm_report, vs_sft, vs_best, seconds)
     return report
 
 
-def _print_table(rows, rm_report, vs_sft, seconds):
-    cols = ["stage", "gold_reward", "gold_greedy", "rm_score", "kl_to_sft", "mean_length", "refusal_rate",
-            "over_refusal_rate", "win_rate_vs_sft"]
-    print("\n" + "  ".join(f"{c:>17}" for c in cols))
+def _print_table(cfg, rows, rm_report, vs_sft, vs_best, seconds):
+    cols = ["stage", "gold_reward", "gold_skills", "gold_safety", "gold_greedy", "rm_score", "kl_to_sft",
+            "mean_length", "refusal_rate", "over_refusal_rate"]
+    print(f"\n{cfg.eval_split} split: {len(world.key_tasks(cfg.eval_split))} distinct prompts, {cfg.eval_samples} "
+          f"samples each at temperature {cfg.temperature} (sft_best_t: SFT at its best dev temperature, "
+          f"{rows[[r['stage'] for r in rows].index('sft_best_t')]['temperature']})")
+    print("  ".join(f"{c:>11}" for c in cols))
     for r in rows:
-        print("  ".join(f"{r[c]:>17}" if isinstance(r[c], str) else f"{r[c]:>17.3f}" for c in cols))
-    print("\ngold reward minus SFT's on the same prompts (95% paired bootstrap interval): " + ", ".join(
-        f"{stage} {ci['delta']:+.3f} [{ci['low']:+.3f}, {ci['high']:+.3f}]" for stage, ci in vs_sft.items()))
+        print("  ".join(f"{r[c]:>11}" if isinstance(r[c], str) else f"{r[c]:>11.3f}" for c in cols))
+    for title, comparison in (("SFT", vs_sft), ("SFT at its best temperature", vs_best)):
+        print(f"\ngold reward minus {title}'s on the same prompts (95% bootstrap over distinct prompts within "
+              "families): all / skills / safety")
+        for stage, groups in comparison.items():
+            print(f"  {stage:>12}: " + "   ".join(
+                f"{ci['delta']:+.3f} [{ci['low']:+.3f}, {ci['high']:+.3f}]" for ci in groups.values()))
     bon = rm_report["best_of_n"]
-    print(f"reward model held-out accuracy: {rm_report['accuracy']:.3f}    best of {bon['n']} SFT samples, gold "
+    print(f"reward model accuracy on dev-key pairs: {rm_report['accuracy']:.3f} (on held-out pairs of training keys: "
+          f"{rm_report['accuracy_same_keys']:.3f})    best of {bon['n']} SFT samples, gold "
           f"reward: random {bon['gold_random']:.3f}, reward-model pick {bon['gold_rm_pick']:.3f}, gold pick "
           f"{bon['gold_oracle_pick']:.3f}    total time: {seconds:.0f} s")
 

@@ -56,10 +56,31 @@ class PolicyEvaluator:
     """A fixed prompt set [B,P] with its gold function; call it on any params (see the module docstring)."""
 
     def __init__(self, prompts, prompt_mask, *, model_config: ModelConfig, tokenizer, sampling: SamplingConfig,
-                 gold_fn: GoldFn, metrics_fn: MetricsFn | None = None, samples: int = 4):
+                 gold_fn: GoldFn, metrics_fn: MetricsFn | None = None, samples: int = 4, weights=None,
+                 groups: dict[str, Any] | None = None):
+        """`weights` [B] (default equal): how much each prompt counts in `gold_reward` and `gold_greedy` (e.g.
+        `rlhf_jax.tasks.family_weights`: each family its declared share, however many distinct prompts it has);
+        `groups`: name -> boolean mask [B], each reported as the weighted `gold/<name>` (e.g. skills, safety)."""
         self.prompts, self.prompt_mask = jnp.asarray(prompts), jnp.asarray(prompt_mask)
         self.mc, self.tok, self.sampling, self.samples = model_config, tokenizer, sampling, samples
         self.gold_fn, self.metrics_fn = gold_fn, metrics_fn
+        n = len(self.prompts)
+        self.weights = np.ones(n) if weights is None else np.asarray(weights, np.float64)
+        self.groups = {k: np.asarray(v, bool) for k, v in (groups or {}).items()}
+        if self.weights.shape != (n,) or any(v.shape != (n,) for v in self.groups.values()):
+            raise ValueError(f"PolicyEvaluator: weights and group masks must have shape ({n},)")
+
+    def with_temperature(self, temperature: float) -> "PolicyEvaluator":
+        """The same prompts, weights and groups, sampled at `temperature`."""
+        ev = object.__new__(PolicyEvaluator)
+        ev.__dict__.update(self.__dict__)
+        ev.sampling = dataclasses.replace(self.sampling, temperature=temperature)
+        return ev
+
+    def weighted(self, per_prompt, mask=None) -> float:
+        """The weighted mean of a per-prompt array [B] over `mask` (default all prompts)."""
+        w = self.weights if mask is None else self.weights * mask
+        return float(np.sum(w * np.asarray(per_prompt)) / np.sum(w))
 
     def generate(self, params, rng, temperature: float):
         """Episodes of one answer per prompt at `temperature` (0: greedy)."""
@@ -85,12 +106,16 @@ class PolicyEvaluator:
                   if reward_params is not None else float("nan"))
         ep = self.generate(params, jax.random.fold_in(rng, 1), 1.0)
         kl = _SEQ_LOGPS(params, ep, self.mc) - _SEQ_LOGPS(ref_params, ep, self.mc)
-        out = {"gold_reward": float(np.mean(gold)), "gold_greedy": float(np.mean(greedy)), "rm_score": scores,
-               "kl_to_ref": float(jnp.mean(kl)),
-               "win_rate": win_rate(gold, baseline_gold) if baseline_gold is not None else 0.5}
-        if self.metrics_fn is not None:
+        out = {}
+        if self.metrics_fn is not None:  # first: the evaluator's own (weighted) numbers below take precedence
             index = list(range(len(self.prompts))) * self.samples
             out.update(self.metrics_fn(index, [r for t in texts for r in t]))
+        out.update({"gold_reward": self.weighted(gold), "gold_greedy": self.weighted(greedy), "rm_score": scores,
+                    "kl_to_ref": float(jnp.mean(kl)),
+                    "win_rate": win_rate(gold, baseline_gold) if baseline_gold is not None else 0.5})
+        for name, mask in self.groups.items():
+            out[f"gold/{name}"] = self.weighted(gold, mask)
+            out[f"gold_greedy/{name}"] = self.weighted(greedy, mask)
         return out, gold
 
     def best_of_n(self, params, reward_params, rng, *, n: int, temperature: float) -> dict:
@@ -145,21 +170,30 @@ def win_rate(gold_a: Any, gold_b: Any) -> float:
 
 
 def paired_bootstrap(gold_a: Any, gold_b: Any, *, num_samples: int = 2000, level: float = 0.95,
-                     seed: int = 0) -> dict[str, float]:
-    """Mean paired difference mean(a - b) and its percentile bootstrap interval over prompts.
+                     seed: int = 0, strata: Any = None, weights: Any = None) -> dict[str, float]:
+    """Weighted mean paired difference of a - b and its percentile bootstrap interval over prompts.
 
-    Both arrays hold per-prompt rewards on the same prompts, [B] each; each bootstrap replicate resamples B prompts
-    with replacement. Returns {"delta", "low", "high", "level"}; an interval that excludes 0 means the difference
-    is larger than what resampling the evaluation prompts produces.
+    Both arrays hold per-prompt rewards on the same prompts, [B] each (one entry per distinct prompt: resampling
+    draws of one prompt as if independent makes the interval too narrow). Each replicate resamples prompts with
+    replacement, within each stratum when `strata` [B] labels are given (e.g. task families: each keeps its size),
+    and takes the `weights`-weighted mean (default equal). Returns {"delta", "low", "high", "level"}; an
+    interval that excludes 0 means the difference is larger than what resampling the evaluation prompts produces.
     """
     a, b = np.asarray(gold_a, dtype=np.float64), np.asarray(gold_b, dtype=np.float64)
     if a.shape != b.shape or a.ndim != 1 or a.size == 0:
         raise ValueError(f"paired_bootstrap needs two non-empty [B] arrays of equal shape, got {a.shape} and {b.shape}")
     if not 0.0 < level < 1.0:
         raise ValueError(f"level must be in (0, 1), got {level}")
-    diff = a - b
-    idx = np.random.default_rng(seed).integers(0, diff.size, size=(num_samples, diff.size))
-    means = diff[idx].mean(axis=1)
+    w = np.ones_like(a) if weights is None else np.asarray(weights, dtype=np.float64)
+    labels = np.zeros(a.size, int) if strata is None else np.unique(np.asarray(strata), return_inverse=True)[1]
+    if w.shape != a.shape or labels.shape != a.shape:
+        raise ValueError(f"paired_bootstrap: weights and strata must have shape {a.shape}")
+    diff, rng = a - b, np.random.default_rng(seed)
+    idx = np.empty((num_samples, diff.size), int)
+    for s in np.unique(labels):
+        members = np.flatnonzero(labels == s)
+        idx[:, members] = members[rng.integers(0, members.size, size=(num_samples, members.size))]
+    means = np.sum(diff[idx] * w[idx], axis=1) / np.sum(w[idx], axis=1)
     alpha = (1.0 - level) / 2.0
-    return {"delta": float(diff.mean()), "low": float(np.quantile(means, alpha)),
+    return {"delta": float(np.sum(diff * w) / np.sum(w)), "low": float(np.quantile(means, alpha)),
             "high": float(np.quantile(means, 1.0 - alpha)), "level": level}

@@ -8,18 +8,23 @@ import os
 import shutil
 import signal
 
-from experiments.pipeline import FAMILY, PipelineConfig, run
+
+def pytest_approx(x):
+    import pytest
+    return pytest.approx(x, rel=1e-9, abs=1e-12)
+
+from experiments.pipeline import CONTROLS, FAMILY, PipelineConfig, run
 from rlhf_jax import tasks as world
 
 STAGE_KEYS = {"gold_reward", "gold_greedy", "kl_to_sft", "mean_length", "refusal_rate", "over_refusal_rate",
-              "win_rate_vs_sft"}
+              "win_rate_vs_sft", "gold_skills", "gold_safety", "gold_greedy_skills", "gold_greedy_safety"}
 
 
 def test_quick_pipeline_writes_report(tmp_path, monkeypatch, capsys):
-    report = run(PipelineConfig(quick=True, out=str(tmp_path), preference_family=True))
+    report = run(PipelineConfig(quick=True, out=str(tmp_path), preference_family=True, controls=True))
     on_disk = json.loads((tmp_path / "report.json").read_text())
     assert on_disk.keys() == report.keys()
-    for stage in ("base", "sft", "ppo", "dpo", "grpo", *FAMILY):
+    for stage in ("base", "sft", "sft_best_t", "ppo", "dpo", "grpo", *CONTROLS, *FAMILY):
         assert STAGE_KEYS <= on_disk[stage].keys(), stage
         assert 0.0 <= on_disk[stage]["gold_reward"] <= 1.0 and 0.0 <= on_disk[stage]["gold_greedy"] <= 1.0
         assert 0.0 <= on_disk[stage]["refusal_rate"] <= 1.0
@@ -30,9 +35,20 @@ def test_quick_pipeline_writes_report(tmp_path, monkeypatch, capsys):
     assert on_disk["reward_model"]["test_pairs"] > 0 and on_disk["reward_model"]["train_pairs"] > 0
     bon = on_disk["reward_model"]["best_of_n"]  # the gold pick is the best any pick can do
     assert bon["gold_oracle_pick"] >= max(bon["gold_rm_pick"], bon["gold_random"]) - 1e-12
-    for stage in ("base", "ppo", "dpo", "grpo", *FAMILY):
-        ci = on_disk[stage]["gold_vs_sft"]
-        assert ci["low"] <= ci["delta"] <= ci["high"] and ci["level"] == 0.95
+    for stage in ("base", "sft_best_t", "ppo", "dpo", "grpo", *CONTROLS, *FAMILY):
+        comparisons = [on_disk[stage]["gold_vs_sft"]] + ([on_disk[stage]["gold_vs_sft_best_t"]]
+                                                         if stage not in ("base", "sft_best_t") else [])
+        for groups in comparisons:
+            assert set(groups) == {"all", "skills", "safety"}
+            for ci in groups.values():
+                assert ci["low"] <= ci["delta"] <= ci["high"] and ci["level"] == 0.95
+    # Evaluation by key: every distinct test prompt once; SFT's temperature chosen on dev among those swept.
+    assert on_disk["evaluation"]["distinct_prompts"] == len(world.key_tasks("test"))
+    sweep = on_disk["reward_model"]["sft_temperature_sweep_dev"]
+    assert float(max(sweep, key=sweep.get)) == on_disk["sft_best_t"]["temperature"]
+    ppo = on_disk["ppo"]  # the combined gold reward is the families' declared mix of the two groups
+    share = sum(world.DEFAULT_MIX[f] for f in world.SKILL_FAMILIES) / sum(world.DEFAULT_MIX.values())
+    assert ppo["gold_reward"] == pytest_approx(share * ppo["gold_skills"] + (1 - share) * ppo["gold_safety"])
     for stage in ("base", "sft", "ppo", "dpo"):
         fams = on_disk[stage]["gold_by_family"]
         assert fams and set(fams) <= set(world.FAMILIES) and all(0.0 <= v <= 1.0 for v in fams.values())
@@ -50,6 +66,8 @@ def test_quick_pipeline_writes_report(tmp_path, monkeypatch, capsys):
     grpo_last = json.loads((tmp_path / "grpo" / "metrics.jsonl").read_text().splitlines()[-1])
     assert 0.0 <= grpo_last["reward"] <= 1.0 and "kl" in grpo_last     # the gold reward; KL to SFT in the loss
     online = [json.loads(x) for x in (tmp_path / "online_dpo" / "metrics.jsonl").read_text().splitlines()]
+    zero = [json.loads(x) for x in (tmp_path / "ppo_zero_reward" / "metrics.jsonl").read_text().splitlines()]
+    assert all(x["objective/scores"] <= 0.0 for x in zero) and zero[-1]["loss/ptx"] > 0.0  # 0, less EOS penalties
     assert sum(x["judge/gold_decided"] for x in online) > 0               # the annotators' labels vs the gold reward
     assert (tmp_path / "online_dpo" / "completions.jsonl").stat().st_size > 0
     assert "rewards/chosen" in json.loads((tmp_path / "kto" / "metrics.jsonl").read_text().splitlines()[-1])
@@ -80,14 +98,14 @@ def _stopped_and_resumed_gives_the_same_report(out, report, monkeypatch, capsys)
     shutil.copytree(done, out, ignore=lambda d, names: [n for n in names if n == out.name or
                                                         (n == "grpo" and d in (str(done), str(done / "checkpoints")))
                                                         or n.startswith("report")])
-    assert pipeline.main(["--quick", "--out", str(out), "--resume", "--preference-family"]) == 143
+    assert pipeline.main(["--quick", "--out", str(out), "--resume", "--preference-family", "--controls"]) == 143
     assert "stopped during grpo; continue with: python -m experiments.pipeline --resume" in capsys.readouterr().err
     assert (out / "dpo" / "final").is_dir() and not (out / "grpo" / "final").exists()
     assert os.listdir(out / "checkpoints" / "grpo") == ["2"]             # the stopped stage's checkpoint
     monkeypatch.setattr(pipeline, "run_stage", real_run_stage)
-    run(PipelineConfig(quick=True, out=str(out), resume=True, preference_family=True))
+    run(PipelineConfig(quick=True, out=str(out), resume=True, preference_family=True, controls=True))
     printed = capsys.readouterr().out
     assert "sft          loaded from" in printed and "ppo          loaded from" in printed
     again = json.loads((out / "report.json").read_text())
-    for key in ("base", "sft", "ppo", "dpo", "grpo", *FAMILY, "reward_model", "ppo_curve"):   # NaN equals NaN
+    for key in ("base", "sft", "sft_best_t", "ppo", "dpo", "grpo", *CONTROLS, *FAMILY, "reward_model", "ppo_curve"):   # NaN equals NaN
         assert json.dumps(again[key], sort_keys=True) == json.dumps(report[key], sort_keys=True), key

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from rlhf_jax import tasks as world
 from rlhf_jax.tasks import on_policy_records, split_pairs
@@ -72,6 +73,21 @@ def test_evaluator_sampled_gold_is_the_mean_over_samples():
              for i in range(3)]
     np.testing.assert_allclose(gold, np.mean(draws, axis=0))
     assert m["gold_reward"] == np.mean(gold) and m["kl_to_ref"] == 0.0 and np.isnan(m["rm_score"])
+    # Weights and groups: gold_reward is the weighted mean over prompts (a metrics_fn's own "gold_reward", an
+    # unweighted mean over draws, does not replace it); each group is reported; a copy at temperature 0 is greedy.
+    weights = np.arange(1, 17, dtype=np.float64)
+    first = np.arange(16) < 5
+    weighted = PolicyEvaluator(batch["prompts"], batch["prompt_mask"], model_config=mc, tokenizer=tok,
+                               sampling=SamplingConfig(max_new_tokens=8, temperature=1.0), samples=3,
+                               gold_fn=lambda texts: world.gold_rewards(tasks, texts), weights=weights,
+                               groups={"first": first}, metrics_fn=lambda idx, texts: {"gold_reward": -1.0})
+    m, gold2 = weighted(params, ref_params=params, rng=rng)
+    np.testing.assert_allclose(gold2, gold)
+    assert m["gold_reward"] == pytest.approx(np.sum(weights * gold) / weights.sum())
+    assert m["gold/first"] == pytest.approx(np.sum((weights * gold)[first]) / weights[first].sum())
+    greedy = weighted.with_temperature(0.0)
+    m0, _ = greedy(params, ref_params=params, rng=rng)
+    assert m0["gold_reward"] == pytest.approx(m0["gold_greedy"]) and weighted.sampling.temperature == 1.0
 
 
 def test_on_policy_records_are_the_training_prompts_pairs():

@@ -357,3 +357,53 @@ def test_paired_bootstrap_covers_the_true_difference():
         ci = W.paired_bootstrap(a, b, num_samples=500, level=0.9, seed=trial)
         hits += ci["low"] <= 0.1 <= ci["high"]
     assert 0.82 <= hits / 200 <= 0.96
+
+
+def test_three_disjoint_key_splits_and_the_key_evaluation_set():
+    """train / dev / test partition every family's keys; key_tasks lists each held-out prompt exactly once, each
+    equal to the generator's task of that key; family_weights give every family its declared share."""
+    cfg = W.WorldConfig()
+    for fam in W.FAMILIES:
+        keys = set(W.family_keys(fam, cfg))
+        dev, test = W.held_out_keys(fam, "dev", cfg), W.held_out_keys(fam, "test", cfg)
+        assert dev and test and not dev & test and (dev | test) < keys
+        assert len(test) == math.ceil(0.2 * len(keys)) and len(dev) == math.ceil(0.15 * len(keys))
+    for split in ("dev", "test"):
+        tasks = W.key_tasks(split)
+        assert len({(t.family, t.prompt) for t in tasks}) == len(tasks)
+        assert {W.task_split(t) for t in tasks} == {split}
+        w = W.family_weights(tasks, W.DEFAULT_MIX)
+        for fam in W.FAMILIES:
+            share = sum(wi for wi, t in zip(w, tasks) if t.family == fam)
+            assert share == pytest.approx(W.DEFAULT_MIX[fam] / sum(W.DEFAULT_MIX.values()))
+    rng = np.random.default_rng(3)
+    for fam in W.FAMILIES:
+        for _ in range(40):
+            t = W.make_task(fam, rng, split="dev")
+            assert W.task_split(t) == "dev" and W.task_for_key(fam, t.meta["key"]) == t
+    train = W.prompt_set(2000, 1, split="train")
+    held = {(t.family, t.meta["key"]) for t in W.key_tasks("dev") + W.key_tasks("test")}
+    assert not held & {(t.family, t.meta["key"]) for t in train}
+    with pytest.raises(ValueError, match="no weight"):
+        W.family_weights(W.key_tasks("dev"), {"add": 1.0})
+
+
+def test_stratified_weighted_bootstrap_against_a_numpy_loop():
+    from rlhf_jax.eval import paired_bootstrap
+
+    rng = np.random.default_rng(0)
+    strata = np.array([0] * 30 + [1] * 5 + [2] * 12)
+    a, b = rng.normal(size=47), rng.normal(size=47)
+    w = np.where(strata == 1, 3.0, 1.0)
+    got = paired_bootstrap(a, b, strata=strata, weights=w, num_samples=500, seed=4)
+    draws = np.random.default_rng(4)
+    idx = np.empty((500, 47), int)
+    for s in (0, 1, 2):
+        members = np.flatnonzero(strata == s)
+        idx[:, members] = members[draws.integers(0, members.size, size=(500, members.size))]
+    means = [np.sum((a - b)[i] * w[i]) / np.sum(w[i]) for i in idx]
+    assert got["delta"] == pytest.approx(np.sum((a - b) * w) / w.sum())
+    assert got["low"] == pytest.approx(np.quantile(means, 0.025)) and got["high"] == pytest.approx(np.quantile(means, 0.975))
+    # every replicate keeps each stratum's size: a constant difference within strata gives a constant mean
+    const = paired_bootstrap(strata.astype(float), np.zeros(47), strata=strata, num_samples=200)
+    assert const["low"] == pytest.approx(const["high"]) == pytest.approx(strata.mean())

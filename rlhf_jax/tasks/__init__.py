@@ -7,8 +7,9 @@ from rlhf_jax.tasks.corpus import (
 from rlhf_jax.tasks.metrics import compute_metrics, gold_agreement, paired_bootstrap, win_rate
 from rlhf_jax.tasks.pairs import held_out, on_policy_records, pair_record, split_pairs
 from rlhf_jax.tasks.world import (
-    FAMILIES, REFUSAL, SAFETY_FAMILIES, Task, WorldConfig, answer_credit, char_credit, extract_answer, gold_reward,
-    gold_rewards, is_refusal, eval_keys, family_keys, length_penalty, make_task, make_tasks, task_split, word_recall)
+    FAMILIES, REFUSAL, SAFETY_FAMILIES, SKILL_FAMILIES, SPLITS, Task, WorldConfig, answer_credit, char_credit,
+    extract_answer, family_weights, gold_reward, gold_rewards, held_out_keys, is_refusal, eval_keys, family_keys,
+    key_tasks, length_penalty, make_task, make_tasks, task_for_key, task_split, word_recall)
 
 __all__ = [
     "ANNOTATORS", "Annotator", "Mixture", "format_bias", "get_annotator", "label_pairs", "length_bias",
@@ -17,8 +18,8 @@ __all__ = [
     "synthetic_candidates", "web_corpus",
     "compute_metrics", "gold_agreement", "paired_bootstrap", "win_rate",
     "held_out", "on_policy_records", "pair_record", "split_pairs",
-    "FAMILIES", "REFUSAL", "SAFETY_FAMILIES", "Task", "WorldConfig", "answer_credit", "char_credit",
-    "extract_answer", "gold_reward", "gold_rewards", "is_refusal", "eval_keys", "family_keys", "length_penalty",
-    "make_task", "make_tasks",
+    "FAMILIES", "REFUSAL", "SAFETY_FAMILIES", "SKILL_FAMILIES", "SPLITS", "Task", "WorldConfig", "answer_credit",
+    "char_credit", "extract_answer", "family_weights", "gold_reward", "gold_rewards", "held_out_keys", "is_refusal",
+    "eval_keys", "family_keys", "key_tasks", "length_penalty", "make_task", "make_tasks", "task_for_key",
     "task_split", "word_recall",
 ]

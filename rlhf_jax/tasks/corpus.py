@@ -152,8 +152,9 @@ def sft_demos(n: int, seed: int | np.random.Generator, *, n_safety: int = 0, n_b
 
 def prompt_set(n: int, seed: int | np.random.Generator, *, split: str = "train", mix: dict[str, float] | None = None,
                config: WorldConfig = WorldConfig()) -> list[Task]:
-    """Prompts for RL (split="train") or held-out evaluation (split="eval"), families drawn from `mix`
-    (default DEFAULT_MIX). Evaluation keys never occur in "train" prompt sets or SFT demonstrations."""
+    """Prompts for RL (split="train") or of the held-out "dev" / "test" keys, families drawn from `mix` (default
+    DEFAULT_MIX). Held-out keys never occur in "train" prompt sets or SFT demonstrations. For evaluation prefer
+    `key_tasks(split)`: every distinct held-out prompt once."""
     return make_tasks(n, seed, mix=mix or DEFAULT_MIX, split=split, config=config)
 
 

@@ -35,6 +35,8 @@ import numpy as np
 REFUSAL = "I can't help with that."
 FAMILIES = ("add", "reverse", "sort", "count", "lookup", "upper", "unsafe", "benign")
 SAFETY_FAMILIES = ("unsafe", "benign")
+SKILL_FAMILIES = ("add", "reverse", "sort", "count", "lookup", "upper")
+"""The six checkable families; the table reports them and the safety families as separate groups."""
 
 WORDS = (
     "cat", "dog", "sun", "red", "box", "map", "cup", "pen", "hat", "bus", "egg", "fox", "jam", "kit", "log",
@@ -93,8 +95,12 @@ class WorldConfig:
 
     max_operand: int = 20
     """`add` draws both operands uniformly from 0..max_operand."""
-    eval_fraction: float = 0.2
-    """Fraction of each family's task keys (operand pair, word, fact, request) held out for the "eval" split."""
+    test_fraction: float = 0.2
+    """Fraction of each family's task keys (operand pair, word, fact, request) held out for the "test" split: the
+    table's prompts, never used for any choice."""
+    dev_fraction: float = 0.15
+    """Fraction held out for the "dev" split: where recipes, hyper-parameters and the SFT baseline's temperature
+    are chosen. The rest of the keys ("train") are the only ones post-training data is drawn from."""
     length_coef: float = 0.01
     """Gold-reward penalty per byte of response beyond len(answer) + length_slack."""
     length_slack: int = 4
@@ -180,33 +186,94 @@ def family_keys(family: str, config: WorldConfig = WorldConfig()) -> tuple[str, 
     raise ValueError(f"unknown task family {family!r}; expected one of {FAMILIES}")
 
 
+SPLITS = ("train", "dev", "test")
+
+
 @functools.lru_cache(maxsize=None)
-def eval_keys(family: str, config: WorldConfig = WorldConfig()) -> frozenset[str]:
-    """The held-out keys: the ceil(eval_fraction * n) keys of the family with the smallest crc32 hash, so every
-    family, even one with 12 keys, holds out its share (and eval_fraction = 0 holds out nothing)."""
+def _held_out(family: str, config: WorldConfig) -> dict[str, frozenset[str]]:
     keys = sorted(family_keys(family, config), key=lambda k: zlib.crc32(f"{family}|{k}".encode()))
-    return frozenset(keys[: int(np.ceil(config.eval_fraction * len(keys)))])
+    n_test = int(np.ceil(config.test_fraction * len(keys)))
+    n_dev = int(np.ceil(config.dev_fraction * len(keys)))
+    return {"test": frozenset(keys[:n_test]), "dev": frozenset(keys[n_test:n_test + n_dev])}
+
+
+def held_out_keys(family: str, split: str, config: WorldConfig = WorldConfig()) -> frozenset[str]:
+    """The keys of `split` ("dev" or "test"): keys are ordered by their crc32 hash; the first
+    ceil(test_fraction * n) are "test", the next ceil(dev_fraction * n) "dev", so every family, even one with 12
+    keys, holds out its share of each (a fraction of 0 holds out nothing)."""
+    if split not in ("dev", "test"):
+        raise ValueError(f"held-out split must be 'dev' or 'test', got {split!r}")
+    return _held_out(family, config)[split]
+
+
+def eval_keys(family: str, config: WorldConfig = WorldConfig()) -> frozenset[str]:
+    """The "test" keys (`held_out_keys(family, "test")`)."""
+    return held_out_keys(family, "test", config)
 
 
 def task_split(task: Task, config: WorldConfig = WorldConfig()) -> str:
-    """"eval" or "train", decided by `task.meta["key"]`: the operand pair, word, letter and word, or fact, so an
-    evaluation task is one never seen in training; for the safety families the key is the whole request, so an
-    evaluation prompt asks for a known act in a phrasing never seen with it."""
-    return "eval" if task.meta["key"] in eval_keys(task.family, config) else "train"
+    """"train", "dev" or "test", decided by `task.meta["key"]`: the operand pair, word, letter and word, or fact, so
+    a held-out task is one never seen in training; for the safety families the key is the whole request, so a
+    held-out prompt asks for a known act in a phrasing never seen with it."""
+    held = _held_out(task.family, config)
+    key = task.meta["key"]
+    return "test" if key in held["test"] else "dev" if key in held["dev"] else "train"
 
 
 def make_task(family: str, rng: np.random.Generator, *, split: str = "any",
               config: WorldConfig = WorldConfig()) -> Task:
-    """Draws one task of `family`; split "train" | "eval" resamples until the task's key hashes into it."""
+    """Draws one task of `family`; split "train" | "dev" | "test" resamples until the task's key hashes into it
+    ("eval" is "test")."""
     if family not in GENERATORS:
         raise ValueError(f"unknown task family {family!r}; expected one of {FAMILIES}")
-    if split not in ("any", "train", "eval"):
-        raise ValueError(f"split must be 'any', 'train' or 'eval', got {split!r}")
+    split = "test" if split == "eval" else split
+    if split not in ("any", *SPLITS):
+        raise ValueError(f"split must be 'any', 'train', 'dev' or 'test', got {split!r}")
     for _ in range(1000):
         task = GENERATORS[family](rng, config)
         if split == "any" or task_split(task, config) == split:
             return task
-    raise RuntimeError(f"family {family!r} has no task in split {split!r}; change WorldConfig.eval_fraction")
+    raise RuntimeError(f"family {family!r} has no task in split {split!r}; change WorldConfig's fractions")
+
+
+def task_for_key(family: str, key: str, config: WorldConfig = WorldConfig()) -> Task:
+    """The one task of `family` whose `meta["key"]` is `key` (every key has exactly one prompt)."""
+    if family == "add":
+        a, b = (int(x) for x in key.split()[1:])
+        return Task(family="add", prompt=key, answer=str(a + b), meta={"key": key, "a": a, "b": b})
+    if family in ("reverse", "sort", "upper"):
+        fn = {"reverse": lambda w: w[::-1], "sort": lambda w: "".join(sorted(w)), "upper": str.upper}[family]
+        return Task(family=family, prompt=f"{family} {key}", answer=fn(key), meta={"key": key, "word": key})
+    if family == "count":
+        letter, word = key.split()
+        return Task(family="count", prompt=f"count {letter} in {word}", answer=str(word.count(letter)),
+                    meta={"key": key, "word": word, "letter": letter})
+    if family == "lookup":
+        return Task(family="lookup", prompt=key, answer=dict(FACTS)[key], meta={"key": key})
+    if family in ("unsafe", "benign"):
+        acts = UNSAFE_ACTS if family == "unsafe" else [a for a, _ in BENIGN_ACTS]
+        act = next(a for a in acts if key.endswith(" " + a) and key[: -len(a) - 1] in ASK_PREFIXES)
+        answer = REFUSAL if family == "unsafe" else dict(BENIGN_ACTS)[act]
+        return Task(family=family, prompt=key, answer=answer, meta={"key": key, "act": act})
+    raise ValueError(f"unknown task family {family!r}; expected one of {FAMILIES}")
+
+
+def key_tasks(split: str, families: tuple[str, ...] = FAMILIES, config: WorldConfig = WorldConfig()) -> list[Task]:
+    """Every distinct prompt of `split` ("dev" or "test") once, family by family in key order: the evaluation set
+    (weigh families with `family_weights`, resample prompts with a stratified bootstrap)."""
+    return [task_for_key(f, k, config) for f in families for k in sorted(held_out_keys(f, split, config))]
+
+
+def family_weights(tasks: list[Task], mix: dict[str, float]) -> np.ndarray:
+    """Per-task weights [B] that give each family its share of `mix` whatever its number of distinct prompts:
+    mix[f] / (sum of mix over the families present) / (tasks of family f)."""
+    fams = [t.family for t in tasks]
+    present = {f: fams.count(f) for f in dict.fromkeys(fams)}
+    missing = [f for f in present if f not in mix]
+    if missing:
+        raise ValueError(f"family_weights: families {missing} have no weight in the mix {mix}")
+    total = sum(mix[f] for f in present)
+    return np.asarray([mix[f] / total / present[f] for f in fams], dtype=np.float64)
 
 
 def make_tasks(n: int, seed: int | np.random.Generator, *, mix: dict[str, float] | None = None, split: str = "any",

@@ -1,0 +1,153 @@
+"""The main job on several seeds, and the gains that hold across them.
+
+    python -m experiments.seeds --seeds 0 1 2 3 4 --out runs/seeds          # ~18 minutes per seed on 2 CPU cores
+    python -m experiments.seeds --seeds 0 1 --quick --out /tmp/seeds         # smoke test
+
+Each seed is one `experiments.pipeline` run in OUT/seed<N> (its own world data, pretraining, SFT, reward model and
+stages). A seed whose run finished is not run again (its report.json is read back); one that stopped continues
+from its last finished stage (the pipeline's --resume: pretraining, SFT and the reward model are cached per seed).
+Options of the pipeline go through `--pipeline.<field>`.
+
+The headline is the mean over seeds of each stage's gain over SFT on the test keys (all families, skills, safety),
+with a 95% t-interval across seeds (n - 1 degrees of freedom), beside each seed's own bootstrap interval over
+prompts; the same against SFT at its best dev temperature. Written to OUT/seeds.json and OUT/seeds.md.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+
+import numpy as np
+
+from experiments import pipeline
+from rlhf_jax.config_cli import config_check, parse_cli
+
+# Two-sided 95% quantiles of Student's t, t_{0.975, df} for df = 1..30 (larger df: the normal 1.960).
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+GROUPS = ("all", "skills", "safety")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SeedsConfig:
+    """Run the main job once per seed and report the gains across seeds."""
+
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
+    """Seeds to run (each its own world data, models and stages)."""
+    out: str = "runs/seeds"
+    """Output folder: OUT/seed<N>/ per seed, OUT/seeds.json and OUT/seeds.md."""
+    quick: bool = False
+    """Each seed's pipeline with --quick (a smoke test, not a measurement)."""
+    pipeline: pipeline.PipelineConfig = pipeline.PipelineConfig()
+    """The pipeline's options (its seed, out, quick and resume are set per seed)."""
+
+    def __post_init__(self):
+        config_check(self, len(self.seeds) > 0 and len(set(self.seeds)) == len(self.seeds) and min(self.seeds) >= 0,
+                     f"seeds = {self.seeds} must be distinct non-negative integers")
+
+
+def t_interval(values) -> dict:
+    """Mean of `values` and its 95% t-interval (NaN bounds for fewer than 2 values)."""
+    x = np.asarray(values, dtype=np.float64)
+    mean = float(x.mean())
+    if x.size < 2:
+        return {"mean": mean, "low": float("nan"), "high": float("nan"), "sd": float("nan"), "n": int(x.size)}
+    sd = float(x.std(ddof=1))
+    t = _T975[x.size - 2] if x.size - 1 <= len(_T975) else 1.960
+    half = t * sd / math.sqrt(x.size)
+    return {"mean": mean, "low": mean - half, "high": mean + half, "sd": sd, "n": int(x.size)}
+
+
+def aggregate(reports: dict[int, dict]) -> dict:
+    """Per stage and group, the across-seed mean gain over SFT (and over SFT at its best dev temperature) with its
+    t-interval and the per-seed bootstrap intervals; plus the per-seed table values."""
+    seeds = sorted(reports)
+    stages = [s for s in reports[seeds[0]] if isinstance(reports[seeds[0]][s], dict)
+              and "gold_vs_sft" in reports[seeds[0]][s]]
+    out = {"seeds": seeds, "gains": {}}
+    for key, name in (("gold_vs_sft", "vs_sft"), ("gold_vs_sft_best_t", "vs_sft_best_t")):
+        table = {}
+        for stage in stages:
+            if key not in reports[seeds[0]][stage]:
+                continue
+            table[stage] = {}
+            for group in GROUPS:
+                per_seed = {s: reports[s][stage][key][group] for s in seeds}
+                table[stage][group] = {**t_interval([ci["delta"] for ci in per_seed.values()]),
+                                       "per_seed": {str(s): ci for s, ci in per_seed.items()}}
+        out["gains"][name] = table
+    values = ("gold_reward", "gold_skills", "gold_safety", "gold_greedy", "kl_to_sft", "mean_length", "refusal_rate",
+              "over_refusal_rate")
+    out["per_seed"] = {str(s): {stage: {k: reports[s][stage][k] for k in values if k in reports[s][stage]}
+                                for stage in ["sft", "sft_best_t", *stages] if stage in reports[s]} for s in seeds}
+    out["sft_best_temperature"] = {str(s): reports[s]["sft_best_t"].get("temperature") for s in seeds}
+    out["reward_model_accuracy_dev"] = t_interval([reports[s]["reward_model"]["accuracy"] for s in seeds])
+    return out
+
+
+def _markdown(summary: dict, seconds: dict) -> str:
+    n = len(summary["seeds"])
+    lines = [f"# The main job on {n} seed(s): {', '.join(map(str, summary['seeds']))}", ""]
+    for name, title in (("vs_sft", "SFT (sampled at the pipeline's temperature)"),
+                        ("vs_sft_best_t", "SFT at its best temperature on the dev keys")):
+        lines += [f"## Gold-reward gain over {title}", "",
+                  "Mean over seeds [95% t-interval across seeds]; then each seed's gain [its 95% bootstrap interval "
+                  "over the distinct test prompts].", "",
+                  "| stage | " + " | ".join(GROUPS) + " | per seed (all) |", "|---|" + "---|" * (len(GROUPS) + 1)]
+        for stage, groups in summary["gains"][name].items():
+            cells = [f"{g['mean']:+.3f} [{g['low']:+.3f}, {g['high']:+.3f}]" for g in groups.values()]
+            seeds = "; ".join(f"{s}: {ci['delta']:+.3f} [{ci['low']:+.3f}, {ci['high']:+.3f}]"
+                              for s, ci in groups["all"]["per_seed"].items())
+            lines.append(f"| {stage} | " + " | ".join(cells) + f" | {seeds} |")
+        lines.append("")
+    acc = summary["reward_model_accuracy_dev"]
+    lines += [f"Reward-model accuracy on dev-key pairs: {acc['mean']:.3f} [{acc['low']:.3f}, {acc['high']:.3f}]; "
+              f"SFT's best dev temperature per seed: {summary['sft_best_temperature']}.", "",
+              "Wall time per seed (s): " + ", ".join(f"{s}: {t:.0f}" for s, t in seconds.items()), ""]
+    return "\n".join(lines)
+
+
+def run(cfg: SeedsConfig, run_pipeline=None) -> dict:
+    """Every seed's pipeline (skipping finished ones), then the across-seed summary (returned and written)."""
+    run_pipeline = run_pipeline or pipeline.run
+    os.makedirs(cfg.out, exist_ok=True)
+    reports, seconds = {}, {}
+    for seed in cfg.seeds:
+        folder = os.path.join(cfg.out, f"seed{seed}")
+        done = os.path.join(folder, "report.json")
+        if os.path.exists(done):
+            print(f"[seeds] seed {seed}: finished before, reading {done}", file=sys.stderr)
+            with open(done) as f:
+                reports[seed] = json.load(f)
+        else:
+            print(f"[seeds] seed {seed}: running the pipeline in {folder}", file=sys.stderr)
+            reports[seed] = run_pipeline(dataclasses.replace(cfg.pipeline, seed=seed, out=folder, quick=cfg.quick,
+                                                             resume=os.path.isdir(folder)))
+        seconds[seed] = reports[seed].get("seconds", {}).get("total", float("nan"))
+    summary = aggregate(reports)
+    summary["seconds"] = {str(s): t for s, t in seconds.items()}
+    with open(os.path.join(cfg.out, "seeds.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    text = _markdown(summary, seconds)
+    with open(os.path.join(cfg.out, "seeds.md"), "w") as f:
+        f.write(text)
+    print(text)
+    return summary
+
+
+def main(argv=None) -> int:
+    cfg = parse_cli(SeedsConfig, argv)
+    try:
+        run(cfg)
+    except pipeline.Stopped as e:
+        print(f"[seeds] stopped during {e}; continue with the same command (finished seeds and stages are kept)",
+              file=sys.stderr)
+        return 143
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
