@@ -27,6 +27,7 @@ import dataclasses
 import datetime
 import gzip
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any, Sequence
@@ -316,9 +317,7 @@ def _template_kwargs(tokenizer) -> dict:
 
 
 def _common_prefix(a: str, b: str) -> int:
-    n = min(len(a), len(b))
-    i = next((i for i in range(n) if a[i] != b[i]), n)
-    return i
+    return len(os.path.commonprefix([a, b]))
 
 
 def _assistant_spans(template: str, messages: Sequence[dict], text: str, kw: dict) -> list[tuple[int, int]]:
@@ -365,7 +364,7 @@ def _encode_template(tokenizer, messages: Sequence[dict], template: str) -> tupl
             inside = inside[: [ids[t] for t in inside].index(tokenizer.eos_id) + 1]
         for t in inside:
             mask[t] = 1
-        if inside and k == len(spans) - 1:
+        if inside and k == len(spans) - 1 and messages and messages[-1]["role"] == "assistant":
             first = inside[0]
     return ids, mask, first
 
