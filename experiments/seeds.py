@@ -98,13 +98,15 @@ def _markdown(summary: dict, seconds: dict) -> str:
                   "over the distinct test prompts].", "",
                   "| stage | " + " | ".join(GROUPS) + " | per seed (all) |", "|---|" + "---|" * (len(GROUPS) + 1)]
         for stage, groups in summary["gains"][name].items():
-            cells = [f"{g['mean']:+.3f} [{g['low']:+.3f}, {g['high']:+.3f}]" for g in groups.values()]
+            cells = [f"{g['mean']:+.3f} " + ("[n/a: one seed]" if math.isnan(g["low"]) else
+                                             f"[{g['low']:+.3f}, {g['high']:+.3f}]") for g in groups.values()]
             seeds = "; ".join(f"{s}: {ci['delta']:+.3f} [{ci['low']:+.3f}, {ci['high']:+.3f}]"
                               for s, ci in groups["all"]["per_seed"].items())
             lines.append(f"| {stage} | " + " | ".join(cells) + f" | {seeds} |")
         lines.append("")
     acc = summary["reward_model_accuracy_dev"]
-    lines += [f"Reward-model accuracy on dev-key pairs: {acc['mean']:.3f} [{acc['low']:.3f}, {acc['high']:.3f}]; "
+    interval = "[n/a: one seed]" if math.isnan(acc["low"]) else f"[{acc['low']:.3f}, {acc['high']:.3f}]"
+    lines += [f"Reward-model accuracy on dev-key pairs: {acc['mean']:.3f} {interval}; "
               f"SFT's best dev temperature per seed: {summary['sft_best_temperature']}.", "",
               "Wall time per seed (s): " + ", ".join(f"{s}: {t:.0f}" for s, t in seconds.items()), ""]
     return "\n".join(lines)

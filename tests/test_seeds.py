@@ -60,6 +60,8 @@ def test_seed_driver_runs_each_seed_once_and_aggregates(tmp_path):
     # Finished seeds are read back, not run again; a new seed runs.
     again = seeds.run(seeds.SeedsConfig(seeds=(0, 1, 2, 3), out=str(tmp_path)), run_pipeline=fake_pipeline)
     assert [c[0] for c in calls] == [0, 1, 2, 3] and again["seeds"] == [0, 1, 2, 3]
+    single = seeds.run(seeds.SeedsConfig(seeds=(3,), out=str(tmp_path)), run_pipeline=fake_pipeline)
+    assert math.isnan(single["gains"]["vs_sft"]["ppo"]["all"]["low"]) and "nan" not in (tmp_path / "seeds.md").read_text()
 
 
 def test_seeds_cli_help_and_bad_seeds(capsys):
