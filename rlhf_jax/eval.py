@@ -13,6 +13,7 @@ code paths as training.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 from typing import Any, Callable, Iterable
 
@@ -72,8 +73,7 @@ class PolicyEvaluator:
 
     def with_temperature(self, temperature: float) -> "PolicyEvaluator":
         """The same prompts, weights and groups, sampled at `temperature`."""
-        ev = object.__new__(PolicyEvaluator)
-        ev.__dict__.update(self.__dict__)
+        ev = copy.copy(self)
         ev.sampling = dataclasses.replace(self.sampling, temperature=temperature)
         return ev
 

@@ -32,8 +32,9 @@ from rlhf_jax.losses import (discounted_returns, group_advantages, kl_penalty, m
                              overlong_penalty, policy_gradient_loss, rloo_advantages, token_logprobs, whiten)
 from rlhf_jax.models.config import ModelConfig
 from rlhf_jax.train.optim import OptimConfig
-from rlhf_jax.train.rl import (COMPLETIONS_TABLE, Episodes, RewardFn, completion_rows, episode_logits,  # noqa: F401
-                               episode_logprobs, epochs_minibatches, reward_model_scores, sample_episodes)
+from rlhf_jax.train.rl import (COMPLETIONS_TABLE, Episodes, RewardFn, completion_rows, completions_table,  # noqa: F401
+                               episode_logits, episode_logprobs, epochs_minibatches, reward_model_scores,
+                               sample_episodes)
 from rlhf_jax.train.state import TrainState
 from rlhf_jax.train.steps import lora_params, on_adapters
 
@@ -214,11 +215,7 @@ def grpo_update(state: TrainState, episodes: Episodes, scores, rng, ref_params=N
     if c.uses_reference:
         metrics["kl"] = jnp.mean(masked_sum(kl_penalty(old, ref, estimator=c.kl_estimator), mask, axis=1))
     if c.completions_every:
-        k, P = min(c.completions_rows, ep.responses.shape[0]), ep.prompt_len
-        seq_adv = advantages if advantages.ndim == 1 else masked_mean(advantages, mask, axis=1)
-        metrics[COMPLETIONS_TABLE] = {"prompt": ep.tokens[:k, :P], "prompt_mask": ep.mask[:k, :P],
-                                      "completion": ep.responses[:k], "completion_mask": mask[:k],
-                                      "reward": scores[:k], "advantage": seq_adv[:k]}
+        metrics[COMPLETIONS_TABLE] = completions_table(ep, mask, scores, advantages, c.completions_rows)
     return state, metrics
 
 

@@ -32,7 +32,7 @@ from rlhf_jax.losses import (AdaptiveKLController, entropy_from_logits, explaine
                              masked_sum, ppo_policy_loss, ppo_value_loss, shape_rewards, token_logprobs, whiten)
 from rlhf_jax.models.config import ModelConfig
 from rlhf_jax.train.optim import OptimConfig
-from rlhf_jax.train.rl import (COMPLETIONS_TABLE, Episodes, RewardFn, episode_logits, episode_logprobs, episode_values,
+from rlhf_jax.train.rl import (COMPLETIONS_TABLE, Episodes, completions_table, RewardFn, episode_logits, episode_logprobs, episode_values,
                                epochs_minibatches, reward_model_scores, sample_episodes)
 from rlhf_jax.train.state import PPOState, as_key, create_train_state, with_score_head
 from rlhf_jax.train.steps import lora_params, on_adapters, sft_nll
@@ -257,10 +257,7 @@ def ppo_update(state: PPOState, data: Rollout, rng, *, config: PPOConfig, model_
         "learning_rate": state.policy.learning_rate(),
     }
     if c.completions_every:
-        k, P = min(c.completions_rows, B), ep.prompt_len
-        metrics[COMPLETIONS_TABLE] = {"prompt": ep.tokens[:k, :P], "prompt_mask": ep.mask[:k, :P],
-                                      "completion": ep.responses[:k], "completion_mask": mask[:k],
-                                      "reward": data.scores[:k], "advantage": masked_mean(advantages, mask, axis=1)[:k]}
+        metrics[COMPLETIONS_TABLE] = completions_table(ep, mask, data.scores, advantages, c.completions_rows)
     return state.replace(policy=policy, value=value, kl_coef=kl_coef, step=state.step + 1), metrics
 
 

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from rlhf_jax.generation import SamplingConfig, sample
-from rlhf_jax.losses import token_logprobs
+from rlhf_jax.losses import masked_mean, token_logprobs
 from rlhf_jax.models.config import ModelConfig
 from rlhf_jax.models.sequences import logits_at, response_index, sequence_scores, values_at
 
@@ -152,6 +152,17 @@ def epochs_minibatches(update: Callable, carry, data, rng, *, num_epochs: int, n
 COMPLETIONS_TABLE = "completions/table"
 """The metrics entry (arrays, not a scalar) holding the sampled-completions table; `run_ppo` / `run_grpo` take it
 out."""
+
+
+def completions_table(episodes: Episodes, mask, rewards, advantages, rows: int) -> dict:
+    """The first `rows` episodes (at most all) as the sampled-completions table (arrays, inside the step):
+    prompt and completion tokens with their masks, each row's reward and its advantage ([B] or per token [B,N],
+    then averaged over the completion)."""
+    k, P = min(rows, episodes.responses.shape[0]), episodes.prompt_len
+    seq_adv = advantages if advantages.ndim == 1 else masked_mean(advantages, mask, axis=1)
+    return {"prompt": episodes.tokens[:k, :P], "prompt_mask": episodes.mask[:k, :P],
+            "completion": episodes.responses[:k], "completion_mask": mask[:k], "reward": rewards[:k],
+            "advantage": seq_adv[:k]}
 
 
 def completion_rows(table: dict, tokenizer=None) -> list[dict]:

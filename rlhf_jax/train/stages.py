@@ -246,6 +246,16 @@ def run_kto(state: TrainState, data: Iterable, config: KTOConfig, *, model_confi
                     num_steps=config.num_steps, log_every=config.log_every, hooks=hooks)
 
 
+def _log_samples(metrics: dict, iteration: list[int], every: int, hooks, tokenizer) -> dict:
+    """Counts one iteration; takes the completions table (if the step made one) out of `metrics` and, every
+    `every` iterations, hands its rows to the hooks' `on_samples`. Returns the scalar metrics."""
+    table = metrics.pop(COMPLETIONS_TABLE, None)
+    iteration[0] += 1
+    if table is not None and hooks is not None and iteration[0] % every == 0:
+        hooks.on_samples(iteration[0], completion_rows(table, tokenizer))
+    return metrics
+
+
 def _reward_source(reward_params, reward_fn, host_reward_fn, tokenizer, mesh, stage: str):
     """Check that exactly one reward source is given; -> the reward-model params (None unless they score)."""
     given = [reward_params is not None and reward_fn is None and host_reward_fn is None, reward_fn is not None,
@@ -317,11 +327,7 @@ def run_ppo(state: PPOState, data: Iterable, config: PPOConfig, *, model_config:
         _check_rows(batch, config.batch_size, processes, "PPOConfig")
         ptx = _place_batch(_device_batch(next(ptx_iter)), mesh) if ptx_iter is not None else None
         state, metrics = step(state, _place_batch(batch, mesh), ref_params, reward_params, ptx)
-        table = metrics.pop(COMPLETIONS_TABLE, None)
-        iteration[0] += 1
-        if table is not None and hooks is not None and iteration[0] % config.completions_every == 0:
-            hooks.on_samples(iteration[0], completion_rows(table, tokenizer))
-        return state, metrics
+        return state, _log_samples(metrics, iteration, config.completions_every, hooks, tokenizer)
 
     return run_loop(state, data, step_fn, num_steps=config.num_steps, log_every=config.log_every, hooks=hooks,
                     loss_keys=("loss/policy", "loss/value"))
@@ -356,11 +362,7 @@ def run_grpo(state: TrainState, data: Iterable, config: GRPOConfig, *, model_con
     def step_fn(state, batch):
         _check_rows(batch, config.batch_size, processes, "GRPOConfig")
         state, metrics = step(state, _place_batch(batch, mesh), ref_params, reward_params)
-        table = metrics.pop(COMPLETIONS_TABLE, None)
-        iteration[0] += 1
-        if table is not None and hooks is not None and iteration[0] % config.completions_every == 0:
-            hooks.on_samples(iteration[0], completion_rows(table, tokenizer))
-        return state, metrics
+        return state, _log_samples(metrics, iteration, config.completions_every, hooks, tokenizer)
 
     return run_loop(state, data, step_fn, num_steps=config.num_steps, log_every=config.log_every, hooks=hooks,
                     updates_per_step=updates)
