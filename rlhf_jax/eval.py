@@ -14,6 +14,7 @@ code paths as training.
 from __future__ import annotations
 
 import copy
+import math
 import dataclasses
 from typing import Any, Callable, Iterable
 
@@ -197,3 +198,46 @@ def paired_bootstrap(gold_a: Any, gold_b: Any, *, num_samples: int = 2000, level
     alpha = (1.0 - level) / 2.0
     return {"delta": float(np.sum(diff * w) / np.sum(w)), "low": float(np.quantile(means, alpha)),
             "high": float(np.quantile(means, 1.0 - alpha)), "level": level}
+
+
+def reliability_bins(confidence: Any, correct: Any, *, num_bins: int = 10) -> dict[str, np.ndarray]:
+    """Equal-width confidence bins over [0, 1] (the last one closed): per bin the count, the mean confidence and
+    the accuracy (NaN where empty): the points of a reliability diagram. `confidence` and `correct` are [N]."""
+    conf, ok = np.asarray(confidence, np.float64), np.asarray(correct, np.float64)
+    if conf.shape != ok.shape or conf.ndim != 1 or conf.size == 0:
+        raise ValueError(f"reliability_bins needs two non-empty [N] arrays of equal shape, got {conf.shape} and "
+                         f"{ok.shape}")
+    if num_bins < 1 or not np.all((conf >= 0.0) & (conf <= 1.0)):
+        raise ValueError("reliability_bins: num_bins must be >= 1 and every confidence in [0, 1]")
+    which = np.minimum((conf * num_bins).astype(int), num_bins - 1)
+    count = np.bincount(which, minlength=num_bins).astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_conf = np.bincount(which, conf, minlength=num_bins) / count
+        accuracy = np.bincount(which, ok, minlength=num_bins) / count
+    return {"count": count, "confidence": mean_conf, "accuracy": accuracy,
+            "edges": np.linspace(0.0, 1.0, num_bins + 1)}
+
+
+def expected_calibration_error(confidence: Any, correct: Any, *, num_bins: int = 10) -> float:
+    """ECE (Naeini et al. 2015; Guo et al. 2017, eq. 3): sum over equal-width bins of |bin| / N *
+    |accuracy(bin) - mean confidence(bin)|; 0 for a calibrated predictor, at most 1."""
+    b = reliability_bins(confidence, correct, num_bins=num_bins)
+    full = b["count"] > 0
+    return float(np.sum(b["count"][full] / b["count"].sum() * np.abs(b["accuracy"][full] - b["confidence"][full])))
+
+
+def best_of_n_expectation(proxy: Any, value: Any, n: int) -> float:
+    """E[value of the proxy's argmax among n draws without replacement from a pool of N samples]: the unbiased
+    estimator of best-of-n of Nakano et al. 2021 (appendix) and Gao et al. 2022 (sec. 3.1), exact over every
+    n-subset. Sorted by proxy ascending, the i-th sample (1-based) is the subset's best with probability
+    C(i-1, n-1) / C(N, n). Ties in the proxy keep the pool's order. `proxy`, `value`: [N]."""
+    proxy, value = np.asarray(proxy, np.float64), np.asarray(value, np.float64)
+    N = proxy.size
+    if proxy.shape != value.shape or proxy.ndim != 1 or not 1 <= n <= N:
+        raise ValueError(f"best_of_n_expectation needs [N] arrays of equal shape and 1 <= n <= N, got "
+                         f"{proxy.shape}, {value.shape}, n={n}")
+    order = np.argsort(proxy, kind="stable")
+    i = np.arange(n, N + 1)               # only the ranks >= n can be a subset's maximum
+    lgam = np.vectorize(math.lgamma)
+    log_p = (lgam(i) - lgam(n) - lgam(i - n + 1)) - (lgam(N + 1) - lgam(n + 1) - lgam(N - n + 1))
+    return float(np.sum(np.exp(log_p) * value[order][n - 1:]))

@@ -1,0 +1,230 @@
+"""Calibration after RLHF: is a policy's probability of its own answer the chance that the answer is right?
+
+    python -m experiments.calibration                        # seeds 0 1 2 of runs/seeds (~4 minutes once trained)
+    python -m experiments.calibration --seeds 0 --quick --out /tmp/cal   # smoke test (trains quick models)
+
+On the checkable families (add, reverse, sort, count, lookup, upper) of the test keys, each policy of the main
+job (base, SFT, PPO, DPO, GRPO) answers every distinct prompt `samples` times at temperature 1. An answer's
+confidence is its sequence probability under the policy, exp(sum_t log pi(y_t | x, y_<t)), and it is correct when
+its extracted answer is exactly the key's (`tasks.answer_credit` = 1; the length penalty plays no part). The
+report: expected calibration error over 10 equal-width bins (`rlhf_jax.eval.expected_calibration_error`) with a
+bootstrap interval over distinct prompts, per seed; the mean over seeds with a t-interval, and each stage's ECE
+minus SFT's likewise; accuracy, mean confidence, their gap (positive: over-confident) and the Brier score; a
+reliability diagram per stage, seeds pooled (reliability.png).
+
+The lecture's claim (GPT-4 technical report, fig. 8): the pretrained model is well calibrated and RLHF hurts its
+calibration. Here the "pretrained" model answers in the chat format only as often as the web corpus does, so its
+sequence probabilities also spread over chatter; read its row with that in mind. Models come from
+`experiments.world_models` (the seed driver's run folders; a missing one is trained there first).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+from typing import Literal
+
+import jax
+import numpy as np
+
+from experiments.pipeline import TOK, _prompt_batch
+from experiments.seeds import t_interval
+from experiments.world_models import DEFAULT_MODELS, ModelsError, ensure_seed, load
+from rlhf_jax import tasks as world
+from rlhf_jax.config_cli import check_ranges, config_check, parse_cli, save_config
+from rlhf_jax.eval import _SAMPLE, expected_calibration_error, reliability_bins
+from rlhf_jax.generation import SamplingConfig
+from rlhf_jax.train.rl import decode_responses
+
+STAGES = ("base", "sft", "ppo", "dpo", "grpo")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CalibrationConfig:
+    """Calibration of the main job's policies on the checkable families (see the module docstring)."""
+
+    seeds: tuple[int, ...] = (0, 1, 2)
+    """Seeds of the main job whose policies are measured."""
+    models: str = DEFAULT_MODELS
+    """Run folder of each seed's main job ({seed} is replaced); with --quick the default is OUT/models/seed{seed}."""
+    out: str = "runs/calibration"
+    """Output folder: calibration.json, calibration.md, reliability.png."""
+    quick: bool = False
+    """Quick models and 2 samples per prompt: a smoke test, not a measurement."""
+    stages: tuple[str, ...] = STAGES
+    """Policies measured (folders of the run)."""
+    split: Literal["test", "dev"] = "test"
+    """Key split whose distinct prompts are answered."""
+    samples: int = 8
+    """Answers per distinct prompt."""
+    temperature: float = 1.0
+    """Sampling temperature; the confidence is the probability at this temperature."""
+    num_bins: int = 10
+    """Equal-width confidence bins of the ECE and the diagram."""
+    bootstrap: int = 1000
+    """Bootstrap replicates (resampling distinct prompts) of each seed's ECE interval."""
+    max_new_tokens: int = 28
+    """Answer budget (the main job's)."""
+
+    def __post_init__(self):
+        check_ranges(self, positive=("samples", "temperature", "num_bins", "bootstrap", "max_new_tokens"))
+        config_check(self, len(self.seeds) > 0 and len(set(self.seeds)) == len(self.seeds) and min(self.seeds) >= 0,
+                     f"seeds = {self.seeds} must be distinct non-negative integers")
+        config_check(self, "sft" in self.stages, "stages must include sft (the reference of every difference)")
+        unknown = set(self.stages) - {"base", "sft", "ppo", "dpo", "grpo", *_extra_stages()}
+        config_check(self, not unknown, f"stages: unknown {sorted(unknown)}; known: {', '.join(STAGES)} and the "
+                                        f"pipeline's optional stages")
+
+
+def _extra_stages() -> tuple[str, ...]:
+    from experiments.pipeline import CONTROLS, FAMILY
+    return (*CONTROLS, *FAMILY)
+
+
+def answers(params, mc, tasks, rng, *, samples: int, sampling: SamplingConfig):
+    """(confidence [S, B], correct [S, B], texts [S][B]) of `samples` answers to each task's prompt."""
+    batch = _prompt_batch(tasks)
+    conf, ok, texts = [], [], []
+    for i in range(samples):
+        ep = _SAMPLE(params, batch["prompts"], batch["prompt_mask"], jax.random.fold_in(rng, i), sampling=sampling,
+                     model_config=mc)
+        logp = np.sum(np.where(np.asarray(ep.response_mask) > 0, np.asarray(ep.sampler_logprobs, np.float64), 0.0),
+                      axis=1)
+        t = decode_responses(TOK, ep)
+        conf.append(np.exp(logp))
+        ok.append(np.asarray([world.answer_credit(task, r) >= 1.0 for task, r in zip(tasks, t)], np.float64))
+        texts.append(t)
+    return np.stack(conf), np.stack(ok), texts
+
+
+def summarise(conf, ok, *, num_bins: int, bootstrap: int, seed: int) -> dict:
+    """ECE of [S, B] answers with its 95% bootstrap interval over the B distinct prompts, and the other numbers."""
+    flat_c, flat_ok = conf.reshape(-1), ok.reshape(-1)
+    rng = np.random.default_rng(seed)
+    reps = [expected_calibration_error(conf[:, idx].reshape(-1), ok[:, idx].reshape(-1), num_bins=num_bins)
+            for idx in rng.integers(0, conf.shape[1], size=(bootstrap, conf.shape[1]))]
+    bins = reliability_bins(flat_c, flat_ok, num_bins=num_bins)
+    return {"ece": expected_calibration_error(flat_c, flat_ok, num_bins=num_bins),
+            "ece_low": float(np.quantile(reps, 0.025)), "ece_high": float(np.quantile(reps, 0.975)),
+            "accuracy": float(flat_ok.mean()), "confidence": float(flat_c.mean()),
+            "overconfidence": float(flat_c.mean() - flat_ok.mean()),
+            "brier": float(np.mean((flat_c - flat_ok) ** 2)), "answers": int(flat_c.size),
+            "bins": {k: [None if math.isnan(x) else float(x) for x in v] for k, v in bins.items()}}
+
+
+def run(cfg: CalibrationConfig, run_pipeline=None) -> dict:
+    models = cfg.models
+    if cfg.quick and models == DEFAULT_MODELS:
+        models = os.path.join(cfg.out, "models", "seed{seed}")
+    samples = 2 if cfg.quick else cfg.samples
+    os.makedirs(cfg.out, exist_ok=True)
+    save_config(cfg, os.path.join(cfg.out, "config.json"))
+    tasks = world.key_tasks(cfg.split, families=world.SKILL_FAMILIES)
+    per_seed, pooled = {}, {s: ([], []) for s in cfg.stages}
+    for seed in cfg.seeds:
+        folder = ensure_seed(models, seed, cfg.stages, quick=cfg.quick, run_pipeline=run_pipeline)
+        per_seed[str(seed)] = {}
+        for stage in cfg.stages:
+            mc, params = load(folder, stage)
+            sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                                      eos_id=TOK.eos_id, pad_id=TOK.pad_id)
+            # One rng per seed: every stage answers with the same random numbers.
+            conf, ok, _ = answers(params, mc, tasks, jax.random.PRNGKey(1000 + seed), samples=samples,
+                                  sampling=sampling)
+            per_seed[str(seed)][stage] = summarise(conf, ok, num_bins=cfg.num_bins, bootstrap=cfg.bootstrap,
+                                                   seed=seed)
+            pooled[stage][0].append(conf.reshape(-1))
+            pooled[stage][1].append(ok.reshape(-1))
+            s = per_seed[str(seed)][stage]
+            print(f"[calibration] seed {seed} {stage:<6} ECE {s['ece']:.3f} [{s['ece_low']:.3f}, {s['ece_high']:.3f}]"
+                  f"  accuracy {s['accuracy']:.3f}  confidence {s['confidence']:.3f}", file=sys.stderr, flush=True)
+    seeds = list(per_seed)
+    summary = {"seeds": [int(s) for s in seeds], "split": cfg.split, "distinct_prompts": len(tasks),
+               "samples_per_prompt": samples, "temperature": cfg.temperature, "per_seed": per_seed,
+               "across_seeds": {}, "pooled_bins": {}}
+    for stage in cfg.stages:
+        row = {k: t_interval([per_seed[s][stage][k] for s in seeds])
+               for k in ("ece", "accuracy", "confidence", "overconfidence", "brier")}
+        row["ece_minus_sft"] = t_interval([per_seed[s][stage]["ece"] - per_seed[s]["sft"]["ece"] for s in seeds])
+        summary["across_seeds"][stage] = row
+        bins = reliability_bins(np.concatenate(pooled[stage][0]), np.concatenate(pooled[stage][1]),
+                                num_bins=cfg.num_bins)
+        summary["pooled_bins"][stage] = {k: [None if math.isnan(x) else float(x) for x in v] for k, v in bins.items()}
+    with open(os.path.join(cfg.out, "calibration.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    text = _markdown(summary)
+    with open(os.path.join(cfg.out, "calibration.md"), "w") as f:
+        f.write(text)
+    _plot(summary, os.path.join(cfg.out, "reliability.png"))
+    print(text)
+    return summary
+
+
+def _ci(x: dict, fmt: str = "+.3f") -> str:
+    if math.isnan(x["low"]):
+        return f"{x['mean']:{fmt}} [n/a: one seed]"
+    return f"{x['mean']:{fmt}} [{x['low']:{fmt}}, {x['high']:{fmt}}]"
+
+
+def _markdown(summary: dict) -> str:
+    seeds = summary["seeds"]
+    lines = [f"# Calibration on the checkable families, {summary['split']} keys", "",
+             f"{summary['distinct_prompts']} distinct prompts x {summary['samples_per_prompt']} answers at "
+             f"temperature {summary['temperature']}, seeds {', '.join(map(str, seeds))}. Confidence: the answer's "
+             "sequence probability; correct: the exact answer. Mean over seeds [95% t-interval across seeds].", "",
+             "| stage | ECE | ECE - SFT's | accuracy | confidence | over-confidence | Brier | ECE per seed [bootstrap] |",
+             "|---|---|---|---|---|---|---|---|"]
+    for stage, row in summary["across_seeds"].items():
+        per = "; ".join(f"{s}: {summary['per_seed'][s][stage]['ece']:.3f} [{summary['per_seed'][s][stage]['ece_low']:.3f},"
+                        f" {summary['per_seed'][s][stage]['ece_high']:.3f}]" for s in summary["per_seed"])
+        diff = "-" if stage == "sft" else _ci(row["ece_minus_sft"])
+        lines.append(f"| {stage} | {_ci(row['ece'], '.3f')} | {diff} | {_ci(row['accuracy'], '.3f')} | "
+                     f"{_ci(row['confidence'], '.3f')} | {_ci(row['overconfidence'])} | {_ci(row['brier'], '.3f')} "
+                     f"| {per} |")
+    return "\n".join(lines) + "\n"
+
+
+def _plot(summary: dict, out_png: str) -> str:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    stages = list(summary["pooled_bins"])
+    fig, axes = plt.subplots(1, len(stages), figsize=(2.6 * len(stages), 2.9), sharey=True)
+    for ax, stage in zip(np.atleast_1d(axes), stages):
+        b = summary["pooled_bins"][stage]
+        edges = np.asarray(b["edges"])
+        centers = (edges[:-1] + edges[1:]) / 2
+        acc = np.asarray([np.nan if a is None else a for a in b["accuracy"]])
+        count = np.asarray(b["count"])
+        ax.bar(centers, np.nan_to_num(acc), width=edges[1] - edges[0], edgecolor="k", alpha=0.7, label="accuracy")
+        ax.plot([0, 1], [0, 1], "k--", lw=1)
+        for c, a, n in zip(centers, acc, count):
+            if n > 0:
+                ax.text(c, min(np.nan_to_num(a) + 0.02, 0.95), f"{int(n)}", ha="center", fontsize=5)
+        row = summary["across_seeds"][stage]["ece"]
+        ax.set_title(f"{stage}: ECE {row['mean']:.3f}", fontsize=9)
+        ax.set_xlabel("confidence", fontsize=8)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+    np.atleast_1d(axes)[0].set_ylabel("accuracy (answers per bin on the bars)", fontsize=8)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(out_png) or ".", exist_ok=True)
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return out_png
+
+
+def main(argv=None) -> int:
+    cfg = parse_cli(CalibrationConfig, argv)
+    try:
+        run(cfg)
+    except ModelsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,60 @@
+"""The main job's models per seed, shared by the experiment scripts (calibration, overoptimization, ...).
+
+A seed's models are one `experiments.pipeline` run folder, `runs/seeds/seed<N>` by default: the folders that
+`python -m experiments.seeds` writes, so an experiment run after the seed driver trains nothing. A folder that
+lacks a stage an experiment needs is completed with the pipeline's `--resume` (finished stages are reloaded, the
+rest run), so the first experiment on a new seed pays for the pipeline once and every later one reads it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from rlhf_jax.train import checkpoint as ckpt
+
+DEFAULT_MODELS = "runs/seeds/seed{seed}"
+"""Where a seed's pipeline run lives ({seed} is replaced), as `experiments.seeds` lays it out."""
+
+
+class ModelsError(Exception):
+    """A models folder that cannot serve the request (the message is one line for the user)."""
+
+
+def seed_folder(template: str, seed: int) -> str:
+    return template.format(seed=seed)
+
+
+FOLDERS = {"base": "pretrain"}
+"""Stage names of the report whose run folder is named otherwise."""
+
+
+def final_params(folder: str, stage: str) -> str:
+    """A stage's `final/` params folder in a run folder (the report's "base" is the "pretrain" folder)."""
+    return os.path.join(folder, FOLDERS.get(stage, stage), "final")
+
+
+def ensure_seed(template: str, seed: int, stages: tuple[str, ...], *, quick: bool, run_pipeline=None) -> str:
+    """The run folder of `seed` with the `final/` params of every stage in `stages`, running the main job there
+    (with --resume when the folder exists) if any is missing. A folder made with the other --quick setting is an
+    error: its models are not the ones asked for."""
+    folder = seed_folder(template, seed)
+    config = os.path.join(folder, "config.json")
+    if os.path.exists(config):
+        with open(config) as f:
+            made = json.load(f)
+        if bool(made.get("quick")) != quick or made.get("seed", seed) != seed:
+            raise ModelsError(f"{config}: made with quick={made.get('quick')}, seed={made.get('seed')}, but this "
+                              f"run asks for quick={quick}, seed={seed}; pass --models with another folder")
+    if all(os.path.isdir(os.path.join(final_params(folder, s), "params")) for s in stages):
+        return folder
+    from experiments import pipeline
+    print(f"[models] seed {seed}: running the main job in {folder} for {', '.join(stages)}", file=sys.stderr)
+    run = run_pipeline or pipeline.run
+    run(pipeline.PipelineConfig(out=folder, seed=seed, quick=quick, resume=os.path.isdir(folder)))
+    return folder
+
+
+def load(folder: str, stage: str):
+    """(model_config, params) of a stage's final params."""
+    return ckpt.load_params(final_params(folder, stage))
