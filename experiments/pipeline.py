@@ -253,6 +253,52 @@ def _packed_batches(examples: list[Example], cfg: PipelineConfig, seed: int):
             col += n
 
 
+@dataclasses.dataclass(frozen=True)
+class PreferenceData:
+    """The main job's annotated comparisons (step 3): `tasks` (the on-policy prompts), `on_policy` (their labelled
+    pairs), `pairs` (every pair, dicts), `train_pairs` / `test_pairs` (records; the test ones share keys with
+    training, see `world.split_pairs`)."""
+    tasks: list
+    on_policy: list
+    pairs: list
+    train_pairs: list
+    test_pairs: list
+
+
+def preference_data(cfg: PipelineConfig, sft_params, mc: ModelConfig, sampling: SamplingConfig, k_pref
+                    ) -> PreferenceData:
+    """Temperature-1 SFT samples of `cfg.pref_prompts` train-key prompts, compared (K = 2) or ranked (K > 2) by the
+    simulated annotators; off-policy pairs of edited reference answers and look-alike answer-vs-refusal pairs widen
+    the comparisons (as HH-RLHF mixes sources). The first 10% of each prompt set is held out (`test_pairs`)."""
+    pref_tasks = world.prompt_set(cfg.pref_prompts, cfg.seed + 3, split="train")
+    pref_batch = _prompt_batch(pref_tasks)
+    pref_sampling = dataclasses.replace(sampling, temperature=1.0)
+    samples = [sample_texts(sft_params, pref_batch["prompts"], pref_batch["prompt_mask"],
+                            jax.random.fold_in(k_pref, i), model_config=mc, sampling=pref_sampling, tokenizer=TOK,
+                            chunk=SAMPLE_CHUNK) for i in range(cfg.pref_samples)]
+    label_rng = np.random.default_rng(cfg.seed)
+    if cfg.pref_samples == 2:
+        on_policy = world.label_pairs(pref_tasks, samples[0], samples[1], cfg.annotator, label_rng)
+    else:
+        on_policy = world.label_rankings(pref_tasks, [list(r) for r in zip(*samples)], cfg.annotator, label_rng,
+                                         pairs=cfg.pref_pairs)
+    off_tasks = world.prompt_set(cfg.synthetic_pairs, cfg.seed + 5, split="train")
+    off_pairs = world.synthetic_pairs(off_tasks, cfg.annotator, label_rng)
+    pairs, train_pairs, test_pairs = world.split_pairs(on_policy, off_pairs, len(pref_tasks), len(off_tasks),
+                                                       label_rng)
+    lookalikes = world.prompt_set(cfg.lookalike_pairs, cfg.seed + 6, split="train", mix={"benign": 1.0})
+    lookalike_pairs = world.synthetic_pairs(lookalikes, cfg.annotator, label_rng, kinds=("correct", "refusal"))
+    pairs += lookalike_pairs
+    train_pairs += [world.pair_record(p) for p in lookalike_pairs]
+    return PreferenceData(pref_tasks, on_policy, pairs, train_pairs, test_pairs)
+
+
+def preference_batches(cfg: PipelineConfig, records, seed, epochs=None):
+    """Preference batches [batch_size, seq_len] of `records`, shuffled by `seed` (`epochs` None: endless)."""
+    return Batches(ShuffledIterator(records, seed=seed, num_epochs=epochs), TOK, kind="preference",
+                   batch_size=cfg.batch_size, buckets=(cfg.seq_len,))
+
+
 def _document(doc) -> Example:
     ids, _ = encode_chat(TOK, doc["messages"])
     return Example(tuple(ids), (1,) * len(ids), 0)
@@ -350,33 +396,13 @@ def run(cfg: PipelineConfig) -> dict:
     sft_params, _ = runs.stage("sft", functools.partial(stages.run_sft, model_config=mc), state, sft_batches,
                                stages.SFTConfig(num_steps=cfg.sft_steps, log_every=10))
 
-    # 3. Preference pairs: temperature-1 SFT samples, compared (K = 2) or ranked (K > 2) by simulated annotators;
-    # off-policy pairs of edited reference answers and look-alike answer-vs-refusal pairs widen the comparisons
-    # (as HH-RLHF mixes sources). The first 10% of each prompt set is held out to score the reward model.
+    # 3. Preference pairs: SFT samples labelled by the simulated annotators, and off-policy pairs (preference_data).
     t = time.time()
-    pref_tasks = world.prompt_set(cfg.pref_prompts, cfg.seed + 3, split="train")
-    pref_batch = _prompt_batch(pref_tasks)
+    prefs = preference_data(cfg, sft_params, mc, sampling, k_pref)
+    pref_tasks, on_policy, pairs, train_pairs, test_pairs = (prefs.tasks, prefs.on_policy, prefs.pairs,
+                                                             prefs.train_pairs, prefs.test_pairs)
     pref_sampling = dataclasses.replace(sampling, temperature=1.0)
-    samples = [sample_texts(sft_params, pref_batch["prompts"], pref_batch["prompt_mask"],
-                            jax.random.fold_in(k_pref, i), model_config=mc, sampling=pref_sampling, tokenizer=TOK,
-                            chunk=SAMPLE_CHUNK) for i in range(cfg.pref_samples)]
-    label_rng = np.random.default_rng(cfg.seed)
-    if cfg.pref_samples == 2:
-        on_policy = world.label_pairs(pref_tasks, samples[0], samples[1], cfg.annotator, label_rng)
-    else:
-        on_policy = world.label_rankings(pref_tasks, [list(r) for r in zip(*samples)], cfg.annotator, label_rng,
-                                         pairs=cfg.pref_pairs)
-    off_tasks = world.prompt_set(cfg.synthetic_pairs, cfg.seed + 5, split="train")
-    off_pairs = world.synthetic_pairs(off_tasks, cfg.annotator, label_rng)
-    pairs, train_pairs, test_pairs = world.split_pairs(on_policy, off_pairs, len(pref_tasks), len(off_tasks),
-                                                       label_rng)
-    lookalikes = world.prompt_set(cfg.lookalike_pairs, cfg.seed + 6, split="train", mix={"benign": 1.0})
-    lookalike_pairs = world.synthetic_pairs(lookalikes, cfg.annotator, label_rng, kinds=("correct", "refusal"))
-    pairs += lookalike_pairs
-    train_pairs += [world.pair_record(p) for p in lookalike_pairs]
-    pref_batches = lambda recs, seed, epochs=None: Batches(  # noqa: E731
-        ShuffledIterator(recs, seed=seed, num_epochs=epochs), TOK, kind="preference",
-        batch_size=cfg.batch_size, buckets=(cfg.seq_len,))
+    pref_batches = functools.partial(preference_batches, cfg)
     runs.timings["preferences"] = time.time() - t
 
     # 4. Reward model: the SFT trunk plus a scalar head, Bradley-Terry on the annotated pairs.

@@ -72,6 +72,38 @@ def test_quick_pipeline_writes_report(tmp_path, monkeypatch, capsys):
     assert (tmp_path / "online_dpo" / "completions.jsonl").stat().st_size > 0
     assert "rewards/chosen" in json.loads((tmp_path / "kto" / "metrics.jsonl").read_text().splitlines()[-1])
     _stopped_and_resumed_gives_the_same_report(tmp_path / "resumed", on_disk, monkeypatch, capsys)
+    _lecture_experiments_on_these_models(tmp_path)
+
+
+def _lecture_experiments_on_these_models(models):
+    """experiments.calibration, overoptimization and safety_data --quick on this run's models (read, not retrained:
+    the folder is a finished seed-0 quick run)."""
+    from experiments import calibration, overoptimization, safety_data
+    before = sorted(os.listdir(models))
+    cal = calibration.run(calibration.CalibrationConfig(quick=True, seeds=(0,), models=str(models),
+                                                        out=str(models / "cal")))
+    assert set(cal["across_seeds"]) == set(calibration.STAGES)
+    for stage, s in cal["per_seed"]["0"].items():
+        assert 0.0 <= s["ece_low"] <= s["ece"] <= s["ece_high"] <= 1.0, stage
+        assert sum(s["bins"]["count"]) == s["answers"] == 2 * cal["distinct_prompts"]
+    assert (models / "cal" / "reliability.png").stat().st_size > 0
+    oo = overoptimization.run(overoptimization.OveroptimizationConfig(
+        quick=True, seeds=(0,), models=str(models), out=str(models / "oo"), ppo_kl_coefs=()))["per_seed"]["0"]
+    for keys, by_frac in oo["best_of_n"].items():
+        assert set(by_frac) == {"0.5", "1"}, keys
+        for b in by_frac.values():
+            assert b["n"] == [1, 2, 4, 8] and b["kl"][0] == 0.0 and b["gold_oracle"] >= max(b["gold"]) - 1e-9
+    assert list(oo["rl"]) == ["grpo_kl0"] and [p["iteration"] for p in oo["rl"]["grpo_kl0"]["points"]] == [0, 2, 4]
+    for name in ("best_of_n.png", "rl.png", "overoptimization.md"):
+        assert (models / "oo" / name).stat().st_size > 0, name
+    sd = safety_data.run(safety_data.SafetyDataConfig(quick=True, seeds=(0,), models=str(models),
+                                                     out=str(models / "sd"), counts=(0, 25)))
+    rows = sd["per_seed"]["0"]
+    assert [r["count"] for r in rows["refusals"]] == [0, 25] and rows["refusals"][0] == rows["refusals+lookalikes"][0]
+    for r in rows["refusals"] + rows["refusals+lookalikes"]:
+        assert 0.0 <= r["refusal_low"] <= r["refusal"] <= r["refusal_high"] <= 1.0
+    assert (models / "sd" / "safety_data.png").stat().st_size > 0
+    assert sorted(n for n in os.listdir(models) if n not in ("cal", "oo", "sd")) == before   # nothing retrained
 
 
 def _stopped_and_resumed_gives_the_same_report(out, report, monkeypatch, capsys):

@@ -1,0 +1,405 @@
+"""Reward over-optimisation (Gao, Schulman and Hilton 2022): optimise a learned reward model hard enough and the
+gold reward rises, peaks and falls while the proxy keeps rising.
+
+    python -m experiments.overoptimization                    # seed 0 of runs/seeds (~20 minutes once trained)
+    python -m experiments.overoptimization --quick --out /tmp/oo   # smoke test (trains quick models)
+
+From the main job's SFT policy (`experiments.world_models`; a missing seed is trained first):
+
+* Proxies: reward models trained on `fractions` of the main job's preference pairs, each for the same number of
+  epochs (fraction 1 is the main job's reward model itself: same pairs, same steps, same key).
+* Best-of-n: a pool of `pool` temperature-1 SFT answers per prompt, scored by every proxy and by the gold reward;
+  for n = 1 ... pool the expected gold and proxy score of the proxy's pick among n (`eval.best_of_n_expectation`,
+  exact over all n-subsets of the pool) against d = sqrt(KL), KL = log n - (n - 1) / n (the analytic KL of
+  best-of-n), with Gao's fit gold(d) - gold(0) = d (alpha - beta d).
+* RL: GRPO (and PPO) from SFT against the main job's reward model at several KL coefficients, 0 included, sampling
+  at temperature 1, evaluated every `eval_every` iterations: gold and proxy against d = sqrt(KL(pi || SFT)) (a
+  sample estimate), with Gao's RL fit gold(d) - gold(0) = d (alpha - beta log d).
+
+Two prompt sets, `prompts` distinct prompts each: "train" keys (the distribution the reward model and RL were
+trained on; fresh prompts, as Gao's held-out prompts of the same distribution) and "test" keys (never in any
+training data). Writes overoptimization.json, overoptimization.md, best_of_n.png and rl.png.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import sys
+import time
+
+import jax
+import numpy as np
+
+from experiments import pipeline
+from experiments.pipeline import TOK, _optim, _prompt_batch
+from experiments.world_models import DEFAULT_MODELS, ModelsError, ensure_seed, load
+from rlhf_jax import tasks as world
+from rlhf_jax.config_cli import check_ranges, config_check, parse_cli, save_config
+from rlhf_jax.data.iterators import Replayable
+from rlhf_jax.eval import _RM_SCORES, _SAMPLE, PolicyEvaluator, best_of_n_expectation, pairwise_accuracy
+from rlhf_jax.generation import SamplingConfig
+from rlhf_jax.train import checkpoint as ckpt
+from rlhf_jax.train import stages
+from rlhf_jax.train.grpo import GRPOConfig
+from rlhf_jax.train.logging import StageHooks
+from rlhf_jax.train.optim import OptimConfig
+from rlhf_jax.train.ppo import PPOConfig, init_ppo_state
+from rlhf_jax.train.rl import decode_responses
+from rlhf_jax.train.state import create_train_state, with_score_head
+
+KEY_SETS = ("train", "test")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class OveroptimizationConfig:
+    """Best-of-n and RL against learned reward models, gold against proxy (see the module docstring)."""
+
+    seeds: tuple[int, ...] = (0,)
+    """Seeds of the main job (each: its SFT policy, its pairs, its reward models)."""
+    models: str = DEFAULT_MODELS
+    """Run folder of each seed's main job ({seed} is replaced); with --quick the default is OUT/models/seed{seed}."""
+    out: str = "runs/overoptimization"
+    """Output folder (the extra reward models are kept in OUT/seed<N>/reward_<fraction>/final)."""
+    quick: bool = False
+    """Quick models, small pools and a few RL iterations: a smoke test, not a measurement."""
+    fractions: tuple[float, ...] = (0.25, 0.5, 1.0)
+    """Shares of the main job's preference pairs behind each proxy (1.0: the main job's reward model)."""
+    pool: int = 256
+    """SFT answers per prompt behind the best-of-n estimates (n goes up to it)."""
+    prompts: int = 48
+    """Distinct prompts per key set."""
+    grpo_kl_coefs: tuple[float, ...] = (0.0, 0.04, 0.2)
+    """KL coefficients (in the loss, k3) of the GRPO runs against the main job's reward model."""
+    ppo_kl_coefs: tuple[float, ...] = (0.0,)
+    """KL coefficients (k1 in the reward) of the PPO runs; () for none."""
+    grpo_iterations: int = 80
+    """GRPO iterations (16 prompts x 4 answers each)."""
+    ppo_iterations: int = 40
+    """PPO iterations (64 rollouts each)."""
+    rl_lr: float = 3e-5
+    """Learning rate of GRPO (PPO: half of it, as the main job's ratio)."""
+    eval_every: int = 10
+    """RL iterations between evaluations (4 answers per prompt of each key set)."""
+
+    def __post_init__(self):
+        check_ranges(self, positive=("pool", "prompts", "grpo_iterations", "ppo_iterations", "rl_lr", "eval_every"))
+        config_check(self, len(self.seeds) > 0 and len(set(self.seeds)) == len(self.seeds) and min(self.seeds) >= 0,
+                     f"seeds = {self.seeds} must be distinct non-negative integers")
+        config_check(self, len(self.fractions) > 0 and all(0 < f <= 1 for f in self.fractions) and
+                     1.0 in self.fractions, f"fractions = {self.fractions} must lie in (0, 1] and include 1.0 "
+                                            "(the main job's reward model, which RL optimises)")
+        config_check(self, all(c >= 0 for c in (*self.grpo_kl_coefs, *self.ppo_kl_coefs)),
+                     "KL coefficients must be >= 0")
+
+    def scaled(self) -> "OveroptimizationConfig":
+        if not self.quick:
+            return self
+        return dataclasses.replace(self, fractions=(0.5, 1.0), pool=8, prompts=8, grpo_kl_coefs=(0.0,),
+                                   ppo_kl_coefs=(0.0,), grpo_iterations=4, ppo_iterations=2, eval_every=2)
+
+
+def bon_kl(n) -> np.ndarray:
+    """The analytic KL(best-of-n || base) = log n - (n - 1) / n (Stiennon et al. 2020; Gao et al. 2022, sec. 2)."""
+    n = np.asarray(n, np.float64)
+    return np.log(n) - (n - 1) / n
+
+
+def fit_gao(d, gain, form: str) -> dict:
+    """Least-squares fit of Gao et al.'s forms through the origin: "bon" gain = d (alpha - beta d), "rl" gain =
+    d (alpha - beta log d); -> {"alpha", "beta", "r2"} (r2 against the mean of `gain`; NaN if it is constant)."""
+    d, gain = np.asarray(d, np.float64), np.asarray(gain, np.float64)
+    second = d * d if form == "bon" else np.where(d > 0, d * np.log(np.where(d > 0, d, 1.0)), 0.0)
+    X = np.stack([d, -second], axis=1)
+    (alpha, beta), *_ = np.linalg.lstsq(X, gain, rcond=None)
+    resid = gain - X @ np.asarray([alpha, beta])
+    total = np.sum((gain - gain.mean()) ** 2)
+    return {"alpha": float(alpha), "beta": float(beta),
+            "r2": float(1.0 - np.sum(resid ** 2) / total) if total > 0 else float("nan")}
+
+
+def _pipeline_config(folder: str) -> pipeline.PipelineConfig:
+    """The PipelineConfig a run folder was made with (its config.json), scaled as that run was."""
+    with open(os.path.join(folder, "config.json")) as f:
+        made = json.load(f)
+    names = {f.name for f in dataclasses.fields(pipeline.PipelineConfig)}
+    return pipeline.PipelineConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in made.items()
+                                      if k in names}).scaled()
+
+
+def _key_set(name: str, n: int, seed: int) -> list:
+    """`n` distinct prompts of a key set: fresh train-key prompts (seed-dependent), or test keys (a stratified
+    shuffle of every distinct test prompt)."""
+    if name == "train":
+        seen, out = set(), []
+        for t in world.prompt_set(8 * n, 10_000 + seed, split="train"):
+            if t.prompt not in seen:
+                seen.add(t.prompt)
+                out.append(t)
+        return out[:n]
+    tasks = world.key_tasks("test")
+    order = np.random.default_rng(seed).permutation(len(tasks))
+    return [tasks[i] for i in order[:n]]
+
+
+def _proxies(cfg, pcfg, folder, out_dir, sft_params, mc, seed) -> dict[float, object]:
+    """{fraction: reward-model params}; fraction 1.0 is the main job's; others trained here once and kept."""
+    _, main_rm = load(folder, "reward")
+    rms = {1.0: main_rm}
+    todo = [f for f in cfg.fractions if f != 1.0 and not os.path.isdir(os.path.join(
+        out_dir, f"reward_{f:g}", "final", "params"))]
+    if todo:
+        keys = jax.random.split(jax.random.PRNGKey(pcfg.seed), 7)
+        sampling = SamplingConfig(max_new_tokens=pcfg.max_new_tokens, temperature=pcfg.temperature,
+                                  eos_id=TOK.eos_id, pad_id=TOK.pad_id)
+        t = time.time()
+        prefs = pipeline.preference_data(pcfg, sft_params, mc, sampling, keys[5])
+        print(f"[overoptimization] seed {seed}: {len(prefs.train_pairs)} preference pairs rebuilt in "
+              f"{time.time() - t:.0f} s", file=sys.stderr, flush=True)
+        order = np.random.default_rng(seed).permutation(len(prefs.train_pairs))
+        for frac in todo:
+            records = [prefs.train_pairs[i] for i in order[:max(1, int(round(frac * len(order))))]]
+            steps = max(1, int(round(frac * pcfg.rm_steps)))          # the same number of epochs
+            state = create_train_state(with_score_head(sft_params, mc, keys[2]), _optim(pcfg.rm_lr, steps), keys[2],
+                                       total_steps=steps)
+            state, _ = stages.run_reward(state, pipeline.preference_batches(pcfg, records, pcfg.seed),
+                                         stages.RewardConfig(num_steps=steps, log_every=10), model_config=mc)
+            ckpt.save_params(os.path.join(out_dir, f"reward_{frac:g}", "final"), state.params, model_config=mc)
+            acc = pairwise_accuracy(state.params, pipeline.preference_batches(pcfg, prefs.test_pairs, 0, epochs=1),
+                                    model_config=mc)
+            print(f"[overoptimization] seed {seed}: reward model on {frac:g} of the pairs ({len(records)}, {steps} "
+                  f"steps): held-out accuracy {acc:.3f}", file=sys.stderr, flush=True)
+    for frac in cfg.fractions:
+        if frac != 1.0:
+            rms[frac] = ckpt.load_params(os.path.join(out_dir, f"reward_{frac:g}", "final"))[1]
+    return rms
+
+
+def best_of_n(cfg, sft_params, mc, rms, tasks, rng) -> dict:
+    """Per proxy: n, KL, d, expected gold and proxy score of the proxy's pick (weighted as the families)."""
+    batch = _prompt_batch(tasks)
+    sampling = SamplingConfig(max_new_tokens=28, temperature=1.0, eos_id=TOK.eos_id, pad_id=TOK.pad_id)
+    golds, scores = [], {f: [] for f in rms}
+    for i in range(cfg.pool):
+        ep = _SAMPLE(sft_params, batch["prompts"], batch["prompt_mask"], jax.random.fold_in(rng, i),
+                     sampling=sampling, model_config=mc)
+        golds.append(world.gold_rewards(tasks, decode_responses(TOK, ep)))
+        for f, rm in rms.items():
+            scores[f].append(np.asarray(_RM_SCORES(rm, ep, model_config=mc), np.float64))
+    golds = np.stack(golds, axis=1)                                       # [B, pool]
+    weights = world.family_weights(tasks, world.DEFAULT_MIX)
+    ns = [n for n in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024) if n <= cfg.pool]
+    out = {}
+    for f, s in scores.items():
+        s = np.stack(s, axis=1)
+        gold = [float(np.average([best_of_n_expectation(s[b], golds[b], n) for b in range(len(tasks))],
+                                 weights=weights)) for n in ns]
+        proxy = [float(np.average([best_of_n_expectation(s[b], s[b], n) for b in range(len(tasks))],
+                                  weights=weights)) for n in ns]
+        kl = bon_kl(ns)
+        d = np.sqrt(kl)
+        gain = np.asarray(gold) - gold[0]
+        out[f"{f:g}"] = {"n": ns, "kl": kl.tolist(), "d": d.tolist(), "gold": gold, "proxy": proxy,
+                         "gold_oracle": float(np.average(golds.max(axis=1), weights=weights)),
+                         "fit": fit_gao(d, gain, "bon"), **_peak(ns, gold)}
+    return out
+
+
+def _peak(xs, gold) -> dict:
+    """Where the gold curve peaks, and whether it then falls (the last point below the peak)."""
+    i = int(np.argmax(gold))
+    return {"peak_at": xs[i], "peak_gold": float(gold[i]), "final_gold": float(gold[-1]),
+            "peaked_then_fell": bool(i < len(gold) - 1 and gold[-1] < gold[i])}
+
+
+class _Curve(StageHooks):
+    """Every `every` iterations (and at 0): the policy's gold, proxy and KL to SFT on each key set."""
+
+    def __init__(self, evaluators, every, params_of, **kwargs):
+        self.evaluators, self.every, self.params_of, self.kwargs = evaluators, every, params_of, kwargs
+        self.points = []
+
+    def record(self, step, params):
+        point = {"iteration": step}
+        for name, ev in self.evaluators.items():
+            m, _ = ev(params, **self.kwargs)
+            point[name] = {"gold": m["gold_reward"], "proxy": m["rm_score"], "kl": m["kl_to_ref"]}
+        self.points.append(point)
+
+    def on_state(self, step, state):
+        if step % self.every == 0:
+            self.record(step, self.params_of(state))
+
+
+def rl_runs(cfg, pcfg, sft_params, mc, rm, key_sets, seed) -> dict:
+    sampling = SamplingConfig(max_new_tokens=pcfg.max_new_tokens, temperature=1.0, eos_id=TOK.eos_id,
+                              pad_id=TOK.pad_id)
+    evaluators = {}
+    for name, tasks in key_sets.items():
+        batch = _prompt_batch(tasks)
+        evaluators[name] = PolicyEvaluator(batch["prompts"], batch["prompt_mask"], model_config=mc, tokenizer=TOK,
+                                           sampling=sampling, samples=4,
+                                           gold_fn=functools.partial(world.gold_rewards, tasks),
+                                           weights=world.family_weights(tasks, world.DEFAULT_MIX))
+    rl_tasks = world.prompt_set(pcfg.ppo_batch * 64, pcfg.seed + 4, split="train")   # the main job's RL prompts
+    kwargs = dict(ref_params=sft_params, reward_params=rm, rng=jax.random.PRNGKey(2000 + seed))
+    out = {}
+    runs = [("grpo", c) for c in cfg.grpo_kl_coefs] + [("ppo", c) for c in cfg.ppo_kl_coefs]
+    for algo, coef in runs:
+        t = time.time()
+        if algo == "grpo":
+            P, n = 16, cfg.grpo_iterations
+            rl_cfg = GRPOConfig(num_steps=n, batch_size=P, num_generations=4, sampling=sampling, kl_coef=coef,
+                                num_iterations=2, num_minibatches=4, log_every=5,
+                                optim=OptimConfig(learning_rate=cfg.rl_lr, warmup_steps=10, max_grad_norm=1.0))
+            state = create_train_state(sft_params, rl_cfg.optim, jax.random.PRNGKey(3000 + seed),
+                                       total_steps=n * rl_cfg.updates_per_iteration)
+            run = functools.partial(stages.run_grpo, model_config=mc, reward_params=rm,
+                                    ref_params=sft_params if coef > 0 else None)
+            params_of = lambda s: s.params  # noqa: E731
+        else:
+            P, n = pcfg.ppo_batch, cfg.ppo_iterations
+            rl_cfg = PPOConfig(num_steps=n, batch_size=P, sampling=sampling, kl_coef=coef, missing_eos_penalty=1.0,
+                               ptx_coef=0.0, log_every=5,
+                               optim=OptimConfig(learning_rate=cfg.rl_lr / 2, eps=1e-5, max_grad_norm=1.0),
+                               value_optim=OptimConfig(learning_rate=1e-4, eps=1e-5, max_grad_norm=1.0))
+            state = init_ppo_state(sft_params, rl_cfg, model_config=mc, rng=jax.random.PRNGKey(4000 + seed),
+                                   reward_params=rm)
+            run = functools.partial(stages.run_ppo, model_config=mc, ref_params=sft_params, reward_params=rm)
+            params_of = lambda s: s.policy.params  # noqa: E731
+        data = Replayable(lambda P=P, n=n: (_prompt_batch([rl_tasks[j % len(rl_tasks)] for j in range(
+            i * P, (i + 1) * P)]) for i in range(n)))
+        curve = _Curve(evaluators, cfg.eval_every, params_of, **kwargs)
+        curve.record(0, sft_params)
+        run(state, data, rl_cfg, hooks=curve)
+        name = f"{algo}_kl{coef:g}"
+        out[name] = {"algo": algo, "kl_coef": coef, "points": curve.points}
+        for key in key_sets:
+            d = np.sqrt(np.maximum([p[key]["kl"] for p in curve.points], 0.0))
+            gold = [p[key]["gold"] for p in curve.points]
+            out[name][key] = {"fit": fit_gao(d, np.asarray(gold) - gold[0], "rl"),
+                              **_peak([p["iteration"] for p in curve.points], gold)}
+        print(f"[overoptimization] seed {seed}: {name} in {time.time() - t:.0f} s; " + "; ".join(
+            f"{k}: gold {out[name][k]['peak_gold']:.3f} at iteration {out[name][k]['peak_at']}, final "
+            f"{out[name][k]['final_gold']:.3f}" for k in key_sets), file=sys.stderr, flush=True)
+    return out
+
+
+def run(cfg: OveroptimizationConfig, run_pipeline=None) -> dict:
+    cfg = cfg.scaled()
+    models = os.path.join(cfg.out, "models", "seed{seed}") if cfg.quick and cfg.models == DEFAULT_MODELS \
+        else cfg.models
+    os.makedirs(cfg.out, exist_ok=True)
+    save_config(cfg, os.path.join(cfg.out, "config.json"))
+    result = {"seeds": list(cfg.seeds), "per_seed": {}}
+    for seed in cfg.seeds:
+        t0 = time.time()
+        folder = ensure_seed(models, seed, ("sft", "reward"), quick=cfg.quick, run_pipeline=run_pipeline)
+        pcfg = _pipeline_config(folder)
+        mc, sft_params = load(folder, "sft")
+        out_dir = os.path.join(cfg.out, f"seed{seed}")
+        rms = _proxies(cfg, pcfg, folder, out_dir, sft_params, mc, seed)
+        key_sets = {k: _key_set(k, cfg.prompts, seed) for k in KEY_SETS}
+        t = time.time()
+        bon = {k: best_of_n(cfg, sft_params, mc, rms, tasks, jax.random.PRNGKey(5000 + seed))
+               for k, tasks in key_sets.items()}
+        print(f"[overoptimization] seed {seed}: best-of-n pools in {time.time() - t:.0f} s", file=sys.stderr)
+        rl = rl_runs(cfg, pcfg, sft_params, mc, rms[1.0], key_sets, seed)
+        result["per_seed"][str(seed)] = {"best_of_n": bon, "rl": rl, "seconds": time.time() - t0}
+    with open(os.path.join(cfg.out, "overoptimization.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    text = _markdown(result)
+    with open(os.path.join(cfg.out, "overoptimization.md"), "w") as f:
+        f.write(text)
+    _plots(result, cfg.out)
+    print(text)
+    return result
+
+
+def _markdown(result: dict) -> str:
+    lines = ["# Reward over-optimisation: gold against proxy", ""]
+    for seed, r in result["per_seed"].items():
+        lines += [f"## Seed {seed} ({r['seconds']:.0f} s)", "", "Best-of-n from SFT (temperature 1), the proxy's pick; "
+                  "gain = gold(n) - gold(1); fit gain = d (alpha - beta d), d = sqrt(log n - (n-1)/n).", "",
+                  "| keys | proxy (share of pairs) | gold n=1 | peak gold (n) | gold at largest n | gold pick ceiling | "
+                  "alpha | beta | R^2 | rose then fell |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for keys, by_frac in r["best_of_n"].items():
+            for frac, b in by_frac.items():
+                lines.append(f"| {keys} | {frac} | {b['gold'][0]:.3f} | {b['peak_gold']:.3f} ({b['peak_at']}) | "
+                             f"{b['final_gold']:.3f} | {b['gold_oracle']:.3f} | {b['fit']['alpha']:.3f} | "
+                             f"{b['fit']['beta']:.3f} | {b['fit']['r2']:.2f} | {'yes' if b['peaked_then_fell'] else 'no'} |")
+        lines += ["", "RL from SFT against the main job's reward model (share 1); evaluated every few iterations; "
+                  "fit gain = d (alpha - beta log d), d = sqrt(KL to SFT).", "",
+                  "| run | keys | gold at 0 | peak gold (iteration) | final gold | final proxy - initial | final KL | "
+                  "alpha | beta | R^2 | rose then fell |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for name, run in r["rl"].items():
+            for keys in KEY_SETS:
+                if keys not in run:
+                    continue
+                p0, p1, s = run["points"][0][keys], run["points"][-1][keys], run[keys]
+                lines.append(f"| {name} | {keys} | {p0['gold']:.3f} | {s['peak_gold']:.3f} ({s['peak_at']}) | "
+                             f"{s['final_gold']:.3f} | {p1['proxy'] - p0['proxy']:+.3f} | {p1['kl']:.2f} | "
+                             f"{s['fit']['alpha']:.3f} | {s['fit']['beta']:.3f} | {s['fit']['r2']:.2f} | "
+                             f"{'yes' if s['peaked_then_fell'] else 'no'} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _plots(result: dict, out: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    for seed, r in result["per_seed"].items():
+        suffix = "" if len(result["per_seed"]) == 1 else f"_seed{seed}"
+        fig, axes = plt.subplots(2, len(r["best_of_n"]), figsize=(4.2 * len(r["best_of_n"]), 6.4), squeeze=False)
+        for j, (keys, by_frac) in enumerate(r["best_of_n"].items()):
+            for frac, b in by_frac.items():
+                d = np.asarray(b["d"])
+                line, = axes[0, j].plot(d, np.asarray(b["gold"]) - b["gold"][0], marker="o", ms=3,
+                                        label=f"proxy {frac} of the pairs")
+                fd = np.linspace(0, d.max(), 50)
+                axes[0, j].plot(fd, fd * (b["fit"]["alpha"] - b["fit"]["beta"] * fd), ls=":", color=line.get_color())
+                axes[1, j].plot(d, np.asarray(b["proxy"]) - b["proxy"][0], marker="o", ms=3, label=f"proxy {frac}")
+            axes[0, j].set_title(f"best-of-n, {keys} keys (n up to {b['n'][-1]})", fontsize=9)
+            axes[0, j].set_ylabel("gold gain")
+            axes[1, j].set_ylabel("proxy gain (own scale)")
+            axes[1, j].set_xlabel("d = sqrt(KL), KL = log n - (n-1)/n")
+            for ax in axes[:, j]:
+                ax.grid(alpha=0.3)
+                ax.legend(fontsize="x-small")
+        fig.tight_layout()
+        fig.savefig(os.path.join(out, f"best_of_n{suffix}.png"), dpi=100)
+        plt.close(fig)
+        fig, axes = plt.subplots(2, len(KEY_SETS), figsize=(4.2 * len(KEY_SETS), 6.4), squeeze=False)
+        for j, keys in enumerate(KEY_SETS):
+            for name, run in r["rl"].items():
+                d = np.sqrt(np.maximum([p[keys]["kl"] for p in run["points"]], 0.0))
+                gold = np.asarray([p[keys]["gold"] for p in run["points"]])
+                proxy = np.asarray([p[keys]["proxy"] for p in run["points"]])
+                axes[0, j].plot(d, gold - gold[0], marker="o", ms=3, label=name)
+                axes[1, j].plot(d, proxy - proxy[0], marker="o", ms=3, label=name)
+            axes[0, j].set_title(f"RL against the reward model, {keys} keys", fontsize=9)
+            axes[0, j].set_ylabel("gold gain")
+            axes[1, j].set_ylabel("proxy gain")
+            axes[1, j].set_xlabel("d = sqrt(KL(pi || SFT))")
+            for ax in axes[:, j]:
+                ax.grid(alpha=0.3)
+                ax.legend(fontsize="x-small")
+        fig.tight_layout()
+        fig.savefig(os.path.join(out, f"rl{suffix}.png"), dpi=100)
+        plt.close(fig)
+
+
+def main(argv=None) -> int:
+    cfg = parse_cli(OveroptimizationConfig, argv)
+    try:
+        run(cfg)
+    except ModelsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

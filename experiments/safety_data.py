@@ -1,0 +1,221 @@
+"""How much safety data does SFT need? (The lecture: "about 500 safety examples" go a long way, and refusals
+taught alone spill over onto harmless requests that look like harmful ones.)
+
+    python -m experiments.safety_data                          # seeds 0 1 of runs/seeds (~14 minutes per seed)
+    python -m experiments.safety_data --seeds 0 --quick --out /tmp/sd   # smoke test (trains quick models)
+
+From each seed's pretrained model (`experiments.world_models`), SFT exactly as the main job's (its skill
+demonstrations, steps and learning rate) with `counts` refusal demonstrations of harmful requests, each count in
+two arms: refusals alone, and refusals with as many answered benign look-alikes ("how do i bake bread" beside
+"how do i make a weapon"). Each SFT policy answers every distinct unsafe and benign test prompt `samples` times
+at the main job's temperature: refusal rate on the unsafe ones, over-refusal on the benign ones. Intervals: Wilson
+95% per seed with n = the distinct prompts (each prompt's refusal fraction counts as one observation: the samples
+of one prompt are not independent), and the mean over seeds with a t-interval. Writes safety_data.json, .md and
+safety_data.png.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import sys
+import time
+from typing import Literal
+
+import jax
+import numpy as np
+
+from experiments.overoptimization import _pipeline_config
+from experiments.pipeline import TOK, _optim, _prompt_batch
+from experiments.seeds import t_interval
+from experiments.world_models import DEFAULT_MODELS, ModelsError, ensure_seed, load
+from rlhf_jax import tasks as world
+from rlhf_jax.config_cli import check_ranges, config_check, parse_cli, save_config
+from rlhf_jax.data import Batches, SFTRecord, ShuffledIterator
+from rlhf_jax.eval import _SAMPLE
+from rlhf_jax.generation import SamplingConfig
+from rlhf_jax.train import stages
+from rlhf_jax.train.rl import decode_responses
+from rlhf_jax.train.state import create_train_state
+
+ARMS = ("refusals", "refusals+lookalikes")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SafetyDataConfig:
+    """SFT with varying amounts of safety demonstrations (see the module docstring)."""
+
+    seeds: tuple[int, ...] = (0, 1)
+    """Seeds of the main job whose pretrained models are fine-tuned."""
+    models: str = DEFAULT_MODELS
+    """Run folder of each seed's main job ({seed} is replaced); with --quick the default is OUT/models/seed{seed}."""
+    out: str = "runs/safety_data"
+    """Output folder."""
+    quick: bool = False
+    """Quick models, three counts, 2 samples: a smoke test, not a measurement."""
+    counts: tuple[int, ...] = (0, 25, 50, 100, 250, 500, 1000)
+    """Refusal demonstrations (and, in the second arm, as many benign look-alikes) added to the skill demos."""
+    arms: tuple[Literal["refusals", "refusals+lookalikes"], ...] = ARMS
+    """Which arms to train."""
+    samples: int = 8
+    """Answers per distinct test prompt."""
+
+    def __post_init__(self):
+        check_ranges(self, positive=("samples",))
+        config_check(self, len(self.seeds) > 0 and len(set(self.seeds)) == len(self.seeds) and min(self.seeds) >= 0,
+                     f"seeds = {self.seeds} must be distinct non-negative integers")
+        config_check(self, len(self.counts) > 0 and min(self.counts) >= 0, f"counts = {self.counts} must be >= 0")
+        config_check(self, len(self.arms) > 0, "arms must name at least one arm")
+
+
+def wilson(p: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval of a proportion `p` observed over `n` trials (Wilson 1927)."""
+    if n == 0:
+        return float("nan"), float("nan")
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return centre - half, centre + half
+
+
+def refusal_rates(params, mc, tasks, rng, *, samples: int, sampling: SamplingConfig) -> np.ndarray:
+    """Per-prompt fraction of `samples` answers that refuse, [B]."""
+    batch = _prompt_batch(tasks)
+    refused = []
+    for i in range(samples):
+        ep = _SAMPLE(params, batch["prompts"], batch["prompt_mask"], jax.random.fold_in(rng, i), sampling=sampling,
+                     model_config=mc)
+        refused.append([world.is_refusal(t) for t in decode_responses(TOK, ep)])
+    return np.mean(np.asarray(refused, np.float64), axis=0)
+
+
+def _sft(pcfg, base_params, mc, n_safety: int, n_benign: int):
+    """The main job's SFT with `n_safety` refusals and `n_benign` look-alikes beside its skill demonstrations."""
+    demos = world.sft_demos(pcfg.sft_demos, pcfg.seed + 1, n_safety=n_safety, n_benign=n_benign)
+    records = [SFTRecord(messages=tuple(d["messages"])) for d in demos]
+    batches = Batches(ShuffledIterator(records, seed=pcfg.seed), TOK, kind="sft", batch_size=pcfg.batch_size,
+                      buckets=(pcfg.seq_len,), pack=True)
+    k_sft = jax.random.split(jax.random.PRNGKey(pcfg.seed), 7)[1]
+    state = create_train_state(base_params, _optim(3e-4, pcfg.sft_steps), k_sft, total_steps=pcfg.sft_steps)
+    state, _ = stages.run_sft(state, batches, stages.SFTConfig(num_steps=pcfg.sft_steps, log_every=10),
+                              model_config=mc)
+    return state.params
+
+
+def run(cfg: SafetyDataConfig, run_pipeline=None) -> dict:
+    counts = (0, 25, 100) if cfg.quick and cfg.counts == SafetyDataConfig().counts else cfg.counts
+    samples = 2 if cfg.quick else cfg.samples
+    models = os.path.join(cfg.out, "models", "seed{seed}") if cfg.quick and cfg.models == DEFAULT_MODELS \
+        else cfg.models
+    os.makedirs(cfg.out, exist_ok=True)
+    save_config(cfg, os.path.join(cfg.out, "config.json"))
+    unsafe = world.key_tasks("test", families=("unsafe",))
+    benign = world.key_tasks("test", families=("benign",))
+    result = {"seeds": list(cfg.seeds), "counts": list(counts), "unsafe_prompts": len(unsafe),
+              "benign_prompts": len(benign), "samples_per_prompt": samples, "per_seed": {}}
+    for seed in cfg.seeds:
+        folder = ensure_seed(models, seed, ("base",), quick=cfg.quick, run_pipeline=run_pipeline)
+        pcfg = _pipeline_config(folder)
+        mc, base_params = load(folder, "base")
+        sampling = SamplingConfig(max_new_tokens=pcfg.max_new_tokens, temperature=pcfg.temperature,
+                                  eos_id=TOK.eos_id, pad_id=TOK.pad_id)
+        measure = functools.partial(refusal_rates, mc=mc, rng=jax.random.PRNGKey(6000 + seed), samples=samples,
+                                    sampling=sampling)
+        rows = result["per_seed"][str(seed)] = {}
+        done = {}                                       # count 0 is the same SFT in both arms
+        for arm in cfg.arms:
+            rows[arm] = []
+            for k in counts:
+                key = (k, k if arm == "refusals+lookalikes" else 0)
+                t = time.time()
+                if key not in done:
+                    params = _sft(pcfg, base_params, mc, *key)
+                    r_unsafe, r_benign = measure(params, tasks=unsafe), measure(params, tasks=benign)
+                    done[key] = (r_unsafe, r_benign)
+                r_unsafe, r_benign = done[key]
+                row = {"count": k, "refusal": float(r_unsafe.mean()), "over_refusal": float(r_benign.mean())}
+                row["refusal_low"], row["refusal_high"] = wilson(row["refusal"], len(unsafe))
+                row["over_refusal_low"], row["over_refusal_high"] = wilson(row["over_refusal"], len(benign))
+                rows[arm].append(row)
+                print(f"[safety_data] seed {seed} {arm:<20} {k:5d}: refusal {row['refusal']:.3f}, over-refusal "
+                      f"{row['over_refusal']:.3f} ({time.time() - t:.0f} s)", file=sys.stderr, flush=True)
+    result["across_seeds"] = {arm: [{"count": k, **{m: t_interval([result["per_seed"][s][arm][i][m]
+                                                                   for s in result["per_seed"]])
+                                                   for m in ("refusal", "over_refusal")}}
+                                    for i, k in enumerate(counts)] for arm in cfg.arms}
+    with open(os.path.join(cfg.out, "safety_data.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    text = _markdown(result)
+    with open(os.path.join(cfg.out, "safety_data.md"), "w") as f:
+        f.write(text)
+    _plot(result, os.path.join(cfg.out, "safety_data.png"))
+    print(text)
+    return result
+
+
+def _ci(x: dict) -> str:
+    return f"{x['mean']:.3f}" + ("" if math.isnan(x["low"]) else f" [{x['low']:.3f}, {x['high']:.3f}]")
+
+
+def _markdown(result: dict) -> str:
+    seeds = list(result["per_seed"])
+    lines = ["# Safety demonstrations in SFT: refusal and over-refusal", "",
+             f"Test keys: {result['unsafe_prompts']} distinct harmful prompts, {result['benign_prompts']} benign "
+             f"look-alikes, {result['samples_per_prompt']} answers each; seeds {', '.join(seeds)}. Mean over seeds "
+             "[95% t-interval]; per seed, Wilson 95% over distinct prompts.", "",
+             "| arm | refusal demos | refusal on harmful | over-refusal on benign | per seed: refusal / over-refusal |",
+             "|---|---|---|---|---|"]
+    for arm, rows in result["across_seeds"].items():
+        for i, row in enumerate(rows):
+            per = "; ".join(f"{s}: {result['per_seed'][s][arm][i]['refusal']:.3f} "
+                            f"[{result['per_seed'][s][arm][i]['refusal_low']:.3f}, "
+                            f"{result['per_seed'][s][arm][i]['refusal_high']:.3f}] / "
+                            f"{result['per_seed'][s][arm][i]['over_refusal']:.3f}" for s in seeds)
+            lines.append(f"| {arm} | {row['count']} | {_ci(row['refusal'])} | {_ci(row['over_refusal'])} | {per} |")
+    return "\n".join(lines) + "\n"
+
+
+def _plot(result: dict, out_png: str) -> str:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    x_of = lambda k: max(k, 10)  # noqa: E731  (log axis: 0 drawn at 10, labelled 0)
+    for arm, rows in result["across_seeds"].items():
+        xs = [x_of(r["count"]) for r in rows]
+        for metric, style in (("refusal", "-"), ("over_refusal", "--")):
+            mean = np.asarray([r[metric]["mean"] for r in rows])
+            low = np.asarray([r[metric]["low"] for r in rows])
+            high = np.asarray([r[metric]["high"] for r in rows])
+            line, = ax.plot(xs, mean, style, marker="o", ms=3, label=f"{metric.replace('_', '-')}, {arm}")
+            if not np.all(np.isnan(low)):
+                ax.fill_between(xs, low, high, alpha=0.15, color=line.get_color())
+    ax.set_xscale("log")
+    ticks = [x_of(k) for k in result["counts"]]
+    ax.set_xticks(ticks, [str(k) for k in result["counts"]])
+    ax.set_xlabel("refusal demonstrations in SFT (and as many look-alikes in the second arm)")
+    ax.set_ylabel("rate on the test keys")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="x-small")
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(out_png) or ".", exist_ok=True)
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
+    return out_png
+
+
+def main(argv=None) -> int:
+    cfg = parse_cli(SafetyDataConfig, argv)
+    try:
+        run(cfg)
+    except ModelsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
