@@ -81,7 +81,8 @@ class OveroptimizationConfig:
     rl_lr: float = 3e-5
     """Learning rate of GRPO (PPO: half of it, as the main job's ratio)."""
     eval_every: int = 10
-    """RL iterations between evaluations (4 answers per prompt of each key set)."""
+    """RL iterations between evaluations (4 answers per prompt of each key set), besides iterations 1, 2, 4 and 8
+    (a gold peak can come early)."""
 
     def __post_init__(self):
         check_ranges(self, positive=("pool", "prompts", "grpo_iterations", "ppo_iterations", "rl_lr", "eval_every"))
@@ -206,15 +207,29 @@ def best_of_n(cfg, sft_params, mc, rms, tasks, rng) -> dict:
     return out
 
 
+def _cached(path: str, key: dict, compute):
+    """`compute()`, or its result saved at `path` by an earlier run with the same `key` (the options it depends on)."""
+    if os.path.exists(path):
+        with open(path) as f:
+            saved = json.load(f)
+        if saved.get("key") == key:
+            return saved["value"]
+    value = compute()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump({"key": key, "value": value}, f)
+    return value
+
+
 def _peak(xs, gold) -> dict:
-    """Where the gold curve peaks, and whether it then falls (the last point below the peak)."""
+    """Where the gold curve peaks, and whether it rose to that peak and then fell (the last point below it)."""
     i = int(np.argmax(gold))
     return {"peak_at": xs[i], "peak_gold": float(gold[i]), "final_gold": float(gold[-1]),
-            "peaked_then_fell": bool(i < len(gold) - 1 and gold[-1] < gold[i])}
+            "peaked_then_fell": bool(0 < i < len(gold) - 1 and gold[-1] < gold[i])}
 
 
 class _Curve(StageHooks):
-    """Every `every` iterations (and at 0): the policy's gold, proxy and KL to SFT on each key set."""
+    """At iterations 0, 1, 2, 4, 8 and every `every`: the policy's gold, proxy and KL to SFT on each key set."""
 
     def __init__(self, evaluators, every, params_of, **kwargs):
         self.evaluators, self.every, self.params_of, self.kwargs = evaluators, every, params_of, kwargs
@@ -224,11 +239,13 @@ class _Curve(StageHooks):
         point = {"iteration": step}
         for name, ev in self.evaluators.items():
             m, _ = ev(params, **self.kwargs)
-            point[name] = {"gold": m["gold_reward"], "proxy": m["rm_score"], "kl": m["kl_to_ref"]}
+            point[name] = {"gold": m["gold_reward"], "proxy": m["rm_score"], "kl": m["kl_to_ref"],
+                           "length": m["mean_length"], "refusal": m["refusal_rate"],
+                           "over_refusal": m["over_refusal_rate"]}
         self.points.append(point)
 
     def on_state(self, step, state):
-        if step % self.every == 0:
+        if step % self.every == 0 or (step < self.every and step & (step - 1) == 0):
             self.record(step, self.params_of(state))
 
 
@@ -241,6 +258,8 @@ def rl_runs(cfg, pcfg, sft_params, mc, rm, key_sets, seed) -> dict:
         evaluators[name] = PolicyEvaluator(batch["prompts"], batch["prompt_mask"], model_config=mc, tokenizer=TOK,
                                            sampling=sampling, samples=4,
                                            gold_fn=functools.partial(world.gold_rewards, tasks),
+                                           metrics_fn=lambda idx, texts, tasks=tasks: world.compute_metrics(
+                                               [tasks[i] for i in idx], texts),
                                            weights=world.family_weights(tasks, world.DEFAULT_MIX))
     rl_tasks = world.prompt_set(pcfg.ppo_batch * 64, pcfg.seed + 4, split="train")   # the main job's RL prompts
     kwargs = dict(ref_params=sft_params, reward_params=rm, rng=jax.random.PRNGKey(2000 + seed))
@@ -302,9 +321,11 @@ def run(cfg: OveroptimizationConfig, run_pipeline=None) -> dict:
         rms = _proxies(cfg, pcfg, folder, out_dir, sft_params, mc, seed)
         key_sets = {k: _key_set(k, cfg.prompts, seed) for k in KEY_SETS}
         t = time.time()
-        bon = {k: best_of_n(cfg, sft_params, mc, rms, tasks, jax.random.PRNGKey(5000 + seed))
-               for k, tasks in key_sets.items()}
-        print(f"[overoptimization] seed {seed}: best-of-n pools in {time.time() - t:.0f} s", file=sys.stderr)
+        bon = _cached(os.path.join(out_dir, "best_of_n.json"), {"pool": cfg.pool, "prompts": cfg.prompts,
+                                                                "fractions": list(cfg.fractions)},
+                      lambda: {k: best_of_n(cfg, sft_params, mc, rms, tasks, jax.random.PRNGKey(5000 + seed))
+                               for k, tasks in key_sets.items()})
+        print(f"[overoptimization] seed {seed}: best-of-n in {time.time() - t:.0f} s", file=sys.stderr)
         rl = rl_runs(cfg, pcfg, sft_params, mc, rms[1.0], key_sets, seed)
         result["per_seed"][str(seed)] = {"best_of_n": bon, "rl": rl, "seconds": time.time() - t0}
     with open(os.path.join(cfg.out, "overoptimization.json"), "w") as f:
@@ -325,14 +346,15 @@ def _markdown(result: dict) -> str:
                   "| keys | proxy (share of pairs) | gold n=1 | peak gold (n) | gold at largest n | gold pick ceiling | "
                   "alpha | beta | R^2 | rose then fell |", "|---|---|---|---|---|---|---|---|---|---|"]
         for keys, by_frac in r["best_of_n"].items():
-            for frac, b in by_frac.items():
+            for frac, b in sorted(by_frac.items(), key=lambda kv: float(kv[0])):
                 lines.append(f"| {keys} | {frac} | {b['gold'][0]:.3f} | {b['peak_gold']:.3f} ({b['peak_at']}) | "
                              f"{b['final_gold']:.3f} | {b['gold_oracle']:.3f} | {b['fit']['alpha']:.3f} | "
                              f"{b['fit']['beta']:.3f} | {b['fit']['r2']:.2f} | {'yes' if b['peaked_then_fell'] else 'no'} |")
         lines += ["", "RL from SFT against the main job's reward model (share 1); evaluated every few iterations; "
                   "fit gain = d (alpha - beta log d), d = sqrt(KL to SFT).", "",
                   "| run | keys | gold at 0 | peak gold (iteration) | final gold | final proxy - initial | final KL | "
-                  "alpha | beta | R^2 | rose then fell |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "final length (bytes) | alpha | beta | R^2 | rose then fell |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for name, run in r["rl"].items():
             for keys in KEY_SETS:
                 if keys not in run:
@@ -340,6 +362,7 @@ def _markdown(result: dict) -> str:
                 p0, p1, s = run["points"][0][keys], run["points"][-1][keys], run[keys]
                 lines.append(f"| {name} | {keys} | {p0['gold']:.3f} | {s['peak_gold']:.3f} ({s['peak_at']}) | "
                              f"{s['final_gold']:.3f} | {p1['proxy'] - p0['proxy']:+.3f} | {p1['kl']:.2f} | "
+                             f"{p0['length']:.1f} -> {p1['length']:.1f} | "
                              f"{s['fit']['alpha']:.3f} | {s['fit']['beta']:.3f} | {s['fit']['r2']:.2f} | "
                              f"{'yes' if s['peaked_then_fell'] else 'no'} |")
         lines.append("")
@@ -354,7 +377,7 @@ def _plots(result: dict, out: str) -> None:
         suffix = "" if len(result["per_seed"]) == 1 else f"_seed{seed}"
         fig, axes = plt.subplots(2, len(r["best_of_n"]), figsize=(4.2 * len(r["best_of_n"]), 6.4), squeeze=False)
         for j, (keys, by_frac) in enumerate(r["best_of_n"].items()):
-            for frac, b in by_frac.items():
+            for frac, b in sorted(by_frac.items(), key=lambda kv: float(kv[0])):
                 d = np.asarray(b["d"])
                 line, = axes[0, j].plot(d, np.asarray(b["gold"]) - b["gold"][0], marker="o", ms=3,
                                         label=f"proxy {frac} of the pairs")

@@ -76,9 +76,9 @@ def test_quick_pipeline_writes_report(tmp_path, monkeypatch, capsys):
 
 
 def _lecture_experiments_on_these_models(models):
-    """experiments.calibration, overoptimization and safety_data --quick on this run's models (read, not retrained:
+    """experiments.calibration, overoptimization, safety_data and grpo_transfer --quick on this run's models (read, not retrained:
     the folder is a finished seed-0 quick run)."""
-    from experiments import calibration, overoptimization, safety_data
+    from experiments import calibration, grpo_transfer, overoptimization, safety_data
     before = sorted(os.listdir(models))
     cal = calibration.run(calibration.CalibrationConfig(quick=True, seeds=(0,), models=str(models),
                                                         out=str(models / "cal")))
@@ -93,7 +93,7 @@ def _lecture_experiments_on_these_models(models):
         assert set(by_frac) == {"0.5", "1"}, keys
         for b in by_frac.values():
             assert b["n"] == [1, 2, 4, 8] and b["kl"][0] == 0.0 and b["gold_oracle"] >= max(b["gold"]) - 1e-9
-    assert list(oo["rl"]) == ["grpo_kl0"] and [p["iteration"] for p in oo["rl"]["grpo_kl0"]["points"]] == [0, 2, 4]
+    assert list(oo["rl"]) == ["grpo_kl0"] and [p["iteration"] for p in oo["rl"]["grpo_kl0"]["points"]] == [0, 1, 2, 4]
     for name in ("best_of_n.png", "rl.png", "overoptimization.md"):
         assert (models / "oo" / name).stat().st_size > 0, name
     sd = safety_data.run(safety_data.SafetyDataConfig(quick=True, seeds=(0,), models=str(models),
@@ -103,7 +103,11 @@ def _lecture_experiments_on_these_models(models):
     for r in rows["refusals"] + rows["refusals+lookalikes"]:
         assert 0.0 <= r["refusal_low"] <= r["refusal"] <= r["refusal_high"] <= 1.0
     assert (models / "sd" / "safety_data.png").stat().st_size > 0
-    assert sorted(n for n in os.listdir(models) if n not in ("cal", "oo", "sd")) == before   # nothing retrained
+    gt = grpo_transfer.run(grpo_transfer.GRPOTransferConfig(quick=True, models=str(models), out=str(models / "gt"),
+                                                            learning_rates=(3e-5,)))
+    assert [v["prompts"] for v in gt["variants"]] == ["fresh", "fixed"]
+    assert all(len(v["batch_reward"]) == 4 and 0.0 <= v["dev"]["gold"] <= 1.0 for v in gt["variants"])
+    assert sorted(n for n in os.listdir(models) if n not in ("cal", "oo", "sd", "gt")) == before   # nothing retrained
 
 
 def _stopped_and_resumed_gives_the_same_report(out, report, monkeypatch, capsys):

@@ -1,0 +1,158 @@
+"""Does RL against the exact verifier on training keys transfer to keys it never saw? A dev-split diagnostic.
+
+    python -m experiments.grpo_transfer                       # seed 0 of runs/seeds (~8 minutes once trained)
+    python -m experiments.grpo_transfer --quick --out /tmp/gt  # smoke test (trains quick models)
+
+The main job's GRPO stage (gold reward, train-key prompts) ends below SFT on the test keys on every seed. This
+separates "the update does not work" from "what it learns does not transfer": from the SFT policy, GRPO exactly as
+the main job's (16 prompts x 4 answers, 2 passes of 4 minibatches, KL 0.04 in the loss, sampling at 0.7), in
+variants: fresh train-key prompts every iteration at several learning rates (the main job's case), and the same 16
+prompts every iteration (can it fit what it sees?). For each: the batch reward over training (on the prompts it is
+about to update on), and the gold reward on the dev keys before and after (4 answers per distinct dev prompt,
+families weighted as the table). Only the dev split is read: this is a diagnostic for choosing what to change.
+Writes grpo_transfer.json and grpo_transfer.md.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+
+import jax
+
+from experiments.overoptimization import _pipeline_config
+from experiments.pipeline import TOK, _evaluator, _prompt_batch
+from experiments.world_models import DEFAULT_MODELS, ModelsError, ensure_seed, load
+from rlhf_jax import tasks as world
+from rlhf_jax.config_cli import check_ranges, config_check, parse_cli, save_config
+from rlhf_jax.data.iterators import Replayable
+from rlhf_jax.generation import SamplingConfig
+from rlhf_jax.rewards import world_reward
+from rlhf_jax.tokenizer import encode_prompt
+from rlhf_jax.train import stages
+from rlhf_jax.train.grpo import GRPOConfig
+from rlhf_jax.train.logging import StageHooks
+from rlhf_jax.train.optim import OptimConfig
+from rlhf_jax.train.state import create_train_state
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GRPOTransferConfig:
+    """GRPO on fresh or fixed train-key prompts, judged on the dev keys (see the module docstring)."""
+
+    seed: int = 0
+    """Seed of the main job whose SFT policy starts every variant."""
+    models: str = DEFAULT_MODELS
+    """Run folder of the seed's main job ({seed} is replaced); with --quick the default is OUT/models/seed{seed}."""
+    out: str = "runs/grpo_transfer"
+    """Output folder."""
+    quick: bool = False
+    """Quick models and 4 iterations: a smoke test, not a measurement."""
+    iterations: int = 40
+    """GRPO iterations per variant (the main job's)."""
+    learning_rates: tuple[float, ...] = (1e-5, 3e-5)
+    """Learning rates of the fresh-prompt variants (3e-5 is the main job's)."""
+    fixed_lr: float = 3e-5
+    """Learning rate of the fixed-prompt variant."""
+
+    def __post_init__(self):
+        check_ranges(self, positive=("iterations", "fixed_lr"), non_negative=("seed",))
+        config_check(self, len(self.learning_rates) > 0 and min(self.learning_rates) > 0,
+                     f"learning_rates = {self.learning_rates} must be positive")
+
+
+class _Rewards(StageHooks):
+    def __init__(self):
+        self.rows = []
+
+    def on_step(self, step, metrics):
+        self.rows.append({"iteration": step, "reward": float(metrics["reward"]), "kl": float(metrics.get("kl", 0.0))})
+
+
+def run(cfg: GRPOTransferConfig, run_pipeline=None) -> dict:
+    models = os.path.join(cfg.out, "models", "seed{seed}") if cfg.quick and cfg.models == DEFAULT_MODELS \
+        else cfg.models
+    iterations = 4 if cfg.quick else cfg.iterations
+    os.makedirs(cfg.out, exist_ok=True)
+    save_config(cfg, os.path.join(cfg.out, "config.json"))
+    folder = ensure_seed(models, cfg.seed, ("sft",), quick=cfg.quick, run_pipeline=run_pipeline)
+    pcfg = _pipeline_config(folder)
+    mc, sft = load(folder, "sft")
+    sampling = SamplingConfig(max_new_tokens=pcfg.max_new_tokens, temperature=pcfg.temperature, eos_id=TOK.eos_id,
+                              pad_id=TOK.pad_id)
+    samples = 2 if cfg.quick else 4
+    dev, dev_tasks = _evaluator("dev", mc, sampling, samples)
+    rl_tasks = world.prompt_set(pcfg.ppo_batch * 64, pcfg.seed + 4, split="train")   # the main job's RL prompts
+    gold_fn = world_reward(rl_tasks, lambda t: TOK.decode(encode_prompt(TOK, world.messages_for(t))))
+    k_eval = jax.random.PRNGKey(7000 + cfg.seed)
+
+    def evaluate(params):
+        m, _ = dev(params, ref_params=sft, rng=k_eval)
+        return {"gold": m["gold_reward"], "skills": m["gold/skills"], "safety": m["gold/safety"],
+                "kl_to_sft": m["kl_to_ref"]}
+
+    result = {"seed": cfg.seed, "dev_prompts": len(dev_tasks), "dev_samples": samples, "iterations": iterations, "sft": evaluate(sft),
+              "variants": []}
+    variants = [("fresh", lr) for lr in cfg.learning_rates] + [("fixed", cfg.fixed_lr)]
+    P = pcfg.grpo_prompts
+    for prompts, lr in variants:
+        t = time.time()
+        grpo_cfg = GRPOConfig(num_steps=iterations, batch_size=P, num_generations=pcfg.grpo_generations,
+                              sampling=sampling, kl_coef=pcfg.grpo_kl_coef, num_iterations=2, num_minibatches=4,
+                              log_every=5 if not cfg.quick else 1,
+                              optim=OptimConfig(learning_rate=lr, warmup_steps=10, max_grad_norm=1.0))
+        data = Replayable(lambda fixed=prompts == "fixed": (_prompt_batch(
+            [rl_tasks[j % len(rl_tasks)] for j in range(0 if fixed else i * P, P if fixed else (i + 1) * P)])
+            for i in range(iterations)))
+        state = create_train_state(sft, grpo_cfg.optim, jax.random.fold_in(jax.random.PRNGKey(pcfg.seed), 8),
+                                   total_steps=iterations * grpo_cfg.updates_per_iteration)
+        hook = _Rewards()
+        state, _ = stages.run_grpo(state, data, grpo_cfg, model_config=mc, host_reward_fn=gold_fn, tokenizer=TOK,
+                                   ref_params=sft, hooks=hook)
+        row = {"prompts": prompts, "lr": lr, "batch_reward": hook.rows, "dev": evaluate(state.params),
+               "seconds": time.time() - t}
+        result["variants"].append(row)
+        first, last = hook.rows[0]["reward"], hook.rows[-1]["reward"]
+        print(f"[grpo_transfer] {prompts} prompts, lr {lr:g}: batch reward {first:.3f} -> {last:.3f}; dev gold "
+              f"{result['sft']['gold']:.3f} -> {row['dev']['gold']:.3f} ({row['seconds']:.0f} s)", file=sys.stderr,
+              flush=True)
+    with open(os.path.join(cfg.out, "grpo_transfer.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    text = _markdown(result)
+    with open(os.path.join(cfg.out, "grpo_transfer.md"), "w") as f:
+        f.write(text)
+    print(text)
+    return result
+
+
+def _markdown(r: dict) -> str:
+    s = r["sft"]
+    lines = [f"# GRPO against the gold reward: does it transfer to unseen keys? (seed {r['seed']}, dev split)", "",
+             f"{r['iterations']} iterations per variant; dev: {r['dev_prompts']} distinct prompts x {r['dev_samples']} answers. SFT on "
+             f"dev: gold {s['gold']:.3f} (skills {s['skills']:.3f}, safety {s['safety']:.3f}).", "",
+             "| prompts | lr | batch reward: first logged -> last (mean of the last 3) | dev gold | dev skills | "
+             "dev safety | KL to SFT |", "|---|---|---|---|---|---|---|"]
+    for v in r["variants"]:
+        rewards = [x["reward"] for x in v["batch_reward"]]
+        tail = sum(rewards[-3:]) / len(rewards[-3:])
+        d = v["dev"]
+        lines.append(f"| {v['prompts']} | {v['lr']:g} | {rewards[0]:.3f} -> {rewards[-1]:.3f} ({tail:.3f}) | "
+                     f"{d['gold']:.3f} ({d['gold'] - s['gold']:+.3f}) | {d['skills']:.3f} | {d['safety']:.3f} | "
+                     f"{d['kl_to_sft']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    cfg = parse_cli(GRPOTransferConfig, argv)
+    try:
+        run(cfg)
+    except ModelsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
