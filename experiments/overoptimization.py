@@ -1,7 +1,7 @@
 """Reward over-optimisation (Gao, Schulman and Hilton 2022): optimise a learned reward model hard enough and the
 gold reward rises, peaks and falls while the proxy keeps rising.
 
-    python -m experiments.overoptimization                    # seed 0 of runs/seeds (~20 minutes once trained)
+    python -m experiments.overoptimization                    # seed 0 of runs/seeds (~22 minutes once trained)
     python -m experiments.overoptimization --quick --out /tmp/oo   # smoke test (trains quick models)
 
 From the main job's SFT policy (`experiments.world_models`; a missing seed is trained first):
