@@ -97,8 +97,10 @@ class OveroptimizationConfig:
     def scaled(self) -> "OveroptimizationConfig":
         if not self.quick:
             return self
-        return dataclasses.replace(self, fractions=(0.5, 1.0), pool=8, prompts=8, grpo_kl_coefs=(0.0,),
-                                   ppo_kl_coefs=(0.0,), grpo_iterations=4, ppo_iterations=2, eval_every=2)
+        default = OveroptimizationConfig()
+        return dataclasses.replace(                  # RL runs asked for explicitly are kept
+            self, fractions=(0.5, 1.0), pool=8, prompts=8, grpo_iterations=4, ppo_iterations=2, eval_every=2,
+            grpo_kl_coefs=(0.0,) if self.grpo_kl_coefs == default.grpo_kl_coefs else self.grpo_kl_coefs)
 
 
 def bon_kl(n) -> np.ndarray:
