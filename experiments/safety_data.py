@@ -156,7 +156,11 @@ def run(cfg: SafetyDataConfig, run_pipeline=None) -> dict:
 
 
 def _ci(x: dict) -> str:
-    return f"{x['mean']:.3f}" + ("" if math.isnan(x["low"]) else f" [{x['low']:.3f}, {x['high']:.3f}]")
+    """Mean [t-interval], the interval clipped to [0, 1] (a rate's range; with two seeds t has 1 degree of freedom
+    and the interval is wide)."""
+    if math.isnan(x["low"]):
+        return f"{x['mean']:.3f}"
+    return f"{x['mean']:.3f} [{max(x['low'], 0.0):.3f}, {min(x['high'], 1.0):.3f}]"
 
 
 def _markdown(result: dict) -> str:
@@ -164,7 +168,7 @@ def _markdown(result: dict) -> str:
     lines = ["# Safety demonstrations in SFT: refusal and over-refusal", "",
              f"Test keys: {result['unsafe_prompts']} distinct harmful prompts, {result['benign_prompts']} benign "
              f"look-alikes, {result['samples_per_prompt']} answers each; seeds {', '.join(seeds)}. Mean over seeds "
-             "[95% t-interval]; per seed, Wilson 95% over distinct prompts.", "",
+             "[95% t-interval, clipped to [0, 1]]; per seed, Wilson 95% over distinct prompts.", "",
              "| arm | refusal demos | refusal on harmful | over-refusal on benign | per seed: refusal / over-refusal |",
              "|---|---|---|---|---|"]
     for arm, rows in result["across_seeds"].items():
