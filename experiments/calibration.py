@@ -31,9 +31,9 @@ import numpy as np
 
 from experiments.pipeline import TOK, _prompt_batch
 from experiments.seeds import t_interval
-from experiments.world_models import DEFAULT_MODELS, ModelsError, ensure_seed, load
+from experiments.world_models import DEFAULT_MODELS, ensure_seed, load, models_template, script_main
 from rlhf_jax import tasks as world
-from rlhf_jax.config_cli import check_ranges, config_check, parse_cli, save_config
+from rlhf_jax.config_cli import check_ranges, config_check, save_config
 from rlhf_jax.eval import _SAMPLE, expected_calibration_error, reliability_bins
 from rlhf_jax.generation import SamplingConfig
 from rlhf_jax.train.rl import decode_responses
@@ -115,9 +115,7 @@ def summarise(conf, ok, *, num_bins: int, bootstrap: int, seed: int) -> dict:
 
 
 def run(cfg: CalibrationConfig, run_pipeline=None) -> dict:
-    models = cfg.models
-    if cfg.quick and models == DEFAULT_MODELS:
-        models = os.path.join(cfg.out, "models", "seed{seed}")
+    models = models_template(cfg.models, cfg.out, cfg.quick)
     samples = 2 if cfg.quick else cfg.samples
     os.makedirs(cfg.out, exist_ok=True)
     save_config(cfg, os.path.join(cfg.out, "config.json"))
@@ -217,13 +215,7 @@ def _plot(summary: dict, out_png: str) -> str:
 
 
 def main(argv=None) -> int:
-    cfg = parse_cli(CalibrationConfig, argv)
-    try:
-        run(cfg)
-    except ModelsError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return script_main(CalibrationConfig, run, argv)
 
 
 if __name__ == "__main__":

@@ -24,9 +24,9 @@ import jax
 
 from experiments.overoptimization import _pipeline_config
 from experiments.pipeline import TOK, _evaluator, _prompt_batch
-from experiments.world_models import DEFAULT_MODELS, ModelsError, ensure_seed, load
+from experiments.world_models import DEFAULT_MODELS, ensure_seed, load, models_template, script_main
 from rlhf_jax import tasks as world
-from rlhf_jax.config_cli import check_ranges, config_check, parse_cli, save_config
+from rlhf_jax.config_cli import check_ranges, config_check, save_config
 from rlhf_jax.data.iterators import Replayable
 from rlhf_jax.generation import SamplingConfig
 from rlhf_jax.rewards import world_reward
@@ -72,8 +72,7 @@ class _Rewards(StageHooks):
 
 
 def run(cfg: GRPOTransferConfig, run_pipeline=None) -> dict:
-    models = os.path.join(cfg.out, "models", "seed{seed}") if cfg.quick and cfg.models == DEFAULT_MODELS \
-        else cfg.models
+    models = models_template(cfg.models, cfg.out, cfg.quick)
     iterations = 4 if cfg.quick else cfg.iterations
     os.makedirs(cfg.out, exist_ok=True)
     save_config(cfg, os.path.join(cfg.out, "config.json"))
@@ -145,13 +144,7 @@ def _markdown(r: dict) -> str:
 
 
 def main(argv=None) -> int:
-    cfg = parse_cli(GRPOTransferConfig, argv)
-    try:
-        run(cfg)
-    except ModelsError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return script_main(GRPOTransferConfig, run, argv)
 
 
 if __name__ == "__main__":

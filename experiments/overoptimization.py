@@ -34,9 +34,9 @@ import numpy as np
 
 from experiments import pipeline
 from experiments.pipeline import TOK, _optim, _prompt_batch
-from experiments.world_models import DEFAULT_MODELS, ModelsError, ensure_seed, load
+from experiments.world_models import DEFAULT_MODELS, ensure_seed, load, models_template, script_main
 from rlhf_jax import tasks as world
-from rlhf_jax.config_cli import check_ranges, config_check, parse_cli, save_config
+from rlhf_jax.config_cli import check_ranges, config_check, save_config
 from rlhf_jax.data.iterators import Replayable
 from rlhf_jax.eval import _RM_SCORES, _SAMPLE, PolicyEvaluator, best_of_n_expectation, pairwise_accuracy
 from rlhf_jax.generation import SamplingConfig
@@ -309,8 +309,7 @@ def rl_runs(cfg, pcfg, sft_params, mc, rm, key_sets, seed) -> dict:
 
 def run(cfg: OveroptimizationConfig, run_pipeline=None) -> dict:
     cfg = cfg.scaled()
-    models = os.path.join(cfg.out, "models", "seed{seed}") if cfg.quick and cfg.models == DEFAULT_MODELS \
-        else cfg.models
+    models = models_template(cfg.models, cfg.out, cfg.quick)
     os.makedirs(cfg.out, exist_ok=True)
     save_config(cfg, os.path.join(cfg.out, "config.json"))
     result = {"seeds": list(cfg.seeds), "per_seed": {}}
@@ -417,13 +416,7 @@ def _plots(result: dict, out: str) -> None:
 
 
 def main(argv=None) -> int:
-    cfg = parse_cli(OveroptimizationConfig, argv)
-    try:
-        run(cfg)
-    except ModelsError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return script_main(OveroptimizationConfig, run, argv)
 
 
 if __name__ == "__main__":

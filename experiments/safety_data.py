@@ -30,9 +30,9 @@ import numpy as np
 from experiments.overoptimization import _pipeline_config
 from experiments.pipeline import TOK, _optim, _prompt_batch
 from experiments.seeds import t_interval
-from experiments.world_models import DEFAULT_MODELS, ModelsError, ensure_seed, load
+from experiments.world_models import DEFAULT_MODELS, ensure_seed, load, models_template, script_main
 from rlhf_jax import tasks as world
-from rlhf_jax.config_cli import check_ranges, config_check, parse_cli, save_config
+from rlhf_jax.config_cli import check_ranges, config_check, save_config
 from rlhf_jax.data import Batches, SFTRecord, ShuffledIterator
 from rlhf_jax.eval import _SAMPLE
 from rlhf_jax.generation import SamplingConfig
@@ -107,8 +107,7 @@ def _sft(pcfg, base_params, mc, n_safety: int, n_benign: int):
 def run(cfg: SafetyDataConfig, run_pipeline=None) -> dict:
     counts = (0, 25, 100) if cfg.quick and cfg.counts == SafetyDataConfig().counts else cfg.counts
     samples = 2 if cfg.quick else cfg.samples
-    models = os.path.join(cfg.out, "models", "seed{seed}") if cfg.quick and cfg.models == DEFAULT_MODELS \
-        else cfg.models
+    models = models_template(cfg.models, cfg.out, cfg.quick)
     os.makedirs(cfg.out, exist_ok=True)
     save_config(cfg, os.path.join(cfg.out, "config.json"))
     unsafe = world.key_tasks("test", families=("unsafe",))
@@ -212,13 +211,7 @@ def _plot(result: dict, out_png: str) -> str:
 
 
 def main(argv=None) -> int:
-    cfg = parse_cli(SafetyDataConfig, argv)
-    try:
-        run(cfg)
-    except ModelsError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return script_main(SafetyDataConfig, run, argv)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,24 @@ class ModelsError(Exception):
     """A models folder that cannot serve the request (the message is one line for the user)."""
 
 
+def models_template(models: str, out: str, quick: bool) -> str:
+    """The run-folder template an experiment reads: `models`, except that --quick with the default reads and
+    trains quick models under OUT/models (never mixing them with the full ones in runs/seeds)."""
+    return os.path.join(out, "models", "seed{seed}") if quick and models == DEFAULT_MODELS else models
+
+
+def script_main(config_cls, run, argv=None) -> int:
+    """An experiment script's `main`: parse the options, run, and turn a ModelsError into one line and exit 2."""
+    from rlhf_jax.config_cli import parse_cli
+    cfg = parse_cli(config_cls, argv)
+    try:
+        run(cfg)
+    except ModelsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def seed_folder(template: str, seed: int) -> str:
     return template.format(seed=seed)
 
