@@ -22,9 +22,9 @@ import time
 
 import jax
 
-from experiments.overoptimization import _pipeline_config
 from experiments.pipeline import TOK, _evaluator, _prompt_batch
-from experiments.world_models import DEFAULT_MODELS, ensure_seed, load, models_template, script_main
+from experiments.world_models import (DEFAULT_MODELS, ensure_seed, load, models_template, pipeline_config,
+                                      script_main)
 from rlhf_jax import tasks as world
 from rlhf_jax.config_cli import check_ranges, config_check, save_config
 from rlhf_jax.data.iterators import Replayable
@@ -77,7 +77,7 @@ def run(cfg: GRPOTransferConfig, run_pipeline=None) -> dict:
     os.makedirs(cfg.out, exist_ok=True)
     save_config(cfg, os.path.join(cfg.out, "config.json"))
     folder = ensure_seed(models, cfg.seed, ("sft",), quick=cfg.quick, run_pipeline=run_pipeline)
-    pcfg = _pipeline_config(folder)
+    pcfg = pipeline_config(folder)
     mc, sft = load(folder, "sft")
     sampling = SamplingConfig(max_new_tokens=pcfg.max_new_tokens, temperature=pcfg.temperature, eos_id=TOK.eos_id,
                               pad_id=TOK.pad_id)

@@ -34,7 +34,8 @@ import numpy as np
 
 from experiments import pipeline
 from experiments.pipeline import TOK, _optim, _prompt_batch
-from experiments.world_models import DEFAULT_MODELS, ensure_seed, load, models_template, script_main
+from experiments.world_models import (DEFAULT_MODELS, ensure_seed, load, models_template, pipeline_config,
+                                      script_main)
 from rlhf_jax import tasks as world
 from rlhf_jax.config_cli import check_ranges, config_check, save_config
 from rlhf_jax.data.iterators import Replayable
@@ -120,15 +121,6 @@ def fit_gao(d, gain, form: str) -> dict:
     total = np.sum((gain - gain.mean()) ** 2)
     return {"alpha": float(alpha), "beta": float(beta),
             "r2": float(1.0 - np.sum(resid ** 2) / total) if total > 0 else float("nan")}
-
-
-def _pipeline_config(folder: str) -> pipeline.PipelineConfig:
-    """The PipelineConfig a run folder was made with (its config.json), scaled as that run was."""
-    with open(os.path.join(folder, "config.json")) as f:
-        made = json.load(f)
-    names = {f.name for f in dataclasses.fields(pipeline.PipelineConfig)}
-    return pipeline.PipelineConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in made.items()
-                                      if k in names}).scaled()
 
 
 def _key_set(name: str, n: int, seed: int) -> list:
@@ -316,7 +308,7 @@ def run(cfg: OveroptimizationConfig, run_pipeline=None) -> dict:
     for seed in cfg.seeds:
         t0 = time.time()
         folder = ensure_seed(models, seed, ("sft", "reward"), quick=cfg.quick, run_pipeline=run_pipeline)
-        pcfg = _pipeline_config(folder)
+        pcfg = pipeline_config(folder)
         mc, sft_params = load(folder, "sft")
         out_dir = os.path.join(cfg.out, f"seed{seed}")
         rms = _proxies(cfg, pcfg, folder, out_dir, sft_params, mc, seed)

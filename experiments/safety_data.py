@@ -27,10 +27,10 @@ from typing import Literal
 import jax
 import numpy as np
 
-from experiments.overoptimization import _pipeline_config
 from experiments.pipeline import TOK, _optim, _prompt_batch
 from experiments.seeds import t_interval
-from experiments.world_models import DEFAULT_MODELS, ensure_seed, load, models_template, script_main
+from experiments.world_models import (DEFAULT_MODELS, ensure_seed, load, models_template, pipeline_config,
+                                      script_main)
 from rlhf_jax import tasks as world
 from rlhf_jax.config_cli import check_ranges, config_check, save_config
 from rlhf_jax.data import Batches, SFTRecord, ShuffledIterator
@@ -116,7 +116,7 @@ def run(cfg: SafetyDataConfig, run_pipeline=None) -> dict:
               "benign_prompts": len(benign), "samples_per_prompt": samples, "per_seed": {}}
     for seed in cfg.seeds:
         folder = ensure_seed(models, seed, ("base",), quick=cfg.quick, run_pipeline=run_pipeline)
-        pcfg = _pipeline_config(folder)
+        pcfg = pipeline_config(folder)
         mc, base_params = load(folder, "base")
         sampling = SamplingConfig(max_new_tokens=pcfg.max_new_tokens, temperature=pcfg.temperature,
                                   eos_id=TOK.eos_id, pad_id=TOK.pad_id)

@@ -7,6 +7,7 @@ rest run), so the first experiment on a new seed pays for the pipeline once and 
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -76,3 +77,13 @@ def ensure_seed(template: str, seed: int, stages: tuple[str, ...], *, quick: boo
 def load(folder: str, stage: str):
     """(model_config, params) of a stage's final params."""
     return ckpt.load_params(final_params(folder, stage))
+
+
+def pipeline_config(folder: str):
+    """The PipelineConfig a run folder was made with (its config.json), scaled as that run was."""
+    with open(os.path.join(folder, "config.json")) as f:
+        made = json.load(f)
+    from experiments import pipeline
+    names = {f.name for f in dataclasses.fields(pipeline.PipelineConfig)}
+    return pipeline.PipelineConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in made.items()
+                                      if k in names}).scaled()
