@@ -270,24 +270,43 @@ def preference_data(cfg: PipelineConfig, sft_params, mc: ModelConfig, sampling: 
     """Temperature-1 SFT samples of `cfg.pref_prompts` train-key prompts, compared (K = 2) or ranked (K > 2) by the
     simulated annotators; off-policy pairs of edited reference answers and look-alike answer-vs-refusal pairs widen
     the comparisons (as HH-RLHF mixes sources). The first 10% of each prompt set is held out (`test_pairs`)."""
+    return label_preferences(cfg, *preference_samples(cfg, sft_params, mc, sampling, k_pref))
+
+
+def preference_samples(cfg: PipelineConfig, sft_params, mc: ModelConfig, sampling: SamplingConfig, k_pref
+                       ) -> tuple[list, list[list[str]]]:
+    """(the preference prompts' tasks, `cfg.pref_samples` lists of temperature-1 SFT answers to them): step 3's
+    sampling, which every annotator population of an experiment can label in turn (`label_preferences`)."""
     pref_tasks = world.prompt_set(cfg.pref_prompts, cfg.seed + 3, split="train")
     pref_batch = _prompt_batch(pref_tasks)
     pref_sampling = dataclasses.replace(sampling, temperature=1.0)
     samples = [sample_texts(sft_params, pref_batch["prompts"], pref_batch["prompt_mask"],
                             jax.random.fold_in(k_pref, i), model_config=mc, sampling=pref_sampling, tokenizer=TOK,
                             chunk=SAMPLE_CHUNK) for i in range(cfg.pref_samples)]
+    return pref_tasks, samples
+
+
+def label_preferences(cfg: PipelineConfig, pref_tasks: list, samples: list[list[str]], annotator=None,
+                      bonus: list[list[float]] | None = None) -> PreferenceData:
+    """Step 3's labelling of `preference_samples` by `annotator` (default `cfg.annotator`): on-policy pairs, the
+    off-policy edited-answer and look-alike pairs, and the held-out split. `bonus[k][i]` is added to the utility of
+    the k-th answer to prompt i (a judge's self-preference; on-policy pairs only). Every population gets the same
+    pairs of answers (and as many labels): only the choices differ."""
+    annotator = cfg.annotator if annotator is None else annotator
     label_rng = np.random.default_rng(cfg.seed)
     if cfg.pref_samples == 2:
-        on_policy = world.label_pairs(pref_tasks, samples[0], samples[1], cfg.annotator, label_rng)
+        on_policy = world.label_pairs(pref_tasks, samples[0], samples[1], annotator, label_rng,
+                                      bonus=None if bonus is None else list(zip(bonus[0], bonus[1])))
     else:
-        on_policy = world.label_rankings(pref_tasks, [list(r) for r in zip(*samples)], cfg.annotator, label_rng,
-                                         pairs=cfg.pref_pairs)
+        on_policy = world.label_rankings(pref_tasks, [list(r) for r in zip(*samples)], annotator, label_rng,
+                                         pairs=cfg.pref_pairs,
+                                         bonus=None if bonus is None else [list(b) for b in zip(*bonus)])
     off_tasks = world.prompt_set(cfg.synthetic_pairs, cfg.seed + 5, split="train")
-    off_pairs = world.synthetic_pairs(off_tasks, cfg.annotator, label_rng)
+    off_pairs = world.synthetic_pairs(off_tasks, annotator, label_rng)
     pairs, train_pairs, test_pairs = world.split_pairs(on_policy, off_pairs, len(pref_tasks), len(off_tasks),
                                                        label_rng)
     lookalikes = world.prompt_set(cfg.lookalike_pairs, cfg.seed + 6, split="train", mix={"benign": 1.0})
-    lookalike_pairs = world.synthetic_pairs(lookalikes, cfg.annotator, label_rng, kinds=("correct", "refusal"))
+    lookalike_pairs = world.synthetic_pairs(lookalikes, annotator, label_rng, kinds=("correct", "refusal"))
     pairs += lookalike_pairs
     train_pairs += [world.pair_record(p) for p in lookalike_pairs]
     return PreferenceData(pref_tasks, on_policy, pairs, train_pairs, test_pairs)

@@ -119,18 +119,21 @@ def utility(annotator: Annotator, task: Task, response: str, config: WorldConfig
 
 
 def preference_prob(annotator: Annotator, task: Task, response_a: str, response_b: str,
-                    config: WorldConfig = WorldConfig()) -> float:
-    """P(the annotator prefers a, shown first, over b) under Bradley-Terry with lapses."""
-    z = (utility(annotator, task, response_a, config) - utility(annotator, task, response_b, config)
-         + annotator.position_bias) / annotator.temperature
+                    config: WorldConfig = WorldConfig(), *, bonus_a: float = 0.0, bonus_b: float = 0.0) -> float:
+    """P(the annotator prefers a, shown first, over b) under Bradley-Terry with lapses. `bonus_a` / `bonus_b` are
+    added to the two utilities: what a text-only utility cannot know, e.g. an AI judge's own log-probability of the
+    answer (self-preference)."""
+    z = (utility(annotator, task, response_a, config) + bonus_a - utility(annotator, task, response_b, config)
+         - bonus_b + annotator.position_bias) / annotator.temperature
     p = 0.5 * (1.0 + np.tanh(0.5 * z))  # sigmoid, overflow-free
     return float(0.5 * annotator.flip_rate + (1.0 - annotator.flip_rate) * p)
 
 
 def label_pairs(tasks: list[Task], responses_a: list[str], responses_b: list[str], annotator: AnnotatorLike,
-                rng: np.random.Generator, *, drop_identical: bool = True,
+                rng: np.random.Generator, *, drop_identical: bool = True, bonus: list[tuple[float, float]] | None = None,
                 config: WorldConfig = WorldConfig()) -> list[dict[str, Any]]:
-    """Labels each (task, a, b) triple; a is the response shown first (position bias applies to it).
+    """Labels each (task, a, b) triple; a is the response shown first (position bias applies to it). `bonus[i]`:
+    (bonus_a, bonus_b) added to the utilities of pair i (see `preference_prob`).
 
     Returns dicts {"prompt", "chosen", "rejected", "annotator" (the member that labelled, for a Mixture),
     "p_chosen" (the probability of the choice that was made), "family", "gold_chosen", "gold_rejected",
@@ -145,7 +148,8 @@ def label_pairs(tasks: list[Task], responses_a: list[str], responses_b: list[str
         if drop_identical and a == b:
             continue
         member = _draw_member(ann, rng)
-        p = preference_prob(member, task, a, b, config)
+        bonus_a, bonus_b = (0.0, 0.0) if bonus is None else bonus[group]
+        p = preference_prob(member, task, a, b, config, bonus_a=bonus_a, bonus_b=bonus_b)
         a_wins = rng.random() < p
         chosen, rejected = (a, b) if a_wins else (b, a)
         pairs.append({"prompt": task.prompt, "chosen": chosen, "rejected": rejected, "annotator": member.name,
@@ -170,24 +174,27 @@ def synthetic_pairs(tasks: list[Task], annotator: AnnotatorLike, rng: np.random.
 
 
 def rank_responses(task: Task, responses: list[str], annotator: Annotator, rng: np.random.Generator, *,
-                   config: WorldConfig = WorldConfig()) -> list[int]:
+                   bonus: list[float] | None = None, config: WorldConfig = WorldConfig()) -> list[int]:
     """One annotator's ranking of K responses to one prompt, best first (indices into `responses`).
 
     Plackett-Luce with Gumbel noise, the ranking model whose pairwise marginals are exactly the Bradley-Terry
     choices of `preference_prob` (Luce 1959; InstructGPT's labellers rank K = 4..9 responses per prompt, Ouyang et
     al. 2022, Sec. 3.5): sort by u_i + position_bias * [i == 0] + temperature * Gumbel_i. With probability
-    `flip_rate` the annotator lapses and the ranking is a uniformly random permutation.
+    `flip_rate` the annotator lapses and the ranking is a uniformly random permutation. `bonus[i]` is added to
+    u_i (see `preference_prob`).
     """
     if rng.random() < annotator.flip_rate:
         return [int(i) for i in rng.permutation(len(responses))]
     u = np.asarray([utility(annotator, task, r, config) for r in responses], dtype=np.float64)
+    if bonus is not None:
+        u += np.asarray(bonus, dtype=np.float64)
     u[0] += annotator.position_bias
     noisy = u + annotator.temperature * rng.gumbel(size=len(responses))
     return [int(i) for i in np.argsort(-noisy, kind="stable")]
 
 
 def label_rankings(tasks: list[Task], responses: list[list[str]], annotator: AnnotatorLike,
-                   rng: np.random.Generator, *, pairs: str = "all",
+                   rng: np.random.Generator, *, pairs: str = "all", bonus: list[list[float]] | None = None,
                    config: WorldConfig = WorldConfig()) -> list[dict[str, Any]]:
     """Ranks the K responses of each task (`rank_responses`) and turns each ranking into preference pairs.
 
@@ -196,7 +203,8 @@ def label_rankings(tasks: list[Task], responses: list[list[str]], annotator: Ann
     per prompt (the choice for DPO-style training on the most decisive comparison). Duplicate responses are ranked
     once. Each dict has the fields of `label_pairs` plus "rank_chosen"/"rank_rejected" (0 = best) and "group"
     (the task's index, to keep a prompt's pairs on one side of a train/test split); "p_chosen" is the
-    Bradley-Terry probability of that pairwise choice.
+    Bradley-Terry probability of that pairwise choice. `bonus[t][k]` is added to the utility of
+    `responses[t][k]` (see `preference_prob`).
     """
     if len(tasks) != len(responses):
         raise ValueError(f"lengths differ: {len(tasks)} tasks, {len(responses)} response lists")
@@ -205,27 +213,33 @@ def label_rankings(tasks: list[Task], responses: list[list[str]], annotator: Ann
     ann = get_annotator(annotator)
     out = []
     for group, (task, cands) in enumerate(zip(tasks, responses)):
-        cands = list(dict.fromkeys(cands))  # distinct, first-shown order kept
+        first = {}
+        for k, c in enumerate(cands):
+            first.setdefault(c, k)                 # distinct, first-shown order kept
+        extra = None if bonus is None else [float(bonus[group][k]) for k in first.values()]
+        cands = list(first)
         if len(cands) < 2:
             continue
         member = _draw_member(ann, rng)
-        order = rank_responses(task, cands, member, rng, config=config)
+        order = rank_responses(task, cands, member, rng, bonus=extra, config=config)
         ranked = [(order[0], order[-1])] if pairs == "best-worst" else [
             (order[i], order[j]) for i in range(len(order)) for j in range(i + 1, len(order))]
         for i, j in ranked:
             chosen, rejected = cands[i], cands[j]
             out.append({"prompt": task.prompt, "chosen": chosen, "rejected": rejected, "annotator": member.name,
-                        "p_chosen": _pair_prob(member, task, cands, i, j, config),
+                        "p_chosen": _pair_prob(member, task, cands, i, j, config, extra),
                         "family": task.family, "gold_chosen": gold_reward(task, chosen, config),
                         "gold_rejected": gold_reward(task, rejected, config),
                         "rank_chosen": order.index(i), "rank_rejected": order.index(j), "group": group})
     return out
 
 
-def _pair_prob(annotator: Annotator, task: Task, cands: list[str], i: int, j: int, config: WorldConfig) -> float:
+def _pair_prob(annotator: Annotator, task: Task, cands: list[str], i: int, j: int, config: WorldConfig,
+               bonus: list[float] | None = None) -> float:
     """P(cands[i] beats cands[j]) under Bradley-Terry; the position bias counts only for cands[0], shown first."""
+    b = [0.0] * len(cands) if bonus is None else bonus
     if j == 0:
-        return 1.0 - preference_prob(annotator, task, cands[j], cands[i], config)
+        return 1.0 - preference_prob(annotator, task, cands[j], cands[i], config, bonus_a=b[j], bonus_b=b[i])
     if i != 0:
         annotator = dataclasses.replace(annotator, position_bias=0.0)
-    return preference_prob(annotator, task, cands[i], cands[j], config)
+    return preference_prob(annotator, task, cands[i], cands[j], config, bonus_a=b[i], bonus_b=b[j])

@@ -1,0 +1,249 @@
+"""Annotator populations and AI feedback: whose labels a reward model and DPO learn from, and what it does to them.
+
+    python -m experiments.annotators                          # seed 0 of runs/seeds (~20 minutes once trained)
+    python -m experiments.annotators --quick --out /tmp/ann   # smoke test (trains quick models)
+
+From the main job's SFT policy (`experiments.world_models`; a missing seed is trained first), every population of
+`populations` labels the same SFT answers (the main job's step 3: equal label counts by construction):
+"careful", "length-loving", "format-loving", "noisy", "mixture" (rlhf_jax.tasks.ANNOTATORS), the RLAIF judge
+"ai-judge" (Bai et al. 2022; Lee et al. 2023: verbosity, a pet phrase, a position bias) and "ai-judge-self", the
+same judge whose utility also counts the policy's own mean per-token log-probability of the answer, times
+`self_weight` (self-preference: Panickssery et al. 2024, "LLM Evaluators Recognize and Favor Their Own
+Generations"; the judge and the policy being the same model, as when a model labels its own samples).
+
+For each: its labels (agreement with the gold reward, how often the longer / better-formatted / more likely
+answer wins, the position bias with answers swapped), a reward model on them (the main job's step 4; agreement
+with gold on dev-key pairs, prompts no training saw) and DPO on them (the main job's step 6): gold reward (skills and
+safety), length, format, pet phrase and refusals on every distinct test-key prompt.
+
+Writes annotators.json, annotators.md and annotators.png to --out.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+
+import jax
+import numpy as np
+
+from experiments import populations as pop
+from experiments.pipeline import TOK, _prompt_batch
+from experiments.world_models import DEFAULT_MODELS, ensure_seed, load, models_template, pipeline_config, script_main
+from rlhf_jax import tasks as world
+from rlhf_jax.config_cli import check_ranges, config_check, save_config
+from rlhf_jax.tasks.annotators import ANNOTATORS, format_bias, get_annotator, preference_prob
+from rlhf_jax.train.rl import Episodes, episode_logprobs
+
+SELF = "ai-judge-self"
+"""The self-preferring judge: "ai-judge" plus `self_weight` x the policy's mean log-probability of the answer."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class AnnotatorsConfig:
+    """Labels, reward models and DPO policies of each annotator population (see the module docstring)."""
+
+    seeds: tuple[int, ...] = (0,)
+    """Seeds of the main job (each: its SFT policy and its preference prompts)."""
+    models: str = DEFAULT_MODELS
+    """Run folder of each seed's main job ({seed} is replaced); with --quick the default is OUT/models/seed{seed}."""
+    out: str = "runs/annotators"
+    """Output folder."""
+    quick: bool = False
+    """Quick models and few prompts: a smoke test, not a measurement."""
+    populations: tuple[str, ...] = ("careful", "length-loving", "format-loving", "noisy", "mixture", "ai-judge", SELF)
+    """Labelling populations: names of rlhf_jax.tasks.ANNOTATORS, and "ai-judge-self"."""
+    self_weight: float = 0.1
+    """Weight of the policy's mean per-token log-probability of an answer in the self-preferring judge's utility
+    (the gold reward has weight 0.8 and the choice temperature is 0.1, so 0.1 nat per token moves a choice about as
+    much as the judge's own noise). Set before any run, not tuned."""
+    eval_samples: int = 4
+    """Answers per distinct test-key prompt (temperature 0.7, answers up to the main job's 28 bytes)."""
+    eval_prompts: int | None = None
+    """Evaluate on the first N distinct test-key prompts of a fixed shuffle (None: all 241)."""
+
+    def __post_init__(self):
+        check_ranges(self, positive=("eval_samples", "eval_prompts"), non_negative=("self_weight",))
+        config_check(self, len(self.seeds) > 0 and len(set(self.seeds)) == len(self.seeds) and min(self.seeds) >= 0,
+                     f"seeds = {self.seeds} must be distinct non-negative integers")
+        config_check(self, len(self.populations) > 0 and all(p in ANNOTATORS or p == SELF for p in self.populations),
+                     f"populations = {self.populations} must name annotators of {sorted(ANNOTATORS)} or {SELF!r}")
+
+    def scaled(self) -> "AnnotatorsConfig":
+        if not self.quick:
+            return self
+        return dataclasses.replace(self, populations=("careful", SELF), eval_samples=1, eval_prompts=24)
+
+
+def mean_logprobs(params, mc, tasks, texts: list[str], width: int, chunk: int = 256) -> np.ndarray:
+    """The policy's mean log-probability per token (EOS included) of each answer to its task's prompt, at
+    temperature 1; answers longer than `width - 1` bytes are cut to fit."""
+    out = []
+    for i in range(0, len(tasks), chunk):
+        n = min(chunk, len(tasks) - i)
+        rows = list(range(i, i + n)) + [i + n - 1] * (chunk - n)      # one shape: one compiled program
+        batch = _prompt_batch([tasks[r] for r in rows])
+        resp = np.full((chunk, width), TOK.pad_id, np.int32)
+        rmask = np.zeros((chunk, width), np.int32)
+        for j, r in enumerate(rows):
+            ids = TOK.encode(texts[r])[:width - 1] + [TOK.eos_id]
+            resp[j, :len(ids)], rmask[j, :len(ids)] = ids, 1
+        ep = Episodes(tokens=np.concatenate([np.asarray(batch["prompts"]), resp], axis=1),
+                      mask=np.concatenate([np.asarray(batch["prompt_mask"]), rmask], axis=1),
+                      response_mask=rmask, sampler_logprobs=np.zeros((chunk, width), np.float32))
+        lp = np.asarray(_LOGPS(params, ep, mc), np.float64)
+        out.append((lp.sum(axis=1) / rmask.sum(axis=1))[:n])
+    return np.concatenate(out)
+
+
+_LOGPS = jax.jit(lambda params, ep, mc: episode_logprobs(params, ep, model_config=mc), static_argnums=2)
+
+
+def position_bias(annotator, tasks, a: list[str], b: list[str]) -> dict:
+    """Answers shown in both orders: the mean probability that the answer shown first wins (0.5: no position
+    bias) and the share of pairs whose more probable winner changes with the order."""
+    ann = get_annotator(annotator)
+    members = ann.members if hasattr(ann, "members") else ((ann, 1.0),)
+    first, flips, total = 0.0, 0.0, 0.0
+    for member, weight in members:
+        for task, x, y in zip(tasks, a, b):
+            if x == y:
+                continue
+            p_xy = preference_prob(member, task, x, y)      # x shown first wins
+            p_yx = preference_prob(member, task, y, x)      # y shown first wins
+            first += weight * 0.5 * (p_xy + p_yx)
+            flips += weight * float((p_xy > 0.5) != (p_yx < 0.5))
+            total += weight
+    return {"first_shown_wins": first / total, "order_flips": flips / total}
+
+
+def _label_stats(pairs: list[dict], likelihood: dict[str, float]) -> dict:
+    """Of the on-policy pairs: gold agreement, and how often the longer / better-formatted / more likely (under
+    SFT) answer wins where they differ."""
+    def rate(key):
+        decisive = [p for p in pairs if key(p["chosen"]) != key(p["rejected"])]
+        return float(np.mean([key(p["chosen"]) > key(p["rejected"]) for p in decisive])) if decisive else float("nan")
+    return {"gold_agreement": world.gold_agreement(pairs), "longer_wins": rate(pop.text_length),
+            "better_format_wins": rate(format_bias), "more_likely_wins": rate(lambda t: likelihood.get(t, 0.0)),
+            "pairs": len(pairs)}
+
+
+def run(cfg: AnnotatorsConfig, run_pipeline=None) -> dict:
+    cfg = cfg.scaled()
+    models = models_template(cfg.models, cfg.out, cfg.quick)
+    os.makedirs(cfg.out, exist_ok=True)
+    save_config(cfg, os.path.join(cfg.out, "config.json"))
+    result = {"seeds": list(cfg.seeds), "populations": list(cfg.populations), "self_weight": cfg.self_weight,
+              "per_seed": {}}
+    for seed in cfg.seeds:
+        t0 = time.time()
+        folder = ensure_seed(models, seed, ("sft", "reward", "dpo"), quick=cfg.quick, run_pipeline=run_pipeline)
+        pcfg = pipeline_config(folder)
+        mc, sft_params = load(folder, "sft")
+        tasks, samples = pop.sft_samples(pcfg, sft_params, mc, folder)
+        dev_sets = pop.dev_pair_sets(*pop.dev_answers(pcfg, sft_params, mc, folder))
+        evaluator = pop.test_evaluator(mc, pcfg.max_new_tokens, cfg.eval_samples, prompts=cfg.eval_prompts)
+        t = time.time()
+        self_lp = [mean_logprobs(sft_params, mc, tasks, s, pcfg.max_new_tokens + 1) for s in samples]
+        likelihood = {text: float(lp) for s, lps in zip(samples, self_lp) for text, lp in zip(s, lps)}
+        print(f"[annotators] seed {seed}: SFT log-probabilities of {len(likelihood)} distinct answers in "
+              f"{time.time() - t:.0f} s", file=sys.stderr, flush=True)
+        rng = jax.random.PRNGKey(7000 + seed)
+        sft_metrics, _ = evaluator(sft_params, ref_params=sft_params, rng=rng)
+        per_pop = {"sft": {"policy": sft_metrics}}
+        for name in cfg.populations:
+            t = time.time()
+            judge, bonus = (("ai-judge", [list(cfg.self_weight * lp) for lp in self_lp]) if name == SELF
+                            else (name, None))
+            prefs = pop.population_data(pcfg, tasks, samples, get_annotator(judge), bonus=bonus)
+            rm = pop.reward_model(pcfg, sft_params, mc, prefs, folder, name)
+            dpo = pop.dpo_policy(pcfg, sft_params, mc, prefs, folder, name)
+            metrics, _ = evaluator(dpo, ref_params=sft_params, reward_params=rm, rng=rng)
+            per_pop[name] = {"labels": _label_stats(prefs.on_policy, likelihood),
+                             "position": position_bias(judge, tasks, samples[0], samples[1]),
+                             "train_pairs": len(prefs.train_pairs),
+                             "reward_model": pop.reward_model_report(rm, mc, pcfg, prefs, dev_sets),
+                             "policy": metrics, "seconds": time.time() - t}
+            print(f"[annotators] seed {seed} {name}: labels agree with gold "
+                  f"{per_pop[name]['labels']['gold_agreement']:.3f}; RM agrees with gold on dev "
+                  f"{per_pop[name]['reward_model']['gold_agreement_dev']:.3f}; DPO gold {metrics['gold_reward']:.3f}"
+                  f", length {metrics['mean_length']:.1f} ({time.time() - t:.0f} s)", file=sys.stderr, flush=True)
+        result["per_seed"][str(seed)] = {"populations": per_pop, "seconds": time.time() - t0}
+    with open(os.path.join(cfg.out, "annotators.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    text = _markdown(result)
+    with open(os.path.join(cfg.out, "annotators.md"), "w") as f:
+        f.write(text)
+    _plot(result, cfg.out)
+    print(text)
+    return result
+
+
+def _markdown(result: dict) -> str:
+    lines = ["# Annotator populations and AI feedback", ""]
+    for seed, r in result["per_seed"].items():
+        pops = {k: v for k, v in r["populations"].items() if k != "sft"}
+        lines += [f"## Seed {seed} ({r['seconds']:.0f} s)", "",
+                  "Labels of the same SFT answers (on-policy pairs of the main job's preference prompts; every "
+                  "population labels the same pairs). Position bias: answers shown in both orders.", "",
+                  "| population | train pairs | labels agree with gold | longer wins | better format wins | "
+                  "more likely (SFT) wins | first shown wins | order flips the choice |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for name, e in pops.items():
+            lab, pos = e["labels"], e["position"]
+            lines.append(f"| {name} | {e['train_pairs']} | {lab['gold_agreement']:.3f} | {lab['longer_wins']:.3f} | "
+                         f"{lab['better_format_wins']:.3f} | {lab['more_likely_wins']:.3f} | "
+                         f"{pos['first_shown_wins']:.3f} | {pos['order_flips']:.3f} |")
+        lines += ["", "Reward model on each population's labels (dev-key pairs: prompts no training saw) and DPO on "
+                  "them, evaluated on every distinct test-key prompt (gold weighted as the main job's table).", "",
+                  "| population | RM on own held-out labels | RM agrees with gold (dev) | RM prefers longer at equal "
+                  "gold (dev) | DPO gold | gold skills | gold safety | length | format | pet phrase | refusal | "
+                  "over-refusal | KL to SFT |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for name, e in r["populations"].items():
+            m = e["policy"]
+            rm = e.get("reward_model")
+            rm_cols = (f"{rm['own_labels_accuracy']:.3f} | {rm['gold_agreement_dev']:.3f} | "
+                       f"{rm['prefers_longer_equal_gold_dev']:.3f}") if rm else "- | - | -"
+            lines.append(f"| {name if name != 'sft' else 'SFT (no preference step)'} | {rm_cols} | "
+                         f"{m['gold_reward']:.3f} | {m['gold/skills']:.3f} | {m['gold/safety']:.3f} | "
+                         f"{m['mean_length']:.1f} | {m['format_rate']:.2f} | {m['phrase_rate']:.3f} | "
+                         f"{m['refusal_rate']:.2f} | {m['over_refusal_rate']:.2f} | {m['kl_to_ref']:.2f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _plot(result: dict, out: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    for seed, r in result["per_seed"].items():
+        suffix = "" if len(result["per_seed"]) == 1 else f"_seed{seed}"
+        names = list(r["populations"])
+        panels = (("gold_reward", "DPO gold reward (test keys)"), ("mean_length", "length (bytes)"),
+                  ("format_rate", "format score"), ("over_refusal_rate", "over-refusal"))
+        fig, axes = plt.subplots(1, len(panels) + 1, figsize=(3.2 * (len(panels) + 1), 3.6))
+        x = np.arange(len(names))
+        for ax, (key, title) in zip(axes, panels):
+            ax.bar(x, [r["populations"][n]["policy"][key] for n in names], color="tab:blue")
+            ax.set_title(title, fontsize=9)
+        axes[-1].bar(x[1:], [r["populations"][n]["reward_model"]["gold_agreement_dev"] for n in names[1:]],
+                     color="tab:orange")
+        axes[-1].set_title("RM agrees with gold (dev pairs)", fontsize=9)
+        axes[-1].set_ylim(0.4, 1.0)
+        for ax in axes:
+            ax.set_xticks(x, [n.replace("-", "-\n") for n in names], fontsize=7, rotation=90)
+            ax.grid(alpha=0.3, axis="y")
+        fig.suptitle(f"Annotator populations, seed {seed}: same answers, different labellers", fontsize=10)
+        fig.tight_layout()
+        fig.savefig(os.path.join(out, f"annotators{suffix}.png"), dpi=100)
+        plt.close(fig)
+
+
+def main(argv=None) -> int:
+    return script_main(AnnotatorsConfig, run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""The labelling populations' measures (experiments.populations, experiments.annotators): utility bonuses in the
+Bradley-Terry and Plackett-Luce labellers, the judge's position bias, the self-preference log-probabilities, and the
+length measures. The scripts themselves run end to end in tests/_pipeline_e2e.py."""
+import dataclasses
+import math
+
+import jax
+import numpy as np
+import pytest
+
+from experiments import annotators, length_bias, populations
+from experiments.pipeline import TOK
+from rlhf_jax import tasks as world
+from rlhf_jax.data import PreferenceRecord
+from rlhf_jax.models import ModelConfig, forward, init_params
+from rlhf_jax.tasks.annotators import ANNOTATORS, preference_prob, utility
+from rlhf_jax.tokenizer import encode_prompt
+
+
+def _tasks(n, seed=0):
+    return world.prompt_set(n, seed, split="train")
+
+
+def test_preference_prob_bonus_is_added_to_the_utilities():
+    task = _tasks(1)[0]
+    judge = ANNOTATORS["ai-judge"]
+    a, b = task.answer, task.answer + " and more words"
+    for ba, bb in ((0.0, 0.0), (0.3, -0.1), (-2.0, 1.0)):
+        z = (utility(judge, task, a) + ba - utility(judge, task, b) - bb + judge.position_bias) / judge.temperature
+        expected = 0.5 * judge.flip_rate + (1 - judge.flip_rate) / (1 + math.exp(-z))
+        assert preference_prob(judge, task, a, b, bonus_a=ba, bonus_b=bb) == pytest.approx(expected, rel=1e-12)
+
+
+def test_label_bonuses_none_equals_zero_and_a_large_bonus_decides():
+    tasks = _tasks(40)
+    rng = np.random.default_rng(0)
+    answers = [[t.answer, t.answer + "!", "no idea", world.REFUSAL] for t in tasks]
+    plain = world.label_rankings(tasks, answers, "careful", np.random.default_rng(1), pairs="best-worst")
+    zero = world.label_rankings(tasks, answers, "careful", np.random.default_rng(1), pairs="best-worst",
+                                bonus=[[0.0] * 4 for _ in tasks])
+    assert plain == zero
+    favourite = rng.integers(0, 4, size=len(tasks))
+    bonus = [[100.0 * (k == f) for k in range(4)] for f in favourite]
+    forced = world.label_rankings(tasks, answers, "careful", np.random.default_rng(1), pairs="best-worst", bonus=bonus)
+    assert [p["chosen"] for p in forced] == [answers[i][f] for i, f in enumerate(favourite)]
+    assert all(p["p_chosen"] > 0.99 for p in forced)
+    pairs = world.label_pairs(tasks, [a[0] for a in answers], [a[2] for a in answers], "careful",
+                              np.random.default_rng(2), bonus=[(0.0, 100.0)] * len(tasks))
+    assert [p["chosen"] for p in pairs] == [a[2] for a in answers]        # the bonus beats the gold reward
+
+
+def test_ranking_bonus_follows_first_occurrence_of_duplicates():
+    task = _tasks(1)[0]
+    answers = [["x", "x", task.answer]]
+    # the duplicate "x" is ranked once, with the bonus of its first occurrence (index 0)
+    out = world.label_rankings([task], answers, "careful", np.random.default_rng(0), pairs="all",
+                               bonus=[[100.0, -100.0, 0.0]])
+    assert [(p["chosen"], p["rejected"]) for p in out] == [("x", task.answer)]
+
+
+def test_position_bias_both_orders():
+    tasks = _tasks(30)
+    a = [t.answer for t in tasks]
+    b = [t.answer + " indeed" for t in tasks]
+    careful = annotators.position_bias("careful", tasks, a, b)
+    assert careful == {"first_shown_wins": pytest.approx(0.5, abs=1e-12), "order_flips": 0.0}
+    biased = dataclasses.replace(ANNOTATORS["careful"], w_len=0.0, w_fmt=0.0, position_bias=0.05)
+    tie = annotators.position_bias(biased, tasks[:1], a[:1], [a[0] + " "])  # equal utility: only the order counts
+    assert tie["first_shown_wins"] == pytest.approx(1 / (1 + math.exp(-0.05 / 0.1)), rel=1e-12)
+    assert tie["order_flips"] == 1.0
+    assert annotators.position_bias(biased, tasks, a, b)["first_shown_wins"] > 0.5
+
+
+def test_mean_logprobs_matches_an_unpadded_forward():
+    mc = ModelConfig(vocab_size=TOK.vocab_size, d_model=32, num_layers=2, num_heads=4, mlp_dim=64, max_seq_len=128)
+    params = init_params(mc, jax.random.PRNGKey(0))
+    tasks = _tasks(5, seed=3)
+    texts = [t.answer for t in tasks[:4]] + ["a much longer answer than the budget allows, cut"]
+    width = 12
+    got = annotators.mean_logprobs(params, mc, tasks, texts, width, chunk=4)   # two chunks, the last one padded
+    for task, text, g in zip(tasks, texts, got):
+        prompt = encode_prompt(TOK, world.messages_for(task))
+        answer = TOK.encode(text)[:width - 1] + [TOK.eos_id]
+        ids = np.asarray([prompt + answer])
+        logits = np.asarray(forward(params, ids, config=mc), np.float64)[0]
+        logz = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+        lp = [logits[len(prompt) - 1 + i, tok] - logz[len(prompt) - 1 + i] for i, tok in enumerate(answer)]
+        assert g == pytest.approx(np.mean(lp), abs=2e-5)
+
+
+def _record(chosen, rejected):
+    return PreferenceRecord(prompt=({"role": "user", "content": "q"},), chosen=chosen, rejected=rejected)
+
+
+def test_length_only_accuracy_and_prefers_longer():
+    records = [_record("long answer", "short"), _record("a", "abc"), _record("same", "SAME")]
+    assert populations.length_only_accuracy(records) == pytest.approx((1 + 0 + 0.5) / 3)
+    pairs = [{"chosen": "long answer", "rejected": "short", "gold_chosen": 1.0, "gold_rejected": 1.0},
+             {"chosen": "a", "rejected": "abc", "gold_chosen": 1.0, "gold_rejected": 0.0},
+             {"chosen": "xx", "rejected": "yy", "gold_chosen": 0.0, "gold_rejected": 0.0}]
+    assert populations.prefers_longer(pairs) == {"rate": 0.5, "pairs": 2, "rate_equal_gold": 1.0,
+                                                 "pairs_equal_gold": 1}
+
+
+def test_dev_pair_sets_orientation():
+    tasks = _tasks(20, seed=5)
+    answers = [[t.answer for t in tasks], [t.answer + " " + t.answer for t in tasks],
+               ["wrong" for _ in tasks], [t.answer for t in tasks]]
+    sets = populations.dev_pair_sets(tasks, answers)
+    by_prompt = {t.prompt: t for t in tasks}
+    assert sets["gold"] and sets["longer_equal_gold"] is not None
+    for r in sets["gold"]:
+        task = by_prompt[r.prompt[0]["content"]]
+        assert world.gold_reward(task, r.chosen) > world.gold_reward(task, r.rejected)
+    for r in sets["longer_equal_gold"]:
+        task = by_prompt[r.prompt[0]["content"]]
+        assert world.gold_reward(task, r.chosen) == world.gold_reward(task, r.rejected)
+        assert populations.text_length(r.chosen) > populations.text_length(r.rejected)
+
+
+def test_configs_reject_bad_values_in_one_line():
+    with pytest.raises(ValueError, match="populations"):
+        annotators.AnnotatorsConfig(populations=("careful", "nobody"))
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        length_bias.LengthBiasConfig(max_new_tokens=80)
+    with pytest.raises(ValueError, match="self_weight"):
+        annotators.AnnotatorsConfig(self_weight=-1.0)
