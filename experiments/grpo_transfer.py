@@ -22,15 +22,13 @@ import time
 
 import jax
 
+from experiments import pipeline
 from experiments.pipeline import TOK, _evaluator, _prompt_batch
 from experiments.world_models import (DEFAULT_MODELS, ensure_seed, load, models_template, pipeline_config,
                                       script_main)
-from rlhf_jax import tasks as world
 from rlhf_jax.config_cli import check_ranges, config_check, save_config
 from rlhf_jax.data.iterators import Replayable
 from rlhf_jax.generation import SamplingConfig
-from rlhf_jax.rewards import world_reward
-from rlhf_jax.tokenizer import encode_prompt
 from rlhf_jax.train import stages
 from rlhf_jax.train.grpo import GRPOConfig
 from rlhf_jax.train.logging import StageHooks
@@ -83,8 +81,8 @@ def run(cfg: GRPOTransferConfig, run_pipeline=None) -> dict:
                               pad_id=TOK.pad_id)
     samples = 2 if cfg.quick else 4
     dev, dev_tasks = _evaluator("dev", mc, sampling, samples)
-    rl_tasks = world.prompt_set(pcfg.ppo_batch * 64, pcfg.seed + 4, split="train")   # the main job's RL prompts
-    gold_fn = world_reward(rl_tasks, lambda t: TOK.decode(encode_prompt(TOK, world.messages_for(t))))
+    rl_tasks = pipeline.rl_prompts(pcfg)                         # the main job's RL prompts
+    gold_fn = pipeline.gold_verifier(rl_tasks)
     k_eval = jax.random.PRNGKey(7000 + cfg.seed)
 
     def evaluate(params):

@@ -22,7 +22,6 @@ Writes length_bias.json, length_bias.md and length_bias.png to --out.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import os
 import sys
@@ -31,18 +30,18 @@ import time
 import jax
 import numpy as np
 
+from experiments import pipeline
 from experiments import populations as pop
 from experiments.overoptimization import _Curve
-from experiments.pipeline import TOK, _prompt_batch
+from experiments.pipeline import TOK
 from experiments.world_models import DEFAULT_MODELS, ensure_seed, load, models_template, pipeline_config, script_main
 from rlhf_jax import tasks as world
 from rlhf_jax.config_cli import check_ranges, config_check, save_config
-from rlhf_jax.data.iterators import Replayable
 from rlhf_jax.generation import SamplingConfig
 from rlhf_jax.tasks.annotators import ANNOTATORS
 from rlhf_jax.train import stages
 from rlhf_jax.train.optim import OptimConfig
-from rlhf_jax.train.ppo import PPOConfig, init_ppo_state
+from rlhf_jax.train.ppo import init_ppo_state
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -95,26 +94,6 @@ class LengthBiasConfig:
                                    eval_prompts=24)
 
 
-def _ppo(cfg, pcfg, sft_params, mc, rm, evaluator, seed) -> list[dict]:
-    sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=pcfg.temperature, eos_id=TOK.eos_id,
-                              pad_id=TOK.pad_id)
-    ppo_cfg = PPOConfig(num_steps=cfg.ppo_iterations, batch_size=pcfg.ppo_batch, sampling=sampling,
-                        kl_coef=cfg.ppo_kl_coef, missing_eos_penalty=1.0, ptx_coef=0.0, log_every=5,
-                        optim=OptimConfig(learning_rate=cfg.ppo_lr, eps=1e-5, max_grad_norm=1.0),
-                        value_optim=OptimConfig(learning_rate=1e-4, eps=1e-5, max_grad_norm=1.0))
-    rl_tasks = world.prompt_set(pcfg.ppo_batch * 64, pcfg.seed + 4, split="train")   # the main job's RL prompts
-    P = pcfg.ppo_batch
-    data = Replayable(lambda: (_prompt_batch([rl_tasks[j % len(rl_tasks)] for j in range(i * P, (i + 1) * P)])
-                               for i in range(cfg.ppo_iterations)))
-    curve = _StyleCurve({"test": evaluator}, cfg.eval_every, lambda s: s.policy.params, ref_params=sft_params,
-                   reward_params=rm, rng=jax.random.PRNGKey(6000 + seed))
-    curve.record(0, sft_params)
-    state = init_ppo_state(sft_params, ppo_cfg, model_config=mc, rng=jax.random.PRNGKey(4000 + seed),
-                           reward_params=rm)
-    stages.run_ppo(state, data, ppo_cfg, model_config=mc, ref_params=sft_params, reward_params=rm, hooks=curve)
-    return curve.points
-
-
 class _StyleCurve(_Curve):
     """`_Curve` plus the style metrics (format, pet phrase) and the skills/safety gold of each evaluation."""
 
@@ -128,6 +107,22 @@ class _StyleCurve(_Curve):
                            "phrase": m["phrase_rate"], "gold_skills": m["gold/skills"],
                            "gold_safety": m["gold/safety"]}
         self.points.append(point)
+
+
+def _ppo(cfg, pcfg, sft_params, mc, rm, evaluator, seed) -> list[dict]:
+    sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=pcfg.temperature, eos_id=TOK.eos_id,
+                              pad_id=TOK.pad_id)
+    ppo_cfg = dataclasses.replace(pipeline.ppo_config(pcfg, sampling), num_steps=cfg.ppo_iterations,
+                                  kl_coef=cfg.ppo_kl_coef, ptx_coef=0.0, log_every=5,
+                                  optim=OptimConfig(learning_rate=cfg.ppo_lr, eps=1e-5, max_grad_norm=1.0))
+    data = pipeline.rl_prompt_batches(pcfg, pcfg.ppo_batch, cfg.ppo_iterations)   # the main job's RL prompts
+    curve = _StyleCurve({"test": evaluator}, cfg.eval_every, lambda s: s.policy.params, ref_params=sft_params,
+                        reward_params=rm, rng=jax.random.PRNGKey(6000 + seed))
+    curve.record(0, sft_params)
+    state = init_ppo_state(sft_params, ppo_cfg, model_config=mc, rng=jax.random.PRNGKey(4000 + seed),
+                           reward_params=rm)
+    stages.run_ppo(state, data, ppo_cfg, model_config=mc, ref_params=sft_params, reward_params=rm, hooks=curve)
+    return curve.points
 
 
 def run(cfg: LengthBiasConfig, run_pipeline=None) -> dict:

@@ -255,7 +255,7 @@ def rl_runs(cfg, pcfg, sft_params, mc, rm, key_sets, seed) -> dict:
                                            metrics_fn=lambda idx, texts, tasks=tasks: world.compute_metrics(
                                                [tasks[i] for i in idx], texts),
                                            weights=world.family_weights(tasks, world.DEFAULT_MIX))
-    rl_tasks = world.prompt_set(pcfg.ppo_batch * 64, pcfg.seed + 4, split="train")   # the main job's RL prompts
+    rl_tasks = pipeline.rl_prompts(pcfg)                         # the main job's RL prompts
     kwargs = dict(ref_params=sft_params, reward_params=rm, rng=jax.random.PRNGKey(2000 + seed))
     out = {}
     runs = [("grpo", c) for c in cfg.grpo_kl_coefs] + [("ppo", c) for c in cfg.ppo_kl_coefs]

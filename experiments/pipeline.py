@@ -318,6 +318,54 @@ def preference_batches(cfg: PipelineConfig, records, seed, epochs=None):
                    batch_size=cfg.batch_size, buckets=(cfg.seq_len,))
 
 
+def ppo_config(cfg: PipelineConfig, sampling: SamplingConfig) -> PPOConfig:
+    """Step 5's PPO settings."""
+    return PPOConfig(num_steps=cfg.ppo_iterations, batch_size=cfg.ppo_batch, sampling=sampling,
+                     kl_coef=cfg.ppo_kl_coef, missing_eos_penalty=1.0, ptx_coef=cfg.ppo_ptx_coef,
+                     optim=OptimConfig(learning_rate=cfg.ppo_lr, eps=1e-5, max_grad_norm=1.0),
+                     value_optim=OptimConfig(learning_rate=1e-4, eps=1e-5, max_grad_norm=1.0))
+
+
+def grpo_config(cfg: PipelineConfig, sampling: SamplingConfig) -> GRPOConfig:
+    """Step 7's GRPO settings."""
+    return GRPOConfig(num_steps=cfg.grpo_iterations, batch_size=cfg.grpo_prompts,
+                      num_generations=cfg.grpo_generations, sampling=sampling, advantage=cfg.grpo_advantage,
+                      scale=cfg.grpo_scale, loss_type=cfg.grpo_loss_type, kl_coef=cfg.grpo_kl_coef,
+                      clip_eps_high=cfg.grpo_clip_eps_high, num_iterations=2, num_minibatches=4, log_every=5,
+                      optim=OptimConfig(learning_rate=cfg.grpo_lr, warmup_steps=10, max_grad_norm=1.0))
+
+
+def rl_prompts(cfg: PipelineConfig) -> list:
+    """The train-key prompts of PPO's and GRPO's rollouts (taken in order, cycling)."""
+    return world.prompt_set(cfg.ppo_batch * 64, cfg.seed + 4, split="train")
+
+
+def rl_prompt_batches(cfg: PipelineConfig, per_iteration: int, iterations: int) -> Replayable:
+    """`iterations` prompt batches of `per_iteration` prompts from `rl_prompts`, replayable for --resume."""
+    tasks = rl_prompts(cfg)
+    return Replayable(lambda: (_prompt_batch([tasks[j % len(tasks)] for j in range(
+        i * per_iteration, (i + 1) * per_iteration)]) for i in range(iterations)))
+
+
+def gold_verifier(tasks: list):
+    """The gold reward as a host reward function of (prompt text, completion text), for `tasks`' prompts."""
+    return world_reward(tasks, lambda t: TOK.decode(encode_prompt(TOK, world.messages_for(t))))
+
+
+def demonstration_records(cfg: PipelineConfig) -> list[SFTRecord]:
+    """Step 2's demonstrations as records."""
+    demos = world.sft_demos(cfg.sft_demos, cfg.seed + 1, n_safety=cfg.sft_safety, n_benign=cfg.sft_benign)
+    return [SFTRecord(messages=tuple(d["messages"])) for d in demos]
+
+
+def ptx_batches_of(cfg: PipelineConfig, records: list[SFTRecord]):
+    """PPO-ptx's stream of packed demonstration rows (16 per iteration), or None when `ppo_ptx_coef` is 0."""
+    if cfg.ppo_ptx_coef <= 0:
+        return None
+    return Batches(ShuffledIterator(records, seed=cfg.seed + 7), TOK, kind="sft", batch_size=16,
+                   buckets=(cfg.seq_len,), pack=True)
+
+
 def _document(doc) -> Example:
     ids, _ = encode_chat(TOK, doc["messages"])
     return Example(tuple(ids), (1,) * len(ids), 0)
@@ -397,7 +445,6 @@ def run(cfg: PipelineConfig) -> dict:
 
     # World data: the web corpus, the demonstrations, the held-out evaluation prompts.
     docs = world.web_corpus(cfg.pretrain_docs, cfg.seed)
-    demos = world.sft_demos(cfg.sft_demos, cfg.seed + 1, n_safety=cfg.sft_safety, n_benign=cfg.sft_benign)
     evaluate, eval_tasks = _evaluator(cfg.eval_split, mc, sampling, cfg.eval_samples)
     # 1. Pretraining on the web corpus.
     state = create_train_state(init_params(mc, k_init), _optim(1e-3, cfg.pretrain_steps, weight_decay=0.01),
@@ -408,7 +455,7 @@ def run(cfg: PipelineConfig) -> dict:
                                 stages.SFTConfig(num_steps=cfg.pretrain_steps, log_every=10, optim=OptimConfig()))
 
     # 2. SFT on concise, correct demonstrations (loss on the answers only).
-    sft_records = [SFTRecord(messages=tuple(d["messages"])) for d in demos]
+    sft_records = demonstration_records(cfg)
     sft_batches = Batches(ShuffledIterator(sft_records, seed=cfg.seed), TOK, kind="sft",
                           batch_size=cfg.batch_size, buckets=(cfg.seq_len,), pack=True)
     state = create_train_state(base_params, _optim(3e-4, cfg.sft_steps), k_sft, total_steps=cfg.sft_steps)
@@ -450,15 +497,10 @@ def run(cfg: PipelineConfig) -> dict:
     runs.timings["eval"] = time.time() - t
 
     # 5. PPO from the SFT policy against the reward model, KL-penalised towards the SFT policy, with PPO-ptx.
-    ppo_cfg = PPOConfig(num_steps=cfg.ppo_iterations, batch_size=cfg.ppo_batch, sampling=sampling,
-                        kl_coef=cfg.ppo_kl_coef, missing_eos_penalty=1.0, ptx_coef=cfg.ppo_ptx_coef,
-                        optim=OptimConfig(learning_rate=cfg.ppo_lr, eps=1e-5, max_grad_norm=1.0),
-                        value_optim=OptimConfig(learning_rate=1e-4, eps=1e-5, max_grad_norm=1.0))
-    rl_tasks = world.prompt_set(cfg.ppo_batch * 64, cfg.seed + 4, split="train")
-    prompt_batches = Replayable(lambda: (_prompt_batch([rl_tasks[j % len(rl_tasks)] for j in range(
-        i * cfg.ppo_batch, (i + 1) * cfg.ppo_batch)]) for i in range(cfg.ppo_iterations)))
-    ptx_stream = lambda: (Batches(ShuffledIterator(sft_records, seed=cfg.seed + 7), TOK, kind="sft",  # noqa: E731
-                                  batch_size=16, buckets=(cfg.seq_len,), pack=True) if cfg.ppo_ptx_coef > 0 else None)
+    ppo_cfg = ppo_config(cfg, sampling)
+    rl_tasks = rl_prompts(cfg)
+    prompt_batches = rl_prompt_batches(cfg, cfg.ppo_batch, cfg.ppo_iterations)
+    ptx_stream = functools.partial(ptx_batches_of, cfg, sft_records)
     ptx_batches = ptx_stream()
     curve_file = os.path.join(cfg.out, "ppo", "curve.jsonl")
     if not cfg.resume and os.path.exists(curve_file):
@@ -486,14 +528,9 @@ def run(cfg: PipelineConfig) -> dict:
     table["dpo"], dpo_gold = evaluate(dpo_params, **eval_kwargs)
 
     # 7. GRPO from the SFT policy against the gold reward (a verifier on the host: no reward model, no value model).
-    grpo_cfg = GRPOConfig(num_steps=cfg.grpo_iterations, batch_size=cfg.grpo_prompts,
-                          num_generations=cfg.grpo_generations, sampling=sampling, advantage=cfg.grpo_advantage,
-                          scale=cfg.grpo_scale, loss_type=cfg.grpo_loss_type, kl_coef=cfg.grpo_kl_coef,
-                          clip_eps_high=cfg.grpo_clip_eps_high, num_iterations=2, num_minibatches=4, log_every=5,
-                          optim=OptimConfig(learning_rate=cfg.grpo_lr, warmup_steps=10, max_grad_norm=1.0))
-    grpo_prompts = Replayable(lambda: (_prompt_batch([rl_tasks[j % len(rl_tasks)] for j in range(
-        i * cfg.grpo_prompts, (i + 1) * cfg.grpo_prompts)]) for i in range(cfg.grpo_iterations)))
-    gold_fn = world_reward(rl_tasks, lambda t: TOK.decode(encode_prompt(TOK, world.messages_for(t))))
+    grpo_cfg = grpo_config(cfg, sampling)
+    grpo_prompts = rl_prompt_batches(cfg, cfg.grpo_prompts, cfg.grpo_iterations)
+    gold_fn = gold_verifier(rl_tasks)
     state = create_train_state(sft_params, grpo_cfg.optim, k_grpo,
                                total_steps=cfg.grpo_iterations * grpo_cfg.updates_per_iteration)
     grpo_params, _ = runs.stage(

@@ -76,9 +76,12 @@ def test_quick_pipeline_writes_report(tmp_path, monkeypatch, capsys):
 
 
 def _lecture_experiments_on_these_models(models):
-    """experiments.calibration, overoptimization, safety_data and grpo_transfer --quick on this run's models (read, not retrained:
-    the folder is a finished seed-0 quick run)."""
-    from experiments import calibration, grpo_transfer, overoptimization, safety_data
+    """experiments.calibration, overoptimization, safety_data, grpo_transfer, length_bias, annotators and frontier
+    --quick on
+    this run's models (read, not retrained: the folder is a finished seed-0 quick run; the last two keep the reward
+    models and DPO policies of other annotator populations under its populations/ folder)."""
+    from experiments import (annotators, calibration, frontier, grpo_transfer, length_bias, overoptimization,
+                             safety_data)
     before = sorted(os.listdir(models))
     cal = calibration.run(calibration.CalibrationConfig(quick=True, seeds=(0,), models=str(models),
                                                         out=str(models / "cal")))
@@ -107,7 +110,28 @@ def _lecture_experiments_on_these_models(models):
                                                             learning_rates=(3e-5,)))
     assert [v["prompts"] for v in gt["variants"]] == ["fresh", "fixed"]
     assert all(len(v["batch_reward"]) == 4 and 0.0 <= v["dev"]["gold"] <= 1.0 for v in gt["variants"])
-    assert sorted(n for n in os.listdir(models) if n not in ("cal", "oo", "sd", "gt")) == before   # nothing retrained
+    lb = length_bias.run(length_bias.LengthBiasConfig(quick=True, models=str(models), out=str(models / "lb")))
+    e = lb["per_seed"]["0"]["populations"]["length-loving"]
+    assert [p["iteration"] for p in e["ppo"]] == [0, 1, 2] and e["dpo"][0]["iteration"] == 0
+    dpo_steps = json.loads((models / "config.json").read_text())["dpo_steps"]
+    assert e["dpo"][-1]["iteration"] == dpo_steps and e["ppo"][0]["test"] == e["dpo"][0]["test"]   # both from SFT
+    assert 0.0 <= e["labels"]["rate"] <= 1.0 and 0.0 <= e["reward_model"]["gold_agreement_dev"] <= 1.0
+    assert (models / "lb" / "length_bias.png").stat().st_size > 0
+    ann = annotators.run(annotators.AnnotatorsConfig(quick=True, models=str(models), out=str(models / "ann")))
+    pops = ann["per_seed"]["0"]["populations"]
+    assert list(pops) == ["sft", "careful", annotators.SELF]
+    assert pops["careful"]["train_pairs"] == pops[annotators.SELF]["train_pairs"]        # equal label counts
+    assert pops["careful"]["labels"]["more_likely_wins"] != pops[annotators.SELF]["labels"]["more_likely_wins"]
+    assert not (models / "populations" / "careful").exists()     # the main job's annotator: its own RM and DPO
+    assert (models / "ann" / "annotators.png").stat().st_size > 0
+    fr = frontier.run(frontier.FrontierConfig(quick=True, models=str(models), out=str(models / "fr")))
+    points = fr["per_seed"]["0"]
+    assert {n for n, p in points.items() if isinstance(p, dict)} == {"sft", "dpo_0.1", "dpo_1", "ppo_0.5", "grpo_0"}
+    assert points["dpo_0.1"]["main_job"] and not points["dpo_1"]["main_job"] and points["sft"]["kl"] == 0.0
+    assert set(fr["mean"]) == set(points) - {"sft", "seconds"}
+    assert (models / "fr" / "frontier.png").stat().st_size > 0
+    made = {"cal", "oo", "sd", "gt", "lb", "ann", "fr", "populations"}
+    assert sorted(n for n in os.listdir(models) if n not in made) == before          # nothing retrained
 
 
 def _stopped_and_resumed_gives_the_same_report(out, report, monkeypatch, capsys):
