@@ -77,9 +77,8 @@ def test_quick_pipeline_writes_report(tmp_path, monkeypatch, capsys):
 
 def _lecture_experiments_on_these_models(models):
     """experiments.calibration, overoptimization, safety_data, grpo_transfer, length_bias, annotators and frontier
-    --quick on
-    this run's models (read, not retrained: the folder is a finished seed-0 quick run; the last two keep the reward
-    models and DPO policies of other annotator populations under its populations/ folder)."""
+    --quick on this run's models (read, not retrained: the folder is a finished seed-0 quick run; length_bias and
+    annotators keep the reward models and DPO policies of other annotator populations under its populations/)."""
     from experiments import (annotators, calibration, frontier, grpo_transfer, length_bias, overoptimization,
                              safety_data)
     before = sorted(os.listdir(models))
