@@ -76,11 +76,11 @@ def test_quick_pipeline_writes_report(tmp_path, monkeypatch, capsys):
 
 
 def _lecture_experiments_on_these_models(models):
-    """experiments.calibration, overoptimization, safety_data, grpo_transfer, length_bias, annotators and frontier
-    --quick on this run's models (read, not retrained: the folder is a finished seed-0 quick run; length_bias and
+    """experiments.calibration, overoptimization, safety_data, grpo_transfer, length_bias, annotators, frontier and
+    hallucination --quick on this run's models (read, not retrained: the folder is a finished seed-0 quick run; length_bias and
     annotators keep the reward models and DPO policies of other annotator populations under its populations/)."""
-    from experiments import (annotators, calibration, frontier, grpo_transfer, length_bias, overoptimization,
-                             safety_data)
+    from experiments import (annotators, calibration, frontier, grpo_transfer, hallucination, length_bias,
+                             overoptimization, safety_data)
     before = sorted(os.listdir(models))
     cal = calibration.run(calibration.CalibrationConfig(quick=True, seeds=(0,), models=str(models),
                                                         out=str(models / "cal")))
@@ -129,7 +129,16 @@ def _lecture_experiments_on_these_models(models):
     assert points["dpo_0.1"]["main_job"] and not points["dpo_1"]["main_job"] and points["sft"]["kl"] == 0.0
     assert set(fr["mean"]) == set(points) - {"sft", "seconds"}
     assert (models / "fr" / "frontier.png").stat().st_size > 0
-    made = {"cal", "oo", "sd", "gt", "lb", "ann", "fr", "populations"}
+    hal = hallucination.run(hallucination.HallucinationConfig(quick=True, seeds=(0,), models=str(models),
+                                                              out=str(models / "hal")))
+    rows = hal["per_seed"]["0"]
+    assert list(rows) == list(hallucination.ARMS) and hal["prompts"] == {"held-out unknown": 20, "train unknown": 20,
+                                                                        "known": 20}
+    for arm in rows.values():
+        for r in arm.values():
+            assert sum(r[o] for o in hallucination.OUTCOMES) == pytest_approx(1.0)
+    assert (models / "hal" / "hallucination.png").stat().st_size > 0
+    made = {"cal", "oo", "sd", "gt", "lb", "ann", "fr", "hal", "populations"}
     assert sorted(n for n in os.listdir(models) if n not in made) == before          # nothing retrained
 
 

@@ -125,3 +125,21 @@ def test_configs_reject_bad_values_in_one_line():
         length_bias.LengthBiasConfig(max_new_tokens=80)
     with pytest.raises(ValueError, match="self_weight"):
         annotators.AnnotatorsConfig(self_weight=-1.0)
+
+
+def test_hallucination_outcomes_and_reward():
+    from experiments import hallucination as hal
+    train, held = hal.unknown_split()
+    assert len(train) == len(held) == 20 and not {t.prompt for t in train} & {t.prompt for t in held}
+    known = {t.prompt for t in hal.known_facts()}
+    assert len(known) == 20 and not known & {q for q, _ in hal.UNKNOWN_FACTS}   # unknown means not in the world
+    task = held[0]
+    cases = {task.answer: "correct", f"the answer is {task.answer}": "correct", hal.IDK: "idk",
+             "i'm not sure": "idk", world.REFUSAL: "refused", "paris": "hallucinated", "": "hallucinated"}
+    for text, expected in cases.items():
+        assert hal.outcome(task, text) == expected, text
+        assert hal.fact_reward(task, text, 0.3) == {"correct": 1.0, "idk": 0.3}.get(expected, 0.0)
+    texts = [[task.answer, hal.IDK], ["paris", hal.IDK]]          # 2 samples x 2 prompts
+    s = hal.score([task, held[1]], texts, 0.5)
+    assert s["correct"] == 0.25 and s["idk"] == 0.5 and s["hallucinated"] == 0.25
+    assert s["fact_reward"] == pytest.approx((1 + 0.5 + 0 + 0.5) / 4)
