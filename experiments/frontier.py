@@ -1,6 +1,6 @@
 """The reward-KL frontier of DPO, PPO and GRPO (Rafailov et al. 2023, "Direct Preference Optimization", Fig. 2).
 
-    python -m experiments.frontier --seeds 0 1 2                # ~25 minutes a seed once trained
+    python -m experiments.frontier --seeds 0 1 2                # 45 min a seed beside 2 other jobs
     python -m experiments.frontier --quick --out /tmp/frontier  # smoke test (trains quick models)
 
 From each seed's main-job SFT policy (`experiments.world_models`; a missing seed is trained first), the main job's

@@ -1,7 +1,7 @@
 """Does SFT on facts the model does not know teach it to make facts up? (The lecture, after Schulman 2023 and
 Gekhman et al. 2024, "Does Fine-Tuning LLMs on New Knowledge Encourage Hallucinations?")
 
-    python -m experiments.hallucination --seeds 0 1 2              # ~4 minutes a seed once trained
+    python -m experiments.hallucination --seeds 0 1 2              # ~6 min a seed beside 2 other jobs
     python -m experiments.hallucination --quick --out /tmp/hal     # smoke test (trains quick models)
 
 The world's 20 facts ("capital of france") are all in the web corpus, so the pretrained model half-knows them.
