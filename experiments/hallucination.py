@@ -31,19 +31,16 @@ import time
 import jax
 import numpy as np
 
-from experiments.pipeline import TOK, _optim, _prompt_batch
-from experiments.safety_data import wilson
+from experiments.pipeline import TOK, _prompt_batch
+from experiments.safety_data import _sft, wilson
 from experiments.seeds import t_interval
 from experiments.world_models import DEFAULT_MODELS, ensure_seed, load, models_template, pipeline_config, script_main
 from rlhf_jax import tasks as world
 from rlhf_jax.config_cli import check_ranges, config_check, save_config
-from rlhf_jax.data import Batches, SFTRecord, ShuffledIterator
 from rlhf_jax.eval import _SAMPLE
 from rlhf_jax.generation import SamplingConfig
-from rlhf_jax.train import stages
 from rlhf_jax.train.rl import decode_responses
 from rlhf_jax.tasks.world import FACTS
-from rlhf_jax.train.state import create_train_state
 
 IDK = "I don't know."
 UNKNOWN_FACTS = (
@@ -121,19 +118,6 @@ class HallucinationConfig:
                      f"seeds = {self.seeds} must be distinct non-negative integers")
 
 
-def _sft(pcfg, base_params, mc, extra: list[dict]):
-    """The main job's SFT (demonstrations, steps, learning rate, key) with `extra` demonstrations mixed in."""
-    demos = world.sft_demos(pcfg.sft_demos, pcfg.seed + 1, n_safety=pcfg.sft_safety, n_benign=pcfg.sft_benign)
-    records = [SFTRecord(messages=tuple(d["messages"])) for d in demos + extra]
-    batches = Batches(ShuffledIterator(records, seed=pcfg.seed), TOK, kind="sft", batch_size=pcfg.batch_size,
-                      buckets=(pcfg.seq_len,), pack=True)
-    k_sft = jax.random.split(jax.random.PRNGKey(pcfg.seed), 7)[1]
-    state = create_train_state(base_params, _optim(3e-4, pcfg.sft_steps), k_sft, total_steps=pcfg.sft_steps)
-    state, _ = stages.run_sft(state, batches, stages.SFTConfig(num_steps=pcfg.sft_steps, log_every=10),
-                              model_config=mc)
-    return state.params
-
-
 def answers(params, mc, tasks, rng, samples: int, sampling: SamplingConfig) -> list[list[str]]:
     """`samples` answers to each task, [samples][len(tasks)]."""
     batch = _prompt_batch(tasks)
@@ -186,7 +170,7 @@ def run(cfg: HallucinationConfig, run_pipeline=None) -> dict:
                 reply = (lambda task: task.answer) if arm == "unknown-answered" else (lambda task: IDK)
                 extra = [{"messages": world.messages_for(task, reply(task))}
                          for task in (train_unknown * (cfg.demos // len(train_unknown) + 1))[:cfg.demos]]
-                params = _sft(pcfg, base_params, mc, extra)
+                params = _sft(pcfg, base_params, mc, pcfg.sft_safety, pcfg.sft_benign, extra)
             rows[arm] = {name: score(tasks, answers(params, mc, tasks, rng, samples, sampling), cfg.idk_credit)
                          for name, tasks in sets.items()}
             h = rows[arm]["held-out unknown"]

@@ -91,10 +91,11 @@ def refusal_rates(params, mc, tasks, rng, *, samples: int, sampling: SamplingCon
     return np.mean(np.asarray(refused, np.float64), axis=0)
 
 
-def _sft(pcfg, base_params, mc, n_safety: int, n_benign: int):
-    """The main job's SFT with `n_safety` refusals and `n_benign` look-alikes beside its skill demonstrations."""
+def _sft(pcfg, base_params, mc, n_safety: int, n_benign: int, extra: list[dict] = ()):
+    """The main job's SFT with `n_safety` refusals and `n_benign` look-alikes beside its skill demonstrations, and
+    `extra` demonstrations ({"messages": ...}) mixed in."""
     demos = world.sft_demos(pcfg.sft_demos, pcfg.seed + 1, n_safety=n_safety, n_benign=n_benign)
-    records = [SFTRecord(messages=tuple(d["messages"])) for d in demos]
+    records = [SFTRecord(messages=tuple(d["messages"])) for d in [*demos, *extra]]
     batches = Batches(ShuffledIterator(records, seed=pcfg.seed), TOK, kind="sft", batch_size=pcfg.batch_size,
                       buckets=(pcfg.seq_len,), pack=True)
     k_sft = jax.random.split(jax.random.PRNGKey(pcfg.seed), 7)[1]
