@@ -21,7 +21,6 @@ Writes annotators.json, annotators.md and annotators.png to --out.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import sys
 import time
@@ -31,7 +30,8 @@ import numpy as np
 
 from experiments import populations as pop
 from experiments.pipeline import TOK, _prompt_batch
-from experiments.world_models import DEFAULT_MODELS, ensure_seed, load, models_template, pipeline_config, script_main
+from experiments.world_models import (DEFAULT_MODELS, ensure_seed, load, models_template, pipeline_config,
+                                      script_main, write_report)
 from rlhf_jax import tasks as world
 from rlhf_jax.config_cli import check_ranges, config_check, save_config
 from rlhf_jax.tasks.annotators import ANNOTATORS, format_bias, get_annotator, preference_prob
@@ -171,13 +171,7 @@ def run(cfg: AnnotatorsConfig, run_pipeline=None) -> dict:
                   f"{per_pop[name]['reward_model']['gold_agreement_dev']:.3f}; DPO gold {metrics['gold_reward']:.3f}"
                   f", length {metrics['mean_length']:.1f} ({time.time() - t:.0f} s)", file=sys.stderr, flush=True)
         result["per_seed"][str(seed)] = {"populations": per_pop, "seconds": time.time() - t0}
-    with open(os.path.join(cfg.out, "annotators.json"), "w") as f:
-        json.dump(result, f, indent=2)
-    text = _markdown(result)
-    with open(os.path.join(cfg.out, "annotators.md"), "w") as f:
-        f.write(text)
-    _plot(result, cfg.out)
-    print(text)
+    write_report(cfg.out, "annotators", result, _markdown(result), lambda: _plot(result, cfg.out))
     return result
 
 

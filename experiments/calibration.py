@@ -20,7 +20,6 @@ sequence probabilities also spread over chatter; read its row with that in mind.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import sys
@@ -31,7 +30,8 @@ import numpy as np
 
 from experiments.pipeline import TOK, _prompt_batch
 from experiments.seeds import t_interval
-from experiments.world_models import DEFAULT_MODELS, ensure_seed, load, models_template, script_main
+from experiments.world_models import (DEFAULT_MODELS, ensure_seed, load, models_template, script_main,
+                                      write_report)
 from rlhf_jax import tasks as world
 from rlhf_jax.config_cli import check_ranges, config_check, save_config
 from rlhf_jax.eval import _SAMPLE, expected_calibration_error, reliability_bins
@@ -150,13 +150,8 @@ def run(cfg: CalibrationConfig, run_pipeline=None) -> dict:
         bins = reliability_bins(np.concatenate(pooled[stage][0]), np.concatenate(pooled[stage][1]),
                                 num_bins=cfg.num_bins)
         summary["pooled_bins"][stage] = {k: [None if math.isnan(x) else float(x) for x in v] for k, v in bins.items()}
-    with open(os.path.join(cfg.out, "calibration.json"), "w") as f:
-        json.dump(summary, f, indent=2)
-    text = _markdown(summary)
-    with open(os.path.join(cfg.out, "calibration.md"), "w") as f:
-        f.write(text)
-    _plot(summary, os.path.join(cfg.out, "reliability.png"))
-    print(text)
+    write_report(cfg.out, "calibration", summary, _markdown(summary),
+                 lambda: _plot(summary, os.path.join(cfg.out, "reliability.png")))
     return summary
 
 

@@ -30,7 +30,8 @@ from experiments import pipeline
 from experiments import populations as pop
 from experiments.pipeline import TOK, _optim
 from experiments.seeds import t_interval
-from experiments.world_models import DEFAULT_MODELS, ensure_seed, load, models_template, pipeline_config, script_main
+from experiments.world_models import (DEFAULT_MODELS, ensure_seed, load, models_template, pipeline_config,
+                                      script_main, write_report)
 from rlhf_jax import tasks as world
 from rlhf_jax.config_cli import check_ranges, config_check, save_config
 from rlhf_jax.data.iterators import Together
@@ -163,13 +164,7 @@ def run(cfg: FrontierConfig, run_pipeline=None) -> dict:
                     json.dump(result, f, indent=2)
         points["seconds"] = points.get("seconds", 0.0) + time.time() - t0
     result["mean"] = _means(result, cfg)
-    with open(path, "w") as f:
-        json.dump(result, f, indent=2)
-    text = _markdown(result, cfg)
-    with open(os.path.join(cfg.out, "frontier.md"), "w") as f:
-        f.write(text)
-    _plot(result, cfg)
-    print(text)
+    write_report(cfg.out, "frontier", result, _markdown(result, cfg), lambda: _plot(result, cfg))
     return result
 
 

@@ -15,7 +15,6 @@ Writes grpo_transfer.json and grpo_transfer.md.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import sys
 import time
@@ -25,7 +24,7 @@ import jax
 from experiments import pipeline
 from experiments.pipeline import TOK, _evaluator, _prompt_batch
 from experiments.world_models import (DEFAULT_MODELS, ensure_seed, load, models_template, pipeline_config,
-                                      script_main)
+                                      script_main, write_report)
 from rlhf_jax.config_cli import check_ranges, config_check, save_config
 from rlhf_jax.data.iterators import Replayable
 from rlhf_jax.generation import SamplingConfig
@@ -115,12 +114,7 @@ def run(cfg: GRPOTransferConfig, run_pipeline=None) -> dict:
         print(f"[grpo_transfer] {prompts} prompts, lr {lr:g}: batch reward {first:.3f} -> {last:.3f}; dev gold "
               f"{result['sft']['gold']:.3f} -> {row['dev']['gold']:.3f} ({row['seconds']:.0f} s)", file=sys.stderr,
               flush=True)
-    with open(os.path.join(cfg.out, "grpo_transfer.json"), "w") as f:
-        json.dump(result, f, indent=2)
-    text = _markdown(result)
-    with open(os.path.join(cfg.out, "grpo_transfer.md"), "w") as f:
-        f.write(text)
-    print(text)
+    write_report(cfg.out, "grpo_transfer", result, _markdown(result))
     return result
 
 

@@ -23,7 +23,6 @@ prompts, t across seeds. Writes hallucination.json, .md and hallucination.png.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import sys
 import time
@@ -34,7 +33,8 @@ import numpy as np
 from experiments.pipeline import TOK, _prompt_batch
 from experiments.safety_data import _sft, wilson
 from experiments.seeds import t_interval
-from experiments.world_models import DEFAULT_MODELS, ensure_seed, load, models_template, pipeline_config, script_main
+from experiments.world_models import (DEFAULT_MODELS, ensure_seed, load, models_template, pipeline_config,
+                                      script_main, write_report)
 from rlhf_jax import tasks as world
 from rlhf_jax.config_cli import check_ranges, config_check, save_config
 from rlhf_jax.eval import _SAMPLE
@@ -179,13 +179,7 @@ def run(cfg: HallucinationConfig, run_pipeline=None) -> dict:
                   f"{rows[arm]['known']['correct']:.3f}, I don't know {rows[arm]['known']['idk']:.3f} "
                   f"({time.time() - t:.0f} s)", file=sys.stderr, flush=True)
     result["across_seeds"] = _across(result)
-    with open(os.path.join(cfg.out, "hallucination.json"), "w") as f:
-        json.dump(result, f, indent=2)
-    text = _markdown(result)
-    with open(os.path.join(cfg.out, "hallucination.md"), "w") as f:
-        f.write(text)
-    _plot(result, cfg.out)
-    print(text)
+    write_report(cfg.out, "hallucination", result, _markdown(result), lambda: _plot(result, cfg.out))
     return result
 
 

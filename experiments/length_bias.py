@@ -22,7 +22,6 @@ Writes length_bias.json, length_bias.md and length_bias.png to --out.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import sys
 import time
@@ -34,7 +33,8 @@ from experiments import pipeline
 from experiments import populations as pop
 from experiments.overoptimization import _Curve
 from experiments.pipeline import TOK
-from experiments.world_models import DEFAULT_MODELS, ensure_seed, load, models_template, pipeline_config, script_main
+from experiments.world_models import (DEFAULT_MODELS, ensure_seed, load, models_template, pipeline_config,
+                                      script_main, write_report)
 from rlhf_jax import tasks as world
 from rlhf_jax.config_cli import check_ranges, config_check, save_config
 from rlhf_jax.generation import SamplingConfig
@@ -166,13 +166,7 @@ def run(cfg: LengthBiasConfig, run_pipeline=None) -> dict:
                   f"DPO length {last_d['length']:.1f}, gold {last_d['gold']:.3f} ({entry['seconds']:.0f} s)",
                   file=sys.stderr, flush=True)
         result["per_seed"][str(seed)] = {"populations": per_pop, "seconds": time.time() - t0}
-    with open(os.path.join(cfg.out, "length_bias.json"), "w") as f:
-        json.dump(result, f, indent=2)
-    text = _markdown(result)
-    with open(os.path.join(cfg.out, "length_bias.md"), "w") as f:
-        f.write(text)
-    _plot(result, cfg.out)
-    print(text)
+    write_report(cfg.out, "length_bias", result, _markdown(result), lambda: _plot(result, cfg.out))
     return result
 
 

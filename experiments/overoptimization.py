@@ -28,6 +28,7 @@ import json
 import os
 import sys
 import time
+from typing import Literal
 
 import jax
 import numpy as np
@@ -35,7 +36,7 @@ import numpy as np
 from experiments import pipeline
 from experiments.pipeline import TOK, _optim, _prompt_batch
 from experiments.world_models import (DEFAULT_MODELS, ensure_seed, load, models_template, pipeline_config,
-                                      script_main)
+                                      script_main, write_report)
 from rlhf_jax import tasks as world
 from rlhf_jax.config_cli import check_ranges, config_check, save_config
 from rlhf_jax.data.iterators import Replayable
@@ -79,6 +80,11 @@ class OveroptimizationConfig:
     """GRPO iterations (16 prompts x 4 answers each)."""
     ppo_iterations: int = 40
     """PPO iterations (64 rollouts each)."""
+    rl_prompts: Literal["main", "evaluated"] = "main"
+    """The RL runs' prompts: "main" = the main job's RL prompts (fresh train-key prompts every iteration: Gao's
+    held-out prompts of the training distribution); "evaluated" = the "train" key set's own prompts, cycled, so
+    that RL, like best-of-n, optimises the answers to the prompts it is judged on (in this world a step on one key
+    barely transfers to other keys: see experiments.grpo_transfer). The "test" keys stay unseen either way."""
     rl_lr: float = 3e-5
     """Learning rate of GRPO (PPO: half of it, as the main job's ratio)."""
     eval_every: int = 10
@@ -255,7 +261,7 @@ def rl_runs(cfg, pcfg, sft_params, mc, rm, key_sets, seed) -> dict:
                                            metrics_fn=lambda idx, texts, tasks=tasks: world.compute_metrics(
                                                [tasks[i] for i in idx], texts),
                                            weights=world.family_weights(tasks, world.DEFAULT_MIX))
-    rl_tasks = pipeline.rl_prompts(pcfg)                         # the main job's RL prompts
+    rl_tasks = pipeline.rl_prompts(pcfg) if cfg.rl_prompts == "main" else key_sets["train"]
     kwargs = dict(ref_params=sft_params, reward_params=rm, rng=jax.random.PRNGKey(2000 + seed))
     out = {}
     runs = [("grpo", c) for c in cfg.grpo_kl_coefs] + [("ppo", c) for c in cfg.ppo_kl_coefs]
@@ -304,7 +310,7 @@ def run(cfg: OveroptimizationConfig, run_pipeline=None) -> dict:
     models = models_template(cfg.models, cfg.out, cfg.quick)
     os.makedirs(cfg.out, exist_ok=True)
     save_config(cfg, os.path.join(cfg.out, "config.json"))
-    result = {"seeds": list(cfg.seeds), "per_seed": {}}
+    result = {"seeds": list(cfg.seeds), "rl_prompts": cfg.rl_prompts, "per_seed": {}}
     for seed in cfg.seeds:
         t0 = time.time()
         folder = ensure_seed(models, seed, ("sft", "reward"), quick=cfg.quick, run_pipeline=run_pipeline)
@@ -321,13 +327,7 @@ def run(cfg: OveroptimizationConfig, run_pipeline=None) -> dict:
         print(f"[overoptimization] seed {seed}: best-of-n in {time.time() - t:.0f} s", file=sys.stderr)
         rl = rl_runs(cfg, pcfg, sft_params, mc, rms[1.0], key_sets, seed)
         result["per_seed"][str(seed)] = {"best_of_n": bon, "rl": rl, "seconds": time.time() - t0}
-    with open(os.path.join(cfg.out, "overoptimization.json"), "w") as f:
-        json.dump(result, f, indent=2)
-    text = _markdown(result)
-    with open(os.path.join(cfg.out, "overoptimization.md"), "w") as f:
-        f.write(text)
-    _plots(result, cfg.out)
-    print(text)
+    write_report(cfg.out, "overoptimization", result, _markdown(result), lambda: _plots(result, cfg.out))
     return result
 
 
@@ -343,8 +343,10 @@ def _markdown(result: dict) -> str:
                 lines.append(f"| {keys} | {frac} | {b['gold'][0]:.3f} | {b['peak_gold']:.3f} ({b['peak_at']}) | "
                              f"{b['final_gold']:.3f} | {b['gold_oracle']:.3f} | {b['fit']['alpha']:.3f} | "
                              f"{b['fit']['beta']:.3f} | {b['fit']['r2']:.2f} | {'yes' if b['peaked_then_fell'] else 'no'} |")
-        lines += ["", "RL from SFT against the main job's reward model (share 1); evaluated every few iterations; "
-                  "fit gain = d (alpha - beta log d), d = sqrt(KL to SFT).", "",
+        on = ("the main job's RL prompts (fresh train-key prompts)" if result.get("rl_prompts", "main") == "main"
+              else "the train key set's own prompts (the test keys unseen)")
+        lines += ["", f"RL from SFT against the main job's reward model (share 1) on {on}; evaluated every few "
+                  "iterations; fit gain = d (alpha - beta log d), d = sqrt(KL to SFT).", "",
                   "| run | keys | gold at 0 | peak gold (iteration) | final gold | final proxy - initial | final KL | "
                   "final length (bytes) | alpha | beta | R^2 | rose then fell |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|"]

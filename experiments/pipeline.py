@@ -239,18 +239,24 @@ def _packed_batches(examples: list[Example], cfg: PipelineConfig, seed: int):
     """Endless packed SFT-style batches [batch_size, seq_len] of a shuffled stream of whole documents (the loss on
     every token: pretraining sees prompts and answers alike)."""
     rng = np.random.default_rng(seed)
-    while True:
-        rows, row, col = [], [], 0
-        for i in rng.permutation(len(examples)):
-            n = len(examples[i].ids) - 1
-            if col + n > cfg.seq_len:
-                rows.append(row)
-                row, col = [], 0
-                if len(rows) == cfg.batch_size:
-                    yield pack_sft(rows, seq_len=cfg.seq_len, pad_id=TOK.pad_id)
-                    rows = []
-            row.append(examples[i])
-            col += n
+    while True:   # epochs; each drops its last partial batch
+        yield from pack_documents((examples[i] for i in rng.permutation(len(examples))), cfg)
+
+
+def pack_documents(stream, cfg: PipelineConfig):
+    """Packed batches [batch_size, seq_len] of a stream of whole `Example`s, in order: a row takes documents until
+    the next would overflow it (each example keeps its own loss mask); a last partial batch is dropped."""
+    rows, row, col = [], [], 0
+    for example in stream:
+        n = len(example.ids) - 1
+        if col + n > cfg.seq_len:
+            rows.append(row)
+            row, col = [], 0
+            if len(rows) == cfg.batch_size:
+                yield pack_sft(rows, seq_len=cfg.seq_len, pad_id=TOK.pad_id)
+                rows = []
+        row.append(example)
+        col += n
 
 
 @dataclasses.dataclass(frozen=True)

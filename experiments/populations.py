@@ -170,13 +170,19 @@ def style_metrics(tasks, texts, phrase: str = "the answer is") -> dict[str, floa
     return out
 
 
+def test_tasks(prompts: int | None = None) -> list:
+    """Every distinct test-key prompt, or the first `prompts` of a fixed shuffle of them (`test_evaluator`'s)."""
+    tasks = world.key_tasks("test")
+    if prompts is not None:
+        tasks = [tasks[i] for i in np.random.default_rng(0).permutation(len(tasks))[:prompts]]
+    return tasks
+
+
 def test_evaluator(mc, max_new_tokens: int, samples: int, temperature: float = 0.7, prompts: int | None = None
                    ) -> PolicyEvaluator:
     """Every distinct test-key prompt once (or the first `prompts` of a fixed shuffle), `samples` answers each
     (families weighted as the main job's table, skills and safety groups), with `style_metrics`."""
-    tasks = world.key_tasks("test")
-    if prompts is not None:
-        tasks = [tasks[i] for i in np.random.default_rng(0).permutation(len(tasks))[:prompts]]
+    tasks = test_tasks(prompts)
     batch = _prompt_batch(tasks)
     fams = np.asarray([t.family for t in tasks])
     sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, eos_id=TOK.eos_id,

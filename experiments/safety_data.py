@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 import os
 import sys
@@ -30,7 +29,7 @@ import numpy as np
 from experiments.pipeline import TOK, _optim, _prompt_batch
 from experiments.seeds import t_interval
 from experiments.world_models import (DEFAULT_MODELS, ensure_seed, load, models_template, pipeline_config,
-                                      script_main)
+                                      script_main, write_report)
 from rlhf_jax import tasks as world
 from rlhf_jax.config_cli import check_ranges, config_check, save_config
 from rlhf_jax.data import Batches, SFTRecord, ShuffledIterator
@@ -145,13 +144,8 @@ def run(cfg: SafetyDataConfig, run_pipeline=None) -> dict:
                                                                    for s in result["per_seed"]])
                                                    for m in ("refusal", "over_refusal")}}
                                     for i, k in enumerate(counts)] for arm in cfg.arms}
-    with open(os.path.join(cfg.out, "safety_data.json"), "w") as f:
-        json.dump(result, f, indent=2)
-    text = _markdown(result)
-    with open(os.path.join(cfg.out, "safety_data.md"), "w") as f:
-        f.write(text)
-    _plot(result, os.path.join(cfg.out, "safety_data.png"))
-    print(text)
+    write_report(cfg.out, "safety_data", result, _markdown(result),
+                 lambda: _plot(result, os.path.join(cfg.out, "safety_data.png")))
     return result
 
 

@@ -87,3 +87,15 @@ def pipeline_config(folder: str):
     names = {f.name for f in dataclasses.fields(pipeline.PipelineConfig)}
     return pipeline.PipelineConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in made.items()
                                       if k in names}).scaled()
+
+
+def write_report(out: str, name: str, result: dict, text: str, plot=None) -> None:
+    """An experiment's outputs: OUT/<name>.json (every number), OUT/<name>.md (`text`), the figures of `plot()`
+    when given, and `text` on stdout."""
+    with open(os.path.join(out, f"{name}.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    with open(os.path.join(out, f"{name}.md"), "w") as f:
+        f.write(text)
+    if plot is not None:
+        plot()
+    print(text)

@@ -77,10 +77,11 @@ def test_quick_pipeline_writes_report(tmp_path, monkeypatch, capsys):
 
 def _lecture_experiments_on_these_models(models):
     """experiments.calibration, overoptimization, safety_data, grpo_transfer, length_bias, annotators, frontier and
-    hallucination --quick on this run's models (read, not retrained: the folder is a finished seed-0 quick run; length_bias and
-    annotators keep the reward models and DPO policies of other annotator populations under its populations/)."""
+    hallucination --quick on this run's models (read, not retrained: the folder is a finished seed-0 quick run;
+    length_bias and annotators keep the reward models and DPO policies of other annotator populations under its
+    populations/), and midtraining --quick, which trains its own."""
     from experiments import (annotators, calibration, frontier, grpo_transfer, hallucination, length_bias,
-                             overoptimization, safety_data)
+                             midtraining, overoptimization, safety_data)
     before = sorted(os.listdir(models))
     cal = calibration.run(calibration.CalibrationConfig(quick=True, seeds=(0,), models=str(models),
                                                         out=str(models / "cal")))
@@ -138,7 +139,14 @@ def _lecture_experiments_on_these_models(models):
         for r in arm.values():
             assert sum(r[o] for o in hallucination.OUTCOMES) == pytest_approx(1.0)
     assert (models / "hal" / "hallucination.png").stat().st_size > 0
-    made = {"cal", "oo", "sd", "gt", "lb", "ann", "fr", "hal", "populations"}
+    mt = midtraining.run(midtraining.MidtrainingConfig(quick=True, out=str(models / "mt")))   # trains its own
+    seed0 = mt["per_seed"]["0"]
+    assert list(seed0["arms"]) == ["pretrain", *midtraining.ARMS] and set(seed0["vs_pretrain_sft"]) == {
+        "midtrain", "midtrain-sft"}
+    assert all(0.0 <= r["gold_reward"] <= 1.0 for r in seed0["arms"].values())
+    assert abs(seed0["arms"]["pretrain-sft"]["kl_to_ref"]) < 1e-6                   # the arms' reference
+    assert (models / "mt" / "midtraining.png").stat().st_size > 0
+    made = {"cal", "oo", "sd", "gt", "lb", "ann", "fr", "hal", "mt", "populations"}
     assert sorted(n for n in os.listdir(models) if n not in made) == before          # nothing retrained
 
 
