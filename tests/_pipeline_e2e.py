@@ -76,12 +76,12 @@ def test_quick_pipeline_writes_report(tmp_path, monkeypatch, capsys):
 
 
 def _lecture_experiments_on_these_models(models):
-    """experiments.calibration, overoptimization, safety_data, grpo_transfer, length_bias, annotators, frontier and
-    hallucination --quick on this run's models (read, not retrained: the folder is a finished seed-0 quick run;
-    length_bias and annotators keep the reward models and DPO policies of other annotator populations under its
-    populations/), and midtraining --quick, which trains its own."""
-    from experiments import (annotators, calibration, frontier, grpo_transfer, hallucination, length_bias,
-                             midtraining, overoptimization, safety_data)
+    """experiments.calibration, overoptimization, safety_data, grpo_transfer, length_bias, annotators, frontier,
+    hallucination and grpo_variants --quick on this run's models (read, not retrained: the folder is a finished
+    seed-0 quick run; length_bias and annotators keep the reward models and DPO policies of other annotator
+    populations under its populations/), and midtraining --quick, which trains its own."""
+    from experiments import (annotators, calibration, frontier, grpo_transfer, grpo_variants, hallucination,
+                             length_bias, midtraining, overoptimization, safety_data)
     before = sorted(os.listdir(models))
     cal = calibration.run(calibration.CalibrationConfig(quick=True, seeds=(0,), models=str(models),
                                                         out=str(models / "cal")))
@@ -139,6 +139,12 @@ def _lecture_experiments_on_these_models(models):
         for r in arm.values():
             assert sum(r[o] for o in hallucination.OUTCOMES) == pytest_approx(1.0)
     assert (models / "hal" / "hallucination.png").stat().st_size > 0
+    gv = grpo_variants.run(grpo_variants.GRPOVariantsConfig(quick=True, models=str(models), out=str(models / "gv")))
+    rows = gv["per_seed"]["0"]["rows"]
+    assert list(rows) == ["sft", *grpo_variants.VARIANTS] and rows["sft"]["kl_to_ref"] == 0.0
+    assert set(gv["per_seed"]["0"]["train"]) == set(grpo_variants.VARIANTS) - {"grpo"}     # grpo: the main job's
+    assert 0.0 < gv["per_seed"]["0"]["train"]["dapo"]["informative_fraction"] <= 1.0
+    assert (models / "gv" / "grpo_variants.png").stat().st_size > 0
     mt = midtraining.run(midtraining.MidtrainingConfig(quick=True, out=str(models / "mt")))   # trains its own
     seed0 = mt["per_seed"]["0"]
     assert list(seed0["arms"]) == ["pretrain", *midtraining.ARMS] and set(seed0["vs_pretrain_sft"]) == {
@@ -146,7 +152,7 @@ def _lecture_experiments_on_these_models(models):
     assert all(0.0 <= r["gold_reward"] <= 1.0 for r in seed0["arms"].values())
     assert abs(seed0["arms"]["pretrain-sft"]["kl_to_ref"]) < 1e-6                   # the arms' reference
     assert (models / "mt" / "midtraining.png").stat().st_size > 0
-    made = {"cal", "oo", "sd", "gt", "lb", "ann", "fr", "hal", "mt", "populations"}
+    made = {"cal", "oo", "sd", "gt", "lb", "ann", "fr", "hal", "gv", "mt", "populations"}
     assert sorted(n for n in os.listdir(models) if n not in made) == before          # nothing retrained
 
 

@@ -9,8 +9,8 @@ import os
 import numpy as np
 import pytest
 
-from experiments import (annotators, calibration, frontier, grpo_transfer, hallucination, length_bias,
-                         overoptimization, safety_data, world_models)
+from experiments import (annotators, calibration, frontier, grpo_transfer, grpo_variants, hallucination,
+                         length_bias, overoptimization, safety_data, world_models)
 from rlhf_jax.eval import best_of_n_expectation, expected_calibration_error, reliability_bins
 
 
@@ -115,7 +115,7 @@ def test_experiment_scripts_report_a_models_mismatch_in_one_line(tmp_path, capsy
     os.makedirs(tmp_path / "seed0")
     (tmp_path / "seed0" / "config.json").write_text(json.dumps({"seed": 0, "quick": True}))
     for module in (calibration, overoptimization, safety_data, grpo_transfer, length_bias, annotators, frontier,
-                   hallucination):
+                   hallucination, grpo_variants):
         seeds = ["--seed", "0"] if module is grpo_transfer else ["--seeds", "0"]
         assert module.main(["--models", str(tmp_path / "seed{seed}"), *seeds, "--out",
                             str(tmp_path / module.__name__)]) == 2

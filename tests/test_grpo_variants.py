@@ -1,0 +1,34 @@
+"""experiments.grpo_variants: each variant is the main job's GRPO stage with only its named components changed.
+The script runs end to end (--quick) in tests/_pipeline_e2e.py."""
+import dataclasses
+
+from experiments import grpo_variants, pipeline
+from rlhf_jax.generation import SamplingConfig
+
+CHANGED = {"grpo": set(), "dr_grpo": {"scale", "loss_type"},
+           "dapo": {"loss_type", "clip_eps_high", "kl_coef", "batch_size", "dynamic_sampling_groups",
+                    "overlong_buffer"},
+           "rloo": {"advantage"}}
+
+
+def test_each_variant_changes_only_its_components():
+    pcfg = pipeline.PipelineConfig()
+    sampling = SamplingConfig(max_new_tokens=pcfg.max_new_tokens, temperature=pcfg.temperature)
+    main = pipeline.grpo_config(pcfg, sampling)
+    assert set(grpo_variants.VARIANTS) == set(CHANGED)
+    for name, changed in CHANGED.items():
+        cfg, grpo_cfg = grpo_variants.variant_config(pcfg, name, sampling)
+        diff = {f.name for f in dataclasses.fields(main) if getattr(main, f.name) != getattr(grpo_cfg, f.name)}
+        assert diff == changed, name
+        assert grpo_cfg.updates_per_iteration == main.updates_per_iteration and cfg.grpo_lr == pcfg.grpo_lr
+    _, dapo = grpo_variants.variant_config(pcfg, "dapo", sampling)
+    assert (dapo.batch_size, dapo.dynamic_sampling_groups) == (2 * main.batch_size, main.batch_size)
+    assert not dapo.uses_reference and main.uses_reference           # DAPO: no KL, no reference forward
+    _, dr = grpo_variants.variant_config(pcfg, "dr_grpo", sampling)
+    assert (dr.scale, dr.loss_type) == ("none", "dr_grpo")
+
+
+def test_config_rejects_bad_values_in_one_line():
+    import pytest
+    with pytest.raises(ValueError, match="eval_samples"):
+        grpo_variants.GRPOVariantsConfig(eval_samples=0)
