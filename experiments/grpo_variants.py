@@ -33,9 +33,8 @@ import numpy as np
 
 from experiments import pipeline
 from experiments.populations import test_evaluator, test_tasks
-from experiments.seeds import t_interval
-from experiments.world_models import (DEFAULT_MODELS, ensure_seed, load, models_template, pipeline_config,
-                                      script_main, write_report)
+from experiments.world_models import (DEFAULT_MODELS, across_seeds, ensure_seed, fmt_interval, kept_seeds, load,
+                                      models_template, pipeline_config, script_main, write_report)
 from rlhf_jax.config_cli import check_ranges, config_check, save_config
 from rlhf_jax.generation import SamplingConfig
 from rlhf_jax.train import stages
@@ -113,11 +112,7 @@ def run(cfg: GRPOVariantsConfig, run_pipeline=None) -> dict:
     tasks, samples = test_tasks(64 if cfg.quick else None), 2 if cfg.quick else cfg.eval_samples
     settings = {"models": models, "quick": cfg.quick, "eval_samples": samples, "variants": VARIANTS}
     path = os.path.join(cfg.out, "grpo_variants.json")
-    done = {}
-    if os.path.exists(path):
-        with open(path) as f:
-            old = json.load(f)
-        done = old.get("per_seed", {}) if old.get("settings") == settings else {}
+    done = kept_seeds(path, settings)
     result = {"settings": settings, "seeds": list(cfg.seeds), "prompts": len(tasks), "per_seed": {}}
     for seed in cfg.seeds:
         if str(seed) in done:
@@ -151,7 +146,8 @@ def run(cfg: GRPOVariantsConfig, run_pipeline=None) -> dict:
         result["per_seed"][str(seed)] = {"rows": rows, "vs_sft": vs, "train": train, "seconds": time.time() - t0}
         with open(path, "w") as f:                   # after every seed: a stopped run keeps what it measured
             json.dump(result, f, indent=2)
-    result["across_seeds"] = _across(result)
+    result["across_seeds"] = across_seeds({s: r["rows"] for s, r in result["per_seed"].items()}, ("sft", *VARIANTS),
+                                          METRICS, "sft")
     write_report(cfg.out, "grpo_variants", result, _markdown(result), lambda: _plot(result, cfg.out))
     return result
 
@@ -171,23 +167,6 @@ def _train_summary(history: list[dict]) -> dict:
     return out
 
 
-def _across(result: dict) -> dict:
-    seeds = list(result["per_seed"])
-    out = {}
-    for name in ("sft", *VARIANTS):
-        for key in METRICS:
-            vals = np.asarray([result["per_seed"][s]["rows"][name][key] for s in seeds])
-            out[f"{name}|{key}"] = t_interval(vals)
-            if name != "sft":
-                base = np.asarray([result["per_seed"][s]["rows"]["sft"][key] for s in seeds])
-                out[f"{name}-sft|{key}"] = t_interval(vals - base)
-    return out
-
-
-def _fmt(ci: dict) -> str:
-    return f"{ci['mean']:+.3f}" + ("" if ci["n"] < 2 else f" [{ci['low']:+.3f}, {ci['high']:+.3f}]")
-
-
 def _markdown(result: dict) -> str:
     a, n = result["across_seeds"], len(result["per_seed"])
     lines = ["# GRPO, Dr. GRPO, DAPO and RLOO against the gold reward, on the same budget", "",
@@ -200,7 +179,7 @@ def _markdown(result: dict) -> str:
     lines += ["", "Differences from SFT (paired by seed):", "",
               "| variant - sft | gold | skills | safety | length |", "|---|---|---|---|---|"]
     for name in VARIANTS:
-        lines.append(f"| {name} | " + " | ".join(_fmt(a[f"{name}-sft|{k}"]) for k in (
+        lines.append(f"| {name} | " + " | ".join(fmt_interval(a[f"{name}-sft|{k}"]) for k in (
             "gold_reward", "gold/skills", "gold/safety", "mean_length")) + " |")
     lines += ["", "Per seed, paired bootstrap over distinct test prompts (95%), gold minus SFT's:", "",
               "| seed | variant | all | skills | safety | training reward, first -> last log (DAPO's with its "

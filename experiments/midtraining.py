@@ -42,8 +42,7 @@ import numpy as np
 from experiments import pipeline
 from experiments.pipeline import TOK, _document, _optim, _packed_batches, demonstration_records, pack_documents
 from experiments.populations import test_evaluator, test_tasks
-from experiments.seeds import t_interval
-from experiments.world_models import script_main, write_report
+from experiments.world_models import across_seeds, fmt_interval, kept_seeds, script_main, write_report
 from rlhf_jax import tasks as world
 from rlhf_jax.config_cli import check_ranges, config_check, save_config
 from rlhf_jax.data import Batches, ShuffledIterator
@@ -177,12 +176,7 @@ def run(cfg: MidtrainingConfig) -> dict:
     os.makedirs(cfg.out, exist_ok=True)
     save_config(cfg, os.path.join(cfg.out, "config.json"))
     path = os.path.join(cfg.out, "midtraining.json")
-    done = {}
-    if os.path.exists(path):
-        with open(path) as f:
-            old = json.load(f)
-        if old.get("settings") == _settings(cfg):
-            done = old.get("per_seed", {})
+    done = kept_seeds(path, _settings(cfg))
     tasks, samples = test_tasks(64 if cfg.quick else None), 2 if cfg.quick else cfg.eval_samples
     result = {"settings": _settings(cfg), "seeds": list(cfg.seeds), "prompts": len(tasks),
               "samples_per_prompt": samples, "per_seed": {}}
@@ -212,28 +206,10 @@ def run(cfg: MidtrainingConfig) -> dict:
                                          "seconds": time.time() - t0}
         with open(path, "w") as f:                   # after every seed: a stopped run keeps what it measured
             json.dump(result, f, indent=2)
-    result["across_seeds"] = _across(result)
+    result["across_seeds"] = across_seeds({s: r["arms"] for s, r in result["per_seed"].items()},
+                                          ("pretrain", *ARMS), METRICS, "pretrain-sft")
     write_report(cfg.out, "midtraining", result, _markdown(result), lambda: _plot(result, cfg.out))
     return result
-
-
-def _across(result: dict) -> dict:
-    """Per arm and metric the mean over seeds with its t-interval, and each arm's difference from "pretrain-sft"
-    paired by seed."""
-    seeds = list(result["per_seed"])
-    out = {}
-    for arm in ("pretrain", *ARMS):
-        for key in METRICS:
-            vals = np.asarray([result["per_seed"][s]["arms"][arm].get(key, np.nan) for s in seeds])
-            out[f"{arm}|{key}"] = t_interval(vals)
-            if arm in ARMS[1:]:
-                base = np.asarray([result["per_seed"][s]["arms"]["pretrain-sft"].get(key, np.nan) for s in seeds])
-                out[f"{arm}-pretrain-sft|{key}"] = t_interval(vals - base)
-    return out
-
-
-def _fmt(ci: dict) -> str:
-    return f"{ci['mean']:+.3f}" + ("" if ci["n"] < 2 else f" [{ci['low']:+.3f}, {ci['high']:+.3f}]")
 
 
 def _markdown(result: dict) -> str:
@@ -253,7 +229,7 @@ def _markdown(result: dict) -> str:
     lines += ["", "Differences from pretrain-sft (paired by seed):", "",
               "| arm - pretrain-sft | " + " | ".join(METRICS) + " |", "|---|" + "---|" * len(METRICS)]
     for arm in ARMS[1:]:
-        lines.append(f"| {arm} | " + " | ".join(_fmt(a[f"{arm}-pretrain-sft|{k}"]) for k in METRICS) + " |")
+        lines.append(f"| {arm} | " + " | ".join(fmt_interval(a[f"{arm}-pretrain-sft|{k}"]) for k in METRICS) + " |")
     lines += ["", "Per seed, paired bootstrap over distinct test prompts (95%), difference from pretrain-sft:", "",
               "| seed | arm | gold | skills | safety |", "|---|---|---|---|---|"]
     for seed, row in result["per_seed"].items():

@@ -12,6 +12,8 @@ import json
 import os
 import sys
 
+import numpy as np
+
 from rlhf_jax.train import checkpoint as ckpt
 
 DEFAULT_MODELS = "runs/seeds/seed{seed}"
@@ -99,3 +101,33 @@ def write_report(out: str, name: str, result: dict, text: str, plot=None) -> Non
     if plot is not None:
         plot()
     print(text)
+
+
+def kept_seeds(path: str, settings: dict) -> dict:
+    """The per-seed results an earlier run saved at `path` ({seed: ...} under "per_seed") when it ran with the same
+    `settings`; {} otherwise (a rerun then measures every seed again)."""
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        saved = json.load(f)
+    return saved.get("per_seed", {}) if saved.get("settings") == settings else {}
+
+
+def across_seeds(rows: dict, names, metrics, baseline: str) -> dict:
+    """From {seed: {name: {metric: value}}}: "<name>|<metric>", the mean over seeds with its t-interval, and
+    "<name>-<baseline>|<metric>", the difference from `baseline` paired by seed."""
+    from experiments.seeds import t_interval
+    out = {}
+    for name in names:
+        for key in metrics:
+            vals = np.asarray([r[name].get(key, np.nan) for r in rows.values()], np.float64)
+            out[f"{name}|{key}"] = t_interval(vals)
+            if name != baseline:
+                base = np.asarray([r[baseline].get(key, np.nan) for r in rows.values()], np.float64)
+                out[f"{name}-{baseline}|{key}"] = t_interval(vals - base)
+    return out
+
+
+def fmt_interval(ci: dict) -> str:
+    """A signed mean with its interval when there are 2 or more values: "+0.012 [-0.003, +0.027]"."""
+    return f"{ci['mean']:+.3f}" + ("" if ci["n"] < 2 else f" [{ci['low']:+.3f}, {ci['high']:+.3f}]")

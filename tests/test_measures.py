@@ -130,3 +130,21 @@ def test_wilson_interval():
     low, high = safety_data.wilson(0.0, 20)
     assert low == pytest.approx(0.0, abs=1e-12) and high == pytest.approx(0.1611, abs=1e-4)
     assert all(math.isnan(x) for x in safety_data.wilson(0.5, 0))
+
+
+def test_across_seeds_and_kept_seeds(tmp_path):
+    rows = {"0": {"a": {"g": 0.5}, "b": {"g": 0.7}}, "1": {"a": {"g": 0.3}, "b": {"g": 0.2}},
+            "2": {"a": {"g": 0.4}, "b": {"g": 0.6}}}
+    out = world_models.across_seeds(rows, ("a", "b"), ("g",), "a")
+    assert set(out) == {"a|g", "b|g", "b-a|g"}
+    d = np.array([0.2, -0.1, 0.2])                                      # paired by seed
+    half = 4.303 * d.std(ddof=1) / np.sqrt(3)                           # t(0.975, 2 dof)
+    assert out["b-a|g"]["mean"] == pytest.approx(d.mean())
+    assert out["b-a|g"]["high"] - out["b-a|g"]["mean"] == pytest.approx(half, rel=1e-3)
+    assert world_models.fmt_interval(out["b|g"]).startswith("+0.500 [")
+    assert world_models.fmt_interval({"mean": -0.25, "n": 1}) == "-0.250"
+    path = str(tmp_path / "r.json")
+    assert world_models.kept_seeds(path, {"x": 1}) == {}
+    (tmp_path / "r.json").write_text(json.dumps({"settings": {"x": 1}, "per_seed": {"0": {"v": 2}}}))
+    assert world_models.kept_seeds(path, {"x": 1}) == {"0": {"v": 2}}
+    assert world_models.kept_seeds(path, {"x": 2}) == {}                # other settings: measured again
