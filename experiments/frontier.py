@@ -105,13 +105,7 @@ def _train(method: str, coef: float, pcfg, mc, sft_params, reward_params, record
         state, _ = stages.run_ppo(state, data, ppo_cfg, model_config=mc, ref_params=sft_params,
                                   reward_params=reward_params, ptx_data=ptx)
         return state.policy.params
-    grpo_cfg = pipeline.grpo_config(cfg, sampling)
-    state = create_train_state(sft_params, grpo_cfg.optim, jax.random.fold_in(jax.random.PRNGKey(cfg.seed), 8),
-                               total_steps=cfg.grpo_iterations * grpo_cfg.updates_per_iteration)
-    state, _ = stages.run_grpo(state, pipeline.rl_prompt_batches(cfg, cfg.grpo_prompts, cfg.grpo_iterations),
-                               grpo_cfg, model_config=mc, host_reward_fn=pipeline.gold_verifier(pipeline.rl_prompts(cfg)),
-                               tokenizer=TOK, ref_params=sft_params if grpo_cfg.uses_reference else None)
-    return state.params
+    return pipeline.train_grpo(cfg, pipeline.grpo_config(cfg, sampling), mc, sft_params)[0]
 
 
 def run(cfg: FrontierConfig, run_pipeline=None) -> dict:

@@ -37,8 +37,6 @@ from experiments.world_models import (DEFAULT_MODELS, across_seeds, ensure_seed,
                                       models_template, pipeline_config, script_main, write_report)
 from rlhf_jax.config_cli import check_ranges, config_check, save_config
 from rlhf_jax.generation import SamplingConfig
-from rlhf_jax.train import stages
-from rlhf_jax.train.state import create_train_state
 
 VARIANTS = {
     "grpo": {},
@@ -91,14 +89,7 @@ def train_variant(pcfg, name: str, mc, sft_params):
     """(params, history) of the main job's GRPO stage with variant `name`'s changes (its key and prompts)."""
     sampling = SamplingConfig(max_new_tokens=pcfg.max_new_tokens, temperature=pcfg.temperature,
                               eos_id=pipeline.TOK.eos_id, pad_id=pipeline.TOK.pad_id)
-    cfg, grpo_cfg = variant_config(pcfg, name, sampling)
-    state = create_train_state(sft_params, grpo_cfg.optim, jax.random.fold_in(jax.random.PRNGKey(cfg.seed), 8),
-                               total_steps=cfg.grpo_iterations * grpo_cfg.updates_per_iteration)
-    state, history = stages.run_grpo(
-        state, pipeline.rl_prompt_batches(cfg, grpo_cfg.batch_size, cfg.grpo_iterations), grpo_cfg, model_config=mc,
-        host_reward_fn=pipeline.gold_verifier(pipeline.rl_prompts(cfg)), tokenizer=pipeline.TOK,
-        ref_params=sft_params if grpo_cfg.uses_reference else None)
-    return state.params, history
+    return pipeline.train_grpo(*variant_config(pcfg, name, sampling), mc, sft_params)
 
 
 def _log(msg: str) -> None:

@@ -40,12 +40,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import pipeline
-from experiments.pipeline import TOK, _document, _optim, _packed_batches, demonstration_records, pack_documents
+from experiments.pipeline import TOK, _document, _packed_batches, demonstration_records, pack_documents
 from experiments.populations import test_evaluator, test_tasks
+from experiments.safety_data import _sft
 from experiments.world_models import across_seeds, fmt_interval, kept_seeds, script_main, write_report
 from rlhf_jax import tasks as world
 from rlhf_jax.config_cli import check_ranges, config_check, save_config
-from rlhf_jax.data import Batches, ShuffledIterator
+from rlhf_jax.data import ShuffledIterator
 from rlhf_jax.data.batching import Example
 from rlhf_jax.data.iterators import Mixture
 from rlhf_jax.models import ModelConfig, init_params
@@ -123,20 +124,15 @@ def _train(state, batches, steps: int, mc):
     return state
 
 
-def _sft(pcfg, params, mc):
-    """The main job's SFT stage from `params` (its demonstrations, steps, lr and key)."""
-    batches = Batches(ShuffledIterator(demonstration_records(pcfg), seed=pcfg.seed), TOK, kind="sft",
-                      batch_size=pcfg.batch_size, buckets=(pcfg.seq_len,), pack=True)
-    k_sft = jax.random.split(jax.random.PRNGKey(pcfg.seed), 7)[1]
-    state = create_train_state(params, _optim(3e-4, pcfg.sft_steps), k_sft, total_steps=pcfg.sft_steps)
-    return _train(state, batches, pcfg.sft_steps, mc).params
+def decay_steps(cfg: MidtrainingConfig, pcfg) -> int:
+    """The pretraining decay's length: `decay_fraction` of the main job's pretrain_steps."""
+    return max(1, int(round(cfg.decay_fraction * pcfg.pretrain_steps)))
 
 
 def train_arms(cfg: MidtrainingConfig, pcfg, mc: ModelConfig, log=None) -> dict:
     """{"pretrain", *ARMS: params} of one seed (see the module docstring)."""
     log = log or (lambda msg: None)
-    P, S = pcfg.pretrain_steps, pcfg.sft_steps
-    D = max(1, int(round(cfg.decay_fraction * P)))
+    P, S, D = pcfg.pretrain_steps, pcfg.sft_steps, decay_steps(cfg, pcfg)
     web = [_document(d) for d in world.web_corpus(pcfg.pretrain_docs, pcfg.seed)]
     demos = demo_examples(pcfg)
     k_init = jax.random.split(jax.random.PRNGKey(pcfg.seed), 7)[0]
@@ -150,7 +146,7 @@ def train_arms(cfg: MidtrainingConfig, pcfg, mc: ModelConfig, log=None) -> dict:
     out = {}
     t = time.time()
     out["pretrain"] = _train(branch(stable, schedule_config(pcfg, P, D), P), decay_web(), D, mc).params
-    out["pretrain-sft"] = _sft(pcfg, out["pretrain"], mc)
+    out["pretrain-sft"] = _sft(pcfg, out["pretrain"], mc, pcfg.sft_safety, pcfg.sft_benign)
     log(f"pretrain-sft: decay {D} + SFT {S} steps ({time.time() - t:.0f} s)")
     t = time.time()
     out["midtrain"] = _train(branch(stable, schedule_config(pcfg, P + S, D + S), P + S), decay_mix(), D + S,
@@ -158,7 +154,7 @@ def train_arms(cfg: MidtrainingConfig, pcfg, mc: ModelConfig, log=None) -> dict:
     log(f"midtrain: decay {D + S} steps on the mixture ({time.time() - t:.0f} s)")
     t = time.time()
     mid = _train(branch(stable, schedule_config(pcfg, P, D), P), decay_mix(), D, mc).params
-    out["midtrain-sft"] = _sft(pcfg, mid, mc)
+    out["midtrain-sft"] = _sft(pcfg, mid, mc, pcfg.sft_safety, pcfg.sft_benign)
     log(f"midtrain-sft: decay {D} on the mixture + SFT {S} steps ({time.time() - t:.0f} s)")
     return out
 
@@ -202,7 +198,7 @@ def run(cfg: MidtrainingConfig) -> dict:
         vs = {arm: pipeline._compare(evaluate, tasks, gold[arm], gold["pretrain-sft"], seed) for arm in ARMS[1:]}
         result["per_seed"][str(seed)] = {"arms": rows, "vs_pretrain_sft": vs, "pretrain_steps": pcfg.pretrain_steps,
                                          "sft_steps": pcfg.sft_steps,
-                                         "decay_steps": max(1, int(round(cfg.decay_fraction * pcfg.pretrain_steps))),
+                                         "decay_steps": decay_steps(cfg, pcfg),
                                          "seconds": time.time() - t0}
         with open(path, "w") as f:                   # after every seed: a stopped run keeps what it measured
             json.dump(result, f, indent=2)

@@ -341,6 +341,17 @@ def grpo_config(cfg: PipelineConfig, sampling: SamplingConfig) -> GRPOConfig:
                       optim=OptimConfig(learning_rate=cfg.grpo_lr, warmup_steps=10, max_grad_norm=1.0))
 
 
+def train_grpo(cfg: PipelineConfig, grpo_cfg: GRPOConfig, mc: ModelConfig, sft_params):
+    """(params, history) of step 7 outside the main job's runner: GRPO from `sft_params` against the gold verifier
+    on the main job's RL prompts with its key (the experiments' variants pass another `grpo_cfg`)."""
+    state = create_train_state(sft_params, grpo_cfg.optim, jax.random.fold_in(jax.random.PRNGKey(cfg.seed), 8),
+                               total_steps=cfg.grpo_iterations * grpo_cfg.updates_per_iteration)
+    state, history = stages.run_grpo(state, rl_prompt_batches(cfg, grpo_cfg.batch_size, cfg.grpo_iterations),
+                                     grpo_cfg, model_config=mc, host_reward_fn=gold_verifier(rl_prompts(cfg)),
+                                     tokenizer=TOK, ref_params=sft_params if grpo_cfg.uses_reference else None)
+    return state.params, history
+
+
 def rl_prompts(cfg: PipelineConfig) -> list:
     """The train-key prompts of PPO's and GRPO's rollouts (taken in order, cycling)."""
     return world.prompt_set(cfg.ppo_batch * 64, cfg.seed + 4, split="train")
