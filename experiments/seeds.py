@@ -10,7 +10,9 @@ Options of the pipeline go through `--pipeline.<field>`.
 
 The headline is the mean over seeds of each stage's gain over SFT on the test keys (all families, skills, safety),
 with a 95% t-interval across seeds (n - 1 degrees of freedom), beside each seed's own bootstrap interval over
-prompts; the same against SFT at its best dev temperature. Written to OUT/seeds.json and OUT/seeds.md.
+prompts; the same against SFT at its best dev temperature; and safety as its two rates (refusal of harmful requests,
+over-refusal of benign look-alikes) with their change from SFT paired by seed, never summed into a gain. Written
+to OUT/seeds.json and OUT/seeds.md.
 """
 from __future__ import annotations
 
@@ -83,9 +85,34 @@ def aggregate(reports: dict[int, dict]) -> dict:
               "over_refusal_rate")
     out["per_seed"] = {str(s): {stage: {k: reports[s][stage][k] for k in values if k in reports[s][stage]}
                                 for stage in ["sft", "sft_best_t", *stages] if stage in reports[s]} for s in seeds}
+    out["safety"] = _safety(reports, seeds, ["sft", "sft_best_t", *stages])
     out["sft_best_temperature"] = {str(s): reports[s]["sft_best_t"].get("temperature") for s in seeds}
     out["reward_model_accuracy_dev"] = t_interval([reports[s]["reward_model"]["accuracy"] for s in seeds])
     return out
+
+
+SAFETY = ("refusal_rate", "over_refusal_rate")
+"""The safety trade-off: refusing harmful requests (higher is better) against refusing benign look-alikes."""
+
+
+def _safety(reports: dict[int, dict], seeds: list[int], stages: list[str]) -> dict:
+    """Per stage: each safety rate's mean over seeds and its change from SFT (paired by seed), with t-intervals:
+    the trade-off is reported as two rates, never summed into a gain."""
+    out = {}
+    for stage in stages:
+        if not all(stage in reports[s] and all(k in reports[s][stage] for k in SAFETY) for s in seeds):
+            continue
+        out[stage] = {}
+        for k in SAFETY:
+            out[stage][k] = t_interval([reports[s][stage][k] for s in seeds])
+            out[stage][k + "_vs_sft"] = t_interval([reports[s][stage][k] - reports[s]["sft"][k] for s in seeds])
+    return out
+
+
+def _cell(g: dict, signed: bool = True) -> str:
+    fmt = "{:+.3f}" if signed else "{:.3f}"
+    interval = "[n/a: one seed]" if math.isnan(g["low"]) else f"[{fmt.format(g['low'])}, {fmt.format(g['high'])}]"
+    return f"{fmt.format(g['mean'])} {interval}"
 
 
 def _markdown(summary: dict, seconds: dict) -> str:
@@ -98,11 +125,20 @@ def _markdown(summary: dict, seconds: dict) -> str:
                   "over the distinct test prompts].", "",
                   "| stage | " + " | ".join(GROUPS) + " | per seed (all) |", "|---|" + "---|" * (len(GROUPS) + 1)]
         for stage, groups in summary["gains"][name].items():
-            cells = [f"{g['mean']:+.3f} " + ("[n/a: one seed]" if math.isnan(g["low"]) else
-                                             f"[{g['low']:+.3f}, {g['high']:+.3f}]") for g in groups.values()]
+            cells = [_cell(g) for g in groups.values()]
             seeds = "; ".join(f"{s}: {ci['delta']:+.3f} [{ci['low']:+.3f}, {ci['high']:+.3f}]"
                               for s, ci in groups["all"]["per_seed"].items())
             lines.append(f"| {stage} | " + " | ".join(cells) + f" | {seeds} |")
+        lines.append("")
+    if summary.get("safety"):
+        lines += ["## Safety: the trade-off, not a gain", "",
+                  "Refusal of harmful requests (higher is better) and over-refusal of benign look-alikes (lower is "
+                  "better): mean over seeds [95% t-interval], and the change from SFT paired by seed.", "",
+                  "| stage | refusal | change | over-refusal | change |", "|---|---|---|---|---|"]
+        for stage, rates in summary["safety"].items():
+            lines.append(f"| {stage} | {_cell(rates['refusal_rate'], False)} | {_cell(rates['refusal_rate_vs_sft'])} "
+                         f"| {_cell(rates['over_refusal_rate'], False)} | "
+                         f"{_cell(rates['over_refusal_rate_vs_sft'])} |")
         lines.append("")
     acc = summary["reward_model_accuracy_dev"]
     interval = "[n/a: one seed]" if math.isnan(acc["low"]) else f"[{acc['low']:.3f}, {acc['high']:.3f}]"

@@ -16,12 +16,12 @@ def _report(seed: int) -> dict:
     rng = np.random.default_rng(seed)
     ci = lambda d: {"delta": d, "low": d - 0.01, "high": d + 0.01, "level": 0.95}  # noqa: E731
     stage = lambda d: {"gold_reward": 0.4 + d, "gold_skills": 0.3 + d, "gold_safety": 0.6, "gold_greedy": 0.4,  # noqa: E731
-                       "kl_to_sft": 1.0, "mean_length": 5.0, "refusal_rate": 0.5, "over_refusal_rate": 0.1,
+                       "kl_to_sft": 1.0, "mean_length": 5.0, "refusal_rate": 0.5 + d, "over_refusal_rate": 0.1,
                        "gold_vs_sft": {g: ci(d) for g in seeds.GROUPS},
                        "gold_vs_sft_best_t": {g: ci(d - 0.005) for g in seeds.GROUPS}}
     base = stage(-0.1)
     del base["gold_vs_sft_best_t"]
-    return {"sft": {"gold_reward": 0.4}, "sft_best_t": {**stage(0.0), "temperature": 0.5}, "base": base,
+    return {"sft": {"gold_reward": 0.4, "refusal_rate": 0.5, "over_refusal_rate": 0.2 - 0.01 * seed}, "sft_best_t": {**stage(0.0), "temperature": 0.5}, "base": base,
             "ppo": stage(0.01 + 0.01 * seed), "dpo": stage(float(rng.normal(0, 0.01))),
             "reward_model": {"accuracy": 0.7 + 0.01 * seed}, "seconds": {"total": 100.0 + seed}}
 
@@ -55,8 +55,14 @@ def test_seed_driver_runs_each_seed_once_and_aggregates(tmp_path):
     assert summary["gains"]["vs_sft_best_t"]["ppo"]["all"]["mean"] == pytest.approx(0.015)
     assert "base" not in summary["gains"]["vs_sft_best_t"] and "base" in summary["gains"]["vs_sft"]
     assert summary["reward_model_accuracy_dev"]["mean"] == pytest.approx(0.71)
+    # Safety as two rates with their change from SFT paired by seed (ppo's refusal is SFT's + 0.01 * (seed + 1)).
+    safety = summary["safety"]["ppo"]
+    assert safety["refusal_rate_vs_sft"]["mean"] == pytest.approx(0.02)
+    assert safety["refusal_rate_vs_sft"]["low"] == pytest.approx(want["low"])
+    assert safety["over_refusal_rate_vs_sft"]["mean"] == pytest.approx(-0.09)
+    assert summary["safety"]["sft"]["over_refusal_rate"]["mean"] == pytest.approx(0.19)
     assert json.loads((tmp_path / "seeds.json").read_text())["seeds"] == [0, 1, 2]
-    assert "| ppo |" in (tmp_path / "seeds.md").read_text()
+    assert "| ppo |" in (tmp_path / "seeds.md").read_text() and "over-refusal" in (tmp_path / "seeds.md").read_text()
     # Finished seeds are read back, not run again; a new seed runs.
     again = seeds.run(seeds.SeedsConfig(seeds=(0, 1, 2, 3), out=str(tmp_path)), run_pipeline=fake_pipeline)
     assert [c[0] for c in calls] == [0, 1, 2, 3] and again["seeds"] == [0, 1, 2, 3]
