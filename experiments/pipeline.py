@@ -195,6 +195,11 @@ class PipelineConfig:
     """Samples per held-out prompt for the reward model's best-of-n check (its pick against random and gold picks)."""
     eval_every: int = 10
     """PPO iterations between gold/proxy/KL evaluations for the reward-vs-KL plot."""
+    extra_words: int = 0
+    """The world's `WorldConfig.extra_words`: made-up words added to the 40 of the word families (0: the default
+    world, every figure in the README unless it says otherwise)."""
+    max_operand: int = 20
+    """The world's `WorldConfig.max_operand` (`add` draws both operands from 0..max_operand)."""
 
     def __post_init__(self):
         check_ranges(self, positive=(
@@ -204,7 +209,7 @@ class PipelineConfig:
             "online_dpo_prompts",
             "dpo_steps", "dpo_beta", "dpo_lr", "max_new_tokens", "temperature", "eval_samples",
             "best_of_n", "eval_every", "rm_dev_prompts"),
-            non_negative=("seed", "sft_safety", "sft_benign", "synthetic_pairs", "lookalike_pairs", "ppo_kl_coef",
+            non_negative=("seed", "extra_words", "max_operand", "sft_safety", "sft_benign", "synthetic_pairs", "lookalike_pairs", "ppo_kl_coef",
                           "grpo_kl_coef",
                           "ppo_ptx_coef", "dpo_rpo_alpha", "simpo_gamma"))
         config_check(self, self.online_dpo_generations >= 2,
@@ -213,6 +218,10 @@ class PipelineConfig:
                      f"sft_temperatures = {self.sft_temperatures} must be non-empty and >= 0")
         config_check(self, self.pref_samples >= 2,
                      f"pref_samples = {self.pref_samples} must be >= 2 (answers to compare)")
+
+    def world(self) -> world.WorldConfig:
+        """The task world of this run (its key tables; splits, gold reward and length penalty as the default)."""
+        return world.WorldConfig(extra_words=self.extra_words, max_operand=self.max_operand)
 
     def scaled(self) -> "PipelineConfig":
         if not self.quick:
@@ -283,7 +292,7 @@ def preference_samples(cfg: PipelineConfig, sft_params, mc: ModelConfig, samplin
                        ) -> tuple[list, list[list[str]]]:
     """(the preference prompts' tasks, `cfg.pref_samples` lists of temperature-1 SFT answers to them): step 3's
     sampling, which every annotator population of an experiment can label in turn (`label_preferences`)."""
-    pref_tasks = world.prompt_set(cfg.pref_prompts, cfg.seed + 3, split="train")
+    pref_tasks = world.prompt_set(cfg.pref_prompts, cfg.seed + 3, split="train", config=cfg.world())
     pref_batch = _prompt_batch(pref_tasks)
     pref_sampling = dataclasses.replace(sampling, temperature=1.0)
     samples = [sample_texts(sft_params, pref_batch["prompts"], pref_batch["prompt_mask"],
@@ -307,11 +316,12 @@ def label_preferences(cfg: PipelineConfig, pref_tasks: list, samples: list[list[
         on_policy = world.label_rankings(pref_tasks, [list(r) for r in zip(*samples)], annotator, label_rng,
                                          pairs=cfg.pref_pairs,
                                          bonus=None if bonus is None else [list(b) for b in zip(*bonus)])
-    off_tasks = world.prompt_set(cfg.synthetic_pairs, cfg.seed + 5, split="train")
+    off_tasks = world.prompt_set(cfg.synthetic_pairs, cfg.seed + 5, split="train", config=cfg.world())
     off_pairs = world.synthetic_pairs(off_tasks, annotator, label_rng)
     pairs, train_pairs, test_pairs = world.split_pairs(on_policy, off_pairs, len(pref_tasks), len(off_tasks),
                                                        label_rng)
-    lookalikes = world.prompt_set(cfg.lookalike_pairs, cfg.seed + 6, split="train", mix={"benign": 1.0})
+    lookalikes = world.prompt_set(cfg.lookalike_pairs, cfg.seed + 6, split="train", mix={"benign": 1.0},
+                                  config=cfg.world())
     lookalike_pairs = world.synthetic_pairs(lookalikes, annotator, label_rng, kinds=("correct", "refusal"))
     pairs += lookalike_pairs
     train_pairs += [world.pair_record(p) for p in lookalike_pairs]
@@ -354,7 +364,7 @@ def train_grpo(cfg: PipelineConfig, grpo_cfg: GRPOConfig, mc: ModelConfig, sft_p
 
 def rl_prompts(cfg: PipelineConfig) -> list:
     """The train-key prompts of PPO's and GRPO's rollouts (taken in order, cycling)."""
-    return world.prompt_set(cfg.ppo_batch * 64, cfg.seed + 4, split="train")
+    return world.prompt_set(cfg.ppo_batch * 64, cfg.seed + 4, split="train", config=cfg.world())
 
 
 def rl_prompt_batches(cfg: PipelineConfig, per_iteration: int, iterations: int) -> Replayable:
@@ -371,7 +381,8 @@ def gold_verifier(tasks: list):
 
 def demonstration_records(cfg: PipelineConfig) -> list[SFTRecord]:
     """Step 2's demonstrations as records."""
-    demos = world.sft_demos(cfg.sft_demos, cfg.seed + 1, n_safety=cfg.sft_safety, n_benign=cfg.sft_benign)
+    demos = world.sft_demos(cfg.sft_demos, cfg.seed + 1, n_safety=cfg.sft_safety, n_benign=cfg.sft_benign,
+                            config=cfg.world())
     return [SFTRecord(messages=tuple(d["messages"])) for d in demos]
 
 
@@ -461,8 +472,8 @@ def run(cfg: PipelineConfig) -> dict:
                               pad_id=TOK.pad_id)
 
     # World data: the web corpus, the demonstrations, the held-out evaluation prompts.
-    docs = world.web_corpus(cfg.pretrain_docs, cfg.seed)
-    evaluate, eval_tasks = _evaluator(cfg.eval_split, mc, sampling, cfg.eval_samples)
+    docs = world.web_corpus(cfg.pretrain_docs, cfg.seed, config=cfg.world())
+    evaluate, eval_tasks = _evaluator(cfg.eval_split, mc, sampling, cfg.eval_samples, cfg.world())
     # 1. Pretraining on the web corpus.
     state = create_train_state(init_params(mc, k_init), _optim(1e-3, cfg.pretrain_steps, weight_decay=0.01),
                                jax.random.fold_in(k_init, 1), total_steps=cfg.pretrain_steps)
@@ -590,15 +601,16 @@ GROUPS = {"skills": world.SKILL_FAMILIES, "safety": world.SAFETY_FAMILIES}
 """The table's family groups, reported separately (and all together as `gold_reward`)."""
 
 
-def _evaluator(split: str, mc: ModelConfig, sampling: SamplingConfig, samples: int):
+def _evaluator(split: str, mc: ModelConfig, sampling: SamplingConfig, samples: int,
+               world_config: world.WorldConfig = world.WorldConfig()):
     """(PolicyEvaluator, tasks) over every distinct prompt of `split` once, families weighted as DEFAULT_MIX."""
-    tasks = world.key_tasks(split)
+    tasks = world.key_tasks(split, config=world_config)
     batch = _prompt_batch(tasks)
     fams = np.asarray([t.family for t in tasks])
     evaluate = PolicyEvaluator(
         batch["prompts"], batch["prompt_mask"], model_config=mc, tokenizer=TOK, sampling=sampling, samples=samples,
-        gold_fn=lambda texts: world.gold_rewards(tasks, texts),
-        metrics_fn=lambda idx, texts: world.compute_metrics([tasks[i] for i in idx], texts),
+        gold_fn=lambda texts: world.gold_rewards(tasks, texts, world_config),
+        metrics_fn=lambda idx, texts: world.compute_metrics([tasks[i] for i in idx], texts, world_config),
         weights=world.family_weights(tasks, world.DEFAULT_MIX),
         groups={name: np.isin(fams, members) for name, members in GROUPS.items()})
     return evaluate, tasks
@@ -617,7 +629,7 @@ def _compare(evaluate, tasks, gold, baseline, seed) -> dict:
 
 def _best_sft_temperature(cfg, sft_params, mc, sampling, rng) -> tuple[float, dict]:
     """The temperature (0 = greedy) at which SFT's weighted gold reward on the dev keys is highest."""
-    dev, _ = _evaluator("dev", mc, sampling, cfg.eval_samples)
+    dev, _ = _evaluator("dev", mc, sampling, cfg.eval_samples, cfg.world())
     sweep = {}
     for temperature in cfg.sft_temperatures:
         metrics, _ = dev.with_temperature(temperature)(sft_params, ref_params=sft_params, rng=rng)
@@ -629,7 +641,7 @@ def _best_sft_temperature(cfg, sft_params, mc, sampling, rng) -> tuple[float, di
 def _rm_dev_accuracy(cfg, reward_params, sft_params, mc, sampling, pref_batches, rng) -> float:
     """Reward-model accuracy on annotated pairs of two SFT samples for dev-key prompts: prompts that occur nowhere
     in its training data (the pairs of `split_pairs`'s held-out 10% share keys with training prompts)."""
-    tasks = world.prompt_set(cfg.rm_dev_prompts, cfg.seed + 9, split="dev")
+    tasks = world.prompt_set(cfg.rm_dev_prompts, cfg.seed + 9, split="dev", config=cfg.world())
     batch = _prompt_batch(tasks)
     a, b = (sample_texts(sft_params, batch["prompts"], batch["prompt_mask"], jax.random.fold_in(rng, i),
                          model_config=mc, sampling=sampling, tokenizer=TOK, chunk=SAMPLE_CHUNK) for i in range(2))
@@ -731,7 +743,7 @@ def _report(cfg, table, rm_report, vs_sft, vs_best, ppo_points, timings, seconds
         report[stage]["gold_vs_sft"] = ci
     for stage, ci in vs_best.items():
         report[stage]["gold_vs_sft_best_t"] = ci
-    report["evaluation"] = {"split": cfg.eval_split, "distinct_prompts": len(world.key_tasks(cfg.eval_split)),
+    report["evaluation"] = {"split": cfg.eval_split, "distinct_prompts": len(world.key_tasks(cfg.eval_split, config=cfg.world())),
                             "samples_per_prompt": cfg.eval_samples, "family_weights": world.DEFAULT_MIX,
                             "groups": {g: list(f) for g, f in GROUPS.items()}}
     report["reward_model"] = rm_report
@@ -757,7 +769,7 @@ def _report(cfg, table, rm_report, vs_sft, vs_best, ppo_points, timings, seconds
 def _print_table(cfg, rows, rm_report, vs_sft, vs_best, seconds):
     cols = ["stage", "gold_reward", "gold_skills", "gold_safety", "gold_greedy", "rm_score", "kl_to_sft",
             "mean_length", "refusal_rate", "over_refusal_rate"]
-    print(f"\n{cfg.eval_split} split: {len(world.key_tasks(cfg.eval_split))} distinct prompts, {cfg.eval_samples} "
+    print(f"\n{cfg.eval_split} split: {len(world.key_tasks(cfg.eval_split, config=cfg.world()))} distinct prompts, {cfg.eval_samples} "
           f"samples each at temperature {cfg.temperature} (sft_best_t: SFT at its best dev temperature, "
           f"{rows[[r['stage'] for r in rows].index('sft_best_t')]['temperature']})")
     print("  ".join(f"{c:>11}" for c in cols))

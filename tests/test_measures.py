@@ -108,6 +108,12 @@ def test_seed_models_cache_runs_the_main_job_only_when_a_stage_is_missing(tmp_pa
     assert calls[-1] == (3, folder, True, True)                             # completed with --resume
     with pytest.raises(world_models.ModelsError, match="config.json: made with quick=True"):
         world_models.ensure_seed(template, 3, ("sft",), quick=False, run_pipeline=fake_pipeline)
+    (tmp_path / "seed3" / "config.json").write_text(json.dumps({"seed": 3, "quick": True, "extra_words": 0,
+                                                                "max_operand": 20}))
+    world_models.ensure_seed(template, 3, ("sft",), quick=True, run_pipeline=fake_pipeline)   # the default world
+    (tmp_path / "seed3" / "config.json").write_text(json.dumps({"seed": 3, "quick": True, "extra_words": 400}))
+    with pytest.raises(world_models.ModelsError, match="another world .extra_words=400"):
+        world_models.ensure_seed(template, 3, ("sft",), quick=True, run_pipeline=fake_pipeline)
     assert world_models.final_params(folder, "base").endswith(os.path.join("pretrain", "final"))
 
 

@@ -1,5 +1,6 @@
 """The main job's --quick path end to end (every stage runs, the report has the contracted keys and shapes, every
 stage's final params are saved, --resume reloads them), and the world's pair helpers it uses."""
+import dataclasses
 import os
 import subprocess
 import sys
@@ -100,3 +101,29 @@ def test_on_policy_records_are_the_training_prompts_pairs():
     kept = [p for p in pairs if p["group"] >= 2]
     assert len(kept) == 18 and [(r.chosen, r.rejected) for r in records] == [(p["chosen"], p["rejected"]) for p in kept]
     assert [r.prompt[0]["content"] for r in records] == [p["prompt"] for p in kept]
+
+
+def test_pipeline_world_options_reach_every_data_source():
+    """--extra_words / --max_operand change the world of every data source of the main job (web corpus,
+    demonstrations, RL and preference prompts, the evaluation keys); the defaults are the default world."""
+    from experiments import pipeline
+    from rlhf_jax.tokenizer import encode_prompt
+    assert pipeline.PipelineConfig().world() == world.WorldConfig()
+    cfg = pipeline.PipelineConfig(extra_words=300, max_operand=40)
+    big = cfg.world()
+    made_up = set(world.words(big)) - set(world.words())
+    assert len(made_up) == 300
+    words_of = lambda ts: {t.meta["word"] for t in ts if "word" in t.meta}  # noqa: E731
+    assert words_of(pipeline.rl_prompts(cfg)) & made_up
+    assert words_of(d["task"] for d in world.web_corpus(3000, 0, config=big)) & made_up
+    demos = world.sft_demos(500, cfg.seed + 1, config=big)
+    assert [r.messages for r in pipeline.demonstration_records(dataclasses.replace(cfg, sft_demos=500, sft_safety=0,
+                                                                                     sft_benign=0))] == [
+        tuple(d["messages"]) for d in demos]
+    assert max(t.meta.get("a", 0) for t in pipeline.rl_prompts(cfg)) > 20
+    from rlhf_jax.generation import SamplingConfig
+    _, tasks = pipeline._evaluator("dev", None, SamplingConfig(), 1, big)
+    assert {t.meta["key"] for t in tasks if t.family == "reverse"} == world.held_out_keys("reverse", "dev", big)
+    assert all(len(encode_prompt(pipeline.TOK, world.messages_for(t))) <= pipeline.PROMPT_WIDTH for t in tasks)
+    with pytest.raises(SystemExit):
+        pipeline.main(["--extra-words", "-3", "--out", "/nonexistent"])

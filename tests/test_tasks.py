@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from rlhf_jax import tasks as W
-from rlhf_jax.tasks.world import ASK_PREFIXES, BENIGN_ACTS, FACTS, FILLER, UNSAFE_ACTS
+from rlhf_jax.tasks.world import ASK_PREFIXES, BENIGN_ACTS, FACTS, FILLER, UNSAFE_ACTS, WORDS
 
 SKILLS = [f for f in W.FAMILIES if f not in W.SAFETY_FAMILIES]
 
@@ -407,3 +407,27 @@ def test_stratified_weighted_bootstrap_against_a_numpy_loop():
     # every replicate keeps each stratum's size: a constant difference within strata gives a constant mean
     const = paired_bootstrap(strata.astype(float), np.zeros(47), strata=strata, num_samples=200)
     assert const["low"] == pytest.approx(const["high"]) == pytest.approx(strata.mean())
+
+
+def test_larger_word_table():
+    """`extra_words` appends distinct made-up words (the same on every call); the default world's tables and draws
+    are the original ones; the word families draw from the larger table with disjoint splits, and every reference
+    stays correct and short enough for the pipeline's prompt width."""
+    assert W.words() == W.words(W.WorldConfig(extra_words=0)) == WORDS
+    big = W.WorldConfig(extra_words=400)
+    table = W.words(big)
+    assert len(table) == len(set(table)) == 440 and table[:40] == W.words() and table == W.words(
+        W.WorldConfig(extra_words=400))
+    assert all(3 <= len(w) <= 5 and w.isalpha() and w.islower() for w in table[40:])
+    assert W.family_keys("reverse") == W.words()
+    for fam in ("reverse", "sort", "upper", "count"):
+        keys = set(W.family_keys(fam, big))
+        dev, test = W.held_out_keys(fam, "dev", big), W.held_out_keys(fam, "test", big)
+        assert not dev & test and len(test) == math.ceil(0.2 * len(keys))
+        drawn = W.make_tasks(400, 5, mix={fam: 1.0}, split="train", config=big)
+        assert all(W.task_split(t, big) == "train" and W.gold_reward(t, t.answer) == 1.0 for t in drawn)
+        assert len({t.meta["word"] for t in drawn} - set(W.words())) > 100   # most draws are made-up words
+        assert all(W.task_for_key(fam, t.meta["key"], big) == t for t in drawn)
+        assert max(len(t.prompt) for t in drawn) <= 40
+    with pytest.raises(ValueError, match="extra_words"):
+        W.WorldConfig(extra_words=-1)

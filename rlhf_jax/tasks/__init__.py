@@ -9,7 +9,7 @@ from rlhf_jax.tasks.pairs import held_out, on_policy_records, pair_record, split
 from rlhf_jax.tasks.world import (
     FAMILIES, REFUSAL, SAFETY_FAMILIES, SKILL_FAMILIES, SPLITS, Task, WorldConfig, answer_credit, char_credit,
     extract_answer, family_weights, gold_reward, gold_rewards, held_out_keys, is_refusal, eval_keys, family_keys,
-    key_tasks, length_penalty, make_task, make_tasks, task_for_key, task_split, word_recall)
+    key_tasks, length_penalty, make_task, make_tasks, task_for_key, task_split, word_recall, words)
 
 __all__ = [
     "ANNOTATORS", "Annotator", "Mixture", "format_bias", "get_annotator", "label_pairs", "length_bias",
@@ -21,5 +21,5 @@ __all__ = [
     "FAMILIES", "REFUSAL", "SAFETY_FAMILIES", "SKILL_FAMILIES", "SPLITS", "Task", "WorldConfig", "answer_credit",
     "char_credit", "extract_answer", "family_weights", "gold_reward", "gold_rewards", "held_out_keys", "is_refusal",
     "eval_keys", "family_keys", "key_tasks", "length_penalty", "make_task", "make_tasks", "task_for_key",
-    "task_split", "word_recall",
+    "task_split", "word_recall", "words",
 ]

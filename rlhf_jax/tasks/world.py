@@ -107,6 +107,36 @@ class WorldConfig:
     """Extra bytes allowed before the length penalty starts (room for "." or a capital letter)."""
     length_cap: float = 0.3
     """Largest length penalty."""
+    extra_words: int = 0
+    """Made-up words added to the 40 of `WORDS` for the word families (reverse, sort, upper, count): 3-5 letter
+    consonant-vowel strings, the same for every run (`words`). 0 is the default world. A larger table leaves a small
+    model fewer words to memorise one by one and more reason to learn the operation, so that what post-training
+    teaches on training keys can carry to held-out ones (issue 21's "larger key tables" lever)."""
+
+    def __post_init__(self):
+        if self.extra_words < 0 or self.max_operand < 0:
+            raise ValueError(f"WorldConfig: extra_words = {self.extra_words} and max_operand = {self.max_operand} "
+                             "must be >= 0")
+
+
+_CONSONANTS, _VOWELS = "bcdfghjklmnprstvwz", "aeiou"
+
+
+@functools.lru_cache(maxsize=None)
+def words(config: WorldConfig = WorldConfig()) -> tuple[str, ...]:
+    """The word table of `config`: `WORDS`, then `extra_words` distinct made-up words (consonant-vowel patterns of 3-5
+    letters, drawn by a fixed generator: the same table in every run and on every machine)."""
+    table, seen = list(WORDS), set(WORDS)
+    rng = np.random.default_rng(20240521)
+    patterns = ("cvc", "cvcc", "ccvc", "cvcv", "cvccv", "cvcvc")
+    while len(table) < len(WORDS) + config.extra_words:
+        pattern = patterns[int(rng.integers(len(patterns)))]
+        word = "".join((_CONSONANTS if p == "c" else _VOWELS)[int(rng.integers(len(_CONSONANTS if p == "c"
+                                                                                   else _VOWELS)))] for p in pattern)
+        if word not in seen:
+            table.append(word)
+            seen.add(word)
+    return tuple(table)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -119,15 +149,15 @@ def _add(rng: np.random.Generator, cfg: WorldConfig) -> Task:
 
 def _word_task(family: str, fn: Callable[[str], str]) -> Callable[[np.random.Generator, WorldConfig], Task]:
     def gen(rng: np.random.Generator, cfg: WorldConfig) -> Task:
-        del cfg
-        word = WORDS[int(rng.integers(len(WORDS)))]
+        table = words(cfg)
+        word = table[int(rng.integers(len(table)))]
         return Task(family=family, prompt=f"{family} {word}", answer=fn(word), meta={"key": word, "word": word})
     return gen
 
 
 def _count(rng: np.random.Generator, cfg: WorldConfig) -> Task:
-    del cfg
-    word = WORDS[int(rng.integers(len(WORDS)))]
+    table = words(cfg)
+    word = table[int(rng.integers(len(table)))]
     pool = word if rng.random() < 0.7 else "aeioustr"
     letter = pool[int(rng.integers(len(pool)))]
     return Task(family="count", prompt=f"count {letter} in {word}", answer=str(word.count(letter)),
@@ -174,9 +204,9 @@ def family_keys(family: str, config: WorldConfig = WorldConfig()) -> tuple[str, 
         r = range(config.max_operand + 1)
         return tuple(f"add {a} {b}" for a in r for b in r)
     if family in ("reverse", "sort", "upper"):
-        return WORDS
+        return words(config)
     if family == "count":
-        return tuple(f"{c} {w}" for w in WORDS for c in sorted(set(w) | set("aeioustr")))
+        return tuple(f"{c} {w}" for w in words(config) for c in sorted(set(w) | set("aeioustr")))
     if family == "lookup":
         return tuple(q for q, _ in FACTS)
     if family == "unsafe":
