@@ -6,12 +6,13 @@
 
 The world (`rlhf_jax.tasks`) knows the true reward of every answer, so each stage is judged by the gold reward
 rather than by its own proxy. Simplifications against InstructGPT, chosen to fit ~15 minutes on 2 CPU cores
-(1,055 s in session 8: over it): a byte-level transformer of ~0.4M parameters, ~100-token conversations, one reward model for both the labels'
-noise and PPO. The table scores 4 samples per held-out prompt at PPO's rollout temperature (the policy PPO
-optimises), the greedy answer on the side, and temperature-1 samples for the KL column.
+(823 s alone in session 14; 1,297 s on session 10's slower machine): a byte-level transformer of ~0.4M parameters,
+~100-token conversations, one reward model for both the labels' noise and PPO. The table scores 8 samples per
+distinct held-out prompt at PPO's rollout temperature (the policy PPO optimises), the greedy answer on the side,
+and temperature-1 samples for the KL column.
 
-    python -m experiments.pipeline --out runs/demo            # the default, ~18 minutes on 2 cores
-    python -m experiments.pipeline --out runs/quick --quick   # the same code path in under 2 minutes
+    python -m experiments.pipeline --out runs/demo            # the default, ~14 minutes on 2 cores
+    python -m experiments.pipeline --out runs/quick --quick   # the same code path in about 2.5 minutes
     python -m experiments.pipeline --out runs/demo --resume   # after a SIGTERM: finished stages are reloaded
 
 Every stage writes `DIR/<stage>/final` (params + model_config.json, for `load_params`, `--policy-init` and
@@ -51,6 +52,10 @@ from rlhf_jax.train.online_dpo import OnlineDPOConfig
 from rlhf_jax.train.ppo import PPOConfig, init_ppo_state
 from rlhf_jax.train.report import plot_curves, plot_xy, write_report
 from rlhf_jax.train.state import create_train_state, with_score_head
+
+
+WORLD_OPTIONS = ("extra_words", "max_operand")
+"""The PipelineConfig fields that are `WorldConfig` fields of the same name (`PipelineConfig.world`)."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -209,9 +214,8 @@ class PipelineConfig:
             "online_dpo_prompts",
             "dpo_steps", "dpo_beta", "dpo_lr", "max_new_tokens", "temperature", "eval_samples",
             "best_of_n", "eval_every", "rm_dev_prompts"),
-            non_negative=("seed", "extra_words", "max_operand", "sft_safety", "sft_benign", "synthetic_pairs", "lookalike_pairs", "ppo_kl_coef",
-                          "grpo_kl_coef",
-                          "ppo_ptx_coef", "dpo_rpo_alpha", "simpo_gamma"))
+            non_negative=("seed", *WORLD_OPTIONS, "sft_safety", "sft_benign", "synthetic_pairs", "lookalike_pairs",
+                          "ppo_kl_coef", "grpo_kl_coef", "ppo_ptx_coef", "dpo_rpo_alpha", "simpo_gamma"))
         config_check(self, self.online_dpo_generations >= 2,
                      f"online_dpo_generations = {self.online_dpo_generations} must be >= 2 (a pair)")
         config_check(self, len(self.sft_temperatures) > 0 and min(self.sft_temperatures) >= 0,
@@ -221,7 +225,7 @@ class PipelineConfig:
 
     def world(self) -> world.WorldConfig:
         """The task world of this run (its key tables; splits, gold reward and length penalty as the default)."""
-        return world.WorldConfig(extra_words=self.extra_words, max_operand=self.max_operand)
+        return world.WorldConfig(**{k: getattr(self, k) for k in WORLD_OPTIONS})
 
     def scaled(self) -> "PipelineConfig":
         if not self.quick:
@@ -743,7 +747,8 @@ def _report(cfg, table, rm_report, vs_sft, vs_best, ppo_points, timings, seconds
         report[stage]["gold_vs_sft"] = ci
     for stage, ci in vs_best.items():
         report[stage]["gold_vs_sft_best_t"] = ci
-    report["evaluation"] = {"split": cfg.eval_split, "distinct_prompts": len(world.key_tasks(cfg.eval_split, config=cfg.world())),
+    report["evaluation"] = {"split": cfg.eval_split,
+                            "distinct_prompts": len(world.key_tasks(cfg.eval_split, config=cfg.world())),
                             "samples_per_prompt": cfg.eval_samples, "family_weights": world.DEFAULT_MIX,
                             "groups": {g: list(f) for g, f in GROUPS.items()}}
     report["reward_model"] = rm_report
@@ -769,8 +774,9 @@ def _report(cfg, table, rm_report, vs_sft, vs_best, ppo_points, timings, seconds
 def _print_table(cfg, rows, rm_report, vs_sft, vs_best, seconds):
     cols = ["stage", "gold_reward", "gold_skills", "gold_safety", "gold_greedy", "rm_score", "kl_to_sft",
             "mean_length", "refusal_rate", "over_refusal_rate"]
-    print(f"\n{cfg.eval_split} split: {len(world.key_tasks(cfg.eval_split, config=cfg.world()))} distinct prompts, {cfg.eval_samples} "
-          f"samples each at temperature {cfg.temperature} (sft_best_t: SFT at its best dev temperature, "
+    n_prompts = len(world.key_tasks(cfg.eval_split, config=cfg.world()))
+    print(f"\n{cfg.eval_split} split: {n_prompts} distinct prompts, {cfg.eval_samples} samples each at temperature "
+          f"{cfg.temperature} (sft_best_t: SFT at its best dev temperature, "
           f"{rows[[r['stage'] for r in rows].index('sft_best_t')]['temperature']})")
     print("  ".join(f"{c:>11}" for c in cols))
     for r in rows:

@@ -55,10 +55,6 @@ def final_params(folder: str, stage: str) -> str:
     return os.path.join(folder, FOLDERS.get(stage, stage), "final")
 
 
-_DEFAULT_WORLD = {"extra_words": 0, "max_operand": 20}
-"""The pipeline's world options at their defaults (the experiment scripts' prompts and keys are the default world's)."""
-
-
 def ensure_seed(template: str, seed: int, stages: tuple[str, ...], *, quick: bool, run_pipeline=None) -> str:
     """The run folder of `seed` with the `final/` params of every stage in `stages`, running the main job there
     (with --resume when the folder exists) if any is missing. A folder made with the other --quick setting is an
@@ -71,7 +67,9 @@ def ensure_seed(template: str, seed: int, stages: tuple[str, ...], *, quick: boo
         if bool(made.get("quick")) != quick or made.get("seed", seed) != seed:
             raise ModelsError(f"{config}: made with quick={made.get('quick')}, seed={made.get('seed')}, but this "
                               f"run asks for quick={quick}, seed={seed}; pass --models with another folder")
-        other = {k: made[k] for k in ("extra_words", "max_operand") if k in made and made[k] != _DEFAULT_WORLD[k]}
+        from experiments import pipeline
+        default = pipeline.PipelineConfig()   # the experiment scripts' prompts and keys are the default world's
+        other = {k: made[k] for k in pipeline.WORLD_OPTIONS if k in made and made[k] != getattr(default, k)}
         if other:
             raise ModelsError(f"{config}: made in another world ({', '.join(f'{k}={v}' for k, v in other.items())}); "
                               "the experiment scripts use the default world; pass --models with a default-world run")

@@ -119,7 +119,8 @@ class WorldConfig:
                              "must be >= 0")
 
 
-_CONSONANTS, _VOWELS = "bcdfghjklmnprstvwz", "aeiou"
+_LETTERS = {"c": "bcdfghjklmnprstvwz", "v": "aeiou"}
+"""The letters of a made-up word's consonant ("c") and vowel ("v") slots."""
 
 
 @functools.lru_cache(maxsize=None)
@@ -131,8 +132,7 @@ def words(config: WorldConfig = WorldConfig()) -> tuple[str, ...]:
     patterns = ("cvc", "cvcc", "ccvc", "cvcv", "cvccv", "cvcvc")
     while len(table) < len(WORDS) + config.extra_words:
         pattern = patterns[int(rng.integers(len(patterns)))]
-        word = "".join((_CONSONANTS if p == "c" else _VOWELS)[int(rng.integers(len(_CONSONANTS if p == "c"
-                                                                                   else _VOWELS)))] for p in pattern)
+        word = "".join(_LETTERS[slot][int(rng.integers(len(_LETTERS[slot])))] for slot in pattern)
         if word not in seen:
             table.append(word)
             seen.add(word)
