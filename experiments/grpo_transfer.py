@@ -1,15 +1,18 @@
 """Does RL against the exact verifier on training keys transfer to keys it never saw? A dev-split diagnostic.
 
     python -m experiments.grpo_transfer                       # seed 0 of runs/seeds (~8 minutes once trained)
+    python -m experiments.grpo_transfer --prompts-per-iteration 16 --generations 4 --passes 2 --minibatches 4
+                                                              # the main job's shape before session 15
     python -m experiments.grpo_transfer --quick --out /tmp/gt  # smoke test (trains quick models)
 
-The main job's GRPO stage (gold reward, train-key prompts) ends below SFT on the test keys on every seed. This
-separates "the update does not work" from "what it learns does not transfer": from the SFT policy, GRPO exactly as
-the main job's (16 prompts x 4 answers, 2 passes of 4 minibatches, KL 0.04 in the loss, sampling at 0.7), in
-variants: fresh train-key prompts every iteration at several learning rates (the main job's case), and the same 16
-prompts every iteration (can it fit what it sees?). For each: the batch reward over training (on the prompts it is
-about to update on), and the gold reward on the dev keys before and after (4 answers per distinct dev prompt,
-families weighted as the table). Only the dev split is read: this is a diagnostic for choosing what to change.
+Separates "the update does not work" from "what it learns does not transfer": from the SFT policy, GRPO as the
+main job's (its prompts per iteration, group size, passes and minibatches unless set here; KL 0.04 in the loss,
+sampling at 0.7), in variants: fresh train-key prompts every iteration at several learning rates (the main job's
+case), and the same prompts every iteration (can it fit what it sees?). For each: the batch reward over training
+(on the prompts it is about to update on), the gold reward on fixed train-key prompts of the distribution it
+trains on (does the update raise its own objective?) and on the dev keys (does it transfer?), before and after
+(4 answers per distinct prompt, families weighted as the table). Only train and dev keys are read: this is a
+diagnostic for choosing what to change. Session 15 chose the main job's GRPO shape with it.
 Writes grpo_transfer.json and grpo_transfer.md.
 """
 from __future__ import annotations
@@ -22,7 +25,7 @@ import time
 import jax
 
 from experiments import pipeline
-from experiments.pipeline import TOK, _evaluator, _prompt_batch
+from experiments.pipeline import TOK, _evaluator, _prompt_batch, task_evaluator
 from experiments.world_models import (DEFAULT_MODELS, ensure_seed, load, models_template, pipeline_config,
                                       script_main, write_report)
 from rlhf_jax.config_cli import check_ranges, config_check, save_config
@@ -53,9 +56,23 @@ class GRPOTransferConfig:
     """Learning rates of the fresh-prompt variants (3e-5 is the main job's)."""
     fixed_lr: float = 3e-5
     """Learning rate of the fixed-prompt variant."""
+    fixed: bool = True
+    """Run the fixed-prompt variant too."""
+    prompts_per_iteration: int = 0
+    """Prompts per iteration (0: the main job's grpo_prompts)."""
+    generations: int = 0
+    """Answers per prompt (0: the main job's grpo_generations)."""
+    passes: int = 0
+    """Passes over each batch of answers (GRPOConfig.num_iterations; 0: the main job's grpo_passes)."""
+    minibatches: int = 0
+    """Minibatches per pass (0: the main job's grpo_minibatches): passes x minibatches updates per iteration."""
+    train_prompts: int = 240
+    """Distinct train-key prompts (the first of the main job's RL prompts, which the fresh variants train on) on
+    which every policy is also judged: does the update raise the reward on the distribution it optimises?"""
 
     def __post_init__(self):
-        check_ranges(self, positive=("iterations", "fixed_lr"), non_negative=("seed",))
+        check_ranges(self, positive=("iterations", "fixed_lr", "train_prompts"),
+                     non_negative=("seed", "prompts_per_iteration", "generations", "passes", "minibatches"))
         config_check(self, len(self.learning_rates) > 0 and min(self.learning_rates) > 0,
                      f"learning_rates = {self.learning_rates} must be positive")
 
@@ -82,21 +99,28 @@ def run(cfg: GRPOTransferConfig, run_pipeline=None) -> dict:
     dev, dev_tasks = _evaluator("dev", mc, sampling, samples)
     rl_tasks = pipeline.rl_prompts(pcfg)                         # the main job's RL prompts
     gold_fn = pipeline.gold_verifier(rl_tasks)
+    seen = list({t.prompt: t for t in rl_tasks}.values())[:(24 if cfg.quick else cfg.train_prompts)]
+    train = task_evaluator(seen, mc, sampling, samples)
     k_eval = jax.random.PRNGKey(7000 + cfg.seed)
 
     def evaluate(params):
         m, _ = dev(params, ref_params=sft, rng=k_eval)
+        t, _ = train(params, ref_params=sft, rng=k_eval)
         return {"gold": m["gold_reward"], "skills": m["gold/skills"], "safety": m["gold/safety"],
-                "kl_to_sft": m["kl_to_ref"]}
+                "kl_to_sft": m["kl_to_ref"], "train_gold": t["gold_reward"], "train_skills": t["gold/skills"],
+                "train_safety": t["gold/safety"]}
 
-    result = {"seed": cfg.seed, "dev_prompts": len(dev_tasks), "dev_samples": samples, "iterations": iterations, "sft": evaluate(sft),
-              "variants": []}
-    variants = [("fresh", lr) for lr in cfg.learning_rates] + [("fixed", cfg.fixed_lr)]
-    P = pcfg.grpo_prompts
+    P = cfg.prompts_per_iteration or pcfg.grpo_prompts
+    G = cfg.generations or pcfg.grpo_generations
+    passes, minibatches = cfg.passes or pcfg.grpo_passes, cfg.minibatches or pcfg.grpo_minibatches
+    result = {"seed": cfg.seed, "dev_prompts": len(dev_tasks), "dev_samples": samples, "train_prompts": len(seen),
+              "iterations": iterations, "prompts_per_iteration": P, "generations": G, "passes": passes,
+              "minibatches": minibatches, "sft": evaluate(sft), "variants": []}
+    variants = [("fresh", lr) for lr in cfg.learning_rates] + ([("fixed", cfg.fixed_lr)] if cfg.fixed else [])
     for prompts, lr in variants:
         t = time.time()
-        grpo_cfg = GRPOConfig(num_steps=iterations, batch_size=P, num_generations=pcfg.grpo_generations,
-                              sampling=sampling, kl_coef=pcfg.grpo_kl_coef, num_iterations=2, num_minibatches=4,
+        grpo_cfg = GRPOConfig(num_steps=iterations, batch_size=P, num_generations=G, sampling=sampling,
+                              kl_coef=pcfg.grpo_kl_coef, num_iterations=passes, num_minibatches=minibatches,
                               log_every=5 if not cfg.quick else 1,
                               optim=OptimConfig(learning_rate=lr, warmup_steps=10, max_grad_norm=1.0))
         data = Replayable(lambda fixed=prompts == "fixed": (_prompt_batch(
@@ -112,7 +136,8 @@ def run(cfg: GRPOTransferConfig, run_pipeline=None) -> dict:
         result["variants"].append(row)
         first, last = hook.rows[0]["reward"], hook.rows[-1]["reward"]
         print(f"[grpo_transfer] {prompts} prompts, lr {lr:g}: batch reward {first:.3f} -> {last:.3f}; dev gold "
-              f"{result['sft']['gold']:.3f} -> {row['dev']['gold']:.3f} ({row['seconds']:.0f} s)", file=sys.stderr,
+              f"{result['sft']['gold']:.3f} -> {row['dev']['gold']:.3f}; train-key gold {result['sft']['train_gold']:.3f}"
+              f" -> {row['dev']['train_gold']:.3f} ({row['seconds']:.0f} s)", file=sys.stderr,
               flush=True)
     write_report(cfg.out, "grpo_transfer", result, _markdown(result))
     return result
@@ -121,15 +146,19 @@ def run(cfg: GRPOTransferConfig, run_pipeline=None) -> dict:
 def _markdown(r: dict) -> str:
     s = r["sft"]
     lines = [f"# GRPO against the gold reward: does it transfer to unseen keys? (seed {r['seed']}, dev split)", "",
-             f"{r['iterations']} iterations per variant; dev: {r['dev_prompts']} distinct prompts x {r['dev_samples']} answers. SFT on "
-             f"dev: gold {s['gold']:.3f} (skills {s['skills']:.3f}, safety {s['safety']:.3f}).", "",
-             "| prompts | lr | batch reward: first logged -> last (mean of the last 3) | dev gold | dev skills | "
-             "dev safety | KL to SFT |", "|---|---|---|---|---|---|---|"]
+             f"{r['iterations']} iterations per variant of {r['prompts_per_iteration']} prompts x {r['generations']} "
+             f"answers, {r['passes']} pass(es) of {r['minibatches']} minibatch(es); dev: {r['dev_prompts']} distinct "
+             f"prompts x {r['dev_samples']} answers; train keys: {r['train_prompts']} distinct prompts of the RL set x "
+             f"{r['dev_samples']}. SFT on dev: gold {s['gold']:.3f} (skills {s['skills']:.3f}, safety "
+             f"{s['safety']:.3f}); on the train keys {s['train_gold']:.3f}.", "",
+             "| prompts | lr | batch reward: first logged -> last (mean of the last 3) | train-key gold | dev gold | "
+             "dev skills | dev safety | KL to SFT |", "|---|---|---|---|---|---|---|---|"]
     for v in r["variants"]:
         rewards = [x["reward"] for x in v["batch_reward"]]
         tail = sum(rewards[-3:]) / len(rewards[-3:])
         d = v["dev"]
         lines.append(f"| {v['prompts']} | {v['lr']:g} | {rewards[0]:.3f} -> {rewards[-1]:.3f} ({tail:.3f}) | "
+                     f"{d['train_gold']:.3f} ({d['train_gold'] - s['train_gold']:+.3f}) | "
                      f"{d['gold']:.3f} ({d['gold'] - s['gold']:+.3f}) | {d['skills']:.3f} | {d['safety']:.3f} | "
                      f"{d['kl_to_sft']:.2f} |")
     return "\n".join(lines) + "\n"

@@ -143,9 +143,11 @@ class PipelineConfig:
     grpo_iterations: int = 40
     """GRPO iterations from the SFT policy against the gold reward itself (the world's verifier: reinforcement
     learning with a verifiable reward, no reward model)."""
-    grpo_prompts: int = 16
-    """Prompts per GRPO iteration, each answered grpo_generations times (16 x 4 = PPO's 64 rollouts)."""
-    grpo_generations: int = 4
+    grpo_prompts: int = 32
+    """Prompts per GRPO iteration, each answered grpo_generations times (32 x 8 = 256 answers, one update: chosen
+    on the dev keys in session 15, where 16 x 4 answers in 2 x 4 updates lowered the reward even on the training
+    keys; docs/results/grpo_shape_dev_session15.md)."""
+    grpo_generations: int = 8
     """GRPO group size G."""
     grpo_loss_type: Literal["grpo", "dapo", "dr_grpo", "gspo", "cispo"] = "grpo"
     """GRPO's loss aggregation (GRPOConfig.loss_type)."""
@@ -158,7 +160,11 @@ class PipelineConfig:
     grpo_clip_eps_high: float | None = None
     """Upper clip width (DAPO's clip-higher: 0.28); None: symmetric 0.2."""
     grpo_lr: float = 3e-5
-    """GRPO learning rate (constant after a short warmup), 2 passes x 4 minibatches per iteration."""
+    """GRPO learning rate (constant after a short warmup)."""
+    grpo_passes: int = 1
+    """Passes over each iteration's answers (GRPOConfig.num_iterations, mu)."""
+    grpo_minibatches: int = 1
+    """Minibatches per pass: grpo_passes x grpo_minibatches updates per iteration."""
     preference_family: bool = False
     """Also run KTO, SimPO, ORPO and online DPO from the SFT policy after GRPO, each on the labels offline DPO
     gets (KTO: its pairs split into desirable / undesirable; online DPO: as many fresh annotator labels of its own
@@ -210,8 +216,8 @@ class PipelineConfig:
         check_ranges(self, positive=(
             "d_model", "num_layers", "num_heads", "seq_len", "batch_size", "pretrain_docs", "pretrain_steps",
             "sft_demos", "sft_steps", "pref_prompts", "rm_steps", "rm_lr", "ppo_iterations", "ppo_batch", "ppo_lr",
-            "grpo_iterations", "grpo_prompts", "grpo_generations", "grpo_lr", "kto_beta", "simpo_beta", "orpo_lambda",
-            "online_dpo_prompts",
+            "grpo_iterations", "grpo_prompts", "grpo_generations", "grpo_lr", "grpo_passes", "grpo_minibatches",
+            "kto_beta", "simpo_beta", "orpo_lambda", "online_dpo_prompts",
             "dpo_steps", "dpo_beta", "dpo_lr", "max_new_tokens", "temperature", "eval_samples",
             "best_of_n", "eval_every", "rm_dev_prompts"),
             non_negative=("seed", *WORLD_OPTIONS, "sft_safety", "sft_benign", "synthetic_pairs", "lookalike_pairs",
@@ -233,7 +239,7 @@ class PipelineConfig:
         return dataclasses.replace(self, d_model=64, num_layers=2, pretrain_docs=4000, pretrain_steps=60,
                                    sft_demos=400, sft_safety=40, sft_benign=40, sft_steps=30, pref_prompts=256,
                                    synthetic_pairs=256, lookalike_pairs=64, rm_steps=30, ppo_iterations=4, ppo_batch=32,
-                                   grpo_iterations=4, grpo_prompts=8,
+                                   grpo_iterations=4, grpo_prompts=8, grpo_generations=4,
                                    dpo_steps=20, eval_samples=2, sft_temperatures=(0.0, 0.7), rm_dev_prompts=64,
                                    eval_every=2, batch_size=16)
 
@@ -351,7 +357,8 @@ def grpo_config(cfg: PipelineConfig, sampling: SamplingConfig) -> GRPOConfig:
     return GRPOConfig(num_steps=cfg.grpo_iterations, batch_size=cfg.grpo_prompts,
                       num_generations=cfg.grpo_generations, sampling=sampling, advantage=cfg.grpo_advantage,
                       scale=cfg.grpo_scale, loss_type=cfg.grpo_loss_type, kl_coef=cfg.grpo_kl_coef,
-                      clip_eps_high=cfg.grpo_clip_eps_high, num_iterations=2, num_minibatches=4, log_every=5,
+                      clip_eps_high=cfg.grpo_clip_eps_high, num_iterations=cfg.grpo_passes,
+                      num_minibatches=cfg.grpo_minibatches, log_every=5,
                       optim=OptimConfig(learning_rate=cfg.grpo_lr, warmup_steps=10, max_grad_norm=1.0))
 
 
@@ -609,15 +616,20 @@ def _evaluator(split: str, mc: ModelConfig, sampling: SamplingConfig, samples: i
                world_config: world.WorldConfig = world.WorldConfig()):
     """(PolicyEvaluator, tasks) over every distinct prompt of `split` once, families weighted as DEFAULT_MIX."""
     tasks = world.key_tasks(split, config=world_config)
+    return task_evaluator(tasks, mc, sampling, samples, world_config), tasks
+
+
+def task_evaluator(tasks: list, mc: ModelConfig, sampling: SamplingConfig, samples: int,
+                   world_config: world.WorldConfig = world.WorldConfig()) -> PolicyEvaluator:
+    """A PolicyEvaluator of `tasks` (each prompt once), families weighted as DEFAULT_MIX, groups as the table."""
     batch = _prompt_batch(tasks)
     fams = np.asarray([t.family for t in tasks])
-    evaluate = PolicyEvaluator(
+    return PolicyEvaluator(
         batch["prompts"], batch["prompt_mask"], model_config=mc, tokenizer=TOK, sampling=sampling, samples=samples,
         gold_fn=lambda texts: world.gold_rewards(tasks, texts, world_config),
         metrics_fn=lambda idx, texts: world.compute_metrics([tasks[i] for i in idx], texts, world_config),
         weights=world.family_weights(tasks, world.DEFAULT_MIX),
         groups={name: np.isin(fams, members) for name, members in GROUPS.items()})
-    return evaluate, tasks
 
 
 def _compare(evaluate, tasks, gold, baseline, seed) -> dict:

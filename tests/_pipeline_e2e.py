@@ -110,6 +110,7 @@ def _lecture_experiments_on_these_models(models):
                                                             learning_rates=(3e-5,)))
     assert [v["prompts"] for v in gt["variants"]] == ["fresh", "fixed"]
     assert all(len(v["batch_reward"]) == 4 and 0.0 <= v["dev"]["gold"] <= 1.0 for v in gt["variants"])
+    assert gt["train_prompts"] == 24 and all(0.0 <= v["dev"]["train_gold"] <= 1.0 for v in gt["variants"])
     lb = length_bias.run(length_bias.LengthBiasConfig(quick=True, models=str(models), out=str(models / "lb")))
     e = lb["per_seed"]["0"]["populations"]["length-loving"]
     assert [p["iteration"] for p in e["ppo"]] == [0, 1, 2] and e["dpo"][0]["iteration"] == 0
