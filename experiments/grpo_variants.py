@@ -1,17 +1,18 @@
 """GRPO, Dr. GRPO, DAPO and RLOO on the same budget, against the gold reward (issue 17's comparison).
 
-    python -m experiments.grpo_variants --seeds 0 1 2              # ~5 min a seed once the main job's models exist
+    python -m experiments.grpo_variants --seeds 0 1 2              # ~15 min a seed once the main job's models exist
     python -m experiments.grpo_variants --quick --out /tmp/gv      # smoke test (trains quick models)
 
-From each seed's SFT policy (`experiments.world_models`), the main job's GRPO stage (16 train-key prompts x 4
-answers an iteration, 40 iterations, 2 passes x 4 minibatches, lr 3e-5, the gold reward as a verifier) with one
-named component changed at a time:
+From each seed's SFT policy (`experiments.world_models`), the main job's GRPO stage in the shape its run folder
+records (since session 15: 32 train-key prompts x 8 answers an iteration in one update; session 13's figures:
+16 x 4 in 2 passes x 4 minibatches; 40 iterations, lr 3e-5, the gold reward as a verifier) with one named
+component changed at a time:
 
 * "grpo": the main job's own stage (group-normalised advantages, per-sequence token mean, k3 KL 0.04 in the loss;
   DeepSeekMath), loaded, not retrained;
 * "dr_grpo": no std division and a constant normaliser (Liu et al. 2025, "Understanding R1-Zero-Like Training");
-* "dapo": token-level loss, clip-higher 0.28, no KL, dynamic sampling (32 prompts sampled, the 16 most
-  informative groups updated) and the soft overlong penalty over the last 6 bytes (Yu et al. 2025);
+* "dapo": token-level loss, clip-higher 0.28, no KL, dynamic sampling (twice the prompts sampled, the most
+  informative half of the groups updated) and the soft overlong penalty over the last 6 bytes (Yu et al. 2025);
 * "rloo": leave-one-out advantages (Ahmadian et al. 2024), the rest as "grpo".
 
 Every variant makes the same number of updates on the same number of answers (DAPO samples twice as many and

@@ -77,7 +77,8 @@ class OveroptimizationConfig:
     ppo_kl_coefs: tuple[float, ...] = (0.0,)
     """KL coefficients (k1 in the reward) of the PPO runs; () for none."""
     grpo_iterations: int = 80
-    """GRPO iterations (16 prompts x 4 answers each)."""
+    """GRPO iterations, each in the main job's shape (its prompts x answers, passes and minibatches: since session
+    15, 32 x 8 answers in one update; before, 16 x 4 in 2 x 4 updates)."""
     ppo_iterations: int = 40
     """PPO iterations (64 rollouts each)."""
     rl_prompts: Literal["main", "evaluated"] = "main"
@@ -268,9 +269,10 @@ def rl_runs(cfg, pcfg, sft_params, mc, rm, key_sets, seed) -> dict:
     for algo, coef in runs:
         t = time.time()
         if algo == "grpo":
-            P, n = 16, cfg.grpo_iterations
-            rl_cfg = GRPOConfig(num_steps=n, batch_size=P, num_generations=4, sampling=sampling, kl_coef=coef,
-                                num_iterations=2, num_minibatches=4, log_every=5,
+            P, n = pcfg.grpo_prompts, cfg.grpo_iterations
+            rl_cfg = GRPOConfig(num_steps=n, batch_size=P, num_generations=pcfg.grpo_generations, sampling=sampling,
+                                kl_coef=coef, num_iterations=pcfg.grpo_passes, num_minibatches=pcfg.grpo_minibatches,
+                                log_every=5,
                                 optim=OptimConfig(learning_rate=cfg.rl_lr, warmup_steps=10, max_grad_norm=1.0))
             state = create_train_state(sft_params, rl_cfg.optim, jax.random.PRNGKey(3000 + seed),
                                        total_steps=n * rl_cfg.updates_per_iteration)
