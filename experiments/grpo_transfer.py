@@ -136,9 +136,9 @@ def run(cfg: GRPOTransferConfig, run_pipeline=None) -> dict:
         result["variants"].append(row)
         first, last = hook.rows[0]["reward"], hook.rows[-1]["reward"]
         print(f"[grpo_transfer] {prompts} prompts, lr {lr:g}: batch reward {first:.3f} -> {last:.3f}; dev gold "
-              f"{result['sft']['gold']:.3f} -> {row['dev']['gold']:.3f}; train-key gold {result['sft']['train_gold']:.3f}"
-              f" -> {row['dev']['train_gold']:.3f} ({row['seconds']:.0f} s)", file=sys.stderr,
-              flush=True)
+              f"{result['sft']['gold']:.3f} -> {row['dev']['gold']:.3f}; train-key gold "
+              f"{result['sft']['train_gold']:.3f} -> {row['dev']['train_gold']:.3f} ({row['seconds']:.0f} s)",
+              file=sys.stderr, flush=True)
     write_report(cfg.out, "grpo_transfer", result, _markdown(result))
     return result
 

@@ -6,12 +6,13 @@
 
 The world (`rlhf_jax.tasks`) knows the true reward of every answer, so each stage is judged by the gold reward
 rather than by its own proxy. Simplifications against InstructGPT, chosen to fit ~15 minutes on 2 CPU cores
-(823 s alone in session 14; 1,297 s on session 10's slower machine): a byte-level transformer of ~0.4M parameters,
-~100-token conversations, one reward model for both the labels' noise and PPO. The table scores 8 samples per
+(727 s alone in session 15, 823 s in session 14 with a smaller GRPO stage; 1,297 s on session 10's slower
+machine): a byte-level transformer of ~0.4M parameters, ~100-token conversations, one reward model for both the
+labels' noise and PPO. The table scores 8 samples per
 distinct held-out prompt at PPO's rollout temperature (the policy PPO optimises), the greedy answer on the side,
 and temperature-1 samples for the KL column.
 
-    python -m experiments.pipeline --out runs/demo            # the default, ~14 minutes on 2 cores
+    python -m experiments.pipeline --out runs/demo            # the default, 12-15 minutes on 2 cores
     python -m experiments.pipeline --out runs/quick --quick   # the same code path in about 2.5 minutes
     python -m experiments.pipeline --out runs/demo --resume   # after a SIGTERM: finished stages are reloaded
 

@@ -1,6 +1,6 @@
 """The main job on several seeds, and the gains that hold across them.
 
-    python -m experiments.seeds --seeds 0 1 2 3 4 --out runs/seeds          # ~14 minutes per seed on 2 CPU cores
+    python -m experiments.seeds --seeds 0 1 2 3 4 --out runs/seeds          # 12-15 minutes per seed on 2 CPU cores
     python -m experiments.seeds --seeds 0 1 --quick --out /tmp/seeds         # smoke test
 
 Each seed is one `experiments.pipeline` run in OUT/seed<N> (its own world data, pretraining, SFT, reward model and
