@@ -127,3 +127,22 @@ def test_pipeline_world_options_reach_every_data_source():
     assert all(len(encode_prompt(pipeline.TOK, world.messages_for(t))) <= pipeline.PROMPT_WIDTH for t in tasks)
     with pytest.raises(SystemExit):
         pipeline.main(["--extra-words", "-3", "--out", "/nonexistent"])
+
+
+def test_grpo_stage_shape_options_reach_its_config():
+    """The GRPO stage's batch shape comes from the pipeline's options (session 15 chose one update an iteration on
+    32 x 8 answers on the dev keys); `--quick` keeps a small group."""
+    from experiments import pipeline
+    from rlhf_jax.generation import SamplingConfig
+
+    sampling = SamplingConfig(max_new_tokens=8)
+    default = pipeline.grpo_config(pipeline.PipelineConfig(), sampling)
+    assert (default.batch_size, default.num_generations, default.updates_per_iteration) == (32, 8, 1)
+    cfg = pipeline.PipelineConfig(grpo_prompts=16, grpo_generations=4, grpo_passes=3, grpo_minibatches=2)
+    g = pipeline.grpo_config(cfg, sampling)
+    assert (g.batch_size, g.num_generations, g.num_iterations, g.num_minibatches) == (16, 4, 3, 2)
+    assert g.updates_per_iteration == 6
+    quick = pipeline.PipelineConfig(quick=True).scaled()
+    assert (quick.grpo_prompts, quick.grpo_generations) == (8, 4)
+    with pytest.raises(ValueError, match="grpo_passes"):
+        pipeline.PipelineConfig(grpo_passes=0)
