@@ -1,6 +1,6 @@
 """Does RL against the exact verifier on training keys transfer to keys it never saw? A dev-split diagnostic.
 
-    python -m experiments.grpo_transfer                       # seed 0 of runs/seeds (~8 minutes once trained)
+    python -m experiments.grpo_transfer                       # seed 0 of runs/seeds (~12 minutes once trained)
     python -m experiments.grpo_transfer --prompts-per-iteration 16 --generations 4 --passes 2 --minibatches 4
                                                               # the main job's shape before session 15
     python -m experiments.grpo_transfer --quick --out /tmp/gt  # smoke test (trains quick models)
