@@ -32,9 +32,7 @@ from rlhf_jax.config_cli import check_ranges, config_check, save_config
 from rlhf_jax.data.iterators import Replayable
 from rlhf_jax.generation import SamplingConfig
 from rlhf_jax.train import stages
-from rlhf_jax.train.grpo import GRPOConfig
 from rlhf_jax.train.logging import StageHooks
-from rlhf_jax.train.optim import OptimConfig
 from rlhf_jax.train.state import create_train_state
 
 
@@ -110,19 +108,21 @@ def run(cfg: GRPOTransferConfig, run_pipeline=None) -> dict:
                 "kl_to_sft": m["kl_to_ref"], "train_gold": t["gold_reward"], "train_skills": t["gold/skills"],
                 "train_safety": t["gold/safety"]}
 
-    P = cfg.prompts_per_iteration or pcfg.grpo_prompts
-    G = cfg.generations or pcfg.grpo_generations
-    passes, minibatches = cfg.passes or pcfg.grpo_passes, cfg.minibatches or pcfg.grpo_minibatches
+    shape = dataclasses.replace(pcfg, grpo_iterations=iterations,   # the main job's GRPO unless set here
+                                grpo_prompts=cfg.prompts_per_iteration or pcfg.grpo_prompts,
+                                grpo_generations=cfg.generations or pcfg.grpo_generations,
+                                grpo_passes=cfg.passes or pcfg.grpo_passes,
+                                grpo_minibatches=cfg.minibatches or pcfg.grpo_minibatches)
+    P = shape.grpo_prompts
     result = {"seed": cfg.seed, "dev_prompts": len(dev_tasks), "dev_samples": samples, "train_prompts": len(seen),
-              "iterations": iterations, "prompts_per_iteration": P, "generations": G, "passes": passes,
-              "minibatches": minibatches, "sft": evaluate(sft), "variants": []}
+              "iterations": iterations, "prompts_per_iteration": P, "generations": shape.grpo_generations,
+              "passes": shape.grpo_passes, "minibatches": shape.grpo_minibatches, "sft": evaluate(sft),
+              "variants": []}
     variants = [("fresh", lr) for lr in cfg.learning_rates] + ([("fixed", cfg.fixed_lr)] if cfg.fixed else [])
     for prompts, lr in variants:
         t = time.time()
-        grpo_cfg = GRPOConfig(num_steps=iterations, batch_size=P, num_generations=G, sampling=sampling,
-                              kl_coef=pcfg.grpo_kl_coef, num_iterations=passes, num_minibatches=minibatches,
-                              log_every=5 if not cfg.quick else 1,
-                              optim=OptimConfig(learning_rate=lr, warmup_steps=10, max_grad_norm=1.0))
+        grpo_cfg = dataclasses.replace(pipeline.grpo_config(dataclasses.replace(shape, grpo_lr=lr), sampling),
+                                       log_every=5 if not cfg.quick else 1)
         data = Replayable(lambda fixed=prompts == "fixed": (_prompt_batch(
             [rl_tasks[j % len(rl_tasks)] for j in range(0 if fixed else i * P, P if fixed else (i + 1) * P)])
             for i in range(iterations)))

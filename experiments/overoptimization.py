@@ -44,7 +44,6 @@ from rlhf_jax.eval import _RM_SCORES, _SAMPLE, PolicyEvaluator, best_of_n_expect
 from rlhf_jax.generation import SamplingConfig
 from rlhf_jax.train import checkpoint as ckpt
 from rlhf_jax.train import stages
-from rlhf_jax.train.grpo import GRPOConfig
 from rlhf_jax.train.logging import StageHooks
 from rlhf_jax.train.optim import OptimConfig
 from rlhf_jax.train.ppo import PPOConfig, init_ppo_state
@@ -270,10 +269,8 @@ def rl_runs(cfg, pcfg, sft_params, mc, rm, key_sets, seed) -> dict:
         t = time.time()
         if algo == "grpo":
             P, n = pcfg.grpo_prompts, cfg.grpo_iterations
-            rl_cfg = GRPOConfig(num_steps=n, batch_size=P, num_generations=pcfg.grpo_generations, sampling=sampling,
-                                kl_coef=coef, num_iterations=pcfg.grpo_passes, num_minibatches=pcfg.grpo_minibatches,
-                                log_every=5,
-                                optim=OptimConfig(learning_rate=cfg.rl_lr, warmup_steps=10, max_grad_norm=1.0))
+            rl_cfg = pipeline.grpo_config(dataclasses.replace(pcfg, grpo_iterations=n, grpo_kl_coef=coef,
+                                                              grpo_lr=cfg.rl_lr), sampling)
             state = create_train_state(sft_params, rl_cfg.optim, jax.random.PRNGKey(3000 + seed),
                                        total_steps=n * rl_cfg.updates_per_iteration)
             run = functools.partial(stages.run_grpo, model_config=mc, reward_params=rm,
