@@ -21,6 +21,7 @@ Writes annotators.json, annotators.md and annotators.png to --out.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import sys
 import time
@@ -30,8 +31,8 @@ import numpy as np
 
 from experiments import populations as pop
 from experiments.pipeline import TOK, _prompt_batch
-from experiments.world_models import (DEFAULT_MODELS, ensure_seed, load, models_template, pipeline_config,
-                                      script_main, write_report)
+from experiments.world_models import (DEFAULT_MODELS, across_seeds, ensure_seed, fmt_interval, kept_seeds, load,
+                                      models_template, pipeline_config, script_main, write_report)
 from rlhf_jax import tasks as world
 from rlhf_jax.config_cli import check_ranges, config_check, save_config
 from rlhf_jax.tasks.annotators import ANNOTATORS, format_bias, get_annotator, preference_prob
@@ -135,9 +136,15 @@ def run(cfg: AnnotatorsConfig, run_pipeline=None) -> dict:
     models = models_template(cfg.models, cfg.out, cfg.quick)
     os.makedirs(cfg.out, exist_ok=True)
     save_config(cfg, os.path.join(cfg.out, "config.json"))
-    result = {"seeds": list(cfg.seeds), "populations": list(cfg.populations), "self_weight": cfg.self_weight,
-              "per_seed": {}}
+    path = os.path.join(cfg.out, "annotators.json")
+    done = kept_seeds(path, _settings(cfg))
+    result = {"settings": _settings(cfg), "seeds": list(cfg.seeds), "populations": list(cfg.populations),
+              "self_weight": cfg.self_weight, "per_seed": {}}
     for seed in cfg.seeds:
+        if str(seed) in done:
+            print(f"[annotators] seed {seed}: kept from {path}", file=sys.stderr, flush=True)
+            result["per_seed"][str(seed)] = done[str(seed)]
+            continue
         t0 = time.time()
         folder = ensure_seed(models, seed, ("sft", "reward", "dpo"), quick=cfg.quick, run_pipeline=run_pipeline)
         pcfg = pipeline_config(folder)
@@ -171,12 +178,44 @@ def run(cfg: AnnotatorsConfig, run_pipeline=None) -> dict:
                   f"{per_pop[name]['reward_model']['gold_agreement_dev']:.3f}; DPO gold {metrics['gold_reward']:.3f}"
                   f", length {metrics['mean_length']:.1f} ({time.time() - t:.0f} s)", file=sys.stderr, flush=True)
         result["per_seed"][str(seed)] = {"populations": per_pop, "seconds": time.time() - t0}
+        with open(path, "w") as f:                   # after every seed: a stopped run keeps what it measured
+            json.dump(result, f, indent=2)
+    result["across_seeds"] = summarise(result)
     write_report(cfg.out, "annotators", result, _markdown(result), lambda: _plot(result, cfg.out))
     return result
 
 
+def _settings(cfg: AnnotatorsConfig) -> dict:
+    """What a seed's numbers depend on besides its models: a saved seed is reused only when these match."""
+    return {"quick": cfg.quick, "populations": list(cfg.populations), "self_weight": cfg.self_weight,
+            "eval_samples": cfg.eval_samples, "eval_prompts": cfg.eval_prompts}
+
+
+POLICY_METRICS = ("gold_reward", "gold/skills", "gold/safety", "mean_length", "format_rate", "refusal_rate",
+                  "over_refusal_rate", "kl_to_ref")
+LABEL_METRICS = ("gold_agreement", "longer_wins", "better_format_wins", "more_likely_wins")
+RM_METRICS = ("gold_agreement_dev", "prefers_longer_equal_gold_dev")
+
+
+def summarise(result: dict) -> dict:
+    """Across seeds (`world_models.across_seeds`: mean with its t-interval, and paired-by-seed differences): each
+    DPO policy against SFT ("<name>-sft|<metric>"), and each population's labels and reward model against the
+    careful population's ("<name>-careful|<metric>", when "careful" was run)."""
+    per_seed = result["per_seed"]
+    names = [n for n in next(iter(per_seed.values()))["populations"] if n != "sft"]
+    out = {"policy": across_seeds({s: {n: r["policy"] for n, r in v["populations"].items()}
+                                   for s, v in per_seed.items()}, ["sft", *names], POLICY_METRICS, "sft")}
+    if "careful" in names:
+        for part, metrics in (("labels", LABEL_METRICS), ("reward_model", RM_METRICS)):
+            out[part] = across_seeds({s: {n: v["populations"][n][part] for n in names} for s, v in per_seed.items()},
+                                     names, metrics, "careful")
+    return out
+
+
 def _markdown(result: dict) -> str:
     lines = ["# Annotator populations and AI feedback", ""]
+    if len(result["per_seed"]) > 1 and "across_seeds" in result:
+        lines += _across_markdown(result)
     for seed, r in result["per_seed"].items():
         pops = {k: v for k, v in r["populations"].items() if k != "sft"}
         lines += [f"## Seed {seed} ({r['seconds']:.0f} s)", "",
@@ -208,10 +247,42 @@ def _markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+def _across_markdown(result: dict) -> list[str]:
+    a, seeds = result["across_seeds"], list(result["per_seed"])
+    names = [n for n in result["populations"] if f"{n}|gold_reward" in a["policy"]]
+    lines = [f"## Across seeds {', '.join(seeds)}", "",
+             "Mean over seeds [95% t-interval across seeds]; differences are paired by seed.", "",
+             "DPO on each population's labels against SFT (every distinct test-key prompt):", "",
+             "| labels | DPO gold | gold - SFT | skills - SFT | safety - SFT | over-refusal (- SFT) | length (- SFT) | "
+             "KL to SFT |", "|---|---|---|---|---|---|---|---|"]
+    p = a["policy"]
+    lines.append(f"| SFT (no labels) | {p['sft|gold_reward']['mean']:.3f} | | | | "
+                 f"{p['sft|over_refusal_rate']['mean']:.2f} | {p['sft|mean_length']['mean']:.1f} | |")
+    for n in names:
+        lines.append(f"| {n} | {p[f'{n}|gold_reward']['mean']:.3f} | {fmt_interval(p[f'{n}-sft|gold_reward'])} | "
+                     f"{fmt_interval(p[f'{n}-sft|gold/skills'])} | {fmt_interval(p[f'{n}-sft|gold/safety'])} | "
+                     f"{p[f'{n}|over_refusal_rate']['mean']:.2f} ({fmt_interval(p[f'{n}-sft|over_refusal_rate'])}) | "
+                     f"{p[f'{n}|mean_length']['mean']:.1f} ({p[f'{n}-sft|mean_length']['mean']:+.2f}) | "
+                     f"{p[f'{n}|kl_to_ref']['mean']:.2f} |")
+    if "labels" in a:
+        lines += ["", "Labels and reward models against the careful population's:", "",
+                  "| labels | agree with gold | longer wins | better format wins | more likely wins | RM agrees with "
+                  "gold (dev) | - careful's | RM prefers longer at equal gold (dev) |", "|---|---|---|---|---|---|---|---|"]
+        lab, rm = a["labels"], a["reward_model"]
+        for n in names:
+            diff = "" if n == "careful" else fmt_interval(rm[f"{n}-careful|gold_agreement_dev"])
+            lines.append(f"| {n} | " + " | ".join(f"{lab[f'{n}|{k}']['mean']:.3f}" for k in LABEL_METRICS) +
+                         f" | {rm[f'{n}|gold_agreement_dev']['mean']:.3f} | {diff} | "
+                         f"{rm[f'{n}|prefers_longer_equal_gold_dev']['mean']:.3f} |")
+    return lines + [""]
+
+
 def _plot(result: dict, out: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    if len(result["per_seed"]) > 1 and "across_seeds" in result:
+        _plot_across(result, out, plt)
     for seed, r in result["per_seed"].items():
         suffix = "" if len(result["per_seed"]) == 1 else f"_seed{seed}"
         names = list(r["populations"])
@@ -233,6 +304,34 @@ def _plot(result: dict, out: str) -> None:
         fig.tight_layout()
         fig.savefig(os.path.join(out, f"annotators{suffix}.png"), dpi=100)
         plt.close(fig)
+
+
+def _plot_across(result: dict, out: str, plt) -> None:
+    """Each population's DPO change from SFT (gold, over-refusal) and its reward model's gold agreement, with the
+    t-intervals across seeds."""
+    a, n_seeds = result["across_seeds"], len(result["per_seed"])
+    names = [n for n in result["populations"] if f"{n}|gold_reward" in a["policy"]]
+    panels = [("policy", "{n}-sft|gold_reward", "DPO gold - SFT's"),
+              ("policy", "{n}-sft|over_refusal_rate", "over-refusal - SFT's")]
+    if "reward_model" in a:
+        panels.append(("reward_model", "{n}|gold_agreement_dev", "RM agrees with gold (dev pairs)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.8))
+    x = np.arange(len(names))
+    for ax, (part, key, title) in zip(np.atleast_1d(axes), panels):
+        cis = [a[part][key.format(n=n)] for n in names]
+        means = np.asarray([c["mean"] for c in cis])
+        err = np.asarray([[c["mean"] - c["low"] for c in cis], [c["high"] - c["mean"] for c in cis]])
+        ax.bar(x, means, yerr=err, capsize=3, color="tab:orange" if part == "reward_model" else "tab:blue")
+        ax.axhline(0.0, color="black", linewidth=0.6)
+        ax.set_title(title, fontsize=9)
+        ax.set_xticks(x, [n.replace("-", "-\n") for n in names], fontsize=7, rotation=90)
+        ax.grid(alpha=0.3, axis="y")
+    if "reward_model" in a:
+        np.atleast_1d(axes)[-1].set_ylim(0.4, 0.8)
+    fig.suptitle(f"Annotator populations: mean over {n_seeds} seeds, 95% t-intervals", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "annotators_seeds.png"), dpi=100)
+    plt.close(fig)
 
 
 def main(argv=None) -> int:

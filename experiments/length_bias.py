@@ -22,6 +22,7 @@ Writes length_bias.json, length_bias.md and length_bias.png to --out.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import sys
 import time
@@ -33,8 +34,8 @@ from experiments import pipeline
 from experiments import populations as pop
 from experiments.overoptimization import _Curve
 from experiments.pipeline import TOK
-from experiments.world_models import (DEFAULT_MODELS, ensure_seed, load, models_template, pipeline_config,
-                                      script_main, write_report)
+from experiments.world_models import (DEFAULT_MODELS, across_seeds, ensure_seed, fmt_interval, kept_seeds, load,
+                                      models_template, pipeline_config, script_main, write_report)
 from rlhf_jax import tasks as world
 from rlhf_jax.config_cli import check_ranges, config_check, save_config
 from rlhf_jax.generation import SamplingConfig
@@ -130,9 +131,15 @@ def run(cfg: LengthBiasConfig, run_pipeline=None) -> dict:
     models = models_template(cfg.models, cfg.out, cfg.quick)
     os.makedirs(cfg.out, exist_ok=True)
     save_config(cfg, os.path.join(cfg.out, "config.json"))
-    result = {"seeds": list(cfg.seeds), "populations": list(cfg.populations), "max_new_tokens": cfg.max_new_tokens,
-              "per_seed": {}}
+    path = os.path.join(cfg.out, "length_bias.json")
+    done = kept_seeds(path, _settings(cfg))
+    result = {"settings": _settings(cfg), "seeds": list(cfg.seeds), "populations": list(cfg.populations),
+              "max_new_tokens": cfg.max_new_tokens, "per_seed": {}}
     for seed in cfg.seeds:
+        if str(seed) in done:
+            print(f"[length_bias] seed {seed}: kept from {path}", file=sys.stderr, flush=True)
+            result["per_seed"][str(seed)] = done[str(seed)]
+            continue
         t0 = time.time()
         folder = ensure_seed(models, seed, ("sft", "reward"), quick=cfg.quick, run_pipeline=run_pipeline)
         pcfg = pipeline_config(folder)
@@ -166,12 +173,67 @@ def run(cfg: LengthBiasConfig, run_pipeline=None) -> dict:
                   f"DPO length {last_d['length']:.1f}, gold {last_d['gold']:.3f} ({entry['seconds']:.0f} s)",
                   file=sys.stderr, flush=True)
         result["per_seed"][str(seed)] = {"populations": per_pop, "seconds": time.time() - t0}
+        with open(path, "w") as f:                   # after every seed: a stopped run keeps what it measured
+            json.dump(result, f, indent=2)
+    result["across_seeds"] = summarise(result)
     write_report(cfg.out, "length_bias", result, _markdown(result), lambda: _plot(result, cfg.out))
     return result
 
 
+def _settings(cfg: LengthBiasConfig) -> dict:
+    """What a seed's numbers depend on besides its models: a saved seed is reused only when these match."""
+    return {"quick": cfg.quick, "populations": list(cfg.populations), "max_new_tokens": cfg.max_new_tokens,
+            "ppo_iterations": cfg.ppo_iterations, "ppo_kl_coef": cfg.ppo_kl_coef, "ppo_lr": cfg.ppo_lr,
+            "eval_every": cfg.eval_every, "dpo_eval_every": cfg.dpo_eval_every, "eval_samples": cfg.eval_samples,
+            "eval_prompts": cfg.eval_prompts}
+
+
+SUMMARY = ("prefers_longer", "prefers_longer_equal_gold", "rm_prefers_longer_equal_gold_dev", "rm_gold_agreement_dev",
+           "rm_own_labels", "length_only_own_labels", "ppo_length_change", "ppo_gold_change", "ppo_proxy_change",
+           "ppo_refusal_change", "dpo_length_change", "dpo_gold_change")
+"""The per-seed numbers summarised across seeds; "*_change" = at the last evaluation minus at the first."""
+
+
+def _seed_row(e: dict) -> dict:
+    lab, rm = e["labels"], e["reward_model"]
+    row = {"prefers_longer": lab["rate"], "prefers_longer_equal_gold": lab["rate_equal_gold"],
+           "rm_prefers_longer_equal_gold_dev": rm["prefers_longer_equal_gold_dev"],
+           "rm_gold_agreement_dev": rm["gold_agreement_dev"], "rm_own_labels": rm["own_labels_accuracy"],
+           "length_only_own_labels": e["length_only_accuracy"]}
+    for method, keys in (("ppo", ("length", "gold", "proxy", "refusal")), ("dpo", ("length", "gold"))):
+        first, last = e[method][0]["test"], e[method][-1]["test"]
+        row.update({f"{method}_{k}_change": last[k] - first[k] for k in keys})
+    return row
+
+
+def summarise(result: dict) -> dict:
+    """Across seeds (`world_models.across_seeds`): each population's numbers (mean with its t-interval) and, when
+    "careful" was run, every other population's difference from it, paired by seed ("<name>-careful|<key>")."""
+    names = list(next(iter(result["per_seed"].values()))["populations"])
+    rows = {s: {n: _seed_row(e) for n, e in r["populations"].items()} for s, r in result["per_seed"].items()}
+    return across_seeds(rows, names, SUMMARY, "careful" if "careful" in names else names[0])
+
+
+def _level(ci: dict) -> str:
+    """An unsigned mean with its interval when there are 2 or more values: "0.647 [0.601, 0.693]"."""
+    return f"{ci['mean']:.3f}" + ("" if ci["n"] < 2 else f" [{ci['low']:.3f}, {ci['high']:.3f}]")
+
+
 def _markdown(result: dict) -> str:
     lines = ["# Length bias: labels, reward models, PPO and DPO", ""]
+    if len(result["per_seed"]) > 1 and "across_seeds" in result:
+        a, names = result["across_seeds"], list(result["populations"])
+        base = "careful" if "careful" in names else names[0]
+        lines += [f"## Across seeds {', '.join(result['per_seed'])}", "",
+                  "Mean over seeds [95% t-interval across seeds]; the last column is the difference from the "
+                  f"{base} population, paired by seed. Changes: last evaluation minus the first (SFT).", "",
+                  "| measure | " + " | ".join(names) + f" | {' | '.join(n + ' - ' + base for n in names if n != base)} |",
+                  "|---|" + "---|" * (2 * len(names) - 1)]
+        for key in SUMMARY:
+            level = fmt_interval if key.endswith("_change") else _level
+            lines.append(f"| {key} | " + " | ".join(level(a[f"{n}|{key}"]) for n in names) + " | " +
+                         " | ".join(fmt_interval(a[f"{n}-{base}|{key}"]) for n in names if n != base) + " |")
+        lines.append("")
     for seed, r in result["per_seed"].items():
         lines += [f"## Seed {seed} ({r['seconds']:.0f} s)", "",
                   "Labels on pairs of two SFT answers to a preference prompt; reward models scored on dev-key pairs "
@@ -206,6 +268,8 @@ def _plot(result: dict, out: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    if len(result["per_seed"]) > 1:
+        _plot_seeds(result, out, plt)
     for seed, r in result["per_seed"].items():
         suffix = "" if len(result["per_seed"]) == 1 else f"_seed{seed}"
         fig, axes = plt.subplots(3, 2, figsize=(9, 8.4), sharex="col")
@@ -225,6 +289,32 @@ def _plot(result: dict, out: str) -> None:
         fig.tight_layout()
         fig.savefig(os.path.join(out, f"length_bias{suffix}.png"), dpi=100)
         plt.close(fig)
+
+
+def _plot_seeds(result: dict, out: str, plt) -> None:
+    """PPO's and DPO's length and gold against step, every seed (thin) and their mean (thick), per population."""
+    fig, axes = plt.subplots(2, 2, figsize=(9, 6), sharex="col")
+    colors = dict(zip(result["populations"], ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple")))
+    for j, method in enumerate(("ppo", "dpo")):
+        for name in result["populations"]:
+            curves = [r["populations"][name][method] for r in result["per_seed"].values()]
+            steps = [p["iteration"] for p in curves[0]]
+            for i, key in enumerate(("length", "gold")):
+                ys = np.asarray([[p["test"][key] for p in c] for c in curves if len(c) == len(steps)])
+                for y in ys:
+                    axes[i, j].plot(steps, y, color=colors.get(name), alpha=0.3, linewidth=0.8)
+                axes[i, j].plot(steps, ys.mean(axis=0), color=colors.get(name), marker="o", ms=3, label=name)
+        axes[-1, j].set_xlabel(("PPO iteration", "DPO step")[j])
+    axes[0, 0].set_ylabel("length (bytes)")
+    axes[1, 0].set_ylabel("gold reward (test keys)")
+    for ax in axes.flat:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="x-small")
+    fig.suptitle(f"Length bias over seeds {', '.join(result['per_seed'])}: each seed (thin) and the mean",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "length_bias_seeds.png"), dpi=100)
+    plt.close(fig)
 
 
 def main(argv=None) -> int:

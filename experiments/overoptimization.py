@@ -14,7 +14,9 @@ From the main job's SFT policy (`experiments.world_models`; a missing seed is tr
   best-of-n), with Gao's fit gold(d) - gold(0) = d (alpha - beta d).
 * RL: GRPO (and PPO) from SFT against the main job's reward model at several KL coefficients, 0 included, sampling
   at temperature 1, evaluated every `eval_every` iterations: gold and proxy against d = sqrt(KL(pi || SFT)) (a
-  sample estimate), with Gao's RL fit gold(d) - gold(0) = d (alpha - beta log d).
+  sample estimate), with Gao's RL fit gold(d) - gold(0) = d (alpha - beta log d). A run "rose then fell" when
+  the paired bootstrap over prompts of gold(peak) - gold(0), at a Bonferroni level over its evaluations (the peak
+  is picked after the fact), and that of gold(end) - gold(peak) both exclude 0.
 
 Two prompt sets, `prompts` distinct prompts each: "train" keys (the distribution the reward model and RL were
 trained on; fresh prompts, as Gao's held-out prompts of the same distribution) and "test" keys (never in any
@@ -40,7 +42,8 @@ from experiments.world_models import (DEFAULT_MODELS, ensure_seed, load, models_
 from rlhf_jax import tasks as world
 from rlhf_jax.config_cli import check_ranges, config_check, save_config
 from rlhf_jax.data.iterators import Replayable
-from rlhf_jax.eval import _RM_SCORES, _SAMPLE, PolicyEvaluator, best_of_n_expectation, pairwise_accuracy
+from rlhf_jax.eval import (_RM_SCORES, _SAMPLE, PolicyEvaluator, best_of_n_expectation, pairwise_accuracy,
+                           paired_bootstrap)
 from rlhf_jax.generation import SamplingConfig
 from rlhf_jax.train import checkpoint as ckpt
 from rlhf_jax.train import stages
@@ -88,11 +91,14 @@ class OveroptimizationConfig:
     rl_lr: float = 3e-5
     """Learning rate of GRPO (PPO: half of it, as the main job's ratio)."""
     eval_every: int = 10
-    """RL iterations between evaluations (4 answers per prompt of each key set), besides iterations 1, 2, 4 and 8
-    (a gold peak can come early)."""
+    """RL iterations between evaluations (`eval_samples` answers per prompt of each key set), besides iterations 1,
+    2, 4 and 8 (a gold peak can come early)."""
+    eval_samples: int = 4
+    """Temperature-1 answers per prompt in each RL evaluation (more resolve a smaller rise of the gold reward)."""
 
     def __post_init__(self):
-        check_ranges(self, positive=("pool", "prompts", "grpo_iterations", "ppo_iterations", "rl_lr", "eval_every"))
+        check_ranges(self, positive=("pool", "prompts", "grpo_iterations", "ppo_iterations", "rl_lr", "eval_every",
+                                           "eval_samples"))
         config_check(self, len(self.seeds) > 0 and len(set(self.seeds)) == len(self.seeds) and min(self.seeds) >= 0,
                      f"seeds = {self.seeds} must be distinct non-negative integers")
         config_check(self, len(self.fractions) > 0 and all(0 < f <= 1 for f in self.fractions) and
@@ -228,6 +234,19 @@ def _peak(xs, gold) -> dict:
             "peaked_then_fell": bool(0 < i < len(gold) - 1 and gold[-1] < gold[i])}
 
 
+def _rise(per_prompt: list, peak: int, weights, level: float = 0.95) -> dict:
+    """Is an RL run's gold peak above its start beyond the evaluation's noise? The paired bootstrap over prompts
+    (`eval.paired_bootstrap`, family weights) of gold(peak) - gold(0), at a Bonferroni level over the evaluations
+    after the start (the peak is the best of them, chosen after the fact), and of gold(final) - gold(peak).
+    `per_prompt`: each evaluation's per-prompt mean gold [B]; `peak`: its index. "rose_then_fell" needs both
+    intervals to exclude 0."""
+    later = max(len(per_prompt) - 1, 1)
+    strict = 1.0 - (1.0 - level) / later
+    rise = paired_bootstrap(per_prompt[peak], per_prompt[0], weights=weights, level=strict)
+    fall = paired_bootstrap(per_prompt[-1], per_prompt[peak], weights=weights, level=level)
+    return {"rise": rise, "fall": fall, "rose_then_fell": bool(rise["low"] > 0 and fall["high"] < 0)}
+
+
 class _Curve(StageHooks):
     """At iterations 0, 1, 2, 4, 8 and every `every`: the policy's gold, proxy and KL to SFT on each key set."""
 
@@ -238,10 +257,11 @@ class _Curve(StageHooks):
     def record(self, step, params):
         point = {"iteration": step}
         for name, ev in self.evaluators.items():
-            m, _ = ev(params, **self.kwargs)
+            m, gold = ev(params, **self.kwargs)
             point[name] = {"gold": m["gold_reward"], "proxy": m["rm_score"], "kl": m["kl_to_ref"],
                            "length": m["mean_length"], "refusal": m["refusal_rate"],
-                           "over_refusal": m["over_refusal_rate"]}
+                           "over_refusal": m["over_refusal_rate"],
+                           "gold_per_prompt": [round(float(g), 6) for g in gold]}
         self.points.append(point)
 
     def on_state(self, step, state):
@@ -256,7 +276,7 @@ def rl_runs(cfg, pcfg, sft_params, mc, rm, key_sets, seed) -> dict:
     for name, tasks in key_sets.items():
         batch = _prompt_batch(tasks)
         evaluators[name] = PolicyEvaluator(batch["prompts"], batch["prompt_mask"], model_config=mc, tokenizer=TOK,
-                                           sampling=sampling, samples=4,
+                                           sampling=sampling, samples=cfg.eval_samples,
                                            gold_fn=functools.partial(world.gold_rewards, tasks),
                                            metrics_fn=lambda idx, texts, tasks=tasks: world.compute_metrics(
                                                [tasks[i] for i in idx], texts),
@@ -296,8 +316,10 @@ def rl_runs(cfg, pcfg, sft_params, mc, rm, key_sets, seed) -> dict:
         for key in key_sets:
             d = np.sqrt(np.maximum([p[key]["kl"] for p in curve.points], 0.0))
             gold = [p[key]["gold"] for p in curve.points]
-            out[name][key] = {"fit": fit_gao(d, np.asarray(gold) - gold[0], "rl"),
-                              **_peak([p["iteration"] for p in curve.points], gold)}
+            peak = _peak([p["iteration"] for p in curve.points], gold)
+            out[name][key] = {"fit": fit_gao(d, np.asarray(gold) - gold[0], "rl"), **peak,
+                              **_rise([p[key]["gold_per_prompt"] for p in curve.points], int(np.argmax(gold)),
+                                      evaluators[key].weights)}
         print(f"[overoptimization] seed {seed}: {name} in {time.time() - t:.0f} s; " + "; ".join(
             f"{k}: gold {out[name][k]['peak_gold']:.3f} at iteration {out[name][k]['peak_at']}, final "
             f"{out[name][k]['final_gold']:.3f}" for k in key_sets), file=sys.stderr, flush=True)
@@ -330,6 +352,13 @@ def run(cfg: OveroptimizationConfig, run_pipeline=None) -> dict:
     return result
 
 
+def _ci(b: dict | None) -> str:
+    """"+0.012 [-0.003, +0.027] (99.4%)" of a paired_bootstrap result ("" for runs saved before it existed)."""
+    if not b:
+        return ""
+    return f"{b['delta']:+.3f} [{b['low']:+.3f}, {b['high']:+.3f}] ({100 * b['level']:.3g}%)"
+
+
 def _markdown(result: dict) -> str:
     lines = ["# Reward over-optimisation: gold against proxy", ""]
     for seed, r in result["per_seed"].items():
@@ -347,8 +376,9 @@ def _markdown(result: dict) -> str:
         lines += ["", f"RL from SFT against the main job's reward model (share 1) on {on}; evaluated every few "
                   "iterations; fit gain = d (alpha - beta log d), d = sqrt(KL to SFT).", "",
                   "| run | keys | gold at 0 | peak gold (iteration) | final gold | final proxy - initial | final KL | "
-                  "final length (bytes) | alpha | beta | R^2 | rose then fell |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "final length (bytes) | alpha | beta | R^2 | peak - start [CI] | final - peak [95% CI] | "
+                  "rose then fell (both CIs exclude 0) |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for name, run in r["rl"].items():
             for keys in KEY_SETS:
                 if keys not in run:
@@ -358,7 +388,8 @@ def _markdown(result: dict) -> str:
                              f"{s['final_gold']:.3f} | {p1['proxy'] - p0['proxy']:+.3f} | {p1['kl']:.2f} | "
                              f"{p0['length']:.1f} -> {p1['length']:.1f} | "
                              f"{s['fit']['alpha']:.3f} | {s['fit']['beta']:.3f} | {s['fit']['r2']:.2f} | "
-                             f"{'yes' if s['peaked_then_fell'] else 'no'} |")
+                             f"{_ci(s.get('rise'))} | {_ci(s.get('fall'))} | "
+                             f"{'yes' if s.get('rose_then_fell') else 'no'} |")
         lines.append("")
     return "\n".join(lines)
 

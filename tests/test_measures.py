@@ -90,6 +90,22 @@ def test_best_of_n_kl_and_gao_fits():
     assert not overoptimization._peak([0, 10], [0.1, 0.3])["peaked_then_fell"]
 
 
+def test_rl_rise_counts_only_beyond_the_bonferroni_bootstrap_interval():
+    rng = np.random.default_rng(0)
+    start = rng.uniform(0.2, 0.8, 48)
+    noise = lambda: rng.normal(0.0, 0.05, 48)  # noqa: E731
+    # a clear rise of 0.1 on every prompt, then a clear fall: both intervals exclude 0
+    clear = [start, start + 0.1 + noise(), start - 0.2 + noise()]
+    r = overoptimization._rise(clear, 1, np.ones(48))
+    assert r["rose_then_fell"] and r["rise"]["low"] > 0 and r["fall"]["high"] < 0
+    assert r["rise"]["level"] == pytest.approx(1 - 0.05 / 2) and r["fall"]["level"] == 0.95
+    # the best of many noisy evaluations with no real change: the strict interval keeps its rise from counting
+    flat = [start] + [start + noise() for _ in range(10)]
+    peak = int(np.argmax([np.mean(g) for g in flat]))
+    r = overoptimization._rise(flat + [start - 0.2], peak, np.ones(48))
+    assert peak > 0 and r["rise"]["delta"] > 0 and r["rise"]["low"] < 0 and not r["rose_then_fell"]
+
+
 def test_seed_models_cache_runs_the_main_job_only_when_a_stage_is_missing(tmp_path):
     calls = []
     template = str(tmp_path / "seed{seed}")

@@ -143,3 +143,58 @@ def test_hallucination_outcomes_and_reward():
     s = hal.score([task, held[1]], texts, 0.5)
     assert s["correct"] == 0.25 and s["idk"] == 0.5 and s["hallucinated"] == 0.25
     assert s["fact_reward"] == pytest.approx((1 + 0.5 + 0 + 0.5) / 4)
+
+
+def test_annotators_across_seed_summary_pairs_each_population_with_sft_and_careful(tmp_path):
+    def seed_result(shift):
+        policy = lambda gold, over: {k: 0.0 for k in annotators.POLICY_METRICS} | {     # noqa: E731
+            "gold_reward": gold, "over_refusal_rate": over, "mean_length": 5.0, "phrase_rate": 0.0}
+        pop = lambda gold, over, dev: {                                                  # noqa: E731
+            "policy": policy(gold, over), "labels": {k: 0.5 for k in annotators.LABEL_METRICS},
+            "position": {"first_shown_wins": 0.5, "order_flips": 0.0}, "train_pairs": 10,
+            "reward_model": {"gold_agreement_dev": dev, "prefers_longer_equal_gold_dev": 0.6,
+                             "own_labels_accuracy": 0.7}}
+        return {"populations": {"sft": {"policy": policy(0.40 + shift, 0.2)},
+                                "careful": pop(0.39 + shift, 0.2, 0.67), "format-loving": pop(0.35 + shift, 0.5, 0.6)},
+                "seconds": 1.0}
+    result = {"seeds": [0, 1, 2], "populations": ["careful", "format-loving"],
+              "per_seed": {"0": seed_result(0.0), "1": seed_result(0.02), "2": seed_result(-0.01)}}
+    a = annotators.summarise(result)
+    # the seed-to-seed shift is common to SFT and DPO: the paired differences have no spread
+    assert a["policy"]["format-loving-sft|gold_reward"]["mean"] == pytest.approx(-0.05)
+    assert a["policy"]["format-loving-sft|gold_reward"]["sd"] == pytest.approx(0.0, abs=1e-12)
+    assert a["policy"]["format-loving|gold_reward"]["sd"] > 0.01
+    assert a["policy"]["format-loving-sft|over_refusal_rate"]["mean"] == pytest.approx(0.3)
+    assert a["reward_model"]["format-loving-careful|gold_agreement_dev"]["mean"] == pytest.approx(-0.07)
+    result["across_seeds"] = a
+    text = annotators._markdown(result)
+    assert "## Across seeds 0, 1, 2" in text and "| format-loving | 0.353 | -0.050 [-0.050, -0.050] |" in text
+    annotators._plot(result, str(tmp_path))
+    assert (tmp_path / "annotators_seeds.png").stat().st_size > 0
+
+
+def test_length_bias_across_seed_summary_pairs_length_loving_with_careful(tmp_path):
+    def curve(length_end, gold_end):
+        point = lambda length, gold: {"test": {"length": length, "gold": gold, "proxy": 0.0, "refusal": 0.5,  # noqa: E731
+                                                "kl": 0.0, "over_refusal": 0.1}}
+        return [{"iteration": 0, **point(5.0, 0.4)}, {"iteration": 10, **point(length_end, gold_end)}]
+
+    def entry(rate, length_end):
+        return {"labels": {"rate": rate, "pairs": 10, "rate_equal_gold": rate, "pairs_equal_gold": 5},
+                "reward_model": {"prefers_longer_equal_gold_dev": rate, "gold_agreement_dev": 0.6,
+                                 "own_labels_accuracy": 0.7},
+                "length_only_accuracy": 0.5, "length_only_gold_agreement_dev": 0.5,
+                "ppo": curve(length_end, 0.3), "dpo": curve(5.5, 0.4)}
+    result = {"seeds": [0, 1], "populations": ["careful", "length-loving"], "max_new_tokens": 48,
+              "per_seed": {s: {"populations": {"careful": entry(0.5, 6.0), "length-loving": entry(0.65, end)},
+                               "seconds": 1.0} for s, end in (("0", 13.0), ("1", 15.0))}}
+    a = length_bias.summarise(result)
+    assert a["length-loving|ppo_length_change"]["mean"] == pytest.approx(9.0)          # (8 + 10) / 2
+    assert a["length-loving-careful|ppo_length_change"]["mean"] == pytest.approx(8.0)  # paired: 7 and 9
+    assert a["length-loving-careful|prefers_longer"]["mean"] == pytest.approx(0.15)
+    assert a["careful|ppo_gold_change"]["mean"] == pytest.approx(-0.1)
+    result["across_seeds"] = a
+    text = length_bias._markdown(result)
+    assert "| ppo_length_change | +1.000 [+1.000, +1.000] | +9.000 [" in text
+    length_bias._plot(result, str(tmp_path))
+    assert (tmp_path / "length_bias_seeds.png").stat().st_size > 0
