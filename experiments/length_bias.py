@@ -224,15 +224,18 @@ def _markdown(result: dict) -> str:
     if len(result["per_seed"]) > 1 and "across_seeds" in result:
         a, names = result["across_seeds"], list(result["populations"])
         base = "careful" if "careful" in names else names[0]
+        others = [n for n in names if n != base]
         lines += [f"## Across seeds {', '.join(result['per_seed'])}", "",
-                  "Mean over seeds [95% t-interval across seeds]; the last column is the difference from the "
-                  f"{base} population, paired by seed. Changes: last evaluation minus the first (SFT).", "",
-                  "| measure | " + " | ".join(names) + f" | {' | '.join(n + ' - ' + base for n in names if n != base)} |",
-                  "|---|" + "---|" * (2 * len(names) - 1)]
+                  "Mean over seeds [95% t-interval across seeds]" + (
+                      f"; the last column{'s give' if len(others) > 1 else ' gives'} the difference from the {base} "
+                      "population, paired by seed" if others else "") +
+                  ". Changes: last evaluation minus the first (SFT).", "",
+                  "| measure | " + " | ".join([*names, *(f"{n} - {base}" for n in others)]) + " |",
+                  "|---|" + "---|" * (len(names) + len(others))]
         for key in SUMMARY:
             level = fmt_interval if key.endswith("_change") else _level
-            lines.append(f"| {key} | " + " | ".join(level(a[f"{n}|{key}"]) for n in names) + " | " +
-                         " | ".join(fmt_interval(a[f"{n}-{base}|{key}"]) for n in names if n != base) + " |")
+            lines.append(f"| {key} | " + " | ".join([*(level(a[f"{n}|{key}"]) for n in names),
+                                                     *(fmt_interval(a[f"{n}-{base}|{key}"]) for n in others)]) + " |")
         lines.append("")
     for seed, r in result["per_seed"].items():
         lines += [f"## Seed {seed} ({r['seconds']:.0f} s)", "",
