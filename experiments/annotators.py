@@ -1,6 +1,7 @@
 """Annotator populations and AI feedback: whose labels a reward model and DPO learn from, and what it does to them.
 
-    python -m experiments.annotators                          # seed 0 of runs/seeds (~20 minutes once trained)
+    python -m experiments.annotators                          # seed 0 of runs/seeds (~70 min beside 2-4 jobs)
+    python -m experiments.annotators --seeds 0 1 2            # three seeds and the across-seed summary
     python -m experiments.annotators --quick --out /tmp/ann   # smoke test (trains quick models)
 
 From the main job's SFT policy (`experiments.world_models`; a missing seed is trained first), every population of
@@ -16,7 +17,10 @@ answer wins, the position bias with answers swapped), a reward model on them (th
 with gold on dev-key pairs, prompts no training saw) and DPO on them (the main job's step 6): gold reward (skills and
 safety), length, format, pet phrase and refusals on every distinct test-key prompt.
 
-Writes annotators.json, annotators.md and annotators.png to --out.
+With several seeds: each seed's numbers are saved as it finishes and reused by a later run with the same settings
+(so seeds run apart can be merged), and the summary gives the mean over seeds with a t-interval, each DPO policy
+against SFT and each reward model against the careful population's, paired by seed. Writes annotators.json,
+annotators.md and annotators.png (per seed) and annotators_seeds.png (several seeds) to --out.
 """
 from __future__ import annotations
 

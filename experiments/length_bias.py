@@ -17,7 +17,10 @@ first), for each population of `populations` (the main job's "careful" one and t
    (`max_new_tokens` above the main job's 28): gold reward, proxy score, length and KL to SFT on every distinct
    test-key prompt against training step.
 
-Writes length_bias.json, length_bias.md and length_bias.png to --out.
+With several seeds: each seed's numbers are saved as it finishes and reused by a later run with the same settings,
+and the summary gives the mean over seeds with a t-interval and each population's difference from the careful
+one, paired by seed. Writes length_bias.json, length_bias.md and length_bias.png (per seed) and
+length_bias_seeds.png (several seeds) to --out.
 """
 from __future__ import annotations
 
