@@ -140,9 +140,9 @@ def run(cfg: AnnotatorsConfig, run_pipeline=None) -> dict:
     models = models_template(cfg.models, cfg.out, cfg.quick)
     os.makedirs(cfg.out, exist_ok=True)
     save_config(cfg, os.path.join(cfg.out, "config.json"))
-    path = os.path.join(cfg.out, "annotators.json")
-    done = kept_seeds(path, _settings(cfg))
-    result = {"settings": _settings(cfg), "seeds": list(cfg.seeds), "populations": list(cfg.populations),
+    path, settings = os.path.join(cfg.out, "annotators.json"), _settings(cfg)
+    done = kept_seeds(path, settings)
+    result = {"settings": settings, "seeds": list(cfg.seeds), "populations": list(cfg.populations),
               "self_weight": cfg.self_weight, "per_seed": {}}
     for seed in cfg.seeds:
         if str(seed) in done:

@@ -134,9 +134,9 @@ def run(cfg: LengthBiasConfig, run_pipeline=None) -> dict:
     models = models_template(cfg.models, cfg.out, cfg.quick)
     os.makedirs(cfg.out, exist_ok=True)
     save_config(cfg, os.path.join(cfg.out, "config.json"))
-    path = os.path.join(cfg.out, "length_bias.json")
-    done = kept_seeds(path, _settings(cfg))
-    result = {"settings": _settings(cfg), "seeds": list(cfg.seeds), "populations": list(cfg.populations),
+    path, settings = os.path.join(cfg.out, "length_bias.json"), _settings(cfg)
+    done = kept_seeds(path, settings)
+    result = {"settings": settings, "seeds": list(cfg.seeds), "populations": list(cfg.populations),
               "max_new_tokens": cfg.max_new_tokens, "per_seed": {}}
     for seed in cfg.seeds:
         if str(seed) in done:
@@ -217,11 +217,6 @@ def summarise(result: dict) -> dict:
     return across_seeds(rows, names, SUMMARY, "careful" if "careful" in names else names[0])
 
 
-def _level(ci: dict) -> str:
-    """An unsigned mean with its interval when there are 2 or more values: "0.647 [0.601, 0.693]"."""
-    return f"{ci['mean']:.3f}" + ("" if ci["n"] < 2 else f" [{ci['low']:.3f}, {ci['high']:.3f}]")
-
-
 def _markdown(result: dict) -> str:
     lines = ["# Length bias: labels, reward models, PPO and DPO", ""]
     if len(result["per_seed"]) > 1 and "across_seeds" in result:
@@ -236,8 +231,8 @@ def _markdown(result: dict) -> str:
                   "| measure | " + " | ".join([*names, *(f"{n} - {base}" for n in others)]) + " |",
                   "|---|" + "---|" * (len(names) + len(others))]
         for key in SUMMARY:
-            level = fmt_interval if key.endswith("_change") else _level
-            lines.append(f"| {key} | " + " | ".join([*(level(a[f"{n}|{key}"]) for n in names),
+            signed = key.endswith("_change")
+            lines.append(f"| {key} | " + " | ".join([*(fmt_interval(a[f"{n}|{key}"], signed) for n in names),
                                                      *(fmt_interval(a[f"{n}-{base}|{key}"]) for n in others)]) + " |")
         lines.append("")
     for seed, r in result["per_seed"].items():

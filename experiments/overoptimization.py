@@ -98,7 +98,7 @@ class OveroptimizationConfig:
 
     def __post_init__(self):
         check_ranges(self, positive=("pool", "prompts", "grpo_iterations", "ppo_iterations", "rl_lr", "eval_every",
-                                           "eval_samples"))
+                                     "eval_samples"))
         config_check(self, len(self.seeds) > 0 and len(set(self.seeds)) == len(self.seeds) and min(self.seeds) >= 0,
                      f"seeds = {self.seeds} must be distinct non-negative integers")
         config_check(self, len(self.fractions) > 0 and all(0 < f <= 1 for f in self.fractions) and

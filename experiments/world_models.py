@@ -134,6 +134,8 @@ def across_seeds(rows: dict, names, metrics, baseline: str) -> dict:
     return out
 
 
-def fmt_interval(ci: dict) -> str:
-    """A signed mean with its interval when there are 2 or more values: "+0.012 [-0.003, +0.027]"."""
-    return f"{ci['mean']:+.3f}" + ("" if ci["n"] < 2 else f" [{ci['low']:+.3f}, {ci['high']:+.3f}]")
+def fmt_interval(ci: dict, signed: bool = True) -> str:
+    """A mean with its interval when there are 2 or more values: "+0.012 [-0.003, +0.027]" (signed, for
+    differences) or "0.647 [0.601, 0.693]"."""
+    f = "+.3f" if signed else ".3f"
+    return f"{ci['mean']:{f}}" + ("" if ci["n"] < 2 else f" [{ci['low']:{f}}, {ci['high']:{f}}]")
