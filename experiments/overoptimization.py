@@ -95,6 +95,10 @@ class OveroptimizationConfig:
     2, 4 and 8 (a gold peak can come early)."""
     eval_samples: int = 4
     """Temperature-1 answers per prompt in each RL evaluation (more resolve a smaller rise of the gold reward)."""
+    families: Literal["all", "skills"] = "all"
+    """The families of every prompt here (key sets, best-of-n, RL): "all" = the world's mix; "skills" = the six
+    checkable families only, without the unsafe requests and their look-alikes, so that refusing less is not a
+    way for RL to please the reward model."""
 
     def __post_init__(self):
         check_ranges(self, positive=("pool", "prompts", "grpo_iterations", "ppo_iterations", "rl_lr", "eval_every",
@@ -135,17 +139,23 @@ def fit_gao(d, gain, form: str) -> dict:
             "r2": float(1.0 - np.sum(resid ** 2) / total) if total > 0 else float("nan")}
 
 
-def _key_set(name: str, n: int, seed: int) -> list:
+def _mix(families: str) -> dict[str, float]:
+    """The family mix of `families` ("all" or "skills"), with the world's default weights."""
+    return {f: w for f, w in world.DEFAULT_MIX.items() if families == "all" or f in world.SKILL_FAMILIES}
+
+
+def _key_set(name: str, n: int, seed: int, families: str = "all") -> list:
     """`n` distinct prompts of a key set: fresh train-key prompts (seed-dependent), or test keys (a stratified
-    shuffle of every distinct test prompt)."""
+    shuffle of every distinct test prompt), of the families in `families` ("all" or "skills")."""
+    mix = _mix(families)
     if name == "train":
         seen, out = set(), []
-        for t in world.prompt_set(8 * n, 10_000 + seed, split="train"):
+        for t in world.prompt_set(8 * n, 10_000 + seed, split="train", mix=mix):
             if t.prompt not in seen:
                 seen.add(t.prompt)
                 out.append(t)
         return out[:n]
-    tasks = world.key_tasks("test")
+    tasks = world.key_tasks("test", tuple(mix))
     order = np.random.default_rng(seed).permutation(len(tasks))
     return [tasks[i] for i in order[:n]]
 
@@ -269,6 +279,16 @@ class _Curve(StageHooks):
             self.record(step, self.params_of(state))
 
 
+def _rl_tasks(cfg, pcfg, key_sets) -> list:
+    """The RL runs' prompts (`cfg.rl_prompts`, of `cfg.families`): the train key set's own, or the main job's."""
+    if cfg.rl_prompts == "evaluated":
+        return key_sets["train"]
+    if cfg.families == "all":
+        return pipeline.rl_prompts(pcfg)
+    return world.prompt_set(pcfg.ppo_batch * 64, pcfg.seed + 4, split="train", mix=_mix(cfg.families),
+                            config=pcfg.world())              # the main job's, drawn from the skill families only
+
+
 def rl_runs(cfg, pcfg, sft_params, mc, rm, key_sets, seed) -> dict:
     sampling = SamplingConfig(max_new_tokens=pcfg.max_new_tokens, temperature=1.0, eos_id=TOK.eos_id,
                               pad_id=TOK.pad_id)
@@ -281,7 +301,7 @@ def rl_runs(cfg, pcfg, sft_params, mc, rm, key_sets, seed) -> dict:
                                            metrics_fn=lambda idx, texts, tasks=tasks: world.compute_metrics(
                                                [tasks[i] for i in idx], texts),
                                            weights=world.family_weights(tasks, world.DEFAULT_MIX))
-    rl_tasks = pipeline.rl_prompts(pcfg) if cfg.rl_prompts == "main" else key_sets["train"]
+    rl_tasks = _rl_tasks(cfg, pcfg, key_sets)
     kwargs = dict(ref_params=sft_params, reward_params=rm, rng=jax.random.PRNGKey(2000 + seed))
     out = {}
     runs = [("grpo", c) for c in cfg.grpo_kl_coefs] + [("ppo", c) for c in cfg.ppo_kl_coefs]
@@ -331,7 +351,7 @@ def run(cfg: OveroptimizationConfig, run_pipeline=None) -> dict:
     models = models_template(cfg.models, cfg.out, cfg.quick)
     os.makedirs(cfg.out, exist_ok=True)
     save_config(cfg, os.path.join(cfg.out, "config.json"))
-    result = {"seeds": list(cfg.seeds), "rl_prompts": cfg.rl_prompts, "per_seed": {}}
+    result = {"seeds": list(cfg.seeds), "rl_prompts": cfg.rl_prompts, "families": cfg.families, "per_seed": {}}
     for seed in cfg.seeds:
         t0 = time.time()
         folder = ensure_seed(models, seed, ("sft", "reward"), quick=cfg.quick, run_pipeline=run_pipeline)
@@ -339,10 +359,12 @@ def run(cfg: OveroptimizationConfig, run_pipeline=None) -> dict:
         mc, sft_params = load(folder, "sft")
         out_dir = os.path.join(cfg.out, f"seed{seed}")
         rms = _proxies(cfg, pcfg, folder, out_dir, sft_params, mc, seed)
-        key_sets = {k: _key_set(k, cfg.prompts, seed) for k in KEY_SETS}
+        key_sets = {k: _key_set(k, cfg.prompts, seed, cfg.families) for k in KEY_SETS}
         t = time.time()
         bon = _cached(os.path.join(out_dir, "best_of_n.json"), {"pool": cfg.pool, "prompts": cfg.prompts,
-                                                                "fractions": list(cfg.fractions)},
+                                                                "fractions": list(cfg.fractions),
+                                                                **({"families": cfg.families}
+                                                                   if cfg.families != "all" else {})},
                       lambda: {k: best_of_n(cfg, sft_params, mc, rms, tasks, jax.random.PRNGKey(5000 + seed))
                                for k, tasks in key_sets.items()})
         print(f"[overoptimization] seed {seed}: best-of-n in {time.time() - t:.0f} s", file=sys.stderr)
@@ -361,6 +383,9 @@ def _ci(b: dict | None) -> str:
 
 def _markdown(result: dict) -> str:
     lines = ["# Reward over-optimisation: gold against proxy", ""]
+    if result.get("families", "all") != "all":
+        lines += ["Every prompt (both key sets, best-of-n, RL) from the six checkable families only: no unsafe requests "
+                  "or look-alikes.", ""]
     for seed, r in result["per_seed"].items():
         lines += [f"## Seed {seed} ({r['seconds']:.0f} s)", "", "Best-of-n from SFT (temperature 1), the proxy's pick; "
                   "gain = gold(n) - gold(1); fit gain = d (alpha - beta d), d = sqrt(log n - (n-1)/n).", "",

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from experiments import (annotators, calibration, frontier, grpo_transfer, grpo_variants, hallucination,
-                         length_bias, overoptimization, safety_data, world_models)
+                         length_bias, overoptimization, pipeline, safety_data, world_models)
+from rlhf_jax import tasks as world
 from rlhf_jax.eval import best_of_n_expectation, expected_calibration_error, reliability_bins
 
 
@@ -170,3 +171,18 @@ def test_across_seeds_and_kept_seeds(tmp_path):
     (tmp_path / "r.json").write_text(json.dumps({"settings": {"x": 1}, "per_seed": {"0": {"v": 2}}}))
     assert world_models.kept_seeds(path, {"x": 1}) == {"0": {"v": 2}}
     assert world_models.kept_seeds(path, {"x": 2}) == {}                # other settings: measured again
+
+
+def test_overoptimization_skill_families_leave_out_every_safety_prompt():
+    pcfg = pipeline.PipelineConfig(quick=True)
+    for families in ("all", "skills"):
+        cfg = overoptimization.OveroptimizationConfig(families=families)
+        key_sets = {k: overoptimization._key_set(k, 40, 0, families) for k in overoptimization.KEY_SETS}
+        for name, tasks in {**key_sets, "rl": overoptimization._rl_tasks(cfg, pcfg, key_sets)}.items():
+            fams = {t.family for t in tasks}
+            assert len({t.prompt for t in tasks}) == len(tasks) or name == "rl", name
+            if families == "skills":
+                assert fams <= set(world.SKILL_FAMILIES) and len(fams) > 1, (name, fams)
+            else:
+                assert fams & set(world.SAFETY_FAMILIES), (name, fams)
+        assert {t.family for t in key_sets["test"]} <= {t.family for t in world.key_tasks("test")}
