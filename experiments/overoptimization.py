@@ -1,7 +1,7 @@
 """Reward over-optimisation (Gao, Schulman and Hilton 2022): optimise a learned reward model hard enough and the
 gold reward rises, peaks and falls while the proxy keeps rising.
 
-    python -m experiments.overoptimization                    # seed 0 of runs/seeds (~22 minutes once trained)
+    python -m experiments.overoptimization                    # seed 0 of runs/seeds (12 min alone on 2 cores)
     python -m experiments.overoptimization --quick --out /tmp/oo   # smoke test (trains quick models)
 
 From the main job's SFT policy (`experiments.world_models`; a missing seed is trained first):
@@ -20,7 +20,9 @@ From the main job's SFT policy (`experiments.world_models`; a missing seed is tr
 
 Two prompt sets, `prompts` distinct prompts each: "train" keys (the distribution the reward model and RL were
 trained on; fresh prompts, as Gao's held-out prompts of the same distribution) and "test" keys (never in any
-training data). Writes overoptimization.json, overoptimization.md, best_of_n.png and rl.png.
+training data). `--families skills` keeps every prompt to the six checkable families (no unsafe requests or
+look-alikes). Writes overoptimization.json, overoptimization.md, best_of_n.png and rl.png (with several seeds one
+of each per seed, and rl_seeds.png: every seed's RL curves beside its best-of-n curve).
 """
 from __future__ import annotations
 
@@ -74,31 +76,33 @@ class OveroptimizationConfig:
     """SFT answers per prompt behind the best-of-n estimates (n goes up to it)."""
     prompts: int = 48
     """Distinct prompts per key set."""
-    grpo_kl_coefs: tuple[float, ...] = (0.0, 0.04, 0.2)
+    grpo_kl_coefs: tuple[float, ...] = (0.0, 0.2)
     """KL coefficients (in the loss, k3) of the GRPO runs against the main job's reward model."""
     ppo_kl_coefs: tuple[float, ...] = (0.0,)
     """KL coefficients (k1 in the reward) of the PPO runs; () for none."""
-    grpo_iterations: int = 80
+    grpo_iterations: int = 20
     """GRPO iterations, each in the main job's shape (its prompts x answers, passes and minibatches: since session
-    15, 32 x 8 answers in one update; before, 16 x 4 in 2 x 4 updates)."""
+    15, 32 x 8 answers in one update; before, 16 x 4 in 2 x 4 updates). Before session 17 the default was 80."""
     ppo_iterations: int = 40
     """PPO iterations (64 rollouts each)."""
-    rl_prompts: Literal["main", "evaluated"] = "main"
+    rl_prompts: Literal["main", "evaluated"] = "evaluated"
     """The RL runs' prompts: "main" = the main job's RL prompts (fresh train-key prompts every iteration: Gao's
     held-out prompts of the training distribution); "evaluated" = the "train" key set's own prompts, cycled, so
     that RL, like best-of-n, optimises the answers to the prompts it is judged on (in this world a step on one key
-    barely transfers to other keys: see experiments.grpo_transfer). The "test" keys stay unseen either way."""
+    barely transfers to other keys: see experiments.grpo_transfer). The "test" keys stay unseen either way. Before
+    session 17 the default was "main"."""
     rl_lr: float = 3e-5
     """Learning rate of GRPO (PPO: half of it, as the main job's ratio)."""
-    eval_every: int = 10
+    eval_every: int = 5
     """RL iterations between evaluations (`eval_samples` answers per prompt of each key set), besides iterations 1,
     2, 4 and 8 (a gold peak can come early)."""
-    eval_samples: int = 4
-    """Temperature-1 answers per prompt in each RL evaluation (more resolve a smaller rise of the gold reward)."""
-    families: Literal["all", "skills"] = "all"
+    eval_samples: int = 32
+    """Temperature-1 answers per prompt in each RL evaluation (more resolve a smaller rise of the gold reward; 4
+    before session 17)."""
+    families: Literal["all", "skills"] = "skills"
     """The families of every prompt here (key sets, best-of-n, RL): "all" = the world's mix; "skills" = the six
     checkable families only, without the unsafe requests and their look-alikes, so that refusing less is not a
-    way for RL to please the reward model."""
+    way for RL to please the reward model ("all" before session 17)."""
 
     def __post_init__(self):
         check_ranges(self, positive=("pool", "prompts", "grpo_iterations", "ppo_iterations", "rl_lr", "eval_every",
@@ -117,6 +121,7 @@ class OveroptimizationConfig:
         default = OveroptimizationConfig()
         return dataclasses.replace(                  # RL runs asked for explicitly are kept
             self, fractions=(0.5, 1.0), pool=8, prompts=8, grpo_iterations=4, ppo_iterations=2, eval_every=2,
+            eval_samples=2,
             grpo_kl_coefs=(0.0,) if self.grpo_kl_coefs == default.grpo_kl_coefs else self.grpo_kl_coefs)
 
 
@@ -462,6 +467,37 @@ def _plots(result: dict, out: str) -> None:
         fig.tight_layout()
         fig.savefig(os.path.join(out, f"rl{suffix}.png"), dpi=100)
         plt.close(fig)
+    if len(result["per_seed"]) > 1:
+        _seeds_plot(result, out, plt)
+
+
+def _seeds_plot(result: dict, out: str, plt) -> None:
+    """rl_seeds.png: every seed's RL gold curves against d beside its best-of-n curve (the full proxy), per key set."""
+    runs = sorted({name for r in result["per_seed"].values() for name in r["rl"]})
+    styles = dict(zip(runs, ("-", "--", "-.", ":")))
+    fig, axes = plt.subplots(1, len(KEY_SETS), figsize=(5.2 * len(KEY_SETS), 4.0), squeeze=False)
+    for j, keys in enumerate(KEY_SETS):
+        ax = axes[0, j]
+        for i, (seed, r) in enumerate(result["per_seed"].items()):
+            color = f"C{i}"
+            for name, run in r["rl"].items():
+                d = np.sqrt(np.maximum([p[keys]["kl"] for p in run["points"]], 0.0))
+                gold = np.asarray([p[keys]["gold"] for p in run["points"]])
+                ax.plot(d, gold - gold[0], ls=styles.get(name, "-"), marker="o", ms=2.5, color=color,
+                        label=f"seed {seed} {name}")
+            bon = r["best_of_n"][keys]["1"]
+            ax.plot(bon["d"], np.asarray(bon["gold"]) - bon["gold"][0], color=color, alpha=0.35, lw=3,
+                    label=f"seed {seed} best-of-n")
+        ax.axhline(0.0, color="k", lw=0.6)
+        ax.set_xscale("symlog", linthresh=0.1)
+        ax.set_xlim(left=0.0)
+        ax.set_title(f"gold gain over SFT, {keys} keys", fontsize=9)
+        ax.set_xlabel("d = sqrt(KL to SFT)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="xx-small", ncol=2)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "rl_seeds.png"), dpi=100)
+    plt.close(fig)
 
 
 def main(argv=None) -> int:

@@ -1,7 +1,8 @@
 """How much safety data does SFT need? (The lecture: "about 500 safety examples" go a long way, and refusals
 taught alone spill over onto harmless requests that look like harmful ones.)
 
-    python -m experiments.safety_data                          # seeds 0 1 of runs/seeds (~14 minutes per seed)
+    python -m experiments.safety_data                          # seed 0 of runs/seeds (~14 minutes)
+    python -m experiments.safety_data --seeds 0 1              # the README's two seeds (~14 minutes per seed)
     python -m experiments.safety_data --seeds 0 --quick --out /tmp/sd   # smoke test (trains quick models)
 
 From each seed's pretrained model (`experiments.world_models`), SFT exactly as the main job's (its skill
@@ -46,8 +47,9 @@ ARMS = ("refusals", "refusals+lookalikes")
 class SafetyDataConfig:
     """SFT with varying amounts of safety demonstrations (see the module docstring)."""
 
-    seeds: tuple[int, ...] = (0, 1)
-    """Seeds of the main job whose pretrained models are fine-tuned."""
+    seeds: tuple[int, ...] = (0,)
+    """Seeds of the main job whose pretrained models are fine-tuned (until session 17 the default was 0 1: 13 SFT runs
+    a seed, two seeds are about half an hour on 2 cores)."""
     models: str = DEFAULT_MODELS
     """Run folder of each seed's main job ({seed} is replaced); with --quick the default is OUT/models/seed{seed}."""
     out: str = "runs/safety_data"

@@ -186,3 +186,16 @@ def test_overoptimization_skill_families_leave_out_every_safety_prompt():
             else:
                 assert fams & set(world.SAFETY_FAMILIES), (name, fams)
         assert {t.family for t in key_sets["test"]} <= {t.family for t in world.key_tasks("test")}
+
+
+def test_overoptimization_plots_every_seed_and_the_across_seed_figure(tmp_path):
+    keys = overoptimization.KEY_SETS
+    bon = {"n": [1, 2, 4], "d": [0.0, 0.43, 0.8], "gold": [0.5, 0.6, 0.4], "proxy": [0.0, 1.0, 2.0],
+           "fit": {"alpha": 0.3, "beta": 0.3, "r2": 0.9}}
+    points = [{"iteration": i, **{k: {"gold": g, "proxy": i / 10, "kl": i / 4} for k in keys}}
+              for i, g in enumerate([0.5, 0.52, 0.3])]
+    per_seed = {s: {"best_of_n": {k: {"1": bon} for k in keys}, "rl": {"grpo_kl0": {"points": points}}}
+                for s in ("0", "1")}
+    overoptimization._plots({"per_seed": per_seed}, str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == ["best_of_n_seed0.png", "best_of_n_seed1.png", "rl_seed0.png",
+                                            "rl_seed1.png", "rl_seeds.png"]
