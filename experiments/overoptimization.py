@@ -149,7 +149,7 @@ def _mix(families: str) -> dict[str, float]:
     return {f: w for f, w in world.DEFAULT_MIX.items() if families == "all" or f in world.SKILL_FAMILIES}
 
 
-def _key_set(name: str, n: int, seed: int, families: str = "all") -> list:
+def _key_set(name: str, n: int, seed: int, families: str) -> list:
     """`n` distinct prompts of a key set: fresh train-key prompts (seed-dependent), or test keys (a stratified
     shuffle of every distinct test prompt), of the families in `families` ("all" or "skills")."""
     mix = _mix(families)
@@ -368,8 +368,8 @@ def run(cfg: OveroptimizationConfig, run_pipeline=None) -> dict:
         t = time.time()
         bon = _cached(os.path.join(out_dir, "best_of_n.json"), {"pool": cfg.pool, "prompts": cfg.prompts,
                                                                 "fractions": list(cfg.fractions),
-                                                                **({"families": cfg.families}
-                                                                   if cfg.families != "all" else {})},
+                                                                **({"families": cfg.families}      # older caches:
+                                                                   if cfg.families != "all" else {})},  # all
                       lambda: {k: best_of_n(cfg, sft_params, mc, rms, tasks, jax.random.PRNGKey(5000 + seed))
                                for k, tasks in key_sets.items()})
         print(f"[overoptimization] seed {seed}: best-of-n in {time.time() - t:.0f} s", file=sys.stderr)
