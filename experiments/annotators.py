@@ -1,6 +1,6 @@
 """Annotator populations and AI feedback: whose labels a reward model and DPO learn from, and what it does to them.
 
-    python -m experiments.annotators                          # seed 0 of runs/seeds (~70 min beside 2-4 jobs)
+    python -m experiments.annotators                          # seed 0 of runs/seeds (26 min alone on 2 cores)
     python -m experiments.annotators --seeds 0 1 2            # three seeds and the across-seed summary
     python -m experiments.annotators --quick --out /tmp/ann   # smoke test (trains quick models)
 

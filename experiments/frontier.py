@@ -1,5 +1,6 @@
 """The reward-KL frontier of DPO, PPO and GRPO (Rafailov et al. 2023, "Direct Preference Optimization", Fig. 2).
 
+    python -m experiments.frontier                              # seed 0 of runs/seeds (18 min alone on 2 cores)
     python -m experiments.frontier --seeds 0 1 2                # 45 min a seed beside 2 other jobs
     python -m experiments.frontier --quick --out /tmp/frontier  # smoke test (trains quick models)
 
