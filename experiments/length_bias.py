@@ -1,6 +1,6 @@
 """Length bias: annotators who like longer answers, the reward model that learns it, and the policies that follow.
 
-    python -m experiments.length_bias                        # seed 0 of runs/seeds (43 min beside 2 other jobs)
+    python -m experiments.length_bias                        # seed 0 of runs/seeds (17 min alone on 2 cores)
     python -m experiments.length_bias --quick --out /tmp/lb  # smoke test (trains quick models)
 
 The lecture cites human and model raters preferring the longer of two answers 60-70% of the time (Singhal et al.
