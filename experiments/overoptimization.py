@@ -288,10 +288,12 @@ def _rl_tasks(cfg, pcfg, key_sets) -> list:
     """The RL runs' prompts (`cfg.rl_prompts`, of `cfg.families`): the train key set's own, or the main job's."""
     if cfg.rl_prompts == "evaluated":
         return key_sets["train"]
-    if cfg.families == "all":
-        return pipeline.rl_prompts(pcfg)
-    return world.prompt_set(pcfg.ppo_batch * 64, pcfg.seed + 4, split="train", mix=_mix(cfg.families),
-                            config=pcfg.world())              # the main job's, drawn from the skill families only
+    return pipeline.rl_prompts(pcfg, mix=_mix(cfg.families))
+
+
+def _rl_d(points: list, keys: str) -> np.ndarray:
+    """d = sqrt(KL to SFT) at each evaluation of an RL run on one key set (a sample estimate, floored at 0)."""
+    return np.sqrt(np.maximum([p[keys]["kl"] for p in points], 0.0))
 
 
 def rl_runs(cfg, pcfg, sft_params, mc, rm, key_sets, seed) -> dict:
@@ -339,7 +341,7 @@ def rl_runs(cfg, pcfg, sft_params, mc, rm, key_sets, seed) -> dict:
         name = f"{algo}_kl{coef:g}"
         out[name] = {"algo": algo, "kl_coef": coef, "points": curve.points}
         for key in key_sets:
-            d = np.sqrt(np.maximum([p[key]["kl"] for p in curve.points], 0.0))
+            d = _rl_d(curve.points, key)
             gold = [p[key]["gold"] for p in curve.points]
             peak = _peak([p["iteration"] for p in curve.points], gold)
             out[name][key] = {"fit": fit_gao(d, np.asarray(gold) - gold[0], "rl"), **peak,
@@ -452,7 +454,7 @@ def _plots(result: dict, out: str) -> None:
         fig, axes = plt.subplots(2, len(KEY_SETS), figsize=(4.2 * len(KEY_SETS), 6.4), squeeze=False)
         for j, keys in enumerate(KEY_SETS):
             for name, run in r["rl"].items():
-                d = np.sqrt(np.maximum([p[keys]["kl"] for p in run["points"]], 0.0))
+                d = _rl_d(run["points"], keys)
                 gold = np.asarray([p[keys]["gold"] for p in run["points"]])
                 proxy = np.asarray([p[keys]["proxy"] for p in run["points"]])
                 axes[0, j].plot(d, gold - gold[0], marker="o", ms=3, label=name)
@@ -481,7 +483,7 @@ def _seeds_plot(result: dict, out: str, plt) -> None:
         for i, (seed, r) in enumerate(result["per_seed"].items()):
             color = f"C{i}"
             for name, run in r["rl"].items():
-                d = np.sqrt(np.maximum([p[keys]["kl"] for p in run["points"]], 0.0))
+                d = _rl_d(run["points"], keys)
                 gold = np.asarray([p[keys]["gold"] for p in run["points"]])
                 ax.plot(d, gold - gold[0], ls=styles.get(name, "-"), marker="o", ms=2.5, color=color,
                         label=f"seed {seed} {name}")

@@ -374,9 +374,10 @@ def train_grpo(cfg: PipelineConfig, grpo_cfg: GRPOConfig, mc: ModelConfig, sft_p
     return state.params, history
 
 
-def rl_prompts(cfg: PipelineConfig) -> list:
-    """The train-key prompts of PPO's and GRPO's rollouts (taken in order, cycling)."""
-    return world.prompt_set(cfg.ppo_batch * 64, cfg.seed + 4, split="train", config=cfg.world())
+def rl_prompts(cfg: PipelineConfig, mix: dict[str, float] | None = None) -> list:
+    """The train-key prompts of PPO's and GRPO's rollouts (taken in order, cycling), families drawn from `mix`
+    (default: the world's mix)."""
+    return world.prompt_set(cfg.ppo_batch * 64, cfg.seed + 4, split="train", mix=mix, config=cfg.world())
 
 
 def rl_prompt_batches(cfg: PipelineConfig, per_iteration: int, iterations: int) -> Replayable:
