@@ -4,7 +4,7 @@
     python -m experiments.annotators --seeds 0 1 2            # three seeds and the across-seed summary
     python -m experiments.annotators --quick --out /tmp/ann   # smoke test (trains quick models)
 
-From the main job's SFT policy (`experiments.world_models`; a missing seed is trained first), every population of
+From the main job's SFT policy (`rlhf_jax.recipes.models`; a missing seed is trained first), every population of
 `populations` labels the same SFT answers (the main job's step 3: equal label counts by construction):
 "careful", "length-loving", "format-loving", "noisy", "mixture" (rlhf_jax.tasks.ANNOTATORS), the RLAIF judge
 "ai-judge" (Bai et al. 2022; Lee et al. 2023: verbosity, a pet phrase, a position bias) and "ai-judge-self", the
@@ -33,13 +33,27 @@ import time
 import jax
 import numpy as np
 
-from experiments import populations as pop
-from experiments.pipeline import TOK, _prompt_batch
-from experiments.world_models import (DEFAULT_MODELS, across_seeds, ensure_seed, fmt_interval, kept_seeds, load,
-                                      models_template, pipeline_config, script_main, write_report)
 from rlhf_jax import tasks as world
 from rlhf_jax.config_cli import check_ranges, config_check, save_config
-from rlhf_jax.tasks.annotators import ANNOTATORS, format_bias, get_annotator, preference_prob
+from rlhf_jax.recipes import TOK, prompt_batch
+from rlhf_jax.recipes import populations as pop
+from rlhf_jax.recipes.models import (
+    DEFAULT_MODELS,
+    ensure_seed,
+    kept_seeds,
+    load,
+    models_template,
+    pipeline_config,
+    script_main,
+    write_report,
+)
+from rlhf_jax.recipes.stats import across_seeds, fmt_interval
+from rlhf_jax.tasks.annotators import (
+    ANNOTATORS,
+    format_bias,
+    get_annotator,
+    preference_prob,
+)
 from rlhf_jax.train.rl import Episodes, episode_logprobs
 
 SELF = "ai-judge-self"
@@ -89,7 +103,7 @@ def mean_logprobs(params, mc, tasks, texts: list[str], width: int, chunk: int = 
     for i in range(0, len(tasks), chunk):
         n = min(chunk, len(tasks) - i)
         rows = list(range(i, i + n)) + [i + n - 1] * (chunk - n)      # one shape: one compiled program
-        batch = _prompt_batch([tasks[r] for r in rows])
+        batch = prompt_batch([tasks[r] for r in rows])
         resp = np.full((chunk, width), TOK.pad_id, np.int32)
         rmask = np.zeros((chunk, width), np.int32)
         for j, r in enumerate(rows):

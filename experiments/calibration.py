@@ -15,7 +15,7 @@ reliability diagram per stage, seeds pooled (reliability.png).
 The lecture's claim (GPT-4 technical report, fig. 8): the pretrained model is well calibrated and RLHF hurts its
 calibration. Here the "pretrained" model answers in the chat format only as often as the web corpus does, so its
 sequence probabilities also spread over chatter; read its row with that in mind. Models come from
-`experiments.world_models` (the seed driver's run folders; a missing one is trained there first).
+`rlhf_jax.recipes.models` (the seed driver's run folders; a missing one is trained there first).
 """
 from __future__ import annotations
 
@@ -28,14 +28,24 @@ from typing import Literal
 import jax
 import numpy as np
 
-from experiments.pipeline import TOK, _prompt_batch
-from experiments.seeds import t_interval
-from experiments.world_models import (DEFAULT_MODELS, ensure_seed, load, models_template, script_main,
-                                      write_report)
 from rlhf_jax import tasks as world
 from rlhf_jax.config_cli import check_ranges, config_check, save_config
-from rlhf_jax.eval import _SAMPLE, expected_calibration_error, reliability_bins
+from rlhf_jax.eval import (
+    expected_calibration_error,
+    reliability_bins,
+    sample_episodes_jit,
+)
 from rlhf_jax.generation import SamplingConfig
+from rlhf_jax.recipes import CONTROLS, FAMILY, TOK, prompt_batch
+from rlhf_jax.recipes.models import (
+    DEFAULT_MODELS,
+    ensure_seed,
+    load,
+    models_template,
+    script_main,
+    write_report,
+)
+from rlhf_jax.recipes.stats import t_interval
 from rlhf_jax.train.rl import decode_responses
 
 STAGES = ("base", "sft", "ppo", "dpo", "grpo")
@@ -79,16 +89,15 @@ class CalibrationConfig:
 
 
 def _extra_stages() -> tuple[str, ...]:
-    from experiments.pipeline import CONTROLS, FAMILY
     return (*CONTROLS, *FAMILY)
 
 
 def answers(params, mc, tasks, rng, *, samples: int, sampling: SamplingConfig):
     """(confidence [S, B], correct [S, B], texts [S][B]) of `samples` answers to each task's prompt."""
-    batch = _prompt_batch(tasks)
+    batch = prompt_batch(tasks)
     conf, ok, texts = [], [], []
     for i in range(samples):
-        ep = _SAMPLE(params, batch["prompts"], batch["prompt_mask"], jax.random.fold_in(rng, i), sampling=sampling,
+        ep = sample_episodes_jit(params, batch["prompts"], batch["prompt_mask"], jax.random.fold_in(rng, i), sampling=sampling,
                      model_config=mc)
         logp = np.sum(np.where(np.asarray(ep.response_mask) > 0, np.asarray(ep.sampler_logprobs, np.float64), 0.0),
                       axis=1)

@@ -4,7 +4,7 @@
     python -m experiments.frontier --seeds 0 1 2                # 45 min a seed beside 2 other jobs
     python -m experiments.frontier --quick --out /tmp/frontier  # smoke test (trains quick models)
 
-From each seed's main-job SFT policy (`experiments.world_models`; a missing seed is trained first), the main job's
+From each seed's main-job SFT policy (`rlhf_jax.recipes.models`; a missing seed is trained first), the main job's
 DPO, PPO and GRPO stages, exactly as it runs them, with one setting swept: DPO's beta, PPO's KL coefficient
 (k1 in the reward, PPO-ptx on as in the main job), GRPO's KL coefficient (k3 in the loss; GRPO optimises the gold
 reward itself, a verifier, where DPO and PPO learn from the careful annotators' labels). The main job's own
@@ -27,16 +27,23 @@ import time
 import jax
 import numpy as np
 
-from experiments import pipeline
-from experiments import populations as pop
-from experiments.pipeline import TOK, _optim
-from experiments.seeds import t_interval
-from experiments.world_models import (DEFAULT_MODELS, ensure_seed, load, models_template, pipeline_config,
-                                      script_main, write_report)
+from rlhf_jax import recipes
 from rlhf_jax import tasks as world
 from rlhf_jax.config_cli import check_ranges, config_check, save_config
 from rlhf_jax.data.iterators import Together
 from rlhf_jax.generation import SamplingConfig
+from rlhf_jax.recipes import TOK, cosine_optim
+from rlhf_jax.recipes import populations as pop
+from rlhf_jax.recipes.models import (
+    DEFAULT_MODELS,
+    ensure_seed,
+    load,
+    models_template,
+    pipeline_config,
+    script_main,
+    write_report,
+)
+from rlhf_jax.recipes.stats import t_interval
 from rlhf_jax.train import stages
 from rlhf_jax.train.ppo import init_ppo_state
 from rlhf_jax.train.state import create_train_state
@@ -92,21 +99,21 @@ def _train(method: str, coef: float, pcfg, mc, sft_params, reward_params, record
                               pad_id=TOK.pad_id)
     cfg = dataclasses.replace(pcfg, **{_MAIN[method]: coef})
     if method == "dpo":
-        state = create_train_state(sft_params, _optim(cfg.dpo_lr, cfg.dpo_steps), keys[6], total_steps=cfg.dpo_steps)
+        state = create_train_state(sft_params, cosine_optim(cfg.dpo_lr, cfg.dpo_steps), keys[6], total_steps=cfg.dpo_steps)
         dpo_cfg = stages.DPOConfig(num_steps=cfg.dpo_steps, beta=coef, log_every=10, rpo_alpha=cfg.dpo_rpo_alpha)
-        state, _ = stages.run_dpo(state, pipeline.preference_batches(cfg, records, cfg.seed + 1), dpo_cfg,
+        state, _ = stages.run_dpo(state, recipes.preference_batches(cfg, records, cfg.seed + 1), dpo_cfg,
                                   model_config=mc, ref_params=sft_params)
         return state.params
     if method == "ppo":
-        ppo_cfg = pipeline.ppo_config(cfg, sampling)
-        ptx = pipeline.ptx_batches_of(cfg, pipeline.demonstration_records(cfg))
-        data = Together(pipeline.rl_prompt_batches(cfg, cfg.ppo_batch, cfg.ppo_iterations),
+        ppo_cfg = recipes.ppo_config(cfg, sampling)
+        ptx = recipes.ptx_batches_of(cfg, recipes.demonstration_records(cfg))
+        data = Together(recipes.rl_prompt_batches(cfg, cfg.ppo_batch, cfg.ppo_iterations),
                         **({"ptx": ptx} if ptx is not None else {}))
         state = init_ppo_state(sft_params, ppo_cfg, model_config=mc, rng=keys[3], reward_params=reward_params)
         state, _ = stages.run_ppo(state, data, ppo_cfg, model_config=mc, ref_params=sft_params,
                                   reward_params=reward_params, ptx_data=ptx)
         return state.policy.params
-    return pipeline.train_grpo(cfg, pipeline.grpo_config(cfg, sampling), mc, sft_params)[0]
+    return recipes.train_grpo(cfg, recipes.grpo_config(cfg, sampling), mc, sft_params)[0]
 
 
 def run(cfg: FrontierConfig, run_pipeline=None) -> dict:

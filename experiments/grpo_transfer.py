@@ -24,13 +24,20 @@ import time
 
 import jax
 
-from experiments import pipeline
-from experiments.pipeline import TOK, _evaluator, _prompt_batch, task_evaluator
-from experiments.world_models import (DEFAULT_MODELS, ensure_seed, load, models_template, pipeline_config,
-                                      script_main, write_report)
+from rlhf_jax import recipes
 from rlhf_jax.config_cli import check_ranges, config_check, save_config
 from rlhf_jax.data.iterators import Replayable
 from rlhf_jax.generation import SamplingConfig
+from rlhf_jax.recipes import TOK, prompt_batch, split_evaluator, task_evaluator
+from rlhf_jax.recipes.models import (
+    DEFAULT_MODELS,
+    ensure_seed,
+    load,
+    models_template,
+    pipeline_config,
+    script_main,
+    write_report,
+)
 from rlhf_jax.train import stages
 from rlhf_jax.train.logging import StageHooks
 from rlhf_jax.train.state import create_train_state
@@ -94,9 +101,9 @@ def run(cfg: GRPOTransferConfig, run_pipeline=None) -> dict:
     sampling = SamplingConfig(max_new_tokens=pcfg.max_new_tokens, temperature=pcfg.temperature, eos_id=TOK.eos_id,
                               pad_id=TOK.pad_id)
     samples = 2 if cfg.quick else 4
-    dev, dev_tasks = _evaluator("dev", mc, sampling, samples)
-    rl_tasks = pipeline.rl_prompts(pcfg)                         # the main job's RL prompts
-    gold_fn = pipeline.gold_verifier(rl_tasks)
+    dev, dev_tasks = split_evaluator("dev", mc, sampling, samples)
+    rl_tasks = recipes.rl_prompts(pcfg)                         # the main job's RL prompts
+    gold_fn = recipes.gold_verifier(rl_tasks)
     seen = list({t.prompt: t for t in rl_tasks}.values())[:(24 if cfg.quick else cfg.train_prompts)]
     train = task_evaluator(seen, mc, sampling, samples)
     k_eval = jax.random.PRNGKey(7000 + cfg.seed)
@@ -121,9 +128,9 @@ def run(cfg: GRPOTransferConfig, run_pipeline=None) -> dict:
     variants = [("fresh", lr) for lr in cfg.learning_rates] + ([("fixed", cfg.fixed_lr)] if cfg.fixed else [])
     for prompts, lr in variants:
         t = time.time()
-        grpo_cfg = dataclasses.replace(pipeline.grpo_config(dataclasses.replace(shape, grpo_lr=lr), sampling),
+        grpo_cfg = dataclasses.replace(recipes.grpo_config(dataclasses.replace(shape, grpo_lr=lr), sampling),
                                        log_every=5 if not cfg.quick else 1)
-        data = Replayable(lambda fixed=prompts == "fixed": (_prompt_batch(
+        data = Replayable(lambda fixed=prompts == "fixed": (prompt_batch(
             [rl_tasks[j % len(rl_tasks)] for j in range(0 if fixed else i * P, P if fixed else (i + 1) * P)])
             for i in range(iterations)))
         state = create_train_state(sft, grpo_cfg.optim, jax.random.fold_in(jax.random.PRNGKey(pcfg.seed), 8),

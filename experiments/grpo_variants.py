@@ -3,7 +3,7 @@
     python -m experiments.grpo_variants --seeds 0 1 2              # ~15 min a seed once the main job's models exist
     python -m experiments.grpo_variants --quick --out /tmp/gv      # smoke test (trains quick models)
 
-From each seed's SFT policy (`experiments.world_models`), the main job's GRPO stage in the shape its run folder
+From each seed's SFT policy (`rlhf_jax.recipes.models`), the main job's GRPO stage in the shape its run folder
 records (since session 15: 32 train-key prompts x 8 answers an iteration in one update; session 13's figures:
 16 x 4 in 2 passes x 4 minibatches; 40 iterations, lr 3e-5, the gold reward as a verifier) with one named
 component changed at a time:
@@ -32,12 +32,21 @@ import time
 import jax
 import numpy as np
 
-from experiments import pipeline
-from experiments.populations import test_evaluator, test_tasks
-from experiments.world_models import (DEFAULT_MODELS, across_seeds, ensure_seed, fmt_interval, kept_seeds, load,
-                                      models_template, pipeline_config, script_main, write_report)
+from rlhf_jax import recipes
 from rlhf_jax.config_cli import check_ranges, config_check, save_config
 from rlhf_jax.generation import SamplingConfig
+from rlhf_jax.recipes.models import (
+    DEFAULT_MODELS,
+    ensure_seed,
+    kept_seeds,
+    load,
+    models_template,
+    pipeline_config,
+    script_main,
+    write_report,
+)
+from rlhf_jax.recipes.populations import test_evaluator, test_tasks
+from rlhf_jax.recipes.stats import across_seeds, fmt_interval
 
 VARIANTS = {
     "grpo": {},
@@ -77,7 +86,7 @@ def variant_config(pcfg, name: str, sampling: SamplingConfig):
     """(PipelineConfig, GRPOConfig) of a variant: the main job's GRPO with the variant's changes."""
     spec = VARIANTS[name]
     cfg = dataclasses.replace(pcfg, **spec.get("pipeline", {}))
-    grpo_cfg = pipeline.grpo_config(cfg, sampling)
+    grpo_cfg = recipes.grpo_config(cfg, sampling)
     if "oversample" in spec:
         grpo_cfg = dataclasses.replace(grpo_cfg, batch_size=cfg.grpo_prompts * spec["oversample"],
                                        dynamic_sampling_groups=cfg.grpo_prompts)
@@ -89,8 +98,8 @@ def variant_config(pcfg, name: str, sampling: SamplingConfig):
 def train_variant(pcfg, name: str, mc, sft_params):
     """(params, history) of the main job's GRPO stage with variant `name`'s changes (its key and prompts)."""
     sampling = SamplingConfig(max_new_tokens=pcfg.max_new_tokens, temperature=pcfg.temperature,
-                              eos_id=pipeline.TOK.eos_id, pad_id=pipeline.TOK.pad_id)
-    return pipeline.train_grpo(*variant_config(pcfg, name, sampling), mc, sft_params)
+                              eos_id=recipes.TOK.eos_id, pad_id=recipes.TOK.pad_id)
+    return recipes.train_grpo(*variant_config(pcfg, name, sampling), mc, sft_params)
 
 
 def _log(msg: str) -> None:
@@ -129,7 +138,7 @@ def run(cfg: GRPOVariantsConfig, run_pipeline=None) -> dict:
                 params, history = train_variant(pcfg, name, mc, sft_params)
             metrics, gold = evaluate(params, ref_params=sft_params, rng=rng)
             rows[name] = _scalars(metrics)
-            vs[name] = pipeline._compare(evaluate, tasks, gold, sft_gold, seed)
+            vs[name] = recipes.compare_to(evaluate, tasks, gold, sft_gold, seed)
             if history:
                 train[name] = _train_summary(history)
             _log(f"seed {seed} {name}: gold {rows[name]['gold_reward']:.3f} (SFT {rows['sft']['gold_reward']:.3f}), "

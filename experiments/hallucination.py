@@ -7,7 +7,7 @@ Gekhman et al. 2024, "Does Fine-Tuning LLMs on New Knowledge Encourage Hallucina
 The world's 20 facts ("capital of france") are all in the web corpus, so the pretrained model half-knows them.
 This script adds `UNKNOWN_FACTS`: 40 more facts of the same three kinds that occur nowhere in the corpus (the
 pretrained model cannot know them), split in half: "train" unknown facts may appear in SFT data, "held-out"
-unknown facts never do. From each seed's pretrained model (`experiments.world_models`), three SFT policies:
+unknown facts never do. From each seed's pretrained model (`rlhf_jax.recipes.models`), three SFT policies:
 
 * "sft": the main job's SFT (its demonstrations: known facts answered), loaded, not retrained;
 * "unknown-answered": the same demonstrations plus `demos` answering the train unknown facts correctly (SFT that
@@ -30,17 +30,24 @@ import time
 import jax
 import numpy as np
 
-from experiments.pipeline import TOK, _prompt_batch
-from experiments.safety_data import _sft, wilson
-from experiments.seeds import t_interval
-from experiments.world_models import (DEFAULT_MODELS, ensure_seed, load, models_template, pipeline_config,
-                                      script_main, write_report)
 from rlhf_jax import tasks as world
 from rlhf_jax.config_cli import check_ranges, config_check, save_config
-from rlhf_jax.eval import _SAMPLE
+from rlhf_jax.eval import sample_episodes_jit
 from rlhf_jax.generation import SamplingConfig
-from rlhf_jax.train.rl import decode_responses
+from rlhf_jax.recipes import TOK, prompt_batch
+from rlhf_jax.recipes.models import (
+    DEFAULT_MODELS,
+    ensure_seed,
+    load,
+    models_template,
+    pipeline_config,
+    script_main,
+    write_report,
+)
+from rlhf_jax.recipes.stages import train_sft
+from rlhf_jax.recipes.stats import t_interval, wilson
 from rlhf_jax.tasks.world import FACTS
+from rlhf_jax.train.rl import decode_responses
 
 IDK = "I don't know."
 UNKNOWN_FACTS = (
@@ -120,8 +127,8 @@ class HallucinationConfig:
 
 def answers(params, mc, tasks, rng, samples: int, sampling: SamplingConfig) -> list[list[str]]:
     """`samples` answers to each task, [samples][len(tasks)]."""
-    batch = _prompt_batch(tasks)
-    return [decode_responses(TOK, _SAMPLE(params, batch["prompts"], batch["prompt_mask"], jax.random.fold_in(rng, i),
+    batch = prompt_batch(tasks)
+    return [decode_responses(TOK, sample_episodes_jit(params, batch["prompts"], batch["prompt_mask"], jax.random.fold_in(rng, i),
                                           sampling=sampling, model_config=mc)) for i in range(samples)]
 
 
@@ -170,7 +177,7 @@ def run(cfg: HallucinationConfig, run_pipeline=None) -> dict:
                 reply = (lambda task: task.answer) if arm == "unknown-answered" else (lambda task: IDK)
                 extra = [{"messages": world.messages_for(task, reply(task))}
                          for task in (train_unknown * (cfg.demos // len(train_unknown) + 1))[:cfg.demos]]
-                params = _sft(pcfg, base_params, mc, pcfg.sft_safety, pcfg.sft_benign, extra)
+                params = train_sft(pcfg, base_params, mc, pcfg.sft_safety, pcfg.sft_benign, extra)
             rows[arm] = {name: score(tasks, answers(params, mc, tasks, rng, samples, sampling), cfg.idk_credit)
                          for name, tasks in sets.items()}
             h = rows[arm]["held-out unknown"]

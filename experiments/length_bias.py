@@ -4,7 +4,7 @@
     python -m experiments.length_bias --quick --out /tmp/lb  # smoke test (trains quick models)
 
 The lecture cites human and model raters preferring the longer of two answers 60-70% of the time (Singhal et al.
-2023, "A Long Way to Go"). From the main job's SFT policy (`experiments.world_models`; a missing seed is trained
+2023, "A Long Way to Go"). From the main job's SFT policy (`rlhf_jax.recipes.models`; a missing seed is trained
 first), for each population of `populations` (the main job's "careful" one and the "length-loving" one):
 
 1. Labels: how often it prefers the longer of two SFT answers to a preference prompt (all pairs of different
@@ -33,15 +33,24 @@ import time
 import jax
 import numpy as np
 
-from experiments import pipeline
-from experiments import populations as pop
-from experiments.overoptimization import _Curve
-from experiments.pipeline import TOK
-from experiments.world_models import (DEFAULT_MODELS, across_seeds, ensure_seed, fmt_interval, kept_seeds, load,
-                                      models_template, pipeline_config, script_main, write_report)
+from rlhf_jax import recipes
 from rlhf_jax import tasks as world
 from rlhf_jax.config_cli import check_ranges, config_check, save_config
 from rlhf_jax.generation import SamplingConfig
+from rlhf_jax.recipes import TOK
+from rlhf_jax.recipes import populations as pop
+from rlhf_jax.recipes.models import (
+    DEFAULT_MODELS,
+    ensure_seed,
+    kept_seeds,
+    load,
+    models_template,
+    pipeline_config,
+    script_main,
+    write_report,
+)
+from rlhf_jax.recipes.stages import EvalCurve
+from rlhf_jax.recipes.stats import across_seeds, fmt_interval
 from rlhf_jax.tasks.annotators import ANNOTATORS
 from rlhf_jax.train import stages
 from rlhf_jax.train.optim import OptimConfig
@@ -98,8 +107,8 @@ class LengthBiasConfig:
                                    eval_prompts=24)
 
 
-class _StyleCurve(_Curve):
-    """`_Curve` plus the style metrics (format, pet phrase) and the skills/safety gold of each evaluation."""
+class _StyleCurve(EvalCurve):
+    """`EvalCurve` plus the style metrics (format, pet phrase) and the skills/safety gold of each evaluation."""
 
     def record(self, step, params):
         point = {"iteration": step}
@@ -116,10 +125,10 @@ class _StyleCurve(_Curve):
 def _ppo(cfg, pcfg, sft_params, mc, rm, evaluator, seed) -> list[dict]:
     sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=pcfg.temperature, eos_id=TOK.eos_id,
                               pad_id=TOK.pad_id)
-    ppo_cfg = dataclasses.replace(pipeline.ppo_config(pcfg, sampling), num_steps=cfg.ppo_iterations,
+    ppo_cfg = dataclasses.replace(recipes.ppo_config(pcfg, sampling), num_steps=cfg.ppo_iterations,
                                   kl_coef=cfg.ppo_kl_coef, ptx_coef=0.0, log_every=5,
                                   optim=OptimConfig(learning_rate=cfg.ppo_lr, eps=1e-5, max_grad_norm=1.0))
-    data = pipeline.rl_prompt_batches(pcfg, pcfg.ppo_batch, cfg.ppo_iterations)   # the main job's RL prompts
+    data = recipes.rl_prompt_batches(pcfg, pcfg.ppo_batch, cfg.ppo_iterations)   # the main job's RL prompts
     curve = _StyleCurve({"test": evaluator}, cfg.eval_every, lambda s: s.policy.params, ref_params=sft_params,
                         reward_params=rm, rng=jax.random.PRNGKey(6000 + seed))
     curve.record(0, sft_params)

@@ -39,17 +39,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments import pipeline
-from experiments.pipeline import TOK, _document, _packed_batches, demonstration_records, pack_documents
-from experiments.populations import test_evaluator, test_tasks
-from experiments.safety_data import _sft
-from experiments.world_models import across_seeds, fmt_interval, kept_seeds, script_main, write_report
+from rlhf_jax import recipes
 from rlhf_jax import tasks as world
 from rlhf_jax.config_cli import check_ranges, config_check, save_config
 from rlhf_jax.data import ShuffledIterator
 from rlhf_jax.data.batching import Example
 from rlhf_jax.data.iterators import Mixture
 from rlhf_jax.models import ModelConfig, init_params
+from rlhf_jax.recipes import (
+    TOK,
+    demonstration_records,
+    document_example,
+    pack_documents,
+    packed_batches,
+)
+from rlhf_jax.recipes.models import kept_seeds, script_main, write_report
+from rlhf_jax.recipes.populations import test_evaluator, test_tasks
+from rlhf_jax.recipes.stages import train_sft
+from rlhf_jax.recipes.stats import across_seeds, fmt_interval
 from rlhf_jax.tokenizer import encode_chat
 from rlhf_jax.train import stages
 from rlhf_jax.train.optim import OptimConfig, make_optimizer, make_schedule
@@ -133,20 +140,20 @@ def train_arms(cfg: MidtrainingConfig, pcfg, mc: ModelConfig, log=None) -> dict:
     """{"pretrain", *ARMS: params} of one seed (see the module docstring)."""
     log = log or (lambda msg: None)
     P, S, D = pcfg.pretrain_steps, pcfg.sft_steps, decay_steps(cfg, pcfg)
-    web = [_document(d) for d in world.web_corpus(pcfg.pretrain_docs, pcfg.seed)]
+    web = [document_example(d) for d in world.web_corpus(pcfg.pretrain_docs, pcfg.seed)]
     demos = demo_examples(pcfg)
     k_init = jax.random.split(jax.random.PRNGKey(pcfg.seed), 7)[0]
     t = time.time()
     stable = create_train_state(init_params(mc, k_init), schedule_config(pcfg, P, D), jax.random.fold_in(k_init, 1),
                                 total_steps=P)
-    stable = _train(stable, _packed_batches(web, pcfg, pcfg.seed), P - D, mc)
+    stable = _train(stable, packed_batches(web, pcfg, pcfg.seed), P - D, mc)
     log(f"stable phase {P - D} steps ({time.time() - t:.0f} s)")
-    decay_web = lambda: _packed_batches(web, pcfg, pcfg.seed + 1000)          # the decay's own shuffle of the web
+    decay_web = lambda: packed_batches(web, pcfg, pcfg.seed + 1000)          # the decay's own shuffle of the web
     decay_mix = lambda: mixed_batches(web, demos, cfg.demo_fraction, pcfg, pcfg.seed + 1000)
     out = {}
     t = time.time()
     out["pretrain"] = _train(branch(stable, schedule_config(pcfg, P, D), P), decay_web(), D, mc).params
-    out["pretrain-sft"] = _sft(pcfg, out["pretrain"], mc, pcfg.sft_safety, pcfg.sft_benign)
+    out["pretrain-sft"] = train_sft(pcfg, out["pretrain"], mc, pcfg.sft_safety, pcfg.sft_benign)
     log(f"pretrain-sft: decay {D} + SFT {S} steps ({time.time() - t:.0f} s)")
     t = time.time()
     out["midtrain"] = _train(branch(stable, schedule_config(pcfg, P + S, D + S), P + S), decay_mix(), D + S,
@@ -154,7 +161,7 @@ def train_arms(cfg: MidtrainingConfig, pcfg, mc: ModelConfig, log=None) -> dict:
     log(f"midtrain: decay {D + S} steps on the mixture ({time.time() - t:.0f} s)")
     t = time.time()
     mid = _train(branch(stable, schedule_config(pcfg, P, D), P), decay_mix(), D, mc).params
-    out["midtrain-sft"] = _sft(pcfg, mid, mc, pcfg.sft_safety, pcfg.sft_benign)
+    out["midtrain-sft"] = train_sft(pcfg, mid, mc, pcfg.sft_safety, pcfg.sft_benign)
     log(f"midtrain-sft: decay {D} on the mixture + SFT {S} steps ({time.time() - t:.0f} s)")
     return out
 
@@ -182,7 +189,7 @@ def run(cfg: MidtrainingConfig) -> dict:
             result["per_seed"][str(seed)] = done[str(seed)]
             continue
         t0 = time.time()
-        pcfg = pipeline.PipelineConfig(seed=seed, quick=cfg.quick).scaled()
+        pcfg = recipes.PipelineConfig(seed=seed, quick=cfg.quick).scaled()
         mc = ModelConfig(vocab_size=TOK.vocab_size, d_model=pcfg.d_model, num_layers=pcfg.num_layers,
                          num_heads=pcfg.num_heads, mlp_dim=4 * pcfg.d_model, max_seq_len=128)
         models = train_arms(cfg, pcfg, mc, log=lambda msg: _log(f"seed {seed} {msg}"))
@@ -195,7 +202,7 @@ def run(cfg: MidtrainingConfig) -> dict:
             rows[arm] = {k: float(v) for k, v in metrics.items() if np.ndim(v) == 0 and not isinstance(v, str)}
             _log(f"seed {seed} {arm}: gold {rows[arm]['gold_reward']:.3f} (skills {rows[arm]['gold/skills']:.3f}, "
                  f"safety {rows[arm]['gold/safety']:.3f})")
-        vs = {arm: pipeline._compare(evaluate, tasks, gold[arm], gold["pretrain-sft"], seed) for arm in ARMS[1:]}
+        vs = {arm: recipes.compare_to(evaluate, tasks, gold[arm], gold["pretrain-sft"], seed) for arm in ARMS[1:]}
         result["per_seed"][str(seed)] = {"arms": rows, "vs_pretrain_sft": vs, "pretrain_steps": pcfg.pretrain_steps,
                                          "sft_steps": pcfg.sft_steps,
                                          "decay_steps": decay_steps(cfg, pcfg),

@@ -4,7 +4,7 @@ gold reward rises, peaks and falls while the proxy keeps rising.
     python -m experiments.overoptimization                    # seed 0 of runs/seeds (12 min alone on 2 cores)
     python -m experiments.overoptimization --quick --out /tmp/oo   # smoke test (trains quick models)
 
-From the main job's SFT policy (`experiments.world_models`; a missing seed is trained first):
+From the main job's SFT policy (`rlhf_jax.recipes.models`; a missing seed is trained first):
 
 * Proxies: reward models trained on `fractions` of the main job's preference pairs, each for the same number of
   epochs (fraction 1 is the main job's reward model itself: same pairs, same steps, same key).
@@ -37,19 +37,32 @@ from typing import Literal
 import jax
 import numpy as np
 
-from experiments import pipeline
-from experiments.pipeline import TOK, _optim, _prompt_batch
-from experiments.world_models import (DEFAULT_MODELS, ensure_seed, load, models_template, pipeline_config,
-                                      script_main, write_report)
+from rlhf_jax import recipes
 from rlhf_jax import tasks as world
 from rlhf_jax.config_cli import check_ranges, config_check, save_config
 from rlhf_jax.data.iterators import Replayable
-from rlhf_jax.eval import (_RM_SCORES, _SAMPLE, PolicyEvaluator, best_of_n_expectation, pairwise_accuracy,
-                           paired_bootstrap)
+from rlhf_jax.eval import (
+    PolicyEvaluator,
+    best_of_n_expectation,
+    paired_bootstrap,
+    pairwise_accuracy,
+    reward_model_scores_jit,
+    sample_episodes_jit,
+)
 from rlhf_jax.generation import SamplingConfig
+from rlhf_jax.recipes import TOK, cosine_optim, prompt_batch
+from rlhf_jax.recipes.models import (
+    DEFAULT_MODELS,
+    ensure_seed,
+    load,
+    models_template,
+    pipeline_config,
+    script_main,
+    write_report,
+)
+from rlhf_jax.recipes.stages import EvalCurve
 from rlhf_jax.train import checkpoint as ckpt
 from rlhf_jax.train import stages
-from rlhf_jax.train.logging import StageHooks
 from rlhf_jax.train.optim import OptimConfig
 from rlhf_jax.train.ppo import PPOConfig, init_ppo_state
 from rlhf_jax.train.rl import decode_responses
@@ -176,19 +189,19 @@ def _proxies(cfg, pcfg, folder, out_dir, sft_params, mc, seed) -> dict[float, ob
         sampling = SamplingConfig(max_new_tokens=pcfg.max_new_tokens, temperature=pcfg.temperature,
                                   eos_id=TOK.eos_id, pad_id=TOK.pad_id)
         t = time.time()
-        prefs = pipeline.preference_data(pcfg, sft_params, mc, sampling, keys[5])
+        prefs = recipes.preference_data(pcfg, sft_params, mc, sampling, keys[5])
         print(f"[overoptimization] seed {seed}: {len(prefs.train_pairs)} preference pairs rebuilt in "
               f"{time.time() - t:.0f} s", file=sys.stderr, flush=True)
         order = np.random.default_rng(seed).permutation(len(prefs.train_pairs))
         for frac in todo:
             records = [prefs.train_pairs[i] for i in order[:max(1, int(round(frac * len(order))))]]
             steps = max(1, int(round(frac * pcfg.rm_steps)))          # the same number of epochs
-            state = create_train_state(with_score_head(sft_params, mc, keys[2]), _optim(pcfg.rm_lr, steps), keys[2],
+            state = create_train_state(with_score_head(sft_params, mc, keys[2]), cosine_optim(pcfg.rm_lr, steps), keys[2],
                                        total_steps=steps)
-            state, _ = stages.run_reward(state, pipeline.preference_batches(pcfg, records, pcfg.seed),
+            state, _ = stages.run_reward(state, recipes.preference_batches(pcfg, records, pcfg.seed),
                                          stages.RewardConfig(num_steps=steps, log_every=10), model_config=mc)
             ckpt.save_params(os.path.join(out_dir, f"reward_{frac:g}", "final"), state.params, model_config=mc)
-            acc = pairwise_accuracy(state.params, pipeline.preference_batches(pcfg, prefs.test_pairs, 0, epochs=1),
+            acc = pairwise_accuracy(state.params, recipes.preference_batches(pcfg, prefs.test_pairs, 0, epochs=1),
                                     model_config=mc)
             print(f"[overoptimization] seed {seed}: reward model on {frac:g} of the pairs ({len(records)}, {steps} "
                   f"steps): held-out accuracy {acc:.3f}", file=sys.stderr, flush=True)
@@ -200,15 +213,15 @@ def _proxies(cfg, pcfg, folder, out_dir, sft_params, mc, seed) -> dict[float, ob
 
 def best_of_n(cfg, sft_params, mc, rms, tasks, rng) -> dict:
     """Per proxy: n, KL, d, expected gold and proxy score of the proxy's pick (weighted as the families)."""
-    batch = _prompt_batch(tasks)
+    batch = prompt_batch(tasks)
     sampling = SamplingConfig(max_new_tokens=28, temperature=1.0, eos_id=TOK.eos_id, pad_id=TOK.pad_id)
     golds, scores = [], {f: [] for f in rms}
     for i in range(cfg.pool):
-        ep = _SAMPLE(sft_params, batch["prompts"], batch["prompt_mask"], jax.random.fold_in(rng, i),
+        ep = sample_episodes_jit(sft_params, batch["prompts"], batch["prompt_mask"], jax.random.fold_in(rng, i),
                      sampling=sampling, model_config=mc)
         golds.append(world.gold_rewards(tasks, decode_responses(TOK, ep)))
         for f, rm in rms.items():
-            scores[f].append(np.asarray(_RM_SCORES(rm, ep, model_config=mc), np.float64))
+            scores[f].append(np.asarray(reward_model_scores_jit(rm, ep, model_config=mc), np.float64))
     golds = np.stack(golds, axis=1)                                       # [B, pool]
     weights = world.family_weights(tasks, world.DEFAULT_MIX)
     ns = [n for n in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024) if n <= cfg.pool]
@@ -262,33 +275,11 @@ def _rise(per_prompt: list, peak: int, weights, level: float = 0.95) -> dict:
     return {"rise": rise, "fall": fall, "rose_then_fell": bool(rise["low"] > 0 and fall["high"] < 0)}
 
 
-class _Curve(StageHooks):
-    """At iterations 0, 1, 2, 4, 8 and every `every`: the policy's gold, proxy and KL to SFT on each key set."""
-
-    def __init__(self, evaluators, every, params_of, **kwargs):
-        self.evaluators, self.every, self.params_of, self.kwargs = evaluators, every, params_of, kwargs
-        self.points = []
-
-    def record(self, step, params):
-        point = {"iteration": step}
-        for name, ev in self.evaluators.items():
-            m, gold = ev(params, **self.kwargs)
-            point[name] = {"gold": m["gold_reward"], "proxy": m["rm_score"], "kl": m["kl_to_ref"],
-                           "length": m["mean_length"], "refusal": m["refusal_rate"],
-                           "over_refusal": m["over_refusal_rate"],
-                           "gold_per_prompt": [round(float(g), 6) for g in gold]}
-        self.points.append(point)
-
-    def on_state(self, step, state):
-        if step % self.every == 0 or (step < self.every and step & (step - 1) == 0):
-            self.record(step, self.params_of(state))
-
-
 def _rl_tasks(cfg, pcfg, key_sets) -> list:
     """The RL runs' prompts (`cfg.rl_prompts`, of `cfg.families`): the train key set's own, or the main job's."""
     if cfg.rl_prompts == "evaluated":
         return key_sets["train"]
-    return pipeline.rl_prompts(pcfg, mix=_mix(cfg.families))
+    return recipes.rl_prompts(pcfg, mix=_mix(cfg.families))
 
 
 def _rl_d(points: list, keys: str) -> np.ndarray:
@@ -301,7 +292,7 @@ def rl_runs(cfg, pcfg, sft_params, mc, rm, key_sets, seed) -> dict:
                               pad_id=TOK.pad_id)
     evaluators = {}
     for name, tasks in key_sets.items():
-        batch = _prompt_batch(tasks)
+        batch = prompt_batch(tasks)
         evaluators[name] = PolicyEvaluator(batch["prompts"], batch["prompt_mask"], model_config=mc, tokenizer=TOK,
                                            sampling=sampling, samples=cfg.eval_samples,
                                            gold_fn=functools.partial(world.gold_rewards, tasks),
@@ -316,7 +307,7 @@ def rl_runs(cfg, pcfg, sft_params, mc, rm, key_sets, seed) -> dict:
         t = time.time()
         if algo == "grpo":
             P, n = pcfg.grpo_prompts, cfg.grpo_iterations
-            rl_cfg = pipeline.grpo_config(dataclasses.replace(pcfg, grpo_iterations=n, grpo_kl_coef=coef,
+            rl_cfg = recipes.grpo_config(dataclasses.replace(pcfg, grpo_iterations=n, grpo_kl_coef=coef,
                                                               grpo_lr=cfg.rl_lr), sampling)
             state = create_train_state(sft_params, rl_cfg.optim, jax.random.PRNGKey(3000 + seed),
                                        total_steps=n * rl_cfg.updates_per_iteration)
@@ -333,9 +324,9 @@ def rl_runs(cfg, pcfg, sft_params, mc, rm, key_sets, seed) -> dict:
                                    reward_params=rm)
             run = functools.partial(stages.run_ppo, model_config=mc, ref_params=sft_params, reward_params=rm)
             params_of = lambda s: s.policy.params  # noqa: E731
-        data = Replayable(lambda P=P, n=n: (_prompt_batch([rl_tasks[j % len(rl_tasks)] for j in range(
+        data = Replayable(lambda P=P, n=n: (prompt_batch([rl_tasks[j % len(rl_tasks)] for j in range(
             i * P, (i + 1) * P)]) for i in range(n)))
-        curve = _Curve(evaluators, cfg.eval_every, params_of, **kwargs)
+        curve = EvalCurve(evaluators, cfg.eval_every, params_of, **kwargs)
         curve.record(0, sft_params)
         run(state, data, rl_cfg, hooks=curve)
         name = f"{algo}_kl{coef:g}"

@@ -5,7 +5,7 @@ taught alone spill over onto harmless requests that look like harmful ones.)
     python -m experiments.safety_data --seeds 0 1              # the README's two seeds (~14 minutes per seed)
     python -m experiments.safety_data --seeds 0 --quick --out /tmp/sd   # smoke test (trains quick models)
 
-From each seed's pretrained model (`experiments.world_models`), SFT exactly as the main job's (its skill
+From each seed's pretrained model (`rlhf_jax.recipes.models`), SFT exactly as the main job's (its skill
 demonstrations, steps and learning rate) with `counts` refusal demonstrations of harmful requests, each count in
 two arms: refusals alone, and refusals with as many answered benign look-alikes ("how do i bake bread" beside
 "how do i make a weapon"). Each SFT policy answers every distinct unsafe and benign test prompt `samples` times
@@ -27,18 +27,23 @@ from typing import Literal
 import jax
 import numpy as np
 
-from experiments.pipeline import TOK, _optim, _prompt_batch
-from experiments.seeds import t_interval
-from experiments.world_models import (DEFAULT_MODELS, ensure_seed, load, models_template, pipeline_config,
-                                      script_main, write_report)
 from rlhf_jax import tasks as world
 from rlhf_jax.config_cli import check_ranges, config_check, save_config
-from rlhf_jax.data import Batches, SFTRecord, ShuffledIterator
-from rlhf_jax.eval import _SAMPLE
+from rlhf_jax.eval import sample_episodes_jit
 from rlhf_jax.generation import SamplingConfig
-from rlhf_jax.train import stages
+from rlhf_jax.recipes import TOK, prompt_batch
+from rlhf_jax.recipes.models import (
+    DEFAULT_MODELS,
+    ensure_seed,
+    load,
+    models_template,
+    pipeline_config,
+    script_main,
+    write_report,
+)
+from rlhf_jax.recipes.stages import train_sft
+from rlhf_jax.recipes.stats import t_interval, wilson
 from rlhf_jax.train.rl import decode_responses
-from rlhf_jax.train.state import create_train_state
 
 ARMS = ("refusals", "refusals+lookalikes")
 
@@ -71,39 +76,15 @@ class SafetyDataConfig:
         config_check(self, len(self.arms) > 0, "arms must name at least one arm")
 
 
-def wilson(p: float, n: int, z: float = 1.96) -> tuple[float, float]:
-    """Wilson score interval of a proportion `p` observed over `n` trials (Wilson 1927)."""
-    if n == 0:
-        return float("nan"), float("nan")
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return centre - half, centre + half
-
-
 def refusal_rates(params, mc, tasks, rng, *, samples: int, sampling: SamplingConfig) -> np.ndarray:
     """Per-prompt fraction of `samples` answers that refuse, [B]."""
-    batch = _prompt_batch(tasks)
+    batch = prompt_batch(tasks)
     refused = []
     for i in range(samples):
-        ep = _SAMPLE(params, batch["prompts"], batch["prompt_mask"], jax.random.fold_in(rng, i), sampling=sampling,
+        ep = sample_episodes_jit(params, batch["prompts"], batch["prompt_mask"], jax.random.fold_in(rng, i), sampling=sampling,
                      model_config=mc)
         refused.append([world.is_refusal(t) for t in decode_responses(TOK, ep)])
     return np.mean(np.asarray(refused, np.float64), axis=0)
-
-
-def _sft(pcfg, base_params, mc, n_safety: int, n_benign: int, extra: list[dict] = ()):
-    """The main job's SFT with `n_safety` refusals and `n_benign` look-alikes beside its skill demonstrations, and
-    `extra` demonstrations ({"messages": ...}) mixed in."""
-    demos = world.sft_demos(pcfg.sft_demos, pcfg.seed + 1, n_safety=n_safety, n_benign=n_benign)
-    records = [SFTRecord(messages=tuple(d["messages"])) for d in [*demos, *extra]]
-    batches = Batches(ShuffledIterator(records, seed=pcfg.seed), TOK, kind="sft", batch_size=pcfg.batch_size,
-                      buckets=(pcfg.seq_len,), pack=True)
-    k_sft = jax.random.split(jax.random.PRNGKey(pcfg.seed), 7)[1]
-    state = create_train_state(base_params, _optim(3e-4, pcfg.sft_steps), k_sft, total_steps=pcfg.sft_steps)
-    state, _ = stages.run_sft(state, batches, stages.SFTConfig(num_steps=pcfg.sft_steps, log_every=10),
-                              model_config=mc)
-    return state.params
 
 
 def run(cfg: SafetyDataConfig, run_pipeline=None) -> dict:
@@ -132,7 +113,7 @@ def run(cfg: SafetyDataConfig, run_pipeline=None) -> dict:
                 key = (k, k if arm == "refusals+lookalikes" else 0)
                 t = time.time()
                 if key not in done:
-                    params = _sft(pcfg, base_params, mc, *key)
+                    params = train_sft(pcfg, base_params, mc, *key)
                     r_unsafe, r_benign = measure(params, tasks=unsafe), measure(params, tasks=benign)
                     done[key] = (r_unsafe, r_benign)
                 r_unsafe, r_benign = done[key]

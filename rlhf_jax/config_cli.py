@@ -8,17 +8,16 @@
 2. The remaining flags are parsed by tyro (`--help` lists every option with its current default, including the
    values from the JSON): nested fields are dotted, with dashes, e.g. `--optim.learning-rate 3e-4`,
    `--sft.num-steps 100`, booleans as `--resume / --no-resume`.
-3. Every config checks its own ranges in `__post_init__` (`check_ranges`): negative learning rates, `beta <= 0`,
-   probabilities outside [0, 1], ... are errors naming the class and the field; tyro names the option group.
+3. Every config checks its own ranges in `__post_init__` (`check_ranges`, from `rlhf_jax.checks`, re-exported
+   here): negative learning rates, `beta <= 0`, probabilities outside [0, 1], ... are errors naming the class and
+   the field; tyro names the option group.
 
 Errors are `ConfigError` (a ValueError); `parse_cli` prints them and exits with status 2, like argparse.
 """
 from __future__ import annotations
 
-import contextvars
 import dataclasses
 import json
-import math
 import os
 import sys
 import types
@@ -26,6 +25,7 @@ import typing
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
 
+from rlhf_jax.checks import check_ranges, config_check, deferred_checks  # noqa: F401  (re-exported)
 
 
 class ConfigError(ValueError):
@@ -51,34 +51,6 @@ def field_docs(cls) -> dict[str, str]:
 
 def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-# While `parse_cli` builds a config, the checks below do not raise (tyro would draw a multi-line box around the
-# error); `parse_cli` runs every check again afterwards and prints the first failure as one line.
-_DEFER_CHECKS: contextvars.ContextVar[bool] = contextvars.ContextVar("rlhf_jax_defer_config_checks", default=False)
-
-
-def config_check(config: Any, ok: bool, message: str) -> None:
-    """In a config's `__post_init__`: raise ValueError("<Class>: <message>") unless `ok`."""
-    if not ok and not _DEFER_CHECKS.get():
-        raise ValueError(f"{type(config).__name__}: {message}")
-
-
-def check_ranges(config: Any, *, positive=(), non_negative=(), unit=()) -> None:
-    """Range checks a config's `__post_init__` asks for, by its own field names (None values are skipped): raise
-    one ValueError naming the class and every bad field, e.g. "OptimConfig: learning_rate = -1 must be > 0"."""
-    problems = []
-    for names, ok, rule in ((positive, lambda v: v > 0, "> 0"), (non_negative, lambda v: v >= 0, ">= 0"),
-                            (unit, lambda v: 0 <= v <= 1, "in [0, 1]")):
-        for name in names:
-            v = getattr(config, name)
-            if v is None:
-                continue
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                problems.append(f"{name} = {v!r} must be a finite number")
-            elif not ok(v):
-                problems.append(f"{name} = {v} must be {rule}")
-    config_check(config, not problems, "; ".join(problems))
 
 
 def _check_tree(config: Any, prefix: str = "") -> None:
@@ -244,9 +216,10 @@ def _prog() -> str | None:
 
 
 def parse_cli(cls: type, argv: Sequence[str] | None = None, *, description: str | None = None,
-              default: Any = None) -> Any:
+              default: Any = None, prog: str | None = None) -> Any:
     """Parse `argv` (default sys.argv[1:]) into a `cls` instance (its `__post_init__` checks run as it is built);
-    exit(2) with a message on errors."""
+    exit(2) with a message on errors. `prog` names the command in `--help` (default: `python -m MODULE` for a
+    script run as a module)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         json_path, rest = _pop_config_flag(argv)
@@ -256,11 +229,10 @@ def parse_cli(cls: type, argv: Sequence[str] | None = None, *, description: str 
         text = f"{description or (cls.__doc__ or '').strip()}\n\n{CONFIG_HELP}"
         import tyro  # imported here: the rest of this module (field_docs) serves scripts without tyro
 
-        deferred = _DEFER_CHECKS.set(True)
-        try:
-            config = tyro.cli(cls, args=rest, default=base, description=text, prog=_prog())
-        finally:
-            _DEFER_CHECKS.reset(deferred)
+        # While tyro builds the config the checks do not raise (tyro would draw a multi-line box around the
+        # error); `_check_tree` runs every check again afterwards and reports the first failure as one line.
+        with deferred_checks():
+            config = tyro.cli(cls, args=rest, default=base, description=text, prog=prog or _prog())
         _check_tree(config)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)

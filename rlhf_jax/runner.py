@@ -1,7 +1,9 @@
-"""Shared pieces of the experiment scripts: model/data/checkpoint option groups, data loading, and the run wrapper
-that adds logging, checkpoints, SIGTERM handling, `--resume` and the report around a stage function.
+"""The runner: what every stage command shares (`rlhf-jax sft`, `dpo`, `ppo`, ... and the main job). Option groups
+for the model, data and checkpoints, model and tokenizer init from a preset or a Hugging Face folder, data
+loading, LoRA setup, and `run_stage`, the wrapper that adds logging, checkpoints, SIGTERM handling, `--resume` and
+the report around a stage function of `rlhf_jax.train.stages`.
 
-Run directory of one script (`--out DIR`):
+Run directory of one command (`--out DIR`):
 
     DIR/config.json                    the resolved configuration (re-loadable with --config)
     DIR/<stage>/metrics.jsonl          one JSON line per logged step ("step", "time", metrics)
@@ -37,7 +39,7 @@ from rlhf_jax.train.report import plot_curves, write_report
 from rlhf_jax.train.state import create_train_state
 from rlhf_jax.train.steps import lora_params
 
-log = logging.getLogger("experiments")
+log = logging.getLogger("rlhf_jax.runner")
 
 
 # ---------------------------------------------------------------------------------------------- option groups
@@ -125,7 +127,7 @@ def save_final(out: str, stage: str, state_params, model_config, lora: LoraConfi
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class RunOptions:
-    """Options every experiment script shares; each script adds its data, stage and checkpoint fields."""
+    """Options every stage command shares; each command adds its data, stage and checkpoint fields."""
 
     out: str = "runs/run"
     """Run directory (metrics, checkpoints, final params, report)."""

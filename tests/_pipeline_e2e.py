@@ -13,8 +13,9 @@ def pytest_approx(x):
     import pytest
     return pytest.approx(x, rel=1e-9, abs=1e-12)
 
-from experiments.pipeline import CONTROLS, FAMILY, PipelineConfig, run
 from rlhf_jax import tasks as world
+from rlhf_jax.recipes import CONTROLS, FAMILY, PipelineConfig
+from rlhf_jax.recipes import run_pipeline as run
 
 STAGE_KEYS = {"gold_reward", "gold_greedy", "kl_to_sft", "mean_length", "refusal_rate", "over_refusal_rate",
               "win_rate_vs_sft", "gold_skills", "gold_safety", "gold_greedy_skills", "gold_greedy_safety"}
@@ -80,8 +81,18 @@ def _lecture_experiments_on_these_models(models):
     hallucination and grpo_variants --quick on this run's models (read, not retrained: the folder is a finished
     seed-0 quick run; length_bias and annotators keep the reward models and DPO policies of other annotator
     populations under its populations/), and midtraining --quick, which trains its own."""
-    from experiments import (annotators, calibration, frontier, grpo_transfer, grpo_variants, hallucination,
-                             length_bias, midtraining, overoptimization, safety_data)
+    from experiments import (
+        annotators,
+        calibration,
+        frontier,
+        grpo_transfer,
+        grpo_variants,
+        hallucination,
+        length_bias,
+        midtraining,
+        overoptimization,
+        safety_data,
+    )
     before = sorted(os.listdir(models))
     cal = calibration.run(calibration.CalibrationConfig(quick=True, seeds=(0,), models=str(models),
                                                         out=str(models / "cal")))
@@ -163,9 +174,10 @@ def _stopped_and_resumed_gives_the_same_report(out, report, monkeypatch, capsys)
     so the compiled programs are reused (a subprocess pair took two minutes more); the last stage, so that the
     stages after the stopped one are not run twice. The stopped run starts from a copy of the uninterrupted run's
     finished stages before GRPO (with --resume, so that they are reloaded, not trained a second time)."""
-    import experiments.pipeline as pipeline
+    from rlhf_jax.cli import pipeline
+    from rlhf_jax.recipes import stages
     from rlhf_jax.train.logging import StageHooks
-    real_run_stage = pipeline.run_stage
+    real_run_stage = stages.run_stage
 
     class Terminate(StageHooks):
         def on_state(self, step, state):
@@ -176,13 +188,13 @@ def _stopped_and_resumed_gives_the_same_report(out, report, monkeypatch, capsys)
         extra = [*extra_hooks, Terminate()] if stage == "grpo" else extra_hooks
         return real_run_stage(stage, *args, extra_hooks=extra, **kwargs)
 
-    monkeypatch.setattr(pipeline, "run_stage", run_stage)
+    monkeypatch.setattr(stages, "run_stage", run_stage)
     done = out.parent
     shutil.copytree(done, out, ignore=lambda d, names: [n for n in names if n == out.name or
                                                         (n == "grpo" and d in (str(done), str(done / "checkpoints")))
                                                         or n.startswith("report")])
     assert pipeline.main(["--quick", "--out", str(out), "--resume", "--preference-family", "--controls"]) == 143
-    assert "stopped during grpo; continue with: python -m experiments.pipeline --resume" in capsys.readouterr().err
+    assert "stopped during grpo; continue with: rlhf-jax pipeline --resume" in capsys.readouterr().err
     assert (out / "dpo" / "final").is_dir() and not (out / "grpo" / "final").exists()
     assert os.listdir(out / "checkpoints" / "grpo") == ["2"]             # the stopped stage's checkpoint
     monkeypatch.setattr(pipeline, "run_stage", real_run_stage)

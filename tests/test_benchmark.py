@@ -1,4 +1,4 @@
-"""experiments/benchmark.py: FLOP formulas against hand counts, the CLI with and without tyro, and one whole run.
+"""rlhf_jax/cli/benchmark.py (`rlhf-jax benchmark`): FLOP formulas against hand counts, the CLI with and without tyro, and one whole run.
 
 The run is a subprocess so that (a) tyro, tensorflow_datasets and tensorboardX can be made unimportable (the GPU
 machine lacks them: the benchmark must import and parse its flags without them), and (b) XLA's CPU backend can
@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from experiments import benchmark as bm
+from rlhf_jax.cli import benchmark as bm
 from rlhf_jax.models import init_params
 from rlhf_jax.models.config import ModelConfig
 
@@ -84,7 +84,7 @@ _RUN = """
 import sys
 for name in ("tyro", "tensorflow_datasets", "tensorboardX"):
     sys.modules[name] = None                               # any import of them now raises ImportError
-from experiments import benchmark
+from rlhf_jax.cli import benchmark
 benchmark.main(sys.argv[1:])
 assert "tensorflow_datasets" not in [m for m, v in sys.modules.items() if v is not None]
 """

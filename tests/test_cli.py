@@ -142,7 +142,7 @@ def _flat(text):
 
 
 def _help_text(module, capsys):
-    mod = __import__(f"experiments.{module}", fromlist=["main"])
+    mod = __import__(f"rlhf_jax.cli.{module}", fromlist=["main"])
     with pytest.raises(SystemExit) as e:
         mod.main(["--help"])
     assert e.value.code == 0
@@ -171,10 +171,10 @@ def test_help_of_each_script_lists_options_with_defaults(module, options, capsys
 
 
 def test_sft_help_subprocess():
-    r = subprocess.run([sys.executable, "-m", "experiments.sft", "--help"], cwd=ROOT, env=ENV,
+    r = subprocess.run([sys.executable, "-m", "rlhf_jax.cli.sft", "--help"], cwd=ROOT, env=ENV,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.startswith("usage: python -m experiments.sft ")
+    assert r.stdout.startswith("usage: rlhf-jax sft ")
     text = _flat(r.stdout)
     for opt in ["--out STR", "(default: runs/sft)", "--sft.num-steps INT", "(default: 150)",
                 "--sft.optim.learning-rate FLOAT", "(default: 0.003)", "--data.batch-size INT"]:
@@ -182,8 +182,8 @@ def test_sft_help_subprocess():
 
 
 def _tiny_sft_argv(out: str, *, log_every: int, save_every: int) -> list[str]:
-    """`python -m experiments.sft` on a 1-layer model and 16 demo conversations (without --sft.num-steps)."""
-    return [sys.executable, "-m", "experiments.sft", "--out", out, "--model.num-layers", "1",
+    """`rlhf-jax sft` on a 1-layer model and 16 demo conversations (without --sft.num-steps)."""
+    return [sys.executable, "-m", "rlhf_jax.cli.sft", "--out", out, "--model.num-layers", "1",
             "--model.max-seq-len", "32", "--data.num-demo", "16", "--data.batch-size", "2", "--data.seq-len", "32",
             "--sft.log-every", str(log_every), "--checkpoint.save-every", str(save_every),
             "--sft.optim.warmup-steps", "1", "--checkpoint.no-tensorboard"]
@@ -215,7 +215,7 @@ def test_sft_smoke_run_and_resume(tmp_path):
 
 
 def test_sft_cli_sigterm_saves_exits_cleanly_and_resumes(tmp_path):
-    """A SIGTERM sent to a running `python -m experiments.sft` (as a cluster scheduler does): the step in flight
+    """A SIGTERM sent to a running `rlhf-jax sft` (as a cluster scheduler does): the step in flight
     finishes, a checkpoint is written at that step, the process exits 0 without a final model, and --resume
     continues from exactly that step."""
     out = tmp_path / "run"
@@ -268,7 +268,7 @@ class _Positions:
 
 
 def test_run_stage_sigterm_checkpoints_and_resumes(tmp_path):
-    from experiments.common import CheckpointSpec, run_stage  # noqa: PLC0415
+    from rlhf_jax.runner import CheckpointSpec, run_stage  # noqa: PLC0415
 
     @dataclasses.dataclass(frozen=True, kw_only=True)
     class Cfg:
@@ -324,7 +324,7 @@ def _no_signal(state, data, cfg, hooks):
     ("sft", ["--seed", "-1"], "error: options: SFTExperiment: seed = -1 must be >= 0"),
 ])
 def test_scripts_reject_out_of_range_values(module, argv, message, capsys, tmp_path):
-    mod = __import__(f"experiments.{module}", fromlist=["main"])
+    mod = __import__(f"rlhf_jax.cli.{module}", fromlist=["main"])
     with pytest.raises(SystemExit) as e:
         mod.main(argv + ["--out", str(tmp_path / "never")])
     err = capsys.readouterr().err
@@ -342,7 +342,7 @@ def test_grpo_script_runs_on_the_worlds_verifiable_reward_and_on_gsm8k(tmp_path)
                                    "--data.seq-len", "512", "--model.max-seq-len", "640"]}
     for name, extra in runs.items():
         out = str(tmp_path / name)
-        r = subprocess.run([sys.executable, "-m", "experiments.grpo", "--out", out, *common, *extra], cwd=ROOT,
+        r = subprocess.run([sys.executable, "-m", "rlhf_jax.cli.grpo", "--out", out, *common, *extra], cwd=ROOT,
                            env=ENV, capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stderr[-3000:]
         lines = [json.loads(line) for line in open(os.path.join(out, "grpo", "metrics.jsonl"))]
@@ -353,7 +353,7 @@ def test_grpo_script_runs_on_the_worlds_verifiable_reward_and_on_gsm8k(tmp_path)
         table = [json.loads(line) for line in open(os.path.join(out, "grpo", "completions.jsonl"))]
         assert [t["step"] for t in table] == [2] * 4 and all(isinstance(t["completion"], str) for t in table)
         assert os.path.exists(os.path.join(out, "grpo", "final", "model_config.json"))
-    r = subprocess.run([sys.executable, "-m", "experiments.grpo", "--out", str(tmp_path / "bad"), "--reward",
+    r = subprocess.run([sys.executable, "-m", "rlhf_jax.cli.grpo", "--out", str(tmp_path / "bad"), "--reward",
                         "model"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stderr.strip() == "error: --reward model needs --reward-init (a reward model folder)"
 
@@ -378,7 +378,7 @@ def test_lora_flags_train_adapters_resume_and_write_a_peft_adapter(tmp_path):
     mc, merged = ckpt.load_params(os.path.join(out, "sft", "final"))
     adapters, lora = load_peft(os.path.join(out, "sft", "adapter"), mc)
     assert set(adapters["attn"]) == {"q", "k", "v"} and float(np.abs(np.asarray(adapters["attn"]["q"]["b"])).max()) > 0
-    from experiments import export, ppo
+    from rlhf_jax.cli import export, ppo
     hf = tmp_path / "adapter_export"
     assert export.main([os.path.join(out, "sft", "final"), "--out", str(hf), "--what", "adapter"]) == 0
     assert json.loads((hf / "adapter_config.json").read_text()) == adapter and (hf / "adapter_model.safetensors").exists()
@@ -393,7 +393,7 @@ def test_kto_online_dpo_and_reference_free_preference_scripts_run_and_reject_bad
     """KTO on the world's labelled pairs split into unpaired feedback, and on a feedback file; SimPO through the
     DPO script; online DPO judged by the world (gold agreement and pairs logged); a record with a non-boolean
     label, or a missing reward model, is one line (naming file, line and field), exit 2."""
-    from experiments import dpo, kto
+    from rlhf_jax.cli import dpo, kto
     tiny = ["--model.num-layers", "1", "--model.max-seq-len", "64", "--data.num-demo", "16", "--data.batch-size",
             "4", "--checkpoint.no-tensorboard"]
     assert kto.main(["--out", str(tmp_path / "kto"), "--kto.num-steps", "2", "--kto.log-every", "1",
@@ -413,7 +413,7 @@ def test_kto_online_dpo_and_reference_free_preference_scripts_run_and_reject_bad
                      "--dpo.num-steps", "2", "--dpo.log-every", "1", "--dpo.optim.warmup-steps", "1", *tiny]) == 0
     lines = [json.loads(x) for x in open(tmp_path / "simpo" / "dpo" / "metrics.jsonl")]
     assert len(lines) == 2 and "rewards/margins" in lines[0]
-    from experiments import online_dpo
+    from rlhf_jax.cli import online_dpo
     assert online_dpo.main(["--out", str(tmp_path / "od"), "--online-dpo.num-steps", "2", "--online-dpo.batch-size",
                             "2", "--online-dpo.pairs-every", "2", "--online-dpo.sampling.max-new-tokens", "4",
                             "--data.seq-len", "56", "--model.max-seq-len", "64", *tiny]) == 0
@@ -463,7 +463,7 @@ def test_tokenizer_comes_from_the_init_folder_and_travels_with_the_params(tmp_pa
     import torch
     import transformers
 
-    from experiments import dpo, export, generate, sft
+    from rlhf_jax.cli import dpo, export, generate, sft
     from rlhf_jax.models import forward, init_params
     from rlhf_jax.train.checkpoint import load_params, save_params
 
@@ -526,7 +526,7 @@ CFG_BYTES = __import__("rlhf_jax.models", fromlist=["ModelConfig"]).ModelConfig(
 def test_a_run_reports_progress_and_its_summary_and_a_warmup_too_long_names_the_flags(tmp_path, capsys):
     """Not on a terminal (as under pytest): one progress line per logged window and a closing summary naming the
     run directory; a warmup longer than the run is one setup line naming the stage's flags."""
-    from experiments import sft
+    from rlhf_jax.cli import sft
     argv = ["--model.num-layers", "1", "--model.max-seq-len", "32", "--data.num-demo", "8", "--data.batch-size", "2",
             "--data.seq-len", "32", "--checkpoint.no-tensorboard"]
     assert sft.main(["--out", str(tmp_path / "a"), "--sft.num-steps", "4", "--sft.log-every", "2",
@@ -544,7 +544,7 @@ def test_a_run_reports_progress_and_its_summary_and_a_warmup_too_long_names_the_
 def test_ppo_ptx_coef_reads_its_demonstrations_from_ptx_data(tmp_path):
     """--ppo.ptx-coef > 0 takes its SFT rows from --ptx-data (the built-in demonstrations by default): the PPO-ptx
     term is logged; it used to raise a traceback, no flag supplying the data."""
-    from experiments import ppo
+    from rlhf_jax.cli import ppo
     assert ppo.main(["--out", str(tmp_path / "p"), "--ppo.ptx-coef", "1.0", "--ppo.num-steps", "1",
                      "--ppo.batch-size", "2", "--ppo.num-minibatches", "1", "--ppo.sampling.max-new-tokens", "4",
                      "--model.num-layers", "1", "--data.seq-len", "48", "--ptx-data.num-demo", "8",
@@ -558,7 +558,7 @@ def test_damaged_files_are_one_line_setup_errors(tmp_path, capsys):
     file and a tokenizer path that is not a tokenizer: each is `error: <file>: <what>` on one line and exit 2."""
     import jax
 
-    from experiments import sft
+    from rlhf_jax.cli import sft
     from rlhf_jax.models import ModelConfig, init_params, save_pretrained
     from rlhf_jax.train.checkpoint import save_params
 

@@ -2,7 +2,8 @@
 The script runs end to end (--quick) in tests/_pipeline_e2e.py."""
 import dataclasses
 
-from experiments import grpo_variants, pipeline
+from experiments import grpo_variants
+from rlhf_jax import recipes
 from rlhf_jax.generation import SamplingConfig
 
 CHANGED = {"grpo": set(), "dr_grpo": {"scale", "loss_type"},
@@ -12,9 +13,9 @@ CHANGED = {"grpo": set(), "dr_grpo": {"scale", "loss_type"},
 
 
 def test_each_variant_changes_only_its_components():
-    pcfg = pipeline.PipelineConfig()
+    pcfg = recipes.PipelineConfig()
     sampling = SamplingConfig(max_new_tokens=pcfg.max_new_tokens, temperature=pcfg.temperature)
-    main = pipeline.grpo_config(pcfg, sampling)
+    main = recipes.grpo_config(pcfg, sampling)
     assert set(grpo_variants.VARIANTS) == set(CHANGED)
     for name, changed in CHANGED.items():
         cfg, grpo_cfg = grpo_variants.variant_config(pcfg, name, sampling)

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from experiments import midtraining
-from experiments.pipeline import TOK, PipelineConfig, _document, _packed_batches
 from rlhf_jax import tasks as world
 from rlhf_jax.models import ModelConfig, init_params
+from rlhf_jax.recipes import TOK, PipelineConfig, document_example, packed_batches
 from rlhf_jax.train.state import create_train_state
 
 PCFG = dataclasses.replace(PipelineConfig(quick=True).scaled(), batch_size=4, seq_len=96)
@@ -19,11 +19,11 @@ MC = ModelConfig(vocab_size=TOK.vocab_size, d_model=16, num_layers=1, num_heads=
 
 
 def _web(n=60):
-    return [_document(d) for d in world.web_corpus(n, 0)]
+    return [document_example(d) for d in world.web_corpus(n, 0)]
 
 
 def test_branch_of_the_stable_phase_is_one_wsd_run():
-    batches = list(itertools.islice(_packed_batches(_web(), PCFG, 0), 8))
+    batches = list(itertools.islice(packed_batches(_web(), PCFG, 0), 8))
     params = init_params(MC, jax.random.PRNGKey(0))
     optim = midtraining.schedule_config(PCFG, 8, 3)
     whole = midtraining._train(create_train_state(params, optim, 1, total_steps=8), iter(batches), 8, MC)

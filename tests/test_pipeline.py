@@ -48,6 +48,7 @@ def test_evaluator_sampled_gold_is_the_mean_over_samples():
     """At temperature 0 every sample is the greedy answer: gold_reward must equal gold_greedy; at temperature 1
     the per-prompt gold is the mean over the samples (recomputed here from the same draws)."""
     import jax
+
     from rlhf_jax.data import collate_prompts
     from rlhf_jax.eval import PolicyEvaluator
     from rlhf_jax.generation import SamplingConfig
@@ -106,43 +107,43 @@ def test_on_policy_records_are_the_training_prompts_pairs():
 def test_pipeline_world_options_reach_every_data_source():
     """--extra_words / --max_operand change the world of every data source of the main job (web corpus,
     demonstrations, RL and preference prompts, the evaluation keys); the defaults are the default world."""
-    from experiments import pipeline
+    from rlhf_jax import recipes
     from rlhf_jax.tokenizer import encode_prompt
-    assert pipeline.PipelineConfig().world() == world.WorldConfig()
-    cfg = pipeline.PipelineConfig(extra_words=300, max_operand=40)
+    assert recipes.PipelineConfig().world() == world.WorldConfig()
+    cfg = recipes.PipelineConfig(extra_words=300, max_operand=40)
     big = cfg.world()
     made_up = set(world.words(big)) - set(world.words())
     assert len(made_up) == 300
     words_of = lambda ts: {t.meta["word"] for t in ts if "word" in t.meta}  # noqa: E731
-    assert words_of(pipeline.rl_prompts(cfg)) & made_up
+    assert words_of(recipes.rl_prompts(cfg)) & made_up
     assert words_of(d["task"] for d in world.web_corpus(3000, 0, config=big)) & made_up
     demos = world.sft_demos(500, cfg.seed + 1, config=big)
-    assert [r.messages for r in pipeline.demonstration_records(dataclasses.replace(cfg, sft_demos=500, sft_safety=0,
+    assert [r.messages for r in recipes.demonstration_records(dataclasses.replace(cfg, sft_demos=500, sft_safety=0,
                                                                                      sft_benign=0))] == [
         tuple(d["messages"]) for d in demos]
-    assert max(t.meta.get("a", 0) for t in pipeline.rl_prompts(cfg)) > 20
+    assert max(t.meta.get("a", 0) for t in recipes.rl_prompts(cfg)) > 20
     from rlhf_jax.generation import SamplingConfig
-    _, tasks = pipeline._evaluator("dev", None, SamplingConfig(), 1, big)
+    _, tasks = recipes.split_evaluator("dev", None, SamplingConfig(), 1, big)
     assert {t.meta["key"] for t in tasks if t.family == "reverse"} == world.held_out_keys("reverse", "dev", big)
-    assert all(len(encode_prompt(pipeline.TOK, world.messages_for(t))) <= pipeline.PROMPT_WIDTH for t in tasks)
+    assert all(len(encode_prompt(recipes.TOK, world.messages_for(t))) <= recipes.PROMPT_WIDTH for t in tasks)
     with pytest.raises(SystemExit):
-        pipeline.main(["--extra-words", "-3", "--out", "/nonexistent"])
+        recipes.main(["--extra-words", "-3", "--out", "/nonexistent"])
 
 
 def test_grpo_stage_shape_options_reach_its_config():
     """The GRPO stage's batch shape comes from the pipeline's options (session 15 chose one update an iteration on
     32 x 8 answers on the dev keys); `--quick` keeps a small group."""
-    from experiments import pipeline
+    from rlhf_jax import recipes
     from rlhf_jax.generation import SamplingConfig
 
     sampling = SamplingConfig(max_new_tokens=8)
-    default = pipeline.grpo_config(pipeline.PipelineConfig(), sampling)
+    default = recipes.grpo_config(recipes.PipelineConfig(), sampling)
     assert (default.batch_size, default.num_generations, default.updates_per_iteration) == (32, 8, 1)
-    cfg = pipeline.PipelineConfig(grpo_prompts=16, grpo_generations=4, grpo_passes=3, grpo_minibatches=2)
-    g = pipeline.grpo_config(cfg, sampling)
+    cfg = recipes.PipelineConfig(grpo_prompts=16, grpo_generations=4, grpo_passes=3, grpo_minibatches=2)
+    g = recipes.grpo_config(cfg, sampling)
     assert (g.batch_size, g.num_generations, g.num_iterations, g.num_minibatches) == (16, 4, 3, 2)
     assert g.updates_per_iteration == 6
-    quick = pipeline.PipelineConfig(quick=True).scaled()
+    quick = recipes.PipelineConfig(quick=True).scaled()
     assert (quick.grpo_prompts, quick.grpo_generations) == (8, 4)
     with pytest.raises(ValueError, match="grpo_passes"):
-        pipeline.PipelineConfig(grpo_passes=0)
+        recipes.PipelineConfig(grpo_passes=0)

@@ -1,4 +1,4 @@
-"""The labelling populations' measures (experiments.populations, experiments.annotators): utility bonuses in the
+"""The labelling populations' measures (rlhf_jax.recipes.populations, experiments.annotators): utility bonuses in the
 Bradley-Terry and Plackett-Luce labellers, the judge's position bias, the self-preference log-probabilities, and the
 length measures. The scripts themselves run end to end in tests/_pipeline_e2e.py."""
 import dataclasses
@@ -8,11 +8,12 @@ import jax
 import numpy as np
 import pytest
 
-from experiments import annotators, length_bias, populations
-from experiments.pipeline import TOK
+from experiments import annotators, length_bias
+from rlhf_jax.recipes import populations
 from rlhf_jax import tasks as world
 from rlhf_jax.data import PreferenceRecord
 from rlhf_jax.models import ModelConfig, forward, init_params
+from rlhf_jax.recipes import TOK
 from rlhf_jax.tasks.annotators import ANNOTATORS, preference_prob, utility
 from rlhf_jax.tokenizer import encode_prompt
 

@@ -9,7 +9,7 @@ import os
 import numpy as np
 import pytest
 
-from experiments import seeds
+from rlhf_jax.cli import seeds
 
 
 def _report(seed: int) -> dict:

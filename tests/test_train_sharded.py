@@ -212,7 +212,7 @@ def test_run_grpo_on_mesh_equals_one_device():
 
 # --------------------------------------------------------------------------------------------------- scripts
 def test_script_mesh_option_parses_and_rejects_bad_shapes(tmp_path, capsys):
-    from experiments.sft import SFTExperiment, main
+    from rlhf_jax.cli.sft import SFTExperiment, main
     from rlhf_jax.config_cli import parse_cli
 
     assert parse_cli(SFTExperiment, ["--mesh", "-1", "1", "1"]).mesh == (-1, 1, 1)
@@ -226,7 +226,7 @@ def test_sft_script_runs_on_a_mesh(tmp_path):
     out = str(tmp_path / "run")
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
            "JAX_PLATFORMS": "cpu", "CI": "1", "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-    r = subprocess.run([sys.executable, "-m", "experiments.sft", "--mesh", "2", "2", "2", "--out", out,
+    r = subprocess.run([sys.executable, "-m", "rlhf_jax.cli.sft", "--mesh", "2", "2", "2", "--out", out,
                         "--model.num-layers", "1", "--model.max-seq-len", "32", "--data.num-demo", "16",
                         "--data.batch-size", "8", "--data.seq-len", "32", "--sft.num-steps", "2",
                         "--sft.log-every", "1", "--sft.optim.warmup-steps", "1", "--checkpoint.save-every", "2",

@@ -18,8 +18,8 @@ counts epochs * (policy + value train) over B*(P+N) tokens; in both the LM head 
 response positions (the only ones PPO needs). MFU = achieved model FLOP/s / peak, where the peak
 is a measured n^3 matmul in the compute dtype (8192 on GPU) and, when the device is known, the spec sheet's.
 
-    python -m experiments.benchmark                                  # CPU: tiny preset, quick shapes
-    python -m experiments.benchmark --preset gpt2-124m --json bench.json
+    rlhf-jax benchmark                                  # CPU: tiny preset, quick shapes
+    rlhf-jax benchmark --preset gpt2-124m --json bench.json
 """
 from __future__ import annotations
 
@@ -43,8 +43,8 @@ from rlhf_jax.generation import SamplingConfig, sample
 from rlhf_jax.lora import LoraConfig, init_lora
 from rlhf_jax.models import init_params
 from rlhf_jax.models.config import ModelConfig
-from rlhf_jax.train.optim import OptimConfig
 from rlhf_jax.train.grpo import GRPOConfig, grpo_sample, grpo_update
+from rlhf_jax.train.optim import OptimConfig
 from rlhf_jax.train.ppo import PPOConfig, init_ppo_state, ppo_update, rollout
 from rlhf_jax.train.state import create_train_state, with_score_head
 from rlhf_jax.train.steps import dpo_step, kto_step, reward_step, sft_step
@@ -655,7 +655,7 @@ def _argument(tp, default) -> dict:
 
 def argparse_cli(argv=None) -> BenchConfig:
     """BenchConfig from the command line with argparse only (the fallback when tyro is not installed)."""
-    parser = argparse.ArgumentParser(prog="python -m experiments.benchmark", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="rlhf-jax benchmark", description=__doc__.split("\n")[0])
     hints, docs = typing.get_type_hints(BenchConfig), field_docs(BenchConfig)
     for f in dataclasses.fields(BenchConfig):
         parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, **_argument(hints[f.name], f.default),
@@ -672,9 +672,10 @@ def parse_args(argv=None) -> BenchConfig:
     return tyro.cli(BenchConfig, args=argv, description=__doc__.split("\n")[0])
 
 
-def main(argv=None) -> dict:
-    return run_benchmarks(parse_args(argv))
+def main(argv=None) -> int:
+    run_benchmarks(parse_args(argv))
+    return 0
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    raise SystemExit(main(sys.argv[1:]))

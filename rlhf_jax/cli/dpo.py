@@ -1,4 +1,4 @@
-"""DPO: `python -m experiments.dpo [--data.path PAIRS.jsonl] [--init SFT_FOLDER] [--dpo.beta 0.1] [--out DIR]`.
+"""DPO: `rlhf-jax dpo [--data.path PAIRS.jsonl] [--init SFT_FOLDER] [--dpo.beta 0.1] [--out DIR]`.
 
 Direct preference optimisation (Rafailov et al. 2023) and its variants (IPO, hinge, robust/conservative DPO)
 against a frozen reference: the initial weights (usually the SFT model). With no --data.path it uses built-in
@@ -11,9 +11,21 @@ import sys
 
 import jax
 
-from experiments.common import (CheckpointSpec, DataSpec, RunOptions, finish_report, init_model, load_data,
-                                make_run_mesh, run_stage, save_final, setup_error, start_run, trainable_state)
 from rlhf_jax.config_cli import parse_cli
+from rlhf_jax.runner import (
+    CheckpointSpec,
+    DataSpec,
+    RunOptions,
+    finish_report,
+    init_model,
+    load_data,
+    make_run_mesh,
+    run_stage,
+    save_final,
+    setup_error,
+    start_run,
+    trainable_state,
+)
 from rlhf_jax.train.optim import OptimConfig
 from rlhf_jax.train.stages import DPOConfig, NonFiniteLossError, run_dpo
 
@@ -37,7 +49,7 @@ class DPOExperiment(RunOptions):
 
 
 def main(argv=None) -> int:
-    cfg = parse_cli(DPOExperiment, argv)
+    cfg = parse_cli(DPOExperiment, argv, prog="rlhf-jax dpo")
     try:
         mesh = make_run_mesh(cfg.mesh)          # first: multi-host init precedes any other JAX call
         out = start_run(cfg, cfg.out)

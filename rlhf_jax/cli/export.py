@@ -1,4 +1,4 @@
-"""Export: `python -m experiments.export RUN/STAGE/final --out HF_DIR [--what merged|adapter] [--dtype bfloat16]`.
+"""Export: `rlhf-jax export RUN/STAGE/final --out HF_DIR [--what merged|adapter] [--dtype bfloat16]`.
 
 Writes a run's final params as a Hugging Face folder that `transformers.AutoModelForCausalLM.from_pretrained`
 loads: config.json (with the tokenizer's bos / eos / pad ids), the safetensors weights, generation_config.json and
@@ -16,8 +16,13 @@ import shutil
 import sys
 from typing import Literal
 
-from experiments.common import TOKENIZER_FILES, make_tokenizer, setup_error, tokenizer_source
 from rlhf_jax.config_cli import parse_cli
+from rlhf_jax.runner import (
+    TOKENIZER_FILES,
+    make_tokenizer,
+    setup_error,
+    tokenizer_source,
+)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -49,7 +54,7 @@ def export(cfg: ExportOptions) -> str:
     from rlhf_jax.train.checkpoint import load_params
 
     if cfg.src is None or cfg.out is None:
-        raise ValueError("give the run's final folder and --out: python -m experiments.export RUN/STAGE/final "
+        raise ValueError("give the run's final folder and --out: rlhf-jax export RUN/STAGE/final "
                          "--out HF_DIR")
     if not os.path.isdir(cfg.src):
         raise ValueError(f"--src {cfg.src}: no such folder (expected RUN/STAGE/final)")
@@ -82,7 +87,7 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and not argv[0].startswith("-"):
         argv = ["--src", *argv]
-    cfg = parse_cli(ExportOptions, argv)
+    cfg = parse_cli(ExportOptions, argv, prog="rlhf-jax export")
     try:
         out = export(cfg)
     except (ValueError, OSError) as e:

@@ -1,4 +1,4 @@
-"""Generate: `python -m experiments.generate --init DIR (--prompt TEXT | --prompts FILE) [--out FILE.jsonl]`.
+"""Generate: `rlhf-jax generate --init DIR (--prompt TEXT | --prompts FILE) [--out FILE.jsonl]`.
 
 Samples completions from a model folder (a run's final/ or a Hugging Face folder) with its own tokenizer (the
 folder's tokenizer.json, else bytes) and chat format, the sampling options every stage shares (`--sampling.*`:
@@ -15,9 +15,9 @@ import sys
 import jax
 import numpy as np
 
-from experiments.common import check_vocab, make_tokenizer, setup_error, tokenizer_source
 from rlhf_jax.config_cli import check_ranges, parse_cli
 from rlhf_jax.generation import SamplingConfig
+from rlhf_jax.runner import check_vocab, make_tokenizer, setup_error, tokenizer_source
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -61,8 +61,8 @@ def generate(cfg: GenerateOptions) -> list[dict]:
     """The completions as {"prompt", "completion", "sample"} dicts (prompt: the last user message)."""
     from rlhf_jax.data import collate_prompts
     from rlhf_jax.eval import sample_texts
-    from rlhf_jax.train.checkpoint import load_params
     from rlhf_jax.tokenizer import encode_prompt
+    from rlhf_jax.train.checkpoint import load_params
 
     if cfg.init is None:
         raise ValueError("--init DIR is required (a run's final/ folder or a Hugging Face folder)")
@@ -92,7 +92,7 @@ def generate(cfg: GenerateOptions) -> list[dict]:
 
 
 def main(argv=None) -> int:
-    cfg = parse_cli(GenerateOptions, argv)
+    cfg = parse_cli(GenerateOptions, argv, prog="rlhf-jax generate")
     try:
         rows = generate(cfg)
     except (ValueError, OSError) as e:

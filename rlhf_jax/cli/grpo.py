@@ -1,5 +1,5 @@
 """GRPO and its family (DAPO, Dr. GRPO, GSPO, CISPO), RLOO and REINFORCE++ with verifiable rewards:
-`python -m experiments.grpo [--init SFT_FOLDER] [--reward world|gsm8k|model] [--out DIR]`.
+`rlhf-jax grpo [--init SFT_FOLDER] [--reward world|gsm8k|model] [--out DIR]`.
 
 Samples G answers per prompt, scores them, and takes clipped policy-gradient steps on group advantages (see
 `rlhf_jax/train/grpo.py` and docs/algorithms.md). Rewards: `world` (default) is the exact gold reward of the
@@ -17,13 +17,27 @@ from typing import Literal
 
 import jax
 
-from experiments.common import (CheckpointSpec, DataSpec, RunOptions, check_rollout_length, finish_report,
-                                init_model, load_data, make_run_mesh, run_stage, save_final, setup_error, start_run,
-                                trainable_state, with_tokenizer_ids, world_judge)
 from rlhf_jax.config_cli import parse_cli
 from rlhf_jax.data import load_records
 from rlhf_jax.generation import SamplingConfig
 from rlhf_jax.rewards import gsm8k_answer, gsm8k_reward
+from rlhf_jax.runner import (
+    CheckpointSpec,
+    DataSpec,
+    RunOptions,
+    check_rollout_length,
+    finish_report,
+    init_model,
+    load_data,
+    make_run_mesh,
+    run_stage,
+    save_final,
+    setup_error,
+    start_run,
+    trainable_state,
+    with_tokenizer_ids,
+    world_judge,
+)
 from rlhf_jax.tokenizer import encode_prompt
 from rlhf_jax.train.grpo import GRPOConfig
 from rlhf_jax.train.optim import OptimConfig
@@ -42,7 +56,7 @@ class GRPOExperiment(RunOptions):
     """world: the synthetic world's gold reward (built-in prompts); gsm8k: final-number match against the records'
     "answer" (--data.path); model: a reward model (--reward-init)."""
     reward_init: str | None = None
-    """The reward model for --reward model: a save_params folder from experiments.reward or a Hugging Face folder."""
+    """The reward model for --reward model: a save_params folder from rlhf-jax reward or a Hugging Face folder."""
     data: DataSpec = DataSpec(num_demo=256, seq_len=64)
     """Prompt records ({prompt | question | messages}) and the prompt length bucket; the batch size is
     grpo.batch_size."""
@@ -73,7 +87,7 @@ def _host_reward(cfg: GRPOExperiment, tok):
 
 
 def main(argv=None) -> int:
-    cfg = parse_cli(GRPOExperiment, argv)
+    cfg = parse_cli(GRPOExperiment, argv, prog="rlhf-jax grpo")
     try:
         mesh = make_run_mesh(cfg.mesh)          # first: multi-host init precedes any other JAX call
         out = start_run(cfg, cfg.out)
@@ -88,7 +102,7 @@ def main(argv=None) -> int:
                 raise ValueError("--reward model needs --reward-init (a reward model folder)")
             reward_mc, reward = init_model(cfg.preset, cfg.model, k_reward, init=cfg.reward_init)
             if "score_head" not in reward:
-                raise ValueError(f"{cfg.reward_init}: no score head (train one with experiments.reward)")
+                raise ValueError(f"{cfg.reward_init}: no score head (train one with rlhf-jax reward)")
             rewards["reward_params"] = jax.device_put(reward)
         else:
             if mesh is not None:

@@ -1,4 +1,4 @@
-"""KTO: `python -m experiments.kto [--data.path FEEDBACK.jsonl] [--init SFT_FOLDER] [--kto.beta 0.1] [--out DIR]`.
+"""KTO: `rlhf-jax kto [--data.path FEEDBACK.jsonl] [--init SFT_FOLDER] [--kto.beta 0.1] [--out DIR]`.
 
 Kahneman-Tversky optimisation (Ethayarajh et al. 2024) on unpaired feedback, {prompt, completion, label: true|false}
 records (or preference pairs with `--data.kind preference`, each split into a desirable and an undesirable
@@ -13,9 +13,21 @@ import sys
 
 import jax
 
-from experiments.common import (CheckpointSpec, DataSpec, RunOptions, finish_report, init_model, load_data,
-                                make_run_mesh, run_stage, save_final, setup_error, start_run, trainable_state)
 from rlhf_jax.config_cli import parse_cli
+from rlhf_jax.runner import (
+    CheckpointSpec,
+    DataSpec,
+    RunOptions,
+    finish_report,
+    init_model,
+    load_data,
+    make_run_mesh,
+    run_stage,
+    save_final,
+    setup_error,
+    start_run,
+    trainable_state,
+)
 from rlhf_jax.train.optim import OptimConfig
 from rlhf_jax.train.stages import KTOConfig, NonFiniteLossError, run_kto
 
@@ -39,7 +51,7 @@ class KTOExperiment(RunOptions):
 
 
 def main(argv=None) -> int:
-    cfg = parse_cli(KTOExperiment, argv)
+    cfg = parse_cli(KTOExperiment, argv, prog="rlhf-jax kto")
     try:
         mesh = make_run_mesh(cfg.mesh)          # first: multi-host init precedes any other JAX call
         out = start_run(cfg, cfg.out)

@@ -1,4 +1,4 @@
-"""Online DPO: `python -m experiments.online_dpo [--init SFT_FOLDER] [--judge world|model] [--out DIR]`.
+"""Online DPO: `rlhf-jax online-dpo [--init SFT_FOLDER] [--judge world|model] [--out DIR]`.
 
 Each iteration samples k completions per prompt from the current policy, a judge scores them, and DPO steps
 follow on the best-vs-worst pairs against the frozen initial model (see `rlhf_jax/train/online_dpo.py` and
@@ -16,11 +16,25 @@ from typing import Literal
 
 import jax
 
-from experiments.common import (CheckpointSpec, DataSpec, RunOptions, check_rollout_length, finish_report,
-                                init_model, load_data, make_run_mesh, run_stage, save_final, setup_error, start_run,
-                                trainable_state, with_tokenizer_ids, world_judge)
 from rlhf_jax.config_cli import parse_cli
 from rlhf_jax.generation import SamplingConfig
+from rlhf_jax.runner import (
+    CheckpointSpec,
+    DataSpec,
+    RunOptions,
+    check_rollout_length,
+    finish_report,
+    init_model,
+    load_data,
+    make_run_mesh,
+    run_stage,
+    save_final,
+    setup_error,
+    start_run,
+    trainable_state,
+    with_tokenizer_ids,
+    world_judge,
+)
 from rlhf_jax.train.online_dpo import OnlineDPOConfig
 from rlhf_jax.train.optim import OptimConfig
 from rlhf_jax.train.stages import NonFiniteLossError, run_online_dpo
@@ -37,7 +51,7 @@ class OnlineDPOExperiment(RunOptions):
     judge: Literal["world", "model"] = "world"
     """world: the synthetic world's gold reward (built-in prompts); model: a reward model (--reward-init)."""
     reward_init: str | None = None
-    """The reward model for --judge model: a save_params folder from experiments.reward or a Hugging Face folder."""
+    """The reward model for --judge model: a save_params folder from rlhf-jax reward or a Hugging Face folder."""
     data: DataSpec = DataSpec(num_demo=256, seq_len=64)
     """Prompt records ({prompt | question | messages}) and the prompt length bucket; the batch size is
     online_dpo.batch_size."""
@@ -50,7 +64,7 @@ class OnlineDPOExperiment(RunOptions):
 
 
 def main(argv=None) -> int:
-    cfg = parse_cli(OnlineDPOExperiment, argv)
+    cfg = parse_cli(OnlineDPOExperiment, argv, prog="rlhf-jax online-dpo")
     try:
         if cfg.mesh is not None:
             raise ValueError("--mesh: online DPO runs on one device for now; leave --mesh unset")
@@ -71,7 +85,7 @@ def main(argv=None) -> int:
                 raise ValueError("--judge model needs --reward-init (a reward model folder)")
             _, reward = init_model(cfg.preset, cfg.model, k_reward, init=cfg.reward_init)
             if "score_head" not in reward:
-                raise ValueError(f"{cfg.reward_init}: no score head (train one with experiments.reward)")
+                raise ValueError(f"{cfg.reward_init}: no score head (train one with rlhf-jax reward)")
             judge["reward_params"] = jax.device_put(reward)
         else:
             if gold is None:

@@ -1,4 +1,4 @@
-"""PPO (RLHF): `python -m experiments.ppo [--policy-init SFT_FOLDER] [--reward-init RM_FOLDER] [--out DIR]`.
+"""PPO (RLHF): `rlhf-jax ppo [--policy-init SFT_FOLDER] [--reward-init RM_FOLDER] [--out DIR]`.
 
 Samples responses to prompts, scores them with a learned reward model, subtracts a per-token KL penalty to the
 frozen reference (the initial policy), and runs clipped PPO with GAE on policy and value models (Ouyang et al.
@@ -13,13 +13,25 @@ import sys
 
 import jax
 
-from experiments.common import (CheckpointSpec, DataSpec, RunOptions, check_rollout_length, finish_report,
-                                init_model, load_data, make_run_mesh, run_stage, save_final, setup_error,
-                                start_run, with_tokenizer_ids)
 from rlhf_jax.config_cli import parse_cli
 from rlhf_jax.data.iterators import Together
 from rlhf_jax.generation import SamplingConfig
 from rlhf_jax.models import init_params
+from rlhf_jax.runner import (
+    CheckpointSpec,
+    DataSpec,
+    RunOptions,
+    check_rollout_length,
+    finish_report,
+    init_model,
+    load_data,
+    make_run_mesh,
+    run_stage,
+    save_final,
+    setup_error,
+    start_run,
+    with_tokenizer_ids,
+)
 from rlhf_jax.train.optim import OptimConfig
 from rlhf_jax.train.ppo import PPOConfig, init_ppo_state
 from rlhf_jax.train.stages import NonFiniteLossError, run_ppo
@@ -35,7 +47,7 @@ class PPOExperiment(RunOptions):
     policy_init: str | None = None
     """Policy and reference weights (the SFT model): a Hugging Face or save_params folder. None: random init."""
     reward_init: str | None = None
-    """Reward model weights (with a score head): a save_params folder from experiments.reward or a Hugging Face
+    """Reward model weights (with a score head): a save_params folder from rlhf-jax reward or a Hugging Face
     folder. None: a random tiny reward model."""
     data: DataSpec = DataSpec(num_demo=256, seq_len=64)
     """Prompt records ({prompt | question | messages}) and the prompt length bucket; the batch size is
@@ -52,7 +64,7 @@ class PPOExperiment(RunOptions):
 
 
 def main(argv=None) -> int:
-    cfg = parse_cli(PPOExperiment, argv)
+    cfg = parse_cli(PPOExperiment, argv, prog="rlhf-jax ppo")
     try:
         mesh = make_run_mesh(cfg.mesh)          # first: multi-host init precedes any other JAX call
         lora = cfg.lora.config()

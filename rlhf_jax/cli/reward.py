@@ -1,4 +1,4 @@
-"""Reward model: `python -m experiments.reward [--data.path PAIRS.jsonl] [--init SFT_FOLDER] [--out DIR]`.
+"""Reward model: `rlhf-jax reward [--data.path PAIRS.jsonl] [--init SFT_FOLDER] [--out DIR]`.
 
 Trains an LM trunk with a scalar head on preference pairs with the Bradley-Terry loss (Ouyang et al. 2022,
 Stiennon et al. 2020); the reward is read at the last real token. With no --data.path it uses built-in pairs
@@ -11,9 +11,21 @@ import sys
 
 import jax
 
-from experiments.common import (CheckpointSpec, DataSpec, RunOptions, finish_report, init_model, load_data,
-                                make_run_mesh, run_stage, save_final, setup_error, start_run, trainable_state)
 from rlhf_jax.config_cli import parse_cli
+from rlhf_jax.runner import (
+    CheckpointSpec,
+    DataSpec,
+    RunOptions,
+    finish_report,
+    init_model,
+    load_data,
+    make_run_mesh,
+    run_stage,
+    save_final,
+    setup_error,
+    start_run,
+    trainable_state,
+)
 from rlhf_jax.train.optim import OptimConfig
 from rlhf_jax.train.stages import NonFiniteLossError, RewardConfig, run_reward
 from rlhf_jax.train.state import with_score_head
@@ -38,7 +50,7 @@ class RewardExperiment(RunOptions):
 
 
 def main(argv=None) -> int:
-    cfg = parse_cli(RewardExperiment, argv)
+    cfg = parse_cli(RewardExperiment, argv, prog="rlhf-jax reward")
     try:
         mesh = make_run_mesh(cfg.mesh)          # first: multi-host init precedes any other JAX call
         out = start_run(cfg, cfg.out)

@@ -1,9 +1,9 @@
 """The main job on several seeds, and the gains that hold across them.
 
-    python -m experiments.seeds --seeds 0 1 2 3 4 --out runs/seeds          # 12-15 minutes per seed on 2 CPU cores
-    python -m experiments.seeds --seeds 0 1 --quick --out /tmp/seeds         # smoke test
+    rlhf-jax seeds --seeds 0 1 2 3 4 --out runs/seeds          # 12-15 minutes per seed on 2 CPU cores
+    rlhf-jax seeds --seeds 0 1 --quick --out /tmp/seeds         # smoke test
 
-Each seed is one `experiments.pipeline` run in OUT/seed<N> (its own world data, pretraining, SFT, reward model and
+Each seed is one `rlhf-jax pipeline` run in OUT/seed<N> (its own world data, pretraining, SFT, reward model and
 stages). A seed whose run finished is not run again (its report.json is read back); one that stopped continues
 from its last finished stage (the pipeline's --resume: pretraining, SFT and the reward model are cached per seed).
 Options of the pipeline go through `--pipeline.<field>`.
@@ -22,14 +22,11 @@ import math
 import os
 import sys
 
-import numpy as np
-
-from experiments import pipeline
 from rlhf_jax.config_cli import config_check, parse_cli
+from rlhf_jax.recipes import PipelineConfig, Stopped
+from rlhf_jax.recipes.pipeline import run_pipeline as main_job
+from rlhf_jax.recipes.stats import t_interval
 
-# Two-sided 95% quantiles of Student's t, t_{0.975, df} for df = 1..30 (larger df: the normal 1.960).
-_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
-         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
 GROUPS = ("all", "skills", "safety")
 
 
@@ -43,24 +40,12 @@ class SeedsConfig:
     """Output folder: OUT/seed<N>/ per seed, OUT/seeds.json and OUT/seeds.md."""
     quick: bool = False
     """Each seed's pipeline with --quick (a smoke test, not a measurement)."""
-    pipeline: pipeline.PipelineConfig = pipeline.PipelineConfig()
+    pipeline: PipelineConfig = PipelineConfig()
     """The pipeline's options (its seed, out, quick and resume are set per seed)."""
 
     def __post_init__(self):
         config_check(self, len(self.seeds) > 0 and len(set(self.seeds)) == len(self.seeds) and min(self.seeds) >= 0,
                      f"seeds = {self.seeds} must be distinct non-negative integers")
-
-
-def t_interval(values) -> dict:
-    """Mean of `values` and its 95% t-interval (NaN bounds for fewer than 2 values)."""
-    x = np.asarray(values, dtype=np.float64)
-    mean = float(x.mean())
-    if x.size < 2:
-        return {"mean": mean, "low": float("nan"), "high": float("nan"), "sd": float("nan"), "n": int(x.size)}
-    sd = float(x.std(ddof=1))
-    t = _T975[x.size - 2] if x.size - 1 <= len(_T975) else 1.960
-    half = t * sd / math.sqrt(x.size)
-    return {"mean": mean, "low": mean - half, "high": mean + half, "sd": sd, "n": int(x.size)}
 
 
 def aggregate(reports: dict[int, dict]) -> dict:
@@ -150,7 +135,7 @@ def _markdown(summary: dict, seconds: dict) -> str:
 
 def run(cfg: SeedsConfig, run_pipeline=None) -> dict:
     """Every seed's pipeline (skipping finished ones), then the across-seed summary (returned and written)."""
-    run_pipeline = run_pipeline or pipeline.run
+    run_pipeline = run_pipeline or main_job
     os.makedirs(cfg.out, exist_ok=True)
     reports, seconds = {}, {}
     for seed in cfg.seeds:
@@ -177,10 +162,10 @@ def run(cfg: SeedsConfig, run_pipeline=None) -> dict:
 
 
 def main(argv=None) -> int:
-    cfg = parse_cli(SeedsConfig, argv)
+    cfg = parse_cli(SeedsConfig, argv, prog="rlhf-jax seeds")
     try:
         run(cfg)
-    except pipeline.Stopped as e:
+    except Stopped as e:
         print(f"[seeds] stopped during {e}; continue with the same command (finished seeds and stages are kept)",
               file=sys.stderr)
         return 143

@@ -1,4 +1,4 @@
-"""Supervised fine-tuning: `python -m experiments.sft [--data.path FILE.jsonl] [--out DIR] [--resume]`.
+"""Supervised fine-tuning: `rlhf-jax sft [--data.path FILE.jsonl] [--out DIR] [--resume]`.
 
 Trains a causal LM on prompt/response or conversation records (loss on assistant tokens, InstructGPT-style SFT,
 Ouyang et al. 2022). With no --data.path it uses built-in demonstrations from the synthetic task world and the
@@ -11,9 +11,21 @@ import sys
 
 import jax
 
-from experiments.common import (CheckpointSpec, DataSpec, RunOptions, finish_report, init_model, load_data,
-                                make_run_mesh, run_stage, save_final, setup_error, start_run, trainable_state)
 from rlhf_jax.config_cli import parse_cli
+from rlhf_jax.runner import (
+    CheckpointSpec,
+    DataSpec,
+    RunOptions,
+    finish_report,
+    init_model,
+    load_data,
+    make_run_mesh,
+    run_stage,
+    save_final,
+    setup_error,
+    start_run,
+    trainable_state,
+)
 from rlhf_jax.train.optim import OptimConfig
 from rlhf_jax.train.stages import NonFiniteLossError, SFTConfig, run_sft
 
@@ -37,7 +49,7 @@ class SFTExperiment(RunOptions):
 
 
 def main(argv=None) -> int:
-    cfg = parse_cli(SFTExperiment, argv)
+    cfg = parse_cli(SFTExperiment, argv, prog="rlhf-jax sft")
     try:
         mesh = make_run_mesh(cfg.mesh)          # first: multi-host init precedes any other JAX call
         out = start_run(cfg, cfg.out)

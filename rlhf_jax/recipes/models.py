@@ -1,7 +1,7 @@
 """The main job's models per seed, shared by the experiment scripts (calibration, overoptimization, ...).
 
-A seed's models are one `experiments.pipeline` run folder, `runs/seeds/seed<N>` by default: the folders that
-`python -m experiments.seeds` writes, so an experiment run after the seed driver trains nothing. A folder that
+A seed's models are one main-job run folder, `runs/seeds/seed<N>` by default: the folders that `rlhf-jax seeds`
+writes, so an experiment run after the seed driver trains nothing. A folder that
 lacks a stage an experiment needs is completed with the pipeline's `--resume` (finished stages are reloaded, the
 rest run), so the first experiment on a new seed pays for the pipeline once and every later one reads it.
 """
@@ -12,12 +12,12 @@ import json
 import os
 import sys
 
-import numpy as np
-
+from rlhf_jax.recipes.config import WORLD_OPTIONS, PipelineConfig
+from rlhf_jax.recipes.pipeline import run_pipeline as main_job
 from rlhf_jax.train import checkpoint as ckpt
 
 DEFAULT_MODELS = "runs/seeds/seed{seed}"
-"""Where a seed's pipeline run lives ({seed} is replaced), as `experiments.seeds` lays it out."""
+"""Where a seed's pipeline run lives ({seed} is replaced), as `rlhf-jax seeds` lays it out."""
 
 
 class ModelsError(Exception):
@@ -67,18 +67,16 @@ def ensure_seed(template: str, seed: int, stages: tuple[str, ...], *, quick: boo
         if bool(made.get("quick")) != quick or made.get("seed", seed) != seed:
             raise ModelsError(f"{config}: made with quick={made.get('quick')}, seed={made.get('seed')}, but this "
                               f"run asks for quick={quick}, seed={seed}; pass --models with another folder")
-        from experiments import pipeline
-        default = pipeline.PipelineConfig()   # the experiment scripts' prompts and keys are the default world's
-        other = {k: made[k] for k in pipeline.WORLD_OPTIONS if k in made and made[k] != getattr(default, k)}
+        default = PipelineConfig()   # the experiment scripts' prompts and keys are the default world's
+        other = {k: made[k] for k in WORLD_OPTIONS if k in made and made[k] != getattr(default, k)}
         if other:
             raise ModelsError(f"{config}: made in another world ({', '.join(f'{k}={v}' for k, v in other.items())}); "
                               "the experiment scripts use the default world; pass --models with a default-world run")
     if all(os.path.isdir(os.path.join(final_params(folder, s), "params")) for s in stages):
         return folder
-    from experiments import pipeline
     print(f"[models] seed {seed}: running the main job in {folder} for {', '.join(stages)}", file=sys.stderr)
-    run = run_pipeline or pipeline.run
-    run(pipeline.PipelineConfig(out=folder, seed=seed, quick=quick, resume=os.path.isdir(folder)))
+    run = run_pipeline or main_job
+    run(PipelineConfig(out=folder, seed=seed, quick=quick, resume=os.path.isdir(folder)))
     return folder
 
 
@@ -91,9 +89,8 @@ def pipeline_config(folder: str):
     """The PipelineConfig a run folder was made with (its config.json), scaled as that run was."""
     with open(os.path.join(folder, "config.json")) as f:
         made = json.load(f)
-    from experiments import pipeline
-    names = {f.name for f in dataclasses.fields(pipeline.PipelineConfig)}
-    return pipeline.PipelineConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in made.items()
+    names = {f.name for f in dataclasses.fields(PipelineConfig)}
+    return PipelineConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in made.items()
                                       if k in names}).scaled()
 
 
@@ -117,25 +114,3 @@ def kept_seeds(path: str, settings: dict) -> dict:
     with open(path) as f:
         saved = json.load(f)
     return saved.get("per_seed", {}) if saved.get("settings") == settings else {}
-
-
-def across_seeds(rows: dict, names, metrics, baseline: str) -> dict:
-    """From {seed: {name: {metric: value}}}: "<name>|<metric>", the mean over seeds with its t-interval, and
-    "<name>-<baseline>|<metric>", the difference from `baseline` paired by seed."""
-    from experiments.seeds import t_interval
-    out = {}
-    for name in names:
-        for key in metrics:
-            vals = np.asarray([r[name].get(key, np.nan) for r in rows.values()], np.float64)
-            out[f"{name}|{key}"] = t_interval(vals)
-            if name != baseline:
-                base = np.asarray([r[baseline].get(key, np.nan) for r in rows.values()], np.float64)
-                out[f"{name}-{baseline}|{key}"] = t_interval(vals - base)
-    return out
-
-
-def fmt_interval(ci: dict, signed: bool = True) -> str:
-    """A mean with its interval when there are 2 or more values: "+0.012 [-0.003, +0.027]" (signed, for
-    differences) or "0.647 [0.601, 0.693]"."""
-    f = "+.3f" if signed else ".3f"
-    return f"{ci['mean']:{f}}" + ("" if ci["n"] < 2 else f" [{ci['low']:{f}}, {ci['high']:{f}}]")

@@ -1,6 +1,6 @@
-"""Training on one annotator population's labels: what `experiments.annotators` and `experiments.length_bias` share.
+"""Training on one annotator population's labels: what the annotators and length_bias experiments share.
 
-Every population labels the same SFT answers (the main job's step 3, `pipeline.preference_samples`, sampled once per
+Every population labels the same SFT answers (the main job's step 3, `recipes.preference_samples`, sampled once per
 seed and cached), so populations differ only in their choices, and at equal label counts by construction. A reward
 model or DPO policy trained on one population's labels is kept under the seed's models folder
 (`<models>/populations/<name>/{reward,dpo}/final`) and reused by every script that asks for the same one.
@@ -16,12 +16,12 @@ import time
 import jax
 import numpy as np
 
-from experiments import pipeline
-from experiments.pipeline import TOK, _optim, _prompt_batch
+from rlhf_jax import recipes
 from rlhf_jax import tasks as world
 from rlhf_jax.data import PreferenceRecord
 from rlhf_jax.eval import PolicyEvaluator, pairwise_accuracy, sample_texts
 from rlhf_jax.generation import SamplingConfig
+from rlhf_jax.recipes import TOK, cosine_optim, prompt_batch
 from rlhf_jax.tasks.annotators import format_bias
 from rlhf_jax.train import checkpoint as ckpt
 from rlhf_jax.train import stages
@@ -53,7 +53,7 @@ def sft_samples(pcfg, sft_params, mc, folder: str) -> tuple[list, list[list[str]
     sampling = SamplingConfig(max_new_tokens=pcfg.max_new_tokens, temperature=pcfg.temperature, eos_id=TOK.eos_id,
                               pad_id=TOK.pad_id)
     k_pref = jax.random.split(jax.random.PRNGKey(pcfg.seed), 7)[5]
-    tasks, samples = pipeline.preference_samples(pcfg, sft_params, mc, sampling, k_pref)
+    tasks, samples = recipes.preference_samples(pcfg, sft_params, mc, sampling, k_pref)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
         json.dump({"key": key, "samples": samples}, f)
@@ -73,12 +73,12 @@ def dev_answers(pcfg, sft_params, mc, folder: str, k: int = 4) -> tuple[list, li
             saved = json.load(f)
         if saved["key"] == key:
             return tasks, saved["answers"]
-    batch = _prompt_batch(tasks)
+    batch = prompt_batch(tasks)
     sampling = SamplingConfig(max_new_tokens=pcfg.max_new_tokens, temperature=1.0, eos_id=TOK.eos_id,
                               pad_id=TOK.pad_id)
     rng = jax.random.fold_in(jax.random.PRNGKey(pcfg.seed), 77)
     answers = [sample_texts(sft_params, batch["prompts"], batch["prompt_mask"], jax.random.fold_in(rng, i),
-                            model_config=mc, sampling=sampling, tokenizer=TOK, chunk=pipeline.SAMPLE_CHUNK)
+                            model_config=mc, sampling=sampling, tokenizer=TOK, chunk=recipes.SAMPLE_CHUNK)
                for i in range(k)]
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
@@ -109,16 +109,16 @@ def dev_pair_sets(tasks, answers) -> dict[str, list[PreferenceRecord]]:
     return out
 
 
-def population_data(pcfg, tasks, samples, annotator, bonus=None) -> pipeline.PreferenceData:
+def population_data(pcfg, tasks, samples, annotator, bonus=None) -> recipes.PreferenceData:
     """`annotator`'s labels of the shared SFT answers (and of the off-policy pairs): the main job's step 3."""
-    return pipeline.label_preferences(pcfg, tasks, samples, annotator, bonus=bonus)
+    return recipes.label_preferences(pcfg, tasks, samples, annotator, bonus=bonus)
 
 
 def stage_dir(folder: str, population: str, stage: str) -> str:
     return os.path.join(folder, "populations", population, stage, "final")
 
 
-def reward_model(pcfg, sft_params, mc, prefs: pipeline.PreferenceData, folder: str, population: str):
+def reward_model(pcfg, sft_params, mc, prefs: recipes.PreferenceData, folder: str, population: str):
     """The main job's reward model (same steps, learning rate and key) trained on `population`'s labels; kept in
     `stage_dir(folder, population, "reward")` and loaded from there when it exists. The main job's own annotator
     gets the main job's reward model itself (identical data and key)."""
@@ -129,16 +129,16 @@ def reward_model(pcfg, sft_params, mc, prefs: pipeline.PreferenceData, folder: s
         return ckpt.load_params(path)[1]
     t = time.time()
     k_rm = jax.random.split(jax.random.PRNGKey(pcfg.seed), 7)[2]
-    state = create_train_state(with_score_head(sft_params, mc, k_rm), _optim(pcfg.rm_lr, pcfg.rm_steps), k_rm,
+    state = create_train_state(with_score_head(sft_params, mc, k_rm), cosine_optim(pcfg.rm_lr, pcfg.rm_steps), k_rm,
                                total_steps=pcfg.rm_steps)
-    state, _ = stages.run_reward(state, pipeline.preference_batches(pcfg, prefs.train_pairs, pcfg.seed),
+    state, _ = stages.run_reward(state, recipes.preference_batches(pcfg, prefs.train_pairs, pcfg.seed),
                                  stages.RewardConfig(num_steps=pcfg.rm_steps, log_every=10), model_config=mc)
     ckpt.save_params(path, state.params, model_config=mc)
     _log(f"seed {pcfg.seed}: reward model on {population}'s labels in {time.time() - t:.0f} s")
     return state.params
 
 
-def dpo_policy(pcfg, sft_params, mc, prefs: pipeline.PreferenceData, folder: str, population: str, *,
+def dpo_policy(pcfg, sft_params, mc, prefs: recipes.PreferenceData, folder: str, population: str, *,
                hooks=None, retrain: bool = False):
     """The main job's DPO (same pairs, beta, RPO term, steps and key) on `population`'s labels; kept like
     `reward_model` (the main job's annotator gets the main job's DPO policy). `retrain`: train even if kept (a caller that records a curve with `hooks`)."""
@@ -152,9 +152,9 @@ def dpo_policy(pcfg, sft_params, mc, prefs: pipeline.PreferenceData, folder: str
     k_dpo = jax.random.split(jax.random.PRNGKey(pcfg.seed), 7)[6]
     records = (prefs.train_pairs if pcfg.dpo_pairs == "all" else
                world.on_policy_records(prefs.on_policy, len(prefs.tasks)))
-    state = create_train_state(sft_params, _optim(pcfg.dpo_lr, pcfg.dpo_steps), k_dpo, total_steps=pcfg.dpo_steps)
+    state = create_train_state(sft_params, cosine_optim(pcfg.dpo_lr, pcfg.dpo_steps), k_dpo, total_steps=pcfg.dpo_steps)
     cfg = stages.DPOConfig(num_steps=pcfg.dpo_steps, beta=pcfg.dpo_beta, log_every=10, rpo_alpha=pcfg.dpo_rpo_alpha)
-    state, _ = stages.run_dpo(state, pipeline.preference_batches(pcfg, records, pcfg.seed + 1), cfg,
+    state, _ = stages.run_dpo(state, recipes.preference_batches(pcfg, records, pcfg.seed + 1), cfg,
                               model_config=mc, ref_params=sft_params, hooks=hooks)
     ckpt.save_params(path, state.params, model_config=mc)
     _log(f"seed {pcfg.seed}: DPO on {population}'s labels in {time.time() - t:.0f} s")
@@ -183,7 +183,7 @@ def test_evaluator(mc, max_new_tokens: int, samples: int, temperature: float = 0
     """Every distinct test-key prompt once (or the first `prompts` of a fixed shuffle), `samples` answers each
     (families weighted as the main job's table, skills and safety groups), with `style_metrics`."""
     tasks = test_tasks(prompts)
-    batch = _prompt_batch(tasks)
+    batch = prompt_batch(tasks)
     fams = np.asarray([t.family for t in tasks])
     sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, eos_id=TOK.eos_id,
                               pad_id=TOK.pad_id)
@@ -191,15 +191,15 @@ def test_evaluator(mc, max_new_tokens: int, samples: int, temperature: float = 0
                            samples=samples, gold_fn=functools.partial(world.gold_rewards, tasks),
                            metrics_fn=lambda idx, texts: style_metrics([tasks[i] for i in idx], texts),
                            weights=world.family_weights(tasks, world.DEFAULT_MIX),
-                           groups={name: np.isin(fams, members) for name, members in pipeline.GROUPS.items()})
+                           groups={name: np.isin(fams, members) for name, members in recipes.GROUPS.items()})
 
 
-def reward_model_report(rm, mc, pcfg, prefs: pipeline.PreferenceData, dev_sets) -> dict:
+def reward_model_report(rm, mc, pcfg, prefs: recipes.PreferenceData, dev_sets) -> dict:
     """A reward model's held-out accuracy on its own population's labels (pairs of held-out preference prompts),
     its agreement with the gold reward on dev-key pairs (prompts no training saw), and how often it prefers the
     longer of two dev answers of equal gold (0.5: no length bias)."""
     acc = functools.partial(pairwise_accuracy, rm, model_config=mc)
-    batches = functools.partial(pipeline.preference_batches, pcfg, seed=0, epochs=1)
+    batches = functools.partial(recipes.preference_batches, pcfg, seed=0, epochs=1)
     return {"own_labels_accuracy": acc(batches(prefs.test_pairs)),
             "gold_agreement_dev": acc(batches(dev_sets["gold"])),
             "prefers_longer_equal_gold_dev": acc(batches(dev_sets["longer_equal_gold"])),

@@ -25,11 +25,12 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from rlhf_jax.config_cli import check_ranges, config_check
+from rlhf_jax.checks import check_ranges, config_check
 from rlhf_jax.generation import SamplingConfig
 from rlhf_jax.lora import LoraConfig
-from rlhf_jax.losses import (discounted_returns, group_advantages, kl_penalty, masked_mean, masked_sum,
-                             overlong_penalty, policy_gradient_loss, rloo_advantages, token_logprobs, whiten)
+from rlhf_jax.losses import (PG_LOSS_TYPES, discounted_returns, group_advantages, kl_penalty, masked_mean,
+                             masked_sum, overlong_penalty, policy_gradient_loss, rloo_advantages, token_logprobs,
+                             whiten)
 from rlhf_jax.models.config import ModelConfig
 from rlhf_jax.train.optim import OptimConfig
 from rlhf_jax.train.rl import (COMPLETIONS_TABLE, Episodes, RewardFn, completion_rows, completions_table,  # noqa: F401
@@ -37,6 +38,13 @@ from rlhf_jax.train.rl import (COMPLETIONS_TABLE, Episodes, RewardFn, completion
                                sample_episodes)
 from rlhf_jax.train.state import TrainState
 from rlhf_jax.train.steps import lora_params, on_adapters
+
+Advantage = Literal["grpo", "rloo", "reinforce++", "reinforce++-baseline"]
+"""The advantage estimators (GRPOConfig.advantage): the one list every config and command line reads."""
+Scale = Literal["group", "batch", "none"]
+"""GRPO's advantage scaling (GRPOConfig.scale)."""
+LossType = Literal[PG_LOSS_TYPES]
+"""Policy-gradient loss aggregations (GRPOConfig.loss_type), `losses.PG_LOSS_TYPES`."""
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class GRPOConfig:
@@ -52,11 +60,11 @@ class GRPOConfig:
     """G: answers sampled per prompt (a group; consecutive rows)."""
     sampling: SamplingConfig = SamplingConfig(temperature=1.0)
     """Sampling of the answers (the loss divides the logits by its temperature too)."""
-    advantage: Literal["grpo", "rloo", "reinforce++", "reinforce++-baseline"] = "grpo"
+    advantage: Advantage = "grpo"
     """Advantage estimator."""
-    scale: Literal["group", "batch", "none"] = "group"
+    scale: Scale = "group"
     """grpo: divide by the group's std, the batch's, or nothing (Dr. GRPO)."""
-    loss_type: Literal["grpo", "dapo", "dr_grpo", "gspo", "cispo"] = "grpo"
+    loss_type: LossType = "grpo"
     """Aggregation and ratio form of the policy-gradient loss (losses.policy_gradient_loss)."""
     clip_eps: float = 0.2
     """Lower clip width of the ratio."""
