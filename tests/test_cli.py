@@ -170,8 +170,26 @@ def test_help_of_each_script_lists_options_with_defaults(module, options, capsys
     assert text.count("(default:") >= 30  # every option shows its default
 
 
+def test_rlhf_jax_dispatches_every_command_and_refuses_unknown_ones(capsys):
+    """`rlhf-jax NAME ...` runs rlhf_jax.cli.NAME's main (each listed command's help names it as its prog);
+    no command or an unknown one prints the command list, the latter with exit 2."""
+    from rlhf_jax import cli
+    assert set(cli.COMMANDS) >= {"sft", "reward", "ppo", "dpo", "kto", "online-dpo", "grpo", "export", "generate",
+                                 "benchmark", "pipeline", "seeds"}
+    assert cli.main(["--help"]) == 0 and "online-dpo" in capsys.readouterr().out
+    assert cli.main(["sfd"]) == 2
+    err = capsys.readouterr().err
+    assert "no command 'sfd'" in err and "pipeline" in err
+    for name in cli.COMMANDS:
+        with pytest.raises(SystemExit) as e:
+            cli.main([name, "--help"])
+        assert e.value.code == 0, name
+        out = capsys.readouterr().out
+        assert out.startswith(f"usage: rlhf-jax {name} "), (name, out[:80])
+
+
 def test_sft_help_subprocess():
-    r = subprocess.run([sys.executable, "-m", "rlhf_jax.cli.sft", "--help"], cwd=ROOT, env=ENV,
+    r = subprocess.run([sys.executable, "-m", "rlhf_jax.cli", "sft", "--help"], cwd=ROOT, env=ENV,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("usage: rlhf-jax sft ")

@@ -669,7 +669,7 @@ def parse_args(argv=None) -> BenchConfig:
         import tyro
     except ImportError:
         return argparse_cli(argv)
-    return tyro.cli(BenchConfig, args=argv, description=__doc__.split("\n")[0])
+    return tyro.cli(BenchConfig, args=argv, description=__doc__.split("\n")[0], prog="rlhf-jax benchmark")
 
 
 def main(argv=None) -> int:
