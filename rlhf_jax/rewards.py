@@ -64,6 +64,15 @@ def combine(*weighted: tuple[float, RewardFunction]) -> RewardFunction:
     return reward
 
 
+def chat_prompt_text(tokenizer) -> Callable:
+    """task -> the prompt text a stage decodes for it: the task's messages through `tokenizer`'s chat template
+    (`encode_prompt`), decoded. The key by which `world_reward` and `annotator_judge` look tasks up."""
+    from rlhf_jax.tasks import messages_for
+    from rlhf_jax.tokenizer import encode_prompt
+
+    return lambda task: tokenizer.decode(encode_prompt(tokenizer, messages_for(task)))
+
+
 def world_reward(tasks, prompt_text: Callable) -> RewardFunction:
     """The world's gold reward, each prompt text looked up among `tasks` by `prompt_text(task)` (the text the
     stage decodes: the prompt with its chat template). An unknown prompt is an error, not a 0."""

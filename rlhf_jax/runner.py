@@ -300,7 +300,7 @@ def demo_tasks(n: int, seed: int) -> list:
 def world_judge(spec: DataSpec, seed: int, tok):
     """The world's gold reward of the built-in prompts as a host reward function of (prompt, completion) texts;
     a setup error when a prompt would be cut by --data.seq-len (a cut prompt is no longer the task's)."""
-    from rlhf_jax.rewards import world_reward
+    from rlhf_jax.rewards import chat_prompt_text, world_reward
     from rlhf_jax.tasks import messages_for
     from rlhf_jax.tokenizer import encode_prompt
 
@@ -309,7 +309,7 @@ def world_judge(spec: DataSpec, seed: int, tok):
     if longest > spec.seq_len:
         raise ValueError(f"--data.seq-len {spec.seq_len} would cut built-in prompts of up to {longest} tokens, which "
                          "the world's reward then cannot look up; raise --data.seq-len")
-    return world_reward(tasks, lambda t: tok.decode(encode_prompt(tok, messages_for(t))))
+    return world_reward(tasks, chat_prompt_text(tok))
 
 
 def demo_records(kind: str, n: int, seed: int) -> list:

@@ -21,7 +21,7 @@ from rlhf_jax.eval import sample_texts
 from rlhf_jax.generation import SamplingConfig
 from rlhf_jax.models import ModelConfig
 from rlhf_jax.recipes.config import PipelineConfig
-from rlhf_jax.rewards import world_reward
+from rlhf_jax.rewards import chat_prompt_text, world_reward
 from rlhf_jax.tokenizer import ByteTokenizer, encode_chat, encode_prompt
 from rlhf_jax.train.optim import OptimConfig
 
@@ -137,7 +137,7 @@ def rl_prompt_batches(cfg: PipelineConfig, per_iteration: int, iterations: int) 
 
 def gold_verifier(tasks: list):
     """The gold reward as a host reward function of (prompt text, completion text), for `tasks`' prompts."""
-    return world_reward(tasks, lambda t: TOK.decode(encode_prompt(TOK, world.messages_for(t))))
+    return world_reward(tasks, chat_prompt_text(TOK))
 
 
 def demonstration_records(cfg: PipelineConfig) -> list[SFTRecord]:

@@ -27,9 +27,8 @@ from rlhf_jax.recipes.data import (
     rl_prompt_batches,
     rl_prompts,
 )
-from rlhf_jax.rewards import annotator_judge, world_reward
+from rlhf_jax.rewards import annotator_judge, chat_prompt_text, world_reward
 from rlhf_jax.runner import CheckpointSpec, run_stage
-from rlhf_jax.tokenizer import encode_prompt
 from rlhf_jax.train import checkpoint as ckpt
 from rlhf_jax.train import stages
 from rlhf_jax.train.grpo import GRPOConfig
@@ -173,7 +172,7 @@ def run_preference_family(cfg, runs, mc, sft_params, dpo_train, pref_tasks, pref
                                  optim=cosine_optim(cfg.dpo_lr, iterations))
     prompts = Replayable(lambda: (prompt_batch([pref_tasks[j % len(pref_tasks)] for j in range(i * P, (i + 1) * P)])
                                   for i in range(iterations)))
-    text = lambda t: TOK.decode(encode_prompt(TOK, world.messages_for(t)))  # noqa: E731
+    text = chat_prompt_text(TOK)
     judge = annotator_judge(pref_tasks, text, cfg.annotator, np.random.default_rng(cfg.seed + 12))
     train("online_dpo", functools.partial(stages.run_online_dpo, model_config=mc, ref_params=sft_params,
                                           host_reward_fn=judge, tokenizer=TOK,
