@@ -9,10 +9,14 @@ import os
 import numpy as np
 import pytest
 
-from experiments import (annotators, calibration, frontier, grpo_transfer, grpo_variants, hallucination,
-                         length_bias, overoptimization, pipeline, safety_data, world_models)
+from experiments import (annotators, calibration, frontier, grpo_transfer, grpo_variants, hallucination,  # run only
+                         length_bias, overoptimization, safety_data)
 from rlhf_jax import tasks as world
 from rlhf_jax.eval import best_of_n_expectation, expected_calibration_error, reliability_bins
+from rlhf_jax.recipes import PipelineConfig
+from rlhf_jax.recipes import models as seed_models
+from rlhf_jax.recipes import overoptimization as oo
+from rlhf_jax.recipes.stats import across_seeds, fmt_interval, wilson
 
 
 def _ece_loops(conf, correct, num_bins):
@@ -79,16 +83,16 @@ def test_best_of_n_large_pool_is_finite_and_rejects_bad_n():
 
 def test_best_of_n_kl_and_gao_fits():
     # KL(best-of-n || base) = log n - (n-1)/n: 0 at n = 1; Stiennon et al.'s n = 2 value
-    np.testing.assert_allclose(overoptimization.bon_kl([1, 2, 64]), [0.0, math.log(2) - 0.5, math.log(64) - 63 / 64])
+    np.testing.assert_allclose(oo.bon_kl([1, 2, 64]), [0.0, math.log(2) - 0.5, math.log(64) - 63 / 64])
     d = np.linspace(0.0, 3.0, 12)
-    fit = overoptimization.fit_gao(d, d * (0.4 - 0.1 * d), "bon")
+    fit = oo.fit_gao(d, d * (0.4 - 0.1 * d), "bon")
     assert fit["alpha"] == pytest.approx(0.4) and fit["beta"] == pytest.approx(0.1) and fit["r2"] == pytest.approx(1.0)
     gain = np.where(d > 0, d * (0.3 - 0.2 * np.log(np.where(d > 0, d, 1.0))), 0.0)
-    fit = overoptimization.fit_gao(d, gain, "rl")
+    fit = oo.fit_gao(d, gain, "rl")
     assert fit["alpha"] == pytest.approx(0.3) and fit["beta"] == pytest.approx(0.2)
-    assert overoptimization._peak([0, 10, 20], [0.1, 0.3, 0.2]) == {
+    assert oo.peak([0, 10, 20], [0.1, 0.3, 0.2]) == {
         "peak_at": 10, "peak_gold": 0.3, "final_gold": 0.2, "peaked_then_fell": True}
-    assert not overoptimization._peak([0, 10], [0.1, 0.3])["peaked_then_fell"]
+    assert not oo.peak([0, 10], [0.1, 0.3])["peaked_then_fell"]
 
 
 def test_rl_rise_counts_only_beyond_the_bonferroni_bootstrap_interval():
@@ -97,13 +101,13 @@ def test_rl_rise_counts_only_beyond_the_bonferroni_bootstrap_interval():
     noise = lambda: rng.normal(0.0, 0.05, 48)  # noqa: E731
     # a clear rise of 0.1 on every prompt, then a clear fall: both intervals exclude 0
     clear = [start, start + 0.1 + noise(), start - 0.2 + noise()]
-    r = overoptimization._rise(clear, 1, np.ones(48))
+    r = oo.rise(clear, 1, np.ones(48))
     assert r["rose_then_fell"] and r["rise"]["low"] > 0 and r["fall"]["high"] < 0
     assert r["rise"]["level"] == pytest.approx(1 - 0.05 / 2) and r["fall"]["level"] == 0.95
     # the best of many noisy evaluations with no real change: the strict interval keeps its rise from counting
     flat = [start] + [start + noise() for _ in range(10)]
     peak = int(np.argmax([np.mean(g) for g in flat]))
-    r = overoptimization._rise(flat + [start - 0.2], peak, np.ones(48))
+    r = oo.rise(flat + [start - 0.2], peak, np.ones(48))
     assert peak > 0 and r["rise"]["delta"] > 0 and r["rise"]["low"] < 0 and not r["rose_then_fell"]
 
 
@@ -117,21 +121,21 @@ def test_seed_models_cache_runs_the_main_job_only_when_a_stage_is_missing(tmp_pa
         with open(os.path.join(cfg.out, "config.json"), "w") as f:
             json.dump({"seed": cfg.seed, "quick": cfg.quick}, f)
 
-    folder = world_models.ensure_seed(template, 3, ("sft",), quick=True, run_pipeline=fake_pipeline)
+    folder = seed_models.ensure_seed(template, 3, ("sft",), quick=True, run_pipeline=fake_pipeline)
     assert folder == str(tmp_path / "seed3") and calls == [(3, folder, True, False)]
-    world_models.ensure_seed(template, 3, ("sft",), quick=True, run_pipeline=fake_pipeline)
+    seed_models.ensure_seed(template, 3, ("sft",), quick=True, run_pipeline=fake_pipeline)
     assert len(calls) == 1                                                  # cached
-    world_models.ensure_seed(template, 3, ("sft", "base"), quick=True, run_pipeline=fake_pipeline)
+    seed_models.ensure_seed(template, 3, ("sft", "base"), quick=True, run_pipeline=fake_pipeline)
     assert calls[-1] == (3, folder, True, True)                             # completed with --resume
-    with pytest.raises(world_models.ModelsError, match="config.json: made with quick=True"):
-        world_models.ensure_seed(template, 3, ("sft",), quick=False, run_pipeline=fake_pipeline)
+    with pytest.raises(seed_models.ModelsError, match="config.json: made with quick=True"):
+        seed_models.ensure_seed(template, 3, ("sft",), quick=False, run_pipeline=fake_pipeline)
     (tmp_path / "seed3" / "config.json").write_text(json.dumps({"seed": 3, "quick": True, "extra_words": 0,
                                                                 "max_operand": 20}))
-    world_models.ensure_seed(template, 3, ("sft",), quick=True, run_pipeline=fake_pipeline)   # the default world
+    seed_models.ensure_seed(template, 3, ("sft",), quick=True, run_pipeline=fake_pipeline)   # the default world
     (tmp_path / "seed3" / "config.json").write_text(json.dumps({"seed": 3, "quick": True, "extra_words": 400}))
-    with pytest.raises(world_models.ModelsError, match="another world .extra_words=400"):
-        world_models.ensure_seed(template, 3, ("sft",), quick=True, run_pipeline=fake_pipeline)
-    assert world_models.final_params(folder, "base").endswith(os.path.join("pretrain", "final"))
+    with pytest.raises(seed_models.ModelsError, match="another world .extra_words=400"):
+        seed_models.ensure_seed(template, 3, ("sft",), quick=True, run_pipeline=fake_pipeline)
+    assert seed_models.final_params(folder, "base").endswith(os.path.join("pretrain", "final"))
 
 
 def test_experiment_scripts_report_a_models_mismatch_in_one_line(tmp_path, capsys):
@@ -148,37 +152,37 @@ def test_experiment_scripts_report_a_models_mismatch_in_one_line(tmp_path, capsy
 
 def test_wilson_interval():
     # Wilson (1927) for 5 of 10: 0.2366 to 0.7634; 0 of 20: [0, 0.161]; it stays inside [0, 1]
-    low, high = safety_data.wilson(0.5, 10)
+    low, high = wilson(0.5, 10)
     assert (round(low, 4), round(high, 4)) == (0.2366, 0.7634)
-    low, high = safety_data.wilson(0.0, 20)
+    low, high = wilson(0.0, 20)
     assert low == pytest.approx(0.0, abs=1e-12) and high == pytest.approx(0.1611, abs=1e-4)
-    assert all(math.isnan(x) for x in safety_data.wilson(0.5, 0))
+    assert all(math.isnan(x) for x in wilson(0.5, 0))
 
 
 def test_across_seeds_and_kept_seeds(tmp_path):
     rows = {"0": {"a": {"g": 0.5}, "b": {"g": 0.7}}, "1": {"a": {"g": 0.3}, "b": {"g": 0.2}},
             "2": {"a": {"g": 0.4}, "b": {"g": 0.6}}}
-    out = world_models.across_seeds(rows, ("a", "b"), ("g",), "a")
+    out = across_seeds(rows, ("a", "b"), ("g",), "a")
     assert set(out) == {"a|g", "b|g", "b-a|g"}
     d = np.array([0.2, -0.1, 0.2])                                      # paired by seed
     half = 4.303 * d.std(ddof=1) / np.sqrt(3)                           # t(0.975, 2 dof)
     assert out["b-a|g"]["mean"] == pytest.approx(d.mean())
     assert out["b-a|g"]["high"] - out["b-a|g"]["mean"] == pytest.approx(half, rel=1e-3)
-    assert world_models.fmt_interval(out["b|g"]).startswith("+0.500 [")
-    assert world_models.fmt_interval({"mean": -0.25, "n": 1}) == "-0.250"
+    assert fmt_interval(out["b|g"]).startswith("+0.500 [")
+    assert fmt_interval({"mean": -0.25, "n": 1}) == "-0.250"
     path = str(tmp_path / "r.json")
-    assert world_models.kept_seeds(path, {"x": 1}) == {}
+    assert seed_models.kept_seeds(path, {"x": 1}) == {}
     (tmp_path / "r.json").write_text(json.dumps({"settings": {"x": 1}, "per_seed": {"0": {"v": 2}}}))
-    assert world_models.kept_seeds(path, {"x": 1}) == {"0": {"v": 2}}
-    assert world_models.kept_seeds(path, {"x": 2}) == {}                # other settings: measured again
+    assert seed_models.kept_seeds(path, {"x": 1}) == {"0": {"v": 2}}
+    assert seed_models.kept_seeds(path, {"x": 2}) == {}                # other settings: measured again
 
 
 def test_overoptimization_skill_families_leave_out_every_safety_prompt():
-    pcfg = pipeline.PipelineConfig(quick=True)
-    for families in ("all", "skills"):
-        cfg = overoptimization.OveroptimizationConfig(families=families)
-        key_sets = {k: overoptimization._key_set(k, 40, 0, families) for k in overoptimization.KEY_SETS}
-        for name, tasks in {**key_sets, "rl": overoptimization._rl_tasks(cfg, pcfg, key_sets)}.items():
+    pcfg = PipelineConfig(quick=True)
+    for families, rl_prompts in itertools.product(("all", "skills"), ("evaluated", "main")):
+        key_sets = {k: oo.key_set(k, 40, 0, families) for k in oo.KEY_SETS}
+        rl = oo.rl_tasks(pcfg, key_sets, rl_prompts=rl_prompts, families=families)
+        for name, tasks in {**key_sets, "rl": rl}.items():
             fams = {t.family for t in tasks}
             assert len({t.prompt for t in tasks}) == len(tasks) or name == "rl", name
             if families == "skills":
@@ -189,13 +193,13 @@ def test_overoptimization_skill_families_leave_out_every_safety_prompt():
 
 
 def test_overoptimization_plots_every_seed_and_the_across_seed_figure(tmp_path):
-    keys = overoptimization.KEY_SETS
+    keys = oo.KEY_SETS
     bon = {"n": [1, 2, 4], "d": [0.0, 0.43, 0.8], "gold": [0.5, 0.6, 0.4], "proxy": [0.0, 1.0, 2.0],
            "fit": {"alpha": 0.3, "beta": 0.3, "r2": 0.9}}
     points = [{"iteration": i, **{k: {"gold": g, "proxy": i / 10, "kl": i / 4} for k in keys}}
               for i, g in enumerate([0.5, 0.52, 0.3])]
     per_seed = {s: {"best_of_n": {k: {"1": bon} for k in keys}, "rl": {"grpo_kl0": {"points": points}}}
                 for s in ("0", "1")}
-    overoptimization._plots({"per_seed": per_seed}, str(tmp_path))
+    oo.plots({"per_seed": per_seed}, str(tmp_path))
     assert sorted(os.listdir(tmp_path)) == ["best_of_n_seed0.png", "best_of_n_seed1.png", "rl_seed0.png",
                                             "rl_seed1.png", "rl_seeds.png"]
