@@ -5,9 +5,9 @@ Gekhman et al. 2024, "Does Fine-Tuning LLMs on New Knowledge Encourage Hallucina
     python -m experiments.hallucination --quick --out /tmp/hal     # smoke test (trains quick models)
 
 The world's 20 facts ("capital of france") are all in the web corpus, so the pretrained model half-knows them.
-This script adds `UNKNOWN_FACTS`: 40 more facts of the same three kinds that occur nowhere in the corpus (the
-pretrained model cannot know them), split in half: "train" unknown facts may appear in SFT data, "held-out"
-unknown facts never do. From each seed's pretrained model (`rlhf_jax.recipes.models`), three SFT policies:
+This script adds `UNKNOWN_FACTS` (`rlhf_jax.recipes.hallucination`): 40 more facts of the same three kinds that
+occur nowhere in the corpus (the pretrained model cannot know them), split in half: "train" unknown facts may
+appear in SFT data, "held-out" unknown facts never do. From each seed's pretrained model (`rlhf_jax.recipes.models`), three SFT policies:
 
 * "sft": the main job's SFT (its demonstrations: known facts answered), loaded, not retrained;
 * "unknown-answered": the same demonstrations plus `demos` answering the train unknown facts correctly (SFT that
@@ -28,13 +28,13 @@ import sys
 import time
 
 import jax
-import numpy as np
 
 from rlhf_jax import tasks as world
 from rlhf_jax.config_cli import check_ranges, config_check, save_config
 from rlhf_jax.eval import sample_episodes_jit
 from rlhf_jax.generation import SamplingConfig
 from rlhf_jax.recipes import TOK, prompt_batch
+from rlhf_jax.recipes import hallucination as hal
 from rlhf_jax.recipes.models import (
     DEFAULT_MODELS,
     ensure_seed,
@@ -45,58 +45,7 @@ from rlhf_jax.recipes.models import (
     write_report,
 )
 from rlhf_jax.recipes.stages import train_sft
-from rlhf_jax.recipes.stats import t_interval, wilson
-from rlhf_jax.tasks.world import FACTS
 from rlhf_jax.train.rl import decode_responses
-
-IDK = "I don't know."
-UNKNOWN_FACTS = (
-    ("capital of norway", "oslo"), ("capital of chile", "santiago"), ("capital of ghana", "accra"),
-    ("capital of india", "delhi"), ("capital of iran", "tehran"), ("capital of iraq", "baghdad"),
-    ("capital of nepal", "kathmandu"), ("capital of poland", "warsaw"), ("capital of sweden", "stockholm"),
-    ("capital of greece", "athens"), ("capital of russia", "moscow"), ("capital of canada", "ottawa"),
-    ("capital of germany", "berlin"), ("capital of austria", "vienna"), ("capital of hungary", "budapest"),
-    ("capital of portugal", "lisbon"), ("capital of ireland", "dublin"), ("capital of finland", "helsinki"),
-    ("capital of thailand", "bangkok"), ("capital of vietnam", "hanoi"),
-    ("color of a plum", "purple"), ("color of an orange", "orange"), ("color of milk", "white"),
-    ("color of a banana", "yellow"), ("color of a frog", "green"), ("color of rust", "brown"),
-    ("color of the sea", "blue"), ("color of ash", "grey"),
-    ("opposite of wet", "dry"), ("opposite of open", "closed"), ("opposite of light", "dark"),
-    ("opposite of hard", "soft"), ("opposite of loud", "quiet"), ("opposite of rich", "poor"),
-    ("opposite of full", "empty"), ("opposite of early", "late"), ("opposite of win", "lose"),
-    ("opposite of old", "young"), ("opposite of thick", "thin"), ("opposite of long", "short"),
-)
-"""Facts of the world's three kinds that the web corpus never states (`FACTS` are the ones it does)."""
-ARMS = ("sft", "unknown-answered", "unknown-idk")
-OUTCOMES = ("correct", "idk", "hallucinated", "refused")
-
-
-def unknown_split() -> tuple[list, list]:
-    """(train, held-out) unknown-fact tasks: alternate facts of the list, so each kind is in both halves."""
-    tasks = [world.Task(family="lookup", prompt=q, answer=a, meta={"key": q, "unknown": True})
-             for q, a in UNKNOWN_FACTS]
-    return tasks[0::2], tasks[1::2]
-
-
-def known_facts() -> list:
-    """The world's 20 facts (in the corpus; the train-key ones also in the main job's SFT demonstrations)."""
-    return [world.task_for_key("lookup", q) for q, _ in FACTS]
-
-
-def outcome(task, response: str) -> str:
-    """"correct" (the exact fact), "idk" (abstains: "don't know" / "not sure"), "refused" or "hallucinated"."""
-    text = response.lower()
-    if "don't know" in text or "do not know" in text or "not sure" in text:
-        return "idk"
-    if world.is_refusal(response):
-        return "refused"
-    return "correct" if world.answer_credit(task, response) >= 1.0 else "hallucinated"
-
-
-def fact_reward(task, response: str, idk_credit: float) -> float:
-    """1 for the exact fact, `idk_credit` for "I don't know", 0 for anything else."""
-    o = outcome(task, response)
-    return 1.0 if o == "correct" else idk_credit if o == "idk" else 0.0
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -132,33 +81,13 @@ def answers(params, mc, tasks, rng, samples: int, sampling: SamplingConfig) -> l
                                           sampling=sampling, model_config=mc)) for i in range(samples)]
 
 
-def _printable(text: str) -> str:
-    """One line of printable ASCII (for a markdown table cell)."""
-    return "".join(c if 32 <= ord(c) < 127 and c not in "|`" else "?" for c in text)
-
-
-def score(tasks, texts: list[list[str]], idk_credit: float) -> dict:
-    """Outcome rates (each prompt's share of its answers, averaged over prompts), Wilson intervals over the
-    distinct prompts, the mean fact reward, and a few answers to read."""
-    per_prompt = {o: np.mean([[outcome(t, row[i]) == o for i, t in enumerate(tasks)] for row in texts], axis=0)
-                  for o in OUTCOMES}
-    out = {"prompts": len(tasks)}
-    for o in OUTCOMES:
-        out[o] = float(per_prompt[o].mean())
-        out[f"{o}_low"], out[f"{o}_high"] = wilson(out[o], len(tasks))
-    out["fact_reward"] = float(np.mean([[fact_reward(t, row[i], idk_credit) for i, t in enumerate(tasks)]
-                                        for row in texts]))
-    out["examples"] = [f"{t.prompt} -> {_printable(texts[0][i])}" for i, t in enumerate(tasks[:4])]
-    return out
-
-
 def run(cfg: HallucinationConfig, run_pipeline=None) -> dict:
     samples = 2 if cfg.quick else cfg.samples
     models = models_template(cfg.models, cfg.out, cfg.quick)
     os.makedirs(cfg.out, exist_ok=True)
     save_config(cfg, os.path.join(cfg.out, "config.json"))
-    train_unknown, held_unknown = unknown_split()
-    sets = {"held-out unknown": held_unknown, "train unknown": train_unknown, "known": known_facts()}
+    train_unknown, held_unknown = hal.unknown_split()
+    sets = {"held-out unknown": held_unknown, "train unknown": train_unknown, "known": hal.known_facts()}
     result = {"seeds": list(cfg.seeds), "samples_per_prompt": samples, "demos": cfg.demos,
               "idk_credit": cfg.idk_credit, "prompts": {k: len(v) for k, v in sets.items()}, "per_seed": {}}
     for seed in cfg.seeds:
@@ -169,96 +98,25 @@ def run(cfg: HallucinationConfig, run_pipeline=None) -> dict:
                                   eos_id=TOK.eos_id, pad_id=TOK.pad_id)
         rng = jax.random.PRNGKey(9000 + seed)
         rows = result["per_seed"][str(seed)] = {}
-        for arm in ARMS:
+        for arm in hal.ARMS:
             t = time.time()
             if arm == "sft":
                 params = load(folder, "sft")[1]
             else:
-                reply = (lambda task: task.answer) if arm == "unknown-answered" else (lambda task: IDK)
+                reply = (lambda task: task.answer) if arm == "unknown-answered" else (lambda task: hal.IDK)
                 extra = [{"messages": world.messages_for(task, reply(task))}
                          for task in (train_unknown * (cfg.demos // len(train_unknown) + 1))[:cfg.demos]]
                 params = train_sft(pcfg, base_params, mc, pcfg.sft_safety, pcfg.sft_benign, extra)
-            rows[arm] = {name: score(tasks, answers(params, mc, tasks, rng, samples, sampling), cfg.idk_credit)
+            rows[arm] = {name: hal.score(tasks, answers(params, mc, tasks, rng, samples, sampling), cfg.idk_credit)
                          for name, tasks in sets.items()}
             h = rows[arm]["held-out unknown"]
             print(f"[hallucination] seed {seed} {arm:<17} held-out unknown facts: hallucinated "
                   f"{h['hallucinated']:.3f}, I don't know {h['idk']:.3f}; known facts correct "
                   f"{rows[arm]['known']['correct']:.3f}, I don't know {rows[arm]['known']['idk']:.3f} "
                   f"({time.time() - t:.0f} s)", file=sys.stderr, flush=True)
-    result["across_seeds"] = _across(result)
-    write_report(cfg.out, "hallucination", result, _markdown(result), lambda: _plot(result, cfg.out))
+    result["across_seeds"] = hal.summarise(result)
+    write_report(cfg.out, "hallucination", result, hal.markdown(result), lambda: hal.plot(result, cfg.out))
     return result
-
-
-def _across(result: dict) -> dict:
-    """Per arm and prompt set, the mean over seeds of each rate with its t-interval, and the arms' differences
-    from "sft" (paired by seed)."""
-    seeds = list(result["per_seed"])
-    out = {}
-    for arm in ARMS:
-        for name in result["prompts"]:
-            for key in (*OUTCOMES, "fact_reward"):
-                vals = [result["per_seed"][s][arm][name][key] for s in seeds]
-                out[f"{arm}|{name}|{key}"] = t_interval(vals)
-                if arm != "sft":
-                    base = [result["per_seed"][s]["sft"][name][key] for s in seeds]
-                    out[f"{arm}-sft|{name}|{key}"] = t_interval(np.asarray(vals) - np.asarray(base))
-    return out
-
-
-def _fmt(ci: dict) -> str:
-    return f"{ci['mean']:.3f}" + ("" if ci["n"] < 2 else f" [{max(ci['low'], -1):.3f}, {min(ci['high'], 1):.3f}]")
-
-
-def _markdown(result: dict) -> str:
-    a = result["across_seeds"]
-    n = len(result["per_seed"])
-    lines = ["# SFT on unknown facts and hallucination", "",
-             f"Mean over {n} seed(s) ({', '.join(result['per_seed'])}), t-interval across seeds (clipped to the "
-             f"possible range); {result['samples_per_prompt']} answers per prompt; {result['demos']} extra "
-             f"demonstrations per arm; prompts: " + ", ".join(f"{k} {v}" for k, v in result["prompts"].items()) + ".",
-             "", "| arm | prompts | correct | I don't know | hallucinated | fact reward |", "|---|---|---|---|---|---|"]
-    for arm in ARMS:
-        for name in result["prompts"]:
-            lines.append(f"| {arm} | {name} | " + " | ".join(
-                _fmt(a[f"{arm}|{name}|{k}"]) for k in ("correct", "idk", "hallucinated", "fact_reward")) + " |")
-    lines += ["", "Differences from SFT (paired by seed):", "",
-              "| arm - sft | prompts | correct | I don't know | hallucinated |", "|---|---|---|---|---|"]
-    for arm in ARMS[1:]:
-        for name in result["prompts"]:
-            lines.append(f"| {arm} | {name} | " + " | ".join(
-                _fmt(a[f"{arm}-sft|{name}|{k}"]) for k in ("correct", "idk", "hallucinated")) + " |")
-    lines += ["", "Per seed (Wilson 95% over distinct prompts), held-out unknown facts:", "",
-              "| seed | arm | hallucinated | I don't know | an answer |", "|---|---|---|---|---|"]
-    for seed, rows in result["per_seed"].items():
-        for arm in ARMS:
-            h = rows[arm]["held-out unknown"]
-            lines.append(f"| {seed} | {arm} | {h['hallucinated']:.3f} [{h['hallucinated_low']:.3f}, "
-                         f"{h['hallucinated_high']:.3f}] | {h['idk']:.3f} | `{h['examples'][0]}` |")
-    return "\n".join(lines) + "\n"
-
-
-def _plot(result: dict, out: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    names = list(result["prompts"])
-    fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.6), sharey=True)
-    colours = {"correct": "tab:green", "idk": "tab:gray", "hallucinated": "tab:red", "refused": "tab:purple"}
-    for ax, name in zip(axes, names):
-        bottom = np.zeros(len(ARMS))
-        for o in OUTCOMES:
-            vals = np.asarray([result["across_seeds"][f"{arm}|{name}|{o}"]["mean"] for arm in ARMS])
-            ax.bar(range(len(ARMS)), vals, bottom=bottom, color=colours[o], label=o)
-            bottom += vals
-        ax.set_xticks(range(len(ARMS)), ARMS, fontsize=8)
-        ax.set_title(f"{name} facts ({result['prompts'][name]} prompts)", fontsize=9)
-    axes[0].set_ylabel("share of answers")
-    axes[-1].legend(fontsize="x-small")
-    fig.suptitle(f"SFT on facts the model cannot know (mean of {len(result['per_seed'])} seeds)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "hallucination.png"), dpi=100)
-    plt.close(fig)
 
 
 def main(argv=None) -> int:

@@ -1,4 +1,4 @@
-"""The labelling populations' measures (rlhf_jax.recipes.populations, experiments.annotators): utility bonuses in the
+"""The labelling populations' measures (rlhf_jax.recipes.populations, .annotators, .length_bias): utility bonuses in the
 Bradley-Terry and Plackett-Luce labellers, the judge's position bias, the self-preference log-probabilities, and the
 length measures. The scripts themselves run end to end in tests/_pipeline_e2e.py."""
 import dataclasses
@@ -8,7 +8,10 @@ import jax
 import numpy as np
 import pytest
 
-from experiments import annotators, length_bias
+from experiments import annotators, length_bias                      # run only (main(argv))
+from rlhf_jax.recipes import annotators as ann
+from rlhf_jax.recipes import hallucination as hal
+from rlhf_jax.recipes import length_bias as lb
 from rlhf_jax.recipes import populations
 from rlhf_jax import tasks as world
 from rlhf_jax.data import PreferenceRecord
@@ -63,13 +66,13 @@ def test_position_bias_both_orders():
     tasks = _tasks(30)
     a = [t.answer for t in tasks]
     b = [t.answer + " indeed" for t in tasks]
-    careful = annotators.position_bias("careful", tasks, a, b)
+    careful = ann.position_bias("careful", tasks, a, b)
     assert careful == {"first_shown_wins": pytest.approx(0.5, abs=1e-12), "order_flips": 0.0}
     biased = dataclasses.replace(ANNOTATORS["careful"], w_len=0.0, w_fmt=0.0, position_bias=0.05)
-    tie = annotators.position_bias(biased, tasks[:1], a[:1], [a[0] + " "])  # equal utility: only the order counts
+    tie = ann.position_bias(biased, tasks[:1], a[:1], [a[0] + " "])  # equal utility: only the order counts
     assert tie["first_shown_wins"] == pytest.approx(1 / (1 + math.exp(-0.05 / 0.1)), rel=1e-12)
     assert tie["order_flips"] == 1.0
-    assert annotators.position_bias(biased, tasks, a, b)["first_shown_wins"] > 0.5
+    assert ann.position_bias(biased, tasks, a, b)["first_shown_wins"] > 0.5
 
 
 def test_mean_logprobs_matches_an_unpadded_forward():
@@ -78,7 +81,7 @@ def test_mean_logprobs_matches_an_unpadded_forward():
     tasks = _tasks(5, seed=3)
     texts = [t.answer for t in tasks[:4]] + ["a much longer answer than the budget allows, cut"]
     width = 12
-    got = annotators.mean_logprobs(params, mc, tasks, texts, width, chunk=4)   # two chunks, the last one padded
+    got = ann.mean_logprobs(params, mc, tasks, texts, width, chunk=4)   # two chunks, the last one padded
     for task, text, g in zip(tasks, texts, got):
         prompt = encode_prompt(TOK, world.messages_for(task))
         answer = TOK.encode(text)[:width - 1] + [TOK.eos_id]
@@ -119,17 +122,17 @@ def test_dev_pair_sets_orientation():
         assert populations.text_length(r.chosen) > populations.text_length(r.rejected)
 
 
-def test_configs_reject_bad_values_in_one_line():
-    with pytest.raises(ValueError, match="populations"):
-        annotators.AnnotatorsConfig(populations=("careful", "nobody"))
-    with pytest.raises(ValueError, match="max_new_tokens"):
-        length_bias.LengthBiasConfig(max_new_tokens=80)
-    with pytest.raises(ValueError, match="self_weight"):
-        annotators.AnnotatorsConfig(self_weight=-1.0)
+def test_scripts_reject_bad_values_in_one_line(capsys):
+    for script, argv, field in ((annotators, ["--populations", "careful", "nobody"], "populations"),
+                                (length_bias, ["--max-new-tokens", "80"], "max_new_tokens"),
+                                (annotators, ["--self-weight=-1.0"], "self_weight")):
+        with pytest.raises(SystemExit) as stop:
+            script.main(argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert stop.value.code == 2 and len(err) == 1 and err[0].startswith("error: ") and field in err[0], err
 
 
 def test_hallucination_outcomes_and_reward():
-    from experiments import hallucination as hal
     train, held = hal.unknown_split()
     assert len(train) == len(held) == 20 and not {t.prompt for t in train} & {t.prompt for t in held}
     known = {t.prompt for t in hal.known_facts()}
@@ -148,10 +151,10 @@ def test_hallucination_outcomes_and_reward():
 
 def test_annotators_across_seed_summary_pairs_each_population_with_sft_and_careful(tmp_path):
     def seed_result(shift):
-        policy = lambda gold, over: {k: 0.0 for k in annotators.POLICY_METRICS} | {     # noqa: E731
+        policy = lambda gold, over: {k: 0.0 for k in ann.POLICY_METRICS} | {     # noqa: E731
             "gold_reward": gold, "over_refusal_rate": over, "mean_length": 5.0, "phrase_rate": 0.0}
         pop = lambda gold, over, dev: {                                                  # noqa: E731
-            "policy": policy(gold, over), "labels": {k: 0.5 for k in annotators.LABEL_METRICS},
+            "policy": policy(gold, over), "labels": {k: 0.5 for k in ann.LABEL_METRICS},
             "position": {"first_shown_wins": 0.5, "order_flips": 0.0}, "train_pairs": 10,
             "reward_model": {"gold_agreement_dev": dev, "prefers_longer_equal_gold_dev": 0.6,
                              "own_labels_accuracy": 0.7}}
@@ -160,7 +163,7 @@ def test_annotators_across_seed_summary_pairs_each_population_with_sft_and_caref
                 "seconds": 1.0}
     result = {"seeds": [0, 1, 2], "populations": ["careful", "format-loving"],
               "per_seed": {"0": seed_result(0.0), "1": seed_result(0.02), "2": seed_result(-0.01)}}
-    a = annotators.summarise(result)
+    a = ann.summarise(result)
     # the seed-to-seed shift is common to SFT and DPO: the paired differences have no spread
     assert a["policy"]["format-loving-sft|gold_reward"]["mean"] == pytest.approx(-0.05)
     assert a["policy"]["format-loving-sft|gold_reward"]["sd"] == pytest.approx(0.0, abs=1e-12)
@@ -168,9 +171,9 @@ def test_annotators_across_seed_summary_pairs_each_population_with_sft_and_caref
     assert a["policy"]["format-loving-sft|over_refusal_rate"]["mean"] == pytest.approx(0.3)
     assert a["reward_model"]["format-loving-careful|gold_agreement_dev"]["mean"] == pytest.approx(-0.07)
     result["across_seeds"] = a
-    text = annotators._markdown(result)
+    text = ann.markdown(result)
     assert "## Across seeds 0, 1, 2" in text and "| format-loving | 0.353 | -0.050 [-0.050, -0.050] |" in text
-    annotators._plot(result, str(tmp_path))
+    ann.plot(result, str(tmp_path))
     assert (tmp_path / "annotators_seeds.png").stat().st_size > 0
 
 
@@ -189,13 +192,13 @@ def test_length_bias_across_seed_summary_pairs_length_loving_with_careful(tmp_pa
     result = {"seeds": [0, 1], "populations": ["careful", "length-loving"], "max_new_tokens": 48,
               "per_seed": {s: {"populations": {"careful": entry(0.5, 6.0), "length-loving": entry(0.65, end)},
                                "seconds": 1.0} for s, end in (("0", 13.0), ("1", 15.0))}}
-    a = length_bias.summarise(result)
+    a = lb.summarise(result)
     assert a["length-loving|ppo_length_change"]["mean"] == pytest.approx(9.0)          # (8 + 10) / 2
     assert a["length-loving-careful|ppo_length_change"]["mean"] == pytest.approx(8.0)  # paired: 7 and 9
     assert a["length-loving-careful|prefers_longer"]["mean"] == pytest.approx(0.15)
     assert a["careful|ppo_gold_change"]["mean"] == pytest.approx(-0.1)
     result["across_seeds"] = a
-    text = length_bias._markdown(result)
+    text = lb.markdown(result)
     assert "| ppo_length_change | +1.000 [+1.000, +1.000] | +9.000 [" in text
-    length_bias._plot(result, str(tmp_path))
+    lb.plot(result, str(tmp_path))
     assert (tmp_path / "length_bias_seeds.png").stat().st_size > 0
