@@ -93,10 +93,15 @@ def _lecture_experiments_on_these_models(models):
         overoptimization,
         safety_data,
     )
+    from rlhf_jax.recipes import calibration as cal_recipe
+    from rlhf_jax.recipes import grpo_variants as gv_recipe
+    from rlhf_jax.recipes import hallucination as hal_recipe
+    from rlhf_jax.recipes import midtraining as mt_recipe
+    from rlhf_jax.recipes.annotators import SELF
     before = sorted(os.listdir(models))
     cal = calibration.run(calibration.CalibrationConfig(quick=True, seeds=(0,), models=str(models),
                                                         out=str(models / "cal")))
-    assert set(cal["across_seeds"]) == set(calibration.STAGES)
+    assert set(cal["across_seeds"]) == set(cal_recipe.STAGES)
     for stage, s in cal["per_seed"]["0"].items():
         assert 0.0 <= s["ece_low"] <= s["ece"] <= s["ece_high"] <= 1.0, stage
         assert sum(s["bins"]["count"]) == s["answers"] == 2 * cal["distinct_prompts"]
@@ -131,9 +136,9 @@ def _lecture_experiments_on_these_models(models):
     assert (models / "lb" / "length_bias.png").stat().st_size > 0
     ann = annotators.run(annotators.AnnotatorsConfig(quick=True, models=str(models), out=str(models / "ann")))
     pops = ann["per_seed"]["0"]["populations"]
-    assert list(pops) == ["sft", "careful", annotators.SELF]
-    assert pops["careful"]["train_pairs"] == pops[annotators.SELF]["train_pairs"]        # equal label counts
-    assert pops["careful"]["labels"]["more_likely_wins"] != pops[annotators.SELF]["labels"]["more_likely_wins"]
+    assert list(pops) == ["sft", "careful", SELF]
+    assert pops["careful"]["train_pairs"] == pops[SELF]["train_pairs"]        # equal label counts
+    assert pops["careful"]["labels"]["more_likely_wins"] != pops[SELF]["labels"]["more_likely_wins"]
     assert not (models / "populations" / "careful").exists()     # the main job's annotator: its own RM and DPO
     assert (models / "ann" / "annotators.png").stat().st_size > 0
     fr = frontier.run(frontier.FrontierConfig(quick=True, models=str(models), out=str(models / "fr")))
@@ -145,21 +150,21 @@ def _lecture_experiments_on_these_models(models):
     hal = hallucination.run(hallucination.HallucinationConfig(quick=True, seeds=(0,), models=str(models),
                                                               out=str(models / "hal")))
     rows = hal["per_seed"]["0"]
-    assert list(rows) == list(hallucination.ARMS) and hal["prompts"] == {"held-out unknown": 20, "train unknown": 20,
+    assert list(rows) == list(hal_recipe.ARMS) and hal["prompts"] == {"held-out unknown": 20, "train unknown": 20,
                                                                         "known": 20}
     for arm in rows.values():
         for r in arm.values():
-            assert sum(r[o] for o in hallucination.OUTCOMES) == pytest_approx(1.0)
+            assert sum(r[o] for o in hal_recipe.OUTCOMES) == pytest_approx(1.0)
     assert (models / "hal" / "hallucination.png").stat().st_size > 0
     gv = grpo_variants.run(grpo_variants.GRPOVariantsConfig(quick=True, models=str(models), out=str(models / "gv")))
     rows = gv["per_seed"]["0"]["rows"]
-    assert list(rows) == ["sft", *grpo_variants.VARIANTS] and rows["sft"]["kl_to_ref"] == 0.0
-    assert set(gv["per_seed"]["0"]["train"]) == set(grpo_variants.VARIANTS) - {"grpo"}     # grpo: the main job's
+    assert list(rows) == ["sft", *gv_recipe.VARIANTS] and rows["sft"]["kl_to_ref"] == 0.0
+    assert set(gv["per_seed"]["0"]["train"]) == set(gv_recipe.VARIANTS) - {"grpo"}     # grpo: the main job's
     assert 0.0 < gv["per_seed"]["0"]["train"]["dapo"]["informative_fraction"] <= 1.0
     assert (models / "gv" / "grpo_variants.png").stat().st_size > 0
     mt = midtraining.run(midtraining.MidtrainingConfig(quick=True, out=str(models / "mt")))   # trains its own
     seed0 = mt["per_seed"]["0"]
-    assert list(seed0["arms"]) == ["pretrain", *midtraining.ARMS] and set(seed0["vs_pretrain_sft"]) == {
+    assert list(seed0["arms"]) == ["pretrain", *mt_recipe.ARMS] and set(seed0["vs_pretrain_sft"]) == {
         "midtrain", "midtrain-sft"}
     assert all(0.0 <= r["gold_reward"] <= 1.0 for r in seed0["arms"].values())
     assert abs(seed0["arms"]["pretrain-sft"]["kl_to_ref"]) < 1e-6                   # the arms' reference
