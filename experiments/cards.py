@@ -35,22 +35,24 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         print(f"error: no such card JSON: {', '.join(missing)}", file=sys.stderr)
         return 2
-    try:
-        if args.check:
-            stale = stale_cards(paths)
-            for md in stale:
-                print(f"stale card: {md} differs from what {Path(md).with_suffix('.json').name} renders; "
-                      "run python -m experiments.cards", file=sys.stderr)
-            if not stale:
-                print(f"{len(paths)} cards match their JSON")
-            return 1 if stale else 0
-        for p in paths:
-            print(write_card(p))
-    except CardError as e:
-        print(f"error: {e}", file=sys.stderr)
+    stale, failed = [], False
+    for p in paths:
+        try:
+            if args.check:
+                stale += stale_cards([p])
+            else:
+                print(write_card(p))
+        except (CardError, ValueError) as e:     # ValueError: the JSON does not parse
+            print(f"error: {p}: {e}", file=sys.stderr)
+            failed = True
+    for md in stale:
+        print(f"stale card: {md} differs from what {Path(md).with_suffix('.json').name} renders; "
+              "run python -m experiments.cards", file=sys.stderr)
+    if failed:
         return 2
-    return 0
-
+    if args.check and not stale:
+        print(f"{len(paths)} cards match their JSON")
+    return 1 if stale else 0
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -26,11 +26,14 @@ A CELL is a string (written as is), a number (written with its column's FORMAT, 
 `{"ref": "dotted.path"}` to a raw number of the card (written with the column's FORMAT), or an interval
 `{"value": x, "ci": [low, high], "signed": bool, "digits": 3, "level": "95%"}`, always written
 `value [low, high]` with the same digits and sign style for all three numbers (`signed`: differences, "+0.012
-[-0.003, +0.027]"; otherwise levels, "0.412 [0.398, 0.425]"), followed by "(level)" when one is given.
+[-0.003, +0.027]"; otherwise levels, "0.412 [0.398, 0.425]"), followed by "(level)" when one is given. A
+reference may point at an experiment's own interval (`{"mean" | "delta", "low", "high", ...}`); the column's FORMAT
+(".3f" or "+.3f") then sets the digits and the sign style of all three numbers.
 
 Prose may cite numbers instead of restating them: `{{dotted.path}}` is replaced by the value at that path of the
 card's JSON (formatted as a cell), `{{dotted.path:+.3f}}` with a format spec. A path that does not exist is an error
-naming the card and the path. Integer path parts index lists: `{{per_seed.0.gold}}`.
+naming the card and the path. Integer path parts index lists (`{{per_seed.0.gold}}`); a key that itself holds dots
+(`{{mean.dpo_0.1.gold}}`) is matched whole.
 
 `provenance(command, seeds)` gives the "provenance" object of a new result; an experiment stores it in its JSON.
 """
@@ -325,7 +328,7 @@ def stale_cards(json_paths: Iterable[str | os.PathLike]) -> list[str]:
     """The markdown cards (paths) that are missing or differ from what their JSON renders."""
     stale = []
     for path in json_paths:
-        md = card_path(path)
-        if not md.exists() or md.read_text(encoding="utf-8") != render_card(read_card_json(path)):
+        md, text = card_path(path), render_card(read_card_json(path))
+        if not md.exists() or md.read_text(encoding="utf-8") != text:
             stale.append(str(md))
     return stale
