@@ -7,7 +7,8 @@ Gekhman et al. 2024, "Does Fine-Tuning LLMs on New Knowledge Encourage Hallucina
 The world's 20 facts ("capital of france") are all in the web corpus, so the pretrained model half-knows them.
 This script adds `UNKNOWN_FACTS` (`rlhf_jax.recipes.hallucination`): 40 more facts of the same three kinds that
 occur nowhere in the corpus (the pretrained model cannot know them), split in half: "train" unknown facts may
-appear in SFT data, "held-out" unknown facts never do. From each seed's pretrained model (`rlhf_jax.recipes.models`), three SFT policies:
+appear in SFT data, "held-out" unknown facts never do. From each seed's pretrained model
+(`rlhf_jax.recipes.models`), three SFT policies:
 
 * "sft": the main job's SFT (its demonstrations: known facts answered), loaded, not retrained;
 * "unknown-answered": the same demonstrations plus `demos` answering the train unknown facts correctly (SFT that
