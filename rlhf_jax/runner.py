@@ -19,6 +19,7 @@ rows of every global batch.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import shutil
@@ -29,12 +30,12 @@ import jax
 import numpy as np
 import tyro
 
-from rlhf_jax.config_cli import check_ranges, field_docs, save_config
+from rlhf_jax.config_cli import check_ranges, field_docs, save_config, to_dict
 from rlhf_jax.data.iterators import ProcessRows
 from rlhf_jax.lora import TARGETS, LoraConfig, init_lora, save_peft
 from rlhf_jax.models.config import ModelConfig
 from rlhf_jax.train import checkpoint as ckpt
-from rlhf_jax.train.logging import make_stage_hooks, read_jsonl
+from rlhf_jax.train.logging import make_stage_hooks, read_jsonl, truncate_jsonl
 from rlhf_jax.train.report import plot_curves, write_report
 from rlhf_jax.train.state import create_train_state
 from rlhf_jax.train.steps import lora_params
@@ -380,10 +381,45 @@ def setup_error(e: Exception) -> int:
     return 2
 
 
+STOPPED = 143
+"""Exit status of a command that a signal stopped before its last step (128 + SIGTERM, as a shell reports a
+killed job): `cmd1 && cmd2` and schedulers then see an unfinished run as failed. `--resume` continues it."""
+
+RESUME_MAY_CHANGE = ("resume", "checkpoint.progress")
+"""Settings that `--resume` may change (besides a stage's `num_steps`: train longer, or stop sooner)."""
+
+
+def config_changes(first: dict, now: dict, prefix: str = "") -> list[str]:
+    """The dotted keys whose values differ between two configs as saved in config.json, except those `--resume`
+    may change: RESUME_MAY_CHANGE and a stage's `num_steps`."""
+    changed = []
+    for key in sorted(set(first) | set(now)):
+        name, a, b = prefix + key, first.get(key), now.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changed += config_changes(a, b, name + ".")
+        elif a != b and name not in RESUME_MAY_CHANGE and not (
+                key == "num_steps" and isinstance(a, int) and isinstance(b, int)):
+            changed.append(f"{name} ({a!r} -> {b!r})")
+    return changed
+
+
 def start_run(config: Any, out: str) -> str:
-    """Create the run directory and write config.json there."""
+    """Create the run directory and write config.json there. With `config.resume`, the run in `out` must exist
+    and have been made with the same settings (`config_changes`); a refused resume leaves its config.json as it
+    was, an allowed one (another num_steps) records the new step count there."""
+    path = os.path.join(out, "config.json")
+    if getattr(config, "resume", False):
+        if not os.path.isfile(path):
+            raise ValueError(f"--resume: {out} holds no run to continue (no config.json there); drop --resume to "
+                             "start one, or pass the --out of the run to continue")
+        with open(path) as f:
+            first = json.load(f)
+        changed = config_changes(first, json.loads(json.dumps(to_dict(config), default=str)))
+        if changed:
+            raise ValueError(f"--resume with settings that differ from the run in {path}: {'; '.join(changed)}. "
+                             "Pass the same flags (only num-steps may change), or start a new --out")
     os.makedirs(out, exist_ok=True)
-    save_config(config, os.path.join(out, "config.json"))
+    save_config(config, path)
     return out
 
 
@@ -407,6 +443,9 @@ def run_stage(stage: str, stage_fn: Callable, state: Any, data: Any, stage_confi
     elif manager.latest_step() is not None:
         raise SystemExit(f"error: {ckpt.stage_checkpoint_dir(out, stage)} already holds checkpoints; pass --resume "
                          "to continue that run or choose another --out")
+    # The logs keep what the restored state has seen: steps logged after its checkpoint are replayed.
+    for name in ("metrics.jsonl", "completions.jsonl"):
+        truncate_jsonl(os.path.join(out, stage, name), start)
     remaining = max(0, stage_config.num_steps - start)
     with ckpt.GracefulExit() as exit_flag:
         ck_hook = ckpt.CheckpointHook(manager, save_every=checkpoint.save_every, data=data, exit=exit_flag,

@@ -230,12 +230,25 @@ def test_sft_smoke_run_and_resume(tmp_path):
     r = subprocess.run(base + ["--sft.num-steps", "6"], cwd=ROOT, env=ENV, capture_output=True, text=True,
                        timeout=300)
     assert r.returncode != 0 and "already holds checkpoints" in r.stderr
+    # --resume with other settings is refused, naming each changed key; config.json stays as it was.
+    saved = json.load(open(os.path.join(out, "config.json")))
+    assert saved["sft"]["num_steps"] == 6
+    r = subprocess.run(base + ["--sft.num-steps", "8", "--resume", "--sft.optim.learning-rate", "0.01",
+                               "--data.num-demo", "17"], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr[-3000:]
+    assert "sft.optim.learning_rate (0.003 -> 0.01)" in r.stderr and "data.num_demo (16 -> 17)" in r.stderr
+    assert "sft.num_steps" not in r.stderr                           # training longer (or less) is allowed
+    assert json.load(open(os.path.join(out, "config.json"))) == saved
+    r = subprocess.run(base + ["--resume", "--out", str(tmp_path / "empty")], cwd=ROOT, env=ENV,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "holds no run to continue" in r.stderr, r.stderr[-3000:]
 
 
 def test_sft_cli_sigterm_saves_exits_cleanly_and_resumes(tmp_path):
     """A SIGTERM sent to a running `rlhf-jax sft` (as a cluster scheduler does): the step in flight
-    finishes, a checkpoint is written at that step, the process exits 0 without a final model, and --resume
-    continues from exactly that step."""
+    finishes, a checkpoint is written at that step, the process exits 143 without a final model (so that
+    `sft && dpo` stops there), and --resume continues from exactly that step."""
     out = tmp_path / "run"
     base = _tiny_sft_argv(str(out), log_every=1, save_every=100000)
     proc = subprocess.Popen(base + ["--sft.num-steps", "100000"], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
@@ -252,7 +265,7 @@ def test_sft_cli_sigterm_saves_exits_cleanly_and_resumes(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 0, stderr[-3000:]
+    assert proc.returncode == 143, stderr[-3000:]
     stopped = re.search(r"stopped by signal after step (\d+); continue with --resume", stderr)
     assert stopped, stderr[-3000:]
     n = int(stopped.group(1))
@@ -320,6 +333,30 @@ def test_run_stage_sigterm_checkpoints_and_resumes(tmp_path):
                                       Cfg(), out=str(tmp_path), resume=True, checkpoint=spec)
     assert finished and int(state.step) == 10 and data.position == 10
     assert float(state.total) == sum(range(1, 11))  # 1+...+10: resumed with the right state and data position
+
+
+def test_resume_from_an_earlier_checkpoint_logs_each_step_once(tmp_path):
+    """A run killed after its last checkpoint (SIGKILL: no save at the stop) logged steps the checkpoint has not
+    seen; resuming replays them, and metrics.jsonl holds every step exactly once."""
+    from rlhf_jax.runner import CheckpointSpec, run_stage  # noqa: PLC0415
+
+    @dataclasses.dataclass(frozen=True, kw_only=True)
+    class Cfg:
+        num_steps: int = 10
+
+    spec = CheckpointSpec(save_every=4, max_to_keep=5, tensorboard=False, progress=False)
+    init = _Counter(step=jnp.array(0), total=jnp.array(0.0))
+    run_stage("toy", _no_signal, init, _Positions(), Cfg(num_steps=6), out=str(tmp_path), resume=False,
+              checkpoint=spec)
+    for step in os.listdir(tmp_path / "checkpoints" / "toy"):   # as if killed after step 6, saved at step 4
+        if step != "4":
+            shutil.rmtree(tmp_path / "checkpoints" / "toy" / step)
+    data = _Positions()
+    state, _, finished = run_stage("toy", _no_signal, init, data, Cfg(), out=str(tmp_path), resume=True,
+                                   checkpoint=spec)
+    assert finished and int(state.step) == 10 and data.position == 10
+    steps = [json.loads(line)["step"] for line in open(tmp_path / "toy" / "metrics.jsonl")]
+    assert steps == list(range(1, 11))
 
 
 def _no_signal(state, data, cfg, hooks):

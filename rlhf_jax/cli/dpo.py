@@ -13,6 +13,7 @@ import jax
 
 from rlhf_jax.config_cli import parse_cli
 from rlhf_jax.runner import (
+    STOPPED,
     CheckpointSpec,
     DataSpec,
     RunOptions,
@@ -75,7 +76,7 @@ def main(argv=None) -> int:
     finish_report(out, "dpo", history, keys=("loss", "rewards/accuracies", "rewards/margins"),
                   summary={"finished": finished, "model": cfg.init or cfg.preset, "beta": cfg.dpo.beta,
                            "loss_type": cfg.dpo.loss_type, "data": cfg.data.path or "demo"})
-    return 0
+    return 0 if finished else STOPPED
 
 
 if __name__ == "__main__":

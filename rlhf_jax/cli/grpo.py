@@ -22,6 +22,7 @@ from rlhf_jax.data import load_records
 from rlhf_jax.generation import SamplingConfig
 from rlhf_jax.rewards import gsm8k_answer, gsm8k_reward
 from rlhf_jax.runner import (
+    STOPPED,
     CheckpointSpec,
     DataSpec,
     RunOptions,
@@ -128,7 +129,7 @@ def main(argv=None) -> int:
     finish_report(out, "grpo", history, keys=("reward", "reward_std", "completions/mean_length", "kl"),
                   summary={"finished": finished, "policy": cfg.init or cfg.preset, "reward": cfg.reward,
                            "data": cfg.data.path or "demo"})
-    return 0
+    return 0 if finished else STOPPED
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import jax
 
 from rlhf_jax.config_cli import parse_cli
 from rlhf_jax.runner import (
+    STOPPED,
     CheckpointSpec,
     DataSpec,
     RunOptions,
@@ -76,7 +77,7 @@ def main(argv=None) -> int:
     finish_report(out, "kto", history, keys=("loss", "kl", "rewards/chosen", "rewards/rejected"),
                   summary={"finished": finished, "model": cfg.init or cfg.preset, "beta": cfg.kto.beta,
                            "data": cfg.data.path or "demo"})
-    return 0
+    return 0 if finished else STOPPED
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import jax
 from rlhf_jax.config_cli import parse_cli
 from rlhf_jax.generation import SamplingConfig
 from rlhf_jax.runner import (
+    STOPPED,
     CheckpointSpec,
     DataSpec,
     RunOptions,
@@ -112,7 +113,7 @@ def main(argv=None) -> int:
                                                     "completions/mean_length"),
                   summary={"finished": finished, "policy": cfg.init or cfg.preset, "judge": cfg.judge,
                            "data": cfg.data.path or "demo"})
-    return 0
+    return 0 if finished else STOPPED
 
 
 if __name__ == "__main__":

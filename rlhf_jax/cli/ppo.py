@@ -18,6 +18,7 @@ from rlhf_jax.data.iterators import Together
 from rlhf_jax.generation import SamplingConfig
 from rlhf_jax.models import init_params
 from rlhf_jax.runner import (
+    STOPPED,
     CheckpointSpec,
     DataSpec,
     RunOptions,
@@ -109,7 +110,7 @@ def main(argv=None) -> int:
     finish_report(out, "ppo", history, keys=("objective/scores", "objective/kl", "loss/policy", "loss/value"),
                   summary={"finished": finished, "policy": cfg.policy_init or cfg.preset,
                            "reward_model": cfg.reward_init or "random", "data": cfg.data.path or "demo"})
-    return 0
+    return 0 if finished else STOPPED
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import jax
 
 from rlhf_jax.config_cli import parse_cli
 from rlhf_jax.runner import (
+    STOPPED,
     CheckpointSpec,
     DataSpec,
     RunOptions,
@@ -78,7 +79,7 @@ def main(argv=None) -> int:
         save_final(out, "reward", state.params, mc, lora.get("lora"), params, tokenizer=tok)
     finish_report(out, "reward", history, keys=("loss", "accuracy", "rewards/margins"),
                   summary={"finished": finished, "model": cfg.init or cfg.preset, "data": cfg.data.path or "demo"})
-    return 0
+    return 0 if finished else STOPPED
 
 
 if __name__ == "__main__":

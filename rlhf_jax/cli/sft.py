@@ -13,6 +13,7 @@ import jax
 
 from rlhf_jax.config_cli import parse_cli
 from rlhf_jax.runner import (
+    STOPPED,
     CheckpointSpec,
     DataSpec,
     RunOptions,
@@ -73,7 +74,7 @@ def main(argv=None) -> int:
         save_final(out, "sft", state.params, mc, lora.get("lora"), params, tokenizer=tok)
     finish_report(out, "sft", history, keys=("loss", "accuracy"),
                   summary={"finished": finished, "model": cfg.init or cfg.preset, "data": cfg.data.path or "demo"})
-    return 0
+    return 0 if finished else STOPPED
 
 
 if __name__ == "__main__":

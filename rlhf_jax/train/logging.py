@@ -95,6 +95,20 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def truncate_jsonl(path: str | os.PathLike, last_step: int) -> int:
+    """Drop the lines of a metrics/completions JSONL file whose "step" is past `last_step` (a resumed run replays
+    those steps from its checkpoint, so they would otherwise appear twice); -> lines dropped. No file: 0."""
+    if not os.path.exists(path):
+        return 0
+    with open(path, encoding="utf-8") as f:
+        lines = [line for line in f if line.strip()]
+    kept = [line for line in lines if json.loads(line).get("step", 0) <= last_step]
+    if len(kept) != len(lines):
+        with open(path, "w", encoding="utf-8") as f:
+            f.writelines(kept)
+    return len(lines) - len(kept)
+
+
 class TensorBoardHook(StageHooks):
     """Write each metric as a TensorBoard scalar (tag = metric name) under `logdir`."""
 
