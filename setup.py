@@ -11,7 +11,7 @@ def _requirements(name):
 
 setup(
     name="rlhf_jax",
-    version="0.1.0",
+    version="0.2.0",
     description="LLM post-training (SFT, reward modelling, PPO, DPO) in JAX/Flax, built as pure functions.",
     long_description=Path(__file__).with_name("README.md").read_text(),
     long_description_content_type="text/markdown",

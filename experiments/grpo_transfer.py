@@ -2,7 +2,7 @@
 
     python -m experiments.grpo_transfer                       # seed 0 of runs/seeds (~12 minutes once trained)
     python -m experiments.grpo_transfer --prompts-per-iteration 16 --generations 4 --passes 2 --minibatches 4
-                                                              # the main job's shape before session 15
+                                                              # 16 x 4 answers in 2 x 4 updates an iteration
     python -m experiments.grpo_transfer --quick --out /tmp/gt  # smoke test (trains quick models)
 
 Separates "the update does not work" from "what it learns does not transfer": from the SFT policy, GRPO as the
@@ -12,7 +12,7 @@ case), and the same prompts every iteration (can it fit what it sees?). For each
 (on the prompts it is about to update on), the gold reward on fixed train-key prompts of the distribution it
 trains on (does the update raise its own objective?) and on the dev keys (does it transfer?), before and after
 (4 answers per distinct prompt, families weighted as the table). Only train and dev keys are read: this is a
-diagnostic for choosing what to change. Session 15 chose the main job's GRPO shape with it.
+diagnostic for choosing what to change; the main job's GRPO shape was chosen with it (docs/results/grpo_shape_dev.md).
 Writes grpo_transfer.json and grpo_transfer.md.
 """
 from __future__ import annotations

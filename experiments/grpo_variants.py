@@ -1,11 +1,11 @@
-"""GRPO, Dr. GRPO, DAPO and RLOO on the same budget, against the gold reward (issue 17's comparison).
+"""GRPO, Dr. GRPO, DAPO and RLOO on the same budget, against the gold reward.
 
     python -m experiments.grpo_variants --seeds 0 1 2              # ~15 min a seed once the main job's models exist
     python -m experiments.grpo_variants --quick --out /tmp/gv      # smoke test (trains quick models)
 
 From each seed's SFT policy (`rlhf_jax.recipes.models`), the main job's GRPO stage in the shape its run folder
-records (since session 15: 32 train-key prompts x 8 answers an iteration in one update; session 13's figures:
-16 x 4 in 2 passes x 4 minibatches; 40 iterations, lr 3e-5, the gold reward as a verifier) with one named
+records (by default 32 train-key prompts x 8 answers an iteration in one update, 40 iterations, lr 3e-5, the
+gold reward as a verifier) with one named
 component changed at a time:
 
 * "grpo": the main job's own stage (group-normalised advantages, per-sequence token mean, k3 KL 0.04 in the loss;

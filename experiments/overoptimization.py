@@ -92,28 +92,26 @@ class OveroptimizationConfig:
     ppo_kl_coefs: tuple[float, ...] = (0.0,)
     """KL coefficients (k1 in the reward) of the PPO runs; () for none."""
     grpo_iterations: int = 20
-    """GRPO iterations, each in the main job's shape (its prompts x answers, passes and minibatches: since session
-    15, 32 x 8 answers in one update; before, 16 x 4 in 2 x 4 updates). Before session 17 the default was 80."""
+    """GRPO iterations, each in the main job's shape (its prompts x answers, passes and minibatches: by default
+    32 x 8 answers in one update)."""
     ppo_iterations: int = 40
     """PPO iterations (64 rollouts each)."""
     rl_prompts: Literal["main", "evaluated"] = "evaluated"
     """The RL runs' prompts: "main" = the main job's RL prompts (fresh train-key prompts every iteration: Gao's
     held-out prompts of the training distribution); "evaluated" = the "train" key set's own prompts, cycled, so
     that RL, like best-of-n, optimises the answers to the prompts it is judged on (in this world a step on one key
-    barely transfers to other keys: see experiments.grpo_transfer). The "test" keys stay unseen either way. Before
-    session 17 the default was "main"."""
+    barely transfers to other keys: see experiments.grpo_transfer). The "test" keys stay unseen either way."""
     rl_lr: float = 3e-5
     """Learning rate of GRPO (PPO: half of it, as the main job's ratio)."""
     eval_every: int = 5
     """RL iterations between evaluations (`eval_samples` answers per prompt of each key set), besides iterations 1,
     2, 4 and 8 (a gold peak can come early)."""
     eval_samples: int = 32
-    """Temperature-1 answers per prompt in each RL evaluation (more resolve a smaller rise of the gold reward; 4
-    before session 17)."""
+    """Temperature-1 answers per prompt in each RL evaluation (more resolve a smaller rise of the gold reward)."""
     families: Literal["all", "skills"] = "skills"
     """The families of every prompt here (key sets, best-of-n, RL): "all" = the world's mix; "skills" = the six
     checkable families only, without the unsafe requests and their look-alikes, so that refusing less is not a
-    way for RL to please the reward model ("all" before session 17)."""
+    way for RL to please the reward model."""
 
     def __post_init__(self):
         check_ranges(self, positive=("pool", "prompts", "grpo_iterations", "ppo_iterations", "rl_lr", "eval_every",

@@ -53,8 +53,8 @@ class SafetyDataConfig:
     """SFT with varying amounts of safety demonstrations (see the module docstring)."""
 
     seeds: tuple[int, ...] = (0,)
-    """Seeds of the main job whose pretrained models are fine-tuned (until session 17 the default was 0 1: 13 SFT runs
-    a seed, two seeds are about half an hour on 2 cores)."""
+    """Seeds of the main job whose pretrained models are fine-tuned (13 SFT runs a seed; two seeds, `--seeds 0 1`, are
+    about half an hour on 2 cores)."""
     models: str = DEFAULT_MODELS
     """Run folder of each seed's main job ({seed} is replaced); with --quick the default is OUT/models/seed{seed}."""
     out: str = "runs/safety_data"

@@ -1,4 +1,4 @@
-"""The fast paths of issue 8 equal the plain ones: length-based attention, in-place cached decoding, bf16 decode
+"""The fast paths equal the plain ones: length-based attention, in-place cached decoding, bf16 decode
 params, response-only PPO heads, and the fused (chunked) LM head + SFT loss with its running argmax."""
 import jax
 import jax.extend

@@ -131,8 +131,8 @@ def test_pipeline_world_options_reach_every_data_source():
 
 
 def test_grpo_stage_shape_options_reach_its_config():
-    """The GRPO stage's batch shape comes from the pipeline's options (session 15 chose one update an iteration on
-    32 x 8 answers on the dev keys); `--quick` keeps a small group."""
+    """The GRPO stage's batch shape comes from the pipeline's options (one update an iteration on 32 x 8 answers by
+    default, chosen on the dev keys); `--quick` keeps a small group."""
     from rlhf_jax import recipes
     from rlhf_jax.generation import SamplingConfig
 

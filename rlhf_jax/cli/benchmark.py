@@ -1,4 +1,4 @@
-"""Step-time, throughput, MFU and memory benchmark of every stage step and of generation (issue 8).
+"""Step-time, throughput, MFU and memory benchmark of every stage step and of generation.
 
 For SFT, reward, DPO, generation and one PPO iteration (rollout and update timed apart) on a named preset and
 batch/sequence shape, it reports: compile time (`jax.jit(f).lower(...).compile()`), the median of `--steps`

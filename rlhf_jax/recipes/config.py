@@ -18,7 +18,7 @@ WORLD_OPTIONS = ("extra_words", "max_operand")
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class PipelineConfig:
-    """The embedded default: ~18 minutes on 2 CPU cores, 2-3 of them spent evaluating."""
+    """The main job's options; the defaults are the embedded default run (12-15 minutes on 2 CPU cores)."""
 
     out: str = "runs/pipeline"
     """Run directory: report.json, report.md, plots, per-stage metrics (JSONL, TensorBoard)."""
@@ -148,7 +148,7 @@ class PipelineConfig:
     """Response budget in bytes; every reference answer fits with its EOS."""
     eval_split: Literal["test", "dev"] = "test"
     """Which held-out keys the table scores: "test" (every distinct test prompt once, the reported numbers) or
-    "dev" (for choosing recipes and hyper-parameters; the README's choices were made there)."""
+    "dev" (for choosing recipes and hyper-parameters; the defaults were chosen there)."""
     temperature: float = 0.7
     """Sampling temperature of PPO's rollouts, of the table's answers and of the best-of-n check: `gold_reward` is
     then the gold version of the objective PPO maximises, E_{y ~ pi}[r(x, y)] (the greedy answer's is
@@ -166,7 +166,7 @@ class PipelineConfig:
     """PPO iterations between gold/proxy/KL evaluations for the reward-vs-KL plot."""
     extra_words: int = 0
     """The world's `WorldConfig.extra_words`: made-up words added to the 40 of the word families (0: the default
-    world, every figure in the README unless it says otherwise)."""
+    world, of every result card unless it says otherwise)."""
     max_operand: int = 20
     """The world's `WorldConfig.max_operand` (`add` draws both operands from 0..max_operand)."""
 
