@@ -179,3 +179,32 @@ def test_fuzz_files(tmp_path_factory, data, kind, suffix, skip):
     except DataError:
         return
     assert recs.summary["kept"] + recs.summary["skipped"] == recs.summary["read"]
+
+
+def test_trl_implicit_prompt_pairs_conversational_sft_and_typed_parts(tmp_path):
+    """TRL's remaining layouts: preference pairs as two whole conversations with no prompt field (the layout of
+    trl-lib/ultrafeedback_binarized), SFT prompt-completion as message lists, content as typed text parts."""
+    user = {"role": "user", "content": "2+2?"}
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(json.dumps({"chosen": [user, {"role": "assistant", "content": "4"}],
+                                "rejected": [user, {"role": "assistant", "content": "5"}]}) + "\n")
+    (pair,) = load_records(path, "preference")
+    assert pair.prompt == (user,) and (pair.chosen, pair.rejected) == ("4", "5")
+    path.write_text(json.dumps({"chosen": [user, {"role": "assistant", "content": "4"}],
+                                "rejected": [{"role": "user", "content": "3+3?"},
+                                             {"role": "assistant", "content": "5"}]}) + "\n")
+    with pytest.raises(DataError, match=r"pairs.jsonl:1: field 'rejected': .*differ before their last"):
+        load_records(path, "preference")
+    parts = [{"type": "text", "text": "2+"}, {"type": "text", "text": "2?"}]
+    path = tmp_path / "sft.jsonl"
+    path.write_text(json.dumps({"prompt": [{"role": "user", "content": parts}],
+                                "completion": [{"role": "assistant", "content": "4"}]}) + "\n")
+    (record,) = load_records(path, "sft")
+    assert record.messages == (user, {"role": "assistant", "content": "4"})
+    path.write_text(json.dumps({"messages": [{"role": "user", "content": [{"type": "image", "url": "x.png"}]},
+                                             {"role": "assistant", "content": "4"}]}) + "\n")
+    with pytest.raises(DataError, match=r"field 'messages\[0\]\.content\[0\]'.*only text parts.*'image'"):
+        load_records(path, "sft")
+    path.write_text(json.dumps({"prompt": [user], "completion": [{"role": "user", "content": "4"}]}) + "\n")
+    with pytest.raises(DataError, match="field 'completion'.*assistant messages only"):
+        load_records(path, "sft")

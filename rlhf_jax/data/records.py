@@ -3,12 +3,16 @@
 Record kinds (`load_records(path, kind)`):
 - "sft"        -> `SFTRecord(messages)`: Alpaca {instruction, input?, output, system?}, FLAN/T0 {prompt, completion}
                   (a trailing "<|endoftext|>" in the completion is removed), {prompt, response}, {question, answer}, chat
-                  {messages: [{role, content}]} or ShareGPT {conversations: [{from, value}]}. Ends with an assistant turn.
+                  {messages: [{role, content}]}, ShareGPT {conversations: [{from, value}]}, or TRL's conversational
+                  prompt-completion {prompt: [messages], completion: [assistant messages]}. Ends with an assistant
+                  turn. Anywhere, a message's content may be a list of typed text parts [{type: "text", text}].
 - "oasst"      -> `SFTRecord`: an OpenAssistant message tree, following the top-ranked reply (rank 0) at each
                   level (Köpf et al. 2023, OpenAssistant Conversations); a trailing user turn is dropped.
 - "preference" -> `PreferenceRecord(prompt, chosen, rejected)`: {prompt, chosen, rejected} (prompt a string or a
                   message list, responses strings or {role|from, content|value} dicts), LLaMA-Factory DPO
-                  {conversations, chosen, rejected}, or Anthropic HH-RLHF transcripts {chosen, rejected}
+                  {conversations, chosen, rejected}, TRL's implicit-prompt layout {chosen: [messages], rejected:
+                  [messages]} (whole conversations sharing all but the last reply), or Anthropic HH-RLHF transcripts
+                  {chosen, rejected}
                   ("\\n\\nHuman: ...\\n\\nAssistant: ...", Bai et al. 2022) whose prompt is the longest common prefix
                   ending with "\\n\\nAssistant:".
 - "unpaired"   -> `UnpairedRecord(prompt, completion, label)`: binary feedback on one reply (KTO, Ethayarajh et al.
@@ -140,12 +144,27 @@ def _message(m: Any, field: str) -> dict:
     if not isinstance(role, str) or role.lower() not in _ROLE_ALIASES:
         raise DataError(f"unknown role {role!r} (expected one of {sorted(_ROLE_ALIASES)})", field=f"{field}.{role_key}")
     content = m.get(text_key)
+    if isinstance(content, list):   # typed parts, [{"type": "text", "text": ...}] (OpenAI / TRL layout)
+        content = _text_parts(content, f"{field}.{text_key}")
     if not isinstance(content, str):
         raise DataError(f"expected a string, got {type(content).__name__}", field=f"{field}.{text_key}")
     role = _ROLE_ALIASES[role.lower()]
     if role == "assistant" and not content.strip():
         raise DataError("empty assistant message", field=f"{field}.{text_key}")
     return {"role": role, "content": content}
+
+
+def _text_parts(parts: list, field: str) -> str:
+    """A message content given as typed parts: the text parts concatenated; any other part type is refused (the
+    models here read text only)."""
+    texts = []
+    for i, part in enumerate(parts):
+        if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+            raise DataError(f"only text parts ({{\"type\": \"text\", \"text\": ...}}) are read, got {kind!r}",
+                            field=f"{field}[{i}]")
+        texts.append(part["text"])
+    return "".join(texts)
 
 
 def _messages(value: Any, field: str) -> tuple[dict, ...]:
@@ -182,6 +201,18 @@ def _parse_sft(obj: Any) -> SFTRecord:
         response = _get(obj, "output")
     elif "question" in obj:
         response = _get(obj, "answer")
+    elif "prompt" in obj and isinstance(obj["prompt"], list):   # TRL's conversational prompt-completion
+        prompt = _messages(obj["prompt"], "prompt")
+        if prompt[-1]["role"] != "user":
+            raise DataError("the prompt must end with a user message", field=f"prompt[{len(prompt) - 1}]")
+        if "completion" not in obj:
+            raise DataError("missing", field="completion")
+        value = obj["completion"]
+        completion = (_messages(value, "completion") if isinstance(value, list)
+                      else ({"role": "assistant", "content": _response(value, "completion")},))
+        if any(m["role"] != "assistant" for m in completion):
+            raise DataError("expected assistant messages only", field="completion")
+        return SFTRecord(messages=prompt + completion)
     elif "prompt" in obj:
         key = "completion" if "completion" in obj or "response" not in obj else "response"
         response = _get(obj, key)
@@ -268,12 +299,24 @@ def _conversation_pair(obj: dict) -> PreferenceRecord | None:
     return PreferenceRecord(prompt=prompt, chosen=c[-1]["content"], rejected=r[-1]["content"])
 
 
+def _implicit_pair(obj: dict) -> PreferenceRecord:
+    """TRL's implicit-prompt preference layout (trl-lib/ultrafeedback_binarized, hh-rlhf-helpful-base): `chosen` and
+    `rejected` are whole conversations sharing every message before the last, the assistant's reply."""
+    pair = _conversation_pair(obj)
+    if pair is None:
+        raise DataError("expected two conversations (the shared prompt, then one assistant reply each)",
+                        field="chosen")
+    return pair
+
+
 def _parse_preference(obj: Any) -> PreferenceRecord:
     _need_dict(obj)
     for key in ("chosen", "rejected"):
         if key not in obj:
             raise DataError("missing", field=key)
     has_prompt = any(k in obj for k in ("prompt", "conversations", "messages", "instruction", "question"))
+    if not has_prompt and isinstance(obj["chosen"], list) and isinstance(obj["rejected"], list):
+        return _implicit_pair(obj)   # TRL's implicit-prompt layout: two whole conversations
     if not has_prompt:  # Anthropic HH-RLHF: two full transcripts sharing the prompt
         chosen, rejected = _get(obj, "chosen"), _get(obj, "rejected")
         n, limit = 0, min(len(chosen), len(rejected))
