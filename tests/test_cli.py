@@ -413,6 +413,17 @@ def test_grpo_script_runs_on_the_worlds_verifiable_reward_and_on_gsm8k(tmp_path)
     assert r.returncode == 2 and r.stderr.strip() == "error: --reward model needs --reward-init (a reward model folder)"
 
 
+
+def test_grpo_refuses_gsm8k_prompts_longer_than_the_prompt_bucket(tmp_path, capsys):
+    """GSM8K questions longer than --data.seq-len would be cut from the front and their answers not found: the
+    run is refused before any compile, in one line naming the longest prompt's length and the flag."""
+    from rlhf_jax.cli import grpo
+    data = os.path.join(ROOT, "tests", "fixtures", "gsm8k-test-10.jsonl")
+    assert grpo.main(["--out", str(tmp_path / "run"), "--reward", "gsm8k", "--data.path", data]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "longer than --data.seq-len 64" in err and "raise --data.seq-len to" in err, err
+
+
 def test_lora_flags_train_adapters_resume_and_write_a_peft_adapter(tmp_path):
     """--lora.rank: the SFT script trains adapters (checkpoints hold them; --resume continues), writes the merged
     model to final/ and the adapters in peft's format to adapter/, which the export command copies out; PPO takes

@@ -78,12 +78,21 @@ def _host_reward(cfg: GRPOExperiment, tok):
         return world_judge(cfg.data, cfg.seed, tok)
     if cfg.data.path is None:
         raise ValueError("--reward gsm8k needs --data.path: records with a question and an 'answer' field")
-    answers = {}
-    for r in load_records(cfg.data.path, "prompt", skip_invalid=cfg.data.skip_invalid, limit=cfg.data.limit):
+    answers, too_long = {}, []
+    records = load_records(cfg.data.path, "prompt", skip_invalid=cfg.data.skip_invalid, limit=cfg.data.limit)
+    for i, r in enumerate(records):
         if "answer" not in r.meta:
-            raise ValueError(f"{cfg.data.path}: a record has no 'answer' field (needed by --reward gsm8k)")
+            raise ValueError(f"{cfg.data.path}: record {i + 1} has no 'answer' field (needed by --reward gsm8k)")
+        n = len(encode_prompt(tok, list(r.messages)))
+        if n > cfg.data.seq_len:
+            too_long.append((n, i + 1))
         answer = str(r.meta["answer"])
         answers[text(list(r.messages))] = gsm8k_answer(answer) if "####" in answer else answer
+    if too_long:   # a cut prompt is another question, and its answer could not be found by its text
+        n, i = max(too_long)
+        raise ValueError(f"{cfg.data.path}: {len(too_long)} of {len(records)} prompts are longer than --data.seq-len "
+                         f"{cfg.data.seq_len} (the longest, record {i}, is {n} tokens with the chat template); "
+                         f"raise --data.seq-len to {n} or more, or leave the long prompts out")
     return lambda prompts, completions: gsm8k_reward(prompts, completions, answers=[answers[p] for p in prompts])
 
 
