@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax.config_cli import check_ranges, config_check
+from rlhf_jax.checks import check_ranges, config_check
 from rlhf_jax.models.config import ModelConfig
 
 TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
@@ -128,10 +128,14 @@ def _layer_prefix(arch: str, i: int) -> str:
     return f"{_PREFIX}transformer.h.{i}." if arch == "gpt2" else f"{_PREFIX}model.layers.{i}."
 
 
-def save_peft(adapters: dict, lora_config: LoraConfig, model_config: ModelConfig, path: str | os.PathLike) -> None:
+def save_peft(adapters: dict, lora_config: LoraConfig, model_config: ModelConfig, path: str | os.PathLike, *,
+              base_model: str | None = None) -> None:
     """Write adapter_config.json and adapter_model.safetensors (float32) that peft loads over the Hugging Face
-    model `models.hf.save_pretrained(model_config, ...)` writes."""
+    model `models.hf.save_pretrained(model_config, ...)` writes. `base_model` (a Hugging Face folder or hub id) is
+    recorded as `base_model_name_or_path`, so that `AutoPeftModelForCausalLM.from_pretrained(path)` finds it."""
     from safetensors.numpy import save_file
+
+    from rlhf_jax.models.hf import mode_from_umask
 
     arch, r, scale = _arch(model_config), lora_config.rank, lora_config.scale
     flat = {name: jax.tree.map(np.asarray, a) for mods in adapters.values() for name, a in mods.items()}
@@ -168,11 +172,12 @@ def save_peft(adapters: dict, lora_config: LoraConfig, model_config: ModelConfig
     os.makedirs(path, exist_ok=True)
     save_file({k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()},
               os.path.join(path, "adapter_model.safetensors"), metadata={"format": "pt"})
+    mode_from_umask(os.path.join(path, "adapter_model.safetensors"))
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": lora_config.alpha,
               "target_modules": sorted(modules), "lora_dropout": 0.0, "bias": "none",
               "fan_in_fan_out": arch == "gpt2", "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
               "init_lora_weights": True, "use_rslora": False, "use_dora": False, "modules_to_save": None,
-              "inference_mode": True, "base_model_name_or_path": None}
+              "inference_mode": True, "base_model_name_or_path": base_model}
     with open(os.path.join(path, "adapter_config.json"), "w") as f:
         json.dump(config, f, indent=2)
 

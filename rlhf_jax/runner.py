@@ -110,20 +110,33 @@ def save_tokenizer(tok, folder: str) -> None:
             shutil.copyfile(os.path.join(source, name), os.path.join(folder, name))
 
 
+def hf_base(init: str | None) -> str | None:
+    """The absolute path of `--init` when it is a Hugging Face folder (config.json there), else None: what a LoRA
+    adapter records as its base model."""
+    if init is None or not os.path.isfile(os.path.join(init, "config.json")):
+        return None
+    return os.path.abspath(init)
+
+
 def save_final(out: str, stage: str, state_params, model_config, lora: LoraConfig | None = None, base=None,
-               tokenizer=None):
+               tokenizer=None, init: str | None = None):
     """DIR/<stage>/final: the trained params (with LoRA: merged into the base, so that later stages and the
-    export read a whole model) and the run's tokenizer files, so that a later stage's --init needs no
-    --data.tokenizer; with LoRA also DIR/<stage>/adapter in peft's format."""
+    export read a whole model), the run's tokenizer files, so that a later stage's --init needs no
+    --data.tokenizer, and the `init` folder's generation_config.json (its EOS ids and sampling settings reach the
+    export through every stage); with LoRA also DIR/<stage>/adapter in peft's format, its base recorded when
+    `init` is a Hugging Face folder (else the chain's first one, carried in `init`'s own adapter base)."""
     params = state_params
     if lora is not None:
         params = lora_params(base, state_params, lora)
         adapters = {k: v for k, v in state_params.items() if k in ("attn", "mlp")}
-        save_peft(jax.device_get(adapters), lora, model_config, os.path.join(out, stage, "adapter"))
+        save_peft(jax.device_get(adapters), lora, model_config, os.path.join(out, stage, "adapter"),
+                  base_model=hf_base(init))
     final = os.path.join(out, stage, "final")
     ckpt.save_params(final, params, model_config=model_config)
     if tokenizer is not None:
         save_tokenizer(tokenizer, final)
+    if init is not None and os.path.isfile(os.path.join(init, GENERATION_CONFIG)) and jax.process_index() == 0:
+        shutil.copyfile(os.path.join(init, GENERATION_CONFIG), os.path.join(final, GENERATION_CONFIG))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -250,6 +263,10 @@ def make_run_mesh(shape: tuple[int, int, int] | None):
 
 
 # --------------------------------------------------------------------------------------------------- the data
+GENERATION_CONFIG = "generation_config.json"
+"""A Hugging Face folder's generation defaults (EOS ids, sampling settings): carried from --init to every stage's
+final/ and from there into the export, unchanged."""
+
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 """The files of a tokenizer that a run copies beside its final params (those that exist)."""
 

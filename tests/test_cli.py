@@ -157,7 +157,7 @@ def _help_text(module, capsys):
                     "--online-dpo.loss-type {sigmoid,robust,hinge,ipo}", "--online-dpo.pairs-every INT"]),
     ("kto", ["--kto.beta FLOAT", "--kto.desirable-weight FLOAT", "--kto.undesirable-weight FLOAT",
              "--data.kind {None}|STR", "(default: runs/kto)"]),
-    ("ppo", ["--policy-init", "--reward-init", "--ppo.clip-eps FLOAT", "--ppo.kl-coef FLOAT", "(default: 0.2)"]),
+    ("ppo", ["--init {None}|STR", "--reward-init", "--ppo.clip-eps FLOAT", "--ppo.kl-coef FLOAT", "(default: 0.2)"]),
     ("grpo", ["--reward {world,gsm8k,model}", "--grpo.num-generations INT", "--grpo.clip-eps-high {None}|FLOAT",
               "--grpo.loss-type {grpo,dapo,dr_grpo,gspo,cispo}", "--grpo.advantage", "--grpo.kl-in {loss,reward}",
               "--grpo.sampling.temperature FLOAT"]),
@@ -534,6 +534,10 @@ def test_tokenizer_comes_from_the_init_folder_and_travels_with_the_params(tmp_pa
     from rlhf_jax.train.checkpoint import load_params, save_params
 
     gpt2, base, vocab = _gpt2_tokenizer_model(tmp_path)
+    # The source's generation defaults (no BOS, greedy, a temperature) reach the export through two stages unchanged.
+    generation = {"bos_token_id": None, "eos_token_id": 50256, "pad_token_id": 50256, "do_sample": False,
+                  "temperature": 0.6}
+    (base / "generation_config.json").write_text(json.dumps(generation))
     common = ["--data.num-demo", "8", "--data.batch-size", "2", "--data.seq-len", "48", "--checkpoint.no-tensorboard"]
     assert sft.main(["--out", str(tmp_path / "sft"), "--init", str(base), "--sft.num-steps", "2",
                      "--sft.optim.warmup-steps", "1", *common]) == 0
@@ -542,6 +546,7 @@ def test_tokenizer_comes_from_the_init_folder_and_travels_with_the_params(tmp_pa
     assert dpo.main(["--out", str(tmp_path / "dpo"), "--init", str(final), "--dpo.num-steps", "1",
                      "--dpo.optim.warmup-steps", "0", "--dpo.optim.schedule", "constant", *common]) == 0
     assert (tmp_path / "dpo" / "dpo" / "final" / "tokenizer.json").exists()
+    assert json.loads((tmp_path / "dpo" / "dpo" / "final" / "generation_config.json").read_text()) == generation
     byte_model = tmp_path / "bytes"
     save_params(byte_model, init_params(CFG_BYTES, jax.random.PRNGKey(1)), model_config=CFG_BYTES)
     capsys.readouterr()
@@ -564,7 +569,24 @@ def test_tokenizer_comes_from_the_init_folder_and_travels_with_the_params(tmp_pa
     np.testing.assert_allclose(np.asarray(forward(params, jnp.asarray([ids]), config=mc)), theirs, atol=1e-4)
     config = json.loads((hf / "config.json").read_text())
     assert config["eos_token_id"] == config["pad_token_id"] == 50256      # GPT-2: <|endoftext|> for both
-    assert json.loads((hf / "generation_config.json").read_text())["eos_token_id"] == 50256
+    assert config["bos_token_id"] is None                                 # as the source had it, not the EOS id
+    assert json.loads((hf / "generation_config.json").read_text()) == generation
+    assert transformers.GenerationConfig.from_pretrained(hf).do_sample is False
+    mask = os.umask(0o022)
+    os.umask(mask)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in hf.iterdir()}
+    assert set(modes.values()) == {0o666 & ~mask}, modes                 # the weights too, not 0600
+
+    # LoRA from the exported Hugging Face folder: the adapter records that folder as its base, so peft's
+    # AutoPeftModelForCausalLM loads base and adapter from the adapter folder alone.
+    import peft
+    assert sft.main(["--out", str(tmp_path / "lora"), "--init", str(hf), "--sft.num-steps", "1", "--lora.rank", "2",
+                     "--sft.optim.warmup-steps", "0", "--sft.optim.schedule", "constant", *common]) == 0
+    adapter = tmp_path / "adapter"
+    assert export.main([str(tmp_path / "lora" / "sft" / "final"), "--out", str(adapter), "--what", "adapter"]) == 0
+    assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == str(hf)
+    assert (adapter / "adapter_model.safetensors").stat().st_mode & 0o777 == 0o666 & ~mask
+    peft.AutoPeftModelForCausalLM.from_pretrained(adapter)
     capsys.readouterr()
     assert export.main([str(tmp_path / "nowhere"), "--out", str(hf)]) == 2
     assert capsys.readouterr().err.strip() == f"error: --src {tmp_path / 'nowhere'}: no such folder (expected RUN/STAGE/final)"

@@ -1,8 +1,9 @@
 """Export: `rlhf-jax export RUN/STAGE/final --out HF_DIR [--what merged|adapter] [--dtype bfloat16]`.
 
 Writes a run's final params as a Hugging Face folder that `transformers.AutoModelForCausalLM.from_pretrained`
-loads: config.json (with the tokenizer's bos / eos / pad ids), the safetensors weights, generation_config.json and
-the tokenizer's files when the run had a Hugging Face tokenizer (a byte-level model exports its weights only).
+loads: config.json (with the bos / eos / pad ids), the safetensors weights, generation_config.json (the one the
+run's --init folder had, carried through every stage's final/, else only the special ids: greedy decoding, as
+transformers defaults to) and the tokenizer's files when the run had a Hugging Face tokenizer (a byte-level model exports its weights only).
 With `--what adapter` it writes the LoRA adapters of a `--lora.rank` run instead (RUN/STAGE/adapter, in peft's
 format: `peft.PeftModel.from_pretrained(base, HF_DIR)`), with the same tokenizer files. A score head (reward
 model) is not exported. `--help` lists every option.
@@ -18,6 +19,7 @@ from typing import Literal
 
 from rlhf_jax.config_cli import parse_cli
 from rlhf_jax.runner import (
+    GENERATION_CONFIG,
     TOKENIZER_FILES,
     make_tokenizer,
     setup_error,
@@ -44,8 +46,13 @@ class ExportOptions:
     """Split the weights into shards of at most this size, e.g. 5GB (None: one file)."""
 
 
-def _special_ids(tok) -> dict:
-    return {"bos_token_id": int(tok.bos_id), "eos_token_id": int(tok.eos_id), "pad_token_id": int(tok.pad_id)}
+def special_ids(tok, generation: dict | None) -> dict:
+    """config.json's bos / eos / pad ids: the carried generation_config.json's where it has them (a list of EOS
+    ids and a null BOS stay as they were), else the tokenizer's (BOS null when it has no BOS token of its own)."""
+    has_bos = getattr(tok, "bos_token", "") is not None   # None: tokenizer_config.json says "bos_token": null
+    ids = {"bos_token_id": int(tok.bos_id) if has_bos else None, "eos_token_id": int(tok.eos_id),
+           "pad_token_id": int(tok.pad_id)}
+    return {k: generation[k] if generation is not None and k in generation else v for k, v in ids.items()}
 
 
 def export(cfg: ExportOptions) -> str:
@@ -70,12 +77,17 @@ def export(cfg: ExportOptions) -> str:
         model_config, params = load_params(cfg.src)
         if model_config is None:
             raise ValueError(f"{cfg.src}: no model_config.json (a save_params folder has one)")
-        ids = _special_ids(tok)
+        carried = os.path.join(cfg.src, GENERATION_CONFIG)
+        generation = json.load(open(carried)) if os.path.isfile(carried) else None
+        ids = special_ids(tok, generation)
         save_pretrained(model_config, {k: v for k, v in params.items() if k != "score_head"}, cfg.out,
                         dtype=cfg.dtype, model_type=cfg.model_type, max_shard_size=cfg.max_shard_size,
                         extra_config=ids)
-        with open(os.path.join(cfg.out, "generation_config.json"), "w") as f:
-            json.dump({**ids, "do_sample": True}, f, indent=2)
+        if generation is not None:   # the source checkpoint's own, carried through every stage: unchanged
+            shutil.copyfile(carried, os.path.join(cfg.out, GENERATION_CONFIG))
+        else:                        # only the ids: transformers' defaults (greedy) for everything else
+            with open(os.path.join(cfg.out, GENERATION_CONFIG), "w") as f:
+                json.dump({k: v for k, v in ids.items() if v is not None}, f, indent=2)
     if tok.source_dir is not None:
         for name in TOKENIZER_FILES:
             if os.path.isfile(os.path.join(tok.source_dir, name)):

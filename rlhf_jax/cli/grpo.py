@@ -134,7 +134,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     if finished:
-        save_final(out, "grpo", state.params, mc, lora.get("lora"), ref, tokenizer=tok)
+        save_final(out, "grpo", state.params, mc, lora.get("lora"), ref, tokenizer=tok, init=cfg.init)
     finish_report(out, "grpo", history, keys=("reward", "reward_std", "completions/mean_length", "kl"),
                   summary={"finished": finished, "policy": cfg.init or cfg.preset, "reward": cfg.reward,
                            "data": cfg.data.path or "demo"})

@@ -73,7 +73,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     if finished:
-        save_final(out, "kto", state.params, mc, lora.get("lora"), ref_params, tokenizer=tok)
+        save_final(out, "kto", state.params, mc, lora.get("lora"), ref_params, tokenizer=tok, init=cfg.init)
     finish_report(out, "kto", history, keys=("loss", "kl", "rewards/chosen", "rewards/rejected"),
                   summary={"finished": finished, "model": cfg.init or cfg.preset, "beta": cfg.kto.beta,
                            "data": cfg.data.path or "demo"})

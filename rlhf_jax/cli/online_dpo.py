@@ -108,7 +108,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     if finished:
-        save_final(out, "online_dpo", state.params, mc, lora.get("lora"), ref, tokenizer=tok)
+        save_final(out, "online_dpo", state.params, mc, lora.get("lora"), ref, tokenizer=tok, init=cfg.init)
     finish_report(out, "online_dpo", history, keys=("loss", "judge/score", "rewards/accuracies",
                                                     "completions/mean_length"),
                   summary={"finished": finished, "policy": cfg.init or cfg.preset, "judge": cfg.judge,

@@ -1,9 +1,9 @@
-"""PPO (RLHF): `rlhf-jax ppo [--policy-init SFT_FOLDER] [--reward-init RM_FOLDER] [--out DIR]`.
+"""PPO (RLHF): `rlhf-jax ppo [--init SFT_FOLDER] [--reward-init RM_FOLDER] [--out DIR]`.
 
 Samples responses to prompts, scores them with a learned reward model, subtracts a per-token KL penalty to the
 frozen reference (the initial policy), and runs clipped PPO with GAE on policy and value models (Ouyang et al.
 2022; Ziegler et al. 2019; Huang et al. 2024, "The N+ Implementation Details of RLHF with PPO"). With no
---data.path it uses built-in prompts from the synthetic task world; without --policy-init / --reward-init it
+--data.path it uses built-in prompts from the synthetic task world; without --init / --reward-init it
 starts from fresh tiny models, just so it runs. `--help` lists every option and its default.
 """
 from __future__ import annotations
@@ -45,7 +45,7 @@ class PPOExperiment(RunOptions):
 
     out: str = "runs/ppo"
     """Run directory (metrics, checkpoints, final params, report)."""
-    policy_init: str | None = None
+    init: str | None = None
     """Policy and reference weights (the SFT model): a Hugging Face or save_params folder. None: random init."""
     reward_init: str | None = None
     """Reward model weights (with a score head): a save_params folder from rlhf-jax reward or a Hugging Face
@@ -73,14 +73,14 @@ def main(argv=None) -> int:
             raise ValueError("--lora.rank with --mesh: LoRA PPO runs on one device for now; drop one of them")
         out = start_run(cfg, cfg.out)
         data, tok = load_data(cfg.data, "prompt", seed=cfg.seed, batch_size=cfg.ppo.batch_size,
-                              init=cfg.policy_init)
+                              init=cfg.init)
         ppo_cfg = with_tokenizer_ids(cfg.ppo, tok)
         ptx = None
         if ppo_cfg.ptx_coef > 0:   # resumable with the prompts: Together checkpoints both positions
-            ptx, _ = load_data(cfg.ptx_data, "sft", seed=cfg.seed + 1, init=cfg.policy_init)
+            ptx, _ = load_data(cfg.ptx_data, "sft", seed=cfg.seed + 1, init=cfg.init)
             data = Together(data, ptx=ptx)
         k_policy, k_reward, k_head, k_state = jax.random.split(jax.random.key(cfg.seed), 4)
-        mc, policy = init_model(cfg.preset, cfg.model, k_policy, init=cfg.policy_init, tokenizer=tok)
+        mc, policy = init_model(cfg.preset, cfg.model, k_policy, init=cfg.init, tokenizer=tok)
         check_rollout_length(cfg.data.seq_len, cfg.ppo.sampling, mc, "ppo")
         if cfg.reward_init is None:  # a fresh reward model of the policy's architecture
             reward = init_params(mc, k_reward)
@@ -106,9 +106,9 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     if finished:
-        save_final(out, "ppo", state.policy.params, mc, lora, ref, tokenizer=tok)
+        save_final(out, "ppo", state.policy.params, mc, lora, ref, tokenizer=tok, init=cfg.init)
     finish_report(out, "ppo", history, keys=("objective/scores", "objective/kl", "loss/policy", "loss/value"),
-                  summary={"finished": finished, "policy": cfg.policy_init or cfg.preset,
+                  summary={"finished": finished, "policy": cfg.init or cfg.preset,
                            "reward_model": cfg.reward_init or "random", "data": cfg.data.path or "demo"})
     return 0 if finished else STOPPED
 

@@ -76,7 +76,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     if finished:
-        save_final(out, "reward", state.params, mc, lora.get("lora"), params, tokenizer=tok)
+        save_final(out, "reward", state.params, mc, lora.get("lora"), params, tokenizer=tok, init=cfg.init)
     finish_report(out, "reward", history, keys=("loss", "accuracy", "rewards/margins"),
                   summary={"finished": finished, "model": cfg.init or cfg.preset, "data": cfg.data.path or "demo"})
     return 0 if finished else STOPPED

@@ -71,7 +71,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     if finished:
-        save_final(out, "sft", state.params, mc, lora.get("lora"), params, tokenizer=tok)
+        save_final(out, "sft", state.params, mc, lora.get("lora"), params, tokenizer=tok, init=cfg.init)
     finish_report(out, "sft", history, keys=("loss", "accuracy"),
                   summary={"finished": finished, "model": cfg.init or cfg.preset, "data": cfg.data.path or "demo"})
     return 0 if finished else STOPPED

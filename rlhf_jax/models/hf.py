@@ -360,6 +360,14 @@ def load_pretrained(path: str | os.PathLike, *, param_dtype: str = "float32", **
     return config, params
 
 
+def mode_from_umask(path: str | os.PathLike) -> None:
+    """Give a written file the permissions of an ordinary new file under the process umask (safetensors writes
+    through a private temporary file, 0600 whatever the umask)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
 def save_pretrained(config: ModelConfig, params: dict, path: str | os.PathLike, *, dtype: str | None = None,
                     model_type: str | None = None, max_shard_size: int | str | None = None,
                     extra_config: dict[str, Any] | None = None) -> None:
@@ -391,11 +399,13 @@ def save_pretrained(config: ModelConfig, params: dict, path: str | os.PathLike, 
             os.remove(os.path.join(path, stale))
     if len(shards) == 1:
         save_file(shards[0], os.path.join(path, _SINGLE), metadata={"format": "pt"})
+        mode_from_umask(os.path.join(path, _SINGLE))
         return
     weight_map = {}
     for i, shard in enumerate(shards):
         name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
         save_file(shard, os.path.join(path, name), metadata={"format": "pt"})
+        mode_from_umask(os.path.join(path, name))
         weight_map.update({k: name for k in shard})
     total = sum(v.nbytes for v in tensors.values())
     with open(os.path.join(path, _INDEX), "w") as f:

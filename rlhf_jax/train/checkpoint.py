@@ -121,7 +121,7 @@ def wait(manager: ocp.CheckpointManager) -> None:
 def save_params(path: str | os.PathLike, params: Any, *, model_config: Any = None) -> str:
     """Write final params as `path/params/` (orbax, a plain nested dict) and `path/model_config.json`.
 
-    The folder is what `load_params` (and the experiments' `--policy-init` / `--reward-init` / `--model.init`)
+    The folder is what `load_params` (and the experiments' `--reward-init` / `--model.init`)
     read back; `rlhf_jax.models.save_pretrained` is the Hugging Face alternative. Sharded `jax.Array` params are
     written shard by shard without a gather to one host, so on several hosts every process calls this with the
     same `path` (a shared file system) and its own shards; process 0 writes the config.
