@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from rlhf_jax.config_cli import check_ranges, config_check
+from rlhf_jax.checks import check_ranges, config_check
 from rlhf_jax.models.config import ModelConfig
 from rlhf_jax.models.sequences import sequence_positions
 from rlhf_jax.models.transformer import KVCache, decode_params, forward_cached, init_cache, prefill, split_layers

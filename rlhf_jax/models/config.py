@@ -10,7 +10,7 @@ from typing import Literal
 
 import jax.numpy as jnp
 
-from rlhf_jax.config_cli import check_ranges
+from rlhf_jax.checks import check_ranges
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

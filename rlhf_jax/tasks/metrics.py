@@ -10,7 +10,7 @@
     paired_bootstrap   mean(gold_a - gold_b) over the same prompts with a percentile bootstrap interval (Efron &
                        Tibshirani 1993), resampling prompts: is a stage's gain over SFT more than evaluation noise?
 
-The last two are generic and live in `rlhf_jax.eval`; they are re-exported here.
+The last two are generic numpy statistics of `rlhf_jax.stats`, re-exported here (and by `rlhf_jax.eval`).
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from rlhf_jax.eval import paired_bootstrap, win_rate  # noqa: F401  (re-exported)
+from rlhf_jax.stats import paired_bootstrap, win_rate  # noqa: F401  (re-exported)
 from rlhf_jax.tasks.world import Task, WorldConfig, gold_rewards, is_refusal
 
 

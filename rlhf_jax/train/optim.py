@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from rlhf_jax.config_cli import check_ranges
+from rlhf_jax.checks import check_ranges
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from rlhf_jax.config_cli import check_ranges, config_check
+from rlhf_jax.checks import check_ranges, config_check
 from rlhf_jax.generation import SamplingConfig
 from rlhf_jax.lora import LoraConfig, init_lora
 from rlhf_jax.losses import (AdaptiveKLController, entropy_from_logits, explained_variance, gae, masked_mean,

@@ -1,0 +1,96 @@
+"""Paired comparisons and calibration of per-prompt numbers, in numpy only (no model, no jax).
+
+* `win_rate`, `paired_bootstrap`: two policies' per-prompt rewards on the same prompts (AlpacaEval-style win rate,
+  judged by a reward; the mean paired difference with a percentile bootstrap interval, Efron & Tibshirani 1993).
+* `reliability_bins`, `expected_calibration_error`: a predictor's calibration (Naeini et al. 2015; Guo et al. 2017).
+* `best_of_n_expectation`: the unbiased best-of-n estimator over a pool of samples (Nakano et al. 2021).
+
+`rlhf_jax.eval` (model-side evaluation) and `rlhf_jax.tasks` (the synthetic world) re-export them.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+
+def win_rate(gold_a: Any, gold_b: Any) -> float:
+    """Fraction of prompts where a beats b on gold reward, ties counting one half. Inputs: [B] each."""
+    a, b = np.asarray(gold_a, dtype=np.float64), np.asarray(gold_b, dtype=np.float64)
+    if a.shape != b.shape or a.ndim != 1 or a.size == 0:
+        raise ValueError(f"win_rate needs two non-empty [B] arrays of equal shape, got {a.shape} and {b.shape}")
+    return float(np.mean((a > b) + 0.5 * (a == b)))
+
+
+def paired_bootstrap(gold_a: Any, gold_b: Any, *, num_samples: int = 2000, level: float = 0.95,
+                     seed: int = 0, strata: Any = None, weights: Any = None) -> dict[str, float]:
+    """Weighted mean paired difference of a - b and its percentile bootstrap interval over prompts.
+
+    Both arrays hold per-prompt rewards on the same prompts, [B] each (one entry per distinct prompt: resampling
+    draws of one prompt as if independent makes the interval too narrow). Each replicate resamples prompts with
+    replacement, within each stratum when `strata` [B] labels are given (e.g. task families: each keeps its size),
+    and takes the `weights`-weighted mean (default equal). Returns {"delta", "low", "high", "level"}; an
+    interval that excludes 0 means the difference is larger than what resampling the evaluation prompts produces.
+    """
+    a, b = np.asarray(gold_a, dtype=np.float64), np.asarray(gold_b, dtype=np.float64)
+    if a.shape != b.shape or a.ndim != 1 or a.size == 0:
+        raise ValueError(f"paired_bootstrap needs two non-empty [B] arrays of equal shape, got {a.shape} and {b.shape}")
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    w = np.ones_like(a) if weights is None else np.asarray(weights, dtype=np.float64)
+    labels = np.zeros(a.size, int) if strata is None else np.unique(np.asarray(strata), return_inverse=True)[1]
+    if w.shape != a.shape or labels.shape != a.shape:
+        raise ValueError(f"paired_bootstrap: weights and strata must have shape {a.shape}")
+    diff, rng = a - b, np.random.default_rng(seed)
+    idx = np.empty((num_samples, diff.size), int)
+    for s in np.unique(labels):
+        members = np.flatnonzero(labels == s)
+        idx[:, members] = members[rng.integers(0, members.size, size=(num_samples, members.size))]
+    means = np.sum(diff[idx] * w[idx], axis=1) / np.sum(w[idx], axis=1)
+    alpha = (1.0 - level) / 2.0
+    return {"delta": float(np.sum(diff * w) / np.sum(w)), "low": float(np.quantile(means, alpha)),
+            "high": float(np.quantile(means, 1.0 - alpha)), "level": level}
+
+
+def reliability_bins(confidence: Any, correct: Any, *, num_bins: int = 10) -> dict[str, np.ndarray]:
+    """Equal-width confidence bins over [0, 1] (the last one closed): per bin the count, the mean confidence and
+    the accuracy (NaN where empty): the points of a reliability diagram. `confidence` and `correct` are [N]."""
+    conf, ok = np.asarray(confidence, np.float64), np.asarray(correct, np.float64)
+    if conf.shape != ok.shape or conf.ndim != 1 or conf.size == 0:
+        raise ValueError(f"reliability_bins needs two non-empty [N] arrays of equal shape, got {conf.shape} and "
+                         f"{ok.shape}")
+    if num_bins < 1 or not np.all((conf >= 0.0) & (conf <= 1.0)):
+        raise ValueError("reliability_bins: num_bins must be >= 1 and every confidence in [0, 1]")
+    which = np.minimum((conf * num_bins).astype(int), num_bins - 1)
+    count = np.bincount(which, minlength=num_bins).astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_conf = np.bincount(which, conf, minlength=num_bins) / count
+        accuracy = np.bincount(which, ok, minlength=num_bins) / count
+    return {"count": count, "confidence": mean_conf, "accuracy": accuracy,
+            "edges": np.linspace(0.0, 1.0, num_bins + 1)}
+
+
+def expected_calibration_error(confidence: Any, correct: Any, *, num_bins: int = 10) -> float:
+    """ECE (Naeini et al. 2015; Guo et al. 2017, eq. 3): sum over equal-width bins of |bin| / N *
+    |accuracy(bin) - mean confidence(bin)|; 0 for a calibrated predictor, at most 1."""
+    b = reliability_bins(confidence, correct, num_bins=num_bins)
+    full = b["count"] > 0
+    return float(np.sum(b["count"][full] / b["count"].sum() * np.abs(b["accuracy"][full] - b["confidence"][full])))
+
+
+def best_of_n_expectation(proxy: Any, value: Any, n: int) -> float:
+    """E[value of the proxy's argmax among n draws without replacement from a pool of N samples]: the unbiased
+    estimator of best-of-n of Nakano et al. 2021 (appendix) and Gao et al. 2022 (sec. 3.1), exact over every
+    n-subset. Sorted by proxy ascending, the i-th sample (1-based) is the subset's best with probability
+    C(i-1, n-1) / C(N, n). Ties in the proxy keep the pool's order. `proxy`, `value`: [N]."""
+    proxy, value = np.asarray(proxy, np.float64), np.asarray(value, np.float64)
+    N = proxy.size
+    if proxy.shape != value.shape or proxy.ndim != 1 or not 1 <= n <= N:
+        raise ValueError(f"best_of_n_expectation needs [N] arrays of equal shape and 1 <= n <= N, got "
+                         f"{proxy.shape}, {value.shape}, n={n}")
+    order = np.argsort(proxy, kind="stable")
+    i = np.arange(n, N + 1)               # only the ranks >= n can be a subset's maximum
+    lgam = np.vectorize(math.lgamma)
+    log_p = (lgam(i) - lgam(n) - lgam(i - n + 1)) - (lgam(N + 1) - lgam(n + 1) - lgam(N - n + 1))
+    return float(np.sum(np.exp(log_p) * value[order][n - 1:]))
