@@ -17,7 +17,7 @@ from rlhf_jax.losses._pg import PG_LOSS_TYPES, policy_gradient_loss
 from rlhf_jax.losses._preference import kto_loss, orpo_loss, simpo_loss
 from rlhf_jax.losses._ppo import explained_variance, ppo_policy_loss, ppo_value_loss
 from rlhf_jax.losses._reward import bradley_terry_loss
-from rlhf_jax.losses._sft import sft_loss, sft_loss_sums
+from rlhf_jax.losses._sft import sft_loss, sft_loss_from_sums, sft_loss_sums
 
 __all__ = [
     "AdaptiveKLController",
@@ -47,6 +47,7 @@ __all__ = [
     "ppo_value_loss",
     "sequence_logprobs",
     "sft_loss",
+    "sft_loss_from_sums",
     "sft_loss_sums",
     "shape_rewards",
     "simpo_loss",

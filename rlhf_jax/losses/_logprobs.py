@@ -2,10 +2,10 @@
 
 ``log p(y_t | y_<t) = z_{t, y_t} - logsumexp_v z_{t, v}`` for logits ``z [B, T, V]``. The target logit is read with
 ``take_along_axis`` (never a ``[B, T, V]`` one-hot). With ``chunk_size`` the vocabulary is streamed in chunks with
-an online (running max) logsumexp, as in memory-efficient cross-entropy kernels (Rabe & Staats 2021; Wijmans et
-al. 2024, "Cut Your Losses in Large-Vocabulary Language Models"), so that only a ``[B, T, chunk]`` slice is upcast
-to float32 at a time. The LM head fused with this log-softmax (never building the ``[B, T, V]`` logits) is a
-model kernel: ``rlhf_jax.models.head``.
+an online (running max) logsumexp (``rlhf_jax.logsumexp``), as in memory-efficient cross-entropy kernels (Rabe &
+Staats 2021; Wijmans et al. 2024, "Cut Your Losses in Large-Vocabulary Language Models"), so that only a
+``[B, T, chunk]`` slice is upcast to float32 at a time. The LM head fused with this log-softmax (never building
+the ``[B, T, V]`` logits) is a model kernel: ``rlhf_jax.models.head``.
 """
 
 from __future__ import annotations
@@ -14,32 +14,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from rlhf_jax.logsumexp import check_chunk, init_carry, online_update
 from rlhf_jax.losses._common import masked_sum
 
 _F32 = jnp.float32
-
-
-def _check_chunk(chunk_size, vocab: int) -> int:
-    if not isinstance(chunk_size, int) or chunk_size <= 0:
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}.")
-    return min(chunk_size, vocab)
-
-
-def _online_update(carry, chunk, valid, local_targets, in_chunk):
-    """One step of the streaming logsumexp: carry = (stabiliser m, sum of exp(z - m), target logit)."""
-    m, s, tgt = carry
-    chunk = jnp.where(valid, chunk, -jnp.inf)
-    # The stabiliser carries no gradient: m + log(sum exp(z - m)) equals logsumexp(z) for any m.
-    m_new = jnp.maximum(m, lax.stop_gradient(jnp.max(chunk, axis=-1)))
-    m_new = jnp.where(jnp.isneginf(m_new), 0.0, m_new)  # a chunk of all -inf logits must not give nan
-    s = s * jnp.exp(m - m_new) + jnp.sum(jnp.exp(chunk - m_new[..., None]), axis=-1)
-    picked = jnp.take_along_axis(chunk, local_targets[..., None], axis=-1)[..., 0]
-    tgt = tgt + jnp.where(in_chunk, picked, 0.0)
-    return m_new, s, tgt
-
-
-def _init_carry(batch_shape):
-    return (jnp.full(batch_shape, -jnp.inf, _F32), jnp.zeros(batch_shape, _F32), jnp.zeros(batch_shape, _F32))
 
 
 def token_logprobs(logits, targets, *, chunk_size: int | None = None):
@@ -61,7 +39,7 @@ def token_logprobs(logits, targets, *, chunk_size: int | None = None):
         picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
         return picked - jax.nn.logsumexp(logits, axis=-1)
     vocab = logits.shape[-1]
-    c = _check_chunk(chunk_size, vocab)
+    c = check_chunk(chunk_size, vocab)
     n_chunks = -(-vocab // c)
 
     @jax.checkpoint  # recompute each chunk in the backward pass instead of storing [n, B, T, c] residuals
@@ -72,9 +50,9 @@ def token_logprobs(logits, targets, *, chunk_size: int | None = None):
         valid = start + jnp.arange(c) >= lo  # ... and the columns already seen are dropped
         in_chunk = (targets >= lo) & (targets < start + c)
         local = jnp.clip(targets - start, 0, c - 1)
-        return _online_update(carry, chunk, valid, local, in_chunk), None
+        return online_update(carry, chunk, valid, local, in_chunk), None
 
-    (m, s, tgt), _ = lax.scan(body, _init_carry(targets.shape), jnp.arange(n_chunks))
+    (m, s, tgt), _ = lax.scan(body, init_carry(targets.shape), jnp.arange(n_chunks))
     return tgt - (m + jnp.log(s))
 
 

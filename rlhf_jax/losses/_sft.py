@@ -55,10 +55,19 @@ def sft_loss(logits, targets, loss_mask, *, chunk_size: int | None = None):
       ``"num_tokens"``, ``"accuracy"`` (argmax == target on unmasked tokens), ``"perplexity"`` (``exp(loss)``),
       plus the raw sums ``"nll_sum"`` and ``"num_correct"`` for exact aggregation across shards.
     """
-    return _loss_and_metrics(sft_loss_sums(logits, targets, loss_mask, chunk_size=chunk_size))
+    return sft_loss_from_sums(sft_loss_sums(logits, targets, loss_mask, chunk_size=chunk_size))
 
 
-def _loss_and_metrics(sums):
+def sft_loss_from_sums(sums):
+    """``(loss, metrics)`` of ``sft_loss`` from its sums: those of ``sft_loss_sums``, sums added across shards or
+    micro-batches, or the fused LM head's (``rlhf_jax.models.head.sft_loss_from_hidden``).
+
+    Args:
+      sums: dict with float32 scalars ``"nll_sum"``, ``"num_tokens"``, ``"num_correct"``.
+
+    Returns:
+      ``(loss, metrics)`` as ``sft_loss``: loss = nll_sum / num_tokens (0 when num_tokens is 0).
+    """
     denom = jnp.where(sums["num_tokens"] > 0, sums["num_tokens"], 1.0)
     loss = sums["nll_sum"] / denom
     metrics = {

@@ -19,9 +19,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from rlhf_jax.losses._common import masked_count, masked_sum
-from rlhf_jax.losses._logprobs import _check_chunk, _init_carry, _online_update
-from rlhf_jax.losses._sft import _loss_and_metrics
+from rlhf_jax.logsumexp import check_chunk, init_carry, online_update
+from rlhf_jax.losses import masked_count, masked_sum, sft_loss_from_sums
 
 _F32 = jnp.float32
 
@@ -97,7 +96,7 @@ def resolve_chunk(chunk_size, num_rows: int, vocab: int) -> int | None:
 def _balanced_chunk(chunk_size, vocab: int) -> tuple[int, int]:
     """(number of chunks n, columns per chunk c) with n = ceil(V / chunk_size) and c >= V / n as small as
     possible (rounded up to a multiple of 128 above 128), so that zero padding stays under n * 128 columns."""
-    c = _check_chunk(chunk_size, vocab)
+    c = check_chunk(chunk_size, vocab)
     n = -(-vocab // c)
     c = -(-vocab // n)
     if c > 128:
@@ -114,7 +113,7 @@ def _vocab_chunks(w, chunk_size) -> tuple[jax.Array, int]:
 
 
 def _chunk_logits(hidden, w_c, lo, vocab: int, targets):
-    """One chunk's float32 logits ``hidden @ w_c`` (columns lo..lo+c) with the masks `_online_update` needs:
+    """One chunk's float32 logits ``hidden @ w_c`` (columns lo..lo+c) with the masks `online_update` needs:
     (chunk, valid columns, targets local to the chunk, whether each target falls in it)."""
     c = w_c.shape[-1]
     chunk = head_matmul(hidden, w_c)
@@ -208,9 +207,9 @@ def token_logprobs_from_hidden(hidden, w, targets, *, chunk_size: int | None = N
         w_c, i = xs
         lo = i * c
         chunk, valid, local, in_chunk = _chunk_logits(hidden, w_c, lo, vocab, targets)
-        return _online_update(carry, chunk, valid, local, in_chunk), None
+        return online_update(carry, chunk, valid, local, in_chunk), None
 
-    (m, s, tgt), _ = lax.scan(body, _init_carry(targets.shape), (w_chunks, jnp.arange(w_chunks.shape[0])))
+    (m, s, tgt), _ = lax.scan(body, init_carry(targets.shape), (w_chunks, jnp.arange(w_chunks.shape[0])))
     return tgt - (m + jnp.log(s))
 
 
@@ -243,14 +242,14 @@ def token_logprobs_and_argmax_from_hidden(hidden, w, targets, *, chunk_size: int
         w_c, i = xs
         lo = i * c
         chunk, valid, local, in_chunk = _chunk_logits(hidden, w_c, lo, vocab, targets)
-        lse_carry = _online_update(lse_carry, chunk, valid, local, in_chunk)
+        lse_carry = online_update(lse_carry, chunk, valid, local, in_chunk)
         seen = jnp.where(valid, lax.stop_gradient(chunk), -jnp.inf)
         chunk_best = jnp.max(seen, axis=-1)
         better = chunk_best > best  # strict: ties keep the earlier chunk, as jnp.argmax keeps the first index
         arg = jnp.where(better, lo + jnp.argmax(seen, axis=-1).astype(jnp.int32), arg)
         return (lse_carry, jnp.where(better, chunk_best, best), arg), None
 
-    init = (_init_carry(targets.shape), jnp.full(targets.shape, -jnp.inf, _F32), jnp.zeros(targets.shape, jnp.int32))
+    init = (init_carry(targets.shape), jnp.full(targets.shape, -jnp.inf, _F32), jnp.zeros(targets.shape, jnp.int32))
     ((m, s, tgt), _, arg), _ = lax.scan(body, init, (w_chunks, jnp.arange(w_chunks.shape[0])))
     return tgt - (m + jnp.log(s)), arg
 
@@ -269,5 +268,5 @@ def sft_loss_from_hidden(hidden, w, targets, loss_mask, *, chunk_size: int | str
     """
     logp, argmax = token_logprobs_and_argmax_from_hidden(hidden, w, targets, chunk_size=chunk_size)
     correct = (argmax == jnp.asarray(targets)).astype(jnp.float32)
-    return _loss_and_metrics({"nll_sum": masked_sum(-logp, loss_mask), "num_tokens": masked_count(loss_mask),
+    return sft_loss_from_sums({"nll_sum": masked_sum(-logp, loss_mask), "num_tokens": masked_count(loss_mask),
                               "num_correct": masked_sum(correct, loss_mask)})
