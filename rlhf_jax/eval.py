@@ -26,7 +26,7 @@ from rlhf_jax.generation import SamplingConfig
 from rlhf_jax.models.config import ModelConfig
 from rlhf_jax.stats import (best_of_n_expectation, expected_calibration_error, paired_bootstrap,  # noqa: F401
                             reliability_bins, win_rate)  # (re-exported)
-from rlhf_jax.train.rl import decode_responses, episode_logprobs, reward_model_scores, sample_episodes
+from rlhf_jax.train.rl import decode_responses, episode_sequence_logps, reward_model_scores, sample_episodes
 from rlhf_jax.train.steps import pair_scores
 
 GoldFn = Callable[[list], np.ndarray]
@@ -38,8 +38,7 @@ MetricsFn = Callable[[list, list], dict]
 sample_episodes_jit = jax.jit(sample_episodes, static_argnames=("sampling", "model_config",
                                                                "num_samples_per_prompt"))
 _SAMPLE = sample_episodes_jit
-_SEQ_LOGPS = jax.jit(lambda params, ep, model_config: jnp.sum(episode_logprobs(params, ep, model_config=model_config),
-                                                              axis=1), static_argnames=("model_config",))
+_SEQ_LOGPS = jax.jit(episode_sequence_logps, static_argnames=("model_config",))
 reward_model_scores_jit = jax.jit(reward_model_scores, static_argnames=("model_config",))
 _RM_SCORES = reward_model_scores_jit
 
@@ -111,7 +110,7 @@ class PolicyEvaluator:
         scores = (float(np.mean([np.asarray(_RM_SCORES(reward_params, d, model_config=self.mc)) for d in draws]))
                   if reward_params is not None else float("nan"))
         ep = self.generate(params, jax.random.fold_in(rng, 1), 1.0)
-        kl = _SEQ_LOGPS(params, ep, self.mc) - _SEQ_LOGPS(ref_params, ep, self.mc)
+        kl = _SEQ_LOGPS(params, ep, model_config=self.mc) - _SEQ_LOGPS(ref_params, ep, model_config=self.mc)
         out = {}
         if self.metrics_fn is not None:  # first: the evaluator's own (weighted) numbers below take precedence
             index = list(range(len(self.prompts))) * self.samples

@@ -2,10 +2,10 @@
 
 A *sequence batch* is `tokens [B,S]` with `mask [B,S]` (1 on real tokens), the real tokens of each row one
 contiguous run: a left-padded prompt followed by its sampled response and PAD after EOS (a rollout), or a
-right-padded conversation ending with its reply's EOS (a side of a preference batch, `pair_sequences`). Every
-call that scores a sequence or reads log-probs / values at chosen positions goes through `hidden_at`, so a reward
-model is trained and used on exactly the same computation (Bradley-Terry training, PPO/GRPO rollouts,
-best-of-n and evaluation).
+right-padded conversation ending with its reply's EOS (the rows of a preference batch: `concat_pair` lays out
+its two sides, `pair_sequences` reads them as whole sequences). Every call that scores a sequence or reads
+log-probs / values at chosen positions of a rollout goes through `hidden_at`, so a reward model is trained and
+used on exactly the same computation (Bradley-Terry training, PPO/GRPO rollouts, best-of-n and evaluation).
 
 `hidden_at` rotates each row to start at its first real token (a no-op for right-padded rows), runs the trunk
 with `is_causal` + sequence lengths (cuDNN flash attention on GPU, no [B,1,S,S] mask) at positions 0, 1, ...,
@@ -73,20 +73,39 @@ def sequence_scores(params, tokens, mask, *, model_config: ModelConfig) -> jax.A
     return values_at(params, tokens, mask, last_index(mask)[:, None], model_config=model_config)[:, 0]
 
 
+PAIR_KEYS = ("inputs", "targets", "loss_mask", "positions", "segment_ids")
+"""The keys of an SFT-style batch that `concat_pair` carries over (those present in the chosen side)."""
+
+
+def concat_pair(chosen: dict, rejected: dict) -> dict:
+    """The one layout of a preference batch: two SFT-style batches [B,Tc], [B,Tr] (one right-padded example per
+    row) -> one [2B, max(Tc,Tr)] batch, chosen rows first. The DPO-family and KTO steps read its log-probs, the
+    reward model its whole sequences (`pair_sequences`).
+
+    The shorter side is right-padded with 0 (segment_ids 0, loss_mask 0), which no loss and no last-token read
+    can see.
+    """
+    T = max(chosen["inputs"].shape[1], rejected["inputs"].shape[1])
+    keys = [k for k in PAIR_KEYS if k in chosen]
+
+    def pad(x):
+        return jnp.pad(jnp.asarray(x), ((0, 0), (0, T - x.shape[1])))
+
+    return {k: jnp.concatenate([pad(chosen[k]), pad(rejected[k])], axis=0) for k in keys}
+
+
 def pair_sequences(batch: dict) -> tuple[jax.Array, jax.Array]:
     """A preference batch {"chosen", "rejected"} (SFT-style sides, one right-padded example per row) -> the whole
-    sequences (tokens [2B,T+1], mask [2B,T+1]), chosen rows first, each ending with its reply's final target (EOS).
+    sequences (tokens [2B,T+1], mask [2B,T+1]) of its `concat_pair` rows, chosen rows first, each ending with its
+    reply's final target (EOS).
 
-    A side's sequence is inputs[:, :1] followed by its targets; the shorter side is right-padded.
+    A row's sequence is inputs[:, :1] followed by its targets; a side without "segment_ids" counts every one of
+    its tokens as real.
     """
-    sides = []
-    for side in (batch["chosen"], batch["rejected"]):
-        inputs = jnp.asarray(side["inputs"])
-        seg = jnp.asarray(side.get("segment_ids", jnp.ones_like(inputs)))
-        sides.append((jnp.concatenate([inputs[:, :1], jnp.asarray(side["targets"])], axis=1),
-                      jnp.concatenate([seg[:, :1], seg], axis=1) > 0))
-    T = max(t.shape[1] for t, _ in sides)
-    pad = lambda x: jnp.pad(x, ((0, 0), (0, T - x.shape[1])))  # noqa: E731
-    tokens = jnp.concatenate([pad(t) for t, _ in sides], axis=0)
-    mask = jnp.concatenate([pad(m) for _, m in sides], axis=0).astype(jnp.int32)
+    sides = [{**side, "segment_ids": side.get("segment_ids", jnp.ones_like(jnp.asarray(side["inputs"])))}
+             for side in (batch["chosen"], batch["rejected"])]
+    rows = concat_pair(*sides)
+    tokens = jnp.concatenate([rows["inputs"][:, :1], rows["targets"]], axis=1)
+    seg = rows["segment_ids"]
+    mask = (jnp.concatenate([seg[:, :1], seg], axis=1) > 0).astype(jnp.int32)
     return tokens, mask

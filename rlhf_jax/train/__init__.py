@@ -1,7 +1,8 @@
 """Training: immutable states, optimizers, pure jitted steps, the RL core and PPO, and the stages."""
 from rlhf_jax.train.optim import OptimConfig, decay_mask, make_optimizer, make_schedule, optimizer_updates
-from rlhf_jax.train.rl import (Episodes, HostRewardFn, RewardFn, decode_responses, episode_logprobs, episode_values,
-                               epochs_minibatches, host_scores, reward_model_scores, sample_episodes)
+from rlhf_jax.train.rl import (Episodes, HostRewardFn, RewardFn, decode_responses, episode_logprobs,
+                               episode_sequence_logps, episode_values, epochs_minibatches, host_scores,
+                               reward_model_scores, sample_episodes)
 from rlhf_jax.train.online_dpo import (OnlineDPOConfig, best_and_worst, judge_agreement, online_dpo_sample,
                                       online_dpo_update)
 from rlhf_jax.train.grpo import GRPOConfig, grpo_sample, grpo_step, grpo_update

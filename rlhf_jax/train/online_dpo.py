@@ -10,8 +10,8 @@ Offline DPO never sees its own samples (the lecture's first limit of DPO). Here 
 3. `num_updates` DPO steps (`losses.dpo_loss`, any DPO loss type) on the B pairs, against a fixed reference (the
    SFT model), or one refreshed to the current policy every `ref_refresh_every` iterations (iterative DPO).
 
-Sequence log-probs are those of the responses as sampled (left-padded prompt, `episode_logprobs` at temperature
-1: the model's own distribution, whatever the sampling temperature).
+Sequence log-probs are those of the responses as sampled (left-padded prompt, `episode_sequence_logps`: token
+log-probs at temperature 1, the model's own distribution whatever the sampling temperature).
 """
 from __future__ import annotations
 
@@ -22,13 +22,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax.config_cli import check_ranges, config_check
+from rlhf_jax.checks import check_ranges, config_check
 from rlhf_jax.generation import SamplingConfig
 from rlhf_jax.lora import LoraConfig
-from rlhf_jax.losses import dpo_loss, masked_sum
+from rlhf_jax.losses import dpo_loss
 from rlhf_jax.models.config import ModelConfig
 from rlhf_jax.train.optim import OptimConfig
-from rlhf_jax.train.rl import Episodes, decode_masked, episode_logprobs, sample_episodes
+from rlhf_jax.train.rl import Episodes, decode_masked, episode_sequence_logps, sample_episodes
 from rlhf_jax.train.state import TrainState
 from rlhf_jax.train.steps import _grad_metrics, lora_params, on_adapters
 
@@ -93,10 +93,6 @@ def best_and_worst(scores, group_size: int):
     return chosen, rejected, jnp.max(groups, axis=1) > jnp.min(groups, axis=1)
 
 
-def _sequence_logps(params, ep: Episodes, *, model_config):
-    return masked_sum(episode_logprobs(params, ep, model_config=model_config), ep.response_mask, axis=1)
-
-
 def online_dpo_sample(state: TrainState, batch: dict, base_params=None, *, config: OnlineDPOConfig,
                       model_config: ModelConfig, lora: LoraConfig | None = None):
     """(state with its rng advanced, episodes of B*k rows): the sampling half of an iteration."""
@@ -108,8 +104,8 @@ def online_dpo_sample(state: TrainState, batch: dict, base_params=None, *, confi
 
 
 def _pair_loss(params, pairs, ref_c, ref_r, informative, *, config, model_config):
-    lp_c = _sequence_logps(params, pairs["chosen"], model_config=model_config)
-    lp_r = _sequence_logps(params, pairs["rejected"], model_config=model_config)
+    lp_c = episode_sequence_logps(params, pairs["chosen"], model_config=model_config)
+    lp_r = episode_sequence_logps(params, pairs["rejected"], model_config=model_config)
     len_c = jnp.sum(pairs["chosen"].response_mask, axis=1).astype(jnp.float32)
     len_r = jnp.sum(pairs["rejected"].response_mask, axis=1).astype(jnp.float32)
 
@@ -143,8 +139,8 @@ def online_dpo_update(state: TrainState, episodes: Episodes, scores, ref_params,
     chosen, rejected, informative = best_and_worst(scores, config.num_generations)
     pairs = {"chosen": jax.tree.map(lambda x: x[chosen], episodes),
              "rejected": jax.tree.map(lambda x: x[rejected], episodes)}
-    ref_c = jax.lax.stop_gradient(_sequence_logps(ref_params, pairs["chosen"], model_config=model_config))
-    ref_r = jax.lax.stop_gradient(_sequence_logps(ref_params, pairs["rejected"], model_config=model_config))
+    ref_c = jax.lax.stop_gradient(episode_sequence_logps(ref_params, pairs["chosen"], model_config=model_config))
+    ref_r = jax.lax.stop_gradient(episode_sequence_logps(ref_params, pairs["rejected"], model_config=model_config))
     loss_fn = on_adapters(_pair_loss, ref_params, lora)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 

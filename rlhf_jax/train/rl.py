@@ -5,6 +5,7 @@ An algorithm is a composition of these, its advantage estimator (`rlhf_jax.losse
 
   sample_episodes       prompts -> `Episodes` (G samples per prompt as G consecutive rows)
   episode_logprobs      log pi(y_t) of the response tokens under any params (policy, reference, trainer)
+  episode_sequence_logps  log pi(y | x), their sum over each response (online DPO, the evaluator's KL)
   episode_values        a value model's V(s_t) at the response positions
   reward_model_scores   a reward model's score of each whole episode (the same call it was trained through)
   decode_responses      the response texts, for a host-side reward function of text (verifiable rewards)
@@ -25,7 +26,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from rlhf_jax.generation import SamplingConfig, sample
-from rlhf_jax.losses import masked_mean, token_logprobs
+from rlhf_jax.losses import masked_mean, masked_sum, token_logprobs
 from rlhf_jax.models.config import ModelConfig
 from rlhf_jax.models.sequences import logits_at, response_index, sequence_scores, values_at
 
@@ -86,6 +87,12 @@ def episode_logprobs(params, episodes: Episodes, *, model_config: ModelConfig, t
     """log pi(y_t) [B,N] float32 of the response tokens at `temperature` (as sampled); 0 where masked."""
     logits = episode_logits(params, episodes, model_config=model_config, temperature=temperature)
     return jnp.where(episodes.response_mask > 0, token_logprobs(logits, episodes.responses), 0.0)
+
+
+def episode_sequence_logps(params, episodes: Episodes, *, model_config: ModelConfig):
+    """log pi(y | x) [B] float32: `episode_logprobs` (temperature 1) summed over each response's tokens, as
+    `losses.sequence_logprobs` sums token log-probs over a mask."""
+    return masked_sum(episode_logprobs(params, episodes, model_config=model_config), episodes.response_mask, axis=1)
 
 
 def episode_values(params, episodes: Episodes, *, model_config: ModelConfig):

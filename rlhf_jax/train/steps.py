@@ -18,6 +18,9 @@ flat dict of scalars named as in TRL ("loss", "rewards/chosen", ...). `compile_s
 - KTO (Ethayarajh et al. 2024): unpaired batches ("completion", "kl" mismatched rows, "desirable", "valid"); the
   reference runs one forward over the completion and mismatched rows together, the policy a differentiated one
   over the completions and a forward-only one over the mismatched rows.
+
+Every step that reads two sides at once (reward model, DPO family, KTO's reference) lays them out with
+`models.sequences.concat_pair`: one [2B, T] batch, chosen (or completion) rows first.
 """
 from __future__ import annotations
 
@@ -31,13 +34,13 @@ import optax
 from jax.sharding import Mesh
 
 from rlhf_jax import sharding as S
-from rlhf_jax.config_cli import check_ranges, config_check
+from rlhf_jax.checks import check_ranges, config_check
 from rlhf_jax.lora import LoraConfig, merge_lora
 from rlhf_jax.losses import bradley_terry_loss, dpo_loss, kto_loss, masked_sum, orpo_loss, sft_loss, simpo_loss
 from rlhf_jax.models.head import sft_loss_from_hidden, token_logprobs_from_hidden
 from rlhf_jax.models import forward
 from rlhf_jax.models.config import ModelConfig
-from rlhf_jax.models.sequences import pair_sequences, sequence_scores
+from rlhf_jax.models.sequences import concat_pair, pair_sequences, sequence_scores
 from rlhf_jax.models.transformer import forward_hidden, lm_head_kernel
 from rlhf_jax.train.optim import OptimConfig
 from rlhf_jax.train.state import TrainState
@@ -79,21 +82,6 @@ def _rename(metrics, names):
 def _model_inputs(batch):
     """The model keyword inputs of an SFT-style batch (positions / segment_ids are optional)."""
     return dict(positions=batch.get("positions"), segment_ids=batch.get("segment_ids"))
-
-
-def _concat_pair(chosen: dict, rejected: dict) -> dict:
-    """Two SFT-style batches [B,Tc], [B,Tr] -> one [2B, max(Tc,Tr)] batch (chosen rows first).
-
-    The shorter side is right-padded with segment_ids 0 and loss_mask 0, which no loss and no last-token read
-    can see.
-    """
-    T = max(chosen["inputs"].shape[1], rejected["inputs"].shape[1])
-    keys = [k for k in ("inputs", "targets", "loss_mask", "positions", "segment_ids") if k in chosen]
-
-    def pad(x):
-        return jnp.pad(jnp.asarray(x), ((0, 0), (0, T - x.shape[1])))
-
-    return {k: jnp.concatenate([pad(chosen[k]), pad(rejected[k])], axis=0) for k in keys}
 
 
 def _split(x):
@@ -282,7 +270,7 @@ def sequence_logps(params, batch: dict, *, model_config: ModelConfig) -> jax.Arr
 
 def reference_logps(ref_params, batch: dict, *, model_config: ModelConfig) -> dict:
     """{"ref_chosen_logps" [B], "ref_rejected_logps" [B]} of a preference batch (for precomputation)."""
-    pair = _concat_pair(batch["chosen"], batch["rejected"])
+    pair = concat_pair(batch["chosen"], batch["rejected"])
     chosen, rejected = _split(sequence_logps(ref_params, pair, model_config=model_config))
     return {"ref_chosen_logps": chosen, "ref_rejected_logps": rejected}
 
@@ -303,7 +291,7 @@ def _reference_free_loss(params, pair, *, model_config, beta, loss_type, label_s
 
 def _dpo_loss(params, batch, ref_params, *, model_config, beta, loss_type, label_smoothing, reference_free,
               rpo_alpha=0.0, simpo_gamma=0.5, orpo_lambda=0.1):
-    pair = _concat_pair(batch["chosen"], batch["rejected"])
+    pair = concat_pair(batch["chosen"], batch["rejected"])
     if loss_type in REFERENCE_FREE_LOSSES:
         return _reference_free_loss(params, pair, model_config=model_config, beta=beta, loss_type=loss_type,
                                     label_smoothing=label_smoothing, simpo_gamma=simpo_gamma,
@@ -373,7 +361,7 @@ class KTOConfig:
 
 
 def _kto_loss(params, batch, ref_params, *, model_config, beta, desirable_weight, undesirable_weight):
-    rows = _concat_pair(batch["completion"], batch["kl"])
+    rows = concat_pair(batch["completion"], batch["kl"])
     pol = sequence_logps(params, batch["completion"], model_config=model_config)
     # The mismatched rows only estimate z0, a constant of the loss: their policy forward is separate, so that
     # no backward pass runs over them.
