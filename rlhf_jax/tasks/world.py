@@ -111,7 +111,7 @@ class WorldConfig:
     """Made-up words added to the 40 of `WORDS` for the word families (reverse, sort, upper, count): 3-5 letter
     consonant-vowel strings, the same for every run (`words`). 0 is the default world. A larger table leaves a small
     model fewer words to memorise one by one and more reason to learn the operation, so that what post-training
-    teaches on training keys can carry to held-out ones (issue 21's "larger key tables" lever)."""
+    teaches on training keys can carry to held-out ones."""
 
     def __post_init__(self):
         if self.extra_words < 0 or self.max_operand < 0:
