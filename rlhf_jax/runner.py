@@ -356,12 +356,17 @@ def load_data(spec: DataSpec, kind: str, *, seed: int, batch_size: int | None = 
     its rows (`ProcessRows`)."""
     from rlhf_jax.data import Batches, ShuffledIterator, load_records, unpair
 
+    if spec.pack and kind not in ("sft", "oasst"):
+        raise ValueError(f"--data.pack packs SFT rows only; this stage reads {kind} records: drop --data.pack")
     tok = make_tokenizer(tokenizer_source(spec.tokenizer, init))
     # Unpaired feedback (KTO) may come from preference pairs, split as TRL's unpair_preference_dataset does.
     source_kind = spec.kind or kind
     if spec.path is None:
         records = demo_records("preference" if kind == "unpaired" else kind, spec.num_demo, seed)
         source_kind = "preference" if kind == "unpaired" else kind
+        if init is not None:   # a real checkpoint on toy data is a mistake more often than a choice: say so
+            print(f"[data] no --data.path: training {init} on {len(records)} built-in {kind} records of the "
+                  "synthetic world (rlhf_jax.tasks); pass --data.path FILE for your own", file=sys.stderr)
     else:
         records = load_records(spec.path, source_kind, skip_invalid=spec.skip_invalid, limit=spec.limit)
     if kind == "unpaired" and source_kind == "preference":
@@ -483,9 +488,35 @@ def run_stage(stage: str, stage_fn: Callable, state: Any, data: Any, stage_confi
     return state, history, finished
 
 
+def batch_stats(data) -> dict | None:
+    """The tokenising counters of a `Batches` stream (also inside `ProcessRows`): examples, truncated, tokens cut."""
+    for obj in (data, getattr(data, "batches", None)):
+        stats = getattr(obj, "stats", None)
+        if isinstance(stats, dict) and "truncated" in stats:
+            return stats
+    return None
+
+
+def truncation_line(stage: str, stats: dict) -> str | None:
+    """One console line when examples were cut to fit --data.seq-len (None when none was)."""
+    if not stats.get("truncated"):
+        return None
+    return (f"[{stage}] {stats['truncated']} of {stats['examples']} examples were longer than --data.seq-len and "
+            f"cut ({stats['prompt_tokens_cut']} prompt tokens from the front, {stats['response_tokens_cut']} response "
+            "tokens from the end); raise --data.seq-len to keep them")
+
+
 def finish_report(out: str, stage: str, history: list[dict], *, keys: tuple[str, ...] = ("loss",),
-                  summary: dict | None = None) -> None:
-    """report.json / report.md with the final metrics, and a PNG of the `keys` curves from metrics.jsonl."""
+                  summary: dict | None = None, data=None) -> None:
+    """report.json / report.md with the final metrics, and a PNG of the `keys` curves from metrics.jsonl; with
+    `data` (the stage's batch stream) its truncation counts too, and a console line when examples were cut."""
+    stats = batch_stats(data) if data is not None else None
+    if stats is not None:
+        summary = {**(summary or {}), **{f"data/{k}": stats[k] for k in
+                                         ("examples", "truncated", "prompt_tokens_cut", "response_tokens_cut")}}
+        line = truncation_line(stage, stats)
+        if line:
+            print(line, file=sys.stderr)
     jsonl = os.path.join(out, stage, "metrics.jsonl")
     records = read_jsonl(jsonl) if os.path.exists(jsonl) else []
     images = []

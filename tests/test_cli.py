@@ -552,7 +552,7 @@ def test_tokenizer_comes_from_the_init_folder_and_travels_with_the_params(tmp_pa
     capsys.readouterr()
     assert sft.main(["--out", str(tmp_path / "bad"), "--init", str(byte_model), "--data.tokenizer", str(gpt2),
                      *common]) == 2
-    err = capsys.readouterr().err.strip()
+    err = capsys.readouterr().err.strip().splitlines()[-1]      # after the line that says the demo data is used
     assert err == (f"error: the tokenizer has {vocab} ids but the model in {byte_model} has a vocabulary of 259: "
                    "pass the model's own tokenizer (--data.tokenizer FOLDER), or leave --data.tokenizer unset to use "
                    "the one in --init"), err
@@ -677,3 +677,23 @@ def test_damaged_files_are_one_line_setup_errors(tmp_path, capsys):
         assert sft.main(["--out", str(tmp_path / f"run_{name}"), "--sft.num-steps", "1", *argv]) == 2, name
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], (name, err)
+
+
+def test_stage_commands_say_what_they_did_that_a_user_did_not_ask_for(tmp_path, capsys):
+    """Truncation is reported (console line and report.json), training a given checkpoint on the built-in demo
+    data says so, and a flag that would do nothing (--data.pack outside SFT) is refused in one line."""
+    from rlhf_jax.cli import dpo, sft
+    tiny = ["--model.num-layers", "1", "--model.max-seq-len", "32", "--data.num-demo", "8", "--data.batch-size", "2",
+            "--data.seq-len", "12", "--checkpoint.no-tensorboard", "--sft.num-steps", "1", "--sft.optim.warmup-steps",
+            "0", "--sft.optim.schedule", "constant"]
+    assert sft.main(["--out", str(tmp_path / "a"), *tiny]) == 0
+    err = capsys.readouterr().err
+    assert "examples were longer than --data.seq-len and cut" in err and "[data] no --data.path" not in err
+    summary = json.load(open(tmp_path / "a" / "report.json"))["summary"]
+    assert 0 < summary["data/truncated"] <= summary["data/examples"]
+    assert summary["data/prompt_tokens_cut"] + summary["data/response_tokens_cut"] > 0
+    assert sft.main(["--out", str(tmp_path / "b"), "--init", str(tmp_path / "a" / "sft" / "final"), *tiny]) == 0
+    assert "[data] no --data.path: training" in capsys.readouterr().err
+    assert dpo.main(["--out", str(tmp_path / "c"), "--data.pack"]) == 2
+    assert capsys.readouterr().err == ("error: --data.pack packs SFT rows only; this stage reads preference records: "
+                                       "drop --data.pack\n")

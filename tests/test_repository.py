@@ -7,7 +7,7 @@ import subprocess
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-HISTORY = re.compile(r"session [0-9]|issue [0-9]|sessions? [0-9]+ to|issue #[0-9]|before the change", re.I)
+HISTORY = re.compile(r"session [0-9]|issue [0-9]|sessions? [0-9]+ to|issue #[0-9]|before the chang[e]", re.I)
 
 
 def _tracked_text_files():

@@ -75,7 +75,7 @@ def main(argv=None) -> int:
         save_final(out, "dpo", state.params, mc, lora.get("lora"), ref_params, tokenizer=tok, init=cfg.init)
     finish_report(out, "dpo", history, keys=("loss", "rewards/accuracies", "rewards/margins"),
                   summary={"finished": finished, "model": cfg.init or cfg.preset, "beta": cfg.dpo.beta,
-                           "loss_type": cfg.dpo.loss_type, "data": cfg.data.path or "demo"})
+                           "loss_type": cfg.dpo.loss_type, "data": cfg.data.path or "demo"}, data=data)
     return 0 if finished else STOPPED
 
 

@@ -137,7 +137,7 @@ def main(argv=None) -> int:
         save_final(out, "grpo", state.params, mc, lora.get("lora"), ref, tokenizer=tok, init=cfg.init)
     finish_report(out, "grpo", history, keys=("reward", "reward_std", "completions/mean_length", "kl"),
                   summary={"finished": finished, "policy": cfg.init or cfg.preset, "reward": cfg.reward,
-                           "data": cfg.data.path or "demo"})
+                           "data": cfg.data.path or "demo"}, data=data)
     return 0 if finished else STOPPED
 
 

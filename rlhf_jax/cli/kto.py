@@ -76,7 +76,7 @@ def main(argv=None) -> int:
         save_final(out, "kto", state.params, mc, lora.get("lora"), ref_params, tokenizer=tok, init=cfg.init)
     finish_report(out, "kto", history, keys=("loss", "kl", "rewards/chosen", "rewards/rejected"),
                   summary={"finished": finished, "model": cfg.init or cfg.preset, "beta": cfg.kto.beta,
-                           "data": cfg.data.path or "demo"})
+                           "data": cfg.data.path or "demo"}, data=data)
     return 0 if finished else STOPPED
 
 

@@ -112,7 +112,7 @@ def main(argv=None) -> int:
     finish_report(out, "online_dpo", history, keys=("loss", "judge/score", "rewards/accuracies",
                                                     "completions/mean_length"),
                   summary={"finished": finished, "policy": cfg.init or cfg.preset, "judge": cfg.judge,
-                           "data": cfg.data.path or "demo"})
+                           "data": cfg.data.path or "demo"}, data=data)
     return 0 if finished else STOPPED
 
 

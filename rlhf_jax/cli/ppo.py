@@ -109,7 +109,8 @@ def main(argv=None) -> int:
         save_final(out, "ppo", state.policy.params, mc, lora, ref, tokenizer=tok, init=cfg.init)
     finish_report(out, "ppo", history, keys=("objective/scores", "objective/kl", "loss/policy", "loss/value"),
                   summary={"finished": finished, "policy": cfg.init or cfg.preset,
-                           "reward_model": cfg.reward_init or "random", "data": cfg.data.path or "demo"})
+                           "reward_model": cfg.reward_init or "random", "data": cfg.data.path or "demo"},
+                  data=data)
     return 0 if finished else STOPPED
 
 

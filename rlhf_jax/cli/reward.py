@@ -78,7 +78,8 @@ def main(argv=None) -> int:
     if finished:
         save_final(out, "reward", state.params, mc, lora.get("lora"), params, tokenizer=tok, init=cfg.init)
     finish_report(out, "reward", history, keys=("loss", "accuracy", "rewards/margins"),
-                  summary={"finished": finished, "model": cfg.init or cfg.preset, "data": cfg.data.path or "demo"})
+                  summary={"finished": finished, "model": cfg.init or cfg.preset, "data": cfg.data.path or "demo"},
+                  data=data)
     return 0 if finished else STOPPED
 
 

@@ -73,7 +73,8 @@ def main(argv=None) -> int:
     if finished:
         save_final(out, "sft", state.params, mc, lora.get("lora"), params, tokenizer=tok, init=cfg.init)
     finish_report(out, "sft", history, keys=("loss", "accuracy"),
-                  summary={"finished": finished, "model": cfg.init or cfg.preset, "data": cfg.data.path or "demo"})
+                  summary={"finished": finished, "model": cfg.init or cfg.preset, "data": cfg.data.path or "demo"},
+                  data=data)
     return 0 if finished else STOPPED
 
 
