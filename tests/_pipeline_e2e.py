@@ -25,6 +25,12 @@ def test_quick_pipeline_writes_report(tmp_path, monkeypatch, capsys):
     report = run(PipelineConfig(quick=True, out=str(tmp_path), preference_family=True, controls=True))
     on_disk = json.loads((tmp_path / "report.json").read_text())
     assert on_disk.keys() == report.keys()
+    md = (tmp_path / "report.md").read_text()      # for a newcomer: a banner, intervals, a legend, every curve
+    assert "Smoke test (`--quick`)" in md and "- **vs SFT best T**:" in md
+    assert f"| ppo | {on_disk['ppo']['gold_reward']:.3f} | {on_disk['ppo']['gold_vs_sft']['all']['delta']:+.3f} [" in md
+    for png in ("ppo_reward_vs_kl.png", "dpo_margins.png", "grpo_reward.png"):
+        assert f"![{png}]({png})" in md and (tmp_path / png).stat().st_size > 0, png
+    assert len((tmp_path / "dpo" / "metrics.jsonl").read_text().splitlines()) >= 10
     for stage in ("base", "sft", "sft_best_t", "ppo", "dpo", "grpo", *CONTROLS, *FAMILY):
         assert STAGE_KEYS <= on_disk[stage].keys(), stage
         assert 0.0 <= on_disk[stage]["gold_reward"] <= 1.0 and 0.0 <= on_disk[stage]["gold_greedy"] <= 1.0

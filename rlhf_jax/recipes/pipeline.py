@@ -151,7 +151,8 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     # 6. DPO from the SFT policy on the on-policy pairs (no reward model, no rollouts).
     dpo_train = (prefs.train_pairs if cfg.dpo_pairs == "all"
                  else world.on_policy_records(prefs.on_policy, len(prefs.tasks)))
-    dpo_cfg = stages.DPOConfig(num_steps=cfg.dpo_steps, beta=cfg.dpo_beta, log_every=10, rpo_alpha=cfg.dpo_rpo_alpha)
+    dpo_cfg = stages.DPOConfig(num_steps=cfg.dpo_steps, beta=cfg.dpo_beta, rpo_alpha=cfg.dpo_rpo_alpha,
+                               log_every=min(10, max(1, cfg.dpo_steps // 10)))   # 10+ points a curve
     state = create_train_state(sft_params, cosine_optim(cfg.dpo_lr, cfg.dpo_steps), k_dpo, total_steps=cfg.dpo_steps)
     dpo_params, _ = runs.stage("dpo", functools.partial(stages.run_dpo, model_config=mc, ref_params=sft_params),
                                state, preference_batches(cfg, dpo_train, cfg.seed + 1), dpo_cfg)

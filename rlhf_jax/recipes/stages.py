@@ -58,7 +58,8 @@ def grpo_config(cfg: PipelineConfig, sampling: SamplingConfig) -> GRPOConfig:
                       num_generations=cfg.grpo_generations, sampling=sampling, advantage=cfg.grpo_advantage,
                       scale=cfg.grpo_scale, loss_type=cfg.grpo_loss_type, kl_coef=cfg.grpo_kl_coef,
                       clip_eps_high=cfg.grpo_clip_eps_high, num_iterations=cfg.grpo_passes,
-                      num_minibatches=cfg.grpo_minibatches, log_every=5,
+                      num_minibatches=cfg.grpo_minibatches,
+                      log_every=min(5, max(1, cfg.grpo_iterations // 8)),
                       optim=OptimConfig(learning_rate=cfg.grpo_lr, warmup_steps=10, max_grad_norm=1.0))
 
 

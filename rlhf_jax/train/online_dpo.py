@@ -25,7 +25,7 @@ import numpy as np
 from rlhf_jax.checks import check_ranges, config_check
 from rlhf_jax.generation import SamplingConfig
 from rlhf_jax.lora import LoraConfig
-from rlhf_jax.losses import dpo_loss
+from rlhf_jax.losses import DPO_LOSS_TYPES, dpo_loss
 from rlhf_jax.models.config import ModelConfig
 from rlhf_jax.train.optim import OptimConfig
 from rlhf_jax.train.rl import Episodes, decode_masked, episode_sequence_logps, sample_episodes
@@ -49,7 +49,7 @@ class OnlineDPOConfig:
     """Sampling of the completions."""
     beta: float = 0.1
     """DPO's inverse temperature."""
-    loss_type: Literal["sigmoid", "robust", "hinge", "ipo"] = "sigmoid"
+    loss_type: Literal[DPO_LOSS_TYPES] = "sigmoid"
     """DPO loss on the fresh pairs (losses.dpo_loss)."""
     label_smoothing: float = 0.0
     """Assumed label-flip probability of the judge (conservative / robust DPO)."""

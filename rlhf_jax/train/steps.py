@@ -36,7 +36,8 @@ from jax.sharding import Mesh
 from rlhf_jax import sharding as S
 from rlhf_jax.checks import check_ranges, config_check
 from rlhf_jax.lora import LoraConfig, merge_lora
-from rlhf_jax.losses import bradley_terry_loss, dpo_loss, kto_loss, masked_sum, orpo_loss, sft_loss, simpo_loss
+from rlhf_jax.losses import (DPO_LOSS_TYPES, bradley_terry_loss, dpo_loss, kto_loss, masked_sum, orpo_loss, sft_loss,
+                             simpo_loss)
 from rlhf_jax.models.head import sft_loss_from_hidden, token_logprobs_from_hidden
 from rlhf_jax.models import forward
 from rlhf_jax.models.config import ModelConfig
@@ -52,6 +53,8 @@ _DPO_NAMES = {"rewards_chosen": "rewards/chosen", "rewards_rejected": "rewards/r
               "logps_chosen": "logps/chosen", "logps_rejected": "logps/rejected", "nll": "nll_chosen"}
 # Preference losses with no reference model: the step runs only the policy's forward.
 REFERENCE_FREE_LOSSES = ("simpo", "orpo")
+PreferenceLoss = Literal[DPO_LOSS_TYPES + REFERENCE_FREE_LOSSES]
+"""DPOConfig.loss_type: the DPO family (`losses.DPO_LOSS_TYPES`) and the reference-free losses, one list."""
 
 
 def compile_step(fn, *, donate: bool = True, mesh: Mesh | None = None, state_sharding=None,
@@ -221,7 +224,7 @@ class DPOConfig:
     """Host metric pull / hook period."""
     beta: float = 0.1
     """Inverse temperature of the implicit reward beta * log(pi / ref) (paper and TRL default 0.1)."""
-    loss_type: Literal["sigmoid", "robust", "hinge", "ipo", "simpo", "orpo"] = "sigmoid"
+    loss_type: PreferenceLoss = "sigmoid"
     """DPO (sigmoid), robust DPO, SLiC hinge or IPO (Azar et al. 2023), see losses.dpo_loss; or the
     reference-free SimPO (losses.simpo_loss, beta ~2) and ORPO (losses.orpo_loss), which run no reference forward."""
     label_smoothing: float = 0.0
