@@ -396,6 +396,91 @@ def with_tokenizer_ids(stage_config, tok):
     return dataclasses.replace(stage_config, sampling=dataclasses.replace(s, eos_id=tok.eos_id, pad_id=tok.pad_id))
 
 
+# ------------------------------------------------------------------------------------ real checkpoints
+TRL_LEARNING_RATES = {"sft": 2e-5, "reward": 1e-4, "dpo": 1e-6, "kto": 1e-6, "online_dpo": 5e-7, "grpo": 1e-6,
+                      "ppo": 3e-6}
+"""TRL's default learning rate of each trainer (SFTConfig, RewardConfig, DPOConfig, ...). The commands' own
+defaults suit the tiny models they train from scratch (1e-3 and up), and would wreck a pretrained checkpoint."""
+
+
+def _config_file_sets(argv: list[str], keys: tuple[str, ...]) -> bool:
+    if "--config" not in argv or argv.index("--config") + 1 >= len(argv):
+        return False
+    try:
+        with open(argv[argv.index("--config") + 1]) as f:
+            node = json.load(f)
+    except (OSError, ValueError):
+        return False   # parse_cli has already reported a bad file
+    for key in keys:
+        if not isinstance(node, dict) or key not in node:
+            return False
+        node = node[key]
+    return True
+
+
+def checkpoint_defaults(cfg, argv, stage: str):
+    """`cfg` with the stage's learning rate set to TRL's (`TRL_LEARNING_RATES`) when `--init` is a Hugging Face
+    folder and neither the command line nor --config sets it; a console line says so. Otherwise `cfg` itself."""
+    if hf_base(getattr(cfg, "init", None)) is None:
+        return cfg
+    argv = list(sys.argv[1:] if argv is None else argv)
+    flag = f"--{stage.replace('_', '-')}.optim.learning-rate"
+    if any(a == flag or a.startswith(flag + "=") for a in argv) or _config_file_sets(
+            argv, (stage, "optim", "learning_rate")):
+        return cfg
+    stage_cfg, lr = getattr(cfg, stage), TRL_LEARNING_RATES[stage]
+    if stage_cfg.optim.learning_rate == lr:
+        return cfg
+    print(f"[{stage}] --init {cfg.init} is a Hugging Face checkpoint: learning rate {lr:g} (TRL's default for this "
+          f"trainer) instead of {stage_cfg.optim.learning_rate:g}, the tiny models' default; pass {flag} to choose",
+          file=sys.stderr)
+    optim = dataclasses.replace(stage_cfg.optim, learning_rate=lr)
+    return dataclasses.replace(cfg, **{stage: dataclasses.replace(stage_cfg, optim=optim)})
+
+
+def load_function(spec: str, flag: str) -> Callable:
+    """`MODULE:FUNCTION` (an importable module) or `FILE.py:FUNCTION` -> the function; a ValueError naming
+    `flag` when it cannot be found."""
+    import importlib
+    import importlib.util
+
+    module_name, sep, name = spec.rpartition(":")
+    if not sep or not module_name or not name:
+        raise ValueError(f"{flag} {spec}: expected MODULE:FUNCTION or FILE.py:FUNCTION")
+    try:
+        if module_name.endswith(".py"):
+            if not os.path.isfile(module_name):
+                raise ValueError(f"{flag} {spec}: no file {module_name}")
+            loader_spec = importlib.util.spec_from_file_location(os.path.basename(module_name)[:-3], module_name)
+            module = importlib.util.module_from_spec(loader_spec)
+            loader_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ValueError(f"{flag} {spec}: cannot import {module_name} ({e})") from None
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise ValueError(f"{flag} {spec}: {module_name} has no function {name}")
+    return fn
+
+
+def user_reward(spec: str, flag: str) -> Callable:
+    """A user's reward function `fn(prompts, completions) -> scores` (`RewardFunction`: texts in, one float per
+    completion out) from `MODULE:FUNCTION`, checked on every call: a wrong count or a non-finite score is an
+    error naming the function, never a silent broadcast."""
+    fn = load_function(spec, flag)
+
+    def reward(prompts, completions):
+        scores = np.asarray(fn(list(prompts), list(completions)), np.float32).reshape(-1)
+        if scores.shape[0] != len(completions) or not np.all(np.isfinite(scores)):
+            raise ValueError(f"{flag} {spec}: returned {scores.shape[0]} scores for {len(completions)} completions"
+                             f"{'' if np.all(np.isfinite(scores)) else ' (some not finite)'}; it must return one "
+                             "finite float per completion")
+        return scores
+
+    return reward
+
+
 # ------------------------------------------------------------------------------------------------ the run
 def setup_error(e: Exception) -> int:
     """Print a setup problem (bad data file, incompatible options) as one line and return exit status 2."""

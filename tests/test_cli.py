@@ -153,12 +153,12 @@ def _help_text(module, capsys):
     ("reward", ["--reward.center-coef FLOAT", "--init {None}|STR", "(default: runs/reward)"]),
     ("dpo", ["--dpo.beta FLOAT", "--dpo.loss-type {sigmoid,robust,hinge,ipo,simpo,orpo}", "(default: sigmoid)",
              "--dpo.simpo-gamma FLOAT", "--dpo.orpo-lambda FLOAT"]),
-    ("online_dpo", ["--judge {world,model}", "--online-dpo.num-generations INT", "--online-dpo.ref-refresh-every INT",
+    ("online_dpo", ["--judge STR", "--online-dpo.num-generations INT", "--online-dpo.ref-refresh-every INT",
                     "--online-dpo.loss-type {sigmoid,robust,hinge,ipo}", "--online-dpo.pairs-every INT"]),
     ("kto", ["--kto.beta FLOAT", "--kto.desirable-weight FLOAT", "--kto.undesirable-weight FLOAT",
              "--data.kind {None}|STR", "(default: runs/kto)"]),
     ("ppo", ["--init {None}|STR", "--reward-init", "--ppo.clip-eps FLOAT", "--ppo.kl-coef FLOAT", "(default: 0.2)"]),
-    ("grpo", ["--reward {world,gsm8k,model}", "--grpo.num-generations INT", "--grpo.clip-eps-high {None}|FLOAT",
+    ("grpo", ["--reward STR", "--grpo.num-generations INT", "--grpo.clip-eps-high {None}|FLOAT",
               "--grpo.loss-type {grpo,dapo,dr_grpo,gspo,cispo}", "--grpo.advantage", "--grpo.kl-in {loss,reward}",
               "--grpo.sampling.temperature FLOAT"]),
 ])
@@ -697,3 +697,48 @@ def test_stage_commands_say_what_they_did_that_a_user_did_not_ask_for(tmp_path, 
     assert dpo.main(["--out", str(tmp_path / "c"), "--data.pack"]) == 2
     assert capsys.readouterr().err == ("error: --data.pack packs SFT rows only; this stage reads preference records: "
                                        "drop --data.pack\n")
+
+
+def test_a_hugging_face_init_gets_trls_learning_rate_unless_one_is_given(tmp_path, capsys):
+    """The commands' learning rates suit tiny models trained from scratch; from a Hugging Face checkpoint each
+    stage takes TRL's default instead and says so, unless the flag or --config sets one."""
+    from rlhf_jax.cli.dpo import DPOExperiment
+    from rlhf_jax.cli.sft import SFTExperiment
+    from rlhf_jax.runner import TRL_LEARNING_RATES, checkpoint_defaults
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text("{}")
+    cfg = checkpoint_defaults(SFTExperiment(init=str(hf)), [], "sft")
+    assert cfg.sft.optim.learning_rate == TRL_LEARNING_RATES["sft"] == 2e-5
+    assert "is a Hugging Face checkpoint: learning rate 2e-05" in capsys.readouterr().err
+    assert checkpoint_defaults(DPOExperiment(init=str(hf)), [], "dpo").dpo.optim.learning_rate == 1e-6
+    given = SFTExperiment(init=str(hf))
+    assert checkpoint_defaults(given, ["--sft.optim.learning-rate", "0.003"], "sft") is given
+    (tmp_path / "c.json").write_text(json.dumps({"sft": {"optim": {"learning_rate": 0.003}}}))
+    assert checkpoint_defaults(given, ["--config", str(tmp_path / "c.json")], "sft") is given
+    ours = SFTExperiment(init=str(tmp_path))                         # a save_params folder: no config.json
+    capsys.readouterr()
+    assert checkpoint_defaults(ours, [], "sft") is ours and capsys.readouterr().err == ""
+
+
+def test_grpo_and_online_dpo_take_a_users_reward_function(tmp_path, capsys):
+    """--reward / --judge FILE.py:FUNCTION (or MODULE:FUNCTION): the user's function of prompt and completion texts
+    scores the samples; a missing function or a wrong number of scores is one line, exit 2 or 1."""
+    from rlhf_jax.cli import grpo, online_dpo
+    (tmp_path / "my_rewards.py").write_text(
+        "def length(prompts, completions):\n    return [float(len(c)) for c in completions]\n\n"
+        "def broken(prompts, completions):\n    return [0.0]\n")
+    tiny = ["--model.num-layers", "1", "--data.num-demo", "8", "--checkpoint.no-tensorboard"]
+    spec = f"{tmp_path / 'my_rewards.py'}:length"
+    assert grpo.main(["--out", str(tmp_path / "g"), "--reward", spec, "--grpo.num-steps", "1", "--grpo.batch-size",
+                      "2", "--grpo.num-generations", "2", "--grpo.log-every", "1", *tiny]) == 0
+    (line,) = [json.loads(x) for x in open(tmp_path / "g" / "grpo" / "metrics.jsonl")]
+    assert line["reward"] == pytest.approx(line["completions/mean_length"], rel=0.5)   # lengths in text vs tokens
+    assert online_dpo.main(["--out", str(tmp_path / "o"), "--judge", spec, "--online-dpo.num-steps", "1",
+                            "--online-dpo.batch-size", "2", *tiny]) == 0
+    capsys.readouterr()
+    assert grpo.main(["--out", str(tmp_path / "bad"), "--reward", f"{tmp_path / 'my_rewards.py'}:nope", *tiny]) == 2
+    assert capsys.readouterr().err.strip().endswith("my_rewards.py has no function nope")
+    with pytest.raises(ValueError, match="returned 1 scores for 2 completions"):
+        from rlhf_jax.runner import user_reward
+        user_reward(f"{tmp_path / 'my_rewards.py'}:broken", "--reward")(["p", "q"], ["a", "b"])

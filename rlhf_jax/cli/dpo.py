@@ -17,6 +17,7 @@ from rlhf_jax.runner import (
     CheckpointSpec,
     DataSpec,
     RunOptions,
+    checkpoint_defaults,
     finish_report,
     init_model,
     load_data,
@@ -33,7 +34,8 @@ from rlhf_jax.train.stages import DPOConfig, NonFiniteLossError, run_dpo
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DPOExperiment(RunOptions):
-    """Direct preference optimisation of a policy against a frozen reference."""
+    """Direct preference optimisation of a policy against a frozen reference. With --init a Hugging Face folder,
+    the learning rate defaults to TRL's DPO default, 1e-6, unless given."""
 
     out: str = "runs/dpo"
     """Run directory (metrics, checkpoints, final params, report)."""
@@ -51,6 +53,7 @@ class DPOExperiment(RunOptions):
 
 def main(argv=None) -> int:
     cfg = parse_cli(DPOExperiment, argv, prog="rlhf-jax dpo")
+    cfg = checkpoint_defaults(cfg, argv, "dpo")
     try:
         mesh = make_run_mesh(cfg.mesh)          # first: multi-host init precedes any other JAX call
         out = start_run(cfg, cfg.out)

@@ -1,5 +1,5 @@
 """GRPO and its family (DAPO, Dr. GRPO, GSPO, CISPO), RLOO and REINFORCE++ with verifiable rewards:
-`rlhf-jax grpo [--init SFT_FOLDER] [--reward world|gsm8k|model] [--out DIR]`.
+`rlhf-jax grpo [--init SFT_FOLDER] [--reward world|gsm8k|model|MODULE:FUNCTION] [--out DIR]`.
 
 Samples G answers per prompt, scores them, and takes clipped policy-gradient steps on group advantages (see
 `rlhf_jax/train/grpo.py` and docs/algorithms.md). Rewards: `world` (default) is the exact gold reward of the
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-from typing import Literal
 
 import jax
 
@@ -27,6 +26,7 @@ from rlhf_jax.runner import (
     DataSpec,
     RunOptions,
     check_rollout_length,
+    checkpoint_defaults,
     finish_report,
     init_model,
     load_data,
@@ -36,6 +36,7 @@ from rlhf_jax.runner import (
     setup_error,
     start_run,
     trainable_state,
+    user_reward,
     with_tokenizer_ids,
     world_judge,
 )
@@ -47,15 +48,17 @@ from rlhf_jax.train.stages import NonFiniteLossError, run_grpo
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class GRPOExperiment(RunOptions):
-    """Reinforcement learning with verifiable rewards: GRPO and its family."""
+    """Reinforcement learning with verifiable rewards: GRPO and its family. With --init a Hugging Face folder,
+    the learning rate defaults to TRL's GRPO default, 1e-6, unless given."""
 
     out: str = "runs/grpo"
     """Run directory (metrics, checkpoints, final params, report)."""
     init: str | None = None
     """Policy (and reference) weights, usually the SFT model: a Hugging Face or save_params folder. None: random."""
-    reward: Literal["world", "gsm8k", "model"] = "world"
+    reward: str = "world"
     """world: the synthetic world's gold reward (built-in prompts); gsm8k: final-number match against the records'
-    "answer" (--data.path); model: a reward model (--reward-init)."""
+    "answer" (--data.path); model: a reward model (--reward-init); MODULE:FUNCTION or FILE.py:FUNCTION: your
+    function of (prompts, completions), lists of texts, returning one float per completion (TRL's reward_funcs)."""
     reward_init: str | None = None
     """The reward model for --reward model: a save_params folder from rlhf-jax reward or a Hugging Face folder."""
     data: DataSpec = DataSpec(num_demo=256, seq_len=64)
@@ -98,6 +101,7 @@ def _host_reward(cfg: GRPOExperiment, tok):
 
 def main(argv=None) -> int:
     cfg = parse_cli(GRPOExperiment, argv, prog="rlhf-jax grpo")
+    cfg = checkpoint_defaults(cfg, argv, "grpo")
     try:
         mesh = make_run_mesh(cfg.mesh)          # first: multi-host init precedes any other JAX call
         out = start_run(cfg, cfg.out)
@@ -116,8 +120,10 @@ def main(argv=None) -> int:
             rewards["reward_params"] = jax.device_put(reward)
         else:
             if mesh is not None:
-                raise ValueError("--reward world/gsm8k score on the host and run without --mesh; use --reward model")
-            rewards.update(host_reward_fn=_host_reward(cfg, tok), tokenizer=tok)
+                raise ValueError("--reward world/gsm8k/MODULE:FUNCTION score on the host and run without --mesh; "
+                                 "use --reward model")
+            host = user_reward(cfg.reward, "--reward") if cfg.reward not in ("world", "gsm8k") else None
+            rewards.update(host_reward_fn=host or _host_reward(cfg, tok), tokenizer=tok)
         # On the device once; the train state makes its own copy to donate.
         ref = jax.device_put(policy) if grpo_cfg.kl_coef > 0 or cfg.lora.rank else None
         state, lora = trainable_state(cfg, policy, mc, grpo_cfg.optim,

@@ -19,6 +19,7 @@ from rlhf_jax.runner import (
     CheckpointSpec,
     DataSpec,
     RunOptions,
+    checkpoint_defaults,
     finish_report,
     init_model,
     load_data,
@@ -35,7 +36,8 @@ from rlhf_jax.train.stages import KTOConfig, NonFiniteLossError, run_kto
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class KTOExperiment(RunOptions):
-    """KTO of a policy on unpaired desirable / undesirable feedback against a frozen reference."""
+    """KTO of a policy on unpaired desirable / undesirable feedback against a frozen reference. With --init a Hugging Face folder,
+    the learning rate defaults to TRL's KTO default, 1e-6, unless given."""
 
     out: str = "runs/kto"
     """Run directory (metrics, checkpoints, final params, report)."""
@@ -53,6 +55,7 @@ class KTOExperiment(RunOptions):
 
 def main(argv=None) -> int:
     cfg = parse_cli(KTOExperiment, argv, prog="rlhf-jax kto")
+    cfg = checkpoint_defaults(cfg, argv, "kto")
     try:
         mesh = make_run_mesh(cfg.mesh)          # first: multi-host init precedes any other JAX call
         out = start_run(cfg, cfg.out)

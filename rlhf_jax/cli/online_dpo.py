@@ -1,4 +1,4 @@
-"""Online DPO: `rlhf-jax online-dpo [--init SFT_FOLDER] [--judge world|model] [--out DIR]`.
+"""Online DPO: `rlhf-jax online-dpo [--init SFT_FOLDER] [--judge world|model|MODULE:FUNCTION] [--out DIR]`.
 
 Each iteration samples k completions per prompt from the current policy, a judge scores them, and DPO steps
 follow on the best-vs-worst pairs against the frozen initial model (see `rlhf_jax/train/online_dpo.py` and
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-from typing import Literal
 
 import jax
 
@@ -24,6 +23,7 @@ from rlhf_jax.runner import (
     DataSpec,
     RunOptions,
     check_rollout_length,
+    checkpoint_defaults,
     finish_report,
     init_model,
     load_data,
@@ -33,6 +33,7 @@ from rlhf_jax.runner import (
     setup_error,
     start_run,
     trainable_state,
+    user_reward,
     with_tokenizer_ids,
     world_judge,
 )
@@ -43,14 +44,17 @@ from rlhf_jax.train.stages import NonFiniteLossError, run_online_dpo
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class OnlineDPOExperiment(RunOptions):
-    """Online DPO: DPO on the policy's own samples, labelled by a judge each iteration."""
+    """Online DPO: DPO on the policy's own samples, labelled by a judge each iteration. With --init a Hugging Face folder,
+    the learning rate defaults to TRL's online DPO default, 5e-7, unless given."""
 
     out: str = "runs/online_dpo"
     """Run directory (metrics, checkpoints, final params, report)."""
     init: str | None = None
     """Policy and reference weights, usually the SFT model: a Hugging Face or save_params folder. None: random."""
-    judge: Literal["world", "model"] = "world"
-    """world: the synthetic world's gold reward (built-in prompts); model: a reward model (--reward-init)."""
+    judge: str = "world"
+    """world: the synthetic world's gold reward (built-in prompts); model: a reward model (--reward-init);
+    MODULE:FUNCTION or FILE.py:FUNCTION: your function of (prompts, completions), lists of texts, returning one
+    float per completion (higher is preferred)."""
     reward_init: str | None = None
     """The reward model for --judge model: a save_params folder from rlhf-jax reward or a Hugging Face folder."""
     data: DataSpec = DataSpec(num_demo=256, seq_len=64)
@@ -66,6 +70,7 @@ class OnlineDPOExperiment(RunOptions):
 
 def main(argv=None) -> int:
     cfg = parse_cli(OnlineDPOExperiment, argv, prog="rlhf-jax online-dpo")
+    cfg = checkpoint_defaults(cfg, argv, "online_dpo")
     try:
         if cfg.mesh is not None:
             raise ValueError("--mesh: online DPO runs on one device for now; leave --mesh unset")
@@ -81,7 +86,9 @@ def main(argv=None) -> int:
         if cfg.data.path is None:     # the built-in prompts: the world's gold reward is known
             gold = world_judge(cfg.data, cfg.seed, tok)
         judge = {}
-        if cfg.judge == "model":
+        if cfg.judge not in ("world", "model"):   # a user's function of prompt and completion texts
+            judge["host_reward_fn"] = user_reward(cfg.judge, "--judge")
+        elif cfg.judge == "model":
             if cfg.reward_init is None:
                 raise ValueError("--judge model needs --reward-init (a reward model folder)")
             _, reward = init_model(cfg.preset, cfg.model, k_reward, init=cfg.reward_init)

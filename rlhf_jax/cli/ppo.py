@@ -23,6 +23,7 @@ from rlhf_jax.runner import (
     DataSpec,
     RunOptions,
     check_rollout_length,
+    checkpoint_defaults,
     finish_report,
     init_model,
     load_data,
@@ -41,7 +42,8 @@ from rlhf_jax.train.state import with_score_head
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class PPOExperiment(RunOptions):
-    """RLHF with PPO against a learned reward model and a KL penalty to the reference."""
+    """RLHF with PPO against a learned reward model and a KL penalty to the reference. With --init a Hugging Face folder,
+    the learning rate defaults to TRL's PPO default, 3e-6, unless given."""
 
     out: str = "runs/ppo"
     """Run directory (metrics, checkpoints, final params, report)."""
@@ -66,6 +68,7 @@ class PPOExperiment(RunOptions):
 
 def main(argv=None) -> int:
     cfg = parse_cli(PPOExperiment, argv, prog="rlhf-jax ppo")
+    cfg = checkpoint_defaults(cfg, argv, "ppo")
     try:
         mesh = make_run_mesh(cfg.mesh)          # first: multi-host init precedes any other JAX call
         lora = cfg.lora.config()

@@ -17,6 +17,7 @@ from rlhf_jax.runner import (
     CheckpointSpec,
     DataSpec,
     RunOptions,
+    checkpoint_defaults,
     finish_report,
     init_model,
     load_data,
@@ -34,7 +35,8 @@ from rlhf_jax.train.state import with_score_head
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class RewardExperiment(RunOptions):
-    """Reward-model training on preference pairs (Bradley-Terry)."""
+    """Reward-model training on preference pairs (Bradley-Terry). With --init a Hugging Face folder,
+    the learning rate defaults to TRL's reward default, 1e-4, unless given."""
 
     out: str = "runs/reward"
     """Run directory (metrics, checkpoints, final params, report)."""
@@ -52,6 +54,7 @@ class RewardExperiment(RunOptions):
 
 def main(argv=None) -> int:
     cfg = parse_cli(RewardExperiment, argv, prog="rlhf-jax reward")
+    cfg = checkpoint_defaults(cfg, argv, "reward")
     try:
         mesh = make_run_mesh(cfg.mesh)          # first: multi-host init precedes any other JAX call
         out = start_run(cfg, cfg.out)

@@ -17,6 +17,7 @@ from rlhf_jax.runner import (
     CheckpointSpec,
     DataSpec,
     RunOptions,
+    checkpoint_defaults,
     finish_report,
     init_model,
     load_data,
@@ -33,7 +34,8 @@ from rlhf_jax.train.stages import NonFiniteLossError, SFTConfig, run_sft
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class SFTExperiment(RunOptions):
-    """Supervised fine-tuning of a causal LM on chat records."""
+    """Supervised fine-tuning of a causal LM on chat records. With --init a Hugging Face folder,
+    the learning rate defaults to TRL's SFT default, 2e-5, unless given."""
 
     out: str = "runs/sft"
     """Run directory (metrics, checkpoints, final params, report)."""
@@ -51,6 +53,7 @@ class SFTExperiment(RunOptions):
 
 def main(argv=None) -> int:
     cfg = parse_cli(SFTExperiment, argv, prog="rlhf-jax sft")
+    cfg = checkpoint_defaults(cfg, argv, "sft")
     try:
         mesh = make_run_mesh(cfg.mesh)          # first: multi-host init precedes any other JAX call
         out = start_run(cfg, cfg.out)
