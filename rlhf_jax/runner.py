@@ -35,7 +35,7 @@ from rlhf_jax.data.iterators import ProcessRows
 from rlhf_jax.lora import TARGETS, LoraConfig, init_lora, save_peft
 from rlhf_jax.models.config import ModelConfig
 from rlhf_jax.train import checkpoint as ckpt
-from rlhf_jax.train.logging import make_stage_hooks, read_jsonl, truncate_jsonl
+from rlhf_jax.train.logging import StageHooks, make_stage_hooks, read_jsonl, truncate_jsonl
 from rlhf_jax.train.report import plot_curves, write_report
 from rlhf_jax.train.state import create_train_state
 from rlhf_jax.train.steps import lora_params
@@ -396,6 +396,67 @@ def with_tokenizer_ids(stage_config, tok):
     return dataclasses.replace(stage_config, sampling=dataclasses.replace(s, eos_id=tok.eos_id, pad_id=tok.pad_id))
 
 
+# ----------------------------------------------------------------------------------------- evaluation
+class EvalHook(StageHooks):
+    """An evaluation set scored during training (TRL's eval_dataset / eval_steps): every `every` steps (0: only at
+    the end) and at the last step, `evaluate(params, batch) -> metrics` over one pass of `make_batches()`, the
+    batch means averaged, written as TRL's `eval_<metric>` to `<out>/<stage>/eval.jsonl` and printed."""
+
+    def __init__(self, evaluate: Callable, make_batches: Callable, *, every: int, last_step: int, path: str,
+                 stage: str, params_of: Callable = lambda state: state.params, args: tuple = ()):
+        self.evaluate, self.make_batches, self.every, self.last_step = evaluate, make_batches, every, last_step
+        self.path, self.stage, self.params_of, self.args, self.last = path, stage, params_of, args, None
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+
+    def on_state(self, step, state):
+        if step == self.last_step or (self.every and step % self.every == 0):
+            self.last = self.run(step, state)
+
+    def run(self, step: int, state) -> dict:
+        sums, batches = {}, 0
+        params = self.params_of(state)
+        for batch in self.make_batches():
+            for k, v in jax.device_get(self.evaluate(params, batch, *self.args)).items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+            batches += 1
+        metrics = {f"eval_{k}": v / max(batches, 1) for k, v in sums.items()}
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k in ("eval_loss", "eval_accuracy",
+                                                                             "eval_rewards/accuracies"))
+        print(f"[{self.stage}] step {step} eval: {shown or 'no batches'}", file=sys.stderr)
+        return metrics
+
+
+def eval_hook(stage: str, eval_data: str | None, every: int, evaluate: Callable, *, kind: str, spec: DataSpec,
+              tok, out: str, last_step: int, lora: LoraConfig | None = None, base=None, args: tuple = ()) -> list:
+    """[EvalHook] for `--eval-data FILE` (records of the stage's `kind`, batched as the training data), or [] when
+    no file is given; `evaluate(params, batch, *args)` is jitted once (`args`, e.g. the reference params, are its
+    traced arguments). With `lora` the adapters are merged into `base` for it. A bad file is a setup error
+    (DataError) before any training."""
+    if eval_data is None:
+        if every:
+            raise ValueError("--eval-every needs --eval-data FILE (the records to evaluate)")
+        return []
+    from rlhf_jax.data import Batches, ShuffledIterator, load_records, unpair
+
+    records = load_records(eval_data, spec.kind or kind, skip_invalid=spec.skip_invalid)
+    if kind == "unpaired" and (spec.kind or kind) == "preference":
+        records = unpair(records)
+    batch_kind = "sft" if kind in ("sft", "oasst") else kind
+    make = lambda: Batches(ShuffledIterator(records, seed=0, num_epochs=1), tok, kind=batch_kind,  # noqa: E731
+                           batch_size=spec.batch_size, buckets=(spec.seq_len,), pack=spec.pack and batch_kind == "sft")
+    params_of = (lambda state: state.params) if lora is None else (
+        lambda state: lora_params(base, state.params, lora))
+    return [EvalHook(jax.jit(evaluate), make, every=every, last_step=last_step, stage=stage, params_of=params_of,
+                     path=os.path.join(out, stage, "eval.jsonl"), args=args)]
+
+
+def eval_summary(hooks: list) -> dict:
+    """The last evaluation's metrics of `eval_hook`'s hooks (for the report), {} without one."""
+    return dict(hooks[0].last or {}) if hooks else {}
+
+
 # ------------------------------------------------------------------------------------ real checkpoints
 TRL_LEARNING_RATES = {"sft": 2e-5, "reward": 1e-4, "dpo": 1e-6, "kto": 1e-6, "online_dpo": 5e-7, "grpo": 1e-6,
                       "ppo": 3e-6}
@@ -551,7 +612,7 @@ def run_stage(stage: str, stage_fn: Callable, state: Any, data: Any, stage_confi
         raise SystemExit(f"error: {ckpt.stage_checkpoint_dir(out, stage)} already holds checkpoints; pass --resume "
                          "to continue that run or choose another --out")
     # The logs keep what the restored state has seen: steps logged after its checkpoint are replayed.
-    for name in ("metrics.jsonl", "completions.jsonl"):
+    for name in ("metrics.jsonl", "completions.jsonl", "eval.jsonl"):
         truncate_jsonl(os.path.join(out, stage, name), start)
     remaining = max(0, stage_config.num_steps - start)
     with ckpt.GracefulExit() as exit_flag:

@@ -742,3 +742,25 @@ def test_grpo_and_online_dpo_take_a_users_reward_function(tmp_path, capsys):
     with pytest.raises(ValueError, match="returned 1 scores for 2 completions"):
         from rlhf_jax.runner import user_reward
         user_reward(f"{tmp_path / 'my_rewards.py'}:broken", "--reward")(["p", "q"], ["a", "b"])
+
+
+def test_an_eval_set_is_scored_during_training_with_trls_metric_names(tmp_path, capsys):
+    """--eval-data FILE --eval-every N: the held-out records are scored every N steps and at the end (SFT's loss,
+    DPO's rewards) as eval_<metric> in eval.jsonl and the report; --eval-every alone is refused."""
+    from rlhf_jax.cli import dpo, sft
+    fixtures = os.path.join(ROOT, "tests", "fixtures")
+    tiny = ["--model.num-layers", "1", "--model.max-seq-len", "64", "--data.num-demo", "8", "--data.batch-size", "4",
+            "--data.seq-len", "64", "--checkpoint.no-tensorboard"]
+    assert sft.main(["--out", str(tmp_path / "s"), "--eval-data", os.path.join(fixtures, "alpaca-seed-tasks-20.jsonl"),
+                     "--eval-every", "2", "--sft.num-steps", "3", "--sft.optim.warmup-steps", "1", *tiny]) == 0
+    evals = [json.loads(x) for x in open(tmp_path / "s" / "sft" / "eval.jsonl")]
+    assert [e["step"] for e in evals] == [2, 3] and all(np.isfinite(e["eval_loss"]) for e in evals)
+    assert json.load(open(tmp_path / "s" / "report.json"))["summary"]["eval_loss"] == evals[-1]["eval_loss"]
+    assert "[sft] step 3 eval: eval_accuracy" in capsys.readouterr().err
+    assert dpo.main(["--out", str(tmp_path / "d"), "--eval-data",
+                     os.path.join(fixtures, "hh-rlhf-helpful-base-20.jsonl.gz"), "--dpo.num-steps", "1",
+                     "--dpo.optim.warmup-steps", "0", "--dpo.optim.schedule", "constant", *tiny]) == 0
+    (last,) = [json.loads(x) for x in open(tmp_path / "d" / "dpo" / "eval.jsonl")]
+    assert last["step"] == 1 and 0.0 <= last["eval_rewards/accuracies"] <= 1.0 and "eval_rewards/margins" in last
+    assert sft.main(["--out", str(tmp_path / "x"), "--eval-every", "5", *tiny]) == 2
+    assert "--eval-every needs --eval-data FILE" in capsys.readouterr().err

@@ -7,6 +7,7 @@ pairs from the synthetic task world. `--help` lists every option and its default
 from __future__ import annotations
 
 import dataclasses
+import functools
 import sys
 
 import jax
@@ -18,6 +19,8 @@ from rlhf_jax.runner import (
     DataSpec,
     RunOptions,
     checkpoint_defaults,
+    eval_hook,
+    eval_summary,
     finish_report,
     init_model,
     load_data,
@@ -30,6 +33,7 @@ from rlhf_jax.runner import (
 )
 from rlhf_jax.train.optim import OptimConfig
 from rlhf_jax.train.stages import DPOConfig, NonFiniteLossError, run_dpo
+from rlhf_jax.train.steps import dpo_eval
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -47,6 +51,11 @@ class DPOExperiment(RunOptions):
     dpo: DPOConfig = DPOConfig(num_steps=100, log_every=10,
                                optim=OptimConfig(learning_rate=1e-3, schedule="cosine", warmup_steps=10))
     """DPO stage (steps, beta, loss type, optimizer)."""
+    eval_data: str | None = None
+    """Records to evaluate during training, in the training data's layout (TRL's eval_dataset): their metrics as
+    eval_<name> in <out>/<stage>/eval.jsonl and the report. None: no evaluation."""
+    eval_every: int = 0
+    """Steps between evaluations of --eval-data (TRL's eval_steps); 0: only at the end."""
     checkpoint: CheckpointSpec = CheckpointSpec()
     """Checkpoint schedule and logging outputs."""
 
@@ -63,13 +72,20 @@ def main(argv=None) -> int:
         # On the device once (a no-op for device arrays); the train state makes its own copy to donate.
         ref_params = jax.device_put(params)
         state, lora = trainable_state(cfg, params, mc, cfg.dpo.optim, cfg.dpo.num_steps)
+        evaluate = functools.partial(dpo_eval, model_config=mc, beta=cfg.dpo.beta, loss_type=cfg.dpo.loss_type,
+                                     label_smoothing=cfg.dpo.label_smoothing, reference_free=cfg.dpo.reference_free,
+                                     rpo_alpha=cfg.dpo.rpo_alpha, simpo_gamma=cfg.dpo.simpo_gamma,
+                                     orpo_lambda=cfg.dpo.orpo_lambda)
+        evals = eval_hook("dpo", cfg.eval_data, cfg.eval_every, evaluate, kind="preference",
+                          spec=cfg.data, tok=tok, out=out, last_step=cfg.dpo.num_steps,
+                          lora=lora.get("lora"), base=ref_params, args=(ref_params,))
     except (ValueError, OSError) as e:  # DataError is a ValueError
         return setup_error(e)
     try:
         state, history, finished = run_stage(
             "dpo", lambda s, d, c, hooks: run_dpo(s, d, c, model_config=mc, ref_params=ref_params, mesh=mesh,
                                                   hooks=hooks, **lora),
-            state, data, cfg.dpo, out=out, resume=cfg.resume, checkpoint=cfg.checkpoint,
+            state, data, cfg.dpo, out=out, resume=cfg.resume, checkpoint=cfg.checkpoint, extra_hooks=evals,
             samples_per_step=cfg.data.batch_size)
     except NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -78,7 +94,8 @@ def main(argv=None) -> int:
         save_final(out, "dpo", state.params, mc, lora.get("lora"), ref_params, tokenizer=tok, init=cfg.init)
     finish_report(out, "dpo", history, keys=("loss", "rewards/accuracies", "rewards/margins"),
                   summary={"finished": finished, "model": cfg.init or cfg.preset, "beta": cfg.dpo.beta,
-                           "loss_type": cfg.dpo.loss_type, "data": cfg.data.path or "demo"}, data=data)
+                           "loss_type": cfg.dpo.loss_type, "data": cfg.data.path or "demo",
+                           **eval_summary(evals)}, data=data)
     return 0 if finished else STOPPED
 
 

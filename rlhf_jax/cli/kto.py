@@ -9,6 +9,7 @@ default.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import sys
 
 import jax
@@ -20,6 +21,8 @@ from rlhf_jax.runner import (
     DataSpec,
     RunOptions,
     checkpoint_defaults,
+    eval_hook,
+    eval_summary,
     finish_report,
     init_model,
     load_data,
@@ -32,12 +35,13 @@ from rlhf_jax.runner import (
 )
 from rlhf_jax.train.optim import OptimConfig
 from rlhf_jax.train.stages import KTOConfig, NonFiniteLossError, run_kto
+from rlhf_jax.train.steps import kto_eval
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class KTOExperiment(RunOptions):
-    """KTO of a policy on unpaired desirable / undesirable feedback against a frozen reference. With --init a Hugging Face folder,
-    the learning rate defaults to TRL's KTO default, 1e-6, unless given."""
+    """KTO of a policy on unpaired desirable / undesirable feedback against a frozen reference. With --init a
+    Hugging Face folder, the learning rate defaults to TRL's KTO default, 1e-6, unless given."""
 
     out: str = "runs/kto"
     """Run directory (metrics, checkpoints, final params, report)."""
@@ -49,6 +53,11 @@ class KTOExperiment(RunOptions):
     kto: KTOConfig = KTOConfig(num_steps=100, log_every=10,
                                optim=OptimConfig(learning_rate=1e-3, schedule="cosine", warmup_steps=10))
     """KTO stage (steps, beta, desirable / undesirable weights, optimizer)."""
+    eval_data: str | None = None
+    """Records to evaluate during training, in the training data's layout (TRL's eval_dataset): their metrics as
+    eval_<name> in <out>/<stage>/eval.jsonl and the report. None: no evaluation."""
+    eval_every: int = 0
+    """Steps between evaluations of --eval-data (TRL's eval_steps); 0: only at the end."""
     checkpoint: CheckpointSpec = CheckpointSpec()
     """Checkpoint schedule and logging outputs."""
 
@@ -64,13 +73,19 @@ def main(argv=None) -> int:
                                 tokenizer=tok)
         ref_params = jax.device_put(params)
         state, lora = trainable_state(cfg, params, mc, cfg.kto.optim, cfg.kto.num_steps)
+        evaluate = functools.partial(kto_eval, model_config=mc, beta=cfg.kto.beta,
+                                     desirable_weight=cfg.kto.desirable_weight,
+                                     undesirable_weight=cfg.kto.undesirable_weight)
+        evals = eval_hook("kto", cfg.eval_data, cfg.eval_every, evaluate, kind="unpaired",
+                          spec=cfg.data, tok=tok, out=out, last_step=cfg.kto.num_steps,
+                          lora=lora.get("lora"), base=ref_params, args=(ref_params,))
     except (ValueError, OSError) as e:  # DataError is a ValueError
         return setup_error(e)
     try:
         state, history, finished = run_stage(
             "kto", lambda s, d, c, hooks: run_kto(s, d, c, model_config=mc, ref_params=ref_params, mesh=mesh,
                                                   hooks=hooks, **lora),
-            state, data, cfg.kto, out=out, resume=cfg.resume, checkpoint=cfg.checkpoint,
+            state, data, cfg.kto, out=out, resume=cfg.resume, checkpoint=cfg.checkpoint, extra_hooks=evals,
             samples_per_step=cfg.data.batch_size)
     except NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -79,7 +94,8 @@ def main(argv=None) -> int:
         save_final(out, "kto", state.params, mc, lora.get("lora"), ref_params, tokenizer=tok, init=cfg.init)
     finish_report(out, "kto", history, keys=("loss", "kl", "rewards/chosen", "rewards/rejected"),
                   summary={"finished": finished, "model": cfg.init or cfg.preset, "beta": cfg.kto.beta,
-                           "data": cfg.data.path or "demo"}, data=data)
+                           "data": cfg.data.path or "demo",
+                           **eval_summary(evals)}, data=data)
     return 0 if finished else STOPPED
 
 

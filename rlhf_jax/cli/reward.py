@@ -7,6 +7,7 @@ from the synthetic task world labelled by the "careful" annotator. `--help` list
 from __future__ import annotations
 
 import dataclasses
+import functools
 import sys
 
 import jax
@@ -18,6 +19,8 @@ from rlhf_jax.runner import (
     DataSpec,
     RunOptions,
     checkpoint_defaults,
+    eval_hook,
+    eval_summary,
     finish_report,
     init_model,
     load_data,
@@ -31,6 +34,7 @@ from rlhf_jax.runner import (
 from rlhf_jax.train.optim import OptimConfig
 from rlhf_jax.train.stages import NonFiniteLossError, RewardConfig, run_reward
 from rlhf_jax.train.state import with_score_head
+from rlhf_jax.train.steps import reward_eval
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -48,6 +52,11 @@ class RewardExperiment(RunOptions):
     reward: RewardConfig = RewardConfig(num_steps=100, log_every=10,
                                         optim=OptimConfig(learning_rate=1e-3, schedule="cosine", warmup_steps=10))
     """Reward stage (steps, logging period, centering, optimizer)."""
+    eval_data: str | None = None
+    """Records to evaluate during training, in the training data's layout (TRL's eval_dataset): their metrics as
+    eval_<name> in <out>/<stage>/eval.jsonl and the report. None: no evaluation."""
+    eval_every: int = 0
+    """Steps between evaluations of --eval-data (TRL's eval_steps); 0: only at the end."""
     checkpoint: CheckpointSpec = CheckpointSpec()
     """Checkpoint schedule and logging outputs."""
 
@@ -68,20 +77,26 @@ def main(argv=None) -> int:
         state, lora = trainable_state(cfg, params, mc, cfg.reward.optim, cfg.reward.num_steps,
                                       head=head if cfg.lora.rank else None)
         base = {"base_params": params} if lora else {}
+        evaluate = functools.partial(reward_eval, model_config=mc, center_coef=cfg.reward.center_coef)
+        evals = eval_hook("reward", cfg.eval_data, cfg.eval_every, evaluate, kind="reward",
+                          spec=cfg.data, tok=tok, out=out, last_step=cfg.reward.num_steps,
+                          lora=lora.get("lora"), base=params, args=())
     except (ValueError, OSError) as e:  # DataError is a ValueError
         return setup_error(e)
     try:
         state, history, finished = run_stage(
             "reward", lambda s, d, c, hooks: run_reward(s, d, c, model_config=mc, mesh=mesh, hooks=hooks, **lora,
                                                         **base), state, data,
-            cfg.reward, out=out, resume=cfg.resume, checkpoint=cfg.checkpoint, samples_per_step=cfg.data.batch_size)
+            cfg.reward, out=out, resume=cfg.resume, checkpoint=cfg.checkpoint, extra_hooks=evals,
+            samples_per_step=cfg.data.batch_size)
     except NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     if finished:
         save_final(out, "reward", state.params, mc, lora.get("lora"), params, tokenizer=tok, init=cfg.init)
     finish_report(out, "reward", history, keys=("loss", "accuracy", "rewards/margins"),
-                  summary={"finished": finished, "model": cfg.init or cfg.preset, "data": cfg.data.path or "demo"},
+                  summary={"finished": finished, "model": cfg.init or cfg.preset, "data": cfg.data.path or "demo",
+                           **eval_summary(evals)},
                   data=data)
     return 0 if finished else STOPPED
 

@@ -7,6 +7,7 @@ tiny preset, and finishes in about a minute on a CPU. `--help` lists every optio
 from __future__ import annotations
 
 import dataclasses
+import functools
 import sys
 
 import jax
@@ -18,6 +19,8 @@ from rlhf_jax.runner import (
     DataSpec,
     RunOptions,
     checkpoint_defaults,
+    eval_hook,
+    eval_summary,
     finish_report,
     init_model,
     load_data,
@@ -30,6 +33,7 @@ from rlhf_jax.runner import (
 )
 from rlhf_jax.train.optim import OptimConfig
 from rlhf_jax.train.stages import NonFiniteLossError, SFTConfig, run_sft
+from rlhf_jax.train.steps import sft_eval
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -47,6 +51,11 @@ class SFTExperiment(RunOptions):
     sft: SFTConfig = SFTConfig(num_steps=150, log_every=10,
                                optim=OptimConfig(learning_rate=3e-3, schedule="cosine", warmup_steps=10))
     """SFT stage (steps, logging period, optimizer)."""
+    eval_data: str | None = None
+    """Records to evaluate during training, in the training data's layout (TRL's eval_dataset): their metrics as
+    eval_<name> in <out>/<stage>/eval.jsonl and the report. None: no evaluation."""
+    eval_every: int = 0
+    """Steps between evaluations of --eval-data (TRL's eval_steps); 0: only at the end."""
     checkpoint: CheckpointSpec = CheckpointSpec()
     """Checkpoint schedule and logging outputs."""
 
@@ -62,13 +71,17 @@ def main(argv=None) -> int:
                                 tokenizer=tok)
         state, lora = trainable_state(cfg, params, mc, cfg.sft.optim, cfg.sft.num_steps)
         base = {"base_params": params} if lora else {}
+        evaluate = functools.partial(sft_eval, model_config=mc)
+        evals = eval_hook("sft", cfg.eval_data, cfg.eval_every, evaluate, kind="sft",
+                          spec=cfg.data, tok=tok, out=out, last_step=cfg.sft.num_steps,
+                          lora=lora.get("lora"), base=params, args=())
     except (ValueError, OSError) as e:  # DataError is a ValueError
         return setup_error(e)
     try:
         state, history, finished = run_stage(
             "sft", lambda s, d, c, hooks: run_sft(s, d, c, model_config=mc, mesh=mesh, hooks=hooks, **lora, **base),
             state, data,
-            cfg.sft, out=out, resume=cfg.resume, checkpoint=cfg.checkpoint,
+            cfg.sft, out=out, resume=cfg.resume, checkpoint=cfg.checkpoint, extra_hooks=evals,
             tokens_per_step=cfg.data.batch_size * cfg.data.seq_len)
     except NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -76,7 +89,8 @@ def main(argv=None) -> int:
     if finished:
         save_final(out, "sft", state.params, mc, lora.get("lora"), params, tokenizer=tok, init=cfg.init)
     finish_report(out, "sft", history, keys=("loss", "accuracy"),
-                  summary={"finished": finished, "model": cfg.init or cfg.preset, "data": cfg.data.path or "demo"},
+                  summary={"finished": finished, "model": cfg.init or cfg.preset, "data": cfg.data.path or "demo",
+                           **eval_summary(evals)},
                   data=data)
     return 0 if finished else STOPPED
 

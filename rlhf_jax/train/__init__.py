@@ -26,7 +26,9 @@ from rlhf_jax.train.stages import (
 from rlhf_jax.train.state import PPOState, TrainState, create_train_state, normalize_score_head, with_score_head
 from rlhf_jax.train.steps import (
     compile_step,
+    dpo_eval,
     dpo_step,
+    kto_eval,
     kto_step,
     make_dpo_step,
     make_kto_step,

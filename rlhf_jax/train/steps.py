@@ -341,6 +341,15 @@ def dpo_step(state: TrainState, batch: dict, ref_params=None, *, model_config: M
     return state.apply_gradients(grads), {**metrics, **_grad_metrics(state, grads)}
 
 
+def dpo_eval(params, batch: dict, ref_params=None, *, model_config: ModelConfig, beta: float = 0.1,
+             loss_type: str = "sigmoid", label_smoothing: float = 0.0, reference_free: bool = False,
+             rpo_alpha: float = 0.0, simpo_gamma: float = 0.5, orpo_lambda: float = 0.1) -> dict:
+    """DPO-family metrics on a preference batch without an update (`dpo_step`'s loss and rewards metrics)."""
+    return _dpo_loss(params, batch, ref_params, model_config=model_config, beta=beta, loss_type=loss_type,
+                     label_smoothing=label_smoothing, reference_free=reference_free, rpo_alpha=rpo_alpha,
+                     simpo_gamma=simpo_gamma, orpo_lambda=orpo_lambda)[1]
+
+
 # -------------------------------------------------------------------------------------------------------- KTO
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class KTOConfig:
@@ -388,6 +397,13 @@ def kto_step(state: TrainState, batch: dict, ref_params, *, model_config: ModelC
     (_, metrics), grads = grad_fn(state.params, batch, ref_params, model_config=model_config, beta=beta,
                                   desirable_weight=desirable_weight, undesirable_weight=undesirable_weight)
     return state.apply_gradients(grads), {**metrics, **_grad_metrics(state, grads)}
+
+
+def kto_eval(params, batch: dict, ref_params, *, model_config: ModelConfig, beta: float = 0.1,
+             desirable_weight: float = 1.0, undesirable_weight: float = 1.0) -> dict:
+    """KTO metrics on an unpaired batch without an update (`kto_step`'s loss, kl and rewards metrics)."""
+    return _kto_loss(params, batch, ref_params, model_config=model_config, beta=beta,
+                     desirable_weight=desirable_weight, undesirable_weight=undesirable_weight)[1]
 
 
 def make_sft_step(model_config: ModelConfig):
