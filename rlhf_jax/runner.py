@@ -205,6 +205,8 @@ class CheckpointSpec:
     """Write TensorBoard events under <out>/<stage>/tb."""
     progress: bool | None = None
     """tqdm progress bar; None: only when stderr is a terminal and CI is unset."""
+    wandb_project: str | None = None
+    """Also log to Weights & Biases under this project (needs `pip install wandb`; None: off, nothing imports it)."""
 
     def __post_init__(self):
         check_ranges(self, positive=("max_to_keep",), non_negative=("save_every",))
@@ -553,7 +555,7 @@ STOPPED = 143
 """Exit status of a command that a signal stopped before its last step (128 + SIGTERM, as a shell reports a
 killed job): `cmd1 && cmd2` and schedulers then see an unfinished run as failed. `--resume` continues it."""
 
-RESUME_MAY_CHANGE = ("resume", "checkpoint.progress")
+RESUME_MAY_CHANGE = ("resume", "checkpoint.progress", "checkpoint.tensorboard", "checkpoint.wandb_project")
 """Settings that `--resume` may change (besides a stage's `num_steps`: train longer, or stop sooner)."""
 
 
@@ -576,6 +578,13 @@ def start_run(config: Any, out: str) -> str:
     and have been made with the same settings (`config_changes`); a refused resume leaves its config.json as it
     was, an allowed one (another num_steps) records the new step count there."""
     path = os.path.join(out, "config.json")
+    checkpoint = getattr(config, "checkpoint", None)
+    if getattr(checkpoint, "wandb_project", None) is not None:
+        import importlib.util
+
+        if importlib.util.find_spec("wandb") is None:
+            raise ValueError("--checkpoint.wandb-project needs the wandb package (pip install wandb); it is optional: "
+                             "drop the flag to log to metrics.jsonl and TensorBoard only")
     if getattr(config, "resume", False):
         if not os.path.isfile(path):
             raise ValueError(f"--resume: {out} holds no run to continue (no config.json there); drop --resume to "
@@ -621,7 +630,8 @@ def run_stage(stage: str, stage_fn: Callable, state: Any, data: Any, stage_confi
         hooks = make_stage_hooks(out, stage, total_steps=stage_config.num_steps, initial_step=start,
                                  tokens_per_step=tokens_per_step, samples_per_step=samples_per_step,
                                  tensorboard=checkpoint.tensorboard, progress=checkpoint.progress,
-                                 extra=[*extra_hooks, ck_hook])
+                                 extra=[*extra_hooks, ck_hook], wandb_project=checkpoint.wandb_project,
+                                 run_config=_saved_config(out))
         try:
             state, history = stage_fn(state, data, dataclasses.replace(stage_config, num_steps=remaining),
                                       hooks=hooks)
@@ -650,6 +660,14 @@ def truncation_line(stage: str, stats: dict) -> str | None:
     return (f"[{stage}] {stats['truncated']} of {stats['examples']} examples were longer than --data.seq-len and "
             f"cut ({stats['prompt_tokens_cut']} prompt tokens from the front, {stats['response_tokens_cut']} response "
             "tokens from the end); raise --data.seq-len to keep them")
+
+
+def _saved_config(out: str) -> dict | None:
+    path = os.path.join(out, "config.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
 
 
 def finish_report(out: str, stage: str, history: list[dict], *, keys: tuple[str, ...] = ("loss",),

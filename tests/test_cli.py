@@ -764,3 +764,36 @@ def test_an_eval_set_is_scored_during_training_with_trls_metric_names(tmp_path, 
     assert last["step"] == 1 and 0.0 <= last["eval_rewards/accuracies"] <= 1.0 and "eval_rewards/margins" in last
     assert sft.main(["--out", str(tmp_path / "x"), "--eval-every", "5", *tiny]) == 2
     assert "--eval-every needs --eval-data FILE" in capsys.readouterr().err
+
+
+def test_weights_and_biases_logging_is_optional_and_logs_each_window(tmp_path, capsys, monkeypatch):
+    """--checkpoint.wandb-project P logs every window's metrics as <stage>/<metric> with the run's config; without
+    the wandb package the flag is one setup line, exit 2 (nothing else ever imports it)."""
+    import importlib.machinery
+    import importlib.util
+    import types
+
+    from rlhf_jax.cli import sft
+    tiny = ["--model.num-layers", "1", "--model.max-seq-len", "32", "--data.num-demo", "8", "--data.batch-size", "2",
+            "--data.seq-len", "32", "--checkpoint.no-tensorboard", "--sft.num-steps", "2", "--sft.log-every", "1",
+            "--sft.optim.warmup-steps", "1", "--checkpoint.wandb-project", "p"]
+    if importlib.util.find_spec("wandb") is None:
+        assert sft.main(["--out", str(tmp_path / "none"), *tiny]) == 2
+        assert "needs the wandb package (pip install wandb)" in capsys.readouterr().err
+    calls = []
+
+    class Run:
+        def log(self, metrics, step):
+            calls.append((step, metrics))
+
+        def finish(self):
+            calls.append("finish")
+
+    fake = types.ModuleType("wandb")
+    fake.__spec__ = importlib.machinery.ModuleSpec("wandb", None)
+    fake.init = lambda project, name, config: calls.append((project, name, config["sft"]["num_steps"])) or Run()
+    fake.Table = lambda columns, data: (columns, data)
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    assert sft.main(["--out", str(tmp_path / "run"), *tiny]) == 0
+    assert calls[0] == ("p", "run/sft", 2) and calls[-1] == "finish"
+    assert [step for step, m in calls[1:-1]] == [1, 2] and all("sft/loss" in m for _, m in calls[1:-1])

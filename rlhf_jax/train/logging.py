@@ -89,6 +89,29 @@ class JsonlHook(StageHooks):
             self._file.close()
 
 
+class WandbHook(StageHooks):
+    """Weights & Biases logging, optional (`wandb` is imported here only): each logged window's metrics as
+    `<stage>/<metric>` at its step, and the sampled-completions tables of the RL stages."""
+
+    def __init__(self, project: str, *, stage: str, name: str | None = None, config: dict | None = None):
+        import wandb
+
+        self._wandb, self.stage = wandb, stage
+        self._run = wandb.init(project=project, name=name, config=config)
+
+    def on_step(self, step: int, metrics: dict) -> None:
+        self._run.log({f"{self.stage}/{k}": v for k, v in _floats(metrics).items()}, step=int(step))
+
+    def on_samples(self, step: int, rows: list[dict]) -> None:
+        if rows:
+            columns = list(rows[0])
+            table = self._wandb.Table(columns=columns, data=[[row.get(c) for c in columns] for row in rows])
+            self._run.log({f"{self.stage}/completions": table}, step=int(step))
+
+    def close(self) -> None:
+        self._run.finish()
+
+
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
     """The records of a metrics.jsonl file (blank lines skipped). After a resume, later lines win for a step."""
     with open(path, encoding="utf-8") as f:
@@ -230,9 +253,11 @@ class Hooks(StageHooks):
 def make_stage_hooks(run_dir: str | os.PathLike, stage: str, *, total_steps: int | None = None,
                      initial_step: int = 0, tokens_per_step: int | None = None,
                      samples_per_step: int | None = None, log_every: int = 1, tensorboard: bool = True,
-                     progress: bool | None = None, extra: Iterable[Any] = ()) -> Hooks:
-    """The standard hooks of one stage: JSONL + TensorBoard under `run_dir/<stage>/`, a progress bar, and `extra`
-    (e.g. a CheckpointHook). `progress=None` follows the TTY/CI rule of `ProgressHook`."""
+                     progress: bool | None = None, extra: Iterable[Any] = (), wandb_project: str | None = None,
+                     run_config: dict | None = None) -> Hooks:
+    """The standard hooks of one stage: JSONL + TensorBoard under `run_dir/<stage>/`, a progress bar, Weights &
+    Biases when `wandb_project` is given (run named after the run directory and stage, `run_config` recorded), and
+    `extra` (e.g. a CheckpointHook). `progress=None` follows the TTY/CI rule of `ProgressHook`."""
     stage_dir = os.path.join(os.fspath(run_dir), stage)
     hooks = [JsonlHook(os.path.join(stage_dir, "metrics.jsonl"), every=log_every)]
     if tensorboard:
@@ -240,4 +265,7 @@ def make_stage_hooks(run_dir: str | os.PathLike, stage: str, *, total_steps: int
     hooks.append(ProgressHook(total_steps, desc=stage, initial=initial_step, tokens_per_step=tokens_per_step,
                               samples_per_step=samples_per_step,
                               disable=None if progress is None else not progress, lines=progress is None))
+    if wandb_project is not None:
+        name = f"{os.path.basename(os.path.abspath(os.fspath(run_dir)))}/{stage}"
+        hooks.append(WandbHook(wandb_project, stage=stage, name=name, config=run_config))
     return Hooks([*hooks, *extra])
