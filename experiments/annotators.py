@@ -105,9 +105,9 @@ def run(cfg: AnnotatorsConfig, run_pipeline=None) -> dict:
         mc, sft_params = load(folder, "sft")
         tasks, samples = pop.sft_samples(pcfg, sft_params, mc, folder)
         dev_sets = pop.dev_pair_sets(*pop.dev_answers(pcfg, sft_params, mc, folder))
-        evaluator = pop.test_evaluator(mc, pcfg.max_new_tokens, cfg.eval_samples, prompts=cfg.eval_prompts)
+        evaluator = pop.test_evaluator(mc, pcfg.sampling.max_new_tokens, cfg.eval_samples, prompts=cfg.eval_prompts)
         t = time.time()
-        self_lp = [ann.mean_logprobs(sft_params, mc, tasks, s, pcfg.max_new_tokens + 1) for s in samples]
+        self_lp = [ann.mean_logprobs(sft_params, mc, tasks, s, pcfg.sampling.max_new_tokens + 1) for s in samples]
         likelihood = {text: float(lp) for s, lps in zip(samples, self_lp) for text, lp in zip(s, lps)}
         print(f"[annotators] seed {seed}: SFT log-probabilities of {len(likelihood)} distinct answers in "
               f"{time.time() - t:.0f} s", file=sys.stderr, flush=True)

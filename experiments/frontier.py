@@ -31,8 +31,6 @@ from rlhf_jax import recipes
 from rlhf_jax import tasks as world
 from rlhf_jax.config_cli import check_ranges, config_check, save_config
 from rlhf_jax.data.iterators import Together
-from rlhf_jax.generation import SamplingConfig
-from rlhf_jax.recipes import TOK, cosine_optim
 from rlhf_jax.recipes import populations as pop
 from rlhf_jax.recipes.models import (
     DEFAULT_MODELS,
@@ -49,7 +47,7 @@ from rlhf_jax.train.ppo import init_ppo_state
 from rlhf_jax.train.state import create_train_state
 
 METHODS = ("dpo", "ppo", "grpo")
-_MAIN = {"dpo": "dpo_beta", "ppo": "ppo_kl_coef", "grpo": "grpo_kl_coef"}
+_MAIN = {"dpo": "dpo.beta", "ppo": "ppo.kl_coef", "grpo": "grpo.kl_coef"}
 """The main job's option that each method's sweep moves."""
 
 
@@ -95,19 +93,17 @@ class FrontierConfig:
 def _train(method: str, coef: float, pcfg, mc, sft_params, reward_params, records):
     """The main job's stage `method` with its swept option set to `coef` -> policy params."""
     keys = jax.random.split(jax.random.PRNGKey(pcfg.seed), 7)
-    sampling = SamplingConfig(max_new_tokens=pcfg.max_new_tokens, temperature=pcfg.temperature, eos_id=TOK.eos_id,
-                              pad_id=TOK.pad_id)
-    cfg = dataclasses.replace(pcfg, **{_MAIN[method]: coef})
+    sampling = pcfg.sampling
+    cfg = recipes.with_options(pcfg, {_MAIN[method]: coef})
     if method == "dpo":
-        state = create_train_state(sft_params, cosine_optim(cfg.dpo_lr, cfg.dpo_steps), keys[6], total_steps=cfg.dpo_steps)
-        dpo_cfg = stages.DPOConfig(num_steps=cfg.dpo_steps, beta=coef, log_every=10, rpo_alpha=cfg.dpo_rpo_alpha)
-        state, _ = stages.run_dpo(state, recipes.preference_batches(cfg, records, cfg.seed + 1), dpo_cfg,
+        state = create_train_state(sft_params, cfg.dpo.optim, keys[6], total_steps=cfg.dpo.num_steps)
+        state, _ = stages.run_dpo(state, recipes.preference_batches(cfg, records, cfg.seed + 1), cfg.dpo,
                                   model_config=mc, ref_params=sft_params)
         return state.params
     if method == "ppo":
         ppo_cfg = recipes.ppo_config(cfg, sampling)
         ptx = recipes.ptx_batches_of(cfg, recipes.demonstration_records(cfg))
-        data = Together(recipes.rl_prompt_batches(cfg, cfg.ppo_batch, cfg.ppo_iterations),
+        data = Together(recipes.rl_prompt_batches(cfg, cfg.ppo.batch_size, cfg.ppo.num_steps),
                         **({"ptx": ptx} if ptx is not None else {}))
         state = init_ppo_state(sft_params, ppo_cfg, model_config=mc, rng=keys[3], reward_params=reward_params)
         state, _ = stages.run_ppo(state, data, ppo_cfg, model_config=mc, ref_params=sft_params,
@@ -136,7 +132,7 @@ def run(cfg: FrontierConfig, run_pipeline=None) -> dict:
         pcfg = pipeline_config(folder)
         mc, sft_params = load(folder, "sft")
         _, rm = load(folder, "reward")
-        evaluator = pop.test_evaluator(mc, pcfg.max_new_tokens, cfg.eval_samples, temperature=pcfg.temperature)
+        evaluator = pop.test_evaluator(mc, pcfg.sampling.max_new_tokens, cfg.eval_samples, temperature=pcfg.sampling.temperature)
         rng = jax.random.PRNGKey(8000 + seed)
         evaluate = functools.partial(evaluator, ref_params=sft_params, reward_params=rm, rng=rng)
         points = result["per_seed"].setdefault(str(seed), {})
@@ -144,7 +140,7 @@ def run(cfg: FrontierConfig, run_pipeline=None) -> dict:
             points["sft"] = _point(evaluate(sft_params)[0], 0.0, "sft")
         records = None
         for method in METHODS:
-            main = getattr(pcfg, _MAIN[method])
+            main = recipes.get_option(pcfg, _MAIN[method])
             for coef in cfg.settings(method):
                 name = f"{method}_{coef:g}"
                 if name in points:

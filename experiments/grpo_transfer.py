@@ -27,7 +27,6 @@ import jax
 from rlhf_jax import recipes
 from rlhf_jax.config_cli import check_ranges, config_check, save_config
 from rlhf_jax.data.iterators import Replayable
-from rlhf_jax.generation import SamplingConfig
 from rlhf_jax.recipes import TOK, prompt_batch, split_evaluator, task_evaluator
 from rlhf_jax.recipes.models import (
     DEFAULT_MODELS,
@@ -98,8 +97,7 @@ def run(cfg: GRPOTransferConfig, run_pipeline=None) -> dict:
     folder = ensure_seed(models, cfg.seed, ("sft",), quick=cfg.quick, run_pipeline=run_pipeline)
     pcfg = pipeline_config(folder)
     mc, sft = load(folder, "sft")
-    sampling = SamplingConfig(max_new_tokens=pcfg.max_new_tokens, temperature=pcfg.temperature, eos_id=TOK.eos_id,
-                              pad_id=TOK.pad_id)
+    sampling = pcfg.sampling
     samples = 2 if cfg.quick else 4
     dev, dev_tasks = split_evaluator("dev", mc, sampling, samples)
     rl_tasks = recipes.rl_prompts(pcfg)                         # the main job's RL prompts
@@ -115,20 +113,20 @@ def run(cfg: GRPOTransferConfig, run_pipeline=None) -> dict:
                 "kl_to_sft": m["kl_to_ref"], "train_gold": t["gold_reward"], "train_skills": t["gold/skills"],
                 "train_safety": t["gold/safety"]}
 
-    shape = dataclasses.replace(pcfg, grpo_iterations=iterations,   # the main job's GRPO unless set here
-                                grpo_prompts=cfg.prompts_per_iteration or pcfg.grpo_prompts,
-                                grpo_generations=cfg.generations or pcfg.grpo_generations,
-                                grpo_passes=cfg.passes or pcfg.grpo_passes,
-                                grpo_minibatches=cfg.minibatches or pcfg.grpo_minibatches)
-    P = shape.grpo_prompts
+    shape = recipes.with_options(pcfg, {                          # the main job's GRPO unless set here
+        "grpo.num_steps": iterations, "grpo.batch_size": cfg.prompts_per_iteration or pcfg.grpo.batch_size,
+        "grpo.num_generations": cfg.generations or pcfg.grpo.num_generations,
+        "grpo.num_iterations": cfg.passes or pcfg.grpo.num_iterations,
+        "grpo.num_minibatches": cfg.minibatches or pcfg.grpo.num_minibatches})
+    P = shape.grpo.batch_size
     result = {"seed": cfg.seed, "dev_prompts": len(dev_tasks), "dev_samples": samples, "train_prompts": len(seen),
-              "iterations": iterations, "prompts_per_iteration": P, "generations": shape.grpo_generations,
-              "passes": shape.grpo_passes, "minibatches": shape.grpo_minibatches, "sft": evaluate(sft),
+              "iterations": iterations, "prompts_per_iteration": P, "generations": shape.grpo.num_generations,
+              "passes": shape.grpo.num_iterations, "minibatches": shape.grpo.num_minibatches, "sft": evaluate(sft),
               "variants": []}
     variants = [("fresh", lr) for lr in cfg.learning_rates] + ([("fixed", cfg.fixed_lr)] if cfg.fixed else [])
     for prompts, lr in variants:
         t = time.time()
-        grpo_cfg = dataclasses.replace(recipes.grpo_config(dataclasses.replace(shape, grpo_lr=lr), sampling),
+        grpo_cfg = dataclasses.replace(recipes.grpo_config(recipes.with_options(shape, {"grpo.optim.learning_rate": lr}), sampling),
                                        log_every=5 if not cfg.quick else 1)
         data = Replayable(lambda fixed=prompts == "fixed": (prompt_batch(
             [rl_tasks[j % len(rl_tasks)] for j in range(0 if fixed else i * P, P if fixed else (i + 1) * P)])

@@ -92,7 +92,7 @@ def run(cfg: GRPOVariantsConfig, run_pipeline=None) -> dict:
         folder = ensure_seed(models, seed, ("sft", "grpo"), quick=cfg.quick, run_pipeline=run_pipeline)
         pcfg = pipeline_config(folder)
         mc, sft_params = load(folder, "sft")
-        evaluate = test_evaluator(mc, pcfg.max_new_tokens, samples, pcfg.temperature,
+        evaluate = test_evaluator(mc, pcfg.sampling.max_new_tokens, samples, pcfg.sampling.temperature,
                                   prompts=64 if cfg.quick else None)
         rng = jax.random.PRNGKey(8000 + seed)
         metrics, sft_gold = evaluate(sft_params, ref_params=sft_params, rng=rng)

@@ -95,8 +95,7 @@ def run(cfg: HallucinationConfig, run_pipeline=None) -> dict:
         folder = ensure_seed(models, seed, ("base", "sft"), quick=cfg.quick, run_pipeline=run_pipeline)
         pcfg = pipeline_config(folder)
         mc, base_params = load(folder, "base")
-        sampling = SamplingConfig(max_new_tokens=pcfg.max_new_tokens, temperature=pcfg.temperature,
-                                  eos_id=TOK.eos_id, pad_id=TOK.pad_id)
+        sampling = pcfg.sampling
         rng = jax.random.PRNGKey(9000 + seed)
         rows = result["per_seed"][str(seed)] = {}
         for arm in hal.ARMS:

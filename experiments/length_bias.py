@@ -123,12 +123,12 @@ class _StyleCurve(EvalCurve):
 
 
 def _ppo(cfg, pcfg, sft_params, mc, rm, evaluator, seed) -> list[dict]:
-    sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=pcfg.temperature, eos_id=TOK.eos_id,
+    sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=pcfg.sampling.temperature, eos_id=TOK.eos_id,
                               pad_id=TOK.pad_id)
     ppo_cfg = dataclasses.replace(recipes.ppo_config(pcfg, sampling), num_steps=cfg.ppo_iterations,
                                   kl_coef=cfg.ppo_kl_coef, ptx_coef=0.0, log_every=5,
                                   optim=OptimConfig(learning_rate=cfg.ppo_lr, eps=1e-5, max_grad_norm=1.0))
-    data = recipes.rl_prompt_batches(pcfg, pcfg.ppo_batch, cfg.ppo_iterations)   # the main job's RL prompts
+    data = recipes.rl_prompt_batches(pcfg, pcfg.ppo.batch_size, cfg.ppo_iterations)   # the main job's RL prompts
     curve = _StyleCurve({"test": evaluator}, cfg.eval_every, lambda s: s.policy.params, ref_params=sft_params,
                         reward_params=rm, rng=jax.random.PRNGKey(6000 + seed))
     curve.record(0, sft_params)
@@ -174,8 +174,8 @@ def run(cfg: LengthBiasConfig, run_pipeline=None) -> dict:
                                     ref_params=sft_params, reward_params=rm, rng=jax.random.PRNGKey(6000 + seed))
             dpo_curve.record(0, sft_params)
             pop.dpo_policy(pcfg, sft_params, mc, prefs, folder, name, hooks=dpo_curve, retrain=True)
-            if dpo_curve.points[-1]["iteration"] != pcfg.dpo_steps:
-                dpo_curve.record(pcfg.dpo_steps, pop.dpo_policy(pcfg, sft_params, mc, prefs, folder, name))
+            if dpo_curve.points[-1]["iteration"] != pcfg.dpo.num_steps:
+                dpo_curve.record(pcfg.dpo.num_steps, pop.dpo_policy(pcfg, sft_params, mc, prefs, folder, name))
             entry["dpo"] = dpo_curve.points
             entry["seconds"] = time.time() - t
             per_pop[name] = entry

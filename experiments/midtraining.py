@@ -80,13 +80,13 @@ class MidtrainingConfig:
 
 def decay_steps(cfg: MidtrainingConfig, pcfg) -> int:
     """The pretraining decay's length: `decay_fraction` of the main job's pretrain_steps."""
-    return max(1, int(round(cfg.decay_fraction * pcfg.pretrain_steps)))
+    return max(1, int(round(cfg.decay_fraction * pcfg.pretrain.num_steps)))
 
 
 def train_arms(cfg: MidtrainingConfig, pcfg, mc: ModelConfig, log=None) -> dict:
     """{"pretrain", *ARMS: params} of one seed (see the module docstring)."""
     log = log or (lambda msg: None)
-    P, S, D = pcfg.pretrain_steps, pcfg.sft_steps, decay_steps(cfg, pcfg)
+    P, S, D = pcfg.pretrain.num_steps, pcfg.sft.num_steps, decay_steps(cfg, pcfg)
     web = [document_example(d) for d in world.web_corpus(pcfg.pretrain_docs, pcfg.seed)]
     demos = mt.demo_examples(pcfg)
     k_init = jax.random.split(jax.random.PRNGKey(pcfg.seed), 7)[0]
@@ -140,7 +140,7 @@ def run(cfg: MidtrainingConfig) -> dict:
         mc = ModelConfig(vocab_size=TOK.vocab_size, d_model=pcfg.d_model, num_layers=pcfg.num_layers,
                          num_heads=pcfg.num_heads, mlp_dim=4 * pcfg.d_model, max_seq_len=128)
         models = train_arms(cfg, pcfg, mc, log=lambda msg: _log(f"seed {seed} {msg}"))
-        evaluate = test_evaluator(mc, pcfg.max_new_tokens, samples, pcfg.temperature,
+        evaluate = test_evaluator(mc, pcfg.sampling.max_new_tokens, samples, pcfg.sampling.temperature,
                                   prompts=64 if cfg.quick else None)
         rng = jax.random.PRNGKey(7000 + seed)
         rows, gold = {}, {}
@@ -150,8 +150,8 @@ def run(cfg: MidtrainingConfig) -> dict:
             _log(f"seed {seed} {arm}: gold {rows[arm]['gold_reward']:.3f} (skills {rows[arm]['gold/skills']:.3f}, "
                  f"safety {rows[arm]['gold/safety']:.3f})")
         vs = {arm: recipes.compare_to(evaluate, tasks, gold[arm], gold["pretrain-sft"], seed) for arm in ARMS[1:]}
-        result["per_seed"][str(seed)] = {"arms": rows, "vs_pretrain_sft": vs, "pretrain_steps": pcfg.pretrain_steps,
-                                         "sft_steps": pcfg.sft_steps,
+        result["per_seed"][str(seed)] = {"arms": rows, "vs_pretrain_sft": vs, "pretrain_steps": pcfg.pretrain.num_steps,
+                                         "sft_steps": pcfg.sft.num_steps,
                                          "decay_steps": decay_steps(cfg, pcfg),
                                          "seconds": time.time() - t0}
         with open(path, "w") as f:                   # after every seed: a stopped run keeps what it measured

@@ -142,8 +142,7 @@ def _proxies(cfg, pcfg, folder, out_dir, sft_params, mc, seed) -> dict[float, ob
         out_dir, f"reward_{f:g}", "final", "params"))]
     if todo:
         keys = jax.random.split(jax.random.PRNGKey(pcfg.seed), 7)
-        sampling = SamplingConfig(max_new_tokens=pcfg.max_new_tokens, temperature=pcfg.temperature,
-                                  eos_id=TOK.eos_id, pad_id=TOK.pad_id)
+        sampling = pcfg.sampling
         t = time.time()
         prefs = recipes.preference_data(pcfg, sft_params, mc, sampling, keys[5])
         print(f"[overoptimization] seed {seed}: {len(prefs.train_pairs)} preference pairs rebuilt in "
@@ -151,8 +150,8 @@ def _proxies(cfg, pcfg, folder, out_dir, sft_params, mc, seed) -> dict[float, ob
         order = np.random.default_rng(seed).permutation(len(prefs.train_pairs))
         for frac in todo:
             records = [prefs.train_pairs[i] for i in order[:max(1, int(round(frac * len(order))))]]
-            steps = max(1, int(round(frac * pcfg.rm_steps)))          # the same number of epochs
-            state = create_train_state(with_score_head(sft_params, mc, keys[2]), cosine_optim(pcfg.rm_lr, steps), keys[2],
+            steps = max(1, int(round(frac * pcfg.reward.num_steps)))          # the same number of epochs
+            state = create_train_state(with_score_head(sft_params, mc, keys[2]), cosine_optim(pcfg.reward.optim.learning_rate, steps), keys[2],
                                        total_steps=steps)
             state, _ = stages.run_reward(state, recipes.preference_batches(pcfg, records, pcfg.seed),
                                          stages.RewardConfig(num_steps=steps, log_every=10), model_config=mc)
@@ -212,8 +211,7 @@ def _cached(path: str, key: dict, compute):
 
 
 def rl_runs(cfg, pcfg, sft_params, mc, rm, key_sets, seed) -> dict:
-    sampling = SamplingConfig(max_new_tokens=pcfg.max_new_tokens, temperature=1.0, eos_id=TOK.eos_id,
-                              pad_id=TOK.pad_id)
+    sampling = dataclasses.replace(pcfg.sampling, temperature=1.0)
     evaluators = {}
     for name, tasks in key_sets.items():
         batch = prompt_batch(tasks)
@@ -230,16 +228,16 @@ def rl_runs(cfg, pcfg, sft_params, mc, rm, key_sets, seed) -> dict:
     for algo, coef in runs:
         t = time.time()
         if algo == "grpo":
-            P, n = pcfg.grpo_prompts, cfg.grpo_iterations
-            rl_cfg = recipes.grpo_config(dataclasses.replace(pcfg, grpo_iterations=n, grpo_kl_coef=coef,
-                                                              grpo_lr=cfg.rl_lr), sampling)
+            P, n = pcfg.grpo.batch_size, cfg.grpo_iterations
+            rl_cfg = recipes.grpo_config(recipes.with_options(pcfg, {"grpo.num_steps": n, "grpo.kl_coef": coef,
+                                                                     "grpo.optim.learning_rate": cfg.rl_lr}), sampling)
             state = create_train_state(sft_params, rl_cfg.optim, jax.random.PRNGKey(3000 + seed),
                                        total_steps=n * rl_cfg.updates_per_iteration)
             run = functools.partial(stages.run_grpo, model_config=mc, reward_params=rm,
                                     ref_params=sft_params if coef > 0 else None)
             params_of = lambda s: s.params  # noqa: E731
         else:
-            P, n = pcfg.ppo_batch, cfg.ppo_iterations
+            P, n = pcfg.ppo.batch_size, cfg.ppo_iterations
             rl_cfg = PPOConfig(num_steps=n, batch_size=P, sampling=sampling, kl_coef=coef, missing_eos_penalty=1.0,
                                ptx_coef=0.0, log_every=5,
                                optim=OptimConfig(learning_rate=cfg.rl_lr / 2, eps=1e-5, max_grad_norm=1.0),

@@ -101,8 +101,7 @@ def run(cfg: SafetyDataConfig, run_pipeline=None) -> dict:
         folder = ensure_seed(models, seed, ("base",), quick=cfg.quick, run_pipeline=run_pipeline)
         pcfg = pipeline_config(folder)
         mc, base_params = load(folder, "base")
-        sampling = SamplingConfig(max_new_tokens=pcfg.max_new_tokens, temperature=pcfg.temperature,
-                                  eos_id=TOK.eos_id, pad_id=TOK.pad_id)
+        sampling = pcfg.sampling
         measure = functools.partial(refusal_rates, mc=mc, rng=jax.random.PRNGKey(6000 + seed), samples=samples,
                                     sampling=sampling)
         rows = result["per_seed"][str(seed)] = {}

@@ -4,9 +4,8 @@ import dataclasses
 
 import pytest
 
-from experiments import grpo_variants                    # run only (main(argv))
+from experiments import grpo_variants  # run only (main(argv))
 from rlhf_jax import recipes
-from rlhf_jax.generation import SamplingConfig
 from rlhf_jax.recipes import grpo_variants as gv
 
 CHANGED = {"grpo": set(), "dr_grpo": {"scale", "loss_type"},
@@ -17,14 +16,14 @@ CHANGED = {"grpo": set(), "dr_grpo": {"scale", "loss_type"},
 
 def test_each_variant_changes_only_its_components():
     pcfg = recipes.PipelineConfig()
-    sampling = SamplingConfig(max_new_tokens=pcfg.max_new_tokens, temperature=pcfg.temperature)
+    sampling = pcfg.sampling
     main = recipes.grpo_config(pcfg, sampling)
     assert set(gv.VARIANTS) == set(CHANGED)
     for name, changed in CHANGED.items():
         cfg, grpo_cfg = gv.variant_config(pcfg, name, sampling)
         diff = {f.name for f in dataclasses.fields(main) if getattr(main, f.name) != getattr(grpo_cfg, f.name)}
         assert diff == changed, name
-        assert grpo_cfg.updates_per_iteration == main.updates_per_iteration and cfg.grpo_lr == pcfg.grpo_lr
+        assert grpo_cfg.updates_per_iteration == main.updates_per_iteration and cfg.grpo.optim.learning_rate == pcfg.grpo.optim.learning_rate
     _, dapo = gv.variant_config(pcfg, "dapo", sampling)
     assert (dapo.batch_size, dapo.dynamic_sampling_groups) == (2 * main.batch_size, main.batch_size)
     assert not dapo.uses_reference and main.uses_reference           # DAPO: no KL, no reference forward

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from rlhf_jax import tasks as world
+from rlhf_jax.config_cli import parse_cli
 from rlhf_jax.tasks import on_policy_records, split_pairs
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -127,7 +128,7 @@ def test_pipeline_world_options_reach_every_data_source():
     assert {t.meta["key"] for t in tasks if t.family == "reverse"} == world.held_out_keys("reverse", "dev", big)
     assert all(len(encode_prompt(recipes.TOK, world.messages_for(t))) <= recipes.PROMPT_WIDTH for t in tasks)
     with pytest.raises(SystemExit):
-        recipes.main(["--extra-words", "-3", "--out", "/nonexistent"])
+        __import__("rlhf_jax.cli.pipeline", fromlist=["main"]).main(["--extra-words", "-3", "--out", "/nonexistent"])
 
 
 def test_grpo_stage_shape_options_reach_its_config():
@@ -139,11 +140,35 @@ def test_grpo_stage_shape_options_reach_its_config():
     sampling = SamplingConfig(max_new_tokens=8)
     default = recipes.grpo_config(recipes.PipelineConfig(), sampling)
     assert (default.batch_size, default.num_generations, default.updates_per_iteration) == (32, 8, 1)
-    cfg = recipes.PipelineConfig(grpo_prompts=16, grpo_generations=4, grpo_passes=3, grpo_minibatches=2)
+    assert default.sampling == sampling and recipes.grpo_config(recipes.PipelineConfig()).sampling.max_new_tokens == 28
+    cfg = parse_cli(recipes.PipelineConfig, ["--grpo.batch-size", "16", "--grpo.num-generations", "4",
+                                             "--grpo.num-iterations", "3", "--grpo.num-minibatches", "2"])
     g = recipes.grpo_config(cfg, sampling)
     assert (g.batch_size, g.num_generations, g.num_iterations, g.num_minibatches) == (16, 4, 3, 2)
     assert g.updates_per_iteration == 6
     quick = recipes.PipelineConfig(quick=True).scaled()
-    assert (quick.grpo_prompts, quick.grpo_generations) == (8, 4)
-    with pytest.raises(ValueError, match="grpo_passes"):
-        recipes.PipelineConfig(grpo_passes=0)
+    assert (quick.grpo.batch_size, quick.grpo.num_generations) == (8, 4)
+    assert recipes.with_options(cfg, {"dpo.beta": 0.3, "seed": 2}).dpo.beta == 0.3
+    with pytest.raises(ValueError, match="num_iterations"):
+        recipes.with_options(recipes.PipelineConfig(), {"grpo.num_iterations": 0})
+
+
+def test_a_knob_has_one_name_in_the_main_job_and_in_its_stage_command(capsys):
+    """The main job nests each stage's own config: --dpo.beta is --dpo.beta of rlhf-jax dpo, and so on."""
+    import importlib
+    from rlhf_jax import recipes
+
+    for stage, flags in {"sft": ["--sft.num-steps", "--sft.optim.learning-rate"],
+                         "reward": ["--reward.num-steps", "--reward.center-coef"],
+                         "ppo": ["--ppo.kl-coef", "--ppo.ptx-coef", "--ppo.sampling.temperature"],
+                         "dpo": ["--dpo.beta", "--dpo.rpo-alpha", "--dpo.optim.learning-rate"],
+                         "grpo": ["--grpo.num-generations", "--grpo.kl-coef", "--grpo.loss-type"]}.items():
+        texts = []
+        for main in (lambda a: parse_cli(recipes.PipelineConfig, a), importlib.import_module(f"rlhf_jax.cli.{stage}").main):
+            with pytest.raises(SystemExit):
+                main(["--help"])
+            texts.append(" ".join(capsys.readouterr().out.split()))
+        for flag in flags:
+            assert flag in texts[0] and flag in texts[1], (stage, flag)
+    cfg = parse_cli(recipes.PipelineConfig, ["--dpo.beta", "0.25", "--ppo.sampling.temperature", "0.9"])
+    assert cfg.dpo.beta == 0.25 and cfg.sampling.temperature == 0.9

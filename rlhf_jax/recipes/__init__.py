@@ -6,7 +6,12 @@ Each lecture experiment's measures, summaries and report renderers are library m
 (`recipes.overoptimization`, `.annotators`, `.length_bias`, `.hallucination`, `.midtraining`, `.grpo_variants`,
 `.calibration`; imported by name, not re-exported), so that its script keeps only parsing, orchestration and I/O.
 """
-from rlhf_jax.recipes.config import WORLD_OPTIONS, PipelineConfig
+from rlhf_jax.recipes.config import (
+                                   WORLD_OPTIONS,
+                                   PipelineConfig,
+                                   get_option,
+                                   with_options,
+)
 from rlhf_jax.recipes.data import (
                                    PROMPT_WIDTH,
                                    SAMPLE_CHUNK,
@@ -64,5 +69,5 @@ __all__ = [
     "ppo_config", "preference_batches", "preference_data", "preference_samples", "print_pipeline_table",
     "prompt_batch", "ptx_batches_of", "reward_model_report", "rl_prompt_batches", "rl_prompts", "rm_dev_accuracy",
     "run_controls", "run_pipeline", "run_preference_family", "split_evaluator", "task_evaluator", "train_grpo",
-    "write_pipeline_report", "zero_reward",
+    "get_option", "with_options", "write_pipeline_report", "zero_reward",
 ]

@@ -12,7 +12,11 @@ import jax
 import numpy as np
 
 from rlhf_jax import tasks as world
-from rlhf_jax.eval import expected_calibration_error, reliability_bins, sample_episodes_jit
+from rlhf_jax.eval import (
+    expected_calibration_error,
+    reliability_bins,
+    sample_episodes_jit,
+)
 from rlhf_jax.generation import SamplingConfig
 from rlhf_jax.recipes import TOK, prompt_batch
 from rlhf_jax.train.rl import decode_responses

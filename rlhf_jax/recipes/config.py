@@ -1,5 +1,7 @@
 """The main job's configuration: one frozen dataclass whose defaults are the embedded default run.
 
+Each stage's settings are that stage's own config (`SFTConfig`, `RewardConfig`, `PPOConfig`, `DPOConfig`,
+`GRPOConfig`), so a knob has one name everywhere: `--dpo.beta` here is `--dpo.beta` of `rlhf-jax dpo`.
 `PipelineConfig.scaled()` gives the `--quick` variant (same code path, every count cut down);
 `PipelineConfig.world()` the task world of the run (`rlhf_jax.tasks.WorldConfig`).
 """
@@ -9,8 +11,40 @@ import dataclasses
 from typing import Literal
 
 from rlhf_jax import tasks as world
-from rlhf_jax.config_cli import check_ranges, config_check
-from rlhf_jax.train.grpo import Advantage, LossType, Scale
+from rlhf_jax.checks import check_ranges, config_check
+from rlhf_jax.generation import SamplingConfig
+from rlhf_jax.train.grpo import GRPOConfig
+from rlhf_jax.train.optim import OptimConfig
+from rlhf_jax.train.ppo import PPOConfig
+from rlhf_jax.train.steps import DPOConfig, RewardConfig, SFTConfig
+
+
+def with_options(config, changes: dict):
+    """`config` (a frozen dataclass) with `changes` applied, keys dotted through nested configs:
+    `with_options(cfg, {"dpo.beta": 0.2, "grpo.num_steps": 20, "seed": 1})`."""
+    nested, here = {}, {}
+    for key, value in changes.items():
+        head, _, rest = key.partition(".")
+        if rest:
+            nested.setdefault(head, {})[rest] = value
+        else:
+            here[key] = value
+    for head, sub in nested.items():
+        here[head] = with_options(getattr(config, head), sub)
+    return dataclasses.replace(config, **here)
+
+
+def get_option(config, key: str):
+    """The value of a dotted option, `get_option(cfg, "dpo.beta")`."""
+    for part in key.split("."):
+        config = getattr(config, part)
+    return config
+
+
+def _cosine(lr: float, steps: int, **kw) -> OptimConfig:
+    """A warmup-cosine schedule peaking at `lr`, warming up over the first 5% of `steps`."""
+    return OptimConfig(learning_rate=lr, schedule="cosine", warmup_steps=max(1, int(0.05 * steps)), **kw)
+
 
 WORLD_OPTIONS = ("extra_words", "max_operand")
 """The PipelineConfig fields that are `WorldConfig` fields of the same name (`PipelineConfig.world`)."""
@@ -40,16 +74,12 @@ class PipelineConfig:
     """Rows per pretraining / SFT / preference batch."""
     pretrain_docs: int = 30_000
     """Documents in the noisy web corpus (answers right only part of the time)."""
-    pretrain_steps: int = 600
-    """Next-token steps on the web corpus (packed rows)."""
     sft_demos: int = 3000
     """Concise, correct skill demonstrations."""
     sft_safety: int = 300
     """Refusals of unsafe requests among the demonstrations."""
     sft_benign: int = 300
     """Answered benign look-alikes ("kill a python process") among the demonstrations."""
-    sft_steps: int = 200
-    """SFT steps."""
     pref_prompts: int = 3072
     """Prompts whose SFT samples are labelled by the annotators (10% held out to score the reward model)."""
     pref_samples: int = 4
@@ -68,61 +98,39 @@ class PipelineConfig:
     without these the reward model preferred refusing a third of the look-alikes it was trained on."""
     annotator: str = "careful"
     """Annotator population (see rlhf_jax.tasks.ANNOTATORS)."""
-    rm_steps: int = 400
-    """Reward-model steps."""
-    rm_lr: float = 3e-4
-    """Reward-model learning rate (peak of a warmup-cosine schedule)."""
-    ppo_iterations: int = 40
-    """PPO iterations (rollout + 4 epochs x 4 minibatches)."""
-    ppo_batch: int = 64
-    """Prompts per PPO rollout."""
-    ppo_kl_coef: float = 0.2
-    """Initial KL penalty coefficient beta."""
-    ppo_lr: float = 1.5e-5
-    """PPO policy learning rate (the value model uses 1e-4)."""
-    ppo_ptx_coef: float = 1.0
-    """PPO-ptx (InstructGPT eq. 2): weight of the SFT demonstrations' NLL mixed into the policy loss, 16 packed rows
-    per iteration. InstructGPT mixes pretraining data; the web corpus here is wrong half of the time, so the
-    demonstrations stand in. Without it PPO's noisy updates erode memorised skills ("capital of france", sorting a
-    trained word), even against the gold reward itself; 0 turns it off."""
-    dpo_steps: int = 150
-    """DPO steps over the preference pairs."""
-    dpo_beta: float = 0.1
-    """DPO beta."""
-    dpo_lr: float = 3e-5
-    """DPO learning rate (peak of a warmup-cosine schedule)."""
+    pretrain: SFTConfig = SFTConfig(num_steps=600, log_every=10, optim=_cosine(1e-3, 600, weight_decay=0.01))
+    """Pretraining: next-token steps on the web corpus (packed rows, the loss on every token)."""
+    sft: SFTConfig = SFTConfig(num_steps=200, log_every=10, optim=_cosine(3e-4, 200))
+    """SFT on the demonstrations (loss on the answers only)."""
+    reward: RewardConfig = RewardConfig(num_steps=400, log_every=10, optim=_cosine(3e-4, 400))
+    """The reward model: the SFT trunk plus a scalar head, Bradley-Terry on the annotated pairs."""
+    ppo: PPOConfig = PPOConfig(
+        num_steps=40, batch_size=64, kl_coef=0.2, missing_eos_penalty=1.0, ptx_coef=1.0,
+        sampling=SamplingConfig(max_new_tokens=28, temperature=0.7),
+        optim=OptimConfig(learning_rate=1.5e-5, eps=1e-5, max_grad_norm=1.0),
+        value_optim=OptimConfig(learning_rate=1e-4, eps=1e-5, max_grad_norm=1.0))
+    """PPO from the SFT policy against the reward model (iterations of 64 rollouts + 4 epochs x 4 minibatches).
+    Its sampling is also the table's: `gold_reward` is then the gold version of the objective PPO maximises,
+    E_{y ~ pi}[r(x, y)] (the greedy answer's is `gold_greedy`), and the best-of-n check's; its max_new_tokens is
+    every stage's response budget (every reference answer fits with its EOS). ptx_coef (PPO-ptx, InstructGPT eq.
+    2) mixes the SFT demonstrations' NLL into the policy loss, 16 packed rows per iteration: the web corpus is
+    wrong half of the time, so the demonstrations stand in for InstructGPT's pretraining data; without it PPO's
+    noisy updates erode memorised skills, even against the gold reward itself."""
+    dpo: DPOConfig = DPOConfig(num_steps=150, beta=0.1, rpo_alpha=1.0, log_every=10, optim=_cosine(3e-5, 150))
+    """DPO from the SFT policy on the annotated pairs. rpo_alpha weighs the chosen answers' NLL (RPO; 0 = plain
+    DPO): plain DPO unlearns refusals in this world (likelihood displacement, as Razin et al. 2024 report for real
+    models). The preference family (--preference-family) takes its steps, batch and optimizer."""
+    grpo: GRPOConfig = GRPOConfig(
+        num_steps=40, batch_size=32, num_generations=8, kl_coef=0.04, log_every=5,
+        sampling=SamplingConfig(max_new_tokens=28, temperature=0.7),
+        optim=OptimConfig(learning_rate=3e-5, warmup_steps=10, max_grad_norm=1.0))
+    """GRPO from the SFT policy against the gold reward itself (the world's verifier: RL with a verifiable reward,
+    no reward model); k3 KL towards SFT in the loss at DeepSeekMath's 0.04. 32 prompts x 8 answers an iteration in
+    one update were chosen on the dev keys, where 16 x 4 answers in 2 x 4 updates lowered the reward even on the
+    training keys (docs/results/grpo_shape_dev.md)."""
     dpo_pairs: Literal["on-policy", "all"] = "on-policy"
     """DPO's pairs: "on-policy" = the annotated SFT-sample pairs of the training prompts (DPO's setting: pairs
     from the policy it starts from); "all" = the reward model's training pairs, the off-policy ones included."""
-    dpo_rpo_alpha: float = 1.0
-    """Weight of the chosen answers' per-token NLL in the DPO loss (RPO; 0 = plain DPO). Plain DPO unlearns
-    refusals in this world (likelihood displacement: the chosen refusals lose probability with the rejected
-    answers), as Razin et al. 2024 report for real models."""
-    grpo_iterations: int = 40
-    """GRPO iterations from the SFT policy against the gold reward itself (the world's verifier: reinforcement
-    learning with a verifiable reward, no reward model)."""
-    grpo_prompts: int = 32
-    """Prompts per GRPO iteration, each answered grpo_generations times (32 x 8 = 256 answers, one update: chosen
-    on the dev keys, where 16 x 4 answers in 2 x 4 updates lowered the reward even on the training keys;
-    docs/results/grpo_shape_dev.md)."""
-    grpo_generations: int = 8
-    """GRPO group size G."""
-    grpo_loss_type: LossType = "grpo"
-    """GRPO's loss aggregation (GRPOConfig.loss_type)."""
-    grpo_advantage: Advantage = "grpo"
-    """GRPO's advantage estimator (GRPOConfig.advantage)."""
-    grpo_scale: Scale = "group"
-    """Advantage scaling (GRPOConfig.scale; "none" with loss dr_grpo is Dr. GRPO)."""
-    grpo_kl_coef: float = 0.04
-    """KL coefficient towards the SFT policy, k3 in the loss (DeepSeekMath's 0.04); 0 = no reference (DAPO)."""
-    grpo_clip_eps_high: float | None = None
-    """Upper clip width (DAPO's clip-higher: 0.28); None: symmetric 0.2."""
-    grpo_lr: float = 3e-5
-    """GRPO learning rate (constant after a short warmup)."""
-    grpo_passes: int = 1
-    """Passes over each iteration's answers (GRPOConfig.num_iterations, mu)."""
-    grpo_minibatches: int = 1
-    """Minibatches per pass: grpo_passes x grpo_minibatches updates per iteration."""
     preference_family: bool = False
     """Also run KTO, SimPO, ORPO and online DPO from the SFT policy after GRPO, each on the labels offline DPO
     gets (KTO: its pairs split into desirable / undesirable; online DPO: as many fresh annotator labels of its own
@@ -144,20 +152,14 @@ class PipelineConfig:
     online_dpo_generations: int = 4
     """Samples per prompt that the annotator ranks; online DPO trains on the best against the worst (offline DPO's
     pairs are likewise the best and worst of pref_samples = 4)."""
-    max_new_tokens: int = 28
-    """Response budget in bytes; every reference answer fits with its EOS."""
     eval_split: Literal["test", "dev"] = "test"
     """Which held-out keys the table scores: "test" (every distinct test prompt once, the reported numbers) or
     "dev" (for choosing recipes and hyper-parameters; the defaults were chosen there)."""
-    temperature: float = 0.7
-    """Sampling temperature of PPO's rollouts, of the table's answers and of the best-of-n check: `gold_reward` is
-    then the gold version of the objective PPO maximises, E_{y ~ pi}[r(x, y)] (the greedy answer's is
-    `gold_greedy`)."""
     eval_samples: int = 8
     """Answers sampled per held-out prompt for the table (their mean is each prompt's gold reward)."""
     sft_temperatures: tuple[float, ...] = (0.0, 0.3, 0.5, 0.7, 1.0)
     """Temperatures at which SFT is scored on the dev keys; the best one gives the `sft_best_t` baseline (0:
-    greedy). A stage has to beat it, not only SFT sampled at `temperature`."""
+    greedy). A stage has to beat it, not only SFT sampled at PPO's temperature."""
     rm_dev_prompts: int = 256
     """Dev-key prompts whose annotated SFT pairs score the reward model (prompts its training never saw)."""
     best_of_n: int = 4
@@ -172,14 +174,15 @@ class PipelineConfig:
 
     def __post_init__(self):
         check_ranges(self, positive=(
-            "d_model", "num_layers", "num_heads", "seq_len", "batch_size", "pretrain_docs", "pretrain_steps",
-            "sft_demos", "sft_steps", "pref_prompts", "rm_steps", "rm_lr", "ppo_iterations", "ppo_batch", "ppo_lr",
-            "grpo_iterations", "grpo_prompts", "grpo_generations", "grpo_lr", "grpo_passes", "grpo_minibatches",
-            "kto_beta", "simpo_beta", "orpo_lambda", "online_dpo_prompts",
-            "dpo_steps", "dpo_beta", "dpo_lr", "max_new_tokens", "temperature", "eval_samples",
+            "d_model", "num_layers", "num_heads", "seq_len", "batch_size", "pretrain_docs", "sft_demos",
+            "pref_prompts", "kto_beta", "simpo_beta", "orpo_lambda", "online_dpo_prompts", "eval_samples",
             "best_of_n", "eval_every", "rm_dev_prompts"),
             non_negative=("seed", *WORLD_OPTIONS, "sft_safety", "sft_benign", "synthetic_pairs", "lookalike_pairs",
-                          "ppo_kl_coef", "grpo_kl_coef", "ppo_ptx_coef", "dpo_rpo_alpha", "simpo_gamma"))
+                          "simpo_gamma"))
+        config_check(self, self.grpo.sampling.max_new_tokens == self.ppo.sampling.max_new_tokens,
+                     f"grpo.sampling.max_new_tokens = {self.grpo.sampling.max_new_tokens} must equal "
+                     f"ppo.sampling.max_new_tokens = {self.ppo.sampling.max_new_tokens}: the response budget of "
+                     "every stage and of the table")
         config_check(self, self.online_dpo_generations >= 2,
                      f"online_dpo_generations = {self.online_dpo_generations} must be >= 2 (a pair)")
         config_check(self, len(self.sft_temperatures) > 0 and min(self.sft_temperatures) >= 0,
@@ -191,13 +194,21 @@ class PipelineConfig:
         """The task world of this run (its key tables; splits, gold reward and length penalty as the default)."""
         return world.WorldConfig(**{k: getattr(self, k) for k in WORLD_OPTIONS})
 
+    @property
+    def sampling(self) -> SamplingConfig:
+        """The table's, the best-of-n check's and the preference samples' sampling (at temperature 1): PPO's."""
+        return self.ppo.sampling
+
     def scaled(self) -> "PipelineConfig":
+        """The --quick variant: every count cut down, the same code path (its numbers measure nothing)."""
         if not self.quick:
             return self
-        return dataclasses.replace(self, d_model=64, num_layers=2, pretrain_docs=4000, pretrain_steps=60,
-                                   sft_demos=400, sft_safety=40, sft_benign=40, sft_steps=30, pref_prompts=256,
-                                   synthetic_pairs=256, lookalike_pairs=64, rm_steps=30, ppo_iterations=4, ppo_batch=32,
-                                   grpo_iterations=4, grpo_prompts=8, grpo_generations=4,
-                                   dpo_steps=20, eval_samples=2, sft_temperatures=(0.0, 0.7), rm_dev_prompts=64,
-                                   eval_every=2, batch_size=16)
-
+        steps = lambda stage, n, **kw: dataclasses.replace(  # noqa: E731
+            stage, num_steps=n, optim=dataclasses.replace(stage.optim, warmup_steps=max(1, int(0.05 * n))), **kw)
+        return dataclasses.replace(
+            self, d_model=64, num_layers=2, pretrain_docs=4000, sft_demos=400, sft_safety=40, sft_benign=40,
+            pref_prompts=256, synthetic_pairs=256, lookalike_pairs=64, eval_samples=2, sft_temperatures=(0.0, 0.7),
+            rm_dev_prompts=64, eval_every=2, batch_size=16,
+            pretrain=steps(self.pretrain, 60), sft=steps(self.sft, 30), reward=steps(self.reward, 30),
+            ppo=dataclasses.replace(self.ppo, num_steps=4, batch_size=32), dpo=steps(self.dpo, 20, log_every=2),
+            grpo=dataclasses.replace(self.grpo, num_steps=4, batch_size=8, num_generations=4, log_every=1))

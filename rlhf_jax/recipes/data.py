@@ -125,7 +125,7 @@ def preference_batches(cfg: PipelineConfig, records, seed, epochs=None):
 def rl_prompts(cfg: PipelineConfig, mix: dict[str, float] | None = None) -> list:
     """The train-key prompts of PPO's and GRPO's rollouts (taken in order, cycling), families drawn from `mix`
     (default: the world's mix)."""
-    return world.prompt_set(cfg.ppo_batch * 64, cfg.seed + 4, split="train", mix=mix, config=cfg.world())
+    return world.prompt_set(cfg.ppo.batch_size * 64, cfg.seed + 4, split="train", mix=mix, config=cfg.world())
 
 
 def rl_prompt_batches(cfg: PipelineConfig, per_iteration: int, iterations: int) -> Replayable:
@@ -149,7 +149,7 @@ def demonstration_records(cfg: PipelineConfig) -> list[SFTRecord]:
 
 def ptx_batches_of(cfg: PipelineConfig, records: list[SFTRecord]):
     """PPO-ptx's stream of packed demonstration rows (16 per iteration), or None when `ppo_ptx_coef` is 0."""
-    if cfg.ppo_ptx_coef <= 0:
+    if cfg.ppo.ptx_coef <= 0:
         return None
     return Batches(ShuffledIterator(records, seed=cfg.seed + 7), TOK, kind="sft", batch_size=16,
                    buckets=(cfg.seq_len,), pack=True)

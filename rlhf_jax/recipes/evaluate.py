@@ -94,4 +94,4 @@ def reward_model_report(cfg, reward_params, sft_params, mc: ModelConfig, samplin
             "train_pairs": len(prefs.train_pairs), "test_pairs": len(prefs.test_pairs),
             "label_gold_agreement": world.gold_agreement(prefs.pairs),
             "best_of_n": evaluate.best_of_n(sft_params, reward_params, jax.random.fold_in(k_eval, 7),
-                                            n=cfg.best_of_n, temperature=cfg.temperature)}
+                                            n=cfg.best_of_n, temperature=cfg.sampling.temperature)}

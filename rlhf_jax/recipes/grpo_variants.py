@@ -15,10 +15,10 @@ from rlhf_jax.recipes.stats import fmt_interval
 
 VARIANTS = {
     "grpo": {},
-    "dr_grpo": {"pipeline": {"grpo_scale": "none", "grpo_loss_type": "dr_grpo"}},
-    "dapo": {"pipeline": {"grpo_loss_type": "dapo", "grpo_clip_eps_high": 0.28, "grpo_kl_coef": 0.0},
+    "dr_grpo": {"pipeline": {"grpo.scale": "none", "grpo.loss_type": "dr_grpo"}},
+    "dapo": {"pipeline": {"grpo.loss_type": "dapo", "grpo.clip_eps_high": 0.28, "grpo.kl_coef": 0.0},
              "oversample": 2, "overlong_buffer": 6},
-    "rloo": {"pipeline": {"grpo_advantage": "rloo"}},
+    "rloo": {"pipeline": {"grpo.advantage": "rloo"}},
 }
 """Each variant's changes to the main job's GRPO settings (PipelineConfig fields; DAPO's dynamic sampling factor
 and overlong buffer)."""
@@ -30,11 +30,11 @@ METRICS = ("gold_reward", "gold/skills", "gold/safety", "mean_length", "kl_to_re
 def variant_config(pcfg, name: str, sampling: SamplingConfig):
     """(PipelineConfig, GRPOConfig) of a variant: the main job's GRPO with the variant's changes."""
     spec = VARIANTS[name]
-    cfg = dataclasses.replace(pcfg, **spec.get("pipeline", {}))
+    cfg = recipes.with_options(pcfg, spec.get("pipeline", {}))
     grpo_cfg = recipes.grpo_config(cfg, sampling)
     if "oversample" in spec:
-        grpo_cfg = dataclasses.replace(grpo_cfg, batch_size=cfg.grpo_prompts * spec["oversample"],
-                                       dynamic_sampling_groups=cfg.grpo_prompts)
+        grpo_cfg = dataclasses.replace(grpo_cfg, batch_size=cfg.grpo.batch_size * spec["oversample"],
+                                       dynamic_sampling_groups=cfg.grpo.batch_size)
     if "overlong_buffer" in spec:
         grpo_cfg = dataclasses.replace(grpo_cfg, overlong_buffer=spec["overlong_buffer"])
     return cfg, grpo_cfg
@@ -42,7 +42,7 @@ def variant_config(pcfg, name: str, sampling: SamplingConfig):
 
 def train_variant(pcfg, name: str, mc, sft_params):
     """(params, history) of the main job's GRPO stage with variant `name`'s changes (its key and prompts)."""
-    sampling = SamplingConfig(max_new_tokens=pcfg.max_new_tokens, temperature=pcfg.temperature,
+    sampling = SamplingConfig(max_new_tokens=pcfg.sampling.max_new_tokens, temperature=pcfg.sampling.temperature,
                               eos_id=recipes.TOK.eos_id, pad_id=recipes.TOK.pad_id)
     return recipes.train_grpo(*variant_config(pcfg, name, sampling), mc, sft_params)
 

@@ -29,7 +29,7 @@ METRICS = ("gold_reward", "gold/skills", "gold/safety", "refusal_rate", "over_re
 def schedule_config(pcfg, total_steps: int, decay_steps: int) -> OptimConfig:
     """The WSD optimiser of an arm that makes `total_steps` pretraining updates, the last `decay_steps` decaying
     (the main job's peak lr, warmup and weight decay; its final lr ratio 0.1)."""
-    return OptimConfig(learning_rate=1e-3, schedule="wsd", warmup_steps=max(1, int(0.05 * pcfg.pretrain_steps)),
+    return OptimConfig(learning_rate=1e-3, schedule="wsd", warmup_steps=max(1, int(0.05 * pcfg.pretrain.num_steps)),
                        weight_decay=0.01, decay_fraction=decay_steps / total_steps)
 
 

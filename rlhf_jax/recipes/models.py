@@ -7,11 +7,11 @@ rest run), so the first experiment on a new seed pays for the pipeline once and 
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import sys
 
+from rlhf_jax.config_cli import config_from_dict
 from rlhf_jax.recipes.config import WORLD_OPTIONS, PipelineConfig
 from rlhf_jax.recipes.pipeline import run_pipeline as main_job
 from rlhf_jax.train import checkpoint as ckpt
@@ -89,9 +89,7 @@ def pipeline_config(folder: str):
     """The PipelineConfig a run folder was made with (its config.json), scaled as that run was."""
     with open(os.path.join(folder, "config.json")) as f:
         made = json.load(f)
-    names = {f.name for f in dataclasses.fields(PipelineConfig)}
-    return PipelineConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in made.items()
-                                      if k in names}).scaled()
+    return config_from_dict(PipelineConfig(), made, source=os.path.join(folder, "config.json")).scaled()
 
 
 def write_report(out: str, name: str, result: dict, text: str, plot=None) -> None:

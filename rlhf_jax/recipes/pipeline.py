@@ -31,12 +31,10 @@ from rlhf_jax import tasks as world
 from rlhf_jax.config_cli import save_config
 from rlhf_jax.data import Batches, ShuffledIterator
 from rlhf_jax.data.iterators import Replayable, Together
-from rlhf_jax.generation import SamplingConfig
 from rlhf_jax.models import ModelConfig, init_params
 from rlhf_jax.recipes.config import PipelineConfig
 from rlhf_jax.recipes.data import (
     TOK,
-    cosine_optim,
     demonstration_records,
     document_example,
     gold_verifier,
@@ -59,13 +57,10 @@ from rlhf_jax.recipes.stages import (
     FAMILY,
     PPOCurve,
     StageRunner,
-    grpo_config,
-    ppo_config,
     run_controls,
     run_preference_family,
 )
 from rlhf_jax.train import stages
-from rlhf_jax.train.optim import OptimConfig
 from rlhf_jax.train.ppo import init_ppo_state
 from rlhf_jax.train.state import create_train_state, with_score_head
 
@@ -82,26 +77,25 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     k_init, k_sft, k_rm, k_ppo, k_eval, k_pref, k_dpo = jax.random.split(jax.random.PRNGKey(cfg.seed), 7)
     k_grpo = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), 8)   # a key of its own: the other stages' keys stay
     runs = StageRunner(cfg, mc)
-    sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, eos_id=TOK.eos_id,
-                              pad_id=TOK.pad_id)
+    sampling = cfg.sampling   # PPO's: the table's answers, the best-of-n check, the preference samples (at T=1)
     docs = world.web_corpus(cfg.pretrain_docs, cfg.seed, config=cfg.world())
     evaluate, eval_tasks = split_evaluator(cfg.eval_split, mc, sampling, cfg.eval_samples, cfg.world())
 
     # 1. Pretraining on the web corpus (packed documents, the loss on every token).
-    state = create_train_state(init_params(mc, k_init), cosine_optim(1e-3, cfg.pretrain_steps, weight_decay=0.01),
-                               jax.random.fold_in(k_init, 1), total_steps=cfg.pretrain_steps)
+    state = create_train_state(init_params(mc, k_init), cfg.pretrain.optim, jax.random.fold_in(k_init, 1),
+                               total_steps=cfg.pretrain.num_steps)
     documents = [document_example(d) for d in docs]
     base_params, _ = runs.stage("pretrain", functools.partial(stages.run_sft, model_config=mc), state,
                                 Replayable(lambda: packed_batches(documents, cfg, cfg.seed)),
-                                stages.SFTConfig(num_steps=cfg.pretrain_steps, log_every=10, optim=OptimConfig()))
+                                cfg.pretrain)
 
     # 2. SFT on concise, correct demonstrations (loss on the answers only).
     sft_records = demonstration_records(cfg)
     sft_batches = Batches(ShuffledIterator(sft_records, seed=cfg.seed), TOK, kind="sft",
                           batch_size=cfg.batch_size, buckets=(cfg.seq_len,), pack=True)
-    state = create_train_state(base_params, cosine_optim(3e-4, cfg.sft_steps), k_sft, total_steps=cfg.sft_steps)
+    state = create_train_state(base_params, cfg.sft.optim, k_sft, total_steps=cfg.sft.num_steps)
     sft_params, _ = runs.stage("sft", functools.partial(stages.run_sft, model_config=mc), state, sft_batches,
-                               stages.SFTConfig(num_steps=cfg.sft_steps, log_every=10))
+                               cfg.sft)
 
     # 3. Preference pairs: SFT samples labelled by the simulated annotators, and off-policy pairs.
     t = time.time()
@@ -110,11 +104,11 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
 
     # 4. Reward model: the SFT trunk plus a scalar head, Bradley-Terry on the annotated pairs; judged, then the
     #    SFT policy's rows (sampled at `temperature`, at its best dev temperature) and the base model's.
-    state = create_train_state(with_score_head(sft_params, mc, k_rm), cosine_optim(cfg.rm_lr, cfg.rm_steps), k_rm,
-                               total_steps=cfg.rm_steps)
+    state = create_train_state(with_score_head(sft_params, mc, k_rm), cfg.reward.optim, k_rm,
+                               total_steps=cfg.reward.num_steps)
     reward_params, _ = runs.stage("reward", functools.partial(stages.run_reward, model_config=mc), state,
                                   preference_batches(cfg, prefs.train_pairs, cfg.seed),
-                                  stages.RewardConfig(num_steps=cfg.rm_steps, log_every=10))
+                                  cfg.reward)
     t = time.time()
     rm_report = reward_model_report(cfg, reward_params, sft_params, mc, sampling, prefs, evaluate, k_pref, k_eval)
     table = {}
@@ -127,7 +121,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     runs.timings["eval"] = time.time() - t
 
     # 5. PPO from the SFT policy against the reward model, KL-penalised towards the SFT policy, with PPO-ptx.
-    ppo_cfg = ppo_config(cfg, sampling)
+    ppo_cfg = cfg.ppo
     ptx_stream = functools.partial(ptx_batches_of, cfg, sft_records)
     ptx_batches = ptx_stream()
     curve_file = os.path.join(cfg.out, "ppo", "curve.jsonl")
@@ -141,31 +135,30 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
         "ppo", functools.partial(stages.run_ppo, model_config=mc, ref_params=sft_params, reward_params=reward_params,
                                  ptx_data=ptx_batches),
         init_ppo_state(sft_params, ppo_cfg, model_config=mc, rng=k_ppo, reward_params=reward_params),
-        Together(rl_prompt_batches(cfg, cfg.ppo_batch, cfg.ppo_iterations),
+        Together(rl_prompt_batches(cfg, cfg.ppo.batch_size, cfg.ppo.num_steps),
                  **({"ptx": ptx_batches} if ptx_batches is not None else {})), ppo_cfg,
         params_of=lambda s: s.policy.params, extra_hooks=[curve])
     # The final policy's row: the curve's evaluation of it when it just ran one (same prompts, same rng).
-    done = curve.last is not None and curve.last[0] == cfg.ppo_iterations
+    done = curve.last is not None and curve.last[0] == cfg.ppo.num_steps
     table["ppo"], ppo_gold = curve.last[1] if done else evaluate(ppo_params, **eval_kwargs)
 
     # 6. DPO from the SFT policy on the on-policy pairs (no reward model, no rollouts).
     dpo_train = (prefs.train_pairs if cfg.dpo_pairs == "all"
                  else world.on_policy_records(prefs.on_policy, len(prefs.tasks)))
-    dpo_cfg = stages.DPOConfig(num_steps=cfg.dpo_steps, beta=cfg.dpo_beta, rpo_alpha=cfg.dpo_rpo_alpha,
-                               log_every=min(10, max(1, cfg.dpo_steps // 10)))   # 10+ points a curve
-    state = create_train_state(sft_params, cosine_optim(cfg.dpo_lr, cfg.dpo_steps), k_dpo, total_steps=cfg.dpo_steps)
+    dpo_cfg = cfg.dpo
+    state = create_train_state(sft_params, dpo_cfg.optim, k_dpo, total_steps=dpo_cfg.num_steps)
     dpo_params, _ = runs.stage("dpo", functools.partial(stages.run_dpo, model_config=mc, ref_params=sft_params),
                                state, preference_batches(cfg, dpo_train, cfg.seed + 1), dpo_cfg)
     table["dpo"], dpo_gold = evaluate(dpo_params, **eval_kwargs)
 
     # 7. GRPO from the SFT policy against the gold reward (a verifier on the host: no reward model, no value model).
-    grpo_cfg = grpo_config(cfg, sampling)
+    grpo_cfg = cfg.grpo
     state = create_train_state(sft_params, grpo_cfg.optim, k_grpo,
-                               total_steps=cfg.grpo_iterations * grpo_cfg.updates_per_iteration)
+                               total_steps=cfg.grpo.num_steps * grpo_cfg.updates_per_iteration)
     grpo_params, _ = runs.stage(
         "grpo", functools.partial(stages.run_grpo, model_config=mc, host_reward_fn=gold_verifier(rl_prompts(cfg)),
                                   tokenizer=TOK, ref_params=sft_params if grpo_cfg.uses_reference else None),
-        state, rl_prompt_batches(cfg, cfg.grpo_prompts, cfg.grpo_iterations), grpo_cfg)
+        state, rl_prompt_batches(cfg, cfg.grpo.batch_size, cfg.grpo.num_steps), grpo_cfg)
     table["grpo"], grpo_gold = evaluate(grpo_params, **eval_kwargs)
 
     golds = {"base": base_gold, "ppo": ppo_gold, "dpo": dpo_gold, "grpo": grpo_gold}

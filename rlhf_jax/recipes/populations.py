@@ -7,6 +7,7 @@ model or DPO policy trained on one population's labels is kept under the seed's 
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -21,7 +22,7 @@ from rlhf_jax import tasks as world
 from rlhf_jax.data import PreferenceRecord
 from rlhf_jax.eval import PolicyEvaluator, pairwise_accuracy, sample_texts
 from rlhf_jax.generation import SamplingConfig
-from rlhf_jax.recipes import TOK, cosine_optim, prompt_batch
+from rlhf_jax.recipes import TOK, prompt_batch
 from rlhf_jax.tasks.annotators import format_bias
 from rlhf_jax.train import checkpoint as ckpt
 from rlhf_jax.train import stages
@@ -42,7 +43,7 @@ def sft_samples(pcfg, sft_params, mc, folder: str) -> tuple[list, list[list[str]
     same prompts, same key), cached in `folder/populations/samples.json`."""
     path = os.path.join(folder, "populations", "samples.json")
     key = {"seed": pcfg.seed, "pref_prompts": pcfg.pref_prompts, "pref_samples": pcfg.pref_samples,
-           "max_new_tokens": pcfg.max_new_tokens}
+           "max_new_tokens": pcfg.sampling.max_new_tokens}
     tasks = world.prompt_set(pcfg.pref_prompts, pcfg.seed + 3, split="train")
     if os.path.exists(path):
         with open(path) as f:
@@ -50,8 +51,7 @@ def sft_samples(pcfg, sft_params, mc, folder: str) -> tuple[list, list[list[str]
         if saved["key"] == key:
             return tasks, saved["samples"]
     t = time.time()
-    sampling = SamplingConfig(max_new_tokens=pcfg.max_new_tokens, temperature=pcfg.temperature, eos_id=TOK.eos_id,
-                              pad_id=TOK.pad_id)
+    sampling = pcfg.sampling
     k_pref = jax.random.split(jax.random.PRNGKey(pcfg.seed), 7)[5]
     tasks, samples = recipes.preference_samples(pcfg, sft_params, mc, sampling, k_pref)
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -74,8 +74,7 @@ def dev_answers(pcfg, sft_params, mc, folder: str, k: int = 4) -> tuple[list, li
         if saved["key"] == key:
             return tasks, saved["answers"]
     batch = prompt_batch(tasks)
-    sampling = SamplingConfig(max_new_tokens=pcfg.max_new_tokens, temperature=1.0, eos_id=TOK.eos_id,
-                              pad_id=TOK.pad_id)
+    sampling = dataclasses.replace(pcfg.sampling, temperature=1.0)
     rng = jax.random.fold_in(jax.random.PRNGKey(pcfg.seed), 77)
     answers = [sample_texts(sft_params, batch["prompts"], batch["prompt_mask"], jax.random.fold_in(rng, i),
                             model_config=mc, sampling=sampling, tokenizer=TOK, chunk=recipes.SAMPLE_CHUNK)
@@ -129,10 +128,10 @@ def reward_model(pcfg, sft_params, mc, prefs: recipes.PreferenceData, folder: st
         return ckpt.load_params(path)[1]
     t = time.time()
     k_rm = jax.random.split(jax.random.PRNGKey(pcfg.seed), 7)[2]
-    state = create_train_state(with_score_head(sft_params, mc, k_rm), cosine_optim(pcfg.rm_lr, pcfg.rm_steps), k_rm,
-                               total_steps=pcfg.rm_steps)
-    state, _ = stages.run_reward(state, recipes.preference_batches(pcfg, prefs.train_pairs, pcfg.seed),
-                                 stages.RewardConfig(num_steps=pcfg.rm_steps, log_every=10), model_config=mc)
+    state = create_train_state(with_score_head(sft_params, mc, k_rm), pcfg.reward.optim, k_rm,
+                               total_steps=pcfg.reward.num_steps)
+    state, _ = stages.run_reward(state, recipes.preference_batches(pcfg, prefs.train_pairs, pcfg.seed), pcfg.reward,
+                                 model_config=mc)
     ckpt.save_params(path, state.params, model_config=mc)
     _log(f"seed {pcfg.seed}: reward model on {population}'s labels in {time.time() - t:.0f} s")
     return state.params
@@ -141,7 +140,8 @@ def reward_model(pcfg, sft_params, mc, prefs: recipes.PreferenceData, folder: st
 def dpo_policy(pcfg, sft_params, mc, prefs: recipes.PreferenceData, folder: str, population: str, *,
                hooks=None, retrain: bool = False):
     """The main job's DPO (same pairs, beta, RPO term, steps and key) on `population`'s labels; kept like
-    `reward_model` (the main job's annotator gets the main job's DPO policy). `retrain`: train even if kept (a caller that records a curve with `hooks`)."""
+    `reward_model` (the main job's annotator gets the main job's DPO policy). `retrain`: train even if kept (a
+    caller that records a curve with `hooks`)."""
     path = stage_dir(folder, population, "dpo")
     main_dpo = os.path.join(folder, "dpo", "final")
     if not retrain and population == pcfg.annotator and os.path.isdir(os.path.join(main_dpo, "params")):
@@ -152,9 +152,8 @@ def dpo_policy(pcfg, sft_params, mc, prefs: recipes.PreferenceData, folder: str,
     k_dpo = jax.random.split(jax.random.PRNGKey(pcfg.seed), 7)[6]
     records = (prefs.train_pairs if pcfg.dpo_pairs == "all" else
                world.on_policy_records(prefs.on_policy, len(prefs.tasks)))
-    state = create_train_state(sft_params, cosine_optim(pcfg.dpo_lr, pcfg.dpo_steps), k_dpo, total_steps=pcfg.dpo_steps)
-    cfg = stages.DPOConfig(num_steps=pcfg.dpo_steps, beta=pcfg.dpo_beta, log_every=10, rpo_alpha=pcfg.dpo_rpo_alpha)
-    state, _ = stages.run_dpo(state, recipes.preference_batches(pcfg, records, pcfg.seed + 1), cfg,
+    state = create_train_state(sft_params, pcfg.dpo.optim, k_dpo, total_steps=pcfg.dpo.num_steps)
+    state, _ = stages.run_dpo(state, recipes.preference_batches(pcfg, records, pcfg.seed + 1), pcfg.dpo,
                               model_config=mc, ref_params=sft_params, hooks=hooks)
     ckpt.save_params(path, state.params, model_config=mc)
     _log(f"seed {pcfg.seed}: DPO on {population}'s labels in {time.time() - t:.0f} s")

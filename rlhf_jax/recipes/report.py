@@ -93,7 +93,7 @@ def pipeline_markdown(cfg, report: dict, images: list[str]) -> str:
                   "these numbers measure nothing (the intervals show it). Run without `--quick` for the measurement.",
                   ""]
     lines += [f"{ev['split']} split: {ev['distinct_prompts']} distinct prompts, {ev['samples_per_prompt']} answers "
-              f"each at temperature {cfg.temperature}; `sft_best_t` is SFT at its best dev temperature "
+              f"each at temperature {cfg.sampling.temperature}; `sft_best_t` is SFT at its best dev temperature "
               f"({report['sft_best_t']['temperature']}).", "",
               "| stage | gold | vs SFT | vs SFT best T | skills | safety | greedy | KL | length | refusal | "
               "over-refusal |", "|---|" + "---|" * 11]
@@ -126,7 +126,7 @@ def print_pipeline_table(cfg, rows, rm_report, vs_sft, vs_best, seconds):
             "mean_length", "refusal_rate", "over_refusal_rate"]
     n_prompts = len(world.key_tasks(cfg.eval_split, config=cfg.world()))
     print(f"\n{cfg.eval_split} split: {n_prompts} distinct prompts, {cfg.eval_samples} samples each at temperature "
-          f"{cfg.temperature} (sft_best_t: SFT at its best dev temperature, "
+          f"{cfg.sampling.temperature} (sft_best_t: SFT at its best dev temperature, "
           f"{rows[[r['stage'] for r in rows].index('sft_best_t')]['temperature']})")
     print("  ".join(f"{c:>11}" for c in cols))
     for r in rows:

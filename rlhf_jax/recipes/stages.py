@@ -34,7 +34,6 @@ from rlhf_jax.train import stages
 from rlhf_jax.train.grpo import GRPOConfig
 from rlhf_jax.train.logging import StageHooks
 from rlhf_jax.train.online_dpo import OnlineDPOConfig
-from rlhf_jax.train.optim import OptimConfig
 from rlhf_jax.train.ppo import PPOConfig, init_ppo_state
 from rlhf_jax.train.state import create_train_state
 
@@ -44,31 +43,22 @@ class Stopped(Exception):
 
 
 
-def ppo_config(cfg: PipelineConfig, sampling: SamplingConfig) -> PPOConfig:
-    """Step 5's PPO settings."""
-    return PPOConfig(num_steps=cfg.ppo_iterations, batch_size=cfg.ppo_batch, sampling=sampling,
-                     kl_coef=cfg.ppo_kl_coef, missing_eos_penalty=1.0, ptx_coef=cfg.ppo_ptx_coef,
-                     optim=OptimConfig(learning_rate=cfg.ppo_lr, eps=1e-5, max_grad_norm=1.0),
-                     value_optim=OptimConfig(learning_rate=1e-4, eps=1e-5, max_grad_norm=1.0))
+def ppo_config(cfg: PipelineConfig, sampling: SamplingConfig | None = None) -> PPOConfig:
+    """Step 5's PPO settings: `cfg.ppo`, with `sampling` instead of its own when given (an experiment's budget)."""
+    return cfg.ppo if sampling is None else dataclasses.replace(cfg.ppo, sampling=sampling)
 
 
-def grpo_config(cfg: PipelineConfig, sampling: SamplingConfig) -> GRPOConfig:
-    """Step 7's GRPO settings."""
-    return GRPOConfig(num_steps=cfg.grpo_iterations, batch_size=cfg.grpo_prompts,
-                      num_generations=cfg.grpo_generations, sampling=sampling, advantage=cfg.grpo_advantage,
-                      scale=cfg.grpo_scale, loss_type=cfg.grpo_loss_type, kl_coef=cfg.grpo_kl_coef,
-                      clip_eps_high=cfg.grpo_clip_eps_high, num_iterations=cfg.grpo_passes,
-                      num_minibatches=cfg.grpo_minibatches,
-                      log_every=min(5, max(1, cfg.grpo_iterations // 8)),
-                      optim=OptimConfig(learning_rate=cfg.grpo_lr, warmup_steps=10, max_grad_norm=1.0))
+def grpo_config(cfg: PipelineConfig, sampling: SamplingConfig | None = None) -> GRPOConfig:
+    """Step 7's GRPO settings: `cfg.grpo`, with `sampling` instead of its own when given."""
+    return cfg.grpo if sampling is None else dataclasses.replace(cfg.grpo, sampling=sampling)
 
 
 def train_grpo(cfg: PipelineConfig, grpo_cfg: GRPOConfig, mc: ModelConfig, sft_params):
     """(params, history) of step 7 outside the main job's runner: GRPO from `sft_params` against the gold verifier
     on the main job's RL prompts with its key (the experiments' variants pass another `grpo_cfg`)."""
     state = create_train_state(sft_params, grpo_cfg.optim, jax.random.fold_in(jax.random.PRNGKey(cfg.seed), 8),
-                               total_steps=cfg.grpo_iterations * grpo_cfg.updates_per_iteration)
-    state, history = stages.run_grpo(state, rl_prompt_batches(cfg, grpo_cfg.batch_size, cfg.grpo_iterations),
+                               total_steps=cfg.grpo.num_steps * grpo_cfg.updates_per_iteration)
+    state, history = stages.run_grpo(state, rl_prompt_batches(cfg, grpo_cfg.batch_size, cfg.grpo.num_steps),
                                      grpo_cfg, model_config=mc, host_reward_fn=gold_verifier(rl_prompts(cfg)),
                                      tokenizer=TOK, ref_params=sft_params if grpo_cfg.uses_reference else None)
     return state.params, history
@@ -152,7 +142,7 @@ def run_preference_family(cfg, runs, mc, sft_params, dpo_train, pref_tasks, pref
         params, _ = runs.stage(name, run, state, data, stage_cfg)
         table[name], golds[name] = evaluate(params, **eval_kwargs)
 
-    steps, optim = cfg.dpo_steps, cosine_optim(cfg.dpo_lr, cfg.dpo_steps)
+    steps, optim = cfg.dpo.num_steps, cfg.dpo.optim
     unpaired = Batches(ShuffledIterator(unpair(dpo_train), seed=cfg.seed + 11), TOK, kind="unpaired",
                        batch_size=2 * cfg.batch_size, buckets=(cfg.seq_len,))
     train("kto", functools.partial(stages.run_kto, model_config=mc, ref_params=sft_params),
@@ -168,9 +158,9 @@ def run_preference_family(cfg, runs, mc, sft_params, dpo_train, pref_tasks, pref
     P = cfg.online_dpo_prompts
     iterations = -(-len(dpo_train) // P)
     online_cfg = OnlineDPOConfig(num_steps=iterations, batch_size=P, num_generations=cfg.online_dpo_generations,
-                                 sampling=dataclasses.replace(sampling, temperature=1.0), beta=cfg.dpo_beta,
-                                 rpo_alpha=cfg.dpo_rpo_alpha, log_every=5, pairs_every=max(1, iterations // 4),
-                                 optim=cosine_optim(cfg.dpo_lr, iterations))
+                                 sampling=dataclasses.replace(sampling, temperature=1.0), beta=cfg.dpo.beta,
+                                 rpo_alpha=cfg.dpo.rpo_alpha, log_every=5, pairs_every=max(1, iterations // 4),
+                                 optim=cosine_optim(cfg.dpo.optim.learning_rate, iterations))
     prompts = Replayable(lambda: (prompt_batch([pref_tasks[j % len(pref_tasks)] for j in range(i * P, (i + 1) * P)])
                                   for i in range(iterations)))
     text = chat_prompt_text(TOK)
@@ -194,7 +184,7 @@ def run_controls(cfg: PipelineConfig, runs: StageRunner, mc: ModelConfig, *, sft
     -> {stage: per-prompt gold}; the table rows are added to `table`."""
     golds = {}
     ptx = ptx_stream()  # PPO's start, prompts and demonstrations (fresh streams), with a reward of 0
-    prompts = rl_prompt_batches(cfg, cfg.ppo_batch, cfg.ppo_iterations)
+    prompts = rl_prompt_batches(cfg, cfg.ppo.batch_size, cfg.ppo.num_steps)
     params, _ = runs.stage(
         "ppo_zero_reward", functools.partial(stages.run_ppo, model_config=mc, ref_params=sft_params,
                                              reward_fn=zero_reward, ptx_data=ptx),
@@ -203,7 +193,7 @@ def run_controls(cfg: PipelineConfig, runs: StageRunner, mc: ModelConfig, *, sft
         params_of=lambda s: s.policy.params)
     table["ppo_zero_reward"], golds["ppo_zero_reward"] = evaluate(params, **eval_kwargs)
     beta0 = dataclasses.replace(dpo_cfg, beta=1e-3)
-    state = create_train_state(sft_params, cosine_optim(cfg.dpo_lr, cfg.dpo_steps), k_dpo, total_steps=cfg.dpo_steps)
+    state = create_train_state(sft_params, cfg.dpo.optim, k_dpo, total_steps=cfg.dpo.num_steps)
     params, _ = runs.stage("dpo_beta0", functools.partial(stages.run_dpo, model_config=mc, ref_params=sft_params),
                            state, preference_batches(cfg, dpo_train, cfg.seed + 1), beta0)
     table["dpo_beta0"], golds["dpo_beta0"] = evaluate(params, **eval_kwargs)
@@ -240,7 +230,7 @@ def train_sft(pcfg: PipelineConfig, base_params, mc, n_safety: int, n_benign: in
     batches = Batches(ShuffledIterator(records, seed=pcfg.seed), TOK, kind="sft", batch_size=pcfg.batch_size,
                       buckets=(pcfg.seq_len,), pack=True)
     k_sft = jax.random.split(jax.random.PRNGKey(pcfg.seed), 7)[1]
-    state = create_train_state(base_params, cosine_optim(3e-4, pcfg.sft_steps), k_sft, total_steps=pcfg.sft_steps)
-    state, _ = stages.run_sft(state, batches, stages.SFTConfig(num_steps=pcfg.sft_steps, log_every=10),
+    state = create_train_state(base_params, pcfg.sft.optim, k_sft, total_steps=pcfg.sft.num_steps)
+    state, _ = stages.run_sft(state, batches, pcfg.sft,
                               model_config=mc)
     return state.params
