@@ -30,3 +30,21 @@ def test_no_development_history_in_code_docs_or_file_names():
              for m in [HISTORY.search(text) or HISTORY.search(name)] if m]
     assert not found, found
     assert not [n for n, _ in _tracked_text_files() if re.search(r"_session\d", n)]
+
+
+def test_the_wheel_installs_the_library_and_the_command_and_no_scripts(tmp_path):
+    """`pip install .` installs rlhf_jax with its `rlhf-jax` console command; the lecture-experiment scripts stay in
+    the repository (nothing named `experiments` lands in site-packages)."""
+    import importlib.util
+    import sys
+    import zipfile
+    isolation = [] if importlib.util.find_spec("setuptools") is None else ["--no-build-isolation"]
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", ROOT, "--no-deps", *isolation, "-q", "-w",
+                        str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    (wheel,) = tmp_path.glob("rlhf_jax-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert {n.split("/")[0] for n in names if not n.startswith("rlhf_jax-")} == {"rlhf_jax"}
+    assert "rlhf_jax/cli/pipeline.py" in names and "rlhf_jax/recipes/pipeline.py" in names
+    entry = next(n for n in names if n.endswith("entry_points.txt"))
+    assert "rlhf-jax = rlhf_jax.cli:main" in zipfile.ZipFile(wheel).read(entry).decode()
