@@ -27,6 +27,9 @@ def test_quick_pipeline_writes_report(tmp_path, monkeypatch, capsys):
     assert on_disk.keys() == report.keys()
     md = (tmp_path / "report.md").read_text()      # for a newcomer: a banner, intervals, a legend, every curve
     assert "Smoke test (`--quick`)" in md and "- **vs SFT best T**:" in md
+    table = [line for line in md.splitlines() if line.startswith("| stage | gold |")] + [
+        line for line in md.splitlines() if line.startswith("|---|")][:1]
+    assert table[0].count("|") == table[1].count("|")                  # the header and its rule agree
     assert f"| ppo | {on_disk['ppo']['gold_reward']:.3f} | {on_disk['ppo']['gold_vs_sft']['all']['delta']:+.3f} [" in md
     for png in ("ppo_reward_vs_kl.png", "dpo_margins.png", "grpo_reward.png"):
         assert f"![{png}]({png})" in md and (tmp_path / png).stat().st_size > 0, png

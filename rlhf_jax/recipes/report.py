@@ -96,7 +96,7 @@ def pipeline_markdown(cfg, report: dict, images: list[str]) -> str:
               f"each at temperature {cfg.sampling.temperature}; `sft_best_t` is SFT at its best dev temperature "
               f"({report['sft_best_t']['temperature']}).", "",
               "| stage | gold | vs SFT | vs SFT best T | skills | safety | greedy | KL | length | refusal | "
-              "over-refusal |", "|---|" + "---|" * 11]
+              "over-refusal |", "|---|" + "---|" * 10]
     for s in stages:
         r = report[s]
         cells = [f"{r['gold_reward']:.3f}", _ci(r.get("gold_vs_sft", {}).get("all")),
