@@ -25,6 +25,8 @@ def test_quick_pipeline_writes_report(tmp_path, monkeypatch, capsys):
     report = run(PipelineConfig(quick=True, out=str(tmp_path), preference_family=True, controls=True))
     on_disk = json.loads((tmp_path / "report.json").read_text())
     assert on_disk.keys() == report.keys()
+    assert set(on_disk["provenance"]) == {"command", "commit", "packages", "machine", "date", "seeds"}
+    assert on_disk["provenance"]["seeds"] == [0] and "jax" in on_disk["provenance"]["packages"]
     md = (tmp_path / "report.md").read_text()      # for a newcomer: a banner, intervals, a legend, every curve
     assert "Smoke test (`--quick`)" in md and "- **vs SFT best T**:" in md
     table = [line for line in md.splitlines() if line.startswith("| stage | gold |")] + [
@@ -211,7 +213,7 @@ def _stopped_and_resumed_gives_the_same_report(out, report, monkeypatch, capsys)
     assert "stopped during grpo; continue with: rlhf-jax pipeline --resume" in capsys.readouterr().err
     assert (out / "dpo" / "final").is_dir() and not (out / "grpo" / "final").exists()
     assert os.listdir(out / "checkpoints" / "grpo") == ["2"]             # the stopped stage's checkpoint
-    monkeypatch.setattr(pipeline, "run_stage", real_run_stage)
+    monkeypatch.setattr(stages, "run_stage", real_run_stage)
     run(PipelineConfig(quick=True, out=str(out), resume=True, preference_family=True, controls=True))
     printed = capsys.readouterr().out
     assert "sft          loaded from" in printed and "ppo          loaded from" in printed

@@ -109,3 +109,18 @@ def test_check_fails_on_a_tampered_copy(tmp_path, capsys):
     assert cards_script.main(files) == 0                                  # regenerate: the check passes again
     assert cards_script.main(["--check", *files]) == 0
 
+
+
+def test_an_experiments_json_records_its_provenance(tmp_path, monkeypatch):
+    """Every experiment's OUT/<name>.json (rlhf_jax.recipes.models.write_report) carries the command as the user
+    typed it, the commit, package versions, machine, date and seeds."""
+    import json
+    import sys
+
+    from rlhf_jax.recipes import models
+    monkeypatch.setattr(sys, "argv", ["/repo/experiments/frontier.py", "--seeds", "0", "1"])
+    models.write_report(str(tmp_path), "frontier", {"seeds": [0, 1], "gain": 0.1}, "text\n")
+    saved = json.loads((tmp_path / "frontier.json").read_text())
+    assert saved["gain"] == 0.1 and saved["provenance"]["seeds"] == [0, 1]
+    assert saved["provenance"]["command"] == "python -m experiments.frontier --seeds 0 1"
+    assert set(saved["provenance"]) == set(cards.PROVENANCE_KEYS)

@@ -45,7 +45,9 @@ import json
 import os
 import platform
 import re
+import shlex
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -115,6 +117,18 @@ def provenance(command: str, seeds: Any, *, repo: str | os.PathLike | None = Non
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "seeds": seed_list,
     }
+
+
+def command_line(argv: list[str] | None = None) -> str:
+    """The command that is running, as a user would type it: `rlhf-jax pipeline --quick ...` for the console
+    command, `python -m experiments.NAME ...` for a script run as a module."""
+    argv = list(sys.argv if argv is None else argv)
+    if not argv:
+        return ""
+    head = os.path.basename(argv[0])
+    if head.endswith(".py"):
+        head = f"python -m {os.path.basename(os.path.dirname(os.path.abspath(argv[0])))}.{head[:-3]}"
+    return " ".join([head, *map(shlex.quote, argv[1:])])
 
 
 # --- rendering -------------------------------------------------------------------------------------------------

@@ -93,8 +93,12 @@ def pipeline_config(folder: str):
 
 
 def write_report(out: str, name: str, result: dict, text: str, plot=None) -> None:
-    """An experiment's outputs: OUT/<name>.json (every number), OUT/<name>.md (`text`), the figures of `plot()`
-    when given, and `text` on stdout."""
+    """An experiment's outputs: OUT/<name>.json (every number, and the provenance of the run: command, commit,
+    package versions, machine, date, seeds), OUT/<name>.md (`text`), the figures of `plot()` when given, and `text`
+    on stdout."""
+    from rlhf_jax.recipes.cards import command_line, provenance
+
+    result = {**result, "provenance": provenance(command_line(), result.get("seeds", []))}
     with open(os.path.join(out, f"{name}.json"), "w") as f:
         json.dump(result, f, indent=2)
     with open(os.path.join(out, f"{name}.md"), "w") as f:

@@ -7,6 +7,7 @@ import json
 import os
 
 from rlhf_jax import tasks as world
+from rlhf_jax.recipes.cards import command_line, provenance
 from rlhf_jax.recipes.evaluate import GROUPS
 from rlhf_jax.train.report import plot_curves, plot_xy
 
@@ -52,6 +53,7 @@ def write_pipeline_report(cfg, table, rm_report, vs_sft, vs_best, ppo_points, ti
     report["ppo_curve"] = ppo_points
     report["config"] = dataclasses.asdict(cfg)
     report["seconds"] = {"total": seconds, **timings}
+    report["provenance"] = provenance(command_line(), cfg.seed)   # command, commit, packages, machine, date
     with open(os.path.join(cfg.out, "report.json"), "w") as f:
         json.dump(report, f, indent=2)
     rows = [{"stage": s, **{k.replace("/", "_"): round(v, 3) for k, v in table[s].items()}} for s in table]
