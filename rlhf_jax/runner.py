@@ -367,8 +367,8 @@ def load_data(spec: DataSpec, kind: str, *, seed: int, batch_size: int | None = 
         records = demo_records("preference" if kind == "unpaired" else kind, spec.num_demo, seed)
         source_kind = "preference" if kind == "unpaired" else kind
         if init is not None:   # a real checkpoint on toy data is a mistake more often than a choice: say so
-            print(f"[data] no --data.path: training {init} on {len(records)} built-in {kind} records of the "
-                  "synthetic world (rlhf_jax.tasks); pass --data.path FILE for your own", file=sys.stderr)
+            notice(f"[data] no --data.path: training {init} on {len(records)} built-in {kind} records of the "
+                   "synthetic world (rlhf_jax.tasks); pass --data.path FILE for your own")
     else:
         records = load_records(spec.path, source_kind, skip_invalid=spec.skip_invalid, limit=spec.limit)
     if kind == "unpaired" and source_kind == "preference":
@@ -494,9 +494,8 @@ def checkpoint_defaults(cfg, argv, stage: str):
     stage_cfg, lr = getattr(cfg, stage), TRL_LEARNING_RATES[stage]
     if stage_cfg.optim.learning_rate == lr:
         return cfg
-    print(f"[{stage}] --init {cfg.init} is a Hugging Face checkpoint: learning rate {lr:g} (TRL's default for this "
-          f"trainer) instead of {stage_cfg.optim.learning_rate:g}, the tiny models' default; pass {flag} to choose",
-          file=sys.stderr)
+    notice(f"[{stage}] --init {cfg.init} is a Hugging Face checkpoint: learning rate {lr:g} (TRL's default for this "
+           f"trainer) instead of {stage_cfg.optim.learning_rate:g}, the tiny models' default; pass {flag} to choose")
     optim = dataclasses.replace(stage_cfg.optim, learning_rate=lr)
     return dataclasses.replace(cfg, **{stage: dataclasses.replace(stage_cfg, optim=optim)})
 
@@ -545,8 +544,24 @@ def user_reward(spec: str, flag: str) -> Callable:
 
 
 # ------------------------------------------------------------------------------------------------ the run
+_NOTICES: list[str] = []
+
+
+def notice(line: str) -> None:
+    """A line about a default the command chose for the user, printed when the run starts (`run_stage`), so that
+    a setup error stays the only line of a run that never starts."""
+    _NOTICES.append(line)
+
+
+def print_notices() -> None:
+    """Print (to stderr) and forget the pending `notice` lines."""
+    while _NOTICES:
+        print(_NOTICES.pop(0), file=sys.stderr)
+
+
 def setup_error(e: Exception) -> int:
     """Print a setup problem (bad data file, incompatible options) as one line and return exit status 2."""
+    _NOTICES.clear()
     print(f"error: {e}", file=sys.stderr)
     return 2
 
@@ -609,6 +624,7 @@ def run_stage(stage: str, stage_fn: Callable, state: Any, data: Any, stage_confi
 
     Returns `(state, history, finished)`; `finished` is False when a signal stopped the run early.
     """
+    print_notices()
     manager = ckpt.make_checkpoint_manager(ckpt.stage_checkpoint_dir(out, stage),
                                            max_to_keep=checkpoint.max_to_keep)
     start = 0

@@ -704,12 +704,13 @@ def test_a_hugging_face_init_gets_trls_learning_rate_unless_one_is_given(tmp_pat
     stage takes TRL's default instead and says so, unless the flag or --config sets one."""
     from rlhf_jax.cli.dpo import DPOExperiment
     from rlhf_jax.cli.sft import SFTExperiment
-    from rlhf_jax.runner import TRL_LEARNING_RATES, checkpoint_defaults
+    from rlhf_jax.runner import TRL_LEARNING_RATES, checkpoint_defaults, print_notices
     hf = tmp_path / "hf"
     hf.mkdir()
     (hf / "config.json").write_text("{}")
     cfg = checkpoint_defaults(SFTExperiment(init=str(hf)), [], "sft")
     assert cfg.sft.optim.learning_rate == TRL_LEARNING_RATES["sft"] == 2e-5
+    print_notices()                                                  # as a run prints them when it starts
     assert "is a Hugging Face checkpoint: learning rate 2e-05" in capsys.readouterr().err
     assert checkpoint_defaults(DPOExperiment(init=str(hf)), [], "dpo").dpo.optim.learning_rate == 1e-6
     given = SFTExperiment(init=str(hf))
@@ -717,8 +718,11 @@ def test_a_hugging_face_init_gets_trls_learning_rate_unless_one_is_given(tmp_pat
     (tmp_path / "c.json").write_text(json.dumps({"sft": {"optim": {"learning_rate": 0.003}}}))
     assert checkpoint_defaults(given, ["--config", str(tmp_path / "c.json")], "sft") is given
     ours = SFTExperiment(init=str(tmp_path))                         # a save_params folder: no config.json
+    print_notices()
     capsys.readouterr()
-    assert checkpoint_defaults(ours, [], "sft") is ours and capsys.readouterr().err == ""
+    assert checkpoint_defaults(ours, [], "sft") is ours
+    print_notices()
+    assert capsys.readouterr().err == ""
 
 
 def test_grpo_and_online_dpo_take_a_users_reward_function(tmp_path, capsys):
