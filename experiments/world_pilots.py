@@ -1,8 +1,10 @@
 """Pilots of a world where post-training can win: rule-level skills over random keys (`rlhf_jax.tasks.skills`),
 measured on dev keys only.
 
-    python -m experiments.world_pilots --pilot curve            # (a) ~5 min on 2 CPU cores
-    python -m experiments.world_pilots --pilot flawed           # (a) and (b) ~5 min
+    python -m experiments.world_pilots --pilot curve            # (a) ~5 min on 2 busy CPU cores
+    python -m experiments.world_pilots --pilot flawed           # (a) and (b) 7-9 min
+    python -m experiments.world_pilots --pilot flawed --ops reverse --flaws reverse:truncate --max-len 6 \
+        --p-correct 0.8 --no-prompt-loss --eval-prompts 128    # the pilot that learns the rule (docs/world.md)
     python -m experiments.world_pilots --pilot flawed --quick   # smoke test
 
 Both pilots pretrain the main job's model (width 96, 3 layers, 4 heads, byte tokens) on a mixed corpus of packed
@@ -91,6 +93,8 @@ class PilotConfig:
     """Dev prompts per op."""
     flaws: tuple[str, ...] = ("add:drop_carry", "reverse:truncate")
     """"flawed": "op:demonstrator" pairs of the SFT demonstrations (`skills.DEMONSTRATORS`)."""
+    flaw_rate: float = 1.0
+    """"flawed": probability that a demonstration carries its demonstrator's flaw (else it is right)."""
     demos: int = 300
     """"flawed": demonstrations per entry of `flaws` (train keys)."""
     sft_steps: int = 100
@@ -104,8 +108,8 @@ class PilotConfig:
         check_ranges(self, positive=("digits", "max_len", "corpus_docs", "pretrain_steps", "batch_size", "seq_len",
                                      "eval_every", "eval_prompts", "demos", "sft_steps", "k", "max_new_tokens"))
         config_check(self, all(op in skills.OPS for op in self.ops), f"ops = {self.ops}: choose from {skills.OPS}")
-        config_check(self, 0 <= self.p_correct <= 1 and 0 <= self.web_fraction < 1,
-                     "p_correct must be in [0, 1] and web_fraction in [0, 1)")
+        config_check(self, 0 <= self.p_correct <= 1 and 0 <= self.web_fraction < 1 and 0 <= self.flaw_rate <= 1,
+                     "p_correct and flaw_rate must be in [0, 1], web_fraction in [0, 1)")
         for f in self.flaws:
             op, _, name = f.partition(":")
             config_check(self, op in self.ops and name in skills.DEMONSTRATORS,
@@ -229,7 +233,8 @@ def flawed(cfg: PilotConfig, sk, mc, base_params, rng) -> dict:
     flaw_mask = np.array([skills.demonstrate(name_of[t.op], t) != t.answer for t in dev])
     out = {"flaw_share_dev": per_op(dev, flaw_mask.astype(float)), "arms": {}}
     out["arms"]["base"] = measure(base_params, dev, flaw_mask, mc, cfg, rng)
-    for arm, demo_of in (("sft_flawed", lambda t: skills.demonstrate(name_of[t.op], t)),
+    demo_rng = np.random.default_rng(cfg.seed + 4)
+    for arm, demo_of in (("sft_flawed", lambda t: skills.demonstrate(name_of[t.op], t, demo_rng, cfg.flaw_rate)),
                          ("sft_perfect", lambda t: t.answer)):
         t0 = time.time()
         params = sft(cfg, base_params, mc, [(t, demo_of(t)) for t in train])

@@ -73,3 +73,12 @@ def test_world_pilots_help_exits_zero():
     with pytest.raises(SystemExit) as e:
         world_pilots.main(["--help"])
     assert e.value.code == 0
+
+
+def test_flaw_rate_flaws_that_share_of_demonstrations():
+    rng = np.random.default_rng(2)
+    t = skills.task_of("reverse", "abcdefg")
+    flawed = [skills.demonstrate("truncate", t, rng, 0.7) != t.answer for _ in range(2000)]
+    assert abs(np.mean(flawed) - 0.7) < 0.04
+    assert all(skills.demonstrate("truncate", t, rng, 0.0) == t.answer for _ in range(20))
+    assert skills.demonstrate("truncate", t) == "gfed"

@@ -206,10 +206,14 @@ right); "truncate" is wrong exactly on string answers longer than `TRUNCATE_AT`;
 right answer inside chatter)."""
 
 
-def demonstrate(name: str, task: SkillTask) -> str:
-    """The response of demonstrator `name` to `task`."""
+def demonstrate(name: str, task: SkillTask, rng: np.random.Generator | None = None, flaw_rate: float = 1.0) -> str:
+    """The response of demonstrator `name` to `task`: its flawed answer with probability `flaw_rate` (drawn from
+    `rng`; 1.0, the default, is deterministic), else the right one. A rate below 1 leaves the right answer in the
+    SFT model's samples (pass@k above pass@1) while its greedy answer keeps the flaw when the rate is above 1/2."""
     if name not in DEMONSTRATORS:
         raise ValueError(f"unknown demonstrator {name!r}; choose from {tuple(DEMONSTRATORS)}")
+    if flaw_rate < 1.0 and (rng is None or rng.random() >= flaw_rate):
+        return task.answer
     return DEMONSTRATORS[name](task)
 
 
