@@ -110,12 +110,23 @@ def save_tokenizer(tok, folder: str) -> None:
             shutil.copyfile(os.path.join(source, name), os.path.join(folder, name))
 
 
+SOURCE_FILE = "source.json"
+"""Beside a stage's final params: {"hf_base": the Hugging Face folder the chain of stages started from}."""
+
+
 def hf_base(init: str | None) -> str | None:
-    """The absolute path of `--init` when it is a Hugging Face folder (config.json there), else None: what a LoRA
-    adapter records as its base model."""
-    if init is None or not os.path.isfile(os.path.join(init, "config.json")):
+    """The Hugging Face folder behind `--init`: the folder itself when it is one (config.json there), or the one
+    recorded in a run's final/ (`SOURCE_FILE`) when the chain of stages started from one; else None. A LoRA adapter
+    records it as its base model, and the learning rates default to TRL's from it (`checkpoint_defaults`)."""
+    if init is None:
         return None
-    return os.path.abspath(init)
+    if os.path.isfile(os.path.join(init, "config.json")):
+        return os.path.abspath(init)
+    try:
+        with open(os.path.join(init, SOURCE_FILE)) as f:
+            return json.load(f).get("hf_base")
+    except (OSError, ValueError):
+        return None
 
 
 def save_final(out: str, stage: str, state_params, model_config, lora: LoraConfig | None = None, base=None,
@@ -137,6 +148,9 @@ def save_final(out: str, stage: str, state_params, model_config, lora: LoraConfi
         save_tokenizer(tokenizer, final)
     if init is not None and os.path.isfile(os.path.join(init, GENERATION_CONFIG)) and jax.process_index() == 0:
         shutil.copyfile(os.path.join(init, GENERATION_CONFIG), os.path.join(final, GENERATION_CONFIG))
+    if hf_base(init) is not None and jax.process_index() == 0:
+        with open(os.path.join(final, SOURCE_FILE), "w") as f:
+            json.dump({"hf_base": hf_base(init)}, f)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -233,6 +247,8 @@ def init_model(preset: str, overrides, rng, *, init: str | None = None, tokenize
 
     changes = _changes(overrides) if overrides is not None else {}
     if init is not None:
+        if not os.path.isdir(init):
+            raise ValueError(f"--init {init}: no such folder")
         cfg, params = ckpt.load_params(init)
         if cfg is None:
             raise ValueError(f"--init {init}: no model_config.json beside params/ (save_params writes one; without "
@@ -554,14 +570,19 @@ def notice(line: str) -> None:
 
 
 def print_notices() -> None:
-    """Print (to stderr) and forget the pending `notice` lines."""
+    """Print (to stderr) and forget the pending `notice` lines; write the config.json `start_run` checked."""
     while _NOTICES:
         print(_NOTICES.pop(0), file=sys.stderr)
+    while _PENDING_CONFIG:
+        config, path = _PENDING_CONFIG.pop()
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        save_config(config, path)
 
 
 def setup_error(e: Exception) -> int:
     """Print a setup problem (bad data file, incompatible options) as one line and return exit status 2."""
     _NOTICES.clear()
+    _PENDING_CONFIG.clear()
     print(f"error: {e}", file=sys.stderr)
     return 2
 
@@ -571,6 +592,8 @@ STOPPED = 143
 killed job): `cmd1 && cmd2` and schedulers then see an unfinished run as failed. `--resume` continues it."""
 
 RESUME_MAY_CHANGE = ("resume", "checkpoint.progress", "checkpoint.tensorboard", "checkpoint.wandb_project")
+RESUME_MAY_CHANGE_LEAVES = ("num_steps", "log_every")
+"""Fields of any stage config that --resume may change: train longer (or stop sooner), log more or less often."""
 """Settings that `--resume` may change (besides a stage's `num_steps`: train longer, or stop sooner)."""
 
 
@@ -583,16 +606,26 @@ def config_changes(first: dict, now: dict, prefix: str = "") -> list[str]:
         if isinstance(a, dict) and isinstance(b, dict):
             changed += config_changes(a, b, name + ".")
         elif a != b and name not in RESUME_MAY_CHANGE and not (
-                key == "num_steps" and isinstance(a, int) and isinstance(b, int)):
+                key in RESUME_MAY_CHANGE_LEAVES and isinstance(a, int) and isinstance(b, int)):
             changed.append(f"{name} ({a!r} -> {b!r})")
     return changed
 
 
+_PENDING_CONFIG: list = []
+
+
 def start_run(config: Any, out: str) -> str:
-    """Create the run directory and write config.json there. With `config.resume`, the run in `out` must exist
-    and have been made with the same settings (`config_changes`); a refused resume leaves its config.json as it
-    was, an allowed one (another num_steps) records the new step count there."""
+    """Check that a run can start in `out`; config.json is written there when it does start (`run_stage`), so that
+    a refused or failed setup leaves `out` as it was. With `config.resume`, the run in `out` must exist and have
+    been made with the same settings (`config_changes`); an allowed resume (another num_steps) records the new
+    settings. Without it, an `out` holding checkpoints is refused."""
     path = os.path.join(out, "config.json")
+    checkpoints = os.path.join(out, "checkpoints")
+    if not getattr(config, "resume", False) and os.path.isdir(checkpoints) and any(
+            os.listdir(os.path.join(checkpoints, d)) for d in os.listdir(checkpoints)
+            if os.path.isdir(os.path.join(checkpoints, d))):
+        raise ValueError(f"{checkpoints} already holds checkpoints; pass --resume with the same flags to continue "
+                         f"that run (or --config {path} --resume), or choose another --out")
     checkpoint = getattr(config, "checkpoint", None)
     if getattr(checkpoint, "wandb_project", None) is not None:
         import importlib.util
@@ -610,8 +643,7 @@ def start_run(config: Any, out: str) -> str:
         if changed:
             raise ValueError(f"--resume with settings that differ from the run in {path}: {'; '.join(changed)}. "
                              "Pass the same flags (only num-steps may change), or start a new --out")
-    os.makedirs(out, exist_ok=True)
-    save_config(config, path)
+    _PENDING_CONFIG[:] = [(config, path)]
     return out
 
 
@@ -655,7 +687,8 @@ def run_stage(stage: str, stage_fn: Callable, state: Any, data: Any, stage_confi
             hooks.close()
     finished = not exit_flag.requested
     if not finished:
-        print(f"stopped by signal after step {ck_hook.last_saved}; continue with --resume --out {out}",
+        print(f"stopped by signal after step {ck_hook.last_saved}; continue with the same command plus --resume "
+              f"(or: --config {os.path.join(out, 'config.json')} --resume)",
               file=sys.stderr)
     return state, history, finished
 

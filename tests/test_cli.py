@@ -266,7 +266,7 @@ def test_sft_cli_sigterm_saves_exits_cleanly_and_resumes(tmp_path):
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 143, stderr[-3000:]
-    stopped = re.search(r"stopped by signal after step (\d+); continue with --resume", stderr)
+    stopped = re.search(r"stopped by signal after step (\d+); continue with the same command plus --resume", stderr)
     assert stopped, stderr[-3000:]
     n = int(stopped.group(1))
     assert n >= 2 and sorted(os.listdir(out / "checkpoints" / "sft")) == [str(n)]
@@ -766,8 +766,20 @@ def test_an_eval_set_is_scored_during_training_with_trls_metric_names(tmp_path, 
                      "--dpo.optim.warmup-steps", "0", "--dpo.optim.schedule", "constant", *tiny]) == 0
     (last,) = [json.loads(x) for x in open(tmp_path / "d" / "dpo" / "eval.jsonl")]
     assert last["step"] == 1 and 0.0 <= last["eval_rewards/accuracies"] <= 1.0 and "eval_rewards/margins" in last
+    from rlhf_jax.cli import reward
+    assert reward.main(["--out", str(tmp_path / "r"), "--eval-data",
+                        os.path.join(fixtures, "hh-rlhf-helpful-base-20.jsonl.gz"), "--reward.num-steps", "1",
+                        "--reward.optim.warmup-steps", "0", "--reward.optim.schedule", "constant",
+                        *tiny[:-3], "--data.seq-len", "48", tiny[-1]]) == 0
+    (last,) = [json.loads(x) for x in open(tmp_path / "r" / "reward" / "eval.jsonl")]
+    assert 0.0 <= last["eval_accuracy"] <= 1.0
     assert sft.main(["--out", str(tmp_path / "x"), "--eval-every", "5", *tiny]) == 2
     assert "--eval-every needs --eval-data FILE" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()                              # a refused start writes nothing
+    before = (tmp_path / "s" / "config.json").read_text()
+    assert sft.main(["--out", str(tmp_path / "s"), "--sft.optim.learning-rate", "0.5", *tiny]) == 2
+    assert "already holds checkpoints" in capsys.readouterr().err
+    assert (tmp_path / "s" / "config.json").read_text() == before      # the run's settings stay as they were
 
 
 def test_weights_and_biases_logging_is_optional_and_logs_each_window(tmp_path, capsys, monkeypatch):

@@ -28,6 +28,7 @@ from rlhf_jax.runner import (
     init_model,
     load_data,
     make_run_mesh,
+    notice,
     run_stage,
     save_final,
     setup_error,
@@ -87,11 +88,16 @@ def main(argv=None) -> int:
         check_rollout_length(cfg.data.seq_len, cfg.ppo.sampling, mc, "ppo")
         if cfg.reward_init is None:  # a fresh reward model of the policy's architecture
             reward = init_params(mc, k_reward)
+            notice("[ppo] no --reward-init: PPO optimises a random reward model (a demo of the loop only); pass "
+                   "--reward-init RM_FOLDER (rlhf-jax reward's final/) to train against a learned one")
         else:
             reward_mc, reward = init_model(cfg.preset, cfg.model, k_reward, init=cfg.reward_init)
             if reward_mc != mc:
                 raise ValueError("the reward model and the policy must share the architecture (the value model is "
                                  f"initialised from the reward model): {reward_mc} vs {mc}")
+            if "score_head" not in reward:
+                raise ValueError(f"--reward-init {cfg.reward_init}: no score head (train one with rlhf-jax reward; "
+                                 "a transformers *ForSequenceClassification folder's head is not read)")
         if "score_head" not in reward:
             reward = with_score_head(reward, mc, k_head)
         # On the device once (a no-op for device arrays); the train states make their own copies to donate.

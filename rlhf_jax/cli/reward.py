@@ -78,7 +78,7 @@ def main(argv=None) -> int:
                                       head=head if cfg.lora.rank else None)
         base = {"base_params": params} if lora else {}
         evaluate = functools.partial(reward_eval, model_config=mc, center_coef=cfg.reward.center_coef)
-        evals = eval_hook("reward", cfg.eval_data, cfg.eval_every, evaluate, kind="reward",
+        evals = eval_hook("reward", cfg.eval_data, cfg.eval_every, evaluate, kind="preference",
                           spec=cfg.data, tok=tok, out=out, last_step=cfg.reward.num_steps,
                           lora=lora.get("lora"), base=params, args=())
     except (ValueError, OSError) as e:  # DataError is a ValueError
