@@ -185,7 +185,7 @@ class DataSpec:
     path: str | None = None
     """Local JSON / JSONL / JSONL.gz file; None uses built-in demo data from rlhf_jax.tasks (no download)."""
     kind: str | None = None
-    """Record kind for rlhf_jax.data.load_records (sft, oasst, preference, unpaired, prompt); None: the stage's
+    """Record kind for rlhf_jax.data.load_records (sft, oasst, preference, unpaired, prompt, text); None: the stage's
     kind. KTO also reads preference files (each pair gives a desirable and an undesirable record)."""
     num_demo: int = 256
     """Records generated for the built-in demo data."""
@@ -549,7 +549,9 @@ def user_reward(spec: str, flag: str) -> Callable:
     fn = load_function(spec, flag)
 
     def reward(prompts, completions):
-        scores = np.asarray(fn(list(prompts), list(completions)), np.float32).reshape(-1)
+        # By keyword, as TRL calls its reward_funcs: `def f(prompts, completions)` and `def f(completions,
+        # **kwargs)` both work.
+        scores = np.asarray(fn(prompts=list(prompts), completions=list(completions)), np.float32).reshape(-1)
         if scores.shape[0] != len(completions) or not np.all(np.isfinite(scores)):
             raise ValueError(f"{flag} {spec}: returned {scores.shape[0]} scores for {len(completions)} completions"
                              f"{'' if np.all(np.isfinite(scores)) else ' (some not finite)'}; it must return one "

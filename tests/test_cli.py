@@ -731,7 +731,8 @@ def test_grpo_and_online_dpo_take_a_users_reward_function(tmp_path, capsys):
     from rlhf_jax.cli import grpo, online_dpo
     (tmp_path / "my_rewards.py").write_text(
         "def length(prompts, completions):\n    return [float(len(c)) for c in completions]\n\n"
-        "def broken(prompts, completions):\n    return [0.0]\n")
+        "def broken(prompts, completions):\n    return [0.0]\n\n"
+        "def trl_style(completions, **kwargs):\n    return [float(len(c)) for c in completions]\n")
     tiny = ["--model.num-layers", "1", "--data.num-demo", "8", "--checkpoint.no-tensorboard"]
     spec = f"{tmp_path / 'my_rewards.py'}:length"
     assert grpo.main(["--out", str(tmp_path / "g"), "--reward", spec, "--grpo.num-steps", "1", "--grpo.batch-size",
@@ -743,8 +744,9 @@ def test_grpo_and_online_dpo_take_a_users_reward_function(tmp_path, capsys):
     capsys.readouterr()
     assert grpo.main(["--out", str(tmp_path / "bad"), "--reward", f"{tmp_path / 'my_rewards.py'}:nope", *tiny]) == 2
     assert capsys.readouterr().err.strip().endswith("my_rewards.py has no function nope")
+    from rlhf_jax.runner import user_reward
+    assert list(user_reward(f"{tmp_path / 'my_rewards.py'}:trl_style", "--reward")(["p"], ["abc"])) == [3.0]
     with pytest.raises(ValueError, match="returned 1 scores for 2 completions"):
-        from rlhf_jax.runner import user_reward
         user_reward(f"{tmp_path / 'my_rewards.py'}:broken", "--reward")(["p", "q"], ["a", "b"])
 
 

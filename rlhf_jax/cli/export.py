@@ -77,6 +77,10 @@ def export(cfg: ExportOptions) -> str:
         model_config, params = load_params(cfg.src)
         if model_config is None:
             raise ValueError(f"{cfg.src}: no model_config.json (a save_params folder has one)")
+        if "score_head" in params:
+            print(f"note: {cfg.src} is a reward model; its score head is not exported (the folder is the causal LM "
+                  "trunk: transformers' AutoModelForSequenceClassification would add a new, random head)",
+                  file=sys.stderr)
         carried = os.path.join(cfg.src, GENERATION_CONFIG)
         generation = json.load(open(carried)) if os.path.isfile(carried) else None
         ids = special_ids(tok, generation)

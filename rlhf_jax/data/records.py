@@ -220,7 +220,8 @@ def _parse_sft(obj: Any) -> SFTRecord:
         if not response.strip():
             raise DataError("empty", field=key)
     else:
-        raise DataError("missing (expected messages, conversations, instruction/output or prompt/completion)",
+        raise DataError("missing (expected messages, conversations, instruction/output or prompt/completion; a "
+                        "{text} record is plain text: pass --data.kind text to train on every token)",
                         field="instruction")
     return SFTRecord(messages=_user_prompt(obj) + ({"role": "assistant", "content": response},))
 
