@@ -141,7 +141,7 @@ def _lecture_experiments_on_these_models(models):
     lb = length_bias.run(length_bias.LengthBiasConfig(quick=True, models=str(models), out=str(models / "lb")))
     e = lb["per_seed"]["0"]["populations"]["length-loving"]
     assert [p["iteration"] for p in e["ppo"]] == [0, 1, 2] and e["dpo"][0]["iteration"] == 0
-    dpo_steps = json.loads((models / "config.json").read_text())["dpo_steps"]
+    dpo_steps = json.loads((models / "config.json").read_text())["dpo"]["num_steps"]
     assert e["dpo"][-1]["iteration"] == dpo_steps and e["ppo"][0]["test"] == e["dpo"][0]["test"]   # both from SFT
     assert 0.0 <= e["labels"]["rate"] <= 1.0 and 0.0 <= e["reward_model"]["gold_agreement_dev"] <= 1.0
     assert (models / "lb" / "length_bias.png").stat().st_size > 0
