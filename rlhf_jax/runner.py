@@ -415,6 +415,17 @@ def with_tokenizer_ids(stage_config, tok):
 
 
 # ----------------------------------------------------------------------------------------- evaluation
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class EvalOptions:
+    """The evaluation-set options of the commands that score one during training (SFT, reward, DPO, KTO)."""
+
+    eval_data: str | None = None
+    """Records to evaluate during training, in the training data's layout (TRL's eval_dataset): their metrics as
+    eval_<name> in <out>/<stage>/eval.jsonl and the report. None: no evaluation."""
+    eval_every: int = 0
+    """Steps between evaluations of --eval-data (TRL's eval_steps); 0: only at the end."""
+
+
 class EvalHook(StageHooks):
     """An evaluation set scored during training (TRL's eval_dataset / eval_steps): every `every` steps (0: only at
     the end) and at the last step, `evaluate(params, batch) -> metrics` over one pass of `make_batches()`, the

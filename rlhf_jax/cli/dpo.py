@@ -17,6 +17,7 @@ from rlhf_jax.runner import (
     STOPPED,
     CheckpointSpec,
     DataSpec,
+    EvalOptions,
     RunOptions,
     checkpoint_defaults,
     eval_hook,
@@ -37,7 +38,7 @@ from rlhf_jax.train.steps import dpo_eval
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class DPOExperiment(RunOptions):
+class DPOExperiment(RunOptions, EvalOptions):
     """Direct preference optimisation of a policy against a frozen reference. With --init a Hugging Face folder,
     the learning rate defaults to TRL's DPO default, 1e-6, unless given."""
 
@@ -51,11 +52,6 @@ class DPOExperiment(RunOptions):
     dpo: DPOConfig = DPOConfig(num_steps=100, log_every=10,
                                optim=OptimConfig(learning_rate=1e-3, schedule="cosine", warmup_steps=10))
     """DPO stage (steps, beta, loss type, optimizer)."""
-    eval_data: str | None = None
-    """Records to evaluate during training, in the training data's layout (TRL's eval_dataset): their metrics as
-    eval_<name> in <out>/<stage>/eval.jsonl and the report. None: no evaluation."""
-    eval_every: int = 0
-    """Steps between evaluations of --eval-data (TRL's eval_steps); 0: only at the end."""
     checkpoint: CheckpointSpec = CheckpointSpec()
     """Checkpoint schedule and logging outputs."""
 

@@ -19,6 +19,7 @@ from rlhf_jax.runner import (
     STOPPED,
     CheckpointSpec,
     DataSpec,
+    EvalOptions,
     RunOptions,
     checkpoint_defaults,
     eval_hook,
@@ -39,7 +40,7 @@ from rlhf_jax.train.steps import kto_eval
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class KTOExperiment(RunOptions):
+class KTOExperiment(RunOptions, EvalOptions):
     """KTO of a policy on unpaired desirable / undesirable feedback against a frozen reference. With --init a
     Hugging Face folder, the learning rate defaults to TRL's KTO default, 1e-6, unless given."""
 
@@ -53,11 +54,6 @@ class KTOExperiment(RunOptions):
     kto: KTOConfig = KTOConfig(num_steps=100, log_every=10,
                                optim=OptimConfig(learning_rate=1e-3, schedule="cosine", warmup_steps=10))
     """KTO stage (steps, beta, desirable / undesirable weights, optimizer)."""
-    eval_data: str | None = None
-    """Records to evaluate during training, in the training data's layout (TRL's eval_dataset): their metrics as
-    eval_<name> in <out>/<stage>/eval.jsonl and the report. None: no evaluation."""
-    eval_every: int = 0
-    """Steps between evaluations of --eval-data (TRL's eval_steps); 0: only at the end."""
     checkpoint: CheckpointSpec = CheckpointSpec()
     """Checkpoint schedule and logging outputs."""
 

@@ -17,6 +17,7 @@ from rlhf_jax.runner import (
     STOPPED,
     CheckpointSpec,
     DataSpec,
+    EvalOptions,
     RunOptions,
     checkpoint_defaults,
     eval_hook,
@@ -38,7 +39,7 @@ from rlhf_jax.train.steps import reward_eval
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class RewardExperiment(RunOptions):
+class RewardExperiment(RunOptions, EvalOptions):
     """Reward-model training on preference pairs (Bradley-Terry). With --init a Hugging Face folder,
     the learning rate defaults to TRL's reward default, 1e-4, unless given."""
 
@@ -52,11 +53,6 @@ class RewardExperiment(RunOptions):
     reward: RewardConfig = RewardConfig(num_steps=100, log_every=10,
                                         optim=OptimConfig(learning_rate=1e-3, schedule="cosine", warmup_steps=10))
     """Reward stage (steps, logging period, centering, optimizer)."""
-    eval_data: str | None = None
-    """Records to evaluate during training, in the training data's layout (TRL's eval_dataset): their metrics as
-    eval_<name> in <out>/<stage>/eval.jsonl and the report. None: no evaluation."""
-    eval_every: int = 0
-    """Steps between evaluations of --eval-data (TRL's eval_steps); 0: only at the end."""
     checkpoint: CheckpointSpec = CheckpointSpec()
     """Checkpoint schedule and logging outputs."""
 
