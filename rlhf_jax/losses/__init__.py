@@ -3,6 +3,7 @@
 from rlhf_jax.losses._common import masked_count, masked_mean, masked_sum, masked_var
 from rlhf_jax.losses._dpo import LOSS_TYPES as DPO_LOSS_TYPES
 from rlhf_jax.losses._dpo import dpo_loss
+from rlhf_jax.losses._distill import distill_loss, distill_loss_from_topk, teacher_topk_logprobs
 from rlhf_jax.losses._kl import (
     KL_ESTIMATORS,
     AdaptiveKLController,
@@ -25,6 +26,8 @@ __all__ = [
     "KL_ESTIMATORS",
     "adaptive_kl_update",
     "bradley_terry_loss",
+    "distill_loss",
+    "distill_loss_from_topk",
     "dpo_loss",
     "entropy_from_logits",
     "explained_variance",
@@ -51,6 +54,7 @@ __all__ = [
     "sft_loss_sums",
     "shape_rewards",
     "simpo_loss",
+    "teacher_topk_logprobs",
     "token_logprobs",
     "whiten",
 ]
