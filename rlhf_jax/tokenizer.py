@@ -7,7 +7,8 @@ Two tokenizers share one small interface (`encode(text) -> list[int]`, `decode(i
   synthetic tasks.
 - `HFTokenizer`: any Hugging Face `tokenizer.json` through the `tokenizers` library (GPT-2 BPE, Llama, Qwen ...).
 
-Conversations (`[{"role": "system"|"user"|"assistant", "content": str}]`) are turned into ids with either the
+Conversations (`[{"role": "system"|"user"|"assistant"|"tool", "content": str}]`, assistant messages possibly
+carrying `tool_calls`, see "Tools" below) are turned into ids with either the
 default plain-text `ChatFormat` or a Jinja chat template (the `chat_template` of a `tokenizer_config.json` or a
 `chat_template.jinja` file, rendered in a sandbox with the globals `transformers` provides). Loss is put on
 assistant turns only, their end-of-turn token included (InstructGPT / Ouyang et al. 2022 SFT: the model is trained
@@ -20,6 +21,16 @@ on demonstrations, not on the prompts).
   has them (as `return_assistant_tokens_mask`), else of the text each assistant message adds. Tokens that merge
   across a turn boundary (Qwen2.5: a reply starting with a newline) are therefore the tokens transformers gives,
   and the rollout prompt `encode_prompt(messages[:-1])` may differ from them in its last token, as it does there.
+
+Tools (the layout of transformers and TRL): `tools` is a list of JSON schemas
+`{"type": "function", "function": {"name", "description", "parameters"}}` given to the template as its `tools`
+variable; an assistant message may carry `tool_calls` `[{"type": "function", "function": {"name", "arguments"}}]`
+(its content may then be empty or absent) and a `{"role": "tool", "content": str}` message carries a result. The
+template writes them as the model was trained to read them (Qwen2.5: `<tool_call>` blocks and `<tool_response>`
+inside a user turn; Llama-3.2: a `{"name", "parameters"}` JSON reply and an `ipython` turn). The loss covers the
+assistant's text and its tool calls, never the tool schemas or the results. Arguments are rendered as given: a
+dict becomes a JSON object, a JSON string is quoted again by `tojson` (as transformers does), so records give
+arguments as dicts (`rlhf_jax.data.records` turns JSON strings into dicts).
 """
 from __future__ import annotations
 
@@ -35,7 +46,7 @@ from typing import Any, Sequence
 __all__ = ["ByteTokenizer", "HFTokenizer", "ChatFormat", "encode_chat", "encode_chat_split", "encode_prompt",
            "render_template"]
 
-_ROLES = ("system", "user", "assistant")
+_ROLES = ("system", "user", "assistant", "tool")
 
 
 def _read_config(path: Path) -> dict:
@@ -219,7 +230,10 @@ class ChatFormat:
 
         [BOS]<|system|>\\n{system}\\n<|user|>\\n{user}\\n<|assistant|>\\n{assistant}[EOS]<|user|>\\n...
 
-    BOS and EOS are the tokenizer's ids (not text). Loss covers `{assistant}[EOS]`.
+    BOS and EOS are the tokenizer's ids (not text). Loss covers `{assistant}[EOS]`. With tools, their schemas
+    follow the system message (`<|tools|>\n{schema}\n...`), a tool result is `<|tool|>\n{result}\n` and an
+    assistant's tool calls follow its text as Hermes blocks `<tool_call>\n{"name": ..., "arguments": ...}\n
+    </tool_call>` (one per call, newline-separated, as Qwen2.5 writes them), inside the loss.
     With `template` set (a Jinja `chat_template`), the headers are unused: see `render_template`.
     """
 
@@ -229,26 +243,55 @@ class ChatFormat:
     """Text before each user message."""
     assistant_header: str = "<|assistant|>\n"
     """Text before each assistant message; `encode_prompt` ends with it."""
+    tool_header: str = "<|tool|>\n"
+    """Text before each tool result."""
+    tools_header: str = "<|tools|>\n"
+    """Text before the tool schemas (one JSON object a line), written after the system message when tools are
+    given."""
     turn_end: str = "\n"
-    """Text after each system/user message (assistant turns end with the EOS id instead)."""
+    """Text after each system/user/tool message and the tool schemas (assistant turns end with the EOS id
+    instead)."""
     add_bos: bool = True
     """Start the sequence with the tokenizer's BOS id."""
     template: str | None = None
     """A Hugging Face Jinja chat template; when set it replaces the plain-text format."""
 
 
-def _check_messages(messages: Sequence[dict]) -> None:
+def _check_messages(messages: Sequence[dict], tools: Sequence[dict] | None = None) -> None:
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in _ROLES or not isinstance(m.get("content"), str):
-            raise ValueError(f"message {i} must be {{'role': one of {_ROLES}, 'content': str}}, got {m!r}")
+        calls = m.get("tool_calls") if isinstance(m, dict) else None
+        content_ok = isinstance(m, dict) and (isinstance(m.get("content"), str) or (
+            calls and m.get("role") == "assistant" and m.get("content") is None))
+        if not isinstance(m, dict) or m.get("role") not in _ROLES or not content_ok:
+            raise ValueError(f"message {i} must be {{'role': one of {_ROLES}, 'content': str}} (an assistant message "
+                             f"with tool_calls may have no content), got {m!r}")
+        if calls is not None:
+            if m["role"] != "assistant" or not isinstance(calls, (list, tuple)):
+                raise ValueError(f"message {i}: tool_calls must be a list on an assistant message, got {m!r}")
+            for k, call in enumerate(calls):
+                fn = call.get("function", call) if isinstance(call, dict) else None
+                if not (isinstance(fn, dict) and isinstance(fn.get("name"), str) and fn["name"]
+                        and isinstance(fn.get("arguments"), (dict, str))):
+                    raise ValueError(f"message {i}: tool_calls[{k}] must be {{'type': 'function', 'function': "
+                                     f"{{'name': str, 'arguments': dict or JSON string}}}}, got {call!r}")
+    if tools is not None and (not isinstance(tools, (list, tuple)) or not all(isinstance(t, dict) for t in tools)):
+        raise ValueError(f"tools must be a list of JSON schemas (dicts), got {tools!r}")
 
 
-def render_template(template: str, messages: Sequence[dict], *, add_generation_prompt: bool = False,
-                    bos_token: str = "", eos_token: str = "", **extra: Any) -> str:
-    """Renders a Jinja chat template as `transformers` does (sandboxed, trim_blocks, lstrip_blocks, with its
-    globals `raise_exception` and `strftime_now` and its `tojson`). `{% generation %}` markers render as nothing."""
-    text, _ = _render(template, messages, add_generation_prompt=add_generation_prompt, bos_token=bos_token,
-                      eos_token=eos_token, **extra)
+def _call_function(call: dict) -> dict:
+    """{"name", "arguments"} of a tool call given as {"type": "function", "function": {...}} or flat."""
+    return call["function"] if isinstance(call.get("function"), dict) else call
+
+
+def render_template(template: str, messages: Sequence[dict], *, tools: Sequence[dict] | None = None,
+                    add_generation_prompt: bool = False, bos_token: str = "", eos_token: str = "",
+                    **extra: Any) -> str:
+    """Renders a Jinja chat template as `transformers.apply_chat_template(messages, tools=tools, tokenize=False)`
+    does (sandboxed, trim_blocks, lstrip_blocks, with its globals `raise_exception` and `strftime_now` and its
+    `tojson`; message keys whose value is None are dropped; `tools` and `documents=None` are always passed).
+    `tools` are JSON schemas; `{% generation %}` markers render as nothing."""
+    text, _ = _render(template, messages, tools=tools, add_generation_prompt=add_generation_prompt,
+                      bos_token=bos_token, eos_token=eos_token, **extra)
     return text
 
 
@@ -292,12 +335,18 @@ def _compile(template: str):
     return _COMPILED[template]
 
 
-def _render(template: str, messages: Sequence[dict], **kwargs) -> tuple[str, list[tuple[int, int]]]:
+def _render(template: str, messages: Sequence[dict], *, tools: Sequence[dict] | None = None,
+            **kwargs) -> tuple[str, list[tuple[int, int]]]:
     """The rendered text and the character spans of its `{% generation %}` blocks."""
     for i, m in enumerate(messages):
-        if _GEN_OPEN in m["content"] or _GEN_CLOSE in m["content"]:
+        text = m.get("content")
+        if isinstance(text, str) and (_GEN_OPEN in text or _GEN_CLOSE in text):
             raise ValueError(f"message {i} contains a reserved private-use character (U+F0001 or U+F0002)")
-    marked = _compile(template).render(messages=[dict(m) for m in messages], **kwargs)
+    # As transformers: keys holding None are dropped (templates test `'tool_calls' in message`), tools and
+    # documents are always defined.
+    plain = [{k: v for k, v in m.items() if v is not None} for m in messages]
+    tools = None if tools is None else [dict(t) for t in tools]
+    marked = _compile(template).render(messages=plain, tools=tools, documents=None, **kwargs)
     text, spans, pos = [], [], 0
     for part in re.split(f"([{_GEN_OPEN}{_GEN_CLOSE}])", marked):
         if part == _GEN_OPEN:
@@ -348,9 +397,10 @@ def _encode_offsets(tokenizer, text: str) -> tuple[list[int], list[tuple[int, in
     return list(ids), [tuple(o) for o in offsets]
 
 
-def _encode_template(tokenizer, messages: Sequence[dict], template: str) -> tuple[list[int], list[int], int]:
+def _encode_template(tokenizer, messages: Sequence[dict], template: str, tools: Sequence[dict] | None = None
+                     ) -> tuple[list[int], list[int], int]:
     """(ids, loss mask, index of the last assistant turn's first token) of a whole conversation rendered once."""
-    kw = _template_kwargs(tokenizer)
+    kw = {**_template_kwargs(tokenizer), "tools": tools}
     text, spans = _render(template, messages, add_generation_prompt=False, **kw)
     marked = bool(_GENERATION_TAG.search(template))
     if not marked:
@@ -369,15 +419,32 @@ def _encode_template(tokenizer, messages: Sequence[dict], template: str) -> tupl
     return ids, mask, first
 
 
-def _pieces(tokenizer, messages: Sequence[dict], fmt: ChatFormat, add_generation_prompt: bool):
+def _plain_reply(m: dict) -> str:
+    """An assistant message in the plain format: its text, then a Hermes block per tool call."""
+    text = m.get("content") or ""
+    for call in m.get("tool_calls") or ():
+        fn = _call_function(call)
+        block = json.dumps({"name": fn["name"], "arguments": fn["arguments"]}, ensure_ascii=False)
+        text += ("\n" if text else "") + "<tool_call>\n" + block + "\n</tool_call>"
+    return text
+
+
+def _pieces(tokenizer, messages: Sequence[dict], fmt: ChatFormat, add_generation_prompt: bool,
+            tools: Sequence[dict] | None = None):
     """The plain format's (text | token id, is_loss) pieces, in order."""
     out: list[tuple[str | int, bool]] = [(tokenizer.bos_id, False)] if fmt.add_bos else []
+    schemas = (fmt.tools_header + "".join(json.dumps(t, ensure_ascii=False) + "\n" for t in tools) + fmt.turn_end
+               if tools else None)
+    if schemas and not (messages and messages[0]["role"] == "system"):
+        out.append((schemas, False))
     for m in messages:
         if m["role"] == "assistant":
-            out += [(fmt.assistant_header, False), (m["content"], True), (tokenizer.eos_id, True)]
+            out += [(fmt.assistant_header, False), (_plain_reply(m), True), (tokenizer.eos_id, True)]
         else:
-            header = fmt.system_header if m["role"] == "system" else fmt.user_header
+            header = {"system": fmt.system_header, "tool": fmt.tool_header}.get(m["role"], fmt.user_header)
             out += [(header + m["content"] + fmt.turn_end, False)]
+            if schemas and m is messages[0] and m["role"] == "system":
+                out.append((schemas, False))
     if add_generation_prompt:
         out.append((fmt.assistant_header, False))
     return out
@@ -389,32 +456,33 @@ def _resolve(tokenizer, chat_format: ChatFormat | None) -> ChatFormat:
     return getattr(tokenizer, "chat_format", None) or ChatFormat()
 
 
-def encode_chat(tokenizer, messages: Sequence[dict], chat_format: ChatFormat | None = None
-                ) -> tuple[list[int], list[int]]:
+def encode_chat(tokenizer, messages: Sequence[dict], chat_format: ChatFormat | None = None, *,
+                tools: Sequence[dict] | None = None) -> tuple[list[int], list[int]]:
     """Token ids of a whole conversation and its loss mask (1 on assistant tokens and their end of turn).
 
     `chat_format=None` uses the tokenizer's own chat template if it has one, else the default `ChatFormat()`.
     With a Jinja template the ids are `apply_chat_template(messages)`'s; the loss covers the template's
     `{% generation %}` blocks when it has them (transformers' `assistant_masks`), else every token overlapping the
     text an assistant message adds, up to and including its first EOS id (e.g. ChatML's "<|im_end|>", not the
-    newline after it).
+    newline after it). That text includes the message's tool calls as the template writes them; tool results,
+    user and system turns and the tool schemas (`tools`, JSON schemas passed to the template) get no loss.
     """
-    ids, mask, _ = encode_chat_split(tokenizer, messages, chat_format)
+    ids, mask, _ = encode_chat_split(tokenizer, messages, chat_format, tools=tools)
     return ids, mask
 
 
-def encode_chat_split(tokenizer, messages: Sequence[dict], chat_format: ChatFormat | None = None
-                      ) -> tuple[list[int], list[int], int]:
+def encode_chat_split(tokenizer, messages: Sequence[dict], chat_format: ChatFormat | None = None, *,
+                      tools: Sequence[dict] | None = None) -> tuple[list[int], list[int], int]:
     """`encode_chat` plus the index of the first token of the last assistant turn (len(ids) if none): where the
     final reply starts, for preference pairs and truncation."""
-    _check_messages(messages)
+    _check_messages(messages, tools)
     fmt = _resolve(tokenizer, chat_format)
     if fmt.template is not None:
-        return _encode_template(tokenizer, messages, fmt.template)
+        return _encode_template(tokenizer, messages, fmt.template, tools)
     ids: list[int] = []
     mask: list[int] = []
     first, prev = len(ids), False
-    for piece, is_loss in _pieces(tokenizer, messages, fmt, False):
+    for piece, is_loss in _pieces(tokenizer, messages, fmt, False, tools):
         if is_loss and not prev:
             first = len(ids)
         prev = is_loss
@@ -425,15 +493,17 @@ def encode_chat_split(tokenizer, messages: Sequence[dict], chat_format: ChatForm
     return ids, mask, first if last_is_reply else len(ids)
 
 
-def encode_prompt(tokenizer, messages: Sequence[dict], chat_format: ChatFormat | None = None) -> list[int]:
+def encode_prompt(tokenizer, messages: Sequence[dict], chat_format: ChatFormat | None = None, *,
+                  tools: Sequence[dict] | None = None) -> list[int]:
     """Token ids of a conversation followed by the assistant header: the prompt of a rollout (with a Jinja
-    template, `apply_chat_template(messages, add_generation_prompt=True)`)."""
-    _check_messages(messages)
+    template, `apply_chat_template(messages, tools=tools, add_generation_prompt=True)`)."""
+    _check_messages(messages, tools)
     fmt = _resolve(tokenizer, chat_format)
     if fmt.template is not None:
-        text, _ = _render(fmt.template, messages, add_generation_prompt=True, **_template_kwargs(tokenizer))
+        text, _ = _render(fmt.template, messages, tools=tools, add_generation_prompt=True,
+                          **_template_kwargs(tokenizer))
         return _encode_offsets(tokenizer, text)[0]
     ids: list[int] = []
-    for piece, _ in _pieces(tokenizer, messages, fmt, True):
+    for piece, _ in _pieces(tokenizer, messages, fmt, True, tools):
         ids += [piece] if isinstance(piece, int) else tokenizer.encode(piece)
     return ids

@@ -172,3 +172,141 @@ def test_chat_template_jinja_wins_over_the_config(tmp_path):
     (folder / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": "{{ 'old' }}"}))
     ref = transformers.AutoTokenizer.from_pretrained(str(folder))
     assert HFTokenizer.from_file(folder).chat_format.template == ref.chat_template != "{{ 'old' }}"
+
+
+# ------------------------------------------------------------------------------------------------ tools
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The current weather in a city.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "description": "City name"},
+                                                    "unit": {"type": "string", "enum": ["C", "F"]}},
+                   "required": ["city"]}}}
+ADD = {"type": "function", "function": {
+    "name": "add", "description": "Adds two integers.",
+    "parameters": {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+                   "required": ["a", "b"]}}}
+TOOLS = [WEATHER, ADD]
+
+
+def _call(name, arguments):
+    return {"type": "function", "function": {"name": name, "arguments": arguments}}
+
+
+# user -> tool call -> result -> answer -> user -> tool call (with text) -> result -> answer
+TOOL_CONVERSATION = [
+    {"role": "system", "content": "You check facts with tools."},
+    {"role": "user", "content": "Weather in Paris?"},
+    {"role": "assistant", "content": "", "tool_calls": [_call("get_weather", {"city": "Paris", "unit": "C"})]},
+    {"role": "tool", "name": "get_weather", "content": '{"temp": 21, "sky": "clear"}'},
+    {"role": "assistant", "content": "It is 21 °C and clear in Paris."},
+    {"role": "user", "content": "And 2+3?"},
+    {"role": "assistant", "content": "Let me add.", "tool_calls": [_call("add", {"a": 2, "b": 3})]},
+    {"role": "tool", "name": "add", "content": "5"},
+    {"role": "assistant", "content": "2+3 = 5."},
+]
+PARALLEL = [
+    {"role": "user", "content": "Weather in Paris and Oslo?"},
+    {"role": "assistant", "content": None, "tool_calls": [_call("get_weather", {"city": "Paris"}),
+                                                          _call("get_weather", {"city": "Oslo"})]},
+    {"role": "tool", "content": "21"},
+    {"role": "tool", "content": "-3"},
+    {"role": "assistant", "content": "Paris 21, Oslo -3."},
+]
+NOT_CALLED = [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "Hi!"}]
+STRING_ARGUMENTS = [  # the OpenAI layout: arguments as a JSON string (templates quote it again, as given)
+    {"role": "user", "content": "2+3?"},
+    {"role": "assistant", "tool_calls": [_call("add", '{"a": 2, "b": 3}')]},
+    {"role": "tool", "content": "5"},
+    {"role": "assistant", "content": "5"},
+]
+TOOL_CASES = {"conversation": TOOL_CONVERSATION, "parallel": PARALLEL, "not_called": NOT_CALLED,
+              "string_arguments": STRING_ARGUMENTS}
+
+
+@pytest.fixture(scope="module")
+def tool_tokenizers(tmp_path_factory):
+    """(ours, transformers') for the Qwen2.5 and Llama-3.2 templates, loaded once."""
+    out = {}
+    for name in ("qwen2_5", "llama3_2"):
+        folder = _folder(tmp_path_factory.mktemp(name), name)
+        out[name] = (HFTokenizer.from_file(folder), transformers.AutoTokenizer.from_pretrained(str(folder)))
+    return out
+
+
+@pytest.mark.parametrize("name", ["qwen2_5", "llama3_2"])
+@pytest.mark.parametrize("case", sorted(TOOL_CASES))
+def test_tools_match_apply_chat_template(tool_tokenizers, name, case):
+    from rlhf_jax.tokenizer import render_template
+
+    ours, ref = tool_tokenizers[name]
+    messages = TOOL_CASES[case]
+    if name == "llama3_2" and case == "parallel":  # Llama-3.2's template refuses parallel calls; so do we
+        with pytest.raises(Exception, match="single tool-calls"):
+            ref.apply_chat_template(messages, tools=TOOLS, tokenize=False)
+        with pytest.raises(ValueError, match="single tool-calls"):
+            encode_chat(ours, messages, tools=TOOLS)
+        return
+    text = render_template(ours.chat_format.template, messages, tools=TOOLS, bos_token=ours.bos_token or "",
+                           eos_token=ours.eos_token)
+    assert text == ref.apply_chat_template(messages, tools=TOOLS, tokenize=False)
+    ids, _ = encode_chat(ours, messages, tools=TOOLS)
+    assert ids == _ids(ref.apply_chat_template(messages, tools=TOOLS, tokenize=True))
+    for k, m in enumerate(messages):  # every rollout prompt: the conversation up to an assistant turn
+        if m["role"] == "assistant":
+            prompt = encode_prompt(ours, messages[:k], tools=TOOLS)
+            assert prompt == _ids(ref.apply_chat_template(messages[:k], tools=TOOLS, add_generation_prompt=True))
+            n = len(prompt) - 1  # the header's last token may merge with the reply's first (see above)
+            assert ids[:n] == prompt[:n]
+
+
+# What each template writes for the assistant turns of TOOL_CONVERSATION, end of turn included (from the
+# templates' text: Qwen2.5 puts calls in <tool_call> blocks after the text, Llama-3.2 writes the call as the reply).
+QWEN_REPLIES = (('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "C"}}\n</tool_call>'
+                 "<|im_end|>"), "It is 21 °C and clear in Paris.<|im_end|>",
+                'Let me add.\n<tool_call>\n{"name": "add", "arguments": {"a": 2, "b": 3}}\n</tool_call><|im_end|>',
+                "2+3 = 5.<|im_end|>")
+LLAMA_REPLIES = ('{"name": "get_weather", "parameters": {"city": "Paris", "unit": "C"}}<|eot_id|>',
+                 "It is 21 °C and clear in Paris.<|eot_id|>", '{"name": "add", "parameters": {"a": 2, "b": 3}}<|eot_id|>',
+                 "2+3 = 5.<|eot_id|>")
+
+
+@pytest.mark.parametrize("name,replies", [("qwen2_5", QWEN_REPLIES), ("llama3_2", LLAMA_REPLIES)])
+def test_tool_loss_mask_is_exactly_the_assistant_turns(tool_tokenizers, name, replies):
+    """Decoding each run of masked tokens gives the assistant turns, tool calls included, and nothing else: no
+    tool schema, tool result, user or system text."""
+    ours, _ = tool_tokenizers[name]
+    ids, mask = encode_chat(ours, TOOL_CONVERSATION, tools=TOOLS)
+    runs, current = [], []
+    for i, k in zip(ids, mask):
+        if k:
+            current.append(i)
+        elif current:
+            runs, current = runs + [current], []
+    runs += [current] if current else []
+    assert tuple(ours._tok.decode(r, skip_special_tokens=False) for r in runs) == replies
+
+
+def test_plain_format_writes_tools_and_masks_calls():
+    """The plain format (byte tokenizer): schemas after the system turn, results under <|tool|>, calls as Hermes
+    blocks inside the loss."""
+    from rlhf_jax.tokenizer import ByteTokenizer
+
+    tok = ByteTokenizer()
+    ids, mask = encode_chat(tok, TOOL_CONVERSATION, tools=[ADD])
+    text = tok.decode(ids)
+    assert text.startswith("<|system|>\nYou check facts with tools.\n<|tools|>\n" + json.dumps(ADD) + "\n\n")
+    assert "<|tool|>\n5\n" in text
+    lossy = tok.decode([i for i, k in zip(ids, mask) if k])
+    assert lossy == ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "C"}}\n</tool_call>'
+                     "It is 21 °C and clear in Paris."
+                     'Let me add.\n<tool_call>\n{"name": "add", "arguments": {"a": 2, "b": 3}}\n</tool_call>2+3 = 5.')
+    assert sum(k for i, k in zip(ids, mask) if i == tok.eos_id) == 4
+    prompt = encode_prompt(tok, TOOL_CONVERSATION[:2], tools=[ADD])
+    assert ids[: len(prompt)] == prompt
+
+
+def test_malformed_tool_call_is_refused():
+    from rlhf_jax.tokenizer import ByteTokenizer
+
+    with pytest.raises(ValueError, match="tool_calls\\[0\\]"):
+        encode_chat(ByteTokenizer(), [{"role": "user", "content": "x"},
+                                      {"role": "assistant", "tool_calls": [{"function": {"name": "f"}}]}])
