@@ -23,6 +23,7 @@ from rlhf_jax.train.stages import (
     run_reward,
     run_sft,
 )
+from rlhf_jax.train.distill import DistillConfig, distill_step, run_distill, sft_to_distill_batch
 from rlhf_jax.train.state import PPOState, TrainState, create_train_state, normalize_score_head, with_score_head
 from rlhf_jax.train.steps import (
     compile_step,

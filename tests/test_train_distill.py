@@ -1,0 +1,117 @@
+"""The distillation stage: the loss falls toward a fixed teacher of another size (lambda 0), the on-policy reverse-KL
+reward runs (lambda 1), a LoRA student with a top-k teacher trains only its adapters, a mesh of 8 simulated
+devices equals one device (lambda 0.5: both branches), a teacher of another vocabulary is refused, and SFT batches
+become prompts and dataset responses."""
+import jax
+import numpy as np
+import pytest
+
+from rlhf_jax import sharding as S
+from rlhf_jax.generation import SamplingConfig
+from rlhf_jax.lora import LoraConfig, init_lora
+from rlhf_jax.models import ModelConfig, init_params
+from rlhf_jax.train import OptimConfig, create_train_state
+from rlhf_jax.train.distill import DistillConfig, run_distill, sft_to_distill_batch
+
+STUDENT = ModelConfig.preset("tiny", d_model=32, num_layers=1, num_heads=2, mlp_dim=64, max_seq_len=32)
+TEACHER = ModelConfig.preset("tiny", d_model=48, num_layers=2, num_heads=2, mlp_dim=96, max_seq_len=32)
+B, P, N, PAD = 4, 4, 4, 256
+
+
+@pytest.fixture(scope="module")
+def models():
+    return jax.device_get(init_params(STUDENT, jax.random.key(0))), jax.device_get(init_params(TEACHER,
+                                                                                                jax.random.key(1)))
+
+
+def _batch(seed=0):
+    rng = np.random.default_rng(seed)
+    pm = (np.arange(P)[None] >= np.array([0, 1, 2, 0])[:, None]).astype(np.int32)          # left padded
+    rm = (np.arange(N)[None] < np.array([4, 2, 3, 1])[:, None]).astype(np.int32)           # right padded
+    return {"prompts": np.where(pm > 0, rng.integers(97, 123, (B, P)), PAD).astype(np.int32), "prompt_mask": pm,
+            "responses": np.where(rm > 0, rng.integers(97, 123, (B, N)), PAD).astype(np.int32), "response_mask": rm}
+
+
+def _config(**kw):
+    base = dict(num_steps=2, log_every=1, batch_size=B, max_prompt_len=P, temperature=1.0,
+                sampling=SamplingConfig(max_new_tokens=N), optim=OptimConfig(learning_rate=1e-2))
+    return DistillConfig(**{**base, **kw})
+
+
+def _run(models, config, batches, **kw):
+    student, teacher = models
+    state = create_train_state(student, config.optim, 0)
+    return run_distill(state, batches, config, model_config=STUDENT, **{"teacher_params": teacher,
+                                                                        "teacher_config": TEACHER, **kw})
+
+
+def test_supervised_kd_loss_falls_toward_a_fixed_teacher(models):
+    config = _config(num_steps=12, log_every=4, lmbda=0.0, beta=0.5)
+    _, hist = _run(models, config, [_batch()] * 12)
+    losses = [h["loss"] for h in hist]
+    assert [h["step"] for h in hist] == [4, 8, 12]
+    assert losses[-1] < 0.7 * losses[0], losses
+    assert all(h["on_policy"] == 0.0 for h in hist)
+    assert hist[-1]["kl_forward"] < hist[0]["kl_forward"] and hist[0]["grad_norm"] > 0
+
+
+def test_on_policy_reverse_kl_reward_runs(models):
+    config = _config(num_steps=3, lmbda=1.0, objective="kl_reward")
+    _, hist = _run(models, config, [_batch()] * 3)
+    assert len(hist) == 3 and all(h["on_policy"] == 1.0 for h in hist)
+    for h in hist:
+        assert all(np.isfinite(v) for v in h.values())
+        assert h["kl_reverse"] > 0 and h["completions/mean_length"] > 0
+        assert h["reward"] < 0                  # the mean reward estimates -KL(student || teacher)
+    with pytest.raises(ValueError, match="lmbda = 1"):
+        _config(lmbda=0.5, objective="kl_reward")
+
+
+def test_lora_student_with_a_topk_teacher_trains_only_its_adapters(models):
+    student, teacher = models
+    lora = LoraConfig(rank=2)
+    adapters = init_lora(student, STUDENT, lora, jax.random.key(3))
+    config = _config(num_steps=3, lmbda=0.0, teacher_topk=5)
+    state, hist = run_distill(create_train_state(adapters, config.optim, 0), [_batch()] * 3, config,
+                              model_config=STUDENT, teacher_params=teacher, teacher_config=TEACHER, lora=lora,
+                              base_params=student)
+    assert hist[-1]["loss"] < hist[0]["loss"]
+    assert set(state.params) == set(adapters)
+    with pytest.raises(ValueError, match="go together"):
+        _run(models, config, [_batch()], lora=lora)
+
+
+def test_mesh_of_eight_devices_equals_one_device(models):
+    config = _config(num_steps=2, lmbda=0.5, beta=0.3, optim=OptimConfig(learning_rate=1e-2, eps=1e-3))
+    batches = [_batch(0), _batch(1)]
+    ref_state, ref_hist = _run(models, config, batches)
+    state, hist = _run(models, config, batches, mesh=S.make_mesh((2, 2, 2)))
+    assert [h["on_policy"] for h in hist] == [h["on_policy"] for h in ref_hist]
+    for g, w in zip(hist, ref_hist):
+        assert g.keys() == w.keys()
+        for k in w:
+            np.testing.assert_allclose(g[k], w[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    for x, y in zip(jax.tree.leaves(state.params), jax.tree.leaves(ref_state.params)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-5)
+    assert tuple(state.params["layers"]["mlp"]["up"]["kernel"].sharding.spec) == (None, "fsdp", "tensor")
+
+
+def test_a_teacher_of_another_vocabulary_is_refused(models):
+    other = ModelConfig.preset("tiny", vocab_size=300, d_model=32, num_layers=1, num_heads=2, mlp_dim=64)
+    with pytest.raises(ValueError, match="300 tokens but the student's has 259"):   # refused before any work
+        _run(models, _config(), [_batch()], teacher_config=other)
+
+
+def test_sft_batches_become_prompts_and_dataset_responses():
+    # ids: [p p p | r r E] with a second row of two turns [p | a a | p | r E]: the response is the last run.
+    ids = np.array([[1, 2, 3, 7, 8, 9, 0], [1, 5, 6, 2, 7, 9, 0]])
+    mask = np.array([[0, 0, 0, 1, 1, 1, 0], [0, 1, 1, 0, 1, 1, 0]])
+    batch = {"inputs": ids[:, :-1], "targets": ids[:, 1:], "loss_mask": mask[:, 1:].astype(np.float32)}
+    out = sft_to_distill_batch(batch, max_prompt_len=3, max_new_tokens=2, pad_id=PAD)
+    np.testing.assert_array_equal(out["prompts"], [[1, 2, 3], [5, 6, 2]])
+    np.testing.assert_array_equal(out["prompt_mask"], [[1, 1, 1], [1, 1, 1]])
+    np.testing.assert_array_equal(out["responses"], [[7, 8], [7, 9]])          # cut to max_new_tokens
+    wide = sft_to_distill_batch(batch, max_prompt_len=6, max_new_tokens=4, pad_id=PAD)
+    np.testing.assert_array_equal(wide["prompts"][0], [PAD, PAD, PAD, 1, 2, 3])
+    np.testing.assert_array_equal(wide["responses"], [[7, 8, 9, PAD], [7, 9, PAD, PAD]])
+    np.testing.assert_array_equal(wide["response_mask"], [[1, 1, 1, 0], [1, 1, 0, 0]])
