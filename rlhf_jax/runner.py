@@ -368,15 +368,11 @@ def demo_records(kind: str, n: int, seed: int) -> list:
     return [parse_record(r, kind) for r in raw]
 
 
-def load_data(spec: DataSpec, kind: str, *, seed: int, batch_size: int | None = None, init: str | None = None):
-    """A resumable `rlhf_jax.data.Batches` iterator (infinite, reshuffled every epoch by (seed, epoch)) and the
-    tokenizer (`tokenizer_source(spec.tokenizer, init)`). Multi-host (after `make_run_mesh`): each process gets only
-    its rows (`ProcessRows`)."""
-    from rlhf_jax.data import Batches, ShuffledIterator, load_records, unpair
+def read_records(spec: DataSpec, kind: str, *, seed: int, init: str | None = None) -> list:
+    """The records of `--data.path` as `kind` (`rlhf_jax.data.load_records`), or without a path the built-in demo
+    records of the synthetic world (a console line says so when `init` is a real checkpoint)."""
+    from rlhf_jax.data import load_records, unpair
 
-    if spec.pack and kind not in ("sft", "oasst"):
-        raise ValueError(f"--data.pack packs SFT rows only; this stage reads {kind} records: drop --data.pack")
-    tok = make_tokenizer(tokenizer_source(spec.tokenizer, init))
     # Unpaired feedback (KTO) may come from preference pairs, split as TRL's unpair_preference_dataset does.
     source_kind = spec.kind or kind
     if spec.path is None:
@@ -389,6 +385,19 @@ def load_data(spec: DataSpec, kind: str, *, seed: int, batch_size: int | None = 
         records = load_records(spec.path, source_kind, skip_invalid=spec.skip_invalid, limit=spec.limit)
     if kind == "unpaired" and source_kind == "preference":
         records = unpair(records)
+    return records
+
+
+def load_data(spec: DataSpec, kind: str, *, seed: int, batch_size: int | None = None, init: str | None = None):
+    """A resumable `rlhf_jax.data.Batches` iterator (infinite, reshuffled every epoch by (seed, epoch)) and the
+    tokenizer (`tokenizer_source(spec.tokenizer, init)`). Multi-host (after `make_run_mesh`): each process gets only
+    its rows (`ProcessRows`)."""
+    from rlhf_jax.data import Batches, ShuffledIterator
+
+    if spec.pack and kind not in ("sft", "oasst"):
+        raise ValueError(f"--data.pack packs SFT rows only; this stage reads {kind} records: drop --data.pack")
+    tok = make_tokenizer(tokenizer_source(spec.tokenizer, init))
+    records = read_records(spec, kind, seed=seed, init=init)
     batch_kind = "sft" if kind in ("sft", "oasst") else kind
     data = Batches(ShuffledIterator(records, seed=seed), tok, kind=batch_kind,
                    batch_size=batch_size or spec.batch_size, buckets=(spec.seq_len,),
@@ -406,12 +415,20 @@ def check_rollout_length(prompt_len: int, sampling, model_config, stage: str) ->
                          "--model.max-seq-len for a fresh model)")
 
 
-def with_tokenizer_ids(stage_config, tok):
-    """`stage_config` with its `sampling` eos/pad ids set to the tokenizer's (the RL stages sample with them)."""
-    s = stage_config.sampling
-    if (tok.eos_id, tok.pad_id) == (s.eos_id, s.pad_id):
+def with_tokenizer_ids(stage_config, tok, stage: str):
+    """`stage_config` with its `sampling` eos/pad ids set to the tokenizer's (the RL stages sample with them),
+    except an id the user set (one other than `SamplingConfig`'s default): that one is kept, and said."""
+    from rlhf_jax.generation import SamplingConfig
+
+    s, default = stage_config.sampling, SamplingConfig()
+    eos = s.eos_id if s.eos_id not in (default.eos_id, tok.eos_id) else tok.eos_id
+    pad = s.pad_id if s.pad_id not in (default.pad_id, tok.pad_id) else tok.pad_id
+    for name, ours, theirs in (("eos-id", eos, tok.eos_id), ("pad-id", pad, tok.pad_id)):
+        if ours != theirs:
+            notice(f"[{stage}] --{stage}.sampling.{name} {ours} as given, not the tokenizer's {theirs}")
+    if (eos, pad) == (s.eos_id, s.pad_id):
         return stage_config
-    return dataclasses.replace(stage_config, sampling=dataclasses.replace(s, eos_id=tok.eos_id, pad_id=tok.pad_id))
+    return dataclasses.replace(stage_config, sampling=dataclasses.replace(s, eos_id=eos, pad_id=pad))
 
 
 # ----------------------------------------------------------------------------------------- evaluation
@@ -508,23 +525,62 @@ def _config_file_sets(argv: list[str], keys: tuple[str, ...]) -> bool:
     return True
 
 
+TRL_ROLLOUT_LENGTHS = {"grpo": 256, "online_dpo": 64, "ppo": 53}
+"""TRL's default number of sampled tokens of each RL trainer (GRPOConfig.max_completion_length,
+OnlineDPOConfig.max_new_tokens, PPOConfig.response_length); prompts get TRL's max_prompt_length, 512, both cut to
+fit the checkpoint's max_position_embeddings."""
+
+
+def _get(cfg, path: str):
+    for name in path.split("."):
+        cfg = getattr(cfg, name)
+    return cfg
+
+
+def _replace(cfg, path: str, value):
+    head, _, rest = path.partition(".")
+    return dataclasses.replace(cfg, **{head: _replace(getattr(cfg, head), rest, value) if rest else value})
+
+
+def _hf_defaults(stage: str, base: str) -> dict:
+    """{option path: TRL's default} of `stage` for a checkpoint whose Hugging Face folder is `base`."""
+    out = {f"{stage}.optim.learning_rate": TRL_LEARNING_RATES[stage]}
+    if stage in TRL_ROLLOUT_LENGTHS:
+        try:
+            with open(os.path.join(base, "config.json")) as f:
+                limit = int(json.load(f).get("max_position_embeddings") or 0)
+        except (OSError, ValueError, TypeError):
+            limit = 0
+        prompt, new = 512, TRL_ROLLOUT_LENGTHS[stage]
+        if limit and prompt + new > limit:     # a small checkpoint: keep TRL's ratio of prompt to answer
+            new = max(1, limit * new // (prompt + new))
+            prompt = limit - new
+        out.update({"data.seq_len": prompt, f"{stage}.sampling.max_new_tokens": new})
+    return out
+
+
 def checkpoint_defaults(cfg, argv, stage: str):
-    """`cfg` with the stage's learning rate set to TRL's (`TRL_LEARNING_RATES`) when `--init` is a Hugging Face
-    folder and neither the command line nor --config sets it; a console line says so. Otherwise `cfg` itself."""
-    if hf_base(getattr(cfg, "init", None)) is None:
+    """`cfg` with TRL's defaults of the stage when `--init` is a Hugging Face checkpoint (or a run that started
+    from one) and neither the command line nor --config sets them: the learning rate (`TRL_LEARNING_RATES`) and,
+    for the RL stages, the prompt and answer lengths (`TRL_ROLLOUT_LENGTHS`). A console line says what changed.
+    Otherwise `cfg` itself: the commands' own defaults suit the tiny models they train from scratch."""
+    base = hf_base(getattr(cfg, "init", None))
+    if base is None:
         return cfg
     argv = list(sys.argv[1:] if argv is None else argv)
-    flag = f"--{stage.replace('_', '-')}.optim.learning-rate"
-    if any(a == flag or a.startswith(flag + "=") for a in argv) or _config_file_sets(
-            argv, (stage, "optim", "learning_rate")):
-        return cfg
-    stage_cfg, lr = getattr(cfg, stage), TRL_LEARNING_RATES[stage]
-    if stage_cfg.optim.learning_rate == lr:
-        return cfg
-    notice(f"[{stage}] --init {cfg.init} is a Hugging Face checkpoint: learning rate {lr:g} (TRL's default for this "
-           f"trainer) instead of {stage_cfg.optim.learning_rate:g}, the tiny models' default; pass {flag} to choose")
-    optim = dataclasses.replace(stage_cfg.optim, learning_rate=lr)
-    return dataclasses.replace(cfg, **{stage: dataclasses.replace(stage_cfg, optim=optim)})
+    changed = []
+    for path, value in _hf_defaults(stage, base).items():
+        flag = "--" + path.replace("_", "-")
+        given = any(a == flag or a.startswith(flag + "=") for a in argv) or _config_file_sets(
+            argv, tuple(path.split(".")))
+        if given or _get(cfg, path) == value:
+            continue
+        changed.append(f"{flag} {value:g} (was {_get(cfg, path):g})")
+        cfg = _replace(cfg, path, value)
+    if changed:
+        notice(f"[{stage}] --init {cfg.init} is a Hugging Face checkpoint: TRL's defaults for this trainer, "
+               f"{', '.join(changed)}; pass a flag to choose")
+    return cfg
 
 
 def load_function(spec: str, flag: str) -> Callable:
@@ -553,20 +609,81 @@ def load_function(spec: str, flag: str) -> Callable:
     return fn
 
 
-def user_reward(spec: str, flag: str) -> Callable:
-    """A user's reward function `fn(prompts, completions) -> scores` (`RewardFunction`: texts in, one float per
-    completion out) from `MODULE:FUNCTION`, checked on every call: a wrong count or a non-finite score is an
-    error naming the function, never a silent broadcast."""
+class RewardFunctionError(ValueError):
+    """A user's reward function returned something other than one finite float per completion (mid-run: the
+    commands print it as one line and exit 1, the checkpoints so far kept)."""
+
+
+def prompt_table(records, tok, seq_len: int, source: str) -> dict:
+    """{prompt text as the RL stages decode it (`rlhf_jax.train.rl.decode_ids`): its record} for prompt records, so
+    that a reward function gets each sampled prompt's record back (its text as written and its other fields).
+    A setup error when a prompt with its chat template is longer than `seq_len` (the stage would cut it from the
+    front: another prompt, whose record could not be found) or when two records of one text disagree."""
+    from rlhf_jax.tokenizer import encode_prompt
+    from rlhf_jax.train.rl import decode_ids
+
+    table, too_long = {}, []
+    for i, r in enumerate(records):
+        ids = encode_prompt(tok, list(r.messages))
+        if len(ids) > seq_len:
+            too_long.append((len(ids), i + 1))
+            continue
+        key = decode_ids(tok, ids)
+        if key in table and table[key].meta != r.meta:
+            raise ValueError(f"{source}: record {i + 1} repeats the prompt of an earlier record with other fields "
+                             f"({sorted(r.meta)}); a reward function could not tell them apart: drop one")
+        table[key] = r
+    if too_long:
+        n, i = max(too_long)
+        raise ValueError(f"{source}: {len(too_long)} of {len(records)} prompts are longer than --data.seq-len {seq_len} "
+                         f"(the longest, record {i}, is {n} tokens with the chat template); raise --data.seq-len to "
+                         f"{n} or more, or leave the long prompts out")
+    return table
+
+
+def prompt_text(record):
+    """A prompt as its record wrote it (TRL passes it so to reward functions): a single user message's text, else
+    the list of messages (the conversational layout)."""
+    messages = list(record.messages)
+    if len(messages) == 1 and messages[0]["role"] == "user":
+        return messages[0]["content"]
+    return messages
+
+
+def user_reward(spec: str, flag: str, *, table: dict | None = None) -> Callable:
+    """A user's reward function from `MODULE:FUNCTION` as a host reward function of the stage's (prompt,
+    completion) texts. It is called by keyword as TRL calls its reward_funcs: `prompts=` (with a `prompt_table`,
+    each prompt as its record wrote it, `prompt_text`; else the decoded prompt with its chat template),
+    `completions=` (texts), and each other field of the records as a list (e.g. `answer=`) when the function takes
+    that name or **kwargs. Checked on every call: a wrong count or a non-finite score is a `RewardFunctionError`
+    naming the function, never a silent broadcast."""
+    import inspect
+
     fn = load_function(spec, flag)
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):    # a builtin or C function: no signature to read
+        params = {}
+    takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
     def reward(prompts, completions):
-        # By keyword, as TRL calls its reward_funcs: `def f(prompts, completions)` and `def f(completions,
-        # **kwargs)` both work.
-        scores = np.asarray(fn(prompts=list(prompts), completions=list(completions)), np.float32).reshape(-1)
+        columns = {}
+        if table is not None:
+            rows = [table[p] for p in prompts]
+            prompts = [prompt_text(r) for r in rows]
+            names = sorted({k for r in rows for k in r.meta} - {"prompts", "completions"})
+            columns = {k: [r.meta.get(k) for r in rows] for k in names if takes_all or k in params}
+        out = fn(prompts=list(prompts), completions=list(completions), **columns)   # its own errors: its traceback
+        try:
+            scores = np.asarray(out, np.float32).reshape(-1)
+        except (TypeError, ValueError) as e:
+            raise RewardFunctionError(f"{flag} {spec}: returned {type(out).__name__}, not numbers ({e}); it must "
+                                      "return one float per completion") from None
         if scores.shape[0] != len(completions) or not np.all(np.isfinite(scores)):
-            raise ValueError(f"{flag} {spec}: returned {scores.shape[0]} scores for {len(completions)} completions"
-                             f"{'' if np.all(np.isfinite(scores)) else ' (some not finite)'}; it must return one "
-                             "finite float per completion")
+            raise RewardFunctionError(
+                f"{flag} {spec}: returned {scores.shape[0]} scores for {len(completions)} completions"
+                f"{'' if np.all(np.isfinite(scores)) else ' (some not finite)'}; it must return one finite float "
+                "per completion")
         return scores
 
     return reward

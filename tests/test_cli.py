@@ -711,8 +711,18 @@ def test_a_hugging_face_init_gets_trls_learning_rate_unless_one_is_given(tmp_pat
     cfg = checkpoint_defaults(SFTExperiment(init=str(hf)), [], "sft")
     assert cfg.sft.optim.learning_rate == TRL_LEARNING_RATES["sft"] == 2e-5
     print_notices()                                                  # as a run prints them when it starts
-    assert "is a Hugging Face checkpoint: learning rate 2e-05" in capsys.readouterr().err
+    assert "is a Hugging Face checkpoint: TRL's defaults for this trainer, --sft.optim.learning-rate 2e-05" in (
+        capsys.readouterr().err)
     assert checkpoint_defaults(DPOExperiment(init=str(hf)), [], "dpo").dpo.optim.learning_rate == 1e-6
+    # The RL stages also take TRL's prompt and answer lengths, cut to the checkpoint's positions.
+    from rlhf_jax.cli.grpo import GRPOExperiment
+    grpo = checkpoint_defaults(GRPOExperiment(init=str(hf)), ["--grpo.sampling.max-new-tokens", "8"], "grpo")
+    assert (grpo.data.seq_len, grpo.grpo.sampling.max_new_tokens, grpo.grpo.optim.learning_rate) == (512, 16, 1e-6)
+    (hf / "config.json").write_text('{"max_position_embeddings": 384}')
+    grpo = checkpoint_defaults(GRPOExperiment(init=str(hf)), [], "grpo")
+    assert (grpo.data.seq_len, grpo.grpo.sampling.max_new_tokens) == (256, 128)
+    print_notices()
+    assert "--data.seq-len 256 (was 64), --grpo.sampling.max-new-tokens 128 (was 16)" in capsys.readouterr().err
     given = SFTExperiment(init=str(hf))
     assert checkpoint_defaults(given, ["--sft.optim.learning-rate", "0.003"], "sft") is given
     (tmp_path / "c.json").write_text(json.dumps({"sft": {"optim": {"learning_rate": 0.003}}}))
@@ -748,6 +758,64 @@ def test_grpo_and_online_dpo_take_a_users_reward_function(tmp_path, capsys):
     assert list(user_reward(f"{tmp_path / 'my_rewards.py'}:trl_style", "--reward")(["p"], ["abc"])) == [3.0]
     with pytest.raises(ValueError, match="returned 1 scores for 2 completions"):
         user_reward(f"{tmp_path / 'my_rewards.py'}:broken", "--reward")(["p", "q"], ["a", "b"])
+    # Mid-run, a wrong return is one line and exit 1 (the checkpoints so far kept), not a traceback.
+    assert grpo.main(["--out", str(tmp_path / "b"), "--reward", f"{tmp_path / 'my_rewards.py'}:broken",
+                      "--grpo.num-steps", "1", "--grpo.batch-size", "2", "--grpo.num-generations", "2", *tiny]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: --reward") and "returned 1 scores for 4 completions" in err[-1], err
+
+
+def test_rl_commands_sample_with_the_tokenizers_ids_unless_the_user_set_one(capsys):
+    """The RL commands stop at the tokenizer's EOS and pad with its pad id; an id given on the command line is
+    kept (and said), never silently replaced."""
+    import types
+
+    from rlhf_jax.cli.grpo import GRPOExperiment
+    from rlhf_jax.generation import SamplingConfig
+    from rlhf_jax.runner import print_notices, with_tokenizer_ids
+    tok = types.SimpleNamespace(eos_id=5, pad_id=6)
+    grpo = GRPOExperiment().grpo
+    assert (with_tokenizer_ids(grpo, tok, "grpo").sampling.eos_id, with_tokenizer_ids(grpo, tok, "grpo").sampling.pad_id
+            ) == (5, 6)
+    mine = dataclasses.replace(grpo, sampling=SamplingConfig(eos_id=7))
+    assert (with_tokenizer_ids(mine, tok, "grpo").sampling.eos_id, with_tokenizer_ids(mine, tok, "grpo").sampling.pad_id
+            ) == (7, 6)
+    print_notices()
+    assert "--grpo.sampling.eos-id 7 as given, not the tokenizer's 5" in capsys.readouterr().err
+
+
+def test_a_users_reward_function_gets_the_prompt_as_written_and_the_records_fields():
+    """As TRL calls reward_funcs: each sampled prompt's record is found again (never by a cut prompt's text), its
+    prompt passed as written (no chat template) and its other fields as keyword lists to a function that takes
+    them; conversational prompts come as their message lists."""
+    import sys as _sys
+    import types
+
+    from rlhf_jax.data import parse_record
+    from rlhf_jax.runner import prompt_table, user_reward
+    from rlhf_jax.tokenizer import HFTokenizer, encode_prompt
+    from rlhf_jax.train.rl import decode_ids
+    seen = {}
+    module = types.ModuleType("reward_fields")
+    module.exact = lambda prompts, completions, answer, **kw: seen.update(prompts=prompts, answer=answer, kw=kw) or [
+        float(c == a) for c, a in zip(completions, answer)]
+    module.plain = lambda prompts, completions: [0.0] * len(completions)
+    _sys.modules["reward_fields"] = module
+    fixtures = os.path.join(ROOT, "tests", "fixtures")
+    tok = HFTokenizer.from_file(os.path.join(fixtures, "gpt2-tokenizer", "tokenizer.json.gz"),
+                                config_path=os.path.join(fixtures, "chatml-config", "tokenizer_config.json"))
+    records = [parse_record({"prompt": "2+2?", "answer": "4", "level": 1}, "prompt"),
+               parse_record({"prompt": [{"role": "system", "content": "Be brief."},
+                                        {"role": "user", "content": "3+3?"}], "answer": "6", "level": 2}, "prompt")]
+    table = prompt_table(records, tok, 64, "p.jsonl")
+    decoded = [decode_ids(tok, encode_prompt(tok, list(r.messages))) for r in records]   # as the stage decodes
+    scores = user_reward("reward_fields:exact", "--reward", table=table)(decoded[::-1], ["6", "5"])
+    assert list(scores) == [1.0, 0.0]
+    assert seen["prompts"][1] == "2+2?" and seen["prompts"][0][0] == {"role": "system", "content": "Be brief."}
+    assert seen["answer"] == ["6", "4"] and seen["kw"] == {"level": [2, 1]}
+    assert list(user_reward("reward_fields:plain", "--reward", table=table)(decoded, ["a", "b"])) == [0.0, 0.0]
+    with pytest.raises(ValueError, match=r"2 of 2 prompts are longer than --data.seq-len 4 \(the longest, record \d"):
+        prompt_table(records, tok, 4, "p.jsonl")
 
 
 def test_an_eval_set_is_scored_during_training_with_trls_metric_names(tmp_path, capsys):

@@ -47,6 +47,8 @@ def test_grpo_learns_a_verifiable_reward_on_policy(params):
         assert h["sampler/logprob_mismatch"] < 1e-4      # f32 on one CPU device: sampler == trainer
         assert 0.0 <= h["frac_reward_zero_std"] <= 1.0 and h["completions/mean_length"] > 0
     assert "kl" not in hist[0]                           # kl_coef 0: no reference at all
+    # TRL's entropy: per response token (a sequence's sum would be ~6x larger), below log V for a near-uniform start.
+    assert 0 < hist[0]["entropy"] < 1.2 * np.log(CFG.vocab_size), hist[0]["entropy"]
 
 
 @pytest.mark.parametrize("advantage, loss_type, extra", [      # every estimator and loss type at least once

@@ -17,13 +17,13 @@ import sys
 import jax
 
 from rlhf_jax.config_cli import parse_cli
-from rlhf_jax.data import load_records
 from rlhf_jax.generation import SamplingConfig
 from rlhf_jax.rewards import gsm8k_answer, gsm8k_reward
 from rlhf_jax.runner import (
     STOPPED,
     CheckpointSpec,
     DataSpec,
+    RewardFunctionError,
     RunOptions,
     check_rollout_length,
     checkpoint_defaults,
@@ -31,6 +31,8 @@ from rlhf_jax.runner import (
     init_model,
     load_data,
     make_run_mesh,
+    prompt_table,
+    read_records,
     run_stage,
     save_final,
     setup_error,
@@ -40,7 +42,6 @@ from rlhf_jax.runner import (
     with_tokenizer_ids,
     world_judge,
 )
-from rlhf_jax.tokenizer import encode_prompt
 from rlhf_jax.train.grpo import GRPOConfig
 from rlhf_jax.train.optim import OptimConfig
 from rlhf_jax.train.stages import NonFiniteLossError, run_grpo
@@ -73,30 +74,25 @@ class GRPOExperiment(RunOptions):
 
 
 def _host_reward(cfg: GRPOExperiment, tok):
-    """The host reward function of --reward world / gsm8k, looking each decoded prompt up by its text."""
-    text = lambda messages: tok.decode(encode_prompt(tok, messages))  # noqa: E731  (what the stage decodes)
+    """The host reward function of --reward world / gsm8k / MODULE:FUNCTION; gsm8k and a user's function get each
+    sampled prompt's record back (`prompt_table`), never a text lookup of a cut prompt."""
     if cfg.reward == "world":
         if cfg.data.path is not None:
             raise ValueError("--reward world scores the built-in prompts: leave --data.path unset (or use gsm8k)")
         return world_judge(cfg.data, cfg.seed, tok)
-    if cfg.data.path is None:
+    if cfg.reward == "gsm8k" and cfg.data.path is None:
         raise ValueError("--reward gsm8k needs --data.path: records with a question and an 'answer' field")
-    answers, too_long = {}, []
-    records = load_records(cfg.data.path, "prompt", skip_invalid=cfg.data.skip_invalid, limit=cfg.data.limit)
+    records = read_records(cfg.data, "prompt", seed=cfg.seed)
+    table = prompt_table(records, tok, cfg.data.seq_len, cfg.data.path or "the built-in prompts")
+    if cfg.reward != "gsm8k":
+        return user_reward(cfg.reward, "--reward", table=table)
     for i, r in enumerate(records):
         if "answer" not in r.meta:
             raise ValueError(f"{cfg.data.path}: record {i + 1} has no 'answer' field (needed by --reward gsm8k)")
-        n = len(encode_prompt(tok, list(r.messages)))
-        if n > cfg.data.seq_len:
-            too_long.append((n, i + 1))
-        answer = str(r.meta["answer"])
-        answers[text(list(r.messages))] = gsm8k_answer(answer) if "####" in answer else answer
-    if too_long:   # a cut prompt is another question, and its answer could not be found by its text
-        n, i = max(too_long)
-        raise ValueError(f"{cfg.data.path}: {len(too_long)} of {len(records)} prompts are longer than --data.seq-len "
-                         f"{cfg.data.seq_len} (the longest, record {i}, is {n} tokens with the chat template); "
-                         f"raise --data.seq-len to {n} or more, or leave the long prompts out")
-    return lambda prompts, completions: gsm8k_reward(prompts, completions, answers=[answers[p] for p in prompts])
+    reference = lambda r: gsm8k_answer(str(r.meta["answer"])) if "####" in str(r.meta["answer"]) else str(  # noqa: E731
+        r.meta["answer"])
+    return lambda prompts, completions: gsm8k_reward(prompts, completions,
+                                                     answers=[reference(table[p]) for p in prompts])
 
 
 def main(argv=None) -> int:
@@ -106,7 +102,7 @@ def main(argv=None) -> int:
         mesh = make_run_mesh(cfg.mesh)          # first: multi-host init precedes any other JAX call
         out = start_run(cfg, cfg.out)
         data, tok = load_data(cfg.data, "prompt", seed=cfg.seed, batch_size=cfg.grpo.batch_size, init=cfg.init)
-        grpo_cfg = with_tokenizer_ids(cfg.grpo, tok)
+        grpo_cfg = with_tokenizer_ids(cfg.grpo, tok, "grpo")
         k_policy, k_reward, k_head = jax.random.split(jax.random.key(cfg.seed), 3)
         mc, policy = init_model(cfg.preset, cfg.model, k_policy, init=cfg.init, tokenizer=tok)
         check_rollout_length(cfg.data.seq_len, grpo_cfg.sampling, mc, "grpo")
@@ -122,8 +118,7 @@ def main(argv=None) -> int:
             if mesh is not None:
                 raise ValueError("--reward world/gsm8k/MODULE:FUNCTION score on the host and run without --mesh; "
                                  "use --reward model")
-            host = user_reward(cfg.reward, "--reward") if cfg.reward not in ("world", "gsm8k") else None
-            rewards.update(host_reward_fn=host or _host_reward(cfg, tok), tokenizer=tok)
+            rewards.update(host_reward_fn=_host_reward(cfg, tok), tokenizer=tok)
         # On the device once; the train state makes its own copy to donate.
         ref = jax.device_put(policy) if grpo_cfg.kl_coef > 0 or cfg.lora.rank else None
         state, lora = trainable_state(cfg, policy, mc, grpo_cfg.optim,
@@ -136,7 +131,7 @@ def main(argv=None) -> int:
                                                    hooks=hooks, **rewards, **lora),
             state, data, grpo_cfg, out=out, resume=cfg.resume, checkpoint=cfg.checkpoint,
             samples_per_step=grpo_cfg.batch_size * grpo_cfg.num_generations)
-    except NonFiniteLossError as e:
+    except (NonFiniteLossError, RewardFunctionError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     if finished:

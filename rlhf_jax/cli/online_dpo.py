@@ -21,6 +21,7 @@ from rlhf_jax.runner import (
     STOPPED,
     CheckpointSpec,
     DataSpec,
+    RewardFunctionError,
     RunOptions,
     check_rollout_length,
     checkpoint_defaults,
@@ -28,6 +29,8 @@ from rlhf_jax.runner import (
     init_model,
     load_data,
     make_run_mesh,
+    prompt_table,
+    read_records,
     run_stage,
     save_final,
     setup_error,
@@ -78,7 +81,7 @@ def main(argv=None) -> int:
         out = start_run(cfg, cfg.out)
         data, tok = load_data(cfg.data, "prompt", seed=cfg.seed, batch_size=cfg.online_dpo.batch_size,
                               init=cfg.init)
-        stage_cfg = with_tokenizer_ids(cfg.online_dpo, tok)
+        stage_cfg = with_tokenizer_ids(cfg.online_dpo, tok, "online-dpo")
         k_policy, k_reward = jax.random.split(jax.random.key(cfg.seed))
         mc, policy = init_model(cfg.preset, cfg.model, k_policy, init=cfg.init, tokenizer=tok)
         check_rollout_length(cfg.data.seq_len, stage_cfg.sampling, mc, "online-dpo")
@@ -87,7 +90,9 @@ def main(argv=None) -> int:
             gold = world_judge(cfg.data, cfg.seed, tok)
         judge = {}
         if cfg.judge not in ("world", "model"):   # a user's function of prompt and completion texts
-            judge["host_reward_fn"] = user_reward(cfg.judge, "--judge")
+            records = read_records(cfg.data, "prompt", seed=cfg.seed)
+            table = prompt_table(records, tok, cfg.data.seq_len, cfg.data.path or "the built-in prompts")
+            judge["host_reward_fn"] = user_reward(cfg.judge, "--judge", table=table)
         elif cfg.judge == "model":
             if cfg.reward_init is None:
                 raise ValueError("--judge model needs --reward-init (a reward model folder)")
@@ -111,7 +116,7 @@ def main(argv=None) -> int:
                                                                 **judge, **lora),
             state, data, stage_cfg, out=out, resume=cfg.resume, checkpoint=cfg.checkpoint,
             samples_per_step=stage_cfg.batch_size * stage_cfg.num_generations)
-    except NonFiniteLossError as e:
+    except (NonFiniteLossError, RewardFunctionError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     if finished:

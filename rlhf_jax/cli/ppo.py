@@ -78,7 +78,7 @@ def main(argv=None) -> int:
         out = start_run(cfg, cfg.out)
         data, tok = load_data(cfg.data, "prompt", seed=cfg.seed, batch_size=cfg.ppo.batch_size,
                               init=cfg.init)
-        ppo_cfg = with_tokenizer_ids(cfg.ppo, tok)
+        ppo_cfg = with_tokenizer_ids(cfg.ppo, tok, "ppo")
         ptx = None
         if ppo_cfg.ptx_coef > 0:   # resumable with the prompts: Together checkpoints both positions
             ptx, _ = load_data(cfg.ptx_data, "sft", seed=cfg.seed + 1, init=cfg.init)

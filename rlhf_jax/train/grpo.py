@@ -213,8 +213,8 @@ def grpo_update(state: TrainState, episodes: Episodes, scores, rng, ref_params=N
         "completions/clipped_ratio": 1.0 - jnp.mean(all_ends.astype(jnp.float32)),
         "clip_ratio": m["clipfrac"], "clip_ratio/low_mean": m["clipfrac_low"],
         "clip_ratio/high_mean": m["clipfrac_high"], "policy/approxkl": m["approx_kl"], "policy/ratio_mean": m["ratio_mean"],
-        # Sum over the response of -log pi(y_t), the sequence entropy's one-sample estimate (as PPO's).
-        "entropy": jnp.mean(masked_sum(-old, mask, axis=1)),
+        # Mean over response tokens of -log pi(y_t): a one-sample estimate of TRL's per-token entropy.
+        "entropy": masked_mean(-old, mask),
         "sampler/logprob_mismatch": masked_mean(jnp.abs(log_gap), mask),
         "learning_rate": state.learning_rate(),
     }

@@ -106,12 +106,16 @@ def reward_model_scores(params, episodes: Episodes, *, model_config: ModelConfig
     return sequence_scores(params, episodes.tokens, episodes.mask, model_config=model_config).astype(jnp.float32)
 
 
-def decode_masked(tokenizer, tokens, mask) -> list[str]:
-    """Host-side texts of the tokens [B,T] where mask [B,T] is set (EOS dropped)."""
-    tokens, mask = jax.device_get((tokens, mask))
+def decode_ids(tokenizer, ids) -> str:
+    """The text of token ids as the RL stages decode prompts and responses: EOS ids dropped."""
     eos = getattr(tokenizer, "eos_id", None)
-    return [tokenizer.decode([int(t) for t, m in zip(row, keep) if m and t != eos])
-            for row, keep in zip(tokens, mask)]
+    return tokenizer.decode([int(t) for t in ids if t != eos])
+
+
+def decode_masked(tokenizer, tokens, mask) -> list[str]:
+    """Host-side texts of the tokens [B,T] where mask [B,T] is set (`decode_ids`: EOS dropped)."""
+    tokens, mask = jax.device_get((tokens, mask))
+    return [decode_ids(tokenizer, [t for t, m in zip(row, keep) if m]) for row, keep in zip(tokens, mask)]
 
 
 def decode_responses(tokenizer, episodes: Episodes) -> list[str]:
