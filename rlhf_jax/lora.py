@@ -13,10 +13,10 @@ replaced by W'. Targets name the projections of every layer: "q", "k", "v", "o" 
 `save_peft` / `load_peft` read and write peft's format (adapter_config.json + adapter_model.safetensors) with the
 module names of the Hugging Face architecture `models.hf.save_pretrained` writes, so that
 `peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), adapter_dir)` gives our merged
-model's logits. GPT-2 fuses q, k and v into one `c_attn` [D, 3D]: the targeted ones among q, k, v are written as
-one adapter of rank n*r (a concatenated, b block-diagonal; peft's `rank_pattern`/`alpha_pattern` keep the scale),
-which is exact; reading a fused adapter back gives q, k and v that share its a (rank of the fused adapter; a
-projection it did not adapt gets b = 0).
+model's logits. GPT-2 fuses q, k and v into one `c_attn` [D, 3D], Phi-3 into `qkv_proj` (and gate, up into
+`gate_up_proj`): the targeted ones of a fused module are written as one adapter of rank n*r (a concatenated, b
+block-diagonal; peft's `rank_pattern`/`alpha_pattern` keep the scale), which is exact; reading a fused adapter
+back gives its projections one shared a (rank of the fused adapter; a projection it did not adapt gets b = 0).
 """
 from __future__ import annotations
 
@@ -31,6 +31,8 @@ import numpy as np
 
 from rlhf_jax.checks import check_ranges, config_check
 from rlhf_jax.models.config import ModelConfig
+from rlhf_jax.quant import (NF4_CODE, NF4Tensor, dequantize_nf4, dequantize_params, quantize_base,  # noqa: F401
+                            quantize_nf4)
 
 TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 _GROUP = {"q": "attn", "k": "attn", "v": "attn", "o": "attn", "gate": "mlp", "up": "mlp", "down": "mlp"}
@@ -101,8 +103,10 @@ def lora_delta(adapter: dict, kernel_shape, scale: float):
 
 def merge_lora(params, adapters: dict, lora_config: LoraConfig) -> dict:
     """The params with every adapted kernel W replaced by W + (alpha / rank) * a @ b (in W's dtype); the other
-    leaves are the same arrays. Differentiable in both arguments."""
-    layers = dict(params["layers"])
+    leaves are the same arrays. Differentiable in both arguments. A QLoRA base (`quantize_base`) holds NF4Tensor
+    kernels (of the layer stack): each is dequantised to its original dtype first, inside the caller's jitted
+    step (QLoRA eq. 6), so that the stored base stays 4-bit; one without an adapter is only dequantised."""
+    layers = dict(dequantize_params(params["layers"]))
     for group, modules in adapters.items():
         layers[group] = dict(layers[group])
         for name, adapter in modules.items():
@@ -119,56 +123,73 @@ _GPT2_NAMES = {"o": "attn.c_proj", "up": "mlp.c_fc", "down": "mlp.c_proj"}
 _PREFIX = "base_model.model."
 
 
-def _arch(model_config: ModelConfig) -> str:
+def _arch(model_config: ModelConfig, model_type: str | None = None) -> str:
+    """The Hugging Face model_type whose module names the adapters use (`models.hf.infer_model_type` when None)."""
     from rlhf_jax.models.hf import infer_model_type
-    return "gpt2" if infer_model_type(model_config) == "gpt2" else "llama"
+    return model_type or infer_model_type(model_config)
 
 
 def _layer_prefix(arch: str, i: int) -> str:
     return f"{_PREFIX}transformer.h.{i}." if arch == "gpt2" else f"{_PREFIX}model.layers.{i}."
 
 
+def _module_names(arch: str, model_config: ModelConfig) -> tuple[dict[str, str], dict[str, list[tuple[str, int]]]]:
+    """(our projection -> its own peft module, fused module -> [(our projection, output width)] in order)."""
+    from rlhf_jax.models.hf import fused_projections
+    if arch == "gpt2":
+        D = model_config.d_model
+        return _GPT2_NAMES, {"attn.c_attn": [("q", D), ("k", D), ("v", D)]}
+    fused = fused_projections(arch, model_config)
+    members = {x for parts in fused.values() for x, _ in parts}
+    return {x: m for x, m in _LLAMA_NAMES.items() if x not in members}, fused
+
+
 def save_peft(adapters: dict, lora_config: LoraConfig, model_config: ModelConfig, path: str | os.PathLike, *,
-              base_model: str | None = None) -> None:
+              base_model: str | None = None, model_type: str | None = None) -> None:
     """Write adapter_config.json and adapter_model.safetensors (float32) that peft loads over the Hugging Face
     model `models.hf.save_pretrained(model_config, ...)` writes. `base_model` (a Hugging Face folder or hub id) is
-    recorded as `base_model_name_or_path`, so that `AutoPeftModelForCausalLM.from_pretrained(path)` finds it."""
+    recorded as `base_model_name_or_path`, so that `AutoPeftModelForCausalLM.from_pretrained(path)` finds it.
+    `model_type`: the base folder's family when it was not inferred (e.g. "phi3", whose projections are fused)."""
     from safetensors.numpy import save_file
 
     from rlhf_jax.models.hf import mode_from_umask
 
-    arch, r, scale = _arch(model_config), lora_config.rank, lora_config.scale
+    arch, r, scale = _arch(model_config, model_type), lora_config.rank, lora_config.scale
+    own, fused_modules = _module_names(arch, model_config)
     flat = {name: jax.tree.map(np.asarray, a) for mods in adapters.values() for name, a in mods.items()}
     tensors, modules, rank_pattern, alpha_pattern = {}, set(), {}, {}
     L = next(iter(flat.values()))["a"].shape[0]
     for i in range(L):
         p = _layer_prefix(arch, i)
         for name, ad in flat.items():
-            if arch == "gpt2" and name in "qkv":
+            if name not in own:
                 continue
-            module = (_GPT2_NAMES if arch == "gpt2" else _LLAMA_NAMES)[name]
+            module = own[name]
             modules.add(module.split(".")[-1])
             tensors[f"{p}{module}.lora_A.weight"] = ad["a"][i].T.copy()                 # [r, in]
             tensors[f"{p}{module}.lora_B.weight"] = ad["b"][i].T.copy()                 # [out, r]
             if ad["a"].shape[-1] != r:
                 rank_pattern[module.split(".")[-1]] = ad["a"].shape[-1]
                 alpha_pattern[module.split(".")[-1]] = scale * ad["a"].shape[-1]
-        fused = [x for x in "qkv" if x in flat] if arch == "gpt2" else []
-        if fused:            # c_attn [D, 3D] = [q | k | v]: a concatenated, b block-diagonal over q, k, v's columns
-            D = model_config.d_model
+        for module, parts in fused_modules.items():
+            fused = [x for x, _ in parts if x in flat]
+            if not fused:
+                continue
+            # e.g. c_attn [D, 3D] = [q | k | v]: a concatenated, b block-diagonal over the projections' columns
+            starts = dict(zip([x for x, _ in parts], np.cumsum([0] + [w for _, w in parts])))
             a = np.concatenate([flat[x]["a"][i] for x in fused], axis=1)                # [D, n*r']
-            b = np.zeros((a.shape[1], 3 * D), np.float32)
+            b = np.zeros((a.shape[1], sum(w for _, w in parts)), np.float32)
             col = 0
             for x in fused:
                 rx = flat[x]["a"].shape[-1]
-                j = "qkv".index(x)
-                b[col:col + rx, j * D:(j + 1) * D] = flat[x]["b"][i]
+                b[col:col + rx, starts[x]:starts[x] + flat[x]["b"].shape[-1]] = flat[x]["b"][i]
                 col += rx
-            tensors[f"{p}attn.c_attn.lora_A.weight"] = a.T.copy()
-            tensors[f"{p}attn.c_attn.lora_B.weight"] = b.T.copy()
-            modules.add("c_attn")
+            short = module.split(".")[-1]
+            tensors[f"{p}{module}.lora_A.weight"] = a.T.copy()
+            tensors[f"{p}{module}.lora_B.weight"] = b.T.copy()
+            modules.add(short)
             if a.shape[1] != r:
-                rank_pattern["c_attn"], alpha_pattern["c_attn"] = a.shape[1], scale * a.shape[1]
+                rank_pattern[short], alpha_pattern[short] = a.shape[1], scale * a.shape[1]
     os.makedirs(path, exist_ok=True)
     save_file({k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()},
               os.path.join(path, "adapter_model.safetensors"), metadata={"format": "pt"})
@@ -182,10 +203,12 @@ def save_peft(adapters: dict, lora_config: LoraConfig, model_config: ModelConfig
         json.dump(config, f, indent=2)
 
 
-def load_peft(path: str | os.PathLike, model_config: ModelConfig) -> tuple[dict, LoraConfig]:
+def load_peft(path: str | os.PathLike, model_config: ModelConfig, *,
+              model_type: str | None = None) -> tuple[dict, LoraConfig]:
     """(adapters, LoraConfig) of a peft LoRA adapter folder for a model of `model_config` (plain LoRA only: no
     DoRA, rsLoRA or trained biases). A module whose rank or alpha differs from the config's (rank_pattern /
-    alpha_pattern) is folded into b, so that merge_lora with the returned config's one scale is exact."""
+    alpha_pattern) is folded into b, so that merge_lora with the returned config's one scale is exact.
+    `model_type`: the base model's family (None: inferred; Phi-3's fused modules are recognised by name)."""
     from safetensors.numpy import load_file
 
     with open(os.path.join(path, "adapter_config.json")) as f:
@@ -199,7 +222,9 @@ def load_peft(path: str | os.PathLike, model_config: ModelConfig) -> tuple[dict,
     tensors = {k.replace(".default", ""): v for k, v in tensors.items()}
     r, alpha = int(cfg["r"]), float(cfg["lora_alpha"])
     scale = alpha / r
-    arch, L = _arch(model_config), model_config.num_layers
+    arch, L = _arch(model_config, model_type), model_config.num_layers
+    if model_type is None and arch != "gpt2" and any(".qkv_proj." in k or ".gate_up_proj." in k for k in tensors):
+        arch = "phi3"
 
     def module_scale(module):
         short = module.split(".")[-1]
@@ -213,7 +238,8 @@ def load_peft(path: str | os.PathLike, model_config: ModelConfig) -> tuple[dict,
             return None
         return a.T.astype(np.float32), b.T.astype(np.float32) * (module_scale(module) / scale)
 
-    adapters, names = {}, (_GPT2_NAMES if arch == "gpt2" else _LLAMA_NAMES)
+    names, fused_modules = _module_names(arch, model_config)
+    adapters = {}
     for name, module in names.items():
         per_layer = [read(module, i) for i in range(L)]
         if all(x is None for x in per_layer):
@@ -222,14 +248,14 @@ def load_peft(path: str | os.PathLike, model_config: ModelConfig) -> tuple[dict,
             raise ValueError(f"{path}: the adapter of {module} is missing in some layers")
         adapters.setdefault(_GROUP[name], {})[name] = {"a": jnp.asarray(np.stack([x[0] for x in per_layer])),
                                                        "b": jnp.asarray(np.stack([x[1] for x in per_layer]))}
-    if arch == "gpt2":
-        fused = [read("attn.c_attn", i) for i in range(L)]
+    for module, parts in fused_modules.items():
+        fused = [read(module, i) for i in range(L)]
         if all(x is not None for x in fused):
-            D = model_config.d_model
-            a = jnp.asarray(np.stack([f[0] for f in fused]))
-            for j, x in enumerate("qkv"):   # each of q, k, v: the shared a and its columns of b (exact)
-                adapters.setdefault("attn", {})[x] = {"a": a, "b": jnp.asarray(np.stack([f[1][:, j * D:(j + 1) * D]
-                                                                                         for f in fused]))}
+            a, start = jnp.asarray(np.stack([f[0] for f in fused])), 0
+            for x, width in parts:   # each projection: the shared a and its columns of b (exact)
+                adapters.setdefault(_GROUP[x], {})[x] = {
+                    "a": a, "b": jnp.asarray(np.stack([f[1][:, start:start + width] for f in fused]))}
+                start += width
     if not adapters:
         raise ValueError(f"{path}: no LoRA weights for this model's modules (target_modules "
                          f"{cfg.get('target_modules')})")
