@@ -2,11 +2,16 @@
 `get_json_schema`, and tool-use conversations as SFT data (records, loss mask, batches)."""
 from __future__ import annotations
 
+import gzip
+import itertools
 import json
+import shutil
+from pathlib import Path
 from typing import Literal
 
 import pytest
 
+from rlhf_jax.data import DataError, load_records, parse_record
 from rlhf_jax.tools import (
     MalformedCall,
     check_arguments,
@@ -161,3 +166,123 @@ def test_check_arguments_against_a_hand_written_schema():
     assert check_arguments(schema, {"x": 1, "y": "s"}) is None
     assert "must be number" in check_arguments(schema, {"x": "1"})
     assert "must be ['string', 'null']" in check_arguments(schema, {"x": 1, "y": 2})
+
+
+# --------------------------------------------------------------------------------------------- SFT data
+FIXTURES = Path(__file__).parent / "fixtures"
+TOOL_DATA = FIXTURES / "tool-use-3.jsonl"
+
+
+@pytest.fixture(scope="module")
+def qwen_folder(tmp_path_factory):
+    """A Qwen2.5-style tokenizer folder: GPT-2's byte-level BPE with <|im_start|> / <|im_end|> added and Qwen2.5's
+    own template (tests/fixtures/chat-templates/qwen2_5.jinja) in chat_template.jinja."""
+    from tokenizers import AddedToken, Tokenizer
+
+    out = tmp_path_factory.mktemp("qwen")
+    with gzip.open(FIXTURES / "gpt2-tokenizer" / "tokenizer.json.gz", "rt", encoding="utf-8") as f:
+        tok = Tokenizer.from_str(f.read())
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in ("<|im_start|>", "<|im_end|>")])
+    tok.save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>", "bos_token": None}))
+    shutil.copyfile(FIXTURES / "chat-templates" / "qwen2_5.jinja", out / "chat_template.jinja")
+    return out
+
+
+def _qwen_reply(m: dict) -> str:
+    """What Qwen2.5's template writes for an assistant message after its header, end of turn included."""
+    blocks = [f'<tool_call>\n{{"name": "{c["function"]["name"]}", "arguments": {json.dumps(c["function"]["arguments"])}}}'
+              "\n</tool_call>" for c in m.get("tool_calls", [])]
+    return "\n".join(([m["content"]] if m["content"] else []) + blocks) + "<|im_end|>"
+
+
+def test_tool_records_load_with_calls_and_schemas():
+    records = load_records(TOOL_DATA, "sft")
+    assert len(records) == 3 and all(r.tools for r in records)
+    second = records[1]
+    assert [m["role"] for m in second.messages] == ["system", "user", "assistant", "tool", "tool", "assistant",
+                                                    "tool", "assistant"]
+    assert [t["function"]["name"] for t in second.tools] == ["get_weather", "calculate"]
+    assert second.messages[2]["tool_calls"][1] == {"type": "function",
+                                                   "function": {"name": "get_weather", "arguments": {"city": "Oslo"}}}
+    # arguments given as a JSON string are stored as the object, so that templates render a JSON object
+    assert second.messages[5] == {"role": "assistant", "content": "", "tool_calls": [
+        {"type": "function", "function": {"name": "calculate", "arguments": {"expression": "18 - (-4)"}}}]}
+    assert second.messages[3] == {"role": "tool", "name": "get_weather",
+                                  "content": '{"sky": "clear", "temp_c": 18}'}
+
+
+def test_tool_records_tokenise_as_transformers_with_the_loss_on_assistant_turns(qwen_folder):
+    transformers = pytest.importorskip("transformers")
+    from rlhf_jax.tokenizer import HFTokenizer, encode_chat
+
+    ours = HFTokenizer.from_file(qwen_folder)
+    ref = transformers.AutoTokenizer.from_pretrained(str(qwen_folder))
+    for record in load_records(TOOL_DATA, "sft"):
+        messages, tools = list(record.messages), list(record.tools)
+        ids, mask = encode_chat(ours, messages, tools=tools)
+        assert ids == list(ref.apply_chat_template(messages, tools=tools)["input_ids"])
+        runs = [list(g) for k, g in itertools.groupby(zip(ids, mask), key=lambda t: t[1]) if k]
+        decoded = [ours.decode([i for i, _ in r]) for r in runs]  # decode() skips the EOS <|im_end|> ...
+        expected = [_qwen_reply(m).removesuffix("<|im_end|>") for m in messages if m["role"] == "assistant"]
+        assert decoded == expected
+        assert all(r[-1][0] == ours.eos_id for r in runs)  # ... which ends every masked run
+
+
+def test_tool_records_batch_for_sft(qwen_folder):
+    """`tokenize_sft` and `collate_sft` on tool conversations: the targets under the loss mask are the assistant
+    turns (text and calls), never the results."""
+    from rlhf_jax.data.batching import collate_sft, tokenize_sft
+    from rlhf_jax.tokenizer import HFTokenizer
+
+    tok = HFTokenizer.from_file(qwen_folder)
+    records = load_records(TOOL_DATA, "sft")
+    batch = collate_sft([tokenize_sft(tok, r) for r in records], pad_id=tok.pad_id, buckets=(512,))
+    assert batch["targets"].shape == (3, 512)
+    for row, record in zip(range(3), records):
+        lossy = tok._tok.decode([int(t) for t, k in zip(batch["targets"][row], batch["loss_mask"][row]) if k],
+                                skip_special_tokens=False)
+        assert lossy == "".join(_qwen_reply(m) for m in record.messages if m["role"] == "assistant")
+        assert "tool_response" not in lossy and "temp_c" not in lossy
+
+
+@pytest.mark.parametrize("message,field,reason", [
+    ({"role": "assistant", "tool_calls": [{"type": "function", "function": {"arguments": {}}}]},
+     "messages[1].tool_calls[0].function.name", "missing tool name"),
+    ({"role": "assistant", "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": [1]}}]},
+     "messages[1].tool_calls[0].function.arguments", "must be a JSON object, got list"),
+    ({"role": "assistant", "tool_calls": [{"name": "f", "arguments": "{oops"}]},
+     "messages[1].tool_calls[0].arguments", "not JSON"),
+    ({"role": "assistant", "tool_calls": []}, "messages[1].tool_calls", "non-empty list"),
+    ({"role": "user", "content": "x", "tool_calls": [{"name": "f"}]}, "messages[1].tool_calls", "only assistant"),
+    ({"role": "tool", "content": "5", "name": 3}, "messages[1].name", "expected a string"),
+])
+def test_bad_tool_calls_name_file_line_and_field(tmp_path, message, field, reason):
+    good = TOOL_DATA.read_text().splitlines()[0]
+    bad = {"messages": [{"role": "user", "content": "q"}, message, {"role": "assistant", "content": "a"}]}
+    path = tmp_path / "tools.jsonl"
+    path.write_text(good + "\n" + json.dumps(bad) + "\n")
+    with pytest.raises(DataError) as e:
+        load_records(path, "sft")
+    assert (e.value.line, e.value.field) == (2, field) and reason in str(e.value)
+    assert str(e.value).startswith(f"{path}:2: field {field!r}: ") and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("tools,field", [({"name": "f"}, "tools"), ([{"type": "function"}], "tools[0]"),
+                                         ("[oops", "tools")])
+def test_bad_tools_column(tools, field):
+    with pytest.raises(DataError) as e:
+        parse_record({"tools": tools, "messages": [{"role": "user", "content": "q"},
+                                                   {"role": "assistant", "content": "a"}]}, "sft")
+    assert e.value.field == field
+
+
+def test_tools_as_a_json_string_and_prepared_records_keep_the_calls(tmp_path):
+    """A `tools` column stored as a JSON string (as some Hub datasets do) reads as the list; records prepared as
+    TFDS ArrayRecord read back with their tool calls and schemas."""
+    from rlhf_jax.data import load_prepared, prepare_records
+
+    row = json.loads(TOOL_DATA.read_text().splitlines()[0])
+    assert parse_record({**row, "tools": json.dumps(row["tools"])}, "sft") == parse_record(row, "sft")
+    prepare_records(TOOL_DATA, "sft", tmp_path)
+    assert list(load_prepared("sft", tmp_path)) == list(load_records(TOOL_DATA, "sft"))

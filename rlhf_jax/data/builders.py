@@ -8,6 +8,10 @@ random-access sequence backed by `array_record`: TensorFlow is not needed to pre
 tensorflow-datasets 4.9.10 and no tensorflow installed). Records are stored in source order
 (`disable_shuffling=True`); `iterators.ShuffledIterator` does the shuffling, by seed and epoch.
 
+Messages are stored as {role, content, extra}: `extra` is the JSON of a message's other keys (an assistant's
+`tool_calls`, a tool result's `name`), "" when it has none; an SFT record's `tools` is stored as JSON text ("" for
+none). Reading turns both back into the record's own values.
+
 `RecordSource(source, kind, fields=...)` turns any random-access source of feature dicts (ours, or a public TFDS
 catalogue dataset prepared with `tfds.data_sources(name, data_dir=...)`) into typed records, renaming fields.
 """
@@ -28,12 +32,23 @@ __all__ = ["RlhfRecords", "prepare_records", "load_prepared", "RecordSource", "f
 
 
 def _messages_feature():
-    return tfds.features.Sequence({"role": tfds.features.Text(), "content": tfds.features.Text()})
+    return tfds.features.Sequence({"role": tfds.features.Text(), "content": tfds.features.Text(),
+                                   "extra": tfds.features.Text()})
+
+
+def _message_features(messages) -> list[dict]:
+    """Messages as features: role, content, and the other keys (tool calls ...) as JSON in `extra`."""
+    out = []
+    for m in messages:
+        rest = {k: v for k, v in m.items() if k not in ("role", "content")}
+        out.append({"role": m["role"], "content": m["content"],
+                    "extra": json.dumps(rest, ensure_ascii=False) if rest else ""})
+    return out
 
 
 def _features(kind: str):
     if kind in ("sft", "oasst"):
-        spec = {"messages": _messages_feature()}
+        spec = {"messages": _messages_feature(), "tools": tfds.features.Text()}
     elif kind == "preference":
         spec = {"prompt": _messages_feature(), "chosen": tfds.features.Text(), "rejected": tfds.features.Text()}
     elif kind == "unpaired":
@@ -48,13 +63,14 @@ def _features(kind: str):
 
 def _to_features(record) -> dict:
     if isinstance(record, SFTRecord):
-        return {"messages": list(record.messages)}
+        tools = json.dumps(list(record.tools), ensure_ascii=False) if record.tools else ""
+        return {"messages": _message_features(record.messages), "tools": tools}
     if isinstance(record, PreferenceRecord):
-        return {"prompt": list(record.prompt), "chosen": record.chosen, "rejected": record.rejected}
+        return {"prompt": _message_features(record.prompt), "chosen": record.chosen, "rejected": record.rejected}
     if isinstance(record, UnpairedRecord):
-        return {"prompt": list(record.prompt), "completion": record.completion, "label": record.label}
+        return {"prompt": _message_features(record.prompt), "completion": record.completion, "label": record.label}
     if isinstance(record, PromptRecord):
-        return {"messages": list(record.messages), "meta": json.dumps(record.meta, ensure_ascii=False)}
+        return {"messages": _message_features(record.messages), "meta": json.dumps(record.meta, ensure_ascii=False)}
     return {"text": record.text}
 
 
@@ -67,7 +83,8 @@ class RlhfRecords(tfds.core.GeneratorBasedBuilder):
     """
 
     VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Typed records from local JSON/JSONL/JSONL.gz files."}
+    RELEASE_NOTES = {"1.0.0": "Typed records from local JSON/JSONL/JSONL.gz files; messages keep their tool calls "
+                              "(`extra`), SFT records their tool schemas (`tools`)."}
     BUILDER_CONFIGS = [tfds.core.BuilderConfig(name=k, description=f"{k} records") for k in KINDS]
 
     def __init__(self, *, source_path: str | Path | Mapping[str, str | Path] | None = None,
@@ -119,10 +136,16 @@ def _decode(x: Any) -> Any:
     if isinstance(x, dict):
         d = {k: _decode(v) for k, v in x.items()}
         if d and all(isinstance(v, list) for v in d.values()) and len({len(v) for v in d.values()}) == 1 \
-                and set(d) <= {"role", "content", "from", "value"}:
-            return [dict(zip(d, vals)) for vals in zip(*d.values())]
+                and set(d) <= {"role", "content", "from", "value", "extra"}:
+            return [_unpack_extra(dict(zip(d, vals))) for vals in zip(*d.values())]
         return d
     return x.item() if isinstance(x, np.generic) else x
+
+
+def _unpack_extra(message: dict) -> dict:
+    """A stored message back to its own keys: the JSON in `extra` ("" for none) merged in."""
+    extra = message.pop("extra", "")
+    return {**message, **json.loads(extra)} if extra else message
 
 
 def from_example(example: Mapping, kind: str, fields: Mapping[str, str] | None = None):
@@ -132,6 +155,8 @@ def from_example(example: Mapping, kind: str, fields: Mapping[str, str] | None =
     for ours, theirs in (fields or {}).items():
         if theirs in obj:
             obj[ours] = obj.pop(theirs)
+    if obj.get("tools") == "":   # stored for "no tools"
+        del obj["tools"]
     if kind == "prompt" and isinstance(obj.get("meta"), str):
         meta = json.loads(obj.pop("meta") or "{}")
         obj = {**meta, **obj}

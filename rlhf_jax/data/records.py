@@ -6,6 +6,9 @@ Record kinds (`load_records(path, kind)`):
                   {messages: [{role, content}]}, ShareGPT {conversations: [{from, value}]}, or TRL's conversational
                   prompt-completion {prompt: [messages], completion: [assistant messages]}. Ends with an assistant
                   turn. Anywhere, a message's content may be a list of typed text parts [{type: "text", text}].
+                  Tool use (TRL's / transformers' layout): a `tools` column of JSON schemas, assistant messages with
+                  `tool_calls` [{type: "function", function: {name, arguments}}] (content then optional) and
+                  {role: "tool", content} results; see "Tool calls" below.
 - "oasst"      -> `SFTRecord`: an OpenAssistant message tree, following the top-ranked reply (rank 0) at each
                   level (Köpf et al. 2023, OpenAssistant Conversations); a trailing user turn is dropped.
 - "preference" -> `PreferenceRecord(prompt, chosen, rejected)`: {prompt, chosen, rejected} (prompt a string or a
@@ -22,6 +25,13 @@ Record kinds (`load_records(path, kind)`):
 - "prompt"     -> `PromptRecord(messages, meta)`: a JSON string, or {prompt | question | instruction(+input) |
                   messages} with the other fields kept in `meta` (e.g. a GSM8K reference answer).
 - "text"       -> `TextRecord(text)`: {text} or a JSON string (pre-training text for mixtures).
+
+Tool calls: each call is stored as {"type": "function", "function": {"name": str, "arguments": dict}}; a flat
+{name, arguments} call is accepted, absent arguments are {}, and arguments given as a JSON string (the OpenAI
+layout) are decoded, so that
+templates render them as a JSON object. A call without a name or whose arguments are not an object is a
+`DataError` naming the field (e.g. `messages[2].tool_calls[0].function.arguments`). A tool message keeps its
+optional `name` and `tool_call_id`; `tools` may also be a JSON string of the list (as some Hub datasets store it).
 
 Bad input raises `DataError` naming file, line and field. With `skip_invalid=True` bad records are skipped and
 counted in `records.summary` (also logged); nothing is ever dropped silently.
@@ -62,7 +72,10 @@ class SFTRecord:
     """A conversation for supervised fine-tuning; it ends with an assistant turn."""
 
     messages: tuple[dict, ...]
-    """[{"role": "system"|"user"|"assistant", "content": str}], the last one from the assistant."""
+    """[{"role": "system"|"user"|"assistant"|"tool", "content": str}], the last one from the assistant; assistant
+    messages may carry "tool_calls" (see the module docstring)."""
+    tools: tuple[dict, ...] | None = None
+    """JSON schemas of the tools the conversation may call, given to the chat template; None: no tools."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -132,26 +145,94 @@ def _get(obj: dict, field: str, *, required: bool = True, empty_ok: bool = False
 
 
 _ROLE_ALIASES = {"system": "system", "user": "user", "human": "user", "prompter": "user",
-                 "assistant": "assistant", "gpt": "assistant", "bot": "assistant", "model": "assistant"}
+                 "assistant": "assistant", "gpt": "assistant", "bot": "assistant", "model": "assistant",
+                 "tool": "tool"}
 
 
 def _message(m: Any, field: str) -> dict:
     if not isinstance(m, dict):
         raise DataError(f"expected a message object, got {type(m).__name__}", field=field)
     role_key = "role" if "role" in m else "from"
-    text_key = "content" if "content" in m else "value"
+    text_key = "value" if "value" in m and "content" not in m else "content"
     role = m.get(role_key)
     if not isinstance(role, str) or role.lower() not in _ROLE_ALIASES:
         raise DataError(f"unknown role {role!r} (expected one of {sorted(_ROLE_ALIASES)})", field=f"{field}.{role_key}")
+    role = _ROLE_ALIASES[role.lower()]
+    calls = m.get("tool_calls")
+    if calls is not None and role != "assistant":
+        raise DataError(f"only assistant messages carry tool calls, this one is from {role!r}",
+                        field=f"{field}.tool_calls")
+    calls = None if calls is None else _tool_calls(calls, f"{field}.tool_calls")
     content = m.get(text_key)
+    if content is None and calls is not None:   # a message that only calls tools (content null or absent)
+        content = ""
     if isinstance(content, list):   # typed parts, [{"type": "text", "text": ...}] (OpenAI / TRL layout)
         content = _text_parts(content, f"{field}.{text_key}")
     if not isinstance(content, str):
         raise DataError(f"expected a string, got {type(content).__name__}", field=f"{field}.{text_key}")
-    role = _ROLE_ALIASES[role.lower()]
-    if role == "assistant" and not content.strip():
+    if role == "assistant" and not content.strip() and not calls:
         raise DataError("empty assistant message", field=f"{field}.{text_key}")
-    return {"role": role, "content": content}
+    out = {"role": role, "content": content}
+    if calls is not None:
+        out["tool_calls"] = calls
+    if role == "tool":
+        for key in ("name", "tool_call_id"):
+            if m.get(key) is not None:
+                if not isinstance(m[key], str):
+                    raise DataError(f"expected a string, got {type(m[key]).__name__}", field=f"{field}.{key}")
+                out[key] = m[key]
+    return out
+
+
+def _tool_calls(calls: Any, field: str) -> list[dict]:
+    """An assistant message's tool calls, each as {"type": "function", "function": {"name", "arguments": dict}}."""
+    if not isinstance(calls, list) or not calls:
+        raise DataError("expected a non-empty list of tool calls", field=field)
+    out = []
+    for i, call in enumerate(calls):
+        where = f"{field}[{i}]"
+        if not isinstance(call, dict):
+            raise DataError(f"expected a tool call object, got {type(call).__name__}", field=where)
+        if "function" in call:
+            fn, where = call["function"], f"{where}.function"
+            if not isinstance(fn, dict):
+                raise DataError(f"expected an object {{name, arguments}}, got {type(fn).__name__}", field=where)
+        else:
+            fn = call
+        name = fn.get("name")
+        if not isinstance(name, str) or not name.strip():
+            raise DataError("missing tool name (a non-empty string)", field=f"{where}.name")
+        args = fn.get("arguments", {})
+        if isinstance(args, str):
+            try:
+                args = json.loads(args) if args.strip() else {}
+            except json.JSONDecodeError as e:
+                raise DataError(f"arguments string is not JSON ({e.msg})", field=f"{where}.arguments") from None
+        if not isinstance(args, dict):
+            raise DataError(f"arguments must be a JSON object, got {type(args).__name__}", field=f"{where}.arguments")
+        out.append({"type": "function", "function": {"name": name, "arguments": args}})
+    return out
+
+
+def _tools(value: Any) -> tuple[dict, ...] | None:
+    """The `tools` column: JSON schemas (a list, or a JSON string of one); null or [] is no tools."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            value = json.loads(value) if value.strip() else None
+        except json.JSONDecodeError as e:
+            raise DataError(f"a string that is not JSON ({e.msg})", field="tools") from None
+        if value is None:
+            return None
+    if not isinstance(value, list):
+        raise DataError(f"expected a list of tool schemas, got {type(value).__name__}", field="tools")
+    for i, tool in enumerate(value):
+        fn = tool.get("function", tool) if isinstance(tool, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"].strip():
+            raise DataError('expected a JSON schema {"type": "function", "function": {"name", "description", '
+                            '"parameters"}}', field=f"tools[{i}]")
+    return tuple(value) or None
 
 
 def _text_parts(parts: list, field: str) -> str:
@@ -191,28 +272,32 @@ def _user_prompt(obj: dict) -> tuple[dict, ...]:
 # ------------------------------------------------------------------------------------------------ kind parsers
 def _parse_sft(obj: Any) -> SFTRecord:
     _need_dict(obj)
+    tools = _tools(obj.get("tools"))
     for key in ("messages", "conversations"):
         if key in obj:
             msgs = _messages(obj[key], key)
             if msgs[-1]["role"] != "assistant":
                 raise DataError("the last message must be from the assistant", field=f"{key}[{len(msgs) - 1}]")
-            return SFTRecord(messages=msgs)
+            return SFTRecord(messages=msgs, tools=tools)
     if "instruction" in obj:
         response = _get(obj, "output")
     elif "question" in obj:
         response = _get(obj, "answer")
     elif "prompt" in obj and isinstance(obj["prompt"], list):   # TRL's conversational prompt-completion
         prompt = _messages(obj["prompt"], "prompt")
-        if prompt[-1]["role"] != "user":
-            raise DataError("the prompt must end with a user message", field=f"prompt[{len(prompt) - 1}]")
+        if prompt[-1]["role"] not in ("user", "tool"):
+            raise DataError("the prompt must end with a user message (or a tool result)",
+                            field=f"prompt[{len(prompt) - 1}]")
         if "completion" not in obj:
             raise DataError("missing", field="completion")
         value = obj["completion"]
         completion = (_messages(value, "completion") if isinstance(value, list)
                       else ({"role": "assistant", "content": _response(value, "completion")},))
-        if any(m["role"] != "assistant" for m in completion):
-            raise DataError("expected assistant messages only", field="completion")
-        return SFTRecord(messages=prompt + completion)
+        if any(m["role"] not in ("assistant", "tool") for m in completion):
+            raise DataError("expected assistant messages only (and tool results between them)", field="completion")
+        if completion[-1]["role"] != "assistant":
+            raise DataError("the last message must be from the assistant", field="completion")
+        return SFTRecord(messages=prompt + completion, tools=tools)
     elif "prompt" in obj:
         key = "completion" if "completion" in obj or "response" not in obj else "response"
         response = _get(obj, key)
