@@ -1,6 +1,6 @@
-"""The distillation stage: the loss falls toward a fixed teacher of another size (lambda 0), the on-policy reverse-KL
+"""The distillation stage: the loss falls toward a fixed teacher of another size (lambda 0.5), the on-policy reverse-KL
 reward runs (lambda 1), a LoRA student with a top-k teacher trains only its adapters, a mesh of 8 simulated
-devices equals one device (lambda 0.5: both branches), a teacher of another vocabulary is refused, and SFT batches
+devices equals one device, a teacher of another vocabulary is refused, and SFT batches
 become prompts and dataset responses."""
 import jax
 import numpy as np
@@ -45,14 +45,23 @@ def _run(models, config, batches, **kw):
                                                                         "teacher_config": TEACHER, **kw})
 
 
-def test_supervised_kd_loss_falls_toward_a_fixed_teacher(models):
-    config = _config(num_steps=12, log_every=4, lmbda=0.0, beta=0.5)
-    _, hist = _run(models, config, [_batch()] * 12)
-    losses = [h["loss"] for h in hist]
-    assert [h["step"] for h in hist] == [4, 8, 12]
-    assert losses[-1] < 0.7 * losses[0], losses
-    assert all(h["on_policy"] == 0.0 for h in hist)
-    assert hist[-1]["kl_forward"] < hist[0]["kl_forward"] and hist[0]["grad_norm"] > 0
+MIXED = _config(num_steps=8, lmbda=0.5, beta=0.3, optim=OptimConfig(learning_rate=1e-2, eps=1e-3))
+
+
+@pytest.fixture(scope="module")
+def one_device(models):
+    """A run of GKD's mix (lambda 0.5: both branches) on one device, shared by two tests."""
+    state, hist = _run(models, MIXED, [_batch()] * MIXED.num_steps)
+    return jax.device_get(state.params), hist
+
+
+def test_loss_falls_toward_a_fixed_teacher_of_another_size(one_device):
+    _, hist = one_device
+    flags = [h["on_policy"] for h in hist]
+    assert 0 < sum(flags) < len(flags), flags            # the coin came up both ways
+    off = [h for h in hist if h["on_policy"] == 0.0]     # the same dataset batch each time
+    assert off[-1]["loss"] < 0.7 * off[0]["loss"], [h["loss"] for h in off]
+    assert off[-1]["kl_forward"] < off[0]["kl_forward"] and all(h["grad_norm"] > 0 for h in hist)
 
 
 def test_on_policy_reverse_kl_reward_runs(models):
@@ -81,18 +90,16 @@ def test_lora_student_with_a_topk_teacher_trains_only_its_adapters(models):
         _run(models, config, [_batch()], lora=lora)
 
 
-def test_mesh_of_eight_devices_equals_one_device(models):
-    config = _config(num_steps=2, lmbda=0.5, beta=0.3, optim=OptimConfig(learning_rate=1e-2, eps=1e-3))
-    batches = [_batch(0), _batch(1)]
-    ref_state, ref_hist = _run(models, config, batches)
-    state, hist = _run(models, config, batches, mesh=S.make_mesh((2, 2, 2)))
+def test_mesh_of_eight_devices_equals_one_device(models, one_device):
+    ref_params, ref_hist = one_device
+    state, hist = _run(models, MIXED, [_batch()] * MIXED.num_steps, mesh=S.make_mesh((2, 2, 2)))
     assert [h["on_policy"] for h in hist] == [h["on_policy"] for h in ref_hist]
     for g, w in zip(hist, ref_hist):
         assert g.keys() == w.keys()
         for k in w:
-            np.testing.assert_allclose(g[k], w[k], rtol=1e-5, atol=1e-6, err_msg=k)
-    for x, y in zip(jax.tree.leaves(state.params), jax.tree.leaves(ref_state.params)):
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(g[k], w[k], rtol=1e-4, atol=1e-6, err_msg=f"step {w['step']} {k}")
+    for x, y in zip(jax.tree.leaves(state.params), jax.tree.leaves(ref_params)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-5)
     assert tuple(state.params["layers"]["mlp"]["up"]["kernel"].sharding.spec) == (None, "fsdp", "tensor")
 
 
@@ -115,3 +122,31 @@ def test_sft_batches_become_prompts_and_dataset_responses():
     np.testing.assert_array_equal(wide["prompts"][0], [PAD, PAD, PAD, 1, 2, 3])
     np.testing.assert_array_equal(wide["responses"], [[7, 8, 9, PAD], [7, 9, PAD, PAD]])
     np.testing.assert_array_equal(wide["response_mask"], [[1, 1, 1, 0], [1, 1, 0, 0]])
+
+
+def test_command_runs_and_refuses_a_teacher_of_another_vocabulary(models, tmp_path, capsys):
+    import json
+
+    from rlhf_jax.cli import distill
+    from rlhf_jax.train.checkpoint import save_params
+
+    save_params(tmp_path / "teacher", models[1], model_config=TEACHER)
+    argv = ["--out", str(tmp_path / "run"), "--teacher", str(tmp_path / "teacher"), "--model.d-model", "32",
+            "--model.num-layers", "1", "--model.num-heads", "2", "--model.mlp-dim", "64", "--model.max-seq-len", "32",
+            "--data.num-demo", "8", "--data.seq-len", "32", "--distill.batch-size", "2", "--distill.log-every", "1",
+            "--distill.max-prompt-len", "24", "--distill.sampling.max-new-tokens", "4", "--distill.lmbda", "0",
+            "--distill.beta", "0.5", "--distill.temperature", "1.0", "--checkpoint.save-every", "2",
+            "--checkpoint.no-tensorboard"]
+    assert distill.main([*argv, "--distill.num-steps", "2"]) == 0
+    lines = [json.loads(x) for x in open(tmp_path / "run" / "distill" / "metrics.jsonl")]
+    assert [x["step"] for x in lines] == [1, 2] and lines[0]["on_policy"] == 0.0
+    assert {"loss", "kl_forward", "kl_reverse", "on_policy", "grad_norm", "learning_rate"} <= set(lines[0])
+    assert (tmp_path / "run" / "distill" / "final" / "model_config.json").exists()
+    other = ModelConfig.preset("tiny", vocab_size=300, d_model=16, num_layers=1, num_heads=2, mlp_dim=32)
+    save_params(tmp_path / "wide", init_params(other, jax.random.key(2)), model_config=other)
+    capsys.readouterr()
+    argv[1] = str(tmp_path / "refused")
+    assert distill.main([*argv[:2], "--teacher", str(tmp_path / "wide"), *argv[4:]]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "300 tokens but the student's has 259" in err, err
+    assert not (tmp_path / "refused" / "config.json").exists()

@@ -20,6 +20,7 @@ COMMANDS = {
     "kto": ("kto", "KTO on unpaired desirable / undesirable answers"),
     "online-dpo": ("online_dpo", "online DPO: fresh samples of the policy, labelled by a judge"),
     "grpo": ("grpo", "the GRPO family, RLOO and REINFORCE++ against a reward function or model"),
+    "distill": ("distill", "distillation into a student: GKD, on-policy distillation, supervised KD"),
     "export": ("export", "a run's final params as a Hugging Face folder (or its LoRA adapters for peft)"),
     "generate": ("generate", "sample completions from a run's final params or a Hugging Face folder"),
     "benchmark": ("benchmark", "time the compiled steps and report tokens/s and MFU"),
