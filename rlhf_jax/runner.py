@@ -24,15 +24,15 @@ import logging
 import os
 import shutil
 import sys
-from typing import Annotated, Any, Callable
+from typing import Annotated, Any, Callable, Literal
 
 import jax
 import numpy as np
 import tyro
 
-from rlhf_jax.config_cli import check_ranges, field_docs, save_config, to_dict
+from rlhf_jax.config_cli import check_ranges, config_check, field_docs, save_config, to_dict
 from rlhf_jax.data.iterators import ProcessRows
-from rlhf_jax.lora import TARGETS, LoraConfig, init_lora, save_peft
+from rlhf_jax.lora import TARGETS, LoraConfig, init_lora, quantize_base, save_peft
 from rlhf_jax.models.config import ModelConfig
 from rlhf_jax.train import checkpoint as ckpt
 from rlhf_jax.train.logging import StageHooks, make_stage_hooks, read_jsonl, truncate_jsonl
@@ -72,17 +72,29 @@ class LoraSpec:
     """The update is scaled by alpha / rank."""
     targets: tuple[str, ...] = TARGETS
     """Projections that get adapters: q, k, v, o, gate, up, down (gate: SwiGLU models only)."""
+    quantize: Literal["none", "nf4"] = "none"
+    """nf4: QLoRA, the frozen base's projection kernels stored in 4-bit NF4 with double quantisation
+    (rlhf_jax.quant; embeddings, LM head and norms stay as they are); needs --lora.rank > 0."""
 
     def __post_init__(self):
         check_ranges(self, non_negative=("rank",), positive=("alpha",))
+        config_check(self, self.quantize == "none" or self.rank > 0,
+                     f"--lora.quantize {self.quantize} quantises the frozen base under adapters: it needs "
+                     "--lora.rank > 0")
 
     def config(self) -> LoraConfig | None:
         return None if self.rank == 0 else LoraConfig(rank=self.rank, alpha=self.alpha, targets=self.targets)
 
+    def base(self, params):
+        """The frozen base as the stages hold it: `params`, or with --lora.quantize nf4 its projection kernels
+        as NF4Tensors (`rlhf_jax.quant.quantize_base`), which `merge_lora` dequantises inside every step."""
+        return quantize_base(params) if self.quantize == "nf4" else params
+
 
 def trainable_state(cfg, params, model_config, optim, total_steps: int, *, head=None):
     """(train state, stage LoRA keyword arguments): the params themselves, or with --lora.rank R the adapters of
-    `params` (plus a reward model's `head`), the stage then getting `lora` (and the frozen params as its base).
+    `params` (plus a reward model's `head`), the stage then getting `lora` (and the frozen params as its base;
+    with --lora.quantize nf4, `cfg.lora.base(params)`, whose shapes the adapters take as they are).
     A warmup that does not fit in the run's updates is a setup error naming the stage's flags."""
     if optim.schedule != "constant" and optim.warmup_steps >= total_steps:
         group = next((f.name.replace("_", "-") for f in dataclasses.fields(cfg)
@@ -93,6 +105,9 @@ def trainable_state(cfg, params, model_config, optim, total_steps: int, *, head=
     lora = cfg.lora.config()
     if lora is None:
         return create_train_state(params, optim, cfg.seed, total_steps=total_steps), {}
+    if cfg.lora.quantize != "none" and getattr(cfg, "mesh", None):
+        raise ValueError(f"--lora.quantize {cfg.lora.quantize} with --mesh: the 4-bit base is not sharded yet; "
+                         "drop one of them")
     adapters = init_lora(params, model_config, lora, jax.random.fold_in(jax.random.key(cfg.seed), 17))
     if head is not None:
         adapters = {**adapters, "score_head": head}
