@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import itertools
 import json
+import re
 import shutil
 from pathlib import Path
 from typing import Literal
@@ -286,3 +287,127 @@ def test_tools_as_a_json_string_and_prepared_records_keep_the_calls(tmp_path):
     assert parse_record({**row, "tools": json.dumps(row["tools"])}, "sft") == parse_record(row, "sft")
     prepare_records(TOOL_DATA, "sft", tmp_path)
     assert list(load_prepared("sft", tmp_path)) == list(load_records(TOOL_DATA, "sft"))
+
+
+# ------------------------------------------------------------------------------------------- environments
+def _scripted(replies):
+    """A policy that writes the given replies in turn; each costs as many tokens as it has characters."""
+    it = iter(replies)
+
+    def policy(messages):
+        reply = next(it)
+        return reply, len(reply)
+    return policy
+
+
+def _hermes_call(expression):
+    return f'<tool_call>\n{{"name": "calculate", "arguments": {{"expression": "{expression}"}}}}\n</tool_call>'
+
+
+@pytest.mark.parametrize("expression,expected", [("2+3*4", "14"), ("(2 + 3) * 4", "20"), ("-3*-2", "6"),
+                                                 ("7 - (10 - 1)", "-2"), (" 12 ", "12")])
+def test_calculate(expression, expected):
+    from rlhf_jax.envs import CalculatorEnv
+
+    assert execute_tool_call(CalculatorEnv().tools, {"name": "calculate", "arguments": {"expression": expression}}) \
+        == expected
+    assert int(expected) == eval(expression)  # the reference: Python on these literal strings
+
+
+@pytest.mark.parametrize("expression,reason", [("2**10", "only integers"), ("6/3", "only integers"),
+                                               ("1.5+1", "only integers"), ("__import__('os')", "only integers"),
+                                               ("2 +", "not an arithmetic expression"), ("9" * 60 + "*" + "9" * 60,
+                                                                                        "longer than 100 digits")])
+def test_calculate_refuses_everything_else(expression, reason):
+    from rlhf_jax.envs import CalculatorEnv
+
+    out = execute_tool_call(CalculatorEnv().tools, {"name": "calculate", "arguments": {"expression": expression}})
+    assert out.startswith("Error: calculate failed: ValueError") and reason in out
+
+
+def test_calculator_episode_with_a_tool_call_then_the_answer():
+    from rlhf_jax.envs import CalculatorEnv, EpisodeBudget, run_episode
+
+    env = CalculatorEnv(system_prompt=None)
+    ep = run_episode(env, {"expression": "17 * (3 + 4)"}, _scripted([_hermes_call("17 * (3 + 4)"), "It is 119."]),
+                     budget=EpisodeBudget(max_turns=4))
+    assert [m["role"] for m in ep.messages] == ["user", "assistant", "tool", "assistant"]
+    assert ep.messages[0]["content"] == "What is 17 * (3 + 4)?" and ep.messages[2]["content"] == "119"
+    assert (ep.reward, ep.rewards, ep.turns, ep.finish) == (1.0, (0.0, 1.0), 2, "done")
+    assert ep.tokens == len(_hermes_call("17 * (3 + 4)")) + len("It is 119.")
+
+
+@pytest.mark.parametrize("replies,reward,tool_says", [
+    (["The answer is 118."], 0.0, None),                                  # wrong, no tool
+    (['{"name": "calculate", "parameters": {"expression": "6*7"}}', "42"], 1.0, "42"),   # Llama-3 style call
+    (["<tool_call>{not json}</tool_call>", "42"], 1.0, "Error: malformed tool call: not valid JSON"),
+    (['<tool_call>{"name": "calc", "arguments": {}}</tool_call>', "42"], 1.0, "Error: unknown tool 'calc'"),
+    (['<tool_call>{"name": "calculate", "arguments": {"expr": "6*7"}}</tool_call>', "41"], 0.0,
+     "Error: calculate: missing required argument(s) expression"),
+])
+def test_calculator_rewards_and_tool_errors(replies, reward, tool_says):
+    from rlhf_jax.envs import CalculatorEnv, run_episode
+
+    ep = run_episode(CalculatorEnv(), {"question": "What is six times seven?", "answer": 42}, _scripted(replies))
+    assert ep.messages[0]["role"] == "system" and ep.reward == reward and ep.finish == "done"
+    tool = [m["content"] for m in ep.messages if m["role"] == "tool"]
+    assert tool == ([] if tool_says is None else [tool[0]]) and (tool_says is None or tool[0].startswith(tool_says))
+
+
+def test_structured_tool_calls_and_parallel_calls():
+    from rlhf_jax.envs import CalculatorEnv
+
+    env = CalculatorEnv()
+    env.reset({"expression": "1+1"})
+    calls = [{"type": "function", "function": {"name": "calculate", "arguments": {"expression": e}}}
+             for e in ("1+1", "2*3")]
+    new, reward, done = env.step([{"role": "assistant", "content": "", "tool_calls": calls}])
+    assert [m["content"] for m in new] == ["2", "6"] and (reward, done) == (0.0, False)
+    new, _, _ = env.step([{"role": "assistant", "content": _hermes_call("1+1") + _hermes_call("3-5")}])
+    assert [m["content"] for m in new] == ["2", "-2"]
+
+
+@pytest.mark.parametrize("budget,finish,turns", [({"max_turns": 3}, "max_turns", 3),
+                                                 ({"max_tokens": 150}, "max_tokens", 2)])
+def test_budget_ends_an_endless_episode(budget, finish, turns):
+    from rlhf_jax.envs import CalculatorEnv, EpisodeBudget, run_episode
+
+    call = _hermes_call("1+1")                       # 82 characters: two calls pass 150 tokens
+    ep = run_episode(CalculatorEnv(), {"expression": "1+1"}, _scripted([call] * 10), budget=EpisodeBudget(**budget))
+    assert (ep.finish, ep.turns, ep.reward) == (finish, turns, 0.0)
+    assert ep.messages[-1]["role"] == "tool"         # the last turn was still answered
+    with pytest.raises(ValueError, match="max_turns must be a positive integer"):
+        EpisodeBudget(max_turns=0)
+
+
+def test_environments_by_name_and_import_path(tmp_path):
+    from rlhf_jax.envs import (
+        CalculatorEnv,
+        Environment,
+        calculator_tasks,
+        make_environment,
+    )
+
+    assert isinstance(make_environment("calculator"), CalculatorEnv)
+    env = make_environment("rlhf_jax.envs:CalculatorEnv", system_prompt="S")
+    assert isinstance(env, Environment) and env.reset({"expression": "2*2"})[0] == {"role": "system", "content": "S"}
+    (tmp_path / "my_env.py").write_text(
+        "class Echo:\n    def __init__(self, reward=1.0):\n        self.reward = reward\n"
+        "    def reset(self, task):\n        return [{'role': 'user', 'content': task}]\n"
+        "    def step(self, messages):\n        return [], self.reward, True\n"
+        "class NoStep:\n    def reset(self, task):\n        return []\n")
+    echo = make_environment(f"{tmp_path / 'my_env.py'}:Echo", reward=0.5)
+    assert echo.reset("hi") == [{"role": "user", "content": "hi"}] and echo.step([]) == ([], 0.5, True)
+    for spec, reason in [("calculater", "expected a registered name (calculator)"),
+                         ("rlhf_jax.envs:Nope", "has no Nope"), ("no_such_module_x:Env", "cannot import"),
+                         (f"{tmp_path / 'my_env.py'}:NoStep", "needs reset(task) and step(messages)"),
+                         (f"{tmp_path / 'missing.py'}:Echo", "no file")]:
+        with pytest.raises(ValueError, match=re.escape(reason)):
+            make_environment(spec)
+    with pytest.raises(ValueError, match="cannot build it"):
+        make_environment("calculator", unknown=1)
+    tasks = calculator_tasks(20, seed=3)
+    assert tasks == calculator_tasks(20, seed=3) and len({t["expression"] for t in tasks}) == 20
+    for t in tasks:   # every generated task has the answer Python gives
+        env.reset(t)
+        assert env.answer == eval(t["expression"])
