@@ -1,4 +1,5 @@
-"""Model configuration: one frozen dataclass covers the GPT-2 and Llama (Qwen2, Mistral) families.
+"""Model configuration: one frozen dataclass covers GPT-2 and the Llama-style families (Llama, Qwen2, Mistral,
+Qwen3, OLMo 2, SmolLM3, Phi-3, Gemma 3). Every field that only a later family uses is off by default.
 
 Shape alphabet used across rlhf_jax: B batch, T time, S cache length, D model width, F MLP width,
 N query heads, K kv heads, H head dim, V vocab, L layers.
@@ -10,7 +11,7 @@ from typing import Literal
 
 import jax.numpy as jnp
 
-from rlhf_jax.checks import check_ranges
+from rlhf_jax.checks import check_ranges, config_check
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -33,12 +34,43 @@ class ModelConfig:
     """F: MLP hidden width."""
     max_seq_len: int = 256
     """Longest sequence (learned position table size; RoPE has no table but caches are sized by it)."""
-    mlp: Literal["gelu", "swiglu"] = "gelu"
-    """GPT-2 uses a GELU MLP with biases; Llama a gated SiLU (SwiGLU) MLP without biases."""
+    mlp: Literal["gelu", "swiglu", "geglu"] = "gelu"
+    """GPT-2 uses a GELU MLP with biases; Llama a gated SiLU (SwiGLU) MLP without biases; Gemma a gated tanh-GELU
+    (GeGLU, Shazeer 2020) MLP."""
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
     norm_eps: float = 1e-5
+    norm_offset: float = 0.0
+    """RMSNorm multiplies by (norm_offset + scale): Gemma stores its scales around 0 and uses 1 + scale."""
+    pre_norm: bool = True
+    """Normalise each sublayer's input: x + f(norm(x)) (GPT-2, Llama)."""
+    post_norm: bool = False
+    """Normalise each sublayer's output before the residual add: x + norm(f(.)) (OLMo 2 without pre_norm;
+    Gemma 2/3 with both, "sandwich" norms). Adds attn_post_norm and mlp_post_norm parameters."""
+    qk_norm: Literal["none", "head", "proj"] = "none"
+    """RMSNorm of queries and keys before RoPE: "head" over each head's H features (Qwen3, Gemma 3), "proj" over
+    the whole N*H (K*H) projection (OLMo 2). Adds q_norm and k_norm parameters."""
+    embed_scale: bool = False
+    """Multiply the token embeddings by sqrt(D) (Gemma)."""
+    attn_scale: float | None = None
+    """Attention logit scale; None: 1/sqrt(H). Gemma's query_pre_attn_scalar s gives 1/sqrt(s)."""
     positional: Literal["learned", "rope"] = "learned"
     rope_theta: float = 10_000.0
+    rope_fraction: float = 1.0
+    """Share of each head's H features that RoPE rotates (the first H * rope_fraction, rotate-half among them;
+    Phi-3's partial_rotary_factor); the rest pass through."""
+    rope_layers: tuple[bool, ...] | None = None
+    """Per layer: whether it applies RoPE (SmolLM3 leaves every fourth layer without positions); None: all."""
+    sliding_window: int | None = None
+    """W: a query at position t sees keys at t - W < s <= t on sliding layers (Mistral, Gemma 3); None: off."""
+    sliding_layers: tuple[bool, ...] | None = None
+    """Per layer: whether it uses the sliding window (Gemma 3 interleaves five sliding and one global layer);
+    None with a sliding_window: every layer."""
+    rope_theta_sliding: float | None = None
+    """RoPE base of the sliding layers (Gemma 3's local base); None: rope_theta."""
+    attn_softcap: float | None = None
+    """Soft-capping of attention logits, c * tanh(logits / c) (Gemma 2); None: off."""
+    final_softcap: float | None = None
+    """Soft-capping of the output logits, c * tanh(logits / c) (Gemma 2); None: off."""
     use_bias: bool = True
     """Biases on attention output and MLP projections (GPT-2 style)."""
     qkv_bias: bool = True
@@ -66,7 +98,16 @@ class ModelConfig:
 
     def __post_init__(self):
         check_ranges(self, positive=("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim",
-                                     "mlp_dim", "max_seq_len", "norm_eps", "rope_theta"))
+                                     "mlp_dim", "max_seq_len", "norm_eps", "rope_theta", "attn_scale",
+                                     "sliding_window", "rope_theta_sliding", "attn_softcap", "final_softcap"),
+                     non_negative=("norm_offset",))
+        for name in ("rope_layers", "sliding_layers"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, tuple(bool(v) for v in value))
+                config_check(self, len(value) == self.num_layers,
+                             f"{name} has {len(value)} entries; it needs one per layer (num_layers = "
+                             f"{self.num_layers})")
         if self.scan_unroll is not None and (not isinstance(self.scan_unroll, int) or self.scan_unroll < 1):
             raise ValueError(f"ModelConfig: scan_unroll={self.scan_unroll!r} must be None or an int >= 1")
         chunk = self.logits_chunk
@@ -77,6 +118,9 @@ class ModelConfig:
             raise ValueError(f"ModelConfig: num_heads={self.num_heads} must be a multiple of num_kv_heads={kv}")
         if self.head_dim is None and self.d_model % self.num_heads:
             raise ValueError(f"ModelConfig: d_model={self.d_model} must be divisible by num_heads={self.num_heads}")
+        config_check(self, 0.0 < self.rope_fraction <= 1.0 and self.rotary_dim % 2 == 0 and self.rotary_dim > 0,
+                     f"rope_fraction = {self.rope_fraction} must be in (0, 1] and rotate an even number of the "
+                     f"head_dim = {self.head_size} features")
 
     @property
     def kv_heads(self) -> int:
@@ -85,6 +129,18 @@ class ModelConfig:
     @property
     def head_size(self) -> int:
         return self.head_dim or self.d_model // self.num_heads
+
+    @property
+    def rotary_dim(self) -> int:
+        """Features of each head that RoPE rotates: int(H * rope_fraction), as Hugging Face rounds it."""
+        return int(self.head_size * self.rope_fraction)
+
+    def layer_flags(self, name: str) -> tuple[bool, ...]:
+        """`rope_layers` or `sliding_layers` spelled out per layer (None: every layer; no window: none slides)."""
+        value = getattr(self, name)
+        if name == "sliding_layers" and self.sliding_window is None:
+            return (False,) * self.num_layers
+        return (True,) * self.num_layers if value is None else value
 
     @property
     def compute_dtype(self):
@@ -108,7 +164,7 @@ class ModelConfig:
         """Parameter count (used for FLOP estimates: 6N per trained token, 2N per forward token)."""
         D, F, H = self.d_model, self.mlp_dim, self.head_size
         attn = D * H * (self.num_heads + 2 * self.kv_heads) + self.num_heads * H * D
-        mlp = (3 if self.mlp == "swiglu" else 2) * D * F
+        mlp = (2 if self.mlp == "gelu" else 3) * D * F
         per_layer = attn + mlp
         total = self.num_layers * per_layer
         if include_embeddings:

@@ -1,4 +1,5 @@
-"""Hugging Face checkpoint import and export: GPT-2 and the Llama family (Llama, Qwen2, Mistral).
+"""Hugging Face checkpoint import and export: GPT-2 and the Llama-style families (Llama, Qwen2, Mistral, Qwen3,
+OLMo 2, SmolLM3, Phi-3 / Phi-4-mini, Gemma 3).
 
 A Hugging Face folder is `config.json` plus `model.safetensors`, or several shards listed by
 `model.safetensors.index.json`. `load_pretrained` reads one into a `ModelConfig` and our param tree (layers stacked
@@ -10,10 +11,15 @@ Layout conversions (shape alphabet: D model width, F MLP width, N heads, K kv he
   * Llama (Touvron et al. 2023), Qwen2, Mistral store `nn.Linear` weights as [out, in]: q_proj [N*H, D] becomes
     our kernel [D, N, H]; o_proj [D, N*H] becomes [N, H, D]. Their q/k use the rotate-half RoPE convention
     (Su et al. 2021, split halves rather than interleaved pairs), which our model implements, so no permutation.
+  * Qwen3 and Gemma 3 add per-head q_norm / k_norm [H]; OLMo 2 norms the whole projection (q_norm [N*H], our
+    [N, H]) and puts its two norms after the sublayers; Gemma 3 has four norms per layer.
+  * Phi-3 fuses qkv_proj [(N + 2K)*H, D] = [q | k | v] and gate_up_proj [2F, D] = [gate | up]: split on import,
+    concatenated on export.
 Biases the family has but our config lacks (or the reverse) are filled with zeros, which is exact.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -29,8 +35,17 @@ from rlhf_jax.models.config import ModelConfig
 _SINGLE = "model.safetensors"
 _INDEX = "model.safetensors.index.json"
 _ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                  "mistral": "MistralForCausalLM"}
-_LLAMA_FAMILY = ("llama", "qwen2", "mistral")
+                  "mistral": "MistralForCausalLM", "qwen3": "Qwen3ForCausalLM", "olmo2": "Olmo2ForCausalLM",
+                  "smollm3": "SmolLM3ForCausalLM", "phi3": "Phi3ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
+_LLAMA_FAMILY = ("llama", "qwen2", "mistral", "qwen3", "olmo2", "smollm3", "phi3", "gemma3_text")
+_NORMS = {  # our per-layer norm -> the family's module name
+    "olmo2": {"attn_post_norm": "post_attention_layernorm", "mlp_post_norm": "post_feedforward_layernorm"},
+    "gemma3_text": {"attn_norm": "input_layernorm", "attn_post_norm": "post_attention_layernorm",
+                    "mlp_norm": "pre_feedforward_layernorm", "mlp_post_norm": "post_feedforward_layernorm"},
+}
+_LLAMA_NORMS = {"attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm"}
+_FUSED = {"phi3": {"qkv_proj": ("q", "k", "v"), "gate_up_proj": ("gate", "up")}}
+"""Families whose checkpoint stores some projections concatenated along the output axis."""
 _GPT2_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")  # all the tanh approximation of GELU
 
 
@@ -67,48 +82,102 @@ def config_from_hf(hf: dict[str, Any], *, source: str = "config.json", **overrid
                       norm="layernorm", norm_eps=hf.get("layer_norm_epsilon", 1e-5), positional="learned",
                       use_bias=True, qkv_bias=True, tie_embeddings=hf.get("tie_word_embeddings", True))
     elif model_type in _LLAMA_FAMILY:
-        if hf.get("hidden_act", "silu") != "silu":
-            unsupported("hidden_act", hf["hidden_act"], "the Llama-family MLP is SwiGLU with SiLU")
-        rope = dict(hf.get("rope_parameters") or {})  # transformers >= 5; older files: rope_theta, rope_scaling
-        rope_type, field = rope.get("rope_type", "default"), "rope_parameters"
-        if hf.get("rope_scaling"):
-            scaling = hf["rope_scaling"]
-            rope_type, field = scaling.get("rope_type", scaling.get("type", "default")), "rope_scaling"
-        if rope_type != "default":
-            unsupported(field, rope_type, "only plain RoPE is implemented (no llama3/linear/dynamic/yarn scaling); "
-                        "ModelConfig has no rope-scaling field")
-        if rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)) != 1.0:
-            unsupported("partial_rotary_factor", rope.get("partial_rotary_factor"), "RoPE rotates the whole head")
+        act_field = "hidden_activation" if model_type == "gemma3_text" else "hidden_act"
+        act = hf.get(act_field) or ("gelu_pytorch_tanh" if model_type == "gemma3_text" else "silu")
+        if model_type == "gemma3_text" and act not in _GPT2_GELUS:
+            unsupported(act_field, act, f"the Gemma MLP is GeGLU with a tanh GELU {_GPT2_GELUS}")
+        if model_type != "gemma3_text" and act != "silu":
+            unsupported(act_field, act, "the Llama-family MLP is SwiGLU with SiLU")
+        rope_params = dict(hf.get("rope_parameters") or {})  # transformers >= 5; older files: rope_theta, rope_scaling
+        if model_type == "gemma3_text":  # one RoPE per layer type: {"full_attention": {...}, "sliding_attention": ...}
+            local = dict(rope_params.get("sliding_attention") or {})
+            rope = dict(rope_params.get("full_attention") or {})
+            rope.setdefault("rope_theta", hf.get("rope_theta", 1_000_000.0))
+            local.setdefault("rope_theta", hf.get("rope_local_base_freq", 10_000.0))
+            _check_rope(local, hf, source, "rope_parameters.sliding_attention")
+        else:
+            rope = rope_params
+        _check_rope(rope, hf, source, "rope_parameters")
+        rotary = float(rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)))
         layer_types = hf.get("layer_types") or []
         sliding = model_type == "mistral" or hf.get("use_sliding_window") or "sliding_attention" in layer_types
-        if sliding and hf.get("sliding_window"):
-            warnings.warn(f"{source}: sliding_window={hf['sliding_window']} is ignored (full causal attention); "
-                          "logits differ from Hugging Face only for sequences longer than the window")
+        window = hf.get("sliding_window") if sliding or model_type == "phi3" else None
+        extra: dict[str, Any] = {}
+        if model_type in ("qwen2", "mistral"):
+            if window:
+                warnings.warn(f"{source}: sliding_window={hf['sliding_window']} is ignored (full causal attention); "
+                              "logits differ from Hugging Face only for sequences longer than the window")
+        elif window:
+            extra.update(sliding_window=int(window), sliding_layers=tuple(
+                t == "sliding_attention" for t in layer_types) if layer_types and model_type != "phi3" else None)
+            if extra["sliding_layers"] is not None and not any(extra["sliding_layers"]):
+                extra.update(sliding_window=None, sliding_layers=None)
         if model_type == "qwen2":
             qkv_bias, use_bias = True, False
         else:
             attention_bias, mlp_bias = bool(hf.get("attention_bias")), bool(hf.get("mlp_bias"))
             qkv_bias, use_bias = attention_bias, attention_bias or mlp_bias
+        if model_type == "qwen3":
+            extra.update(qk_norm="head")
+        elif model_type == "olmo2":
+            extra.update(qk_norm="proj", pre_norm=False, post_norm=True)
+        elif model_type == "smollm3":
+            flags = hf.get("no_rope_layers")  # despite the name: 1 = the layer uses RoPE
+            if flags is not None and not all(flags):
+                extra.update(rope_layers=tuple(bool(f) for f in flags))
+        elif model_type == "gemma3_text":
+            if hf.get("use_bidirectional_attention"):
+                unsupported("use_bidirectional_attention", True, "our attention is causal")
+            extra.update(qk_norm="head", post_norm=True, norm_offset=1.0, embed_scale=True, mlp="geglu",
+                         attn_scale=float(hf.get("query_pre_attn_scalar", 256)) ** -0.5,
+                         final_softcap=hf.get("final_logit_softcapping"))  # Gemma 3 ignores attn_logit_softcapping
+            if extra.get("sliding_layers") is not None:
+                extra["rope_theta_sliding"] = float(local["rope_theta"])
         d, n = need("hidden_size"), need("num_attention_heads")
         fields = dict(vocab_size=need("vocab_size"), d_model=d, num_layers=need("num_hidden_layers"), num_heads=n,
                       num_kv_heads=hf.get("num_key_value_heads") or n, head_dim=hf.get("head_dim") or d // n,
                       mlp_dim=need("intermediate_size"), max_seq_len=hf.get("max_position_embeddings", 2048),
                       mlp="swiglu", norm="rmsnorm", norm_eps=hf.get("rms_norm_eps", 1e-6), positional="rope",
-                      rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10_000.0))),
+                      rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10_000.0))), rope_fraction=rotary,
                       use_bias=use_bias, qkv_bias=qkv_bias,
-                      tie_embeddings=bool(hf.get("tie_word_embeddings", False)))
+                      tie_embeddings=bool(hf.get("tie_word_embeddings", model_type == "gemma3_text")))
+        fields.update(extra)
     else:
         raise CheckpointError(f"{source}: field 'model_type' = {model_type!r} is not supported; "
                               f"supported model types: {sorted(_ARCHITECTURES)}")
     return ModelConfig(**{**fields, **overrides})
 
 
+def _check_rope(rope: dict, hf: dict, source: str, field: str) -> None:
+    """Refuse, in one line, a rotary scaling our model does not implement (plain RoPE only)."""
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if hf.get("rope_scaling"):
+        scaling = hf["rope_scaling"]
+        rope_type, field = scaling.get("rope_type", scaling.get("type", "default")), "rope_scaling"
+    if rope_type != "default":
+        raise NotImplementedError(f"{source}: field {field!r} = {rope_type!r} is not supported: only plain RoPE "
+                                  "(rope_type 'default') is implemented, not linear/dynamic/yarn/llama3/longrope "
+                                  "scaling")
+
+
 def infer_model_type(config: ModelConfig) -> str:
-    """The Hugging Face family a config exports as: learned positions -> gpt2; RoPE with q/k/v-only biases ->
-    qwen2; other RoPE configs -> llama."""
-    if config.positional == "learned":
+    """The Hugging Face family a config exports as: learned positions -> gpt2; Gemma's norms (1 + w) ->
+    gemma3_text; post-sublayer norms only -> olmo2; per-head q/k norms -> qwen3; layers without RoPE -> smollm3;
+    partial rotary -> phi3; RoPE with q/k/v-only biases -> qwen2; other RoPE configs -> llama."""
+    c = config
+    if c.positional == "learned":
         return "gpt2"
-    return "qwen2" if config.qkv_bias and not config.use_bias else "llama"
+    if c.norm_offset:
+        return "gemma3_text"
+    if c.post_norm and not c.pre_norm:
+        return "olmo2"
+    if c.qk_norm == "head":
+        return "qwen3"
+    if c.rope_layers is not None:
+        return "smollm3"
+    if c.rope_fraction != 1.0:
+        return "phi3"
+    return "qwen2" if c.qkv_bias and not c.use_bias else "llama"
 
 
 def config_to_hf(config: ModelConfig, *, model_type: str | None = None, dtype: str = "float32") -> dict[str, Any]:
@@ -137,13 +206,55 @@ def config_to_hf(config: ModelConfig, *, model_type: str | None = None, dtype: s
     if model_type not in _LLAMA_FAMILY:
         raise CheckpointError(f"save_pretrained: model_type={model_type!r} is not supported; "
                               f"choose one of {sorted(_ARCHITECTURES)}")
-    require(c.positional == "rope" and c.norm == "rmsnorm" and c.mlp == "swiglu",
-            "the Llama family needs positional='rope', norm='rmsnorm', mlp='swiglu'")
+    gemma = model_type == "gemma3_text"
+    mlp = "geglu" if gemma else "swiglu"
+    require(c.positional == "rope" and c.norm == "rmsnorm" and c.mlp == mlp,
+            f"the Llama family needs positional='rope', norm='rmsnorm', mlp={mlp!r}")
+    defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
+    optional = set().union(*_FAMILY_FIELDS.values()) | {"attn_softcap"}
+    for field in sorted(optional - _FAMILY_FIELDS[model_type] - {"mlp"}):
+        require(getattr(c, field) == defaults[field], f"{field}={getattr(c, field)!r} has no {model_type} "
+                f"config.json field (it needs the default {defaults[field]!r})")
+    for field, want in _FAMILY_VALUES.get(model_type, {}).items():
+        require(getattr(c, field) == want, f"{model_type} needs {field}={want!r}")
+    layer_types = ["sliding_attention" if f else "full_attention" for f in c.layer_flags("sliding_layers")]
     out = dict(common, hidden_size=c.d_model, num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads,
                num_key_value_heads=c.kv_heads, head_dim=c.head_size, intermediate_size=c.mlp_dim,
                max_position_embeddings=c.max_seq_len, rms_norm_eps=c.norm_eps, hidden_act="silu",
                rope_theta=c.rope_theta, rope_parameters=dict(rope_type="default", rope_theta=c.rope_theta),
                attention_dropout=0.0)
+    if model_type in ("qwen3", "olmo2", "smollm3", "phi3", "gemma3_text"):
+        require(c.qkv_bias == c.use_bias or model_type == "smollm3",
+                f"{model_type}'s attention_bias covers q, k, v and o together (qkv_bias == use_bias)")
+        # token ids come from the tokenizer (extra_config); the family classes' defaults may lie outside vocab_size
+        out.update(attention_bias=c.qkv_bias, sliding_window=c.sliding_window, pad_token_id=None, bos_token_id=None,
+                   eos_token_id=None)
+        if model_type in ("qwen3", "smollm3", "gemma3_text"):
+            out.update(layer_types=layer_types, use_sliding_window=c.sliding_window is not None)
+        if model_type == "qwen3":
+            out.update(max_window_layers=c.num_layers)
+    if model_type == "smollm3":
+        out.update(attention_bias=c.qkv_bias or c.use_bias, mlp_bias=c.use_bias,
+                   no_rope_layers=[int(f) for f in c.layer_flags("rope_layers")])
+    elif model_type == "phi3":
+        require(not c.qkv_bias and not c.use_bias, "Phi-3 has no biases (qkv_bias=False, use_bias=False)")
+        require(all(c.layer_flags("sliding_layers")) or c.sliding_window is None,
+                "Phi-3's sliding_window applies to every layer (sliding_layers=None)")
+        out.pop("attention_bias")
+        out.update(original_max_position_embeddings=c.max_seq_len, partial_rotary_factor=c.rope_fraction,
+                   rope_parameters=dict(rope_type="default", rope_theta=c.rope_theta,
+                                        partial_rotary_factor=c.rope_fraction))
+    elif gemma:
+        out.pop("hidden_act")
+        local = c.rope_theta_sliding or c.rope_theta
+        scalar = (c.attn_scale or c.head_size ** -0.5) ** -2
+        scalar = round(scalar) if abs(scalar - round(scalar)) < 1e-6 * scalar else scalar  # an int in the file
+        out.update(hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=scalar, attn_logit_softcapping=None, final_logit_softcapping=c.final_softcap,
+                   rope_local_base_freq=local, use_bidirectional_attention=False,
+                   rope_parameters={"full_attention": dict(rope_type="default", rope_theta=c.rope_theta),
+                                    "sliding_attention": dict(rope_type="default", rope_theta=local)})
+    if model_type in ("qwen3", "olmo2", "smollm3", "phi3", "gemma3_text"):
+        return out
     if model_type == "qwen2":
         require(c.qkv_bias and not c.use_bias, "Qwen2 has q/k/v biases only (qkv_bias=True, use_bias=False)")
         out.update(use_sliding_window=False, sliding_window=None)
@@ -154,6 +265,21 @@ def config_to_hf(config: ModelConfig, *, model_type: str | None = None, dtype: s
         out.update(attention_bias=c.qkv_bias or c.use_bias, mlp_bias=c.use_bias)
     return out
 
+
+_FAMILY_FIELDS = {  # ModelConfig fields beyond the Llama core that a family's config.json expresses
+    "llama": set(), "qwen2": set(), "mistral": set(),
+    "qwen3": {"qk_norm", "sliding_window", "sliding_layers"},
+    "olmo2": {"qk_norm", "pre_norm", "post_norm"},
+    "smollm3": {"rope_layers", "sliding_window", "sliding_layers"},
+    "phi3": {"rope_fraction", "sliding_window", "sliding_layers"},
+    "gemma3_text": {"qk_norm", "post_norm", "norm_offset", "embed_scale", "mlp", "attn_scale", "sliding_window",
+                    "sliding_layers", "rope_theta_sliding", "final_softcap"},
+}
+_FAMILY_VALUES = {  # fields a family fixes
+    "qwen3": {"qk_norm": "head"},
+    "olmo2": {"qk_norm": "proj", "pre_norm": False, "post_norm": True},
+    "gemma3_text": {"qk_norm": "head", "post_norm": True, "norm_offset": 1.0, "embed_scale": True},
+}
 
 # ----------------------------------------------------------------------------------------------- tensors
 
@@ -244,8 +370,24 @@ def _gpt2_from_hf(get: Callable[[str], np.ndarray], names, c: ModelConfig) -> di
     return params
 
 
-def _llama_from_hf(get: Callable[[str], np.ndarray], names, c: ModelConfig) -> dict:
+_PROJ = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
+         "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
+
+
+def fused_projections(model_type: str, config: ModelConfig) -> dict[str, list[tuple[str, int]]]:
+    """A family's fused Hugging Face modules: name (e.g. "self_attn.qkv_proj") -> [(our projection, its output
+    width)] in the order they are concatenated along the output axis ({} for unfused families)."""
+    c = config
+    width = {"q": c.num_heads * c.head_size, "k": c.kv_heads * c.head_size, "v": c.kv_heads * c.head_size,
+             "gate": c.mlp_dim, "up": c.mlp_dim}
+    return {_PROJ[parts[0]].rsplit(".", 1)[0] + "." + name: [(x, width[x]) for x in parts]
+            for name, parts in _FUSED.get(model_type, {}).items()}
+
+
+def _llama_from_hf(get: Callable[[str], np.ndarray], names, c: ModelConfig, model_type: str) -> dict:
     D, N, K, H, F = c.d_model, c.num_heads, c.kv_heads, c.head_size, c.mlp_dim
+    fused = {x: (module, sum(w for _, w in parts[:j]), width)
+             for module, parts in fused_projections(model_type, c).items() for j, (x, width) in enumerate(parts)}
 
     def layers(fn):
         return np.stack([fn(f"model.layers.{i}.") for i in range(c.num_layers)])
@@ -253,8 +395,15 @@ def _llama_from_hf(get: Callable[[str], np.ndarray], names, c: ModelConfig) -> d
     def maybe(name, shape):  # a bias the checkpoint lacks (Llama attention_bias without mlp_bias): zeros are exact
         return get(name).reshape(shape) if name in names else np.zeros(shape, np.float32)
 
+    def weight(p, name):  # [out, in]; a fused module's rows of this projection
+        x = next((x for x, m in _PROJ.items() if m == name), None)
+        if x in fused:
+            module, start, width = fused[x]
+            return get(p + module + ".weight")[start:start + width]
+        return get(p + name + ".weight")
+
     def linear(name, kernel_shape, bias, bias_shape):
-        d = {"kernel": layers(lambda p: get(p + name + ".weight").T.reshape(kernel_shape))}  # [out,in] -> [in,out]
+        d = {"kernel": layers(lambda p: weight(p, name).T.reshape(kernel_shape))}  # [out,in] -> [in,out]
         if bias:
             d["bias"] = layers(lambda p: maybe(p + name + ".bias", bias_shape))
         return d
@@ -266,10 +415,14 @@ def _llama_from_hf(get: Callable[[str], np.ndarray], names, c: ModelConfig) -> d
     mlp = {"gate": linear("mlp.gate_proj", (D, F), c.use_bias, (F,)),
            "up": linear("mlp.up_proj", (D, F), c.use_bias, (F,)),
            "down": linear("mlp.down_proj", (F, D), c.use_bias, (D,))}
+    if c.qk_norm != "none":
+        shapes = {"q": (H,), "k": (H,)} if c.qk_norm == "head" else {"q": (N, H), "k": (K, H)}
+        for x in "qk":
+            attn[f"{x}_norm"] = {"scale": layers(lambda p, x=x: get(f"{p}self_attn.{x}_norm.weight").reshape(shapes[x]))}
     params = {"embed": {"embedding": get("model.embed_tokens.weight")},
-              "layers": {"attn_norm": {"scale": layers(lambda p: get(p + "input_layernorm.weight"))},
-                         "mlp_norm": {"scale": layers(lambda p: get(p + "post_attention_layernorm.weight"))},
-                         "attn": attn, "mlp": mlp},
+              "layers": {ours: {"scale": layers(lambda p, theirs=theirs: get(p + theirs + ".weight"))}
+                         for ours, theirs in _NORMS.get(model_type, _LLAMA_NORMS).items()}
+              | {"attn": attn, "mlp": mlp},
               "final_norm": {"scale": get("model.norm.weight")}}
     if not c.tie_embeddings:
         params["lm_head"] = {"kernel": get("lm_head.weight").T}
@@ -298,8 +451,8 @@ def _gpt2_to_hf(p: dict, c: ModelConfig) -> dict[str, np.ndarray]:
 
 
 def _llama_to_hf(p: dict, c: ModelConfig, hf: dict[str, Any]) -> dict[str, np.ndarray]:
-    D, lay = c.d_model, p["layers"]
-    qkv_bias = hf["model_type"] == "qwen2" or hf.get("attention_bias", False)
+    D, lay, model_type = c.d_model, p["layers"], hf["model_type"]
+    qkv_bias = model_type == "qwen2" or hf.get("attention_bias", False)
     o_bias, mlp_bias = hf.get("attention_bias", False), hf.get("mlp_bias", False)
     out = {"model.embed_tokens.weight": p["embed"]["embedding"], "model.norm.weight": p["final_norm"]["scale"]}
 
@@ -310,16 +463,22 @@ def _llama_to_hf(p: dict, c: ModelConfig, hf: dict[str, Any]) -> dict[str, np.nd
             b = module["bias"][i] if "bias" in module else np.zeros(w.size // in_dim, w.dtype)
             out[name + ".bias"] = b.reshape(-1)
 
+    fused = fused_projections(model_type, c)
     for i in range(c.num_layers):
         h, at, mlp = f"model.layers.{i}.", lay["attn"], lay["mlp"]
-        out[h + "input_layernorm.weight"] = lay["attn_norm"]["scale"][i]
-        out[h + "post_attention_layernorm.weight"] = lay["mlp_norm"]["scale"][i]
+        for ours, theirs in _NORMS.get(model_type, _LLAMA_NORMS).items():
+            out[f"{h}{theirs}.weight"] = lay[ours]["scale"][i]
+        for x in "qk":
+            if f"{x}_norm" in at:
+                out[f"{h}self_attn.{x}_norm.weight"] = at[f"{x}_norm"]["scale"][i].reshape(-1)
         for x in "qkv":
             put(f"{h}self_attn.{x}_proj", at[x], i, D, qkv_bias)
         put(h + "self_attn.o_proj", at["o"], i, c.num_heads * c.head_size, o_bias)
         for x in ("gate", "up"):
             put(f"{h}mlp.{x}_proj", mlp[x], i, D, mlp_bias)
         put(h + "mlp.down_proj", mlp["down"], i, c.mlp_dim, mlp_bias)
+        for module, parts in fused.items():   # Phi-3: concatenate along the output axis (no biases)
+            out[h + module + ".weight"] = np.concatenate([out.pop(f"{h}{_PROJ[x]}.weight") for x, _ in parts])
     if not c.tie_embeddings:
         out["lm_head.weight"] = p["lm_head"]["kernel"].T
     return out
@@ -353,7 +512,7 @@ def load_pretrained(path: str | os.PathLike, *, param_dtype: str = "float32", **
     if hf["model_type"] == "gpt2":
         params = _gpt2_from_hf(get, names, config)
     else:
-        params = _llama_from_hf(get, names, config)
+        params = _llama_from_hf(get, names, config, hf["model_type"])
     dtype = np.dtype(config.params_dtype)
     params = _tree_map(lambda x: np.asarray(x).astype(dtype), params)
     _check_layout(config, params, source=path)
@@ -378,7 +537,8 @@ def save_pretrained(config: ModelConfig, params: dict, path: str | os.PathLike, 
       params: our param tree (jax or numpy arrays; a "score_head" is not exported).
       path: output folder (created if missing).
       dtype: storage dtype of the tensors ("float32", "bfloat16", "float16"); defaults to `config.param_dtype`.
-      model_type: "gpt2", "llama", "qwen2" or "mistral"; inferred from the config when None.
+      model_type: one of "gpt2", "llama", "qwen2", "mistral", "qwen3", "olmo2", "smollm3", "phi3",
+        "gemma3_text"; inferred from the config when None (see `infer_model_type`).
       max_shard_size: bytes (int) or a string such as "5GB" / "20KB"; when the tensors exceed it they are split
         into `model-0000i-of-0000n.safetensors` shards listed by `model.safetensors.index.json`.
       extra_config: more config.json fields, e.g. {"bos_token_id": 1, "eos_token_id": 2} from your tokenizer.
@@ -460,5 +620,6 @@ def _check_layout(config: ModelConfig, params: dict, *, source: str) -> None:
                               + "\n  ".join(problems[:20]))
 
 
-__all__ = ["CheckpointError", "config_from_hf", "config_to_hf", "infer_model_type", "load_pretrained",
+__all__ = ["CheckpointError", "config_from_hf", "config_to_hf", "fused_projections", "infer_model_type",
+           "load_pretrained",
            "save_pretrained"]

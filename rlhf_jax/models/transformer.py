@@ -65,22 +65,27 @@ class _Dense(nn.Module):
 
 
 class _Norm(nn.Module):
-    """LayerNorm (scale and bias) or RMSNorm (scale only), computed in float32."""
+    """LayerNorm (scale and bias) or RMSNorm (scale only), computed in float32 over the trailing len(axes) axes.
+
+    RMSNorm multiplies by (norm_offset + scale), so Gemma's zero-centred scales (1 + w) need no conversion.
+    """
 
     config: ModelConfig
+    axes: tuple[str, ...] = ("embed",)
 
     @nn.compact
     def __call__(self, x):
         cfg = self.config
-        D = x.shape[-1]
-        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)), (D,),
-                           cfg.params_dtype)
+        shape, red = x.shape[x.ndim - len(self.axes):], tuple(range(-len(self.axes), 0))
+        init = nn.initializers.zeros if cfg.norm_offset else nn.initializers.ones
+        scale = self.param("scale", nn.with_logical_partitioning(init, self.axes), shape, cfg.params_dtype)
         xf = x.astype(jnp.float32)
         if cfg.norm == "layernorm":
-            xf = xf - xf.mean(-1, keepdims=True)
-        y = xf * lax.rsqrt(jnp.mean(xf * xf, -1, keepdims=True) + cfg.norm_eps) * scale.astype(jnp.float32)
+            xf = xf - xf.mean(red, keepdims=True)
+        scale = scale.astype(jnp.float32) + cfg.norm_offset if cfg.norm_offset else scale.astype(jnp.float32)
+        y = xf * lax.rsqrt(jnp.mean(xf * xf, red, keepdims=True) + cfg.norm_eps) * scale
         if cfg.norm == "layernorm":
-            bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)), (D,),
+            bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, self.axes), shape,
                               cfg.params_dtype)
             y = y + bias.astype(jnp.float32)
         return y.astype(cfg.compute_dtype)
@@ -99,20 +104,24 @@ class _Embed(nn.Module):
         return jnp.take(table, ids, axis=0).astype(self.config.compute_dtype)
 
 
-def apply_rope(x, positions, theta: float):
+def apply_rope(x, positions, theta, *, rotary_dim: int | None = None):
     """Rotary embedding, rotate-half layout: x [B,T,N,H], positions [B,T] -> [B,T,N,H].
 
-    out = x cos(p w) + rotate_half(x) sin(p w), w_i = theta^(-2i/H), with the frequency vector repeated twice
-    (pairs are (i, i + H/2), as in Hugging Face Llama).
+    out = x cos(p w) + rotate_half(x) sin(p w), w_i = theta^(-2i/R), with the frequency vector repeated twice
+    (pairs are (i, i + R/2), as in Hugging Face Llama), over the first R = rotary_dim features (None: all H);
+    features R.. pass through (partial rotary, as in Phi-3 and GPT-NeoX). theta may be a traced scalar.
     """
     H = x.shape[-1]
-    inv_freq = 1.0 / theta ** (jnp.arange(0, H, 2, dtype=jnp.float32) / H)            # [H/2]
-    angles = positions.astype(jnp.float32)[..., None] * inv_freq                      # [B,T,H/2]
-    angles = jnp.concatenate([angles, angles], -1)[:, :, None, :]                     # [B,T,1,H]
+    R = rotary_dim or H
+    inv_freq = 1.0 / theta ** (jnp.arange(0, R, 2, dtype=jnp.float32) / R)            # [R/2]
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq                      # [B,T,R/2]
+    angles = jnp.concatenate([angles, angles], -1)[:, :, None, :]                     # [B,T,1,R]
     xf = x.astype(jnp.float32)
-    x1, x2 = jnp.split(xf, 2, axis=-1)
+    xr, rest = xf[..., :R], xf[..., R:]
+    x1, x2 = jnp.split(xr, 2, axis=-1)
     rotated = jnp.concatenate([-x2, x1], -1)
-    return (xf * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x.dtype)
+    out = xr * jnp.cos(angles) + rotated * jnp.sin(angles)
+    return (out if R == H else jnp.concatenate([out, rest], -1)).astype(x.dtype)
 
 
 def attention_impl(config: ModelConfig) -> str:
@@ -124,12 +133,15 @@ def attention_impl(config: ModelConfig) -> str:
     return "cudnn" if sixteen_bit and jax.default_backend() == "gpu" else "xla"
 
 
-def cached_attention(q, k, v, cache_k, cache_v, old_visible, new_visible, *, fused_reads: bool | None = None):
+def cached_attention(q, k, v, cache_k, cache_v, old_visible, new_visible, *, fused_reads: bool | None = None,
+                     scale: float | None = None, softcap: float | None = None):
     """One softmax over cached keys and new keys, without writing the new keys into the cache first.
 
     q [B,T,N,H]; k, v [B,T,K,H] (the T new tokens); cache_k, cache_v [B,S,K,H] (read only);
-    old_visible [B,S] bool (cached slot s is seen by every query); new_visible [B,T,T] bool (query t sees new
-    key t'). cache_k None: attend to the new keys only (a prefill). Returns [B,T,N,H]. For T == 1 on GPU the
+    old_visible [B,S] bool (cached slot s is seen by every query) or [B,T,S] (per query: a sliding window);
+    new_visible [B,T,T] bool (query t sees new key t'). cache_k None: attend to the new keys only (a prefill).
+    scale: logit scale (None: 1/sqrt(H)); softcap c: logits become c * tanh(logits / c) (Gemma 2). Returns
+    [B,T,N,H]. For T == 1 on GPU the
     scores are multiply-reduces, which XLA fuses into a single read of the cache (a batched matmul would first
     copy the [B,S,K,H] cache into a [B,K,S,H] layout); on CPU that fusion is 10-20x slower than the batched
     matmul (measured at B=256, S=92: 37 ms against 2.4 ms per layer), so other backends use einsums.
@@ -138,9 +150,10 @@ def cached_attention(q, k, v, cache_k, cache_v, old_visible, new_visible, *, fus
     B, T, N, H = q.shape
     K = k.shape[2]
     f32 = jnp.float32
-    qg = q.reshape(B, T, K, N // K, H).astype(f32) * (1.0 / math.sqrt(H))               # [B,T,K,G,H]
+    qg = q.reshape(B, T, K, N // K, H).astype(f32) * (scale or 1.0 / math.sqrt(H))      # [B,T,K,G,H]
     neg = jnp.finfo(f32).min
-    new = jnp.einsum("btkgh,bukh->btkgu", qg.astype(q.dtype), k, preferred_element_type=f32)   # [B,T,K,G,T]
+    cap = (lambda s: softcap * jnp.tanh(s / softcap)) if softcap else (lambda s: s)
+    new = cap(jnp.einsum("btkgh,bukh->btkgu", qg.astype(q.dtype), k, preferred_element_type=f32))  # [B,T,K,G,T]
     new = jnp.where(new_visible[:, :, None, None, :], new, neg)
     if cache_k is None:
         p_new = jax.nn.softmax(new, axis=-1).astype(q.dtype)
@@ -154,7 +167,8 @@ def cached_attention(q, k, v, cache_k, cache_v, old_visible, new_visible, *, fus
         old = jnp.moveaxis(old, 2, -1)                                                    # [B,T,K,G,S]
     else:
         old = jnp.einsum("btkgh,bskh->btkgs", qg.astype(q.dtype), cache_k, preferred_element_type=f32)
-    old = jnp.where(old_visible[:, None, None, None, :], old, neg)
+    old_visible = old_visible[:, :, None, None, :] if old_visible.ndim == 3 else old_visible[:, None, None, None, :]
+    old = jnp.where(old_visible, cap(old), neg)
     m = jnp.maximum(old.max(-1, keepdims=True), new.max(-1, keepdims=True))
     p_old, p_new = jnp.exp(old - m), jnp.exp(new - m)
     denom = p_old.sum(-1, keepdims=True) + p_new.sum(-1, keepdims=True)
@@ -167,14 +181,15 @@ def cached_attention(q, k, v, cache_k, cache_v, old_visible, new_visible, *, fus
     return out.reshape(B, T, N, H).astype(q.dtype)
 
 
-def self_attention(q, k, v, mask, *, implementation: str, time_multiple: int | None = None):
+def self_attention(q, k, v, mask, *, implementation: str, time_multiple: int | None = None,
+                   scale: float | None = None):
     """Causal self-attention through `jax.nn.dot_product_attention`: q [B,T,N,H], k, v [B,T,K,H] -> [B,T,N,H].
 
     mask: None (plain causal), [B] int32 lengths (right-padded rows: `is_causal` + sequence lengths, cuDNN's flash
     path), or a [B,1,T,T] bool mask. cuDNN's training kernels need an even T (seen on an H100 with cuDNN 9:
     "Unsupported sequence length Q 513"), so T is padded at the end to a multiple of `time_multiple` (None: 2 for
     cuDNN, 1 otherwise). A padded key comes after every real query, so causality hides it; a padded query sees
-    itself only; the padded rows are dropped from the output.
+    itself only; the padded rows are dropped from the output. scale: logit scale (None: 1/sqrt(H)).
     """
     T = q.shape[1]
     multiple = time_multiple or (2 if implementation == "cudnn" else 1)
@@ -186,36 +201,85 @@ def self_attention(q, k, v, mask, *, implementation: str, time_multiple: int | N
             mask = jnp.pad(mask, ((0, 0), (0, 0), (0, pad), (0, pad))) | (eye & (jnp.arange(T + pad) >= T))
     if mask is not None and mask.ndim == 1:
         out = jax.nn.dot_product_attention(q, k, v, is_causal=True, query_seq_lengths=mask,
-                                           key_value_seq_lengths=mask, implementation=implementation)
+                                           key_value_seq_lengths=mask, implementation=implementation, scale=scale)
     else:
-        out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=mask is None, implementation=implementation)
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=mask is None, implementation=implementation,
+                                           scale=scale)
     return out[:, :T]
+
+
+def layer_flag(flags: tuple[bool, ...], layer):
+    """flags[layer] for a Python int layer (cached decoding) or a traced one (inside `nn.scan`); a Python bool
+    whenever every layer agrees, so uniform models trace no per-layer select."""
+    if isinstance(layer, int) or len(set(flags)) == 1:
+        return flags[layer if isinstance(layer, int) else 0]
+    return jnp.asarray(flags)[layer]
+
+
+def dense_mask(mask, T: int):
+    """A training mask (None: causal; [B] lengths: causal over the first lengths[b] tokens, every token seeing
+    itself; [B,1,T,T] bool) as a [B or 1,1,T,T] bool mask."""
+    causal = jnp.tril(jnp.ones((T, T), bool))
+    if mask is None:
+        return causal[None, None]
+    if mask.ndim == 1:
+        valid = jnp.arange(T)[None, :] < mask[:, None]                                    # [B,T]
+        return ((causal & valid[:, None, :] & valid[:, :, None]) | jnp.eye(T, dtype=bool))[:, None]
+    return mask
+
+
+def window_mask(T: int, window: int, offset=0, S: int | None = None):
+    """[T, S] bool: query t (at slot offset + t) sees key slot s only if offset + t - s < window (Hugging Face's
+    sliding window: the query and the window - 1 keys before it); S defaults to T. offset may be traced."""
+    q = offset + jnp.arange(T)[:, None]
+    return q - jnp.arange(T if S is None else S)[None, :] < window
 
 
 class Attention(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x, positions, mask, cache):
+    def __call__(self, x, positions, mask, cache, layer=0):
         """x [B,T,D] -> (out [B,T,D], new (k, v) [B,T,K,H] if cache else None).
 
         mask: None (plain causal), [B] int32 lengths (one right-padded example per row: causal + padding,
         cuDNN's flash path), or a [B,1,T,T] bool mask. With a cache (k, v) [B,S,K,H] (read only), mask is the
-        pair (old_visible [B,S], new_visible [B,T,T]) of `cached_attention`; cache (None, None) is a prefill.
+        pair (old_visible [B,S] or [B,T,S], new_visible [B,T,T]) of `cached_attention`, with any sliding window
+        already applied; cache (None, None) is a prefill. layer: this block's index (an int, or traced inside
+        `nn.scan`), for per-layer RoPE and sliding windows.
         """
         cfg = self.config
         D, N, K, H = cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.head_size
+        T = x.shape[1]
         dense = functools.partial(_Dense, cfg)
         q = dense((D, N, H), ("embed", "heads", "head_dim"), use_bias=cfg.qkv_bias, name="q")(x)
         k = dense((D, K, H), ("embed", "kv_heads", "head_dim"), use_bias=cfg.qkv_bias, name="k")(x)
         v = dense((D, K, H), ("embed", "kv_heads", "head_dim"), use_bias=cfg.qkv_bias, name="v")(x)
+        if cfg.qk_norm != "none":   # Qwen3 / Gemma 3: per head; OLMo 2: over the whole projection
+            q_axes, k_axes = (("head_dim",), ("head_dim",)) if cfg.qk_norm == "head" else (
+                ("heads", "head_dim"), ("kv_heads", "head_dim"))
+            q = _Norm(cfg, q_axes, name="q_norm")(q)
+            k = _Norm(cfg, k_axes, name="k_norm")(k)
+        sliding = layer_flag(cfg.layer_flags("sliding_layers"), layer)
         if cfg.positional == "rope":
-            q, k = apply_rope(q, positions, cfg.rope_theta), apply_rope(k, positions, cfg.rope_theta)
+            theta = cfg.rope_theta
+            if cfg.rope_theta_sliding is not None:
+                theta = jnp.where(sliding, cfg.rope_theta_sliding, theta)
+            rotated = [apply_rope(a, positions, theta, rotary_dim=cfg.rotary_dim) for a in (q, k)]
+            use_rope = layer_flag(cfg.layer_flags("rope_layers"), layer)
+            q, k = rotated if use_rope is True else (jnp.where(use_rope, r, a) for r, a in zip(rotated, (q, k)))
+        scale = cfg.attn_scale
         if cache is not None:
-            out = cached_attention(q, k, v, *cache, *mask)
+            out = cached_attention(q, k, v, *cache, *mask, scale=scale, softcap=cfg.attn_softcap)
             cache = (k, v)
         else:
-            out = self_attention(q, k, v, mask, implementation=attention_impl(cfg))      # [B,T,N,H]
+            if cfg.sliding_window is not None and sliding is not False:
+                mask = dense_mask(mask, T) & (window_mask(T, cfg.sliding_window) | ~jnp.asarray(sliding))
+            if cfg.attn_softcap is not None:   # not in jax.nn.dot_product_attention: the einsum softmax
+                visible = jnp.broadcast_to(dense_mask(mask, T)[:, 0], (x.shape[0], T, T))
+                out = cached_attention(q, k, v, None, None, None, visible, scale=scale, softcap=cfg.attn_softcap)
+            else:
+                out = self_attention(q, k, v, mask, implementation=attention_impl(cfg), scale=scale)  # [B,T,N,H]
         std = 0.02 / math.sqrt(2 * cfg.num_layers)                                 # GPT-2 residual scaling
         out = dense((N, H, D), ("heads", "head_dim", "embed"), n_in=2, use_bias=cfg.use_bias, std=std,
                     name="o")(out)
@@ -233,23 +297,33 @@ class Mlp(nn.Module):
         up = dense((D, F), ("embed", "mlp"), name="up")(x)
         if cfg.mlp == "swiglu":
             h = nn.silu(dense((D, F), ("embed", "mlp"), name="gate")(x)) * up
+        elif cfg.mlp == "geglu":
+            h = nn.gelu(dense((D, F), ("embed", "mlp"), name="gate")(x), approximate=True) * up
         else:
             h = nn.gelu(up, approximate=True)
         return dense((F, D), ("mlp", "embed"), std=0.02 / math.sqrt(2 * cfg.num_layers), name="down")(h)
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)). Signature fits `nn.scan`."""
+    """Residual block: x + post(attn(pre(x))), then x + post(mlp(pre(x))), where pre is a norm when
+    `config.pre_norm` (GPT-2, Llama) and post one when `config.post_norm` (OLMo 2: post only; Gemma 2/3: both).
+    Signature fits `nn.scan`; layer is the block's index (scanned, or an int in cached decoding)."""
 
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x, cache, positions, mask):
+    def __call__(self, x, cache, positions, mask, layer=0):
         cfg = self.config
-        h, cache = Attention(cfg, name="attn")(_Norm(cfg, name="attn_norm")(x), positions, mask, cache)
+
+        def sublayer(f, name, y):
+            y = _Norm(cfg, name=f"{name}_norm")(y) if cfg.pre_norm else y
+            y, extra = f(y)
+            return (_Norm(cfg, name=f"{name}_post_norm")(y) if cfg.post_norm else y), extra
+
+        h, cache = sublayer(lambda y: Attention(cfg, name="attn")(y, positions, mask, cache, layer), "attn", x)
         x = x + h
-        x = x + Mlp(cfg, name="mlp")(_Norm(cfg, name="mlp_norm")(x))
-        return x, cache
+        h, _ = sublayer(lambda y: (Mlp(cfg, name="mlp")(y), None), "mlp", x)
+        return x + h, cache
 
 
 def scan_unroll(config: ModelConfig) -> int:
@@ -266,7 +340,7 @@ def _stacked_blocks(cfg: ModelConfig):
         policy = jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims if cfg.remat == "dots" else None
         block = nn.remat(Block, policy=policy, prevent_cse=False)
     return nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                   in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.num_layers,
+                   in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0), length=cfg.num_layers,
                    unroll=scan_unroll(cfg),
                    metadata_params={nn.PARTITION_NAME: "layers"})
 
@@ -289,15 +363,19 @@ class Transformer(nn.Module):
             self.score_head = _Dense(cfg, (D, 1), ("embed", None), use_bias=True, std=1 / math.sqrt(D + 1))
 
     def embed_tokens(self, tokens, positions):
-        """tokens [B,T] -> input embeddings [B,T,D] (token + learned position embeddings)."""
+        """tokens [B,T] -> input embeddings [B,T,D] (token + learned position embeddings; Gemma: times sqrt(D),
+        rounded to the compute dtype as Hugging Face does)."""
         x = self.embed(tokens)
+        if self.config.embed_scale:
+            x = x * jnp.asarray(math.sqrt(self.config.d_model), x.dtype)
         if self.config.positional == "learned":
             x = x + self.pos_embed(positions)
         return x
 
     def hidden(self, tokens, positions, mask):
         """tokens [B,T] -> hidden [B,T,D] after the final norm (mask: see `Attention`)."""
-        x, _ = self.layers(self.embed_tokens(tokens, positions), None, positions, mask)
+        layer_ids = jnp.arange(self.config.num_layers, dtype=jnp.int32)
+        x, _ = self.layers(self.embed_tokens(tokens, positions), None, positions, mask, layer_ids)
         return self.final_norm(x)
 
     def normed(self, x):
@@ -308,9 +386,13 @@ class Transformer(nn.Module):
         """hidden [B,T,D] -> float32 logits [B,T,V], accumulated in float32 without a second f32 copy."""
         cfg = self.config
         if not cfg.tie_embeddings:
-            return self.lm_head(hidden)
-        w = nn.meta.unbox(self.embed.variables["params"]["embedding"]).astype(cfg.compute_dtype)   # [V,D]
-        return head_matmul(hidden.astype(cfg.compute_dtype), w.T)
+            logits = self.lm_head(hidden)
+        else:
+            w = nn.meta.unbox(self.embed.variables["params"]["embedding"]).astype(cfg.compute_dtype)   # [V,D]
+            logits = head_matmul(hidden.astype(cfg.compute_dtype), w.T)
+        if cfg.final_softcap is not None:   # Gemma 2: c * tanh(logits / c)
+            logits = cfg.final_softcap * jnp.tanh(logits / cfg.final_softcap)
+        return logits
 
     def score(self, hidden):
         return self.score_head(hidden)[..., 0].astype(jnp.float32)                   # [B,T]
@@ -484,11 +566,18 @@ def _forward_cached(params, tokens, config, cache, positions, key_mask, index, *
     top = {k: v for k, v in params.items() if k != "layers"}
     module = _module(config, top)
     x = module.apply({"params": top}, tokens, positions, method=Transformer.embed_tokens)
+    masks = (old_visible, new_visible)
+    if config.sliding_window is not None:   # query t (slot index + t) sees slots > index + t - W
+        W = config.sliding_window
+        sliding_masks = (old_visible[:, None, :] & window_mask(T, W, index, R)[None],           # [B,T,R]
+                         new_visible & window_mask(T, W)[None])                                 # [B,T,T]
     block = Block(config)
+    sliding = config.layer_flags("sliding_layers")
     new_k, new_v = [], []
     for layer, layer_params in enumerate(layers):   # unrolled: static cache slices, no per-layer cache copies
         layer_cache = (cache.k[layer, :, :R], cache.v[layer, :, :R]) if read_cache else (None, None)
-        x, (k, v) = block.apply({"params": layer_params}, x, layer_cache, positions, (old_visible, new_visible))
+        x, (k, v) = block.apply({"params": layer_params}, x, layer_cache, positions,
+                                sliding_masks if sliding[layer] else masks, layer)
         new_k.append(k)
         new_v.append(v)
     h = module.apply({"params": top}, x, method=Transformer.normed)
