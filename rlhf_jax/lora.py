@@ -31,6 +31,8 @@ import numpy as np
 
 from rlhf_jax.checks import check_ranges, config_check
 from rlhf_jax.models.config import ModelConfig
+from rlhf_jax.quant import (NF4_CODE, NF4Tensor, dequantize_nf4, dequantize_params, quantize_base,  # noqa: F401
+                            quantize_nf4)
 
 TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 _GROUP = {"q": "attn", "k": "attn", "v": "attn", "o": "attn", "gate": "mlp", "up": "mlp", "down": "mlp"}
@@ -101,8 +103,10 @@ def lora_delta(adapter: dict, kernel_shape, scale: float):
 
 def merge_lora(params, adapters: dict, lora_config: LoraConfig) -> dict:
     """The params with every adapted kernel W replaced by W + (alpha / rank) * a @ b (in W's dtype); the other
-    leaves are the same arrays. Differentiable in both arguments."""
-    layers = dict(params["layers"])
+    leaves are the same arrays. Differentiable in both arguments. A QLoRA base (`quantize_base`) holds NF4Tensor
+    kernels (of the layer stack): each is dequantised to its original dtype first, inside the caller's jitted
+    step (QLoRA eq. 6), so that the stored base stays 4-bit; one without an adapter is only dequantised."""
+    layers = dict(dequantize_params(params["layers"]))
     for group, modules in adapters.items():
         layers[group] = dict(layers[group])
         for name, adapter in modules.items():
