@@ -232,7 +232,8 @@ def parse_cli(cls: type, argv: Sequence[str] | None = None, *, description: str 
         # While tyro builds the config the checks do not raise (tyro would draw a multi-line box around the
         # error); `_check_tree` runs every check again afterwards and reports the first failure as one line.
         with deferred_checks():
-            config = tyro.cli(cls, args=rest, default=base, description=text, prog=prog or _prog())
+            config = tyro.cli(cls, args=rest, default=base, description=text, prog=prog or _prog(),
+                              config=(tyro.conf.AvoidSubcommands,))
         _check_tree(config)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)

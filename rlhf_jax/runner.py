@@ -422,6 +422,14 @@ def load_data(spec: DataSpec, kind: str, *, seed: int, batch_size: int | None = 
     return data, tok
 
 
+def check_row_length(seq_len: int, model_config) -> None:
+    """A setup error (before any compile) when rows of --data.seq-len positions overrun the model's position
+    table (its max_seq_len), instead of an error from inside the compiled step."""
+    if seq_len > model_config.max_seq_len:
+        raise ValueError(f"--data.seq-len {seq_len} exceeds the model's max_seq_len {model_config.max_seq_len}; lower "
+                         "--data.seq-len (or raise --model.max-seq-len for a fresh model)")
+
+
 def check_rollout_length(prompt_len: int, sampling, model_config, stage: str) -> None:
     """A setup error (before any compile) when prompts of `prompt_len` plus the sampled tokens overrun the model."""
     if prompt_len + sampling.max_new_tokens > model_config.max_seq_len:
@@ -560,6 +568,8 @@ def _replace(cfg, path: str, value):
 def _hf_defaults(stage: str, base: str) -> dict:
     """{option path: TRL's default} of `stage` for a checkpoint whose Hugging Face folder is `base`."""
     out = {f"{stage}.optim.learning_rate": TRL_LEARNING_RATES[stage]}
+    if stage == "ppo":      # TRL's PPO trains the value model with the policy's optimizer settings
+        out["ppo.value_optim.learning_rate"] = TRL_LEARNING_RATES[stage]
     if stage in TRL_ROLLOUT_LENGTHS:
         try:
             with open(os.path.join(base, "config.json")) as f:

@@ -157,7 +157,8 @@ def _help_text(module, capsys):
                     "--online-dpo.loss-type {sigmoid,robust,hinge,ipo}", "--online-dpo.pairs-every INT"]),
     ("kto", ["--kto.beta FLOAT", "--kto.desirable-weight FLOAT", "--kto.undesirable-weight FLOAT",
              "--data.kind {None}|STR", "(default: runs/kto)"]),
-    ("ppo", ["--init {None}|STR", "--reward-init", "--ppo.clip-eps FLOAT", "--ppo.kl-coef FLOAT", "(default: 0.2)"]),
+    ("ppo", ["--init {None}|STR", "--reward-init", "--ppo.clip-eps FLOAT", "--ppo.kl-coef FLOAT", "(default: 0.2)",
+             "--ppo.value-optim.learning-rate FLOAT"]),
     ("grpo", ["--reward STR", "--grpo.num-generations INT", "--grpo.clip-eps-high {None}|FLOAT",
               "--grpo.loss-type {grpo,dapo,dr_grpo,gspo,cispo}", "--grpo.advantage", "--grpo.kl-in {loss,reward}",
               "--grpo.sampling.temperature FLOAT"]),
@@ -186,6 +187,7 @@ def test_rlhf_jax_dispatches_every_command_and_refuses_unknown_ones(capsys):
         assert e.value.code == 0, name
         out = capsys.readouterr().out
         assert out.startswith(f"usage: rlhf-jax {name} "), (name, out[:80])
+        assert "{" not in out.splitlines()[0], out.splitlines()[0]   # options only: no tyro subcommands
 
 
 def test_sft_help_subprocess():
@@ -883,3 +885,35 @@ def test_weights_and_biases_logging_is_optional_and_logs_each_window(tmp_path, c
     assert sft.main(["--out", str(tmp_path / "run"), *tiny]) == 0
     assert calls[0] == ("p", "run/sft", 2) and calls[-1] == "finish"
     assert [step for step, m in calls[1:-1]] == [1, 2] and all("sft/loss" in m for _, m in calls[1:-1])
+
+
+def test_ppo_names_the_fields_where_reward_model_and_policy_differ(tmp_path, capsys):
+    """The value model starts from the reward model, so their architectures must match: a mismatch is one line
+    naming the differing fields, not two config dumps."""
+    import jax
+
+    from rlhf_jax.cli import ppo
+    from rlhf_jax.models import ModelConfig, init_params
+    from rlhf_jax.train.checkpoint import save_params
+    for name, layers in (("policy", 1), ("rm", 2)):
+        mc = ModelConfig.preset("tiny", num_layers=layers)
+        save_params(str(tmp_path / name), init_params(mc, jax.random.key(0), scalar_head=True), model_config=mc)
+    assert ppo.main(["--out", str(tmp_path / "run"), "--init", str(tmp_path / "policy"), "--reward-init",
+                     str(tmp_path / "rm")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "differ in num_layers 2 vs 1:" in err and "ModelConfig(" not in err, err
+
+
+def test_rows_as_long_as_the_position_table_fit_and_longer_ones_are_refused(tmp_path, capsys):
+    """--data.seq-len equal to the model's max_seq_len trains (the reward model's rows hold --data.seq-len tokens,
+    TRL's max_length); a longer one is one line naming both, before any compile."""
+    from rlhf_jax.cli import reward, sft
+    tiny = ["--model.num-layers", "1", "--model.max-seq-len", "32", "--data.num-demo", "8", "--data.batch-size", "4",
+            "--checkpoint.no-tensorboard"]
+    assert reward.main(["--out", str(tmp_path / "r"), "--data.seq-len", "32", "--reward.num-steps", "1",
+                        "--reward.optim.warmup-steps", "0", *tiny]) == 0
+    capsys.readouterr()
+    assert sft.main(["--out", str(tmp_path / "s"), "--data.seq-len", "33", *tiny]) == 2
+    err = capsys.readouterr().err
+    assert err == "error: --data.seq-len 33 exceeds the model's max_seq_len 32; lower --data.seq-len (or raise " \
+                  "--model.max-seq-len for a fresh model)\n", err

@@ -19,6 +19,7 @@ from rlhf_jax.runner import (
     DataSpec,
     EvalOptions,
     RunOptions,
+    check_row_length,
     checkpoint_defaults,
     eval_hook,
     eval_summary,
@@ -65,6 +66,7 @@ def main(argv=None) -> int:
         data, tok = load_data(cfg.data, "preference", seed=cfg.seed, init=cfg.init)
         mc, params = init_model(cfg.preset, cfg.model, jax.random.key(cfg.seed), init=cfg.init,
                                 tokenizer=tok)
+        check_row_length(cfg.data.seq_len, mc)
         # On the device once (a no-op for device arrays); the train state makes its own copy to donate.
         ref_params = jax.device_put(params)
         state, lora = trainable_state(cfg, params, mc, cfg.dpo.optim, cfg.dpo.num_steps)

@@ -21,6 +21,7 @@ from rlhf_jax.runner import (
     DataSpec,
     EvalOptions,
     RunOptions,
+    check_row_length,
     checkpoint_defaults,
     eval_hook,
     eval_summary,
@@ -67,6 +68,7 @@ def main(argv=None) -> int:
         data, tok = load_data(cfg.data, "unpaired", seed=cfg.seed, init=cfg.init)
         mc, params = init_model(cfg.preset, cfg.model, jax.random.key(cfg.seed), init=cfg.init,
                                 tokenizer=tok)
+        check_row_length(cfg.data.seq_len, mc)
         ref_params = jax.device_put(params)
         state, lora = trainable_state(cfg, params, mc, cfg.kto.optim, cfg.kto.num_steps)
         evaluate = functools.partial(kto_eval, model_config=mc, beta=cfg.kto.beta,

@@ -61,6 +61,7 @@ class PPOExperiment(RunOptions):
     size (packed rows per iteration), row length; None path: the built-in demonstrations. Unused otherwise."""
     ppo: PPOConfig = PPOConfig(num_steps=10, batch_size=8, sampling=SamplingConfig(max_new_tokens=16), num_epochs=2,
                                num_minibatches=2, optim=OptimConfig(learning_rate=1e-4, eps=1e-5),
+                               value_optim=OptimConfig(learning_rate=1e-4, eps=1e-5),
                                completions_every=5)
     """PPO stage (iterations, rollout size, KL, clipping, GAE, optimizer)."""
     checkpoint: CheckpointSpec = CheckpointSpec(save_every=5)
@@ -93,8 +94,11 @@ def main(argv=None) -> int:
         else:
             reward_mc, reward = init_model(cfg.preset, cfg.model, k_reward, init=cfg.reward_init)
             if reward_mc != mc:
-                raise ValueError("the reward model and the policy must share the architecture (the value model is "
-                                 f"initialised from the reward model): {reward_mc} vs {mc}")
+                diff = ", ".join(f"{f.name} {getattr(reward_mc, f.name)} vs {getattr(mc, f.name)}"
+                                 for f in dataclasses.fields(mc) if getattr(reward_mc, f.name) != getattr(mc, f.name))
+                raise ValueError(f"--reward-init {cfg.reward_init} and the policy (--init) differ in {diff}: PPO "
+                                 "initialises its value model from the reward model, so they must share the "
+                                 "architecture (train the reward model from the policy's --init)")
             if "score_head" not in reward:
                 raise ValueError(f"--reward-init {cfg.reward_init}: no score head (train one with rlhf-jax reward; "
                                  "a transformers *ForSequenceClassification folder's head is not read)")

@@ -19,6 +19,7 @@ from rlhf_jax.runner import (
     DataSpec,
     EvalOptions,
     RunOptions,
+    check_row_length,
     checkpoint_defaults,
     eval_hook,
     eval_summary,
@@ -48,8 +49,9 @@ class RewardExperiment(RunOptions, EvalOptions):
     init: str | None = None
     """Trunk weights (usually the SFT model): a Hugging Face or save_params folder. None: random init. A fresh
     score head is added when the weights have none."""
-    data: DataSpec = DataSpec(num_demo=512, batch_size=16, seq_len=64)
-    """Preference records ({prompt, chosen, rejected}, HH-RLHF transcripts, ...) and batching."""
+    data: DataSpec = DataSpec(num_demo=512, batch_size=16, seq_len=65)
+    """Preference records ({prompt, chosen, rejected}, HH-RLHF transcripts, ...) and batching; --data.seq-len counts
+    the tokens of each scored sequence, prompt and answer (TRL's max_length)."""
     reward: RewardConfig = RewardConfig(num_steps=100, log_every=10,
                                         optim=OptimConfig(learning_rate=1e-3, schedule="cosine", warmup_steps=10))
     """Reward stage (steps, logging period, centering, optimizer)."""
@@ -63,9 +65,13 @@ def main(argv=None) -> int:
     try:
         mesh = make_run_mesh(cfg.mesh)          # first: multi-host init precedes any other JAX call
         out = start_run(cfg, cfg.out)
-        data, tok = load_data(cfg.data, "preference", seed=cfg.seed, init=cfg.init)
+        # The reward model scores whole rows: --data.seq-len tokens each (TRL's max_length), one more than the
+        # shifted positions of the other stages' rows.
+        rows = dataclasses.replace(cfg.data, seq_len=cfg.data.seq_len - 1)
+        data, tok = load_data(rows, "preference", seed=cfg.seed, init=cfg.init)
         k_init, k_head = jax.random.split(jax.random.key(cfg.seed))
         mc, params = init_model(cfg.preset, cfg.model, k_init, init=cfg.init, tokenizer=tok)
+        check_row_length(cfg.data.seq_len, mc)
         if "score_head" not in params:
             params = with_score_head(params, mc, k_head)
         if cfg.lora.rank:                  # LoRA: the trunk is the frozen base, the head trains with the adapters
@@ -75,7 +81,7 @@ def main(argv=None) -> int:
         base = {"base_params": params} if lora else {}
         evaluate = functools.partial(reward_eval, model_config=mc, center_coef=cfg.reward.center_coef)
         evals = eval_hook("reward", cfg.eval_data, cfg.eval_every, evaluate, kind="preference",
-                          spec=cfg.data, tok=tok, out=out, last_step=cfg.reward.num_steps,
+                          spec=rows, tok=tok, out=out, last_step=cfg.reward.num_steps,
                           lora=lora.get("lora"), base=params, args=())
     except (ValueError, OSError) as e:  # DataError is a ValueError
         return setup_error(e)

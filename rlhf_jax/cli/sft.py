@@ -19,6 +19,7 @@ from rlhf_jax.runner import (
     DataSpec,
     EvalOptions,
     RunOptions,
+    check_row_length,
     checkpoint_defaults,
     eval_hook,
     eval_summary,
@@ -65,6 +66,7 @@ def main(argv=None) -> int:
         data, tok = load_data(cfg.data, "sft", seed=cfg.seed, init=cfg.init)
         mc, params = init_model(cfg.preset, cfg.model, jax.random.key(cfg.seed), init=cfg.init,
                                 tokenizer=tok)
+        check_row_length(cfg.data.seq_len, mc)
         state, lora = trainable_state(cfg, params, mc, cfg.sft.optim, cfg.sft.num_steps)
         base = {"base_params": params} if lora else {}
         evaluate = functools.partial(sft_eval, model_config=mc)
