@@ -234,11 +234,14 @@ def test_tool_records_batch_for_sft(qwen_folder):
     """`tokenize_sft` and `collate_sft` on tool conversations: the targets under the loss mask are the assistant
     turns (text and calls), never the results."""
     from rlhf_jax.data.batching import collate_sft, tokenize_sft
-    from rlhf_jax.tokenizer import HFTokenizer
+    from rlhf_jax.tokenizer import HFTokenizer, encode_chat
 
     tok = HFTokenizer.from_file(qwen_folder)
     records = load_records(TOOL_DATA, "sft")
-    batch = collate_sft([tokenize_sft(tok, r) for r in records], pad_id=tok.pad_id, buckets=(512,))
+    examples = [tokenize_sft(tok, r) for r in records]
+    for ex, record in zip(examples, records):     # the whole row is the template's text, tool schemas included
+        assert list(ex.ids) == encode_chat(tok, list(record.messages), tools=list(record.tools))[0]
+    batch = collate_sft(examples, pad_id=tok.pad_id, buckets=(512,))
     assert batch["targets"].shape == (3, 512)
     for row, record in zip(range(3), records):
         lossy = tok._tok.decode([int(t) for t, k in zip(batch["targets"][row], batch["loss_mask"][row]) if k],

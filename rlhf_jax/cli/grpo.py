@@ -59,7 +59,9 @@ class GRPOExperiment(RunOptions):
     reward: str = "world"
     """world: the synthetic world's gold reward (built-in prompts); gsm8k: final-number match against the records'
     "answer" (--data.path); model: a reward model (--reward-init); MODULE:FUNCTION or FILE.py:FUNCTION: your
-    function of (prompts, completions), lists of texts, returning one float per completion (TRL's reward_funcs)."""
+    function, called as TRL's reward_funcs (prompts= as the records wrote them, completions= texts, the records'
+    other fields by name), returning one float per completion. From a Hugging Face --init, --data.seq-len and
+    --grpo.sampling.max-new-tokens default to TRL's 512 and 256 (fitted to the checkpoint's positions)."""
     reward_init: str | None = None
     """The reward model for --reward model: a save_params folder from rlhf-jax reward or a Hugging Face folder."""
     data: DataSpec = DataSpec(num_demo=256, seq_len=64)

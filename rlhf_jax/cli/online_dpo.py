@@ -56,8 +56,9 @@ class OnlineDPOExperiment(RunOptions):
     """Policy and reference weights, usually the SFT model: a Hugging Face or save_params folder. None: random."""
     judge: str = "world"
     """world: the synthetic world's gold reward (built-in prompts); model: a reward model (--reward-init);
-    MODULE:FUNCTION or FILE.py:FUNCTION: your function of (prompts, completions), lists of texts, returning one
-    float per completion (higher is preferred)."""
+    MODULE:FUNCTION or FILE.py:FUNCTION: your function, called as TRL's reward_funcs (prompts= as the records
+    wrote them, completions= texts, the records' other fields by name), returning one float per completion (higher
+    is preferred)."""
     reward_init: str | None = None
     """The reward model for --judge model: a save_params folder from rlhf-jax reward or a Hugging Face folder."""
     data: DataSpec = DataSpec(num_demo=256, seq_len=64)

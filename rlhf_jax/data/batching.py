@@ -54,9 +54,9 @@ def new_stats() -> dict:
             "loss_tokens": 0, "pad_tokens": 0}
 
 
-def _split(tokenizer, messages, chat_format) -> Example:
+def _split(tokenizer, messages, chat_format, tools=None) -> Example:
     """The conversation tokenised once; the prompt is everything before the final reply's first token."""
-    ids, mask, prompt_len = encode_chat_split(tokenizer, messages, chat_format)
+    ids, mask, prompt_len = encode_chat_split(tokenizer, messages, chat_format, tools=tools)
     return Example(tuple(ids), tuple(mask), prompt_len)
 
 
@@ -67,7 +67,7 @@ def tokenize_sft(tokenizer, record, chat_format: ChatFormat | None = None) -> Ex
         return Example(tuple(ids), (0,) + (1,) * (len(ids) - 1), 1)
     if not isinstance(record, SFTRecord):
         raise TypeError(f"tokenize_sft needs an SFTRecord or TextRecord, got {type(record).__name__}")
-    return _split(tokenizer, list(record.messages), chat_format)
+    return _split(tokenizer, list(record.messages), chat_format, tools=record.tools)
 
 
 def tokenize_preference(tokenizer, record: PreferenceRecord, chat_format: ChatFormat | None = None
