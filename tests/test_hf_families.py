@@ -1,4 +1,4 @@
-"""The model families people post-train now (Qwen3, OLMo 2, SmolLM3, Phi-3, Gemma 3), each against `transformers`
+"""The model families people post-train now (Qwen3, OLMo 2, SmolLM3, Phi-3, Gemma 3, Gemma 2), each against `transformers`
 on a tiny random model built from the family's own config class: logits, greedy decoding with EOS through our
 KV cache, export back to Hugging Face, and LoRA adapters through `peft`. Sequences are longer than the sliding
 windows, so the windowed masks (training and cached) are exercised."""
@@ -49,7 +49,13 @@ def _gemma3():  # sliding (window 4, local base) / global layers, (1 + w) norms,
                          "sliding_attention": {"rope_type": "default", "rope_theta": 50.0}}, **SMALL)
 
 
-FAMILIES = {"qwen3": _qwen3, "olmo2": _olmo2, "smollm3": _smollm3, "phi3": _phi3, "gemma3_text": _gemma3}
+def _gemma2():  # attention logits soft-capped at 2 (they reach it), sliding / global layers, (1 + w) norms
+    return transformers.Gemma2Config(vocab_size=71, head_dim=8, query_pre_attn_scalar=10, sliding_window=4,
+                                     attn_logit_softcapping=2.0, final_logit_softcapping=4.0, **SMALL)
+
+
+FAMILIES = {"qwen3": _qwen3, "olmo2": _olmo2, "smollm3": _smollm3, "phi3": _phi3, "gemma3_text": _gemma3,
+            "gemma2": _gemma2}
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
@@ -60,7 +66,7 @@ def family(request, tmp_path_factory):
     model = transformers.AutoModelForCausalLM.from_config(FAMILIES[name](), attn_implementation="eager").eval()
     with torch.no_grad():   # norms and every weight random, so that a swapped or dropped leaf shows up
         for pname, p in model.named_parameters():
-            is_scale = "norm" in pname and name != "gemma3_text"
+            is_scale = "norm" in pname and not name.startswith("gemma")
             p.copy_((1.0 if is_scale else 0.0) + 0.2 * torch.randn_like(p))
     path = tmp_path_factory.mktemp(name)
     model.save_pretrained(path)
@@ -85,7 +91,7 @@ def test_logits_match_transformers(family):
     name, model, _, config, params = family
     tokens = _tokens(config.vocab_size)
     _close(forward(params, tokens, config=config), _hf_logits(model, tokens))
-    if name in ("qwen3", "phi3", "gemma3_text"):
+    if name in ("qwen3", "phi3", "gemma3_text", "gemma2"):
         assert config.sliding_window is not None and config.sliding_window < T
 
 

@@ -1,5 +1,5 @@
 """Hugging Face checkpoint import and export: GPT-2 and the Llama-style families (Llama, Qwen2, Mistral, Qwen3,
-OLMo 2, SmolLM3, Phi-3 / Phi-4-mini, Gemma 3).
+OLMo 2, SmolLM3, Phi-3 / Phi-4-mini, Gemma 2, Gemma 3).
 
 A Hugging Face folder is `config.json` plus `model.safetensors`, or several shards listed by
 `model.safetensors.index.json`. `load_pretrained` reads one into a `ModelConfig` and our param tree (layers stacked
@@ -36,13 +36,16 @@ _SINGLE = "model.safetensors"
 _INDEX = "model.safetensors.index.json"
 _ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
                   "mistral": "MistralForCausalLM", "qwen3": "Qwen3ForCausalLM", "olmo2": "Olmo2ForCausalLM",
-                  "smollm3": "SmolLM3ForCausalLM", "phi3": "Phi3ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
-_LLAMA_FAMILY = ("llama", "qwen2", "mistral", "qwen3", "olmo2", "smollm3", "phi3", "gemma3_text")
+                  "smollm3": "SmolLM3ForCausalLM", "phi3": "Phi3ForCausalLM", "gemma2": "Gemma2ForCausalLM",
+                  "gemma3_text": "Gemma3ForCausalLM"}
+_LLAMA_FAMILY = ("llama", "qwen2", "mistral", "qwen3", "olmo2", "smollm3", "phi3", "gemma2", "gemma3_text")
+_GEMMA = ("gemma2", "gemma3_text")
 _NORMS = {  # our per-layer norm -> the family's module name
     "olmo2": {"attn_post_norm": "post_attention_layernorm", "mlp_post_norm": "post_feedforward_layernorm"},
     "gemma3_text": {"attn_norm": "input_layernorm", "attn_post_norm": "post_attention_layernorm",
                     "mlp_norm": "pre_feedforward_layernorm", "mlp_post_norm": "post_feedforward_layernorm"},
 }
+_NORMS["gemma2"] = _NORMS["gemma3_text"]
 _LLAMA_NORMS = {"attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm"}
 _FUSED = {"phi3": {"qkv_proj": ("q", "k", "v"), "gate_up_proj": ("gate", "up")}}
 """Families whose checkpoint stores some projections concatenated along the output axis."""
@@ -82,11 +85,12 @@ def config_from_hf(hf: dict[str, Any], *, source: str = "config.json", **overrid
                       norm="layernorm", norm_eps=hf.get("layer_norm_epsilon", 1e-5), positional="learned",
                       use_bias=True, qkv_bias=True, tie_embeddings=hf.get("tie_word_embeddings", True))
     elif model_type in _LLAMA_FAMILY:
-        act_field = "hidden_activation" if model_type == "gemma3_text" else "hidden_act"
-        act = hf.get(act_field) or ("gelu_pytorch_tanh" if model_type == "gemma3_text" else "silu")
-        if model_type == "gemma3_text" and act not in _GPT2_GELUS:
+        gemma = model_type in _GEMMA
+        act_field = "hidden_activation" if gemma else "hidden_act"
+        act = hf.get(act_field) or ("gelu_pytorch_tanh" if gemma else "silu")
+        if gemma and act not in _GPT2_GELUS:
             unsupported(act_field, act, f"the Gemma MLP is GeGLU with a tanh GELU {_GPT2_GELUS}")
-        if model_type != "gemma3_text" and act != "silu":
+        if not gemma and act != "silu":
             unsupported(act_field, act, "the Llama-family MLP is SwiGLU with SiLU")
         rope_params = dict(hf.get("rope_parameters") or {})  # transformers >= 5; older files: rope_theta, rope_scaling
         if model_type == "gemma3_text":  # one RoPE per layer type: {"full_attention": {...}, "sliding_attention": ...}
@@ -125,13 +129,17 @@ def config_from_hf(hf: dict[str, Any], *, source: str = "config.json", **overrid
             flags = hf.get("no_rope_layers")  # despite the name: 1 = the layer uses RoPE
             if flags is not None and not all(flags):
                 extra.update(rope_layers=tuple(bool(f) for f in flags))
-        elif model_type == "gemma3_text":
+        elif gemma:
             if hf.get("use_bidirectional_attention"):
                 unsupported("use_bidirectional_attention", True, "our attention is causal")
-            extra.update(qk_norm="head", post_norm=True, norm_offset=1.0, embed_scale=True, mlp="geglu",
+            extra.update(post_norm=True, norm_offset=1.0, embed_scale=True, mlp="geglu",
                          attn_scale=float(hf.get("query_pre_attn_scalar", 256)) ** -0.5,
-                         final_softcap=hf.get("final_logit_softcapping"))  # Gemma 3 ignores attn_logit_softcapping
-            if extra.get("sliding_layers") is not None:
+                         final_softcap=hf.get("final_logit_softcapping"))
+            if model_type == "gemma2":
+                extra.update(attn_softcap=hf.get("attn_logit_softcapping"))
+            else:   # Gemma 3's attention does not read attn_logit_softcapping
+                extra.update(qk_norm="head")
+            if model_type == "gemma3_text" and extra.get("sliding_layers") is not None:
                 extra["rope_theta_sliding"] = float(local["rope_theta"])
         d, n = need("hidden_size"), need("num_attention_heads")
         fields = dict(vocab_size=need("vocab_size"), d_model=d, num_layers=need("num_hidden_layers"), num_heads=n,
@@ -140,7 +148,7 @@ def config_from_hf(hf: dict[str, Any], *, source: str = "config.json", **overrid
                       mlp="swiglu", norm="rmsnorm", norm_eps=hf.get("rms_norm_eps", 1e-6), positional="rope",
                       rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10_000.0))), rope_fraction=rotary,
                       use_bias=use_bias, qkv_bias=qkv_bias,
-                      tie_embeddings=bool(hf.get("tie_word_embeddings", model_type == "gemma3_text")))
+                      tie_embeddings=bool(hf.get("tie_word_embeddings", gemma)))
         fields.update(extra)
     else:
         raise CheckpointError(f"{source}: field 'model_type' = {model_type!r} is not supported; "
@@ -162,13 +170,13 @@ def _check_rope(rope: dict, hf: dict, source: str, field: str) -> None:
 
 def infer_model_type(config: ModelConfig) -> str:
     """The Hugging Face family a config exports as: learned positions -> gpt2; Gemma's norms (1 + w) ->
-    gemma3_text; post-sublayer norms only -> olmo2; per-head q/k norms -> qwen3; layers without RoPE -> smollm3;
+    gemma3_text (with q/k norms) or gemma2; post-sublayer norms only -> olmo2; per-head q/k norms -> qwen3; layers without RoPE -> smollm3;
     partial rotary -> phi3; RoPE with q/k/v-only biases -> qwen2; other RoPE configs -> llama."""
     c = config
     if c.positional == "learned":
         return "gpt2"
     if c.norm_offset:
-        return "gemma3_text"
+        return "gemma3_text" if c.qk_norm != "none" else "gemma2"
     if c.post_norm and not c.pre_norm:
         return "olmo2"
     if c.qk_norm == "head":
@@ -206,12 +214,12 @@ def config_to_hf(config: ModelConfig, *, model_type: str | None = None, dtype: s
     if model_type not in _LLAMA_FAMILY:
         raise CheckpointError(f"save_pretrained: model_type={model_type!r} is not supported; "
                               f"choose one of {sorted(_ARCHITECTURES)}")
-    gemma = model_type == "gemma3_text"
+    gemma = model_type in _GEMMA
     mlp = "geglu" if gemma else "swiglu"
     require(c.positional == "rope" and c.norm == "rmsnorm" and c.mlp == mlp,
             f"the Llama family needs positional='rope', norm='rmsnorm', mlp={mlp!r}")
     defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
-    optional = set().union(*_FAMILY_FIELDS.values()) | {"attn_softcap"}
+    optional = set().union(*_FAMILY_FIELDS.values())
     for field in sorted(optional - _FAMILY_FIELDS[model_type] - {"mlp"}):
         require(getattr(c, field) == defaults[field], f"{field}={getattr(c, field)!r} has no {model_type} "
                 f"config.json field (it needs the default {defaults[field]!r})")
@@ -223,13 +231,13 @@ def config_to_hf(config: ModelConfig, *, model_type: str | None = None, dtype: s
                max_position_embeddings=c.max_seq_len, rms_norm_eps=c.norm_eps, hidden_act="silu",
                rope_theta=c.rope_theta, rope_parameters=dict(rope_type="default", rope_theta=c.rope_theta),
                attention_dropout=0.0)
-    if model_type in ("qwen3", "olmo2", "smollm3", "phi3", "gemma3_text"):
+    if model_type in ("qwen3", "olmo2", "smollm3", "phi3") + _GEMMA:
         require(c.qkv_bias == c.use_bias or model_type == "smollm3",
                 f"{model_type}'s attention_bias covers q, k, v and o together (qkv_bias == use_bias)")
         # token ids come from the tokenizer (extra_config); the family classes' defaults may lie outside vocab_size
         out.update(attention_bias=c.qkv_bias, sliding_window=c.sliding_window, pad_token_id=None, bos_token_id=None,
                    eos_token_id=None)
-        if model_type in ("qwen3", "smollm3", "gemma3_text"):
+        if model_type in ("qwen3", "smollm3") + _GEMMA:
             out.update(layer_types=layer_types, use_sliding_window=c.sliding_window is not None)
         if model_type == "qwen3":
             out.update(max_window_layers=c.num_layers)
@@ -246,14 +254,17 @@ def config_to_hf(config: ModelConfig, *, model_type: str | None = None, dtype: s
                                         partial_rotary_factor=c.rope_fraction))
     elif gemma:
         out.pop("hidden_act")
-        local = c.rope_theta_sliding or c.rope_theta
+        local = c.rope_theta_sliding or c.rope_theta  # Gemma 2 has one base (rope_theta_sliding stays None)
         scalar = (c.attn_scale or c.head_size ** -0.5) ** -2
         scalar = round(scalar) if abs(scalar - round(scalar)) < 1e-6 * scalar else scalar  # an int in the file
-        out.update(hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=scalar, attn_logit_softcapping=None, final_logit_softcapping=c.final_softcap,
-                   rope_local_base_freq=local, use_bidirectional_attention=False,
-                   rope_parameters={"full_attention": dict(rope_type="default", rope_theta=c.rope_theta),
-                                    "sliding_attention": dict(rope_type="default", rope_theta=local)})
-    if model_type in ("qwen3", "olmo2", "smollm3", "phi3", "gemma3_text"):
+        out.update(hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=scalar,
+                   attn_logit_softcapping=c.attn_softcap, final_logit_softcapping=c.final_softcap,
+                   use_bidirectional_attention=False)
+        if model_type == "gemma3_text":
+            out.update(rope_local_base_freq=local,
+                       rope_parameters={"full_attention": dict(rope_type="default", rope_theta=c.rope_theta),
+                                        "sliding_attention": dict(rope_type="default", rope_theta=local)})
+    if model_type in ("qwen3", "olmo2", "smollm3", "phi3") + _GEMMA:
         return out
     if model_type == "qwen2":
         require(c.qkv_bias and not c.use_bias, "Qwen2 has q/k/v biases only (qkv_bias=True, use_bias=False)")
@@ -274,11 +285,14 @@ _FAMILY_FIELDS = {  # ModelConfig fields beyond the Llama core that a family's c
     "phi3": {"rope_fraction", "sliding_window", "sliding_layers"},
     "gemma3_text": {"qk_norm", "post_norm", "norm_offset", "embed_scale", "mlp", "attn_scale", "sliding_window",
                     "sliding_layers", "rope_theta_sliding", "final_softcap"},
+    "gemma2": {"post_norm", "norm_offset", "embed_scale", "mlp", "attn_scale", "sliding_window", "sliding_layers",
+               "attn_softcap", "final_softcap"},
 }
 _FAMILY_VALUES = {  # fields a family fixes
     "qwen3": {"qk_norm": "head"},
     "olmo2": {"qk_norm": "proj", "pre_norm": False, "post_norm": True},
     "gemma3_text": {"qk_norm": "head", "post_norm": True, "norm_offset": 1.0, "embed_scale": True},
+    "gemma2": {"post_norm": True, "norm_offset": 1.0, "embed_scale": True},
 }
 
 # ----------------------------------------------------------------------------------------------- tensors
@@ -538,7 +552,7 @@ def save_pretrained(config: ModelConfig, params: dict, path: str | os.PathLike, 
       path: output folder (created if missing).
       dtype: storage dtype of the tensors ("float32", "bfloat16", "float16"); defaults to `config.param_dtype`.
       model_type: one of "gpt2", "llama", "qwen2", "mistral", "qwen3", "olmo2", "smollm3", "phi3",
-        "gemma3_text"; inferred from the config when None (see `infer_model_type`).
+        "gemma2", "gemma3_text"; inferred from the config when None (see `infer_model_type`).
       max_shard_size: bytes (int) or a string such as "5GB" / "20KB"; when the tensors exceed it they are split
         into `model-0000i-of-0000n.safetensors` shards listed by `model.safetensors.index.json`.
       extra_config: more config.json fields, e.g. {"bos_token_id": 1, "eos_token_id": 2} from your tokenizer.
