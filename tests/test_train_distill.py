@@ -150,3 +150,14 @@ def test_command_runs_and_refuses_a_teacher_of_another_vocabulary(models, tmp_pa
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "300 tokens but the student's has 259" in err, err
     assert not (tmp_path / "refused" / "config.json").exists()
+
+
+def test_benchmark_row_runs_on_the_cpu():
+    from rlhf_jax.cli import benchmark as bm
+
+    report = bm.run_benchmarks(bm.BenchConfig(preset="tiny", benchmarks="distill", steps=1, warmup=0, peak_size=64,
+                                              sft_seq=8))
+    (row,) = report["results"]
+    assert row["name"] == "distill" and row["shape"] == "2x(4+4)" and row["median_ms"] > 0
+    assert row["flops_per_step"] == bm.distill_flops(ModelConfig.preset("tiny"), 2, 4, 4)
+    assert report["distill"] is None                     # no sft row to compare with

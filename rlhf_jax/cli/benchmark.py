@@ -43,13 +43,15 @@ from rlhf_jax.generation import SamplingConfig, sample
 from rlhf_jax.lora import LoraConfig, init_lora
 from rlhf_jax.models import init_params
 from rlhf_jax.models.config import ModelConfig
+from rlhf_jax.train.distill import DistillConfig, distill_step
 from rlhf_jax.train.grpo import GRPOConfig, grpo_sample, grpo_update
 from rlhf_jax.train.optim import OptimConfig
 from rlhf_jax.train.ppo import PPOConfig, init_ppo_state, ppo_update, rollout
 from rlhf_jax.train.state import create_train_state, with_score_head
 from rlhf_jax.train.steps import dpo_step, kto_step, reward_step, sft_step
 
-BENCHMARKS = ("sft", "reward", "dpo", "simpo", "orpo", "kto", "generate", "ppo", "grpo", "lora_sft", "lora_dpo")
+BENCHMARKS = ("sft", "reward", "dpo", "simpo", "orpo", "kto", "generate", "ppo", "grpo", "lora_sft", "lora_dpo",
+              "distill")
 ROW_KEYS = ("name", "shape", "compile_s", "median_ms", "min_ms", "steps", "throughput", "throughput_unit",
             "tokens_per_step", "flops_per_step", "tflops_per_s", "mfu", "mfu_spec", "peak_bytes",
             "compiled_bytes")
@@ -67,7 +69,7 @@ class BenchConfig:
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """Compute dtype (params stay float32); auto = bfloat16 on GPU/TPU, float32 on CPU."""
     benchmarks: str = "sft,reward,dpo,simpo,orpo,kto,generate,ppo,grpo,lora_sft,lora_dpo"
-    """Comma list of benchmarks to run."""
+    """Comma list of benchmarks to run (also: distill, a distillation step beside the sft row's)."""
     sft_batch: int = 8
     """SFT rows per step."""
     sft_seq: int = 1024
@@ -222,6 +224,17 @@ def grpo_flops(config, rows, prompt, new, *, causal=True) -> float:
     head = 2 * config.vocab_size * config.d_model
     forward = forward_flops(config, tokens, T, head="none", causal=causal) + head * responses
     return forward + train_flops(config, tokens, T, head="none", causal=causal) + 3 * head * responses
+
+
+def distill_flops(config, batch, prompt, new, *, teacher=None, causal=True) -> float:
+    """FLOPs of one teacher-forced distillation step over B*(P+N) tokens: the student's training step and the
+    teacher's forward (`teacher`: its config, None for the student's), the LM heads at the B*N response positions
+    only; the divergence over the vocabulary (O(V) per position) is not counted."""
+    teacher = config if teacher is None else teacher
+    tokens, responses, T = batch * (prompt + new), batch * new, prompt + new
+    head = lambda c: 2 * c.vocab_size * c.d_model  # noqa: E731
+    student = train_flops(config, tokens, T, head="none", causal=causal) + 3 * head(config) * responses
+    return student + forward_flops(teacher, tokens, T, head="none", causal=causal) + head(teacher) * responses
 
 
 # ---------------------------------------------------------------------------------------------- measurement
@@ -526,6 +539,28 @@ class _Bench:
                 "rollout_over_sampling": roll["median_ms"] / sample_row["median_ms"], "update_mfu": upd["mfu"],
                 "update_mfu_spec": upd["mfu_spec"]}
 
+    def distill(self):
+        """A distillation step (`train.distill.distill_step`, lambda 0: teacher-forced on the batch's responses) on
+        the rows of the `sft` row, sft_seq tokens each split into a prompt and a response half, with a teacher of
+        the same preset: the student's forward and backward plus the teacher's forward, the divergence over the
+        full vocabulary at the response positions. Returns its time over an SFT step of the same rows, when the
+        `sft` row ran before it."""
+        c, m = self.cfg, self.model
+        B, T = c.sft_batch, c.sft_seq
+        P, N = T // 2, T - T // 2
+        dcfg = DistillConfig(batch_size=B, lmbda=0.0, max_prompt_len=P, sampling=SamplingConfig(max_new_tokens=N))
+        ones = lambda n: jnp.ones((B, n), jnp.int32)  # noqa: E731
+        batch = jax.device_put({"prompts": self.tokens(B, P), "prompt_mask": ones(P), "responses": self.tokens(B, N),
+                                "response_mask": ones(N)})
+        teacher = init_params(m, self.next_key())
+        fn = functools.partial(distill_step, config=dcfg, model_config=m, teacher_config=m)
+        _, row = self.measure("distill", f"{B}x({P}+{N})", fn, (self.state(), batch, teacher), donate=True,
+                              flops=distill_flops(m, B, P, N, causal=c.attn_flops == "causal"), tokens=B * T,
+                              unit="tokens/s", per_step=B * T)
+        sft = next((r for r in self.rows if r["name"] == "sft"), None)
+        return None if sft is None else {"distill_over_sft": row["median_ms"] / sft["median_ms"],
+                                         "distill_ms": row["median_ms"], "sft_ms": sft["median_ms"]}
+
     def grpo(self):
         """One GRPO iteration (G samples per prompt, one pass, no reference): the sampling half against pure sampling
         of the same B*G rows, and the update (the trainer's log-probs + one step) with its MFU."""
@@ -575,13 +610,15 @@ def run_benchmarks(cfg: BenchConfig) -> dict:
           f"dtype {cfg.dtype}; measured {cfg.dtype} matmul peak {measured / 1e12:.2f} TFLOP/s (n={n})", flush=True)
     print(_header(), flush=True)
     bench = _Bench(cfg, model, (measured, spec))
-    ppo_summary = grpo_summary = None
+    ppo_summary = grpo_summary = distill_summary = None
     for name in cfg.benchmarks.split(","):
         out = getattr(bench, name)()
         if name == "ppo":
             ppo_summary = out
         if name == "grpo":
             grpo_summary = out
+        if name == "distill":
+            distill_summary = out
     report = {
         "device": {"kind": dev.device_kind, "platform": dev.platform, "count": jax.device_count(),
                    "jax": jax.__version__, "python": platform.python_version(), "host": platform.node()},
@@ -596,6 +633,7 @@ def run_benchmarks(cfg: BenchConfig) -> dict:
         "results": bench.rows,
         "ppo": ppo_summary,
         "grpo": grpo_summary,
+        "distill": distill_summary,
         "lora_sizes": {name: lora_sizes(ModelConfig.preset(name), cfg.lora_rank) for name in
                        dict.fromkeys([cfg.preset, "tiny", "llama-1b"])},
     }
@@ -609,6 +647,9 @@ def run_benchmarks(cfg: BenchConfig) -> dict:
         g = grpo_summary
         print(f"GRPO: rollout / pure sampling of the same rows = {g['rollout_over_sampling']:.2f}x; update MFU "
               f"{100 * g['update_mfu']:.1f}%")
+    if distill_summary:
+        print(f"distill: a teacher-forced distillation step takes {distill_summary['distill_over_sft']:.2f}x an SFT "
+              "step of the same rows (student forward/backward + teacher forward)")
     for name, z in report["lora_sizes"].items():
         print(f"LoRA r{z['rank']} on {name}: {z['adapter_params']:,} of {z['base_params']:,} params trainable "
               f"({100 * z['trainable_fraction']:.2f}%); AdamW state {z['adam_bytes_lora'] / 2**20:.1f} MiB against "
