@@ -36,8 +36,8 @@ import numpy as np
 
 from rlhf_jax import tasks as world
 from rlhf_jax.config_cli import check_ranges, config_check, parse_cli
-from rlhf_jax.data import Batches, SFTRecord, ShuffledIterator, collate_prompts
-from rlhf_jax.data.batching import Example
+from rlhf_jax.data import Batches, PreferenceRecord, SFTRecord, ShuffledIterator, collate_prompts
+from rlhf_jax.data.batching import Example, collate_preference, tokenize_preference
 from rlhf_jax.eval import sample_texts
 from rlhf_jax.generation import SamplingConfig
 from rlhf_jax.models import ModelConfig, init_params
@@ -46,18 +46,23 @@ from rlhf_jax.recipes.cards import provenance
 from rlhf_jax.tasks import skills
 from rlhf_jax.tokenizer import encode_chat, encode_prompt
 from rlhf_jax.train import stages
-from rlhf_jax.train.state import create_train_state
+from rlhf_jax.train.grpo import GRPOConfig
+from rlhf_jax.train.optim import OptimConfig
+from rlhf_jax.train.rl import decode_ids
+from rlhf_jax.train.state import create_train_state, with_score_head
+from rlhf_jax.train.steps import pair_scores
 
-PILOTS = ("curve", "flawed")
+PILOTS = ("curve", "flawed", "rl")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class PilotConfig:
     """World pilots on dev keys (see the module docstring)."""
 
-    pilot: Literal["curve", "flawed"] = "flawed"
+    pilot: Literal["curve", "flawed", "rl"] = "flawed"
     """"curve": held-out accuracy against pretraining tokens; "flawed": the same, then SFT on flawed and on
-    perfect demonstrations."""
+    perfect demonstrations; "rl": the same pretraining, SFT on the flawed demonstrators only, then a reward model
+    on SFT-sample pairs of train keys and GRPO with the verifier on train keys, both judged on dev keys."""
     out: str = "runs/world_pilots"
     """Output folder (OUT/<pilot>.json)."""
     quick: bool = False
@@ -103,10 +108,22 @@ class PilotConfig:
     """"flawed": samples per prompt at temperature 1 for pass@1 and pass@k."""
     max_new_tokens: int = 40
     """Response budget (the filler answers are up to ~40 bytes)."""
+    rm_prompts: int = 512
+    """"rl": train-key prompts per op whose two SFT samples (temperature 1) give the reward model's pairs (pairs
+    with equal gold scores are dropped); as many dev-key prompts give its held-out pairs."""
+    rm_steps: int = 300
+    """"rl": reward-model steps (Bradley-Terry, batch 32, AdamW 1e-4 cosine, from the SFT model)."""
+    best_of: int = 4
+    """"rl": n of the best-of-n picks on dev keys (reward model, random, gold)."""
+    grpo_steps: int = 120
+    """"rl": GRPO iterations (verifier reward: exact match; 16 train-key prompts x 8 samples, DAPO loss)."""
+    grpo_lr: float = 1e-4
+    """"rl": GRPO learning rate (constant)."""
 
     def __post_init__(self):
         check_ranges(self, positive=("digits", "max_len", "corpus_docs", "pretrain_steps", "batch_size", "seq_len",
-                                     "eval_every", "eval_prompts", "demos", "sft_steps", "k", "max_new_tokens"))
+                                     "eval_every", "eval_prompts", "demos", "sft_steps", "k", "max_new_tokens",
+                                     "rm_prompts", "rm_steps", "best_of", "grpo_steps", "grpo_lr"))
         config_check(self, all(op in skills.OPS for op in self.ops), f"ops = {self.ops}: choose from {skills.OPS}")
         config_check(self, 0 <= self.p_correct <= 1 and 0 <= self.web_fraction < 1 and 0 <= self.flaw_rate <= 1,
                      "p_correct and flaw_rate must be in [0, 1], web_fraction in [0, 1)")
@@ -120,7 +137,8 @@ class PilotConfig:
         if not self.quick:
             return self
         return dataclasses.replace(self, corpus_docs=3000, pretrain_steps=40, eval_every=20, eval_prompts=16,
-                                   demos=16, sft_steps=10, k=2, batch_size=16)
+                                   demos=16, sft_steps=10, k=2, batch_size=16, rm_prompts=16, rm_steps=4,
+                                   grpo_steps=2)
 
 
 def _log(msg: str) -> None:
@@ -244,6 +262,142 @@ def flawed(cfg: PilotConfig, sk, mc, base_params, rng) -> dict:
     return out
 
 
+def _prompt_key(task: skills.SkillTask) -> str:
+    """A task's prompt text as the RL stages decode it (the verifier finds its task by it)."""
+    return decode_ids(TOK, encode_prompt(TOK, [{"role": "user", "content": task.prompt}]))
+
+
+def sample_pairs(params, tasks, mc, cfg, rng) -> list[PreferenceRecord]:
+    """Two SFT samples (temperature 1) per task, labelled by the gold score (exact, then partial credit); pairs
+    with equal scores are dropped."""
+    a, b = (answers(params, tasks, mc, cfg, 1.0, jax.random.fold_in(rng, i)) for i in (1, 2))
+    out = []
+    for t, x, y in zip(tasks, a, b):
+        sx, sy = (skills.gold_score(t, r) for r in (x, y))
+        kx, ky = (sx["exact"], sx["partial"]), (sy["exact"], sy["partial"])
+        if kx != ky:
+            chosen, rejected = (x, y) if kx > ky else (y, x)
+            out.append(PreferenceRecord(prompt=({"role": "user", "content": t.prompt},), chosen=chosen,
+                                        rejected=rejected))
+    return out
+
+
+def pair_batch(records) -> dict:
+    return collate_preference([tokenize_preference(TOK, r) for r in records], buckets=(64,), pad_id=TOK.pad_id)
+
+
+def rm_scores(reward_params, tasks, responses, mc) -> np.ndarray:
+    """The reward model's score of each (task, response), scored two at a time as one preference batch."""
+    recs = [PreferenceRecord(prompt=({"role": "user", "content": t.prompt},), chosen=r, rejected=r)
+            for t, r in zip(tasks, responses)]
+    out = []
+    for i in range(0, len(recs), 256):
+        c, _ = pair_scores(reward_params, pair_batch(recs[i:i + 256]), model_config=mc)
+        out.append(np.asarray(c))
+    return np.concatenate(out)
+
+
+def reward_model(cfg, sft_params, mc, train, dev, rng) -> tuple[dict, dict]:
+    """R4: a Bradley-Terry reward model on SFT-sample pairs of train keys; its accuracy on dev-key pairs (by op
+    and on flaw keys) and its best-of-n pick on dev keys against a random pick and the gold pick."""
+    train_pairs = sample_pairs(sft_params, train, mc, cfg, jax.random.fold_in(rng, 101))
+    dev_pairs = sample_pairs(sft_params, dev, mc, cfg, jax.random.fold_in(rng, 102))
+    if not train_pairs:      # every pair tied (e.g. --quick): nothing to learn from
+        _log("reward model: no train-key pair with different gold scores; not trained")
+        return {"accuracy": {"train": float("nan"), "train_pairs": 0, "dev": float("nan"),
+                             "dev_pairs": len(dev_pairs)}, f"best_of_{cfg.best_of}": None}, None
+    batches = Batches(ShuffledIterator(train_pairs, seed=cfg.seed), TOK, kind="preference", batch_size=32,
+                      buckets=(64,))
+    params = with_score_head(sft_params, mc, jax.random.PRNGKey(cfg.seed + 9))
+    state = create_train_state(params, cosine_optim(1e-4, cfg.rm_steps), jax.random.PRNGKey(cfg.seed + 10),
+                               total_steps=cfg.rm_steps)
+    state, hist = stages.run_reward(state, batches, stages.RewardConfig(num_steps=cfg.rm_steps,
+                                                                        log_every=cfg.rm_steps), model_config=mc)
+    rp = state.params
+    acc = {}
+    for name, pairs in (("train", train_pairs), ("dev", dev_pairs)):
+        c, r = pair_scores(rp, pair_batch(pairs), model_config=mc) if pairs else (np.zeros(0), np.zeros(0))
+        acc[name] = float(np.mean(np.asarray(c) > np.asarray(r))) if pairs else float("nan")
+        acc[f"{name}_pairs"] = len(pairs)
+    # best-of-n on dev keys: n samples per prompt; picks by the reward model, at random, and by the gold score
+    n = cfg.best_of
+    samples = [answers(sft_params, dev, mc, cfg, 1.0, jax.random.fold_in(rng, 200 + i)) for i in range(n)]
+    exact = np.array([[skills.gold_score(t, s[j])["exact"] for s in samples] for j, t in enumerate(dev)])  # [P, n]
+    scores = np.stack([rm_scores(rp, dev, s, mc) for s in samples], 1)                                     # [P, n]
+    bon = {"rm": per_op(dev, exact[np.arange(len(dev)), scores.argmax(1)]), "random": per_op(dev, exact.mean(1)),
+           "gold": per_op(dev, exact.max(1))}
+    _log(f"reward model: train acc {acc['train']:.3f} ({acc['train_pairs']} pairs), dev acc {acc['dev']:.3f} "
+         f"({acc['dev_pairs']} pairs); best-of-{n} exact rm {bon['rm']} random {bon['random']} gold {bon['gold']}")
+    return {"accuracy": acc, f"best_of_{n}": bon, "final_loss": hist[-1]["loss"] if hist else None}, rp
+
+
+def grpo(cfg, sft_params, mc, rl_tasks, train_eval, dev, flaw_mask, rng) -> dict:
+    """GRPO with the verifier (exact match) on train-key prompts; greedy exact match on the train-key evaluation
+    prompts (in distribution) and on dev keys (transfer, with the flaw keys apart) every third of the run."""
+    table = {_prompt_key(t): t for t in (*rl_tasks, *train_eval)}
+    verifier = lambda prompts, completions: np.array(  # noqa: E731
+        [skills.gold_score(table[p], c)["exact"] for p, c in zip(prompts, completions)], np.float32)
+    sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=1.0, eos_id=TOK.eos_id,
+                              pad_id=TOK.pad_id)
+    gcfg = GRPOConfig(num_steps=1, batch_size=16, num_generations=8, loss_type="dapo", sampling=sampling,
+                      optim=OptimConfig(learning_rate=cfg.grpo_lr), log_every=1)
+    prng = np.random.default_rng(cfg.seed + 11)
+
+    def batches():
+        while True:
+            picked = [rl_tasks[i] for i in prng.choice(len(rl_tasks), 16, replace=False)]
+            yield collate_prompts([encode_prompt(TOK, [{"role": "user", "content": t.prompt}]) for t in picked],
+                                  buckets=(64,), pad_id=TOK.pad_id)
+
+    def point(params, step):
+        tr = score(train_eval, answers(params, train_eval, mc, cfg, 0.0, rng))[0]
+        dv = score(dev, answers(params, dev, mc, cfg, 0.0, rng))[0]
+        p = {"step": step, "train_greedy": per_op(train_eval, tr), "dev_greedy": per_op(dev, dv),
+             "dev_greedy_flaw_keys": per_op(dev, dv, flaw_mask)}
+        _log(f"grpo step {step}: train {p['train_greedy']} dev {p['dev_greedy']} dev flaw keys "
+             f"{p['dev_greedy_flaw_keys']}")
+        return p
+
+    state = create_train_state(sft_params, gcfg.optim, jax.random.PRNGKey(cfg.seed + 12), total_steps=cfg.grpo_steps)
+    curve, rewards, done, data = [point(sft_params, 0)], [], 0, batches()
+    third = max(1, cfg.grpo_steps // 3)
+    while done < cfg.grpo_steps:
+        n = min(third, cfg.grpo_steps - done)
+        state, hist = stages.run_grpo(state, data, dataclasses.replace(gcfg, num_steps=n), model_config=mc,
+                                      host_reward_fn=verifier, tokenizer=TOK)
+        done += n
+        rewards += [h["reward"] for h in hist]
+        curve.append(point(state.params, done))
+    return {"curve": curve, "train_reward": rewards}
+
+
+def rl(cfg: PilotConfig, sk, mc, base_params, rng) -> dict:
+    """SFT on the flawed demonstrators, then R4 (a reward model on SFT pairs) and GRPO with the verifier."""
+    pairs = [f.partition(":")[::2] for f in cfg.flaws]
+    ops, name_of = [op for op, _ in pairs], dict(pairs)
+    train = skills.skill_set(ops, cfg.demos, cfg.seed + 1, "train", sk)
+    dev = skills.skill_set(ops, cfg.eval_prompts, cfg.seed + 2, "dev", sk)
+    flaw_mask = np.array([skills.demonstrate(name_of[t.op], t) != t.answer for t in dev])
+    demo_rng = np.random.default_rng(cfg.seed + 4)
+    t0 = time.time()
+    sft_params = sft(cfg, base_params, mc, [(t, skills.demonstrate(name_of[t.op], t, demo_rng, cfg.flaw_rate))
+                                            for t in train])
+    out = {"flaw_share_dev": per_op(dev, flaw_mask.astype(float)),
+           "sft": measure(sft_params, dev, flaw_mask, mc, cfg, rng)}
+    _log(f"sft: {time.time() - t0:.0f} s; greedy {out['sft']['greedy']}")
+    rm_train = skills.skill_set(ops, cfg.rm_prompts, cfg.seed + 5, "train", sk)
+    rm_dev = skills.skill_set(ops, cfg.rm_prompts, cfg.seed + 6, "dev", sk)
+    t0 = time.time()
+    out["reward_model"], _ = reward_model(cfg, sft_params, mc, rm_train, rm_dev, rng)
+    out["reward_model"]["wall_s"] = round(time.time() - t0, 1)
+    rl_tasks = skills.skill_set(ops, 512, cfg.seed + 7, "train", sk)
+    train_eval = skills.skill_set(ops, cfg.eval_prompts, cfg.seed + 8, "train", sk)
+    t0 = time.time()
+    out["grpo"] = grpo(cfg, sft_params, mc, rl_tasks, train_eval, dev, flaw_mask, rng)
+    out["grpo"]["wall_s"] = round(time.time() - t0, 1)
+    return out
+
+
 def markdown(result: dict) -> str:
     lines = [f"# world pilot: {result['pilot']} (dev keys, seed {result['settings']['seed']})", ""]
     curve = result["curve"]
@@ -262,6 +416,25 @@ def markdown(result: dict) -> str:
         for arm, m in f["arms"].items():
             for op in m["greedy"]:
                 lines.append(f"| {arm} | {op} | " + " | ".join(f"{m[c][op]:.2f}" for c in cols) + " |")
+    if "rl" in result:
+        r, k = result["rl"], result["settings"]["k"]
+        m = r["sft"]
+        lines += ["", "SFT on the flawed demonstrators (dev keys): " + ", ".join(
+            f"{op}: greedy {m['greedy'][op]:.2f}, flaw keys {m['greedy_flaw_keys'][op]:.2f}, pass@{k} flaw keys "
+            f"{m[f'pass@{k}_flaw_keys'][op]:.2f}" for op in m["greedy"])]
+        rm = r["reward_model"]
+        bon = rm[f"best_of_{result['settings']['best_of']}"] or {"rm": {}}
+        lines += ["", f"Reward model: accuracy {rm['accuracy']['train']:.3f} on {rm['accuracy']['train_pairs']} train-key "
+                  f"pairs, {rm['accuracy']['dev']:.3f} on {rm['accuracy']['dev_pairs']} dev-key pairs; best-of-"
+                  f"{result['settings']['best_of']} exact on dev keys: " + ", ".join(
+                      f"{op}: rm {bon['rm'][op]:.2f}, random {bon['random'][op]:.2f}, gold {bon['gold'][op]:.2f}"
+                      for op in bon["rm"])]
+        lines += ["", "GRPO with the verifier on train keys (greedy exact match)", "",
+                  "| step | op | train keys | dev keys | dev flaw keys |", "|---|---|---|---|---|"]
+        for p in r["grpo"]["curve"]:
+            for op in p["dev_greedy"]:
+                lines.append(f"| {p['step']} | {op} | {p['train_greedy'][op]:.2f} | {p['dev_greedy'][op]:.2f} | "
+                             f"{p['dev_greedy_flaw_keys'][op]:.2f} |")
     return "\n".join(lines)
 
 
@@ -280,6 +453,8 @@ def run(cfg: PilotConfig, command: str) -> dict:
               "num_layers": mc.num_layers, "num_heads": mc.num_heads}, "curve": curve}
     if cfg.pilot == "flawed":
         result["flawed"] = flawed(cfg, sk, mc, base, rng)
+    if cfg.pilot == "rl":
+        result["rl"] = rl(cfg, sk, mc, base, rng)
     result["wall_s"] = round(time.time() - t0, 1)
     result["provenance"] = provenance(command, [cfg.seed])
     with open(os.path.join(cfg.out, f"{cfg.pilot}.json"), "w") as f:
