@@ -193,6 +193,11 @@ def distill_step(state: TrainState, batch: dict, teacher_params, base_params=Non
     "grad_norm", "learning_rate"; with "kl_reward" also "reward" (mean per-token reward).
     """
     check_vocabularies(model_config, teacher_config)
+    length = batch["prompts"].shape[1] + batch["responses"].shape[1]
+    for name, mc in (("student", model_config), ("teacher", teacher_config)):
+        if length > mc.max_seq_len:
+            raise ValueError(f"prompts + responses of {length} tokens exceed the {name}'s max_seq_len "
+                             f"{mc.max_seq_len}")
     rng, key = jax.random.split(state.rng)
     student = state.params if lora is None else lora_params(base_params, state.params, lora)
     ep, on_policy = _episodes(lax.stop_gradient(student), batch, key, config=config, model_config=model_config)
