@@ -83,6 +83,20 @@ def test_jsonl_every_and_progress_rate():
         mlog.JsonlHook("/tmp/never.jsonl", every=0)
 
 
+def test_a_resumed_log_continues_the_runs_clock(tmp_path):
+    """"time" is seconds of the run: a hook appending to a log (after --resume) starts from its last time."""
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "time": 100.0, "loss": 1.0}\n')
+    h = mlog.JsonlHook(path)
+    h.on_step(2, {"loss": 0.5})
+    h.close()
+    assert 100.0 <= mlog.read_jsonl(path)[-1]["time"] < 110.0
+    h = mlog.JsonlHook(path, append=False)
+    h.on_step(1, {"loss": 0.5})
+    h.close()
+    assert mlog.read_jsonl(path)[-1]["time"] < 10.0
+
+
 def test_report_files_and_plots(tmp_path):
     for name, scale in (("a", 1.0), ("b", 2.0)):
         h = mlog.JsonlHook(tmp_path / name / "metrics.jsonl")

@@ -60,15 +60,18 @@ class StageHooks:
 
 
 class JsonlHook(StageHooks):
-    """Append `{"step", "time", **metrics}` to `path` every `every` steps (line-buffered, flushed each write)."""
+    """Append `{"step", "time", **metrics}` to `path` every `every` steps (line-buffered, flushed each write);
+    "time" counts seconds of the run, continued from the file's last line when it appends to one."""
 
     def __init__(self, path: str | os.PathLike, *, every: int = 1, append: bool = True):
         if every < 1:
             raise ValueError(f"JsonlHook: every must be >= 1, got {every}")
         self.path, self.every = os.fspath(path), every
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        # Appending to a run's log (a resumed run): its clock goes on from the last logged time.
+        last = read_jsonl(self.path)[-1:] if append and os.path.exists(self.path) else []
         self._file = open(self.path, "a" if append else "w", encoding="utf-8")
-        self._t0 = time.time()
+        self._t0 = time.time() - float(last[0].get("time", 0.0)) if last else time.time()
 
     def on_step(self, step: int, metrics: dict) -> None:
         if int(step) % self.every:
