@@ -40,7 +40,7 @@ import numpy as np
 
 from rlhf_jax.config_cli import field_docs
 from rlhf_jax.generation import SamplingConfig, sample
-from rlhf_jax.lora import LoraConfig, init_lora
+from rlhf_jax.lora import LoraConfig, dequantize_params, init_lora, quantize_base
 from rlhf_jax.models import init_params
 from rlhf_jax.models.config import ModelConfig
 from rlhf_jax.train.distill import DistillConfig, distill_step
@@ -51,7 +51,7 @@ from rlhf_jax.train.state import create_train_state, with_score_head
 from rlhf_jax.train.steps import dpo_step, kto_step, reward_step, sft_step
 
 BENCHMARKS = ("sft", "reward", "dpo", "simpo", "orpo", "kto", "generate", "ppo", "grpo", "lora_sft", "lora_dpo",
-              "distill")
+              "distill", "qlora_sft", "qlora_dpo")
 ROW_KEYS = ("name", "shape", "compile_s", "median_ms", "min_ms", "steps", "throughput", "throughput_unit",
             "tokens_per_step", "flops_per_step", "tflops_per_s", "mfu", "mfu_spec", "peak_bytes",
             "compiled_bytes")
@@ -69,7 +69,8 @@ class BenchConfig:
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """Compute dtype (params stay float32); auto = bfloat16 on GPU/TPU, float32 on CPU."""
     benchmarks: str = "sft,reward,dpo,simpo,orpo,kto,generate,ppo,grpo,lora_sft,lora_dpo"
-    """Comma list of benchmarks to run (also: distill, a distillation step beside the sft row's)."""
+    """Comma list of benchmarks to run (also: distill, a distillation step beside the sft row's; qlora_sft,
+    qlora_dpo: the lora rows over an NF4 base)."""
     sft_batch: int = 8
     """SFT rows per step."""
     sft_seq: int = 1024
@@ -488,6 +489,43 @@ class _Bench:
         flops = lora_train_flops(m, 2 * B * T, T, causal=causal) + forward_flops(m, 2 * B * T, T, causal=causal)
         fn = functools.partial(dpo_step, model_config=m, lora=lora)
         self.measure("lora_dpo", f"{B}pairs x{T} r{lora.rank}", fn, (state, batch, base), donate=True,
+                     flops=flops, tokens=2 * B * T, unit="tokens/s", per_step=2 * B * T)
+
+    def _nf4_base(self, name):
+        """A fresh base with its projection kernels in NF4 (`quantize_base`, double quantisation); prints the bytes
+        it stores against the full-precision params."""
+        full = init_params(self.model, self.next_key())
+        base = quantize_base(full)
+        size = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))  # noqa: E731
+        print(f"  {name}: base stored in {size(base) / 2**20:.2f} MiB (NF4 projections) against "
+              f"{size(full) / 2**20:.2f} MiB ({self.model.param_dtype})", flush=True)
+        return base
+
+    def qlora_sft(self):
+        """lora_sft over an NF4 base (QLoRA): every step dequantises the projection kernels (`merge_lora`)."""
+        c, m, causal = self.cfg, self.model, self.cfg.attn_flops == "causal"
+        B, T, lora = c.sft_batch, c.sft_seq, self._lora()
+        base = self._nf4_base("qlora_sft")
+        state = create_train_state(init_lora(base, m, lora, self.next_key()), OptimConfig(), self.next_key())
+        fn = functools.partial(sft_step, model_config=m, lora=lora)
+        self.measure("qlora_sft", f"{B}x{T} r{lora.rank} nf4", fn, (state, self.sft_batch(B, T), base),
+                     donate=True, flops=lora_train_flops(m, B * T, T, causal=causal), tokens=B * T, unit="tokens/s",
+                     per_step=B * T)
+
+    def qlora_dpo(self):
+        """lora_dpo over an NF4 base: the step dequantises the base once and uses it as the adapters' base and as
+        the reference (the reference forward applies the model to the base itself)."""
+        c, m, causal = self.cfg, self.model, self.cfg.attn_flops == "causal"
+        B, T, lora = c.dpo_pairs, c.dpo_seq, self._lora()
+        batch = {"chosen": self.sft_batch(B, T), "rejected": self.sft_batch(B, T)}
+        base = self._nf4_base("qlora_dpo")
+        state = create_train_state(init_lora(base, m, lora, self.next_key()), OptimConfig(), self.next_key())
+        flops = lora_train_flops(m, 2 * B * T, T, causal=causal) + forward_flops(m, 2 * B * T, T, causal=causal)
+
+        def fn(state, batch, base):
+            return dpo_step(state, batch, dequantize_params(base), model_config=m, lora=lora)
+
+        self.measure("qlora_dpo", f"{B}pairs x{T} r{lora.rank} nf4", fn, (state, batch, base), donate=True,
                      flops=flops, tokens=2 * B * T, unit="tokens/s", per_step=2 * B * T)
 
     def _sample_args(self, params, B, P):
