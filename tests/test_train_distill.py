@@ -136,6 +136,10 @@ def test_command_trains_a_lora_student_and_refuses_a_teacher_of_another_vocabula
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "300 tokens but the student's has 259" in err, err
     assert not (tmp_path / "refused" / "config.json").exists()
+    assert distill.main([*argv[:2], "--teacher", str(tmp_path / "nowhere"), *argv[4:]]) == 2
+    assert capsys.readouterr().err == f"error: --teacher {tmp_path / 'nowhere'}: no such folder\n"
+    assert distill.main([*argv[:2], *argv[4:]]) == 2
+    assert capsys.readouterr().err.startswith("error: --teacher DIR is required")
 
 
 def test_benchmark_row_runs_on_the_cpu():

@@ -101,7 +101,10 @@ def main(argv=None) -> int:
         c = with_tokenizer_ids(c, tok, "distill")
         k_student, k_teacher = jax.random.split(jax.random.key(cfg.seed))
         mc, params = init_model(cfg.preset, cfg.model, k_student, init=cfg.init, tokenizer=tok)
-        teacher_mc, teacher = init_model(cfg.preset, None, k_teacher, init=cfg.teacher)
+        try:
+            teacher_mc, teacher = init_model(cfg.preset, None, k_teacher, init=cfg.teacher)
+        except ValueError as e:         # init_model names its folder --init; here it is the teacher's
+            raise ValueError(str(e).replace(f"--init {cfg.teacher}", f"--teacher {cfg.teacher}")) from None
         try:
             check_vocabularies(mc, teacher_mc)
         except ValueError as e:
