@@ -32,7 +32,7 @@ import tyro
 
 from rlhf_jax.config_cli import check_ranges, config_check, field_docs, save_config, to_dict
 from rlhf_jax.data.iterators import ProcessRows
-from rlhf_jax.lora import TARGETS, LoraConfig, init_lora, quantize_base, save_peft
+from rlhf_jax.lora import TARGETS, LoraConfig, NF4Tensor, init_lora, quantize_base, save_peft
 from rlhf_jax.models.config import ModelConfig
 from rlhf_jax.train import checkpoint as ckpt
 from rlhf_jax.train.logging import StageHooks, make_stage_hooks, read_jsonl, truncate_jsonl
@@ -94,7 +94,8 @@ class LoraSpec:
 def trainable_state(cfg, params, model_config, optim, total_steps: int, *, head=None):
     """(train state, stage LoRA keyword arguments): the params themselves, or with --lora.rank R the adapters of
     `params` (plus a reward model's `head`), the stage then getting `lora` (and the frozen params as its base;
-    with --lora.quantize nf4, `cfg.lora.base(params)`, whose shapes the adapters take as they are).
+    with --lora.quantize nf4 `params` must be `cfg.lora.base(params)`, the adapters taking the NF4 kernels'
+    shapes; a command that passes full-precision params with that flag is refused in one line).
     A warmup that does not fit in the run's updates is a setup error naming the stage's flags."""
     if optim.schedule != "constant" and optim.warmup_steps >= total_steps:
         group = next((f.name.replace("_", "-") for f in dataclasses.fields(cfg)
@@ -108,6 +109,11 @@ def trainable_state(cfg, params, model_config, optim, total_steps: int, *, head=
     if cfg.lora.quantize != "none" and getattr(cfg, "mesh", None):
         raise ValueError(f"--lora.quantize {cfg.lora.quantize} with --mesh: the 4-bit base is not sharded yet; "
                          "drop one of them")
+    if cfg.lora.quantize != "none" and not any(isinstance(x, NF4Tensor)
+                                               for x in jax.tree.leaves(params, is_leaf=lambda x: isinstance(
+                                                   x, NF4Tensor))):
+        raise ValueError(f"--lora.quantize {cfg.lora.quantize}: this command does not train over a 4-bit base "
+                         "yet; drop --lora.quantize")
     adapters = init_lora(params, model_config, lora, jax.random.fold_in(jax.random.key(cfg.seed), 17))
     if head is not None:
         adapters = {**adapters, "score_head": head}

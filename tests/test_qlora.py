@@ -273,14 +273,21 @@ def test_adapters_trained_on_the_nf4_base_load_in_peft_on_the_full_precision_bas
     np.testing.assert_allclose(theirs, ours, atol=1e-4)
 
 
-def test_lora_quantize_needs_a_rank(capsys):
+def test_lora_quantize_needs_a_rank_and_a_4bit_base(capsys, qlora_sft):
     from rlhf_jax.cli import sft
-    from rlhf_jax.runner import LoraSpec
+    from rlhf_jax.runner import LoraSpec, trainable_state
+    from rlhf_jax.train.optim import OptimConfig
     with pytest.raises(SystemExit) as e:
         sft.main(["--lora.quantize", "nf4", "--out", "unused"])
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1 and "--lora.quantize nf4" in err and "--lora.rank" in err
-    params = {"layers": {"attn": {"q": {"kernel": jnp.ones((1, 4, 64))}}}, "embed": {"embedding": jnp.ones(3)}}
-    assert LoraSpec().base(params) is params
-    q = LoraSpec(rank=2, quantize="nf4").base(params)
-    assert isinstance(q["layers"]["attn"]["q"]["kernel"], NF4Tensor) and q["embed"] is params["embed"]
+    cfg, params = qlora_sft["cfg"], qlora_sft["params"]
+    run = sft.SFTExperiment(lora=LoraSpec(rank=2, quantize="nf4"))
+    base = run.lora.base(params)
+    assert LoraSpec().base(params) is params and base["embed"] is params["embed"]
+    state, kwargs = trainable_state(run, base, cfg, OptimConfig(schedule="constant"), 4)
+    assert kwargs["lora"].rank == 2 and state.params["mlp"]["down"]["b"].shape == (cfg.num_layers, 2, cfg.d_model)
+    with pytest.raises(ValueError, match="does not train over a 4-bit base"):   # a command that did not quantise
+        trainable_state(run, params, cfg, OptimConfig(schedule="constant"), 4)
+    with pytest.raises(ValueError, match="--mesh"):
+        trainable_state(sft.SFTExperiment(lora=run.lora, mesh=(1, 1, 1)), base, cfg, OptimConfig(), 4)
