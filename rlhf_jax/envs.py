@@ -13,6 +13,10 @@ the episode ends with the rewards given so far: a truncated episode earns nothin
 `policy(messages) -> (reply text, token count)` drives it, which is how the tests drive it; a batched rollout keeps
 one environment per sequence and the same `EpisodeBudget`.
 
+Two optional attributes serve rollouts and commands: `schemas` (the JSON schemas of the environment's tools,
+given to the chat template as its `tools`) and `tasks(n, *, seed)` (n tasks of the environment's own, what
+`rlhf-jax grpo --env` trains on without --data.path).
+
 Environments are found by name (`make_environment("calculator")`, names registered with
 `@register_environment`) or by import path (`"MODULE:CLASS"` or `"FILE.py:CLASS"`, what `rlhf-jax grpo --env`
 takes), with keyword arguments passed to the class.
@@ -231,6 +235,11 @@ class CalculatorEnv:
     def schemas(self) -> list[dict]:
         """The tools' JSON schemas, for the chat template's `tools`."""
         return [t.schema for t in self.tools]
+
+    @staticmethod
+    def tasks(n: int, *, seed: int = 0) -> list[dict]:
+        """`calculator_tasks(n, seed=seed)`."""
+        return calculator_tasks(n, seed=seed)
 
     def reset(self, task: Any) -> list[dict]:
         if isinstance(task, dict) and "expression" in task:

@@ -140,7 +140,8 @@ def _advantages(config: GRPOConfig, scores, ep: Episodes, kl):
         return group_advantages(scores, group_size=G, scale=config.scale)
     if config.advantage == "reinforce++-baseline":
         scores = scores - jnp.repeat(jnp.mean(scores.reshape(-1, G), axis=1), G)
-    last = jnp.sum(mask, axis=1) - 1
+    # The last policy token (a multi-turn response_mask has gaps: tool results, user turns)
+    last = mask.shape[1] - 1 - jnp.argmax(mask[:, ::-1] > 0, axis=1)
     rewards = jnp.where(jnp.arange(mask.shape[1])[None] == last[:, None], scores[:, None], 0.0)
     if kl is not None:
         rewards = rewards - config.kl_coef * kl

@@ -1,0 +1,228 @@
+"""Batched multi-turn rollouts: the policy talks with environments (tools, users) for several turns, and each
+episode becomes one `Episodes` row whose loss mask covers exactly the tokens the policy sampled.
+
+One rollout over B tasks with G episodes each (a GRPO group: rows g*G .. g*G+G-1 share task g):
+
+  1. one environment per row (`env_factory()`); `env.reset(task)` gives the opening messages; the first prompt is
+     `encode_prompt(tokenizer, messages, tools=env.schemas)` (the env's tool schemas, when it has any), at most
+     `prompt_len` tokens;
+  2. each turn, every unfinished row's context is left-padded to one fixed prompt bucket of
+     C = seq_len - max_new_tokens tokens and the compiled sampler writes one assistant turn (at most
+     `sampling.max_new_tokens` tokens, up to and including its end-of-turn id `sampling.eos_id`); the text is
+     appended as an assistant message and `env.step(messages)` answers (tool results, a user's follow-up, a
+     reward, done);
+  3. a row stops when the environment says done, when its `EpisodeBudget` (policy turns, policy tokens) is
+     spent, or when the next turn would not fit in `seq_len` (finish "max_len"); as in `envs.run_episode`, the
+     budget is checked after the environment's answer, so a truncated episode keeps the rewards given so far.
+
+Token in, token out: a row's context is its first prompt, then for each turn the sampled ids exactly as sampled,
+then the ids the chat template writes after the turn's end-of-turn token up to the next generation prompt
+(`turn_suffix_ids`: the environment's messages and the template's headers; a turn cut at max_new_tokens gets its
+end-of-turn id here, unsampled). The next turn is sampled on that same context, so the update sees the policy's
+tokens in the context they were sampled in and the sampler's log-probs are the trainer's up to float noise
+(re-encoding the decoded text could tokenise a reply differently from how it was sampled). The KV cache is not
+kept across turns: every turn re-prefills the whole context, because the environment's messages arrive on the
+host between turns and the compiled sampler has fixed shapes (one compile for all turns: the bucket C and the
+row count never change; finished rows are re-sampled on their first prompt and ignored).
+
+The result is `Episodes` of B*G rows, [prompt_len + N] tokens with N = seq_len - prompt_len: `prompt` is the first
+prompt (left-padded), `response` everything after it (right-padded), `mask` 1 on every real token and
+`response_mask` 1 exactly on the policy's sampled tokens (assistant turns with their end-of-turn id) and 0 on
+tool results, user turns and template tokens; `sampler_logprobs` are the sampler's log-probs there (for TIS).
+The episode's reward is the sum of its environment rewards. Tool calls are counted by parsing each turn as the
+environment would (`tools.parse_tool_calls_report`); a malformed call is the environment's to answer (an error
+message), never an exception, and is counted.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rlhf_jax.data import ShuffledIterator
+from rlhf_jax.envs import Environment, EpisodeBudget
+from rlhf_jax.generation import SamplingConfig, sample
+from rlhf_jax.lora import LoraConfig
+from rlhf_jax.models.config import ModelConfig
+from rlhf_jax.tokenizer import ChatFormat, encode_chat_split, encode_prompt
+from rlhf_jax.tools import parse_tool_calls_report
+from rlhf_jax.train.rl import Episodes, decode_ids
+from rlhf_jax.train.steps import lora_params
+
+__all__ = ["EnvRollout", "TaskBatches", "make_turn_sampler", "rollout_episodes", "rollout_metrics",
+           "turn_suffix_ids"]
+
+TurnSampler = Callable[[jax.Array, jax.Array, jax.Array], Any]
+"""(prompts [R,C] int32 left-padded, prompt_mask [R,C], rng) -> `generation.Samples` of [R, C + max_new_tokens]."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class EnvRollout:
+    """A batch of finished episodes (host side, besides `episodes`)."""
+
+    episodes: Episodes
+    """[R, prompt_len + N] tokens, policy mask and sampler log-probs (module docstring); R = tasks x G."""
+    rewards: np.ndarray
+    """[R] float32: each episode's return (the sum of its environment rewards)."""
+    messages: tuple[tuple[dict, ...], ...]
+    """Each row's whole conversation (the environment's last answer included)."""
+    turns: np.ndarray
+    """[R] int: policy turns per episode."""
+    tool_calls: np.ndarray
+    """[R] int: well-formed tool calls the policy wrote."""
+    malformed_calls: np.ndarray
+    """[R] int: tool calls it wrote wrongly (the environment answered them with an error)."""
+    finish: tuple[str, ...]
+    """Per row: "done", "max_turns", "max_tokens" or "max_len"."""
+
+
+def make_turn_sampler(*, sampling: SamplingConfig, model_config: ModelConfig, lora: LoraConfig | None = None):
+    """The compiled sampler of one assistant turn: `turn(params, base_params, prompts, prompt_mask, rng)` ->
+    `Samples` (`generation.sample` with `sampling`; with `lora`, `params` are adapters of `base_params`).
+    One compile per prompt shape."""
+
+    def turn(params, base_params, prompts, prompt_mask, rng):
+        policy = params if lora is None else lora_params(base_params, params, lora)
+        return sample(policy, prompts, prompt_mask, rng, config=model_config, **sampling.sample_kwargs())
+
+    return jax.jit(turn)
+
+
+def turn_suffix_ids(tokenizer, messages: Sequence[dict], new_messages: Sequence[dict], *, eos_id: int,
+                    tools: Sequence[dict] | None = None, chat_format: ChatFormat | None = None) -> list[int]:
+    """The ids the chat template puts after the last assistant turn's end-of-turn id (`eos_id`) of `messages`
+    up to and including the generation prompt that follows `new_messages`: what a rollout appends to a context
+    ending with the policy's sampled turn. A ValueError when the template renders the earlier conversation
+    differently once the new messages follow (the context could then not be extended token by token)."""
+    ids, _, first = encode_chat_split(tokenizer, list(messages), chat_format, tools=tools)
+    nxt = encode_prompt(tokenizer, list(messages) + list(new_messages), chat_format, tools=tools)
+    tail = ids[first:]
+    end = first + tail.index(eos_id) + 1 if eos_id in tail else len(ids)
+    if nxt[:end] != ids[:end]:
+        raise ValueError("chat template: the conversation renders differently once the environment's messages "
+                         "follow (e.g. a template that drops earlier reasoning); multi-turn rollouts need a template "
+                         "under which each turn extends the previous text")
+    return nxt[end:]
+
+
+def _tools_of(env) -> list[dict] | None:
+    schemas = getattr(env, "schemas", None)
+    return list(schemas) if schemas else None
+
+
+def rollout_episodes(sample_fn: TurnSampler, env_factory: Callable[[], Environment], tasks: Sequence[Any], rng, *,
+                     tokenizer, budget: EpisodeBudget, sampling: SamplingConfig, prompt_len: int, seq_len: int,
+                     num_generations: int = 1, chat_format: ChatFormat | None = None) -> EnvRollout:
+    """Runs `num_generations` episodes of each task to their end (module docstring) -> `EnvRollout`.
+
+    `sample_fn(prompts, prompt_mask, rng)` samples one turn (`make_turn_sampler` with the params bound);
+    `sampling` must be the settings it samples with (its max_new_tokens, eos_id and pad_id shape the layout).
+    A ValueError when an opening prompt is longer than `prompt_len`.
+    """
+    G, K, eos, pad = num_generations, sampling.max_new_tokens, sampling.eos_id, sampling.pad_id
+    P, N = prompt_len, seq_len - prompt_len
+    C = seq_len - K                                             # the per-turn prompt bucket
+    if P < 1 or C < P:
+        raise ValueError(f"rollout: seq_len {seq_len} must be at least prompt_len {prompt_len} + max_new_tokens {K}")
+    R = len(tasks) * G
+    envs = [env_factory() for _ in range(R)]
+    messages = [list(envs[r].reset(tasks[r // G])) for r in range(R)]
+    tools = [_tools_of(e) for e in envs]
+    first = [encode_prompt(tokenizer, messages[r], chat_format, tools=tools[r]) for r in range(R)]
+    for r, ids in enumerate(first):
+        if len(ids) > P:
+            raise ValueError(f"task {r // G}: its opening prompt is {len(ids)} tokens with the chat template, longer "
+                             f"than the prompt bucket of {P}; raise the prompt length (--data.seq-len)")
+    ctx = [list(ids) for ids in first]
+    policy = [[0] * len(ids) for ids in first]
+    logps = [[0.0] * len(ids) for ids in first]
+    rewards, turns, tokens = np.zeros(R, np.float32), np.zeros(R, np.int64), np.zeros(R, np.int64)
+    calls, malformed = np.zeros(R, np.int64), np.zeros(R, np.int64)
+    finish: list[str | None] = [None] * R
+    for key in jax.random.split(rng, budget.max_turns):
+        live = [r for r in range(R) if finish[r] is None]
+        if not live:
+            break
+        prompts, prompt_mask = np.full((R, C), pad, np.int32), np.zeros((R, C), np.int32)
+        for r in range(R):
+            ids = ctx[r] if finish[r] is None else first[r]
+            prompts[r, C - len(ids):], prompt_mask[r, C - len(ids):] = ids, 1
+        s = jax.device_get(sample_fn(jnp.asarray(prompts), jnp.asarray(prompt_mask), key))
+        for r in live:
+            n = int(s.response_mask[r].sum())
+            new = [int(t) for t in s.tokens[r, C:C + n]]
+            ctx[r] += new
+            policy[r] += [1] * n
+            logps[r] += [float(x) for x in s.logprobs[r, :n]]
+            text = decode_ids(tokenizer, new)
+            messages[r].append({"role": "assistant", "content": text})
+            ok, bad = parse_tool_calls_report(text, style=getattr(envs[r], "style", "auto"))
+            calls[r] += len(ok)
+            malformed[r] += len(bad)
+            answer, reward, done = envs[r].step(list(messages[r]))
+            rewards[r] += float(reward)
+            turns[r] += 1
+            tokens[r] += n
+            before = list(messages[r])
+            messages[r] += list(answer)
+            finish[r] = "done" if done else budget.spent(turns=int(turns[r]), tokens=int(tokens[r]))
+            if finish[r] is not None:
+                continue
+            closing = [] if new and new[-1] == eos else [eos]   # a turn cut at max_new_tokens: close it
+            suffix = closing + turn_suffix_ids(tokenizer, before, answer, eos_id=eos, tools=tools[r],
+                                               chat_format=chat_format)
+            if len(ctx[r]) + len(suffix) - len(first[r]) + K > N:
+                finish[r] = "max_len"
+                continue
+            ctx[r] += suffix
+            policy[r] += [0] * len(suffix)
+            logps[r] += [0.0] * len(suffix)
+    finish = [f or "max_turns" for f in finish]
+    T = P + N
+    tok = np.full((R, T), pad, np.int32)
+    mask, resp, lp = np.zeros((R, T), np.int32), np.zeros((R, N), np.int32), np.zeros((R, N), np.float32)
+    for r in range(R):
+        L = len(first[r])
+        rest = ctx[r][L:]
+        tok[r, P - L:P], mask[r, P - L:P] = first[r], 1
+        tok[r, P:P + len(rest)], mask[r, P:P + len(rest)] = rest, 1
+        resp[r, :len(rest)], lp[r, :len(rest)] = policy[r][L:], logps[r][L:]
+    episodes = Episodes(tokens=jnp.asarray(tok), mask=jnp.asarray(mask), response_mask=jnp.asarray(resp),
+                        sampler_logprobs=jnp.asarray(lp))
+    return EnvRollout(episodes=episodes, rewards=rewards, messages=tuple(tuple(m) for m in messages), turns=turns,
+                   tool_calls=calls, malformed_calls=malformed, finish=tuple(finish))
+
+
+def rollout_metrics(rollout: EnvRollout) -> dict[str, float]:
+    """Per-episode means of a rollout: "tools/calls", "tools/malformed_calls", "turns/mean", and the fractions
+    of episodes the environment ended ("episodes/done") and that ran out of sequence length
+    ("episodes/max_len")."""
+    finish = np.asarray(rollout.finish)
+    return {"tools/calls": float(np.mean(rollout.tool_calls)),
+            "tools/malformed_calls": float(np.mean(rollout.malformed_calls)),
+            "turns/mean": float(np.mean(rollout.turns)),
+            "episodes/done": float(np.mean(finish == "done")),
+            "episodes/max_len": float(np.mean(finish == "max_len"))}
+
+
+class TaskBatches:
+    """Lists of `batch_size` tasks, in an order reshuffled every epoch by (seed, epoch) (`ShuffledIterator`);
+    `state()` / `restore()` keep the position in checkpoints, so that a resumed run sees the same tasks."""
+
+    def __init__(self, tasks: Sequence[Any], *, batch_size: int, seed: int = 0):
+        self.items, self.batch_size = ShuffledIterator(list(tasks), seed=seed), batch_size
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> list:
+        return [next(self.items) for _ in range(self.batch_size)]
+
+    def state(self) -> dict:
+        return self.items.state()
+
+    def restore(self, state) -> None:
+        self.items.restore(state)
