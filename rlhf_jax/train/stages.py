@@ -17,9 +17,13 @@ global batch (the global batch size must divide by data * fsdp). The returned st
 
 The pipeline threads states: SFT params become the PPO/DPO reference and initial policy, and the reward
 model params score PPO rollouts (and may initialise the value model).
+
+`run_grpo_env` is GRPO on multi-turn episodes with environments (tools, users; `train/multiturn.py`): its data are
+batches of tasks, not prompts.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Callable, Iterable
 
@@ -28,11 +32,13 @@ import numpy as np
 from jax.sharding import Mesh
 
 from rlhf_jax import sharding as S
+from rlhf_jax.envs import EpisodeBudget
 from rlhf_jax.lora import lora_sharding
 from rlhf_jax.models.config import ModelConfig
 from rlhf_jax.train.logging import StageHooks
 from rlhf_jax.train.grpo import (COMPLETIONS_TABLE, GRPOConfig, completion_rows, grpo_sample, grpo_step,
                                  grpo_update)
+from rlhf_jax.train.multiturn import make_turn_sampler, rollout_episodes, rollout_metrics
 from rlhf_jax.train.online_dpo import (OnlineDPOConfig, judge_agreement, online_dpo_sample, online_dpo_update,
                                       pair_rows)
 from rlhf_jax.train.ppo import PPOConfig, init_ppo_state, ppo_sample, ppo_step, ppo_update_scored
@@ -366,6 +372,63 @@ def run_grpo(state: TrainState, data: Iterable, config: GRPOConfig, *, model_con
 
     return run_loop(state, data, step_fn, num_steps=config.num_steps, log_every=config.log_every, hooks=hooks,
                     updates_per_step=updates)
+
+
+class _TaskFeed:
+    """Task batches beside `run_loop`'s device batches: each step takes `current` (the loop sees an empty dict)."""
+
+    def __init__(self, tasks: Iterable):
+        self.tasks, self.current = iter(tasks), None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        self.current = list(next(self.tasks))
+        return {}
+
+
+def run_grpo_env(state: TrainState, tasks: Iterable, config: GRPOConfig, *, model_config: ModelConfig,
+                 env_factory: Callable, tokenizer, budget: EpisodeBudget, prompt_len: int, seq_len: int,
+                 ref_params=None, chat_format=None, hooks: StageHooks | None = None, lora=None):
+    """The GRPO family on multi-turn episodes with environments (`train/multiturn.py`): each iteration runs
+    `config.num_generations` episodes of each task of a batch (`tasks` yields lists of `config.batch_size`
+    tasks; `env_factory()` makes one environment per episode) and passes them, with each episode's summed
+    environment reward as its score, to the same compiled `grpo_update` as `run_grpo`: group advantages over a
+    task's episodes, the loss only on the policy's tokens. Episodes hold `seq_len` tokens, the first
+    `prompt_len` for the opening prompt; the update's token budget (Dr. GRPO's constant) is `seq_len -
+    prompt_len`. The rollout metrics ("tools/calls", "tools/malformed_calls", "turns/mean", ...) join the
+    update's. One device; `ref_params` and `lora` as in `run_grpo`.
+    """
+    if (config.uses_reference or lora is not None) and ref_params is None:
+        raise ValueError("run_grpo_env: GRPOConfig.kl_coef > 0 (or lora) needs ref_params (usually the SFT params)")
+    if config.overlong_buffer is not None:
+        raise ValueError("run_grpo_env: overlong_buffer (DAPO's length penalty of one response) is not defined on "
+                         "multi-turn episodes; use the EpisodeBudget's max_tokens")
+    ref_params = ref_params if config.uses_reference or lora is not None else None
+    update_config = dataclasses.replace(
+        config, sampling=dataclasses.replace(config.sampling, max_new_tokens=seq_len - prompt_len))
+    sampler = make_turn_sampler(sampling=config.sampling, model_config=model_config, lora=lora)
+    update = compile_step(grpo_update, config=update_config, model_config=model_config, lora=lora)
+    iteration = [int(jax.device_get(state.step)) // config.updates_per_iteration]
+    feed = _TaskFeed(tasks)
+
+    def step_fn(state, _):
+        batch = feed.current
+        if len(batch) != config.batch_size:
+            raise ValueError(f"task batch has {len(batch)} tasks but GRPOConfig.batch_size={config.batch_size}")
+        rng, k_sample, k_update = jax.random.split(state.rng, 3)
+        state = state.replace(rng=rng)
+        rollout = rollout_episodes(lambda p, m, k: sampler(state.params, ref_params, p, m, k), env_factory, batch,
+                                   k_sample, tokenizer=tokenizer, budget=budget, sampling=config.sampling,
+                                   prompt_len=prompt_len, seq_len=seq_len, num_generations=config.num_generations,
+                                   chat_format=chat_format)
+        state, metrics = update(state, rollout.episodes, jax.numpy.asarray(rollout.rewards), k_update, ref_params)
+        metrics = _log_samples(metrics, iteration, config.completions_every, hooks, tokenizer)
+        return state, {**metrics, **rollout_metrics(rollout)}
+
+    return run_loop(state, feed, step_fn, num_steps=config.num_steps, log_every=config.log_every, hooks=hooks,
+                    updates_per_step=config.updates_per_iteration)
 
 
 def run_online_dpo(state: TrainState, data: Iterable, config: OnlineDPOConfig, *, model_config: ModelConfig,
