@@ -7,16 +7,23 @@ built-in prompts of the synthetic world, a verifier run on the host; `gsm8k` che
 "answer" field of GSM8K-style records in --data.path; `model` scores with a reward model (--reward-init). Without
 --init it starts from a fresh tiny model, just so it runs. Every `--grpo.completions-every` iterations a table of
 sampled completions with their rewards goes to DIR/grpo/completions.jsonl and TensorBoard (text).
+
+`--env NAME | MODULE:CLASS | FILE.py:CLASS` trains on multi-turn episodes with an environment instead (tools, a
+user; `rlhf_jax/train/multiturn.py`, docs/tools.md): the environment's own tasks (`calculator`: arithmetic with a
+`calculate` tool) or the records of --data.path as tasks, --env-max-turns / --env-max-tokens per episode, the
+environment's rewards (no --reward), one device.
 `--help` lists every option and its default.
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 
 import jax
 
 from rlhf_jax.config_cli import parse_cli
+from rlhf_jax.envs import EpisodeBudget, make_environment
 from rlhf_jax.generation import SamplingConfig
 from rlhf_jax.rewards import gsm8k_answer, gsm8k_reward
 from rlhf_jax.runner import (
@@ -30,6 +37,7 @@ from rlhf_jax.runner import (
     finish_report,
     init_model,
     load_data,
+    make_tokenizer,
     make_run_mesh,
     prompt_table,
     read_records,
@@ -38,13 +46,16 @@ from rlhf_jax.runner import (
     setup_error,
     start_run,
     trainable_state,
+    tokenizer_source,
     user_reward,
     with_tokenizer_ids,
     world_judge,
 )
 from rlhf_jax.train.grpo import GRPOConfig
 from rlhf_jax.train.optim import OptimConfig
-from rlhf_jax.train.stages import NonFiniteLossError, run_grpo
+from rlhf_jax.tokenizer import encode_prompt
+from rlhf_jax.train.multiturn import TaskBatches
+from rlhf_jax.train.stages import NonFiniteLossError, run_grpo, run_grpo_env
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -73,6 +84,17 @@ class GRPOExperiment(RunOptions):
     """GRPO stage (group size, estimator, loss type, clipping, KL, sampling, optimizer)."""
     checkpoint: CheckpointSpec = CheckpointSpec(save_every=5)
     """Checkpoint schedule and logging outputs."""
+    env: str | None = None
+    """Multi-turn episodes with this environment: a registered name (calculator), MODULE:CLASS or FILE.py:CLASS
+    (rlhf_jax.envs). Tasks: the records of --data.path (each record is a task), else the environment's
+    tasks(n, seed=) (--data.num-demo of them). --data.seq-len is then the opening prompt's bucket."""
+    env_max_turns: int = 4
+    """--env: policy turns per episode."""
+    env_max_tokens: int = 256
+    """--env: policy tokens per episode, all its turns together."""
+    env_max_len: int = 256
+    """--env: tokens of an episode after its opening prompt (policy turns, tool results, template tokens); an
+    episode whose next turn would not fit ends there."""
 
 
 def _host_reward(cfg: GRPOExperiment, tok):
@@ -97,9 +119,112 @@ def _host_reward(cfg: GRPOExperiment, tok):
                                                      answers=[reference(table[p]) for p in prompts])
 
 
+def _read_tasks(path: str) -> list:
+    """The records of a JSON (a list) or JSONL file, each as written: the tasks of --env."""
+    with open(path, encoding="utf-8") as f:
+        if path.endswith(".json"):
+            try:
+                tasks = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: malformed JSON (line {e.lineno}: {e.msg})") from None
+            if not isinstance(tasks, list):
+                raise ValueError(f"{path}: expected a JSON list of tasks")
+            return tasks
+        tasks = []
+        for i, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    tasks.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}: line {i}: malformed JSON ({e.msg})") from None
+        return tasks
+
+
+def _env_tasks(cfg: GRPOExperiment, env, tok) -> list:
+    """The tasks of --env, each checked by `env.reset` and its opening prompt's length (a setup error naming the
+    record, or the longest prompt, instead of a failure mid-run)."""
+    if cfg.data.path is not None:
+        tasks = _read_tasks(cfg.data.path)[: cfg.data.limit]
+        where = lambda i: f"{cfg.data.path}: record {i + 1}"  # noqa: E731
+    elif callable(getattr(env, "tasks", None)):
+        tasks = list(env.tasks(cfg.data.num_demo, seed=cfg.seed))
+        where = lambda i: f"--env {cfg.env}: task {i + 1}"  # noqa: E731
+    else:
+        raise ValueError(f"--env {cfg.env}: {type(env).__name__} has no tasks(n, seed=) method; pass --data.path "
+                         "(one task per record)")
+    if len(tasks) < cfg.grpo.batch_size:
+        raise ValueError(f"--env {cfg.env}: {len(tasks)} tasks, fewer than --grpo.batch-size {cfg.grpo.batch_size}")
+    schemas = list(getattr(env, "schemas", None) or []) or None
+    longest = (0, 0)
+    for i, task in enumerate(tasks):
+        try:
+            messages = env.reset(task)
+        except (ValueError, TypeError, KeyError) as e:
+            raise ValueError(f"{where(i)}: not a task of --env {cfg.env} ({e})") from None
+        longest = max(longest, (len(encode_prompt(tok, messages, tools=schemas)), -i))
+    if longest[0] > cfg.data.seq_len:
+        raise ValueError(f"{where(-longest[1])}: its opening prompt is {longest[0]} tokens with the chat template and "
+                         f"tool schemas, longer than --data.seq-len {cfg.data.seq_len}; raise --data.seq-len")
+    return tasks
+
+
+def _main_env(cfg: GRPOExperiment) -> int:
+    """`rlhf-jax grpo --env ...`: GRPO on multi-turn episodes (`run_grpo_env`)."""
+    try:
+        if cfg.mesh is not None:
+            raise ValueError("--env runs on one device (the environments answer on the host): drop --mesh")
+        if cfg.reward != "world" or cfg.reward_init is not None:
+            raise ValueError("--env: the environment gives the rewards; drop --reward / --reward-init")
+        for name in ("env_max_turns", "env_max_tokens", "env_max_len"):
+            if getattr(cfg, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(cfg, name)}")
+        env = make_environment(cfg.env)
+        out = start_run(cfg, cfg.out)
+        tok = make_tokenizer(tokenizer_source(cfg.data.tokenizer, cfg.init))
+        tasks = _env_tasks(cfg, env, tok)
+        data = TaskBatches(tasks, batch_size=cfg.grpo.batch_size, seed=cfg.seed)
+        grpo_cfg = with_tokenizer_ids(cfg.grpo, tok, "grpo")
+        mc, policy = init_model(cfg.preset, cfg.model, jax.random.split(jax.random.key(cfg.seed), 3)[0],
+                                init=cfg.init, tokenizer=tok)
+        seq_len = cfg.data.seq_len + cfg.env_max_len
+        if seq_len > mc.max_seq_len:
+            raise ValueError(f"--data.seq-len {cfg.data.seq_len} + --env-max-len {cfg.env_max_len} exceeds the model's "
+                             f"max_seq_len {mc.max_seq_len}; lower one of them (or raise --model.max-seq-len for a "
+                             "fresh model)")
+        if grpo_cfg.sampling.max_new_tokens > cfg.env_max_len:
+            raise ValueError(f"--grpo.sampling.max-new-tokens {grpo_cfg.sampling.max_new_tokens} (one turn) exceeds "
+                             f"--env-max-len {cfg.env_max_len} (the whole episode after its prompt)")
+        if grpo_cfg.overlong_buffer is not None:
+            raise ValueError("--grpo.overlong-buffer is not defined on multi-turn episodes; use --env-max-tokens")
+        budget = EpisodeBudget(max_turns=cfg.env_max_turns, max_tokens=cfg.env_max_tokens)
+        ref = jax.device_put(policy) if grpo_cfg.kl_coef > 0 or cfg.lora.rank else None
+        state, lora = trainable_state(cfg, policy, mc, grpo_cfg.optim,
+                                      grpo_cfg.num_steps * grpo_cfg.updates_per_iteration)
+    except (ValueError, OSError) as e:
+        return setup_error(e)
+    try:
+        state, history, finished = run_stage(
+            "grpo", lambda s, d, c, hooks: run_grpo_env(
+                s, d, c, model_config=mc, env_factory=lambda: make_environment(cfg.env), tokenizer=tok,
+                budget=budget, prompt_len=cfg.data.seq_len, seq_len=seq_len, ref_params=ref, hooks=hooks, **lora),
+            state, data, grpo_cfg, out=out, resume=cfg.resume, checkpoint=cfg.checkpoint,
+            samples_per_step=grpo_cfg.batch_size * grpo_cfg.num_generations)
+    except NonFiniteLossError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if finished:
+        save_final(out, "grpo", state.params, mc, lora.get("lora"), ref, tokenizer=tok, init=cfg.init)
+    finish_report(out, "grpo", history, keys=("reward", "tools/calls", "turns/mean", "kl"),
+                  summary={"finished": finished, "policy": cfg.init or cfg.preset, "env": cfg.env,
+                           "data": cfg.data.path or f"{cfg.env} tasks"})
+    return 0 if finished else STOPPED
+
+
 def main(argv=None) -> int:
     cfg = parse_cli(GRPOExperiment, argv, prog="rlhf-jax grpo")
     cfg = checkpoint_defaults(cfg, argv, "grpo")
+    if cfg.env is not None:
+        return _main_env(cfg)
     try:
         mesh = make_run_mesh(cfg.mesh)          # first: multi-host init precedes any other JAX call
         out = start_run(cfg, cfg.out)
