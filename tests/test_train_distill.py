@@ -19,8 +19,11 @@ B, P, N, PAD = 4, 4, 4, 256
 
 @pytest.fixture(scope="module")
 def models():
-    return jax.device_get(init_params(STUDENT, jax.random.key(0))), jax.device_get(init_params(TEACHER,
-                                                                                                jax.random.key(1)))
+    """(student, teacher) params; the teacher's final norm is scaled 30x: a sharp teacher, far from the student's
+    near-uniform start, so that there is something to learn."""
+    teacher = jax.device_get(init_params(TEACHER, jax.random.key(1)))
+    teacher["final_norm"]["scale"] = teacher["final_norm"]["scale"] * 30.0
+    return jax.device_get(init_params(STUDENT, jax.random.key(0))), teacher
 
 
 def _batch(seed=0):
@@ -44,7 +47,7 @@ def _run(models, config, batches, **kw):
                                                                         "teacher_config": TEACHER, **kw})
 
 
-SUPERVISED = _config(num_steps=8, lmbda=0.0, beta=0.3, optim=OptimConfig(learning_rate=1e-2, eps=1e-3))
+SUPERVISED = _config(num_steps=4, lmbda=0.0, beta=0.3, optim=OptimConfig(learning_rate=3e-2, eps=1e-3))
 
 
 @pytest.fixture(scope="module")
@@ -56,9 +59,11 @@ def one_device(models):
 
 def test_loss_falls_toward_a_fixed_teacher_of_another_size(one_device):
     _, hist = one_device
-    assert [h["step"] for h in hist] == list(range(1, 9)) and all(h["on_policy"] == 0.0 for h in hist)
-    assert hist[-1]["loss"] < 0.7 * hist[0]["loss"], [h["loss"] for h in hist]
-    assert hist[-1]["kl_forward"] < hist[0]["kl_forward"] and all(h["grad_norm"] > 0 for h in hist)
+    assert [h["step"] for h in hist] == [1, 2, 3, 4] and all(h["on_policy"] == 0.0 for h in hist)
+    losses = [h["loss"] for h in hist]
+    assert all(b < a for a, b in zip(losses, losses[1:])), losses
+    assert hist[-1]["kl_forward"] < 0.75 * hist[0]["kl_forward"], [h["kl_forward"] for h in hist]
+    assert hist[-1]["kl_reverse"] < hist[0]["kl_reverse"] and all(h["grad_norm"] > 0 for h in hist)
 
 
 def test_on_policy_reverse_kl_reward_runs(models):
