@@ -106,7 +106,7 @@ def test_quantize_matches_a_loop_over_blocks(shape, double_quant):
 
 def test_bytes_made_by_bitsandbytes():
     """bitsandbytes 0.50.2 `quantize_4bit(w, blocksize=64, quant_type="nf4")` on CPU, for w below: its packed
-    bytes and absmax (its double-quantised constants agree to float32 rounding of their mean)."""
+    bytes and absmax; with double quantisation its 8-bit codes, and its constants to float32 rounding."""
     w = ((np.arange(128) * 37 % 101) - 50).astype(np.float32) / np.float32(1000)
     w[64:] *= np.float32(3)
     bnb_hex = ("04c16e29f3b05d17e29f3c05d18e2af4c16e18e3b05d17e29f3b05d18e2af4c16d18e3b04c17e29f3b05d17e2af4c06d1"
@@ -114,6 +114,15 @@ def test_bytes_made_by_bitsandbytes():
     q = quantize_nf4(jnp.asarray(w), double_quant=False)
     assert np.asarray(q.codes).reshape(-1).tobytes().hex() == bnb_hex
     np.testing.assert_array_equal(np.asarray(q.absmax), np.float32([0.05, 0.15]))
+    # double quantisation (compress_statistics=True) of six blocks of other scales: bitsandbytes' 8-bit codes,
+    # and its constants (dequantize_blockwise(absmax, state2) + offset)
+    w6 = ((np.arange(384) * 37 % 101) - 50).astype(np.float32) / np.float32(1000)
+    w6 *= np.repeat(np.float32([1, 3, 0.5, 7, 2, 0.25]), 64)
+    q = quantize_nf4(jnp.asarray(w6), double_quant=True)
+    np.testing.assert_array_equal(np.asarray(q.absmax), [51, 194, 44, 255, 77, 40])
+    bnb_centred = [-0.06492350250482559, 0.035128578543663025, -0.08809732645750046, 0.23541665077209473,
+                   -0.014603189192712307, -0.10133951157331467]
+    np.testing.assert_allclose(nf4_absmax(q), np.float32(bnb_centred) + np.float32(0.1145833358168602), rtol=1e-6)
 
 
 @pytest.mark.parametrize("shape, double_quant", SHAPES)
