@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlhf_jax import generation, losses, models
+from rlhf_jax import envs, generation, lora, losses, models, tokenizer, tools
 
 REQUIRED = inspect.Parameter.empty
 # (module, name, positional parameters in order, {keyword-only parameter: default})
@@ -50,6 +50,13 @@ CONTRACT = [
     (models, "save_pretrained", ["config", "params", "path"], {}),
     (generation, "sample", ["params", "prompts", "prompt_mask", "rng"],
      {"config": REQUIRED, "max_new_tokens": REQUIRED, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "eos_id": None}),
+    # distillation, QLoRA, tools
+    (losses, "distill_loss", ["student_logits", "teacher_logits", "mask"], {"beta": 0.5, "temperature": 1.0}),
+    (lora, "quantize_nf4", ["w"], {"block_size": 64, "double_quant": True}),
+    (lora, "dequantize_nf4", ["q"], {}),
+    (tokenizer, "render_template", ["template", "messages"], {"tools": None, "add_generation_prompt": False}),
+    (tokenizer, "encode_chat", ["tokenizer", "messages"], {"tools": None}),
+    (tools, "parse_tool_calls", ["text"], {"style": "auto"}),
 ]
 
 
@@ -131,3 +138,23 @@ def test_array_functions_keep_their_shapes():
     assert advantages.shape == returns.shape == (b, t)
     assert jnp.shape(jax.jit(losses.adaptive_kl_update, static_argnames=("target", "horizon"))(
         jnp.float32(0.2), jnp.float32(3.0), 8, target=6.0, horizon=100.0)) == ()
+
+
+def test_distillation_qlora_tools_and_environment_names():
+    """NF4's 16 code values ascend from -1 to 1; a Hermes and a Llama-3 call parse to {name, arguments}; a
+    malformed call is no call; an environment has reset and step; the console script has every subcommand."""
+    from rlhf_jax import cli
+    assert len(lora.NF4_CODE) == 16 and lora.NF4_CODE[0] == -1.0 and lora.NF4_CODE[-1] == 1.0
+    assert list(lora.NF4_CODE) == sorted(lora.NF4_CODE) and 0.0 in lora.NF4_CODE
+    w = np.linspace(-1, 1, 128, dtype=np.float32).reshape(2, 64)
+    assert np.asarray(lora.dequantize_nf4(lora.quantize_nf4(w))).shape == (2, 64)
+    assert tools.parse_tool_calls('<tool_call>{"name": "f", "arguments": {"x": 1}}</tool_call>') == [
+        {"name": "f", "arguments": {"x": 1}}]
+    assert tools.parse_tool_calls('{"name": "f", "parameters": {}}', style="llama3") == [{"name": "f", "arguments": {}}]
+    assert tools.parse_tool_calls("<tool_call>{bad</tool_call>") == []
+    assert callable(envs.Environment.reset) and callable(envs.Environment.step)
+    assert set(cli.COMMANDS) >= {"sft", "reward", "ppo", "dpo", "kto", "online-dpo", "grpo", "distill", "export",
+                                 "generate", "benchmark", "pipeline", "seeds"}
+    loss, metrics = losses.distill_loss(np.zeros((1, 2, 3), np.float32), np.zeros((1, 2, 3), np.float32),
+                                        np.ones((1, 2), np.float32))
+    assert jnp.shape(loss) == () and {"loss", "kl_forward", "kl_reverse"} <= set(metrics)
