@@ -109,6 +109,9 @@ def test_sft_batches_become_prompts_and_dataset_responses():
     np.testing.assert_array_equal(wide["prompts"][0], [PAD, PAD, PAD, 1, 2, 3])
     np.testing.assert_array_equal(wide["responses"], [[7, 8, 9, PAD], [7, 9, PAD, PAD]])
     np.testing.assert_array_equal(wide["response_mask"], [[1, 1, 1, 0], [1, 1, 0, 0]])
+    with pytest.raises(ValueError, match="packed"):
+        sft_to_distill_batch({**batch, "segment_ids": np.array([[1, 1, 1, 2, 2, 2]] * 2)}, max_prompt_len=3,
+                             max_new_tokens=2, pad_id=PAD)
 
 
 def test_command_trains_a_lora_student_and_refuses_a_teacher_of_another_vocabulary(models, tmp_path, capsys):

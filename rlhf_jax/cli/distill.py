@@ -94,6 +94,8 @@ def main(argv=None) -> int:
         if cfg.teacher is None:
             raise ValueError("--teacher DIR is required: the teacher's folder (a run's final/ or a Hugging Face "
                              "folder)")
+        if cfg.data.pack:
+            raise ValueError("--data.pack: distillation reads one prompt and response per row; drop --data.pack")
         mesh = make_run_mesh(cfg.mesh)          # first: multi-host init precedes any other JAX call
         out = start_run(cfg, cfg.out)
         c = cfg.distill

@@ -115,6 +115,9 @@ def sft_to_distill_batch(batch: dict, *, max_prompt_len: int, max_new_tokens: in
     padded to `max_new_tokens`; the prompt is everything before it, its last `max_prompt_len` tokens, left padded.
     Returns {"prompts" [B,P], "prompt_mask" [B,P], "responses" [B,N], "response_mask" [B,N]} int32 numpy arrays.
     """
+    if "segment_ids" in batch and np.max(batch["segment_ids"], initial=0) > 1:
+        raise ValueError("sft_to_distill_batch: a packed SFT batch (several examples per row); collate one example "
+                         "per row (no packing)")
     inputs, targets = np.asarray(batch["inputs"]), np.asarray(batch["targets"])
     loss = np.asarray(batch["loss_mask"]) > 0
     B, P, N = inputs.shape[0], max_prompt_len, max_new_tokens
