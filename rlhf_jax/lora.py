@@ -105,7 +105,7 @@ def merge_lora(params, adapters: dict, lora_config: LoraConfig) -> dict:
     """The params with every adapted kernel W replaced by W + (alpha / rank) * a @ b (in W's dtype); the other
     leaves are the same arrays. Differentiable in both arguments. A QLoRA base (`quantize_base`) holds NF4Tensor
     kernels (of the layer stack): each is dequantised to its original dtype first, inside the caller's jitted
-    step (QLoRA eq. 6), so that the stored base stays 4-bit; one without an adapter is only dequantised."""
+    step (QLoRA's doubleDequant), so that the stored base stays 4-bit; one without an adapter is only dequantised."""
     layers = dict(dequantize_params(params["layers"]))
     for group, modules in adapters.items():
         layers[group] = dict(layers[group])

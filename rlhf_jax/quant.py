@@ -4,17 +4,17 @@ A tensor w is flattened in row-major order and cut into blocks of `block_size` (
 
     absmax = max |w|,    code_i = argmin_j |NF4_CODE[j] - w_i * (1 / absmax)|,    w_i ~ NF4_CODE[code_i] * absmax
 
-(QLoRA eq. 4-5). NF4_CODE is the 16-value NormalFloat4 table of bitsandbytes (`functional.get_4bit_type("nf4")`,
-made by `create_normal_map(offset=0.9677083)`: quantiles of N(0, 1) scaled to [-1, 1] with an exact 0; QLoRA
-appendix E lists the same values). As bitsandbytes does (`backends/default/ops.py`, quantize_4bit): the scaled
-value is w * (1 / absmax) clamped to [-1, 1] (0 in an all-zero block); the code is the bucket among the
-midpoints of adjacent NF4 values (torch.bucketize, right=False), so a value exactly on a midpoint takes the lower
-code; two codes are packed per byte, the first (even-index) value in the high nibble: byte = code[2i] << 4 |
-code[2i + 1]. A size that is not a multiple of `block_size` is padded with zeros to whole blocks (the last
-block's absmax is then the max of its real values, as bitsandbytes' partial last block); dequantisation drops
-the padding. Checked against bitsandbytes 0.50.2 on CPU: the packed bytes and the float32 absmax are the same,
-bit for bit; with double quantisation the 8-bit codes are the same and the constants agree to the float32
-rounding of their mean (torch and XLA sum in different orders).
+(QLoRA section 3: blockwise absmax quantisation with the NF4 data type). NF4_CODE is the 16-value NormalFloat4 table
+of bitsandbytes (`functional.get_4bit_type("nf4")`, made by `create_normal_map(offset=0.9677083)`: quantiles of
+N(0, 1) scaled to [-1, 1] with an exact 0; QLoRA appendix E lists the same values). As bitsandbytes does
+(`backends/default/ops.py`, quantize_4bit): the scaled value is w * (1 / absmax) clamped to [-1, 1] (0 in an
+all-zero block); the code is the bucket among the midpoints of adjacent NF4 values (torch.bucketize, right=False),
+so a value exactly on a midpoint takes the lower code; two codes are packed per byte, the first (even-index) value
+in the high nibble: byte = code[2i] << 4 | code[2i + 1]. A size that is not a multiple of `block_size` is padded
+with zeros to whole blocks (the last block's absmax is then the max of its real values, as bitsandbytes' partial
+last block); dequantisation drops the padding. Checked against bitsandbytes 0.50.2 on CPU: the packed bytes and the
+float32 absmax are the same, bit for bit; with double quantisation the 8-bit codes are the same and the constants
+agree to the float32 rounding of their mean (torch and XLA sum in different orders).
 
 Double quantisation (QLoRA section 3, `compress_statistics=True` in bitsandbytes' quantize_4bit): the float32
 absmax constants c (one per 64 values) are stored as 8 bits each:
@@ -22,15 +22,16 @@ absmax constants c (one per 64 values) are stored as 8 bits each:
     offset = mean(c);  per block of 256 of (c - offset): s = max |c - offset|,
     q = bucket of (c - offset) * (1 / s) among the midpoints of DYNAMIC_CODE;   c ~ DYNAMIC_CODE[q] * s + offset
 
-DYNAMIC_CODE is bitsandbytes' default 8-bit code of quantize_blockwise, the signed dynamic map of Dettmers
-(2016) (`create_dynamic_map(signed=True, max_exponent_bits=7, total_bits=8)`), not a linear 8-bit code. Storage:
-0.5 byte per weight plus 4 / 64 = 0.0625 (plain) or 1 / 64 + 4 / (64 * 256) = 0.0159 (double) bytes per weight
-for the constants, i.e. 4.127 bits per parameter with double quantisation (QLoRA: 127 bits per 4096 values).
+DYNAMIC_CODE is bitsandbytes' default 8-bit code of quantize_blockwise, the signed dynamic map of Dettmers (2016)
+(`create_dynamic_map(signed=True, max_exponent_bits=7, total_bits=8)`), not a linear 8-bit code. Storage: 0.5 byte
+per weight plus 4 / 64 = 0.0625 (plain) or 1 / 64 + 4 / (64 * 256) = 0.0159 (double) bytes per weight for the
+constants: 4.5 or 4.127 bits per parameter (QLoRA section 3: the constants' 0.5 bits per parameter become 8/64 +
+32/(64 * 256) = 0.127).
 
 `NF4Tensor` is a `flax.struct` pytree (arrays as children, shape / dtype / block size static), so it lives in a
-params tree, passes through `jax.jit` and is saved like any params. `quantize_base` replaces the projection
-kernels of the layer stack with NF4Tensors; `dequantize_params` (called by `rlhf_jax.lora.merge_lora` inside the
-jitted step) turns them back into arrays of their original dtype.
+params tree, passes through `jax.jit` and saves with orbax (restored with the tree's shapes as the target).
+`quantize_base` replaces the projection kernels of the layer stack with NF4Tensors; `dequantize_params` (called by
+`rlhf_jax.lora.merge_lora` inside the jitted step) turns them back into arrays of their original dtype.
 """
 from __future__ import annotations
 
