@@ -36,6 +36,7 @@ message), never an exception, and is counted.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Sequence
 
 import jax
@@ -52,7 +53,7 @@ from rlhf_jax.tools import parse_tool_calls_report
 from rlhf_jax.train.rl import Episodes, decode_ids
 from rlhf_jax.train.steps import lora_params
 
-__all__ = ["EnvRollout", "TaskBatches", "make_turn_sampler", "rollout_episodes", "rollout_metrics",
+__all__ = ["EnvRollout", "TaskBatches", "make_turn_sampler", "rollout_episodes", "rollout_metrics", "sample_turn",
            "turn_suffix_ids"]
 
 TurnSampler = Callable[[jax.Array, jax.Array, jax.Array], Any]
@@ -79,16 +80,19 @@ class EnvRollout:
     """Per row: "done", "max_turns", "max_tokens" or "max_len"."""
 
 
+@functools.partial(jax.jit, static_argnames=("sampling", "model_config", "lora"))
+def sample_turn(params, base_params, prompts, prompt_mask, rng, *, sampling: SamplingConfig,
+                model_config: ModelConfig, lora: LoraConfig | None = None):
+    """One assistant turn after left-padded prompts [R,C] -> `Samples` (`generation.sample` with `sampling`);
+    with `lora`, `params` are adapters of `base_params`. Compiled once per (shape, settings): every turn of every
+    rollout of a run reuses one program."""
+    policy = params if lora is None else lora_params(base_params, params, lora)
+    return sample(policy, prompts, prompt_mask, rng, config=model_config, **sampling.sample_kwargs())
+
+
 def make_turn_sampler(*, sampling: SamplingConfig, model_config: ModelConfig, lora: LoraConfig | None = None):
-    """The compiled sampler of one assistant turn: `turn(params, base_params, prompts, prompt_mask, rng)` ->
-    `Samples` (`generation.sample` with `sampling`; with `lora`, `params` are adapters of `base_params`).
-    One compile per prompt shape."""
-
-    def turn(params, base_params, prompts, prompt_mask, rng):
-        policy = params if lora is None else lora_params(base_params, params, lora)
-        return sample(policy, prompts, prompt_mask, rng, config=model_config, **sampling.sample_kwargs())
-
-    return jax.jit(turn)
+    """`sample_turn` with its settings bound: `turn(params, base_params, prompts, prompt_mask, rng)`."""
+    return functools.partial(sample_turn, sampling=sampling, model_config=model_config, lora=lora)
 
 
 def turn_suffix_ids(tokenizer, messages: Sequence[dict], new_messages: Sequence[dict], *, eos_id: int,

@@ -1,0 +1,178 @@
+"""Multi-turn rollouts (rlhf_jax.train.multiturn) and `rlhf-jax grpo --env`: the built sequence and its policy mask
+against the chat template's own rendering of the whole conversation (`encode_chat`), episodes of different turn
+counts from one compiled sampler whose log-probs the trainer's forward over the built sequence reproduces, and the
+command."""
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rlhf_jax.envs import CalculatorEnv, EpisodeBudget
+from rlhf_jax.generation import SamplingConfig, Samples
+from rlhf_jax.tokenizer import ByteTokenizer, ChatFormat, encode_chat, encode_prompt
+from rlhf_jax.train.multiturn import make_turn_sampler, rollout_episodes, rollout_metrics, sample_turn
+from rlhf_jax.train.rl import episode_logprobs
+
+TOK = ByteTokenizer()
+CALL = '<tool_call>\n{"name": "calculate", "arguments": {"expression": "2 + 3"}}\n</tool_call>'
+BAD_CALL = '<tool_call>\n{"name": "calculate", "arguments": \n</tool_call>'
+
+
+def _scripted(replies, K, seen):
+    """A sampler that writes `replies[turn]` (then EOS, cut at K tokens) in every row, recording its prompts."""
+    def sample_fn(prompts, prompt_mask, rng):
+        R, C = prompts.shape
+        seen.append((np.asarray(prompts), np.asarray(prompt_mask)))
+        ids = (TOK.encode(replies[len(seen) - 1]) + [TOK.eos_id])[:K]
+        tokens = np.full((R, C + K), TOK.pad_id, np.int32)
+        tokens[:, :C], tokens[:, C:C + len(ids)] = prompts, ids
+        mask = np.zeros((R, K), np.int32)
+        mask[:, :len(ids)] = 1
+        return Samples(tokens=jnp.asarray(tokens), logprobs=jnp.asarray(-0.25 * mask, jnp.float32),
+                       response_mask=jnp.asarray(mask))
+    return sample_fn
+
+
+def _rows(ep, r):
+    """(real token ids, policy mask over them) of row r of `Episodes`."""
+    real = np.asarray(ep.mask[r]) > 0
+    policy = np.concatenate([np.zeros(ep.prompt_len, np.int32), np.asarray(ep.response_mask[r])])
+    return [int(t) for t in np.asarray(ep.tokens[r])[real]], [int(m) for m in policy[real]]
+
+
+def test_the_sequence_is_the_conversation_and_the_mask_covers_exactly_the_policy_turns():
+    K, seen = 96, []
+    replies = [BAD_CALL, CALL, "The answer is 5."]
+    sampling = SamplingConfig(max_new_tokens=K, eos_id=TOK.eos_id, pad_id=TOK.pad_id)
+    ro = rollout_episodes(_scripted(replies, K, seen), CalculatorEnv, [{"expression": "2 + 3"}], jax.random.key(0),
+                          tokenizer=TOK, budget=EpisodeBudget(max_turns=5), sampling=sampling, prompt_len=512,
+                          seq_len=1024, num_generations=2)
+    schemas = CalculatorEnv().schemas
+    messages = ro.messages[0]
+    assert ro.messages[1] == messages
+    assert [m["role"] for m in messages] == ["system", "user", "assistant", "tool", "assistant", "tool", "assistant"]
+    assert messages[3]["content"].startswith("Error: malformed tool call") and messages[5]["content"] == "5"
+    # The token-by-token sequence is the template's rendering of the whole conversation, and the policy mask is
+    # its assistant mask: the replies with their EOS, never the tool results, the schemas or the headers.
+    ids, loss_mask = encode_chat(TOK, list(messages), tools=schemas)
+    for r in range(2):
+        assert _rows(ro.episodes, r) == (ids, loss_mask)
+    assert TOK.decode([t for t, m in zip(ids, loss_mask) if m]) == "".join(
+        text + TOK.decode([TOK.eos_id]) for text in replies)
+    # Each turn is sampled on the conversation so far, and the first prompt is the episode's prompt.
+    for turn, (prompts, mask) in enumerate(seen):
+        head = encode_prompt(TOK, list(messages[: 2 + 2 * turn]), tools=schemas)
+        assert [int(t) for t in prompts[0][mask[0] > 0]] == head
+    P = ro.episodes.prompt_len
+    assert P == 512 and _rows(ro.episodes, 0)[0][: int(ro.episodes.mask[0, :P].sum())] == encode_prompt(
+        TOK, list(messages[:2]), tools=schemas)
+    lp = np.asarray(ro.episodes.sampler_logprobs)
+    assert np.array_equal(lp != 0, np.asarray(ro.episodes.response_mask) > 0) and np.all(lp[lp != 0] == -0.25)
+    assert list(ro.rewards) == [1.0, 1.0] and ro.finish == ("done", "done")
+    assert rollout_metrics(ro) == {"tools/calls": 1.0, "tools/malformed_calls": 1.0, "turns/mean": 3.0,
+                                   "episodes/done": 1.0, "episodes/max_len": 0.0}
+
+
+def test_a_turn_cut_at_max_new_tokens_is_closed_unsampled_and_budgets_end_episodes():
+    K, seen = 40, []
+    sampling = SamplingConfig(max_new_tokens=K, eos_id=TOK.eos_id, pad_id=TOK.pad_id)
+    ro = rollout_episodes(_scripted([CALL, "It is 1."], K, seen), CalculatorEnv, [{"expression": "1"}],
+                          jax.random.key(0), tokenizer=TOK, budget=EpisodeBudget(max_turns=2), sampling=sampling,
+                          prompt_len=512, seq_len=900)
+    ids, mask = _rows(ro.episodes, 0)
+    first = mask.index(1)
+    assert ids[first:first + K + 1] == TOK.encode(CALL[:K]) + [TOK.eos_id]    # the closing EOS: not sampled
+    assert mask[first:first + K + 1] == [1] * K + [0]
+    assert list(ro.turns) == [2] and ro.finish == ("done",) and list(ro.malformed_calls) == [1]
+    assert ro.messages[0][3]["content"].startswith("Error: malformed tool call: <tool_call> without its closing")
+    with pytest.raises(ValueError, match="longer than the prompt bucket of 64"):
+        rollout_episodes(_scripted(["x"], K, []), CalculatorEnv, [{"expression": "1"}], jax.random.key(0),
+                         tokenizer=TOK, budget=EpisodeBudget(), sampling=sampling, prompt_len=64, seq_len=128)
+    # A sequence that cannot hold another turn ends the episode ("max_len") before it is sampled.
+    seen = []
+    ro = rollout_episodes(_scripted([CALL, CALL, CALL], 96, seen), CalculatorEnv, [{"expression": "1"}],
+                          jax.random.key(0), tokenizer=TOK, budget=EpisodeBudget(max_turns=3),
+                          sampling=dataclasses.replace(sampling, max_new_tokens=96), prompt_len=512, seq_len=512 + 220)
+    assert ro.finish == ("max_len",) and ro.turns[0] == len(seen) == 2
+    ids, mask = _rows(ro.episodes, 0)
+    assert ids[-1] == TOK.eos_id and mask[-1] == 1          # the sequence ends with the policy's last turn
+
+
+class CountdownEnv:
+    """Ends after task["turns"] policy turns (a user says "more" in between); reward = the number of turns."""
+
+    def reset(self, task):
+        self.left = task["turns"]
+        return [{"role": "user", "content": "go"}]
+
+    def step(self, messages):
+        self.left -= 1
+        if self.left == 0:
+            return [], 1.0, True
+        return [{"role": "user", "content": "more"}], 1.0, False
+
+
+SHORT = ChatFormat(system_header="S:", user_header="U:", assistant_header="A:", tool_header="T:", tools_header="F:")
+
+
+# The command's tiny settings; the library test below uses the same model, shapes and sampling, so that the two
+# tests share the compiled sampler.
+TINY = ["--model.num-layers", "1", "--model.max-seq-len", "560", "--data.seq-len", "496", "--env-max-len", "64",
+        "--grpo.sampling.max-new-tokens", "8", "--data.num-demo", "4", "--checkpoint.no-tensorboard",
+        "--grpo.batch-size", "2", "--grpo.num-generations", "2"]
+
+
+def test_episodes_of_different_lengths_share_one_compiled_sampler_and_the_trainer_reproduces_its_logprobs():
+    from rlhf_jax.cli.grpo import GRPOExperiment
+    from rlhf_jax.config_cli import parse_cli
+    from rlhf_jax.runner import init_model
+
+    cfg = parse_cli(GRPOExperiment, ["--env", "calculator", *TINY])
+    config = dataclasses.replace(cfg.grpo, num_steps=2)
+    mc, params = init_model(cfg.preset, cfg.model, jax.random.key(0))
+    P, T = cfg.data.seq_len, cfg.data.seq_len + cfg.env_max_len
+    turn = make_turn_sampler(sampling=config.sampling, model_config=mc)
+    compiled = sample_turn._cache_size()
+    run = lambda tasks, seed: rollout_episodes(  # noqa: E731
+        lambda p, m, k: turn(params, None, p, m, k), CountdownEnv, tasks, jax.random.key(seed), tokenizer=TOK,
+        budget=EpisodeBudget(max_turns=4), sampling=config.sampling, prompt_len=P, seq_len=T, num_generations=2,
+        chat_format=SHORT)
+    ro, again = run([{"turns": 1}, {"turns": 3}], 0), run([{"turns": 2}, {"turns": 1}], 1)
+    assert list(ro.turns) == [1, 1, 3, 3] and list(again.turns) == [2, 2, 1, 1]
+    assert list(ro.rewards) == [1, 1, 3, 3]
+    assert sample_turn._cache_size() - compiled <= 1                   # every turn of both rollouts: one program
+    assert ro.episodes.tokens.shape == again.episodes.tokens.shape == (4, T)
+    assert ro.episodes.response_mask.shape == (4, T - P)
+    resp = np.asarray(ro.episodes.response_mask)
+    starts = np.sum(np.diff(np.concatenate([np.zeros((4, 1), int), resp], axis=1)) == 1, axis=1)
+    assert list(starts) == list(ro.turns)                               # one masked run of tokens per turn
+    assert np.all(np.asarray(ro.episodes.mask)[:, P:] >= resp)
+    # Token in, token out: each turn was sampled on exactly the prefix the trainer sees, so the trainer's forward
+    # over the built sequences gives the sampler's log-probs (the update's "old" log-probs, TIS's denominator).
+    logprobs = jax.jit(episode_logprobs, static_argnames=("model_config", "temperature"))
+    for r in (ro, again):
+        lp = logprobs(params, r.episodes, model_config=mc, temperature=config.sampling.temperature)
+        np.testing.assert_allclose(np.asarray(lp), np.asarray(r.episodes.sampler_logprobs), atol=1e-4)
+
+
+def test_grpo_env_command_runs_and_refuses_bad_options_in_one_line(tmp_path, capsys):
+    from rlhf_jax.cli import grpo
+
+    assert grpo.main(["--out", str(tmp_path / "run"), "--env", "calculator", "--grpo.num-steps", "2", *TINY]) == 0
+    lines = [json.loads(x) for x in open(tmp_path / "run" / "grpo" / "metrics.jsonl")]
+    assert [x["step"] for x in lines] == [1, 2]
+    for x in lines:
+        assert {"tools/calls", "tools/malformed_calls", "turns/mean", "reward", "loss"} <= set(x)
+        assert x["sampler/logprob_mismatch"] < 1e-4 and 1 <= x["turns/mean"] <= 4
+    assert (tmp_path / "run" / "grpo" / "final" / "model_config.json").exists()
+    capsys.readouterr()
+    for bad, says in [(["--env", "nope"], "environment 'nope': expected a registered name"),
+                      (["--env", "calculator", "--mesh", "1", "1", "1"], "--env runs on one device"),
+                      (["--env", "calculator", "--reward", "gsm8k"], "--env: the environment gives the rewards"),
+                      (["--env", "calculator", "--data.seq-len", "64"], "longer than --data.seq-len 64")]:
+        assert grpo.main(["--out", str(tmp_path / "bad"), *bad]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and says in err and "\n" not in err
