@@ -120,8 +120,7 @@ def quantize_nf4(w, *, block_size: int = 64, double_quant: bool = True) -> NF4Te
     return _quantize(jnp.asarray(w), block_size, double_quant)
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2))
-def _quantize(w, block_size: int, double_quant: bool) -> NF4Tensor:
+def _quantize_one(w, block_size: int, double_quant: bool) -> NF4Tensor:
     flat = w.astype(jnp.float32).reshape(-1)
     num_blocks = max(1, math.ceil(flat.size / block_size))
     flat = jnp.pad(flat, (0, num_blocks * block_size - flat.size))
@@ -136,6 +135,15 @@ def _quantize(w, block_size: int, double_quant: bool) -> NF4Tensor:
         absmax = q2.reshape(-1)[:num_blocks]
     return NF4Tensor(codes=codes, absmax=absmax, absmax_scale=scale, absmax_offset=offset, shape=tuple(w.shape),
                      dtype=jnp.dtype(w.dtype).name, block_size=block_size)
+
+
+_quantize = jax.jit(_quantize_one, static_argnums=(1, 2))
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _quantize_all(tensors: dict, block_size: int, double_quant: bool) -> dict:
+    """quantize_nf4 of every array of a dict, compiled once as one program."""
+    return {key: _quantize_one(w, block_size, double_quant) for key, w in tensors.items()}
 
 
 def nf4_absmax(q: NF4Tensor):
@@ -167,16 +175,16 @@ blocks; the embeddings, the LM head, the norms, the biases and a score head stay
 def quantize_base(params, *, block_size: int = 64, double_quant: bool = True) -> dict:
     """The params with the kernel of every projection of the layer stack (q, k, v, o, gate, up, down; stacked
     over layers, [L, ...]) replaced by its NF4Tensor; every other leaf is the same array."""
-    layers = dict(params["layers"])
-    for group in ("attn", "mlp"):
-        if group not in layers:
-            continue
-        layers[group] = dict(layers[group])
-        for name in QUANTIZED_KERNELS:
-            module = layers[group].get(name)
-            if module is not None and "kernel" in module and not is_nf4(module["kernel"]):
-                q = quantize_nf4(module["kernel"], block_size=block_size, double_quant=double_quant)
-                layers[group][name] = {**module, "kernel": q}
+    if block_size <= 0 or block_size % 2:
+        raise ValueError(f"quantize_base: block_size = {block_size} must be a positive even number")
+    layers = {group: dict(modules) if group in ("attn", "mlp") else modules
+              for group, modules in params["layers"].items()}
+    kernels = {f"{group}.{name}": layers[group][name]["kernel"] for group in ("attn", "mlp") if group in layers
+               for name in QUANTIZED_KERNELS
+               if "kernel" in layers[group].get(name, {}) and not is_nf4(layers[group][name]["kernel"])}
+    for key, q in _quantize_all(kernels, block_size, double_quant).items():
+        group, name = key.split(".")
+        layers[group][name] = {**layers[group][name], "kernel": q}
     return {**params, "layers": layers}
 
 
