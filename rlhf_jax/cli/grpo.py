@@ -209,7 +209,7 @@ def _main_env(cfg: GRPOExperiment) -> int:
                 budget=budget, prompt_len=cfg.data.seq_len, seq_len=seq_len, ref_params=ref, hooks=hooks, **lora),
             state, data, grpo_cfg, out=out, resume=cfg.resume, checkpoint=cfg.checkpoint,
             samples_per_step=grpo_cfg.batch_size * grpo_cfg.num_generations)
-    except NonFiniteLossError as e:
+    except (NonFiniteLossError, ValueError) as e:    # ValueError: an environment's or a chat template's, mid-run
         print(f"error: {e}", file=sys.stderr)
         return 1
     if finished:
