@@ -3,7 +3,10 @@ against the chat template's own rendering of the whole conversation (`encode_cha
 counts from one compiled sampler whose log-probs the trainer's forward over the built sequence reproduces, and the
 command."""
 import dataclasses
+import gzip
 import json
+import shutil
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -21,13 +24,13 @@ CALL = '<tool_call>\n{"name": "calculate", "arguments": {"expression": "2 + 3"}}
 BAD_CALL = '<tool_call>\n{"name": "calculate", "arguments": \n</tool_call>'
 
 
-def _scripted(replies, K, seen):
+def _scripted(replies, K, seen, tok=TOK):
     """A sampler that writes `replies[turn]` (then EOS, cut at K tokens) in every row, recording its prompts."""
     def sample_fn(prompts, prompt_mask, rng):
         R, C = prompts.shape
         seen.append((np.asarray(prompts), np.asarray(prompt_mask)))
-        ids = (TOK.encode(replies[len(seen) - 1]) + [TOK.eos_id])[:K]
-        tokens = np.full((R, C + K), TOK.pad_id, np.int32)
+        ids = (tok.encode(replies[len(seen) - 1]) + [tok.eos_id])[:K]
+        tokens = np.full((R, C + K), tok.pad_id, np.int32)
         tokens[:, :C], tokens[:, C:C + len(ids)] = prompts, ids
         mask = np.zeros((R, K), np.int32)
         mask[:, :len(ids)] = 1
@@ -74,6 +77,32 @@ def test_the_sequence_is_the_conversation_and_the_mask_covers_exactly_the_policy
     assert list(ro.rewards) == [1.0, 1.0] and ro.finish == ("done", "done")
     assert rollout_metrics(ro) == {"tools/calls": 1.0, "tools/malformed_calls": 1.0, "turns/mean": 3.0,
                                    "episodes/done": 1.0, "episodes/max_len": 0.0}
+
+
+def test_with_qwen2_5s_template_the_sequence_is_the_templates_rendering_up_to_the_last_end_of_turn(tmp_path):
+    """Qwen2.5's own template (tool results inside user turns, a newline after each <|im_end|>) over GPT-2's BPE
+    with the ChatML tokens: the rollout's ids and mask are encode_chat's (== transformers' apply_chat_template,
+    tests/test_tools.py) of the whole conversation, up to the final reply's <|im_end|>."""
+    from tokenizers import AddedToken, Tokenizer
+
+    from rlhf_jax.tokenizer import HFTokenizer
+
+    fixtures = Path(__file__).parent / "fixtures"
+    with gzip.open(fixtures / "gpt2-tokenizer" / "tokenizer.json.gz", "rt", encoding="utf-8") as f:
+        bpe = Tokenizer.from_str(f.read())
+    bpe.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in ("<|im_start|>", "<|im_end|>")])
+    bpe.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>", "bos_token": None}))
+    shutil.copyfile(fixtures / "chat-templates" / "qwen2_5.jinja", tmp_path / "chat_template.jinja")
+    tok = HFTokenizer.from_file(tmp_path)
+    sampling = SamplingConfig(max_new_tokens=64, eos_id=tok.eos_id, pad_id=tok.pad_id)
+    ro = rollout_episodes(_scripted([BAD_CALL, CALL, "The answer is 5."], 64, [], tok), CalculatorEnv,
+                          [{"expression": "2 + 3"}], jax.random.key(0), tokenizer=tok, budget=EpisodeBudget(),
+                          sampling=sampling, prompt_len=400, seq_len=700)
+    ids, mask = encode_chat(tok, list(ro.messages[0]), tools=CalculatorEnv().schemas)
+    end = len(ids) - ids[::-1].index(tok.eos_id)
+    assert ro.turns[0] == 3 and ids[end:] == tok.encode("\n")
+    assert _rows(ro.episodes, 0) == (ids[:end], mask[:end])
 
 
 def test_a_turn_cut_at_max_new_tokens_is_closed_unsampled_and_budgets_end_episodes():
