@@ -17,6 +17,7 @@ environment's rewards (no --reward), one device.
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import json
 import sys
 
@@ -120,9 +121,9 @@ def _host_reward(cfg: GRPOExperiment, tok):
 
 
 def _read_tasks(path: str) -> list:
-    """The records of a JSON (a list) or JSONL file, each as written: the tasks of --env."""
-    with open(path, encoding="utf-8") as f:
-        if path.endswith(".json"):
+    """The records of a JSON (a list) or JSONL (optionally .gz) file, each as written: the tasks of --env."""
+    with (gzip.open if path.endswith(".gz") else open)(path, "rt", encoding="utf-8") as f:
+        if path.removesuffix(".gz").endswith(".json"):
             try:
                 tasks = json.load(f)
             except json.JSONDecodeError as e:
