@@ -1,7 +1,8 @@
-"""The model families people post-train now (Qwen3, OLMo 2, SmolLM3, Phi-3, Gemma 3, Gemma 2), each against `transformers`
-on a tiny random model built from the family's own config class: logits, greedy decoding with EOS through our
-KV cache, export back to Hugging Face, and LoRA adapters through `peft`. Sequences are longer than the sliding
-windows, so the windowed masks (training and cached) are exercised."""
+"""The model families people post-train now (Qwen3, OLMo 2, SmolLM3, Phi-3, Gemma 3, Gemma 2), each against
+`transformers` on a tiny random model built from the family's own config class: logits, greedy decoding with EOS
+through our KV cache, export back to Hugging Face, and LoRA adapters through `peft`. Sequences are longer than the
+sliding windows, so the windowed masks (training and cached) are exercised; rotary scaling (YaRN, linear,
+LongRoPE, llama3) against transformers' own frequency functions and end to end."""
 import json
 
 import jax
@@ -22,9 +23,11 @@ SMALL = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_atte
              num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
 
 
-def _qwen3():  # per-head q/k norms; the second layer slides over 5 tokens
+def _qwen3():  # per-head q/k norms; the second layer slides over 5 tokens; YaRN rotary scaling
     return transformers.Qwen3Config(vocab_size=101, head_dim=8, tie_word_embeddings=False, use_sliding_window=True,
-                                    sliding_window=5, max_window_layers=1, **SMALL)
+                                    sliding_window=5, max_window_layers=1,
+                                    rope_parameters={"rope_type": "yarn", "rope_theta": 300.0, "factor": 4.0,
+                                                     "original_max_position_embeddings": 16}, **SMALL)
 
 
 def _olmo2():  # post-sublayer norms, q/k norms over the whole projection
@@ -41,11 +44,11 @@ def _phi3():  # fused qkv_proj / gate_up_proj, RoPE over half of each head, a sl
                                                     "partial_rotary_factor": 0.5}, **SMALL)
 
 
-def _gemma3():  # sliding (window 4, local base) / global layers, (1 + w) norms, GeGLU, final soft-capping
+def _gemma3():  # sliding (window 4, local base) / global (linear-scaled RoPE) layers, (1 + w) norms, GeGLU, capping
     return transformers.Gemma3TextConfig(
         vocab_size=79, head_dim=8, query_pre_attn_scalar=12, sliding_window=4, final_logit_softcapping=3.0,
         layer_types=["sliding_attention", "full_attention"],
-        rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1000.0},
+        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 3.0, "rope_theta": 1000.0},
                          "sliding_attention": {"rope_type": "default", "rope_theta": 50.0}}, **SMALL)
 
 
@@ -100,7 +103,8 @@ def test_greedy_decoding_with_eos_matches_transformers(family):
     whole sequence at every step (no cache; rows are independent, so the EOS run is the free run cut at EOS)."""
     name, model, _, config, params = family
     if name == "olmo2":   # test time: its decode differs from the others' only in where the Block's norms sit
-        pytest.skip("OLMo 2's Block (post-sublayer norms) is shared by training and decoding; its logits test covers it")
+        pytest.skip("OLMo 2's Block (post-sublayer norms) is shared by training and decoding; its logits test "
+                    "covers it")
     P, N = 5, 12
     prompts = _tokens(config.vocab_size, seed=3, shape=(B, P))
     mask = np.ones((B, P), np.int32)
@@ -172,7 +176,53 @@ def test_unsupported_families_and_fields_are_named():
     with pytest.raises(CheckpointError, match=r"'bert' is not supported; supported model types: \[.*'gemma3_text'.*"
                                               r"'olmo2'.*'phi3'.*'qwen3'.*'smollm3'"):
         config_from_hf({"model_type": "bert"})
-    longrope = _phi3().to_dict() | {"rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4,
-                                                        "short_factor": [1.0] * 2, "long_factor": [2.0] * 2}}
-    with pytest.raises(NotImplementedError, match=r"rope_parameters.*'longrope' is not supported"):
-        config_from_hf(longrope)
+    dynamic = _qwen3().to_dict() | {"rope_parameters": {"rope_type": "dynamic", "rope_theta": 1e4, "factor": 2.0}}
+    with pytest.raises(NotImplementedError, match=r"rope_parameters.*'dynamic' is not supported.*'longrope'"):
+        config_from_hf(dynamic)
+    with pytest.raises(CheckpointError, match=r"rope_type 'llama3'.*'low_freq_factor'"):
+        config_from_hf(_qwen3().to_dict() | {"rope_parameters": {"rope_type": "llama3", "factor": 8.0}})
+
+
+@pytest.mark.parametrize("kind, extra", [
+    ("linear", {"factor": 4.0}),
+    ("llama3", {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64}),
+    ("yarn", {"factor": 4.0, "original_max_position_embeddings": 64, "beta_fast": 16.0}),
+    ("longrope", {"short_factor": list(np.linspace(1, 2, 32)), "long_factor": list(np.linspace(2, 9, 32))}),
+])
+def test_rotary_scaling_frequencies_match_transformers(kind, extra):
+    """inv_freq and the cos/sin factor of each rope_type, from the config.json mapping, against transformers'
+    ROPE_INIT_FUNCTIONS (longrope: short below the original length, long above it)."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from rlhf_jax.models.transformer import rope_frequencies
+    make = transformers.Phi3Config if kind == "longrope" else transformers.Qwen3Config
+    hf = make(hidden_size=128, num_attention_heads=2, num_key_value_heads=2, num_hidden_layers=1,
+              max_position_embeddings=1024, original_max_position_embeddings=64, head_dim=64,
+              rope_parameters={"rope_type": kind, "rope_theta": 5000.0} | extra)
+    inv, factor, long = rope_frequencies(config_from_hf(hf.to_dict()))
+    want, want_factor = ROPE_INIT_FUNCTIONS[kind](hf, "cpu")
+    np.testing.assert_allclose(inv, want.numpy(), rtol=1e-6)
+    assert factor == pytest.approx(want_factor, rel=1e-9) and (long is None) == (kind != "longrope")
+    if kind == "longrope":
+        np.testing.assert_allclose(long, ROPE_INIT_FUNCTIONS[kind](hf, "cpu", seq_len=65)[0].numpy(), rtol=1e-6)
+
+
+def test_longrope_phi3_logits_switch_like_transformers(tmp_path):
+    """Phi-4-mini's LongRoPE on a tiny Phi-3: short factors while a call fits in the original 8 positions, long
+    ones past it (both lengths checked), through import and export."""
+    rope = {"rope_type": "longrope", "rope_theta": 100.0, "partial_rotary_factor": 0.5,
+            "short_factor": [1.0, 1.5], "long_factor": [3.0, 7.0]}
+    hf = transformers.Phi3Config(vocab_size=61, original_max_position_embeddings=8, rope_parameters=rope, **SMALL)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(hf, attn_implementation="eager").eval()
+    model.save_pretrained(tmp_path / "hf")
+    config, params = load_pretrained(tmp_path / "hf")
+    assert config.rope_type == "longrope" and config.rope_original_max_len == 8
+    save_pretrained(config, params, tmp_path / "ours", model_type="phi3")
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ours", attn_implementation="eager")
+    for length in (6, 14):
+        tokens = _tokens(config.vocab_size, seed=length, shape=(B, length))
+        ref = _hf_logits(model, tokens)
+        _close(forward(params, tokens, config=config), ref)
+        _close(_hf_logits(reloaded.eval(), tokens), ref)

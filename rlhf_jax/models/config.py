@@ -55,6 +55,29 @@ class ModelConfig:
     """Attention logit scale; None: 1/sqrt(H). Gemma's query_pre_attn_scalar s gives 1/sqrt(s)."""
     positional: Literal["learned", "rope"] = "learned"
     rope_theta: float = 10_000.0
+    rope_type: Literal["default", "linear", "yarn", "llama3", "longrope"] = "default"
+    """Rotary scaling for long contexts, as Hugging Face's rope_type: "linear" (positions / factor; Chen et al.
+    2023), "yarn" (Peng et al. 2023), "llama3" (Llama 3.1), "longrope" (Ding et al. 2024; Phi-3, Phi-4-mini).
+    With rope_theta_sliding set it scales the non-sliding layers only (Gemma 3)."""
+    rope_factor: float = 1.0
+    """Scaling factor of linear, yarn and llama3 (longrope: max_seq_len / rope_original_max_len)."""
+    rope_original_max_len: int | None = None
+    """Context length the model was pretrained with (yarn, llama3, longrope)."""
+    rope_low_freq_factor: float = 1.0
+    """llama3: wavelengths above original / low_freq_factor are divided by the factor."""
+    rope_high_freq_factor: float = 4.0
+    """llama3: wavelengths below original / high_freq_factor are kept; those between are interpolated."""
+    rope_beta_fast: float = 32.0
+    """yarn: rotations below which a frequency is interpolated (the ramp's fast end)."""
+    rope_beta_slow: float = 1.0
+    """yarn: rotations above which a frequency is kept (the ramp's slow end)."""
+    rope_attention_factor: float | None = None
+    """yarn, longrope: multiplier of cos and sin; None: the paper's value from the factor."""
+    rope_short_factor: tuple[float, ...] | None = None
+    """longrope: per-frequency divisors while a sequence fits in rope_original_max_len (R/2 values)."""
+    rope_long_factor: tuple[float, ...] | None = None
+    """longrope: per-frequency divisors once it does not (Hugging Face switches on the longest position of a
+    forward call)."""
     rope_fraction: float = 1.0
     """Share of each head's H features that RoPE rotates (the first H * rope_fraction, rotate-half among them;
     Phi-3's partial_rotary_factor); the rest pass through."""
@@ -101,6 +124,14 @@ class ModelConfig:
                                      "mlp_dim", "max_seq_len", "norm_eps", "rope_theta", "attn_scale",
                                      "sliding_window", "rope_theta_sliding", "attn_softcap", "final_softcap"),
                      non_negative=("norm_offset",))
+        for name in ("rope_short_factor", "rope_long_factor"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, tuple(float(v) for v in value))
+        check_ranges(self, positive=("rope_factor", "rope_original_max_len", "rope_attention_factor"))
+        if self.rope_type in ("yarn", "llama3", "longrope"):
+            config_check(self, self.rope_original_max_len is not None,
+                         f"rope_type = {self.rope_type!r} needs rope_original_max_len")
         for name in ("rope_layers", "sliding_layers"):
             value = getattr(self, name)
             if value is not None:
@@ -121,6 +152,12 @@ class ModelConfig:
         config_check(self, 0.0 < self.rope_fraction <= 1.0 and self.rotary_dim % 2 == 0 and self.rotary_dim > 0,
                      f"rope_fraction = {self.rope_fraction} must be in (0, 1] and rotate an even number of the "
                      f"head_dim = {self.head_size} features")
+        if self.rope_type == "longrope":
+            half = self.rotary_dim // 2
+            config_check(self, all(f is not None and len(f) == half for f in (self.rope_short_factor,
+                                                                               self.rope_long_factor)),
+                         f"rope_type = 'longrope' needs rope_short_factor and rope_long_factor of {half} values "
+                         "(half the rotated features)")
 
     @property
     def kv_heads(self) -> int:

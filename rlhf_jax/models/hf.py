@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 import warnings
@@ -93,15 +94,20 @@ def config_from_hf(hf: dict[str, Any], *, source: str = "config.json", **overrid
         if not gemma and act != "silu":
             unsupported(act_field, act, "the Llama-family MLP is SwiGLU with SiLU")
         rope_params = dict(hf.get("rope_parameters") or {})  # transformers >= 5; older files: rope_theta, rope_scaling
+        legacy = dict(hf.get("rope_scaling") or {})    # transformers lets an old rope_scaling override the type
+        if legacy:
+            legacy.setdefault("rope_type", legacy.get("type", "default"))
+        field = "rope_scaling" if legacy else "rope_parameters"
         if model_type == "gemma3_text":  # one RoPE per layer type: {"full_attention": {...}, "sliding_attention": ...}
             local = dict(rope_params.get("sliding_attention") or {})
-            rope = dict(rope_params.get("full_attention") or {})
+            rope = dict(rope_params.get("full_attention") or {}) | legacy
             rope.setdefault("rope_theta", hf.get("rope_theta", 1_000_000.0))
             local.setdefault("rope_theta", hf.get("rope_local_base_freq", 10_000.0))
-            _check_rope(local, hf, source, "rope_parameters.sliding_attention")
+            _rope_fields(local, {}, source, "rope_parameters.sliding_attention", scaling=False)
+            field = "rope_scaling" if legacy else "rope_parameters.full_attention"
         else:
-            rope = rope_params
-        _check_rope(rope, hf, source, "rope_parameters")
+            rope = rope_params | legacy
+        rope_extra = _rope_fields(rope, hf, source, field, scaling=model_type not in ("llama", "qwen2", "mistral"))
         rotary = float(rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)))
         layer_types = hf.get("layer_types") or []
         sliding = model_type == "mistral" or hf.get("use_sliding_window") or "sliding_attention" in layer_types
@@ -150,28 +156,86 @@ def config_from_hf(hf: dict[str, Any], *, source: str = "config.json", **overrid
                       use_bias=use_bias, qkv_bias=qkv_bias,
                       tie_embeddings=bool(hf.get("tie_word_embeddings", gemma)))
         fields.update(extra)
+        fields.update(rope_extra)
     else:
         raise CheckpointError(f"{source}: field 'model_type' = {model_type!r} is not supported; "
                               f"supported model types: {sorted(_ARCHITECTURES)}")
     return ModelConfig(**{**fields, **overrides})
 
 
-def _check_rope(rope: dict, hf: dict, source: str, field: str) -> None:
-    """Refuse, in one line, a rotary scaling our model does not implement (plain RoPE only)."""
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if hf.get("rope_scaling"):
-        scaling = hf["rope_scaling"]
-        rope_type, field = scaling.get("rope_type", scaling.get("type", "default")), "rope_scaling"
-    if rope_type != "default":
-        raise NotImplementedError(f"{source}: field {field!r} = {rope_type!r} is not supported: only plain RoPE "
-                                  "(rope_type 'default') is implemented, not linear/dynamic/yarn/llama3/longrope "
-                                  "scaling")
+_ROPE_TYPES = ("default", "linear", "yarn", "llama3", "longrope")
+
+
+def _rope_fields(rope: dict, hf: dict, source: str, field: str, *, scaling: bool) -> dict[str, Any]:
+    """The ModelConfig rotary-scaling fields of a rope_parameters (or legacy rope_scaling) dict, resolved as
+    transformers' `standardize_rope_params` does (original length: Phi-3's top-level
+    original_max_position_embeddings, else the dict's, else max_position_embeddings); one line refusing what we
+    do not implement."""
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind == "default":
+        return {}
+    if not scaling or kind not in _ROPE_TYPES:
+        where = "the Llama, Qwen2 and Mistral mappings implement plain RoPE only" if not scaling and \
+            kind in _ROPE_TYPES else f"implemented rope types: {list(_ROPE_TYPES)}"
+        raise NotImplementedError(f"{source}: field {field!r} = {kind!r} is not supported: {where}")
+    for key in ("mscale", "mscale_all_dim"):
+        if rope.get(key):
+            raise NotImplementedError(f"{source}: field {field}.{key} = {rope[key]!r} is not supported (DeepSeek's "
+                                      "YaRN attention scaling)")
+    if rope.get("truncate") is False:
+        raise NotImplementedError(f"{source}: field {field}.truncate = false is not supported")
+    max_pos = hf.get("max_position_embeddings", 2048)
+    original = hf.get("original_max_position_embeddings") or rope.get("original_max_position_embeddings") or max_pos
+
+    def need(key):
+        if rope.get(key) is None:
+            raise CheckpointError(f"{source}: field {field} (rope_type {kind!r}) has no {key!r}")
+        return rope[key]
+
+    out: dict[str, Any] = {"rope_type": kind}
+    if kind == "linear":
+        out.update(rope_factor=float(need("factor")))
+    elif kind == "llama3":
+        out.update(rope_factor=float(need("factor")), rope_low_freq_factor=float(need("low_freq_factor")),
+                   rope_high_freq_factor=float(need("high_freq_factor")), rope_original_max_len=int(original))
+    elif kind == "yarn":
+        out.update(rope_factor=float(rope.get("factor") or max_pos / original), rope_original_max_len=int(original),
+                   rope_beta_fast=float(rope.get("beta_fast") or 32.0),
+                   rope_beta_slow=float(rope.get("beta_slow") or 1.0),
+                   rope_attention_factor=rope.get("attention_factor"))
+    else:  # longrope: max_seq_len / original gives the attention factor unless the file sets one (or a factor)
+        attention = rope.get("attention_factor")
+        if attention is None and rope.get("factor") is not None:
+            factor = float(rope["factor"])
+            attention = math.sqrt(1 + math.log(factor) / math.log(original)) if factor > 1 else 1.0
+        out.update(rope_original_max_len=int(original), rope_attention_factor=attention,
+                   rope_short_factor=tuple(need("short_factor")), rope_long_factor=tuple(need("long_factor")))
+    return out
+
+
+def _rope_to_hf(c: ModelConfig) -> dict[str, Any]:
+    """The rope_parameters dict of `c` (the inverse of `_rope_fields`)."""
+    out: dict[str, Any] = {"rope_type": c.rope_type, "rope_theta": c.rope_theta}
+    if c.rope_type in ("linear", "llama3", "yarn"):
+        out["factor"] = c.rope_factor
+    if c.rope_type in ("llama3", "yarn", "longrope"):
+        out["original_max_position_embeddings"] = c.rope_original_max_len
+    if c.rope_type == "llama3":
+        out.update(low_freq_factor=c.rope_low_freq_factor, high_freq_factor=c.rope_high_freq_factor)
+    if c.rope_type == "yarn":
+        out.update(beta_fast=c.rope_beta_fast, beta_slow=c.rope_beta_slow)
+    if c.rope_type in ("yarn", "longrope") and c.rope_attention_factor is not None:
+        out["attention_factor"] = c.rope_attention_factor
+    if c.rope_type == "longrope":
+        out.update(short_factor=list(c.rope_short_factor), long_factor=list(c.rope_long_factor))
+    return out
 
 
 def infer_model_type(config: ModelConfig) -> str:
     """The Hugging Face family a config exports as: learned positions -> gpt2; Gemma's norms (1 + w) ->
-    gemma3_text (with q/k norms) or gemma2; post-sublayer norms only -> olmo2; per-head q/k norms -> qwen3; layers without RoPE -> smollm3;
-    partial rotary -> phi3; RoPE with q/k/v-only biases -> qwen2; other RoPE configs -> llama."""
+    gemma3_text (with q/k norms) or gemma2; post-sublayer norms only -> olmo2; per-head q/k norms -> qwen3;
+    layers without RoPE -> smollm3; partial rotary -> phi3; RoPE with q/k/v-only biases -> qwen2; other RoPE
+    configs -> llama."""
     c = config
     if c.positional == "learned":
         return "gpt2"
@@ -229,7 +293,7 @@ def config_to_hf(config: ModelConfig, *, model_type: str | None = None, dtype: s
     out = dict(common, hidden_size=c.d_model, num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads,
                num_key_value_heads=c.kv_heads, head_dim=c.head_size, intermediate_size=c.mlp_dim,
                max_position_embeddings=c.max_seq_len, rms_norm_eps=c.norm_eps, hidden_act="silu",
-               rope_theta=c.rope_theta, rope_parameters=dict(rope_type="default", rope_theta=c.rope_theta),
+               rope_theta=c.rope_theta, rope_parameters=_rope_to_hf(c),
                attention_dropout=0.0)
     if model_type in ("qwen3", "olmo2", "smollm3", "phi3") + _GEMMA:
         require(c.qkv_bias == c.use_bias or model_type == "smollm3",
@@ -249,9 +313,9 @@ def config_to_hf(config: ModelConfig, *, model_type: str | None = None, dtype: s
         require(all(c.layer_flags("sliding_layers")) or c.sliding_window is None,
                 "Phi-3's sliding_window applies to every layer (sliding_layers=None)")
         out.pop("attention_bias")
-        out.update(original_max_position_embeddings=c.max_seq_len, partial_rotary_factor=c.rope_fraction,
-                   rope_parameters=dict(rope_type="default", rope_theta=c.rope_theta,
-                                        partial_rotary_factor=c.rope_fraction))
+        out.update(original_max_position_embeddings=c.rope_original_max_len or c.max_seq_len,
+                   partial_rotary_factor=c.rope_fraction,
+                   rope_parameters=_rope_to_hf(c) | {"partial_rotary_factor": c.rope_fraction})
     elif gemma:
         out.pop("hidden_act")
         local = c.rope_theta_sliding or c.rope_theta  # Gemma 2 has one base (rope_theta_sliding stays None)
@@ -262,7 +326,7 @@ def config_to_hf(config: ModelConfig, *, model_type: str | None = None, dtype: s
                    use_bidirectional_attention=False)
         if model_type == "gemma3_text":
             out.update(rope_local_base_freq=local,
-                       rope_parameters={"full_attention": dict(rope_type="default", rope_theta=c.rope_theta),
+                       rope_parameters={"full_attention": _rope_to_hf(c),
                                         "sliding_attention": dict(rope_type="default", rope_theta=local)})
     if model_type in ("qwen3", "olmo2", "smollm3", "phi3") + _GEMMA:
         return out
@@ -288,6 +352,10 @@ _FAMILY_FIELDS = {  # ModelConfig fields beyond the Llama core that a family's c
     "gemma2": {"post_norm", "norm_offset", "embed_scale", "mlp", "attn_scale", "sliding_window", "sliding_layers",
                "attn_softcap", "final_softcap"},
 }
+_ROPE_SCALING = {"rope_type", "rope_factor", "rope_original_max_len", "rope_low_freq_factor", "rope_high_freq_factor",
+                 "rope_beta_fast", "rope_beta_slow", "rope_attention_factor", "rope_short_factor", "rope_long_factor"}
+for _family in ("qwen3", "olmo2", "smollm3", "phi3", "gemma3_text", "gemma2"):
+    _FAMILY_FIELDS[_family] |= _ROPE_SCALING
 _FAMILY_VALUES = {  # fields a family fixes
     "qwen3": {"qk_norm": "head"},
     "olmo2": {"qk_norm": "proj", "pre_norm": False, "post_norm": True},
@@ -432,7 +500,8 @@ def _llama_from_hf(get: Callable[[str], np.ndarray], names, c: ModelConfig, mode
     if c.qk_norm != "none":
         shapes = {"q": (H,), "k": (H,)} if c.qk_norm == "head" else {"q": (N, H), "k": (K, H)}
         for x in "qk":
-            attn[f"{x}_norm"] = {"scale": layers(lambda p, x=x: get(f"{p}self_attn.{x}_norm.weight").reshape(shapes[x]))}
+            attn[f"{x}_norm"] = {"scale": layers(
+                lambda p, x=x: get(f"{p}self_attn.{x}_norm.weight").reshape(shapes[x]))}
     params = {"embed": {"embedding": get("model.embed_tokens.weight")},
               "layers": {ours: {"scale": layers(lambda p, theirs=theirs: get(p + theirs + ".weight"))}
                          for ours, theirs in _NORMS.get(model_type, _LLAMA_NORMS).items()}

@@ -104,23 +104,77 @@ class _Embed(nn.Module):
         return jnp.take(table, ids, axis=0).astype(self.config.compute_dtype)
 
 
-def apply_rope(x, positions, theta, *, rotary_dim: int | None = None):
+def rope_frequencies(config: ModelConfig):
+    """(inv_freq [R/2], attention factor, long inv_freq [R/2] or None) of `config.rope_type`, float32 numpy,
+    computed as Hugging Face's `modeling_rope_utils` does (R = config.rotary_dim, w_i = theta^(-2i/R)):
+
+      linear:   w_i / factor.
+      llama3:   wavelength l_i = 2 pi / w_i; l_i < L/high kept, l_i > L/low divided by the factor, between them
+                (1 - s) w_i / factor + s w_i with s = (L / l_i - low) / (high - low)   (L: original length).
+      yarn:     w_i ((1 - e_i) / factor + e_i), e_i = 1 - ramp between the dims where a frequency turns
+                beta_fast and beta_slow times over L; cos and sin times 0.1 ln(factor) + 1 (Peng et al. 2023).
+      longrope: w_i / short_i, or w_i / long_i once a forward call's longest position reaches L; cos and sin
+                times sqrt(1 + ln(max_seq_len / L) / ln L) (Ding et al. 2024).
+    """
+    import numpy as np
+
+    c, R = config, config.rotary_dim
+    exponent = np.arange(0, R, 2, dtype=np.int64).astype(np.float32) / np.float32(R)
+    base = np.float32(c.rope_theta) ** exponent
+    inv = (np.float32(1.0) / base).astype(np.float32)
+    kind, factor, L = c.rope_type, c.rope_factor, c.rope_original_max_len
+    if kind == "linear":
+        return inv / np.float32(factor), 1.0, None
+    if kind == "llama3":
+        low, high = c.rope_low_freq_factor, c.rope_high_freq_factor
+        wavelen = 2 * math.pi / inv
+        scaled = np.where(wavelen > L / low, inv / factor, inv)
+        smooth = (L / wavelen - low) / (high - low)
+        medium = ~(wavelen < L / high) & ~(wavelen > L / low)
+        return np.where(medium, (1 - smooth) * scaled / factor + smooth * scaled, scaled).astype(np.float32), 1.0, None
+    if kind == "yarn":
+        def correction_dim(rotations):
+            return R * math.log(L / (rotations * 2 * math.pi)) / (2 * math.log(c.rope_theta))
+        lo, hi = max(math.floor(correction_dim(c.rope_beta_fast)), 0), min(math.ceil(correction_dim(c.rope_beta_slow)),
+                                                                           R - 1)
+        hi = hi + 0.001 if lo == hi else hi
+        ramp = np.clip((np.arange(R // 2, dtype=np.float32) - lo) / (hi - lo), 0, 1)
+        keep = 1 - ramp
+        inv = (np.float32(1.0) / (np.float32(factor) * base)) * (1 - keep) + inv * keep
+        attention = c.rope_attention_factor or (0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0)
+        return inv.astype(np.float32), attention, None
+    if kind == "longrope":
+        scale = c.max_seq_len / L
+        attention = c.rope_attention_factor or (math.sqrt(1 + math.log(scale) / math.log(L)) if scale > 1 else 1.0)
+        short = np.float32(1.0) / (np.asarray(c.rope_short_factor, np.float32) * base)
+        long = np.float32(1.0) / (np.asarray(c.rope_long_factor, np.float32) * base)
+        return short.astype(np.float32), attention, long.astype(np.float32)
+    return inv, 1.0, None
+
+
+def apply_rope(x, positions, theta, *, rotary_dim: int | None = None, inv_freq=None, attention_factor=1.0):
     """Rotary embedding, rotate-half layout: x [B,T,N,H], positions [B,T] -> [B,T,N,H].
 
     out = x cos(p w) + rotate_half(x) sin(p w), w_i = theta^(-2i/R), with the frequency vector repeated twice
     (pairs are (i, i + R/2), as in Hugging Face Llama), over the first R = rotary_dim features (None: all H);
-    features R.. pass through (partial rotary, as in Phi-3 and GPT-NeoX). theta may be a traced scalar.
+    features R.. pass through (partial rotary, as in Phi-3 and GPT-NeoX). theta may be a traced scalar. inv_freq
+    [R/2] replaces theta's frequencies (a scaled RoPE, `rope_frequencies`); cos and sin are multiplied by
+    attention_factor.
     """
     H = x.shape[-1]
     R = rotary_dim or H
-    inv_freq = 1.0 / theta ** (jnp.arange(0, R, 2, dtype=jnp.float32) / R)            # [R/2]
+    if inv_freq is None:
+        inv_freq = 1.0 / theta ** (jnp.arange(0, R, 2, dtype=jnp.float32) / R)        # [R/2]
     angles = positions.astype(jnp.float32)[..., None] * inv_freq                      # [B,T,R/2]
     angles = jnp.concatenate([angles, angles], -1)[:, :, None, :]                     # [B,T,1,R]
     xf = x.astype(jnp.float32)
     xr, rest = xf[..., :R], xf[..., R:]
     x1, x2 = jnp.split(xr, 2, axis=-1)
     rotated = jnp.concatenate([-x2, x1], -1)
-    out = xr * jnp.cos(angles) + rotated * jnp.sin(angles)
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    if attention_factor is not None and not (isinstance(attention_factor, float) and attention_factor == 1.0):
+        cos, sin = cos * attention_factor, sin * attention_factor
+    out = xr * cos + rotated * sin
     return (out if R == H else jnp.concatenate([out, rest], -1)).astype(x.dtype)
 
 
@@ -262,10 +316,21 @@ class Attention(nn.Module):
             k = _Norm(cfg, k_axes, name="k_norm")(k)
         sliding = layer_flag(cfg.layer_flags("sliding_layers"), layer)
         if cfg.positional == "rope":
-            theta = cfg.rope_theta
-            if cfg.rope_theta_sliding is not None:
-                theta = jnp.where(sliding, cfg.rope_theta_sliding, theta)
-            rotated = [apply_rope(a, positions, theta, rotary_dim=cfg.rotary_dim) for a in (q, k)]
+            theta, inv_freq, factor = cfg.rope_theta, None, 1.0
+            if cfg.rope_type != "default":
+                inv_freq, factor, long = rope_frequencies(cfg)
+                if long is not None:   # Hugging Face: the long factors once the call's longest position passes L
+                    inv_freq = jnp.where(jnp.max(positions) + 1 > cfg.rope_original_max_len, long, inv_freq)
+            if cfg.rope_theta_sliding is not None:   # the sliding layers: plain RoPE with their own base
+                if inv_freq is None:
+                    theta = jnp.where(sliding, cfg.rope_theta_sliding, theta)
+                else:
+                    R = cfg.rotary_dim
+                    local = 1.0 / cfg.rope_theta_sliding ** (jnp.arange(0, R, 2, dtype=jnp.float32) / R)
+                    inv_freq = jnp.where(sliding, local, inv_freq)
+                    factor = jnp.where(sliding, 1.0, factor)
+            rotated = [apply_rope(a, positions, theta, rotary_dim=cfg.rotary_dim, inv_freq=inv_freq,
+                                  attention_factor=factor) for a in (q, k)]
             use_rope = layer_flag(cfg.layer_flags("rope_layers"), layer)
             q, k = rotated if use_rope is True else (jnp.where(use_rope, r, a) for r, a in zip(rotated, (q, k)))
         scale = cfg.attn_scale
