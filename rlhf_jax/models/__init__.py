@@ -1,4 +1,5 @@
-"""Decoder-only transformer (GPT-2 and Llama families), its config, KV-cache decoding and HF checkpoint I/O."""
+"""Decoder-only transformer (GPT-2, Llama, Qwen, OLMo 2, SmolLM3, Phi-3, Gemma families), its config, KV-cache
+decoding and HF checkpoint I/O."""
 from rlhf_jax.models.config import PRESETS, ModelConfig
 from rlhf_jax.models.hf import load_pretrained, save_pretrained
 from rlhf_jax.models.transformer import (

@@ -5,6 +5,12 @@ biases everywhere, LM head tied to the token embedding. Llama (Touvron et al. 20
 (Su et al. 2021, "rotate-half" layout as in Hugging Face), RMSNorm (Zhang & Sennrich 2019), SwiGLU MLP
 (Shazeer 2020), grouped-query attention (Ainslie et al. 2023), optional q/k/v biases (Qwen2).
 `ModelConfig` picks the variant; the parameter tree is the same for both apart from optional leaves.
+Later families switch on more of it, all off by default: q/k RMSNorm (Qwen3, Gemma 3 per head; OLMo 2 over the
+projection; Dehghani et al. 2023), norms after the sublayers (OLMo 2) or on both sides (Gemma 2/3, Team Gemma
+2024), Gemma's (1 + w) norm scales, sqrt(D) embedding scale and GeGLU, partial rotary (Phi-3), per-layer RoPE
+on/off (SmolLM3), sliding-window attention on chosen layers with their own RoPE base (Beltagy et al. 2020;
+Gemma), rotary scaling (`rope_frequencies`), and tanh soft-capping of attention and output logits (Gemma 2).
+Per-layer choices inside the `nn.scan` read the layer index, which the scan carries as an input.
 
 Layers are stacked with `nn.scan` (every layer parameter has a leading L axis), optionally unrolled
 (`ModelConfig.scan_unroll`: same parameters, straight-line code) and rematerialised with `nn.remat`. Attention is `jax.nn.dot_product_attention`: cuDNN flash attention on GPU in bf16/fp16
