@@ -87,7 +87,7 @@ def test_ends_are_the_two_kls_and_jsd_is_between():
 def test_equal_distributions_give_zero_loss_and_zero_gradient(beta):
     s, _, mask = inputs(3)
     shifted = s + 5.0                            # the same distribution: logits differ by a constant
-    loss, grad = jax.value_and_grad(lambda x: distill_loss(x, shifted, mask, beta=beta)[0])(jnp.asarray(s))
+    loss, grad = jax.jit(jax.value_and_grad(lambda x: distill_loss(x, shifted, mask, beta=beta)[0]))(jnp.asarray(s))
     assert abs(float(loss)) < 1e-6
     np.testing.assert_allclose(grad, 0.0, atol=1e-6)
 
@@ -95,9 +95,9 @@ def test_equal_distributions_give_zero_loss_and_zero_gradient(beta):
 @pytest.mark.parametrize("topk", [None, 3])
 def test_no_gradient_reaches_the_teacher(topk):
     s, t, mask = inputs(4)
-    g = jax.grad(lambda y: distill_loss(s, y, mask, beta=0.5, teacher_topk=topk)[0])(jnp.asarray(t))
+    grads = jax.jit(jax.grad(lambda x, y: distill_loss(x, y, mask, beta=0.5, teacher_topk=topk)[0], argnums=(0, 1)))
+    g_s, g = grads(jnp.asarray(s), jnp.asarray(t))
     np.testing.assert_array_equal(g, 0.0)
-    g_s = jax.grad(lambda x: distill_loss(x, t, mask, beta=0.5, teacher_topk=topk)[0])(jnp.asarray(s))
     assert float(jnp.abs(g_s).sum()) > 0
 
 
@@ -113,8 +113,9 @@ def test_nan_and_inf_in_masked_slots_leak_nowhere(beta, topk):
     def fn(x, y):
         return distill_loss(x, y, mask, beta=beta, teacher_topk=topk)
 
-    (loss, m), grad = jax.value_and_grad(fn, has_aux=True)(jnp.asarray(bad_s), jnp.asarray(bad_t))
-    (clean, _), clean_grad = jax.value_and_grad(fn, has_aux=True)(jnp.asarray(s), jnp.asarray(t))
+    vg = jax.jit(jax.value_and_grad(fn, has_aux=True))
+    (loss, m), grad = vg(jnp.asarray(bad_s), jnp.asarray(bad_t))
+    (clean, _), clean_grad = vg(jnp.asarray(s), jnp.asarray(t))
     assert all(np.isfinite(float(v)) for v in m.values())
     np.testing.assert_allclose(loss, clean, rtol=1e-6)
     assert np.all(np.isfinite(grad))
@@ -144,8 +145,8 @@ def test_topk_all_of_the_vocabulary_equals_the_full_loss(beta):
     topk, m_topk = distill_loss(s, t, mask, beta=beta, temperature=0.8, teacher_topk=V)
     np.testing.assert_allclose(topk, full, rtol=1e-5)
     np.testing.assert_allclose(m_topk["kl_reverse"], m_full["kl_reverse"], rtol=1e-5)
-    g_full = jax.grad(lambda x: distill_loss(x, t, mask, beta=beta)[0])(jnp.asarray(s))
-    g_topk = jax.grad(lambda x: distill_loss(x, t, mask, beta=beta, teacher_topk=V)[0])(jnp.asarray(s))
+    g_full = jax.jit(jax.grad(lambda x: distill_loss(x, t, mask, beta=beta)[0]))(jnp.asarray(s))
+    g_topk = jax.jit(jax.grad(lambda x: distill_loss(x, t, mask, beta=beta, teacher_topk=V)[0]))(jnp.asarray(s))
     np.testing.assert_allclose(g_topk, g_full, rtol=1e-4, atol=1e-7)
 
 
