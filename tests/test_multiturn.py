@@ -151,7 +151,7 @@ SHORT = ChatFormat(system_header="S:", user_header="U:", assistant_header="A:", 
 # tests share the compiled sampler.
 TINY = ["--model.num-layers", "1", "--model.max-seq-len", "560", "--data.seq-len", "496", "--env-max-len", "64",
         "--grpo.sampling.max-new-tokens", "8", "--data.num-demo", "4", "--checkpoint.no-tensorboard",
-        "--grpo.batch-size", "2", "--grpo.num-generations", "2"]
+        "--grpo.batch-size", "2", "--grpo.num-generations", "2", "--grpo.completions-every", "0"]
 
 
 def test_episodes_of_different_lengths_share_one_compiled_sampler_and_the_trainer_reproduces_its_logprobs():
