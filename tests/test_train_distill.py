@@ -76,6 +76,8 @@ def test_on_policy_reverse_kl_reward_runs(models):
         assert h["reward"] < 0                  # the mean reward estimates -KL(student || teacher)
     with pytest.raises(ValueError, match="lmbda = 1"):
         _config(lmbda=0.5, objective="kl_reward")
+    with pytest.raises(ValueError, match="teacher_topk"):
+        _config(lmbda=1.0, objective="kl_reward", teacher_topk=5)
 
 
 def test_mesh_of_eight_devices_equals_one_device(models, one_device):

@@ -93,6 +93,9 @@ class DistillConfig:
         config_check(self, self.objective != "kl_reward" or self.lmbda == 1.0,
                      f"objective 'kl_reward' is a policy gradient: it needs the student's own samples, lmbda = 1 "
                      f"(got {self.lmbda})")
+        config_check(self, self.objective != "kl_reward" or self.teacher_topk is None,
+                     "teacher_topk belongs to the divergence objective; 'kl_reward' reads the teacher's log-prob of "
+                     "each sampled token")
 
     @property
     def sample_config(self) -> SamplingConfig:
