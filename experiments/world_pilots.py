@@ -23,6 +23,7 @@ Writes OUT/<pilot>.json (settings, `provenance`, numbers) and prints a markdown 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import shlex
@@ -37,7 +38,7 @@ import numpy as np
 from rlhf_jax import tasks as world
 from rlhf_jax.config_cli import check_ranges, config_check, parse_cli
 from rlhf_jax.data import Batches, PreferenceRecord, SFTRecord, ShuffledIterator, collate_prompts
-from rlhf_jax.data.batching import Example, collate_preference, tokenize_preference
+from rlhf_jax.data.batching import Example, collate_preference, tokenize_preference, truncate
 from rlhf_jax.eval import sample_texts
 from rlhf_jax.generation import SamplingConfig
 from rlhf_jax.models import ModelConfig, init_params
@@ -46,6 +47,7 @@ from rlhf_jax.recipes.cards import provenance
 from rlhf_jax.tasks import skills
 from rlhf_jax.tokenizer import encode_chat, encode_prompt
 from rlhf_jax.train import stages
+from rlhf_jax.train.checkpoint import load_params, save_params
 from rlhf_jax.train.grpo import GRPOConfig
 from rlhf_jax.train.optim import OptimConfig
 from rlhf_jax.train.rl import decode_ids
@@ -119,11 +121,23 @@ class PilotConfig:
     """"rl": GRPO iterations (verifier reward: exact match; 16 train-key prompts x 8 samples, DAPO loss)."""
     grpo_lr: float = 1e-4
     """"rl": GRPO learning rate (constant)."""
+    pair_samples: int = 2
+    """"rl": SFT samples per reward-model prompt; every two of them with different gold scores make a pair."""
+    arms: tuple[str, ...] = ("grpo_verifier",)
+    """"rl": stages after the reward model: grpo_verifier (GRPO, exact-match verifier), grpo_rm (GRPO on the
+    reward model's scores), dpo (DPO on the gold-labelled train-key pairs, beta 0.1, AdamW 1e-4)."""
+    dpo_steps: int = 150
+    """"rl": DPO steps (batch 32)."""
+    cache: str | None = None
+    """Folder of pretrained models keyed by the pretraining settings (reused when present)."""
 
     def __post_init__(self):
         check_ranges(self, positive=("digits", "max_len", "corpus_docs", "pretrain_steps", "batch_size", "seq_len",
                                      "eval_every", "eval_prompts", "demos", "sft_steps", "k", "max_new_tokens",
-                                     "rm_prompts", "rm_steps", "best_of", "grpo_steps", "grpo_lr"))
+                                     "rm_prompts", "rm_steps", "best_of", "grpo_steps", "grpo_lr", "pair_samples",
+                                     "dpo_steps"))
+        config_check(self, set(self.arms) <= {"grpo_verifier", "grpo_rm", "dpo"},
+                     f"arms = {self.arms}: choose from grpo_verifier, grpo_rm, dpo")
         config_check(self, all(op in skills.OPS for op in self.ops), f"ops = {self.ops}: choose from {skills.OPS}")
         config_check(self, 0 <= self.p_correct <= 1 and 0 <= self.web_fraction < 1 and 0 <= self.flaw_rate <= 1,
                      "p_correct and flaw_rate must be in [0, 1], web_fraction in [0, 1)")
@@ -138,7 +152,7 @@ class PilotConfig:
             return self
         return dataclasses.replace(self, corpus_docs=3000, pretrain_steps=40, eval_every=20, eval_prompts=16,
                                    demos=16, sft_steps=10, k=2, batch_size=16, rm_prompts=16, rm_steps=4,
-                                   grpo_steps=2)
+                                   grpo_steps=2, dpo_steps=2)
 
 
 def _log(msg: str) -> None:
@@ -217,6 +231,30 @@ def pretrain(cfg: PilotConfig, sk, mc, dev_tasks, rng):
     return state.params, curve
 
 
+PRETRAIN_FIELDS = ("seed", "ops", "digits", "max_len", "salt", "p_correct", "prompt_loss", "web_fraction",
+                   "corpus_docs", "pretrain_steps", "batch_size", "seq_len", "eval_every", "eval_prompts", "quick")
+
+
+def cached_pretrain(cfg: PilotConfig, sk, mc, dev_tasks, rng):
+    """`pretrain`, or its params and curve from `cfg.cache` when a run with the same pretraining settings saved
+    them there."""
+    if cfg.cache is None:
+        return pretrain(cfg, sk, mc, dev_tasks, rng)
+    key = hashlib.sha1(json.dumps({f: getattr(cfg, f) for f in PRETRAIN_FIELDS}, sort_keys=True,
+                                  default=list).encode()).hexdigest()[:12]
+    folder = os.path.join(cfg.cache, f"pretrained-{key}")
+    if os.path.exists(os.path.join(folder, "curve.json")):
+        _log(f"pretrained model from {folder}")
+        _, params = load_params(folder)
+        with open(os.path.join(folder, "curve.json")) as f:
+            return jax.tree.map(np.asarray, params), json.load(f)
+    params, curve = pretrain(cfg, sk, mc, dev_tasks, rng)
+    save_params(folder, params, model_config=mc)
+    with open(os.path.join(folder, "curve.json"), "w") as f:
+        json.dump(curve, f)
+    return params, curve
+
+
 def sft(cfg: PilotConfig, base_params, mc, demos: list[tuple[skills.SkillTask, str]]):
     """The main job's SFT recipe (packed rows, loss on the answers, AdamW 3e-4 cosine) on (task, response) pairs."""
     records = [SFTRecord(messages=tuple(_messages(t, r))) for t, r in demos]
@@ -268,22 +306,26 @@ def _prompt_key(task: skills.SkillTask) -> str:
 
 
 def sample_pairs(params, tasks, mc, cfg, rng) -> list[PreferenceRecord]:
-    """Two SFT samples (temperature 1) per task, labelled by the gold score (exact, then partial credit); pairs
-    with equal scores are dropped."""
-    a, b = (answers(params, tasks, mc, cfg, 1.0, jax.random.fold_in(rng, i)) for i in (1, 2))
+    """`pair_samples` SFT samples (temperature 1) per task; every two with different gold scores (exact, then
+    partial credit) make a pair, the higher-scored one chosen."""
+    samples = [answers(params, tasks, mc, cfg, 1.0, jax.random.fold_in(rng, i + 1)) for i in range(cfg.pair_samples)]
     out = []
-    for t, x, y in zip(tasks, a, b):
-        sx, sy = (skills.gold_score(t, r) for r in (x, y))
-        kx, ky = (sx["exact"], sx["partial"]), (sy["exact"], sy["partial"])
-        if kx != ky:
-            chosen, rejected = (x, y) if kx > ky else (y, x)
-            out.append(PreferenceRecord(prompt=({"role": "user", "content": t.prompt},), chosen=chosen,
-                                        rejected=rejected))
+    for j, t in enumerate(tasks):
+        texts = list(dict.fromkeys(s[j] for s in samples))          # distinct answers only
+        keyed = [((g := skills.gold_score(t, r))["exact"], g["partial"], r) for r in texts]
+        for a in range(len(keyed)):
+            for b in range(a + 1, len(keyed)):
+                (ea, pa, ra), (eb, pb, rb) = keyed[a], keyed[b]
+                if (ea, pa) != (eb, pb):
+                    chosen, rejected = (ra, rb) if (ea, pa) > (eb, pb) else (rb, ra)
+                    out.append(PreferenceRecord(prompt=({"role": "user", "content": t.prompt},), chosen=chosen,
+                                                rejected=rejected))
     return out
 
 
 def pair_batch(records) -> dict:
-    return collate_preference([tokenize_preference(TOK, r) for r in records], buckets=(64,), pad_id=TOK.pad_id)
+    pairs = [tuple(truncate(e, 97) for e in tokenize_preference(TOK, r)) for r in records]   # cut and counted
+    return collate_preference(pairs, buckets=(96,), pad_id=TOK.pad_id)
 
 
 def rm_scores(reward_params, tasks, responses, mc) -> np.ndarray:
@@ -305,7 +347,7 @@ def reward_model(cfg, sft_params, mc, train, dev, rng) -> tuple[dict, dict]:
     if not train_pairs:      # every pair tied (e.g. --quick): nothing to learn from
         _log("reward model: no train-key pair with different gold scores; not trained")
         return {"accuracy": {"train": float("nan"), "train_pairs": 0, "dev": float("nan"),
-                             "dev_pairs": len(dev_pairs)}, f"best_of_{cfg.best_of}": None}, None
+                             "dev_pairs": len(dev_pairs)}, f"best_of_{cfg.best_of}": None}, None, train_pairs
     batches = Batches(ShuffledIterator(train_pairs, seed=cfg.seed), TOK, kind="preference", batch_size=32,
                       buckets=(64,))
     params = with_score_head(sft_params, mc, jax.random.PRNGKey(cfg.seed + 9))
@@ -328,15 +370,18 @@ def reward_model(cfg, sft_params, mc, train, dev, rng) -> tuple[dict, dict]:
            "gold": per_op(dev, exact.max(1))}
     _log(f"reward model: train acc {acc['train']:.3f} ({acc['train_pairs']} pairs), dev acc {acc['dev']:.3f} "
          f"({acc['dev_pairs']} pairs); best-of-{n} exact rm {bon['rm']} random {bon['random']} gold {bon['gold']}")
-    return {"accuracy": acc, f"best_of_{n}": bon, "final_loss": hist[-1]["loss"] if hist else None}, rp
+    return {"accuracy": acc, f"best_of_{n}": bon, "final_loss": hist[-1]["loss"] if hist else None}, rp, train_pairs
 
 
-def grpo(cfg, sft_params, mc, rl_tasks, train_eval, dev, flaw_mask, rng) -> dict:
-    """GRPO with the verifier (exact match) on train-key prompts; greedy exact match on the train-key evaluation
-    prompts (in distribution) and on dev keys (transfer, with the flaw keys apart) every third of the run."""
+def grpo(cfg, sft_params, mc, rl_tasks, train_eval, dev, flaw_mask, rng, reward_params=None) -> dict:
+    """GRPO on train-key prompts with the verifier (exact match), or with `reward_params` (a reward model's
+    scores); greedy exact match on the train-key evaluation prompts (in distribution) and on dev keys (transfer,
+    with the flaw keys apart) every third of the run."""
     table = {_prompt_key(t): t for t in (*rl_tasks, *train_eval)}
     verifier = lambda prompts, completions: np.array(  # noqa: E731
         [skills.gold_score(table[p], c)["exact"] for p, c in zip(prompts, completions)], np.float32)
+    reward = {"host_reward_fn": verifier, "tokenizer": TOK} if reward_params is None else {
+        "reward_params": reward_params}
     sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=1.0, eos_id=TOK.eos_id,
                               pad_id=TOK.pad_id)
     gcfg = GRPOConfig(num_steps=1, batch_size=16, num_generations=8, loss_type="dapo", sampling=sampling,
@@ -363,12 +408,27 @@ def grpo(cfg, sft_params, mc, rl_tasks, train_eval, dev, flaw_mask, rng) -> dict
     third = max(1, cfg.grpo_steps // 3)
     while done < cfg.grpo_steps:
         n = min(third, cfg.grpo_steps - done)
-        state, hist = stages.run_grpo(state, data, dataclasses.replace(gcfg, num_steps=n), model_config=mc,
-                                      host_reward_fn=verifier, tokenizer=TOK)
+        state, hist = stages.run_grpo(state, data, dataclasses.replace(gcfg, num_steps=n), model_config=mc, **reward)
         done += n
         rewards += [h["reward"] for h in hist]
         curve.append(point(state.params, done))
     return {"curve": curve, "train_reward": rewards}
+
+
+def dpo(cfg, sft_params, mc, pairs, train_eval, dev, flaw_mask, rng) -> dict:
+    """DPO (beta 0.1, AdamW 1e-4 constant, batch 32) on the gold-labelled pairs of SFT samples on train keys."""
+    batches = Batches(ShuffledIterator(pairs, seed=cfg.seed + 13), TOK, kind="preference", batch_size=32,
+                      buckets=(64,))
+    dcfg = stages.DPOConfig(num_steps=cfg.dpo_steps, log_every=cfg.dpo_steps, beta=0.1,
+                            optim=OptimConfig(learning_rate=1e-4))
+    state = create_train_state(sft_params, dcfg.optim, jax.random.PRNGKey(cfg.seed + 14), total_steps=cfg.dpo_steps)
+    state, _ = stages.run_dpo(state, batches, dcfg, model_config=mc, ref_params=sft_params)
+    tr = score(train_eval, answers(state.params, train_eval, mc, cfg, 0.0, rng))[0]
+    dv = score(dev, answers(state.params, dev, mc, cfg, 0.0, rng))[0]
+    out = {"train_greedy": per_op(train_eval, tr), "dev_greedy": per_op(dev, dv),
+           "dev_greedy_flaw_keys": per_op(dev, dv, flaw_mask), "pairs": len(pairs)}
+    _log(f"dpo: train {out['train_greedy']} dev {out['dev_greedy']} dev flaw keys {out['dev_greedy_flaw_keys']}")
+    return out
 
 
 def rl(cfg: PilotConfig, sk, mc, base_params, rng) -> dict:
@@ -388,13 +448,21 @@ def rl(cfg: PilotConfig, sk, mc, base_params, rng) -> dict:
     rm_train = skills.skill_set(ops, cfg.rm_prompts, cfg.seed + 5, "train", sk)
     rm_dev = skills.skill_set(ops, cfg.rm_prompts, cfg.seed + 6, "dev", sk)
     t0 = time.time()
-    out["reward_model"], _ = reward_model(cfg, sft_params, mc, rm_train, rm_dev, rng)
+    out["reward_model"], rm_params, pairs = reward_model(cfg, sft_params, mc, rm_train, rm_dev, rng)
     out["reward_model"]["wall_s"] = round(time.time() - t0, 1)
     rl_tasks = skills.skill_set(ops, 512, cfg.seed + 7, "train", sk)
     train_eval = skills.skill_set(ops, cfg.eval_prompts, cfg.seed + 8, "train", sk)
-    t0 = time.time()
-    out["grpo"] = grpo(cfg, sft_params, mc, rl_tasks, train_eval, dev, flaw_mask, rng)
-    out["grpo"]["wall_s"] = round(time.time() - t0, 1)
+    for arm in cfg.arms:
+        t0 = time.time()
+        if arm == "dpo":
+            out[arm] = dpo(cfg, sft_params, mc, pairs, train_eval, dev, flaw_mask, rng) if pairs else None
+        elif arm == "grpo_rm" and rm_params is None:
+            out[arm] = None
+        else:
+            out[arm] = grpo(cfg, sft_params, mc, rl_tasks, train_eval, dev, flaw_mask, rng,
+                            reward_params=rm_params if arm == "grpo_rm" else None)
+        if out[arm] is not None:
+            out[arm]["wall_s"] = round(time.time() - t0, 1)
     return out
 
 
@@ -429,12 +497,14 @@ def markdown(result: dict) -> str:
                   f"{result['settings']['best_of']} exact on dev keys: " + ", ".join(
                       f"{op}: rm {bon['rm'][op]:.2f}, random {bon['random'][op]:.2f}, gold {bon['gold'][op]:.2f}"
                       for op in bon["rm"])]
-        lines += ["", "GRPO with the verifier on train keys (greedy exact match)", "",
-                  "| step | op | train keys | dev keys | dev flaw keys |", "|---|---|---|---|---|"]
-        for p in r["grpo"]["curve"]:
-            for op in p["dev_greedy"]:
-                lines.append(f"| {p['step']} | {op} | {p['train_greedy'][op]:.2f} | {p['dev_greedy'][op]:.2f} | "
-                             f"{p['dev_greedy_flaw_keys'][op]:.2f} |")
+        lines += ["", "After SFT: each stage on train keys (greedy exact match)", "",
+                  "| stage | step | op | train keys | dev keys | dev flaw keys |", "|---|---|---|---|---|---|"]
+        for arm in result["settings"]["arms"]:
+            points = (r.get(arm) or {}).get("curve") or ([{**r[arm], "step": "end"}] if r.get(arm) else [])
+            for p in points:
+                for op in p["dev_greedy"]:
+                    lines.append(f"| {arm} | {p['step']} | {op} | {p['train_greedy'][op]:.2f} | "
+                                 f"{p['dev_greedy'][op]:.2f} | {p['dev_greedy_flaw_keys'][op]:.2f} |")
     return "\n".join(lines)
 
 
@@ -448,7 +518,7 @@ def run(cfg: PilotConfig, command: str) -> dict:
     rng = jax.random.PRNGKey(7000 + cfg.seed)
     t0 = time.time()
     dev = skills.skill_set(cfg.ops, cfg.eval_prompts, cfg.seed + 3, "dev", sk)
-    base, curve = pretrain(cfg, sk, mc, dev, rng)
+    base, curve = cached_pretrain(cfg, sk, mc, dev, rng)
     result = {"pilot": cfg.pilot, "settings": dataclasses.asdict(cfg), "model": {"d_model": mc.d_model,
               "num_layers": mc.num_layers, "num_heads": mc.num_heads}, "curve": curve}
     if cfg.pilot == "flawed":
