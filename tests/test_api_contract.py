@@ -153,6 +153,8 @@ def test_distillation_qlora_tools_and_environment_names():
     assert tools.parse_tool_calls('{"name": "f", "parameters": {}}', style="llama3") == [{"name": "f", "arguments": {}}]
     assert tools.parse_tool_calls("<tool_call>{bad</tool_call>") == []
     assert callable(envs.Environment.reset) and callable(envs.Environment.step)
+    from rlhf_jax.train import run_distill, run_grpo_env
+    assert callable(run_grpo_env) and callable(run_distill)
     assert set(cli.COMMANDS) >= {"sft", "reward", "ppo", "dpo", "kto", "online-dpo", "grpo", "distill", "export",
                                  "generate", "benchmark", "pipeline", "seeds"}
     loss, metrics = losses.distill_loss(np.zeros((1, 2, 3), np.float32), np.zeros((1, 2, 3), np.float32),

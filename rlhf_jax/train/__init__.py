@@ -16,6 +16,7 @@ from rlhf_jax.train.stages import (
     SFTConfig,
     run_dpo,
     run_grpo,
+    run_grpo_env,
     run_kto,
     run_loop,
     run_online_dpo,
