@@ -534,7 +534,7 @@ def eval_summary(hooks: list) -> dict:
 
 # ------------------------------------------------------------------------------------ real checkpoints
 TRL_LEARNING_RATES = {"sft": 2e-5, "reward": 1e-4, "dpo": 1e-6, "kto": 1e-6, "online_dpo": 5e-7, "grpo": 1e-6,
-                      "ppo": 3e-6}
+                      "ppo": 3e-6, "distill": 2e-5}
 """TRL's default learning rate of each trainer (SFTConfig, RewardConfig, DPOConfig, ...). The commands' own
 defaults suit the tiny models they train from scratch (1e-3 and up), and would wreck a pretrained checkpoint."""
 

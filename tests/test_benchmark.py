@@ -8,6 +8,7 @@ against anything but positivity).
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -95,7 +96,9 @@ def test_whole_benchmark_runs_without_tyro_and_writes_json(tmp_path):
     env = {**os.environ, "JAX_PLATFORMS": "cpu",
            "XLA_FLAGS": "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"}
     argv = ["--preset", "tiny", "--steps", "2", "--warmup", "0", "--peak-size", "256", "--json", str(out),
-            "--sft-seq", "32", "--dpo-seq", "32", "--reward-seq", "32", "--ppo-prompts", "4", "--ppo-epochs", "1"]
+            "--sft-seq", "32", "--dpo-seq", "32", "--reward-seq", "32", "--ppo-prompts", "4", "--ppo-epochs", "1",
+            "--benchmarks", "sft,reward,dpo,simpo,orpo,kto,generate,ppo,grpo,lora_sft,lora_dpo,distill,qlora_sft,"
+            "qlora_dpo"]
     proc = subprocess.run([sys.executable, "-c", _RUN, *argv], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -104,7 +107,8 @@ def test_whole_benchmark_runs_without_tyro_and_writes_json(tmp_path):
     assert report["device"]["platform"] == "cpu" and report["model"]["dtype"] == "float32"
     names = [r["name"] for r in report["results"]]
     assert names == ["sft", "reward", "dpo", "simpo", "orpo", "kto", "generate", "ppo/sample", "ppo/rollout", "ppo/update", "ppo/iteration",
-                     "grpo/sample", "grpo/rollout", "grpo/update", "lora_sft", "lora_dpo"]
+                     "grpo/sample", "grpo/rollout", "grpo/update", "lora_sft", "lora_dpo", "distill", "qlora_sft",
+                     "qlora_dpo"]
     z = report["lora_sizes"]["llama-1b"]                        # from shapes: rank 16 on every projection
     n = ModelConfig.preset("llama-1b").num_params()            # which leaves out the norms' 67,584 scales
     assert 0 <= z["base_params"] - n < 1e-4 * n and 0 < z["adam_ratio"] < 0.02
@@ -121,6 +125,9 @@ def test_whole_benchmark_runs_without_tyro_and_writes_json(tmp_path):
         assert r["peak_bytes"] is None                  # the CPU allocator reports no peak
     sft = report["results"][0]
     assert sft["tokens_per_step"] == 2 * 32 and sft["flops_per_step"] == bm.train_flops(cfg, 64, 32)
+    distill = report["results"][names.index("distill")]     # student forward/backward + teacher forward
+    B, P, N = map(int, re.fullmatch(r"(\d+)x\((\d+)\+(\d+)\)", distill["shape"]).groups())
+    assert distill["flops_per_step"] == bm.distill_flops(cfg, B, P, N)
     dpo = report["results"][2]
     assert dpo["flops_per_step"] == bm.train_flops(cfg, 128, 32) + bm.forward_flops(cfg, 128, 32)
     ppo = report["ppo"]

@@ -159,6 +159,8 @@ def _help_text(module, capsys):
              "--data.kind {None}|STR", "(default: runs/kto)"]),
     ("ppo", ["--init {None}|STR", "--reward-init", "--ppo.clip-eps FLOAT", "--ppo.kl-coef FLOAT", "(default: 0.2)",
              "--ppo.value-optim.learning-rate FLOAT"]),
+    ("distill", ["--teacher {None}|STR", "--distill.lmbda FLOAT", "--distill.beta FLOAT",
+                 "--distill.temperature FLOAT", "--distill.objective {divergence,kl_reward}"]),
     ("grpo", ["--reward STR", "--grpo.num-generations INT", "--grpo.clip-eps-high {None}|FLOAT",
               "--grpo.loss-type {grpo,dapo,dr_grpo,gspo,cispo}", "--grpo.advantage", "--grpo.kl-in {loss,reward}",
               "--grpo.sampling.temperature FLOAT"]),

@@ -150,14 +150,3 @@ def test_command_trains_a_lora_student_and_refuses_a_teacher_of_another_vocabula
     assert capsys.readouterr().err == f"error: --teacher {tmp_path / 'nowhere'}: no such folder\n"
     assert distill.main([*argv[:2], *argv[4:]]) == 2
     assert capsys.readouterr().err.startswith("error: --teacher DIR is required")
-
-
-def test_benchmark_row_runs_on_the_cpu():
-    from rlhf_jax.cli import benchmark as bm
-
-    report = bm.run_benchmarks(bm.BenchConfig(preset="tiny", benchmarks="distill", steps=1, warmup=0, peak_size=64,
-                                              sft_seq=8))
-    (row,) = report["results"]
-    assert row["name"] == "distill" and row["shape"] == "2x(4+4)" and row["median_ms"] > 0
-    assert row["flops_per_step"] == bm.distill_flops(ModelConfig.preset("tiny"), 2, 4, 4)
-    assert report["distill"] is None                     # no sft row to compare with

@@ -24,12 +24,11 @@ from rlhf_jax.runner import (
     CheckpointSpec,
     DataSpec,
     RunOptions,
+    checkpoint_defaults,
     finish_report,
-    hf_base,
     init_model,
     load_data,
     make_run_mesh,
-    notice,
     run_stage,
     save_final,
     setup_error,
@@ -40,10 +39,6 @@ from rlhf_jax.runner import (
 from rlhf_jax.train.distill import DistillConfig, check_vocabularies, run_distill, sft_to_distill_batch
 from rlhf_jax.train.optim import OptimConfig
 from rlhf_jax.train.stages import NonFiniteLossError
-
-TRL_LEARNING_RATE = 2e-5
-"""TRL's GKDConfig learning rate (inherited from SFTConfig): the default for a Hugging Face student."""
-
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DistillExperiment(RunOptions):
@@ -68,19 +63,6 @@ class DistillExperiment(RunOptions):
     """Checkpoint schedule and logging outputs."""
 
 
-def _hf_learning_rate(cfg: DistillExperiment, argv) -> DistillExperiment:
-    """TRL's learning rate for a Hugging Face student unless the command line sets one (said in a notice)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    given = any(a.startswith("--distill.optim.learning-rate") or a == "--config" for a in argv)
-    lr = cfg.distill.optim.learning_rate
-    if hf_base(cfg.init) is None or given or lr == TRL_LEARNING_RATE:
-        return cfg
-    notice(f"[distill] --init {cfg.init} is a Hugging Face checkpoint: TRL's GKD default "
-           f"--distill.optim.learning-rate {TRL_LEARNING_RATE:g} (was {lr:g}); pass a flag to choose")
-    optim = dataclasses.replace(cfg.distill.optim, learning_rate=TRL_LEARNING_RATE)
-    return dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, optim=optim))
-
-
 def _check_lengths(c: DistillConfig, mc, name: str):
     if c.max_prompt_len + c.sampling.max_new_tokens > mc.max_seq_len:
         raise ValueError(f"--distill.max-prompt-len {c.max_prompt_len} + --distill.sampling.max-new-tokens "
@@ -89,7 +71,7 @@ def _check_lengths(c: DistillConfig, mc, name: str):
 
 
 def main(argv=None) -> int:
-    cfg = _hf_learning_rate(parse_cli(DistillExperiment, argv, prog="rlhf-jax distill"), argv)
+    cfg = checkpoint_defaults(parse_cli(DistillExperiment, argv, prog="rlhf-jax distill"), argv, "distill")
     try:
         if cfg.teacher is None:
             raise ValueError("--teacher DIR is required: the teacher's folder (a run's final/ or a Hugging Face "

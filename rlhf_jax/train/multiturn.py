@@ -43,7 +43,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax.data import ShuffledIterator
 from rlhf_jax.envs import Environment, EpisodeBudget
 from rlhf_jax.generation import SamplingConfig, sample
 from rlhf_jax.lora import LoraConfig
@@ -217,6 +216,9 @@ class TaskBatches:
     `state()` / `restore()` keep the position in checkpoints, so that a resumed run sees the same tasks."""
 
     def __init__(self, tasks: Sequence[Any], *, batch_size: int, seed: int = 0):
+        # Imported here: rlhf_jax.data loads tensorflow_datasets, which the stages (and the GPU benchmark) do not need.
+        from rlhf_jax.data.iterators import ShuffledIterator
+
         self.items, self.batch_size = ShuffledIterator(list(tasks), seed=seed), batch_size
 
     def __iter__(self):
