@@ -1,5 +1,6 @@
 """QLoRA: NF4 quantisation against a numpy re-derivation (loops over blocks) and bytes made by bitsandbytes, the
 round-trip error bound, and LoRA over a 4-bit base (logits, training, peft on the full-precision base)."""
+import json
 import math
 
 import jax
@@ -300,3 +301,18 @@ def test_lora_quantize_needs_a_rank_and_a_4bit_base(capsys, qlora_sft):
         trainable_state(run, params, cfg, OptimConfig(schedule="constant"), 4)
     with pytest.raises(ValueError, match="--mesh"):
         trainable_state(sft.SFTExperiment(lora=run.lora, mesh=(1, 1, 1)), base, cfg, OptimConfig(), 4)
+
+
+def test_dpo_command_trains_adapters_over_the_nf4_base_with_it_as_the_reference(tmp_path):
+    """`rlhf-jax dpo --lora.rank R --lora.quantize nf4`: the policy is the NF4 base plus adapters (b = 0 at the
+    start) and the reference is the same NF4 base without them, so the first step's implicit rewards are exactly
+    zero (a full-precision reference would differ from the 4-bit policy); the final params load."""
+    from rlhf_jax.cli import dpo
+    out = tmp_path / "run"
+    assert dpo.main(["--out", str(out), "--model.num-layers", "1", "--data.num-demo", "8", "--data.batch-size", "4",
+                     "--data.seq-len", "32", "--model.max-seq-len", "32", "--dpo.num-steps", "1", "--dpo.log-every",
+                     "1", "--dpo.optim.warmup-steps", "0", "--lora.rank", "2", "--lora.quantize", "nf4",
+                     "--checkpoint.no-tensorboard"]) == 0
+    (line,) = [json.loads(x) for x in open(out / "dpo" / "metrics.jsonl")]
+    assert line["rewards/chosen"] == 0.0 and line["rewards/rejected"] == 0.0, line
+    assert (out / "dpo" / "final" / "model_config.json").exists()

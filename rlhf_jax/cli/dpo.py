@@ -68,8 +68,8 @@ def main(argv=None) -> int:
                                 tokenizer=tok)
         check_row_length(cfg.data.seq_len, mc)
         # On the device once (a no-op for device arrays); the train state makes its own copy to donate.
-        ref_params = jax.device_put(params)
-        state, lora = trainable_state(cfg, params, mc, cfg.dpo.optim, cfg.dpo.num_steps)
+        ref_params = jax.device_put(cfg.lora.base(params))
+        state, lora = trainable_state(cfg, ref_params, mc, cfg.dpo.optim, cfg.dpo.num_steps)
         evaluate = functools.partial(dpo_eval, model_config=mc, beta=cfg.dpo.beta, loss_type=cfg.dpo.loss_type,
                                      label_smoothing=cfg.dpo.label_smoothing, reference_free=cfg.dpo.reference_free,
                                      rpo_alpha=cfg.dpo.rpo_alpha, simpo_gamma=cfg.dpo.simpo_gamma,

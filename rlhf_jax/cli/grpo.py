@@ -248,8 +248,8 @@ def main(argv=None) -> int:
                                  "use --reward model")
             rewards.update(host_reward_fn=_host_reward(cfg, tok), tokenizer=tok)
         # On the device once; the train state makes its own copy to donate.
-        ref = jax.device_put(policy) if grpo_cfg.kl_coef > 0 or cfg.lora.rank else None
-        state, lora = trainable_state(cfg, policy, mc, grpo_cfg.optim,
+        ref = jax.device_put(cfg.lora.base(policy)) if grpo_cfg.kl_coef > 0 or cfg.lora.rank else None
+        state, lora = trainable_state(cfg, policy if ref is None else ref, mc, grpo_cfg.optim,
                                       grpo_cfg.num_steps * grpo_cfg.updates_per_iteration)
     except (ValueError, OSError) as e:  # DataError is a ValueError
         return setup_error(e)

@@ -69,8 +69,8 @@ def main(argv=None) -> int:
         mc, params = init_model(cfg.preset, cfg.model, jax.random.key(cfg.seed), init=cfg.init,
                                 tokenizer=tok)
         check_row_length(cfg.data.seq_len, mc)
-        ref_params = jax.device_put(params)
-        state, lora = trainable_state(cfg, params, mc, cfg.kto.optim, cfg.kto.num_steps)
+        ref_params = jax.device_put(cfg.lora.base(params))
+        state, lora = trainable_state(cfg, ref_params, mc, cfg.kto.optim, cfg.kto.num_steps)
         evaluate = functools.partial(kto_eval, model_config=mc, beta=cfg.kto.beta,
                                      desirable_weight=cfg.kto.desirable_weight,
                                      undesirable_weight=cfg.kto.undesirable_weight)

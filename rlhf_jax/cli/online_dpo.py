@@ -106,8 +106,8 @@ def main(argv=None) -> int:
                 raise ValueError("--judge world scores the built-in prompts: leave --data.path unset (or use "
                                  "--judge model)")
             judge["host_reward_fn"] = gold
-        ref = jax.device_put(policy)
-        state, lora = trainable_state(cfg, policy, mc, stage_cfg.optim, stage_cfg.num_steps * stage_cfg.num_updates)
+        ref = jax.device_put(cfg.lora.base(policy))
+        state, lora = trainable_state(cfg, ref, mc, stage_cfg.optim, stage_cfg.num_steps * stage_cfg.num_updates)
     except (ValueError, OSError) as e:  # DataError is a ValueError
         return setup_error(e)
     try:

@@ -105,8 +105,8 @@ def main(argv=None) -> int:
         if "score_head" not in reward:
             reward = with_score_head(reward, mc, k_head)
         # On the device once (a no-op for device arrays); the train states make their own copies to donate.
-        ref, reward = jax.device_put((policy, reward))
-        state = init_ppo_state(policy, ppo_cfg, model_config=mc, rng=k_state, reward_params=reward, lora=lora)
+        ref, reward = jax.device_put((cfg.lora.base(policy), reward))
+        state = init_ppo_state(ref, ppo_cfg, model_config=mc, rng=k_state, reward_params=reward, lora=lora)
     except (ValueError, OSError) as e:  # DataError is a ValueError
         return setup_error(e)
     try:

@@ -75,7 +75,7 @@ def main(argv=None) -> int:
         if "score_head" not in params:
             params = with_score_head(params, mc, k_head)
         if cfg.lora.rank:                  # LoRA: the trunk is the frozen base, the head trains with the adapters
-            head, params = params["score_head"], {k: v for k, v in params.items() if k != "score_head"}
+            head, params = params["score_head"], cfg.lora.base({k: v for k, v in params.items() if k != "score_head"})
         state, lora = trainable_state(cfg, params, mc, cfg.reward.optim, cfg.reward.num_steps,
                                       head=head if cfg.lora.rank else None)
         base = {"base_params": params} if lora else {}

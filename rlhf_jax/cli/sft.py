@@ -67,6 +67,7 @@ def main(argv=None) -> int:
         mc, params = init_model(cfg.preset, cfg.model, jax.random.key(cfg.seed), init=cfg.init,
                                 tokenizer=tok)
         check_row_length(cfg.data.seq_len, mc)
+        params = cfg.lora.base(params)
         state, lora = trainable_state(cfg, params, mc, cfg.sft.optim, cfg.sft.num_steps)
         base = {"base_params": params} if lora else {}
         evaluate = functools.partial(sft_eval, model_config=mc)

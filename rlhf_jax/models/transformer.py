@@ -37,6 +37,7 @@ from jax import lax
 
 from rlhf_jax.models.config import ModelConfig
 from rlhf_jax.models.head import head_matmul
+from rlhf_jax.quant import dequantize_params
 
 _normal = nn.initializers.normal
 
@@ -545,14 +546,14 @@ def forward_hidden(params, tokens, *, config: ModelConfig, positions=None, segme
     """
     _check_len(config, tokens.shape[1])
     mask = _attention_mask(segment_ids, seq_lengths)
-    return _module(config, params).apply({"params": params}, tokens, _default_positions(tokens, positions), mask,
-                                         method=Transformer.hidden)
+    return _module(config, params).apply({"params": dequantize_params(params)}, tokens,
+                                         _default_positions(tokens, positions), mask, method=Transformer.hidden)
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
 def lm_logits(params, hidden, *, config: ModelConfig):
     """hidden [B,T,D] -> logits [B,T,V] float32 (tied embedding or lm_head)."""
-    return _module(config, params).apply({"params": params}, hidden, method=Transformer.logits)
+    return _module(config, params).apply({"params": dequantize_params(params)}, hidden, method=Transformer.logits)
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
@@ -584,7 +585,7 @@ def scalar_forward(params, tokens, *, config: ModelConfig, positions=None, segme
 @functools.partial(jax.jit, static_argnames=("config",))
 def scalar_head(params, hidden, *, config: ModelConfig):
     """hidden [B,T,D] -> scalar head output [B,T] float32 (e.g. values at chosen positions only)."""
-    return _module(config, params).apply({"params": params}, hidden, method=Transformer.score)
+    return _module(config, params).apply({"params": dequantize_params(params)}, hidden, method=Transformer.score)
 
 
 def init_cache(config: ModelConfig, batch: int, max_len: int) -> KVCache:
@@ -631,6 +632,7 @@ def _forward_cached(params, tokens, config, cache, positions, key_mask, index, *
     new_keys = lax.dynamic_slice_in_dim(key_mask, index, T, axis=1)                       # [B,T]
     t = jnp.arange(T)
     new_visible = (new_keys[:, None, :] & (t[None, None, :] <= t[None, :, None])) | jnp.eye(T, dtype=bool)
+    params = dequantize_params(params)
     layers = params["layers"]
     if not isinstance(layers, tuple):
         layers = split_layers(params)["layers"]
@@ -663,6 +665,7 @@ def decode_params(params, config: ModelConfig):
     `_Norm` reads in float32, are kept): a decode loop then reads 16-bit weights instead of re-casting float32
     ones every step. The forward pass computes the same values either way."""
     dtype = config.compute_dtype
+    params = dequantize_params(params)
 
     def cast(path, x):
         keep = any("norm" in str(getattr(k, "key", "")) for k in path)
