@@ -128,6 +128,12 @@ class PilotConfig:
     reward model's scores), dpo (DPO on the gold-labelled train-key pairs, beta 0.1, AdamW 1e-4)."""
     dpo_steps: int = 150
     """"rl": DPO steps (batch 32)."""
+    dpo_beta: float = 0.1
+    """"rl": DPO's beta."""
+    dpo_lr: float = 1e-4
+    """"rl": DPO learning rate (constant)."""
+    grpo_kl: float = 0.0
+    """"rl": GRPO's KL coefficient towards the SFT model (k3 estimator, in the loss)."""
     cache: str | None = None
     """Folder of pretrained models keyed by the pretraining settings (reused when present)."""
 
@@ -135,7 +141,7 @@ class PilotConfig:
         check_ranges(self, positive=("digits", "max_len", "corpus_docs", "pretrain_steps", "batch_size", "seq_len",
                                      "eval_every", "eval_prompts", "demos", "sft_steps", "k", "max_new_tokens",
                                      "rm_prompts", "rm_steps", "best_of", "grpo_steps", "grpo_lr", "pair_samples",
-                                     "dpo_steps"))
+                                     "dpo_steps", "dpo_beta", "dpo_lr"), non_negative=("grpo_kl",))
         config_check(self, set(self.arms) <= {"grpo_verifier", "grpo_rm", "dpo"},
                      f"arms = {self.arms}: choose from grpo_verifier, grpo_rm, dpo")
         config_check(self, all(op in skills.OPS for op in self.ops), f"ops = {self.ops}: choose from {skills.OPS}")
@@ -385,7 +391,7 @@ def grpo(cfg, sft_params, mc, rl_tasks, train_eval, dev, flaw_mask, rng, reward_
     sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=1.0, eos_id=TOK.eos_id,
                               pad_id=TOK.pad_id)
     gcfg = GRPOConfig(num_steps=1, batch_size=16, num_generations=8, loss_type="dapo", sampling=sampling,
-                      optim=OptimConfig(learning_rate=cfg.grpo_lr), log_every=1)
+                      optim=OptimConfig(learning_rate=cfg.grpo_lr), log_every=1, kl_coef=cfg.grpo_kl)
     prng = np.random.default_rng(cfg.seed + 11)
 
     def batches():
@@ -397,8 +403,10 @@ def grpo(cfg, sft_params, mc, rl_tasks, train_eval, dev, flaw_mask, rng, reward_
     def point(params, step):
         tr = score(train_eval, answers(params, train_eval, mc, cfg, 0.0, rng))[0]
         dv = score(dev, answers(params, dev, mc, cfg, 0.0, rng))[0]
+        responses = answers(params, dev[:4], mc, cfg, 0.0, rng)
         p = {"step": step, "train_greedy": per_op(train_eval, tr), "dev_greedy": per_op(dev, dv),
-             "dev_greedy_flaw_keys": per_op(dev, dv, flaw_mask)}
+             "dev_greedy_flaw_keys": per_op(dev, dv, flaw_mask),
+             "examples": [[t.prompt, r, t.answer] for t, r in zip(dev[:4], responses)]}
         _log(f"grpo step {step}: train {p['train_greedy']} dev {p['dev_greedy']} dev flaw keys "
              f"{p['dev_greedy_flaw_keys']}")
         return p
@@ -408,7 +416,8 @@ def grpo(cfg, sft_params, mc, rl_tasks, train_eval, dev, flaw_mask, rng, reward_
     third = max(1, cfg.grpo_steps // 3)
     while done < cfg.grpo_steps:
         n = min(third, cfg.grpo_steps - done)
-        state, hist = stages.run_grpo(state, data, dataclasses.replace(gcfg, num_steps=n), model_config=mc, **reward)
+        state, hist = stages.run_grpo(state, data, dataclasses.replace(gcfg, num_steps=n), model_config=mc,
+                                      ref_params=sft_params if cfg.grpo_kl else None, **reward)
         done += n
         rewards += [h["reward"] for h in hist]
         curve.append(point(state.params, done))
@@ -416,17 +425,19 @@ def grpo(cfg, sft_params, mc, rl_tasks, train_eval, dev, flaw_mask, rng, reward_
 
 
 def dpo(cfg, sft_params, mc, pairs, train_eval, dev, flaw_mask, rng) -> dict:
-    """DPO (beta 0.1, AdamW 1e-4 constant, batch 32) on the gold-labelled pairs of SFT samples on train keys."""
+    """DPO (dpo_beta, AdamW dpo_lr constant, batch 32) on the gold-labelled pairs of SFT samples on train keys."""
     batches = Batches(ShuffledIterator(pairs, seed=cfg.seed + 13), TOK, kind="preference", batch_size=32,
                       buckets=(64,))
-    dcfg = stages.DPOConfig(num_steps=cfg.dpo_steps, log_every=cfg.dpo_steps, beta=0.1,
-                            optim=OptimConfig(learning_rate=1e-4))
+    dcfg = stages.DPOConfig(num_steps=cfg.dpo_steps, log_every=cfg.dpo_steps, beta=cfg.dpo_beta,
+                            optim=OptimConfig(learning_rate=cfg.dpo_lr))
     state = create_train_state(sft_params, dcfg.optim, jax.random.PRNGKey(cfg.seed + 14), total_steps=cfg.dpo_steps)
     state, _ = stages.run_dpo(state, batches, dcfg, model_config=mc, ref_params=sft_params)
     tr = score(train_eval, answers(state.params, train_eval, mc, cfg, 0.0, rng))[0]
     dv = score(dev, answers(state.params, dev, mc, cfg, 0.0, rng))[0]
     out = {"train_greedy": per_op(train_eval, tr), "dev_greedy": per_op(dev, dv),
-           "dev_greedy_flaw_keys": per_op(dev, dv, flaw_mask), "pairs": len(pairs)}
+           "dev_greedy_flaw_keys": per_op(dev, dv, flaw_mask), "pairs": len(pairs),
+           "examples": [[t.prompt, r, t.answer] for t, r in zip(dev[:4], answers(state.params, dev[:4], mc, cfg, 0.0,
+                                                                                rng))]}
     _log(f"dpo: train {out['train_greedy']} dev {out['dev_greedy']} dev flaw keys {out['dev_greedy_flaw_keys']}")
     return out
 
