@@ -205,13 +205,13 @@ def test_errors(checkpoints, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({**cfg, "model_type": "bert"}))
     with pytest.raises(CheckpointError, match=r"config.json.*model_type.*'bert'"):
         load_pretrained(tmp_path)
-    scaled = {**cfg, "rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}}
+    scaled = {**cfg, "rope_parameters": {"rope_type": "dynamic", "rope_theta": 5e5, "factor": 8.0}}
     (tmp_path / "config.json").write_text(json.dumps(scaled))
-    with pytest.raises(NotImplementedError, match=r"config.json.*rope_parameters.*llama3"):
+    with pytest.raises(NotImplementedError, match=r"config.json.*rope_parameters.*dynamic"):
         load_pretrained(tmp_path)
-    legacy = {**cfg, "rope_scaling": {"type": "linear", "factor": 2.0}}
+    legacy = {**cfg, "rope_scaling": {"type": "dynamic", "factor": 2.0}}
     (tmp_path / "config.json").write_text(json.dumps(legacy))
-    with pytest.raises(NotImplementedError, match=r"config.json.*rope_scaling.*linear"):
+    with pytest.raises(NotImplementedError, match=r"config.json.*rope_scaling.*dynamic"):
         load_pretrained(tmp_path)
 
 

@@ -223,3 +223,22 @@ def test_longrope_phi3_logits_switch_like_transformers(tmp_path):
         ref = _hf_logits(model, tokens)
         _close(forward(params, tokens, config=config), ref)
         _close(_hf_logits(reloaded.eval(), tokens), ref)
+
+
+def test_llama_3_rope_scaling_logits_and_export_match_transformers(tmp_path):
+    """Llama-3.1 / 3.2's rope_type "llama3" (their config.json's) on a tiny Llama: logits as transformers' through
+    import, and an export that transformers reads back to the same logits."""
+    rope = {"rope_type": "llama3", "rope_theta": 100.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 8}
+    hf = transformers.LlamaConfig(vocab_size=61, rope_parameters=rope, **SMALL)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(hf, attn_implementation="eager").eval()
+    model.save_pretrained(tmp_path / "hf")
+    config, params = load_pretrained(tmp_path / "hf")
+    assert config.rope_type == "llama3" and config.rope_factor == 8.0
+    save_pretrained(config, params, tmp_path / "ours")
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ours", attn_implementation="eager")
+    tokens = _tokens(config.vocab_size, seed=3, shape=(B, 14))
+    ref = _hf_logits(model, tokens)
+    _close(forward(params, tokens, config=config), ref)
+    _close(_hf_logits(reloaded.eval(), tokens), ref)

@@ -107,7 +107,7 @@ def config_from_hf(hf: dict[str, Any], *, source: str = "config.json", **overrid
             field = "rope_scaling" if legacy else "rope_parameters.full_attention"
         else:
             rope = rope_params | legacy
-        rope_extra = _rope_fields(rope, hf, source, field, scaling=model_type not in ("llama", "qwen2", "mistral"))
+        rope_extra = _rope_fields(rope, hf, source, field, scaling=True)
         rotary = float(rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)))
         layer_types = hf.get("layer_types") or []
         sliding = model_type == "mistral" or hf.get("use_sliding_window") or "sliding_attention" in layer_types
@@ -175,8 +175,8 @@ def _rope_fields(rope: dict, hf: dict, source: str, field: str, *, scaling: bool
     if kind == "default":
         return {}
     if not scaling or kind not in _ROPE_TYPES:
-        where = "the Llama, Qwen2 and Mistral mappings implement plain RoPE only" if not scaling and \
-            kind in _ROPE_TYPES else f"implemented rope types: {list(_ROPE_TYPES)}"
+        where = "these layers take plain RoPE only" if not scaling and kind in _ROPE_TYPES else \
+            f"implemented rope types: {list(_ROPE_TYPES)}"
         raise NotImplementedError(f"{source}: field {field!r} = {kind!r} is not supported: {where}")
     for key in ("mscale", "mscale_all_dim"):
         if rope.get(key):
@@ -354,7 +354,7 @@ _FAMILY_FIELDS = {  # ModelConfig fields beyond the Llama core that a family's c
 }
 _ROPE_SCALING = {"rope_type", "rope_factor", "rope_original_max_len", "rope_low_freq_factor", "rope_high_freq_factor",
                  "rope_beta_fast", "rope_beta_slow", "rope_attention_factor", "rope_short_factor", "rope_long_factor"}
-for _family in ("qwen3", "olmo2", "smollm3", "phi3", "gemma3_text", "gemma2"):
+for _family in ("llama", "qwen2", "mistral", "qwen3", "olmo2", "smollm3", "phi3", "gemma3_text", "gemma2"):
     _FAMILY_FIELDS[_family] |= _ROPE_SCALING
 _FAMILY_VALUES = {  # fields a family fixes
     "qwen3": {"qk_norm": "head"},
