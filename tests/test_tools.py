@@ -414,3 +414,13 @@ def test_environments_by_name_and_import_path(tmp_path):
     for t in tasks:   # every generated task has the answer Python gives
         env.reset(t)
         assert env.answer == eval(t["expression"])
+
+
+def test_the_docs_custom_environment_runs_as_written():
+    """docs/tools.md's "Your own environment" block, executed as written (its asserts included)."""
+    text = (Path(__file__).resolve().parents[1] / "docs" / "tools.md").read_text()
+    section = text.split("### Your own environment", 1)[1].split("\n## ", 1)[0]
+    (block,) = re.findall(r"```python\n(.*?)```", section, re.S)
+    namespace = {}
+    exec(compile(block, "docs/tools.md", "exec"), namespace)
+    assert namespace["episode"].messages[-1]["content"] == "37"
