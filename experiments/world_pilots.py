@@ -125,7 +125,11 @@ class PilotConfig:
     """"rl": SFT samples per reward-model prompt; every two of them with different gold scores make a pair."""
     arms: tuple[str, ...] = ("grpo_verifier",)
     """"rl": stages after the reward model: grpo_verifier (GRPO, exact-match verifier), grpo_rm (GRPO on the
-    reward model's scores), dpo (DPO on the gold-labelled train-key pairs, beta 0.1, AdamW 1e-4)."""
+    reward model's scores), dpo (DPO on the gold-labelled train-key pairs), rft_verifier / rft_rm (rejection-
+    sampling fine-tuning: `rft_samples` SFT samples of each of 512 train-key prompts, the verifier's right ones or
+    the reward model's best one, then the SFT recipe on them)."""
+    rft_samples: int = 8
+    """"rl": samples per prompt of the rft arms (GRPO's group size)."""
     dpo_steps: int = 150
     """"rl": DPO steps (batch 32)."""
     dpo_beta: float = 0.1
@@ -141,9 +145,9 @@ class PilotConfig:
         check_ranges(self, positive=("digits", "max_len", "corpus_docs", "pretrain_steps", "batch_size", "seq_len",
                                      "eval_every", "eval_prompts", "demos", "sft_steps", "k", "max_new_tokens",
                                      "rm_prompts", "rm_steps", "best_of", "grpo_steps", "grpo_lr", "pair_samples",
-                                     "dpo_steps", "dpo_beta", "dpo_lr"), non_negative=("grpo_kl",))
-        config_check(self, set(self.arms) <= {"grpo_verifier", "grpo_rm", "dpo"},
-                     f"arms = {self.arms}: choose from grpo_verifier, grpo_rm, dpo")
+                                     "dpo_steps", "dpo_beta", "dpo_lr", "rft_samples"), non_negative=("grpo_kl",))
+        config_check(self, set(self.arms) <= {"grpo_verifier", "grpo_rm", "dpo", "rft_verifier", "rft_rm"},
+                     f"arms = {self.arms}: choose from grpo_verifier, grpo_rm, dpo, rft_verifier, rft_rm")
         config_check(self, all(op in skills.OPS for op in self.ops), f"ops = {self.ops}: choose from {skills.OPS}")
         config_check(self, 0 <= self.p_correct <= 1 and 0 <= self.web_fraction < 1 and 0 <= self.flaw_rate <= 1,
                      "p_correct and flaw_rate must be in [0, 1], web_fraction in [0, 1)")
@@ -442,6 +446,32 @@ def dpo(cfg, sft_params, mc, pairs, train_eval, dev, flaw_mask, rng) -> dict:
     return out
 
 
+def rft(cfg, sft_params, mc, rl_tasks, train_eval, dev, flaw_mask, rng, reward_params=None) -> dict:
+    """Rejection-sampling fine-tuning: `rft_samples` SFT samples (temperature 1) per train-key prompt; with the
+    verifier each distinct right one is kept, with the reward model the best-scored one; then `sft` on them."""
+    samples = [answers(sft_params, rl_tasks, mc, cfg, 1.0, jax.random.fold_in(rng, 300 + i))
+               for i in range(cfg.rft_samples)]
+    if reward_params is None:
+        demos = [(t, r) for j, t in enumerate(rl_tasks) for r in dict.fromkeys(s[j] for s in samples)
+                 if skills.gold_score(t, r)["exact"] == 1.0]
+    else:
+        scores = np.stack([rm_scores(reward_params, rl_tasks, s, mc) for s in samples], 1)       # [P, n]
+        demos = [(t, samples[int(scores[j].argmax())][j]) for j, t in enumerate(rl_tasks)]
+    if not demos:                      # no sample right (e.g. --quick): nothing to fine-tune on
+        _log("rft: no sample the verifier accepts; not trained")
+        return None
+    params = sft(cfg, sft_params, mc, demos)
+    tr = score(train_eval, answers(params, train_eval, mc, cfg, 0.0, rng))[0]
+    dv = score(dev, answers(params, dev, mc, cfg, 0.0, rng))[0]
+    out = {"train_greedy": per_op(train_eval, tr), "dev_greedy": per_op(dev, dv),
+           "dev_greedy_flaw_keys": per_op(dev, dv, flaw_mask), "demos": len(demos),
+           "demos_right": float(np.mean([skills.gold_score(t, r)["exact"] for t, r in demos])) if demos else None,
+           "samples": cfg.rft_samples * len(rl_tasks)}
+    _log(f"rft ({'verifier' if reward_params is None else 'reward model'}): {len(demos)} demos; train "
+         f"{out['train_greedy']} dev {out['dev_greedy']} dev flaw keys {out['dev_greedy_flaw_keys']}")
+    return out
+
+
 def rl(cfg: PilotConfig, sk, mc, base_params, rng) -> dict:
     """SFT on the flawed demonstrators, then R4 (a reward model on SFT pairs) and GRPO with the verifier."""
     pairs = [f.partition(":")[::2] for f in cfg.flaws]
@@ -467,6 +497,10 @@ def rl(cfg: PilotConfig, sk, mc, base_params, rng) -> dict:
         t0 = time.time()
         if arm == "dpo":
             out[arm] = dpo(cfg, sft_params, mc, pairs, train_eval, dev, flaw_mask, rng) if pairs else None
+        elif arm.startswith("rft"):
+            out[arm] = None if arm == "rft_rm" and rm_params is None else rft(
+                cfg, sft_params, mc, rl_tasks, train_eval, dev, flaw_mask, rng,
+                reward_params=rm_params if arm == "rft_rm" else None)
         elif arm == "grpo_rm" and rm_params is None:
             out[arm] = None
         else:
