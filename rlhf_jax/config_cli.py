@@ -25,7 +25,8 @@ import typing
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
 
-from rlhf_jax.checks import check_ranges, config_check, deferred_checks  # noqa: F401  (re-exported)
+from rlhf_jax.checks import (check_ranges, config_check, deferred_checks, get_option,  # noqa: F401  (re-exported)
+                             load_object, with_options)
 
 
 class ConfigError(ValueError):

@@ -30,13 +30,11 @@ from __future__ import annotations
 
 import ast
 import dataclasses
-import importlib
-import importlib.util
-import os
 import random
 import re
 from typing import Any, Callable, Protocol, runtime_checkable
 
+from rlhf_jax.checks import load_object
 from rlhf_jax.tools import (
     execute_tool_call,
     make_tool,
@@ -141,23 +139,10 @@ def register_environment(name: str):
 
 
 def _import_class(spec: str):
-    module_name, _, name = spec.rpartition(":")
-    if not module_name or not name:
-        raise ValueError(f"environment {spec!r}: expected a registered name ({', '.join(sorted(ENVIRONMENTS))}), "
-                         "MODULE:CLASS or FILE.py:CLASS")
-    try:
-        if module_name.endswith(".py"):
-            if not os.path.isfile(module_name):
-                raise ValueError(f"environment {spec!r}: no file {module_name}")
-            loader = importlib.util.spec_from_file_location(os.path.basename(module_name)[:-3], module_name)
-            module = importlib.util.module_from_spec(loader)
-            loader.loader.exec_module(module)
-        else:
-            module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise ValueError(f"environment {spec!r}: cannot import {module_name} ({e})") from None
-    cls = getattr(module, name, None)
+    cls = load_object(spec, f"environment {spec!r}", f"a registered name ({', '.join(sorted(ENVIRONMENTS))}), "
+                      "MODULE:CLASS or FILE.py:CLASS")
     if cls is None:
+        module_name, _, name = spec.rpartition(":")
         raise ValueError(f"environment {spec!r}: {module_name} has no {name}")
     return cls
 

@@ -30,7 +30,8 @@ import jax
 import numpy as np
 import tyro
 
-from rlhf_jax.config_cli import check_ranges, config_check, field_docs, save_config, to_dict
+from rlhf_jax.checks import config_check, get_option, load_object, with_options
+from rlhf_jax.config_cli import check_ranges, field_docs, save_config, to_dict
 from rlhf_jax.data.iterators import ProcessRows
 from rlhf_jax.lora import TARGETS, LoraConfig, NF4Tensor, init_lora, quantize_base, save_peft
 from rlhf_jax.models.config import ModelConfig
@@ -560,17 +561,6 @@ OnlineDPOConfig.max_new_tokens, PPOConfig.response_length); prompts get TRL's ma
 fit the checkpoint's max_position_embeddings."""
 
 
-def _get(cfg, path: str):
-    for name in path.split("."):
-        cfg = getattr(cfg, name)
-    return cfg
-
-
-def _replace(cfg, path: str, value):
-    head, _, rest = path.partition(".")
-    return dataclasses.replace(cfg, **{head: _replace(getattr(cfg, head), rest, value) if rest else value})
-
-
 def _hf_defaults(stage: str, base: str) -> dict:
     """{option path: TRL's default} of `stage` for a checkpoint whose Hugging Face folder is `base`."""
     out = {f"{stage}.optim.learning_rate": TRL_LEARNING_RATES[stage]}
@@ -604,10 +594,10 @@ def checkpoint_defaults(cfg, argv, stage: str):
         flag = "--" + path.replace("_", "-")
         given = any(a == flag or a.startswith(flag + "=") for a in argv) or _config_file_sets(
             argv, tuple(path.split(".")))
-        if given or _get(cfg, path) == value:
+        if given or get_option(cfg, path) == value:
             continue
-        changed.append(f"{flag} {value:g} (was {_get(cfg, path):g})")
-        cfg = _replace(cfg, path, value)
+        changed.append(f"{flag} {value:g} (was {get_option(cfg, path):g})")
+        cfg = with_options(cfg, {path: value})
     if changed:
         notice(f"[{stage}] --init {cfg.init} is a Hugging Face checkpoint: TRL's defaults for this trainer, "
                f"{', '.join(changed)}; pass a flag to choose")
@@ -617,26 +607,9 @@ def checkpoint_defaults(cfg, argv, stage: str):
 def load_function(spec: str, flag: str) -> Callable:
     """`MODULE:FUNCTION` (an importable module) or `FILE.py:FUNCTION` -> the function; a ValueError naming
     `flag` when it cannot be found."""
-    import importlib
-    import importlib.util
-
-    module_name, sep, name = spec.rpartition(":")
-    if not sep or not module_name or not name:
-        raise ValueError(f"{flag} {spec}: expected MODULE:FUNCTION or FILE.py:FUNCTION")
-    try:
-        if module_name.endswith(".py"):
-            if not os.path.isfile(module_name):
-                raise ValueError(f"{flag} {spec}: no file {module_name}")
-            loader_spec = importlib.util.spec_from_file_location(os.path.basename(module_name)[:-3], module_name)
-            module = importlib.util.module_from_spec(loader_spec)
-            loader_spec.loader.exec_module(module)
-        else:
-            module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise ValueError(f"{flag} {spec}: cannot import {module_name} ({e})") from None
-    fn = getattr(module, name, None)
+    fn = load_object(spec, f"{flag} {spec}", "MODULE:FUNCTION or FILE.py:FUNCTION")
     if not callable(fn):
-        raise ValueError(f"{flag} {spec}: {module_name} has no function {name}")
+        raise ValueError(f"{flag} {spec}: {spec.rpartition(':')[0]} has no function {spec.rpartition(':')[2]}")
     return fn
 
 

@@ -12,33 +12,12 @@ from typing import Literal
 
 from rlhf_jax import tasks as world
 from rlhf_jax.checks import check_ranges, config_check
+from rlhf_jax.checks import get_option, with_options  # noqa: F401  (re-exported)
 from rlhf_jax.generation import SamplingConfig
 from rlhf_jax.train.grpo import GRPOConfig
 from rlhf_jax.train.optim import OptimConfig
 from rlhf_jax.train.ppo import PPOConfig
 from rlhf_jax.train.steps import DPOConfig, RewardConfig, SFTConfig
-
-
-def with_options(config, changes: dict):
-    """`config` (a frozen dataclass) with `changes` applied, keys dotted through nested configs:
-    `with_options(cfg, {"dpo.beta": 0.2, "grpo.num_steps": 20, "seed": 1})`."""
-    nested, here = {}, {}
-    for key, value in changes.items():
-        head, _, rest = key.partition(".")
-        if rest:
-            nested.setdefault(head, {})[rest] = value
-        else:
-            here[key] = value
-    for head, sub in nested.items():
-        here[head] = with_options(getattr(config, head), sub)
-    return dataclasses.replace(config, **here)
-
-
-def get_option(config, key: str):
-    """The value of a dotted option, `get_option(cfg, "dpo.beta")`."""
-    for part in key.split("."):
-        config = getattr(config, part)
-    return config
 
 
 def _cosine(lr: float, steps: int, **kw) -> OptimConfig:
