@@ -108,6 +108,16 @@ class ModelConfig:
     """Rematerialisation policy per block: recompute everything, or keep only matmul outputs."""
     attention_impl: Literal["xla", "cudnn"] | None = None
     """`jax.nn.dot_product_attention` implementation; None = cuDNN on GPU with a bf16/fp16 compute dtype, else XLA."""
+    decode_attention: Literal["reference", "pallas"] | None = None
+    """Attention of one-token decode steps over the KV cache: "pallas" is the flash-decoding kernel
+    (`models.kernels.decode_attention`: the cache read once in blocks, partial softmaxes combined; interpret mode
+    off GPU, slow), "reference" the einsum / multiply-reduce softmax of `cached_attention`. None: pallas on GPU
+    when the head dim and the query-per-kv-head group are powers of two, reference otherwise."""
+    segment_attention: Literal["dense", "pallas"] | None = None
+    """Training attention of rows given segment_ids (packed or left-padded): "dense" builds a [B,1,T,T] mask for
+    `jax.nn.dot_product_attention`; "pallas" passes the [B,T] ids to a Pallas flash-attention kernel
+    (`models.kernels.segment_attention`, forward and backward; interpret mode off GPU, slow). Models with a
+    sliding window or attention soft-capping always use the dense mask. None: dense."""
     scan_unroll: int | None = None
     """Blocks per iteration of the `nn.scan` over layers. 1 is a rolled loop (one compiled block, fastest
     compile); num_layers is straight-line code that XLA fuses and schedules across layer boundaries (no
@@ -117,7 +127,9 @@ class ModelConfig:
     """LM head + log-softmax of the training steps (SFT, DPO, PPO-ptx): an int streams the vocabulary in chunks
     of that many columns (no [B,T,V] float32 logits; each chunk's logits are recomputed in the backward pass);
     None builds the [B,T,V] float32 logits once (faster: 32 -> 28 ms for GPT-2 124M SFT 8x1024 on an H100);
-    "auto" builds them while they take at most `models.head.FULL_LOGITS_MAX_BYTES` (4 GiB), else chunks of 8192."""
+    "auto" builds them while they take at most a quarter of the device's free memory (`models.head.resolve_chunk`;
+    on a backend without memory statistics, such as CPU, `models.head.FULL_LOGITS_MAX_BYTES`, 4 GiB), else chunks
+    of 8192."""
 
     def __post_init__(self):
         check_ranges(self, positive=("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim",

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import functools
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -82,15 +83,60 @@ def _max_and_argmax(x):
 FUSED_CHUNK = 8192
 """Default vocabulary chunk of the fused LM-head paths used by the training steps (balanced over the chunks)."""
 FULL_LOGITS_MAX_BYTES = 4 * 2**30
-"""chunk_size="auto" builds the full float32 logits up to this size (one matmul, no recomputation), else chunks."""
+"""chunk_size="auto" on a backend that reports no memory (CPU): the full float32 logits up to this size (one
+matmul, no recomputation), else chunks."""
+FULL_LOGITS_FREE_FRACTION = 0.25
+"""chunk_size="auto" on a backend that reports its memory (GPU, TPU): the full float32 logits while they take at
+most this share of the device's free memory (bytes_limit - bytes_in_use when the step is traced). The margin
+leaves room for the logits' gradient, the activations and XLA's temporaries, which are not in use yet then."""
+AUTO_DECISIONS: list[str] = []
+"""The logits_chunk="auto" decision this process printed to stderr (at most one; clear it to print again)."""
 
 
-def resolve_chunk(chunk_size, num_rows: int, vocab: int) -> int | None:
-    """chunk_size "auto" -> None (full float32 logits) when num_rows * vocab * 4 bytes <= FULL_LOGITS_MAX_BYTES,
-    else FUSED_CHUNK; an int or None is returned unchanged."""
-    if chunk_size == "auto":
-        return None if num_rows * vocab * 4 <= FULL_LOGITS_MAX_BYTES else FUSED_CHUNK
-    return chunk_size
+def device_memory_stats() -> dict | None:
+    """`memory_stats()` of the first local device (None where the backend reports none, as on CPU)."""
+    try:
+        return jax.local_devices()[0].memory_stats()
+    except Exception:   # a backend without the call
+        return None
+
+
+def full_logits_budget(memory_stats: dict | None) -> tuple[int, str]:
+    """(bytes the full float32 logits may take under chunk_size "auto", how that was decided):
+    FULL_LOGITS_FREE_FRACTION of bytes_limit - bytes_in_use when memory_stats has both, else
+    FULL_LOGITS_MAX_BYTES."""
+    if memory_stats and "bytes_limit" in memory_stats and "bytes_in_use" in memory_stats:
+        free = max(0, int(memory_stats["bytes_limit"]) - int(memory_stats["bytes_in_use"]))
+        return int(free * FULL_LOGITS_FREE_FRACTION), (
+            f"{FULL_LOGITS_FREE_FRACTION:g} of free device memory {free / 2**30:.2f} GiB "
+            f"(bytes_limit {int(memory_stats['bytes_limit']) / 2**30:.2f} GiB - bytes_in_use "
+            f"{int(memory_stats['bytes_in_use']) / 2**30:.2f} GiB)")
+    return FULL_LOGITS_MAX_BYTES, "no device memory statistics: the fixed models.head.FULL_LOGITS_MAX_BYTES"
+
+
+def resolve_chunk(chunk_size, num_rows: int, vocab: int, *,
+                  memory_stats: dict | None | str = "device") -> int | None:
+    """chunk_size "auto" -> None (full float32 logits) when num_rows * vocab * 4 bytes fit `full_logits_budget`
+    of `memory_stats` ("device": `device_memory_stats()`), else FUSED_CHUNK; an int or None is returned unchanged.
+
+    The first "auto" decision with the device's statistics is printed to stderr with its inputs (once per
+    process). It is taken when the step is traced, so a program compiled with less memory in use may chunk where
+    another builds the full logits; both give the same values up to float32 rounding.
+    """
+    if chunk_size != "auto":
+        return chunk_size
+    from_device = memory_stats == "device"
+    stats = device_memory_stats() if from_device else memory_stats
+    budget, why = full_logits_budget(stats)
+    nbytes = num_rows * vocab * 4
+    chunk = None if nbytes <= budget else FUSED_CHUNK
+    if from_device and not AUTO_DECISIONS:
+        AUTO_DECISIONS.append(
+            f"rlhf_jax: logits_chunk='auto': {'full float32 logits' if chunk is None else f'chunks of {chunk}'} "
+            f"for {num_rows} rows x {vocab} vocab = {nbytes / 2**30:.2f} GiB against a budget of "
+            f"{budget / 2**30:.2f} GiB ({why}); printed once per process")
+        print(AUTO_DECISIONS[0], file=sys.stderr, flush=True)
+    return chunk
 
 
 def _balanced_chunk(chunk_size, vocab: int) -> tuple[int, int]:
@@ -261,7 +307,7 @@ def sft_loss_from_hidden(hidden, w, targets, loss_mask, *, chunk_size: int | str
       hidden: ``[B, T, D]`` final hidden states; w: ``[D, V]`` LM head (same dtype, float32 accumulation).
       targets, loss_mask: as in ``sft_loss``.
       chunk_size: vocabulary columns per chunk (see ``token_logprobs_and_argmax_from_hidden``); ``None``: full
-        float32 logits; ``"auto"``: full logits up to 4 GiB, else chunks.
+        float32 logits; ``"auto"``: see ``resolve_chunk``.
 
     Returns:
       ``(loss, metrics)`` exactly as ``sft_loss`` (accuracy from a running argmax over the chunks).

@@ -37,6 +37,7 @@ from jax import lax
 
 from rlhf_jax.models.config import ModelConfig
 from rlhf_jax.models.head import head_matmul
+from rlhf_jax.models.kernels import decode_attention, decode_kernel_supported, segment_attention
 from rlhf_jax.quant import dequantize_params
 
 _normal = nn.initializers.normal
@@ -194,8 +195,25 @@ def attention_impl(config: ModelConfig) -> str:
     return "cudnn" if sixteen_bit and jax.default_backend() == "gpu" else "xla"
 
 
+def decode_attention_impl(config: ModelConfig) -> str:
+    """"pallas" or "reference" for one-token decode steps: `config.decode_attention`, or for None the
+    flash-decoding kernel on GPU when `kernels.decode_kernel_supported` and the reference softmax otherwise."""
+    if config.decode_attention is not None:
+        return config.decode_attention
+    supported = decode_kernel_supported(config.num_heads, config.kv_heads, config.head_size)
+    return "pallas" if supported and jax.default_backend() == "gpu" else "reference"
+
+
+def segment_attention_impl(config: ModelConfig) -> str:
+    """"pallas" or "dense" for training rows given segment_ids: `config.segment_attention` (None: dense), dense
+    whenever a sliding window or attention soft-capping needs the mask."""
+    if config.sliding_window is not None or config.attn_softcap is not None:
+        return "dense"
+    return config.segment_attention or "dense"
+
+
 def cached_attention(q, k, v, cache_k, cache_v, old_visible, new_visible, *, fused_reads: bool | None = None,
-                     scale: float | None = None, softcap: float | None = None):
+                     scale: float | None = None, softcap: float | None = None, kernel: bool = False):
     """One softmax over cached keys and new keys, without writing the new keys into the cache first.
 
     q [B,T,N,H]; k, v [B,T,K,H] (the T new tokens); cache_k, cache_v [B,S,K,H] (read only);
@@ -206,9 +224,12 @@ def cached_attention(q, k, v, cache_k, cache_v, old_visible, new_visible, *, fus
     scores are multiply-reduces, which XLA fuses into a single read of the cache (a batched matmul would first
     copy the [B,S,K,H] cache into a [B,K,S,H] layout); on CPU that fusion is 10-20x slower than the batched
     matmul (measured at B=256, S=92: 37 ms against 2.4 ms per layer), so other backends use einsums.
-    `fused_reads` forces one form (None: multiply-reduces for T == 1 on GPU, einsums otherwise).
+    `fused_reads` forces one form (None: multiply-reduces for T == 1 on GPU, einsums otherwise). kernel: for
+    T == 1 with a cache, the flash-decoding kernel `kernels.decode_attention` instead (same values).
     """
     B, T, N, H = q.shape
+    if kernel and T == 1 and cache_k is not None:
+        return decode_attention(q, k, v, cache_k, cache_v, old_visible, new_visible, scale=scale, softcap=softcap)
     K = k.shape[2]
     f32 = jnp.float32
     qg = q.reshape(B, T, K, N // K, H).astype(f32) * (scale or 1.0 / math.sqrt(H))      # [B,T,K,G,H]
@@ -279,8 +300,10 @@ def layer_flag(flags: tuple[bool, ...], layer):
 
 def dense_mask(mask, T: int):
     """A training mask (None: causal; [B] lengths: causal over the first lengths[b] tokens, every token seeing
-    itself; [B,1,T,T] bool) as a [B or 1,1,T,T] bool mask."""
+    itself; [B,T] int segment ids, see `forward_hidden`; [B,1,T,T] bool) as a [B or 1,1,T,T] bool mask."""
     causal = jnp.tril(jnp.ones((T, T), bool))
+    if mask is not None and mask.ndim == 2:
+        return _segment_mask(mask)
     if mask is None:
         return causal[None, None]
     if mask.ndim == 1:
@@ -304,8 +327,8 @@ class Attention(nn.Module):
         """x [B,T,D] -> (out [B,T,D], new (k, v) [B,T,K,H] if cache else None).
 
         mask: None (plain causal), [B] int32 lengths (one right-padded example per row: causal + padding,
-        cuDNN's flash path), or a [B,1,T,T] bool mask. With a cache (k, v) [B,S,K,H] (read only), mask is the
-        pair (old_visible [B,S] or [B,T,S], new_visible [B,T,T]) of `cached_attention`, with any sliding window
+        cuDNN's flash path), [B,T] int32 segment ids (`kernels.segment_attention`), or a [B,1,T,T] bool mask.
+        With a cache (k, v) [B,S,K,H] (read only), mask is the pair (old_visible [B,S] or [B,T,S], new_visible [B,T,T]) of `cached_attention`, with any sliding window
         already applied; cache (None, None) is a prefill. layer: this block's index (an int, or traced inside
         `nn.scan`), for per-layer RoPE and sliding windows.
         """
@@ -342,8 +365,11 @@ class Attention(nn.Module):
             q, k = rotated if use_rope is True else (jnp.where(use_rope, r, a) for r, a in zip(rotated, (q, k)))
         scale = cfg.attn_scale
         if cache is not None:
-            out = cached_attention(q, k, v, *cache, *mask, scale=scale, softcap=cfg.attn_softcap)
+            out = cached_attention(q, k, v, *cache, *mask, scale=scale, softcap=cfg.attn_softcap,
+                                   kernel=decode_attention_impl(cfg) == "pallas")
             cache = (k, v)
+        elif mask is not None and mask.ndim == 2:   # [B,T] segment ids (`segment_attention_impl` is pallas)
+            out = segment_attention(q, k, v, mask, scale=scale)
         else:
             if cfg.sliding_window is not None and sliding is not False:
                 mask = dense_mask(mask, T) & (window_mask(T, cfg.sliding_window) | ~jnp.asarray(sliding))
@@ -525,12 +551,14 @@ def param_logical_axes(config: ModelConfig, *, scalar_head: bool = False):
     return jax.tree.map(lambda s: tuple(s), specs, is_leaf=lambda s: isinstance(s, jax.sharding.PartitionSpec))
 
 
-def _attention_mask(segment_ids, seq_lengths):
+def _attention_mask(segment_ids, seq_lengths, config):
     if seq_lengths is not None:
         if segment_ids is not None:
             raise ValueError("forward: pass segment_ids (packed or left-padded rows) or seq_lengths (one "
                              "right-padded example per row), not both")
         return jnp.asarray(seq_lengths).astype(jnp.int32)
+    if segment_ids is not None and segment_attention_impl(config) == "pallas":
+        return jnp.asarray(segment_ids).astype(jnp.int32)                               # [B,T]: the kernel's
     return None if segment_ids is None else _segment_mask(segment_ids)
 
 
@@ -539,13 +567,14 @@ def forward_hidden(params, tokens, *, config: ModelConfig, positions=None, segme
     """tokens [B,T] int -> hidden [B,T,D] (compute dtype, after the final norm).
 
     positions [B,T] default to arange(T). segment_ids [B,T]: 0 = padding, tokens attend causally within their own
-    nonzero segment only (a dense [B,1,T,T] mask). seq_lengths [B] int: one right-padded example per row, its
+    nonzero segment only (a dense [B,1,T,T] mask, or [B,T] ids for `segment_attention_impl` "pallas").
+    seq_lengths [B] int: one right-padded example per row, its
     first seq_lengths[b] tokens real; the same attention as segment_ids = (t < seq_lengths) on those tokens,
     but through `is_causal` + sequence lengths (cuDNN flash attention, no T x T mask); outputs at padding
     positions are finite but unspecified. Neither: one causal sequence per row.
     """
     _check_len(config, tokens.shape[1])
-    mask = _attention_mask(segment_ids, seq_lengths)
+    mask = _attention_mask(segment_ids, seq_lengths, config)
     return _module(config, params).apply({"params": dequantize_params(params)}, tokens,
                                          _default_positions(tokens, positions), mask, method=Transformer.hidden)
 

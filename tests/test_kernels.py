@@ -1,0 +1,122 @@
+"""Pallas kernels (interpret mode on CPU) against the reference attention paths of rlhf_jax.models.transformer."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rlhf_jax.generation import sample
+from rlhf_jax.models import init_params
+from rlhf_jax.models.config import ModelConfig
+from rlhf_jax.models.kernels import decode_attention, segment_attention
+from rlhf_jax.models.transformer import (cached_attention, decode_attention_impl, dense_mask, forward,
+                                         segment_attention_impl, self_attention)
+
+B, S, N, K, H = 2, 32, 4, 2, 16
+TINY_LLAMA = ModelConfig.preset("tiny-llama", max_seq_len=64)   # N = 4, K = 2 (grouped-query), H = 16
+
+
+def _decode_inputs(dtype, seed=0):
+    ks = jax.random.split(jax.random.key(seed), 6)
+    q = jax.random.normal(ks[0], (B, 1, N, H)).astype(dtype)
+    k, v = (jax.random.normal(key, (B, 1, K, H)).astype(dtype) for key in ks[1:3])
+    cache_k, cache_v = (jax.random.normal(key, (B, S, K, H)).astype(dtype) for key in ks[3:5])
+    visible = jax.random.bernoulli(ks[5], 0.6, (B, S))
+    visible = visible.at[:, 8:16].set(False).at[1, :].set(jnp.arange(S) >= 20)   # a fully masked block; left pad
+    # Masked slots hold large values that must not leak into the output.
+    cache_k = jnp.where(visible[:, :, None, None], cache_k, 100.0)
+    cache_v = jnp.where(visible[:, :, None, None], cache_v, -1e4)
+    return q, k, v, cache_k, cache_v, visible, jnp.ones((B, 1, 1), bool)
+
+
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
+@pytest.mark.parametrize("softcap", [None, 5.0])
+def test_decode_attention_matches_cached_attention(dtype, tol, softcap):
+    q, k, v, ck, cv, visible, new_visible = _decode_inputs(dtype)
+    ref = cached_attention(q, k, v, ck, cv, visible, new_visible, softcap=softcap, fused_reads=True)
+    out = decode_attention(q, k, v, ck, cv, visible, new_visible, softcap=softcap, block_s=8, interpret=True)
+    assert out.shape == ref.shape and out.dtype == dtype
+    assert bool(jnp.all(jnp.isfinite(out.astype(jnp.float32))))
+    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32), atol=tol, rtol=tol)
+
+
+def test_decode_attention_sliding_window_and_odd_length():
+    """A per-query [B,1,S] window mask, and a cache length (S = 27) that no block of 8 divides (padded)."""
+    q, k, v, ck, cv, visible, new_visible = _decode_inputs(jnp.float32, seed=1)
+    ck, cv = (c[:, :27] for c in (ck, cv))
+    window = (visible[:, :27] & (jnp.arange(27) > 14))[:, None, :]
+    ref = cached_attention(q, k, v, ck, cv, window, new_visible)
+    out = decode_attention(q, k, v, ck, cv, window, new_visible, block_s=8, interpret=True)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-5, rtol=1e-5)
+
+
+def test_greedy_sampling_with_decode_kernel_matches_reference():
+    params = init_params(TINY_LLAMA, jax.random.key(3))
+    prompts = jax.random.randint(jax.random.key(4), (2, 8), 0, 256)
+    prompt_mask = jnp.ones((2, 8), jnp.int32).at[1, :3].set(0)                     # a left-padded row
+    kwargs = dict(max_new_tokens=8, temperature=0.0, eos_id=None, stages=2)
+    ref = sample(params, prompts, prompt_mask, jax.random.key(0),
+                 config=TINY_LLAMA.replace(decode_attention="reference"), **kwargs)
+    out = sample(params, prompts, prompt_mask, jax.random.key(0),
+                 config=TINY_LLAMA.replace(decode_attention="pallas"), **kwargs)
+    np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(ref.tokens))
+    np.testing.assert_allclose(np.asarray(out.logprobs), np.asarray(ref.logprobs), atol=1e-4)
+
+
+def test_attention_impl_defaults_on_cpu():
+    assert decode_attention_impl(TINY_LLAMA) == "reference"
+    assert decode_attention_impl(TINY_LLAMA.replace(decode_attention="pallas")) == "pallas"
+    assert segment_attention_impl(TINY_LLAMA) == "dense"
+    assert segment_attention_impl(TINY_LLAMA.replace(segment_attention="pallas")) == "pallas"
+    assert segment_attention_impl(TINY_LLAMA.replace(segment_attention="pallas", attn_softcap=30.0)) == "dense"
+
+
+SEGMENTS = jnp.array([[1] * 10 + [2] * 12 + [3] * 6 + [0] * 4,      # packed, then right padding
+                      [0] * 5 + [1] * 20 + [2] * 7])                 # left padding, then packed
+
+
+def test_segment_attention_values_and_gradients_match_dense_mask():
+    T = SEGMENTS.shape[1]
+    ks = jax.random.split(jax.random.key(5), 4)
+    q = jax.random.normal(ks[0], (B, T, N, H))
+    k, v = (jax.random.normal(key, (B, T, K, H)) for key in ks[1:3])
+    g = jax.random.normal(ks[3], (B, T, N, H))
+
+    def dense(q, k, v):
+        return self_attention(q, k, v, dense_mask(SEGMENTS, SEGMENTS.shape[1]), implementation="xla")
+
+    def kernel(q, k, v):
+        return segment_attention(q, k, v, SEGMENTS, block=8, interpret=True)
+
+    np.testing.assert_allclose(np.asarray(kernel(q, k, v)), np.asarray(dense(q, k, v)), atol=1e-5)
+    grads = [jax.grad(lambda *x, f=f: jnp.sum(f(*x) * g), argnums=(0, 1, 2))(q, k, v) for f in (dense, kernel)]
+    for ref, out in zip(*grads):
+        assert bool(jnp.all(jnp.isfinite(out)))
+        np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-5)
+
+
+def test_forward_with_segment_kernel_matches_dense_mask():
+    params = init_params(TINY_LLAMA, jax.random.key(6))
+    tokens = jax.random.randint(jax.random.key(7), SEGMENTS.shape, 0, 256)
+    ref = forward(params, tokens, config=TINY_LLAMA, segment_ids=SEGMENTS)
+    out = forward(params, tokens, config=TINY_LLAMA.replace(segment_attention="pallas"), segment_ids=SEGMENTS)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-4)
+
+
+def test_auto_logits_chunk_reads_free_device_memory(capsys):
+    from rlhf_jax.models import head
+    rows, vocab = 8 * 1024, 50257                                        # GPT-2 SFT 8x1024: 1.53 GiB of logits
+    nbytes = rows * vocab * 4
+    roomy = {"bytes_limit": 80 * 2**30, "bytes_in_use": 10 * 2**30}      # a quarter of 70 GiB free: 17.5 GiB
+    tight = {"bytes_limit": 80 * 2**30, "bytes_in_use": 80 * 2**30 - 4 * nbytes + 4}
+    assert head.resolve_chunk("auto", rows, vocab, memory_stats=roomy) is None
+    assert head.resolve_chunk("auto", rows, vocab, memory_stats=tight) == head.FUSED_CHUNK
+    assert head.resolve_chunk("auto", 10 * rows, vocab, memory_stats=roomy) is None      # 15.3 GiB > 4 GiB
+    assert head.full_logits_budget(roomy)[0] == int(70 * 2**30 * head.FULL_LOGITS_FREE_FRACTION)
+    assert head.full_logits_budget(None)[0] == head.FULL_LOGITS_MAX_BYTES          # CPU: the fixed threshold
+    assert head.resolve_chunk(16, rows, vocab, memory_stats=tight) == 16
+    # The device's own statistics (None on CPU): the decision is printed once per process, with its inputs.
+    head.AUTO_DECISIONS.clear()
+    assert head.resolve_chunk("auto", rows, vocab) is None
+    head.resolve_chunk("auto", rows, vocab)
+    err = capsys.readouterr().err
+    assert err.count("logits_chunk='auto'") == 1 and "budget of 4.00 GiB" in err
