@@ -431,3 +431,34 @@ def test_larger_word_table():
         assert max(len(t.prompt) for t in drawn) <= 40
     with pytest.raises(ValueError, match="extra_words"):
         W.WorldConfig(extra_words=-1)
+
+
+def test_seed_prompt_bootstrap_against_a_loop_and_its_variance():
+    from rlhf_jax.stats import seed_prompt_bootstrap
+    rng = np.random.default_rng(7)
+    # Five seeds with their own prompt counts and a seed effect (training variance) on top of prompt noise.
+    effects = [0.05, 0.20, 0.10, 0.30, 0.15]
+    a = [rng.binomial(1, 0.5 + e, size=n).astype(float) for e, n in zip(effects, (90, 120, 100, 110, 95))]
+    b = [rng.binomial(1, 0.5, size=x.size).astype(float) for x in a]
+    ci = seed_prompt_bootstrap(a, b, num_samples=4000)
+    # The re-derivation: explicit loops, draw seeds, then prompts within each drawn seed.
+    loop_rng, reps = np.random.default_rng(11), []
+    for _ in range(4000):
+        picks = loop_rng.integers(0, 5, size=5)
+        reps.append(np.mean([(a[s] - b[s])[loop_rng.integers(0, a[s].size, size=a[s].size)].mean() for s in picks]))
+    assert ci["delta"] == pytest.approx(np.mean([(x - y).mean() for x, y in zip(a, b)]))
+    assert ci["low"] == pytest.approx(np.quantile(reps, 0.025), abs=0.02)
+    assert ci["high"] == pytest.approx(np.quantile(reps, 0.975), abs=0.02)
+    # Wider than the prompt-only interval of the pooled prompts, which ignores the seeds' spread.
+    pooled = W.paired_bootstrap(np.concatenate(a), np.concatenate(b), num_samples=4000)
+    assert ci["high"] - ci["low"] > 1.3 * (pooled["high"] - pooled["low"])
+    # One seed: the prompt bootstrap; identical policies: exactly 0; bounds clip.
+    one = seed_prompt_bootstrap(a[:1], b[:1], num_samples=4000)
+    alone = W.paired_bootstrap(a[0], b[0], num_samples=4000)
+    assert one["low"] == pytest.approx(alone["low"], abs=0.03) and one["high"] == pytest.approx(alone["high"], abs=0.03)
+    same = seed_prompt_bootstrap(a, a)
+    assert same["delta"] == same["low"] == same["high"] == 0.0
+    ones = [np.ones(5)] * 3
+    assert seed_prompt_bootstrap(ones, [np.zeros(5)] * 3, bounds=(-1.0, 0.9))["high"] == 0.9
+    with pytest.raises(ValueError, match="per seed"):
+        seed_prompt_bootstrap([a[0]], [b[0][:10]])
