@@ -23,6 +23,7 @@ Writes OUT/<pilot>.json (settings, `provenance`, numbers) and prints a markdown 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -50,11 +51,13 @@ from rlhf_jax.train import stages
 from rlhf_jax.train.checkpoint import load_params, save_params
 from rlhf_jax.train.grpo import GRPOConfig
 from rlhf_jax.train.optim import OptimConfig
+from rlhf_jax.train.ppo import PPOConfig, init_ppo_state
 from rlhf_jax.train.rl import decode_ids
 from rlhf_jax.train.state import create_train_state, with_score_head
 from rlhf_jax.train.steps import pair_scores
 
 PILOTS = ("curve", "flawed", "rl")
+ARMS = ("grpo_verifier", "grpo_rm", "ppo_rm", "dpo", "rft_verifier", "rft_rm")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -114,7 +117,13 @@ class PilotConfig:
     """"rl": train-key prompts per op whose two SFT samples (temperature 1) give the reward model's pairs (pairs
     with equal gold scores are dropped); as many dev-key prompts give its held-out pairs."""
     rm_steps: int = 300
-    """"rl": reward-model steps (Bradley-Terry, batch 32, AdamW 1e-4 cosine, from the SFT model)."""
+    """"rl": reward-model steps (Bradley-Terry, batch 32, AdamW `rm_lr` cosine, from `rm_init`)."""
+    rm_lr: float = 1e-4
+    """"rl": reward-model peak learning rate."""
+    rm_init: Literal["sft", "base"] = "sft"
+    """"rl": the reward model's trunk: the SFT model or the pretrained base."""
+    pair_temperature: float = 1.0
+    """"rl": sampling temperature of the SFT samples that make the reward model's (and DPO's) pairs."""
     best_of: int = 4
     """"rl": n of the best-of-n picks on dev keys (reward model, random, gold)."""
     grpo_steps: int = 120
@@ -125,7 +134,7 @@ class PilotConfig:
     """"rl": SFT samples per reward-model prompt; every two of them with different gold scores make a pair."""
     arms: tuple[str, ...] = ("grpo_verifier",)
     """"rl": stages after the reward model: grpo_verifier (GRPO, exact-match verifier), grpo_rm (GRPO on the
-    reward model's scores), dpo (DPO on the gold-labelled train-key pairs), rft_verifier / rft_rm (rejection-
+    reward model's scores), ppo_rm (PPO on the reward model's scores, the main job's PPO recipe), dpo (DPO on the gold-labelled train-key pairs), rft_verifier / rft_rm (rejection-
     sampling fine-tuning: `rft_samples` SFT samples of each of 512 train-key prompts, the verifier's right ones or
     the reward model's best one, then the SFT recipe on them)."""
     rft_samples: int = 8
@@ -138,6 +147,12 @@ class PilotConfig:
     """"rl": DPO learning rate (constant)."""
     grpo_kl: float = 0.0
     """"rl": GRPO's KL coefficient towards the SFT model (k3 estimator, in the loss)."""
+    ppo_steps: int = 60
+    """"rl": PPO iterations (32 train-key prompts, temperature 1, 4 epochs x 4 minibatches)."""
+    ppo_lr: float = 1.5e-5
+    """"rl": PPO policy learning rate (value: 1e-4)."""
+    ppo_kl: float = 0.2
+    """"rl": PPO's KL coefficient towards the SFT model (k1, in the reward)."""
     cache: str | None = None
     """Folder of pretrained models keyed by the pretraining settings (reused when present)."""
 
@@ -145,9 +160,9 @@ class PilotConfig:
         check_ranges(self, positive=("digits", "max_len", "corpus_docs", "pretrain_steps", "batch_size", "seq_len",
                                      "eval_every", "eval_prompts", "demos", "sft_steps", "k", "max_new_tokens",
                                      "rm_prompts", "rm_steps", "best_of", "grpo_steps", "grpo_lr", "pair_samples",
-                                     "dpo_steps", "dpo_beta", "dpo_lr", "rft_samples"), non_negative=("grpo_kl",))
-        config_check(self, set(self.arms) <= {"grpo_verifier", "grpo_rm", "dpo", "rft_verifier", "rft_rm"},
-                     f"arms = {self.arms}: choose from grpo_verifier, grpo_rm, dpo, rft_verifier, rft_rm")
+                                     "dpo_steps", "dpo_beta", "dpo_lr", "rft_samples", "rm_lr", "pair_temperature",
+                                     "ppo_steps", "ppo_lr"), non_negative=("grpo_kl", "ppo_kl"))
+        config_check(self, set(self.arms) <= set(ARMS), f"arms = {self.arms}: choose from {', '.join(ARMS)}")
         config_check(self, all(op in skills.OPS for op in self.ops), f"ops = {self.ops}: choose from {skills.OPS}")
         config_check(self, 0 <= self.p_correct <= 1 and 0 <= self.web_fraction < 1 and 0 <= self.flaw_rate <= 1,
                      "p_correct and flaw_rate must be in [0, 1], web_fraction in [0, 1)")
@@ -162,7 +177,7 @@ class PilotConfig:
             return self
         return dataclasses.replace(self, corpus_docs=3000, pretrain_steps=40, eval_every=20, eval_prompts=16,
                                    demos=16, sft_steps=10, k=2, batch_size=16, rm_prompts=16, rm_steps=4,
-                                   grpo_steps=2, dpo_steps=2)
+                                   grpo_steps=2, dpo_steps=2, ppo_steps=2)
 
 
 def _log(msg: str) -> None:
@@ -316,9 +331,10 @@ def _prompt_key(task: skills.SkillTask) -> str:
 
 
 def sample_pairs(params, tasks, mc, cfg, rng) -> list[PreferenceRecord]:
-    """`pair_samples` SFT samples (temperature 1) per task; every two with different gold scores (exact, then
+    """`pair_samples` SFT samples (temperature `pair_temperature`) per task; every two with different gold scores (exact, then
     partial credit) make a pair, the higher-scored one chosen."""
-    samples = [answers(params, tasks, mc, cfg, 1.0, jax.random.fold_in(rng, i + 1)) for i in range(cfg.pair_samples)]
+    samples = [answers(params, tasks, mc, cfg, cfg.pair_temperature, jax.random.fold_in(rng, i + 1))
+               for i in range(cfg.pair_samples)]
     out = []
     for j, t in enumerate(tasks):
         texts = list(dict.fromkeys(s[j] for s in samples))          # distinct answers only
@@ -349,7 +365,7 @@ def rm_scores(reward_params, tasks, responses, mc) -> np.ndarray:
     return np.concatenate(out)
 
 
-def reward_model(cfg, sft_params, mc, train, dev, rng) -> tuple[dict, dict]:
+def reward_model(cfg, sft_params, mc, train, dev, rng, base_params=None) -> tuple[dict, dict]:
     """R4: a Bradley-Terry reward model on SFT-sample pairs of train keys; its accuracy on dev-key pairs (by op
     and on flaw keys) and its best-of-n pick on dev keys against a random pick and the gold pick."""
     train_pairs = sample_pairs(sft_params, train, mc, cfg, jax.random.fold_in(rng, 101))
@@ -360,8 +376,9 @@ def reward_model(cfg, sft_params, mc, train, dev, rng) -> tuple[dict, dict]:
                              "dev_pairs": len(dev_pairs)}, f"best_of_{cfg.best_of}": None}, None, train_pairs
     batches = Batches(ShuffledIterator(train_pairs, seed=cfg.seed), TOK, kind="preference", batch_size=32,
                       buckets=(64,))
-    params = with_score_head(sft_params, mc, jax.random.PRNGKey(cfg.seed + 9))
-    state = create_train_state(params, cosine_optim(1e-4, cfg.rm_steps), jax.random.PRNGKey(cfg.seed + 10),
+    trunk = base_params if cfg.rm_init == "base" else sft_params
+    params = with_score_head(trunk, mc, jax.random.PRNGKey(cfg.seed + 9))
+    state = create_train_state(params, cosine_optim(cfg.rm_lr, cfg.rm_steps), jax.random.PRNGKey(cfg.seed + 10),
                                total_steps=cfg.rm_steps)
     state, hist = stages.run_reward(state, batches, stages.RewardConfig(num_steps=cfg.rm_steps,
                                                                         log_every=cfg.rm_steps), model_config=mc)
@@ -396,27 +413,10 @@ def grpo(cfg, sft_params, mc, rl_tasks, train_eval, dev, flaw_mask, rng, reward_
                               pad_id=TOK.pad_id)
     gcfg = GRPOConfig(num_steps=1, batch_size=16, num_generations=8, loss_type="dapo", sampling=sampling,
                       optim=OptimConfig(learning_rate=cfg.grpo_lr), log_every=1, kl_coef=cfg.grpo_kl)
-    prng = np.random.default_rng(cfg.seed + 11)
-
-    def batches():
-        while True:
-            picked = [rl_tasks[i] for i in prng.choice(len(rl_tasks), 16, replace=False)]
-            yield collate_prompts([encode_prompt(TOK, [{"role": "user", "content": t.prompt}]) for t in picked],
-                                  buckets=(64,), pad_id=TOK.pad_id)
-
-    def point(params, step):
-        tr = score(train_eval, answers(params, train_eval, mc, cfg, 0.0, rng))[0]
-        dv = score(dev, answers(params, dev, mc, cfg, 0.0, rng))[0]
-        responses = answers(params, dev[:4], mc, cfg, 0.0, rng)
-        p = {"step": step, "train_greedy": per_op(train_eval, tr), "dev_greedy": per_op(dev, dv),
-             "dev_greedy_flaw_keys": per_op(dev, dv, flaw_mask),
-             "examples": [[t.prompt, r, t.answer] for t, r in zip(dev[:4], responses)]}
-        _log(f"grpo step {step}: train {p['train_greedy']} dev {p['dev_greedy']} dev flaw keys "
-             f"{p['dev_greedy_flaw_keys']}")
-        return p
-
     state = create_train_state(sft_params, gcfg.optim, jax.random.PRNGKey(cfg.seed + 12), total_steps=cfg.grpo_steps)
-    curve, rewards, done, data = [point(sft_params, 0)], [], 0, batches()
+    point = functools.partial(curve_point, cfg=cfg, mc=mc, train_eval=train_eval, dev=dev, flaw_mask=flaw_mask,
+                              rng=rng, stage="grpo")
+    curve, rewards, done, data = [point(sft_params, 0)], [], 0, prompt_batches(rl_tasks, 16, cfg.seed + 11)
     third = max(1, cfg.grpo_steps // 3)
     while done < cfg.grpo_steps:
         n = min(third, cfg.grpo_steps - done)
@@ -425,6 +425,53 @@ def grpo(cfg, sft_params, mc, rl_tasks, train_eval, dev, flaw_mask, rng, reward_
         done += n
         rewards += [h["reward"] for h in hist]
         curve.append(point(state.params, done))
+    return {"curve": curve, "train_reward": rewards}
+
+
+def prompt_batches(tasks, size: int, seed: int):
+    """Endless prompt batches of `size` tasks drawn without replacement within a batch."""
+    prng = np.random.default_rng(seed)
+    while True:
+        picked = [tasks[i] for i in prng.choice(len(tasks), size, replace=False)]
+        yield collate_prompts([encode_prompt(TOK, [{"role": "user", "content": t.prompt}]) for t in picked],
+                              buckets=(64,), pad_id=TOK.pad_id)
+
+
+def curve_point(params, step, *, cfg, mc, train_eval, dev, flaw_mask, rng, stage) -> dict:
+    """Greedy exact match on the train-key evaluation prompts and on dev keys (flaw keys apart), with examples."""
+    tr = score(train_eval, answers(params, train_eval, mc, cfg, 0.0, rng))[0]
+    dv = score(dev, answers(params, dev, mc, cfg, 0.0, rng))[0]
+    responses = answers(params, dev[:4], mc, cfg, 0.0, rng)
+    p = {"step": step, "train_greedy": per_op(train_eval, tr), "dev_greedy": per_op(dev, dv),
+         "dev_greedy_flaw_keys": per_op(dev, dv, flaw_mask),
+         "examples": [[t.prompt, r, t.answer] for t, r in zip(dev[:4], responses)]}
+    _log(f"{stage} step {step}: train {p['train_greedy']} dev {p['dev_greedy']} dev flaw keys "
+         f"{p['dev_greedy_flaw_keys']}; {responses}")
+    return p
+
+
+def ppo(cfg, sft_params, mc, rl_tasks, train_eval, dev, flaw_mask, rng, reward_params) -> dict:
+    """PPO on train-key prompts against the reward model (the main job's recipe: k1 KL `ppo_kl` in the reward,
+    32 prompts an iteration at temperature 1, 4 epochs x 4 minibatches, value from the reward model), read as
+    `grpo` is, every sixth of the run."""
+    sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=1.0, eos_id=TOK.eos_id,
+                              pad_id=TOK.pad_id)
+    pcfg = PPOConfig(num_steps=1, batch_size=32, kl_coef=cfg.ppo_kl, missing_eos_penalty=1.0, sampling=sampling,
+                     optim=OptimConfig(learning_rate=cfg.ppo_lr, eps=1e-5, max_grad_norm=1.0),
+                     value_optim=OptimConfig(learning_rate=1e-4, eps=1e-5, max_grad_norm=1.0), log_every=1)
+    state = init_ppo_state(sft_params, pcfg, model_config=mc, rng=jax.random.PRNGKey(cfg.seed + 15),
+                           reward_params=reward_params)
+    point = functools.partial(curve_point, cfg=cfg, mc=mc, train_eval=train_eval, dev=dev, flaw_mask=flaw_mask,
+                              rng=rng, stage="ppo")
+    curve, rewards, done, data = [point(sft_params, 0)], [], 0, prompt_batches(rl_tasks, 32, cfg.seed + 16)
+    sixth = max(1, cfg.ppo_steps // 6)
+    while done < cfg.ppo_steps:
+        n = min(sixth, cfg.ppo_steps - done)
+        state, hist = stages.run_ppo(state, data, dataclasses.replace(pcfg, num_steps=n), model_config=mc,
+                                     ref_params=sft_params, reward_params=reward_params)
+        done += n
+        rewards += [h["objective/scores"] for h in hist]
+        curve.append(point(state.policy.params, done))
     return {"curve": curve, "train_reward": rewards}
 
 
@@ -489,7 +536,7 @@ def rl(cfg: PilotConfig, sk, mc, base_params, rng) -> dict:
     rm_train = skills.skill_set(ops, cfg.rm_prompts, cfg.seed + 5, "train", sk)
     rm_dev = skills.skill_set(ops, cfg.rm_prompts, cfg.seed + 6, "dev", sk)
     t0 = time.time()
-    out["reward_model"], rm_params, pairs = reward_model(cfg, sft_params, mc, rm_train, rm_dev, rng)
+    out["reward_model"], rm_params, pairs = reward_model(cfg, sft_params, mc, rm_train, rm_dev, rng, base_params)
     out["reward_model"]["wall_s"] = round(time.time() - t0, 1)
     rl_tasks = skills.skill_set(ops, 512, cfg.seed + 7, "train", sk)
     train_eval = skills.skill_set(ops, cfg.eval_prompts, cfg.seed + 8, "train", sk)
@@ -501,8 +548,10 @@ def rl(cfg: PilotConfig, sk, mc, base_params, rng) -> dict:
             out[arm] = None if arm == "rft_rm" and rm_params is None else rft(
                 cfg, sft_params, mc, rl_tasks, train_eval, dev, flaw_mask, rng,
                 reward_params=rm_params if arm == "rft_rm" else None)
-        elif arm == "grpo_rm" and rm_params is None:
+        elif arm in ("grpo_rm", "ppo_rm") and rm_params is None:
             out[arm] = None
+        elif arm == "ppo_rm":
+            out[arm] = ppo(cfg, sft_params, mc, rl_tasks, train_eval, dev, flaw_mask, rng, rm_params)
         else:
             out[arm] = grpo(cfg, sft_params, mc, rl_tasks, train_eval, dev, flaw_mask, rng,
                             reward_params=rm_params if arm == "grpo_rm" else None)

@@ -15,6 +15,14 @@ def test_key_spaces_are_disjoint_and_split_by_hash():
         assert all(skills.key_split(op, k) == "dev" for k in dev)
     with pytest.raises(ValueError, match="no test split"):
         skills.make_skill("add", rng, "test")
+    # With a test fraction, three disjoint key spaces in the stated shares.
+    three = skills.SkillConfig(salt="three", test_fraction=0.2)
+    split = [skills.key_split("reverse", f"{a}{b}{c}", three) for a in "abcdefghij" for b in "abcdefghij"
+             for c in "abcdefghij"]
+    shares = {s: split.count(s) / len(split) for s in skills.SPLITS}
+    assert abs(shares["dev"] - 0.2) < 0.04 and abs(shares["test"] - 0.2) < 0.04, shares
+    test = {skills.make_skill("reverse", rng, "test", three).key for _ in range(50)}
+    assert all(skills.key_split("reverse", k, three) == "test" for k in test)
     # A fresh salt gives another partition.
     keys = [f"{a} {b}" for a in range(30) for b in range(30)]
     fresh = skills.SkillConfig(salt="other")

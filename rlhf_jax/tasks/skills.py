@@ -19,8 +19,10 @@ memorise and the only way to be right on an unseen key is to do the operation ri
 easily (each digit depends only on digits already seen; Lee et al. 2023, "Teaching arithmetic to small
 transformers").
 
-Keys are split into **train** and **dev** by a salted crc32 hash (`key_split`), so the two key spaces are disjoint
-by construction, whatever the draw. This module has no test split: it is for pilots on dev keys only.
+Keys are split into **train**, **dev** and (when `SkillConfig.test_fraction` > 0) **test** by a salted crc32 hash
+(`key_split`), so the key spaces are disjoint by construction, whatever the draw. The default config has no test
+split (pilots read dev keys only); a fresh salt with a test fraction draws a partition whose test keys nothing has
+read.
 
 Flawed demonstrators (`DEMONSTRATORS`) are fixed in advance, each with one systematic flaw that a rule can fix:
 `drop_carry` adds digit by digit without carrying, `truncate` stops reversals (and copies, sorts) after 4
@@ -38,7 +40,7 @@ import numpy as np
 OPS = ("copy", "upper", "reverse", "sort", "count", "add", "addr")
 """Every operation, in table order."""
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
-SPLITS = ("train", "dev")
+SPLITS = ("train", "dev", "test")
 FILLER_PREFIX = "well, i think the answer is "
 FILLER_SUFFIX = " ok"
 
@@ -55,8 +57,15 @@ class SkillConfig:
     """Operands of `add` / `addr` have 1..`digits` digits (0 .. 10**digits - 1)."""
     dev_fraction: float = 0.2
     """Share of the key space (by hash) that is dev."""
+    test_fraction: float = 0.0
+    """Share of the key space (by hash) that is test (0: no test split)."""
     salt: str = "skills-v1"
     """Salt of the split hash: a fresh salt draws a fresh train/dev partition."""
+
+
+RULE_WORLD = SkillConfig(max_len=6, salt="rule-world-1", test_fraction=0.2)
+"""The key split of the rule world's main job (docs/world.md, "Design and hypotheses"): strings of 3-6 letters, a
+salt no pilot used, 20% dev and 20% test keys. Its test keys are read once, by the main job's final evaluation."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,9 +78,12 @@ class SkillTask:
 
 
 def key_split(op: str, key: str, config: SkillConfig = SkillConfig()) -> str:
-    """"dev" or "train": the salted crc32 of (op, key) decides, so the splits are disjoint by construction."""
+    """"dev", "test" or "train": the salted crc32 of (op, key) decides, so the splits are disjoint by
+    construction."""
     h = zlib.crc32(f"{config.salt}|{op}|{key}".encode()) % 10_000
-    return "dev" if h < config.dev_fraction * 10_000 else "train"
+    if h < config.dev_fraction * 10_000:
+        return "dev"
+    return "test" if h < (config.dev_fraction + config.test_fraction) * 10_000 else "train"
 
 
 def _add_answer(a: int, b: int, lsd_first: bool) -> str:
@@ -115,7 +127,9 @@ def _draw_key(op: str, rng: np.random.Generator, config: SkillConfig) -> str:
 def make_skill(op: str, rng: np.random.Generator, split: str, config: SkillConfig = SkillConfig()) -> SkillTask:
     """A random task of `op` whose key lies in `split` (keys are redrawn until the hash puts them there)."""
     if split not in SPLITS:
-        raise ValueError(f"split {split!r}: choose from {SPLITS} (this module has no test split)")
+        raise ValueError(f"split {split!r}: choose from {SPLITS}")
+    if split == "test" and not config.test_fraction:
+        raise ValueError("split 'test': this SkillConfig has no test split (test_fraction = 0)")
     while True:
         key = _draw_key(op, rng, config)
         if key_split(op, key, config) == split:
