@@ -372,14 +372,25 @@ def _common_prefix(a: str, b: str) -> int:
 def _assistant_spans(template: str, messages: Sequence[dict], text: str, kw: dict) -> list[tuple[int, int]]:
     """Character spans of each assistant message in `text` (the whole conversation rendered), for a template
     without generation markers: from the end of the prompt rendered with the generation prompt to where the
-    conversation rendered up to this reply stops agreeing with the whole."""
+    conversation rendered up to this reply stops agreeing with the whole.
+
+    A template may render the last reply differently from one that later messages follow (Qwen3 gives a `<think>`
+    block only to replies after the last user query, and always to the final one). When the conversation rendered
+    up to a reply stops agreeing with the whole before the reply's first EOS text (e.g. "<|im_end|>"), the reply
+    is read from the conversation rendered up to the next message, where it is no longer last, and ends with its
+    first EOS text."""
     spans = []
+    eos = kw.get("eos_token") or ""
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
         head, _ = _render(template, messages[:i], add_generation_prompt=True, **kw)
         upto, _ = _render(template, messages[: i + 1], add_generation_prompt=False, **kw)
         end = _common_prefix(upto, text)
+        if eos and i + 1 < len(messages) and text.startswith(head) and end < upto.find(eos, len(head)):
+            after, _ = _render(template, messages[: i + 2], add_generation_prompt=False, **kw)
+            stop = text.find(eos, len(head), _common_prefix(after, text))
+            end = stop + len(eos) if stop >= 0 else len(head)
         if not text.startswith(head) or end <= len(head):
             raise ValueError(
                 f"chat template: cannot find assistant message {i} in the rendered conversation (the template renders "

@@ -1,9 +1,11 @@
 """Chat templates against `transformers.apply_chat_template`, token for token, on real templates.
 
-Templates (tests/fixtures/chat-templates, sources in tests/fixtures/README.md): Qwen2.5-Instruct's, Llama-3.2-Instruct's
-(it calls `strftime_now`), Phi-3's and Zephyr / TinyLlama-Chat's on a SentencePiece-style tokenizer, and TRL's Qwen2.5
-training template with `{% generation %}` markers. Each folder is written the way current transformers writes one
-(the template in chat_template.jinja) and loaded by both sides from the same files.
+Templates (tests/fixtures/chat-templates, sources in tests/fixtures/README.md): Qwen2.5-Instruct's, Qwen3's (a
+`<think>` block on the replies after the last user query, `reasoning_content`, `enable_thinking`), Llama-3.2-Instruct's
+(it calls `strftime_now`), OLMo 2 Instruct's, Gemma 2's and Gemma 3's, Phi-3's and Zephyr / TinyLlama-Chat's on a
+SentencePiece-style tokenizer, and two templates with `{% generation %}` markers: TRL's Qwen2.5 training template and
+the template of SmolLM3's SFT recipe (tools, `enable_thinking`, `strftime_now`). Each folder is written the way
+current transformers writes one (the template in chat_template.jinja) and loaded by both sides from the same files.
 """
 from __future__ import annotations
 
@@ -36,6 +38,11 @@ CONVERSATIONS = [
 SPECIALS = {
     "qwen2_5": dict(eos="<|im_end|>", extra=["<|im_start|>", "<|im_end|>"], bos=None),
     "qwen2_5_training": dict(eos="<|im_end|>", extra=["<|im_start|>", "<|im_end|>"], bos=None),
+    "smollm3_sft": dict(eos="<|im_end|>", extra=["<|im_start|>", "<|im_end|>"], bos=None),
+    "qwen3": dict(eos="<|im_end|>", extra=["<|im_start|>", "<|im_end|>", "<think>", "</think>"], bos=None),
+    "olmo2": dict(eos="<|endoftext|>", bos="<|endoftext|>", extra=["<|pad|>"]),
+    "gemma2": dict(eos="<eos>", bos="<bos>", extra=["<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>"]),
+    "gemma3": dict(eos="<eos>", bos="<bos>", extra=["<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>"]),
     "llama3_2": dict(eos="<|eot_id|>", bos="<|begin_of_text|>",
                      extra=["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]),
     "zephyr": dict(eos="</s>", bos="<s>", extra=[]),
@@ -46,8 +53,9 @@ SPECIALS = {
 
 def _folder(tmp_path: Path, name: str) -> Path:
     """A tokenizer folder as transformers >= 4.47 writes it: tokenizer.json, tokenizer_config.json without the
-    template, chat_template.jinja. GPT-2's byte-level BPE for the Qwen and Llama-3 templates (the same kind of
-    tokenizer as theirs), the SentencePiece-style one (class LlamaTokenizer) for Zephyr and Phi-3."""
+    template, chat_template.jinja. GPT-2's byte-level BPE for the Qwen, Llama-3, OLMo 2, SmolLM3 and Gemma templates
+    (the same kind of tokenizer as all but Gemma's; Gemma's own is a SentencePiece BPE, but what is tested here is the
+    template), the SentencePiece-style one (class LlamaTokenizer) for Zephyr and Phi-3."""
     from tokenizers import AddedToken, Tokenizer
 
     spec = SPECIALS[name]
@@ -69,18 +77,37 @@ def _folder(tmp_path: Path, name: str) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def loaded(tmp_path_factory):
+    """`loaded(name)`: (ours, transformers') tokenizers of a template's folder, loaded once for the module (the tests
+    only read them)."""
+    cache = {}
+
+    def load(name):
+        if name not in cache:
+            folder = _folder(tmp_path_factory.mktemp(name), name)
+            cache[name] = (HFTokenizer.from_file(folder), transformers.AutoTokenizer.from_pretrained(str(folder)))
+        return cache[name]
+
+    return load
+
+
 def _ids(out):
     return list(out["input_ids"] if hasattr(out, "keys") else out)
 
 
 @pytest.mark.parametrize("name", sorted(SPECIALS))
 @pytest.mark.parametrize("conv", range(len(CONVERSATIONS)))
-def test_ids_match_apply_chat_template(tmp_path, name, conv):
-    folder = _folder(tmp_path, name)
-    ours = HFTokenizer.from_file(folder)
-    ref = transformers.AutoTokenizer.from_pretrained(str(folder))
+def test_ids_match_apply_chat_template(loaded, name, conv):
+    ours, ref = loaded(name)
     messages = CONVERSATIONS[conv]
     assert ours.chat_format is not None and ours.chat_format.template == ref.chat_template  # read from the .jinja
+    if name == "gemma2" and messages[0]["role"] == "system":  # Gemma 2's template refuses a system turn; so do we
+        with pytest.raises(Exception, match="System role not supported"):
+            ref.apply_chat_template(messages, tokenize=False)
+        with pytest.raises(ValueError, match="System role not supported"):
+            encode_chat(ours, messages)
+        return
     ids, mask = encode_chat(ours, messages)
     assert ids == _ids(ref.apply_chat_template(messages, tokenize=True))
     for k in range(1, len(messages), 2):  # every rollout prompt: the conversation up to a reply
@@ -89,29 +116,30 @@ def test_ids_match_apply_chat_template(tmp_path, name, conv):
     assert len(mask) == len(ids) and sum(mask) > 0
 
 
+@pytest.mark.parametrize("name", ["qwen2_5_training", "smollm3_sft"])
 @pytest.mark.parametrize("conv", range(len(CONVERSATIONS)))
-def test_generation_markers_give_transformers_assistant_masks(tmp_path, conv):
-    folder = _folder(tmp_path, "qwen2_5_training")
-    ours = HFTokenizer.from_file(folder)
-    ref = transformers.AutoTokenizer.from_pretrained(str(folder))
+def test_generation_markers_give_transformers_assistant_masks(loaded, name, conv):
+    ours, ref = loaded(name)
     messages = CONVERSATIONS[conv]
     ids, mask = encode_chat(ours, messages)
     out = ref.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
     assert ids == list(out["input_ids"]) and mask == list(out["assistant_masks"])
 
 
-@pytest.mark.parametrize("name", ["qwen2_5", "llama3_2", "zephyr", "phi3"])
-def test_loss_covers_each_reply_and_its_end_of_turn(tmp_path, name):
+END_OF_TURN = {"qwen2_5": "<|im_end|>", "qwen3": "<|im_end|>", "llama3_2": "<|eot_id|>", "olmo2": "<|endoftext|>",
+               "gemma2": "<end_of_turn>", "gemma3": "<end_of_turn>", "zephyr": "</s>", "phi3": "<|end|>"}
+
+
+@pytest.mark.parametrize("name", sorted(END_OF_TURN))
+def test_loss_covers_each_reply_and_its_end_of_turn(loaded, name):
     """Without generation markers: every token overlapping a reply's rendered text, through its first EOS."""
-    ours = HFTokenizer.from_file(_folder(tmp_path, name))
-    messages = CONVERSATIONS[1]
+    ours, _ = loaded(name)
+    messages = CONVERSATIONS[1][1:] if name == "gemma2" else CONVERSATIONS[1]  # Gemma 2 has no system turn
     ids, mask = encode_chat(ours, messages)
     lossy = ours._tok.decode([i for i, k in zip(ids, mask) if k], skip_special_tokens=False)
     for m in messages:
-        text = m["content"].strip() if name == "llama3_2" else m["content"]  # Llama-3 trims every message
-        assert (text.strip() in lossy) == (m["role"] == "assistant"), (m, lossy)
-    end = {"qwen2_5": "<|im_end|>", "llama3_2": "<|eot_id|>", "zephyr": "</s>", "phi3": "<|end|>"}[name]
-    assert lossy.count(end) == 3  # each of the three replies ends its turn inside the loss
+        assert (m["content"].strip() in lossy) == (m["role"] == "assistant"), (m, lossy)
+    assert lossy.count(END_OF_TURN[name]) == 3  # each of the three replies ends its turn inside the loss
     assert mask[0] == 0 and sum(mask) < len(mask) // 2
 
 
@@ -222,22 +250,15 @@ TOOL_CASES = {"conversation": TOOL_CONVERSATION, "parallel": PARALLEL, "not_call
               "string_arguments": STRING_ARGUMENTS}
 
 
-@pytest.fixture(scope="module")
-def tool_tokenizers(tmp_path_factory):
-    """(ours, transformers') for the Qwen2.5 and Llama-3.2 templates, loaded once."""
-    out = {}
-    for name in ("qwen2_5", "llama3_2"):
-        folder = _folder(tmp_path_factory.mktemp(name), name)
-        out[name] = (HFTokenizer.from_file(folder), transformers.AutoTokenizer.from_pretrained(str(folder)))
-    return out
+TOOL_TEMPLATES = ("qwen2_5", "qwen3", "llama3_2", "smollm3_sft")  # the templates that take tools
 
 
-@pytest.mark.parametrize("name", ["qwen2_5", "llama3_2"])
+@pytest.mark.parametrize("name", TOOL_TEMPLATES)
 @pytest.mark.parametrize("case", sorted(TOOL_CASES))
-def test_tools_match_apply_chat_template(tool_tokenizers, name, case):
+def test_tools_match_apply_chat_template(loaded, name, case):
     from rlhf_jax.tokenizer import render_template
 
-    ours, ref = tool_tokenizers[name]
+    ours, ref = loaded(name)
     messages = TOOL_CASES[case]
     if name == "llama3_2" and case == "parallel":  # Llama-3.2's template refuses parallel calls; so do we
         with pytest.raises(Exception, match="single tool-calls"):
@@ -264,16 +285,18 @@ QWEN_REPLIES = (('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Pa
                  "<|im_end|>"), "It is 21 °C and clear in Paris.<|im_end|>",
                 'Let me add.\n<tool_call>\n{"name": "add", "arguments": {"a": 2, "b": 3}}\n</tool_call><|im_end|>',
                 "2+3 = 5.<|im_end|>")
+QWEN3_REPLIES = QWEN_REPLIES[:3] + ("<think>\n\n</think>\n\n2+3 = 5.<|im_end|>",)  # the final reply only
 LLAMA_REPLIES = ('{"name": "get_weather", "parameters": {"city": "Paris", "unit": "C"}}<|eot_id|>',
                  "It is 21 °C and clear in Paris.<|eot_id|>", '{"name": "add", "parameters": {"a": 2, "b": 3}}<|eot_id|>',
                  "2+3 = 5.<|eot_id|>")
 
 
-@pytest.mark.parametrize("name,replies", [("qwen2_5", QWEN_REPLIES), ("llama3_2", LLAMA_REPLIES)])
-def test_tool_loss_mask_is_exactly_the_assistant_turns(tool_tokenizers, name, replies):
+@pytest.mark.parametrize("name,replies", [("qwen2_5", QWEN_REPLIES), ("qwen3", QWEN3_REPLIES),
+                                          ("llama3_2", LLAMA_REPLIES)])
+def test_tool_loss_mask_is_exactly_the_assistant_turns(loaded, name, replies):
     """Decoding each run of masked tokens gives the assistant turns, tool calls included, and nothing else: no
     tool schema, tool result, user or system text."""
-    ours, _ = tool_tokenizers[name]
+    ours, _ = loaded(name)
     ids, mask = encode_chat(ours, TOOL_CONVERSATION, tools=TOOLS)
     runs, current = [], []
     for i, k in zip(ids, mask):
@@ -283,6 +306,62 @@ def test_tool_loss_mask_is_exactly_the_assistant_turns(tool_tokenizers, name, re
             runs, current = runs + [current], []
     runs += [current] if current else []
     assert tuple(ours._tok.decode(r, skip_special_tokens=False) for r in runs) == replies
+
+
+# Qwen3 keeps the reasoning of the replies after the last user query (and of the final one) and drops it from the
+# earlier ones; reasoning comes as `reasoning_content` or inline in the content as <think>...</think>.
+REASONING = [
+    {"role": "user", "content": "2+3?"},
+    {"role": "assistant", "reasoning_content": "Add them.", "content": "5."},
+    {"role": "user", "content": "Weather in Paris?"},
+    {"role": "assistant", "reasoning_content": "Use the tool.", "content": "",
+     "tool_calls": [_call("get_weather", {"city": "Paris"})]},
+    {"role": "tool", "content": "21"},
+    {"role": "assistant", "content": "<think>\nIt said 21.\n</think>\n\nIt is 21 °C."},
+]
+
+
+def test_qwen3_reasoning_matches_apply_chat_template(loaded):
+    from rlhf_jax.tokenizer import render_template
+
+    ours, ref = loaded("qwen3")
+    text = render_template(ours.chat_format.template, REASONING, tools=TOOLS, eos_token=ours.eos_token)
+    assert text == ref.apply_chat_template(REASONING, tools=TOOLS, tokenize=False)
+    assert "Add them." not in text and "Use the tool." in text and "It said 21." in text
+    ids, mask = encode_chat(ours, REASONING, tools=TOOLS)
+    assert ids == _ids(ref.apply_chat_template(REASONING, tools=TOOLS, tokenize=True))
+    lossy = ours._tok.decode([i for i, k in zip(ids, mask) if k], skip_special_tokens=False)
+    assert lossy == ("5.<|im_end|>"
+                     '<think>\nUse the tool.\n</think>\n\n<tool_call>\n{"name": "get_weather", "arguments": '
+                     '{"city": "Paris"}}\n</tool_call><|im_end|>'
+                     "<think>\nIt said 21.\n</think>\n\nIt is 21 °C.<|im_end|>")
+    for k in (1, 3, 5):
+        assert encode_prompt(ours, REASONING[:k], tools=TOOLS) == _ids(
+            ref.apply_chat_template(REASONING[:k], tools=TOOLS, add_generation_prompt=True))
+
+
+@pytest.mark.parametrize("name,prompt_end", [("qwen3", "<|im_start|>assistant\n<think>\n\n</think>\n\n"),
+                                              ("smollm3_sft", "<|im_start|>assistant\n<think>\n\n</think>\n")])
+def test_enable_thinking_false_matches_apply_chat_template(loaded, name, prompt_end):
+    """`enable_thinking=False` (a template variable) reaches the template through render_template's keywords."""
+    from rlhf_jax.tokenizer import render_template
+
+    ours, ref = loaded(name)
+    messages = CONVERSATIONS[1][:-1]  # earlier replies, then the prompt of the last one
+    text = render_template(ours.chat_format.template, messages, add_generation_prompt=True, enable_thinking=False,
+                           eos_token=ours.eos_token)
+    assert text.endswith(prompt_end)
+    assert text == ref.apply_chat_template(messages, add_generation_prompt=True, enable_thinking=False, tokenize=False)
+
+
+def test_smollm3_tool_conversation_masks_match_transformers(loaded):
+    """SmolLM3's SFT template writes the tool schemas into the system turn, a tool result as a user turn, and only an
+    assistant's text (not its tool_calls); its generation blocks give transformers' assistant_masks."""
+    ours, ref = loaded("smollm3_sft")
+    ids, mask = encode_chat(ours, TOOL_CONVERSATION, tools=TOOLS)
+    out = ref.apply_chat_template(TOOL_CONVERSATION, tools=TOOLS, tokenize=True, return_dict=True,
+                                  return_assistant_tokens_mask=True)
+    assert ids == list(out["input_ids"]) and mask == list(out["assistant_masks"])
 
 
 def test_plain_format_writes_tools_and_masks_calls():
