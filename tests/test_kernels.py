@@ -1,4 +1,6 @@
 """Pallas kernels (interpret mode on CPU) against the reference attention paths of rlhf_jax.models.transformer."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -46,6 +48,18 @@ def test_decode_attention_sliding_window_and_odd_length():
     window = (visible[:, :27] & (jnp.arange(27) > 14))[:, None, :]
     ref = cached_attention(q, k, v, ck, cv, window, new_visible)
     out = decode_attention(q, k, v, ck, cv, window, new_visible, block_s=8, interpret=True)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-5, rtol=1e-5)
+
+
+def test_decode_attention_reads_one_layer_of_the_stacked_cache():
+    """The sampler's form: the whole [L,B,S,K,H] cache, a layer index and the first R = 20 slots; what lies in
+    other layers and in unread slots (NaN here) never reaches the output."""
+    q, k, v, ck, cv, visible, new_visible = _decode_inputs(jnp.float32, seed=2)
+    R = 20
+    stacked = [jnp.stack([jnp.full_like(c, jnp.nan), c.at[:, R:].set(jnp.nan)]) for c in (ck, cv)]
+    ref = cached_attention(q, k, v, ck[:, :R], cv[:, :R], visible[:, :R], new_visible)
+    out = decode_attention(q, k, v, *stacked, visible[:, :R], new_visible, layer=1, block_s=8, interpret=True)
+    assert bool(jnp.all(jnp.isfinite(out)))
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-5, rtol=1e-5)
 
 
@@ -120,3 +134,26 @@ def test_auto_logits_chunk_reads_free_device_memory(capsys):
     head.resolve_chunk("auto", rows, vocab)
     err = capsys.readouterr().err
     assert err.count("logits_chunk='auto'") == 1 and "budget of 4.00 GiB" in err
+
+
+def test_kernels_lower_to_triton_for_cuda():
+    """Lowering for a CUDA device works on CPU: both kernels become Triton custom calls (the Triton compiler itself
+    runs only on a GPU)."""
+    bf16 = jnp.bfloat16
+
+    def spec(*shape, dtype=bf16):
+        return jax.ShapeDtypeStruct(shape, dtype)
+
+    def triton_calls(f, *args):
+        return jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text().count("xla.gpu.triton")
+
+    decode = functools.partial(decode_attention, layer=1, softcap=50.0, interpret=False)
+    assert triton_calls(decode, spec(2, 1, 8, 64), spec(2, 1, 2, 64), spec(2, 1, 2, 64), spec(2, 2, 96, 2, 64),
+                        spec(2, 2, 96, 2, 64), spec(2, 80, dtype=bool), spec(2, 1, 1, dtype=bool)) == 1
+
+    def loss(q, k, v, ids):
+        return segment_attention(q, k, v, ids, interpret=False).astype(jnp.float32).sum()
+
+    grads = jax.grad(loss, argnums=(0, 1, 2))
+    assert triton_calls(grads, spec(2, 64, 4, 64), spec(2, 64, 2, 64), spec(2, 64, 2, 64),
+                        spec(2, 64, dtype=jnp.int32)) == 3          # forward, backward preprocess, backward

@@ -43,6 +43,7 @@ from rlhf_jax.generation import SamplingConfig, sample
 from rlhf_jax.lora import LoraConfig, dequantize_params, init_lora, quantize_base
 from rlhf_jax.models import init_params
 from rlhf_jax.models.config import ModelConfig
+from rlhf_jax.models.transformer import decode_attention_impl, segment_attention_impl
 from rlhf_jax.train.distill import DistillConfig, distill_step
 from rlhf_jax.train.grpo import GRPOConfig, grpo_sample, grpo_update
 from rlhf_jax.train.optim import OptimConfig
@@ -113,6 +114,12 @@ class BenchConfig:
     """Per-block rematerialisation (ModelConfig.remat)."""
     attention_impl: Literal["xla", "cudnn"] | None = None
     """jax.nn.dot_product_attention implementation (ModelConfig.attention_impl); cudnn needs bf16 on GPU."""
+    decode_attention: Literal["reference", "pallas"] | None = None
+    """Attention of one-token decode steps (ModelConfig.decode_attention): pallas = flash-decoding kernel;
+    None = pallas on GPU (power-of-two heads), reference elsewhere."""
+    segment_attention: Literal["dense", "pallas"] | None = None
+    """Training attention of rows with segment_ids (ModelConfig.segment_attention): dense [B,1,T,T] mask, or the
+    Pallas flash-attention kernel over [B,T] ids; None = dense."""
     scan_unroll: int | None = None
     """Blocks per iteration of the scan over layers (ModelConfig.scan_unroll): None = all on GPU/TPU, 1 on CPU."""
     logits_chunk: str = "auto"
@@ -637,7 +644,8 @@ def run_benchmarks(cfg: BenchConfig) -> dict:
     """Run the selected benchmarks; returns the report (also written to `cfg.json` if set)."""
     cfg = resolve(cfg)
     model = ModelConfig.preset(cfg.preset, dtype=cfg.dtype, remat=cfg.remat, attention_impl=cfg.attention_impl,
-                               scan_unroll=cfg.scan_unroll, logits_chunk=_logits_chunk(cfg.logits_chunk))
+                               scan_unroll=cfg.scan_unroll, logits_chunk=_logits_chunk(cfg.logits_chunk),
+                               decode_attention=cfg.decode_attention, segment_attention=cfg.segment_attention)
     dev = jax.devices()[0]
     n = cfg.peak_size or (1024 if dev.platform == "cpu" else 8192)
     measured = measure_peak_flops(model.compute_dtype, n)
@@ -662,6 +670,7 @@ def run_benchmarks(cfg: BenchConfig) -> dict:
                    "jax": jax.__version__, "python": platform.python_version(), "host": platform.node()},
         "config": dataclasses.asdict(cfg),
         "model": {"preset": cfg.preset, "dtype": cfg.dtype, "param_dtype": model.param_dtype,
+                  "decode_attention": decode_attention_impl(model), "segment_attention": segment_attention_impl(model),
                   "num_params": model.num_params(), "matmul_params_lm": matmul_params(model),
                   "matmul_params_scalar": matmul_params(model, head="scalar")},
         "peak": {"measured_flops": measured, "matmul_n": n, "dtype": cfg.dtype, "spec_flops": spec},

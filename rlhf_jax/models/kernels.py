@@ -11,7 +11,8 @@
   The G = N / K query heads of a kv head share the block's read (grouped-query attention). Key masks (padding,
   slots not yet written, a sliding window) arrive as the [B,S] visibility of `cached_attention`; a masked slot
   adds exactly 0, so a block with no visible slot has l_j = 0 and weight 0 in the combine. Soft-capping
-  (Gemma 2) is applied to each score before masking.
+  (Gemma 2) is applied to each score before masking. The sampler passes the stacked [L,B,S,K,H] cache and a
+  layer index: a Pallas call is a custom call, which would get a copy of a sliced cache as its operand.
 * `segment_attention`: causal attention within segments of packed rows from [B,T] segment ids, without a
   [B,1,T,T] mask, through the Pallas flash-attention kernel that ships with JAX
   (`jax.experimental.pallas.ops.gpu.attention.mha`: forward and backward kernels under a custom VJP, causal
@@ -31,6 +32,7 @@ import math
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
 
 _F32 = jnp.float32
 _NEG = float(jnp.finfo(jnp.float32).min)
@@ -61,8 +63,8 @@ def _decode_block_kernel(q_ref, k_ref, v_ref, visible_ref, o_ref, m_ref, l_ref, 
     # q [G,H] (scaled, float32); k, v [bs,H]; visible [bs] int32 -> o [G,H], m [G], l [G]
     q = q_ref[...].astype(_F32)
     k = k_ref[...].astype(_F32)
-    v = v_ref[...].astype(_F32)
     visible = visible_ref[...] > 0
+    v = jnp.where(visible[:, None], v_ref[...].astype(_F32), 0.0)                       # unread slots: anything
     s = jnp.sum(q[:, None, :] * k[None, :, :], axis=-1)                                  # [G,bs]
     if softcap:
         s = softcap * jnp.tanh(s / softcap)
@@ -74,40 +76,56 @@ def _decode_block_kernel(q_ref, k_ref, v_ref, visible_ref, o_ref, m_ref, l_ref, 
     l_ref[...] = jnp.sum(p, axis=-1)
 
 
-def decode_partials(q, cache_k, cache_v, visible, *, softcap: float | None = None, block_s: int = 256,
-                    interpret: bool | None = None):
+def _decode_block(R: int, S: int, block_s: int) -> int:
+    """Slots per block for reading slots [0, R) of an S-slot cache: the largest power of two <= block_s whose
+    ceil(R / bs) blocks end within the cache and read at most R / 8 slots past R (else the smallest that ends
+    within it; blocks below min(16, block_s) are not tried). 0 when none ends within the cache."""
+    bs = 1 << (int(block_s).bit_length() - 1)
+    fits = []
+    while bs >= min(16, block_s):
+        if -(-R // bs) * bs <= S:
+            fits.append(bs)
+        bs //= 2
+    return next((b for b in fits if -(-R // b) * b - R <= R // 8), fits[-1] if fits else 0)
+
+
+def decode_partials(q, cache_k, cache_v, visible, *, layer: int | None = None, softcap: float | None = None,
+                    block_s: int = 256, interpret: bool | None = None):
     """Partial softmaxes of scaled queries over blocks of cached slots.
 
     Args:
       q: [B,K,G,H] float32 queries, already multiplied by the logit scale.
-      cache_k, cache_v: [B,S,K,H] cache (any float dtype; read in blocks, computed in float32).
-      visible: [B,S] bool, slot s seen by row b's query.
+      cache_k, cache_v: [B,S,K,H] cache (any float dtype; read in blocks, computed in float32), or the stacked
+        [L,B,S,K,H] cache of every layer with `layer` the one to read (no per-layer copy for the kernel).
+      visible: [B,R] bool, R <= S: slot s < R seen by row b's query; slots >= R are not read (but for the end of
+        the last block, masked).
       softcap: c: scores become c * tanh(score / c) before masking (None: off).
-      block_s: at most this many slots per block (a power of two dividing S is chosen; S is zero-padded, with
-        the padding invisible, when no divisor of at least 16 exists).
+      block_s: at most this many slots per block (see `_decode_block`; the cache is zero-padded, a copy, only
+        when no block of at least min(16, block_s) slots fits it).
       interpret: Pallas interpret mode (None: off on GPU, on elsewhere).
 
     Returns:
       (o [B,K,n,G,H], m [B,K,n,G], l [B,K,n,G]) float32 for n blocks: o_j = sum_s e^(s - m_j) v_s and
       l_j = sum_s e^(s - m_j) over block j's visible slots, m_j their max score (float32 min if none).
     """
-    B, S, K, H = cache_k.shape
-    G = q.shape[2]
-    bs = _block_size(S, block_s)
-    if not bs:   # a copy of the cache: only for odd lengths (the sampler's read lengths are P + a stage end)
+    if layer is None:
+        cache_k, cache_v, layer = cache_k[None], cache_v[None], 0
+    _, B, S, K, H = cache_k.shape
+    G, R = q.shape[2], visible.shape[1]
+    bs = _decode_block(R, S, block_s)
+    if not bs:   # a copy of the cache: only for caches of fewer than 16 slots or not a multiple of 16
         pad = -S % min(16, block_s)
-        cache_k, cache_v = (jnp.pad(c, ((0, 0), (0, pad), (0, 0), (0, 0))) for c in (cache_k, cache_v))
-        visible = jnp.pad(visible, ((0, 0), (0, pad)))
+        cache_k, cache_v = (jnp.pad(c, ((0, 0), (0, 0), (0, pad), (0, 0), (0, 0))) for c in (cache_k, cache_v))
         S += pad
-        bs = _block_size(S, block_s)
-    n = S // bs
+        bs = _decode_block(R, S, block_s)
+    n = -(-R // bs)
+    visible = jnp.pad(visible.astype(jnp.int32), ((0, 0), (0, n * bs - R)))
     kernel = functools.partial(_decode_block_kernel, softcap=softcap)
+    cache_spec = pl.BlockSpec((None, None, bs, None, H), lambda b, h, j: (layer, b, j, h, 0))
     return pl.pallas_call(
         kernel,
         grid=(B, K, n),
-        in_specs=[pl.BlockSpec((None, None, G, H), lambda b, h, j: (b, h, 0, 0)),
-                  pl.BlockSpec((None, bs, None, H), lambda b, h, j: (b, j, h, 0)),
-                  pl.BlockSpec((None, bs, None, H), lambda b, h, j: (b, j, h, 0)),
+        in_specs=[pl.BlockSpec((None, None, G, H), lambda b, h, j: (b, h, 0, 0)), cache_spec, cache_spec,
                   pl.BlockSpec((None, bs), lambda b, h, j: (b, j))],
         out_specs=[pl.BlockSpec((None, None, None, G, H), lambda b, h, j: (b, h, j, 0, 0)),
                    pl.BlockSpec((None, None, None, G), lambda b, h, j: (b, h, j, 0)),
@@ -115,19 +133,21 @@ def decode_partials(q, cache_k, cache_v, visible, *, softcap: float | None = Non
         out_shape=[jax.ShapeDtypeStruct((B, K, n, G, H), _F32),
                    jax.ShapeDtypeStruct((B, K, n, G), _F32),
                    jax.ShapeDtypeStruct((B, K, n, G), _F32)],
+        compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=2),   # Triton, not Mosaic GPU
         interpret=_interpret(interpret),
         name="flash_decoding",
-    )(q.astype(_F32), cache_k, cache_v, visible.astype(jnp.int32))
+    )(q.astype(_F32), cache_k, cache_v, visible)
 
 
-def decode_attention(q, k, v, cache_k, cache_v, old_visible, new_visible, *, scale: float | None = None,
-                     softcap: float | None = None, block_s: int = 256, interpret: bool | None = None):
+def decode_attention(q, k, v, cache_k, cache_v, old_visible, new_visible, *, layer: int | None = None,
+                     scale: float | None = None, softcap: float | None = None, block_s: int = 256,
+                     interpret: bool | None = None):
     """`transformer.cached_attention` for one new token (T = 1), by flash-decoding (see the module docstring).
 
     Args:
       q: [B,1,N,H]; k, v: [B,1,K,H] the new token's key and value.
-      cache_k, cache_v: [B,S,K,H] (read only).
-      old_visible: [B,S] or [B,1,S] bool (cached slot s seen by the query).
+      cache_k, cache_v: [B,S,K,H] (read only), or [L,B,S,K,H] with `layer` (see `decode_partials`).
+      old_visible: [B,R] or [B,1,R] bool, R <= S (cached slot s < R seen by the query; slots >= R not read).
       new_visible: [B,1,1] bool (the query sees its own key).
       scale: logit scale (None: 1/sqrt(H)); softcap: c * tanh(logits / c) (None: off).
       block_s, interpret: see `decode_partials`.
@@ -140,10 +160,10 @@ def decode_attention(q, k, v, cache_k, cache_v, old_visible, new_visible, *, sca
         raise ValueError(f"decode_attention takes one new token per row (T = 1), got T = {T}; use "
                          "transformer.cached_attention for prefills and multi-token steps")
     K = k.shape[2]
-    S = cache_k.shape[1]
     qg = q.reshape(B, K, N // K, H).astype(_F32) * (scale or 1.0 / math.sqrt(H))          # [B,K,G,H]
-    o, m, l = decode_partials(qg, cache_k, cache_v, old_visible.reshape(B, S).astype(bool), softcap=softcap,
-                              block_s=block_s, interpret=interpret)
+    visible = old_visible.reshape(B, old_visible.shape[-1]).astype(bool)
+    o, m, l = decode_partials(qg, cache_k, cache_v, visible, layer=layer, softcap=softcap, block_s=block_s,
+                              interpret=interpret)
     s_new = jnp.einsum("bkgh,bkh->bkg", qg, k[:, 0].astype(_F32))                          # [B,K,G]
     if softcap:
         s_new = softcap * jnp.tanh(s_new / softcap)

@@ -213,7 +213,8 @@ def segment_attention_impl(config: ModelConfig) -> str:
 
 
 def cached_attention(q, k, v, cache_k, cache_v, old_visible, new_visible, *, fused_reads: bool | None = None,
-                     scale: float | None = None, softcap: float | None = None, kernel: bool = False):
+                     scale: float | None = None, softcap: float | None = None, kernel: bool = False,
+                     layer: int | None = None):
     """One softmax over cached keys and new keys, without writing the new keys into the cache first.
 
     q [B,T,N,H]; k, v [B,T,K,H] (the T new tokens); cache_k, cache_v [B,S,K,H] (read only);
@@ -225,11 +226,13 @@ def cached_attention(q, k, v, cache_k, cache_v, old_visible, new_visible, *, fus
     copy the [B,S,K,H] cache into a [B,K,S,H] layout); on CPU that fusion is 10-20x slower than the batched
     matmul (measured at B=256, S=92: 37 ms against 2.4 ms per layer), so other backends use einsums.
     `fused_reads` forces one form (None: multiply-reduces for T == 1 on GPU, einsums otherwise). kernel: for
-    T == 1 with a cache, the flash-decoding kernel `kernels.decode_attention` instead (same values).
+    T == 1 with a cache, the flash-decoding kernel `kernels.decode_attention` instead (same values); it may be
+    given the stacked [L,B,S',K,H] cache and this `layer` (it reads slots < S of that layer, no slice copied).
     """
     B, T, N, H = q.shape
     if kernel and T == 1 and cache_k is not None:
-        return decode_attention(q, k, v, cache_k, cache_v, old_visible, new_visible, scale=scale, softcap=softcap)
+        return decode_attention(q, k, v, cache_k, cache_v, old_visible, new_visible, scale=scale, softcap=softcap,
+                                layer=layer if cache_k.ndim == 5 else None)
     K = k.shape[2]
     f32 = jnp.float32
     qg = q.reshape(B, T, K, N // K, H).astype(f32) * (scale or 1.0 / math.sqrt(H))      # [B,T,K,G,H]
@@ -328,9 +331,11 @@ class Attention(nn.Module):
 
         mask: None (plain causal), [B] int32 lengths (one right-padded example per row: causal + padding,
         cuDNN's flash path), [B,T] int32 segment ids (`kernels.segment_attention`), or a [B,1,T,T] bool mask.
-        With a cache (k, v) [B,S,K,H] (read only), mask is the pair (old_visible [B,S] or [B,T,S], new_visible [B,T,T]) of `cached_attention`, with any sliding window
-        already applied; cache (None, None) is a prefill. layer: this block's index (an int, or traced inside
-        `nn.scan`), for per-layer RoPE and sliding windows.
+        With a cache (k, v) [B,S,K,H] (read only; the flash-decoding kernel is given the stacked [L,B,S',K,H]
+        cache and reads its layer's slots < S), mask is the pair (old_visible [B,S] or [B,T,S], new_visible
+        [B,T,T]) of `cached_attention`, with any sliding window already applied; cache (None, None) is a
+        prefill. layer: this block's index (an int, or traced inside `nn.scan`), for per-layer RoPE and sliding
+        windows.
         """
         cfg = self.config
         D, N, K, H = cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.head_size
@@ -366,7 +371,7 @@ class Attention(nn.Module):
         scale = cfg.attn_scale
         if cache is not None:
             out = cached_attention(q, k, v, *cache, *mask, scale=scale, softcap=cfg.attn_softcap,
-                                   kernel=decode_attention_impl(cfg) == "pallas")
+                                   kernel=decode_attention_impl(cfg) == "pallas", layer=layer)
             cache = (k, v)
         elif mask is not None and mask.ndim == 2:   # [B,T] segment ids (`segment_attention_impl` is pallas)
             out = segment_attention(q, k, v, mask, scale=scale)
@@ -675,9 +680,12 @@ def _forward_cached(params, tokens, config, cache, positions, key_mask, index, *
                          new_visible & window_mask(T, W)[None])                                 # [B,T,T]
     block = Block(config)
     sliding = config.layer_flags("sliding_layers")
+    # The flash-decoding kernel reads its layer of the stacked cache itself (a custom call cannot fuse a slice).
+    whole_cache = read_cache and T == 1 and decode_attention_impl(config) == "pallas"
     new_k, new_v = [], []
     for layer, layer_params in enumerate(layers):   # unrolled: static cache slices, no per-layer cache copies
         layer_cache = (cache.k[layer, :, :R], cache.v[layer, :, :R]) if read_cache else (None, None)
+        layer_cache = (cache.k, cache.v) if whole_cache else layer_cache
         x, (k, v) = block.apply({"params": layer_params}, x, layer_cache, positions,
                                 sliding_masks if sliding[layer] else masks, layer)
         new_k.append(k)

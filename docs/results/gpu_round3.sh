@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# GPT-2 124M on one GPU, in one process: `rlhf-jax benchmark` rows with today's attention paths
+# (--decode-attention reference --segment-attention dense) and with the Pallas kernels (pallas / pallas) side by
+# side: sampling at batch 256 (128 + 256 tokens), SFT 8x1024, DPO 32 pairs x 512, one PPO iteration (sample,
+# rollout, update); then distill, qlora_sft and qlora_dpo on today's paths. 5 timed calls after 1 warmup each.
+#
+#   bash docs/results/gpu_round3.sh [OUT_DIR]        # from the repository root; writes OUT_DIR/gpu_round3.json
+#
+# OUT_DIR defaults to $OUT, else docs/results. Rows run in the order above; a row starts only when its expected
+# time on an H100 (EXPECT_S below: compile times of docs/results/performance_h100.json plus the timed calls) still
+# fits in BUDGET_S seconds (360) from the start; the others are listed under "skipped" and can be run by a second
+# call, e.g. ROWS=distill,qlora_sft,qlora_dpo (a comma list of benchmark names; both paths of each). The JSON is
+# rewritten after every row, so a run cut short by a timeout still reports what finished. A row that fails (a
+# kernel that does not lower, out of memory) records its error and the next one runs. The JSON records the
+# device, JAX version, commit and each row's options. Give the device call a timeout of about 420 s.
+# A CPU dry run of the script itself: PRESET=tiny GEN_BATCHES=2 BUDGET_S=200 bash docs/results/gpu_round3.sh /tmp
+set -u
+OUT_DIR=${1:-${OUT:-docs/results}}
+mkdir -p "$OUT_DIR"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export BUDGET_S=${BUDGET_S:-360}
+python - "$OUT_DIR" <<'EOF'
+import gc
+import json
+import os
+import subprocess
+import sys
+import time
+import traceback
+
+import jax
+
+from rlhf_jax.cli import benchmark as bm
+
+out_path = os.path.join(sys.argv[1], "gpu_round3.json")
+budget, start = float(os.environ["BUDGET_S"]), time.time()
+
+
+def git(*args):
+    try:
+        return subprocess.run(["git", *args], capture_output=True, text=True, timeout=10).stdout.strip() or None
+    except Exception:
+        return None
+
+
+TODAY = {"decode_attention": "reference", "segment_attention": "dense"}
+PALLAS = {"decode_attention": "pallas", "segment_attention": "pallas"}
+COMMON = {"preset": os.environ.get("PRESET", "gpt2-124m"), "gen_batches": os.environ.get("GEN_BATCHES", "256"),
+          "steps": 5, "warmup": 1}
+ROWS = [("generate", "today", TODAY), ("generate", "pallas", PALLAS), ("sft", "today", TODAY),
+        ("sft", "pallas", PALLAS), ("dpo", "today", TODAY), ("dpo", "pallas", PALLAS), ("ppo", "today", TODAY),
+        ("ppo", "pallas", PALLAS), ("distill", "today", TODAY), ("qlora_sft", "today", TODAY),
+        ("qlora_dpo", "today", TODAY)]
+EXPECT_S = {"generate": 45, "sft": 30, "dpo": 45, "ppo": 115, "distill": 40, "qlora_sft": 35, "qlora_dpo": 45}
+if os.environ.get("ROWS"):
+    ROWS = [r for r in ROWS if r[0] in os.environ["ROWS"].split(",")]
+dev = jax.devices()[0]
+report = {"command": "bash docs/results/gpu_round3.sh", "commit": git("rev-parse", "HEAD"),
+          "dirty_paths": git("status", "--porcelain", "--untracked-files=no"),
+          "device": {"kind": dev.device_kind, "platform": dev.platform, "count": jax.device_count()},
+          "jax": jax.__version__, "jaxlib": getattr(sys.modules.get("jaxlib"), "__version__", None),
+          "common_flags": COMMON, "budget_s": budget, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+          "runs": [], "skipped": []}
+for name, path, options in ROWS:
+    elapsed = time.time() - start
+    if elapsed + EXPECT_S[name] > budget:
+        report["skipped"].append({"benchmark": name, "path": path, "elapsed_s": elapsed})
+        continue
+    print(f"=== {name} ({path}: {options}) at {elapsed:.0f} s", flush=True)
+    run = {"benchmark": name, "path": path, "options": options}
+    t = time.time()
+    try:
+        r = bm.run_benchmarks(bm.BenchConfig(benchmarks=name, **COMMON, **options))
+        run.update(results=r["results"], model=r["model"], peak=r["peak"], ppo=r["ppo"], distill=r["distill"])
+    except Exception as e:   # record it and go on: the other rows still tell something
+        run["error"] = "".join(traceback.format_exception_only(e))[-3000:]
+        traceback.print_exc()
+    run["wall_s"] = time.time() - t
+    report["runs"].append(run)
+    report["total_s"] = time.time() - start
+    with open(out_path, "w") as f:
+        json.dump(report, f, indent=2)
+    jax.clear_caches()
+    gc.collect()
+
+print(f"\n{'benchmark':<28} {'today ms':>10} {'pallas ms':>10}")
+by = {}
+for run in report["runs"]:
+    for row in run.get("results", []):
+        by.setdefault(row["name"], {})[run["path"]] = row["median_ms"]
+for name, times in by.items():
+    print(f"{name:<28} {times.get('today', float('nan')):>10.2f} {times.get('pallas', float('nan')):>10.2f}")
+sft = by.get("sft", {}).get("today")
+if sft and "distill" in by:
+    report["distill_over_sft"] = by["distill"]["today"] / sft
+print(f"total {time.time() - start:.0f} s; skipped {[(s['benchmark'], s['path']) for s in report['skipped']]}")
+with open(out_path, "w") as f:
+    json.dump(report, f, indent=2)
+EOF
