@@ -63,15 +63,18 @@ def test_decode_attention_reads_one_layer_of_the_stacked_cache():
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-5, rtol=1e-5)
 
 
-def test_greedy_sampling_with_decode_kernel_matches_reference():
-    params = init_params(TINY_LLAMA, jax.random.key(3))
+@pytest.mark.parametrize("changes", [{}, {"sliding_window": 5, "sliding_layers": (True, False), "attn_softcap": 0.1}],
+                         ids=["llama", "window-softcap"])
+def test_greedy_sampling_with_decode_kernel_matches_reference(changes):
+    config = TINY_LLAMA.replace(**changes)
+    params = init_params(config, jax.random.key(3))
     prompts = jax.random.randint(jax.random.key(4), (2, 8), 0, 256)
     prompt_mask = jnp.ones((2, 8), jnp.int32).at[1, :3].set(0)                     # a left-padded row
     kwargs = dict(max_new_tokens=8, temperature=0.0, eos_id=None, stages=2)
     ref = sample(params, prompts, prompt_mask, jax.random.key(0),
-                 config=TINY_LLAMA.replace(decode_attention="reference"), **kwargs)
+                 config=config.replace(decode_attention="reference"), **kwargs)
     out = sample(params, prompts, prompt_mask, jax.random.key(0),
-                 config=TINY_LLAMA.replace(decode_attention="pallas"), **kwargs)
+                 config=config.replace(decode_attention="pallas"), **kwargs)
     np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(ref.tokens))
     np.testing.assert_allclose(np.asarray(out.logprobs), np.asarray(ref.logprobs), atol=1e-4)
 

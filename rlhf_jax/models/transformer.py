@@ -19,7 +19,9 @@ or left-padded rows. The same `Block` serves training and cached decoding. `forw
 layers in Python and reads each layer's cache slice only: attention is one softmax over the cached keys
 (slots < index) and the T new keys, and the [L,B,T,K,H] new keys/values are written into the preallocated
 [L,B,S,K,H] cache with one `dynamic_update_slice`, which XLA performs in place inside a decode `while_loop`
-(a scan over layers would instead write a whole new cache every step).
+(a scan over layers would instead write a whole new cache every step). `ModelConfig.decode_attention` and
+`segment_attention` switch one-token decode steps and packed training rows to the Pallas kernels of
+`models.kernels`.
 
 Shapes: B batch, T time, S cache length, D model width, F MLP width, N heads, K kv heads, H head dim,
 V vocab, L layers.
@@ -563,7 +565,7 @@ def _attention_mask(segment_ids, seq_lengths, config):
                              "right-padded example per row), not both")
         return jnp.asarray(seq_lengths).astype(jnp.int32)
     if segment_ids is not None and segment_attention_impl(config) == "pallas":
-        return jnp.asarray(segment_ids).astype(jnp.int32)                               # [B,T]: the kernel's
+        return jnp.asarray(segment_ids).astype(jnp.int32)                    # [B,T] for kernels.segment_attention
     return None if segment_ids is None else _segment_mask(segment_ids)
 
 
@@ -573,10 +575,10 @@ def forward_hidden(params, tokens, *, config: ModelConfig, positions=None, segme
 
     positions [B,T] default to arange(T). segment_ids [B,T]: 0 = padding, tokens attend causally within their own
     nonzero segment only (a dense [B,1,T,T] mask, or [B,T] ids for `segment_attention_impl` "pallas").
-    seq_lengths [B] int: one right-padded example per row, its
-    first seq_lengths[b] tokens real; the same attention as segment_ids = (t < seq_lengths) on those tokens,
-    but through `is_causal` + sequence lengths (cuDNN flash attention, no T x T mask); outputs at padding
-    positions are finite but unspecified. Neither: one causal sequence per row.
+    seq_lengths [B] int: one right-padded example per row, its first seq_lengths[b] tokens real; the same
+    attention as segment_ids = (t < seq_lengths) on those tokens, but through `is_causal` + sequence lengths
+    (cuDNN flash attention, no T x T mask); outputs at padding positions are finite but unspecified. Neither: one
+    causal sequence per row.
     """
     _check_len(config, tokens.shape[1])
     mask = _attention_mask(segment_ids, seq_lengths, config)
