@@ -79,12 +79,17 @@ def test_greedy_sampling_with_decode_kernel_matches_reference(changes):
     np.testing.assert_allclose(np.asarray(out.logprobs), np.asarray(ref.logprobs), atol=1e-4)
 
 
-def test_attention_impl_defaults_on_cpu():
-    assert decode_attention_impl(TINY_LLAMA) == "reference"
+def test_attention_impl_defaults(monkeypatch):
+    assert decode_attention_impl(TINY_LLAMA) == "reference"                         # CPU
     assert decode_attention_impl(TINY_LLAMA.replace(decode_attention="pallas")) == "pallas"
     assert segment_attention_impl(TINY_LLAMA) == "dense"
     assert segment_attention_impl(TINY_LLAMA.replace(segment_attention="pallas")) == "pallas"
     assert segment_attention_impl(TINY_LLAMA.replace(segment_attention="pallas", attn_softcap=30.0)) == "dense"
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert decode_attention_impl(TINY_LLAMA) == "pallas"                            # H = 16, G = 2
+    assert decode_attention_impl(TINY_LLAMA.replace(d_model=96)) == "reference"     # H = 24: no Triton block
+    assert decode_attention_impl(TINY_LLAMA.replace(num_kv_heads=None, num_heads=6, d_model=96)) == "pallas"
+    assert segment_attention_impl(TINY_LLAMA) == "dense"
 
 
 SEGMENTS = jnp.array([[1] * 10 + [2] * 12 + [3] * 6 + [0] * 4,      # packed, then right padding

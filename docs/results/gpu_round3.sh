@@ -19,7 +19,8 @@ OUT_DIR=${1:-${OUT:-docs/results}}
 mkdir -p "$OUT_DIR"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export BUDGET_S=${BUDGET_S:-360}
-python - "$OUT_DIR" <<'EOF'
+PYTHON=${PYTHON:-$(command -v python || command -v python3)}
+"$PYTHON" - "$OUT_DIR" <<'EOF'
 import gc
 import json
 import os
