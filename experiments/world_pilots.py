@@ -36,23 +36,19 @@ from typing import Literal
 import jax
 import numpy as np
 
-from rlhf_jax import tasks as world
 from rlhf_jax.config_cli import check_ranges, config_check, parse_cli
-from rlhf_jax.data import Batches, PreferenceRecord, SFTRecord, ShuffledIterator, collate_prompts
-from rlhf_jax.data.batching import Example, collate_preference, tokenize_preference, truncate
-from rlhf_jax.eval import sample_texts
+from rlhf_jax.data import Batches, PreferenceRecord, ShuffledIterator
+from rlhf_jax.data.batching import Example
 from rlhf_jax.generation import SamplingConfig
 from rlhf_jax.models import ModelConfig, init_params
-from rlhf_jax.recipes import TOK, cosine_optim, packed_batches
+from rlhf_jax.recipes import TOK, cosine_optim, packed_batches, rule_world
 from rlhf_jax.recipes.cards import provenance
 from rlhf_jax.tasks import skills
-from rlhf_jax.tokenizer import encode_chat, encode_prompt
 from rlhf_jax.train import stages
 from rlhf_jax.train.checkpoint import load_params, save_params
 from rlhf_jax.train.grpo import GRPOConfig
 from rlhf_jax.train.optim import OptimConfig
 from rlhf_jax.train.ppo import PPOConfig, init_ppo_state
-from rlhf_jax.train.rl import decode_ids
 from rlhf_jax.train.state import create_train_state, with_score_head
 from rlhf_jax.train.steps import pair_scores
 
@@ -184,42 +180,18 @@ def _log(msg: str) -> None:
     print(f"[world_pilots] {msg}", file=sys.stderr, flush=True)
 
 
-def _example(messages, full_loss: bool) -> Example:
-    ids, mask = encode_chat(TOK, messages)
-    return Example(tuple(ids), tuple((1,) * len(ids) if full_loss else mask), 0)
-
-
-def _messages(task: skills.SkillTask, response: str) -> list[dict]:
-    return [{"role": "user", "content": task.prompt}, {"role": "assistant", "content": response}]
-
-
 def corpus(cfg: PilotConfig, sk: skills.SkillConfig) -> list[Example]:
-    """The pretraining documents: rule rows of every op on train keys, answered right with prob p_correct, and
-    web_fraction of the main world's web corpus; the loss on every token."""
-    rng = np.random.default_rng(cfg.seed)
-    n_web = int(cfg.web_fraction * cfg.corpus_docs)
-    n_rule = (cfg.corpus_docs - n_web) // len(cfg.ops)
-    docs = [_example(d["messages"], True) for d in world.web_corpus(n_web, cfg.seed)]
-    for op in cfg.ops:
-        for _ in range(n_rule):
-            t = skills.make_skill(op, rng, "train", sk)
-            docs.append(_example(_messages(t, skills.noisy_response(t, rng, cfg.p_correct)), cfg.prompt_loss))
-    return docs
+    """The pretraining documents (`rule_world.rule_corpus`)."""
+    return rule_world.rule_corpus(cfg.ops, docs=cfg.corpus_docs, web_fraction=cfg.web_fraction,
+                                  p_correct=cfg.p_correct, prompt_loss=cfg.prompt_loss, seed=cfg.seed, config=sk)
 
 
 def answers(params, tasks, mc: ModelConfig, cfg: PilotConfig, temperature: float, rng) -> list[str]:
     """One response to each task's prompt (temperature 0: greedy)."""
-    batch = collate_prompts([encode_prompt(TOK, [{"role": "user", "content": t.prompt}]) for t in tasks],
-                            buckets=(64,), pad_id=TOK.pad_id)
-    sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=temperature, eos_id=TOK.eos_id,
-                              pad_id=TOK.pad_id)
-    return sample_texts(params, batch["prompts"], batch["prompt_mask"], rng, model_config=mc, sampling=sampling,
-                        tokenizer=TOK, chunk=min(256, len(tasks)))
+    return rule_world.answers(params, tasks, mc, max_new_tokens=cfg.max_new_tokens, temperature=temperature, rng=rng)
 
 
-def score(tasks, responses) -> tuple[np.ndarray, np.ndarray]:
-    s = [skills.gold_score(t, r) for t, r in zip(tasks, responses)]
-    return np.array([x["exact"] for x in s]), np.array([x["partial"] for x in s])
+score = rule_world.scores
 
 
 def per_op(tasks, values: np.ndarray, mask: np.ndarray | None = None) -> dict[str, float]:
@@ -281,15 +253,9 @@ def cached_pretrain(cfg: PilotConfig, sk, mc, dev_tasks, rng):
 
 
 def sft(cfg: PilotConfig, base_params, mc, demos: list[tuple[skills.SkillTask, str]]):
-    """The main job's SFT recipe (packed rows, loss on the answers, AdamW 3e-4 cosine) on (task, response) pairs."""
-    records = [SFTRecord(messages=tuple(_messages(t, r))) for t, r in demos]
-    batches = Batches(ShuffledIterator(records, seed=cfg.seed), TOK, kind="sft", batch_size=cfg.batch_size,
-                      buckets=(cfg.seq_len,), pack=True)
-    state = create_train_state(base_params, cosine_optim(3e-4, cfg.sft_steps), jax.random.PRNGKey(cfg.seed + 1),
-                               total_steps=cfg.sft_steps)
-    state, _ = stages.run_sft(state, batches, stages.SFTConfig(num_steps=cfg.sft_steps, log_every=cfg.sft_steps),
-                              model_config=mc)
-    return state.params
+    """The main job's SFT recipe (`rule_world.sft`) on (task, response) pairs."""
+    return rule_world.sft(base_params, mc, demos, steps=cfg.sft_steps, batch_size=cfg.batch_size,
+                          seq_len=cfg.seq_len, seed=cfg.seed)
 
 
 def measure(params, tasks, flaw_mask, mc, cfg, rng) -> dict:
@@ -325,44 +291,13 @@ def flawed(cfg: PilotConfig, sk, mc, base_params, rng) -> dict:
     return out
 
 
-def _prompt_key(task: skills.SkillTask) -> str:
-    """A task's prompt text as the RL stages decode it (the verifier finds its task by it)."""
-    return decode_ids(TOK, encode_prompt(TOK, [{"role": "user", "content": task.prompt}]))
-
-
 def sample_pairs(params, tasks, mc, cfg, rng) -> list[PreferenceRecord]:
-    """`pair_samples` SFT samples (temperature `pair_temperature`) per task; every two with different gold scores (exact, then
-    partial credit) make a pair, the higher-scored one chosen."""
-    samples = [answers(params, tasks, mc, cfg, cfg.pair_temperature, jax.random.fold_in(rng, i + 1))
-               for i in range(cfg.pair_samples)]
-    out = []
-    for j, t in enumerate(tasks):
-        texts = list(dict.fromkeys(s[j] for s in samples))          # distinct answers only
-        keyed = [((g := skills.gold_score(t, r))["exact"], g["partial"], r) for r in texts]
-        for a in range(len(keyed)):
-            for b in range(a + 1, len(keyed)):
-                (ea, pa, ra), (eb, pb, rb) = keyed[a], keyed[b]
-                if (ea, pa) != (eb, pb):
-                    chosen, rejected = (ra, rb) if (ea, pa) > (eb, pb) else (rb, ra)
-                    out.append(PreferenceRecord(prompt=({"role": "user", "content": t.prompt},), chosen=chosen,
-                                                rejected=rejected))
-    return out
+    """`rule_world.gold_pairs` of `pair_samples` samples at `pair_temperature` per task."""
+    return rule_world.gold_pairs(params, tasks, mc, samples=cfg.pair_samples, temperature=cfg.pair_temperature,
+                                 max_new_tokens=cfg.max_new_tokens, rng=rng)[0]
 
 
-def pair_batch(records) -> dict:
-    pairs = [tuple(truncate(e, 97) for e in tokenize_preference(TOK, r)) for r in records]   # cut and counted
-    return collate_preference(pairs, buckets=(96,), pad_id=TOK.pad_id)
-
-
-def rm_scores(reward_params, tasks, responses, mc) -> np.ndarray:
-    """The reward model's score of each (task, response), scored two at a time as one preference batch."""
-    recs = [PreferenceRecord(prompt=({"role": "user", "content": t.prompt},), chosen=r, rejected=r)
-            for t, r in zip(tasks, responses)]
-    out = []
-    for i in range(0, len(recs), 256):
-        c, _ = pair_scores(reward_params, pair_batch(recs[i:i + 256]), model_config=mc)
-        out.append(np.asarray(c))
-    return np.concatenate(out)
+pair_batch, rm_scores, prompt_batches = rule_world.pair_batch, rule_world.rm_scores, rule_world.prompt_batches
 
 
 def reward_model(cfg, sft_params, mc, train, dev, rng, base_params=None) -> tuple[dict, dict]:
@@ -404,10 +339,7 @@ def grpo(cfg, sft_params, mc, rl_tasks, train_eval, dev, flaw_mask, rng, reward_
     """GRPO on train-key prompts with the verifier (exact match), or with `reward_params` (a reward model's
     scores); greedy exact match on the train-key evaluation prompts (in distribution) and on dev keys (transfer,
     with the flaw keys apart) every third of the run."""
-    table = {_prompt_key(t): t for t in (*rl_tasks, *train_eval)}
-    verifier = lambda prompts, completions: np.array(  # noqa: E731
-        [skills.gold_score(table[p], c)["exact"] for p, c in zip(prompts, completions)], np.float32)
-    reward = {"host_reward_fn": verifier, "tokenizer": TOK} if reward_params is None else {
+    reward = {"host_reward_fn": rule_world.exact_verifier([*rl_tasks, *train_eval]), "tokenizer": TOK} if reward_params is None else {
         "reward_params": reward_params}
     sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=1.0, eos_id=TOK.eos_id,
                               pad_id=TOK.pad_id)
@@ -426,15 +358,6 @@ def grpo(cfg, sft_params, mc, rl_tasks, train_eval, dev, flaw_mask, rng, reward_
         rewards += [h["reward"] for h in hist]
         curve.append(point(state.params, done))
     return {"curve": curve, "train_reward": rewards}
-
-
-def prompt_batches(tasks, size: int, seed: int):
-    """Endless prompt batches of `size` tasks drawn without replacement within a batch."""
-    prng = np.random.default_rng(seed)
-    while True:
-        picked = [tasks[i] for i in prng.choice(len(tasks), size, replace=False)]
-        yield collate_prompts([encode_prompt(TOK, [{"role": "user", "content": t.prompt}]) for t in picked],
-                              buckets=(64,), pad_id=TOK.pad_id)
 
 
 def curve_point(params, step, *, cfg, mc, train_eval, dev, flaw_mask, rng, stage) -> dict:

@@ -6,8 +6,9 @@
   temperature-1 samples; `best_of_n` (how well a reward model ranks a policy's own samples against a random and
   the gold pick).
 * `pairwise_accuracy`: a reward model's agreement with the labels of preference batches.
-* `paired_bootstrap`, `seed_prompt_bootstrap`, `win_rate`, `reliability_bins`, `expected_calibration_error`, `best_of_n_expectation`:
-  numpy statistics of per-prompt numbers, defined in `rlhf_jax.stats` and re-exported here.
+* `paired_bootstrap`, `seed_prompt_bootstrap`, `seed_prompt_replicates`, `win_rate`, `reliability_bins`,
+  `expected_calibration_error`, `best_of_n_expectation`: numpy statistics of per-prompt numbers, defined in
+  `rlhf_jax.stats` and re-exported here.
 
 Every model call goes through the RL core (`rlhf_jax.train.rl`): the same sampling, log-prob and reward-model
 code paths as training.
@@ -25,7 +26,8 @@ import numpy as np
 from rlhf_jax.generation import SamplingConfig
 from rlhf_jax.models.config import ModelConfig
 from rlhf_jax.stats import (best_of_n_expectation, expected_calibration_error, paired_bootstrap,  # noqa: F401
-                            reliability_bins, seed_prompt_bootstrap, win_rate)  # (re-exported)
+                            reliability_bins, seed_prompt_bootstrap,
+                            seed_prompt_replicates, win_rate)  # (re-exported)
 from rlhf_jax.train.rl import decode_responses, episode_sequence_logps, reward_model_scores, sample_episodes
 from rlhf_jax.train.steps import pair_scores
 

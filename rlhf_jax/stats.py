@@ -2,7 +2,7 @@
 
 * `win_rate`, `paired_bootstrap`: two policies' per-prompt rewards on the same prompts (AlpacaEval-style win rate,
   judged by a reward; the mean paired difference with a percentile bootstrap interval, Efron & Tibshirani 1993).
-* `seed_prompt_bootstrap`: the same over several seeds, each with its own prompts: seeds and prompts resampled
+* `seed_prompt_bootstrap`, `seed_prompt_replicates`: the same over several seeds, each with its own prompts: seeds and prompts resampled
   together (a two-stage bootstrap, Davison & Hinkley 1997, section 3.8), so the interval carries both the
   training variance across seeds and the sampling variance of the evaluation prompts.
 * `reliability_bins`, `expected_calibration_error`: a predictor's calibration (Naeini et al. 2015; Guo et al. 2017).
@@ -56,35 +56,44 @@ def paired_bootstrap(gold_a: Any, gold_b: Any, *, num_samples: int = 2000, level
             "high": float(np.quantile(means, 1.0 - alpha)), "level": level}
 
 
-def seed_prompt_bootstrap(gold_a: Any, gold_b: Any, *, num_samples: int = 2000, level: float = 0.95,
-                          seed: int = 0, bounds: tuple[float, float] | None = None) -> dict[str, float]:
-    """Mean paired difference of a - b over seeds and prompts, with a two-stage percentile bootstrap interval.
+def seed_prompt_replicates(gold_a: Any, gold_b: Any, *, num_samples: int = 2000, seed: int = 0) -> np.ndarray:
+    """[num_samples] bootstrap replicates of the mean paired difference a - b over seeds and prompts.
 
     `gold_a`, `gold_b`: one [B_s] array per seed (a sequence of S arrays; seeds may have different prompts and
     counts, a and b share them within a seed). Each replicate draws S seeds with replacement, then, within each
-    drawn seed, its B_s prompts with replacement, and averages the per-seed mean differences (each seed weighs
-    the same, as in the estimate). `bounds` (e.g. (-1, 1) for a difference of rates) clips the interval to the
-    metric's range. Returns {"delta", "low", "high", "level", "seeds"}; with one seed it is `paired_bootstrap`'s
-    interval over prompts only.
+    drawn seed, its B_s prompts with replacement (a seed drawn twice gets two independent resamples), and averages
+    the drawn seeds' mean differences (each seed weighs the same, as in the estimate). Two calls with the same
+    seed and the same shapes draw the same resamples, so replicates of two comparisons can be divided (a ratio's
+    interval).
     """
     pairs = [(np.asarray(a, np.float64), np.asarray(b, np.float64)) for a, b in zip(gold_a, gold_b, strict=True)]
     if not pairs or any(a.shape != b.shape or a.ndim != 1 or a.size == 0 for a, b in pairs):
         raise ValueError("seed_prompt_bootstrap needs one non-empty [B] array per seed, equal in a and b")
     diffs = [a - b for a, b in pairs]
-    if not 0.0 < level < 1.0:
-        raise ValueError(f"level must be in (0, 1), got {level}")
-    rng = np.random.default_rng(seed)
-    S = len(diffs)
-    # Per seed, R x S prompt-resampled means: a seed drawn twice in one replicate gets two independent resamples.
+    rng, S = np.random.default_rng(seed), len(diffs)
     seed_means = np.stack([d[rng.integers(0, d.size, size=(num_samples, S, d.size))].mean(axis=2) for d in diffs])
     drawn = rng.integers(0, S, size=(num_samples, S))                                          # [R, S]
-    means = seed_means[drawn, np.arange(num_samples)[:, None], np.arange(S)[None, :]].mean(axis=1)
+    return seed_means[drawn, np.arange(num_samples)[:, None], np.arange(S)[None, :]].mean(axis=1)
+
+
+def seed_prompt_bootstrap(gold_a: Any, gold_b: Any, *, num_samples: int = 2000, level: float = 0.95,
+                          seed: int = 0, bounds: tuple[float, float] | None = None) -> dict[str, float]:
+    """Mean paired difference of a - b over seeds and prompts, with a two-stage percentile bootstrap interval.
+
+    Inputs and resampling as `seed_prompt_replicates`. `bounds` (e.g. (-1, 1) for a difference of rates) clips
+    the interval to the metric's range. Returns {"delta", "low", "high", "level", "seeds"}; with one seed it is
+    `paired_bootstrap`'s interval over prompts only.
+    """
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    means = seed_prompt_replicates(gold_a, gold_b, num_samples=num_samples, seed=seed)
     alpha = (1.0 - level) / 2.0
     low, high = float(np.quantile(means, alpha)), float(np.quantile(means, 1.0 - alpha))
     if bounds is not None:
         low, high = max(low, bounds[0]), min(high, bounds[1])
-    return {"delta": float(np.mean([d.mean() for d in diffs])), "low": low, "high": high, "level": level,
-            "seeds": len(diffs)}
+    delta = float(np.mean([np.mean(np.asarray(a, np.float64) - np.asarray(b, np.float64))
+                           for a, b in zip(gold_a, gold_b)]))
+    return {"delta": delta, "low": low, "high": high, "level": level, "seeds": len(gold_a)}
 
 
 def reliability_bins(confidence: Any, correct: Any, *, num_bins: int = 10) -> dict[str, np.ndarray]:

@@ -26,6 +26,7 @@ COMMANDS = {
     "benchmark": ("benchmark", "time the compiled steps and report tokens/s and MFU"),
     "pipeline": ("pipeline", "the main job: the whole pipeline in the gold-reward world"),
     "seeds": ("seeds", "the main job on several seeds, and the gains that hold across them"),
+    "rule-world": ("rule_world", "the rule world: post-training measured where it can win, on one or more seeds"),
 }
 """Subcommand -> (module of rlhf_jax.cli, one line of help)."""
 

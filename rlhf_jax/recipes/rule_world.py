@@ -1,0 +1,540 @@
+"""The rule world's main job: post-training measured where it can win (docs/world.md, "Design and hypotheses").
+
+One seed of `run_rule_world` builds its own world and models on `skills.RULE_WORLD` keys (reversal of random
+3-6 letter strings), then:
+
+1. pretraining on a corpus of noisy rule rows (right 80% of the time) plus web documents;
+2. SFT on a demonstrator that truncates long reversals 85% of the time (the deployed model), and oracle SFT on
+   perfect demonstrations of the same prompts (the ceiling);
+3. SFT at its best temperature, picked on dev keys;
+4. a Bradley-Terry reward model on gold-labelled pairs of SFT samples of train keys;
+5. from the SFT model: PPO on the reward model, GRPO on the exact-match verifier, DPO on the reward model's
+   pairs, rejection-sampling fine-tuning by the verifier and by the reward model, and two zero-signal controls.
+
+Every stage is read on `eval_split` keys (test, or dev while choosing) drawn per seed, greedily (the primary
+metric) and at temperature 0.7, on the flaw keys apart, and on train keys of the RL stages' pool (learning in
+distribution). `seed_summary` turns the seeds' reports into the primary comparisons with a seeds-and-prompts
+bootstrap (`stats.seed_prompt_bootstrap`). The stage helpers are also the pilots' (`experiments/world_pilots.py`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+import types
+from typing import Literal
+
+import jax
+import numpy as np
+
+from rlhf_jax import tasks as world
+from rlhf_jax.checks import check_ranges, config_check
+from rlhf_jax.data import Batches, PreferenceRecord, SFTRecord, ShuffledIterator, collate_prompts
+from rlhf_jax.data.batching import Example, collate_preference, tokenize_preference, truncate
+from rlhf_jax.eval import sample_texts
+from rlhf_jax.generation import SamplingConfig
+from rlhf_jax.models import ModelConfig, init_params
+from rlhf_jax.recipes.data import TOK, cosine_optim, packed_batches
+from rlhf_jax.recipes.stages import zero_reward
+from rlhf_jax.stats import seed_prompt_bootstrap, seed_prompt_replicates
+from rlhf_jax.tasks import skills
+from rlhf_jax.tokenizer import encode_chat, encode_prompt
+from rlhf_jax.train import stages
+from rlhf_jax.train.grpo import GRPOConfig
+from rlhf_jax.train.optim import OptimConfig
+from rlhf_jax.train.ppo import PPOConfig, init_ppo_state
+from rlhf_jax.train.rl import decode_ids
+from rlhf_jax.train.state import create_train_state, with_score_head
+from rlhf_jax.train.steps import pair_scores
+
+STAGES = ("sft", "sft_t07", "sft_best_t", "oracle_sft", "ppo", "grpo", "dpo", "rft_verifier", "rft_rm",
+          "ppo_zero_reward", "dpo_beta0")
+"""Rows of a seed's table, in order."""
+PRIMARY = (("grpo", "sft_best_t"), ("ppo", "sft_best_t"), ("dpo", "sft_t07"))
+"""The primary comparisons named in the design (stage, baseline), greedy stage against the baseline's metric."""
+RM_THRESHOLD = 0.75
+"""The reward model's accuracy on unseen-key pairs that the design asks for."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RuleWorldConfig:
+    """One seed of the rule world's main job (docs/world.md, "Design and hypotheses"); the defaults are the design."""
+
+    out: str = "runs/rule_world"
+    """Output folder of this seed (report.json)."""
+    seed: int = 0
+    """Initialisation, corpus, demonstrations, pairs, RL prompts and evaluation keys."""
+    eval_split: Literal["test", "dev"] = "test"
+    """Keys every stage is read on: test, or dev (while choosing)."""
+    quick: bool = False
+    """Tiny sizes (a smoke test, not a measurement)."""
+    ops: tuple[str, ...] = ("reverse",)
+    """Operations (`skills.OPS`)."""
+    demonstrator: str = "truncate"
+    """The flawed demonstrator of the deployed SFT (`skills.DEMONSTRATORS`)."""
+    flaw_rate: float = 0.85
+    """Probability that a demonstration carries the flaw."""
+    p_correct: float = 0.8
+    """Probability that a rule row of the pretraining corpus is right."""
+    web_fraction: float = 0.1
+    """Share of corpus documents from the main world's web corpus."""
+    corpus_docs: int = 40_000
+    """Pretraining documents."""
+    pretrain_steps: int = 600
+    """Pretraining steps (32 x 96 packed tokens, AdamW 1e-3 cosine, weight decay 0.1; loss on the rule rows'
+    answers and on every web token)."""
+    batch_size: int = 32
+    """Packed rows per step of pretraining and SFT."""
+    seq_len: int = 96
+    """Tokens per packed row."""
+    demos: int = 300
+    """SFT demonstrations (train keys)."""
+    sft_steps: int = 100
+    """SFT steps (AdamW 3e-4 cosine), also of oracle SFT and rejection sampling."""
+    temperatures: tuple[float, ...] = (0.0, 0.3, 0.7, 1.0)
+    """SFT's temperature sweep on dev keys (0 = greedy)."""
+    eval_prompts: int = 256
+    """Keys per evaluation set (eval split, dev sweep, train keys)."""
+    eval_samples: int = 4
+    """Samples per prompt of a temperature > 0 evaluation (its per-prompt value is their mean)."""
+    max_new_tokens: int = 16
+    """Response budget."""
+    rm_prompts: int = 1024
+    """Train-key prompts whose SFT samples make the reward model's pairs."""
+    rm_eval_prompts: int = 512
+    """Eval-split prompts whose SFT samples make the pairs its accuracy is read on."""
+    pair_samples: int = 4
+    """SFT samples per pair prompt; every two with different gold scores make a pair."""
+    pair_temperature: float = 1.5
+    """Temperature of the pairs' samples."""
+    rm_steps: int = 500
+    """Reward-model steps (batch 32, AdamW `rm_lr` cosine, from the SFT model)."""
+    rm_lr: float = 3e-4
+    """Reward-model peak learning rate."""
+    rl_prompts: int = 512
+    """Train-key prompt pool of the RL stages and rejection sampling."""
+    ppo_steps: int = 40
+    """PPO iterations (32 prompts at temperature 1, 4 epochs x 4 minibatches)."""
+    ppo_lr: float = 1.5e-5
+    """PPO's policy learning rate (value: 1e-4)."""
+    ppo_kl: float = 0.2
+    """PPO's KL coefficient (k1, in the reward)."""
+    grpo_steps: int = 80
+    """GRPO iterations (16 prompts x 8 samples, DAPO loss, no KL)."""
+    grpo_lr: float = 1e-4
+    """GRPO's learning rate (constant)."""
+    dpo_steps: int = 150
+    """DPO steps (batch 32)."""
+    dpo_beta: float = 0.3
+    """DPO's beta."""
+    dpo_lr: float = 3e-5
+    """DPO's learning rate (constant)."""
+    rft_samples: int = 8
+    """Samples per prompt of rejection sampling."""
+    controls: bool = True
+    """Also run the zero-signal controls (PPO with reward 0, DPO with beta 1e-3)."""
+
+    def __post_init__(self):
+        check_ranges(self, positive=("corpus_docs", "pretrain_steps", "batch_size", "seq_len", "demos", "sft_steps",
+                                     "eval_prompts", "eval_samples", "max_new_tokens", "rm_prompts",
+                                     "rm_eval_prompts", "pair_samples", "pair_temperature", "rm_steps", "rm_lr",
+                                     "rl_prompts", "ppo_steps", "ppo_lr", "grpo_steps", "grpo_lr", "dpo_steps",
+                                     "dpo_beta", "dpo_lr", "rft_samples"), non_negative=("ppo_kl",))
+        config_check(self, all(op in skills.OPS for op in self.ops), f"ops = {self.ops}: choose from {skills.OPS}")
+        config_check(self, self.demonstrator in skills.DEMONSTRATORS,
+                     f"demonstrator = {self.demonstrator!r}: choose from {tuple(skills.DEMONSTRATORS)}")
+        config_check(self, 0 <= self.flaw_rate <= 1 and 0 <= self.p_correct <= 1 and 0 <= self.web_fraction < 1,
+                     "flaw_rate and p_correct must be in [0, 1], web_fraction in [0, 1)")
+        config_check(self, all(t >= 0 for t in self.temperatures) and self.temperatures,
+                     f"temperatures = {self.temperatures}: at least one, each >= 0")
+
+    def scaled(self) -> "RuleWorldConfig":
+        """The config itself, or its --quick sizes."""
+        if not self.quick:
+            return self
+        return dataclasses.replace(self, corpus_docs=2000, pretrain_steps=30, batch_size=16, demos=32, sft_steps=6,
+                                   temperatures=(0.0, 1.0), eval_prompts=16, eval_samples=2, rm_prompts=32,
+                                   rm_eval_prompts=16, pair_samples=3, rm_steps=4, rl_prompts=32, ppo_steps=2,
+                                   grpo_steps=2, dpo_steps=2, rft_samples=2)
+
+    def model_config(self) -> ModelConfig:
+        """The main job's model (width 96, 3 layers, 4 heads, byte tokens); --quick: width 32, 1 layer."""
+        if self.quick:
+            return ModelConfig(vocab_size=TOK.vocab_size, d_model=32, num_layers=1, num_heads=2, mlp_dim=64,
+                               max_seq_len=128)
+        return ModelConfig(vocab_size=TOK.vocab_size, d_model=96, num_layers=3, num_heads=4, mlp_dim=384,
+                           max_seq_len=128)
+
+
+def log(msg: str) -> None:
+    print(f"[rule-world] {msg}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------- data
+def messages(task: skills.SkillTask, response: str | None = None) -> list[dict]:
+    """The chat of a task: its prompt as the user, and `response` as the assistant when given."""
+    out = [{"role": "user", "content": task.prompt}]
+    return out if response is None else out + [{"role": "assistant", "content": response}]
+
+
+def rule_corpus(ops, *, docs: int, web_fraction: float, p_correct: float, prompt_loss: bool, seed: int,
+                config: skills.SkillConfig) -> list[Example]:
+    """Pretraining documents: `web_fraction` of the main world's web corpus (loss on every token), the rest rule
+    rows of each op on train keys answered by `skills.noisy_response` (loss on the answers, or on every token with
+    `prompt_loss`)."""
+    rng = np.random.default_rng(seed)
+    n_web = int(web_fraction * docs)
+    n_rule = (docs - n_web) // len(ops)
+
+    def example(chat, full_loss):
+        ids, mask = encode_chat(TOK, chat)
+        return Example(tuple(ids), tuple((1,) * len(ids) if full_loss else mask), 0)
+
+    out = [example(d["messages"], True) for d in world.web_corpus(n_web, seed)]
+    for op in ops:
+        for _ in range(n_rule):
+            t = skills.make_skill(op, rng, "train", config)
+            out.append(example(messages(t, skills.noisy_response(t, rng, p_correct)), prompt_loss))
+    return out
+
+
+def prompt_batch(tasks) -> dict:
+    """Left-padded prompts of `tasks` in one 64-token bucket."""
+    return collate_prompts([encode_prompt(TOK, messages(t)) for t in tasks], buckets=(64,), pad_id=TOK.pad_id)
+
+
+def prompt_batches(tasks, size: int, seed: int):
+    """Endless prompt batches of `size` tasks drawn without replacement within a batch."""
+    rng = np.random.default_rng(seed)
+    while True:
+        yield prompt_batch([tasks[i] for i in rng.choice(len(tasks), size, replace=False)])
+
+
+def prompt_key(task: skills.SkillTask) -> str:
+    """A task's prompt as the RL stages decode it (a host reward finds its task by it)."""
+    return decode_ids(TOK, encode_prompt(TOK, messages(task)))
+
+
+def answers(params, tasks, mc: ModelConfig, *, max_new_tokens: int, temperature: float, rng) -> list[str]:
+    """One response to each task (temperature 0: greedy)."""
+    batch = prompt_batch(tasks)
+    sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, eos_id=TOK.eos_id,
+                              pad_id=TOK.pad_id)
+    return sample_texts(params, batch["prompts"], batch["prompt_mask"], rng, model_config=mc, sampling=sampling,
+                        tokenizer=TOK, chunk=min(256, len(tasks)))
+
+
+def scores(tasks, responses) -> tuple[np.ndarray, np.ndarray]:
+    """(exact [N], partial [N]) gold scores."""
+    s = [skills.gold_score(t, r) for t, r in zip(tasks, responses)]
+    return np.array([x["exact"] for x in s]), np.array([x["partial"] for x in s])
+
+
+def gold_pairs(params, tasks, mc, *, samples: int, temperature: float, max_new_tokens: int, rng
+               ) -> tuple[list[PreferenceRecord], list[int]]:
+    """`samples` responses per task; every two distinct ones with different gold scores (exact, then partial)
+    make a pair, the higher one chosen. Returns (pairs, the index of each pair's task)."""
+    drawn = [answers(params, tasks, mc, max_new_tokens=max_new_tokens, temperature=temperature,
+                     rng=jax.random.fold_in(rng, i + 1)) for i in range(samples)]
+    out, owner = [], []
+    for j, t in enumerate(tasks):
+        texts = list(dict.fromkeys(s[j] for s in drawn))
+        keyed = [((g := skills.gold_score(t, r))["exact"], g["partial"], r) for r in texts]
+        for a in range(len(keyed)):
+            for b in range(a + 1, len(keyed)):
+                (ea, pa, ra), (eb, pb, rb) = keyed[a], keyed[b]
+                if (ea, pa) != (eb, pb):
+                    chosen, rejected = (ra, rb) if (ea, pa) > (eb, pb) else (rb, ra)
+                    out.append(PreferenceRecord(prompt=tuple(messages(t)), chosen=chosen, rejected=rejected))
+                    owner.append(j)
+    return out, owner
+
+
+def pair_batch(records) -> dict:
+    """Preference rows of `records` in one 96-token bucket (longer rows cut)."""
+    pairs = [tuple(truncate(e, 97) for e in tokenize_preference(TOK, r)) for r in records]
+    return collate_preference(pairs, buckets=(96,), pad_id=TOK.pad_id)
+
+
+def pair_correct(reward_params, pairs, mc) -> np.ndarray:
+    """[N] 1.0 where the reward model scores the chosen answer above the rejected one."""
+    out = []
+    for i in range(0, len(pairs), 256):
+        c, r = pair_scores(reward_params, pair_batch(pairs[i:i + 256]), model_config=mc)
+        out.append((np.asarray(c) > np.asarray(r)).astype(np.float64))
+    return np.concatenate(out) if out else np.zeros(0)
+
+
+def rm_scores(reward_params, tasks, responses, mc) -> np.ndarray:
+    """The reward model's score of each (task, response)."""
+    recs = [PreferenceRecord(prompt=tuple(messages(t)), chosen=r, rejected=r) for t, r in zip(tasks, responses)]
+    out = []
+    for i in range(0, len(recs), 256):
+        c, _ = pair_scores(reward_params, pair_batch(recs[i:i + 256]), model_config=mc)
+        out.append(np.asarray(c))
+    return np.concatenate(out)
+
+
+def exact_verifier(tasks):
+    """A host reward: exact match of the task found by its decoded prompt."""
+    table = {prompt_key(t): t for t in tasks}
+    return lambda prompts, completions: np.array(
+        [skills.gold_score(table[p], c)["exact"] for p, c in zip(prompts, completions)], np.float32)
+
+
+# ---------------------------------------------------------------------------------------------------- stages
+def pretrain(docs, mc, *, steps: int, batch_size: int, seq_len: int, seed: int):
+    """Next-token pretraining from scratch on packed `docs` (AdamW 1e-3 cosine, weight decay 0.1)."""
+    pack = types.SimpleNamespace(seq_len=seq_len, batch_size=batch_size)
+    key = jax.random.PRNGKey(seed)
+    state = create_train_state(init_params(mc, key), cosine_optim(1e-3, steps, weight_decay=0.1),
+                               jax.random.fold_in(key, 1), total_steps=steps)
+    state, _ = stages.run_sft(state, packed_batches(docs, pack, seed), stages.SFTConfig(num_steps=steps,
+                              log_every=steps), model_config=mc)
+    return state.params
+
+
+def sft(base_params, mc, demos, *, steps: int, batch_size: int, seq_len: int, seed: int):
+    """SFT (packed rows, loss on the answers, AdamW 3e-4 cosine) on (task, response) pairs."""
+    records = [SFTRecord(messages=tuple(messages(t, r))) for t, r in demos]
+    batches = Batches(ShuffledIterator(records, seed=seed), TOK, kind="sft", batch_size=batch_size,
+                      buckets=(seq_len,), pack=True)
+    state = create_train_state(base_params, cosine_optim(3e-4, steps), jax.random.PRNGKey(seed + 1),
+                               total_steps=steps)
+    state, _ = stages.run_sft(state, batches, stages.SFTConfig(num_steps=steps, log_every=steps), model_config=mc)
+    return state.params
+
+
+def reward_model(sft_params, mc, pairs, *, steps: int, lr: float, seed: int):
+    """Bradley-Terry (batch 32, AdamW `lr` cosine) from the SFT trunk plus a scalar head."""
+    batches = Batches(ShuffledIterator(pairs, seed=seed), TOK, kind="preference", batch_size=32, buckets=(64,))
+    state = create_train_state(with_score_head(sft_params, mc, jax.random.PRNGKey(seed + 9)), cosine_optim(lr, steps),
+                               jax.random.PRNGKey(seed + 10), total_steps=steps)
+    state, _ = stages.run_reward(state, batches, stages.RewardConfig(num_steps=steps, log_every=steps),
+                                 model_config=mc)
+    return state.params
+
+
+def ppo(sft_params, mc, rl_tasks, *, steps: int, lr: float, kl: float, max_new_tokens: int, seed: int,
+        reward_params=None, reward_fn=None):
+    """PPO from SFT (k1 KL in the reward, 32 prompts at temperature 1, 4 epochs x 4 minibatches, value from the
+    reward model) against `reward_params`, or a jittable `reward_fn` with the value from the policy."""
+    sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=1.0, eos_id=TOK.eos_id, pad_id=TOK.pad_id)
+    pcfg = PPOConfig(num_steps=steps, batch_size=32, kl_coef=kl, missing_eos_penalty=1.0, sampling=sampling,
+                     optim=OptimConfig(learning_rate=lr, eps=1e-5, max_grad_norm=1.0),
+                     value_optim=OptimConfig(learning_rate=1e-4, eps=1e-5, max_grad_norm=1.0), log_every=steps,
+                     value_init="reward" if reward_params is not None else "policy")
+    state = init_ppo_state(sft_params, pcfg, model_config=mc, rng=jax.random.PRNGKey(seed + 15),
+                           reward_params=reward_params)
+    state, hist = stages.run_ppo(state, prompt_batches(rl_tasks, 32, seed + 16), pcfg, model_config=mc,
+                                 ref_params=sft_params, reward_params=reward_params, reward_fn=reward_fn)
+    return state.policy.params
+
+
+def grpo(sft_params, mc, rl_tasks, *, steps: int, lr: float, max_new_tokens: int, seed: int):
+    """GRPO from SFT with the exact-match verifier (16 prompts x 8 samples at temperature 1, DAPO loss, no KL)."""
+    sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=1.0, eos_id=TOK.eos_id, pad_id=TOK.pad_id)
+    gcfg = GRPOConfig(num_steps=steps, batch_size=16, num_generations=8, loss_type="dapo", sampling=sampling,
+                      optim=OptimConfig(learning_rate=lr), log_every=steps)
+    state = create_train_state(sft_params, gcfg.optim, jax.random.PRNGKey(seed + 12), total_steps=steps)
+    state, _ = stages.run_grpo(state, prompt_batches(rl_tasks, 16, seed + 11), gcfg, model_config=mc,
+                               host_reward_fn=exact_verifier(rl_tasks), tokenizer=TOK)
+    return state.params
+
+
+def dpo(sft_params, mc, pairs, *, steps: int, beta: float, lr: float, seed: int):
+    """DPO from SFT (AdamW `lr` constant, batch 32), the SFT model as reference."""
+    batches = Batches(ShuffledIterator(pairs, seed=seed + 13), TOK, kind="preference", batch_size=32, buckets=(64,))
+    dcfg = stages.DPOConfig(num_steps=steps, log_every=steps, beta=beta, optim=OptimConfig(learning_rate=lr))
+    state = create_train_state(sft_params, dcfg.optim, jax.random.PRNGKey(seed + 14), total_steps=steps)
+    state, _ = stages.run_dpo(state, batches, dcfg, model_config=mc, ref_params=sft_params)
+    return state.params
+
+
+def rejection_sampling(sft_params, mc, rl_tasks, samples, *, reward_params=None, **sft_kw):
+    """SFT from the SFT model on its own samples ([n][P] texts of `rl_tasks`): each distinct right one (the
+    verifier), or each prompt's best-scored one (`reward_params`). Returns (params or None, kept demonstrations)."""
+    if reward_params is None:
+        demos = [(t, r) for j, t in enumerate(rl_tasks) for r in dict.fromkeys(s[j] for s in samples)
+                 if skills.gold_score(t, r)["exact"] == 1.0]
+    else:
+        best = np.stack([rm_scores(reward_params, rl_tasks, s, mc) for s in samples], 1).argmax(1)
+        demos = [(t, samples[int(best[j])][j]) for j, t in enumerate(rl_tasks)]
+    return (sft(sft_params, mc, demos, **sft_kw) if demos else None), demos
+
+
+# ---------------------------------------------------------------------------------------------------- one seed
+def run_rule_world(cfg: RuleWorldConfig, command: str, provenance_fn=None) -> dict:
+    """One seed: every stage, read on `cfg.eval_split` keys; writes and returns OUT/report.json's content."""
+    cfg = cfg.scaled()
+    os.makedirs(cfg.out, exist_ok=True)
+    sk, mc, ops, s = skills.RULE_WORLD, cfg.model_config(), list(cfg.ops), cfg.seed
+    base = 1000 * s
+    draw = lambda n, k, split: skills.skill_set(ops, n, base + k, split, sk)  # noqa: E731
+    demo_tasks, dev, evals = draw(cfg.demos, 1, "train"), draw(cfg.eval_prompts, 2, "dev"), draw(cfg.eval_prompts, 3,
+                                                                                                   cfg.eval_split)
+    rm_train, rm_eval = draw(cfg.rm_prompts, 5, "train"), draw(cfg.rm_eval_prompts, 6, cfg.eval_split)
+    rl_tasks, train_eval = draw(cfg.rl_prompts, 7, "train"), draw(cfg.eval_prompts, 8, "train")
+    flawed = np.array([skills.demonstrate(cfg.demonstrator, t) != t.answer for t in evals])
+    rng = jax.random.PRNGKey(7000 + s)
+    sft_kw = dict(steps=cfg.sft_steps, batch_size=cfg.batch_size, seq_len=cfg.seq_len, seed=base + 20)
+    gen = dict(max_new_tokens=cfg.max_new_tokens)
+    timings, table, t0 = {}, {}, time.time()
+
+    def timed(name, fn, *a, **kw):
+        t = time.time()
+        out = fn(*a, **kw)
+        timings[name] = round(time.time() - t, 1)
+        log(f"{name}: {timings[name]:.0f} s")
+        return out
+
+    def sampled(params, tasks, temperature, salt):
+        """Per-prompt exact match: greedy, or the mean over eval_samples samples."""
+        if temperature == 0:
+            return scores(tasks, answers(params, tasks, mc, temperature=0.0, rng=rng, **gen))[0]
+        return np.mean([scores(tasks, answers(params, tasks, mc, temperature=temperature,
+                                              rng=jax.random.fold_in(rng, salt + i), **gen))[0]
+                        for i in range(cfg.eval_samples)], axis=0)
+
+    def read(name, params, temperature=0.0):
+        g = sampled(params, evals, temperature, 100)
+        row = {"exact": g.tolist(), "mean": float(g.mean()), "flaw_keys": float(g[flawed].mean()) if flawed.any()
+               else float("nan"), "other_keys": float(g[~flawed].mean()) if (~flawed).any() else float("nan"),
+               "temperature": temperature}
+        if name not in ("sft_t07", "sft_best_t"):
+            row["train_keys"] = float(sampled(params, train_eval, 0.0, 0).mean())
+            row["t07"] = float(sampled(params, evals, 0.7, 200).mean())
+        table[name] = row
+        log(f"{name}: {cfg.eval_split} {row['mean']:.3f} (flaw keys {row['flaw_keys']:.3f})"
+            + (f", train keys {row['train_keys']:.3f}" if "train_keys" in row else ""))
+
+    docs = rule_corpus(ops, docs=cfg.corpus_docs, web_fraction=cfg.web_fraction, p_correct=cfg.p_correct,
+                       prompt_loss=False, seed=base, config=sk)
+    base_params = timed("pretrain", pretrain, docs, mc, steps=cfg.pretrain_steps, batch_size=cfg.batch_size,
+                        seq_len=cfg.seq_len, seed=base)
+    demo_rng = np.random.default_rng(base + 4)
+    sft_params = timed("sft", sft, base_params, mc, [(t, skills.demonstrate(cfg.demonstrator, t, demo_rng,
+                                                                            cfg.flaw_rate)) for t in demo_tasks],
+                       **sft_kw)
+    read("sft", sft_params)
+    read("sft_t07", sft_params, 0.7)
+    sweep = {str(t): float(sampled(sft_params, dev, t, 300).mean()) for t in cfg.temperatures}
+    best_t = float(max(cfg.temperatures, key=lambda t: sweep[str(t)]))
+    read("sft_best_t", sft_params, best_t)
+    table["sft_best_t"]["sweep_dev"] = sweep
+    read("oracle_sft", timed("oracle_sft", sft, base_params, mc, [(t, t.answer) for t in demo_tasks], **sft_kw))
+
+    pair_kw = dict(samples=cfg.pair_samples, temperature=cfg.pair_temperature, **gen)
+    pairs, _ = gold_pairs(sft_params, rm_train, mc, rng=jax.random.fold_in(rng, 101), **pair_kw)
+    eval_pairs, _ = gold_pairs(sft_params, rm_eval, mc, rng=jax.random.fold_in(rng, 102), **pair_kw)
+    rm = {"train_pairs": len(pairs), "eval_pairs": len(eval_pairs)}
+    rm_params = None
+    if pairs:
+        rm_params = timed("reward_model", reward_model, sft_params, mc, pairs, steps=cfg.rm_steps, lr=cfg.rm_lr,
+                          seed=base)
+        rm["eval_correct"] = pair_correct(rm_params, eval_pairs, mc).tolist()
+        rm["accuracy"] = float(np.mean(rm["eval_correct"])) if eval_pairs else float("nan")
+        rm["train_accuracy"] = float(pair_correct(rm_params, pairs, mc).mean())
+        log(f"reward model: {cfg.eval_split}-key pairs {rm['accuracy']:.3f} ({len(eval_pairs)}), train pairs "
+            f"{rm['train_accuracy']:.3f} ({len(pairs)})")
+        read("ppo", timed("ppo", ppo, sft_params, mc, rl_tasks, steps=cfg.ppo_steps, lr=cfg.ppo_lr, kl=cfg.ppo_kl,
+                          seed=base, reward_params=rm_params, **gen))
+        read("dpo", timed("dpo", dpo, sft_params, mc, pairs, steps=cfg.dpo_steps, beta=cfg.dpo_beta, lr=cfg.dpo_lr,
+                          seed=base))
+    read("grpo", timed("grpo", grpo, sft_params, mc, rl_tasks, steps=cfg.grpo_steps, lr=cfg.grpo_lr, seed=base,
+                       **gen))
+    samples = [answers(sft_params, rl_tasks, mc, temperature=1.0, rng=jax.random.fold_in(rng, 300 + i), **gen)
+               for i in range(cfg.rft_samples)]
+    for name, rp in (("rft_verifier", None), ("rft_rm", rm_params)):
+        if name == "rft_rm" and rp is None:
+            continue
+        params, kept = timed(name, rejection_sampling, sft_params, mc, rl_tasks, samples, reward_params=rp, **sft_kw)
+        if params is not None:
+            read(name, params)
+            table[name].update(kept=len(kept), kept_right=float(np.mean([skills.gold_score(t, r)["exact"]
+                                                                         for t, r in kept])))
+    if cfg.controls:
+        read("ppo_zero_reward", timed("ppo_zero_reward", ppo, sft_params, mc, rl_tasks, steps=cfg.ppo_steps,
+                                      lr=cfg.ppo_lr, kl=cfg.ppo_kl, seed=base, reward_fn=zero_reward, **gen))
+        if pairs:
+            read("dpo_beta0", timed("dpo_beta0", dpo, sft_params, mc, pairs, steps=cfg.dpo_steps, beta=1e-3,
+                                    lr=cfg.dpo_lr, seed=base))
+    report = {"settings": dataclasses.asdict(cfg), "eval_split": cfg.eval_split, "seed": s,
+              "flaw_share": float(flawed.mean()), "stages": table, "reward_model": rm, "timings": timings,
+              "wall_s": round(time.time() - t0, 1)}
+    if provenance_fn is not None:
+        report["provenance"] = provenance_fn(command, [s])
+    with open(os.path.join(cfg.out, "report.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    return report
+
+
+# ---------------------------------------------------------------------------------------------------- seeds
+def seed_summary(reports: list[dict], *, num_samples: int = 2000) -> dict:
+    """The design's primary comparisons over `reports` (one per seed, the same eval split), each a mean paired
+    difference with its seeds-and-prompts interval; each stage's difference from SFT at its best temperature and
+    its share of the SFT-to-oracle gap (exploratory); the reward model's accuracy against `RM_THRESHOLD`."""
+    stages_run = [s for s in STAGES if all(s in r["stages"] for r in reports)]
+    per = {s: [np.asarray(r["stages"][s]["exact"]) for r in reports] for s in stages_run}
+    clip = dict(num_samples=num_samples, bounds=(-1.0, 1.0))
+    out = {"seeds": [r["seed"] for r in reports], "eval_split": reports[0]["eval_split"],
+           "means": {s: float(np.mean([r["stages"][s]["mean"] for r in reports])) for s in stages_run},
+           "flaw_keys": {s: float(np.mean([r["stages"][s]["flaw_keys"] for r in reports])) for s in stages_run},
+           "train_keys": {s: float(np.mean([r["stages"][s]["train_keys"] for r in reports]))
+                          for s in stages_run if all("train_keys" in r["stages"][s] for r in reports)},
+           "primary": {}, "vs_sft_best_t": {}, "gap_closed": {}}
+    for stage, baseline in PRIMARY:
+        if stage in per and baseline in per:
+            out["primary"][f"{stage} - {baseline}"] = seed_prompt_bootstrap(per[stage], per[baseline], **clip)
+    if "sft_best_t" in per and "oracle_sft" in per:
+        gap = seed_prompt_replicates(per["oracle_sft"], per["sft_best_t"], num_samples=num_samples)
+        gap_delta = float(np.mean([(o - b).mean() for o, b in zip(per["oracle_sft"], per["sft_best_t"])]))
+        for s in stages_run:
+            if s in ("sft_best_t",):
+                continue
+            out["vs_sft_best_t"][s] = seed_prompt_bootstrap(per[s], per["sft_best_t"], **clip)
+            if s != "oracle_sft" and gap_delta > 0:
+                reps = seed_prompt_replicates(per[s], per["sft_best_t"], num_samples=num_samples) / np.where(
+                    gap == 0, np.nan, gap)
+                out["gap_closed"][s] = {"share": out["vs_sft_best_t"][s]["delta"] / gap_delta,
+                                        "low": float(np.nanquantile(reps, 0.025)),
+                                        "high": float(np.nanquantile(reps, 0.975))}
+    correct = [np.asarray(r["reward_model"].get("eval_correct", [])) for r in reports]
+    if all(c.size for c in correct):
+        acc = seed_prompt_bootstrap(correct, [np.full(c.size, RM_THRESHOLD) for c in correct], **clip)
+        out["reward_model"] = {"accuracy": acc["delta"] + RM_THRESHOLD, "low": acc["low"] + RM_THRESHOLD,
+                               "high": acc["high"] + RM_THRESHOLD, "pairs": [int(c.size) for c in correct]}
+    return out
+
+
+def summary_markdown(summary: dict, reports: list[dict]) -> str:
+    """The seeds' table and the primary comparisons, as markdown."""
+    num = lambda x: "" if x is None else f"{x:.3f}"  # noqa: E731
+    fmt = lambda ci: f"{ci['delta']:+.3f} [{ci['low']:+.3f}, {ci['high']:+.3f}]"  # noqa: E731
+    split, n = summary["eval_split"], len(summary["seeds"])
+    lines = [f"# The rule world: {n} seed(s) {summary['seeds']}, {split} keys", "",
+             f"Greedy exact match on {split} keys (mean over seeds); flaw keys: those the demonstrator truncates; "
+             "train keys: the RL stages' pool (learning in distribution). Intervals: 95%, seeds and prompts "
+             "resampled together (`stats.seed_prompt_bootstrap`).", "",
+             "| stage | greedy | flaw keys | train keys | vs SFT at best T | share of the SFT-to-oracle gap |",
+             "|---|---|---|---|---|---|"]
+    for s, m in summary["means"].items():
+        vs = summary["vs_sft_best_t"].get(s)
+        gap = summary["gap_closed"].get(s)
+        lines.append(f"| {s} | {m:.3f} | {summary['flaw_keys'][s]:.3f} | "
+                     f"{num(summary['train_keys'].get(s))} | {fmt(vs) if vs else ''} | "
+                     + (f"{gap['share']:.2f} [{gap['low']:.2f}, {gap['high']:.2f}]" if gap else "") + " |")
+    lines += ["", "Primary comparisons (named before the test keys were read):", ""]
+    lines += [f"- {k}: {fmt(v)}" + (" (holds: the interval excludes 0)" if v["low"] > 0 or v["high"] < 0 else
+                                   " (does not hold: the interval includes 0)")
+              for k, v in summary["primary"].items()]
+    if "reward_model" in summary:
+        r = summary["reward_model"]
+        lines.append(f"- reward model accuracy on {split}-key pairs: {r['accuracy']:.3f} [{r['low']:.3f}, "
+                     f"{r['high']:.3f}] against {RM_THRESHOLD} (pairs per seed {r['pairs']})")
+    temps = [r["stages"]["sft_best_t"]["temperature"] for r in reports]
+    lines += ["", f"SFT's best dev temperature per seed: {temps}; wall per seed: "
+              f"{[round(r['wall_s'] / 60, 1) for r in reports]} min."]
+    return "\n".join(lines)
