@@ -1,9 +1,12 @@
-"""Pallas kernels (interpret mode on CPU) against the reference attention paths of rlhf_jax.models.transformer."""
+"""Performance paths against the paths they replace: the Pallas kernels (interpret mode on CPU) against the
+reference attention of rlhf_jax.models.transformer, logits_chunk="auto"'s memory budget, and training from a
+compute-dtype copy of the params against casting the float32 params every step."""
 import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from rlhf_jax.generation import sample
@@ -12,6 +15,8 @@ from rlhf_jax.models.config import ModelConfig
 from rlhf_jax.models.kernels import decode_attention, segment_attention
 from rlhf_jax.models.transformer import (cached_attention, decode_attention_impl, dense_mask, forward,
                                          segment_attention_impl, self_attention)
+from rlhf_jax.train.state import TrainState, compute_copy
+from rlhf_jax.train.steps import sft_step
 
 B, S, N, K, H = 2, 32, 4, 2, 16
 TINY_LLAMA = ModelConfig.preset("tiny-llama", max_seq_len=64)   # N = 4, K = 2 (grouped-query), H = 16
@@ -165,3 +170,23 @@ def test_kernels_lower_to_triton_for_cuda():
     grads = jax.grad(loss, argnums=(0, 1, 2))
     assert triton_calls(grads, spec(2, 64, 4, 64), spec(2, 64, 2, 64), spec(2, 64, 2, 64),
                         spec(2, 64, dtype=jnp.int32)) == 3          # forward, backward preprocess, backward
+
+
+def test_sft_step_from_a_compute_dtype_copy_matches_casting_every_step():
+    config = ModelConfig.preset("tiny", dtype="bfloat16")         # tied embedding, biases, LayerNorm
+    params = init_params(config, jax.random.key(8))
+    ids = jax.random.randint(jax.random.key(9), (2, 17), 0, 256)
+    batch = {"inputs": ids[:, :-1], "targets": ids[:, 1:], "loss_mask": jnp.ones((2, 16), jnp.float32)}
+    step = jax.jit(functools.partial(sft_step, model_config=config), donate_argnums=0)   # as the stages do
+    (ref, ref_metrics), (out, metrics) = (step(TrainState.create(params, optax.sgd(1.0), 0, compute_dtype=d), batch)
+                                          for d in (None, "bfloat16"))
+    assert ref.compute_params is None
+    assert float(metrics["loss"]) == float(ref_metrics["loss"])                       # the same forward pass
+    np.testing.assert_allclose(float(metrics["grad_norm"]), float(ref_metrics["grad_norm"]), rtol=1e-3)
+    for a, b in zip(jax.tree.leaves(out.params), jax.tree.leaves(ref.params)):       # f32 masters, SGD(1): p - g
+        assert a.dtype == b.dtype == jnp.float32
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-3, rtol=1e-2)
+    copy = out.compute_params                                                         # refreshed from the masters
+    assert copy["final_norm"]["scale"].dtype == jnp.float32 and copy["embed"]["embedding"].dtype == jnp.bfloat16
+    for a, b in zip(jax.tree.leaves(copy), jax.tree.leaves(compute_copy(out.params, "bfloat16"))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

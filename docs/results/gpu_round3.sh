@@ -2,14 +2,15 @@
 # GPT-2 124M on one GPU, in one process: `rlhf-jax benchmark` rows with today's attention paths
 # (--decode-attention reference --segment-attention dense) and with the Pallas kernels (pallas / pallas) side by
 # side: sampling at batch 256 (128 + 256 tokens), SFT 8x1024, DPO 32 pairs x 512, one PPO iteration (sample,
-# rollout, update); then distill, qlora_sft and qlora_dpo on today's paths. 5 timed calls after 1 warmup each.
+# rollout, update); SFT also with a bf16 copy of the params kept in the train state (--compute-copy); then
+# distill, qlora_sft and qlora_dpo on today's paths. 5 timed calls after 1 warmup each.
 #
 #   bash docs/results/gpu_round3.sh [OUT_DIR]        # from the repository root; writes OUT_DIR/gpu_round3.json
 #
 # OUT_DIR defaults to $OUT, else docs/results. Rows run in the order above; a row starts only when its expected
 # time on an H100 (EXPECT_S below: compile times of docs/results/performance_h100.json plus the timed calls) still
 # fits in BUDGET_S seconds (360) from the start; the others are listed under "skipped" and can be run by a second
-# call, e.g. ROWS=distill,qlora_sft,qlora_dpo (a comma list of benchmark names; both paths of each). The JSON is
+# call, e.g. ROWS=distill,qlora_sft,qlora_dpo (a comma list of benchmark names; every path of each). The JSON is
 # rewritten after every row, so a run cut short by a timeout still reports what finished. A row that fails (a
 # kernel that does not lower, out of memory) records its error and the next one runs. The JSON records the
 # device, JAX version, commit and each row's options. Give the device call a timeout of about 420 s.
@@ -48,10 +49,11 @@ TODAY = {"decode_attention": "reference", "segment_attention": "dense"}
 PALLAS = {"decode_attention": "pallas", "segment_attention": "pallas"}
 COMMON = {"preset": os.environ.get("PRESET", "gpt2-124m"), "gen_batches": os.environ.get("GEN_BATCHES", "256"),
           "steps": 5, "warmup": 1}
+COPY = {**TODAY, "compute_copy": True}       # a bf16 copy of the params kept in the state (--compute-copy)
 ROWS = [("generate", "today", TODAY), ("generate", "pallas", PALLAS), ("sft", "today", TODAY),
-        ("sft", "pallas", PALLAS), ("dpo", "today", TODAY), ("dpo", "pallas", PALLAS), ("ppo", "today", TODAY),
-        ("ppo", "pallas", PALLAS), ("distill", "today", TODAY), ("qlora_sft", "today", TODAY),
-        ("qlora_dpo", "today", TODAY)]
+        ("sft", "pallas", PALLAS), ("sft", "copy", COPY), ("dpo", "today", TODAY), ("dpo", "pallas", PALLAS),
+        ("ppo", "today", TODAY), ("ppo", "pallas", PALLAS), ("distill", "today", TODAY),
+        ("qlora_sft", "today", TODAY), ("qlora_dpo", "today", TODAY)]
 EXPECT_S = {"generate": 45, "sft": 30, "dpo": 45, "ppo": 115, "distill": 40, "qlora_sft": 35, "qlora_dpo": 45}
 if os.environ.get("ROWS"):
     ROWS = [r for r in ROWS if r[0] in os.environ["ROWS"].split(",")]
@@ -84,13 +86,13 @@ for name, path, options in ROWS:
     jax.clear_caches()
     gc.collect()
 
-print(f"\n{'benchmark':<28} {'today ms':>10} {'pallas ms':>10}")
+print(f"\n{'benchmark':<28} {'today ms':>10} {'pallas ms':>10} {'copy ms':>10}")
 by = {}
 for run in report["runs"]:
     for row in run.get("results", []):
         by.setdefault(row["name"], {})[run["path"]] = row["median_ms"]
 for name, times in by.items():
-    print(f"{name:<28} {times.get('today', float('nan')):>10.2f} {times.get('pallas', float('nan')):>10.2f}")
+    print(f"{name:<28} " + " ".join(f"{times.get(p, float('nan')):>10.2f}" for p in ("today", "pallas", "copy")))
 sft = by.get("sft", {}).get("today")
 if sft and "distill" in by:
     report["distill_over_sft"] = by["distill"]["today"] / sft

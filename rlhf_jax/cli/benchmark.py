@@ -120,6 +120,9 @@ class BenchConfig:
     segment_attention: Literal["dense", "pallas"] | None = None
     """Training attention of rows with segment_ids (ModelConfig.segment_attention): dense [B,1,T,T] mask, or the
     Pallas flash-attention kernel over [B,T] ids; None = dense."""
+    compute_copy: bool = False
+    """SFT, reward, DPO, KTO states keep a copy of the params in the compute dtype (TrainState.create's
+    compute_dtype), refreshed by the optimizer update, instead of casting the float32 params every step."""
     scan_unroll: int | None = None
     """Blocks per iteration of the scan over layers (ModelConfig.scan_unroll): None = all on GPU/TPU, 1 on CPU."""
     logits_chunk: str = "auto"
@@ -414,7 +417,8 @@ class _Bench:
         params = init_params(self.model, self.next_key())
         if scalar_head:
             params = with_score_head(params, self.model, self.next_key())
-        return create_train_state(params, OptimConfig(), self.next_key())
+        return create_train_state(params, OptimConfig(), self.next_key(),
+                                  compute_dtype=self.model.dtype if self.cfg.compute_copy else None)
 
     # ---------------------------------------------------------------------------------- benchmarks
     def sft(self):

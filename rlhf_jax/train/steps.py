@@ -153,7 +153,8 @@ def sft_step(state: TrainState, batch: dict, base_params=None, *, model_config: 
     Metrics: "loss", "accuracy", "num_tokens", "perplexity", "grad_norm", "learning_rate".
     """
     grad_fn = jax.value_and_grad(on_adapters(sft_nll, base_params, lora), has_aux=True)
-    (_, metrics), grads = grad_fn(state.params, batch, model_config=model_config)
+    (_, metrics), grads = grad_fn(state.forward_params(), batch, model_config=model_config)
+    grads = state.master_grads(grads)
     return state.apply_gradients(grads), {**metrics, **_grad_metrics(state, grads)}
 
 
@@ -204,7 +205,8 @@ def reward_step(state: TrainState, batch: dict, base_params=None, *, model_confi
     "learning_rate".
     """
     grad_fn = jax.value_and_grad(on_adapters(_reward_loss, base_params, lora), has_aux=True)
-    (_, metrics), grads = grad_fn(state.params, batch, model_config=model_config, center_coef=center_coef)
+    (_, metrics), grads = grad_fn(state.forward_params(), batch, model_config=model_config, center_coef=center_coef)
+    grads = state.master_grads(grads)
     return state.apply_gradients(grads), {**metrics, **_grad_metrics(state, grads)}
 
 
@@ -334,10 +336,11 @@ def dpo_step(state: TrainState, batch: dict, ref_params=None, *, model_config: M
     "learning_rate".
     """
     grad_fn = jax.value_and_grad(on_adapters(_dpo_loss, ref_params, lora), has_aux=True)
-    (_, metrics), grads = grad_fn(state.params, batch, ref_params, model_config=model_config, beta=beta,
+    (_, metrics), grads = grad_fn(state.forward_params(), batch, ref_params, model_config=model_config, beta=beta,
                                   loss_type=loss_type, label_smoothing=label_smoothing,
                                   reference_free=reference_free, rpo_alpha=rpo_alpha, simpo_gamma=simpo_gamma,
                                   orpo_lambda=orpo_lambda)
+    grads = state.master_grads(grads)
     return state.apply_gradients(grads), {**metrics, **_grad_metrics(state, grads)}
 
 
@@ -394,8 +397,9 @@ def kto_step(state: TrainState, batch: dict, ref_params, *, model_config: ModelC
     the desirable and of the undesirable rows), "grad_norm", "learning_rate".
     """
     grad_fn = jax.value_and_grad(on_adapters(_kto_loss, ref_params, lora), has_aux=True)
-    (_, metrics), grads = grad_fn(state.params, batch, ref_params, model_config=model_config, beta=beta,
+    (_, metrics), grads = grad_fn(state.forward_params(), batch, ref_params, model_config=model_config, beta=beta,
                                   desirable_weight=desirable_weight, undesirable_weight=undesirable_weight)
+    grads = state.master_grads(grads)
     return state.apply_gradients(grads), {**metrics, **_grad_metrics(state, grads)}
 
 
