@@ -79,6 +79,34 @@ def test_gae_vs_backward_loop(b, t, gamma, lam):
     np.testing.assert_allclose(ret, ref_ret, rtol=1e-5, atol=1e-5)
 
 
+def test_gae_over_policy_turns_separated_by_environment_tokens():
+    """Multi-turn rows: the policy's turns separated by environment tokens (m = 0). The next state of a policy token
+    is the next policy token, whatever lies between: a loop over each row's policy positions only."""
+    rng = np.random.default_rng(3)
+    b, t = 4, 12
+    r, v = rng.normal(size=(b, t)).astype(np.float32), rng.normal(size=(b, t)).astype(np.float32)
+    mask = np.zeros((b, t), np.float32)
+    mask[0, [0, 1, 2, 5, 6, 9]] = 1          # three turns
+    mask[1, [2, 3, 7]] = 1                   # starts after environment tokens
+    mask[2, :5] = 1                          # one turn (the contiguous case)
+    mask[3, [11]] = 1
+    adv, ret = _gae_jit(r, v, mask, 0.9, 0.8)
+    ref_adv, ref_ret = np.zeros((b, t)), np.zeros((b, t))
+    for i in range(b):
+        pos = np.flatnonzero(mask[i])
+        a = np_gae(r[i, pos][None], v[i, pos][None], np.ones((1, pos.size)), 0.9, 0.8)[0]
+        ref_adv[i, pos] = a[0]
+        ref_ret[i, pos] = a[0] + v[i, pos]
+    np.testing.assert_allclose(adv, ref_adv, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(ret, ref_ret, rtol=1e-5, atol=1e-5)
+    # The last turn's reward reaches the first turn's tokens (the episode is one return).
+    only_end = np.zeros((b, t), np.float32)
+    only_end[0, 9] = 1.0
+    adv_end, _ = _gae_jit(only_end, np.zeros((b, t), np.float32), mask, 1.0, 1.0)
+    np.testing.assert_allclose(np.asarray(adv_end)[0, [0, 1, 2, 5, 6, 9]], 1.0)
+    assert np.all(np.asarray(adv_end)[0, [3, 4, 7, 8, 10, 11]] == 0)
+
+
 @settings(max_examples=25, deadline=None)
 @given(seed=st.integers(0, 2**31 - 1), pad=st.integers(1, 3))
 def test_gae_monte_carlo_and_padding(seed, pad):

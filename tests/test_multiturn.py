@@ -205,3 +205,30 @@ def test_grpo_env_command_runs_and_refuses_bad_options_in_one_line(tmp_path, cap
         assert grpo.main(["--out", str(tmp_path / "bad"), *bad]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and says in err and "\n" not in err
+
+
+def test_ppo_over_environment_episodes():
+    """`stages.run_ppo_env`: PPO on multi-turn episodes (values from the policy, GAE across turns) runs on the same
+    compiled sampler, scores each episode by its summed environment reward, and refuses a reward-model value."""
+    from rlhf_jax.cli.grpo import GRPOExperiment
+    from rlhf_jax.config_cli import parse_cli
+    from rlhf_jax.runner import init_model
+    from rlhf_jax.train import stages
+    from rlhf_jax.train.ppo import PPOConfig, init_ppo_state
+
+    cfg = parse_cli(GRPOExperiment, ["--env", "calculator", *TINY])
+    mc, params = init_model(cfg.preset, cfg.model, jax.random.key(0))
+    P, T = cfg.data.seq_len, cfg.data.seq_len + cfg.env_max_len
+    pcfg = PPOConfig(num_steps=2, batch_size=2, num_epochs=1, num_minibatches=2, value_init="policy",
+                     sampling=cfg.grpo.sampling, log_every=1)
+    run = lambda state, config: stages.run_ppo_env(  # noqa: E731
+        state, iter([[{"turns": 1}, {"turns": 3}], [{"turns": 2}, {"turns": 2}]]), config, model_config=mc,
+        env_factory=CountdownEnv, tokenizer=TOK, budget=EpisodeBudget(max_turns=4), prompt_len=P, seq_len=T,
+        ref_params=params, chat_format=SHORT)
+    state, hist = run(init_ppo_state(params, pcfg, model_config=mc, rng=jax.random.key(1)), pcfg)
+    assert int(state.step) == 2 and [h["turns/mean"] for h in hist] == [2.0, 2.0]
+    for h in hist:
+        assert h["objective/scores"] == pytest.approx(2.0)               # rewards 1 and 3, then 2 and 2
+        assert np.isfinite(h["loss/policy"]) and np.isfinite(h["loss/value"])
+    with pytest.raises(ValueError, match="value_init='policy'"):
+        run(state, dataclasses.replace(pcfg, value_init="reward"))

@@ -33,10 +33,17 @@ def gae(rewards, values, mask, *, gamma: float = 1.0, lam: float = 0.95):
     outputs, whatever ``rewards``/``values`` hold there. ``lam = 0`` gives one-step TD errors, ``lam = 1`` Monte-Carlo
     returns minus the baseline.
 
+    The valid tokens need not be contiguous: in a multi-turn episode the policy's turns are separated by
+    environment tokens (tool results, user turns) with ``m = 0``. There ``t + 1`` above reads as the *next valid*
+    token: the environment's tokens are part of the transition between two policy states, so the value and the
+    advantage flow from one turn to the previous one (each row's valid tokens are gathered to the front, in order,
+    the recursion runs there, and the results go back to their positions; for a contiguous mask this is the
+    formula as written).
+
     Args:
       rewards: ``[B, T]`` per-token rewards (e.g. from ``shape_rewards``).
       values: ``[B, T]`` value estimates ``V(s_t)``.
-      mask: ``[B, T]``, 1 on valid (response) tokens, a contiguous run from t = 0 in each row.
+      mask: ``[B, T]``, 1 on valid (policy) tokens: a run from t = 0, or runs separated by environment tokens.
       gamma: discount factor (may be a traced scalar).
       lam: GAE lambda (may be a traced scalar).
 
@@ -44,9 +51,14 @@ def gae(rewards, values, mask, *, gamma: float = 1.0, lam: float = 0.95):
       ``(advantages [B, T], returns [B, T])`` float32.
     """
     m = jnp.asarray(mask) > 0
-    mf = m.astype(jnp.float32)
-    r = jnp.where(m, jnp.asarray(rewards, jnp.float32), 0.0)
-    v = jnp.where(m, jnp.asarray(values, jnp.float32), 0.0)
+    # Valid tokens first, in order (a stable sort), and the permutation back.
+    order = jnp.argsort(jnp.where(m, 0, 1), axis=1, stable=True)
+    back = jnp.argsort(order, axis=1)
+    take = lambda x, idx: jnp.take_along_axis(x, idx, axis=1)  # noqa: E731
+    m_c = take(m, order)
+    mf = m_c.astype(jnp.float32)
+    r = jnp.where(m_c, take(jnp.asarray(rewards, jnp.float32), order), 0.0)
+    v = jnp.where(m_c, take(jnp.asarray(values, jnp.float32), order), 0.0)
     next_v = jnp.pad(v[:, 1:], ((0, 0), (0, 1)))  # already 0 where m_{t+1} = 0
     deltas = r + gamma * next_v - v
 
@@ -57,8 +69,8 @@ def gae(rewards, values, mask, *, gamma: float = 1.0, lam: float = 0.95):
 
     _, adv_t = lax.scan(step, jnp.zeros(r.shape[:1], jnp.float32), (deltas.T, mf.T), reverse=True)
     advantages = adv_t.T
-    returns = jnp.where(m, advantages + v, 0.0)
-    return advantages, returns
+    returns = jnp.where(m_c, advantages + v, 0.0)
+    return take(advantages, back), take(returns, back)
 
 
 def whiten(x, mask, *, shift_mean: bool = True):

@@ -11,10 +11,11 @@ One seed of `run_rule_world` builds its own world and models on `skills.RULE_WOR
 5. from the SFT model: PPO on the reward model, GRPO on the exact-match verifier, DPO on the reward model's
    pairs, rejection-sampling fine-tuning by the verifier and by the reward model, and two zero-signal controls.
 
-Every stage is read on `eval_split` keys (test, or dev while choosing) drawn per seed, greedily (the primary
-metric) and at temperature 0.7, on the flaw keys apart, and on train keys of the RL stages' pool (learning in
-distribution). `seed_summary` turns the seeds' reports into the primary comparisons with a seeds-and-prompts
-bootstrap (`stats.seed_prompt_bootstrap`). The stage helpers are also the pilots' (`experiments/world_pilots.py`).
+The GRPO policy's params are kept in OUT/grpo (a post-trained teacher for distillation). Every stage is read on
+`eval_split` keys (test, or dev while choosing) drawn per seed, greedily (the primary metric) and at temperature
+0.7, on the flaw keys apart, and on train keys of the RL stages' pool (learning in distribution). `seed_summary`
+turns the seeds' reports into the primary comparisons with a seeds-and-prompts bootstrap
+(`stats.seed_prompt_bootstrap`). The stage helpers are also the pilots' (`experiments/world_pilots.py`).
 """
 from __future__ import annotations
 
@@ -45,6 +46,7 @@ from rlhf_jax.train import stages
 from rlhf_jax.train.grpo import GRPOConfig
 from rlhf_jax.train.optim import OptimConfig
 from rlhf_jax.train.ppo import PPOConfig, init_ppo_state
+from rlhf_jax.train.checkpoint import save_params
 from rlhf_jax.train.rl import decode_ids
 from rlhf_jax.train.state import create_train_state, with_score_head
 from rlhf_jax.train.steps import pair_scores
@@ -443,8 +445,10 @@ def run_rule_world(cfg: RuleWorldConfig, command: str, provenance_fn=None) -> di
                           seed=base, reward_params=rm_params, **gen))
         read("dpo", timed("dpo", dpo, sft_params, mc, pairs, steps=cfg.dpo_steps, beta=cfg.dpo_beta, lr=cfg.dpo_lr,
                           seed=base))
-    read("grpo", timed("grpo", grpo, sft_params, mc, rl_tasks, steps=cfg.grpo_steps, lr=cfg.grpo_lr, seed=base,
-                       **gen))
+    grpo_params = timed("grpo", grpo, sft_params, mc, rl_tasks, steps=cfg.grpo_steps, lr=cfg.grpo_lr, seed=base,
+                        **gen)
+    read("grpo", grpo_params)
+    save_params(os.path.join(cfg.out, "grpo"), grpo_params, model_config=mc)      # a post-trained teacher
     samples = [answers(sft_params, rl_tasks, mc, temperature=1.0, rng=jax.random.fold_in(rng, 300 + i), **gen)
                for i in range(cfg.rft_samples)]
     for name, rp in (("rft_verifier", None), ("rft_rm", rm_params)):

@@ -17,6 +17,7 @@ from rlhf_jax.train.stages import (
     run_dpo,
     run_grpo,
     run_grpo_env,
+    run_ppo_env,
     run_kto,
     run_loop,
     run_online_dpo,

@@ -431,6 +431,50 @@ def run_grpo_env(state: TrainState, tasks: Iterable, config: GRPOConfig, *, mode
                     updates_per_step=config.updates_per_iteration)
 
 
+def run_ppo_env(state: PPOState, tasks: Iterable, config: PPOConfig, *, model_config: ModelConfig,
+                env_factory: Callable, tokenizer, budget: EpisodeBudget, prompt_len: int, seq_len: int, ref_params,
+                chat_format=None, hooks: StageHooks | None = None, lora=None):
+    """PPO on multi-turn episodes with environments (`train/multiturn.py`): each iteration runs one episode of
+    each task of a batch (`tasks` yields lists of `config.batch_size` tasks) and passes them, with each episode's
+    summed environment reward as its score, to the same compiled `ppo_update_scored` as a host-scored `run_ppo`.
+    Log-probs, values, the KL penalty and the loss are read on the policy's tokens only (`response_mask`); GAE
+    (`losses.gae`) takes the next policy token as the next state, so the score at the episode's last policy token
+    reaches every earlier turn through the environment's tokens. The value model starts from the policy
+    (`PPOConfig.value_init="policy"`: there is no reward model); `ref_params` is the KL reference (and, with
+    `lora`, the adapters' base). Episodes hold `seq_len` tokens, the first `prompt_len` for the opening prompt.
+    The rollout metrics join the update's. One device; no PPO-ptx.
+    """
+    if config.value_init != "policy":
+        raise ValueError("run_ppo_env: environments give host rewards, no reward model to initialise the value "
+                         "from; use PPOConfig(value_init='policy') (and init_ppo_state without reward_params)")
+    if config.ptx_coef > 0:
+        raise ValueError("run_ppo_env: PPO-ptx (ptx_coef > 0) is not supported with environments; set ptx_coef=0")
+    update_config = dataclasses.replace(
+        config, sampling=dataclasses.replace(config.sampling, max_new_tokens=seq_len - prompt_len))
+    sampler = make_turn_sampler(sampling=config.sampling, model_config=model_config, lora=lora)
+    update = compile_step(ppo_update_scored, config=update_config, model_config=model_config, lora=lora)
+    iteration = [int(jax.device_get(state.step))]
+    feed = _TaskFeed(tasks)
+
+    def step_fn(state, _):
+        batch = feed.current
+        if len(batch) != config.batch_size:
+            raise ValueError(f"task batch has {len(batch)} tasks but PPOConfig.batch_size={config.batch_size}")
+        rng, k_sample, k_update = jax.random.split(state.rng, 3)
+        state = state.replace(rng=rng)
+        base = ref_params if lora is not None else None
+        rollout = rollout_episodes(lambda p, m, k: sampler(state.policy.params, base, p, m, k), env_factory, batch,
+                                   k_sample, tokenizer=tokenizer, budget=budget, sampling=config.sampling,
+                                   prompt_len=prompt_len, seq_len=seq_len, num_generations=1,
+                                   chat_format=chat_format)
+        state, metrics = update(state, rollout.episodes, jax.numpy.asarray(rollout.rewards), k_update, ref_params)
+        metrics = _log_samples(metrics, iteration, config.completions_every, hooks, tokenizer)
+        return state, {**metrics, **rollout_metrics(rollout)}
+
+    return run_loop(state, feed, step_fn, num_steps=config.num_steps, log_every=config.log_every, hooks=hooks,
+                    loss_keys=("loss/policy", "loss/value"))
+
+
 def run_online_dpo(state: TrainState, data: Iterable, config: OnlineDPOConfig, *, model_config: ModelConfig,
                    ref_params, reward_params=None, reward_fn: RewardFn | None = None,
                    host_reward_fn: HostRewardFn | None = None, tokenizer=None,
