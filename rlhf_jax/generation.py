@@ -5,7 +5,8 @@ one jitted program per (shape, sampling setting): the left-padded prompt is pref
 pass, then a `lax.while_loop` samples one token per step until every row has emitted `eos_id` or
 `max_new_tokens` tokens exist. Rows stop independently; after its EOS a row is filled with `pad_id`.
 The KV cache is carried by the loop and updated in place (see `models.forward_cached`); the weights are cast
-to the compute dtype once before the loop.
+to the compute dtype once before the loop. Each step's attention over the cache is the reference softmax or, by
+default on one GPU, a Pallas flash-decoding kernel (`ModelConfig.decode_attention`, `models.kernels`).
 
 Returned logprobs are log pi(token) under the distribution that was actually sampled from: log_softmax of
 logits / temperature, after top-k / top-p filtering and renormalisation. They are therefore exact

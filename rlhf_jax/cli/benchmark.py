@@ -116,7 +116,7 @@ class BenchConfig:
     """jax.nn.dot_product_attention implementation (ModelConfig.attention_impl); cudnn needs bf16 on GPU."""
     decode_attention: Literal["reference", "pallas"] | None = None
     """Attention of one-token decode steps (ModelConfig.decode_attention): pallas = flash-decoding kernel;
-    None = pallas on GPU (power-of-two heads), reference elsewhere."""
+    None = pallas on one GPU (power-of-two heads), reference elsewhere."""
     segment_attention: Literal["dense", "pallas"] | None = None
     """Training attention of rows with segment_ids (ModelConfig.segment_attention): dense [B,1,T,T] mask, or the
     Pallas flash-attention kernel over [B,T] ids; None = dense."""

@@ -111,13 +111,15 @@ class ModelConfig:
     decode_attention: Literal["reference", "pallas"] | None = None
     """Attention of one-token decode steps over the KV cache: "pallas" is the flash-decoding kernel
     (`models.kernels.decode_attention`: the cache read once in blocks, partial softmaxes combined; interpret mode
-    off GPU, slow), "reference" the einsum / multiply-reduce softmax of `cached_attention`. None: pallas on GPU
-    when the head dim and the query-per-kv-head group are powers of two, reference otherwise."""
+    off GPU, slow), "reference" the einsum / multiply-reduce softmax of `cached_attention`. None: pallas on a
+    single GPU when the head dim and the query-per-kv-head group are powers of two, reference otherwise (XLA does
+    not partition a Pallas call over a mesh: it would gather its operands onto every device)."""
     segment_attention: Literal["dense", "pallas"] | None = None
     """Training attention of rows given segment_ids (packed or left-padded): "dense" builds a [B,1,T,T] mask for
     `jax.nn.dot_product_attention`; "pallas" passes the [B,T] ids to a Pallas flash-attention kernel
     (`models.kernels.segment_attention`, forward and backward; interpret mode off GPU, slow). Models with a
-    sliding window or attention soft-capping always use the dense mask. None: dense."""
+    sliding window or attention soft-capping always use the dense mask; unsharded only, as decode_attention.
+    None: dense."""
     scan_unroll: int | None = None
     """Blocks per iteration of the `nn.scan` over layers. 1 is a rolled loop (one compiled block, fastest
     compile); num_layers is straight-line code that XLA fuses and schedules across layer boundaries (no

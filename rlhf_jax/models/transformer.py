@@ -199,11 +199,14 @@ def attention_impl(config: ModelConfig) -> str:
 
 def decode_attention_impl(config: ModelConfig) -> str:
     """"pallas" or "reference" for one-token decode steps: `config.decode_attention`, or for None the
-    flash-decoding kernel on GPU when `kernels.decode_kernel_supported` and the reference softmax otherwise."""
+    flash-decoding kernel on a single GPU when `kernels.decode_kernel_supported`, the reference softmax otherwise.
+    (The kernel is a custom call, which XLA's partitioner does not split: over several devices it would gather
+    the whole cache onto each.)"""
     if config.decode_attention is not None:
         return config.decode_attention
     supported = decode_kernel_supported(config.num_heads, config.kv_heads, config.head_size)
-    return "pallas" if supported and jax.default_backend() == "gpu" else "reference"
+    single_gpu = jax.default_backend() == "gpu" and jax.device_count() == 1
+    return "pallas" if supported and single_gpu else "reference"
 
 
 def segment_attention_impl(config: ModelConfig) -> str:
