@@ -204,7 +204,8 @@ def segment_attention(q, k, v, segment_ids, *, scale: float | None = None, block
         b = _block_size(T + pad, block)
     if K != N:   # grouped-query attention: query head n reads kv head n // (N / K); the VJP sums the copies
         k, v = (jnp.repeat(x, N // K, axis=2) for x in (k, v))
-    sizes = BlockSizes(block_q=b, block_k=b, block_q_dkv=b, block_kv_dkv=b, block_q_dq=b, block_kv_dq=b)
+    bb = min(b, 32)   # backward blocks: JAX's defaults for this kernel (fewer registers per program)
+    sizes = BlockSizes(block_q=b, block_k=b, block_q_dkv=bb, block_kv_dkv=bb, block_q_dq=bb, block_kv_dq=bb)
     out = mha(q, k, v, ids, sm_scale=scale or 1.0 / math.sqrt(H), causal=True, block_sizes=sizes,
               interpret=_interpret(interpret))
     return out[:, :T]
