@@ -15,7 +15,8 @@
 # minutes of an H100 (generate 35 s a path, sft 27, dpo 38, ppo 105, distill 35, qlora 30-40). The JSON is
 # rewritten after every row, so a run cut short by a timeout still reports what finished. A row that fails (a
 # kernel that does not lower, out of memory) records its error and the next one runs. The JSON records the
-# device, JAX version, commit and each row's options. Give the device call a timeout of about 420 s.
+# device, JAX version, commit and each row's options, and first (in a call without ROWS, about 20 s) how far the
+# kernels' outputs agree with the reference paths' on the device. Give the device call a timeout of about 420 s.
 # A CPU dry run of the script itself: PRESET=tiny GEN_BATCHES=2 BUDGET_S=200 bash docs/results/gpu_round3.sh /tmp
 set -u
 OUT_DIR=${1:-${OUT:-docs/results}}
@@ -67,6 +68,42 @@ report = {"command": "bash docs/results/gpu_round3.sh", "commit": git("rev-parse
           "jax": jax.__version__, "jaxlib": getattr(sys.modules.get("jaxlib"), "__version__", None),
           "common_flags": COMMON, "budget_s": budget, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
           "runs": [], "skipped": []}
+
+
+def agreement():
+    """The kernels against the reference paths on this device, in bf16: greedy tokens of a small grouped-query
+    model (tiny-llama) sampled both ways, and logits of packed rows through both segment attentions."""
+    import jax.numpy as jnp
+    from rlhf_jax.generation import sample
+    from rlhf_jax.models import forward, init_params
+    from rlhf_jax.models.config import ModelConfig
+
+    cfg = ModelConfig.preset("tiny-llama", dtype="bfloat16", max_seq_len=512)
+    params = init_params(cfg, jax.random.key(0))
+    prompts = jax.random.randint(jax.random.key(1), (8, 64), 0, 256)
+    mask = jnp.ones((8, 64), jnp.int32).at[:4, :20].set(0)
+    runs = [sample(params, prompts, mask, jax.random.key(2), config=cfg.replace(decode_attention=d),
+                   max_new_tokens=64, temperature=0.0, eos_id=None) for d in ("reference", "pallas")]
+    segments = jnp.concatenate([jnp.full((2, 100), 1), jnp.full((2, 300), 2), jnp.zeros((2, 112))], 1)
+    tokens = jax.random.randint(jax.random.key(3), segments.shape, 0, 256)
+    logits = [forward(params, tokens, config=cfg.replace(segment_attention=a), segment_ids=segments)
+              for a in ("dense", "pallas")]
+    real = (segments > 0)[..., None]
+    same = jnp.cumprod(runs[0].tokens[:, 64:] == runs[1].tokens[:, 64:], axis=1)   # 1 until the first flip
+    return {"decode_steps_before_first_flip": [int(n) for n in same.sum(1)], "decode_new_tokens": 64,
+            "decode_logprob_max_abs_diff_before_flip": float(jnp.max(jnp.abs(runs[0].logprobs - runs[1].logprobs)
+                                                                     * same)),
+            "segment_logits_max_abs_diff": float(jnp.max(jnp.where(real, jnp.abs(logits[0] - logits[1]), 0))),
+            "segment_logits_finite": bool(jnp.all(jnp.isfinite(logits[1])))}
+
+
+if not os.environ.get("ROWS"):
+    try:
+        report["agreement"] = agreement()
+    except Exception as e:
+        report["agreement"] = {"error": "".join(traceback.format_exception_only(e))[-3000:]}
+        traceback.print_exc()
+    print(f"agreement of the kernels with the reference paths (bf16): {report['agreement']}", flush=True)
 for name, path, options in ROWS:
     elapsed = time.time() - start
     if elapsed + EXPECT_S[name] > budget:
