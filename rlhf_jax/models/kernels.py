@@ -1,9 +1,9 @@
 """Pallas attention kernels: flash-decoding over the KV cache, and segment-aware causal attention for packed rows.
 
 * `decode_attention`: one decode step (T = 1) of `transformer.cached_attention`, split over the cache length in
-  blocks (flash-decoding, Dao et al. 2023): a Pallas program per (row, kv head, block of slots) reads its block of
-  the [B,S,K,H] cache once and writes a partial softmax (unnormalised output o_j, max m_j, sum l_j); the combine
-  over blocks and the one new key is
+  blocks (Flash-Decoding, Dao, Haziza, Massa and Sizov 2023): a Pallas program per (row, kv head, block of slots)
+  reads its block of the [B,S,K,H] cache once and writes a partial softmax (unnormalised output o_j, max m_j, sum
+  l_j); the combine over blocks and the one new key is
 
       m = max(max_j m_j, s_new),   out = (sum_j e^(m_j - m) o_j + e^(s_new - m) v_new)
                                           / (sum_j e^(m_j - m) l_j + e^(s_new - m)).
