@@ -10,6 +10,7 @@ import pytest
 
 from rlhf_jax.cli import rule_world as command
 from rlhf_jax.recipes import rule_world as rw
+from rlhf_jax.recipes.cards import provenance, render_card
 
 
 def _report(seed: int, lift: dict[str, float]) -> dict:
@@ -42,6 +43,9 @@ def test_seed_summary_matches_hand_computed_comparisons():
     assert summary["reward_model"]["accuracy"] == pytest.approx(acc)
     text = rw.summary_markdown(summary, reports)
     assert "grpo - sft_best_t" in text and "(holds" in text
+    summary["provenance"] = provenance("rlhf-jax rule-world --seeds 0 1 2", [0, 1, 2])
+    card = render_card(rw.rule_world_card(summary, reports))
+    assert "| grpo - sft_best_t | " in card and "| yes |" in card and "## Per seed" in card
 
 
 def test_rule_world_command_quick_on_dev_keys(tmp_path, capsys):
@@ -54,6 +58,7 @@ def test_rule_world_command_quick_on_dev_keys(tmp_path, capsys):
     assert len(report["stages"]["sft"]["exact"]) == 16
     summary = json.load(open(os.path.join(out, "summary.json")))
     assert summary["eval_split"] == "dev" and "grpo - sft_best_t" in summary["primary"]
+    assert json.load(open(os.path.join(out, "card.json")))["provenance"]["seeds"] == [0]
     capsys.readouterr()
     assert command.main(argv) == 0                      # read back, not run again
     assert "read back" in capsys.readouterr().err

@@ -8,7 +8,7 @@
 Each seed runs `recipes.rule_world.run_rule_world` into OUT/seed<N>/report.json; a seed whose report exists with
 the same settings is read back, not run again. Then OUT/summary.json and OUT/summary.md hold the design's primary
 comparisons over the seeds (seeds and prompts resampled together) and each stage's share of the SFT-to-oracle
-gap. Options of one seed go through `--world.<field>`.
+gap, and OUT/card.json a result card's JSON of them (`python -m experiments.cards` renders it). Options of one seed go through `--world.<field>`.
 """
 from __future__ import annotations
 
@@ -20,7 +20,8 @@ import sys
 
 from rlhf_jax.config_cli import config_check, parse_cli
 from rlhf_jax.recipes.cards import provenance
-from rlhf_jax.recipes.rule_world import RuleWorldConfig, run_rule_world, seed_summary, summary_markdown
+from rlhf_jax.recipes.rule_world import (RuleWorldConfig, rule_world_card, run_rule_world, seed_summary,
+                                         summary_markdown)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -66,6 +67,8 @@ def main(argv=None) -> int:
     text = summary_markdown(summary, reports)
     with open(os.path.join(cfg.out, "summary.md"), "w") as f:
         f.write(text + "\n")
+    with open(os.path.join(cfg.out, "card.json"), "w") as f:
+        json.dump(rule_world_card(summary, reports), f, indent=1)
     print(text)
     return 0
 

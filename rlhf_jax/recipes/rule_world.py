@@ -542,3 +542,52 @@ def summary_markdown(summary: dict, reports: list[dict]) -> str:
     lines += ["", f"SFT's best dev temperature per seed: {temps}; wall per seed: "
               f"{[round(r['wall_s'] / 60, 1) for r in reports]} min."]
     return "\n".join(lines)
+
+
+def rule_world_card(summary: dict, reports: list[dict]) -> dict:
+    """A result card's JSON (`recipes.cards` layout) of the seeds' summary: the primary comparisons, every stage
+    against SFT at its best temperature with its share of the gap, and one row per seed. The reading of the
+    result is the card's "summary" prose, added by whoever reads it."""
+    ci = lambda c: {"value": c["delta"], "ci": [c["low"], c["high"]], "signed": True}  # noqa: E731
+    split, seeds = summary["eval_split"], summary["seeds"]
+    primary = [[k, ci(v), v["low"] > 0 or v["high"] < 0] for k, v in summary["primary"].items()]
+    if "reward_model" in summary:
+        r = summary["reward_model"]
+        primary.append([f"reward model accuracy on {split}-key pairs (threshold {RM_THRESHOLD})",
+                        {"value": r["accuracy"], "ci": [r["low"], r["high"]]}, r["low"] > RM_THRESHOLD])
+    stages_rows = []
+    for s, m in summary["means"].items():
+        vs, gap = summary["vs_sft_best_t"].get(s), summary["gap_closed"].get(s)
+        stages_rows.append([s, m, summary["flaw_keys"][s], summary["train_keys"].get(s), ci(vs) if vs else None,
+                            {"value": gap["share"], "ci": [gap["low"], gap["high"]], "digits": 2} if gap else None])
+    shown = [s for s in ("sft", "sft_best_t", "oracle_sft", "ppo", "grpo", "dpo", "rft_verifier", "rft_rm",
+                         "ppo_zero_reward", "dpo_beta0") if s in summary["means"]]
+    per_seed = [[r["seed"], r["stages"]["sft_best_t"]["temperature"],
+                 *[r["stages"][s]["mean"] if s in r["stages"] else None for s in shown],
+                 r["reward_model"].get("accuracy"), r["wall_s"] / 60] for r in reports]
+    n_prompts = len(reports[0]["stages"]["sft"]["exact"])
+    return {
+        "title": f"The rule world: post-training against SFT on {split} keys, {len(seeds)} seed(s)",
+        "provenance": summary["provenance"],
+        "summary": [f"`rlhf-jax rule-world` (docs/world.md, \"Design and hypotheses\"): reversal of random 3-6 "
+                    f"letter strings, SFT on a demonstrator that truncates answers longer than 4 letters 85% of "
+                    f"the time, then each stage from that SFT model; every stage is read greedily on {n_prompts} "
+                    f"{split} keys drawn per seed, never seen in pretraining or post-training. Intervals: 95%, "
+                    f"seeds and prompts resampled together (`stats.seed_prompt_bootstrap`), clipped to [-1, 1]."],
+        "sections": [
+            {"title": "Primary comparisons (named before the test keys were read)",
+             "tables": [{"columns": ["comparison", "estimate [95%]", "holds"], "rows": primary,
+                         "formats": [None, "+.3f", None]}]},
+            {"title": "Every stage (exploratory beyond the primary rows)",
+             "text": ["Greedy exact match, mean over seeds; flaw keys: the keys the demonstrator truncates; train "
+                      "keys: the RL stages' prompt pool (learning in distribution); gap share: (stage - SFT at its "
+                      "best dev temperature) / (oracle SFT - SFT at its best dev temperature)."],
+             "tables": [{"columns": ["stage", "greedy", "flaw keys", "train keys", "vs SFT at best T",
+                                     "share of the gap"], "rows": stages_rows,
+                         "formats": [None, ".3f", ".3f", ".3f", "+.3f", ".2f"]}]},
+            {"title": "Per seed",
+             "tables": [{"columns": ["seed", "SFT's best dev T", *shown, "RM accuracy", "minutes"],
+                         "rows": per_seed, "formats": [None, ".1f", *[".3f"] * len(shown), ".3f", ".1f"]}]}],
+        "summary_data": {k: summary[k] for k in ("means", "flaw_keys", "train_keys", "primary", "vs_sft_best_t",
+                                                 "gap_closed")},
+    }
