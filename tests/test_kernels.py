@@ -91,12 +91,16 @@ def test_attention_impl_defaults(monkeypatch):
     assert segment_attention_impl(TINY_LLAMA.replace(segment_attention="pallas")) == "pallas"
     assert segment_attention_impl(TINY_LLAMA.replace(segment_attention="pallas", attn_softcap=30.0)) == "dense"
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    monkeypatch.setattr(jax, "device_count", lambda: 2)
-    assert decode_attention_impl(TINY_LLAMA) == "reference"                         # several devices: a mesh
     monkeypatch.setattr(jax, "device_count", lambda: 1)
-    assert decode_attention_impl(TINY_LLAMA) == "pallas"                            # H = 16, G = 2
-    assert decode_attention_impl(TINY_LLAMA.replace(d_model=96)) == "reference"     # H = 24: no Triton block
-    assert decode_attention_impl(TINY_LLAMA.replace(num_kv_heads=None, num_heads=6, d_model=96)) == "pallas"
+    assert decode_attention_impl(TINY_LLAMA) == "reference"                         # opt-in until timed on a GPU
+    pallas = TINY_LLAMA.replace(decode_attention="pallas")
+    assert decode_attention_impl(pallas) == "pallas"                                # H = 16, G = 2
+    assert decode_attention_impl(pallas.replace(num_kv_heads=None, num_heads=6, d_model=96)) == "pallas"
+    with pytest.raises(ValueError, match="power-of-two head dim"):
+        decode_attention_impl(pallas.replace(d_model=96))                           # H = 24: no Triton block
+    monkeypatch.setattr(jax, "device_count", lambda: 2)
+    with pytest.raises(ValueError, match="one device"):
+        decode_attention_impl(pallas)
     assert segment_attention_impl(TINY_LLAMA) == "dense"
 
 

@@ -111,9 +111,9 @@ class ModelConfig:
     decode_attention: Literal["reference", "pallas"] | None = None
     """Attention of one-token decode steps over the KV cache: "pallas" is the flash-decoding kernel
     (`models.kernels.decode_attention`: the cache read once in blocks, partial softmaxes combined; interpret mode
-    off GPU, slow), "reference" the einsum / multiply-reduce softmax of `cached_attention`. None: pallas on a
-    single GPU when the head dim and the query-per-kv-head group are powers of two, reference otherwise (XLA does
-    not partition a Pallas call over a mesh: it would gather its operands onto every device)."""
+    off GPU, slow; one device, a power-of-two head dim and query-per-kv-head group), "reference" the einsum /
+    multiply-reduce softmax of `cached_attention`. None: reference (the kernel becomes the GPU default once it has
+    been compiled and timed on a GPU, docs/results/gpu_round3.sh)."""
     segment_attention: Literal["dense", "pallas"] | None = None
     """Training attention of rows given segment_ids (packed or left-padded): "dense" builds a [B,1,T,T] mask for
     `jax.nn.dot_product_attention`; "pallas" passes the [B,T] ids to a Pallas flash-attention kernel

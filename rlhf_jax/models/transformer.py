@@ -198,15 +198,20 @@ def attention_impl(config: ModelConfig) -> str:
 
 
 def decode_attention_impl(config: ModelConfig) -> str:
-    """"pallas" or "reference" for one-token decode steps: `config.decode_attention`, or for None the
-    flash-decoding kernel on a single GPU when `kernels.decode_kernel_supported`, the reference softmax otherwise.
-    (The kernel is a custom call, which XLA's partitioner does not split: over several devices it would gather
-    the whole cache onto each.)"""
-    if config.decode_attention is not None:
-        return config.decode_attention
-    supported = decode_kernel_supported(config.num_heads, config.kv_heads, config.head_size)
-    single_gpu = jax.default_backend() == "gpu" and jax.device_count() == 1
-    return "pallas" if supported and single_gpu else "reference"
+    """"pallas" or "reference" for one-token decode steps: `config.decode_attention` (None: the reference softmax
+    until the kernel has been compiled and timed on a GPU; "pallas" where `kernels.decode_kernel_supported`). The
+    kernel is a custom call, which XLA's partitioner does not split: over several devices it would gather the whole
+    cache onto each, so "pallas" is refused on more than one device."""
+    if config.decode_attention != "pallas":
+        return "reference"
+    if not decode_kernel_supported(config.num_heads, config.kv_heads, config.head_size):
+        raise ValueError(f"ModelConfig.decode_attention='pallas': the flash-decoding kernel needs a power-of-two "
+                         f"head dim and query-per-kv-head group (head_dim {config.head_size}, "
+                         f"{config.num_heads // config.kv_heads} queries per kv head); use 'reference'")
+    if jax.device_count() > 1 and jax.default_backend() == "gpu":
+        raise ValueError("ModelConfig.decode_attention='pallas' runs on one device (XLA does not partition a "
+                         "Pallas call); use 'reference' on a mesh")
+    return "pallas"
 
 
 def segment_attention_impl(config: ModelConfig) -> str:
