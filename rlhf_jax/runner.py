@@ -445,6 +445,79 @@ def check_rollout_length(prompt_len: int, sampling, model_config, stage: str) ->
                          "--model.max-seq-len for a fresh model)")
 
 
+def read_tasks(path: str) -> list:
+    """The records of a JSON (a list) or JSONL (optionally .gz) file, each as written: the tasks of --env."""
+    import gzip
+
+    with (gzip.open if path.endswith(".gz") else open)(path, "rt", encoding="utf-8") as f:
+        if path.removesuffix(".gz").endswith(".json"):
+            try:
+                tasks = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: malformed JSON (line {e.lineno}: {e.msg})") from None
+            if not isinstance(tasks, list):
+                raise ValueError(f"{path}: expected a JSON list of tasks")
+            return tasks
+        tasks = []
+        for i, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    tasks.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}: line {i}: malformed JSON ({e.msg})") from None
+        return tasks
+
+
+def env_tasks(cfg, env, tok, *, batch_size: int, batch_flag: str) -> list:
+    """The tasks of `--env` (a command's `env`, `data` and `seed`): the records of --data.path or the environment's
+    `tasks(n, seed=)`, each checked by `env.reset` and its opening prompt's length (a setup error naming the record,
+    or the longest prompt, instead of a failure mid-run); at least `batch_size` of them (`batch_flag` names it)."""
+    from rlhf_jax.tokenizer import encode_prompt
+
+    if cfg.data.path is not None:
+        tasks = read_tasks(cfg.data.path)[: cfg.data.limit]
+        where = lambda i: f"{cfg.data.path}: record {i + 1}"  # noqa: E731
+    elif callable(getattr(env, "tasks", None)):
+        tasks = list(env.tasks(cfg.data.num_demo, seed=cfg.seed))
+        where = lambda i: f"--env {cfg.env}: task {i + 1}"  # noqa: E731
+    else:
+        raise ValueError(f"--env {cfg.env}: {type(env).__name__} has no tasks(n, seed=) method; pass --data.path "
+                         "(one task per record)")
+    if len(tasks) < batch_size:
+        raise ValueError(f"--env {cfg.env}: {len(tasks)} tasks, fewer than {batch_flag} {batch_size}")
+    schemas = list(getattr(env, "schemas", None) or []) or None
+    longest = (0, 0)
+    for i, task in enumerate(tasks):
+        try:
+            messages = env.reset(task)
+        except (ValueError, TypeError, KeyError) as e:
+            raise ValueError(f"{where(i)}: not a task of --env {cfg.env} ({e})") from None
+        longest = max(longest, (len(encode_prompt(tok, messages, tools=schemas)), -i))
+    if longest[0] > cfg.data.seq_len:
+        raise ValueError(f"{where(-longest[1])}: its opening prompt is {longest[0]} tokens with the chat template and "
+                         f"tool schemas, longer than --data.seq-len {cfg.data.seq_len}; raise --data.seq-len")
+    return tasks
+
+
+def env_lengths(cfg, sampling, model_config, stage: str):
+    """(EpisodeBudget, episode length) of a command's --env-max-turns / --env-max-tokens / --env-max-len, checked
+    against the model's positions and the turn length `sampling.max_new_tokens` (--<stage>.sampling...)."""
+    from rlhf_jax.envs import EpisodeBudget
+
+    for name in ("env_max_turns", "env_max_tokens", "env_max_len"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(cfg, name)}")
+    seq_len = cfg.data.seq_len + cfg.env_max_len
+    if seq_len > model_config.max_seq_len:
+        raise ValueError(f"--data.seq-len {cfg.data.seq_len} + --env-max-len {cfg.env_max_len} exceeds the model's "
+                         f"max_seq_len {model_config.max_seq_len}; lower one of them (or raise --model.max-seq-len "
+                         "for a fresh model)")
+    if sampling.max_new_tokens > cfg.env_max_len:
+        raise ValueError(f"--{stage}.sampling.max-new-tokens {sampling.max_new_tokens} (one turn) exceeds "
+                         f"--env-max-len {cfg.env_max_len} (the whole episode after its prompt)")
+    return EpisodeBudget(max_turns=cfg.env_max_turns, max_tokens=cfg.env_max_tokens), seq_len
+
+
 def with_tokenizer_ids(stage_config, tok, stage: str):
     """`stage_config` with its `sampling` eos/pad ids set to the tokenizer's (the RL stages sample with them),
     except an id the user set (one other than `SamplingConfig`'s default): that one is kept, and said."""

@@ -232,3 +232,25 @@ def test_ppo_over_environment_episodes():
         assert np.isfinite(h["loss/policy"]) and np.isfinite(h["loss/value"])
     with pytest.raises(ValueError, match="value_init='policy'"):
         run(state, dataclasses.replace(pcfg, value_init="reward"))
+
+
+def test_ppo_env_command_runs_and_refuses_bad_options_in_one_line(tmp_path, capsys):
+    from rlhf_jax.cli import ppo
+
+    tiny = ["--model.num-layers", "1", "--model.max-seq-len", "560", "--data.seq-len", "496", "--env-max-len", "64",
+            "--ppo.sampling.max-new-tokens", "8", "--data.num-demo", "4", "--checkpoint.no-tensorboard",
+            "--ppo.batch-size", "2", "--ppo.num-minibatches", "2", "--ppo.num-epochs", "1",
+            "--ppo.completions-every", "0"]
+    assert ppo.main(["--out", str(tmp_path / "run"), "--env", "calculator", "--ppo.num-steps", "2", *tiny]) == 0
+    lines = [json.loads(x) for x in open(tmp_path / "run" / "ppo" / "metrics.jsonl")]
+    assert [x["step"] for x in lines] == [1, 2]
+    for x in lines:
+        assert {"tools/calls", "turns/mean", "objective/scores", "loss/policy", "loss/value"} <= set(x)
+    assert (tmp_path / "run" / "ppo" / "final" / "model_config.json").exists()
+    capsys.readouterr()
+    for bad, says in [(["--env", "calculator", "--reward-init", "x"], "--env: the environment gives the rewards"),
+                      (["--env", "calculator", "--lora.rank", "4"], "drop --lora.rank"),
+                      (["--env", "calculator", "--data.seq-len", "64"], "longer than --data.seq-len 64")]:
+        assert ppo.main(["--out", str(tmp_path / "bad"), *bad]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and says in err and "\n" not in err

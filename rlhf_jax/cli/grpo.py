@@ -17,14 +17,12 @@ environment's rewards (no --reward), one device.
 from __future__ import annotations
 
 import dataclasses
-import gzip
-import json
 import sys
 
 import jax
 
 from rlhf_jax.config_cli import parse_cli
-from rlhf_jax.envs import EpisodeBudget, make_environment
+from rlhf_jax.envs import make_environment
 from rlhf_jax.generation import SamplingConfig
 from rlhf_jax.rewards import gsm8k_answer, gsm8k_reward
 from rlhf_jax.runner import (
@@ -35,6 +33,8 @@ from rlhf_jax.runner import (
     RunOptions,
     check_rollout_length,
     checkpoint_defaults,
+    env_lengths,
+    env_tasks,
     finish_report,
     init_model,
     load_data,
@@ -54,7 +54,6 @@ from rlhf_jax.runner import (
 )
 from rlhf_jax.train.grpo import GRPOConfig
 from rlhf_jax.train.optim import OptimConfig
-from rlhf_jax.tokenizer import encode_prompt
 from rlhf_jax.train.multiturn import TaskBatches
 from rlhf_jax.train.stages import NonFiniteLossError, run_grpo, run_grpo_env
 
@@ -120,55 +119,6 @@ def _host_reward(cfg: GRPOExperiment, tok):
                                                      answers=[reference(table[p]) for p in prompts])
 
 
-def _read_tasks(path: str) -> list:
-    """The records of a JSON (a list) or JSONL (optionally .gz) file, each as written: the tasks of --env."""
-    with (gzip.open if path.endswith(".gz") else open)(path, "rt", encoding="utf-8") as f:
-        if path.removesuffix(".gz").endswith(".json"):
-            try:
-                tasks = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: malformed JSON (line {e.lineno}: {e.msg})") from None
-            if not isinstance(tasks, list):
-                raise ValueError(f"{path}: expected a JSON list of tasks")
-            return tasks
-        tasks = []
-        for i, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    tasks.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}: line {i}: malformed JSON ({e.msg})") from None
-        return tasks
-
-
-def _env_tasks(cfg: GRPOExperiment, env, tok) -> list:
-    """The tasks of --env, each checked by `env.reset` and its opening prompt's length (a setup error naming the
-    record, or the longest prompt, instead of a failure mid-run)."""
-    if cfg.data.path is not None:
-        tasks = _read_tasks(cfg.data.path)[: cfg.data.limit]
-        where = lambda i: f"{cfg.data.path}: record {i + 1}"  # noqa: E731
-    elif callable(getattr(env, "tasks", None)):
-        tasks = list(env.tasks(cfg.data.num_demo, seed=cfg.seed))
-        where = lambda i: f"--env {cfg.env}: task {i + 1}"  # noqa: E731
-    else:
-        raise ValueError(f"--env {cfg.env}: {type(env).__name__} has no tasks(n, seed=) method; pass --data.path "
-                         "(one task per record)")
-    if len(tasks) < cfg.grpo.batch_size:
-        raise ValueError(f"--env {cfg.env}: {len(tasks)} tasks, fewer than --grpo.batch-size {cfg.grpo.batch_size}")
-    schemas = list(getattr(env, "schemas", None) or []) or None
-    longest = (0, 0)
-    for i, task in enumerate(tasks):
-        try:
-            messages = env.reset(task)
-        except (ValueError, TypeError, KeyError) as e:
-            raise ValueError(f"{where(i)}: not a task of --env {cfg.env} ({e})") from None
-        longest = max(longest, (len(encode_prompt(tok, messages, tools=schemas)), -i))
-    if longest[0] > cfg.data.seq_len:
-        raise ValueError(f"{where(-longest[1])}: its opening prompt is {longest[0]} tokens with the chat template and "
-                         f"tool schemas, longer than --data.seq-len {cfg.data.seq_len}; raise --data.seq-len")
-    return tasks
-
-
 def _main_env(cfg: GRPOExperiment) -> int:
     """`rlhf-jax grpo --env ...`: GRPO on multi-turn episodes (`run_grpo_env`)."""
     try:
@@ -176,28 +126,17 @@ def _main_env(cfg: GRPOExperiment) -> int:
             raise ValueError("--env runs on one device (the environments answer on the host): drop --mesh")
         if cfg.reward != "world" or cfg.reward_init is not None:
             raise ValueError("--env: the environment gives the rewards; drop --reward / --reward-init")
-        for name in ("env_max_turns", "env_max_tokens", "env_max_len"):
-            if getattr(cfg, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(cfg, name)}")
         env = make_environment(cfg.env)
         out = start_run(cfg, cfg.out)
         tok = make_tokenizer(tokenizer_source(cfg.data.tokenizer, cfg.init))
-        tasks = _env_tasks(cfg, env, tok)
+        tasks = env_tasks(cfg, env, tok, batch_size=cfg.grpo.batch_size, batch_flag="--grpo.batch-size")
         data = TaskBatches(tasks, batch_size=cfg.grpo.batch_size, seed=cfg.seed)
         grpo_cfg = with_tokenizer_ids(cfg.grpo, tok, "grpo")
         mc, policy = init_model(cfg.preset, cfg.model, jax.random.split(jax.random.key(cfg.seed), 3)[0],
                                 init=cfg.init, tokenizer=tok)
-        seq_len = cfg.data.seq_len + cfg.env_max_len
-        if seq_len > mc.max_seq_len:
-            raise ValueError(f"--data.seq-len {cfg.data.seq_len} + --env-max-len {cfg.env_max_len} exceeds the model's "
-                             f"max_seq_len {mc.max_seq_len}; lower one of them (or raise --model.max-seq-len for a "
-                             "fresh model)")
-        if grpo_cfg.sampling.max_new_tokens > cfg.env_max_len:
-            raise ValueError(f"--grpo.sampling.max-new-tokens {grpo_cfg.sampling.max_new_tokens} (one turn) exceeds "
-                             f"--env-max-len {cfg.env_max_len} (the whole episode after its prompt)")
+        budget, seq_len = env_lengths(cfg, grpo_cfg.sampling, mc, "grpo")
         if grpo_cfg.overlong_buffer is not None:
             raise ValueError("--grpo.overlong-buffer is not defined on multi-turn episodes; use --env-max-tokens")
-        budget = EpisodeBudget(max_turns=cfg.env_max_turns, max_tokens=cfg.env_max_tokens)
         ref = jax.device_put(policy) if grpo_cfg.kl_coef > 0 or cfg.lora.rank else None
         state, lora = trainable_state(cfg, policy, mc, grpo_cfg.optim,
                                       grpo_cfg.num_steps * grpo_cfg.updates_per_iteration)

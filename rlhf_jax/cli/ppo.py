@@ -5,6 +5,10 @@ frozen reference (the initial policy), and runs clipped PPO with GAE on policy a
 2022; Ziegler et al. 2019; Huang et al. 2024, "The N+ Implementation Details of RLHF with PPO"). With no
 --data.path it uses built-in prompts from the synthetic task world; without --init / --reward-init it
 starts from fresh tiny models, just so it runs. `--help` lists every option and its default.
+
+`--env NAME | MODULE:CLASS | FILE.py:CLASS` trains on multi-turn episodes with an environment instead (as `rlhf-jax
+grpo --env`, docs/tools.md): the environment's rewards (no reward model; the value model starts from the policy),
+the loss, KL and values on the policy's tokens only (`train.stages.run_ppo_env`), one device, no LoRA or PPO-ptx.
 """
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ import sys
 import jax
 
 from rlhf_jax.config_cli import parse_cli
+from rlhf_jax.envs import make_environment
 from rlhf_jax.data.iterators import Together
 from rlhf_jax.generation import SamplingConfig
 from rlhf_jax.models import init_params
@@ -24,20 +29,25 @@ from rlhf_jax.runner import (
     RunOptions,
     check_rollout_length,
     checkpoint_defaults,
+    env_lengths,
+    env_tasks,
     finish_report,
     init_model,
     load_data,
     make_run_mesh,
+    make_tokenizer,
     notice,
     run_stage,
     save_final,
     setup_error,
     start_run,
+    tokenizer_source,
     with_tokenizer_ids,
 )
 from rlhf_jax.train.optim import OptimConfig
 from rlhf_jax.train.ppo import PPOConfig, init_ppo_state
-from rlhf_jax.train.stages import NonFiniteLossError, run_ppo
+from rlhf_jax.train.multiturn import TaskBatches
+from rlhf_jax.train.stages import NonFiniteLossError, run_ppo, run_ppo_env
 from rlhf_jax.train.state import with_score_head
 
 
@@ -66,11 +76,68 @@ class PPOExperiment(RunOptions):
     """PPO stage (iterations, rollout size, KL, clipping, GAE, optimizer)."""
     checkpoint: CheckpointSpec = CheckpointSpec(save_every=5)
     """Checkpoint schedule and logging outputs."""
+    env: str | None = None
+    """Multi-turn episodes with this environment: a registered name (calculator), MODULE:CLASS or FILE.py:CLASS
+    (rlhf_jax.envs). Tasks: the records of --data.path (each record is a task), else the environment's
+    tasks(n, seed=) (--data.num-demo of them). --data.seq-len is then the opening prompt's bucket."""
+    env_max_turns: int = 4
+    """--env: policy turns per episode."""
+    env_max_tokens: int = 256
+    """--env: policy tokens per episode, all its turns together."""
+    env_max_len: int = 256
+    """--env: tokens of an episode after its opening prompt (policy turns, tool results, template tokens); an
+    episode whose next turn would not fit ends there."""
+
+
+def _main_env(cfg: PPOExperiment) -> int:
+    """`rlhf-jax ppo --env ...`: PPO on multi-turn episodes (`run_ppo_env`)."""
+    try:
+        if cfg.mesh is not None:
+            raise ValueError("--env runs on one device (the environments answer on the host): drop --mesh")
+        if cfg.reward_init is not None:
+            raise ValueError("--env: the environment gives the rewards; drop --reward-init")
+        if cfg.lora.rank:
+            raise ValueError("rlhf-jax ppo --env trains the full model; drop --lora.rank (rlhf-jax grpo --env takes "
+                             "LoRA)")
+        if cfg.ppo.ptx_coef > 0:
+            raise ValueError("--env: PPO-ptx is not supported on multi-turn episodes; set --ppo.ptx-coef 0")
+        env = make_environment(cfg.env)
+        out = start_run(cfg, cfg.out)
+        tok = make_tokenizer(tokenizer_source(cfg.data.tokenizer, cfg.init))
+        tasks = env_tasks(cfg, env, tok, batch_size=cfg.ppo.batch_size, batch_flag="--ppo.batch-size")
+        data = TaskBatches(tasks, batch_size=cfg.ppo.batch_size, seed=cfg.seed)
+        # No reward model to start the value from: the value model is the policy's trunk with a fresh head.
+        ppo_cfg = dataclasses.replace(with_tokenizer_ids(cfg.ppo, tok, "ppo"), value_init="policy")
+        k_policy, _, _, k_state = jax.random.split(jax.random.key(cfg.seed), 4)
+        mc, policy = init_model(cfg.preset, cfg.model, k_policy, init=cfg.init, tokenizer=tok)
+        budget, seq_len = env_lengths(cfg, ppo_cfg.sampling, mc, "ppo")
+        ref = jax.device_put(policy)
+        state = init_ppo_state(ref, ppo_cfg, model_config=mc, rng=k_state)
+    except (ValueError, OSError) as e:
+        return setup_error(e)
+    try:
+        state, history, finished = run_stage(
+            "ppo", lambda s, d, c, hooks: run_ppo_env(
+                s, d, c, model_config=mc, env_factory=lambda: make_environment(cfg.env), tokenizer=tok,
+                budget=budget, prompt_len=cfg.data.seq_len, seq_len=seq_len, ref_params=ref, hooks=hooks),
+            state, data, ppo_cfg, out=out, resume=cfg.resume, checkpoint=cfg.checkpoint,
+            samples_per_step=ppo_cfg.batch_size)
+    except (NonFiniteLossError, ValueError) as e:    # ValueError: an environment's or a chat template's, mid-run
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if finished:
+        save_final(out, "ppo", state.policy.params, mc, None, ref, tokenizer=tok, init=cfg.init)
+    finish_report(out, "ppo", history, keys=("objective/scores", "tools/calls", "turns/mean", "objective/kl"),
+                  summary={"finished": finished, "policy": cfg.init or cfg.preset, "env": cfg.env,
+                           "data": cfg.data.path or f"{cfg.env} tasks"})
+    return 0 if finished else STOPPED
 
 
 def main(argv=None) -> int:
     cfg = parse_cli(PPOExperiment, argv, prog="rlhf-jax ppo")
     cfg = checkpoint_defaults(cfg, argv, "ppo")
+    if cfg.env is not None:
+        return _main_env(cfg)
     try:
         mesh = make_run_mesh(cfg.mesh)          # first: multi-host init precedes any other JAX call
         lora = cfg.lora.config()
