@@ -4,7 +4,8 @@ Nucleus sampling: Holtzman et al. 2020, "The Curious Case of Neural Text Degener
 one jitted program per (shape, sampling setting): the left-padded prompt is prefilled in one cached forward
 pass, then a `lax.while_loop` samples one token per step until every row has emitted `eos_id` or
 `max_new_tokens` tokens exist. Rows stop independently; after its EOS a row is filled with `pad_id`.
-The KV cache is carried by the loop and updated in place (see `models.forward_cached`); the weights are cast
+The KV cache is carried by the loop and updated in place (see `models.forward_cached`); layers with a sliding
+window shorter than the sequence keep only a ring of window-many slots (`models.init_cache`). The weights are cast
 to the compute dtype once before the loop. Each step's attention over the cache is the reference softmax or, by
 default on one GPU, a Pallas flash-decoding kernel (`ModelConfig.decode_attention`, `models.kernels`).
 
@@ -134,17 +135,19 @@ def decode_stages(max_new_tokens: int, stages: int | None = None) -> list[int]:
 
 
 @functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "temperature", "top_k", "top_p",
-                                             "eos_id", "pad_id", "stages"))
+                                             "eos_id", "pad_id", "stages", "ring_cache"))
 def sample(params, prompts, prompt_mask, rng, *, config: ModelConfig, max_new_tokens: int,
            temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, eos_id: int | None = None,
-           pad_id: int = 0, stages: int | None = None) -> Samples:
+           pad_id: int = 0, stages: int | None = None, ring_cache: bool = True) -> Samples:
     """Sample N = max_new_tokens tokens after left-padded prompts [B,P] (prompt_mask [B,P], 1 = real token).
 
     temperature == 0 is greedy decoding; top_k = 0 and top_p = 1 disable those filters. All sampling settings
     are static: each distinct setting compiles once. `stages` splits the decode into that many loops (see
     `decode_stages`), loop j reading only the cache slots its last step can need (P + its last step), so the
     cache bytes read per token fall from P + N to about P + N/2 as stages grow, for one compiled loop body per
-    stage; the samples are the same for any number of stages. Returns `Samples` (see the module docstring).
+    stage; the samples are the same for any number of stages. `ring_cache` (static): layers with a sliding
+    window W < P + N keep a ring of W cache slots (`models.init_cache`); False gives them all P + N slots, for the
+    same samples. Returns `Samples` (see the module docstring).
     """
     B, P = prompts.shape
     N, S = max_new_tokens, prompts.shape[1] + max_new_tokens
@@ -157,8 +160,9 @@ def sample(params, prompts, prompt_mask, rng, *, config: ModelConfig, max_new_to
     prompt_mask = prompt_mask.astype(jnp.int32)
     key_mask = jnp.concatenate([prompt_mask, jnp.ones((B, N), jnp.int32)], axis=1)        # [B,S]
     positions = sequence_positions(prompt_mask)                                          # [B,P]
-    logits, cache = prefill(params, prompts.astype(jnp.int32), config=config, cache=init_cache(config, B, S),
-                            positions=positions, key_mask=key_mask)
+    cache = init_cache(config, B, S, ring=ring_cache)
+    logits, cache = prefill(params, prompts.astype(jnp.int32), config=config, cache=cache, positions=positions,
+                            key_mask=key_mask)
     next_position = prompt_mask.sum(axis=1)                                              # [B]
     pick = greedy if temperature == 0 else categorical
 

@@ -19,7 +19,9 @@ or left-padded rows. The same `Block` serves training and cached decoding. `forw
 layers in Python and reads each layer's cache slice only: attention is one softmax over the cached keys
 (slots < index) and the T new keys, and the [L,B,T,K,H] new keys/values are written into the preallocated
 [L,B,S,K,H] cache with one `dynamic_update_slice`, which XLA performs in place inside a decode `while_loop`
-(a scan over layers would instead write a whole new cache every step). `ModelConfig.decode_attention` and
+(a scan over layers would instead write a whole new cache every step). Layers with a sliding window W shorter
+than the cache keep a ring of W slots instead (slot s in ring slot s % W; `init_cache`, `KVCache`), so their
+memory is bounded by the window; global layers keep the full cache. `ModelConfig.decode_attention` and
 `segment_attention` switch one-token decode steps and packed training rows to the Pallas kernels of
 `models.kernels`.
 
@@ -341,11 +343,11 @@ class Attention(nn.Module):
 
         mask: None (plain causal), [B] int32 lengths (one right-padded example per row: causal + padding,
         cuDNN's flash path), [B,T] int32 segment ids (`kernels.segment_attention`), or a [B,1,T,T] bool mask.
-        With a cache (k, v) [B,S,K,H] (read only; the flash-decoding kernel is given the stacked [L,B,S',K,H]
-        cache and reads its layer's slots < S), mask is the pair (old_visible [B,S] or [B,T,S], new_visible
-        [B,T,T]) of `cached_attention`, with any sliding window already applied; cache (None, None) is a
-        prefill. layer: this block's index (an int, or traced inside `nn.scan`), for per-layer RoPE and sliding
-        windows.
+        With a cache (k, v) [B,S,K,H] (read only; the flash-decoding kernel is given a stacked [L',B,S',K,H]
+        cache and this layer's index in it, (k, v, index), and reads that layer's slots < S), mask is the pair
+        (old_visible [B,S] or [B,T,S], new_visible [B,T,T]) of `cached_attention`, with any sliding window already
+        applied; cache (None, None) is a prefill. layer: this block's index (an int, or traced inside
+        `nn.scan`), for per-layer RoPE and sliding windows.
         """
         cfg = self.config
         D, N, K, H = cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.head_size
@@ -380,8 +382,9 @@ class Attention(nn.Module):
             q, k = rotated if use_rope is True else (jnp.where(use_rope, r, a) for r, a in zip(rotated, (q, k)))
         scale = cfg.attn_scale
         if cache is not None:
-            out = cached_attention(q, k, v, *cache, *mask, scale=scale, softcap=cfg.attn_softcap,
-                                   kernel=decode_attention_impl(cfg) == "pallas", layer=layer)
+            cache_k, cache_v, *slot = cache   # slot: this layer's index in a stacked cache given whole
+            out = cached_attention(q, k, v, cache_k, cache_v, *mask, scale=scale, softcap=cfg.attn_softcap,
+                                   kernel=decode_attention_impl(cfg) == "pallas", layer=slot[0] if slot else layer)
             cache = (k, v)
         elif mask is not None and mask.ndim == 2:   # [B,T] segment ids (`segment_attention_impl` is pallas)
             out = segment_attention(q, k, v, mask, scale=scale)
@@ -518,10 +521,16 @@ class Transformer(nn.Module):
 
 @flax.struct.dataclass
 class KVCache:
-    """Preallocated keys and values for every layer: k, v [L,B,S,K,H] in the compute dtype."""
+    """Preallocated keys and values in the compute dtype: k, v [L,B,S,K,H] for every layer, or, with a ring
+    (`init_cache` for a sliding window W < S), k, v [Lg,B,S,K,H] for the Lg global layers and ring_k, ring_v
+    [Lw,B,W,K,H] for the Lw windowed ones, each stack in layer order. Cache slot s of a windowed layer lives in
+    ring slot s % W; after slots [0, index) are written, ring slot j holds the last s < index with s = j mod W
+    (`ring_slots`), so a query at slot index + t, which sees s > index + t - W, finds every key it sees there."""
 
     k: jax.Array
     v: jax.Array
+    ring_k: jax.Array | None = None
+    ring_v: jax.Array | None = None
 
 
 # ----------------------------------------------------------------------------------------------- public API
@@ -632,10 +641,36 @@ def scalar_head(params, hidden, *, config: ModelConfig):
     return _module(config, params).apply({"params": dequantize_params(params)}, hidden, method=Transformer.score)
 
 
-def init_cache(config: ModelConfig, batch: int, max_len: int) -> KVCache:
-    """Zeroed KV cache, k and v [L,B,S,K,H] with S = max_len, in the compute dtype."""
-    shape = (config.num_layers, batch, max_len, config.kv_heads, config.head_size)
-    return KVCache(k=jnp.zeros(shape, config.compute_dtype), v=jnp.zeros(shape, config.compute_dtype))
+def init_cache(config: ModelConfig, batch: int, max_len: int, *, ring: bool = True) -> KVCache:
+    """Zeroed KV cache for S = max_len slots, in the compute dtype: k and v [L,B,S,K,H]; or, when the model has a
+    sliding window W < S and `ring`, a ring of W slots for each windowed layer (ring_k, ring_v [Lw,B,W,K,H]) and
+    k, v [Lg,B,S,K,H] for the global ones (see `KVCache`). `ring=False` keeps all S slots on every layer (the same
+    outputs, more memory)."""
+    L, K, H, dtype = config.num_layers, config.kv_heads, config.head_size, config.compute_dtype
+    if not (ring and any(ring_layers(config, max_len))):
+        shape = (L, batch, max_len, K, H)
+        return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
+    windowed = sum(ring_layers(config, max_len))
+    full, rings = (L - windowed, batch, max_len, K, H), (windowed, batch, config.sliding_window, K, H)
+    return KVCache(k=jnp.zeros(full, dtype), v=jnp.zeros(full, dtype), ring_k=jnp.zeros(rings, dtype),
+                   ring_v=jnp.zeros(rings, dtype))
+
+
+def ring_layers(config: ModelConfig, max_len: int) -> tuple[bool, ...]:
+    """Per layer: whether `init_cache` gives it a ring of sliding_window slots for a max_len-slot cache (a windowed
+    layer, when the window is shorter than the cache; otherwise the ring would be no smaller)."""
+    W = config.sliding_window
+    if W is None or W >= max_len:
+        return (False,) * config.num_layers
+    return config.layer_flags("sliding_layers")
+
+
+def ring_slots(index, window: int):
+    """[W] int32: the cache slot each ring slot j holds once slots [0, index) are written, the last s < index with
+    s = j (mod W); negative where none has been written yet. index may be traced."""
+    j = jnp.arange(window, dtype=jnp.int32)
+    last = jnp.asarray(index, jnp.int32) - 1
+    return last - (last - j) % window
 
 
 @functools.partial(jax.jit, static_argnames=("config", "read_len"))
@@ -647,7 +682,9 @@ def forward_cached(params, tokens, *, config: ModelConfig, cache: KVCache, posit
     slots as valid). positions [B,T] give the RoPE / learned positions (so left-padded prompts start at 0).
     `index` may be a traced scalar. Slots >= index of the incoming cache are never read. `read_len` (static):
     read only cache slots [0, read_len); the caller guarantees index <= read_len (a decode loop whose steps all
-    satisfy it then moves fewer bytes per step). params may be `split_layers`'s.
+    satisfy it then moves fewer bytes per step). params may be `split_layers`'s. A cache with a ring (`init_cache`)
+    gives the same outputs: its windowed layers read their W ring slots whole (read_len does not apply) and keep
+    the last W of the slots written (a chunk of T > W tokens still attends within itself through its own keys).
     """
     return _forward_cached(params, tokens, config, cache, positions, key_mask, index, read_cache=True,
                            read_len=read_len)
@@ -662,7 +699,8 @@ def split_layers(params):
 
 @functools.partial(jax.jit, static_argnames=("config",))
 def prefill(params, tokens, *, config: ModelConfig, cache: KVCache, positions, key_mask):
-    """`forward_cached` at index 0 without reading the (empty) cache: tokens [B,T] fill slots [0, T)."""
+    """`forward_cached` at index 0 without reading the (empty) cache: tokens [B,T] fill slots [0, T) (a ring
+    keeps the last W of them)."""
     return _forward_cached(params, tokens, config, cache, positions, key_mask, 0, read_cache=False)
 
 
@@ -684,27 +722,59 @@ def _forward_cached(params, tokens, config, cache, positions, key_mask, index, *
     module = _module(config, top)
     x = module.apply({"params": top}, tokens, positions, method=Transformer.embed_tokens)
     masks = (old_visible, new_visible)
+    in_ring = (False,) * config.num_layers if cache.ring_k is None else config.layer_flags("sliding_layers")
     if config.sliding_window is not None:   # query t (slot index + t) sees slots > index + t - W
         W = config.sliding_window
         sliding_masks = (old_visible[:, None, :] & window_mask(T, W, index, R)[None],           # [B,T,R]
                          new_visible & window_mask(T, W)[None])                                 # [B,T,T]
+        if any(in_ring):   # ring slot j holds cache slot held[j] (< index; negative: not written yet)
+            held = ring_slots(index, W)                                                         # [W]
+            seen = (held >= 0)[None, :] & jnp.take(key_mask, jnp.maximum(held, 0), axis=1)       # [B,W]
+            ring_masks = (seen[:, None, :] & (index + t[:, None] - held[None, :] < W)[None],     # [B,T,W]
+                          sliding_masks[1])
     block = Block(config)
     sliding = config.layer_flags("sliding_layers")
     # The flash-decoding kernel reads its layer of the stacked cache itself (a custom call cannot fuse a slice).
     whole_cache = read_cache and T == 1 and decode_attention_impl(config) == "pallas"
-    new_k, new_v = [], []
+    new_k, new_v, ring_k, ring_v = [], [], [], []
     for layer, layer_params in enumerate(layers):   # unrolled: static cache slices, no per-layer cache copies
-        layer_cache = (cache.k[layer, :, :R], cache.v[layer, :, :R]) if read_cache else (None, None)
-        layer_cache = (cache.k, cache.v) if whole_cache else layer_cache
-        x, (k, v) = block.apply({"params": layer_params}, x, layer_cache, positions,
-                                sliding_masks if sliding[layer] else masks, layer)
-        new_k.append(k)
-        new_v.append(v)
+        ring = in_ring[layer]
+        stack_k, stack_v = (cache.ring_k, cache.ring_v) if ring else (cache.k, cache.v)
+        slot = sum(in_ring[:layer]) if ring else layer - sum(in_ring[:layer])           # index in its stack
+        layer_cache = (None, None)
+        if whole_cache:
+            layer_cache = (stack_k, stack_v, slot)
+        elif read_cache:
+            layer_cache = (stack_k[slot], stack_v[slot]) if ring else (stack_k[slot, :, :R], stack_v[slot, :, :R])
+        mask = ring_masks if ring else sliding_masks if sliding[layer] else masks
+        x, (k, v) = block.apply({"params": layer_params}, x, layer_cache, positions, mask, layer)
+        (ring_k if ring else new_k).append(k)
+        (ring_v if ring else new_v).append(v)
     h = module.apply({"params": top}, x, method=Transformer.normed)
     logits = module.apply({"params": top}, h, method=Transformer.logits)
-    start = (0, 0, index, 0, 0)
-    return logits, KVCache(k=lax.dynamic_update_slice(cache.k, jnp.stack(new_k).astype(cache.k.dtype), start),
-                           v=lax.dynamic_update_slice(cache.v, jnp.stack(new_v).astype(cache.v.dtype), start))
+    if cache.ring_k is None:
+        start = (0, 0, index, 0, 0)
+        return logits, KVCache(k=lax.dynamic_update_slice(cache.k, jnp.stack(new_k).astype(cache.k.dtype), start),
+                               v=lax.dynamic_update_slice(cache.v, jnp.stack(new_v).astype(cache.v.dtype), start))
+    full_k, full_v = cache.k, cache.v
+    if new_k:
+        start = (0, 0, index, 0, 0)
+        full_k = lax.dynamic_update_slice(full_k, jnp.stack(new_k).astype(full_k.dtype), start)
+        full_v = lax.dynamic_update_slice(full_v, jnp.stack(new_v).astype(full_v.dtype), start)
+    return logits, KVCache(k=full_k, v=full_v, ring_k=_write_ring(cache.ring_k, ring_k, index),
+                           ring_v=_write_ring(cache.ring_v, ring_v, index))
+
+
+def _write_ring(ring, new, index):
+    """Write the new keys (or values) of slots [index, index + T) into ring slots s % W: the last min(T, W) of
+    them, which land on distinct ring slots (a prefill longer than the window keeps only its last W)."""
+    W, T = ring.shape[2], new[0].shape[1]
+    new = jnp.stack(new).astype(ring.dtype)                                              # [Lw,B,T,K,H]
+    if T == 1:
+        return lax.dynamic_update_slice(ring, new, (0, 0, index % W, 0, 0))
+    keep = min(T, W)
+    slots = (index + T - keep + jnp.arange(keep)) % W
+    return ring.at[:, :, slots].set(new[:, :, T - keep:], unique_indices=True)
 
 
 def decode_params(params, config: ModelConfig):
