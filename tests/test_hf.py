@@ -220,9 +220,13 @@ def test_config_edge_cases():
     from rlhf_jax.models.hf import config_from_hf, config_to_hf
 
     mistral = _mistral().to_dict() | {"sliding_window": 4096}
-    with pytest.warns(UserWarning, match="sliding_window=4096"):
-        config = config_from_hf(mistral)
+    config = config_from_hf(mistral)                   # every layer windowed, read and written back
     assert config.kv_heads == 1 and not config.use_bias and not config.qkv_bias
+    assert config.sliding_window == 4096 and config.sliding_layers is None
+    assert config_to_hf(config, model_type="mistral")["sliding_window"] == 4096
+    qwen2 = _qwen2().to_dict() | {"sliding_window": 4096, "use_sliding_window": True}
+    with pytest.warns(UserWarning, match="sliding_window=4096"):
+        assert config_from_hf(qwen2).sliding_window is None
     legacy = {k: v for k, v in _llama().to_dict().items() if k != "rope_parameters"} | {"rope_theta": 123.0}
     assert config_from_hf(legacy).rope_theta == 123.0
     with pytest.raises(NotImplementedError, match="activation_function"):

@@ -105,9 +105,8 @@ def test_mistral_ring_greedy_matches_transformers(tmp_path):
         for name, w in model.named_parameters():
             w.copy_((1.0 if "norm" in name else 0.0) + 0.3 * torch.randn_like(w))
     model.save_pretrained(tmp_path)
-    with pytest.warns(UserWarning, match="sliding_window"):           # the import drops Mistral's window
-        config, params = load_pretrained(tmp_path)
-    config = config.replace(sliding_window=W)
+    config, params = load_pretrained(tmp_path)                        # the import reads Mistral's window
+    assert config.sliding_window == W and config.sliding_layers is None
     assert init_cache(config, 2, P + N).ring_k.shape[2] == W
     prompts, mask = _prompts(config.vocab_size, seed=3)
     ids, m = torch.from_numpy(np.array(prompts)).long(), torch.from_numpy(np.array(mask)).long()

@@ -113,10 +113,13 @@ def config_from_hf(hf: dict[str, Any], *, source: str = "config.json", **overrid
         sliding = model_type == "mistral" or hf.get("use_sliding_window") or "sliding_attention" in layer_types
         window = hf.get("sliding_window") if sliding or model_type == "phi3" else None
         extra: dict[str, Any] = {}
-        if model_type in ("qwen2", "mistral"):
+        if model_type == "qwen2":
             if window:
                 warnings.warn(f"{source}: sliding_window={hf['sliding_window']} is ignored (full causal attention); "
                               "logits differ from Hugging Face only for sequences longer than the window")
+        elif model_type == "mistral":
+            if window:                                   # every layer windowed
+                extra.update(sliding_window=int(window), sliding_layers=None)
         elif window:
             extra.update(sliding_window=int(window), sliding_layers=tuple(
                 t == "sliding_attention" for t in layer_types) if layer_types and model_type != "phi3" else None)
@@ -335,14 +338,16 @@ def config_to_hf(config: ModelConfig, *, model_type: str | None = None, dtype: s
         out.update(use_sliding_window=False, sliding_window=None)
     elif model_type == "mistral":
         require(not c.qkv_bias and not c.use_bias, "Mistral has no biases (qkv_bias=False, use_bias=False)")
-        out.update(sliding_window=None)
+        require(c.sliding_window is None or all(c.layer_flags("sliding_layers")),
+                "Mistral's sliding_window applies to every layer (sliding_layers=None)")
+        out.update(sliding_window=c.sliding_window)
     else:  # Llama's attention_bias covers q, k, v and o; mlp_bias the three MLP projections
         out.update(attention_bias=c.qkv_bias or c.use_bias, mlp_bias=c.use_bias)
     return out
 
 
 _FAMILY_FIELDS = {  # ModelConfig fields beyond the Llama core that a family's config.json expresses
-    "llama": set(), "qwen2": set(), "mistral": set(),
+    "llama": set(), "qwen2": set(), "mistral": {"sliding_window", "sliding_layers"},
     "qwen3": {"qk_norm", "sliding_window", "sliding_layers"},
     "olmo2": {"qk_norm", "pre_norm", "post_norm"},
     "smollm3": {"rope_layers", "sliding_window", "sliding_layers"},
