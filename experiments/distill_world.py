@@ -16,7 +16,8 @@ flawed demonstrations (its own SFT, the baseline). From the student's SFT, on th
 
 Each is read on `eval_split` keys drawn per seed (greedy exact match, flaw keys apart), with the student's training
 tokens (its compute: 6 x parameters x tokens, the teacher's forward passes counted apart) and the KL from the
-student to the teacher on the student's temperature-1 samples. Writes OUT/distill_world.json and a markdown table;
+student to the teacher on the student's temperature-1 samples. Writes OUT/seed<N>.json per seed (read back when
+its settings are the same), OUT/distill_world.json and a markdown table;
 a difference to the student's SFT carries a seeds-and-prompts interval (`stats.seed_prompt_bootstrap`).
 """
 from __future__ import annotations
@@ -205,10 +206,23 @@ def markdown(result: dict) -> str:
 def main(argv=None) -> None:
     cfg = parse_cli(DistillWorldConfig, argv)
     command = "python -m experiments.distill_world " + shlex.join(sys.argv[1:] if argv is None else argv)
-    per_seed = [one_seed(cfg, s) for s in cfg.seeds]
+    os.makedirs(cfg.out, exist_ok=True)
+    per_seed = []
+    for s in cfg.seeds:            # a finished seed (same settings) is read back, not run again
+        path = os.path.join(cfg.out, f"seed{s}.json")
+        settings = json.loads(json.dumps(dataclasses.asdict(cfg)))
+        if os.path.exists(path):
+            with open(path) as f:
+                done = json.load(f)
+            if {k: v for k, v in done["settings"].items() if k != "seeds"} == {
+                    k: v for k, v in settings.items() if k != "seeds"}:
+                per_seed.append(done["result"])
+                continue
+        per_seed.append(one_seed(cfg, s))
+        with open(path, "w") as f:
+            json.dump({"settings": settings, "result": per_seed[-1]}, f)
     result = {"eval_split": cfg.eval_split, "seeds": list(cfg.seeds), "settings": dataclasses.asdict(cfg),
               "per_seed": per_seed, "summary": summarize(per_seed), "provenance": provenance(command, cfg.seeds)}
-    os.makedirs(cfg.out, exist_ok=True)
     with open(os.path.join(cfg.out, "distill_world.json"), "w") as f:
         json.dump(result, f, indent=1)
     text = markdown(result)

@@ -1,5 +1,6 @@
 """The rule world's main job: its summary over seeds against hand-computed comparisons, and the command end to end
-at --quick sizes on dev keys (a finished seed is read back, not run again)."""
+at --quick sizes on dev keys (a finished seed is read back, not run again), then experiments.distill_world --quick
+with that run's GRPO policy as the teacher."""
 from __future__ import annotations
 
 import json
@@ -62,3 +63,12 @@ def test_rule_world_command_quick_on_dev_keys(tmp_path, capsys):
     capsys.readouterr()
     assert command.main(argv) == 0                      # read back, not run again
     assert "read back" in capsys.readouterr().err
+    # experiments.distill_world --quick on this run's GRPO policy as the teacher.
+    from experiments import distill_world
+    dw = str(tmp_path / "dw")
+    distill_world.main(["--quick", "--teachers", out, "--seeds", "0", "--eval-split", "dev", "--out", dw])
+    result = json.load(open(os.path.join(dw, "distill_world.json")))
+    arms = result["per_seed"][0]["arms"]
+    assert set(arms) == set(distill_world.ARMS) and all(len(a["exact"]) == 16 for a in arms.values())
+    assert all(np.isfinite(a["kl_to_teacher"]) for a in arms.values())
+    assert result["summary"]["on_policy"]["vs_student_sft"]["low"] <= result["summary"]["on_policy"]["vs_student_sft"]["high"]
