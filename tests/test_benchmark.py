@@ -97,8 +97,9 @@ def test_whole_benchmark_runs_without_tyro_and_writes_json(tmp_path):
            "XLA_FLAGS": "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"}
     argv = ["--preset", "tiny", "--steps", "2", "--warmup", "0", "--peak-size", "256", "--json", str(out),
             "--sft-seq", "32", "--dpo-seq", "32", "--reward-seq", "32", "--ppo-prompts", "4", "--ppo-epochs", "1",
+            "--mt-episodes", "2", "--mt-turns", "2", "--mt-new", "8",
             "--benchmarks", "sft,reward,dpo,simpo,orpo,kto,generate,ppo,grpo,lora_sft,lora_dpo,distill,qlora_sft,"
-            "qlora_dpo"]
+            "qlora_dpo,multiturn"]
     proc = subprocess.run([sys.executable, "-c", _RUN, *argv], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -108,7 +109,7 @@ def test_whole_benchmark_runs_without_tyro_and_writes_json(tmp_path):
     names = [r["name"] for r in report["results"]]
     assert names == ["sft", "reward", "dpo", "simpo", "orpo", "kto", "generate", "ppo/sample", "ppo/rollout", "ppo/update", "ppo/iteration",
                      "grpo/sample", "grpo/rollout", "grpo/update", "lora_sft", "lora_dpo", "distill", "qlora_sft",
-                     "qlora_dpo"]
+                     "qlora_dpo", "multiturn", "multiturn_single"]
     z = report["lora_sizes"]["llama-1b"]                        # from shapes: rank 16 on every projection
     n = ModelConfig.preset("llama-1b").num_params()            # which leaves out the norms' 67,584 scales
     assert 0 <= z["base_params"] - n < 1e-4 * n and 0 < z["adam_ratio"] < 0.02
@@ -137,6 +138,9 @@ def test_whole_benchmark_runs_without_tyro_and_writes_json(tmp_path):
     assert grpo_update["flops_per_step"] == bm.grpo_flops(cfg, 4, 16, 16) and report["grpo"]["update_mfu"] > 0
     assert report["grpo"]["rollout_over_sampling"] > 0
     assert "sft" in proc.stdout and "MFU" in proc.stdout and "GRPO:" in proc.stdout
+    multi, single = report["results"][-2:]            # 2 episodes x 2 turns x at most 8 sampled tokens
+    assert 0 < multi["tokens_per_step"] <= 2 * 2 * 8 and single["tokens_per_step"] == 2 * 2 * 8
+    assert report["multiturn"]["multi_over_single_time_per_token"] > 0
 
 
 def test_profile_ops_sums_device_or_host_events():

@@ -3,7 +3,8 @@
 # (--decode-attention reference --segment-attention dense) and with the Pallas kernels (pallas / pallas) side by
 # side: sampling at batch 256 (128 + 256 tokens), SFT 8x1024, DPO 32 pairs x 512, one PPO iteration (sample,
 # rollout, update); SFT also with a bf16 copy of the params kept in the train state (--compute-copy); then
-# distill, qlora_sft and qlora_dpo on today's paths. 5 timed calls after 1 warmup each.
+# distill, qlora_sft, qlora_dpo and multiturn (64 episodes x 4 turns x 64 tokens beside single-turn sampling of as
+# many tokens) on today's paths. 5 timed calls after 1 warmup each.
 #
 #   bash docs/results/gpu_round3.sh [OUT_DIR]        # from the repository root; writes OUT_DIR/gpu_round3.json
 #
@@ -11,8 +12,9 @@
 # time on an H100 (EXPECT_S below: compile times of docs/results/performance_h100.json plus the timed calls) still
 # fits in BUDGET_S seconds (360) from the start; the others are listed under "skipped", and the last line prints
 # the ROWS=... that runs them in a second call (a comma list of names, every path of each, or name:path, e.g.
-# ROWS=ppo:pallas,distill,qlora_sft,qlora_dpo; about 4 minutes), with another OUT_DIR. All rows take about 9
-# minutes of an H100 (generate 35 s a path, sft 27, dpo 38, ppo 105, distill 35, qlora 30-40). The JSON is
+# ROWS=ppo:pallas,distill,qlora_sft,qlora_dpo,multiturn; about 5 minutes), with another OUT_DIR. All rows take
+# about 10 minutes of an H100 (generate 35 s a path, sft 27, dpo 38, ppo 105, distill 35, qlora 30-40, multiturn
+# 45, an estimate). The JSON is
 # rewritten after every row, so a run cut short by a timeout still reports what finished. A row that fails (a
 # kernel that does not lower, out of memory) records its error and the next one runs. The JSON records the
 # device, JAX version, commit and each row's options, and first (in a call without ROWS, about 20 s) how far the
@@ -56,8 +58,9 @@ COPY = {**TODAY, "compute_copy": True}       # a bf16 copy of the params kept in
 ROWS = [("generate", "today", TODAY), ("generate", "pallas", PALLAS), ("sft", "today", TODAY),
         ("sft", "pallas", PALLAS), ("sft", "copy", COPY), ("dpo", "today", TODAY), ("dpo", "pallas", PALLAS),
         ("ppo", "today", TODAY), ("ppo", "pallas", PALLAS), ("distill", "today", TODAY),
-        ("qlora_sft", "today", TODAY), ("qlora_dpo", "today", TODAY)]
-EXPECT_S = {"generate": 35, "sft": 27, "dpo": 38, "ppo": 105, "distill": 35, "qlora_sft": 30, "qlora_dpo": 40}
+        ("qlora_sft", "today", TODAY), ("qlora_dpo", "today", TODAY), ("multiturn", "today", TODAY)]
+EXPECT_S = {"generate": 35, "sft": 27, "dpo": 38, "ppo": 105, "distill": 35, "qlora_sft": 30, "qlora_dpo": 40,
+            "multiturn": 45}
 if os.environ.get("ROWS"):   # "sft" (every path of it) or "sft:pallas", comma-separated
     wanted = os.environ["ROWS"].split(",")
     ROWS = [r for r in ROWS if r[0] in wanted or f"{r[0]}:{r[1]}" in wanted]
@@ -114,7 +117,8 @@ for name, path, options in ROWS:
     t = time.time()
     try:
         r = bm.run_benchmarks(bm.BenchConfig(benchmarks=name, **COMMON, **options))
-        run.update(results=r["results"], model=r["model"], peak=r["peak"], ppo=r["ppo"], distill=r["distill"])
+        run.update(results=r["results"], model=r["model"], peak=r["peak"], ppo=r["ppo"], distill=r["distill"],
+                   multiturn=r["multiturn"])
     except Exception as e:   # record it and go on: the other rows still tell something
         run["error"] = "".join(traceback.format_exception_only(e))[-3000:]
         traceback.print_exc()

@@ -52,7 +52,7 @@ from rlhf_jax.train.state import create_train_state, with_score_head
 from rlhf_jax.train.steps import dpo_step, kto_step, reward_step, sft_step
 
 BENCHMARKS = ("sft", "reward", "dpo", "simpo", "orpo", "kto", "generate", "ppo", "grpo", "lora_sft", "lora_dpo",
-              "distill", "qlora_sft", "qlora_dpo")
+              "distill", "qlora_sft", "qlora_dpo", "multiturn")
 ROW_KEYS = ("name", "shape", "compile_s", "median_ms", "min_ms", "steps", "throughput", "throughput_unit",
             "tokens_per_step", "flops_per_step", "tflops_per_s", "mfu", "mfu_spec", "peak_bytes",
             "compiled_bytes")
@@ -71,7 +71,7 @@ class BenchConfig:
     """Compute dtype (params stay float32); auto = bfloat16 on GPU/TPU, float32 on CPU."""
     benchmarks: str = "sft,reward,dpo,simpo,orpo,kto,generate,ppo,grpo,lora_sft,lora_dpo"
     """Comma list of benchmarks to run (also: distill, a distillation step beside the sft row's; qlora_sft,
-    qlora_dpo: the lora rows over an NF4 base)."""
+    qlora_dpo: the lora rows over an NF4 base; multiturn: multi-turn rollouts beside single-turn sampling)."""
     sft_batch: int = 8
     """SFT rows per step."""
     sft_seq: int = 1024
@@ -108,6 +108,12 @@ class BenchConfig:
     """GRPO group size G."""
     grpo_minibatches: int = 8
     """GRPO minibatches per update (prompts * G rows split into this many optimizer steps)."""
+    mt_episodes: int = 64
+    """multiturn: episodes per rollout."""
+    mt_turns: int = 4
+    """multiturn: policy turns per episode (a scripted user answers each one)."""
+    mt_new: int = 64
+    """multiturn: tokens per policy turn (the prompt is gen_prompt tokens)."""
     lora_rank: int = 16
     """Adapter rank of the lora_sft / lora_dpo rows (every projection targeted, alpha = 2 * rank)."""
     remat: Literal["none", "full", "dots"] = "none"
@@ -588,6 +594,67 @@ class _Bench:
                 "rollout_over_sampling": roll["median_ms"] / sample_row["median_ms"], "update_mfu": upd["mfu"],
                 "update_mfu_spec": upd["mfu_spec"]}
 
+    def multiturn(self):
+        """Multi-turn rollouts (`train.multiturn.rollout_episodes`) against single-turn sampling of as many policy
+        tokens: `mt_episodes` episodes of `mt_turns` turns of at most `mt_new` tokens (a scripted user answers
+        each turn; every turn re-prefills the conversation's fixed bucket in one compiled sampler; byte-level chat
+        template), then `sample` of the same rows x turns * new tokens from a `gen_prompt`-token prompt. The
+        rollout row is wall time per rollout, host steps included, and counts the policy tokens actually sampled
+        (a turn may end early at EOS); its FLOPs are each turn's prefill of the bucket and its decode."""
+        from rlhf_jax.envs import EpisodeBudget
+        from rlhf_jax.tokenizer import ByteTokenizer, encode_prompt
+        from rlhf_jax.train.multiturn import make_turn_sampler, rollout_episodes
+
+        c, m = self.cfg, self.model
+        B, K, N = c.mt_episodes, c.mt_turns, c.mt_new
+        tok = ByteTokenizer()
+        if m.vocab_size < tok.vocab_size:
+            raise ValueError(f"multiturn: the byte-level template needs vocab_size >= {tok.vocab_size}")
+        template = len(encode_prompt(tok, [{"role": "user", "content": ""}]))
+        P = max(c.gen_prompt, template)          # the opening prompt: gen_prompt tokens, template included
+        T = P + K * (N + 32)                     # 32: room for each turn's closing and the user's reply
+        if T > m.max_seq_len:
+            raise ValueError(f"multiturn: --gen-prompt {P} + --mt-turns {K} x (--mt-new {N} + 32) = {T} tokens "
+                             f"exceed the preset's max_seq_len {m.max_seq_len}")
+
+        class ScriptedUser:
+            def reset(self, task):
+                self.left = K
+                return [{"role": "user", "content": "q" * (P - template)}]
+
+            def step(self, messages):
+                self.left -= 1
+                return ([{"role": "user", "content": "go on"}] if self.left else []), 0.0, self.left == 0
+
+        sampling = SamplingConfig(max_new_tokens=N, temperature=1.0, eos_id=tok.eos_id, pad_id=tok.pad_id)
+        params = init_params(m, self.next_key())
+        turn = make_turn_sampler(sampling=sampling, model_config=m)
+
+        def rollout(key):
+            ro = rollout_episodes(lambda p, mask, k: turn(params, None, p, mask, k), ScriptedUser, [0] * B, key,
+                                  tokenizer=tok, budget=EpisodeBudget(max_turns=K), sampling=sampling,
+                                  prompt_len=P, seq_len=T, num_generations=1)
+            jax.block_until_ready(ro.episodes.tokens)
+            return ro
+
+        t0 = time.perf_counter()
+        ro = rollout(self.next_key())                       # compiles the turn sampler
+        first = time.perf_counter() - t0
+        times = []
+        for _ in range(max(1, min(c.steps, 3))):
+            t0 = time.perf_counter()
+            ro = rollout(self.next_key())
+            times.append(time.perf_counter() - t0)
+        policy_tokens = int(np.asarray(ro.episodes.response_mask).sum())
+        C = T - N                                            # the sampler's fixed context bucket
+        flops = K * generate_flops(m, B, C, N, causal=c.attn_flops == "causal")
+        multi = self.record("multiturn", f"{B}x{K}x{N} (bucket {C})", first - statistics.median(times), times,
+                            flops=flops, tokens=policy_tokens, unit="policy tokens/s", per_step=policy_tokens,
+                            compiled_bytes=None)
+        single = self.generate(name="multiturn_single", batches=[B], prompt=P, new=K * N)[0]
+        return {"policy_tokens_per_s": multi["throughput"], "single_turn_tokens_per_s": single["throughput"],
+                "multi_over_single_time_per_token": single["throughput"] / multi["throughput"]}
+
     def distill(self):
         """A distillation step (`train.distill.distill_step`, lambda 0: teacher-forced on the batch's responses) on
         the rows of the `sft` row, sft_seq tokens each split into a prompt and a response half, with a teacher of
@@ -660,7 +727,7 @@ def run_benchmarks(cfg: BenchConfig) -> dict:
           f"dtype {cfg.dtype}; measured {cfg.dtype} matmul peak {measured / 1e12:.2f} TFLOP/s (n={n})", flush=True)
     print(_header(), flush=True)
     bench = _Bench(cfg, model, (measured, spec))
-    ppo_summary = grpo_summary = distill_summary = None
+    ppo_summary = grpo_summary = distill_summary = multiturn_summary = None
     for name in cfg.benchmarks.split(","):
         out = getattr(bench, name)()
         if name == "ppo":
@@ -669,6 +736,8 @@ def run_benchmarks(cfg: BenchConfig) -> dict:
             grpo_summary = out
         if name == "distill":
             distill_summary = out
+        if name == "multiturn":
+            multiturn_summary = out
     report = {
         "device": {"kind": dev.device_kind, "platform": dev.platform, "count": jax.device_count(),
                    "jax": jax.__version__, "python": platform.python_version(), "host": platform.node()},
@@ -685,6 +754,7 @@ def run_benchmarks(cfg: BenchConfig) -> dict:
         "ppo": ppo_summary,
         "grpo": grpo_summary,
         "distill": distill_summary,
+        "multiturn": multiturn_summary,
         "lora_sizes": {name: lora_sizes(ModelConfig.preset(name), cfg.lora_rank) for name in
                        dict.fromkeys([cfg.preset, "tiny", "llama-1b"])},
     }
@@ -694,6 +764,9 @@ def run_benchmarks(cfg: BenchConfig) -> dict:
         print(f"PPO: {p['episodes_per_s']:.4g} episodes/s; rollout {100 * p['rollout_fraction']:.0f}% of the "
               f"iteration; rollout / pure sampling = {p['rollout_over_sampling']:.2f}x; update MFU "
               f"{100 * p['update_mfu']:.1f}%")
+    if multiturn_summary:
+        print(f"Multi-turn: {multiturn_summary['multi_over_single_time_per_token']:.2f}x the time per policy token "
+              "of single-turn sampling")
     if grpo_summary:
         g = grpo_summary
         print(f"GRPO: rollout / pure sampling of the same rows = {g['rollout_over_sampling']:.2f}x; update MFU "
