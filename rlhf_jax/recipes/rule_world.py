@@ -384,6 +384,7 @@ def run_rule_world(cfg: RuleWorldConfig, command: str, provenance_fn=None) -> di
     sft_kw = dict(steps=cfg.sft_steps, batch_size=cfg.batch_size, seq_len=cfg.seq_len, seed=base + 20)
     gen = dict(max_new_tokens=cfg.max_new_tokens)
     timings, table, t0 = {}, {}, time.time()
+    prov = provenance_fn(command, [s]) if provenance_fn is not None else None     # the commit the seed starts on
 
     def timed(name, fn, *a, **kw):
         t = time.time()
@@ -468,8 +469,8 @@ def run_rule_world(cfg: RuleWorldConfig, command: str, provenance_fn=None) -> di
     report = {"settings": dataclasses.asdict(cfg), "eval_split": cfg.eval_split, "seed": s,
               "flaw_share": float(flawed.mean()), "stages": table, "reward_model": rm, "timings": timings,
               "wall_s": round(time.time() - t0, 1)}
-    if provenance_fn is not None:
-        report["provenance"] = provenance_fn(command, [s])
+    if prov is not None:
+        report["provenance"] = prov
     with open(os.path.join(cfg.out, "report.json"), "w") as f:
         json.dump(report, f, indent=1)
     return report
