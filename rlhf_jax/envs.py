@@ -44,7 +44,7 @@ from rlhf_jax.tools import (
 )
 
 __all__ = ["Environment", "EpisodeBudget", "Episode", "run_episode", "ENVIRONMENTS", "register_environment",
-           "make_environment", "CalculatorEnv", "calculate", "calculator_tasks"]
+           "make_environment", "CalculatorEnv", "calculate", "calculator_tasks", "SkillRetryEnv"]
 
 
 @runtime_checkable
@@ -267,3 +267,47 @@ def calculator_tasks(n: int, *, seed: int = 0, max_value: int = 99) -> list[dict
         expression = f"{a} {o1} ({b} {o2} {c})" if rng.random() < 0.5 else f"{a} {o1} {b} {o2} {c}"
         tasks.append({"expression": expression})
     return tasks
+
+
+@register_environment("skills_retry")
+class SkillRetryEnv:
+    """A rule-world task with feedback (`rlhf_jax.tasks.skills`): the policy answers a skill prompt ("reverse
+    kqzt"); a wrong answer gets the user's reply `feedback` until `tries` answers are spent. Reward 1 for the
+    first right answer, at any try, else 0: a second try after the verifier says wrong.
+
+    A task is {"op": str, "key": str} (`skills.task_of`); `tasks(n, seed=)` draws reversals of train keys of the
+    rule world's split (`skills.RULE_WORLD`).
+    """
+
+    def __init__(self, *, tries: int = 2, feedback: str = "wrong, try again"):
+        if tries < 1:
+            raise ValueError(f"SkillRetryEnv: tries must be >= 1, got {tries}")
+        self.tries, self.feedback = tries, feedback
+        self.task, self.left = None, 0
+
+    @staticmethod
+    def tasks(n: int, *, seed: int = 0) -> list[dict]:
+        """`n` reversal tasks of distinct train keys of the rule world."""
+        from rlhf_jax.tasks import skills
+
+        return [{"op": t.op, "key": t.key} for t in skills.skill_set(["reverse"], n, seed, "train", skills.RULE_WORLD)]
+
+    def reset(self, task: Any) -> list[dict]:
+        from rlhf_jax.tasks import skills
+
+        if not (isinstance(task, dict) and task.get("op") in skills.OPS and isinstance(task.get("key"), str)):
+            raise ValueError(f"skills_retry task must be {{'op': one of {skills.OPS}, 'key': str}}, got {task!r}")
+        self.task, self.left = skills.task_of(task["op"], task["key"]), self.tries
+        return [{"role": "user", "content": self.task.prompt}]
+
+    def step(self, messages: list[dict]) -> tuple[list[dict], float, bool]:
+        from rlhf_jax.tasks import skills
+
+        if self.task is None:
+            raise RuntimeError("SkillRetryEnv.step before reset")
+        self.left -= 1
+        if skills.gold_score(self.task, messages[-1].get("content") or "")["exact"] == 1.0:
+            return [], 1.0, True
+        if self.left:
+            return [{"role": "user", "content": self.feedback}], 0.0, False
+        return [], 0.0, True

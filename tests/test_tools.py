@@ -401,7 +401,7 @@ def test_environments_by_name_and_import_path(tmp_path):
         "class NoStep:\n    def reset(self, task):\n        return []\n")
     echo = make_environment(f"{tmp_path / 'my_env.py'}:Echo", reward=0.5)
     assert echo.reset("hi") == [{"role": "user", "content": "hi"}] and echo.step([]) == ([], 0.5, True)
-    for spec, reason in [("calculater", "expected a registered name (calculator)"),
+    for spec, reason in [("calculater", "expected a registered name (calculator, skills_retry)"),
                          ("rlhf_jax.envs:Nope", "has no Nope"), ("no_such_module_x:Env", "cannot import"),
                          (f"{tmp_path / 'my_env.py'}:NoStep", "needs reset(task) and step(messages)"),
                          (f"{tmp_path / 'missing.py'}:Echo", "no file")]:
@@ -424,3 +424,19 @@ def test_the_docs_custom_environment_runs_as_written():
     namespace = {}
     exec(compile(block, "docs/tools.md", "exec"), namespace)
     assert namespace["episode"].messages[-1]["content"] == "37"
+
+
+@pytest.mark.parametrize("replies, reward, turns", [(["tzqk"], 1.0, 1), (["tzq", "tzqk"], 1.0, 2),
+                                                    (["tzq", "tzqkk"], 0.0, 2)])
+def test_skills_retry_feedback_then_a_second_try(replies, reward, turns):
+    from rlhf_jax.envs import make_environment, run_episode
+    env = make_environment("skills_retry")
+    it = iter(replies)
+    ep = run_episode(env, {"op": "reverse", "key": "kqzt"}, lambda messages: (next(it), 4))
+    assert sum(ep.rewards) == reward and ep.turns == turns and ep.finish == "done"
+    if turns == 2:
+        assert ep.messages[2] == {"role": "user", "content": "wrong, try again"}
+    tasks = env.tasks(5, seed=0)
+    assert len({t["key"] for t in tasks}) == 5 and all(t["op"] == "reverse" for t in tasks)
+    with pytest.raises(ValueError, match="skills_retry task"):
+        env.reset({"question": "2 + 2"})
