@@ -17,7 +17,7 @@ flawed demonstrations (its own SFT, the baseline). From the student's SFT, on th
 Each is read on `eval_split` keys drawn per seed (greedy exact match, flaw keys apart), with the student's training
 tokens (its compute: 6 x parameters x tokens, the teacher's forward passes counted apart) and the KL from the
 student to the teacher on the student's temperature-1 samples. Writes OUT/seed<N>.json per seed (read back when
-its settings are the same), OUT/distill_world.json and a markdown table;
+its settings are the same), OUT/distill_world.json, a markdown table and OUT/card.json (a result card's JSON);
 a difference to the student's SFT carries a seeds-and-prompts interval (`stats.seed_prompt_bootstrap`).
 """
 from __future__ import annotations
@@ -203,6 +203,45 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+def card(result: dict) -> dict:
+    """A result card's JSON (`rlhf_jax.recipes.cards` layout) of `result`: the primary comparison and every arm."""
+    s, per = result["summary"], result["per_seed"]
+    ci = lambda c: {"value": c["delta"], "ci": [c["low"], c["high"]], "signed": True}  # noqa: E731
+    primary = s["on_policy"]["vs_student_sft"]
+    return {
+        "title": f"Distillation in the rule world: a GRPO teacher into a smaller student, {result['eval_split']} keys, "
+                 f"{len(per)} seed(s)",
+        "provenance": result["provenance"],
+        "summary": [f"`experiments/distill_world.py` (docs/distill.md): the rule world's GRPO policy of each seed "
+                    f"({per[0]['teacher_params']:,} parameters, {np.mean([x['teacher']['mean'] for x in per]):.3f} "
+                    f"greedy exact match on these keys) distilled into a student of {per[0]['student_params']:,} "
+                    f"parameters pretrained on the same corpus and SFT'd on the same truncating demonstrations. "
+                    f"Greedy exact match on {len(per[0]['arms']['student_sft']['exact'])} {result['eval_split']} "
+                    "keys per seed; intervals: 95%, seeds and prompts resampled together, clipped to [-1, 1]."],
+        "sections": [{"title": "Primary comparison (named before the test keys were read)",
+                      "tables": [{"columns": ["comparison", "estimate [95%]", "holds"],
+                                  "rows": [["on-policy student - student's own SFT", ci(primary),
+                                            primary["low"] > 0 or primary["high"] < 0]],
+                                  "formats": [None, "+.3f", None]}]},
+                     {"title": "Every arm",
+                      "text": ["KL to teacher: mean over prompts of log pi_student(y|x) - log pi_teacher(y|x) on one "
+                               "student sample at temperature 1 (nats per answer); student training FLOPs: 6 x "
+                               "parameters x tokens of pretraining, SFT and the arm (the teacher's forward passes "
+                               "not counted)."],
+                      "tables": [{"columns": ["student", "greedy exact", "flaw keys", "vs its own SFT",
+                                              "KL to teacher", "student training PFLOPs"],
+                                  "rows": [[a, s[a]["mean"], s[a]["flaw_keys"],
+                                            ci(s[a]["vs_student_sft"]) if s[a]["vs_student_sft"] else None,
+                                            s[a]["kl_to_teacher"], s[a]["student_train_pflops"]] for a in ARMS],
+                                  "formats": [None, ".3f", ".3f", "+.3f", ".2f", ".4f"]}]},
+                     {"title": "Per seed",
+                      "tables": [{"columns": ["seed", "teacher", *ARMS],
+                                  "rows": [[x["seed"], x["teacher"]["mean"], *[x["arms"][a]["mean"] for a in ARMS]]
+                                           for x in per], "formats": [None, ".3f", *[".3f"] * len(ARMS)]}]}],
+        "summary_data": s,
+    }
+
+
 def main(argv=None) -> None:
     cfg = parse_cli(DistillWorldConfig, argv)
     command = "python -m experiments.distill_world " + shlex.join(sys.argv[1:] if argv is None else argv)
@@ -228,6 +267,8 @@ def main(argv=None) -> None:
     text = markdown(result)
     with open(os.path.join(cfg.out, "distill_world.md"), "w") as f:
         f.write(text + "\n")
+    with open(os.path.join(cfg.out, "card.json"), "w") as f:
+        json.dump(card(result), f, indent=1)
     print(text)
 
 

@@ -72,3 +72,4 @@ def test_rule_world_command_quick_on_dev_keys(tmp_path, capsys):
     assert set(arms) == set(distill_world.ARMS) and all(len(a["exact"]) == 16 for a in arms.values())
     assert all(np.isfinite(a["kl_to_teacher"]) for a in arms.values())
     assert result["summary"]["on_policy"]["vs_student_sft"]["low"] <= result["summary"]["on_policy"]["vs_student_sft"]["high"]
+    assert "on-policy student" in render_card(json.load(open(os.path.join(dw, "card.json"))))
