@@ -2,7 +2,7 @@
 
     rlhf-jax sft --data.path train.jsonl --init HF_DIR --out runs/sft
     rlhf-jax dpo --init runs/sft/sft/final --data.path pairs.jsonl --out runs/dpo
-    rlhf-jax pipeline --quick --out runs/quick
+    rlhf-jax rule-world --quick --out runs/quick
 
 Each subcommand is a module of this package with a `main(argv) -> exit status` (also runnable as
 `python -m rlhf_jax.cli.NAME`); `rlhf-jax NAME --help` lists its options.
@@ -24,9 +24,9 @@ COMMANDS = {
     "export": ("export", "a run's final params as a Hugging Face folder (or its LoRA adapters for peft)"),
     "generate": ("generate", "sample completions from a run's final params or a Hugging Face folder"),
     "benchmark": ("benchmark", "time the compiled steps and report tokens/s and MFU"),
-    "pipeline": ("pipeline", "the main job: the whole pipeline in the gold-reward world"),
-    "seeds": ("seeds", "the main job on several seeds, and the gains that hold across them"),
-    "rule-world": ("rule_world", "the rule world: post-training measured where it can win, on one or more seeds"),
+    "rule-world": ("rule_world", "the main job: post-training measured in the rule world, on one or more seeds"),
+    "pipeline": ("pipeline", "the first world's whole pipeline (the lecture experiments run on its models)"),
+    "seeds": ("seeds", "the first world's pipeline on several seeds, and the gains that hold across them"),
 }
 """Subcommand -> (module of rlhf_jax.cli, one line of help)."""
 

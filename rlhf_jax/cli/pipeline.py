@@ -1,4 +1,4 @@
-"""`rlhf-jax pipeline`: the main job (`rlhf_jax.recipes.pipeline.run_pipeline`) from the command line.
+"""`rlhf-jax pipeline`: the first world's pipeline (`rlhf_jax.recipes.pipeline.run_pipeline`) from the command line.
 
     rlhf-jax pipeline --out runs/demo            # the default, 12-15 minutes on 2 cores
     rlhf-jax pipeline --out runs/quick --quick   # the same code path in about 2.5 minutes

@@ -1,4 +1,4 @@
-"""The main job on several seeds, and the gains that hold across them.
+"""The first world's pipeline (`rlhf-jax pipeline`) on several seeds, and the gains that hold across them.
 
     rlhf-jax seeds --seeds 0 1 2 3 4 --out runs/seeds          # 12-15 minutes per seed on 2 CPU cores
     rlhf-jax seeds --seeds 0 1 --quick --out /tmp/seeds         # smoke test
