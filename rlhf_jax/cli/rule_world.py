@@ -1,6 +1,6 @@
 """The rule world's main job on one or more seeds: post-training where it can win (docs/world.md).
 
-    rlhf-jax rule-world --out runs/rule_world                          # one seed, test keys: ~12 min on 2 CPU cores
+    rlhf-jax rule-world --out runs/rule_world                          # one seed, test keys: ~10 min on 2 CPU cores
     rlhf-jax rule-world --seeds 0 1 2 3 4 --out runs/rule_world        # the five-seed table
     rlhf-jax rule-world --world.eval-split dev --out runs/rule_dev     # while choosing: dev keys only
     rlhf-jax rule-world --quick --out /tmp/rule                        # smoke test
