@@ -37,7 +37,7 @@ from rlhf_jax.data.batching import Example, collate_preference, tokenize_prefere
 from rlhf_jax.eval import sample_texts
 from rlhf_jax.generation import SamplingConfig
 from rlhf_jax.models import ModelConfig, init_params
-from rlhf_jax.recipes.data import TOK, cosine_optim, packed_batches
+from rlhf_jax.recipes.data import TOK, cosine_optim, document_example, packed_batches
 from rlhf_jax.recipes.stages import zero_reward
 from rlhf_jax.stats import seed_prompt_bootstrap, seed_prompt_replicates
 from rlhf_jax.tasks import skills
@@ -190,15 +190,16 @@ def rule_corpus(ops, *, docs: int, web_fraction: float, p_correct: float, prompt
     n_web = int(web_fraction * docs)
     n_rule = (docs - n_web) // len(ops)
 
-    def example(chat, full_loss):
-        ids, mask = encode_chat(TOK, chat)
-        return Example(tuple(ids), tuple((1,) * len(ids) if full_loss else mask), 0)
-
-    out = [example(d["messages"], True) for d in world.web_corpus(n_web, seed)]
+    out = [document_example(d) for d in world.web_corpus(n_web, seed)]
     for op in ops:
         for _ in range(n_rule):
             t = skills.make_skill(op, rng, "train", config)
-            out.append(example(messages(t, skills.noisy_response(t, rng, p_correct)), prompt_loss))
+            chat = {"messages": messages(t, skills.noisy_response(t, rng, p_correct))}
+            if prompt_loss:
+                out.append(document_example(chat))
+            else:
+                ids, mask = encode_chat(TOK, chat["messages"])
+                out.append(Example(tuple(ids), tuple(mask), 0))
     return out
 
 
