@@ -43,7 +43,6 @@ from rlhf_jax.tasks import skills
 from rlhf_jax.train.checkpoint import load_params
 from rlhf_jax.train.distill import DistillConfig, run_distill
 from rlhf_jax.train.optim import OptimConfig
-from rlhf_jax.train.rl import episode_sequence_logps, sample_episodes
 from rlhf_jax.train.state import create_train_state
 
 ARMS = ("student_sft", "seq_kd", "on_policy", "gkd")
@@ -114,17 +113,6 @@ def distill(student, sc, teacher, tc, tasks, *, lmbda, beta, steps, lr, seed, ma
     return state.params
 
 
-def kl_to_teacher(student, sc, teacher, tc, tasks, max_new_tokens, rng) -> float:
-    """Mean over prompts of log pi_s(y|x) - log pi_t(y|x) on one student sample at temperature 1 (a one-sample
-    estimate of KL(student || teacher) per response)."""
-    b = rw.prompt_batch(tasks)
-    ep = sample_episodes(student, b["prompts"], b["prompt_mask"], rng, model_config=sc,
-                         sampling=SamplingConfig(max_new_tokens=max_new_tokens, temperature=1.0, eos_id=TOK.eos_id,
-                                                 pad_id=TOK.pad_id))
-    return float(np.mean(np.asarray(episode_sequence_logps(student, ep, model_config=sc))
-                         - np.asarray(episode_sequence_logps(teacher, ep, model_config=tc))))
-
-
 def one_seed(cfg: DistillWorldConfig, seed: int) -> dict:
     world = dataclasses.replace(rw.RuleWorldConfig(seed=seed, quick=cfg.quick, eval_split=cfg.eval_split)).scaled()
     tc, teacher = load_params(os.path.join(cfg.teachers, f"seed{seed}", "grpo"))
@@ -168,8 +156,8 @@ def one_seed(cfg: DistillWorldConfig, seed: int) -> dict:
         out["arms"][name] = {"exact": ex.tolist(), "mean": float(ex.mean()),
                              "flaw_keys": float(ex[flawed].mean()) if flawed.any() else float("nan"),
                              "student_train_flops": 6.0 * n_student * tokens, "teacher_prompts": teacher_calls,
-                             "kl_to_teacher": kl_to_teacher(params, sc, teacher, tc, evals, world.max_new_tokens,
-                                                            jax.random.fold_in(rng, 5))}
+                             "kl_to_teacher": rw.kl_to(params, sc, teacher, tc, evals, rng=jax.random.fold_in(rng, 5),
+                                                       max_new_tokens=world.max_new_tokens)}
         print(f"[distill_world] seed {seed} {name}: {cfg.eval_split} {ex.mean():.3f} (flaw keys "
               f"{out['arms'][name]['flaw_keys']:.3f}), KL to teacher {out['arms'][name]['kl_to_teacher']:.2f}",
               file=sys.stderr, flush=True)
@@ -245,21 +233,7 @@ def card(result: dict) -> dict:
 def main(argv=None) -> None:
     cfg = parse_cli(DistillWorldConfig, argv)
     command = "python -m experiments.distill_world " + shlex.join(sys.argv[1:] if argv is None else argv)
-    os.makedirs(cfg.out, exist_ok=True)
-    per_seed = []
-    for s in cfg.seeds:            # a finished seed (same settings) is read back, not run again
-        path = os.path.join(cfg.out, f"seed{s}.json")
-        settings = json.loads(json.dumps(dataclasses.asdict(cfg)))
-        if os.path.exists(path):
-            with open(path) as f:
-                done = json.load(f)
-            if {k: v for k, v in done["settings"].items() if k != "seeds"} == {
-                    k: v for k, v in settings.items() if k != "seeds"}:
-                per_seed.append(done["result"])
-                continue
-        per_seed.append(one_seed(cfg, s))
-        with open(path, "w") as f:
-            json.dump({"settings": settings, "result": per_seed[-1]}, f)
+    per_seed = rw.per_seed_results(cfg.out, dataclasses.asdict(cfg), cfg.seeds, lambda s: one_seed(cfg, s))
     result = {"eval_split": cfg.eval_split, "seeds": list(cfg.seeds), "settings": dataclasses.asdict(cfg),
               "per_seed": per_seed, "summary": summarize(per_seed), "provenance": provenance(command, cfg.seeds)}
     with open(os.path.join(cfg.out, "distill_world.json"), "w") as f:

@@ -1,8 +1,10 @@
 """The rule world's main job: its summary over seeds against hand-computed comparisons, and the command end to end
-at --quick sizes on dev keys (a finished seed is read back, not run again), then experiments.distill_world --quick
-with that run's GRPO policy as the teacher."""
+at --quick sizes on dev keys (a finished seed is read back, not run again), then experiments.distill_world,
+rule_overoptimization and label_cost --quick on that run's models; the experiments' statistics against hand
+computations."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -74,3 +76,65 @@ def test_rule_world_command_quick_on_dev_keys(tmp_path, capsys):
     assert all(np.isfinite(a["kl_to_teacher"]) for a in arms.values())
     assert result["summary"]["on_policy"]["vs_student_sft"]["low"] <= result["summary"]["on_policy"]["vs_student_sft"]["high"]
     assert "on-policy student" in render_card(json.load(open(os.path.join(dw, "card.json"))))
+    # experiments.rule_overoptimization and label_cost --quick on this run's seed models (read, not retrained).
+    from experiments import label_cost, rule_overoptimization
+    models = os.path.join(out, "seed0", "models")
+    before = {n: os.path.getmtime(os.path.join(models, n)) for n in ("base", "sft", "reward")}
+    oo = str(tmp_path / "oo")
+    rule_overoptimization.main(["--quick", "--models", out, "--seeds", "0", "--eval-split", "dev", "--out", oo])
+    seed0 = json.load(open(os.path.join(oo, "rule_overoptimization.json")))["per_seed"][0]
+    assert list(seed0["best_of_n"]) == ["1", "2", "4"] and list(seed0["ppo"]) == ["0"] and list(seed0["dpo"]) == ["0.1"]
+    for b in seed0["best_of_n"].values():    # the gold pick is the best any pick can do
+        assert b["gold_pick"] >= b["mean"] - 1e-12 and len(b["exact"]) == 16
+    assert [p["iteration"] for p in seed0["ppo"]["0"]] == [0, 2, 4] and seed0["ppo"]["0"][0]["kl"] == 0.0
+    assert all(np.isfinite(p["kl"]) and np.isfinite(p["proxy"]) for p in seed0["ppo"]["0"])
+    assert "## PPO against the reward model" in render_card(json.load(open(os.path.join(oo, "card.json"))))
+    lc = str(tmp_path / "lc")
+    label_cost.main(["--quick", "--models", out, "--seeds", "0", "--eval-split", "dev", "--out", lc])
+    result = json.load(open(os.path.join(lc, "label_cost.json")))
+    assert list(result["per_seed"][0]["demos"]) == ["4", "8"] and list(result["per_seed"][0]["pairs"]) == ["4"]
+    assert "## Gold against labels" in render_card(json.load(open(os.path.join(lc, "card.json"))))
+    assert {n: os.path.getmtime(os.path.join(models, n)) for n in before} == before      # shared, not retrained
+
+
+def test_seed_models_are_kept_and_read_back(tmp_path, monkeypatch):
+    """The cache trains once; a call with the same settings reads the same params back (no stage runs), and a
+    call with another setting that decides the models trains again. Stages faked: the cache logic is the test."""
+    calls = []
+
+    def fake(name, value):
+        def stage(*a, **k):
+            calls.append(name)
+            return {"w": np.full(3, value, np.float32)}
+        return stage
+    monkeypatch.setattr(rw, "rule_corpus", lambda *a, **k: [])
+    monkeypatch.setattr(rw, "gold_pairs", lambda *a, **k: (["a pair"], [0]))
+    for name, value in (("pretrain", 1.0), ("sft", 2.0), ("reward_model", 3.0)):
+        monkeypatch.setattr(rw, name, fake(name, value))
+    cfg = rw.RuleWorldConfig(quick=True, eval_split="dev")
+    first = rw.seed_models(cfg, str(tmp_path))
+    assert calls == ["pretrain", "sft", "reward_model"] and set(first.seconds) == set(calls)
+    again = rw.seed_models(cfg, str(tmp_path))
+    assert calls == ["pretrain", "sft", "reward_model"] and again.seconds == {} and again.pairs == ["a pair"]
+    assert [float(np.asarray(m["w"])[0]) for m in (again.base, again.sft, again.reward)] == [1.0, 2.0, 3.0]
+    rw.seed_models(dataclasses.replace(cfg, flaw_rate=0.5), str(tmp_path))       # decides the SFT model
+    assert calls[3:] == ["pretrain", "sft", "reward_model"]
+    rw.seed_models(dataclasses.replace(cfg, flaw_rate=0.5, eval_prompts=8), str(tmp_path))       # does not
+    assert len(calls) == 6
+
+
+def test_best_of_n_kl_rise_and_fall_and_break_even():
+    from experiments import label_cost, rule_overoptimization as oo
+    assert oo.kl_bon(1) == 0.0 and oo.kl_bon(4) == pytest.approx(np.log(4) - 0.75)
+    up, flat = np.r_[np.ones(30), np.zeros(10)], np.r_[np.ones(10), np.zeros(30)]
+    rise_fall = [{"iteration": i, "exact": e.tolist(), "mean": float(e.mean())}
+                 for i, e in enumerate([flat, up, flat])]
+    shape = oo.rise_and_fall(rise_fall)
+    assert shape["rose_then_fell"] and shape["peak_iteration"] == 1
+    assert shape["peak_minus_start"]["delta"] == pytest.approx(0.5)
+    assert not oo.rise_and_fall(rise_fall[:2])["rose_then_fell"]          # ends at its peak: no fall
+    rising = [{**p, "iteration": i} for i, p in enumerate([rise_fall[0], rise_fall[0], rise_fall[1]])]
+    assert not oo.rise_and_fall(rising)["rose_then_fell"]
+    # break even: 0.5 gold lies halfway (in log count) between 10 demonstrations (0.4) and 40 (0.6): m* = 20
+    assert label_cost.break_even(0.5, [10, 40, 100], [0.4, 0.6, 0.9]) == pytest.approx(20.0)
+    assert label_cost.break_even(0.95, [10, 40, 100], [0.4, 0.6, 0.9]) is None          # out of range

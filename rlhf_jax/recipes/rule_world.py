@@ -34,7 +34,7 @@ from rlhf_jax import tasks as world
 from rlhf_jax.checks import check_ranges, config_check
 from rlhf_jax.data import Batches, PreferenceRecord, SFTRecord, ShuffledIterator, collate_prompts
 from rlhf_jax.data.batching import Example, collate_preference, tokenize_preference, truncate
-from rlhf_jax.eval import sample_texts
+from rlhf_jax.eval import sample_episodes_jit, sample_texts
 from rlhf_jax.generation import SamplingConfig
 from rlhf_jax.models import ModelConfig, init_params
 from rlhf_jax.recipes.data import TOK, cosine_optim, document_example, packed_batches
@@ -46,8 +46,9 @@ from rlhf_jax.train import stages
 from rlhf_jax.train.grpo import GRPOConfig
 from rlhf_jax.train.optim import OptimConfig
 from rlhf_jax.train.ppo import PPOConfig, init_ppo_state
-from rlhf_jax.train.checkpoint import save_params
-from rlhf_jax.train.rl import decode_ids
+from rlhf_jax.train.checkpoint import load_params, save_params
+from rlhf_jax.train.logging import StageHooks
+from rlhf_jax.train.rl import decode_ids, episode_sequence_logps
 from rlhf_jax.train.state import create_train_state, with_score_head
 from rlhf_jax.train.steps import pair_scores
 
@@ -58,6 +59,8 @@ PRIMARY = (("grpo", "sft_best_t"), ("ppo", "sft_best_t"), ("dpo", "sft_t07"))
 """The primary comparisons named in the design (stage, baseline), greedy stage against the baseline's metric."""
 RM_THRESHOLD = 0.75
 """The reward model's accuracy on unseen-key pairs that the design asks for."""
+SEQ_LOGPS = jax.jit(episode_sequence_logps, static_argnames=("model_config",))
+"""log pi(y|x) of episodes, compiled once per model config."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -280,6 +283,20 @@ def rm_scores(reward_params, tasks, responses, mc) -> np.ndarray:
     return np.concatenate(out)
 
 
+def kl_to(params, mc, ref_params, ref_mc, tasks, *, max_new_tokens: int, rng, samples: int = 1) -> float:
+    """Mean over prompts and `samples` temperature-1 answers of `params` of log pi(y|x) - log pi_ref(y|x): a
+    sampled estimate of KL(pi || pi_ref) per answer (nats). The first sample uses `rng`, the i-th fold_in(rng, i)."""
+    b = prompt_batch(tasks)
+    sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=1.0, eos_id=TOK.eos_id, pad_id=TOK.pad_id)
+    out = []
+    for i in range(samples):
+        ep = sample_episodes_jit(params, b["prompts"], b["prompt_mask"],
+                                 rng if i == 0 else jax.random.fold_in(rng, i), model_config=mc, sampling=sampling)
+        out.append(np.asarray(SEQ_LOGPS(params, ep, model_config=mc))
+                   - np.asarray(SEQ_LOGPS(ref_params, ep, model_config=ref_mc)))
+    return float(np.mean(out))
+
+
 def exact_verifier(tasks):
     """A host reward: exact match of the task found by its decoded prompt."""
     table = {prompt_key(t): t for t in tasks}
@@ -321,9 +338,10 @@ def reward_model(sft_params, mc, pairs, *, steps: int, lr: float, seed: int):
 
 
 def ppo(sft_params, mc, rl_tasks, *, steps: int, lr: float, kl: float, max_new_tokens: int, seed: int,
-        reward_params=None, reward_fn=None):
+        reward_params=None, reward_fn=None, on_policy=None):
     """PPO from SFT (k1 KL in the reward, 32 prompts at temperature 1, 4 epochs x 4 minibatches, value from the
-    reward model) against `reward_params`, or a jittable `reward_fn` with the value from the policy."""
+    reward model) against `reward_params`, or a jittable `reward_fn` with the value from the policy.
+    `on_policy(iteration, params)`, when given, sees the policy after every iteration (a curve's reads)."""
     sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=1.0, eos_id=TOK.eos_id, pad_id=TOK.pad_id)
     pcfg = PPOConfig(num_steps=steps, batch_size=32, kl_coef=kl, missing_eos_penalty=1.0, sampling=sampling,
                      optim=OptimConfig(learning_rate=lr, eps=1e-5, max_grad_norm=1.0),
@@ -331,8 +349,14 @@ def ppo(sft_params, mc, rl_tasks, *, steps: int, lr: float, kl: float, max_new_t
                      value_init="reward" if reward_params is not None else "policy")
     state = init_ppo_state(sft_params, pcfg, model_config=mc, rng=jax.random.PRNGKey(seed + 15),
                            reward_params=reward_params)
+    hooks = None
+    if on_policy is not None:
+        class Reads(StageHooks):
+            def on_state(self, step, state):
+                on_policy(step, state.policy.params)
+        hooks = Reads()
     state, hist = stages.run_ppo(state, prompt_batches(rl_tasks, 32, seed + 16), pcfg, model_config=mc,
-                                 ref_params=sft_params, reward_params=reward_params, reward_fn=reward_fn)
+                                 ref_params=sft_params, reward_params=reward_params, reward_fn=reward_fn, hooks=hooks)
     return state.policy.params
 
 
@@ -369,19 +393,105 @@ def rejection_sampling(sft_params, mc, rl_tasks, samples, *, reward_params=None,
 
 
 # ---------------------------------------------------------------------------------------------------- one seed
+@dataclasses.dataclass(frozen=True)
+class SeedModels:
+    """A seed's shared models of the main job's recipe (`seed_models`)."""
+
+    model_config: ModelConfig
+    base: object
+    """The pretrained params."""
+    sft: object
+    """The deployed SFT params (flawed demonstrations)."""
+    reward: object | None
+    """The reward model's params (None when the seed's samples gave no pair)."""
+    pairs: list[PreferenceRecord]
+    """Its gold-labelled train-key pairs (also DPO's)."""
+    seconds: dict[str, float]
+    """Time of each stage trained here: pretrain, sft, reward_model (none when read back)."""
+
+
+def draws(cfg: RuleWorldConfig) -> dict[str, list[skills.SkillTask]]:
+    """A seed's task sets: demo, dev, eval (the eval split), rm_train, rm_eval, rl (the RL pool), train_eval."""
+    sk, ops, base = skills.RULE_WORLD, list(cfg.ops), 1000 * cfg.seed
+    draw = lambda n, k, split: skills.skill_set(ops, n, base + k, split, sk)  # noqa: E731
+    return {"demo": draw(cfg.demos, 1, "train"), "dev": draw(cfg.eval_prompts, 2, "dev"),
+            "eval": draw(cfg.eval_prompts, 3, cfg.eval_split), "rm_train": draw(cfg.rm_prompts, 5, "train"),
+            "rm_eval": draw(cfg.rm_eval_prompts, 6, cfg.eval_split), "rl": draw(cfg.rl_prompts, 7, "train"),
+            "train_eval": draw(cfg.eval_prompts, 8, "train")}
+
+
+def sampling_key(cfg: RuleWorldConfig) -> jax.Array:
+    """The seed's root key of every sampled evaluation and pair."""
+    return jax.random.PRNGKey(7000 + cfg.seed)
+
+
+MODEL_SETTINGS = ("seed", "quick", "ops", "demonstrator", "flaw_rate", "p_correct", "web_fraction", "corpus_docs",
+                  "pretrain_steps", "batch_size", "seq_len", "demos", "sft_steps", "max_new_tokens", "rm_prompts",
+                  "pair_samples", "pair_temperature", "rm_steps", "rm_lr")
+"""The settings that decide `seed_models`' models (a cache with other values is trained again)."""
+
+
+def seed_models(cfg: RuleWorldConfig, cache: str | None = None) -> SeedModels:
+    """The pretrained, deployed-SFT and reward models of `cfg.seed` by the main job's recipe, and the reward
+    model's pairs. With `cache`, the params are kept in CACHE/{base,sft,reward} beside settings.json and read
+    back by a later call with the same `MODEL_SETTINGS` (the pairs are re-drawn: they are a function of the SFT
+    params and the seed), so that every experiment on a seed shares one set of models."""
+    cfg = cfg.scaled()
+    settings = {k: getattr(cfg, k) for k in MODEL_SETTINGS}
+    settings = json.loads(json.dumps(settings))
+    mc, s, sets = cfg.model_config(), cfg.seed, draws(cfg)
+    names = ("base", "sft", "reward")
+    loaded = {}
+    if cache is not None and os.path.exists(os.path.join(cache, "settings.json")):
+        with open(os.path.join(cache, "settings.json")) as f:
+            if json.load(f) == settings:
+                loaded = {n: load_params(os.path.join(cache, n))[1] for n in names
+                          if os.path.isdir(os.path.join(cache, n))}
+                log(f"seed {s}: models read back from {cache} ({', '.join(loaded)})")
+    seconds = {}
+
+    def timed(name, fn, *a, **kw):
+        if name in loaded:
+            return loaded[name]
+        t, stage = time.time(), {"base": "pretrain", "reward": "reward_model"}.get(name, name)
+        out = fn(*a, **kw)
+        seconds[stage] = round(time.time() - t, 1)
+        log(f"{stage}: {seconds[stage]:.0f} s")
+        return out
+
+    docs = None if "base" in loaded else rule_corpus(
+        list(cfg.ops), docs=cfg.corpus_docs, web_fraction=cfg.web_fraction, p_correct=cfg.p_correct,
+        prompt_loss=False, seed=1000 * s, config=skills.RULE_WORLD)
+    base = timed("base", pretrain, docs, mc, steps=cfg.pretrain_steps, batch_size=cfg.batch_size,
+                 seq_len=cfg.seq_len, seed=1000 * s)
+    demo_rng = np.random.default_rng(1000 * s + 4)
+    demos = [(t, skills.demonstrate(cfg.demonstrator, t, demo_rng, cfg.flaw_rate)) for t in sets["demo"]]
+    sft_params = timed("sft", sft, base, mc, demos, steps=cfg.sft_steps, batch_size=cfg.batch_size,
+                       seq_len=cfg.seq_len, seed=1000 * s + 20)
+    pairs, _ = gold_pairs(sft_params, sets["rm_train"], mc, samples=cfg.pair_samples,
+                          temperature=cfg.pair_temperature, max_new_tokens=cfg.max_new_tokens,
+                          rng=jax.random.fold_in(sampling_key(cfg), 101))
+    reward = (timed("reward", reward_model, sft_params, mc, pairs, steps=cfg.rm_steps, lr=cfg.rm_lr, seed=1000 * s)
+              if pairs else None)
+    if cache is not None and seconds:
+        for name, params in zip(names, (base, sft_params, reward)):
+            if params is not None and name not in loaded:
+                save_params(os.path.join(cache, name), params, model_config=mc)
+        with open(os.path.join(cache, "settings.json"), "w") as f:
+            json.dump(settings, f, indent=1)
+    return SeedModels(model_config=mc, base=base, sft=sft_params, reward=reward, pairs=pairs, seconds=seconds)
+
+
 def run_rule_world(cfg: RuleWorldConfig, command: str, provenance_fn=None) -> dict:
     """One seed: every stage, read on `cfg.eval_split` keys; writes and returns OUT/report.json's content."""
     cfg = cfg.scaled()
     os.makedirs(cfg.out, exist_ok=True)
-    sk, mc, ops, s = skills.RULE_WORLD, cfg.model_config(), list(cfg.ops), cfg.seed
+    mc, s, sets = cfg.model_config(), cfg.seed, draws(cfg)
     base = 1000 * s
-    draw = lambda n, k, split: skills.skill_set(ops, n, base + k, split, sk)  # noqa: E731
-    demo_tasks, dev, evals = draw(cfg.demos, 1, "train"), draw(cfg.eval_prompts, 2, "dev"), draw(cfg.eval_prompts, 3,
-                                                                                                   cfg.eval_split)
-    rm_train, rm_eval = draw(cfg.rm_prompts, 5, "train"), draw(cfg.rm_eval_prompts, 6, cfg.eval_split)
-    rl_tasks, train_eval = draw(cfg.rl_prompts, 7, "train"), draw(cfg.eval_prompts, 8, "train")
+    demo_tasks, dev, evals, rm_eval = sets["demo"], sets["dev"], sets["eval"], sets["rm_eval"]
+    rl_tasks, train_eval = sets["rl"], sets["train_eval"]
     flawed = np.array([skills.demonstrate(cfg.demonstrator, t) != t.answer for t in evals])
-    rng = jax.random.PRNGKey(7000 + s)
+    rng = sampling_key(cfg)
     sft_kw = dict(steps=cfg.sft_steps, batch_size=cfg.batch_size, seq_len=cfg.seq_len, seed=base + 20)
     gen = dict(max_new_tokens=cfg.max_new_tokens)
     timings, table, t0 = {}, {}, time.time()
@@ -414,14 +524,9 @@ def run_rule_world(cfg: RuleWorldConfig, command: str, provenance_fn=None) -> di
         log(f"{name}: {cfg.eval_split} {row['mean']:.3f} (flaw keys {row['flaw_keys']:.3f})"
             + (f", train keys {row['train_keys']:.3f}" if "train_keys" in row else ""))
 
-    docs = rule_corpus(ops, docs=cfg.corpus_docs, web_fraction=cfg.web_fraction, p_correct=cfg.p_correct,
-                       prompt_loss=False, seed=base, config=sk)
-    base_params = timed("pretrain", pretrain, docs, mc, steps=cfg.pretrain_steps, batch_size=cfg.batch_size,
-                        seq_len=cfg.seq_len, seed=base)
-    demo_rng = np.random.default_rng(base + 4)
-    sft_params = timed("sft", sft, base_params, mc, [(t, skills.demonstrate(cfg.demonstrator, t, demo_rng,
-                                                                            cfg.flaw_rate)) for t in demo_tasks],
-                       **sft_kw)
+    models = seed_models(cfg, os.path.join(cfg.out, "models"))
+    base_params, sft_params, rm_params, pairs = models.base, models.sft, models.reward, models.pairs
+    timings.update(models.seconds)
     read("sft", sft_params)
     read("sft_t07", sft_params, 0.7)
     sweep = {str(t): float(sampled(sft_params, dev, t, 300).mean()) for t in cfg.temperatures}
@@ -431,13 +536,9 @@ def run_rule_world(cfg: RuleWorldConfig, command: str, provenance_fn=None) -> di
     read("oracle_sft", timed("oracle_sft", sft, base_params, mc, [(t, t.answer) for t in demo_tasks], **sft_kw))
 
     pair_kw = dict(samples=cfg.pair_samples, temperature=cfg.pair_temperature, **gen)
-    pairs, _ = gold_pairs(sft_params, rm_train, mc, rng=jax.random.fold_in(rng, 101), **pair_kw)
     eval_pairs, _ = gold_pairs(sft_params, rm_eval, mc, rng=jax.random.fold_in(rng, 102), **pair_kw)
     rm = {"train_pairs": len(pairs), "eval_pairs": len(eval_pairs)}
-    rm_params = None
-    if pairs:
-        rm_params = timed("reward_model", reward_model, sft_params, mc, pairs, steps=cfg.rm_steps, lr=cfg.rm_lr,
-                          seed=base)
+    if rm_params is not None:
         rm["eval_correct"] = pair_correct(rm_params, eval_pairs, mc).tolist()
         rm["accuracy"] = float(np.mean(rm["eval_correct"])) if eval_pairs else float("nan")
         rm["train_accuracy"] = float(pair_correct(rm_params, pairs, mc).mean())
@@ -478,6 +579,28 @@ def run_rule_world(cfg: RuleWorldConfig, command: str, provenance_fn=None) -> di
 
 
 # ---------------------------------------------------------------------------------------------------- seeds
+def per_seed_results(out: str, settings: dict, seeds, run_seed, *, ignore=("seeds",)) -> list[dict]:
+    """`run_seed(seed)` for each seed into OUT/seed<N>.json beside `settings`; a seed whose file holds the same
+    settings (but for the `ignore` fields) is read back, not run again (an experiment over seeds resumes)."""
+    os.makedirs(out, exist_ok=True)
+    settings = json.loads(json.dumps(settings))
+    same = lambda d: {k: v for k, v in d.items() if k not in ignore}  # noqa: E731
+    results = []
+    for s in seeds:
+        path = os.path.join(out, f"seed{s}.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                done = json.load(f)
+            if same(done["settings"]) == same(settings):
+                log(f"seed {s}: read back from {path}")
+                results.append(done["result"])
+                continue
+        results.append(run_seed(s))
+        with open(path, "w") as f:
+            json.dump({"settings": settings, "result": results[-1]}, f)
+    return results
+
+
 def seed_summary(reports: list[dict], *, num_samples: int = 2000) -> dict:
     """The design's primary comparisons over `reports` (one per seed, the same eval split), each a mean paired
     difference with its seeds-and-prompts interval; each stage's difference from SFT at its best temperature and
