@@ -31,8 +31,8 @@ import numpy as np
 
 from rlhf_jax.checks import check_ranges, config_check
 from rlhf_jax.models.config import ModelConfig
-from rlhf_jax.quant import (NF4_CODE, NF4Tensor, dequantize_nf4, dequantize_params, quantize_base,  # noqa: F401
-                            quantize_nf4)
+from rlhf_jax.quant import (NF4_CODE, LoraKernel, NF4Tensor, dequantize_nf4, dequantize_params,  # noqa: F401
+                            quantize_base, quantize_nf4)
 
 TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 _GROUP = {"q": "attn", "k": "attn", "v": "attn", "o": "attn", "gate": "mlp", "up": "mlp", "down": "mlp"}
@@ -101,11 +101,26 @@ def lora_delta(adapter: dict, kernel_shape, scale: float):
     return (scale * jnp.einsum("lir,lro->lio", adapter["a"], adapter["b"])).reshape(kernel_shape)
 
 
-def merge_lora(params, adapters: dict, lora_config: LoraConfig) -> dict:
+def merge_lora(params, adapters: dict, lora_config: LoraConfig, *, lazy: bool = False) -> dict:
     """The params with every adapted kernel W replaced by W + (alpha / rank) * a @ b (in W's dtype); the other
     leaves are the same arrays. Differentiable in both arguments. A QLoRA base (`quantize_base`) holds NF4Tensor
     kernels (of the layer stack): each is dequantised to its original dtype first, inside the caller's jitted
-    step (QLoRA's doubleDequant), so that the stored base stays 4-bit; one without an adapter is only dequantised."""
+    step (QLoRA's doubleDequant), so that the stored base stays 4-bit; one without an adapter is only dequantised.
+
+    `lazy` (for a QLoRA base): the NF4 kernels stay as they are and an adapted one becomes a `quant.LoraKernel`;
+    the model's layer scan then dequantises and merges one layer at a time, so that a step never holds the whole
+    dequantised stack (QLoRA's memory). The model's functions take such params; anything else that reads the
+    kernels as arrays needs the eager merge."""
+    if lazy and any(isinstance(x, NF4Tensor) for x in jax.tree.leaves(params["layers"],
+                                                                     is_leaf=lambda x: isinstance(x, NF4Tensor))):
+        layers = dict(params["layers"])
+        for group, modules in adapters.items():
+            layers[group] = dict(layers[group])
+            for name, adapter in modules.items():
+                kernel = LoraKernel(base=layers[group][name]["kernel"], a=adapter["a"], b=adapter["b"],
+                                    scale=lora_config.scale)       # a @ b reshaped onto the kernel when unpacked
+                layers[group][name] = {**layers[group][name], "kernel": kernel}
+        return {**params, "layers": layers}
     layers = dict(dequantize_params(params["layers"]))
     for group, modules in adapters.items():
         layers[group] = dict(layers[group])

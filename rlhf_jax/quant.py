@@ -86,6 +86,11 @@ class NF4Tensor:
     dtype: str = struct.field(pytree_node=False, default="float32")
     """The dtype of the quantised array (merge_lora returns the dequantised kernel in it)."""
     block_size: int = struct.field(pytree_node=False, default=64)
+    layers: int = struct.field(pytree_node=False, default=0)
+    """0: one tensor of `shape`. L > 0: a stack of L layers, each quantised on its own (its own blocks, and with
+    double quantisation its own constants' blocks and mean, as bitsandbytes quantises each Linear's weight): every
+    array has a leading L axis and `shape` is [L, ...]. A layer's slice (indexing every array, as `nn.scan` and
+    `split_layers` do) is an NF4Tensor of shape[1:] with the same `layers`, told apart by its 2-D codes."""
 
     @property
     def double_quant(self) -> bool:
@@ -142,8 +147,13 @@ _quantize = jax.jit(_quantize_one, static_argnums=(1, 2))
 
 @functools.partial(jax.jit, static_argnums=(1, 2))
 def _quantize_all(tensors: dict, block_size: int, double_quant: bool) -> dict:
-    """quantize_nf4 of every array of a dict, compiled once as one program."""
-    return {key: _quantize_one(w, block_size, double_quant) for key, w in tensors.items()}
+    """quantize_nf4 of every layer of every stacked [L, ...] array of a dict (a stack of L NF4Tensors), compiled
+    once as one program."""
+    out = {}
+    for key, w in tensors.items():
+        q = jax.vmap(lambda one: _quantize_one(one, block_size, double_quant))(w)
+        out[key] = q.replace(shape=tuple(w.shape), layers=int(w.shape[0]))
+    return out
 
 
 def nf4_absmax(q: NF4Tensor):
@@ -155,12 +165,19 @@ def nf4_absmax(q: NF4Tensor):
     return values * scale + q.absmax_offset
 
 
-@jax.jit
-def dequantize_nf4(q: NF4Tensor):
-    """float32 array of q's shape: NF4_CODE[code] * absmax per value (the padding dropped)."""
+def _dequantize_one(q: NF4Tensor, shape):
     idx = jnp.stack([q.codes >> 4, q.codes & 0xF], axis=-1).reshape(q.codes.shape[0], -1)     # [nb, bs]
     values = jnp.asarray(NF4_CODE, jnp.float32)[idx.astype(jnp.int32)] * nf4_absmax(q)[:, None]
-    return values.reshape(-1)[:math.prod(q.shape)].reshape(q.shape)
+    return values.reshape(-1)[:math.prod(shape)].reshape(shape)
+
+
+@jax.jit
+def dequantize_nf4(q: NF4Tensor):
+    """float32 array of q's shape: NF4_CODE[code] * absmax per value (the padding dropped); a stack of layers
+    layer by layer, a layer's slice as that layer."""
+    if q.codes.ndim == 3:                                                 # a stack [L, nb, bs/2]
+        return jax.vmap(lambda one: _dequantize_one(one, q.shape[1:]))(q)
+    return _dequantize_one(q, q.shape[1:] if q.layers else q.shape)
 
 
 def is_nf4(x) -> bool:
@@ -174,7 +191,8 @@ blocks; the embeddings, the LM head, the norms, the biases and a score head stay
 
 def quantize_base(params, *, block_size: int = 64, double_quant: bool = True) -> dict:
     """The params with the kernel of every projection of the layer stack (q, k, v, o, gate, up, down; stacked
-    over layers, [L, ...]) replaced by its NF4Tensor; every other leaf is the same array."""
+    over layers, [L, ...]) replaced by its NF4Tensor, each layer quantised on its own (`NF4Tensor.layers`), so
+    that the model's layer scan dequantises one layer at a time; every other leaf is the same array."""
     if block_size <= 0 or block_size % 2:
         raise ValueError(f"quantize_base: block_size = {block_size} must be a positive even number")
     layers = {group: dict(modules) if group in ("attn", "mlp") else modules
@@ -188,9 +206,35 @@ def quantize_base(params, *, block_size: int = 64, double_quant: bool = True) ->
     return {**params, "layers": layers}
 
 
+@struct.dataclass
+class LoraKernel:
+    """A LoRA-adapted kernel left unmerged: `base` (an array or an NF4Tensor) + `scale` * a @ b, with a [..., in, r]
+    and b [..., r, out] (a leading L axis for a stack of layers, none for one layer's slice). `merge_lora(...,
+    lazy=True)` makes these for an NF4 base, so that the model's layer scan dequantises and merges one layer at a
+    time (`dequantize_params` inside the scanned block) instead of the whole stack before the forward pass."""
+
+    base: object
+    a: jax.Array
+    b: jax.Array
+    scale: float = struct.field(pytree_node=False, default=1.0)
+
+
+def _is_packed(x) -> bool:
+    return isinstance(x, (NF4Tensor, LoraKernel))
+
+
+def _unpack(x):
+    if isinstance(x, NF4Tensor):
+        return dequantize_nf4(x).astype(x.dtype)
+    w = _unpack(x.base) if isinstance(x.base, NF4Tensor) else x.base
+    return w + (x.scale * jnp.matmul(x.a, x.b)).reshape(w.shape).astype(w.dtype)
+
+
 def dequantize_params(params):
-    """The params with every NF4Tensor leaf replaced by its dequantised array in its original dtype; the other
-    leaves are the same arrays (params with no NF4Tensor are returned as they are)."""
-    if not any(is_nf4(x) for x in jax.tree.leaves(params, is_leaf=is_nf4)):
+    """The params with every NF4Tensor leaf replaced by its dequantised array in its original dtype and every
+    LoraKernel by its merged kernel; the other leaves are the same arrays (params with neither are returned as
+    they are). The model calls it inside its layer scan on one layer's params, and on the whole tree where it
+    does not scan (cached decoding)."""
+    if not any(_is_packed(x) for x in jax.tree.leaves(params, is_leaf=_is_packed)):
         return params
-    return jax.tree.map(lambda x: dequantize_nf4(x).astype(x.dtype) if is_nf4(x) else x, params, is_leaf=is_nf4)
+    return jax.tree.map(lambda x: _unpack(x) if _is_packed(x) else x, params, is_leaf=_is_packed)

@@ -316,3 +316,49 @@ def test_dpo_command_trains_adapters_over_the_nf4_base_with_it_as_the_reference(
     (line,) = [json.loads(x) for x in open(out / "dpo" / "metrics.jsonl")]
     assert line["rewards/chosen"] == 0.0 and line["rewards/rejected"] == 0.0, line
     assert (out / "dpo" / "final" / "model_config.json").exists()
+
+
+# ------------------------------------------------------------------------------------ one layer at a time
+def _step_memory_and_result(cfg, base, adapters, lora, batch, *, lazy: bool, monkeypatch):
+    """(temporary bytes of the compiled QLoRA SFT step, its loss and adapter gradients) with the adapters merged
+    lazily (one layer at a time in the scan) or eagerly (the whole stack dequantised first)."""
+    from rlhf_jax.train import steps
+    real = steps.lora_params
+    monkeypatch.setattr(steps, "lora_params", lambda b, t, cfg_, lazy_=False, **k: real(b, t, cfg_, lazy=lazy))
+
+    def loss(trainable):
+        return steps.on_adapters(steps.sft_nll, base, lora)(trainable, batch, model_config=cfg)[0]
+
+    fn = jax.jit(jax.value_and_grad(loss))
+    temp = fn.lower(adapters).compile().memory_analysis().temp_size_in_bytes
+    value, grads = fn(adapters)
+    monkeypatch.setattr(steps, "lora_params", real)
+    return temp, value, grads
+
+
+@pytest.mark.parametrize("remat", ["none", "full"])
+def test_the_layer_scan_dequantizes_one_layer_at_a_time(remat, monkeypatch):
+    """The loss and the adapters' gradients are the eager merge's; the compiled step's temporary memory is below
+    the eager step's by about the dequantised stack (8 layers), and with remat (QLoRA's gradient checkpointing)
+    below the size of the dequantised stack itself."""
+    from rlhf_jax.models import ModelConfig, init_params
+    cfg = ModelConfig(vocab_size=64, d_model=128, num_layers=8, num_heads=4, mlp_dim=512, max_seq_len=32,
+                      norm="rms", mlp="swiglu", positional="rope", remat=remat)
+    params = init_params(cfg, jax.random.key(0))
+    base = quantize_base(params)
+    lora = LoraConfig(rank=4, alpha=8.0)
+    adapters = init_lora(base, cfg, lora, jax.random.key(1))
+    adapters = jax.tree.map(lambda x: x + 0.01, adapters)                     # b != 0: the merge matters
+    tokens = np.random.default_rng(0).integers(0, 64, (2, 17))
+    batch = {"inputs": jnp.asarray(tokens[:, :-1]), "targets": jnp.asarray(tokens[:, 1:]),
+             "loss_mask": jnp.ones((2, 16), jnp.float32)}
+    eager = _step_memory_and_result(cfg, base, adapters, lora, batch, lazy=False, monkeypatch=monkeypatch)
+    lazy = _step_memory_and_result(cfg, base, adapters, lora, batch, lazy=True, monkeypatch=monkeypatch)
+    np.testing.assert_allclose(lazy[1], eager[1], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(lazy[2]), jax.tree.leaves(eager[2])):
+        np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6)
+    stack = sum(math.prod(m["kernel"].shape) * 4 for g in ("attn", "mlp") for m in params["layers"][g].values()
+                if "kernel" in m)                                               # the dequantised kernels, f32
+    assert eager[0] - lazy[0] > 0.7 * stack, (eager[0], lazy[0], stack)
+    if remat == "full":
+        assert lazy[0] < 0.5 * stack, (lazy[0], stack)

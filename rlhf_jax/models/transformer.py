@@ -451,10 +451,13 @@ def scan_unroll(config: ModelConfig) -> int:
 
 
 def _stacked_blocks(cfg: ModelConfig):
-    block = Block
+    # Each layer's params are unpacked inside the scan (`quant.dequantize_params`: an NF4 kernel dequantised, a
+    # lazily merged LoRA kernel merged), so a QLoRA step holds one dequantised layer at a time; plain arrays pass
+    # through untouched.
+    block = nn.map_variables(Block, "params", trans_in_fn=dequantize_params, init=True)
     if cfg.remat != "none":
         policy = jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims if cfg.remat == "dots" else None
-        block = nn.remat(Block, policy=policy, prevent_cse=False)
+        block = nn.remat(block, policy=policy, prevent_cse=False)
     return nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
                    in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0), length=cfg.num_layers,
                    unroll=scan_unroll(cfg),
@@ -599,8 +602,8 @@ def forward_hidden(params, tokens, *, config: ModelConfig, positions=None, segme
     """
     _check_len(config, tokens.shape[1])
     mask = _attention_mask(segment_ids, seq_lengths, config)
-    return _module(config, params).apply({"params": dequantize_params(params)}, tokens,
-                                         _default_positions(tokens, positions), mask, method=Transformer.hidden)
+    return _module(config, params).apply({"params": params}, tokens, _default_positions(tokens, positions), mask,
+                                         method=Transformer.hidden)          # the layer scan unpacks each layer
 
 
 @functools.partial(jax.jit, static_argnames=("config",))

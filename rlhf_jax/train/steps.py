@@ -132,17 +132,19 @@ def on_adapters(loss_fn, base_params, lora: LoraConfig | None):
         raise ValueError("a LoRA step needs the frozen base params (the step's base_params argument)")
 
     def adapted(trainable, *args, **kwargs):
-        return loss_fn(lora_params(base_params, trainable, lora), *args, **kwargs)
+        return loss_fn(lora_params(base_params, trainable, lora, lazy=True), *args, **kwargs)
 
     return adapted
 
 
-def lora_params(base_params, trainable: dict, lora: LoraConfig):
+def lora_params(base_params, trainable: dict, lora: LoraConfig, *, lazy: bool = False):
     """The model params of a LoRA state's trainable tree: the adapters ("attn", "mlp") merged into the frozen base
-    (no gradient into it), and any other entry (a reward model's "score_head") taken as is."""
+    (no gradient into it), and any other entry (a reward model's "score_head") taken as is. `lazy`: over an NF4
+    base, merged one layer at a time inside the model's layer scan (`merge_lora(..., lazy=True)`); the losses'
+    steps use it, so that a QLoRA step never holds the whole dequantised base."""
     adapters = {k: v for k, v in trainable.items() if k in ("attn", "mlp")}
     rest = {k: v for k, v in trainable.items() if k not in ("attn", "mlp")}
-    return {**merge_lora(jax.lax.stop_gradient(base_params), adapters, lora), **rest}
+    return {**merge_lora(jax.lax.stop_gradient(base_params), adapters, lora, lazy=lazy), **rest}
 
 
 def sft_step(state: TrainState, batch: dict, base_params=None, *, model_config: ModelConfig,
