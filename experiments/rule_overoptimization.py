@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import shlex
 import sys
@@ -38,6 +37,7 @@ from rlhf_jax.checks import config_check
 from rlhf_jax.config_cli import check_ranges, parse_cli
 from rlhf_jax.recipes import rule_world as rw
 from rlhf_jax.recipes.cards import provenance
+from rlhf_jax.recipes.overoptimization import bon_kl
 from rlhf_jax.stats import best_of_n_expectation, paired_bootstrap, seed_prompt_bootstrap
 from rlhf_jax.tasks import skills
 
@@ -81,11 +81,6 @@ class RuleOveroptimizationConfig:
                      "ppo_kl_coefs must be >= 0 and dpo_betas > 0")
 
 
-def kl_bon(n: int) -> float:
-    """The analytic KL of best-of-n to its base policy, log n - (n - 1)/n (Stiennon et al. 2020)."""
-    return math.log(n) - (n - 1) / n
-
-
 def one_seed(cfg: RuleOveroptimizationConfig, seed: int) -> dict:
     world = rw.RuleWorldConfig(seed=seed, quick=cfg.quick, eval_split=cfg.eval_split).scaled()
     if cfg.quick:             # one PPO and one DPO run, a small pool: each run compiles its own steps
@@ -126,7 +121,7 @@ def one_seed(cfg: RuleOveroptimizationConfig, seed: int) -> dict:
     per_n = {}
     for n in ns:
         g = np.array([best_of_n_expectation(score[j], gold[j], n) for j in range(len(evals))])
-        per_n[str(n)] = {"exact": g.tolist(), "mean": float(g.mean()), "kl": kl_bon(n),
+        per_n[str(n)] = {"exact": g.tolist(), "mean": float(g.mean()), "kl": float(bon_kl(n)),
                          "proxy": float(np.mean([best_of_n_expectation(score[j], score[j], n)
                                                  for j in range(len(evals))])),
                          "gold_pick": float(np.mean([best_of_n_expectation(gold[j], gold[j], n)
@@ -163,7 +158,8 @@ def one_seed(cfg: RuleOveroptimizationConfig, seed: int) -> dict:
 def rise_and_fall(curve: list[dict], *, level: float = 0.95) -> dict:
     """Whether a curve of reads rose then fell on the eval keys: the peak (after the start) against the start
     and the last read against the peak, each a paired bootstrap over prompts at a Bonferroni level over the
-    curve's reads (the peak is picked after the fact)."""
+    curve's reads (the peak is picked after the fact; `recipes.overoptimization.rise` keeps the plain level for
+    the fall)."""
     peak = max(range(1, len(curve)), key=lambda i: curve[i]["mean"])
     k = len(curve) - 1
     bonf = 1.0 - (1.0 - level) / k
