@@ -3,8 +3,10 @@
 # (--decode-attention reference --segment-attention dense) and with the Pallas kernels (pallas / pallas) side by
 # side: sampling at batch 256 (128 + 256 tokens), SFT 8x1024, DPO 32 pairs x 512, one PPO iteration (sample,
 # rollout, update); SFT also with a bf16 copy of the params kept in the train state (--compute-copy); then
-# distill, qlora_sft, qlora_dpo and multiturn (64 episodes x 4 turns x 64 tokens beside single-turn sampling of as
-# many tokens) on today's paths. 5 timed calls after 1 warmup each.
+# distill, qlora_sft (also with gradient checkpointing, --remat full: QLoRA's memory, one dequantised layer at a
+# time), qlora_dpo and multiturn (64 episodes x 4 turns x 64 tokens beside single-turn sampling of as many tokens)
+# on today's paths; last, one PPO iteration with 1 minibatch of 64 rows instead of 4 of 16 (TRL's default, larger
+# matmuls in the update). 5 timed calls after 1 warmup each.
 #
 #   bash docs/results/gpu_round3.sh [OUT_DIR]        # from the repository root; writes OUT_DIR/gpu_round3.json
 #
@@ -58,7 +60,8 @@ COPY = {**TODAY, "compute_copy": True}       # a bf16 copy of the params kept in
 ROWS = [("generate", "today", TODAY), ("generate", "pallas", PALLAS), ("sft", "today", TODAY),
         ("sft", "pallas", PALLAS), ("sft", "copy", COPY), ("dpo", "today", TODAY), ("dpo", "pallas", PALLAS),
         ("ppo", "today", TODAY), ("ppo", "pallas", PALLAS), ("distill", "today", TODAY),
-        ("qlora_sft", "today", TODAY), ("qlora_dpo", "today", TODAY), ("multiturn", "today", TODAY)]
+        ("qlora_sft", "today", TODAY), ("qlora_sft", "remat", {**TODAY, "remat": "full"}),
+        ("qlora_dpo", "today", TODAY), ("multiturn", "today", TODAY), ("ppo", "mb1", {**TODAY, "ppo_minibatches": 1})]
 EXPECT_S = {"generate": 35, "sft": 27, "dpo": 38, "ppo": 105, "distill": 35, "qlora_sft": 30, "qlora_dpo": 40,
             "multiturn": 45}
 if os.environ.get("ROWS"):   # "sft" (every path of it) or "sft:pallas", comma-separated
@@ -130,13 +133,14 @@ for name, path, options in ROWS:
     jax.clear_caches()
     gc.collect()
 
-print(f"\n{'benchmark':<28} {'today ms':>10} {'pallas ms':>10} {'copy ms':>10}")
-by = {}
+by, paths = {}, []
 for run in report["runs"]:
+    paths += [] if run["path"] in paths else [run["path"]]
     for row in run.get("results", []):
         by.setdefault(row["name"], {})[run["path"]] = row["median_ms"]
+print(f"\n{'benchmark':<28} " + " ".join(f"{p + ' ms':>10}" for p in paths))
 for name, times in by.items():
-    print(f"{name:<28} " + " ".join(f"{times.get(p, float('nan')):>10.2f}" for p in ("today", "pallas", "copy")))
+    print(f"{name:<28} " + " ".join(f"{times.get(p, float('nan')):>10.2f}" for p in paths))
 sft = by.get("sft", {}).get("today")
 if sft and "distill" in by:
     report["distill_over_sft"] = by["distill"]["today"] / sft
