@@ -338,12 +338,13 @@ def reward_model(sft_params, mc, pairs, *, steps: int, lr: float, seed: int):
 
 
 def ppo(sft_params, mc, rl_tasks, *, steps: int, lr: float, kl: float, max_new_tokens: int, seed: int,
-        reward_params=None, reward_fn=None, on_policy=None):
-    """PPO from SFT (k1 KL in the reward, 32 prompts at temperature 1, 4 epochs x 4 minibatches, value from the
-    reward model) against `reward_params`, or a jittable `reward_fn` with the value from the policy.
+        reward_params=None, reward_fn=None, on_policy=None, minibatches: int = 4):
+    """PPO from SFT (k1 KL in the reward, 32 prompts at temperature 1, 4 epochs x `minibatches` minibatches, value
+    from the reward model) against `reward_params`, or a jittable `reward_fn` with the value from the policy.
     `on_policy(iteration, params)`, when given, sees the policy after every iteration (a curve's reads)."""
     sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=1.0, eos_id=TOK.eos_id, pad_id=TOK.pad_id)
-    pcfg = PPOConfig(num_steps=steps, batch_size=32, kl_coef=kl, missing_eos_penalty=1.0, sampling=sampling,
+    pcfg = PPOConfig(num_steps=steps, batch_size=32, num_minibatches=minibatches, kl_coef=kl, missing_eos_penalty=1.0,
+                     sampling=sampling,
                      optim=OptimConfig(learning_rate=lr, eps=1e-5, max_grad_norm=1.0),
                      value_optim=OptimConfig(learning_rate=1e-4, eps=1e-5, max_grad_norm=1.0), log_every=steps,
                      value_init="reward" if reward_params is not None else "policy")
