@@ -1,6 +1,6 @@
 """The rule world's main job: its summary over seeds against hand-computed comparisons, and the command end to end
 at --quick sizes on dev keys (a finished seed is read back, not run again), then experiments.distill_world,
-rule_overoptimization and label_cost --quick on that run's models; the experiments' statistics against hand
+rule_overoptimization, label_cost and retry_world --quick on that run's models; the experiments' statistics against hand
 computations."""
 from __future__ import annotations
 
@@ -94,6 +94,15 @@ def test_rule_world_command_quick_on_dev_keys(tmp_path, capsys):
     result = json.load(open(os.path.join(lc, "label_cost.json")))
     assert list(result["per_seed"][0]["demos"]) == ["4", "8"] and list(result["per_seed"][0]["pairs"]) == ["4"]
     assert "## Gold against labels" in render_card(json.load(open(os.path.join(lc, "card.json"))))
+    rt = str(tmp_path / "rt")                  # experiments.retry_world --quick: GRPO over feedback episodes
+    from experiments import retry_world
+    retry_world.main(["--quick", "--models", out, "--seeds", "0", "--eval-split", "dev", "--out", rt])
+    seed0 = json.load(open(os.path.join(rt, "retry_world.json")))["per_seed"][0]
+    for arm in ("sft", "grpo"):                # solved within the tries includes solved at the first
+        assert all(s >= f for s, f in zip(seed0[arm]["solved"], seed0[arm]["first_try"]))
+        assert len(seed0[arm]["solved"]) == 16 and 1.0 <= seed0[arm]["turns"] <= 2.0
+    assert len(seed0["train_reward"]) >= 1
+    assert "GRPO - SFT, solved within two tries" in render_card(json.load(open(os.path.join(rt, "card.json"))))
     assert {n: os.path.getmtime(os.path.join(models, n)) for n in before} == before      # shared, not retrained
 
 
