@@ -224,9 +224,17 @@ def test_config_edge_cases():
     assert config.kv_heads == 1 and not config.use_bias and not config.qkv_bias
     assert config.sliding_window == 4096 and config.sliding_layers is None
     assert config_to_hf(config, model_type="mistral")["sliding_window"] == 4096
-    qwen2 = _qwen2().to_dict() | {"sliding_window": 4096, "use_sliding_window": True}
-    with pytest.warns(UserWarning, match="sliding_window=4096"):
-        assert config_from_hf(qwen2).sliding_window is None
+    # Qwen2's window from max_window_layers on, also from a config.json written before layer_types existed
+    qwen2 = {k: v for k, v in _qwen2().to_dict().items() if k != "layer_types"} | {
+        "sliding_window": 4096, "use_sliding_window": True, "max_window_layers": 1}
+    config = config_from_hf(qwen2)
+    assert config.sliding_window == 4096 and config.layer_flags("sliding_layers") == (False,) + (True,) * (
+        config.num_layers - 1)
+    back = config_to_hf(config, model_type="qwen2")
+    assert back["max_window_layers"] == 1 and back["use_sliding_window"] and back["sliding_window"] == 4096
+    with pytest.raises(CheckpointError, match="max_window_layers"):
+        config_to_hf(config.replace(sliding_layers=(True,) + (False,) * (config.num_layers - 1)), model_type="qwen2")
+    assert config_from_hf(_qwen2().to_dict() | {"sliding_window": 4096}).sliding_window is None      # off
     legacy = {k: v for k, v in _llama().to_dict().items() if k != "rope_parameters"} | {"rope_theta": 123.0}
     assert config_from_hf(legacy).rope_theta == 123.0
     with pytest.raises(NotImplementedError, match="activation_function"):

@@ -30,6 +30,11 @@ def _qwen3():  # per-head q/k norms; the second layer slides over 5 tokens; YaRN
                                                      "original_max_position_embeddings": 16}, **SMALL)
 
 
+def _qwen2():  # q/k/v biases; the second layer (from max_window_layers = 1 on) slides over 5 tokens
+    return transformers.Qwen2Config(vocab_size=103, tie_word_embeddings=False, use_sliding_window=True,
+                                    sliding_window=5, max_window_layers=1, **SMALL)
+
+
 def _olmo2():  # post-sublayer norms, q/k norms over the whole projection
     return transformers.Olmo2Config(vocab_size=89, tie_word_embeddings=False, **SMALL)
 
@@ -57,7 +62,7 @@ def _gemma2():  # attention logits soft-capped at 2 (they reach it), sliding / g
                                      attn_logit_softcapping=2.0, final_logit_softcapping=4.0, **SMALL)
 
 
-FAMILIES = {"qwen3": _qwen3, "olmo2": _olmo2, "smollm3": _smollm3, "phi3": _phi3, "gemma3_text": _gemma3,
+FAMILIES = {"qwen2": _qwen2, "qwen3": _qwen3, "olmo2": _olmo2, "smollm3": _smollm3, "phi3": _phi3, "gemma3_text": _gemma3,
             "gemma2": _gemma2}
 
 
@@ -94,7 +99,7 @@ def test_logits_match_transformers(family):
     name, model, _, config, params = family
     tokens = _tokens(config.vocab_size)
     _close(forward(params, tokens, config=config), _hf_logits(model, tokens))
-    if name in ("qwen3", "phi3", "gemma3_text", "gemma2"):
+    if name in ("qwen2", "qwen3", "phi3", "gemma3_text", "gemma2"):
         assert config.sliding_window is not None and config.sliding_window < T
 
 

@@ -24,7 +24,6 @@ import json
 import math
 import os
 import re
-import warnings
 from typing import Any, Callable
 
 import numpy as np
@@ -110,14 +109,15 @@ def config_from_hf(hf: dict[str, Any], *, source: str = "config.json", **overrid
         rope_extra = _rope_fields(rope, hf, source, field, scaling=True)
         rotary = float(rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)))
         layer_types = hf.get("layer_types") or []
+        if model_type in ("qwen2", "qwen3") and hf.get("use_sliding_window") and not layer_types:
+            # a config.json from before layer_types: the layers from max_window_layers on slide (transformers 4.x)
+            first = hf.get("max_window_layers", hf["num_hidden_layers"])
+            layer_types = ["sliding_attention" if i >= first else "full_attention"
+                           for i in range(hf["num_hidden_layers"])]
         sliding = model_type == "mistral" or hf.get("use_sliding_window") or "sliding_attention" in layer_types
         window = hf.get("sliding_window") if sliding or model_type == "phi3" else None
         extra: dict[str, Any] = {}
-        if model_type == "qwen2":
-            if window:
-                warnings.warn(f"{source}: sliding_window={hf['sliding_window']} is ignored (full causal attention); "
-                              "logits differ from Hugging Face only for sequences longer than the window")
-        elif model_type == "mistral":
+        if model_type == "mistral":
             if window:                                   # every layer windowed
                 extra.update(sliding_window=int(window), sliding_layers=None)
         elif window:
@@ -335,7 +335,12 @@ def config_to_hf(config: ModelConfig, *, model_type: str | None = None, dtype: s
         return out
     if model_type == "qwen2":
         require(c.qkv_bias and not c.use_bias, "Qwen2 has q/k/v biases only (qkv_bias=True, use_bias=False)")
-        out.update(use_sliding_window=False, sliding_window=None)
+        flags = c.layer_flags("sliding_layers") if c.sliding_window is not None else (False,) * c.num_layers
+        first = next((i for i, f in enumerate(flags) if f), c.num_layers)
+        require(all(flags[first:]), "Qwen2 slides on the layers from max_window_layers on: sliding_layers must be "
+                "False then True")
+        out.update(use_sliding_window=c.sliding_window is not None, sliding_window=c.sliding_window,
+                   max_window_layers=first, layer_types=layer_types)
     elif model_type == "mistral":
         require(not c.qkv_bias and not c.use_bias, "Mistral has no biases (qkv_bias=False, use_bias=False)")
         require(c.sliding_window is None or all(c.layer_flags("sliding_layers")),
@@ -347,7 +352,7 @@ def config_to_hf(config: ModelConfig, *, model_type: str | None = None, dtype: s
 
 
 _FAMILY_FIELDS = {  # ModelConfig fields beyond the Llama core that a family's config.json expresses
-    "llama": set(), "qwen2": set(), "mistral": {"sliding_window", "sliding_layers"},
+    "llama": set(), "qwen2": {"sliding_window", "sliding_layers"}, "mistral": {"sliding_window", "sliding_layers"},
     "qwen3": {"qk_norm", "sliding_window", "sliding_layers"},
     "olmo2": {"qk_norm", "pre_norm", "post_norm"},
     "smollm3": {"rope_layers", "sliding_window", "sliding_layers"},
