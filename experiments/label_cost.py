@@ -35,7 +35,7 @@ from rlhf_jax.checks import config_check
 from rlhf_jax.config_cli import check_ranges, parse_cli
 from rlhf_jax.recipes import rule_world as rw
 from rlhf_jax.recipes.cards import provenance
-from rlhf_jax.stats import seed_prompt_bootstrap
+from rlhf_jax.stats import break_even, seed_prompt_bootstrap
 from rlhf_jax.tasks import skills
 
 
@@ -64,16 +64,6 @@ class LabelCostConfig:
         check_ranges(self, positive=("prompts",))
         config_check(self, self.demos and self.pairs and min(self.demos + self.pairs) > 0,
                      f"demos = {self.demos} and pairs = {self.pairs}: at least one count each, every count > 0")
-
-
-def break_even(k_gold: float, demo_counts: list[int], demo_gold: list[float]) -> float | None:
-    """The demonstrations m* that reach `k_gold` by log-linear interpolation of (count, gold), or None when it
-    lies outside the measured range (gold must rise between the two counts that bracket it)."""
-    for (m0, g0), (m1, g1) in zip(zip(demo_counts, demo_gold), list(zip(demo_counts, demo_gold))[1:]):
-        if min(g0, g1) <= k_gold <= max(g0, g1) and g0 != g1:
-            t = (k_gold - g0) / (g1 - g0)
-            return float(np.exp(np.log(m0) + t * (np.log(m1) - np.log(m0))))
-    return None
 
 
 def one_seed(cfg: LabelCostConfig, seed: int) -> dict:

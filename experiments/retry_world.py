@@ -15,6 +15,8 @@ settings are the same), OUT/retry_world.json, a markdown summary and OUT/card.js
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import json
 import os
 import shlex
 import sys
@@ -84,7 +86,7 @@ def read(params, mc, tasks, *, tries: int, max_new_tokens: int, rng) -> dict:
     """Greedy episodes: solved (either try) and solved at the first try, per prompt, and the rates."""
     r = episodes(params, mc, tasks, tries=tries, max_new_tokens=max_new_tokens, temperature=0.0, rng=rng)
     solved = np.asarray(r.rewards, np.float64)
-    first = np.array([skills.gold_score(t, next(m["content"] for m in msgs if m["role"] == "assistant"))["exact"]
+    first = np.array([skills.gold_score(t, next((m["content"] for m in msgs if m["role"] == "assistant"), ""))["exact"]
                       for t, msgs in zip(tasks, r.messages)])
     retried = first == 0
     return {"solved": solved.tolist(), "first_try": first.tolist(), "mean": float(solved.mean()),
@@ -112,7 +114,7 @@ def one_seed(cfg: RetryWorldConfig, seed: int) -> dict:
     state = create_train_state(sft, gcfg.optim, jax.random.PRNGKey(1000 * seed + 12), total_steps=steps)
     rng = np.random.default_rng(1000 * seed + 11)
     tasks = ([{"op": pool[i].op, "key": pool[i].key} for i in rng.choice(len(pool), 16, replace=False)]
-             for _ in iter(int, 1))
+             for _ in itertools.repeat(None))
     state, hist = stages.run_grpo_env(state, tasks, gcfg, model_config=mc, env_factory=lambda: SkillRetryEnv(
         tries=cfg.tries), tokenizer=TOK, budget=EpisodeBudget(max_turns=cfg.tries, max_tokens=SEQ_LEN),
         prompt_len=PROMPT_LEN, seq_len=SEQ_LEN)
@@ -188,7 +190,6 @@ def card(result: dict) -> dict:
 
 
 def main(argv=None) -> None:
-    import json
     cfg = parse_cli(RetryWorldConfig, argv)
     command = "python -m experiments.retry_world " + shlex.join(sys.argv[1:] if argv is None else argv)
     per_seed = rw.per_seed_results(cfg.out, dataclasses.asdict(cfg), cfg.seeds, lambda s: one_seed(cfg, s),

@@ -37,8 +37,7 @@ from rlhf_jax.checks import config_check
 from rlhf_jax.config_cli import check_ranges, parse_cli
 from rlhf_jax.recipes import rule_world as rw
 from rlhf_jax.recipes.cards import provenance
-from rlhf_jax.recipes.overoptimization import bon_kl
-from rlhf_jax.stats import best_of_n_expectation, paired_bootstrap, seed_prompt_bootstrap
+from rlhf_jax.stats import best_of_n_expectation, bon_kl, rise_and_fall, seed_prompt_bootstrap
 from rlhf_jax.tasks import skills
 
 
@@ -161,20 +160,6 @@ def one_seed(cfg: RuleOveroptimizationConfig, seed: int) -> dict:
     return out
 
 
-def rise_and_fall(curve: list[dict], *, level: float = 0.95) -> dict:
-    """Whether a curve of reads rose then fell on the eval keys: the peak (after the start) against the start
-    and the last read against the peak, each a paired bootstrap over prompts at a Bonferroni level over the
-    curve's reads (the peak is picked after the fact; `recipes.overoptimization.rise` keeps the plain level for
-    the fall)."""
-    peak = max(range(1, len(curve)), key=lambda i: curve[i]["mean"])
-    k = len(curve) - 1
-    bonf = 1.0 - (1.0 - level) / k
-    up = paired_bootstrap(curve[peak]["exact"], curve[0]["exact"], level=bonf)
-    down = paired_bootstrap(curve[-1]["exact"], curve[peak]["exact"], level=bonf)
-    return {"peak_iteration": curve[peak]["iteration"], "peak_minus_start": up, "end_minus_peak": down,
-            "rose_then_fell": bool(up["low"] > 0 and down["high"] < 0 and peak < k)}
-
-
 def summarize(per_seed: list[dict]) -> dict:
     sft = [np.asarray(s["sft"]["exact"]) for s in per_seed]
     vs = lambda rows: seed_prompt_bootstrap([np.asarray(r["exact"]) for r in rows], sft, bounds=(-1.0, 1.0))  # noqa
@@ -234,9 +219,10 @@ def card(result: dict) -> dict:
     for coef, c in s["ppo"].items():
         for p in c["points"]:
             rows_ppo.append([coef, p["iteration"], p["mean"], p["train_keys"], p["proxy"], p["kl"], ci(p["vs_sft"])])
-    shape_rows = [[coef, *[("rose then fell" if x["rose_then_fell"] else "no") + f" (peak {x['peak_iteration']}, "
-                           f"{x['peak_minus_start']['delta']:+.3f} / {x['end_minus_peak']['delta']:+.3f})"
-                           for x in c["per_seed_shape"]]] for coef, c in s["ppo"].items()]
+    shape = lambda x: "one read" if x["peak_minus_start"] is None else (  # noqa: E731
+        ("rose then fell" if x["rose_then_fell"] else "no") + f" (peak {x['peak_iteration']}, "
+        f"{x['peak_minus_start']['delta']:+.3f} / {x['end_minus_peak']['delta']:+.3f})")
+    shape_rows = [[coef, *[shape(x) for x in c["per_seed_shape"]]] for coef, c in s["ppo"].items()]
     return {
         "title": f"Over-optimisation and the KL frontier in the rule world ({result['eval_split']} keys, "
                  f"{len(per)} seeds)",

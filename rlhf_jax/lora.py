@@ -108,8 +108,9 @@ def merge_lora(params, adapters: dict, lora_config: LoraConfig, *, lazy: bool = 
     step (QLoRA's doubleDequant), so that the stored base stays 4-bit; one without an adapter is only dequantised.
 
     `lazy` (for a QLoRA base): the NF4 kernels stay as they are and an adapted one becomes a `quant.LoraKernel`;
-    the model's layer scan then dequantises and merges one layer at a time, so that a step never holds the whole
-    dequantised stack (QLoRA's memory). The model's functions take such params; anything else that reads the
+    the model's layer scan then dequantises and merges one layer at a time; with `remat="full"` (gradient
+    checkpointing) a step never holds the whole dequantised stack (QLoRA's memory), without it the backward pass
+    keeps each layer's kernel. The model's functions take such params; anything else that reads the
     kernels as arrays needs the eager merge."""
     if lazy and any(isinstance(x, NF4Tensor) for x in jax.tree.leaves(params["layers"],
                                                                      is_leaf=lambda x: isinstance(x, NF4Tensor))):

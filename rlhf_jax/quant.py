@@ -200,6 +200,11 @@ def quantize_base(params, *, block_size: int = 64, double_quant: bool = True) ->
     kernels = {f"{group}.{name}": layers[group][name]["kernel"] for group in ("attn", "mlp") if group in layers
                for name in QUANTIZED_KERNELS
                if "kernel" in layers[group].get(name, {}) and not is_nf4(layers[group][name]["kernel"])}
+    for group in ("attn", "mlp"):
+        for name, m in layers.get(group, {}).items():
+            if is_nf4(m.get("kernel")) and not m["kernel"].layers:
+                raise ValueError(f"quantize_base: layers.{group}.{name}.kernel is an NF4Tensor of the whole stack "
+                                 "(quantize_nf4); the layer scan needs one per layer: quantise the float params")
     for key, q in _quantize_all(kernels, block_size, double_quant).items():
         group, name = key.split(".")
         layers[group][name] = {**layers[group][name], "kernel": q}

@@ -6,7 +6,10 @@
   together (a two-stage bootstrap, Davison & Hinkley 1997, section 3.8), so the interval carries both the
   training variance across seeds and the sampling variance of the evaluation prompts.
 * `reliability_bins`, `expected_calibration_error`: a predictor's calibration (Naeini et al. 2015; Guo et al. 2017).
-* `best_of_n_expectation`: the unbiased best-of-n estimator over a pool of samples (Nakano et al. 2021).
+* `best_of_n_expectation`: the unbiased best-of-n estimator over a pool of samples (Nakano et al. 2021);
+  `bon_kl`: best-of-n's analytic KL to its base policy.
+* `rise_and_fall`: whether a training curve of per-prompt reads rose then fell beyond the evaluation's noise
+  (over-optimisation's shape); `break_even`: where one gold-against-count curve reaches a given gold.
 
 `rlhf_jax.eval` (model-side evaluation) and `rlhf_jax.tasks` (the synthetic world) re-export them.
 """
@@ -122,6 +125,12 @@ def expected_calibration_error(confidence: Any, correct: Any, *, num_bins: int =
     return float(np.sum(b["count"][full] / b["count"].sum() * np.abs(b["accuracy"][full] - b["confidence"][full])))
 
 
+def bon_kl(n) -> np.ndarray:
+    """The analytic KL(best-of-n || base) = log n - (n - 1) / n (Stiennon et al. 2020; Gao et al. 2022, sec. 2)."""
+    n = np.asarray(n, np.float64)
+    return np.log(n) - (n - 1) / n
+
+
 def best_of_n_expectation(proxy: Any, value: Any, n: int) -> float:
     """E[value of the proxy's argmax among n draws without replacement from a pool of N samples]: the unbiased
     estimator of best-of-n of Nakano et al. 2021 (appendix) and Gao et al. 2022 (sec. 3.1), exact over every
@@ -137,3 +146,29 @@ def best_of_n_expectation(proxy: Any, value: Any, n: int) -> float:
     lgam = np.vectorize(math.lgamma)
     log_p = (lgam(i) - lgam(n) - lgam(i - n + 1)) - (lgam(N + 1) - lgam(n + 1) - lgam(N - n + 1))
     return float(np.sum(np.exp(log_p) * value[order][n - 1:]))
+
+
+def rise_and_fall(curve: list[dict], *, level: float = 0.95) -> dict:
+    """Whether a curve of reads rose then fell on the eval keys: the peak (after the start) against the start
+    and the last read against the peak, each a paired bootstrap over prompts at a Bonferroni level over the
+    curve's reads (the peak is picked after the fact). `curve`: reads {"iteration", "exact" [B], "mean"}, the
+    first the start; fewer than two reads have no shape."""
+    if len(curve) < 2:
+        return {"peak_iteration": None, "peak_minus_start": None, "end_minus_peak": None, "rose_then_fell": False}
+    peak = max(range(1, len(curve)), key=lambda i: curve[i]["mean"])
+    k = len(curve) - 1
+    bonf = 1.0 - (1.0 - level) / k
+    up = paired_bootstrap(curve[peak]["exact"], curve[0]["exact"], level=bonf)
+    down = paired_bootstrap(curve[-1]["exact"], curve[peak]["exact"], level=bonf)
+    return {"peak_iteration": curve[peak]["iteration"], "peak_minus_start": up, "end_minus_peak": down,
+            "rose_then_fell": bool(up["low"] > 0 and down["high"] < 0 and peak < k)}
+
+
+def break_even(k_gold: float, demo_counts: list[int], demo_gold: list[float]) -> float | None:
+    """The demonstrations m* that reach `k_gold` by log-linear interpolation of (count, gold), or None when it
+    lies outside the measured range (gold must rise between the two counts that bracket it)."""
+    for (m0, g0), (m1, g1) in zip(zip(demo_counts, demo_gold), list(zip(demo_counts, demo_gold))[1:]):
+        if min(g0, g1) <= k_gold <= max(g0, g1) and g0 != g1:
+            t = (k_gold - g0) / (g1 - g0)
+            return float(np.exp(np.log(m0) + t * (np.log(m1) - np.log(m0))))
+    return None

@@ -88,20 +88,18 @@ def test_quick_pipeline_writes_report(tmp_path, monkeypatch, capsys):
 
 
 def _lecture_experiments_on_these_models(models):
-    """experiments.calibration, overoptimization, safety_data, grpo_transfer, length_bias, annotators, frontier,
-    hallucination and grpo_variants --quick on this run's models (read, not retrained: the folder is a finished
+    """experiments.calibration, safety_data, grpo_transfer, length_bias, annotators, hallucination and
+    grpo_variants --quick on this run's models (read, not retrained: the folder is a finished
     seed-0 quick run; length_bias and annotators keep the reward models and DPO policies of other annotator
     populations under its populations/), and midtraining --quick, which trains its own."""
     from experiments import (
         annotators,
         calibration,
-        frontier,
         grpo_transfer,
         grpo_variants,
         hallucination,
         length_bias,
         midtraining,
-        overoptimization,
         safety_data,
     )
     from rlhf_jax.recipes import calibration as cal_recipe
@@ -117,15 +115,6 @@ def _lecture_experiments_on_these_models(models):
         assert 0.0 <= s["ece_low"] <= s["ece"] <= s["ece_high"] <= 1.0, stage
         assert sum(s["bins"]["count"]) == s["answers"] == 2 * cal["distinct_prompts"]
     assert (models / "cal" / "reliability.png").stat().st_size > 0
-    oo = overoptimization.run(overoptimization.OveroptimizationConfig(
-        quick=True, seeds=(0,), models=str(models), out=str(models / "oo"), ppo_kl_coefs=()))["per_seed"]["0"]
-    for keys, by_frac in oo["best_of_n"].items():
-        assert set(by_frac) == {"0.5", "1"}, keys
-        for b in by_frac.values():
-            assert b["n"] == [1, 2, 4, 8] and b["kl"][0] == 0.0 and b["gold_oracle"] >= max(b["gold"]) - 1e-9
-    assert list(oo["rl"]) == ["grpo_kl0"] and [p["iteration"] for p in oo["rl"]["grpo_kl0"]["points"]] == [0, 1, 2, 4]
-    for name in ("best_of_n.png", "rl.png", "overoptimization.md"):
-        assert (models / "oo" / name).stat().st_size > 0, name
     sd = safety_data.run(safety_data.SafetyDataConfig(quick=True, seeds=(0,), models=str(models),
                                                      out=str(models / "sd"), counts=(0, 25)))
     rows = sd["per_seed"]["0"]
@@ -152,12 +141,6 @@ def _lecture_experiments_on_these_models(models):
     assert pops["careful"]["labels"]["more_likely_wins"] != pops[SELF]["labels"]["more_likely_wins"]
     assert not (models / "populations" / "careful").exists()     # the main job's annotator: its own RM and DPO
     assert (models / "ann" / "annotators.png").stat().st_size > 0
-    fr = frontier.run(frontier.FrontierConfig(quick=True, models=str(models), out=str(models / "fr")))
-    points = fr["per_seed"]["0"]
-    assert {n for n, p in points.items() if isinstance(p, dict)} == {"sft", "dpo_0.1", "dpo_1", "ppo_0.5", "grpo_0"}
-    assert points["dpo_0.1"]["main_job"] and not points["dpo_1"]["main_job"] and points["sft"]["kl"] == 0.0
-    assert set(fr["mean"]) == set(points) - {"sft", "seconds"}
-    assert (models / "fr" / "frontier.png").stat().st_size > 0
     hal = hallucination.run(hallucination.HallucinationConfig(quick=True, seeds=(0,), models=str(models),
                                                               out=str(models / "hal")))
     rows = hal["per_seed"]["0"]
@@ -180,7 +163,7 @@ def _lecture_experiments_on_these_models(models):
     assert all(0.0 <= r["gold_reward"] <= 1.0 for r in seed0["arms"].values())
     assert abs(seed0["arms"]["pretrain-sft"]["kl_to_ref"]) < 1e-6                   # the arms' reference
     assert (models / "mt" / "midtraining.png").stat().st_size > 0
-    made = {"cal", "oo", "sd", "gt", "lb", "ann", "fr", "hal", "gv", "mt", "populations"}
+    made = {"cal", "sd", "gt", "lb", "ann", "hal", "gv", "mt", "populations"}
     assert sorted(n for n in os.listdir(models) if n not in made) == before          # nothing retrained
 
 

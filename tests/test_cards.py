@@ -1,6 +1,7 @@
 """Result cards (rlhf_jax.recipes.cards, python -m experiments.cards): tables come from the JSON, provenance is
 complete, and the repository's cards match their JSON, so text and numbers cannot drift."""
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -91,20 +92,21 @@ def test_every_repository_card_has_provenance_and_matches_its_json():
 
 
 def test_check_fails_on_a_tampered_copy(tmp_path, capsys):
-    for name in ("calibration.json", "calibration.md", "frontier.json", "frontier.md"):
+    for name in ("calibration.json", "calibration.md", "annotators.json", "annotators.md"):
         shutil.copy(RESULTS / name, tmp_path / name)
-    files = [str(tmp_path / "calibration.json"), str(tmp_path / "frontier.json")]
+    files = [str(tmp_path / "calibration.json"), str(tmp_path / "annotators.json")]
     assert cards_script.main(["--check", *files]) == 0
 
     data = json.loads((tmp_path / "calibration.json").read_text())     # a number in the JSON, not in the .md
     data["sections"][0]["tables"][0]["rows"][0][1]["value"] = 0.5
     (tmp_path / "calibration.json").write_text(json.dumps(data))
-    md = (tmp_path / "frontier.md").read_text()                           # a number in the .md, not in the JSON
-    (tmp_path / "frontier.md").write_text(md.replace("| 0.384 |", "| 0.484 |", 1))
+    md = (tmp_path / "annotators.md").read_text()                         # a number in the .md, not in the JSON
+    cell = re.search(r"\| (0\.\d{3}) \|", md).group(1)
+    (tmp_path / "annotators.md").write_text(md.replace(f"| {cell} |", f"| {float(cell) + 0.1:.3f} |", 1))
     capsys.readouterr()
     assert cards_script.main(["--check", *files]) == 1
     err = capsys.readouterr().err
-    assert "calibration.md" in err and "frontier.md" in err
+    assert "calibration.md" in err and "annotators.md" in err
 
     assert cards_script.main(files) == 0                                  # regenerate: the check passes again
     assert cards_script.main(["--check", *files]) == 0
@@ -118,9 +120,9 @@ def test_an_experiments_json_records_its_provenance(tmp_path, monkeypatch):
     import sys
 
     from rlhf_jax.recipes import models
-    monkeypatch.setattr(sys, "argv", ["/repo/experiments/frontier.py", "--seeds", "0", "1"])
-    models.write_report(str(tmp_path), "frontier", {"seeds": [0, 1], "gain": 0.1}, "text\n")
-    saved = json.loads((tmp_path / "frontier.json").read_text())
+    monkeypatch.setattr(sys, "argv", ["/repo/experiments/annotators.py", "--seeds", "0", "1"])
+    models.write_report(str(tmp_path), "annotators", {"seeds": [0, 1], "gain": 0.1}, "text\n")
+    saved = json.loads((tmp_path / "annotators.json").read_text())
     assert saved["gain"] == 0.1 and saved["provenance"]["seeds"] == [0, 1]
-    assert saved["provenance"]["command"] == "python -m experiments.frontier --seeds 0 1"
+    assert saved["provenance"]["command"] == "python -m experiments.annotators --seeds 0 1"
     assert set(saved["provenance"]) == set(cards.PROVENANCE_KEYS)

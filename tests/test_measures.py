@@ -1,5 +1,5 @@
 """The measures behind the lecture-claims experiments: calibration error and reliability bins, the unbiased
-best-of-n estimator, the analytic best-of-n KL and Gao et al.'s fits, each against an independent re-derivation;
+best-of-n estimator and the analytic best-of-n KL, each against an independent re-derivation;
 and the seed-models cache that the experiments share."""
 import itertools
 import json
@@ -9,14 +9,12 @@ import os
 import numpy as np
 import pytest
 
-from experiments import (annotators, calibration, frontier, grpo_transfer, grpo_variants, hallucination,  # run only
-                         length_bias, overoptimization, safety_data)
-from rlhf_jax import tasks as world
+from experiments import (annotators, calibration, grpo_transfer, grpo_variants, hallucination,  # run only
+                         length_bias, safety_data)
 from rlhf_jax.eval import best_of_n_expectation, expected_calibration_error, reliability_bins
-from rlhf_jax.recipes import PipelineConfig
 from rlhf_jax.recipes import models as seed_models
-from rlhf_jax.recipes import overoptimization as oo
 from rlhf_jax.recipes.stats import across_seeds, fmt_interval, wilson
+from rlhf_jax.stats import bon_kl
 
 
 def _ece_loops(conf, correct, num_bins):
@@ -81,34 +79,9 @@ def test_best_of_n_large_pool_is_finite_and_rejects_bad_n():
         best_of_n_expectation(proxy, value, 0)
 
 
-def test_best_of_n_kl_and_gao_fits():
+def test_best_of_n_kl():
     # KL(best-of-n || base) = log n - (n-1)/n: 0 at n = 1; Stiennon et al.'s n = 2 value
-    np.testing.assert_allclose(oo.bon_kl([1, 2, 64]), [0.0, math.log(2) - 0.5, math.log(64) - 63 / 64])
-    d = np.linspace(0.0, 3.0, 12)
-    fit = oo.fit_gao(d, d * (0.4 - 0.1 * d), "bon")
-    assert fit["alpha"] == pytest.approx(0.4) and fit["beta"] == pytest.approx(0.1) and fit["r2"] == pytest.approx(1.0)
-    gain = np.where(d > 0, d * (0.3 - 0.2 * np.log(np.where(d > 0, d, 1.0))), 0.0)
-    fit = oo.fit_gao(d, gain, "rl")
-    assert fit["alpha"] == pytest.approx(0.3) and fit["beta"] == pytest.approx(0.2)
-    assert oo.peak([0, 10, 20], [0.1, 0.3, 0.2]) == {
-        "peak_at": 10, "peak_gold": 0.3, "final_gold": 0.2, "peaked_then_fell": True}
-    assert not oo.peak([0, 10], [0.1, 0.3])["peaked_then_fell"]
-
-
-def test_rl_rise_counts_only_beyond_the_bonferroni_bootstrap_interval():
-    rng = np.random.default_rng(0)
-    start = rng.uniform(0.2, 0.8, 48)
-    noise = lambda: rng.normal(0.0, 0.05, 48)  # noqa: E731
-    # a clear rise of 0.1 on every prompt, then a clear fall: both intervals exclude 0
-    clear = [start, start + 0.1 + noise(), start - 0.2 + noise()]
-    r = oo.rise(clear, 1, np.ones(48))
-    assert r["rose_then_fell"] and r["rise"]["low"] > 0 and r["fall"]["high"] < 0
-    assert r["rise"]["level"] == pytest.approx(1 - 0.05 / 2) and r["fall"]["level"] == 0.95
-    # the best of many noisy evaluations with no real change: the strict interval keeps its rise from counting
-    flat = [start] + [start + noise() for _ in range(10)]
-    peak = int(np.argmax([np.mean(g) for g in flat]))
-    r = oo.rise(flat + [start - 0.2], peak, np.ones(48))
-    assert peak > 0 and r["rise"]["delta"] > 0 and r["rise"]["low"] < 0 and not r["rose_then_fell"]
+    np.testing.assert_allclose(bon_kl([1, 2, 64]), [0.0, math.log(2) - 0.5, math.log(64) - 63 / 64])
 
 
 def test_seed_models_cache_runs_the_main_job_only_when_a_stage_is_missing(tmp_path):
@@ -141,8 +114,7 @@ def test_seed_models_cache_runs_the_main_job_only_when_a_stage_is_missing(tmp_pa
 def test_experiment_scripts_report_a_models_mismatch_in_one_line(tmp_path, capsys):
     os.makedirs(tmp_path / "seed0")
     (tmp_path / "seed0" / "config.json").write_text(json.dumps({"seed": 0, "quick": True}))
-    for module in (calibration, overoptimization, safety_data, grpo_transfer, length_bias, annotators, frontier,
-                   hallucination, grpo_variants):
+    for module in (calibration, safety_data, grpo_transfer, length_bias, annotators, hallucination, grpo_variants):
         seeds = ["--seed", "0"] if module is grpo_transfer else ["--seeds", "0"]
         assert module.main(["--models", str(tmp_path / "seed{seed}"), *seeds, "--out",
                             str(tmp_path / module.__name__)]) == 2
@@ -177,29 +149,3 @@ def test_across_seeds_and_kept_seeds(tmp_path):
     assert seed_models.kept_seeds(path, {"x": 2}) == {}                # other settings: measured again
 
 
-def test_overoptimization_skill_families_leave_out_every_safety_prompt():
-    pcfg = PipelineConfig(quick=True)
-    for families, rl_prompts in itertools.product(("all", "skills"), ("evaluated", "main")):
-        key_sets = {k: oo.key_set(k, 40, 0, families) for k in oo.KEY_SETS}
-        rl = oo.rl_tasks(pcfg, key_sets, rl_prompts=rl_prompts, families=families)
-        for name, tasks in {**key_sets, "rl": rl}.items():
-            fams = {t.family for t in tasks}
-            assert len({t.prompt for t in tasks}) == len(tasks) or name == "rl", name
-            if families == "skills":
-                assert fams <= set(world.SKILL_FAMILIES) and len(fams) > 1, (name, fams)
-            else:
-                assert fams & set(world.SAFETY_FAMILIES), (name, fams)
-        assert {t.family for t in key_sets["test"]} <= {t.family for t in world.key_tasks("test")}
-
-
-def test_overoptimization_plots_every_seed_and_the_across_seed_figure(tmp_path):
-    keys = oo.KEY_SETS
-    bon = {"n": [1, 2, 4], "d": [0.0, 0.43, 0.8], "gold": [0.5, 0.6, 0.4], "proxy": [0.0, 1.0, 2.0],
-           "fit": {"alpha": 0.3, "beta": 0.3, "r2": 0.9}}
-    points = [{"iteration": i, **{k: {"gold": g, "proxy": i / 10, "kl": i / 4} for k in keys}}
-              for i, g in enumerate([0.5, 0.52, 0.3])]
-    per_seed = {s: {"best_of_n": {k: {"1": bon} for k in keys}, "rl": {"grpo_kl0": {"points": points}}}
-                for s in ("0", "1")}
-    oo.plots({"per_seed": per_seed}, str(tmp_path))
-    assert sorted(os.listdir(tmp_path)) == ["best_of_n_seed0.png", "best_of_n_seed1.png", "rl_seed0.png",
-                                            "rl_seed1.png", "rl_seeds.png"]

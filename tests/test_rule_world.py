@@ -133,16 +133,16 @@ def test_seed_models_are_kept_and_read_back(tmp_path, monkeypatch):
 
 
 def test_rise_and_fall_and_break_even():
-    from experiments import label_cost, rule_overoptimization as oo
+    from rlhf_jax.stats import break_even, rise_and_fall
     up, flat = np.r_[np.ones(30), np.zeros(10)], np.r_[np.ones(10), np.zeros(30)]
     rise_fall = [{"iteration": i, "exact": e.tolist(), "mean": float(e.mean())}
                  for i, e in enumerate([flat, up, flat])]
-    shape = oo.rise_and_fall(rise_fall)
+    shape = rise_and_fall(rise_fall)
     assert shape["rose_then_fell"] and shape["peak_iteration"] == 1
     assert shape["peak_minus_start"]["delta"] == pytest.approx(0.5)
-    assert not oo.rise_and_fall(rise_fall[:2])["rose_then_fell"]          # ends at its peak: no fall
+    assert not rise_and_fall(rise_fall[:2])["rose_then_fell"]          # ends at its peak: no fall
     rising = [{**p, "iteration": i} for i, p in enumerate([rise_fall[0], rise_fall[0], rise_fall[1]])]
-    assert not oo.rise_and_fall(rising)["rose_then_fell"]
+    assert not rise_and_fall(rising)["rose_then_fell"]
     # break even: 0.5 gold lies halfway (in log count) between 10 demonstrations (0.4) and 40 (0.6): m* = 20
-    assert label_cost.break_even(0.5, [10, 40, 100], [0.4, 0.6, 0.9]) == pytest.approx(20.0)
-    assert label_cost.break_even(0.95, [10, 40, 100], [0.4, 0.6, 0.9]) is None          # out of range
+    assert break_even(0.5, [10, 40, 100], [0.4, 0.6, 0.9]) == pytest.approx(20.0)
+    assert break_even(0.95, [10, 40, 100], [0.4, 0.6, 0.9]) is None          # out of range

@@ -111,7 +111,7 @@ def config_from_hf(hf: dict[str, Any], *, source: str = "config.json", **overrid
         layer_types = hf.get("layer_types") or []
         if model_type in ("qwen2", "qwen3") and hf.get("use_sliding_window") and not layer_types:
             # a config.json from before layer_types: the layers from max_window_layers on slide (transformers 4.x)
-            first = hf.get("max_window_layers", hf["num_hidden_layers"])
+            first = hf.get("max_window_layers", 28)                       # transformers' default
             layer_types = ["sliding_attention" if i >= first else "full_attention"
                            for i in range(hf["num_hidden_layers"])]
         sliding = model_type == "mistral" or hf.get("use_sliding_window") or "sliding_attention" in layer_types

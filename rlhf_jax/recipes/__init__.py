@@ -3,7 +3,7 @@
 The main job (`rlhf-jax pipeline`, `rlhf_jax.cli.pipeline`) composes these; the lecture experiments in
 `experiments/` reuse them to build their variants, and `rlhf_jax.recipes.cards` renders their result cards.
 Each lecture experiment's measures, summaries and report renderers are library modules here, named by experiment
-(`recipes.overoptimization`, `.annotators`, `.length_bias`, `.hallucination`, `.midtraining`, `.grpo_variants`,
+(`recipes.annotators`, `.length_bias`, `.hallucination`, `.midtraining`, `.grpo_variants`,
 `.calibration`; imported by name, not re-exported), so that its script keeps only parsing, orchestration and I/O.
 """
 from rlhf_jax.recipes.config import (

@@ -475,6 +475,8 @@ def seed_models(cfg: RuleWorldConfig, cache: str | None = None) -> SeedModels:
     reward = (timed("reward", reward_model, sft_params, mc, pairs, steps=cfg.rm_steps, lr=cfg.rm_lr, seed=1000 * s)
               if pairs else None)
     if cache is not None and seconds:
+        if os.path.exists(os.path.join(cache, "settings.json")):     # a crash while saving leaves no stale label
+            os.remove(os.path.join(cache, "settings.json"))
         for name, params in zip(names, (base, sft_params, reward)):
             if params is not None and name not in loaded:
                 save_params(os.path.join(cache, name), params, model_config=mc)
@@ -582,7 +584,8 @@ def run_rule_world(cfg: RuleWorldConfig, command: str, provenance_fn=None) -> di
 # ---------------------------------------------------------------------------------------------------- seeds
 def per_seed_results(out: str, settings: dict, seeds, run_seed, *, ignore=("seeds",)) -> list[dict]:
     """`run_seed(seed)` for each seed into OUT/seed<N>.json beside `settings`; a seed whose file holds the same
-    settings (but for the `ignore` fields) is read back, not run again (an experiment over seeds resumes)."""
+    settings (but for the `ignore` fields) is read back, not run again (an experiment over seeds resumes). Two
+    processes must not share OUT or a seed-model cache: nothing here locks."""
     os.makedirs(out, exist_ok=True)
     settings = json.loads(json.dumps(settings))
     same = lambda d: {k: v for k, v in d.items() if k not in ignore}  # noqa: E731
@@ -596,9 +599,10 @@ def per_seed_results(out: str, settings: dict, seeds, run_seed, *, ignore=("seed
                 log(f"seed {s}: read back from {path}")
                 results.append(done["result"])
                 continue
-        results.append(run_seed(s))
-        with open(path, "w") as f:
+        results.append(json.loads(json.dumps(run_seed(s))))      # as a read-back seed will be
+        with open(path + ".tmp", "w") as f:
             json.dump({"settings": settings, "result": results[-1]}, f)
+        os.replace(path + ".tmp", path)                              # a crash mid-write leaves no torn file
     return results
 
 

@@ -141,7 +141,7 @@ def lora_params(base_params, trainable: dict, lora: LoraConfig, *, lazy: bool = 
     """The model params of a LoRA state's trainable tree: the adapters ("attn", "mlp") merged into the frozen base
     (no gradient into it), and any other entry (a reward model's "score_head") taken as is. `lazy`: over an NF4
     base, merged one layer at a time inside the model's layer scan (`merge_lora(..., lazy=True)`); the losses'
-    steps use it, so that a QLoRA step never holds the whole dequantised base."""
+    steps use it, so that a QLoRA step with remat="full" never holds the whole dequantised base."""
     adapters = {k: v for k, v in trainable.items() if k in ("attn", "mlp")}
     rest = {k: v for k, v in trainable.items() if k not in ("attn", "mlp")}
     return {**merge_lora(jax.lax.stop_gradient(base_params), adapters, lora, lazy=lazy), **rest}
