@@ -18,7 +18,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def test_quick_pipeline_writes_report_and_resumes():
     """tests/_pipeline_e2e.py in its own pytest process, with XLA's CPU optimisations on (see its docstring)."""
     env = {**os.environ, "RLHF_JAX_TEST_XLA_OPT": "1", "XLA_FLAGS": ""}
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-n", "0", "-p", "no:cacheprovider",
                         os.path.join(HERE, "_pipeline_e2e.py")], cwd=os.path.dirname(HERE), env=env,
                        capture_output=True, text=True, timeout=3000)  # ~25 min alone on 2 cores
     assert r.returncode == 0, (r.stdout + r.stderr)[-6000:]
