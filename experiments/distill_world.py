@@ -23,9 +23,7 @@ a difference to the student's SFT carries a seeds-and-prompts interval (`stats.s
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import shlex
 import sys
 import time
 from typing import Literal
@@ -37,7 +35,6 @@ from rlhf_jax.config_cli import check_ranges, parse_cli
 from rlhf_jax.generation import SamplingConfig
 from rlhf_jax.models import ModelConfig, count_params
 from rlhf_jax.recipes import TOK, rule_world as rw
-from rlhf_jax.recipes.cards import provenance
 from rlhf_jax.stats import seed_prompt_bootstrap
 from rlhf_jax.tasks import skills
 from rlhf_jax.train.checkpoint import load_params
@@ -231,19 +228,7 @@ def card(result: dict) -> dict:
 
 
 def main(argv=None) -> None:
-    cfg = parse_cli(DistillWorldConfig, argv)
-    command = "python -m experiments.distill_world " + shlex.join(sys.argv[1:] if argv is None else argv)
-    per_seed = rw.per_seed_results(cfg.out, dataclasses.asdict(cfg), cfg.seeds, lambda s: one_seed(cfg, s))
-    result = {"eval_split": cfg.eval_split, "seeds": list(cfg.seeds), "settings": dataclasses.asdict(cfg),
-              "per_seed": per_seed, "summary": summarize(per_seed), "provenance": provenance(command, cfg.seeds)}
-    with open(os.path.join(cfg.out, "distill_world.json"), "w") as f:
-        json.dump(result, f, indent=1)
-    text = markdown(result)
-    with open(os.path.join(cfg.out, "distill_world.md"), "w") as f:
-        f.write(text + "\n")
-    with open(os.path.join(cfg.out, "card.json"), "w") as f:
-        json.dump(card(result), f, indent=1)
-    print(text)
+    rw.run_experiment("distill_world", parse_cli(DistillWorldConfig, argv), argv, one_seed, summarize, markdown, card, ignore=("seeds",))
 
 
 if __name__ == "__main__":

@@ -21,9 +21,7 @@ summary and OUT/card.json.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import shlex
 import sys
 import time
 from typing import Literal
@@ -34,7 +32,6 @@ import numpy as np
 from rlhf_jax.checks import config_check
 from rlhf_jax.config_cli import check_ranges, parse_cli
 from rlhf_jax.recipes import rule_world as rw
-from rlhf_jax.recipes.cards import provenance
 from rlhf_jax.stats import break_even, seed_prompt_bootstrap
 from rlhf_jax.tasks import skills
 
@@ -170,20 +167,7 @@ def card(result: dict) -> dict:
 
 
 def main(argv=None) -> None:
-    cfg = parse_cli(LabelCostConfig, argv)
-    command = "python -m experiments.label_cost " + shlex.join(sys.argv[1:] if argv is None else argv)
-    per_seed = rw.per_seed_results(cfg.out, dataclasses.asdict(cfg), cfg.seeds, lambda s: one_seed(cfg, s),
-                                   ignore=("seeds", "out", "models"))
-    result = {"eval_split": cfg.eval_split, "seeds": list(cfg.seeds), "settings": dataclasses.asdict(cfg),
-              "per_seed": per_seed, "summary": summarize(per_seed), "provenance": provenance(command, cfg.seeds)}
-    with open(os.path.join(cfg.out, "label_cost.json"), "w") as f:
-        json.dump(result, f, indent=1)
-    text = markdown(result)
-    with open(os.path.join(cfg.out, "label_cost.md"), "w") as f:
-        f.write(text + "\n")
-    with open(os.path.join(cfg.out, "card.json"), "w") as f:
-        json.dump(card(result), f, indent=1)
-    print(text)
+    rw.run_experiment("label_cost", parse_cli(LabelCostConfig, argv), argv, one_seed, summarize, markdown, card)
 
 
 if __name__ == "__main__":

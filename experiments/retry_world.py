@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 import os
-import shlex
 import sys
 import time
 from typing import Literal
@@ -30,7 +28,6 @@ from rlhf_jax.config_cli import check_ranges, parse_cli
 from rlhf_jax.envs import EpisodeBudget, SkillRetryEnv
 from rlhf_jax.generation import SamplingConfig
 from rlhf_jax.recipes import TOK, rule_world as rw
-from rlhf_jax.recipes.cards import provenance
 from rlhf_jax.stats import seed_prompt_bootstrap
 from rlhf_jax.tasks import skills
 from rlhf_jax.train import stages
@@ -190,20 +187,7 @@ def card(result: dict) -> dict:
 
 
 def main(argv=None) -> None:
-    cfg = parse_cli(RetryWorldConfig, argv)
-    command = "python -m experiments.retry_world " + shlex.join(sys.argv[1:] if argv is None else argv)
-    per_seed = rw.per_seed_results(cfg.out, dataclasses.asdict(cfg), cfg.seeds, lambda s: one_seed(cfg, s),
-                                   ignore=("seeds", "out", "models"))
-    result = {"eval_split": cfg.eval_split, "seeds": list(cfg.seeds), "settings": dataclasses.asdict(cfg),
-              "per_seed": per_seed, "summary": summarize(per_seed), "provenance": provenance(command, cfg.seeds)}
-    with open(os.path.join(cfg.out, "retry_world.json"), "w") as f:
-        json.dump(result, f, indent=1)
-    text = markdown(result)
-    with open(os.path.join(cfg.out, "retry_world.md"), "w") as f:
-        f.write(text + "\n")
-    with open(os.path.join(cfg.out, "card.json"), "w") as f:
-        json.dump(card(result), f, indent=1)
-    print(text)
+    rw.run_experiment("retry_world", parse_cli(RetryWorldConfig, argv), argv, one_seed, summarize, markdown, card)
 
 
 if __name__ == "__main__":

@@ -23,9 +23,7 @@ OUT/rule_overoptimization.json, a markdown summary and OUT/card.json (a result c
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import shlex
 import sys
 import time
 from typing import Literal
@@ -36,7 +34,6 @@ import numpy as np
 from rlhf_jax.checks import config_check
 from rlhf_jax.config_cli import check_ranges, parse_cli
 from rlhf_jax.recipes import rule_world as rw
-from rlhf_jax.recipes.cards import provenance
 from rlhf_jax.stats import best_of_n_expectation, bon_kl, rise_and_fall, seed_prompt_bootstrap
 from rlhf_jax.tasks import skills
 
@@ -258,20 +255,7 @@ def card(result: dict) -> dict:
 
 
 def main(argv=None) -> None:
-    cfg = parse_cli(RuleOveroptimizationConfig, argv)
-    command = "python -m experiments.rule_overoptimization " + shlex.join(sys.argv[1:] if argv is None else argv)
-    per_seed = rw.per_seed_results(cfg.out, dataclasses.asdict(cfg), cfg.seeds, lambda s: one_seed(cfg, s),
-                                   ignore=("seeds", "out", "models"))
-    result = {"eval_split": cfg.eval_split, "seeds": list(cfg.seeds), "settings": dataclasses.asdict(cfg),
-              "per_seed": per_seed, "summary": summarize(per_seed), "provenance": provenance(command, cfg.seeds)}
-    with open(os.path.join(cfg.out, "rule_overoptimization.json"), "w") as f:
-        json.dump(result, f, indent=1)
-    text = markdown(result)
-    with open(os.path.join(cfg.out, "rule_overoptimization.md"), "w") as f:
-        f.write(text + "\n")
-    with open(os.path.join(cfg.out, "card.json"), "w") as f:
-        json.dump(card(result), f, indent=1)
-    print(text)
+    rw.run_experiment("rule_overoptimization", parse_cli(RuleOveroptimizationConfig, argv), argv, one_seed, summarize, markdown, card)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shlex
 import sys
 import time
 import types
@@ -604,6 +605,27 @@ def per_seed_results(out: str, settings: dict, seeds, run_seed, *, ignore=("seed
             json.dump({"settings": settings, "result": results[-1]}, f)
         os.replace(path + ".tmp", path)                              # a crash mid-write leaves no torn file
     return results
+
+
+def run_experiment(name: str, cfg, argv, one_seed, summarize, markdown, card, *,
+                   ignore=("seeds", "out", "models")) -> dict:
+    """An experiment script's main over `cfg.seeds` (its config has `seeds` and `out`): each seed by
+    `one_seed(cfg, seed)` through `per_seed_results`, then OUT/NAME.json (eval split, seeds, settings, per seed,
+    `summarize(per_seed)`, provenance of `python -m experiments.NAME ARGV`), OUT/NAME.md (`markdown(result)`, also
+    printed) and OUT/card.json (`card(result)`). Returns the result."""
+    from rlhf_jax.recipes.cards import provenance
+    command = f"python -m experiments.{name} " + shlex.join(sys.argv[1:] if argv is None else argv)
+    settings = dataclasses.asdict(cfg)
+    per_seed = per_seed_results(cfg.out, settings, cfg.seeds, lambda s: one_seed(cfg, s), ignore=ignore)
+    result = {"eval_split": cfg.eval_split, "seeds": list(cfg.seeds), "settings": settings, "per_seed": per_seed,
+              "summary": summarize(per_seed), "provenance": provenance(command, cfg.seeds)}
+    text = markdown(result)
+    for path, content in ((f"{name}.json", json.dumps(result, indent=1)), (f"{name}.md", text + "\n"),
+                          ("card.json", json.dumps(card(result), indent=1))):
+        with open(os.path.join(cfg.out, path), "w") as f:
+            f.write(content)
+    print(text)
+    return result
 
 
 def seed_summary(reports: list[dict], *, num_samples: int = 2000) -> dict:
