@@ -247,9 +247,16 @@ def test_ppo_env_command_runs_and_refuses_bad_options_in_one_line(tmp_path, caps
     for x in lines:
         assert {"tools/calls", "turns/mean", "objective/scores", "loss/policy", "loss/value"} <= set(x)
     assert (tmp_path / "run" / "ppo" / "final" / "model_config.json").exists()
+    # With LoRA: adapters trained over the frozen base (also the KL reference), written as a peft adapter.
+    assert ppo.main(["--out", str(tmp_path / "lora"), "--env", "calculator", "--ppo.num-steps", "1", *tiny,
+                     "--lora.rank", "2", "--lora.targets", "q", "v"]) == 0
+    from rlhf_jax.lora import load_peft
+    from rlhf_jax.train.checkpoint import load_params
+    mc, _ = load_params(str(tmp_path / "lora" / "ppo" / "final"))
+    adapters, lora = load_peft(str(tmp_path / "lora" / "ppo" / "adapter"), mc)
+    assert lora.rank == 2 and float(np.abs(np.asarray(adapters["attn"]["q"]["b"])).max()) > 0     # B moved from 0
     capsys.readouterr()
     for bad, says in [(["--env", "calculator", "--reward-init", "x"], "--env: the environment gives the rewards"),
-                      (["--env", "calculator", "--lora.rank", "4"], "drop --lora.rank"),
                       (["--env", "calculator", "--data.seq-len", "64"], "longer than --data.seq-len 64")]:
         assert ppo.main(["--out", str(tmp_path / "bad"), *bad]) == 2
         err = capsys.readouterr().err.strip()

@@ -96,9 +96,6 @@ def _main_env(cfg: PPOExperiment) -> int:
             raise ValueError("--env runs on one device (the environments answer on the host): drop --mesh")
         if cfg.reward_init is not None:
             raise ValueError("--env: the environment gives the rewards; drop --reward-init")
-        if cfg.lora.rank:
-            raise ValueError("rlhf-jax ppo --env trains the full model; drop --lora.rank (rlhf-jax grpo --env takes "
-                             "LoRA)")
         if cfg.ppo.ptx_coef > 0:
             raise ValueError("--env: PPO-ptx is not supported on multi-turn episodes; set --ppo.ptx-coef 0")
         env = make_environment(cfg.env)
@@ -111,22 +108,24 @@ def _main_env(cfg: PPOExperiment) -> int:
         k_policy, _, _, k_state = jax.random.split(jax.random.key(cfg.seed), 4)
         mc, policy = init_model(cfg.preset, cfg.model, k_policy, init=cfg.init, tokenizer=tok)
         budget, seq_len = env_lengths(cfg, ppo_cfg.sampling, mc, "ppo")
-        ref = jax.device_put(policy)
-        state = init_ppo_state(ref, ppo_cfg, model_config=mc, rng=k_state)
+        lora = cfg.lora.config()          # with LoRA: adapters of the (quantised) base, which is also the reference
+        ref = jax.device_put(cfg.lora.base(policy))
+        state = init_ppo_state(ref, ppo_cfg, model_config=mc, rng=k_state, lora=lora)
     except (ValueError, OSError) as e:
         return setup_error(e)
     try:
         state, history, finished = run_stage(
             "ppo", lambda s, d, c, hooks: run_ppo_env(
                 s, d, c, model_config=mc, env_factory=lambda: make_environment(cfg.env), tokenizer=tok,
-                budget=budget, prompt_len=cfg.data.seq_len, seq_len=seq_len, ref_params=ref, hooks=hooks),
+                budget=budget, prompt_len=cfg.data.seq_len, seq_len=seq_len, ref_params=ref, hooks=hooks,
+                lora=lora),
             state, data, ppo_cfg, out=out, resume=cfg.resume, checkpoint=cfg.checkpoint,
             samples_per_step=ppo_cfg.batch_size)
     except (NonFiniteLossError, ValueError) as e:    # ValueError: an environment's or a chat template's, mid-run
         print(f"error: {e}", file=sys.stderr)
         return 1
     if finished:
-        save_final(out, "ppo", state.policy.params, mc, None, ref, tokenizer=tok, init=cfg.init)
+        save_final(out, "ppo", state.policy.params, mc, lora, ref, tokenizer=tok, init=cfg.init)
     finish_report(out, "ppo", history, keys=("objective/scores", "tools/calls", "turns/mean", "objective/kl"),
                   summary={"finished": finished, "policy": cfg.init or cfg.preset, "env": cfg.env,
                            "data": cfg.data.path or f"{cfg.env} tasks"})
