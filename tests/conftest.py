@@ -25,3 +25,13 @@ def _free_compiled_programs():
     (segfault, twice, in tests/test_train_steps.py, which passes on its own)."""
     yield
     jax.clear_caches()
+
+
+LONGEST = ("tests/test_pipeline.py::test_quick_pipeline_writes_report_and_resumes",
+           "tests/test_rule_world.py::test_rule_world_command_quick_on_dev_keys")
+"""The end-to-end tests, each minutes long: collected first, so that on two workers (pytest.ini) each starts at
+once beside the rest of the suite instead of running alone at its end."""
+
+
+def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: item.nodeid not in LONGEST)      # stable: the rest keeps its order
