@@ -2,7 +2,7 @@
 
     python -m experiments.cards                  # rewrite every docs/results/*.md from its .json
     python -m experiments.cards --check          # exit 1 naming each card whose .md differs from its JSON
-    python -m experiments.cards docs/results/annotators.json   # only these cards (.json or .md paths)
+    python -m experiments.cards docs/results/label_cost.json   # only these cards (.json or .md paths)
 
 The layout of a card's JSON and the rendering are in `rlhf_jax.recipes.cards`.
 """

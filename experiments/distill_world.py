@@ -228,7 +228,8 @@ def card(result: dict) -> dict:
 
 
 def main(argv=None) -> None:
-    rw.run_experiment("distill_world", parse_cli(DistillWorldConfig, argv), argv, one_seed, summarize, markdown, card, ignore=("seeds",))
+    rw.run_experiment("distill_world", parse_cli(DistillWorldConfig, argv), argv, one_seed, summarize, markdown, card,
+                      ignore=("seeds",))
 
 
 if __name__ == "__main__":

@@ -45,7 +45,7 @@ from rlhf_jax.recipes.models import (
     script_main,
     write_report,
 )
-from rlhf_jax.recipes.populations import test_evaluator, test_tasks
+from rlhf_jax.recipes.evaluate import test_evaluator, test_tasks
 from rlhf_jax.recipes.stats import across_seeds
 
 

@@ -46,7 +46,7 @@ from rlhf_jax.recipes import TOK, document_example, packed_batches
 from rlhf_jax.recipes import midtraining as mt
 from rlhf_jax.recipes.midtraining import ARMS
 from rlhf_jax.recipes.models import kept_seeds, script_main, write_report
-from rlhf_jax.recipes.populations import test_evaluator, test_tasks
+from rlhf_jax.recipes.evaluate import test_evaluator, test_tasks
 from rlhf_jax.recipes.stages import train_sft
 from rlhf_jax.recipes.stats import across_seeds
 from rlhf_jax.train.state import create_train_state

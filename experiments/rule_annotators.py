@@ -17,9 +17,12 @@ label counts are equal by construction; a population only decides which answer o
 For each: its labels' agreement with gold (all pairs, and the flaw pairs: the right answer against its truncation),
 how often the longer answer wins; a reward model on the labels (the main job's recipe; careful: the main job's
 own), read on gold pairs of SFT samples of eval-split keys; PPO on it and DPO on the labels (the main job's
-recipes, from the deployed SFT model), read by greedy exact match and excess length (characters beyond the
-answer's) on `prompts` fresh eval-split keys per seed. Design and hypotheses A1-A4: docs/world.md. Writes
-OUT/seed<N>.json (read back when its settings are the same), OUT/rule_annotators.json, .md and OUT/card.json.
+recipes, from the deployed SFT model), read by greedy exact match and excess length (the answer's length
+subtracted from the response's: negative when shorter) on `prompts` fresh eval-split keys per seed (`--quick`: the
+rule world's quick count). The labelling functions are `rlhf_jax.recipes.rule_annotators`; the noisy and
+length-loving populations draw from one generator per seed in population order, so a `--populations` subset
+draws other labels than the full run. Design and hypotheses A1-A4: docs/world.md. Writes OUT/seed<N>.json (read
+back when its settings are the same), OUT/rule_annotators.json, .md and OUT/card.json.
 """
 from __future__ import annotations
 
@@ -34,16 +37,10 @@ import numpy as np
 
 from rlhf_jax.checks import config_check
 from rlhf_jax.config_cli import check_ranges, parse_cli
-from rlhf_jax.data import PreferenceRecord
 from rlhf_jax.recipes import rule_world as rw
+from rlhf_jax.recipes.rule_annotators import POPULATIONS, judge_prefers_first, population_keeps, relabel, verdicts
 from rlhf_jax.stats import seed_prompt_bootstrap
 from rlhf_jax.tasks import skills
-from rlhf_jax.train.steps import reference_logps
-
-POPULATIONS = ("careful", "noisy", "length-loving", "ai-judge", "ai-self")
-"""Every labeller population, in report order (careful first: the others are compared with it)."""
-PAIR_LOGPS = jax.jit(reference_logps, static_argnames=("model_config",))
-
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class RuleAnnotatorsConfig:
@@ -76,37 +73,6 @@ class RuleAnnotatorsConfig:
                      f"noise = {self.noise} and length_share = {self.length_share} must be in [0, 1]")
 
 
-def judge_prefers_first(params, mc, records: list[PreferenceRecord]) -> np.ndarray:
-    """[N] True where log pi(chosen | prompt) > log pi(rejected | prompt) under `params` (answers with their end
-    token)."""
-    out = []
-    for i in range(0, len(records), 256):
-        lp = PAIR_LOGPS(params, rw.pair_batch(records[i:i + 256]), model_config=mc)
-        out.append(np.asarray(lp["ref_chosen_logps"]) > np.asarray(lp["ref_rejected_logps"]))
-    return np.concatenate(out) if out else np.zeros(0, bool)
-
-
-def relabel(pairs: list[PreferenceRecord], keep: np.ndarray) -> list[PreferenceRecord]:
-    """The pairs with chosen and rejected swapped where `keep` is False."""
-    return [p if k else dataclasses.replace(p, chosen=p.rejected, rejected=p.chosen) for p, k in zip(pairs, keep)]
-
-
-def population_keeps(name: str, pairs, cfg: RuleAnnotatorsConfig, rng: np.random.Generator, judges: dict
-                     ) -> np.ndarray:
-    """[N] True where the population keeps the gold order of each pair (gold-chosen first)."""
-    n = len(pairs)
-    if name == "careful":
-        return np.ones(n, bool)
-    if name == "noisy":
-        return rng.random(n) >= cfg.noise
-    if name == "length-loving":
-        by_length = rng.random(n) < cfg.length_share
-        longer_first = np.array([len(p.chosen.strip()) > len(p.rejected.strip()) for p in pairs])
-        equal = np.array([len(p.chosen.strip()) == len(p.rejected.strip()) for p in pairs])
-        return np.where(by_length & ~equal, longer_first, True)
-    return judges[name]
-
-
 def one_seed(cfg: RuleAnnotatorsConfig, seed: int) -> dict:
     world = rw.RuleWorldConfig(seed=seed, quick=cfg.quick, eval_split=cfg.eval_split).scaled()
     models = rw.seed_models(world, os.path.join(cfg.models, f"seed{seed}", "models"))
@@ -131,9 +97,13 @@ def one_seed(cfg: RuleAnnotatorsConfig, seed: int) -> dict:
     answer = [task_of[p.prompt[-1]["content"]].answer for p in pairs]
     flaw = np.array([p.chosen.strip() == a and p.rejected.strip() == a[:skills.TRUNCATE_AT] != a
                      for p, a in zip(pairs, answer)])
-    oracle = rw.sft(models.base, mc, [(t, t.answer) for t in sets["demo"]], steps=world.sft_steps,
-                    batch_size=world.batch_size, seq_len=world.seq_len, seed=base + 20)
-    judges = {"ai-judge": judge_prefers_first(oracle, mc, pairs), "ai-self": judge_prefers_first(sft, mc, pairs)}
+    judges = {}
+    if "ai-judge" in cfg.populations:      # the oracle SFT model of the main job's recipe
+        judges["ai-judge"] = judge_prefers_first(rw.sft(
+            models.base, mc, [(t, t.answer) for t in sets["demo"]], steps=world.sft_steps,
+            batch_size=world.batch_size, seq_len=world.seq_len, seed=base + 20), mc, pairs)
+    if "ai-self" in cfg.populations:
+        judges["ai-self"] = judge_prefers_first(sft, mc, pairs)
     eval_pairs, _ = rw.gold_pairs(sft, sets["rm_eval"], mc, samples=world.pair_samples,
                                   temperature=world.pair_temperature, rng=jax.random.fold_in(rw.sampling_key(world),
                                                                                              102), **gen)
@@ -142,7 +112,8 @@ def one_seed(cfg: RuleAnnotatorsConfig, seed: int) -> dict:
     log(f"sft: {out['sft']['mean']:.3f}; {len(pairs)} pairs ({int(flaw.sum())} flaw pairs)")
     label_rng = np.random.default_rng(base + 52)
     for name in dict.fromkeys(("careful", *cfg.populations)):
-        keep = population_keeps(name, pairs, cfg, label_rng, judges)
+        keep = population_keeps(name, pairs, noise=cfg.noise, length_share=cfg.length_share, rng=label_rng,
+                                judges=judges)
         labelled = relabel(pairs, keep)
         lengths = np.array([(len(p.chosen.strip()), len(p.rejected.strip())) for p in labelled])
         differ = lengths[:, 0] != lengths[:, 1]
@@ -162,7 +133,8 @@ def one_seed(cfg: RuleAnnotatorsConfig, seed: int) -> dict:
         log(f"{name}: labels {row['labels']['gold_agreement']:.3f} (flaw pairs "
             f"{row['labels']['flaw_agreement']:.3f}, longer wins {row['labels']['longer_wins']:.3f}), reward model "
             f"{row['reward_model_accuracy']:.3f}, ppo {row['ppo']['mean']:.3f} (excess "
-            f"{row['ppo']['mean_excess']:+.2f}), dpo {row['dpo']['mean']:.3f} (excess {row['dpo']['mean_excess']:+.2f})")
+            f"{row['ppo']['mean_excess']:+.2f}), dpo {row['dpo']['mean']:.3f} (excess "
+            f"{row['dpo']['mean_excess']:+.2f})")
     out["wall_s"] = round(time.time() - t0, 1)
     return out
 
@@ -191,24 +163,7 @@ def summarize(per_seed: list[dict]) -> dict:
     return out
 
 
-def verdicts(pops: dict) -> dict:
-    """A1-A4 of docs/world.md: True (holds), False (fails) or None (a population it needs did not run)."""
-    p = pops.get
-    out = {}
-    if p("length-loving"):
-        ppo = p("length-loving")["ppo"]
-        out["A1"] = ppo["excess_vs_careful"]["low"] > 0 and ppo["vs_careful"]["high"] < 0
-    if p("noisy"):
-        out["A2"] = abs(p("noisy")["reward_model_accuracy"] - p("careful")["reward_model_accuracy"]) < 0.1
-    if p("ai-judge"):
-        out["A3"] = p("ai-judge")["flaw_agreement"] >= 0.9 and p("ai-judge")["dpo"]["vs_careful"]["low"] > -0.1
-    if p("ai-self"):
-        out["A4"] = (p("ai-self")["flaw_agreement"] < 0.5 and not p("ai-self")["dpo"]["vs_sft"]["low"] > 0
-                     and p("careful")["dpo"]["vs_sft"]["low"] > 0)
-    return {k: bool(v) for k, v in out.items()}
-
-
-def ci(c: dict) -> str:
+def _ci(c: dict) -> str:
     return f"{c['delta']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}]"
 
 
@@ -217,13 +172,14 @@ def markdown(result: dict) -> str:
     lines = [f"# Annotators and AI feedback in the rule world ({result['eval_split']} keys, seeds {result['seeds']})",
              "", f"Deployed SFT: {s['sft']:.3f} greedy exact match.", "",
              "| population | labels = gold | flaw pairs = gold | longer wins | reward model accuracy | PPO gold | "
-             "PPO excess length | PPO vs careful | DPO gold | DPO vs SFT | DPO vs careful |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "PPO excess length | PPO vs careful | PPO excess vs careful | DPO gold | DPO vs SFT | DPO vs careful |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for n, r in s["populations"].items():
-        vs = lambda st: ci(r[st]["vs_careful"]) if "vs_careful" in r[st] else ""  # noqa: E731
+        vs = lambda st, k="vs_careful": _ci(r[st][k]) if k in r[st] else ""  # noqa: E731
         lines.append(f"| {n} | {r['gold_agreement']:.3f} | {r['flaw_agreement']:.3f} | {r['longer_wins']:.3f} | "
                      f"{r['reward_model_accuracy']:.3f} | {r['ppo']['mean']:.3f} | {r['ppo']['mean_excess']:+.2f} | "
-                     f"{vs('ppo')} | {r['dpo']['mean']:.3f} | {ci(r['dpo']['vs_sft'])} | {vs('dpo')} |")
+                     f"{vs('ppo')} | {vs('ppo', 'excess_vs_careful')} | {r['dpo']['mean']:.3f} | "
+                     f"{_ci(r['dpo']['vs_sft'])} | {vs('dpo')} |")
     lines += ["", "Hypotheses (docs/world.md): " + ", ".join(
         f"{k} {'holds' if v else 'fails'}" for k, v in s["hypotheses"].items())]
     return "\n".join(lines)
@@ -231,7 +187,7 @@ def markdown(result: dict) -> str:
 
 def card(result: dict) -> dict:
     """A result card's JSON (`rlhf_jax.recipes.cards` layout)."""
-    s, per = result["summary"], result["per_seed"]
+    s, per, cfg = result["summary"], result["per_seed"], result["settings"]
     c = lambda x: {"value": x["delta"], "ci": [x["low"], x["high"]], "signed": True} if x else None  # noqa: E731
     rows = [[n, r["gold_agreement"], r["flaw_agreement"], r["longer_wins"], r["reward_model_accuracy"],
              r["ppo"]["mean"], r["ppo"]["mean_excess"], c(r["ppo"].get("vs_careful")),
@@ -241,13 +197,15 @@ def card(result: dict) -> dict:
         "title": f"Annotators and AI feedback in the rule world ({result['eval_split']} keys, {len(per)} seeds)",
         "provenance": result["provenance"],
         "summary": [f"`experiments/rule_annotators.py`: every population relabels the same reward-model pairs of "
-                    "each seed's main job (careful = gold; noisy reverses 25%; length-loving picks the longer "
-                    "answer on half; ai-judge = the oracle SFT model's likelihood; ai-self = the deployed model's "
-                    "own); a reward model, PPO on it and DPO on the labels, each by the main job's recipe from the "
+                    f"each seed's main job ({', '.join(s['populations'])}; careful = gold; noisy reverses "
+                    f"{cfg['noise']:.0%} of the pairs; length-loving picks the longer answer on "
+                    f"{cfg['length_share']:.0%}; ai-judge = the oracle SFT model's likelihood; ai-self = the deployed "
+                    "model's own); a reward model, PPO on it and DPO on the labels, each by the main job's recipe "
+                    "from the "
                     f"deployed SFT; greedy exact match on {len(per[0]['sft']['exact'])} fresh "
                     f"{result['eval_split']} keys per seed; intervals 95%, seeds and prompts resampled together. "
-                    "Flaw pairs: the right answer against its truncation to 4 letters. Excess length: characters "
-                    "beyond the answer's. Hypotheses A1-A4 (docs/world.md): " + ", ".join(
+                    f"Flaw pairs: the right answer against its truncation to {skills.TRUNCATE_AT} letters. Excess "
+                    "length: the response's length minus the answer's. Hypotheses A1-A4 (docs/world.md): " + ", ".join(
                         f"{k} {'holds' if v else 'fails'}" for k, v in s["hypotheses"].items()) + "."],
         "sections": [{"title": "Labels, reward models and policies by population",
                       "tables": [{"columns": ["population", "labels = gold", "flaw pairs = gold", "longer wins",

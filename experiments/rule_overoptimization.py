@@ -255,7 +255,8 @@ def card(result: dict) -> dict:
 
 
 def main(argv=None) -> None:
-    rw.run_experiment("rule_overoptimization", parse_cli(RuleOveroptimizationConfig, argv), argv, one_seed, summarize, markdown, card)
+    rw.run_experiment("rule_overoptimization", parse_cli(RuleOveroptimizationConfig, argv), argv, one_seed,
+                      summarize, markdown, card)
 
 
 if __name__ == "__main__":

@@ -88,25 +88,14 @@ def test_quick_pipeline_writes_report(tmp_path, monkeypatch, capsys):
 
 
 def _lecture_experiments_on_these_models(models):
-    """experiments.calibration, safety_data, grpo_transfer, length_bias, annotators, hallucination and
-    grpo_variants --quick on this run's models (read, not retrained: the folder is a finished
-    seed-0 quick run; length_bias and annotators keep the reward models and DPO policies of other annotator
-    populations under its populations/), and midtraining --quick, which trains its own."""
-    from experiments import (
-        annotators,
-        calibration,
-        grpo_transfer,
-        grpo_variants,
-        hallucination,
-        length_bias,
-        midtraining,
-        safety_data,
-    )
+    """experiments.calibration, safety_data, grpo_transfer, hallucination and grpo_variants --quick on this run's
+    models (read, not retrained: the folder is a finished seed-0 quick run), and midtraining --quick, which trains
+    its own."""
+    from experiments import calibration, grpo_transfer, grpo_variants, hallucination, midtraining, safety_data
     from rlhf_jax.recipes import calibration as cal_recipe
     from rlhf_jax.recipes import grpo_variants as gv_recipe
     from rlhf_jax.recipes import hallucination as hal_recipe
     from rlhf_jax.recipes import midtraining as mt_recipe
-    from rlhf_jax.recipes.annotators import SELF
     before = sorted(os.listdir(models))
     cal = calibration.run(calibration.CalibrationConfig(quick=True, seeds=(0,), models=str(models),
                                                         out=str(models / "cal")))
@@ -127,20 +116,6 @@ def _lecture_experiments_on_these_models(models):
     assert [v["prompts"] for v in gt["variants"]] == ["fresh", "fixed"]
     assert all(len(v["batch_reward"]) == 4 and 0.0 <= v["dev"]["gold"] <= 1.0 for v in gt["variants"])
     assert gt["train_prompts"] == 24 and all(0.0 <= v["dev"]["train_gold"] <= 1.0 for v in gt["variants"])
-    lb = length_bias.run(length_bias.LengthBiasConfig(quick=True, models=str(models), out=str(models / "lb")))
-    e = lb["per_seed"]["0"]["populations"]["length-loving"]
-    assert [p["iteration"] for p in e["ppo"]] == [0, 1, 2] and e["dpo"][0]["iteration"] == 0
-    dpo_steps = json.loads((models / "config.json").read_text())["dpo"]["num_steps"]
-    assert e["dpo"][-1]["iteration"] == dpo_steps and e["ppo"][0]["test"] == e["dpo"][0]["test"]   # both from SFT
-    assert 0.0 <= e["labels"]["rate"] <= 1.0 and 0.0 <= e["reward_model"]["gold_agreement_dev"] <= 1.0
-    assert (models / "lb" / "length_bias.png").stat().st_size > 0
-    ann = annotators.run(annotators.AnnotatorsConfig(quick=True, models=str(models), out=str(models / "ann")))
-    pops = ann["per_seed"]["0"]["populations"]
-    assert list(pops) == ["sft", "careful", SELF]
-    assert pops["careful"]["train_pairs"] == pops[SELF]["train_pairs"]        # equal label counts
-    assert pops["careful"]["labels"]["more_likely_wins"] != pops[SELF]["labels"]["more_likely_wins"]
-    assert not (models / "populations" / "careful").exists()     # the main job's annotator: its own RM and DPO
-    assert (models / "ann" / "annotators.png").stat().st_size > 0
     hal = hallucination.run(hallucination.HallucinationConfig(quick=True, seeds=(0,), models=str(models),
                                                               out=str(models / "hal")))
     rows = hal["per_seed"]["0"]
@@ -163,7 +138,7 @@ def _lecture_experiments_on_these_models(models):
     assert all(0.0 <= r["gold_reward"] <= 1.0 for r in seed0["arms"].values())
     assert abs(seed0["arms"]["pretrain-sft"]["kl_to_ref"]) < 1e-6                   # the arms' reference
     assert (models / "mt" / "midtraining.png").stat().st_size > 0
-    made = {"cal", "sd", "gt", "lb", "ann", "hal", "gv", "mt", "populations"}
+    made = {"cal", "sd", "gt", "hal", "gv", "mt"}
     assert sorted(n for n in os.listdir(models) if n not in made) == before          # nothing retrained
 
 

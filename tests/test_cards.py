@@ -92,21 +92,21 @@ def test_every_repository_card_has_provenance_and_matches_its_json():
 
 
 def test_check_fails_on_a_tampered_copy(tmp_path, capsys):
-    for name in ("calibration.json", "calibration.md", "annotators.json", "annotators.md"):
+    for name in ("calibration.json", "calibration.md", "label_cost.json", "label_cost.md"):
         shutil.copy(RESULTS / name, tmp_path / name)
-    files = [str(tmp_path / "calibration.json"), str(tmp_path / "annotators.json")]
+    files = [str(tmp_path / "calibration.json"), str(tmp_path / "label_cost.json")]
     assert cards_script.main(["--check", *files]) == 0
 
     data = json.loads((tmp_path / "calibration.json").read_text())     # a number in the JSON, not in the .md
     data["sections"][0]["tables"][0]["rows"][0][1]["value"] = 0.5
     (tmp_path / "calibration.json").write_text(json.dumps(data))
-    md = (tmp_path / "annotators.md").read_text()                         # a number in the .md, not in the JSON
+    md = (tmp_path / "label_cost.md").read_text()                         # a number in the .md, not in the JSON
     cell = re.search(r"\| (0\.\d{3}) \|", md).group(1)
-    (tmp_path / "annotators.md").write_text(md.replace(f"| {cell} |", f"| {float(cell) + 0.1:.3f} |", 1))
+    (tmp_path / "label_cost.md").write_text(md.replace(f"| {cell} |", f"| {float(cell) + 0.1:.3f} |", 1))
     capsys.readouterr()
     assert cards_script.main(["--check", *files]) == 1
     err = capsys.readouterr().err
-    assert "calibration.md" in err and "annotators.md" in err
+    assert "calibration.md" in err and "label_cost.md" in err
 
     assert cards_script.main(files) == 0                                  # regenerate: the check passes again
     assert cards_script.main(["--check", *files]) == 0
@@ -120,9 +120,9 @@ def test_an_experiments_json_records_its_provenance(tmp_path, monkeypatch):
     import sys
 
     from rlhf_jax.recipes import models
-    monkeypatch.setattr(sys, "argv", ["/repo/experiments/annotators.py", "--seeds", "0", "1"])
+    monkeypatch.setattr(sys, "argv", ["/repo/experiments/label_cost.py", "--seeds", "0", "1"])
     models.write_report(str(tmp_path), "annotators", {"seeds": [0, 1], "gain": 0.1}, "text\n")
     saved = json.loads((tmp_path / "annotators.json").read_text())
     assert saved["gain"] == 0.1 and saved["provenance"]["seeds"] == [0, 1]
-    assert saved["provenance"]["command"] == "python -m experiments.annotators --seeds 0 1"
+    assert saved["provenance"]["command"] == "python -m experiments.label_cost --seeds 0 1"
     assert set(saved["provenance"]) == set(cards.PROVENANCE_KEYS)

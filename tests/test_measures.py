@@ -9,8 +9,7 @@ import os
 import numpy as np
 import pytest
 
-from experiments import (annotators, calibration, grpo_transfer, grpo_variants, hallucination,  # run only
-                         length_bias, safety_data)
+from experiments import calibration, grpo_transfer, grpo_variants, hallucination, safety_data  # run only
 from rlhf_jax.eval import best_of_n_expectation, expected_calibration_error, reliability_bins
 from rlhf_jax.recipes import models as seed_models
 from rlhf_jax.recipes.stats import across_seeds, fmt_interval, wilson
@@ -114,7 +113,7 @@ def test_seed_models_cache_runs_the_main_job_only_when_a_stage_is_missing(tmp_pa
 def test_experiment_scripts_report_a_models_mismatch_in_one_line(tmp_path, capsys):
     os.makedirs(tmp_path / "seed0")
     (tmp_path / "seed0" / "config.json").write_text(json.dumps({"seed": 0, "quick": True}))
-    for module in (calibration, safety_data, grpo_transfer, length_bias, annotators, hallucination, grpo_variants):
+    for module in (calibration, safety_data, grpo_transfer, hallucination, grpo_variants):
         seeds = ["--seed", "0"] if module is grpo_transfer else ["--seeds", "0"]
         assert module.main(["--models", str(tmp_path / "seed{seed}"), *seeds, "--out",
                             str(tmp_path / module.__name__)]) == 2

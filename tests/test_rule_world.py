@@ -1,7 +1,7 @@
 """The rule world's main job: its summary over seeds against hand-computed comparisons, and the command end to end
 at --quick sizes on dev keys (a finished seed is read back, not run again), then experiments.distill_world,
-rule_overoptimization, label_cost and retry_world --quick on that run's models; the experiments' statistics against hand
-computations."""
+rule_overoptimization, label_cost, retry_world and rule_annotators --quick on that run's models; the experiments'
+statistics against hand computations; the annotator populations' labels and judge."""
 from __future__ import annotations
 
 import dataclasses
@@ -103,6 +103,17 @@ def test_rule_world_command_quick_on_dev_keys(tmp_path, capsys):
         assert len(seed0[arm]["solved"]) == 16 and 1.0 <= seed0[arm]["turns"] <= 2.0
     assert len(seed0["train_reward"]) >= 1
     assert "GRPO - SFT, solved within two tries" in render_card(json.load(open(os.path.join(rt, "card.json"))))
+    ra = str(tmp_path / "ra")                  # experiments.rule_annotators --quick: two of the populations
+    from experiments import rule_annotators
+    rule_annotators.main(["--quick", "--models", out, "--seeds", "0", "--eval-split", "dev", "--out", ra,
+                          "--populations", "ai-self"])
+    result = json.load(open(os.path.join(ra, "rule_annotators.json")))
+    pops = result["per_seed"][0]["populations"]
+    assert list(pops) == ["careful", "ai-self"] and pops["careful"]["labels"]["gold_agreement"] == 1.0
+    assert len(pops["ai-self"]["ppo"]["exact"]) == len(pops["ai-self"]["dpo"]["excess"]) == 16
+    assert set(result["summary"]["hypotheses"]) == {"A4"}
+    assert "## Labels, reward models and policies by population" in render_card(json.load(open(os.path.join(
+        ra, "card.json"))))
     assert {n: os.path.getmtime(os.path.join(models, n)) for n in before} == before      # shared, not retrained
 
 
@@ -146,3 +157,56 @@ def test_rise_and_fall_and_break_even():
     # break even: 0.5 gold lies halfway (in log count) between 10 demonstrations (0.4) and 40 (0.6): m* = 20
     assert break_even(0.5, [10, 40, 100], [0.4, 0.6, 0.9]) == pytest.approx(20.0)
     assert break_even(0.95, [10, 40, 100], [0.4, 0.6, 0.9]) is None          # out of range
+
+
+def test_rule_annotators_labels_and_judge():
+    """The populations' labels of gold-ordered pairs, and the judge's log-probabilities against an unpadded
+    forward pass, one pair at a time."""
+    import jax
+
+    from rlhf_jax.data import PreferenceRecord
+    from rlhf_jax.recipes import rule_annotators as ra
+    from rlhf_jax.models import forward, init_params
+    from rlhf_jax.recipes.data import TOK
+    from rlhf_jax.tokenizer import encode_prompt
+    shares = dict(noise=0.25, length_share=0.5, judges={})
+    prompt = ({"role": "user", "content": "reverse: abcdef"},)
+    pairs = [PreferenceRecord(prompt=prompt, chosen=c, rejected=r)
+             for c, r in [("fedcba", "fedc"), ("fedc", "fedcbaxx"), ("fed", "abc")] * 200]
+    assert ra.population_keeps("careful", pairs, rng=np.random.default_rng(0), **shares).all()
+    noisy = ra.population_keeps("noisy", pairs, rng=np.random.default_rng(0), **shares)
+    assert 0.2 < 1 - noisy.mean() < 0.3
+    keep = ra.population_keeps("length-loving", pairs, rng=np.random.default_rng(0), **shares)
+    kinds = np.arange(len(pairs)) % 3
+    assert keep[kinds == 0].all() and keep[kinds == 2].all()       # the longer one is right, or equal lengths
+    assert 0.4 < 1 - keep[kinds == 1].mean() < 0.6                  # the longer one is wrong: half go by length
+    swapped = ra.relabel(pairs[:2], np.array([True, False]))
+    assert (swapped[0], (swapped[1].chosen, swapped[1].rejected)) == (pairs[0], ("fedcbaxx", "fedc"))
+    mc = rw.RuleWorldConfig(quick=True).model_config()
+    params = init_params(mc, jax.random.PRNGKey(3))
+
+    def logp(text):
+        ids = encode_prompt(TOK, list(prompt))
+        answer = TOK.encode(text) + [TOK.eos_id]
+        logits = np.asarray(forward(params, np.asarray([ids + answer]), config=mc), np.float64)[0]
+        logz = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+        return sum(logits[len(ids) - 1 + i, t] - logz[len(ids) - 1 + i] for i, t in enumerate(answer))
+    few = pairs[:3]
+    assert ra.judge_prefers_first(params, mc, few).tolist() == [logp(p.chosen) > logp(p.rejected) for p in few]
+
+
+def test_rule_annotators_verdicts():
+    from rlhf_jax.recipes import rule_annotators as ra
+    c = lambda d, lo, hi: {"delta": d, "low": lo, "high": hi}  # noqa: E731
+    careful = {"reward_model_accuracy": 0.80, "dpo": {"vs_sft": c(0.1, 0.05, 0.15)}}
+    pops = {"careful": careful,
+            "length-loving": {"ppo": {"excess_vs_careful": c(2.0, 1.0, 3.0), "vs_careful": c(-0.2, -0.3, -0.1)}},
+            "noisy": {"reward_model_accuracy": 0.75},
+            "ai-judge": {"flaw_agreement": 0.95, "dpo": {"vs_careful": c(0.0, -0.05, 0.05)}},
+            "ai-self": {"flaw_agreement": 0.3, "dpo": {"vs_sft": c(0.0, -0.05, 0.05)}}}
+    assert ra.verdicts(pops) == {"A1": True, "A2": True, "A3": True, "A4": True}
+    pops["length-loving"]["ppo"]["vs_careful"] = c(-0.1, -0.2, 0.01)    # gold not reliably lower
+    pops["ai-judge"]["dpo"]["vs_careful"] = c(-0.1, -0.15, -0.05)
+    pops["ai-self"]["dpo"]["vs_sft"] = c(0.1, 0.02, 0.2)                # self-labels do improve SFT
+    assert ra.verdicts(pops) == {"A1": False, "A2": True, "A3": False, "A4": False}
+    assert ra.verdicts({"careful": careful}) == {}

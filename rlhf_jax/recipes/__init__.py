@@ -2,9 +2,10 @@
 
 The main job (`rlhf-jax pipeline`, `rlhf_jax.cli.pipeline`) composes these; the lecture experiments in
 `experiments/` reuse them to build their variants, and `rlhf_jax.recipes.cards` renders their result cards.
-Each lecture experiment's measures, summaries and report renderers are library modules here, named by experiment
-(`recipes.annotators`, `.length_bias`, `.hallucination`, `.midtraining`, `.grpo_variants`,
-`.calibration`; imported by name, not re-exported), so that its script keeps only parsing, orchestration and I/O.
+Each first-world lecture experiment's measures, summaries and report renderers are library modules here, named by
+experiment (`recipes.hallucination`, `.midtraining`, `.grpo_variants`, `.calibration`; imported by name, not
+re-exported), so that its script keeps only parsing, orchestration and I/O; the rule world's experiments share
+`recipes.rule_world`.
 """
 from rlhf_jax.recipes.config import (
                                    WORLD_OPTIONS,

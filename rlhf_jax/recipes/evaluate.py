@@ -19,6 +19,7 @@ from rlhf_jax.eval import (
 from rlhf_jax.generation import SamplingConfig
 from rlhf_jax.models import ModelConfig
 from rlhf_jax.recipes.data import SAMPLE_CHUNK, TOK, preference_batches, prompt_batch
+from rlhf_jax.tasks.annotators import format_bias
 
 GROUPS = {"skills": world.SKILL_FAMILIES, "safety": world.SAFETY_FAMILIES}
 """The table's family groups, reported separately (and all together as `gold_reward`)."""
@@ -95,3 +96,36 @@ def reward_model_report(cfg, reward_params, sft_params, mc: ModelConfig, samplin
             "label_gold_agreement": world.gold_agreement(prefs.pairs),
             "best_of_n": evaluate.best_of_n(sft_params, reward_params, jax.random.fold_in(k_eval, 7),
                                             n=cfg.best_of_n, temperature=cfg.sampling.temperature)}
+
+
+def style_metrics(tasks, texts, phrase: str = "the answer is") -> dict[str, float]:
+    """The world's metrics plus the styles the biased populations reward: `format_rate` (mean of the annotators'
+    format score) and `phrase_rate` (share of answers with the AI judge's pet phrase)."""
+    out = world.compute_metrics(tasks, texts)
+    out["format_rate"] = float(np.mean([format_bias(t) for t in texts]))
+    out["phrase_rate"] = float(np.mean([phrase in t.lower() for t in texts]))
+    return out
+
+
+def test_tasks(prompts: int | None = None) -> list:
+    """Every distinct test-key prompt, or the first `prompts` of a fixed shuffle of them (`test_evaluator`'s)."""
+    tasks = world.key_tasks("test")
+    if prompts is not None:
+        tasks = [tasks[i] for i in np.random.default_rng(0).permutation(len(tasks))[:prompts]]
+    return tasks
+
+
+def test_evaluator(mc, max_new_tokens: int, samples: int, temperature: float = 0.7, prompts: int | None = None
+                   ) -> PolicyEvaluator:
+    """Every distinct test-key prompt once (or the first `prompts` of a fixed shuffle), `samples` answers each
+    (families weighted as the main job's table, skills and safety groups), with `style_metrics`."""
+    tasks = test_tasks(prompts)
+    batch = prompt_batch(tasks)
+    fams = np.asarray([t.family for t in tasks])
+    sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, eos_id=TOK.eos_id,
+                              pad_id=TOK.pad_id)
+    return PolicyEvaluator(batch["prompts"], batch["prompt_mask"], model_config=mc, tokenizer=TOK, sampling=sampling,
+                           samples=samples, gold_fn=functools.partial(world.gold_rewards, tasks),
+                           metrics_fn=lambda idx, texts: style_metrics([tasks[i] for i in idx], texts),
+                           weights=world.family_weights(tasks, world.DEFAULT_MIX),
+                           groups={name: np.isin(fams, members) for name, members in GROUPS.items()})

@@ -1,4 +1,4 @@
-"""The main job's models per seed, shared by the experiment scripts (calibration, annotators, ...).
+"""The main job's models per seed, shared by the experiment scripts (calibration, hallucination, ...).
 
 A seed's models are one main-job run folder, `runs/seeds/seed<N>` by default: the folders that `rlhf-jax seeds`
 writes, so an experiment run after the seed driver trains nothing. A folder that

@@ -38,6 +38,7 @@ from rlhf_jax.data.batching import Example, collate_preference, tokenize_prefere
 from rlhf_jax.eval import sample_episodes_jit, sample_texts
 from rlhf_jax.generation import SamplingConfig
 from rlhf_jax.models import ModelConfig, init_params
+from rlhf_jax.recipes.cards import provenance
 from rlhf_jax.recipes.data import TOK, cosine_optim, document_example, packed_batches
 from rlhf_jax.recipes.stages import zero_reward
 from rlhf_jax.stats import seed_prompt_bootstrap, seed_prompt_replicates
@@ -613,7 +614,6 @@ def run_experiment(name: str, cfg, argv, one_seed, summarize, markdown, card, *,
     `one_seed(cfg, seed)` through `per_seed_results`, then OUT/NAME.json (eval split, seeds, settings, per seed,
     `summarize(per_seed)`, provenance of `python -m experiments.NAME ARGV`), OUT/NAME.md (`markdown(result)`, also
     printed) and OUT/card.json (`card(result)`). Returns the result."""
-    from rlhf_jax.recipes.cards import provenance
     command = f"python -m experiments.{name} " + shlex.join(sys.argv[1:] if argv is None else argv)
     settings = dataclasses.asdict(cfg)
     per_seed = per_seed_results(cfg.out, settings, cfg.seeds, lambda s: one_seed(cfg, s), ignore=ignore)
