@@ -602,6 +602,7 @@ def per_seed_results(out: str, settings: dict, seeds, run_seed, *, ignore=("seed
                 results.append(done["result"])
                 continue
         results.append(json.loads(json.dumps(run_seed(s))))      # as a read-back seed will be
+        jax.clear_caches()    # kept over seeds, compiled programs exhausted the CPU backend's memory maps
         with open(path + ".tmp", "w") as f:
             json.dump({"settings": settings, "result": results[-1]}, f)
         os.replace(path + ".tmp", path)                              # a crash mid-write leaves no torn file
