@@ -83,9 +83,24 @@ def _package_versions() -> dict[str, str]:
     return versions
 
 
+def _cpu_model() -> str | None:
+    """The CPU's model name from /proc/cpuinfo (Linux), or None. It matters: XLA's CPU code rounds floats
+    differently on different processors, and a long RL run turns that into other per-seed numbers."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip() or None
+    except OSError:
+        pass
+    return None
+
+
 def _machine() -> str:
-    """Processor (or architecture), CPU count and, when jax can be imported, its devices' kind and count."""
-    parts = [platform.processor() or platform.machine() or "unknown processor", f"{os.cpu_count()} CPU cores"]
+    """Processor (its model name where the OS gives it, else the architecture), CPU count and, when jax can be
+    imported, its devices' kind and count."""
+    cpu = _cpu_model() or platform.processor() or platform.machine() or "unknown processor"
+    parts = [cpu, f"{os.cpu_count()} CPU cores"]
     try:
         import jax
 
