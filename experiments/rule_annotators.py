@@ -42,6 +42,7 @@ from rlhf_jax.recipes.rule_annotators import POPULATIONS, judge_prefers_first, p
 from rlhf_jax.stats import seed_prompt_bootstrap
 from rlhf_jax.tasks import skills
 
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class RuleAnnotatorsConfig:
     """Labeller populations and AI judges on the rule world (see the module docstring)."""
