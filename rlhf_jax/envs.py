@@ -211,15 +211,16 @@ class CalculatorEnv:
     """
 
     def __init__(self, *, system_prompt: str | None = "Use the calculate tool for arithmetic, then give the answer.",
-                 style: str = "auto"):
+                 style: str = "auto", list_tools: bool = True):
         self.tools = [make_tool(calculate)]
-        self.system_prompt, self.style = system_prompt, style
+        self.system_prompt, self.style, self.list_tools = system_prompt, style, list_tools
         self.answer: int | None = None
 
     @property
     def schemas(self) -> list[dict]:
-        """The tools' JSON schemas, for the chat template's `tools`."""
-        return [t.schema for t in self.tools]
+        """The tools' JSON schemas, for the chat template's `tools`; none with `list_tools=False` (the prompt does
+        not describe the tool: a model fine-tuned on its calls knows it, and a small model has no room for it)."""
+        return [t.schema for t in self.tools] if self.list_tools else []
 
     @staticmethod
     def tasks(n: int, *, seed: int = 0) -> list[dict]:

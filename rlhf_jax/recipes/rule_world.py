@@ -320,7 +320,12 @@ def pretrain(docs, mc, *, steps: int, batch_size: int, seq_len: int, seed: int):
 
 def sft(base_params, mc, demos, *, steps: int, batch_size: int, seq_len: int, seed: int):
     """SFT (packed rows, loss on the answers, AdamW 3e-4 cosine) on (task, response) pairs."""
-    records = [SFTRecord(messages=tuple(messages(t, r))) for t, r in demos]
+    return sft_records(base_params, mc, [SFTRecord(messages=tuple(messages(t, r))) for t, r in demos], steps=steps,
+                       batch_size=batch_size, seq_len=seq_len, seed=seed)
+
+
+def sft_records(base_params, mc, records, *, steps: int, batch_size: int, seq_len: int, seed: int):
+    """`sft` on `SFTRecord`s (multi-turn conversations: the loss on every assistant turn)."""
     batches = Batches(ShuffledIterator(records, seed=seed), TOK, kind="sft", batch_size=batch_size,
                       buckets=(seq_len,), pack=True)
     state = create_train_state(base_params, cosine_optim(3e-4, steps), jax.random.PRNGKey(seed + 1),
