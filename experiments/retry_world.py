@@ -27,7 +27,7 @@ import numpy as np
 from rlhf_jax.config_cli import check_ranges, parse_cli
 from rlhf_jax.envs import EpisodeBudget, SkillRetryEnv
 from rlhf_jax.generation import SamplingConfig
-from rlhf_jax.recipes import TOK, rule_world as rw
+from rlhf_jax.recipes import TOK, rule_world as rw, tool_world as tw
 from rlhf_jax.stats import seed_prompt_bootstrap
 from rlhf_jax.tasks import skills
 from rlhf_jax.train import stages
@@ -62,9 +62,15 @@ class RetryWorldConfig:
     """GRPO iterations (the main job's single-turn GRPO runs 80)."""
     lr: float = 1e-4
     """GRPO's learning rate (the main job's)."""
+    trace_fraction: float = 0.0
+    """Above 0: the SFT model is fine-tuned again from the seed's pretrained model on the main job's
+    demonstrations, of which this share, when wrong, go on with "wrong, try again" and the right answer
+    (`recipes.tool_world.retry_demonstrations`); 0: the main job's deployed SFT model."""
+    eval_offset: int = 33
+    """Seed offset of the fresh eval-split keys (a second design draws other keys)."""
 
     def __post_init__(self):
-        check_ranges(self, positive=("prompts", "tries", "iterations", "lr"))
+        check_ranges(self, positive=("prompts", "tries", "iterations", "lr"), unit=("trace_fraction",))
 
 
 def episodes(params, mc, tasks, *, tries: int, max_new_tokens: int, temperature: float, rng,
@@ -96,8 +102,13 @@ def one_seed(cfg: RetryWorldConfig, seed: int) -> dict:
     world = rw.RuleWorldConfig(seed=seed, quick=cfg.quick, eval_split=cfg.eval_split).scaled()
     models = rw.seed_models(world, os.path.join(cfg.models, f"seed{seed}", "models"))
     mc, sft = models.model_config, models.sft
+    if cfg.trace_fraction > 0:
+        records = tw.retry_demonstrations(rw.draws(world)["demo"], world, trace_fraction=cfg.trace_fraction,
+                                          seed=1000 * seed + 4)
+        sft = rw.sft_records(models.base, mc, records, steps=world.sft_steps, batch_size=world.batch_size,
+                             seq_len=world.seq_len, seed=1000 * seed + 20)
     n = world.eval_prompts if cfg.quick else cfg.prompts
-    evals = skills.skill_set(list(world.ops), n, 1000 * seed + 33, cfg.eval_split, skills.RULE_WORLD)
+    evals = skills.skill_set(list(world.ops), n, 1000 * seed + cfg.eval_offset, cfg.eval_split, skills.RULE_WORLD)
     pool = rw.draws(world)["rl"]
     kw = dict(tries=cfg.tries, max_new_tokens=world.max_new_tokens, rng=jax.random.PRNGKey(13000 + seed))
     steps = 2 if cfg.quick else cfg.iterations

@@ -261,3 +261,42 @@ def test_ppo_env_command_runs_and_refuses_bad_options_in_one_line(tmp_path, caps
         assert ppo.main(["--out", str(tmp_path / "bad"), *bad]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and says in err and "\n" not in err
+
+
+def test_the_calculator_worlds_demonstrations_are_the_episodes_a_policy_writes():
+    """A policy that writes the assistant turns of a calculator-world demonstration produces, token for token, the
+    sequence and loss mask SFT trains on, and earns the reward; a carry-dropping direct answer earns nothing."""
+    from rlhf_jax.recipes import rule_world, tool_world
+    from rlhf_jax.tasks import skills
+
+    task = skills.task_of("add", "47 85")
+    trace = tool_world.calculator_trace(task)
+    ids, loss_mask = encode_chat(TOK, trace)
+    turns, current = [], []
+    for t, m in zip(ids, loss_mask):
+        if m:
+            current.append(t)
+            if t == TOK.eos_id:
+                turns.append(TOK.decode(current[:-1]))
+                current = []
+    assert len(turns) == 2 and turns[1] == "132" and '"expression": "47+85"' in turns[0]
+    sampling = SamplingConfig(max_new_tokens=tool_world.MAX_NEW_TOKENS, eos_id=TOK.eos_id, pad_id=TOK.pad_id)
+    run = lambda replies: rollout_episodes(  # noqa: E731
+        _scripted(replies, tool_world.MAX_NEW_TOKENS, []), tool_world.environment,
+        [tool_world.calculator_task(task)], jax.random.key(0), tokenizer=TOK, budget=tool_world.BUDGET,
+        sampling=sampling, prompt_len=tool_world.PROMPT_LEN, seq_len=tool_world.SEQ_LEN)
+    ro = run(turns)
+    assert _rows(ro.episodes, 0) == (ids, loss_mask)
+    assert list(ro.rewards) == [1.0] and list(ro.tool_calls) == [1] and ro.finish == ("done",)
+    assert ro.messages[0][2] == {"role": "tool", "name": "calculate", "content": "132"}
+    dropped = skills.demonstrate("drop_carry", task)
+    assert dropped == "22" and list(run([dropped]).rewards) == [0.0]
+    # The mix: calculator traces on about `trace_fraction` of the demonstrations, direct answers on the rest.
+    cfg = tool_world.world_config(0, quick=True, eval_split="dev")
+    tasks = skills.skill_set(["add"], 400, 3, "train", skills.RULE_WORLD)
+    mixed = tool_world.demonstrations(tasks, cfg, trace_fraction=0.25, seed=1)
+    traces = [len(r.messages) == 4 for r in mixed]
+    assert 0.18 < np.mean(traces) < 0.32
+    assert all(r.messages == tuple(rule_world.messages(t, r.messages[1]["content"])) for r, t, c in zip(
+        mixed, tasks, traces) if not c)
+    assert not any(len(r.messages) == 4 for r in tool_world.demonstrations(tasks[:50], cfg, trace_fraction=0.0, seed=1))

@@ -145,3 +145,24 @@ def read(params, mc, tasks, rng) -> dict:
 def evaluation_rng(seed: int) -> jax.Array:
     """The key of a seed's greedy reads (greedy turns draw nothing; the key keeps the call total)."""
     return jax.random.PRNGKey(14000 + seed)
+
+
+def retry_trace(task: skills.SkillTask, first: str, *, feedback: str = "wrong, try again") -> list[dict]:
+    """A feedback demonstration: `first` as the first answer; when it is wrong, the user's `feedback` and the
+    right answer (`envs.SkillRetryEnv`'s conversation with a demonstrator who corrects itself)."""
+    out = rw.messages(task, first)
+    if first == task.answer:
+        return out
+    return out + [{"role": "user", "content": feedback}, {"role": "assistant", "content": task.answer}]
+
+
+def retry_demonstrations(tasks, cfg: rw.RuleWorldConfig, *, trace_fraction: float, seed: int) -> list[SFTRecord]:
+    """SFT records of `tasks`: the world's demonstrator's answer (flawed at `cfg.flaw_rate`), followed on
+    `trace_fraction` of them, when it is wrong, by the feedback and the right answer (`retry_trace`)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for t in tasks:
+        first = skills.demonstrate(cfg.demonstrator, t, rng, cfg.flaw_rate)
+        chat = retry_trace(t, first) if rng.random() < trace_fraction else rw.messages(t, first)
+        out.append(SFTRecord(messages=tuple(chat)))
+    return out
