@@ -52,19 +52,21 @@ class CalculatorWorldConfig:
     """Eval-split keys per seed (drawn fresh)."""
     trace_fraction: float = 0.25
     """Share of the SFT demonstrations that call the calculator."""
+    corpus_traces: float = 0.3
+    """Share of the pretraining corpus's rule rows replaced by calculator traces (the tool's format)."""
     iterations: int = 80
     """GRPO iterations (the rule world's GRPO runs 80)."""
     lr: float = 1e-4
     """GRPO's learning rate (the rule world's)."""
 
     def __post_init__(self):
-        check_ranges(self, positive=("prompts", "iterations", "lr"), unit=("trace_fraction",))
+        check_ranges(self, positive=("prompts", "iterations", "lr"), unit=("trace_fraction", "corpus_traces"))
 
 
 def one_seed(cfg: CalculatorWorldConfig, seed: int) -> dict:
     world = tw.world_config(seed, quick=cfg.quick, eval_split=cfg.eval_split)
     t0 = time.time()
-    mc, _, sft = tw.seed_models(world, trace_fraction=cfg.trace_fraction,
+    mc, _, sft = tw.seed_models(world, trace_fraction=cfg.trace_fraction, corpus_traces=cfg.corpus_traces,
                                 cache=os.path.join(cfg.models, f"seed{seed}", "calculator"))
     models_s = round(time.time() - t0, 1)
     n = world.eval_prompts if cfg.quick else cfg.prompts

@@ -160,17 +160,27 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+def sft_text(result: dict) -> str:
+    """What the SFT model of `result` is, in words."""
+    share = result["settings"].get("trace_fraction", 0.0)
+    if not share:
+        return "deployed SFT model of the rule world"
+    return (f"SFT model fine-tuned from the rule world's pretrained model on the main job's demonstrations, {share:.0%} "
+            "of which, when wrong, go on with \"wrong, try again\" and the right answer")
+
+
 def card(result: dict) -> dict:
     """A result card's JSON (`rlhf_jax.recipes.cards` layout)."""
     s, per = result["summary"], result["per_seed"]
     ci = lambda c: {"value": c["delta"], "ci": [c["low"], c["high"]], "signed": True}  # noqa: E731
     primary = s["grpo_vs_sft"]
     return {
-        "title": f"GRPO on a multi-turn feedback task in the rule world ({result['eval_split']} keys, {len(per)} "
-                 "seeds)",
+        "title": f"GRPO on a multi-turn feedback task in the rule world"
+                 f"{', feedback in the SFT demonstrations' if result['settings'].get('trace_fraction') else ''} "
+                 f"({result['eval_split']} keys, {len(per)} seeds)",
         "provenance": result["provenance"],
-        "summary": ["`experiments/retry_world.py` (docs/tools.md): from each seed's deployed SFT model of the rule "
-                    "world, GRPO over episodes of `envs.SkillRetryEnv` (reverse a string; after a wrong answer the "
+        "summary": [f"`experiments/retry_world.py` (docs/tools.md): from each seed's {sft_text(result)}, GRPO over "
+                    "episodes of `envs.SkillRetryEnv` (reverse a string; after a wrong answer the "
                     "user says \"wrong, try again\" and the policy answers once more; reward 1 for a right answer "
                     f"at either try) on train keys, {result['settings']['iterations']} iterations of 16 tasks x 8 "
                     f"episodes. Greedy episodes on {len(per[0]['sft']['solved'])} fresh {result['eval_split']} "

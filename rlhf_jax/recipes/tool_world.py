@@ -25,12 +25,14 @@ import jax
 import numpy as np
 
 from rlhf_jax.data import SFTRecord
+from rlhf_jax.data.batching import Example
 from rlhf_jax.envs import CalculatorEnv, EpisodeBudget
 from rlhf_jax.generation import SamplingConfig
 from rlhf_jax.models import ModelConfig
 from rlhf_jax.recipes import rule_world as rw
 from rlhf_jax.recipes.data import TOK
 from rlhf_jax.tasks import skills
+from rlhf_jax.tokenizer import encode_chat
 from rlhf_jax.train.checkpoint import load_params, save_params
 from rlhf_jax.train.multiturn import EnvRollout, make_turn_sampler, rollout_episodes
 
@@ -87,21 +89,35 @@ def demonstrations(tasks, cfg: rw.RuleWorldConfig, *, trace_fraction: float, see
     return out
 
 
-def seed_models(cfg: rw.RuleWorldConfig, *, trace_fraction: float, cache: str | None = None):
+def corpus(cfg: rw.RuleWorldConfig, *, corpus_traces: float) -> list[Example]:
+    """The world's pretraining documents: `rule_world.rule_corpus` of its ops, with `corpus_traces` of the rule
+    rows replaced by calculator traces of other train keys (the loss on their assistant turns), so that the
+    pretrained model has seen the tool's format."""
+    docs = rw.rule_corpus(list(cfg.ops), docs=cfg.corpus_docs, web_fraction=cfg.web_fraction,
+                          p_correct=cfg.p_correct, prompt_loss=False, seed=1000 * cfg.seed, config=skills.RULE_WORLD)
+    rng = np.random.default_rng(1000 * cfg.seed + 1)
+    n_web = int(cfg.web_fraction * cfg.corpus_docs)
+    for i in range(n_web, len(docs)):
+        if rng.random() < corpus_traces:
+            ids, mask = encode_chat(TOK, calculator_trace(skills.make_skill("add", rng, "train", skills.RULE_WORLD)))
+            docs[i] = Example(tuple(ids), tuple(mask), 0)
+    return docs
+
+
+def seed_models(cfg: rw.RuleWorldConfig, *, trace_fraction: float, corpus_traces: float, cache: str | None = None):
     """(model config, pretrained params, deployed SFT params) of `cfg.seed`, kept in CACHE/{base,sft} beside
     settings.json and read back by a later call with the same settings."""
     mc, s = model_config(cfg), cfg.seed
     settings = json.loads(json.dumps({k: getattr(cfg, k) for k in rw.MODEL_SETTINGS}
-                                     | {"trace_fraction": trace_fraction, "max_seq_len": MAX_SEQ_LEN}))
+                                     | {"trace_fraction": trace_fraction, "corpus_traces": corpus_traces,
+                                        "max_seq_len": MAX_SEQ_LEN}))
     label = None if cache is None else os.path.join(cache, "settings.json")
     if label and os.path.exists(label):
         with open(label) as f:
             if json.load(f) == settings:
                 rw.log(f"seed {s}: calculator-world models read back from {cache}")
                 return mc, load_params(os.path.join(cache, "base"))[1], load_params(os.path.join(cache, "sft"))[1]
-    docs = rw.rule_corpus(list(cfg.ops), docs=cfg.corpus_docs, web_fraction=cfg.web_fraction,
-                          p_correct=cfg.p_correct, prompt_loss=False, seed=1000 * s, config=skills.RULE_WORLD)
-    base = rw.pretrain(docs, mc, steps=cfg.pretrain_steps, batch_size=cfg.batch_size, seq_len=cfg.seq_len,
+    base = rw.pretrain(corpus(cfg, corpus_traces=corpus_traces), mc, steps=cfg.pretrain_steps, batch_size=cfg.batch_size, seq_len=cfg.seq_len,
                        seed=1000 * s)
     records = demonstrations(rw.draws(cfg)["demo"], cfg, trace_fraction=trace_fraction, seed=1000 * s + 4)
     sft = rw.sft_records(base, mc, records, steps=cfg.sft_steps, batch_size=cfg.batch_size, seq_len=cfg.seq_len,
