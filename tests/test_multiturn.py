@@ -75,8 +75,11 @@ def test_the_sequence_is_the_conversation_and_the_mask_covers_exactly_the_policy
     lp = np.asarray(ro.episodes.sampler_logprobs)
     assert np.array_equal(lp != 0, np.asarray(ro.episodes.response_mask) > 0) and np.all(lp[lp != 0] == -0.25)
     assert list(ro.rewards) == [1.0, 1.0] and ro.finish == ("done", "done")
-    assert rollout_metrics(ro) == {"tools/calls": 1.0, "tools/malformed_calls": 1.0, "turns/mean": 3.0,
-                                   "episodes/done": 1.0, "episodes/max_len": 0.0}
+    metrics = rollout_metrics(ro)
+    assert metrics["timing_s/gen"] >= 0 and metrics["timing_s/env"] > 0
+    assert {k: v for k, v in metrics.items() if not k.startswith("timing_s/")} == {
+        "tools/calls": 1.0, "tools/malformed_calls": 1.0, "turns/mean": 3.0, "episodes/done": 1.0,
+        "episodes/max_len": 0.0}
 
 
 def test_with_qwen2_5s_template_the_sequence_is_the_templates_rendering_up_to_the_last_end_of_turn(tmp_path):
@@ -190,11 +193,19 @@ def test_episodes_of_different_lengths_share_one_compiled_sampler_and_the_traine
 def test_grpo_env_command_runs_and_refuses_bad_options_in_one_line(tmp_path, capsys):
     from rlhf_jax.cli import grpo
 
-    assert grpo.main(["--out", str(tmp_path / "run"), "--env", "calculator", "--grpo.num-steps", "2", *TINY]) == 0
+    assert grpo.main(["--out", str(tmp_path / "run"), "--env", "calculator", "--grpo.num-steps", "2", *TINY,
+                      "--grpo.completions-every", "2"]) == 0
     lines = [json.loads(x) for x in open(tmp_path / "run" / "grpo" / "metrics.jsonl")]
     assert [x["step"] for x in lines] == [1, 2]
     for x in lines:
-        assert {"tools/calls", "tools/malformed_calls", "turns/mean", "reward", "loss"} <= set(x)
+        assert {"tools/calls", "tools/malformed_calls", "turns/mean", "reward", "loss", "timing_s/gen",
+                "timing_s/env"} <= set(x)
+    rows = [json.loads(x) for x in open(tmp_path / "run" / "grpo" / "completions.jsonl")]
+    assert rows and all(r["step"] == 2 for r in rows)
+    for r in rows:                   # the whole conversation: the opening messages, then the policy's turns
+        chat = r["conversation"]
+        assert [m["role"] for m in chat[:3]] == ["system", "user", "assistant"]
+        assert chat[1]["content"].startswith("What is ") and chat[2]["content"] in r["completion"]
         assert x["sampler/logprob_mismatch"] < 1e-4 and 1 <= x["turns/mean"] <= 4
     assert (tmp_path / "run" / "grpo" / "final" / "model_config.json").exists()
     capsys.readouterr()

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import time
 from typing import Any, Callable, Sequence
 
 import jax
@@ -77,6 +78,9 @@ class EnvRollout:
     """[R] int: tool calls it wrote wrongly (the environment answered them with an error)."""
     finish: tuple[str, ...]
     """Per row: "done", "max_turns", "max_tokens" or "max_len"."""
+    seconds: dict[str, float] = dataclasses.field(default_factory=dict)
+    """Wall time of the rollout's parts: "gen" (the compiled sampler, to its results on the host) and "env" (the
+    environments' steps, with decoding and parsing the turns and encoding what the environments answered)."""
 
 
 @functools.partial(jax.jit, static_argnames=("sampling", "model_config", "lora"))
@@ -145,6 +149,7 @@ def rollout_episodes(sample_fn: TurnSampler, env_factory: Callable[[], Environme
     rewards, turns, tokens = np.zeros(R, np.float32), np.zeros(R, np.int64), np.zeros(R, np.int64)
     calls, malformed = np.zeros(R, np.int64), np.zeros(R, np.int64)
     finish: list[str | None] = [None] * R
+    seconds = {"gen": 0.0, "env": 0.0}
     for key in jax.random.split(rng, budget.max_turns):
         live = [r for r in range(R) if finish[r] is None]
         if not live:
@@ -153,7 +158,10 @@ def rollout_episodes(sample_fn: TurnSampler, env_factory: Callable[[], Environme
         for r in range(R):
             ids = ctx[r] if finish[r] is None else first[r]
             prompts[r, C - len(ids):], prompt_mask[r, C - len(ids):] = ids, 1
+        t0 = time.perf_counter()
         s = jax.device_get(sample_fn(jnp.asarray(prompts), jnp.asarray(prompt_mask), key))
+        t1 = time.perf_counter()
+        seconds["gen"] += t1 - t0
         for r in live:
             n = int(s.response_mask[r].sum())
             new = [int(t) for t in s.tokens[r, C:C + n]]
@@ -183,6 +191,7 @@ def rollout_episodes(sample_fn: TurnSampler, env_factory: Callable[[], Environme
             ctx[r] += suffix
             policy[r] += [0] * len(suffix)
             logps[r] += [0.0] * len(suffix)
+        seconds["env"] += time.perf_counter() - t1
     finish = [f or "max_turns" for f in finish]
     T = P + N
     tok = np.full((R, T), pad, np.int32)
@@ -196,15 +205,15 @@ def rollout_episodes(sample_fn: TurnSampler, env_factory: Callable[[], Environme
     episodes = Episodes(tokens=jnp.asarray(tok), mask=jnp.asarray(mask), response_mask=jnp.asarray(resp),
                         sampler_logprobs=jnp.asarray(lp))
     return EnvRollout(episodes=episodes, rewards=rewards, messages=tuple(tuple(m) for m in messages), turns=turns,
-                   tool_calls=calls, malformed_calls=malformed, finish=tuple(finish))
+                   tool_calls=calls, malformed_calls=malformed, finish=tuple(finish), seconds=seconds)
 
 
 def rollout_metrics(rollout: EnvRollout) -> dict[str, float]:
-    """Per-episode means of a rollout: "tools/calls", "tools/malformed_calls", "turns/mean", and the fractions
-    of episodes the environment ended ("episodes/done") and that ran out of sequence length
-    ("episodes/max_len")."""
+    """Per-episode means of a rollout: "tools/calls", "tools/malformed_calls", "turns/mean", the fractions of
+    episodes the environment ended ("episodes/done") and that ran out of sequence length ("episodes/max_len"),
+    and the seconds spent sampling and in the environments ("timing_s/gen", "timing_s/env", verl's names)."""
     finish = np.asarray(rollout.finish)
-    return {"tools/calls": float(np.mean(rollout.tool_calls)),
+    return {f"timing_s/{k}": float(v) for k, v in rollout.seconds.items()} | {"tools/calls": float(np.mean(rollout.tool_calls)),
             "tools/malformed_calls": float(np.mean(rollout.malformed_calls)),
             "turns/mean": float(np.mean(rollout.turns)),
             "episodes/done": float(np.mean(finish == "done")),

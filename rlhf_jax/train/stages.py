@@ -252,13 +252,18 @@ def run_kto(state: TrainState, data: Iterable, config: KTOConfig, *, model_confi
                     num_steps=config.num_steps, log_every=config.log_every, hooks=hooks)
 
 
-def _log_samples(metrics: dict, iteration: list[int], every: int, hooks, tokenizer) -> dict:
+def _log_samples(metrics: dict, iteration: list[int], every: int, hooks, tokenizer, conversations=None) -> dict:
     """Counts one iteration; takes the completions table (if the step made one) out of `metrics` and, every
-    `every` iterations, hands its rows to the hooks' `on_samples`. Returns the scalar metrics."""
+    `every` iterations, hands its rows to the hooks' `on_samples`; with `conversations` (an environment
+    rollout's messages, row by row) each row also gets its whole "conversation" (the completion holds the
+    policy's tokens only). Returns the scalar metrics."""
     table = metrics.pop(COMPLETIONS_TABLE, None)
     iteration[0] += 1
     if table is not None and hooks is not None and iteration[0] % every == 0:
-        hooks.on_samples(iteration[0], completion_rows(table, tokenizer))
+        rows = completion_rows(table, tokenizer)
+        if conversations is not None:
+            rows = [row | {"conversation": [dict(m) for m in chat]} for row, chat in zip(rows, conversations)]
+        hooks.on_samples(iteration[0], rows)
     return metrics
 
 
@@ -424,7 +429,7 @@ def run_grpo_env(state: TrainState, tasks: Iterable, config: GRPOConfig, *, mode
                                    prompt_len=prompt_len, seq_len=seq_len, num_generations=config.num_generations,
                                    chat_format=chat_format)
         state, metrics = update(state, rollout.episodes, jax.numpy.asarray(rollout.rewards), k_update, ref_params)
-        metrics = _log_samples(metrics, iteration, config.completions_every, hooks, tokenizer)
+        metrics = _log_samples(metrics, iteration, config.completions_every, hooks, tokenizer, rollout.messages)
         return state, {**metrics, **rollout_metrics(rollout)}
 
     return run_loop(state, feed, step_fn, num_steps=config.num_steps, log_every=config.log_every, hooks=hooks,
@@ -468,7 +473,7 @@ def run_ppo_env(state: PPOState, tasks: Iterable, config: PPOConfig, *, model_co
                                    prompt_len=prompt_len, seq_len=seq_len, num_generations=1,
                                    chat_format=chat_format)
         state, metrics = update(state, rollout.episodes, jax.numpy.asarray(rollout.rewards), k_update, ref_params)
-        metrics = _log_samples(metrics, iteration, config.completions_every, hooks, tokenizer)
+        metrics = _log_samples(metrics, iteration, config.completions_every, hooks, tokenizer, rollout.messages)
         return state, {**metrics, **rollout_metrics(rollout)}
 
     return run_loop(state, feed, step_fn, num_steps=config.num_steps, log_every=config.log_every, hooks=hooks,
