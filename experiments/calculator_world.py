@@ -52,7 +52,7 @@ class CalculatorWorldConfig:
     """Eval-split keys per seed (drawn fresh)."""
     trace_fraction: float = 0.25
     """Share of the SFT demonstrations that call the calculator."""
-    corpus_traces: float = 0.3
+    corpus_traces: float = 0.5
     """Share of the pretraining corpus's rule rows replaced by calculator traces (the tool's format)."""
     iterations: int = 80
     """GRPO iterations (the rule world's GRPO runs 80)."""

@@ -13,7 +13,8 @@ instead and copies its result:
 
 The environment pays 1 for the right final answer with or without the tool, so calling it is optional and
 has to be learned. A call turn is about 85 byte tokens, so the world's model holds 256 positions (the rule world's
-holds 128) and its pretraining and SFT rows are 192 tokens (half as many steps: the same tokens).
+holds 128) and its pretraining and SFT rows are 192 tokens. Half of the pretraining corpus's rule rows are
+calculator traces of other train keys (`corpus`), so that the pretrained model has seen the tool's format.
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ from rlhf_jax.tokenizer import encode_chat
 from rlhf_jax.train.checkpoint import load_params, save_params
 from rlhf_jax.train.multiturn import EnvRollout, make_turn_sampler, rollout_episodes
 
-CALCULATOR_WORLD = dict(ops=("add",), demonstrator="drop_carry", seq_len=192, pretrain_steps=300)
+CALCULATOR_WORLD = dict(ops=("add",), demonstrator="drop_carry", seq_len=192, pretrain_steps=600)
 """The calculator world's changes to `rule_world.RuleWorldConfig` (every other setting is the main job's)."""
 MAX_SEQ_LEN = 256
 """Positions of the calculator world's model."""
