@@ -165,8 +165,8 @@ def sft_text(result: dict) -> str:
     share = result["settings"].get("trace_fraction", 0.0)
     if not share:
         return "deployed SFT model of the rule world"
-    return (f"SFT model fine-tuned from the rule world's pretrained model on the main job's demonstrations, {share:.0%} "
-            "of which, when wrong, go on with \"wrong, try again\" and the right answer")
+    return (f"SFT model fine-tuned from the rule world's pretrained model on the main job's demonstrations, "
+            f"{share:.0%} of which, when wrong, go on with \"wrong, try again\" and the right answer")
 
 
 def card(result: dict) -> dict:

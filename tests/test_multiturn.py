@@ -311,3 +311,23 @@ def test_the_calculator_worlds_demonstrations_are_the_episodes_a_policy_writes()
     assert all(r.messages == tuple(rule_world.messages(t, r.messages[1]["content"])) for r, t, c in zip(
         mixed, tasks, traces) if not c)
     assert not any(len(r.messages) == 4 for r in tool_world.demonstrations(tasks[:50], cfg, trace_fraction=0.0, seed=1))
+
+
+def test_calculator_world_quick_writes_its_card(tmp_path):
+    """experiments.calculator_world --quick: the world's models (pretraining corpus with calculator traces), GRPO
+    over calculator episodes, greedy reads of both policies and a card."""
+    from experiments import calculator_world
+    from rlhf_jax.recipes import tool_world
+    from rlhf_jax.recipes.cards import render_card
+
+    docs = tool_world.corpus(tool_world.world_config(0, quick=True), corpus_traces=0.5)
+    traces = [TOK.decode(list(d.ids)) for d in docs if "<tool_call>" in TOK.decode(list(d.ids))]
+    assert 0.3 < len(traces) / len(docs) < 0.6
+    out = str(tmp_path / "calc")
+    calculator_world.main(["--quick", "--models", out, "--seeds", "0", "--eval-split", "dev", "--out", out])
+    seed0 = json.load(open(Path(out) / "calculator_world.json"))["per_seed"][0]
+    for arm in ("sft", "grpo"):
+        assert len(seed0[arm]["solved"]) == len(seed0[arm]["called"]) == 16
+        assert 1.0 <= seed0[arm]["turns"] <= tool_world.BUDGET.max_turns
+    assert len(seed0["train"]["reward"]) == 2 and "timing_s/env" not in seed0["train"]
+    assert "GRPO - SFT, episodes calling the tool" in render_card(json.load(open(Path(out) / "card.json")))

@@ -105,7 +105,8 @@ def corpus(cfg: rw.RuleWorldConfig, *, corpus_traces: float) -> list[Example]:
     return docs
 
 
-def seed_models(cfg: rw.RuleWorldConfig, *, trace_fraction: float, corpus_traces: float, cache: str | None = None):
+def seed_models(cfg: rw.RuleWorldConfig, *, trace_fraction: float, corpus_traces: float,
+                cache: str | None = None):
     """(model config, pretrained params, deployed SFT params) of `cfg.seed`, kept in CACHE/{base,sft} beside
     settings.json and read back by a later call with the same settings."""
     mc, s = model_config(cfg), cfg.seed
@@ -118,8 +119,8 @@ def seed_models(cfg: rw.RuleWorldConfig, *, trace_fraction: float, corpus_traces
             if json.load(f) == settings:
                 rw.log(f"seed {s}: calculator-world models read back from {cache}")
                 return mc, load_params(os.path.join(cache, "base"))[1], load_params(os.path.join(cache, "sft"))[1]
-    base = rw.pretrain(corpus(cfg, corpus_traces=corpus_traces), mc, steps=cfg.pretrain_steps, batch_size=cfg.batch_size, seq_len=cfg.seq_len,
-                       seed=1000 * s)
+    base = rw.pretrain(corpus(cfg, corpus_traces=corpus_traces), mc, steps=cfg.pretrain_steps,
+                       batch_size=cfg.batch_size, seq_len=cfg.seq_len, seed=1000 * s)
     records = demonstrations(rw.draws(cfg)["demo"], cfg, trace_fraction=trace_fraction, seed=1000 * s + 4)
     sft = rw.sft_records(base, mc, records, steps=cfg.sft_steps, batch_size=cfg.batch_size, seq_len=cfg.seq_len,
                          seed=1000 * s + 20)

@@ -213,11 +213,12 @@ def rollout_metrics(rollout: EnvRollout) -> dict[str, float]:
     episodes the environment ended ("episodes/done") and that ran out of sequence length ("episodes/max_len"),
     and the seconds spent sampling and in the environments ("timing_s/gen", "timing_s/env", verl's names)."""
     finish = np.asarray(rollout.finish)
-    return {f"timing_s/{k}": float(v) for k, v in rollout.seconds.items()} | {"tools/calls": float(np.mean(rollout.tool_calls)),
-            "tools/malformed_calls": float(np.mean(rollout.malformed_calls)),
-            "turns/mean": float(np.mean(rollout.turns)),
-            "episodes/done": float(np.mean(finish == "done")),
-            "episodes/max_len": float(np.mean(finish == "max_len"))}
+    timing = {f"timing_s/{k}": float(v) for k, v in rollout.seconds.items()}
+    return timing | {"tools/calls": float(np.mean(rollout.tool_calls)),
+                     "tools/malformed_calls": float(np.mean(rollout.malformed_calls)),
+                     "turns/mean": float(np.mean(rollout.turns)),
+                     "episodes/done": float(np.mean(finish == "done")),
+                     "episodes/max_len": float(np.mean(finish == "max_len"))}
 
 
 class TaskBatches:
