@@ -106,7 +106,10 @@ ROWS = ("mean", "tool_call_rate", "malformed_per_episode", "turns", "carry_keys"
 def summarize(per_seed: list[dict]) -> dict:
     vs = lambda key: seed_prompt_bootstrap([np.asarray(s["grpo"][key]) for s in per_seed],  # noqa: E731
                                            [np.asarray(s["sft"][key]) for s in per_seed], bounds=(-1.0, 1.0))
-    mean = lambda arm, key: float(np.nanmean([s[arm][key] for s in per_seed]))  # noqa: E731
+    def mean(arm, key):                 # over the seeds where it is defined (solved when calling: a seed may never)
+        values = [s[arm][key] for s in per_seed if not np.isnan(s[arm][key])]
+        return float(np.mean(values)) if values else float("nan")
+
     return {arm: {k: mean(arm, k) for k in ROWS} for arm in ("sft", "grpo")} | {
         "grpo_vs_sft": vs("solved"), "tool_calls_grpo_vs_sft": vs("called")}
 
