@@ -1,6 +1,8 @@
 """A multi-turn feedback task in the rule world: GRPO over episodes of `envs.SkillRetryEnv`, on held-out keys.
 
     python -m experiments.retry_world --models runs/rule_world --seeds 0 1 2 --out runs/retry_world
+    python -m experiments.retry_world --models runs/rule_world --seeds 0 1 2 --trace-fraction 0.5 --eval-offset 35 \
+        --out runs/retry_world_feedback          # the SFT model first sees feedback in its demonstrations
     python -m experiments.retry_world --quick --models /tmp/rule --seeds 0 --eval-split dev      # smoke test
 
 The policy reverses a random string; a wrong answer gets the user's reply "wrong, try again" and a second try;
