@@ -331,3 +331,25 @@ def test_calculator_world_quick_writes_its_card(tmp_path):
         assert 1.0 <= seed0[arm]["turns"] <= tool_world.BUDGET.max_turns
     assert len(seed0["train"]["reward"]) == 2 and "timing_s/env" not in seed0["train"]
     assert "GRPO - SFT, episodes calling the tool" in render_card(json.load(open(Path(out) / "card.json")))
+
+
+def test_retry_demonstrations_go_on_only_after_a_wrong_answer_as_the_environment_does():
+    from rlhf_jax.envs import SkillRetryEnv, run_episode
+    from rlhf_jax.recipes import rule_world, tool_world
+    from rlhf_jax.tasks import skills
+
+    cfg = rule_world.RuleWorldConfig(quick=True)
+    tasks = skills.skill_set(["reverse"], 300, 2, "train", skills.RULE_WORLD)
+    records = tool_world.retry_demonstrations(tasks, cfg, trace_fraction=0.5, seed=0)
+    wrong = []
+    for r, t in zip(records, tasks):
+        m = r.messages
+        assert m[0] == {"role": "user", "content": t.prompt} and len(m) in (2, 4)
+        if m[1]["content"] != t.answer:
+            wrong.append(len(m) == 4)
+        if len(m) == 4:                 # the environment's own conversation, and a demonstrator right at the second
+            assert m[1]["content"] != t.answer and m[3]["content"] == t.answer
+            replies = iter([m[1]["content"], m[3]["content"]])
+            episode = run_episode(SkillRetryEnv(), {"op": t.op, "key": t.key}, lambda _: (next(replies), 1))
+            assert list(episode.messages) == list(m) and episode.reward == 1.0
+    assert len(wrong) > 50 and 0.35 < np.mean(wrong) < 0.65
