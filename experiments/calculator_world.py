@@ -64,6 +64,7 @@ class CalculatorWorldConfig:
 
 
 def one_seed(cfg: CalculatorWorldConfig, seed: int) -> dict:
+    """One seed: its models, both policies' reads on eval-split and train keys, GRPO's training curve."""
     world = tw.world_config(seed, quick=cfg.quick, eval_split=cfg.eval_split)
     t0 = time.time()
     mc, _, sft = tw.seed_models(world, trace_fraction=cfg.trace_fraction, corpus_traces=cfg.corpus_traces,
@@ -71,7 +72,8 @@ def one_seed(cfg: CalculatorWorldConfig, seed: int) -> dict:
     models_s = round(time.time() - t0, 1)
     n = world.eval_prompts if cfg.quick else cfg.prompts
     evals = skills.skill_set(list(world.ops), n, 1000 * seed + 34, cfg.eval_split, skills.RULE_WORLD)
-    train_eval, pool = rw.draws(world)["train_eval"], rw.draws(world)["rl"]
+    sets = rw.draws(world)
+    train_eval, pool = sets["train_eval"], sets["rl"]
     steps = 2 if cfg.quick else cfg.iterations
     out = {"seed": seed, "sft": tw.read(sft, mc, evals, tw.evaluation_rng(seed))}
     out["sft"]["train_keys"] = tw.read(sft, mc, train_eval, tw.evaluation_rng(seed))["mean"]
@@ -80,7 +82,7 @@ def one_seed(cfg: CalculatorWorldConfig, seed: int) -> dict:
                       optim=OptimConfig(learning_rate=cfg.lr), log_every=max(1, steps // 8))
     state = create_train_state(sft, gcfg.optim, jax.random.PRNGKey(1000 * seed + 12), total_steps=steps)
     rng = np.random.default_rng(1000 * seed + 11)
-    tasks = ([tw.calculator_task(pool[i]) for i in rng.choice(len(pool), 16, replace=False)]
+    tasks = ([tw.calculator_task(pool[i]) for i in rng.choice(len(pool), gcfg.batch_size, replace=False)]
              for _ in itertools.repeat(None))
     t1 = time.time()
     state, hist = stages.run_grpo_env(state, tasks, gcfg, model_config=mc, env_factory=tw.environment,
@@ -103,27 +105,37 @@ ROWS = ("mean", "tool_call_rate", "malformed_per_episode", "turns", "carry_keys"
         "solved_without_tool", "train_keys")
 
 
+def defined(value) -> bool:
+    """Whether a read's value exists (a rate over no episode is None)."""
+    return value is not None and not (isinstance(value, float) and np.isnan(value))
+
+
 def summarize(per_seed: list[dict]) -> dict:
+    """Each policy's reads averaged over the seeds where they are defined, and the two primary comparisons."""
     vs = lambda key: seed_prompt_bootstrap([np.asarray(s["grpo"][key]) for s in per_seed],  # noqa: E731
                                            [np.asarray(s["sft"][key]) for s in per_seed], bounds=(-1.0, 1.0))
-    def mean(arm, key):                 # over the seeds where it is defined (solved when calling: a seed may never)
-        values = [s[arm][key] for s in per_seed if not np.isnan(s[arm][key])]
-        return float(np.mean(values)) if values else float("nan")
+
+    def mean(arm, key):
+        values = [s[arm][key] for s in per_seed if defined(s[arm][key])]
+        return float(np.mean(values)) if values else None
 
     return {arm: {k: mean(arm, k) for k in ROWS} for arm in ("sft", "grpo")} | {
         "grpo_vs_sft": vs("solved"), "tool_calls_grpo_vs_sft": vs("called")}
 
 
 def ci_text(c: dict) -> str:
+    """An estimate with its interval, as text."""
     return f"{c['delta']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}]"
 
 
 def markdown(result: dict) -> str:
+    """The seeds' summary as a markdown table."""
     s = result["summary"]
     lines = [f"# GRPO on the calculator world ({result['eval_split']} keys, seeds {result['seeds']})", "",
              "| policy | " + " | ".join(ROWS) + " |", "|---" * (len(ROWS) + 1) + "|"]
     for arm in ("sft", "grpo"):
-        lines.append(f"| {arm} | " + " | ".join(f"{s[arm][k]:.3f}" for k in ROWS) + " |")
+        lines.append(f"| {arm} | " + " | ".join(f"{s[arm][k]:.3f}" if defined(s[arm][k]) else "" for k in ROWS)
+                     + " |")
     lines += ["", f"GRPO - SFT, solved: {ci_text(s['grpo_vs_sft'])}; episodes calling the tool: "
               f"{ci_text(s['tool_calls_grpo_vs_sft'])}"]
     return "\n".join(lines)
@@ -157,7 +169,8 @@ def card(result: dict) -> dict:
                                   "formats": [None, "+.3f", None]}]},
                      {"title": "Both policies",
                       "tables": [{"columns": ["", "SFT", "GRPO"],
-                                  "rows": [[labels[k], s["sft"][k], s["grpo"][k]] for k in ROWS],
+                                  "rows": [[labels[k], *(s[arm][k] if defined(s[arm][k]) else None
+                                                         for arm in ("sft", "grpo"))] for k in ROWS],
                                   "formats": [None, ".3f", ".3f"]}]},
                      {"title": "Per seed",
                       "tables": [{"columns": ["seed", "SFT solved", "GRPO solved", "SFT calls", "GRPO calls",

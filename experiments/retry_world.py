@@ -26,10 +26,11 @@ from typing import Literal
 import jax
 import numpy as np
 
+from rlhf_jax.checks import config_check
 from rlhf_jax.config_cli import check_ranges, parse_cli
 from rlhf_jax.envs import EpisodeBudget, SkillRetryEnv
 from rlhf_jax.generation import SamplingConfig
-from rlhf_jax.recipes import TOK, rule_world as rw, tool_world as tw
+from rlhf_jax.recipes import TOK, rule_world as rw
 from rlhf_jax.stats import seed_prompt_bootstrap
 from rlhf_jax.tasks import skills
 from rlhf_jax.train import stages
@@ -65,14 +66,18 @@ class RetryWorldConfig:
     lr: float = 1e-4
     """GRPO's learning rate (the main job's)."""
     trace_fraction: float = 0.0
-    """Above 0: the SFT model is fine-tuned again from the seed's pretrained model on the main job's
-    demonstrations, of which this share, when wrong, go on with "wrong, try again" and the right answer
-    (`recipes.tool_world.retry_demonstrations`); 0: the main job's deployed SFT model."""
+    """Above 0: the SFT model is fine-tuned again from the seed's pretrained model on the main job's demonstration
+    prompts and demonstrator, of which this share, when wrong, go on with "wrong, try again" and the right answer
+    (`recipes.rule_world.retry_demonstrations`); 0: the main job's deployed SFT model."""
     eval_offset: int = 33
-    """Seed offset of the fresh eval-split keys (a second design draws other keys)."""
+    """Seed offset of the eval-split keys (their seed is 1000 * seed + eval_offset; 9..999, clear of the main
+    job's draws)."""
 
     def __post_init__(self):
         check_ranges(self, positive=("prompts", "tries", "iterations", "lr"), unit=("trace_fraction",))
+        config_check(self, 9 <= self.eval_offset <= 999,
+                     f"eval_offset = {self.eval_offset}: choose 9..999 (1..8 are the main job's draws, 1000 and "
+                     "more the next seed's)")
 
 
 def episodes(params, mc, tasks, *, tries: int, max_new_tokens: int, temperature: float, rng,
@@ -105,7 +110,7 @@ def one_seed(cfg: RetryWorldConfig, seed: int) -> dict:
     models = rw.seed_models(world, os.path.join(cfg.models, f"seed{seed}", "models"))
     mc, sft = models.model_config, models.sft
     if cfg.trace_fraction > 0:
-        records = tw.retry_demonstrations(rw.draws(world)["demo"], world, trace_fraction=cfg.trace_fraction,
+        records = rw.retry_demonstrations(rw.draws(world)["demo"], world, trace_fraction=cfg.trace_fraction,
                                           seed=1000 * seed + 4)
         sft = rw.sft_records(models.base, mc, records, steps=world.sft_steps, batch_size=world.batch_size,
                              seq_len=world.seq_len, seed=1000 * seed + 20)
@@ -167,8 +172,9 @@ def sft_text(result: dict) -> str:
     share = result["settings"].get("trace_fraction", 0.0)
     if not share:
         return "deployed SFT model of the rule world"
-    return (f"SFT model fine-tuned from the rule world's pretrained model on the main job's demonstrations, "
-            f"{share:.0%} of which, when wrong, go on with \"wrong, try again\" and the right answer")
+    return (f"SFT model fine-tuned from the rule world's pretrained model on the main job's demonstration prompts "
+            f"and demonstrator, {share:.0%} of the demonstrations, when wrong, going on with \"wrong, try again\" "
+            "and the right answer")
 
 
 def card(result: dict) -> dict:
@@ -177,7 +183,7 @@ def card(result: dict) -> dict:
     ci = lambda c: {"value": c["delta"], "ci": [c["low"], c["high"]], "signed": True}  # noqa: E731
     primary = s["grpo_vs_sft"]
     return {
-        "title": f"GRPO on a multi-turn feedback task in the rule world"
+        "title": "GRPO on a multi-turn feedback task in the rule world"
                  f"{', feedback in the SFT demonstrations' if result['settings'].get('trace_fraction') else ''} "
                  f"({result['eval_split']} keys, {len(per)} seeds)",
         "provenance": result["provenance"],

@@ -44,7 +44,7 @@ from rlhf_jax.tools import (
 )
 
 __all__ = ["Environment", "EpisodeBudget", "Episode", "run_episode", "ENVIRONMENTS", "register_environment",
-           "make_environment", "CalculatorEnv", "calculate", "calculator_tasks", "SkillRetryEnv"]
+           "make_environment", "CalculatorEnv", "calculate", "calculator_tasks", "SkillRetryEnv", "RETRY_FEEDBACK"]
 
 
 @runtime_checkable
@@ -270,6 +270,10 @@ def calculator_tasks(n: int, *, seed: int = 0, max_value: int = 99) -> list[dict
     return tasks
 
 
+RETRY_FEEDBACK = "wrong, try again"
+"""`SkillRetryEnv`'s reply to a wrong answer."""
+
+
 @register_environment("skills_retry")
 class SkillRetryEnv:
     """A rule-world task with feedback (`rlhf_jax.tasks.skills`): the policy answers a skill prompt ("reverse
@@ -280,7 +284,7 @@ class SkillRetryEnv:
     rule world's split (`skills.RULE_WORLD`).
     """
 
-    def __init__(self, *, tries: int = 2, feedback: str = "wrong, try again"):
+    def __init__(self, *, tries: int = 2, feedback: str = RETRY_FEEDBACK):
         if tries < 1:
             raise ValueError(f"SkillRetryEnv: tries must be >= 1, got {tries}")
         self.tries, self.feedback = tries, feedback

@@ -200,13 +200,13 @@ def test_grpo_env_command_runs_and_refuses_bad_options_in_one_line(tmp_path, cap
     for x in lines:
         assert {"tools/calls", "tools/malformed_calls", "turns/mean", "reward", "loss", "timing_s/gen",
                 "timing_s/env"} <= set(x)
+        assert x["sampler/logprob_mismatch"] < 1e-4 and 1 <= x["turns/mean"] <= 4
     rows = [json.loads(x) for x in open(tmp_path / "run" / "grpo" / "completions.jsonl")]
     assert rows and all(r["step"] == 2 for r in rows)
     for r in rows:                   # the whole conversation: the opening messages, then the policy's turns
         chat = r["conversation"]
         assert [m["role"] for m in chat[:3]] == ["system", "user", "assistant"]
         assert chat[1]["content"].startswith("What is ") and chat[2]["content"] in r["completion"]
-        assert x["sampler/logprob_mismatch"] < 1e-4 and 1 <= x["turns/mean"] <= 4
     assert (tmp_path / "run" / "grpo" / "final" / "model_config.json").exists()
     capsys.readouterr()
     for bad, says in [(["--env", "nope"], "environment 'nope': expected a registered name"),
@@ -277,7 +277,7 @@ def test_ppo_env_command_runs_and_refuses_bad_options_in_one_line(tmp_path, caps
 def test_the_calculator_worlds_demonstrations_are_the_episodes_a_policy_writes():
     """A policy that writes the assistant turns of a calculator-world demonstration produces, token for token, the
     sequence and loss mask SFT trains on, and earns the reward; a carry-dropping direct answer earns nothing."""
-    from rlhf_jax.recipes import rule_world, tool_world
+    from rlhf_jax.recipes import tool_world
     from rlhf_jax.tasks import skills
 
     task = skills.task_of("add", "47 85")
@@ -308,8 +308,10 @@ def test_the_calculator_worlds_demonstrations_are_the_episodes_a_policy_writes()
     mixed = tool_world.demonstrations(tasks, cfg, trace_fraction=0.25, seed=1)
     traces = [len(r.messages) == 4 for r in mixed]
     assert 0.18 < np.mean(traces) < 0.32
-    assert all(r.messages == tuple(rule_world.messages(t, r.messages[1]["content"])) for r, t, c in zip(
-        mixed, tasks, traces) if not c)
+    for r, t, trace in zip(mixed, tasks, traces):  # a direct answer: the right sum or the carry-dropping one
+        if not trace:
+            assert r.messages[0]["content"] == t.prompt and len(r.messages) == 2
+            assert r.messages[1]["content"] in (t.answer, skills.demonstrate("drop_carry", t))
     assert not any(len(r.messages) == 4 for r in tool_world.demonstrations(tasks[:50], cfg, trace_fraction=0.0, seed=1))
 
 
@@ -329,18 +331,18 @@ def test_calculator_world_quick_writes_its_card(tmp_path):
     for arm in ("sft", "grpo"):
         assert len(seed0[arm]["solved"]) == len(seed0[arm]["called"]) == 16
         assert 1.0 <= seed0[arm]["turns"] <= tool_world.BUDGET.max_turns
-    assert len(seed0["train"]["reward"]) == 2 and "timing_s/env" not in seed0["train"]
+    assert len(seed0["train"]["reward"]) == 2
     assert "GRPO - SFT, episodes calling the tool" in render_card(json.load(open(Path(out) / "card.json")))
 
 
 def test_retry_demonstrations_go_on_only_after_a_wrong_answer_as_the_environment_does():
     from rlhf_jax.envs import SkillRetryEnv, run_episode
-    from rlhf_jax.recipes import rule_world, tool_world
+    from rlhf_jax.recipes import rule_world
     from rlhf_jax.tasks import skills
 
     cfg = rule_world.RuleWorldConfig(quick=True)
     tasks = skills.skill_set(["reverse"], 300, 2, "train", skills.RULE_WORLD)
-    records = tool_world.retry_demonstrations(tasks, cfg, trace_fraction=0.5, seed=0)
+    records = rule_world.retry_demonstrations(tasks, cfg, trace_fraction=0.5, seed=0)
     wrong = []
     for r, t in zip(records, tasks):
         m = r.messages

@@ -96,13 +96,15 @@ def test_rule_world_command_quick_on_dev_keys(tmp_path, capsys):
     assert "## Gold against labels" in render_card(json.load(open(os.path.join(lc, "card.json"))))
     rt = str(tmp_path / "rt")                  # experiments.retry_world --quick: GRPO over feedback episodes
     from experiments import retry_world
-    retry_world.main(["--quick", "--models", out, "--seeds", "0", "--eval-split", "dev", "--out", rt])
+    retry_world.main(["--quick", "--models", out, "--seeds", "0", "--eval-split", "dev", "--out", rt,
+                      "--trace-fraction", "0.5"])         # SFT again, on demonstrations that go on after feedback
     seed0 = json.load(open(os.path.join(rt, "retry_world.json")))["per_seed"][0]
     for arm in ("sft", "grpo"):                # solved within the tries includes solved at the first
         assert all(s >= f for s, f in zip(seed0[arm]["solved"], seed0[arm]["first_try"]))
         assert len(seed0[arm]["solved"]) == 16 and 1.0 <= seed0[arm]["turns"] <= 2.0
     assert len(seed0["train_reward"]) >= 1
-    assert "GRPO - SFT, solved within two tries" in render_card(json.load(open(os.path.join(rt, "card.json"))))
+    text = render_card(json.load(open(os.path.join(rt, "card.json"))))
+    assert "GRPO - SFT, solved within two tries" in text and "feedback in the SFT demonstrations" in text
     ra = str(tmp_path / "ra")                  # experiments.rule_annotators --quick: two of the populations
     from experiments import rule_annotators
     rule_annotators.main(["--quick", "--models", out, "--seeds", "0", "--eval-split", "dev", "--out", ra,

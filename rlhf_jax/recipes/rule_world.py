@@ -35,6 +35,7 @@ from rlhf_jax import tasks as world
 from rlhf_jax.checks import check_ranges, config_check
 from rlhf_jax.data import Batches, PreferenceRecord, SFTRecord, ShuffledIterator, collate_prompts
 from rlhf_jax.data.batching import Example, collate_preference, tokenize_preference, truncate
+from rlhf_jax.envs import RETRY_FEEDBACK
 from rlhf_jax.eval import sample_episodes_jit, sample_texts
 from rlhf_jax.generation import SamplingConfig
 from rlhf_jax.models import ModelConfig, init_params
@@ -184,6 +185,29 @@ def messages(task: skills.SkillTask, response: str | None = None) -> list[dict]:
     """The chat of a task: its prompt as the user, and `response` as the assistant when given."""
     out = [{"role": "user", "content": task.prompt}]
     return out if response is None else out + [{"role": "assistant", "content": response}]
+
+
+def retry_trace(task: skills.SkillTask, first: str, *, feedback: str = RETRY_FEEDBACK) -> list[dict]:
+    """A feedback demonstration: `first` as the first answer; when it is wrong, the user's `feedback` and the
+    right answer (`envs.SkillRetryEnv`'s conversation with a demonstrator who corrects itself)."""
+    out = messages(task, first)
+    if first == task.answer:
+        return out
+    return out + [{"role": "user", "content": feedback}, {"role": "assistant", "content": task.answer}]
+
+
+def retry_demonstrations(tasks, cfg: RuleWorldConfig, *, trace_fraction: float, seed: int) -> list[SFTRecord]:
+    """SFT records of `tasks`: the world's demonstrator's answer (flawed at `cfg.flaw_rate`), followed on
+    `trace_fraction` of them, when it is wrong, by the feedback and the right answer (`retry_trace`). One random
+    stream draws each task's flaw and then its trace coin, so with the main job's seed the flaws fall on other
+    tasks than in the main job's demonstrations (the same prompts and demonstrator)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for t in tasks:
+        first = skills.demonstrate(cfg.demonstrator, t, rng, cfg.flaw_rate)
+        chat = retry_trace(t, first) if rng.random() < trace_fraction else messages(t, first)
+        out.append(SFTRecord(messages=tuple(chat)))
+    return out
 
 
 def rule_corpus(ops, *, docs: int, web_fraction: float, p_correct: float, prompt_loss: bool, seed: int,

@@ -13,8 +13,9 @@ instead and copies its result:
 
 The environment pays 1 for the right final answer with or without the tool, so calling it is optional and
 has to be learned. A call turn is about 85 byte tokens, so the world's model holds 256 positions (the rule world's
-holds 128) and its pretraining and SFT rows are 192 tokens. Half of the pretraining corpus's rule rows are
-calculator traces of other train keys (`corpus`), so that the pretrained model has seen the tool's format.
+holds 128) and its pretraining and SFT rows are 192 tokens. A share (`corpus_traces`) of the pretraining
+corpus's rule rows are calculator traces of random train keys (`corpus`), so that the pretrained model has seen
+the tool's format.
 """
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ from rlhf_jax.tokenizer import encode_chat
 from rlhf_jax.train.checkpoint import load_params, save_params
 from rlhf_jax.train.multiturn import EnvRollout, make_turn_sampler, rollout_episodes
 
-CALCULATOR_WORLD = dict(ops=("add",), demonstrator="drop_carry", seq_len=192, pretrain_steps=600)
+CALCULATOR_WORLD = dict(ops=("add",), demonstrator="drop_carry", seq_len=192)
 """The calculator world's changes to `rule_world.RuleWorldConfig` (every other setting is the main job's)."""
 MAX_SEQ_LEN = 256
 """Positions of the calculator world's model."""
@@ -92,8 +93,8 @@ def demonstrations(tasks, cfg: rw.RuleWorldConfig, *, trace_fraction: float, see
 
 def corpus(cfg: rw.RuleWorldConfig, *, corpus_traces: float) -> list[Example]:
     """The world's pretraining documents: `rule_world.rule_corpus` of its ops, with `corpus_traces` of the rule
-    rows replaced by calculator traces of other train keys (the loss on their assistant turns), so that the
-    pretrained model has seen the tool's format."""
+    rows replaced by calculator traces of random train keys (the loss on their assistant turns), so that the
+    pretrained model has seen the tool's format. `rule_corpus` writes its web documents first."""
     docs = rw.rule_corpus(list(cfg.ops), docs=cfg.corpus_docs, web_fraction=cfg.web_fraction,
                           p_correct=cfg.p_correct, prompt_loss=False, seed=1000 * cfg.seed, config=skills.RULE_WORLD)
     rng = np.random.default_rng(1000 * cfg.seed + 1)
@@ -148,11 +149,12 @@ def rollout(params, mc, tasks, rng, *, temperature: float, num_generations: int 
 
 def read(params, mc, tasks, rng) -> dict:
     """Greedy episodes on `tasks`: per prompt, solved, called the tool (at least one well-formed call) and
-    malformed calls, with their means, turns per episode and the solve rate on carrying and other keys."""
+    malformed calls, with their means, turns per episode and the solve rate on carrying and other keys and with
+    and without a call (None where no episode is of that kind)."""
     r = rollout(params, mc, tasks, rng, temperature=0.0)
     solved, called = np.asarray(r.rewards, np.float64), (np.asarray(r.tool_calls) > 0).astype(np.float64)
     carry = np.array([skills.has_carry(*(int(x) for x in t.key.split(" "))) for t in tasks])
-    rate = lambda x, m: float(x[m].mean()) if m.any() else float("nan")  # noqa: E731
+    rate = lambda x, m: float(x[m].mean()) if m.any() else None  # noqa: E731
     return {"solved": solved.tolist(), "called": called.tolist(), "mean": float(solved.mean()),
             "tool_call_rate": float(called.mean()), "malformed_per_episode": float(np.mean(r.malformed_calls)),
             "turns": float(np.mean(r.turns)), "carry_keys": rate(solved, carry), "other_keys": rate(solved, ~carry),
@@ -161,26 +163,6 @@ def read(params, mc, tasks, rng) -> dict:
 
 
 def evaluation_rng(seed: int) -> jax.Array:
-    """The key of a seed's greedy reads (greedy turns draw nothing; the key keeps the call total)."""
+    """The key passed to a seed's greedy reads (`rollout` needs one; greedy turns draw nothing from it)."""
     return jax.random.PRNGKey(14000 + seed)
 
-
-def retry_trace(task: skills.SkillTask, first: str, *, feedback: str = "wrong, try again") -> list[dict]:
-    """A feedback demonstration: `first` as the first answer; when it is wrong, the user's `feedback` and the
-    right answer (`envs.SkillRetryEnv`'s conversation with a demonstrator who corrects itself)."""
-    out = rw.messages(task, first)
-    if first == task.answer:
-        return out
-    return out + [{"role": "user", "content": feedback}, {"role": "assistant", "content": task.answer}]
-
-
-def retry_demonstrations(tasks, cfg: rw.RuleWorldConfig, *, trace_fraction: float, seed: int) -> list[SFTRecord]:
-    """SFT records of `tasks`: the world's demonstrator's answer (flawed at `cfg.flaw_rate`), followed on
-    `trace_fraction` of them, when it is wrong, by the feedback and the right answer (`retry_trace`)."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for t in tasks:
-        first = skills.demonstrate(cfg.demonstrator, t, rng, cfg.flaw_rate)
-        chat = retry_trace(t, first) if rng.random() < trace_fraction else rw.messages(t, first)
-        out.append(SFTRecord(messages=tuple(chat)))
-    return out

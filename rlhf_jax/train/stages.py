@@ -429,7 +429,8 @@ def run_grpo_env(state: TrainState, tasks: Iterable, config: GRPOConfig, *, mode
                                    prompt_len=prompt_len, seq_len=seq_len, num_generations=config.num_generations,
                                    chat_format=chat_format)
         state, metrics = update(state, rollout.episodes, jax.numpy.asarray(rollout.rewards), k_update, ref_params)
-        metrics = _log_samples(metrics, iteration, config.completions_every, hooks, tokenizer, rollout.messages)
+        conversations = rollout.messages if config.dynamic_sampling_groups is None else None  # rows reordered
+        metrics = _log_samples(metrics, iteration, config.completions_every, hooks, tokenizer, conversations)
         return state, {**metrics, **rollout_metrics(rollout)}
 
     return run_loop(state, feed, step_fn, num_steps=config.num_steps, log_every=config.log_every, hooks=hooks,
