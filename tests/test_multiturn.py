@@ -355,3 +355,41 @@ def test_retry_demonstrations_go_on_only_after_a_wrong_answer_as_the_environment
             episode = run_episode(SkillRetryEnv(), {"op": t.op, "key": t.key}, lambda _: (next(replies), 1))
             assert list(episode.messages) == list(m) and episode.reward == 1.0
     assert len(wrong) > 50 and 0.35 < np.mean(wrong) < 0.65
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo"])
+def test_no_gradient_reaches_tool_results_user_turns_or_template_tokens(loss_type):
+    """The GRPO loss over a calculator episode (a call, its result, the answer) has a gradient on the logits
+    exactly at the policy's sampled tokens, the positions the template's assistant mask names, and nowhere on the
+    tool result, the user turn or the headers, even with an advantage on every position."""
+    from rlhf_jax.losses import policy_gradient_loss, token_logprobs
+    from rlhf_jax.models import ModelConfig, init_params
+    from rlhf_jax.recipes import tool_world
+    from rlhf_jax.tasks import skills
+    from rlhf_jax.train.rl import episode_logits
+
+    task = skills.task_of("add", "47 85")
+    ids, loss_mask = encode_chat(TOK, tool_world.calculator_trace(task))
+    replies = ['<tool_call>\n{"name": "calculate", "arguments": {"expression": "47+85"}}\n</tool_call>', "132"]
+    sampling = SamplingConfig(max_new_tokens=tool_world.MAX_NEW_TOKENS, eos_id=TOK.eos_id, pad_id=TOK.pad_id)
+    ep = rollout_episodes(_scripted(replies, tool_world.MAX_NEW_TOKENS, []), tool_world.environment,
+                          [tool_world.calculator_task(task)] * 2, jax.random.key(0), tokenizer=TOK,
+                          budget=tool_world.BUDGET, sampling=sampling, prompt_len=tool_world.PROMPT_LEN,
+                          seq_len=tool_world.SEQ_LEN).episodes
+    mc = ModelConfig(vocab_size=TOK.vocab_size, d_model=16, num_layers=1, num_heads=2, mlp_dim=32,
+                     max_seq_len=tool_world.SEQ_LEN)
+    logits = episode_logits(init_params(mc, jax.random.key(1)), ep, model_config=mc)
+    old = jax.lax.stop_gradient(token_logprobs(logits, ep.responses))
+    advantages = jnp.ones_like(old).at[1].set(-1.0)          # every position, so only the mask can zero one
+
+    def loss(z):
+        return policy_gradient_loss(token_logprobs(z, ep.responses), old, advantages, ep.response_mask,
+                                    loss_type=loss_type)[0]
+    reached = np.asarray(jnp.any(jax.grad(loss)(logits) != 0, axis=-1))           # [rows, N]
+    P, L = ep.prompt_len, len(ids)
+    first = int(np.asarray(ep.mask[0, :P]).sum())
+    expected = np.zeros(ep.responses.shape[1], bool)
+    expected[: L - first] = np.asarray(loss_mask[first:]) > 0                      # the assistant turns, with EOS
+    assert expected.sum() == len(TOK.encode(replies[0])) + len(TOK.encode(replies[1])) + 2
+    for r in range(2):
+        assert np.array_equal(reached[r], expected)
