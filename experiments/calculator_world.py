@@ -23,7 +23,9 @@ from typing import Literal
 import jax
 import numpy as np
 
+from rlhf_jax.checks import config_check
 from rlhf_jax.config_cli import check_ranges, parse_cli
+from rlhf_jax.losses import PG_LOSS_TYPES
 from rlhf_jax.generation import SamplingConfig
 from rlhf_jax.recipes import TOK, rule_world as rw, tool_world as tw
 from rlhf_jax.stats import seed_prompt_bootstrap
@@ -58,9 +60,13 @@ class CalculatorWorldConfig:
     """GRPO iterations (the rule world's GRPO runs 80)."""
     lr: float = 1e-4
     """GRPO's learning rate (the rule world's)."""
+    loss_type: str = "dapo"
+    """GRPO's loss (`losses.PG_LOSS_TYPES`; the rule world's is DAPO's token-level mean)."""
 
     def __post_init__(self):
         check_ranges(self, positive=("prompts", "iterations", "lr"), unit=("trace_fraction", "corpus_traces"))
+        config_check(self, self.loss_type in PG_LOSS_TYPES,
+                     f"loss_type = {self.loss_type!r}: choose from {PG_LOSS_TYPES}")
 
 
 def one_seed(cfg: CalculatorWorldConfig, seed: int) -> dict:
@@ -78,7 +84,7 @@ def one_seed(cfg: CalculatorWorldConfig, seed: int) -> dict:
     out = {"seed": seed, "sft": tw.read(sft, mc, evals, tw.evaluation_rng(seed))}
     out["sft"]["train_keys"] = tw.read(sft, mc, train_eval, tw.evaluation_rng(seed))["mean"]
     sampling = SamplingConfig(max_new_tokens=tw.MAX_NEW_TOKENS, temperature=1.0, eos_id=TOK.eos_id, pad_id=TOK.pad_id)
-    gcfg = GRPOConfig(num_steps=steps, batch_size=16, num_generations=8, loss_type="dapo", sampling=sampling,
+    gcfg = GRPOConfig(num_steps=steps, batch_size=16, num_generations=8, loss_type=cfg.loss_type, sampling=sampling,
                       optim=OptimConfig(learning_rate=cfg.lr), log_every=max(1, steps // 8))
     state = create_train_state(sft, gcfg.optim, jax.random.PRNGKey(1000 * seed + 12), total_steps=steps)
     rng = np.random.default_rng(1000 * seed + 11)
