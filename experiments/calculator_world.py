@@ -62,11 +62,20 @@ class CalculatorWorldConfig:
     """GRPO's learning rate (the rule world's)."""
     loss_type: str = "dapo"
     """GRPO's loss (`losses.PG_LOSS_TYPES`; the rule world's is DAPO's token-level mean)."""
+    temperature: float = 1.0
+    """GRPO's sampling temperature (its loss divides the logits by it too; the rule world's is 1)."""
+    eval_offset: int = 34
+    """Seed offset of the eval-split keys (their seed is 1000 * seed + eval_offset; 9..999, clear of the main
+    job's draws)."""
 
     def __post_init__(self):
-        check_ranges(self, positive=("prompts", "iterations", "lr"), unit=("trace_fraction", "corpus_traces"))
+        check_ranges(self, positive=("prompts", "iterations", "lr", "temperature"),
+                     unit=("trace_fraction", "corpus_traces"))
         config_check(self, self.loss_type in PG_LOSS_TYPES,
                      f"loss_type = {self.loss_type!r}: choose from {PG_LOSS_TYPES}")
+        config_check(self, 9 <= self.eval_offset <= 999,
+                     f"eval_offset = {self.eval_offset}: choose 9..999 (1..8 are the main job's draws, 1000 and "
+                     "more the next seed's)")
 
 
 def one_seed(cfg: CalculatorWorldConfig, seed: int) -> dict:
@@ -77,13 +86,14 @@ def one_seed(cfg: CalculatorWorldConfig, seed: int) -> dict:
                                 cache=os.path.join(cfg.models, f"seed{seed}", "calculator"))
     models_s = round(time.time() - t0, 1)
     n = world.eval_prompts if cfg.quick else cfg.prompts
-    evals = skills.skill_set(list(world.ops), n, 1000 * seed + 34, cfg.eval_split, skills.RULE_WORLD)
+    evals = skills.skill_set(list(world.ops), n, 1000 * seed + cfg.eval_offset, cfg.eval_split, skills.RULE_WORLD)
     sets = rw.draws(world)
     train_eval, pool = sets["train_eval"], sets["rl"]
     steps = 2 if cfg.quick else cfg.iterations
     out = {"seed": seed, "sft": tw.read(sft, mc, evals, tw.evaluation_rng(seed))}
     out["sft"]["train_keys"] = tw.read(sft, mc, train_eval, tw.evaluation_rng(seed))["mean"]
-    sampling = SamplingConfig(max_new_tokens=tw.MAX_NEW_TOKENS, temperature=1.0, eos_id=TOK.eos_id, pad_id=TOK.pad_id)
+    sampling = SamplingConfig(max_new_tokens=tw.MAX_NEW_TOKENS, temperature=cfg.temperature, eos_id=TOK.eos_id,
+                              pad_id=TOK.pad_id)
     gcfg = GRPOConfig(num_steps=steps, batch_size=16, num_generations=8, loss_type=cfg.loss_type, sampling=sampling,
                       optim=OptimConfig(learning_rate=cfg.lr), log_every=max(1, steps // 8))
     state = create_train_state(sft, gcfg.optim, jax.random.PRNGKey(1000 * seed + 12), total_steps=steps)
