@@ -163,10 +163,23 @@ def sample(params, prompts, prompt_mask, rng, *, config: ModelConfig, max_new_to
     cache = init_cache(config, B, S, ring=ring_cache)
     logits, cache = prefill(params, prompts.astype(jnp.int32), config=config, cache=cache, positions=positions,
                             key_mask=key_mask)
-    next_position = prompt_mask.sum(axis=1)                                              # [B]
+    state = _decode(params, cache, logits[:, -1], prompts, key_mask, prompt_mask.sum(axis=1), P, rng,
+                    config=config, max_new_tokens=N, temperature=temperature, top_k=top_k, top_p=top_p,
+                    eos_id=eos_id, pad_id=pad_id,
+                    loops=[(end, P + end) for end in decode_stages(N, stages)])   # steps i < end read < P + end
+    return Samples(tokens=state.tokens, logprobs=state.logprobs, response_mask=state.response_mask)
+
+
+def _decode(params, cache, logits, prompts, key_mask, next_position, index, rng, *, config, max_new_tokens,
+            temperature, top_k, top_p, eos_id, pad_id, loops) -> DecodeState:
+    """The decode loops of `sample` and `sample_after`: step i samples from `logits` (then from its own),
+    writes its token to cache slot index + i (index may be traced) at position next_position + i and to column
+    P + i of [B, P + N] tokens after `prompts` [B,P]. `loops`: (end, read_len) of each `lax.while_loop`."""
+    B, P = prompts.shape
+    N = max_new_tokens
     pick = greedy if temperature == 0 else categorical
 
-    def body(state: DecodeState, read_len: int) -> DecodeState:
+    def body(state: DecodeState, read_len: int | None) -> DecodeState:
         rng, sub = jax.random.split(state.rng)
         dist = sampling_logits(state.logits, temperature=temperature, top_k=top_k, top_p=top_p)
         token = pick(dist, sub)
@@ -177,7 +190,7 @@ def sample(params, prompts, prompt_mask, rng, *, config: ModelConfig, max_new_to
         i = state.step
         step_logits, cache = forward_cached(params, token[:, None], config=config, cache=state.cache,
                                             positions=(next_position + i)[:, None], key_mask=key_mask,
-                                            index=P + i, read_len=read_len)
+                                            index=index + i, read_len=read_len)
         return DecodeState(
             cache=cache, step=i + 1, logits=step_logits[:, 0], rng=rng, done=done,
             tokens=lax.dynamic_update_slice(state.tokens, token[:, None], (0, P + i)),
@@ -189,10 +202,65 @@ def sample(params, prompts, prompt_mask, rng, *, config: ModelConfig, max_new_to
         return (state.step < end) & ~jnp.all(state.done)
 
     state = DecodeState(
-        cache=cache, step=jnp.zeros((), jnp.int32), logits=logits[:, -1], rng=rng,
+        cache=cache, step=jnp.zeros((), jnp.int32), logits=logits, rng=rng,
         tokens=jnp.concatenate([prompts.astype(jnp.int32), jnp.full((B, N), pad_id, jnp.int32)], axis=1),
         done=jnp.zeros((B,), bool), logprobs=jnp.zeros((B, N), jnp.float32),
         response_mask=jnp.zeros((B, N), jnp.int32))
-    for end in decode_stages(N, stages):   # steps i < end read slots < P + i <= P + end
-        state = lax.while_loop(functools.partial(cond, end=end), functools.partial(body, read_len=P + end), state)
-    return Samples(tokens=state.tokens, logprobs=state.logprobs, response_mask=state.response_mask)
+    for end, read_len in loops:
+        state = lax.while_loop(functools.partial(cond, end=end), functools.partial(body, read_len=read_len), state)
+    return state
+
+
+@flax.struct.dataclass
+class Conversation:
+    """A KV cache that a conversation's turns extend (`sample_after`): slots [0, index) hold the turns so far,
+    `key_mask` [B,S] marks the real ones (the rest are padding between chunks and tokens after a turn's EOS)."""
+
+    cache: KVCache
+    key_mask: jax.Array        # [B,S] int32
+    index: jax.Array           # [] int32: the next slot to write
+
+
+def start_conversation(config: ModelConfig, batch: int, slots: int) -> Conversation:
+    """An empty `Conversation` of `slots` cache slots (every turn's new tokens and decode budget must fit)."""
+    if config.sliding_window is not None:
+        raise ValueError("start_conversation: a sliding-window model cannot keep a conversation's cache (its window "
+                         "is counted in cache slots, and the padding between turns would shift it); re-prefill "
+                         "each turn instead")
+    return Conversation(cache=init_cache(config, batch, slots, ring=False),
+                        key_mask=jnp.zeros((batch, slots), jnp.int32), index=jnp.zeros((), jnp.int32))
+
+
+@functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "temperature", "top_k", "top_p",
+                                             "eos_id", "pad_id"))
+def sample_after(params, conversation: Conversation, tokens, token_mask, rng, *, config: ModelConfig,
+                 max_new_tokens: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                 eos_id: int | None = None, pad_id: int = 0) -> tuple[Samples, Conversation]:
+    """Sample N = max_new_tokens tokens after a conversation's cached turns and new left-padded tokens [B,Q]
+    (token_mask [B,Q]: the environment's answer and the template's tokens since the last turn; the opening
+    prompt on an empty conversation) -> (`Samples` of [B, Q + N] tokens, the conversation extended by them).
+
+    The new tokens fill slots [index, index + Q) in one cached forward pass that reads the earlier slots, and
+    the decode writes [index + Q, index + Q + N); positions continue from each row's real tokens, so padding
+    between chunks changes nothing but the slots read. Sampled tokens after a row's EOS are masked out of the
+    returned conversation. The same samples as `sample` on the whole context, up to float rounding (the cache
+    is in the compute dtype either way); each decode step reads all S slots (index is traced: one program for
+    every turn of a given Q).
+    """
+    B, Q = tokens.shape
+    N = max_new_tokens
+    params = split_layers(decode_params(params, config))
+    token_mask = token_mask.astype(jnp.int32)
+    index = conversation.index
+    key_mask = lax.dynamic_update_slice(conversation.key_mask, jnp.concatenate(
+        [token_mask, jnp.ones((B, N), jnp.int32)], axis=1), (0, index))
+    before = conversation.key_mask.sum(axis=1, keepdims=True)                              # [B,1]
+    positions = before + sequence_positions(token_mask)
+    logits, cache = forward_cached(params, tokens.astype(jnp.int32), config=config, cache=conversation.cache,
+                                   positions=positions, key_mask=key_mask, index=index)
+    state = _decode(params, cache, logits[:, -1], tokens, key_mask, before[:, 0] + token_mask.sum(axis=1),
+                    index + Q, rng, config=config, max_new_tokens=N, temperature=temperature, top_k=top_k,
+                    top_p=top_p, eos_id=eos_id, pad_id=pad_id, loops=[(N, None)])
+    key_mask = lax.dynamic_update_slice(key_mask, state.response_mask, (0, index + Q))
+    samples = Samples(tokens=state.tokens, logprobs=state.logprobs, response_mask=state.response_mask)
+    return samples, Conversation(cache=state.cache, key_mask=key_mask, index=index + Q + N)

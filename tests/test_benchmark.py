@@ -109,7 +109,7 @@ def test_whole_benchmark_runs_without_tyro_and_writes_json(tmp_path):
     names = [r["name"] for r in report["results"]]
     assert names == ["sft", "reward", "dpo", "simpo", "orpo", "kto", "generate", "ppo/sample", "ppo/rollout", "ppo/update", "ppo/iteration",
                      "grpo/sample", "grpo/rollout", "grpo/update", "lora_sft", "lora_dpo", "distill", "qlora_sft",
-                     "qlora_dpo", "multiturn", "multiturn_single"]
+                     "qlora_dpo", "multiturn", "multiturn_kv", "multiturn_single"]
     z = report["lora_sizes"]["llama-1b"]                        # from shapes: rank 16 on every projection
     n = ModelConfig.preset("llama-1b").num_params()            # which leaves out the norms' 67,584 scales
     assert 0 <= z["base_params"] - n < 1e-4 * n and 0 < z["adam_ratio"] < 0.02
@@ -138,9 +138,10 @@ def test_whole_benchmark_runs_without_tyro_and_writes_json(tmp_path):
     assert grpo_update["flops_per_step"] == bm.grpo_flops(cfg, 4, 16, 16) and report["grpo"]["update_mfu"] > 0
     assert report["grpo"]["rollout_over_sampling"] > 0
     assert "sft" in proc.stdout and "MFU" in proc.stdout and "GRPO:" in proc.stdout
-    multi, single = report["results"][-2:]            # 2 episodes x 2 turns x at most 8 sampled tokens
+    multi, kept, single = report["results"][-3:]      # 2 episodes x 2 turns x at most 8 sampled tokens
     assert 0 < multi["tokens_per_step"] <= 2 * 2 * 8 and single["tokens_per_step"] == 2 * 2 * 8
-    assert report["multiturn"]["multi_over_single_time_per_token"] > 0
+    assert 0 < kept["tokens_per_step"] <= 2 * 2 * 8 and kept["flops_per_step"] < multi["flops_per_step"]
+    assert report["multiturn"]["multi_over_single_time_per_token"] > 0 and report["multiturn"]["kv_cache_speedup"] > 0
 
 
 def test_profile_ops_sums_device_or_host_events():

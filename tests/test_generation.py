@@ -1,10 +1,13 @@
 """KV-cache decoding and sampling tests: cached == uncached, greedy == argmax, logprobs, EOS, filters."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlhf_jax.generation import categorical, greedy, sample, sampling_logits, top_k_filter, top_p_filter
+from rlhf_jax.generation import (categorical, greedy, sample, sample_after, sampling_logits, start_conversation,
+                                 top_k_filter, top_p_filter)
 from rlhf_jax.models import ModelConfig, forward, forward_cached, init_cache, init_params
 
 GPT = ModelConfig(vocab_size=61, d_model=32, num_layers=2, num_heads=4, mlp_dim=64, max_seq_len=32)
@@ -204,3 +207,35 @@ def test_decode_stages_change_nothing(params, name):
             np.testing.assert_array_equal(many.tokens, one.tokens)
             np.testing.assert_array_equal(many.response_mask, one.response_mask)
             np.testing.assert_allclose(many.logprobs, one.logprobs, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_sample_after_continues_a_conversation_as_sample_does_on_its_whole_context(params, name):
+    # Turn 1 on an empty conversation, then new tokens of another length and a second turn: each turn equals
+    # `sample` on the row's whole real context so far, though the cache holds padding between the chunks and
+    # the first turn's tokens after an EOS (row 0 stops early; row 1 runs to N).
+    p, cfg, N = params[name], CONFIGS[name], 4
+    prompts, mask = _left_pad([[12, 9, 2], [7, 1]], 3)
+    free = sample(p, prompts, mask, jax.random.key(0), config=cfg, max_new_tokens=N, temperature=0.0, pad_id=PAD)
+    row0, row1 = np.asarray(free.tokens[0, 3:]).tolist(), np.asarray(free.tokens[1, 3:]).tolist()
+    stop = next(j for j in range(N - 1) if row0[j] not in row1 + row0[:j])     # row 0's EOS: one row 1 never writes
+    eos = row0[stop]
+    kw = dict(config=cfg, max_new_tokens=N, temperature=0.0, eos_id=eos, pad_id=PAD)
+    conv = start_conversation(cfg, 2, 3 + N + 5 + N)
+    first, conv = sample_after(p, conv, prompts, mask, jax.random.key(0), **kw)
+    suffix = [[11, 12, 13], [14, 15, 16, 17, 18]]
+    second, conv = sample_after(p, conv, *_left_pad(suffix, 5), jax.random.key(0), **kw)
+    assert int(conv.index) == 3 + N + 5 + N
+    for row, opening in enumerate([[12, 9, 2], [7, 1]]):
+        turn1 = np.asarray(first.tokens[row, 3:])[np.asarray(first.response_mask[row]) > 0].tolist()
+        assert len(turn1) == (stop + 1 if row == 0 else N)
+        context = opening + turn1 + suffix[row]
+        ref = sample(p, *_left_pad([context], len(context)), jax.random.key(0), **kw)
+        np.testing.assert_array_equal(second.tokens[row, 5:], ref.tokens[0, len(context):])
+        np.testing.assert_array_equal(second.response_mask[row], ref.response_mask[0])
+        np.testing.assert_allclose(second.logprobs[row], ref.logprobs[0], atol=1e-5)
+
+
+def test_a_sliding_window_model_keeps_no_conversation():
+    with pytest.raises(ValueError, match="sliding-window"):
+        start_conversation(dataclasses.replace(LLAMA, sliding_window=4), 2, 16)

@@ -16,7 +16,8 @@ import pytest
 from rlhf_jax.envs import CalculatorEnv, EpisodeBudget
 from rlhf_jax.generation import SamplingConfig, Samples
 from rlhf_jax.tokenizer import ByteTokenizer, ChatFormat, encode_chat, encode_prompt
-from rlhf_jax.train.multiturn import make_turn_sampler, rollout_episodes, rollout_metrics, sample_turn
+from rlhf_jax.train.multiturn import (conversation_slots, make_turn_sampler, rollout_episodes, rollout_metrics,
+                                     sample_turn)
 from rlhf_jax.train.rl import episode_logprobs
 
 TOK = ByteTokenizer()
@@ -188,6 +189,43 @@ def test_episodes_of_different_lengths_share_one_compiled_sampler_and_the_traine
     for r in (ro, again):
         lp = logprobs(params, r.episodes, model_config=mc, temperature=config.sampling.temperature)
         np.testing.assert_allclose(np.asarray(lp), np.asarray(r.episodes.sampler_logprobs), atol=1e-4)
+
+
+def test_keeping_the_kv_cache_across_turns_samples_the_episodes_that_re_prefilling_does():
+    from rlhf_jax.cli.grpo import GRPOExperiment
+    from rlhf_jax.config_cli import parse_cli
+    from rlhf_jax.runner import init_model
+
+    cfg = parse_cli(GRPOExperiment, ["--env", "calculator", *TINY])
+    mc, params = init_model(cfg.preset, cfg.model, jax.random.key(0))
+    sampling, P, T, Q = cfg.grpo.sampling, cfg.data.seq_len, cfg.data.seq_len + cfg.env_max_len, 12
+    prefill = make_turn_sampler(sampling=sampling, model_config=mc)
+    tasks = [{"turns": 1}, {"turns": 4}, {"turns": 2}]
+
+    def run(suffix_len):
+        if suffix_len is None:
+            fn = lambda p, m, k: prefill(params, None, p, m, k)  # noqa: E731
+        else:
+            cached = make_turn_sampler(sampling=sampling, model_config=mc, conversation_slots=conversation_slots(
+                prompt_len=P, max_new_tokens=sampling.max_new_tokens, max_turns=4, suffix_len=suffix_len))
+            fn = lambda c, p, m, k: cached(params, None, c, p, m, k)  # noqa: E731
+        return rollout_episodes(fn, CountdownEnv, tasks, jax.random.key(3), tokenizer=TOK,
+                                budget=EpisodeBudget(max_turns=4), sampling=sampling, prompt_len=P, seq_len=T,
+                                num_generations=2, chat_format=SHORT, suffix_len=suffix_len)
+
+    again, kept = run(None), run(Q)
+    assert list(kept.turns) == list(again.turns) == [1, 1, 4, 4, 2, 2] and kept.finish == again.finish
+    # Each turn's samples are drawn with the same keys from logits equal up to float rounding: the same tokens
+    # (one row may flip a near-tie), and the trainer's forward over the built sequences gives the cached sampler's
+    # log-probs, so positions and masks across the padding between turns are those of the whole context.
+    same = [bool(np.array_equal(kept.episodes.tokens[r], again.episodes.tokens[r])) for r in range(6)]
+    assert sum(same) >= 5, same
+    lp = jax.jit(episode_logprobs, static_argnames=("model_config", "temperature"))(
+        params, kept.episodes, model_config=mc, temperature=sampling.temperature)
+    np.testing.assert_allclose(np.asarray(lp), np.asarray(kept.episodes.sampler_logprobs), atol=1e-4)
+    # A suffix longer than its bucket ends the episode ("max_len"), as a context longer than seq_len does.
+    short = run(4)
+    assert set(short.finish) == {"done", "max_len"} and list(short.turns) == [1, 1, 1, 1, 1, 1]
 
 
 def test_grpo_env_command_runs_and_refuses_bad_options_in_one_line(tmp_path, capsys):

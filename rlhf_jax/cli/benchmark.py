@@ -600,10 +600,12 @@ class _Bench:
         each turn; every turn re-prefills the conversation's fixed bucket in one compiled sampler; byte-level chat
         template), then `sample` of the same rows x turns * new tokens from a `gen_prompt`-token prompt. The
         rollout row is wall time per rollout, host steps included, and counts the policy tokens actually sampled
-        (a turn may end early at EOS); its FLOPs are each turn's prefill of the bucket and its decode."""
+        (a turn may end early at EOS); its FLOPs are each turn's prefill of the bucket and its decode. The
+        `multiturn_kv` row runs the same rollout keeping the KV cache across turns (`rollout_episodes` with
+        `suffix_len`: each later turn forwards only the user's reply and the template's tokens)."""
         from rlhf_jax.envs import EpisodeBudget
         from rlhf_jax.tokenizer import ByteTokenizer, encode_prompt
-        from rlhf_jax.train.multiturn import make_turn_sampler, rollout_episodes
+        from rlhf_jax.train.multiturn import conversation_slots, make_turn_sampler, rollout_episodes, turn_suffix_ids
 
         c, m = self.cfg, self.model
         B, K, N = c.mt_episodes, c.mt_turns, c.mt_new
@@ -628,32 +630,55 @@ class _Bench:
 
         sampling = SamplingConfig(max_new_tokens=N, temperature=1.0, eos_id=tok.eos_id, pad_id=tok.pad_id)
         params = init_params(m, self.next_key())
-        turn = make_turn_sampler(sampling=sampling, model_config=m)
+        opening = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+        Q = 1 + len(turn_suffix_ids(tok, opening, [{"role": "user", "content": "go on"}], eos_id=tok.eos_id))
+        slots = conversation_slots(prompt_len=P, max_new_tokens=N, max_turns=K, suffix_len=Q)
+        prefill_turn = make_turn_sampler(sampling=sampling, model_config=m)
+        cached_turn = make_turn_sampler(sampling=sampling, model_config=m, conversation_slots=slots)
+        samplers = {None: lambda p, mask, k: prefill_turn(params, None, p, mask, k),
+                    Q: lambda conv, p, mask, k: cached_turn(params, None, conv, p, mask, k)}
 
-        def rollout(key):
-            ro = rollout_episodes(lambda p, mask, k: turn(params, None, p, mask, k), ScriptedUser, [0] * B, key,
-                                  tokenizer=tok, budget=EpisodeBudget(max_turns=K), sampling=sampling,
-                                  prompt_len=P, seq_len=T, num_generations=1)
-            jax.block_until_ready(ro.episodes.tokens)
-            return ro
+        def timed(suffix_len):
+            def rollout(key):
+                ro = rollout_episodes(samplers[suffix_len], ScriptedUser, [0] * B, key, tokenizer=tok,
+                                      budget=EpisodeBudget(max_turns=K), sampling=sampling, prompt_len=P, seq_len=T,
+                                      num_generations=1, suffix_len=suffix_len)
+                jax.block_until_ready(ro.episodes.tokens)
+                return ro
 
-        t0 = time.perf_counter()
-        ro = rollout(self.next_key())                       # compiles the turn sampler
-        first = time.perf_counter() - t0
-        times = []
-        for _ in range(max(1, min(c.steps, 3))):
             t0 = time.perf_counter()
-            ro = rollout(self.next_key())
-            times.append(time.perf_counter() - t0)
+            ro = rollout(self.next_key())                       # compiles the turn sampler
+            first = time.perf_counter() - t0
+            times = []
+            for _ in range(max(1, min(c.steps, 3))):
+                t0 = time.perf_counter()
+                ro = rollout(self.next_key())
+                times.append(time.perf_counter() - t0)
+            return ro, first, times
+
+        ro, first, times = timed(None)
         policy_tokens = int(np.asarray(ro.episodes.response_mask).sum())
         C = T - N                                            # the sampler's fixed context bucket
         flops = K * generate_flops(m, B, C, N, causal=c.attn_flops == "causal")
         multi = self.record("multiturn", f"{B}x{K}x{N} (bucket {C})", first - statistics.median(times), times,
                             flops=flops, tokens=policy_tokens, unit="policy tokens/s", per_step=policy_tokens,
                             compiled_bytes=None)
+        ro, first, times = timed(Q)
+        policy_tokens = int(np.asarray(ro.episodes.response_mask).sum())
+        # Each later turn t forwards Q new tokens over the index_t slots written so far, then decodes N steps that
+        # read all `slots` slots (padding included: the sampler computes those scores too).
+        per_key, dense = 4 * m.num_layers * m.num_heads * m.head_size, 2 * matmul_params(m)
+        later = sum(B * Q * (dense + per_key * (P + N + (t - 1) * (Q + N) + Q / 2)) + B * N * (dense + per_key * slots)
+                    for t in range(1, K))
+        flops = generate_flops(m, B, P, N, causal=c.attn_flops == "causal") + later
+        kept = self.record("multiturn_kv", f"{B}x{K}x{N} (suffix {Q}, {slots} slots)", first - statistics.median(times),
+                           times, flops=flops, tokens=policy_tokens, unit="policy tokens/s", per_step=policy_tokens,
+                           compiled_bytes=None)
         single = self.generate(name="multiturn_single", batches=[B], prompt=P, new=K * N)[0]
-        return {"policy_tokens_per_s": multi["throughput"], "single_turn_tokens_per_s": single["throughput"],
-                "multi_over_single_time_per_token": single["throughput"] / multi["throughput"]}
+        return {"policy_tokens_per_s": multi["throughput"], "kv_cache_policy_tokens_per_s": kept["throughput"],
+                "single_turn_tokens_per_s": single["throughput"],
+                "multi_over_single_time_per_token": single["throughput"] / multi["throughput"],
+                "kv_cache_speedup": kept["throughput"] / multi["throughput"]}
 
     def distill(self):
         """A distillation step (`train.distill.distill_step`, lambda 0: teacher-forced on the batch's responses) on
@@ -766,7 +791,8 @@ def run_benchmarks(cfg: BenchConfig) -> dict:
               f"{100 * p['update_mfu']:.1f}%")
     if multiturn_summary:
         print(f"Multi-turn: {multiturn_summary['multi_over_single_time_per_token']:.2f}x the time per policy token "
-              "of single-turn sampling")
+              f"of single-turn sampling; keeping the KV cache across turns: "
+              f"{multiturn_summary['kv_cache_speedup']:.2f}x the re-prefilling rollout's policy tokens/s")
     if grpo_summary:
         g = grpo_summary
         print(f"GRPO: rollout / pure sampling of the same rows = {g['rollout_over_sampling']:.2f}x; update MFU "

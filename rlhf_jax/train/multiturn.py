@@ -45,7 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax.envs import Environment, EpisodeBudget
-from rlhf_jax.generation import SamplingConfig, sample
+from rlhf_jax.generation import Conversation, SamplingConfig, sample, sample_after, start_conversation
 from rlhf_jax.lora import LoraConfig
 from rlhf_jax.models.config import ModelConfig
 from rlhf_jax.tokenizer import ChatFormat, encode_chat_split, encode_prompt
@@ -53,8 +53,8 @@ from rlhf_jax.tools import parse_tool_calls_report
 from rlhf_jax.train.rl import Episodes, decode_ids
 from rlhf_jax.train.steps import lora_params
 
-__all__ = ["EnvRollout", "TaskBatches", "make_turn_sampler", "rollout_episodes", "rollout_metrics", "sample_turn",
-           "turn_suffix_ids"]
+__all__ = ["EnvRollout", "TaskBatches", "conversation_slots", "make_turn_sampler", "rollout_episodes",
+           "rollout_metrics", "sample_turn", "sample_turn_cached", "turn_suffix_ids"]
 
 TurnSampler = Callable[[jax.Array, jax.Array, jax.Array], Any]
 """(prompts [R,C] int32 left-padded, prompt_mask [R,C], rng) -> `generation.Samples` of [R, C + max_new_tokens]."""
@@ -93,9 +93,38 @@ def sample_turn(params, base_params, prompts, prompt_mask, rng, *, sampling: Sam
     return sample(policy, prompts, prompt_mask, rng, config=model_config, **sampling.sample_kwargs())
 
 
-def make_turn_sampler(*, sampling: SamplingConfig, model_config: ModelConfig, lora: LoraConfig | None = None):
-    """`sample_turn` with its settings bound: `turn(params, base_params, prompts, prompt_mask, rng)`."""
-    return functools.partial(sample_turn, sampling=sampling, model_config=model_config, lora=lora)
+@functools.partial(jax.jit, static_argnames=("sampling", "model_config", "lora"))
+def sample_turn_cached(params, base_params, conversation: Conversation, tokens, token_mask, rng, *,
+                       sampling: SamplingConfig, model_config: ModelConfig, lora: LoraConfig | None = None):
+    """One assistant turn after a conversation's KV cache and its new left-padded tokens [R,Q] -> (`Samples` of
+    [R, Q + max_new_tokens], the conversation extended): `generation.sample_after`; `lora` as in `sample_turn`."""
+    policy = params if lora is None else lora_params(base_params, params, lora)
+    return sample_after(policy, conversation, tokens, token_mask, rng, config=model_config,
+                        **sampling.sample_kwargs())
+
+
+def conversation_slots(*, prompt_len: int, max_new_tokens: int, max_turns: int, suffix_len: int) -> int:
+    """Cache slots of a conversation kept across turns: the opening prompt and its turn, then for each later
+    turn a suffix bucket and the turn (`rollout_episodes` with `suffix_len`)."""
+    return prompt_len + max_new_tokens + (max_turns - 1) * (suffix_len + max_new_tokens)
+
+
+def make_turn_sampler(*, sampling: SamplingConfig, model_config: ModelConfig, lora: LoraConfig | None = None,
+                      conversation_slots: int | None = None):
+    """`sample_turn` with its settings bound: `turn(params, base_params, prompts, prompt_mask, rng)`. With
+    `conversation_slots`, `sample_turn_cached` instead: `turn(params, base_params, conversation, tokens, mask,
+    rng) -> (samples, conversation)`, where a None conversation starts an empty one of that many slots (the
+    KV cache kept across turns; see `rollout_episodes`' `suffix_len`)."""
+    if conversation_slots is None:
+        return functools.partial(sample_turn, sampling=sampling, model_config=model_config, lora=lora)
+
+    def turn(params, base_params, conversation, tokens, token_mask, rng):
+        if conversation is None:
+            conversation = start_conversation(model_config, tokens.shape[0], conversation_slots)
+        return sample_turn_cached(params, base_params, conversation, tokens, token_mask, rng, sampling=sampling,
+                                  model_config=model_config, lora=lora)
+
+    return turn
 
 
 def turn_suffix_ids(tokenizer, messages: Sequence[dict], new_messages: Sequence[dict], *, eos_id: int,
@@ -122,12 +151,17 @@ def _tools_of(env) -> list[dict] | None:
 
 def rollout_episodes(sample_fn: TurnSampler, env_factory: Callable[[], Environment], tasks: Sequence[Any], rng, *,
                      tokenizer, budget: EpisodeBudget, sampling: SamplingConfig, prompt_len: int, seq_len: int,
-                     num_generations: int = 1, chat_format: ChatFormat | None = None) -> EnvRollout:
+                     num_generations: int = 1, chat_format: ChatFormat | None = None,
+                     suffix_len: int | None = None) -> EnvRollout:
     """Runs `num_generations` episodes of each task to their end (module docstring) -> `EnvRollout`.
 
     `sample_fn(prompts, prompt_mask, rng)` samples one turn (`make_turn_sampler` with the params bound);
     `sampling` must be the settings it samples with (its max_new_tokens, eos_id and pad_id shape the layout).
-    A ValueError when an opening prompt is longer than `prompt_len`.
+    With `suffix_len`, the KV cache is kept across turns instead: `sample_fn(conversation, tokens, mask, rng)`
+    (`make_turn_sampler` with `conversation_slots(prompt_len=, max_new_tokens=, max_turns=, suffix_len=)`)
+    gets the opening prompts, then each turn only what followed the last one, left-padded to `suffix_len`
+    tokens; an episode whose next suffix is longer ends with finish "max_len". The episodes are the same (up
+    to float rounding in the sampler). A ValueError when an opening prompt is longer than `prompt_len`.
     """
     G, K, eos, pad = num_generations, sampling.max_new_tokens, sampling.eos_id, sampling.pad_id
     P, N = prompt_len, seq_len - prompt_len
@@ -150,21 +184,30 @@ def rollout_episodes(sample_fn: TurnSampler, env_factory: Callable[[], Environme
     calls, malformed = np.zeros(R, np.int64), np.zeros(R, np.int64)
     finish: list[str | None] = [None] * R
     seconds = {"gen": 0.0, "env": 0.0}
+    conversation, pending = None, [[] for _ in range(R)]     # with suffix_len: the cache, each row's new tokens
     for key in jax.random.split(rng, budget.max_turns):
         live = [r for r in range(R) if finish[r] is None]
         if not live:
             break
-        prompts, prompt_mask = np.full((R, C), pad, np.int32), np.zeros((R, C), np.int32)
-        for r in range(R):
-            ids = ctx[r] if finish[r] is None else first[r]
-            prompts[r, C - len(ids):], prompt_mask[r, C - len(ids):] = ids, 1
+        if suffix_len is None:           # the whole context again (finished rows: their first prompt)
+            rows = [ctx[r] if finish[r] is None else first[r] for r in range(R)]
+        else:                            # the opening prompts, then what followed each row's last turn
+            rows = first if conversation is None else [pending[r] if finish[r] is None else [] for r in range(R)]
+        W = max(C if suffix_len is None else P if conversation is None else suffix_len, 1)
+        prompts, prompt_mask = np.full((R, W), pad, np.int32), np.zeros((R, W), np.int32)
+        for r, ids in enumerate(rows):
+            prompts[r, W - len(ids):], prompt_mask[r, W - len(ids):] = ids, 1
         t0 = time.perf_counter()
-        s = jax.device_get(sample_fn(jnp.asarray(prompts), jnp.asarray(prompt_mask), key))
+        if suffix_len is None:
+            s = jax.device_get(sample_fn(jnp.asarray(prompts), jnp.asarray(prompt_mask), key))
+        else:
+            s, conversation = sample_fn(conversation, jnp.asarray(prompts), jnp.asarray(prompt_mask), key)
+            s = jax.device_get(s)
         t1 = time.perf_counter()
         seconds["gen"] += t1 - t0
         for r in live:
             n = int(s.response_mask[r].sum())
-            new = [int(t) for t in s.tokens[r, C:C + n]]
+            new = [int(t) for t in s.tokens[r, W:W + n]]
             ctx[r] += new
             policy[r] += [1] * n
             logps[r] += [float(x) for x in s.logprobs[r, :n]]
@@ -185,9 +228,11 @@ def rollout_episodes(sample_fn: TurnSampler, env_factory: Callable[[], Environme
             closing = [] if new and new[-1] == eos else [eos]   # a turn cut at max_new_tokens: close it
             suffix = closing + turn_suffix_ids(tokenizer, before, answer, eos_id=eos, tools=tools[r],
                                                chat_format=chat_format)
-            if len(ctx[r]) + len(suffix) - len(first[r]) + K > N:
+            if len(ctx[r]) + len(suffix) - len(first[r]) + K > N or (suffix_len is not None
+                                                                    and len(suffix) > suffix_len):
                 finish[r] = "max_len"
                 continue
+            pending[r] = suffix
             ctx[r] += suffix
             policy[r] += [0] * len(suffix)
             logps[r] += [0.0] * len(suffix)
