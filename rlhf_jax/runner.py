@@ -501,11 +501,12 @@ def env_tasks(cfg, env, tok, *, batch_size: int, batch_flag: str) -> list:
 
 def env_lengths(cfg, sampling, model_config, stage: str):
     """(EpisodeBudget, episode length) of a command's --env-max-turns / --env-max-tokens / --env-max-len, checked
-    against the model's positions and the turn length `sampling.max_new_tokens` (--<stage>.sampling...)."""
+    against the model's positions and the turn length `sampling.max_new_tokens` (--<stage>.sampling...), and
+    its --env-kv-suffix (positive; not with a sliding window)."""
     from rlhf_jax.envs import EpisodeBudget
 
-    for name in ("env_max_turns", "env_max_tokens", "env_max_len"):
-        if getattr(cfg, name) < 1:
+    for name in ("env_max_turns", "env_max_tokens", "env_max_len", "env_kv_suffix"):
+        if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(cfg, name)}")
     seq_len = cfg.data.seq_len + cfg.env_max_len
     if seq_len > model_config.max_seq_len:
@@ -515,6 +516,9 @@ def env_lengths(cfg, sampling, model_config, stage: str):
     if sampling.max_new_tokens > cfg.env_max_len:
         raise ValueError(f"--{stage}.sampling.max-new-tokens {sampling.max_new_tokens} (one turn) exceeds "
                          f"--env-max-len {cfg.env_max_len} (the whole episode after its prompt)")
+    if cfg.env_kv_suffix is not None and model_config.sliding_window is not None:
+        raise ValueError("--env-kv-suffix: a sliding-window model cannot keep a conversation's KV cache; drop the "
+                         "flag (every turn then re-prefills the conversation)")
     return EpisodeBudget(max_turns=cfg.env_max_turns, max_tokens=cfg.env_max_tokens), seq_len
 
 

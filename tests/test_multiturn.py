@@ -250,7 +250,8 @@ def test_grpo_env_command_runs_and_refuses_bad_options_in_one_line(tmp_path, cap
     for bad, says in [(["--env", "nope"], "environment 'nope': expected a registered name"),
                       (["--env", "calculator", "--mesh", "1", "1", "1"], "--env runs on one device"),
                       (["--env", "calculator", "--reward", "gsm8k"], "--env: the environment gives the rewards"),
-                      (["--env", "calculator", "--data.seq-len", "64"], "longer than --data.seq-len 64")]:
+                      (["--env", "calculator", "--data.seq-len", "64"], "longer than --data.seq-len 64"),
+                      (["--env", "calculator", *TINY[:6], "--env-kv-suffix", "0"], "--env-kv-suffix must be a positive")]:
         assert grpo.main(["--out", str(tmp_path / "bad"), *bad]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and says in err and "\n" not in err
@@ -296,9 +297,11 @@ def test_ppo_env_command_runs_and_refuses_bad_options_in_one_line(tmp_path, caps
     for x in lines:
         assert {"tools/calls", "turns/mean", "objective/scores", "loss/policy", "loss/value"} <= set(x)
     assert (tmp_path / "run" / "ppo" / "final" / "model_config.json").exists()
-    # With LoRA: adapters trained over the frozen base (also the KL reference), written as a peft adapter.
+    # With LoRA: adapters trained over the frozen base (also the KL reference), written as a peft adapter; the
+    # rollouts keep the KV cache across turns.
     assert ppo.main(["--out", str(tmp_path / "lora"), "--env", "calculator", "--ppo.num-steps", "1", *tiny,
-                     "--lora.rank", "2", "--lora.targets", "q", "v"]) == 0
+                     "--lora.rank", "2", "--lora.targets", "q", "v", "--env-kv-suffix", "128"]) == 0
+    assert json.loads(open(tmp_path / "lora" / "ppo" / "metrics.jsonl").readline())["turns/mean"] >= 1
     from rlhf_jax.lora import load_peft
     from rlhf_jax.train.checkpoint import load_params
     mc, _ = load_params(str(tmp_path / "lora" / "ppo" / "final"))

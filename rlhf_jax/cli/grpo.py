@@ -95,6 +95,10 @@ class GRPOExperiment(RunOptions):
     env_max_len: int = 256
     """--env: tokens of an episode after its opening prompt (policy turns, tool results, template tokens); an
     episode whose next turn would not fit ends there."""
+    env_kv_suffix: int | None = None
+    """--env: keep the KV cache across turns, each later turn forwarding only what followed the last one (the
+    environment's answer and the template's tokens), left-padded to this many tokens; an episode whose answer is
+    longer ends there. Unset: every turn re-prefills the conversation (docs/tools.md compares the two)."""
 
 
 def _host_reward(cfg: GRPOExperiment, tok):
@@ -146,7 +150,8 @@ def _main_env(cfg: GRPOExperiment) -> int:
         state, history, finished = run_stage(
             "grpo", lambda s, d, c, hooks: run_grpo_env(
                 s, d, c, model_config=mc, env_factory=lambda: make_environment(cfg.env), tokenizer=tok,
-                budget=budget, prompt_len=cfg.data.seq_len, seq_len=seq_len, ref_params=ref, hooks=hooks, **lora),
+                budget=budget, prompt_len=cfg.data.seq_len, seq_len=seq_len, ref_params=ref, hooks=hooks,
+                suffix_len=cfg.env_kv_suffix, **lora),
             state, data, grpo_cfg, out=out, resume=cfg.resume, checkpoint=cfg.checkpoint,
             samples_per_step=grpo_cfg.batch_size * grpo_cfg.num_generations)
     except (NonFiniteLossError, ValueError) as e:    # ValueError: an environment's or a chat template's, mid-run

@@ -87,6 +87,10 @@ class PPOExperiment(RunOptions):
     env_max_len: int = 256
     """--env: tokens of an episode after its opening prompt (policy turns, tool results, template tokens); an
     episode whose next turn would not fit ends there."""
+    env_kv_suffix: int | None = None
+    """--env: keep the KV cache across turns, each later turn forwarding only what followed the last one (the
+    environment's answer and the template's tokens), left-padded to this many tokens; an episode whose answer is
+    longer ends there. Unset: every turn re-prefills the conversation (docs/tools.md compares the two)."""
 
 
 def _main_env(cfg: PPOExperiment) -> int:
@@ -118,7 +122,7 @@ def _main_env(cfg: PPOExperiment) -> int:
             "ppo", lambda s, d, c, hooks: run_ppo_env(
                 s, d, c, model_config=mc, env_factory=lambda: make_environment(cfg.env), tokenizer=tok,
                 budget=budget, prompt_len=cfg.data.seq_len, seq_len=seq_len, ref_params=ref, hooks=hooks,
-                lora=lora),
+                lora=lora, suffix_len=cfg.env_kv_suffix),
             state, data, ppo_cfg, out=out, resume=cfg.resume, checkpoint=cfg.checkpoint,
             samples_per_step=ppo_cfg.batch_size)
     except (NonFiniteLossError, ValueError) as e:    # ValueError: an environment's or a chat template's, mid-run

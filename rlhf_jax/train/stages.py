@@ -38,7 +38,7 @@ from rlhf_jax.models.config import ModelConfig
 from rlhf_jax.train.logging import StageHooks
 from rlhf_jax.train.grpo import (COMPLETIONS_TABLE, GRPOConfig, completion_rows, grpo_sample, grpo_step,
                                  grpo_update)
-from rlhf_jax.train.multiturn import make_turn_sampler, rollout_episodes, rollout_metrics
+from rlhf_jax.train.multiturn import conversation_slots, make_turn_sampler, rollout_episodes, rollout_metrics
 from rlhf_jax.train.online_dpo import (OnlineDPOConfig, judge_agreement, online_dpo_sample, online_dpo_update,
                                       pair_rows)
 from rlhf_jax.train.ppo import PPOConfig, init_ppo_state, ppo_sample, ppo_step, ppo_update_scored
@@ -393,9 +393,22 @@ class _TaskFeed:
         return {}
 
 
+def _turn_sampler(sampling, model_config, lora, budget, prompt_len, suffix_len):
+    """(params, base_params) -> a rollout's `sample_fn`: re-prefilling each turn, or with `suffix_len` keeping the
+    conversation's KV cache (`rollout_episodes`)."""
+    if suffix_len is None:
+        turn = make_turn_sampler(sampling=sampling, model_config=model_config, lora=lora)
+        return lambda params, base: (lambda p, m, k: turn(params, base, p, m, k))
+    slots = conversation_slots(prompt_len=prompt_len, max_new_tokens=sampling.max_new_tokens,
+                               max_turns=budget.max_turns, suffix_len=suffix_len)
+    turn = make_turn_sampler(sampling=sampling, model_config=model_config, lora=lora, conversation_slots=slots)
+    return lambda params, base: (lambda c, p, m, k: turn(params, base, c, p, m, k))
+
+
 def run_grpo_env(state: TrainState, tasks: Iterable, config: GRPOConfig, *, model_config: ModelConfig,
                  env_factory: Callable, tokenizer, budget: EpisodeBudget, prompt_len: int, seq_len: int,
-                 ref_params=None, chat_format=None, hooks: StageHooks | None = None, lora=None):
+                 ref_params=None, chat_format=None, hooks: StageHooks | None = None, lora=None,
+                 suffix_len: int | None = None):
     """The GRPO family on multi-turn episodes with environments (`train/multiturn.py`): each iteration runs
     `config.num_generations` episodes of each task of a batch (`tasks` yields lists of `config.batch_size`
     tasks; `env_factory()` makes one environment per episode) and passes them, with each episode's summed
@@ -403,7 +416,8 @@ def run_grpo_env(state: TrainState, tasks: Iterable, config: GRPOConfig, *, mode
     task's episodes, the loss only on the policy's tokens. Episodes hold `seq_len` tokens, the first
     `prompt_len` for the opening prompt; the update's token budget (Dr. GRPO's constant) is `seq_len -
     prompt_len`. The rollout metrics ("tools/calls", "tools/malformed_calls", "turns/mean", ...) join the
-    update's. One device; `ref_params` and `lora` as in `run_grpo`.
+    update's. One device; `ref_params` and `lora` as in `run_grpo`. `suffix_len`: keep the KV cache across
+    turns (`rollout_episodes`' suffix_len); None re-prefills each turn.
     """
     if (config.uses_reference or lora is not None) and ref_params is None:
         raise ValueError("run_grpo_env: GRPOConfig.kl_coef > 0 (or lora) needs ref_params (usually the SFT params)")
@@ -413,7 +427,7 @@ def run_grpo_env(state: TrainState, tasks: Iterable, config: GRPOConfig, *, mode
     ref_params = ref_params if config.uses_reference or lora is not None else None
     update_config = dataclasses.replace(
         config, sampling=dataclasses.replace(config.sampling, max_new_tokens=seq_len - prompt_len))
-    sampler = make_turn_sampler(sampling=config.sampling, model_config=model_config, lora=lora)
+    sampler = _turn_sampler(config.sampling, model_config, lora, budget, prompt_len, suffix_len)
     update = compile_step(grpo_update, config=update_config, model_config=model_config, lora=lora)
     iteration = [int(jax.device_get(state.step)) // config.updates_per_iteration]
     feed = _TaskFeed(tasks)
@@ -424,10 +438,10 @@ def run_grpo_env(state: TrainState, tasks: Iterable, config: GRPOConfig, *, mode
             raise ValueError(f"task batch has {len(batch)} tasks but GRPOConfig.batch_size={config.batch_size}")
         rng, k_sample, k_update = jax.random.split(state.rng, 3)
         state = state.replace(rng=rng)
-        rollout = rollout_episodes(lambda p, m, k: sampler(state.params, ref_params, p, m, k), env_factory, batch,
+        rollout = rollout_episodes(sampler(state.params, ref_params), env_factory, batch,
                                    k_sample, tokenizer=tokenizer, budget=budget, sampling=config.sampling,
                                    prompt_len=prompt_len, seq_len=seq_len, num_generations=config.num_generations,
-                                   chat_format=chat_format)
+                                   chat_format=chat_format, suffix_len=suffix_len)
         state, metrics = update(state, rollout.episodes, jax.numpy.asarray(rollout.rewards), k_update, ref_params)
         conversations = rollout.messages if config.dynamic_sampling_groups is None else None  # rows reordered
         metrics = _log_samples(metrics, iteration, config.completions_every, hooks, tokenizer, conversations)
@@ -439,7 +453,7 @@ def run_grpo_env(state: TrainState, tasks: Iterable, config: GRPOConfig, *, mode
 
 def run_ppo_env(state: PPOState, tasks: Iterable, config: PPOConfig, *, model_config: ModelConfig,
                 env_factory: Callable, tokenizer, budget: EpisodeBudget, prompt_len: int, seq_len: int, ref_params,
-                chat_format=None, hooks: StageHooks | None = None, lora=None):
+                chat_format=None, hooks: StageHooks | None = None, lora=None, suffix_len: int | None = None):
     """PPO on multi-turn episodes with environments (`train/multiturn.py`): each iteration runs one episode of
     each task of a batch (`tasks` yields lists of `config.batch_size` tasks) and passes them, with each episode's
     summed environment reward as its score, to the same compiled `ppo_update_scored` as a host-scored `run_ppo`.
@@ -448,7 +462,7 @@ def run_ppo_env(state: PPOState, tasks: Iterable, config: PPOConfig, *, model_co
     reaches every earlier turn through the environment's tokens. The value model starts from the policy
     (`PPOConfig.value_init="policy"`: there is no reward model); `ref_params` is the KL reference (and, with
     `lora`, the adapters' base). Episodes hold `seq_len` tokens, the first `prompt_len` for the opening prompt.
-    The rollout metrics join the update's. One device; no PPO-ptx.
+    The rollout metrics join the update's. One device; no PPO-ptx. `suffix_len` as in `run_grpo_env`.
     """
     if config.value_init != "policy":
         raise ValueError("run_ppo_env: environments give host rewards, no reward model to initialise the value "
@@ -457,7 +471,7 @@ def run_ppo_env(state: PPOState, tasks: Iterable, config: PPOConfig, *, model_co
         raise ValueError("run_ppo_env: PPO-ptx (ptx_coef > 0) is not supported with environments; set ptx_coef=0")
     update_config = dataclasses.replace(
         config, sampling=dataclasses.replace(config.sampling, max_new_tokens=seq_len - prompt_len))
-    sampler = make_turn_sampler(sampling=config.sampling, model_config=model_config, lora=lora)
+    sampler = _turn_sampler(config.sampling, model_config, lora, budget, prompt_len, suffix_len)
     update = compile_step(ppo_update_scored, config=update_config, model_config=model_config, lora=lora)
     iteration = [int(jax.device_get(state.step))]
     feed = _TaskFeed(tasks)
@@ -469,10 +483,10 @@ def run_ppo_env(state: PPOState, tasks: Iterable, config: PPOConfig, *, model_co
         rng, k_sample, k_update = jax.random.split(state.rng, 3)
         state = state.replace(rng=rng)
         base = ref_params if lora is not None else None
-        rollout = rollout_episodes(lambda p, m, k: sampler(state.policy.params, base, p, m, k), env_factory, batch,
+        rollout = rollout_episodes(sampler(state.policy.params, base), env_factory, batch,
                                    k_sample, tokenizer=tokenizer, budget=budget, sampling=config.sampling,
                                    prompt_len=prompt_len, seq_len=seq_len, num_generations=1,
-                                   chat_format=chat_format)
+                                   chat_format=chat_format, suffix_len=suffix_len)
         state, metrics = update(state, rollout.episodes, jax.numpy.asarray(rollout.rewards), k_update, ref_params)
         metrics = _log_samples(metrics, iteration, config.completions_every, hooks, tokenizer, rollout.messages)
         return state, {**metrics, **rollout_metrics(rollout)}
