@@ -864,7 +864,11 @@ def parse_args(argv=None) -> BenchConfig:
 
 
 def main(argv=None) -> int:
-    run_benchmarks(parse_args(argv))
+    try:
+        run_benchmarks(parse_args(argv))
+    except ValueError as e:          # a benchmark's shapes against the preset: one line naming the flags
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -20,10 +20,14 @@ then the ids the chat template writes after the turn's end-of-turn token up to t
 (`turn_suffix_ids`: the environment's messages and the template's headers; a turn cut at max_new_tokens gets its
 end-of-turn id here, unsampled). The next turn is sampled on that same context, so the update sees the policy's
 tokens in the context they were sampled in and the sampler's log-probs are the trainer's up to float noise
-(re-encoding the decoded text could tokenise a reply differently from how it was sampled). The KV cache is not
-kept across turns: every turn re-prefills the whole context, because the environment's messages arrive on the
-host between turns and the compiled sampler has fixed shapes (one compile for all turns: the bucket C and the
-row count never change; finished rows are re-sampled on their first prompt and ignored).
+(re-encoding the decoded text could tokenise a reply differently from how it was sampled). By default every
+turn re-prefills the whole context (one compile for all turns: the bucket C and the row count never change;
+finished rows are re-sampled on their first prompt and ignored). With `suffix_len` the KV cache is kept across
+turns instead (`generation.sample_after`): one cache of `conversation_slots` slots per row holds the opening
+prompt, each turn, and between turns only what the environment and the template added, left-padded to a
+fixed bucket of `suffix_len` tokens; the padding is masked and positions count real tokens, so the samples are
+the same up to float rounding, for a forward over suffix_len tokens instead of C per turn and decode steps
+that read every slot of the longer cache (docs/tools.md measures both).
 
 The result is `Episodes` of B*G rows, [prompt_len + N] tokens with N = seq_len - prompt_len: `prompt` is the first
 prompt (left-padded), `response` everything after it (right-padded), `mask` 1 on every real token and
