@@ -64,6 +64,13 @@ def test_generate_and_ppo_flops_by_brute_force():
     assert math.isclose(bm.grpo_flops(cfg, B, P, Nn), lm_fwd + lm_train)
 
 
+def test_shapes_the_preset_cannot_hold_are_refused_in_one_line(capsys):
+    assert bm.main(["--preset", "tiny", "--benchmarks", "multiturn", "--mt-new", "64", "--peak-size", "64",
+                    "--warmup", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: multiturn:") and "--mt-new 64" in err and "\n" not in err
+
+
 def test_cli_argparse_matches_tyro_and_quick_keeps_explicit_shapes():
     argv = ["--preset", "gpt2-124m", "--sft-batch", "3", "--attention-impl", "cudnn", "--no-segment-ids",
             "--json", "x.json", "--gen-batches", "4,8", "--remat", "dots"]
