@@ -175,7 +175,8 @@ def card(result: dict) -> dict:
                     f"and calls `envs.CalculatorEnv`'s `calculate` tool on {result['settings']['trace_fraction']:.0%} "
                     "of its demonstrations; the environment pays 1 for the right final answer, with or without the "
                     f"tool. GRPO from that model over episodes of train keys, {result['settings']['iterations']} "
-                    "iterations of 16 tasks x 8 episodes. Greedy episodes on "
+                    "iterations of 16 tasks x 8 episodes sampled at temperature "
+                    f"{result['settings'].get('temperature', 1.0):g}. Greedy episodes on "
                     f"{len(per[0]['sft']['solved'])} fresh {result['eval_split']} keys per seed; intervals: 95%, "
                     "seeds and prompts resampled together, clipped to [-1, 1]."],
         "sections": [{"title": "Primary comparisons",

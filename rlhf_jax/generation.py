@@ -171,10 +171,12 @@ def sample(params, prompts, prompt_mask, rng, *, config: ModelConfig, max_new_to
 
 
 def _decode(params, cache, logits, prompts, key_mask, next_position, index, rng, *, config, max_new_tokens,
-            temperature, top_k, top_p, eos_id, pad_id, loops) -> DecodeState:
+            temperature, top_k, top_p, eos_id, pad_id, loops, done=None) -> DecodeState:
     """The decode loops of `sample` and `sample_after`: step i samples from `logits` (then from its own),
     writes its token to cache slot index + i (index may be traced) at position next_position + i and to column
-    P + i of [B, P + N] tokens after `prompts` [B,P]. `loops`: (end, read_len) of each `lax.while_loop`."""
+    P + i of [B, P + N] tokens after `prompts` [B,P]. `loops`: (end, read_len) of each `lax.while_loop`. Rows
+    `done` [B] (none when None) sample nothing; a finished row's padding is fed at position next_position
+    (bounded, whatever the step)."""
     B, P = prompts.shape
     N = max_new_tokens
     pick = greedy if temperature == 0 else categorical
@@ -189,8 +191,8 @@ def _decode(params, cache, logits, prompts, key_mask, next_position, index, rng,
         done = state.done | (token == eos_id) if eos_id is not None else state.done
         i = state.step
         step_logits, cache = forward_cached(params, token[:, None], config=config, cache=state.cache,
-                                            positions=(next_position + i)[:, None], key_mask=key_mask,
-                                            index=index + i, read_len=read_len)
+                                            positions=(next_position + jnp.where(alive, i, 0))[:, None],
+                                            key_mask=key_mask, index=index + i, read_len=read_len)
         return DecodeState(
             cache=cache, step=i + 1, logits=step_logits[:, 0], rng=rng, done=done,
             tokens=lax.dynamic_update_slice(state.tokens, token[:, None], (0, P + i)),
@@ -204,7 +206,7 @@ def _decode(params, cache, logits, prompts, key_mask, next_position, index, rng,
     state = DecodeState(
         cache=cache, step=jnp.zeros((), jnp.int32), logits=logits, rng=rng,
         tokens=jnp.concatenate([prompts.astype(jnp.int32), jnp.full((B, N), pad_id, jnp.int32)], axis=1),
-        done=jnp.zeros((B,), bool), logprobs=jnp.zeros((B, N), jnp.float32),
+        done=jnp.zeros((B,), bool) if done is None else done, logprobs=jnp.zeros((B, N), jnp.float32),
         response_mask=jnp.zeros((B, N), jnp.int32))
     for end, read_len in loops:
         state = lax.while_loop(functools.partial(cond, end=end), functools.partial(body, read_len=read_len), state)
@@ -243,12 +245,17 @@ def sample_after(params, conversation: Conversation, tokens, token_mask, rng, *,
     The new tokens fill slots [index, index + Q) in one cached forward pass that reads the earlier slots, and
     the decode writes [index + Q, index + Q + N); positions continue from each row's real tokens, so padding
     between chunks changes nothing but the slots read. Sampled tokens after a row's EOS are masked out of the
-    returned conversation. The same samples as `sample` on the whole context, up to float rounding (the cache
-    is in the compute dtype either way); each decode step reads all S slots (index is traced: one program for
-    every turn of a given Q).
+    returned conversation. A row with no new tokens samples nothing (an episode that has ended). For rows with
+    new tokens, the same samples as `sample` on the whole context, up to float rounding (the cache is in the
+    compute dtype either way; RoPE's long factors, where the model has them, are chosen per call from the
+    positions of that call). Each decode step reads all S slots (index is traced: one program for every turn of
+    a given Q); the caller keeps index + Q + N <= S (a write past the end would land on earlier slots).
     """
     B, Q = tokens.shape
     N = max_new_tokens
+    if Q + N > conversation.key_mask.shape[1]:
+        raise ValueError(f"sample_after: {Q} new tokens + max_new_tokens {N} exceed the conversation's "
+                         f"{conversation.key_mask.shape[1]} slots")
     params = split_layers(decode_params(params, config))
     token_mask = token_mask.astype(jnp.int32)
     index = conversation.index
@@ -260,7 +267,7 @@ def sample_after(params, conversation: Conversation, tokens, token_mask, rng, *,
                                    positions=positions, key_mask=key_mask, index=index)
     state = _decode(params, cache, logits[:, -1], tokens, key_mask, before[:, 0] + token_mask.sum(axis=1),
                     index + Q, rng, config=config, max_new_tokens=N, temperature=temperature, top_k=top_k,
-                    top_p=top_p, eos_id=eos_id, pad_id=pad_id, loops=[(N, None)])
+                    top_p=top_p, eos_id=eos_id, pad_id=pad_id, loops=[(N, None)], done=token_mask.sum(axis=1) == 0)
     key_mask = lax.dynamic_update_slice(key_mask, state.response_mask, (0, index + Q))
     samples = Samples(tokens=state.tokens, logprobs=state.logprobs, response_mask=state.response_mask)
     return samples, Conversation(cache=state.cache, key_mask=key_mask, index=index + Q + N)

@@ -234,6 +234,11 @@ def test_sample_after_continues_a_conversation_as_sample_does_on_its_whole_conte
         np.testing.assert_array_equal(second.tokens[row, 5:], ref.tokens[0, len(context):])
         np.testing.assert_array_equal(second.response_mask[row], ref.response_mask[0])
         np.testing.assert_allclose(second.logprobs[row], ref.logprobs[0], atol=1e-5)
+    # A row with no new tokens (an ended episode) samples nothing; a chunk and turn past the slots are refused.
+    third, _ = sample_after(p, start_conversation(cfg, 2, 8), *_left_pad([[3], []], 2), jax.random.key(0), **kw)
+    assert int(third.response_mask[0].sum()) > 0 and int(third.response_mask[1].sum()) == 0
+    with pytest.raises(ValueError, match="exceed the conversation's 5 slots"):
+        sample_after(p, start_conversation(cfg, 2, 5), prompts, mask, jax.random.key(0), **kw)
 
 
 def test_a_sliding_window_model_keeps_no_conversation():

@@ -202,12 +202,13 @@ def test_keeping_the_kv_cache_across_turns_samples_the_episodes_that_re_prefilli
     prefill = make_turn_sampler(sampling=sampling, model_config=mc)
     tasks = [{"turns": 1}, {"turns": 4}, {"turns": 2}]
 
-    def run(suffix_len):
+    def run(suffix_len, spare=0):
         if suffix_len is None:
             fn = lambda p, m, k: prefill(params, None, p, m, k)  # noqa: E731
         else:
-            cached = make_turn_sampler(sampling=sampling, model_config=mc, conversation_slots=conversation_slots(
-                prompt_len=P, max_new_tokens=sampling.max_new_tokens, max_turns=4, suffix_len=suffix_len))
+            slots = spare + conversation_slots(prompt_len=P, max_new_tokens=sampling.max_new_tokens, max_turns=4,
+                                               suffix_len=suffix_len)
+            cached = make_turn_sampler(sampling=sampling, model_config=mc, conversation_slots=slots)
             fn = lambda c, p, m, k: cached(params, None, c, p, m, k)  # noqa: E731
         return rollout_episodes(fn, CountdownEnv, tasks, jax.random.key(3), tokenizer=TOK,
                                 budget=EpisodeBudget(max_turns=4), sampling=sampling, prompt_len=P, seq_len=T,
@@ -226,6 +227,8 @@ def test_keeping_the_kv_cache_across_turns_samples_the_episodes_that_re_prefilli
     # A suffix longer than its bucket ends the episode ("max_len"), as a context longer than seq_len does.
     short = run(4)
     assert set(short.finish) == {"done", "max_len"} and list(short.turns) == [1, 1, 1, 1, 1, 1]
+    with pytest.raises(ValueError, match="fewer than the"):     # a sampler whose conversation is too short
+        run(Q, spare=-1)
 
 
 def test_grpo_env_command_runs_and_refuses_bad_options_in_one_line(tmp_path, capsys):
@@ -251,7 +254,8 @@ def test_grpo_env_command_runs_and_refuses_bad_options_in_one_line(tmp_path, cap
                       (["--env", "calculator", "--mesh", "1", "1", "1"], "--env runs on one device"),
                       (["--env", "calculator", "--reward", "gsm8k"], "--env: the environment gives the rewards"),
                       (["--env", "calculator", "--data.seq-len", "64"], "longer than --data.seq-len 64"),
-                      (["--env", "calculator", *TINY[:6], "--env-kv-suffix", "0"], "--env-kv-suffix must be a positive")]:
+                      (["--env", "calculator", *TINY[:6], "--env-kv-suffix", "0"],
+                       "--env-kv-suffix must be a positive")]:
         assert grpo.main(["--out", str(tmp_path / "bad"), *bad]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and says in err and "\n" not in err

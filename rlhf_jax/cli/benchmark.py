@@ -602,7 +602,8 @@ class _Bench:
         rollout row is wall time per rollout, host steps included, and counts the policy tokens actually sampled
         (a turn may end early at EOS); its FLOPs are each turn's prefill of the bucket and its decode. The
         `multiturn_kv` row runs the same rollout keeping the KV cache across turns (`rollout_episodes` with
-        `suffix_len`: each later turn forwards only the user's reply and the template's tokens)."""
+        `suffix_len`: each later turn forwards only the user's reply and the template's tokens); its FLOPs are
+        the scores the sampler computes over every cache slot, masked ones included."""
         from rlhf_jax.envs import EpisodeBudget
         from rlhf_jax.tokenizer import ByteTokenizer, encode_prompt
         from rlhf_jax.train.multiturn import conversation_slots, make_turn_sampler, rollout_episodes, turn_suffix_ids
@@ -665,12 +666,12 @@ class _Bench:
                             compiled_bytes=None)
         ro, first, times = timed(Q)
         policy_tokens = int(np.asarray(ro.episodes.response_mask).sum())
-        # Each later turn t forwards Q new tokens over the index_t slots written so far, then decodes N steps that
-        # read all `slots` slots (padding included: the sampler computes those scores too).
+        # What `sample_after` computes: each turn forwards its W new tokens (P, then Q) with scores over every one
+        # of the `slots` cached slots and the W new keys, then N decode steps score slots + 1 keys each (padding
+        # and unwritten slots included, masked: the sampler computes those scores too).
         per_key, dense = 4 * m.num_layers * m.num_heads * m.head_size, 2 * matmul_params(m)
-        later = sum(B * Q * (dense + per_key * (P + N + (t - 1) * (Q + N) + Q / 2)) + B * N * (dense + per_key * slots)
-                    for t in range(1, K))
-        flops = generate_flops(m, B, P, N, causal=c.attn_flops == "causal") + later
+        flops = sum(B * W * (dense + per_key * (slots + W)) + B * N * (dense + per_key * (slots + 1))
+                    for W in [P] + [Q] * (K - 1))
         kept = self.record("multiturn_kv", f"{B}x{K}x{N} (suffix {Q}, {slots} slots)", first - statistics.median(times),
                            times, flops=flops, tokens=policy_tokens, unit="policy tokens/s", per_step=policy_tokens,
                            compiled_bytes=None)

@@ -89,8 +89,8 @@ class PPOExperiment(RunOptions):
     episode whose next turn would not fit ends there."""
     env_kv_suffix: int | None = None
     """--env: keep the KV cache across turns, each later turn forwarding only what followed the last one (the
-    environment's answer and the template's tokens), left-padded to this many tokens; an episode whose answer is
-    longer ends there. Unset: every turn re-prefills the conversation (docs/tools.md compares the two)."""
+    environment's answer and the template's tokens), left-padded to this many tokens; an episode whose next such
+    suffix is longer ends there. Unset: every turn re-prefills the conversation (docs/tools.md compares the two)."""
 
 
 def _main_env(cfg: PPOExperiment) -> int:

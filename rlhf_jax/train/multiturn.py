@@ -62,6 +62,9 @@ __all__ = ["EnvRollout", "TaskBatches", "conversation_slots", "make_turn_sampler
 
 TurnSampler = Callable[[jax.Array, jax.Array, jax.Array], Any]
 """(prompts [R,C] int32 left-padded, prompt_mask [R,C], rng) -> `generation.Samples` of [R, C + max_new_tokens]."""
+CachedTurnSampler = Callable[[Conversation | None, jax.Array, jax.Array, jax.Array], tuple[Any, Conversation]]
+"""(conversation, tokens [R,Q] left-padded, token_mask [R,Q], rng) -> (`generation.Samples` of [R, Q +
+max_new_tokens], the conversation extended); the conversation is None on the first turn."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -97,11 +100,12 @@ def sample_turn(params, base_params, prompts, prompt_mask, rng, *, sampling: Sam
     return sample(policy, prompts, prompt_mask, rng, config=model_config, **sampling.sample_kwargs())
 
 
-@functools.partial(jax.jit, static_argnames=("sampling", "model_config", "lora"))
+@functools.partial(jax.jit, static_argnames=("sampling", "model_config", "lora"), donate_argnames=("conversation",))
 def sample_turn_cached(params, base_params, conversation: Conversation, tokens, token_mask, rng, *,
                        sampling: SamplingConfig, model_config: ModelConfig, lora: LoraConfig | None = None):
     """One assistant turn after a conversation's KV cache and its new left-padded tokens [R,Q] -> (`Samples` of
-    [R, Q + max_new_tokens], the conversation extended): `generation.sample_after`; `lora` as in `sample_turn`."""
+    [R, Q + max_new_tokens], the conversation extended): `generation.sample_after`; `lora` as in `sample_turn`.
+    The conversation's buffers are donated (each turn's cache takes the place of the last)."""
     policy = params if lora is None else lora_params(base_params, params, lora)
     return sample_after(policy, conversation, tokens, token_mask, rng, config=model_config,
                         **sampling.sample_kwargs())
@@ -153,19 +157,21 @@ def _tools_of(env) -> list[dict] | None:
     return list(schemas) if schemas else None
 
 
-def rollout_episodes(sample_fn: TurnSampler, env_factory: Callable[[], Environment], tasks: Sequence[Any], rng, *,
-                     tokenizer, budget: EpisodeBudget, sampling: SamplingConfig, prompt_len: int, seq_len: int,
-                     num_generations: int = 1, chat_format: ChatFormat | None = None,
-                     suffix_len: int | None = None) -> EnvRollout:
+def rollout_episodes(sample_fn: TurnSampler | CachedTurnSampler, env_factory: Callable[[], Environment],
+                     tasks: Sequence[Any], rng, *, tokenizer, budget: EpisodeBudget, sampling: SamplingConfig,
+                     prompt_len: int, seq_len: int, num_generations: int = 1,
+                     chat_format: ChatFormat | None = None, suffix_len: int | None = None) -> EnvRollout:
     """Runs `num_generations` episodes of each task to their end (module docstring) -> `EnvRollout`.
 
     `sample_fn(prompts, prompt_mask, rng)` samples one turn (`make_turn_sampler` with the params bound);
     `sampling` must be the settings it samples with (its max_new_tokens, eos_id and pad_id shape the layout).
-    With `suffix_len`, the KV cache is kept across turns instead: `sample_fn(conversation, tokens, mask, rng)`
-    (`make_turn_sampler` with `conversation_slots(prompt_len=, max_new_tokens=, max_turns=, suffix_len=)`)
-    gets the opening prompts, then each turn only what followed the last one, left-padded to `suffix_len`
-    tokens; an episode whose next suffix is longer ends with finish "max_len". The episodes are the same (up
-    to float rounding in the sampler). A ValueError when an opening prompt is longer than `prompt_len`.
+    With `suffix_len`, the KV cache is kept across turns instead: `sample_fn(conversation, tokens, mask, rng)
+    -> (samples, conversation)` (`make_turn_sampler` with `conversation_slots(prompt_len=, max_new_tokens=,
+    max_turns=budget.max_turns, suffix_len=)`) gets None and the opening prompts, then each turn its last
+    conversation and only what followed the last turn (the closing id of a cut turn, the environment's messages
+    and the template's tokens), left-padded to `suffix_len` tokens; an episode whose next suffix is longer ends
+    with finish "max_len". The episodes are the same (up to float rounding in the sampler). A ValueError when an
+    opening prompt is longer than `prompt_len`, or when the conversation has fewer slots than the rollout needs.
     """
     G, K, eos, pad = num_generations, sampling.max_new_tokens, sampling.eos_id, sampling.pad_id
     P, N = prompt_len, seq_len - prompt_len
@@ -197,21 +203,30 @@ def rollout_episodes(sample_fn: TurnSampler, env_factory: Callable[[], Environme
             rows = [ctx[r] if finish[r] is None else first[r] for r in range(R)]
         else:                            # the opening prompts, then what followed each row's last turn
             rows = first if conversation is None else [pending[r] if finish[r] is None else [] for r in range(R)]
-        W = max(C if suffix_len is None else P if conversation is None else suffix_len, 1)
-        prompts, prompt_mask = np.full((R, W), pad, np.int32), np.zeros((R, W), np.int32)
+        if suffix_len is None:
+            width = C
+        else:
+            width = P if conversation is None else max(suffix_len, 1)
+        prompts, prompt_mask = np.full((R, width), pad, np.int32), np.zeros((R, width), np.int32)
         for r, ids in enumerate(rows):
-            prompts[r, W - len(ids):], prompt_mask[r, W - len(ids):] = ids, 1
+            prompts[r, width - len(ids):], prompt_mask[r, width - len(ids):] = ids, 1
         t0 = time.perf_counter()
         if suffix_len is None:
             s = jax.device_get(sample_fn(jnp.asarray(prompts), jnp.asarray(prompt_mask), key))
         else:
             s, conversation = sample_fn(conversation, jnp.asarray(prompts), jnp.asarray(prompt_mask), key)
             s = jax.device_get(s)
+            need = conversation_slots(prompt_len=P, max_new_tokens=K, max_turns=budget.max_turns,
+                                      suffix_len=suffix_len)
+            if conversation.key_mask.shape[1] < need:
+                raise ValueError(f"rollout: the conversation has {conversation.key_mask.shape[1]} slots, fewer than "
+                                 f"the {need} of conversation_slots(prompt_len={P}, max_new_tokens={K}, max_turns="
+                                 f"{budget.max_turns}, suffix_len={suffix_len})")
         t1 = time.perf_counter()
         seconds["gen"] += t1 - t0
         for r in live:
             n = int(s.response_mask[r].sum())
-            new = [int(t) for t in s.tokens[r, W:W + n]]
+            new = [int(t) for t in s.tokens[r, width:width + n]]
             ctx[r] += new
             policy[r] += [1] * n
             logps[r] += [float(x) for x in s.logprobs[r, :n]]

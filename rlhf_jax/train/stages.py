@@ -24,6 +24,7 @@ batches of tasks, not prompts.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Callable, Iterable
 
@@ -396,13 +397,11 @@ class _TaskFeed:
 def _turn_sampler(sampling, model_config, lora, budget, prompt_len, suffix_len):
     """(params, base_params) -> a rollout's `sample_fn`: re-prefilling each turn, or with `suffix_len` keeping the
     conversation's KV cache (`rollout_episodes`)."""
-    if suffix_len is None:
-        turn = make_turn_sampler(sampling=sampling, model_config=model_config, lora=lora)
-        return lambda params, base: (lambda p, m, k: turn(params, base, p, m, k))
-    slots = conversation_slots(prompt_len=prompt_len, max_new_tokens=sampling.max_new_tokens,
-                               max_turns=budget.max_turns, suffix_len=suffix_len)
+    slots = None if suffix_len is None else conversation_slots(
+        prompt_len=prompt_len, max_new_tokens=sampling.max_new_tokens, max_turns=budget.max_turns,
+        suffix_len=suffix_len)
     turn = make_turn_sampler(sampling=sampling, model_config=model_config, lora=lora, conversation_slots=slots)
-    return lambda params, base: (lambda c, p, m, k: turn(params, base, c, p, m, k))
+    return lambda params, base: functools.partial(turn, params, base)
 
 
 def run_grpo_env(state: TrainState, tasks: Iterable, config: GRPOConfig, *, model_config: ModelConfig,
