@@ -73,9 +73,7 @@ class CalculatorWorldConfig:
                      unit=("trace_fraction", "corpus_traces"))
         config_check(self, self.loss_type in PG_LOSS_TYPES,
                      f"loss_type = {self.loss_type!r}: choose from {PG_LOSS_TYPES}")
-        config_check(self, 9 <= self.eval_offset <= 999,
-                     f"eval_offset = {self.eval_offset}: choose 9..999 (1..8 are the main job's draws, 1000 and "
-                     "more the next seed's)")
+        rw.check_eval_offset(self)
 
 
 def one_seed(cfg: CalculatorWorldConfig, seed: int) -> dict:

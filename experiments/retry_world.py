@@ -26,7 +26,6 @@ from typing import Literal
 import jax
 import numpy as np
 
-from rlhf_jax.checks import config_check
 from rlhf_jax.config_cli import check_ranges, parse_cli
 from rlhf_jax.envs import EpisodeBudget, SkillRetryEnv
 from rlhf_jax.generation import SamplingConfig
@@ -75,9 +74,7 @@ class RetryWorldConfig:
 
     def __post_init__(self):
         check_ranges(self, positive=("prompts", "tries", "iterations", "lr"), unit=("trace_fraction",))
-        config_check(self, 9 <= self.eval_offset <= 999,
-                     f"eval_offset = {self.eval_offset}: choose 9..999 (1..8 are the main job's draws, 1000 and "
-                     "more the next seed's)")
+        rw.check_eval_offset(self)
 
 
 def episodes(params, mc, tasks, *, tries: int, max_new_tokens: int, temperature: float, rng,

@@ -187,6 +187,14 @@ def messages(task: skills.SkillTask, response: str | None = None) -> list[dict]:
     return out if response is None else out + [{"role": "assistant", "content": response}]
 
 
+def check_eval_offset(config) -> None:
+    """An experiment config's `eval_offset` (its eval keys' seed is 1000 * seed + eval_offset) in 9..999, clear
+    of the main job's draws and of the next seed's; else `checks.config_check`'s one-line error."""
+    config_check(config, 9 <= config.eval_offset <= 999,
+                 f"eval_offset = {config.eval_offset}: choose 9..999 (1..8 are the main job's draws, 1000 and more "
+                 "the next seed's)")
+
+
 def retry_trace(task: skills.SkillTask, first: str, *, feedback: str = RETRY_FEEDBACK) -> list[dict]:
     """A feedback demonstration: `first` as the first answer; when it is wrong, the user's `feedback` and the
     right answer (`envs.SkillRetryEnv`'s conversation with a demonstrator who corrects itself)."""

@@ -195,18 +195,18 @@ def rollout_episodes(sample_fn: TurnSampler | CachedTurnSampler, env_factory: Ca
     finish: list[str | None] = [None] * R
     seconds = {"gen": 0.0, "env": 0.0}
     conversation, pending = None, [[] for _ in range(R)]     # with suffix_len: the cache, each row's new tokens
+    need = None if suffix_len is None else conversation_slots(prompt_len=P, max_new_tokens=K,
+                                                              max_turns=budget.max_turns, suffix_len=suffix_len)
     for key in jax.random.split(rng, budget.max_turns):
         live = [r for r in range(R) if finish[r] is None]
         if not live:
             break
         if suffix_len is None:           # the whole context again (finished rows: their first prompt)
-            rows = [ctx[r] if finish[r] is None else first[r] for r in range(R)]
-        else:                            # the opening prompts, then what followed each row's last turn
-            rows = first if conversation is None else [pending[r] if finish[r] is None else [] for r in range(R)]
-        if suffix_len is None:
-            width = C
-        else:
-            width = P if conversation is None else max(suffix_len, 1)
+            width, rows = C, [ctx[r] if finish[r] is None else first[r] for r in range(R)]
+        elif conversation is None:       # the opening prompts
+            width, rows = P, first
+        else:                            # what followed each row's last turn
+            width, rows = max(suffix_len, 1), [pending[r] if finish[r] is None else [] for r in range(R)]
         prompts, prompt_mask = np.full((R, width), pad, np.int32), np.zeros((R, width), np.int32)
         for r, ids in enumerate(rows):
             prompts[r, width - len(ids):], prompt_mask[r, width - len(ids):] = ids, 1
@@ -216,8 +216,6 @@ def rollout_episodes(sample_fn: TurnSampler | CachedTurnSampler, env_factory: Ca
         else:
             s, conversation = sample_fn(conversation, jnp.asarray(prompts), jnp.asarray(prompt_mask), key)
             s = jax.device_get(s)
-            need = conversation_slots(prompt_len=P, max_new_tokens=K, max_turns=budget.max_turns,
-                                      suffix_len=suffix_len)
             if conversation.key_mask.shape[1] < need:
                 raise ValueError(f"rollout: the conversation has {conversation.key_mask.shape[1]} slots, fewer than "
                                  f"the {need} of conversation_slots(prompt_len={P}, max_new_tokens={K}, max_turns="
